@@ -1,0 +1,32 @@
+"""Install kvbm: the import packages kvbm, kvbm.kernels (from kernels/) and kvbm.layouts (from layouts/)."""
+from setuptools import setup
+
+setup(
+    name="kvbm",
+    version="0.1.0",
+    description="KV-cache block manager: offload and onboard paged KV blocks across GPU, host, disk and peers",
+    python_requires=">=3.10",
+    packages=[
+        "kvbm",
+        "kvbm.kernels",
+        "kvbm.layouts",
+        "kvbm.vllm_integration",
+        "kvbm.trtllm_integration",
+    ],
+    package_dir={"kvbm": "kvbm", "kvbm.kernels": "kernels", "kvbm.layouts": "layouts"},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "numba>=0.59",
+        "xxhash>=3.0",
+        "prometheus_client>=0.18",
+    ],
+    extras_require={
+        "gpu": ["triton>=3.2", "cuda-python>=12.8"],
+        "nixl": ["nixl"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.2", "cuda-python>=12.8", "nixl", "matplotlib"],
+        "bench": ["pytest-benchmark>=4", "triton>=3.2", "cuda-python>=12.8", "matplotlib"],
+        "vllm": ["vllm==0.33.0"],
+    },
+    entry_points={"console_scripts": ["kvbm=kvbm.cli:main"]},
+)
