@@ -1,0 +1,157 @@
+"""The conversion API: copy blocks `src_ids` of one paged cache into blocks `dst_ids` of another, any layouts.
+
+This is also the transfer API: every tier is a paged cache with a layout, so moving blocks between tiers is one
+call. Backends plug in behind `copy_blocks` through `register_backend`: this module ships the plain-torch
+reference, which every other backend is tested against; `kvbm.kernels` registers the Triton (GPU) and numba (CPU)
+kernels. Every input is validated before anything is written, so bad input raises and leaves the destination
+untouched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .layout import LayoutError, PagedKVCache
+
+#: Integer dtype of each element size: byte-exact copies move integers, whatever the cache's dtype.
+INT_VIEW: dict[int, torch.dtype] = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+BlockIds = Sequence[int] | np.ndarray | torch.Tensor
+CopyFn = Callable[[PagedKVCache, PagedKVCache, torch.Tensor, torch.Tensor], None]
+SupportsFn = Callable[[PagedKVCache, PagedKVCache, int], bool]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A conversion backend: `copy` runs a validated transfer; `supports` says whether it can take one.
+
+    `copy(src, dst, src_ids, dst_ids)` gets int64 CPU tensors of checked ids. Higher `priority` wins in "auto".
+    """
+
+    name: str
+    copy: CopyFn
+    supports: SupportsFn
+    priority: int = 0
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    """Make a backend available to `copy_blocks` by name and to automatic selection."""
+    _BACKENDS[backend.name] = backend
+
+
+def available_backends() -> list[str]:
+    """Names of the registered backends, highest priority first."""
+    return [b.name for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority)]
+
+
+def as_block_ids(ids: BlockIds, what: str) -> torch.Tensor:
+    """Turn a list, numpy array or tensor of integer block ids into a 1-D int64 CPU tensor (TypeError otherwise)."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"{what} must be integers, got a tensor of dtype {ids.dtype}")
+        t = ids.detach().to("cpu", torch.int64)
+    else:
+        arr = np.asarray(ids)
+        if arr.size == 0:
+            arr = arr.astype(np.int64)
+        if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(f"{what} must be integers, got {arr.dtype} values such as {arr.reshape(-1)[:3].tolist()}")
+        t = torch.from_numpy(arr.astype(np.int64, copy=False).copy())
+    if t.dim() != 1:
+        raise ValueError(f"{what} must be one-dimensional, got shape {tuple(t.shape)}")
+    return t
+
+
+def _device_pair_ok(a: torch.device, b: torch.device) -> bool:
+    if a.type == "meta" or b.type == "meta":
+        return False
+    if a == b:
+        return True
+    return {a.type, b.type} == {"cpu", "cuda"}
+
+
+def validate_transfer(
+    src: PagedKVCache, dst: PagedKVCache, src_ids: BlockIds, dst_ids: BlockIds
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check a transfer and return its ids as int64 CPU tensors; raise a clear error for any bad input."""
+    for what, cache in (("src", src), ("dst", dst)):
+        if not isinstance(cache, PagedKVCache):
+            raise TypeError(f"{what} must be a PagedKVCache (see kvbm.layouts.describe), got {type(cache).__name__}")
+    mismatch = src.geometry.describe_mismatch(dst.geometry)
+    if mismatch:
+        raise LayoutError(f"geometry mismatch between {src.name} and {dst.name}: {mismatch}")
+    if src.dtype != dst.dtype:
+        raise LayoutError(f"dtype mismatch: src {src.name} is {src.dtype}, dst {dst.name} is {dst.dtype}")
+    if not _device_pair_ok(src.device, dst.device):
+        raise ValueError(f"cannot copy from device {src.device} to device {dst.device}: expected the same device, "
+                         f"or CPU and one CUDA device")
+    s = as_block_ids(src_ids, "src_ids")
+    d = as_block_ids(dst_ids, "dst_ids")
+    if s.numel() != d.numel():
+        raise ValueError(f"src_ids and dst_ids must have the same length, got {s.numel()} and {d.numel()}")
+    for what, ids, n in (("src_ids", s, src.num_blocks), ("dst_ids", d, dst.num_blocks)):
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+            bad = ids[(ids < 0) | (ids >= n)][0].item()
+            raise IndexError(f"{what} holds {bad}, out of range for a cache of {n} blocks [0, {n})")
+    if d.numel() != torch.unique(d).numel():
+        raise ValueError("dst_ids holds duplicates: two source blocks would be written into one destination block")
+    if _share_memory(src, dst) and set(s.tolist()) & set(d.tolist()):
+        raise ValueError("src and dst are the same memory and src_ids overlap dst_ids: the copy would read what it writes")
+    return s, d
+
+
+def _share_memory(a: PagedKVCache, b: PagedKVCache) -> bool:
+    def storages(c: PagedKVCache) -> set[int]:
+        return {t.untyped_storage().data_ptr() for t in c.tensors}
+
+    return a.device == b.device and bool(storages(a) & storages(b))
+
+
+def torch_reference_copy(src: PagedKVCache, dst: PagedKVCache, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
+    """Plain-torch reference: per (layer, kv) piece, index_select the source blocks and index_copy them over."""
+    itype = INT_VIEW.get(src.geometry.itemsize)
+    if itype is None:
+        raise LayoutError(f"unsupported element size {src.geometry.itemsize}; expected one of {sorted(INT_VIEW)}")
+    g = src.geometry
+    s_ids, d_ids = src_ids.to(src.device), dst_ids.to(dst.device)
+    for layer in range(g.num_layers):
+        for kv in range(g.num_kv):
+            rows = src.piece_view(layer, kv, itype).index_select(0, s_ids)
+            dst.piece_view(layer, kv, itype).index_copy_(0, d_ids, rows.to(dst.device))
+
+
+register_backend(Backend("torch", torch_reference_copy, lambda src, dst, n: True, priority=0))
+
+
+def copy_blocks(
+    src: PagedKVCache,
+    dst: PagedKVCache,
+    src_ids: BlockIds,
+    dst_ids: BlockIds,
+    *,
+    backend: str = "auto",
+) -> None:
+    """Copy blocks `src_ids` of `src` into blocks `dst_ids` of `dst`, byte-exact, permuting dimensions as needed.
+
+    Both caches must have the same geometry and dtype. `backend` is "auto" (the highest-priority registered
+    backend that supports the transfer) or a name from `available_backends()`. GPU backends enqueue on the
+    current CUDA stream. Bad input raises before anything is written.
+    """
+    s, d = validate_transfer(src, dst, src_ids, dst_ids)
+    if s.numel() == 0:
+        return
+    if backend == "auto":
+        chosen = next(b for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority) if b.supports(src, dst, s.numel()))
+    elif backend in _BACKENDS:
+        chosen = _BACKENDS[backend]
+        if not chosen.supports(src, dst, s.numel()):
+            raise ValueError(f"backend {backend!r} cannot copy {src.name} on {src.device} to {dst.name} on {dst.device}")
+    else:
+        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {available_backends()}")
+    chosen.copy(src, dst, s, d)
