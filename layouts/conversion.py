@@ -28,13 +28,20 @@ SupportsFn = Callable[[PagedKVCache, PagedKVCache, int], bool]
 class Backend:
     """A conversion backend: `copy` runs a validated transfer; `supports` says whether it can take one.
 
-    `copy(src, dst, src_ids, dst_ids)` gets int64 CPU tensors of checked ids. Higher `priority` wins in "auto".
+    `copy(src, dst, src_ids, dst_ids)` gets int64 CPU tensors of checked ids. "auto" picks the highest `priority`
+    backend whose `prefer` (default: `supports`) accepts the transfer; `prefer` lets a backend that can run a
+    transfer (the Triton interpreter on CPU, say) stay out of automatic choice.
     """
 
     name: str
     copy: CopyFn
     supports: SupportsFn
     priority: int = 0
+    prefer: SupportsFn | None = None
+
+    def preferred_for(self, src: PagedKVCache, dst: PagedKVCache, n: int) -> bool:
+        """Whether automatic selection may pick this backend for the transfer."""
+        return (self.prefer or self.supports)(src, dst, n)
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -147,7 +154,8 @@ def copy_blocks(
     if s.numel() == 0:
         return
     if backend == "auto":
-        chosen = next(b for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority) if b.supports(src, dst, s.numel()))
+        chosen = next(b for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority)
+                      if b.preferred_for(src, dst, s.numel()))
     elif backend in _BACKENDS:
         chosen = _BACKENDS[backend]
         if not chosen.supports(src, dst, s.numel()):

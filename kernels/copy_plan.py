@@ -1,0 +1,130 @@
+"""Host-side plan of a block copy between two layouts, shared by every kernel backend.
+
+A copy moves, for each of `n` block pairs and each (layer, kv) piece, a `[token, head, channel]` box from the
+source to the destination. The plan reduces that box to at most three dimensions by merging those that are
+contiguous in both caches (so a piece that is one dense run in both becomes one long row), and widens the element
+to the largest integer unit (up to 8 bytes) that every address, stride and row length allows, so kernels move
+8-byte words and the compiler can issue 16-byte vector accesses. Addresses are kept as unit offsets from one base
+pointer per cache plus a per-piece offset table built once per cache pair (no per-transfer pointer arrays).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kvbm.layouts import PagedKVCache
+
+#: Integer dtype moved per unit size in bytes.
+UNIT_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@dataclass(frozen=True)
+class CopyPlan:
+    """Everything a kernel needs beyond the block ids; sizes and strides in units of `unit` bytes.
+
+    `dims` are (size, src_stride, dst_stride) for three inner dimensions, innermost last. `src_base` / `dst_base`
+    are tensors whose first element sits at the address all offsets count from.
+    """
+
+    unit: int
+    dims: tuple[tuple[int, int, int], tuple[int, int, int], tuple[int, int, int]]
+    src_block_stride: int
+    dst_block_stride: int
+    src_piece_offsets: torch.Tensor
+    dst_piece_offsets: torch.Tensor
+    src_base: torch.Tensor
+    dst_base: torch.Tensor
+    align: int  # units every piece offset, block stride and outer row stride is a multiple of (for vector hints)
+
+    @property
+    def num_pieces(self) -> int:
+        return int(self.src_piece_offsets.numel())
+
+    @property
+    def rows(self) -> int:
+        return self.dims[0][0] * self.dims[1][0]
+
+    @property
+    def row_len(self) -> int:
+        return self.dims[2][0]
+
+
+def _merge_inner_dims(src: PagedKVCache, dst: PagedKVCache) -> list[tuple[int, int, int]]:
+    g = src.geometry
+    sizes = (g.block_size, g.num_heads, g.head_dim)
+    s_str = (src.layout.stride["token"], src.layout.stride["head"], src.layout.stride["channel"])
+    d_str = (dst.layout.stride["token"], dst.layout.stride["head"], dst.layout.stride["channel"])
+    dims = [(n, a, b) for n, a, b in zip(sizes, s_str, d_str) if n > 1]
+    dims.sort(key=lambda d: (d[2], d[1]), reverse=True)  # write order of the destination, outermost first
+    merged: list[tuple[int, int, int]] = []
+    for n, a, b in dims:
+        if merged and merged[-1][1] == n * a and merged[-1][2] == n * b:
+            merged[-1] = (merged[-1][0] * n, a, b)
+        else:
+            merged.append((n, a, b))
+    while len(merged) < 3:
+        merged.insert(0, (1, 0, 0))
+    return merged
+
+
+def _base_tensor(cache: PagedKVCache, unit: int) -> tuple[torch.Tensor, int]:
+    """A one-element tensor of the unit dtype at the lowest tensor address of the cache, and that address."""
+    base = min(cache.tensors, key=lambda t: t.data_ptr())
+    storage = base.untyped_storage()
+    offset = base.data_ptr() - storage.data_ptr()
+    view = torch.empty(0, dtype=UNIT_DTYPE[unit], device=base.device)
+    view.set_(storage, offset // unit, (1,), (1,))
+    return view, base.data_ptr()
+
+
+def _gcd_all(values) -> int:
+    g = 0
+    for v in values:
+        g = math.gcd(g, int(v))
+    return g
+
+
+def _plan(src: PagedKVCache, dst: PagedKVCache) -> CopyPlan:
+    itemsize = src.geometry.itemsize
+    dims = _merge_inner_dims(src, dst)
+    s_addr, d_addr = src.piece_addresses(), dst.piece_addresses()
+    sb, db = src.layout.stride["block"], dst.layout.stride["block"]
+    unit = itemsize
+    if dims[2][1] == 1 and dims[2][2] == 1:  # rows dense in both caches: widen the element
+        strides = [stride for _, a, b in dims[:2] for stride in (a, b)] + [sb, db]
+        common = _gcd_all([dims[2][0] * itemsize] + [x * itemsize for x in strides] + s_addr + d_addr)
+        unit = max(u for u in UNIT_DTYPE if common % u == 0 and u % itemsize == 0)
+    k = unit // itemsize
+    dims_u = tuple((n, a // k, b // k) for n, a, b in dims[:2]) + ((dims[2][0] // k, dims[2][1], dims[2][2]),)
+    src_base, src_lo = _base_tensor(src, unit)
+    dst_base, dst_lo = _base_tensor(dst, unit)
+    s_off = [(a - src_lo) // unit for a in s_addr]
+    d_off = [(a - dst_lo) // unit for a in d_addr]
+    sb, db = sb // k, db // k
+    align = _gcd_all(s_off + d_off + [sb, db] + [x for _, a, b in dims_u[:2] for x in (a, b)]) or 16
+    device = src.device if src.device.type == "cuda" else dst.device
+    return CopyPlan(
+        unit=unit,
+        dims=dims_u,
+        src_block_stride=sb,
+        dst_block_stride=db,
+        src_piece_offsets=torch.tensor(s_off, dtype=torch.int64, device=device),
+        dst_piece_offsets=torch.tensor(d_off, dtype=torch.int64, device=device),
+        src_base=src_base,
+        dst_base=dst_base,
+        align=min(align & -align, 16),
+    )
+
+
+def build_plan(src: PagedKVCache, dst: PagedKVCache) -> CopyPlan:
+    """The plan for copies from `src` to `dst`, cached on `src` per destination layout and addresses."""
+    key = (dst.layout, tuple(t.data_ptr() for t in dst.tensors), tuple(t.data_ptr() for t in src.tensors))
+    plans = src.__dict__.setdefault("_copy_plans", {})
+    plan = plans.get(key)
+    if plan is None:
+        if len(plans) >= 64:
+            plans.clear()
+        plan = plans[key] = _plan(src, dst)
+    return plan

@@ -1,0 +1,60 @@
+"""CPU backend: the same block copy as the Triton kernel, compiled by numba and run in parallel over pieces.
+
+numba has no float16 or bfloat16, so it moves the integer units of the `CopyPlan` (same bytes). Each cache's
+memory is seen as one flat array spanning its tensors' storages; only addresses inside the tensors are touched.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import numba
+import numpy as np
+import torch
+
+from kvbm.layouts import PagedKVCache
+
+from .copy_plan import CopyPlan, build_plan
+
+_NP_UNIT = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _copy_pieces(src, dst, s_off, d_off, s_ids, d_ids, sb, db, d0, s0, t0, d1, s1, t1, d2, s2, t2):  # pragma: no cover
+    num_pieces = s_off.shape[0]
+    for i in numba.prange(s_ids.shape[0] * num_pieces):
+        j = i // num_pieces
+        p = i - j * num_pieces
+        so = s_off[p] + s_ids[j] * sb
+        do = d_off[p] + d_ids[j] * db
+        for a in range(d0):
+            for b in range(d1):
+                sr = so + a * s0 + b * s1
+                dr = do + a * t0 + b * t1
+                if s2 == 1 and t2 == 1:
+                    dst[dr:dr + d2] = src[sr:sr + d2]
+                else:
+                    for c in range(d2):
+                        dst[dr + c * t2] = src[sr + c * s2]
+
+
+def _flat_memory(cache: PagedKVCache, base: torch.Tensor, unit: int) -> np.ndarray:
+    """A numpy array of units from the cache's base address to the end of its last storage."""
+    lo = base.data_ptr()
+    hi = max(t.untyped_storage().data_ptr() + t.untyped_storage().nbytes() for t in cache.tensors)
+    raw = (ctypes.c_uint8 * (hi - lo)).from_address(lo)
+    return np.frombuffer(raw, dtype=np.uint8)[: (hi - lo) // unit * unit].view(_NP_UNIT[unit])
+
+
+def run_plan(plan: CopyPlan, src: PagedKVCache, dst: PagedKVCache, src_ids: np.ndarray, dst_ids: np.ndarray) -> None:
+    """Execute a plan on CPU memory for int64 id arrays."""
+    (d0, s0, t0), (d1, s1, t1), (d2, s2, t2) = plan.dims
+    _copy_pieces(
+        _flat_memory(src, plan.src_base, plan.unit), _flat_memory(dst, plan.dst_base, plan.unit),
+        plan.src_piece_offsets.numpy(), plan.dst_piece_offsets.numpy(), src_ids, dst_ids,
+        plan.src_block_stride, plan.dst_block_stride, d0, s0, t0, d1, s1, t1, d2, s2, t2,
+    )
+
+
+def numba_copy(src: PagedKVCache, dst: PagedKVCache, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
+    """Conversion backend for two CPU caches (ids already validated on the host)."""
+    run_plan(build_plan(src, dst), src, dst, src_ids.numpy(), dst_ids.numpy())
