@@ -1,0 +1,422 @@
+"""A file-backed pool of fixed-size, 4 KiB-aligned block slots (the G3 disk tier's storage).
+
+`DiskBlockFile` preallocates one file of ``num_slots`` slots, opens it with O_DIRECT (so the page cache neither
+doubles the memory use nor hides the disk's speed) and moves batches of slots between the file and host buffers
+with ``os.preadv`` / ``os.pwritev``. Runs of consecutive slot ids become one call; the calls of a batch run on a
+small thread pool (the ``os`` calls release the GIL), so several requests are in flight at once.
+
+I/O errors are data, not exceptions: every batch returns a `SlotIOResult` that says, per slot, whether the bytes
+were moved, and carries the ``OSError`` of each failed slot (disk full, EIO, a short read of a truncated file, a
+deleted file, a closed descriptor). A slot reported as read is byte-exact; the destination bytes of a failed slot
+are unspecified and must not be used. Misuse (bad slot ids, a too small or misaligned buffer, a closed file) raises.
+No policy lives here: which block goes to which slot is the manager's business.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import operator
+import os
+import shutil
+import tempfile
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+ALIGNMENT = 4096
+"""Byte alignment of slot sizes, file offsets and buffer addresses (O_DIRECT needs the device's logical block size)."""
+
+_ZEROFILL_CHUNK = 8 << 20
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+
+
+def align_up(nbytes: int, alignment: int = ALIGNMENT) -> int:
+    """Round ``nbytes`` up to a multiple of ``alignment`` (slot sizes and offsets must be block aligned)."""
+    return -(-nbytes // alignment) * alignment
+
+
+@dataclass
+class SlotIOResult:
+    """Per-slot outcome of one `DiskBlockFile.read_slots` / `write_slots` batch.
+
+    ``slots`` are the slot ids in the order the caller passed them; ``errors`` maps each failed slot id to the
+    ``OSError`` that failed it. A slot absent from ``errors`` was moved completely and exactly.
+    """
+
+    slots: list[int]
+    errors: dict[int, OSError] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> list[bool]:
+        """Success flag per slot, aligned with ``slots``."""
+        return [s not in self.errors for s in self.slots]
+
+    @property
+    def failed_slots(self) -> list[int]:
+        """Slot ids that failed, in the caller's order."""
+        return [s for s in self.slots if s in self.errors]
+
+    @property
+    def all_ok(self) -> bool:
+        """True when every slot of the batch was moved."""
+        return not self.errors
+
+
+def _release(fd: int, path: str, remove: bool) -> None:
+    """Close ``fd`` and optionally unlink ``path``, tolerating a descriptor or file that is already gone."""
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    if remove:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _check_count(name: str, value: object) -> int:
+    """Return ``value`` as a positive int, or raise TypeError/ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return int(value)
+
+
+def _remaining(bufs: list[memoryview], done: int) -> list[memoryview]:
+    """Drop the first ``done`` bytes from a list of buffers (to resume a short transfer)."""
+    out = []
+    for b in bufs:
+        if done >= len(b):
+            done -= len(b)
+            continue
+        out.append(b[done:] if done else b)
+        done = 0
+    return out
+
+
+class DiskBlockFile:
+    """A preallocated file of ``num_slots`` slots of ``slot_bytes`` (rounded up to 4 KiB) on one disk.
+
+    Args:
+        directory: existing, writable directory; the file gets a unique name inside it.
+        num_slots: number of block slots.
+        slot_bytes: bytes per slot; rounded up to a multiple of 4096, which is then ``self.slot_bytes`` and the
+            stride of slots both in the file and in the host buffers passed to read/write.
+        use_o_direct: open with O_DIRECT (False mirrors ``DYN_KVBM_DISK_DISABLE_O_DIRECT``). When True, buffers
+            must be 4 KiB aligned even if the filesystem refused O_DIRECT and the file fell back to buffered I/O,
+            so a caller behaves the same on every filesystem.
+        zerofill_fallback: where ``posix_fallocate`` is unsupported, allocate by writing zeros (mirrors
+            ``DYN_KVBM_DISK_ZEROFILL_FALLBACK``); otherwise such a filesystem is an error.
+        io_threads: threads that issue requests of one batch in parallel.
+        max_io_bytes: largest single request; longer runs of consecutive slots are split into requests this big.
+
+    Raises FileNotFoundError / NotADirectoryError / PermissionError for a bad directory, OSError(ENOSPC) when the
+    file does not fit, OSError(EOPNOTSUPP) when it cannot be preallocated and zero-filling is not allowed.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        num_slots: int,
+        slot_bytes: int,
+        *,
+        use_o_direct: bool = True,
+        zerofill_fallback: bool = False,
+        io_threads: int = 4,
+        max_io_bytes: int = 16 << 20,
+    ) -> None:
+        self.num_slots = _check_count("num_slots", num_slots)
+        self.requested_slot_bytes = _check_count("slot_bytes", slot_bytes)
+        self.slot_bytes = align_up(self.requested_slot_bytes)
+        io_threads = _check_count("io_threads", io_threads)
+        max_io_bytes = _check_count("max_io_bytes", max_io_bytes)
+        self.file_bytes = self.num_slots * self.slot_bytes
+        self._require_alignment = bool(use_o_direct)
+        self._slots_per_request = max(1, min(_IOV_MAX, max_io_bytes // self.slot_bytes))
+        self._lost = bytearray(self.num_slots)  # 1 = contents lost to a truncation, until rewritten
+
+        directory = os.fspath(directory)
+        if not os.path.exists(directory):
+            raise FileNotFoundError(f"disk cache directory {directory!r} does not exist")
+        if not os.path.isdir(directory):
+            raise NotADirectoryError(f"disk cache path {directory!r} is not a directory")
+        try:
+            alloc_fd, self.path = tempfile.mkstemp(prefix="kvbm-g3-", suffix=".blocks", dir=directory)
+        except OSError as e:
+            raise type(e)(e.errno, f"cannot create a disk cache file in {directory!r}: {e.strerror}") from e
+        try:
+            try:
+                self.preallocated_by = self._preallocate(alloc_fd, directory, zerofill_fallback)
+            finally:
+                os.close(alloc_fd)
+            self._fd, self.o_direct = self._open(use_o_direct)
+        except BaseException:
+            os.unlink(self.path)
+            raise
+        self._finalizer = weakref.finalize(self, _release, self._fd, self.path, True)
+        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="kvbm-disk")
+        logger.info(
+            "disk block file %s: %d slots x %d B (%d B), O_DIRECT %s, preallocated by %s",
+            self.path, self.num_slots, self.slot_bytes, self.file_bytes,
+            "on" if self.o_direct else "off", self.preallocated_by,
+        )
+
+    def _preallocate(self, fd: int, directory: str, zerofill_fallback: bool) -> str:
+        """Reserve the file's blocks so later writes cannot run out of space; return how it was done."""
+        try:
+            os.posix_fallocate(fd, 0, self.file_bytes)
+            return "fallocate"
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                free = shutil.disk_usage(directory).free
+                raise OSError(
+                    errno.ENOSPC,
+                    f"disk cache needs {self.file_bytes} bytes in {directory!r} but only {free} are free",
+                ) from e
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            if not zerofill_fallback:
+                raise OSError(
+                    e.errno,
+                    f"posix_fallocate is not supported in {directory!r} ({e.strerror}); set "
+                    "DYN_KVBM_DISK_ZEROFILL_FALLBACK=true to preallocate by writing zeros instead",
+                ) from e
+        zeros = bytes(min(_ZEROFILL_CHUNK, self.file_bytes))
+        offset = 0
+        while offset < self.file_bytes:
+            offset += os.pwrite(fd, zeros[: self.file_bytes - offset], offset)
+        os.fsync(fd)
+        return "zerofill"
+
+    def _open(self, use_o_direct: bool) -> tuple[int, bool]:
+        """Open the file for I/O, with O_DIRECT when asked and the filesystem allows it."""
+        flags = os.O_RDWR | os.O_CLOEXEC
+        if use_o_direct:
+            try:
+                return os.open(self.path, flags | os.O_DIRECT), True
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                logger.warning(
+                    "filesystem of %s refuses O_DIRECT (%s): disk cache falls back to buffered I/O through the "
+                    "page cache", self.path, e.strerror,
+                )
+        return os.open(self.path, flags), False
+
+    # ---------------------------------------------------------------- public I/O
+
+    def write_slots(
+        self, slots: Sequence[int], src: object, buf_blocks: Optional[Sequence[int]] = None
+    ) -> SlotIOResult:
+        """Write host buffer blocks into file slots; return the per-slot outcome (never raises for I/O errors).
+
+        ``src`` is any C-contiguous buffer (mmap, bytearray, numpy array) holding blocks of ``self.slot_bytes``;
+        ``slots[i]`` receives buffer block ``buf_blocks[i]`` (default ``i``). Slot ids must be distinct.
+        """
+        return self._transfer(slots, src, buf_blocks, reading=False)
+
+    def read_slots(
+        self, slots: Sequence[int], dst: object, buf_blocks: Optional[Sequence[int]] = None
+    ) -> SlotIOResult:
+        """Read file slots into host buffer blocks; return the per-slot outcome (never raises for I/O errors).
+
+        ``dst`` is a writable C-contiguous buffer; slot ``slots[i]`` lands in buffer block ``buf_blocks[i]``
+        (default ``i``). Slot ids and buffer blocks must each be distinct. A slot that could not be read whole
+        (error, or the file ends inside it) is reported failed; its destination bytes are then unspecified.
+        """
+        return self._transfer(slots, dst, buf_blocks, reading=True)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def fileno(self) -> int:
+        """The open descriptor (for fsync or fadvise by a caller)."""
+        self._check_open()
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        """True after `close`."""
+        return not self._finalizer.alive
+
+    def close(self, remove: bool = True) -> None:
+        """Wait for in-flight requests, close the file and (by default) delete it. Safe to call twice."""
+        if not self._finalizer.alive:
+            return
+        self._pool.shutdown(wait=True)
+        self._finalizer.detach()
+        _release(self._fd, self.path, remove)
+
+    def __enter__(self) -> "DiskBlockFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("O_DIRECT" if self.o_direct else "buffered")
+        return f"DiskBlockFile({self.path!r}, num_slots={self.num_slots}, slot_bytes={self.slot_bytes}, {state})"
+
+    # ---------------------------------------------------------------- internals
+
+    def _check_open(self) -> None:
+        if not self._finalizer.alive:
+            raise ValueError(f"I/O on closed DiskBlockFile {self.path!r}")
+
+    def _byte_view(self, buf: object, writable: bool, nblocks: int) -> memoryview:
+        """Validate a host buffer and return it as a flat byte view."""
+        role = "dst" if writable else "src"
+        try:
+            mv = memoryview(buf)
+        except TypeError:
+            raise TypeError(
+                f"{role} must support the buffer protocol (mmap, bytearray, numpy array), got {type(buf).__name__}"
+            ) from None
+        if not mv.c_contiguous:
+            raise ValueError(f"{role} must be C-contiguous")
+        mv = mv.cast("B")
+        if writable and mv.readonly:
+            raise TypeError(f"{role} must be writable, got a read-only {type(buf).__name__}")
+        need = nblocks * self.slot_bytes
+        if mv.nbytes < need:
+            raise ValueError(
+                f"{role} holds {mv.nbytes} bytes but {nblocks} blocks of {self.slot_bytes} bytes need {need}"
+            )
+        if self._require_alignment:
+            address = np.frombuffer(mv, dtype=np.uint8).ctypes.data
+            if address % ALIGNMENT:
+                raise ValueError(
+                    f"{role} starts at address {address:#x}, not {ALIGNMENT}-byte aligned as O_DIRECT requires "
+                    "(allocate host buffers with mmap)"
+                )
+        return mv
+
+    def _check_ids(self, slots: Sequence[int], buf_blocks: Optional[Sequence[int]], reading: bool):
+        """Validate slot ids and buffer block indices; return them as int lists."""
+        try:
+            slot_list = [operator.index(s) for s in slots]
+        except TypeError:
+            raise TypeError(f"slots must be a sequence of ints, got {slots!r}") from None
+        for s in slot_list:
+            if not 0 <= s < self.num_slots:
+                raise ValueError(f"slot id {s} is out of range [0, {self.num_slots})")
+        if len(set(slot_list)) != len(slot_list):
+            raise ValueError(f"slot ids in one batch must be distinct, got {slot_list}")
+        if buf_blocks is None:
+            return slot_list, list(range(len(slot_list)))
+        try:
+            block_list = [operator.index(b) for b in buf_blocks]
+        except TypeError:
+            raise TypeError(f"buf_blocks must be a sequence of ints, got {buf_blocks!r}") from None
+        if len(block_list) != len(slot_list):
+            raise ValueError(f"buf_blocks has {len(block_list)} entries but slots has {len(slot_list)}")
+        if any(b < 0 for b in block_list):
+            raise ValueError(f"buffer block indices must be >= 0, got {block_list}")
+        if reading and len(set(block_list)) != len(block_list):
+            raise ValueError(f"destination buffer blocks of one read must be distinct, got {block_list}")
+        return slot_list, block_list
+
+    def _transfer(
+        self, slots: Sequence[int], buf: object, buf_blocks: Optional[Sequence[int]], reading: bool
+    ) -> SlotIOResult:
+        """Validate, plan the batch into requests of consecutive slots, run them, collect per-slot errors."""
+        self._check_open()
+        slot_list, block_list = self._check_ids(slots, buf_blocks, reading)
+        result = SlotIOResult(slot_list)
+        if not slot_list:
+            return result
+        mv = self._byte_view(buf, reading, max(block_list) + 1)
+        try:
+            self._check_file()
+        except OSError as e:
+            result.errors = {s: e for s in slot_list}
+            return result
+        if reading:
+            for s in slot_list:
+                if self._lost[s]:
+                    result.errors[s] = OSError(
+                        errno.ENODATA,
+                        f"slot {s} of {self.path!r} was lost when the file was truncated underneath; rewrite it first",
+                    )
+        pending = [(s, b) for s, b in zip(slot_list, block_list) if s not in result.errors]
+        sb = self.slot_bytes
+        requests: list[list[tuple[int, memoryview]]] = []
+        for s, b in sorted(pending):
+            piece = (s, mv[b * sb : (b + 1) * sb])
+            last = requests[-1] if requests else None
+            if last and last[-1][0] == s - 1 and len(last) < self._slots_per_request:
+                last.append(piece)
+            else:
+                requests.append([piece])
+        if len(requests) <= 1:
+            outcomes = [self._run_request(reading, r) for r in requests]
+        else:
+            outcomes = list(self._pool.map(lambda r: self._run_request(reading, r), requests))
+        for errors in outcomes:
+            result.errors.update(errors)
+        if not reading:
+            for s, _ in pending:
+                if s not in result.errors:
+                    self._lost[s] = 0
+        return result
+
+    def _check_file(self) -> None:
+        """Before a batch: fail it if the file was deleted; mark slots lost if it was truncated underneath.
+
+        A slot past a truncation point would otherwise read back as zeros once a later write re-extends the
+        file over the hole; it stays lost (reads fail) until it is written again.
+        """
+        st = os.fstat(self._fd)
+        if st.st_nlink == 0:
+            raise OSError(errno.ENOENT, f"disk cache file {self.path!r} was deleted")
+        if st.st_size < self.file_bytes:
+            first = st.st_size // self.slot_bytes
+            if not all(self._lost[first:]):
+                logger.warning(
+                    "disk cache file %s was truncated to %d bytes underneath: slots %d.. are lost",
+                    self.path, st.st_size, first,
+                )
+                self._lost[first:] = b"\x01" * (self.num_slots - first)
+
+    def _run_request(self, reading: bool, pieces: list[tuple[int, memoryview]]) -> dict[int, OSError]:
+        """Move one run of consecutive slots in one call; on failure retry slot by slot to find the bad ones."""
+        try:
+            self._move_all(reading, [p for _, p in pieces], pieces[0][0] * self.slot_bytes)
+            return {}
+        except OSError as e:
+            if len(pieces) == 1:
+                return {pieces[0][0]: e}
+        errors = {}
+        for s, p in pieces:
+            try:
+                self._move_all(reading, [p], s * self.slot_bytes)
+            except OSError as e:
+                errors[s] = e
+        return errors
+
+    def _move_all(self, reading: bool, bufs: list[memoryview], offset: int) -> None:
+        """Read or write ``bufs`` at ``offset`` completely; raise OSError on an error, end of file or no progress."""
+        total = sum(len(b) for b in bufs)
+        done = 0
+        while done < total:
+            if reading:
+                n = os.preadv(self._fd, _remaining(bufs, done), offset + done)
+                # A regular file reads short only at its end: check instead of retrying at an unaligned offset.
+                if done + n < total and os.fstat(self._fd).st_size < offset + total:
+                    raise OSError(
+                        errno.ENODATA,
+                        f"short read: file {self.path!r} ends inside the requested range [{offset}, "
+                        f"{offset + total}) (file truncated?)",
+                    )
+            else:
+                n = os.pwritev(self._fd, _remaining(bufs, done), offset + done)
+            if n <= 0:
+                raise OSError(errno.EIO, f"{'read' if reading else 'write'} at byte {offset + done} of "
+                              f"{self.path!r} made no progress")
+            done += n

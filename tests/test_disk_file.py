@@ -1,0 +1,385 @@
+"""DiskBlockFile: byte-exact slot I/O on real files, coalescing, O_DIRECT on/off, and per-slot failure reporting.
+
+Fault sources: ENOSPC comes from a real 1 MiB tmpfs mounted for the test (root only; skipped otherwise), truncation
+and deletion act on the real file, EBADF on the real descriptor; only EIO is injected (a wrapper around
+os.preadv / os.pwritev), because a failing disk sector cannot be produced on demand.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import subprocess
+import threading
+
+import numpy as np
+import pytest
+
+from kvbm.kernels.disk_file import ALIGNMENT, DiskBlockFile, SlotIOResult, align_up
+
+POISON = 0xA5
+
+
+def random_buffer(rng: np.random.Generator, nbytes: int) -> mmap.mmap:
+    """A page-aligned anonymous mapping filled with random bytes."""
+    buf = mmap.mmap(-1, nbytes)
+    buf[:] = rng.integers(0, 256, nbytes, dtype=np.uint8).tobytes()
+    return buf
+
+
+def poisoned_buffer(nbytes: int) -> mmap.mmap:
+    """A page-aligned anonymous mapping filled with a poison byte pattern."""
+    buf = mmap.mmap(-1, nbytes)
+    buf[:] = bytes([POISON]) * nbytes
+    return buf
+
+
+def block(buf: mmap.mmap, i: int, slot_bytes: int) -> bytes:
+    """Bytes of block ``i`` of a buffer."""
+    return buf[i * slot_bytes : (i + 1) * slot_bytes]
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    return np.random.default_rng(abs(hash(request.node.name)) % (2**32))
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A real 1 MiB tmpfs, mounted for the test, to run out of space for real."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a 1 MiB tmpfs for the ENOSPC test needs root")
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mnt)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def fill_filesystem(directory) -> str:
+    """Write a filler file until the filesystem is full; return its path."""
+    path = os.path.join(directory, "filler")
+    chunk = os.urandom(4096)
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(chunk)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    return path
+
+
+@pytest.mark.parametrize("o_direct", [True, False])
+def test_random_slots_round_trip(tmp_path, rng, o_direct):
+    num_slots, slot_bytes = 64, 3 * 4096 + 123
+    with DiskBlockFile(tmp_path, num_slots, slot_bytes, use_o_direct=o_direct) as f:
+        assert f.slot_bytes == align_up(slot_bytes) == 4 * 4096
+        assert f.o_direct is o_direct
+        assert os.path.getsize(f.path) == num_slots * f.slot_bytes
+        slots = [int(s) for s in rng.choice(num_slots, size=40, replace=False)]
+        src = random_buffer(rng, len(slots) * f.slot_bytes)
+        assert f.write_slots(slots, src).all_ok
+        # read back in another order into other buffer blocks
+        order = rng.permutation(len(slots))
+        dst = poisoned_buffer(len(slots) * f.slot_bytes)
+        result = f.read_slots([slots[i] for i in order], dst, buf_blocks=list(range(len(slots))))
+        assert result.all_ok and result.ok == [True] * len(slots)
+        for j, i in enumerate(order):
+            assert block(dst, j, f.slot_bytes) == block(src, i, f.slot_bytes)
+
+
+def test_gather_write_from_buffer_blocks_and_numpy_buffers(tmp_path, rng):
+    with DiskBlockFile(tmp_path, 16, 8192) as f:
+        pool = random_buffer(rng, 10 * f.slot_bytes)
+        pool_arr = np.frombuffer(pool, dtype=np.uint8).reshape(10, f.slot_bytes)  # 2-D view is accepted too
+        assert f.write_slots([7, 2, 9], pool_arr, buf_blocks=[4, 0, 4]).all_ok
+        dst = poisoned_buffer(3 * f.slot_bytes)
+        assert f.read_slots([2, 9, 7], dst).all_ok
+        assert block(dst, 0, f.slot_bytes) == block(pool, 0, f.slot_bytes)
+        assert block(dst, 1, f.slot_bytes) == block(pool, 4, f.slot_bytes)
+        assert block(dst, 2, f.slot_bytes) == block(pool, 4, f.slot_bytes)
+
+
+def test_consecutive_slots_are_coalesced_and_split(tmp_path, rng, monkeypatch):
+    calls: list[tuple[str, int, int]] = []
+    real_pwritev, real_preadv = os.pwritev, os.preadv
+
+    def pwritev(fd, bufs, offset):
+        calls.append(("w", offset, len(bufs)))
+        return real_pwritev(fd, bufs, offset)
+
+    def preadv(fd, bufs, offset):
+        calls.append(("r", offset, len(bufs)))
+        return real_preadv(fd, bufs, offset)
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    monkeypatch.setattr(os, "preadv", preadv)
+    with DiskBlockFile(tmp_path, 32, 4096, max_io_bytes=3 * 4096) as f:
+        slots = [20, 5, 3, 10, 4, 6, 11]  # runs 3-6 (split 3+1 by max_io_bytes), 10-11, 20
+        src = random_buffer(rng, len(slots) * 4096)
+        assert f.write_slots(slots, src).all_ok
+        assert sorted(calls) == [("w", 3 * 4096, 3), ("w", 6 * 4096, 1), ("w", 10 * 4096, 2), ("w", 20 * 4096, 1)]
+        calls.clear()
+        dst = poisoned_buffer(len(slots) * 4096)
+        assert f.read_slots(slots, dst).all_ok
+        assert sorted(calls) == [("r", 3 * 4096, 3), ("r", 6 * 4096, 1), ("r", 10 * 4096, 2), ("r", 20 * 4096, 1)]
+        assert dst[:] == src[:]
+
+
+def test_requests_of_one_batch_run_in_parallel(tmp_path, rng, monkeypatch):
+    barrier = threading.Barrier(2, timeout=10)
+    threads: set[str] = set()
+    real_preadv = os.preadv
+
+    def preadv(fd, bufs, offset):
+        threads.add(threading.current_thread().name)
+        if offset in (0, 2 * 4096):  # the first two requests wait for each other: only threads can pass
+            barrier.wait()
+        return real_preadv(fd, bufs, offset)
+
+    with DiskBlockFile(tmp_path, 8, 4096, io_threads=2) as f:
+        src = random_buffer(rng, 8 * 4096)
+        assert f.write_slots(range(8), src).all_ok
+        monkeypatch.setattr(os, "preadv", preadv)
+        dst = poisoned_buffer(8 * 4096)
+        assert f.read_slots([0, 2, 4, 6], dst).all_ok  # four separate runs
+        assert len(threads) == 2
+        for i, s in enumerate([0, 2, 4, 6]):
+            assert block(dst, i, 4096) == block(src, s, 4096)
+
+
+def test_o_direct_refused_falls_back_with_warning(tmp_path, rng, monkeypatch, caplog):
+    real_open = os.open
+
+    def open_refusing_direct(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", open_refusing_direct)
+    with caplog.at_level(logging.WARNING, logger="kvbm.kernels.disk_file"):
+        f = DiskBlockFile(tmp_path, 4, 4096)
+    assert "refuses O_DIRECT" in caplog.text
+    with f:
+        assert not f.o_direct
+        src = random_buffer(rng, 4 * 4096)
+        assert f.write_slots([3, 1], src).all_ok
+        dst = poisoned_buffer(2 * 4096)
+        assert f.read_slots([1, 3], dst).all_ok
+        assert block(dst, 0, 4096) == block(src, 1, 4096) and block(dst, 1, 4096) == block(src, 0, 4096)
+
+
+def test_alignment_is_required_with_o_direct_only(tmp_path, rng):
+    src = random_buffer(rng, 3 * 4096)
+    misaligned = memoryview(src)[512 : 512 + 2 * 4096]
+    with DiskBlockFile(tmp_path, 4, 4096) as f:
+        with pytest.raises(ValueError, match="aligned"):
+            f.write_slots([0, 1], misaligned)
+    with DiskBlockFile(tmp_path, 4, 4096, use_o_direct=False) as f:
+        payload = bytes(misaligned)
+        assert f.write_slots([0, 1], payload).all_ok
+        dst = bytearray([POISON]) * (2 * 4096)
+        assert f.read_slots([0, 1], dst).all_ok
+        assert bytes(dst) == payload
+
+
+def test_bad_arguments_raise_clear_errors(tmp_path, rng):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        DiskBlockFile(tmp_path / "missing", 4, 4096)
+    (tmp_path / "plain").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError):
+        DiskBlockFile(tmp_path / "plain", 4, 4096)
+    with pytest.raises(ValueError, match="slot_bytes must be > 0"):
+        DiskBlockFile(tmp_path, 4, 0)
+    with pytest.raises(TypeError, match="num_slots must be an int"):
+        DiskBlockFile(tmp_path, True, 4096)
+    f = DiskBlockFile(tmp_path, 4, 4096)
+    buf = random_buffer(rng, 4 * 4096)
+    with pytest.raises(ValueError, match="out of range"):
+        f.write_slots([4], buf)
+    with pytest.raises(ValueError, match="distinct"):
+        f.write_slots([1, 1], buf)
+    with pytest.raises(ValueError, match="distinct"):
+        f.read_slots([0, 1], buf, buf_blocks=[2, 2])
+    with pytest.raises(ValueError, match="need"):
+        f.read_slots([0, 1], memoryview(buf)[:4096])
+    with pytest.raises(TypeError, match="writable"):
+        f.read_slots([0], bytes(4096))
+    with pytest.raises(TypeError, match="buffer protocol"):
+        f.write_slots([0], [0] * 4096)
+    f.close()
+    with pytest.raises(ValueError, match="closed"):
+        f.read_slots([0], buf)
+
+
+def test_close_removes_file_and_is_idempotent(tmp_path):
+    with DiskBlockFile(tmp_path, 2, 4096) as f:
+        path = f.path
+        assert os.path.exists(path) and os.path.dirname(path) == str(tmp_path)
+    assert not os.path.exists(path) and f.closed
+    f.close()
+    g = DiskBlockFile(tmp_path, 2, 4096)
+    g.close(remove=False)
+    assert os.path.getsize(g.path) == 2 * 4096
+    assert DiskBlockFile(tmp_path, 2, 4096).path != g.path  # unique names
+
+
+def test_fallocate_unsupported(tmp_path, rng, monkeypatch):
+    def no_fallocate(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_fallocate)
+    with pytest.raises(OSError, match="DYN_KVBM_DISK_ZEROFILL_FALLBACK"):
+        DiskBlockFile(tmp_path, 8, 4096)
+    assert list(tmp_path.iterdir()) == []  # the failed file was removed
+    with DiskBlockFile(tmp_path, 8, 4096, zerofill_fallback=True) as f:
+        assert f.preallocated_by == "zerofill"
+        st = os.stat(f.path)
+        assert st.st_size == 8 * 4096 and st.st_blocks * 512 >= 8 * 4096
+        src = random_buffer(rng, 8 * 4096)
+        assert f.write_slots(range(8), src).all_ok
+        dst = poisoned_buffer(8 * 4096)
+        assert f.read_slots(range(8), dst).all_ok and dst[:] == src[:]
+
+
+def test_file_larger_than_disk_is_refused(tiny_fs):
+    with pytest.raises(OSError, match="needs 4194304 bytes") as info:
+        DiskBlockFile(tiny_fs, 1024, 4096)
+    assert info.value.errno == errno.ENOSPC
+    assert list(tiny_fs.iterdir()) == []
+
+
+@pytest.mark.parametrize("o_direct", [True, False])
+def test_disk_full_fails_only_the_slots_without_space(tiny_fs, rng, o_direct):
+    sb = 4096
+    with DiskBlockFile(tiny_fs, 32, sb, use_o_direct=o_direct) as f:
+        src = random_buffer(rng, 32 * sb)
+        assert f.write_slots(range(8), src).all_ok
+        # Space of slots 8.. is released and taken by another file: their writes now need space that is gone.
+        os.truncate(f.path, 8 * sb)
+        filler = fill_filesystem(tiny_fs)
+        slots = [2] + list(range(8, 16))
+        result = f.write_slots(slots, src, buf_blocks=slots)
+        assert result.ok[0] and 8 in result.errors
+        assert all(e.errno == errno.ENOSPC for e in result.errors.values())
+        ok_slots = [s for s, ok in zip(slots, result.ok) if ok]
+        dst = poisoned_buffer(32 * sb)
+        assert f.read_slots(ok_slots, dst, buf_blocks=ok_slots).all_ok
+        for s in ok_slots:
+            assert block(dst, s, sb) == block(src, s, sb)
+        # once space is back, the failed slots can be written and everything reads back exact
+        os.unlink(filler)
+        assert f.write_slots(result.failed_slots, src, buf_blocks=result.failed_slots).all_ok
+        dst = poisoned_buffer(32 * sb)
+        assert f.read_slots(range(16), dst).all_ok
+        assert dst[: 16 * sb] == src[: 16 * sb]
+
+
+@pytest.mark.parametrize("o_direct", [True, False])
+def test_truncated_file_fails_slots_past_the_end(tmp_path, rng, o_direct):
+    sb = 8192
+    with DiskBlockFile(tmp_path, 16, sb, use_o_direct=o_direct) as f:
+        src = random_buffer(rng, 16 * sb)
+        assert f.write_slots(range(16), src).all_ok
+        os.truncate(f.path, 5 * sb + 100)  # slot 5 now ends early, slots 6.. are gone
+        dst = poisoned_buffer(16 * sb)
+        result = f.read_slots(range(16), dst)
+        assert result.failed_slots == list(range(5, 16))
+        assert all(result.errors[s].errno == errno.ENODATA for s in range(5, 16))
+        assert dst[: 5 * sb] == src[: 5 * sb]
+        assert dst[5 * sb :] == bytes([POISON]) * (11 * sb)  # no partial bytes of slot 5 handed over
+        # later operations still work: rewriting lost slots, reading the intact ones
+        assert f.write_slots([12, 5], src, buf_blocks=[12, 5]).all_ok
+        dst = poisoned_buffer(16 * sb)
+        assert f.read_slots([0, 4, 5, 12], dst, buf_blocks=[0, 4, 5, 12]).all_ok
+        for s in (0, 4, 5, 12):
+            assert block(dst, s, sb) == block(src, s, sb)
+        # slot 6 now lies inside the file again, in a hole that would read as zeros: it must still fail
+        result = f.read_slots([6, 13], dst)
+        assert result.failed_slots == [6, 13] and result.errors[6].errno == errno.ENODATA
+
+
+@pytest.mark.parametrize("o_direct", [True, False])
+def test_truncation_during_a_read_is_a_short_read_failure(tmp_path, rng, monkeypatch, o_direct):
+    sb = 8192
+    with DiskBlockFile(tmp_path, 16, sb, use_o_direct=o_direct) as f:
+        src = random_buffer(rng, 16 * sb)
+        assert f.write_slots(range(16), src).all_ok
+        real_preadv = os.preadv
+        truncated = []
+
+        def preadv_after_truncation(fd, bufs, offset):
+            if not truncated:  # the file shrinks while the batch is in flight
+                os.truncate(f.path, 9 * sb + 4096)
+                truncated.append(True)
+            return real_preadv(fd, bufs, offset)
+
+        monkeypatch.setattr(os, "preadv", preadv_after_truncation)
+        dst = poisoned_buffer(16 * sb)
+        result = f.read_slots(range(16), dst)
+        assert result.failed_slots == list(range(9, 16))
+        assert "short read" in str(result.errors[9]) and result.errors[9].errno == errno.ENODATA
+        assert dst[: 9 * sb] == src[: 9 * sb]
+
+
+def test_deleted_file_fails_every_slot(tmp_path, rng):
+    f = DiskBlockFile(tmp_path, 8, 4096)
+    src = random_buffer(rng, 8 * 4096)
+    assert f.write_slots(range(8), src).all_ok
+    os.unlink(f.path)
+    dst = poisoned_buffer(8 * 4096)
+    result = f.read_slots(range(8), dst)
+    assert result.failed_slots == list(range(8))
+    assert all(e.errno == errno.ENOENT for e in result.errors.values())
+    assert dst[:] == bytes([POISON]) * (8 * 4096)
+    assert f.write_slots([0, 1], src).failed_slots == [0, 1]
+    f.close()  # the file is already gone: closing still succeeds
+    assert f.closed
+
+
+def test_closed_descriptor_fails_every_slot(tmp_path, rng):
+    f = DiskBlockFile(tmp_path, 8, 4096)
+    src = random_buffer(rng, 8 * 4096)
+    os.close(f.fileno())  # someone closed our descriptor
+    result = f.write_slots([1, 2, 5], src)
+    assert result.failed_slots == [1, 2, 5] and result.errors[5].errno == errno.EBADF
+    f.close()
+    assert not os.path.exists(f.path)
+
+
+@pytest.mark.parametrize("reading", [True, False])
+def test_io_error_fails_only_the_bad_slot_of_a_coalesced_run(tmp_path, rng, monkeypatch, reading):
+    sb = 4096
+    bad = 7 * sb
+    name = "preadv" if reading else "pwritev"
+    real = getattr(os, name)
+
+    def failing(fd, bufs, offset):  # an unreadable/unwritable sector inside slot 7
+        if offset <= bad < offset + sum(len(b) for b in bufs):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, bufs, offset)
+
+    with DiskBlockFile(tmp_path, 16, sb) as f:
+        src = random_buffer(rng, 16 * sb)
+        if reading:
+            assert f.write_slots(range(16), src).all_ok
+        monkeypatch.setattr(os, name, failing)
+        dst = poisoned_buffer(16 * sb)
+        result = f.read_slots(range(16), dst) if reading else f.write_slots(range(16), src)
+        assert result.failed_slots == [7] and result.errors[7].errno == errno.EIO
+        assert result.ok == [s != 7 for s in range(16)]
+        monkeypatch.undo()
+        # the fault is gone: the same file serves every slot again
+        if not reading:
+            assert f.write_slots([7], src, buf_blocks=[7]).all_ok
+        dst = poisoned_buffer(16 * sb)
+        assert f.read_slots(range(16), dst).all_ok and dst[:] == src[:]
+
+
+def test_result_object():
+    r = SlotIOResult([4, 2, 9], {2: OSError(errno.EIO, "x")})
+    assert r.ok == [True, False, True] and r.failed_slots == [2] and not r.all_ok
+    assert SlotIOResult([1]).all_ok and ALIGNMENT == 4096
