@@ -92,9 +92,12 @@ def _check_no_overlap(dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray) -> 
         i, j = order[clash[0]], order[clash[0] + 1]
         raise ValueError(f"destinations of pieces {i} and {j} overlap ({int(dsts[i]):#x}+{int(sizes[i])} and "
                          f"{int(dsts[j]):#x}+{int(sizes[j])}); a batch has no order, so the result would be undefined")
+    src_ends = srcs + sizes
+    if src_ends.max() <= starts[0] or srcs.min() >= ends[-1]:
+        return  # the usual case: sources and destinations in different allocations (device vs. host)
     # Destinations are now sorted and disjoint, so their ends are sorted too: the last destination that starts
     # before a source ends is the only one that can reach into that source.
-    last = np.searchsorted(starts, srcs + sizes, side="left") - 1
+    last = np.searchsorted(starts, src_ends, side="left") - 1
     hit = np.flatnonzero((last >= 0) & (ends[np.maximum(last, 0)] > srcs))
     if hit.size:
         i, j = int(hit[0]), int(order[last[hit[0]]])

@@ -110,6 +110,8 @@ def test_overlap_check_allows_touching_ranges_and_shared_sources():
     srcs = np.full(300, 4 * BASE)  # every piece reads the same source: fine
     out = prepare_pieces(dsts[order], srcs, sizes[order], check_overlap=True)
     assert out[0].tolist() == dsts[order].tolist()
+    # sources interleaved with destinations, filling exactly the gaps between them
+    prepare_pieces([BASE + 32, BASE], [BASE + 16, BASE + 48], [16, 16], check_overlap=True)
     # the loop has ordered copies, so overlapping destinations are accepted without the check
     prepare_pieces([BASE, BASE + 4], [2 * BASE, 3 * BASE], [8, 8], check_overlap=False)
 
