@@ -23,30 +23,32 @@ TILE_BYTES = 16384
 def copy_blocks_kernel(
     src_ptr, dst_ptr, src_piece_off, dst_piece_off, src_ids, dst_ids,
     num_pieces, src_block_stride, dst_block_stride,
-    d1, d2, s0, s1, t0, t1, s2, t2, rows, col_tiles,
+    d1, d2, s0, s1, t0, t1, s2, t2, rows, col_tiles, tiles_per_piece, total_tiles,
     ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Program (i, tile): piece `i % num_pieces` of block pair `i // num_pieces`, one BLOCK_R x BLOCK_C tile."""
-    pair = tl.program_id(0)
-    tile = tl.program_id(1)
-    j = pair // num_pieces
-    p = pair - j * num_pieces
-    src_block = tl.load(src_ids + j)
-    dst_block = tl.load(dst_ids + j)
-    src_off = tl.load(src_piece_off + p) + src_block * src_block_stride
-    dst_off = tl.load(dst_piece_off + p) + dst_block * dst_block_stride
-    row_tile = tile // col_tiles
-    col_tile = tile - row_tile * col_tiles
-    r = row_tile * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = col_tile * BLOCK_C + tl.arange(0, BLOCK_C)
-    r0 = r // d1
-    r1 = r - r0 * d1
-    # Row starts are multiples of ALIGN units (checked on the host): lets the compiler issue 16-byte accesses.
-    src_row = tl.multiple_of(src_off + r0.to(tl.int64) * s0 + r1.to(tl.int64) * s1, ALIGN)
-    dst_row = tl.multiple_of(dst_off + r0.to(tl.int64) * t0 + r1.to(tl.int64) * t1, ALIGN)
-    mask = (r < rows)[:, None] & (c < d2)[None, :]
-    x = tl.load(src_ptr + src_row[:, None] + (c * s2)[None, :], mask=mask)
-    tl.store(dst_ptr + dst_row[:, None] + (c * t2)[None, :], x, mask=mask)
+    """Tiles are numbered (block pair, piece, row tile, column tile); program k copies tiles k, k + grid, ...
+
+    With a full grid each program copies one tile; a capped grid (the CTA-cap knob) loops.
+    """
+    for t in range(tl.program_id(0), total_tiles, tl.num_programs(0)):
+        pair = t // tiles_per_piece
+        tile = t - pair * tiles_per_piece
+        j = pair // num_pieces
+        p = pair - j * num_pieces
+        src_off = tl.load(src_piece_off + p) + tl.load(src_ids + j) * src_block_stride
+        dst_off = tl.load(dst_piece_off + p) + tl.load(dst_ids + j) * dst_block_stride
+        row_tile = tile // col_tiles
+        col_tile = tile - row_tile * col_tiles
+        r = row_tile * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = col_tile * BLOCK_C + tl.arange(0, BLOCK_C)
+        r0 = r // d1
+        r1 = r - r0 * d1
+        # Row starts are multiples of ALIGN units (checked on the host): lets the compiler issue 16-byte accesses.
+        src_row = tl.multiple_of(src_off + r0.to(tl.int64) * s0 + r1.to(tl.int64) * s1, ALIGN)
+        dst_row = tl.multiple_of(dst_off + r0.to(tl.int64) * t0 + r1.to(tl.int64) * t1, ALIGN)
+        mask = (r < rows)[:, None] & (c < d2)[None, :]
+        x = tl.load(src_ptr + src_row[:, None] + (c * s2)[None, :], mask=mask)
+        tl.store(dst_ptr + dst_row[:, None] + (c * t2)[None, :], x, mask=mask)
 
 
 def tile_shape(plan: CopyPlan) -> tuple[int, int]:
@@ -57,8 +59,21 @@ def tile_shape(plan: CopyPlan) -> tuple[int, int]:
     return block_r, block_c
 
 
-def launch(plan: CopyPlan, src_ids: torch.Tensor, dst_ids: torch.Tensor, *, num_warps: int = 4) -> None:
-    """Launch the copy for validated int64 id tensors already on the kernel's device, on the current stream."""
+def launch(
+    plan: CopyPlan,
+    src_ids: torch.Tensor,
+    dst_ids: torch.Tensor,
+    *,
+    max_ctas: int | None = None,
+    num_warps: int = 4,
+    src_base=None,
+    dst_base=None,
+) -> None:
+    """Launch the copy for validated int64 id tensors already on the kernel's device, on the current stream.
+
+    `max_ctas` caps the grid (programs then loop over tiles); None launches one program per tile.
+    `src_base` / `dst_base` replace the plan's base pointers (a mapped pointer of pinned host memory, say).
+    """
     n = int(src_ids.numel())
     if n == 0:
         return
@@ -66,17 +81,22 @@ def launch(plan: CopyPlan, src_ids: torch.Tensor, dst_ids: torch.Tensor, *, num_
     block_r, block_c = tile_shape(plan)
     rows = d0 * d1
     col_tiles = triton.cdiv(d2, block_c)
-    grid = (n * plan.num_pieces, triton.cdiv(rows, block_r) * col_tiles)
+    tiles_per_piece = triton.cdiv(rows, block_r) * col_tiles
+    total = n * plan.num_pieces * tiles_per_piece
+    grid = (total if max_ctas is None else max(1, min(total, max_ctas)),)
     copy_blocks_kernel[grid](
-        plan.src_base, plan.dst_base, plan.src_piece_offsets, plan.dst_piece_offsets, src_ids, dst_ids,
+        plan.src_base if src_base is None else src_base, plan.dst_base if dst_base is None else dst_base,
+        plan.src_piece_offsets, plan.dst_piece_offsets, src_ids, dst_ids,
         plan.num_pieces, plan.src_block_stride, plan.dst_block_stride,
-        d1, d2, s0, s1, t0, t1, s2, t2, rows, col_tiles,
+        d1, d2, s0, s1, t0, t1, s2, t2, rows, col_tiles, tiles_per_piece, total,
         ALIGN=plan.align, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
     )
 
 
-def triton_copy(src: PagedKVCache, dst: PagedKVCache, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
+def triton_copy(
+    src: PagedKVCache, dst: PagedKVCache, src_ids: torch.Tensor, dst_ids: torch.Tensor, *, max_ctas: int | None = None
+) -> None:
     """Conversion backend: one Triton launch for the whole transfer (ids already validated on the host)."""
     plan = build_plan(src, dst)
     device = plan.src_piece_offsets.device
-    launch(plan, src_ids.to(device, non_blocking=True), dst_ids.to(device, non_blocking=True))
+    launch(plan, src_ids.to(device, non_blocking=True), dst_ids.to(device, non_blocking=True), max_ctas=max_ctas)

@@ -1,0 +1,427 @@
+"""Transfer benchmark: our D2H / H2D paths against the peers' methods, in one process, on the same caches.
+
+    python -m bench.transfer_bench [--quick] [--out bench/results]
+
+On a GPU it measures, for each layout and batch size (1, 16, 256, 1024 blocks) and both directions: our paths
+(staged, zero_copy, dma, auto) and the peers' methods (per-piece cudaMemcpyAsync loop, one cudaMemcpyBatchAsync
+over all pieces, a 12-CTA kernel over UVA as vLLM's small-piece H2D path, torch index_select + one copy), each as
+GB/s and as a percentage of the same run's single large pinned memcpy; the gather kernel alone against the
+device-to-device copy; a GEMM beside offloads for each path; offload and onboard at once; and the round trip of
+one block. Every transfer's bytes are checked against a torch copy. Without a GPU it runs the numba backend at
+small sizes and says so. Writes JSON, a markdown table and a PNG plot.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvbm.layouts import KVGeometry, allocate, block_major, copy_blocks
+
+LLAMA8B = KVGeometry(num_layers=32, num_kv=2, block_size=16, num_heads=8, head_dim=128, itemsize=2)
+DEEPSEEK = KVGeometry(num_layers=61, num_kv=1, block_size=64, num_heads=1, head_dim=576, itemsize=2)
+LAYOUTS = [  # (preset, geometry name)
+    ("vllm_flash_attn_nhd", "llama8b"), ("vllm_flash_attn_hnd", "llama8b"), ("vllm_flashinfer_nhd", "llama8b"),
+    ("vllm_mla", "deepseek"), ("trtllm_pool", "llama8b"), ("vllm_lbnhc", "llama8b"),
+]
+GEOMETRIES = {"llama8b": LLAMA8B, "deepseek": DEEPSEEK}
+BATCHES = [1, 16, 256, 1024]
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def fill(cache, seed: int) -> None:
+    gen = torch.Generator(device=cache.device).manual_seed(seed)
+    for t in cache.tensors:
+        b = t.view(torch.uint8)
+        b.copy_(torch.randint(0, 256, b.shape, dtype=torch.uint8, device=cache.device, generator=gen))
+
+
+def timed(fn, reps: int, warmup: int = 2) -> list[float]:
+    """Wall seconds of fn() from an idle GPU to all its work done, `reps` times after `warmup` runs."""
+    out = []
+    for i in range(warmup + reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+class Env:
+    """Caches and helpers for one layout on the GPU."""
+
+    def __init__(self, preset: str, gname: str, host_blocks: int, gpu_blocks: int):
+        from kvbm.kernels.host_memory import PinnedHostBuffer
+
+        geometry = GEOMETRIES[gname]
+        self.preset, self.g, self.gname = preset, geometry, gname
+        self.gpu = allocate(preset, geometry, gpu_blocks, dtype=torch.bfloat16, device="cuda")
+        fill(self.gpu, 1)
+        self.buffer = PinnedHostBuffer(host_blocks * geometry.block_bytes)
+        t = self.buffer.tensor(torch.bfloat16).view(host_blocks, geometry.num_layers, geometry.num_kv,
+                                                    geometry.block_size, geometry.num_heads, geometry.head_dim)
+        self.host = block_major(t)
+        self.host_ref = block_major(torch.empty_like(t))  # pageable reference copy for checks
+
+    def close(self) -> None:
+        del self.host
+        self.buffer.close()
+
+
+def peer_methods(env: Env, engine, direction: str, src_ids, dst_ids) -> dict:
+    """name -> (callable enqueueing one transfer with a peer's method, destination ids it writes)."""
+    from kvbm.kernels.batch_memcpy import memcpy_batch_async, memcpy_loop_async
+    from kvbm.kernels.copy_plan import build_plan
+    from kvbm.kernels.transfer import dense_pieces
+
+    lane = engine.lanes[direction]
+    src, dst = (env.gpu, env.host) if direction == "d2h" else (env.host, env.gpu)
+    srcs, dsts, sizes = dense_pieces(build_plan(src, dst), src, dst, np.asarray(src_ids), np.asarray(dst_ids))
+    methods = {
+        "peer_memcpy_loop": (lambda: memcpy_loop_async(dsts, srcs, sizes, lane.dma_stream), dst_ids),
+        "peer_batch_memcpy": (lambda: memcpy_batch_async(dsts, srcs, sizes, lane.dma_stream, direction=direction,
+                                                         check_overlap=False), dst_ids),
+    }
+    if direction == "h2d":  # vLLM's small-piece host-to-device path: a 12-CTA kernel reading pinned host over UVA
+        methods["peer_uva_kernel_12cta"] = (lambda: engine.onboard(env.host, env.gpu, src_ids, dst_ids,
+                                                                   path="zero_copy", max_ctas=12), dst_ids)
+        return methods
+    g, n = env.g, len(src_ids)
+    ids = torch.tensor(src_ids, device="cuda")
+    out = torch.empty(n, g.num_layers, g.num_kv, g.block_size * g.num_heads * g.head_dim, dtype=torch.bfloat16,
+                      device="cuda")
+    host_rows = env.host.tensors[0].reshape(env.host.num_blocks, -1)
+
+    def index_select():  # per (layer, kv) index_select into one contiguous tensor, then one copy to host [0, n)
+        with torch.cuda.stream(lane.kernel_stream):
+            for layer in range(g.num_layers):
+                for kv in range(g.num_kv):
+                    out[:, layer, kv] = env.gpu.piece_view(layer, kv).index_select(0, ids).reshape(n, -1)
+            host_rows[:n].copy_(out.view(n, -1), non_blocking=True)
+
+    methods["peer_index_select_copy"] = (index_select, list(range(n)))
+    return methods
+
+
+def measure(env: Env, name: str, fn, direction: str, s_ids, d_ids, reps: int, ceiling: float) -> dict:
+    """Time one method, check its bytes, and make a result row."""
+    if direction == "h2d":
+        fill(env.host, len(s_ids) + reps)  # fresh random source bytes for each method
+    t = timed(fn, reps)
+    ok = check(env, direction, s_ids, d_ids)
+    sec = statistics.median(t)
+    n = len(s_ids)
+    gbps = n * env.g.block_bytes / sec / 1e9
+    log(f"  {direction} n={n:5d} {name:24s} {gbps:7.2f} GB/s {100 * gbps / ceiling:6.1f}%{'' if ok else '  BYTES WRONG'}")
+    return {"method": name, "layout": env.preset, "geometry": env.gname, "direction": direction, "blocks": n, "bytes": n * env.g.block_bytes,
+            "seconds_median": sec, "seconds_min": min(t), "seconds_max": max(t), "gbps": gbps,
+            "pct_of_ceiling": 100 * gbps / ceiling, "bytes_ok": ok}
+
+
+def check(env: Env, direction: str, src_ids, dst_ids) -> bool:
+    """Byte-compare the destination blocks with a torch reference copy."""
+    torch.cuda.synchronize()
+    if direction == "d2h":
+        copy_blocks(env.gpu, env.host_ref, src_ids, dst_ids, backend="torch")
+        a = env.host.tensors[0][dst_ids].view(torch.int16)
+        b = env.host_ref.tensors[0][dst_ids].view(torch.int16)
+        return bool(torch.equal(a, b))
+    ref = allocate("kvbm_staging", env.g, len(dst_ids), dtype=torch.bfloat16, device="cuda")
+    copy_blocks(env.gpu, ref, dst_ids, list(range(len(dst_ids))), backend="torch")
+    exp = env.host.tensors[0][src_ids].to("cuda")
+    return bool(torch.equal(ref.tensors[0].view(torch.int16), exp.view(torch.int16)))
+
+
+def run_gpu(args) -> dict:
+    from kvbm.kernels.transfer import TransferEngine
+
+    rows, extra = [], {}
+    engine = TransferEngine("cuda", staging_bytes=args.staging_mib << 20)
+    big_h = torch.empty(512 << 20, dtype=torch.uint8).pin_memory()
+    big_d = torch.randint(0, 255, (512 << 20,), dtype=torch.uint8, device="cuda")
+    big_d2 = torch.empty_like(big_d)
+    d2h = statistics.median(timed(lambda: big_h.copy_(big_d, non_blocking=True), 10))
+    h2d = statistics.median(timed(lambda: big_d.copy_(big_h, non_blocking=True), 10))
+    d2d = statistics.median(timed(lambda: big_d2.copy_(big_d), 20))
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    big_h2 = torch.empty_like(big_h).pin_memory()
+
+    def both():
+        with torch.cuda.stream(s1):
+            big_h.copy_(big_d, non_blocking=True)
+        with torch.cuda.stream(s2):
+            big_d2.copy_(big_h2, non_blocking=True)
+
+    bidir = statistics.median(timed(both, 10))
+    ceil = {"d2h": (512 << 20) / d2h / 1e9, "h2d": (512 << 20) / h2d / 1e9, "d2d": 2 * (512 << 20) / d2d / 1e9,
+            "bidirectional": 2 * (512 << 20) / bidir / 1e9}
+    extra["ceilings_gbps"] = ceil
+    log(f"ceilings GB/s: {json.dumps({k: round(v, 1) for k, v in ceil.items()})}")
+    rng = np.random.default_rng(0)
+    for preset, gname in LAYOUTS:
+        g = GEOMETRIES[gname]
+        max_n = max(BATCHES) if not args.quick else 256
+        env = Env(preset, gname, host_blocks=max_n, gpu_blocks=max(2 * max_n, 2048 if gname == "llama8b" else 1100))
+        log(f"layout {preset} ({gname}, {g.block_bytes / 2**20:.2f} MiB/block)")
+        for n in [b for b in BATCHES if b <= max_n]:
+            gpu_ids = rng.choice(env.gpu.num_blocks, n, replace=False).tolist()
+            host_ids = rng.choice(env.host.num_blocks, n, replace=False).tolist()
+            reps = 20 if n <= 16 else 5
+            for direction in ("d2h", "h2d"):
+                s_ids, d_ids = (gpu_ids, host_ids) if direction == "d2h" else (host_ids, gpu_ids)
+                move = engine.offload if direction == "d2h" else engine.onboard
+                src, dst = (env.gpu, env.host) if direction == "d2h" else (env.host, env.gpu)
+                for path in ("staged", "zero_copy", "dma", "auto"):
+                    fn = lambda path=path: move(src, dst, s_ids, d_ids, path=path)  # noqa: E731
+                    rows.append(measure(env, f"kvbm_{path}", fn, direction, s_ids, d_ids, reps, ceil[direction]))
+                for name, (fn, written) in peer_methods(env, engine, direction, s_ids, d_ids).items():
+                    few = name == "peer_memcpy_loop" and n >= 256  # Python-driven: tens of thousands of calls
+                    rows.append(measure(env, name, fn, direction, s_ids, written, 2 if few else reps, ceil[direction]))
+            # the gather kernel alone: GPU cache -> device staging, bytes read + written
+            staging = allocate("kvbm_staging", g, n, dtype=torch.bfloat16, device="cuda")
+            fn = lambda: copy_blocks(env.gpu, staging, gpu_ids, list(range(n)), backend="triton")  # noqa: E731
+            t = timed(fn, reps)
+            sec = statistics.median(t)
+            gbps = 2 * n * g.block_bytes / sec / 1e9
+            rows.append({"method": "kvbm_gather_kernel", "layout": preset, "geometry": gname, "direction": "d2d",
+                         "blocks": n, "bytes": n * g.block_bytes, "seconds_median": sec, "seconds_min": min(t),
+                         "seconds_max": max(t), "gbps": gbps, "pct_of_ceiling": 100 * gbps / ceil["d2d"],
+                         "bytes_ok": check_gather(env, staging, gpu_ids)})
+            log(f"  gather kernel n={n:5d} {gbps:8.1f} GB/s {100 * gbps / ceil['d2d']:6.1f}% of D2D")
+            del staging
+        if preset == "vllm_flash_attn_nhd":
+            extra["latency_one_block_us"] = one_block_latency(env, engine)
+            extra["bidirectional"] = bidirectional(env, engine, ceil, args)
+            extra["interference"] = interference(env, engine, args)
+        env.close()
+    return {"rows": rows, **extra}
+
+
+def check_gather(env: Env, staging, gpu_ids) -> bool:
+    ref = allocate("kvbm_staging", env.g, len(gpu_ids), dtype=torch.bfloat16, device="cuda")
+    copy_blocks(env.gpu, ref, gpu_ids, list(range(len(gpu_ids))), backend="torch")
+    return bool(torch.equal(ref.tensors[0].view(torch.int16), staging.tensors[0].view(torch.int16)))
+
+
+def one_block_latency(env: Env, engine) -> dict:
+    """Round trip (D2H then H2D) of one block of all layers: our paths against the per-piece loop."""
+    out = {}
+    for path in ("staged", "zero_copy"):
+        def rt(path=path):
+            engine.offload(env.gpu, env.host, [5], [0], path=path).wait()
+            engine.onboard(env.host, env.gpu, [0], [6], path=path).wait()
+        out[f"kvbm_{path}"] = statistics.median(timed(rt, 50)) * 1e6
+    m_d2h = peer_methods(env, engine, "d2h", [5], [0])["peer_memcpy_loop"][0]
+    m_h2d = peer_methods(env, engine, "h2d", [0], [6])["peer_memcpy_loop"][0]
+
+    def loop_rt():
+        m_d2h()
+        torch.cuda.synchronize()
+        m_h2d()
+    out["peer_memcpy_loop"] = statistics.median(timed(loop_rt, 50)) * 1e6
+    log(f"one-block round trip (us): {json.dumps({k: round(v, 1) for k, v in out.items()})}")
+    return out
+
+
+def bidirectional(env: Env, engine, ceil, args) -> dict:
+    """Offload and onboard at once (separate lanes), total GB/s against two plain copies at once."""
+    n = 256
+    rng = np.random.default_rng(1)
+    a = rng.choice(env.gpu.num_blocks // 2, n, replace=False).tolist()
+    b = (env.gpu.num_blocks // 2 + rng.choice(env.gpu.num_blocks // 2, n, replace=False)).tolist()
+    h1 = list(range(n // 2))
+    h2 = list(range(n // 2, n))
+
+    def both():
+        x = engine.offload(env.gpu, env.host, a[: n // 2], h1, path="staged")
+        y = engine.onboard(env.host, env.gpu, h2, b[: n // 2], path="staged")
+        x.wait()
+        y.wait()
+    sec = statistics.median(timed(both, 10))
+    gbps = n * env.g.block_bytes / sec / 1e9
+    res = {"blocks_each_way": n // 2, "gbps_total": gbps, "pct_of_bidirectional_ceiling": 100 * gbps / ceil["bidirectional"]}
+    log(f"bidirectional: {gbps:.1f} GB/s total, {res['pct_of_bidirectional_ceiling']:.1f}% of two plain copies")
+    return res
+
+
+def interference(env: Env, engine, args) -> dict:
+    """GEMM throughput alone and beside a stream of 256-block offloads for each path, interleaved and repeated."""
+    n_mat = 8192
+    x = torch.randn(n_mat, n_mat, dtype=torch.bfloat16, device="cuda")
+    y = torch.randn(n_mat, n_mat, dtype=torch.bfloat16, device="cuda")
+    flops = 2 * n_mat ** 3
+    n = 256
+    ids = list(range(n))
+    plain_src = torch.empty(n * env.g.block_bytes, dtype=torch.uint8, device="cuda")
+    plain_dst = env.buffer.tensor(torch.uint8)[: n * env.g.block_bytes]
+    dma_stream = torch.cuda.Stream()
+
+    def background(kind):
+        if kind == "alone":
+            return None
+        if kind == "plain_dma":
+            with torch.cuda.stream(dma_stream):
+                plain_dst.copy_(plain_src, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(dma_stream)
+            return ev
+        return engine.offload(env.gpu, env.host, ids, ids, path=kind).event
+
+    def gemm_rate(kind, seconds=1.0):
+        torch.cuda.synchronize()
+        done_bytes, gemms = 0, 0
+        pending = background(kind)
+        t0 = time.perf_counter()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        t_bg = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            for _ in range(4):
+                torch.mm(x, y)
+            gemms += 4
+            torch.cuda.current_stream().synchronize()
+            if pending is not None and pending.query():
+                done_bytes += n * env.g.block_bytes
+                pending = background(kind)
+        end.record()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t_bg
+        return gemms * flops / (start.elapsed_time(end) / 1e3) / 1e12, done_bytes / wall / 1e9
+
+    kinds = ["alone", "plain_dma", "staged", "zero_copy"]
+    for _ in range(2):
+        torch.mm(x, y)
+    results = {k: {"tflops": [], "transfer_gbps": []} for k in kinds}
+    for _ in range(args.interference_reps):
+        for k in kinds:
+            tf, bw = gemm_rate(k)
+            results[k]["tflops"].append(tf)
+            results[k]["transfer_gbps"].append(bw)
+    summary = {}
+    plain = statistics.median(results["plain_dma"]["tflops"])
+    for k in kinds:
+        tf = results[k]["tflops"]
+        summary[k] = {"tflops_median": statistics.median(tf), "tflops_min": min(tf), "tflops_max": max(tf),
+                      "pct_of_gemm_beside_plain_dma": 100 * statistics.median(tf) / plain,
+                      "transfer_gbps_median": statistics.median(results[k]["transfer_gbps"]), "runs": tf}
+        log(f"interference {k:10s}: GEMM {summary[k]['tflops_median']:.0f} TFLOP/s "
+            f"({summary[k]['pct_of_gemm_beside_plain_dma']:.1f}% of beside plain DMA; spread {min(tf):.0f}-{max(tf):.0f})"
+            f", transfer {summary[k]['transfer_gbps_median']:.1f} GB/s")
+    return summary
+
+
+def run_cpu(args) -> dict:
+    """No GPU: time the numba backend against the torch reference at small sizes."""
+    log("no CUDA GPU: timing the numba CPU backend against the torch reference at small sizes")
+    rows = []
+    g = KVGeometry(8, 2, 16, 8, 128, 2)
+    for preset in ("vllm_flash_attn_nhd", "vllm_flash_attn_hnd", "vllm_flashinfer_nhd", "trtllm_pool", "vllm_lbnhc"):
+        src = allocate(preset, g, 512, dtype=torch.bfloat16)
+        fill(src, 3)
+        for n in (1, 16, 256):
+            dst = allocate("kvbm_staging", g, n, dtype=torch.bfloat16)
+            ids = np.random.default_rng(n).choice(512, n, replace=False).tolist()
+            for backend in ("numba", "torch"):
+                copy_blocks(src, dst, ids, list(range(n)), backend=backend)
+                t = []
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    copy_blocks(src, dst, ids, list(range(n)), backend=backend)
+                    t.append(time.perf_counter() - t0)
+                sec = statistics.median(t)
+                gbps = n * g.block_bytes / sec / 1e9
+                rows.append({"method": f"cpu_{backend}", "layout": preset, "geometry": "llama8b-8layers",
+                             "direction": "gather", "blocks": n, "bytes": n * g.block_bytes, "seconds_median": sec,
+                             "gbps": gbps, "pct_of_ceiling": None, "bytes_ok": True})
+                log(f"{preset:22s} n={n:4d} {backend:6s} {gbps:6.2f} GB/s")
+    return {"rows": rows}
+
+
+def table(result: dict) -> str:
+    lines = ["| layout | dir | blocks | method | GB/s | % of ceiling | bytes ok |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        pct = "" if r["pct_of_ceiling"] is None else f"{r['pct_of_ceiling']:.1f}"
+        lines.append(f"| {r['layout']} | {r['direction']} | {r['blocks']} | {r['method']} | {r['gbps']:.2f} | {pct} |"
+                     f" {'yes' if r['bytes_ok'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["direction"] in ("d2h", "h2d")]
+    if not rows:
+        return
+    layouts = sorted({r["layout"] for r in rows})
+    fig, axes = plt.subplots(2, len(layouts), figsize=(4 * len(layouts), 7), squeeze=False, sharey=True)
+    for j, layout in enumerate(layouts):
+        for i, direction in enumerate(("d2h", "h2d")):
+            ax = axes[i][j]
+            for method in sorted({r["method"] for r in rows}):
+                pts = sorted((r["blocks"], r["gbps"]) for r in rows
+                             if r["layout"] == layout and r["direction"] == direction and r["method"] == method)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=method, linestyle="-" if method.startswith("kvbm") else "--")
+            ceiling = result.get("ceilings_gbps", {}).get(direction)
+            if ceiling:
+                ax.axhline(ceiling, color="grey", linewidth=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{layout} {direction}", fontsize=9)
+            ax.set_xlabel("blocks per transfer")
+            if j == 0:
+                ax.set_ylabel("GB/s")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="bench/results", help="folder for JSON, table and plot")
+    ap.add_argument("--quick", action="store_true", help="smaller sizes")
+    ap.add_argument("--staging-mib", type=int, default=256, help="device staging per direction (MiB)")
+    ap.add_argument("--interference-reps", type=int, default=5)
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.is_available()
+    result = run_gpu(args) if gpu else run_cpu(args)
+    import triton
+
+    result["meta"] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name() if gpu else None, "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+        "python": platform.python_version(), "command": " ".join([os.path.basename(sys.executable), "-m",
+                                                                   "bench.transfer_bench", *(argv or sys.argv[1:])]),
+    }
+    stem = "transfer_h200" if gpu and "H200" in result["meta"]["gpu"] else ("transfer_gpu" if gpu else "transfer_cpu")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    md = table(result)
+    (out / f"{stem}.md").write_text(f"# {stem}\n\n{json.dumps(result['meta'])}\n\n{md}\n")
+    if result["rows"]:
+        plot(result, out / f"{stem}.png")
+    print(md)
+    return 0 if all(r["bytes_ok"] for r in result["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
