@@ -1,0 +1,304 @@
+"""Block manager configuration from the ``DYN_KVBM_*`` environment variables, validated at start-up.
+
+Use: ``cfg = KvbmConfig.from_env()`` (or ``from_env(mapping)`` in tests), then, once the engine's KV layout is
+known, ``host_blocks, disk_blocks = cfg.resolve_num_blocks(bytes_per_block)`` and ``cfg.check_fits(bytes_per_block)``
+before allocating anything, so a cache that cannot fit fails with a clear message instead of an OOM kill or a
+half-written disk. ``host_enabled`` / ``disk_enabled`` / ``disk_only`` say which tiers exist (disk-only mode moves
+blocks G1 -> G3 directly). Every error names the variable, the bad value and what is expected.
+
+Sizes: ``*_CACHE_GB`` are in GB of 1e9 bytes (floats allowed); a ``*_OVERRIDE_NUM_BLOCKS`` variable, when set,
+wins over the GB size of its tier. An empty variable counts as unset. Unknown ``DYN_KVBM_*`` names are logged as
+a warning (a typo must not silently drop a setting), not rejected, since other KVBM deployments set variables this
+implementation has no use for.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, TypeVar
+
+__all__ = ["KvbmConfig", "KvbmConfigError", "available_host_memory", "GB"]
+
+log = logging.getLogger(__name__)
+
+GB = 10**9
+_T = TypeVar("_T")
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+class KvbmConfigError(ValueError):
+    """A DYN_KVBM_* setting is malformed, out of range, or does not fit this machine."""
+
+
+def _env_name(field_name: str) -> str:
+    return "DYN_KVBM_" + field_name.upper()
+
+
+def _bad(field_name: str, value: object, expected: str) -> KvbmConfigError:
+    return KvbmConfigError(f"{_env_name(field_name)}={value!r} is invalid: expected {expected}")
+
+
+def _parse_bool(name: str, text: str) -> bool:
+    low = text.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise _bad(name, text, "a boolean: one of true/false, 1/0, yes/no, on/off")
+
+
+def _parse_int(name: str, text: str) -> int:
+    try:
+        return int(text.strip(), 10)
+    except ValueError:
+        raise _bad(name, text, "an integer") from None
+
+
+def _parse_float(name: str, text: str) -> float:
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise _bad(name, text, "a number of GB (1 GB = 1e9 bytes), e.g. 4 or 0.5") from None
+
+
+def _parse_path(name: str, text: str) -> Path:
+    return Path(text.strip())
+
+
+@dataclass(frozen=True)
+class KvbmConfig:
+    """Validated block manager settings; one field per ``DYN_KVBM_<FIELD NAME IN CAPITALS>`` variable."""
+
+    cpu_cache_gb: float | None = None
+    disk_cache_gb: float | None = None
+    cpu_cache_override_num_blocks: int | None = None
+    disk_cache_override_num_blocks: int | None = None
+    disk_cache_dir: Path = field(default_factory=lambda: Path("/tmp"))
+    disable_disk_offload_filter: bool = False
+    disk_zerofill_fallback: bool = False
+    disk_disable_o_direct: bool = False
+    metrics: bool = False
+    metrics_port: int = 6880
+    leader_worker_init_timeout_secs: int = 1800
+    max_transfer_batch_size: int = 16
+    max_concurrent_transfers: int = 4
+    host_offload_prefix_min_priority: int = 0
+
+    def __post_init__(self) -> None:
+        """Check types and ranges, so a config built directly is held to the same rules as one from the env."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "disk_cache_dir":
+                if not isinstance(value, (str, os.PathLike)) or not str(value):
+                    raise _bad(f.name, value, "a directory path")
+                object.__setattr__(self, f.name, Path(value))
+            elif f.name in _BOOL_FIELDS:
+                if not isinstance(value, bool):
+                    raise _bad(f.name, value, "a boolean")
+            elif f.name.endswith("_gb"):
+                if value is None:
+                    continue
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise _bad(f.name, value, "a number of GB")
+                if not math.isfinite(value) or value < 0:
+                    raise _bad(f.name, value, "a finite, non-negative number of GB")
+                object.__setattr__(self, f.name, float(value))
+            else:
+                if value is None and f.name.endswith("_num_blocks"):
+                    continue
+                lo, hi, what = _INT_RANGES[f.name]
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise _bad(f.name, value, f"an integer ({what})")
+                if value < lo or (hi is not None and value > hi):
+                    raise _bad(f.name, value, what)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> KvbmConfig:
+        """Read and validate every applicable ``DYN_KVBM_*`` variable from ``env`` (default: ``os.environ``)."""
+        env = os.environ if env is None else env
+        known = {_env_name(f.name): f.name for f in dataclasses.fields(cls)}
+        for key in sorted(env):
+            if key.startswith("DYN_KVBM_") and key not in known:
+                log.warning("%s is set but not used by kvbm; check the name for a typo", key)
+        kwargs: dict[str, object] = {}
+        for env_key, name in known.items():
+            raw = env.get(env_key)
+            if raw is None or not raw.strip():
+                continue
+            kwargs[name] = _PARSERS[name](name, raw)
+        return cls(**kwargs)
+
+    @property
+    def host_enabled(self) -> bool:
+        """True when a G2 host pool is configured (a positive override, or else a positive GB size)."""
+        return _tier_configured(self.cpu_cache_override_num_blocks, self.cpu_cache_gb)
+
+    @property
+    def disk_enabled(self) -> bool:
+        """True when a G3 disk pool is configured (a positive override, or else a positive GB size)."""
+        return _tier_configured(self.disk_cache_override_num_blocks, self.disk_cache_gb)
+
+    @property
+    def disk_only(self) -> bool:
+        """True when the disk tier is set and the host tier is not: blocks then go G1 -> G3 directly."""
+        return self.disk_enabled and not self.host_enabled
+
+    def resolve_num_blocks(self, bytes_per_block: int, *, disk_bytes_per_block: int | None = None) -> tuple[int, int]:
+        """Number of blocks of the host and disk pools: the override when set, else floor(GB * 1e9 / block bytes).
+
+        ``disk_bytes_per_block`` is the size of one block's slot on disk when it differs (e.g. padded to the 4 KiB
+        alignment O_DIRECT needs); it defaults to ``bytes_per_block``. A tier that is not configured has 0 blocks;
+        a GB size too small to hold a single block is an error, not a silently disabled tier.
+        """
+        host_bpb = _check_block_bytes("bytes_per_block", bytes_per_block)
+        disk_bpb = host_bpb if disk_bytes_per_block is None else _check_block_bytes(
+            "disk_bytes_per_block", disk_bytes_per_block
+        )
+        host = _tier_blocks("cpu_cache", self.cpu_cache_override_num_blocks, self.cpu_cache_gb, host_bpb)
+        disk = _tier_blocks("disk_cache", self.disk_cache_override_num_blocks, self.disk_cache_gb, disk_bpb)
+        return host, disk
+
+    def check_fits(self, bytes_per_block: int, *, disk_bytes_per_block: int | None = None) -> None:
+        """Raise KvbmConfigError if the host pool exceeds available memory, or the disk pool's directory is
+        missing, not writable, or lacks the free space for the disk pool."""
+        host, disk = self.resolve_num_blocks(bytes_per_block, disk_bytes_per_block=disk_bytes_per_block)
+        disk_bpb = bytes_per_block if disk_bytes_per_block is None else disk_bytes_per_block
+        if host:
+            need = host * bytes_per_block
+            avail = available_host_memory()
+            if need > avail:
+                raise KvbmConfigError(
+                    f"host cache does not fit in memory: {_size_source(self, 'cpu_cache')} gives {host} blocks of "
+                    f"{bytes_per_block} bytes = {need / GB:.3f} GB, but only {avail / GB:.3f} GB of memory is "
+                    "available (MemAvailable, capped by the cgroup limit); lower DYN_KVBM_CPU_CACHE_GB"
+                )
+        if disk:
+            directory = self.disk_cache_dir
+            if not directory.is_dir():
+                raise KvbmConfigError(
+                    f"DYN_KVBM_DISK_CACHE_DIR={str(directory)!r} is not an existing directory; create it first"
+                )
+            try:
+                with tempfile.TemporaryFile(dir=directory, prefix=".kvbm-write-probe-"):
+                    pass
+            except OSError as exc:
+                raise KvbmConfigError(
+                    f"DYN_KVBM_DISK_CACHE_DIR={str(directory)!r} is not writable: {exc.strerror or exc}"
+                ) from exc
+            need = disk * disk_bpb
+            free = shutil.disk_usage(directory).free
+            if need > free:
+                raise KvbmConfigError(
+                    f"disk cache does not fit on disk: {_size_source(self, 'disk_cache')} gives {disk} blocks of "
+                    f"{disk_bpb} bytes = {need / GB:.3f} GB, but {str(directory)!r} has only {free / GB:.3f} GB "
+                    "free; lower DYN_KVBM_DISK_CACHE_GB or point DYN_KVBM_DISK_CACHE_DIR elsewhere"
+                )
+
+
+_BOOL_FIELDS = frozenset(
+    {"disable_disk_offload_filter", "disk_zerofill_fallback", "disk_disable_o_direct", "metrics"}
+)
+
+# field -> (minimum, maximum or None, what is expected)
+_INT_RANGES: dict[str, tuple[int, int | None, str]] = {
+    "cpu_cache_override_num_blocks": (0, None, "a non-negative number of blocks"),
+    "disk_cache_override_num_blocks": (0, None, "a non-negative number of blocks"),
+    "metrics_port": (1, 65535, "a TCP port in 1..65535"),
+    "leader_worker_init_timeout_secs": (1, None, "a positive number of seconds"),
+    "max_transfer_batch_size": (1, None, "a positive number of blocks per batch"),
+    "max_concurrent_transfers": (1, None, "a positive number of transfers"),
+    "host_offload_prefix_min_priority": (0, 100, "a priority in 0..100"),
+}
+
+_PARSERS: dict[str, Callable[[str, str], object]] = {
+    "cpu_cache_gb": _parse_float,
+    "disk_cache_gb": _parse_float,
+    "disk_cache_dir": _parse_path,
+    **{name: _parse_bool for name in _BOOL_FIELDS},
+    **{name: _parse_int for name in _INT_RANGES},
+}
+
+
+def _tier_configured(override: int | None, gb: float | None) -> bool:
+    if override is not None:
+        return override > 0
+    return gb is not None and gb > 0
+
+
+def _check_block_bytes(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive integer number of bytes, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer number of bytes, got {value}")
+    return value
+
+
+def _tier_blocks(prefix: str, override: int | None, gb: float | None, bpb: int) -> int:
+    if override is not None:
+        return override
+    if not gb:
+        return 0
+    blocks = round(gb * GB) // bpb
+    if blocks == 0:
+        raise KvbmConfigError(
+            f"{_env_name(prefix + '_gb')}={gb!r} is too small: it does not hold a single block of {bpb} bytes "
+            f"(expected at least {bpb / GB:.9g} GB, or 0 to disable the tier)"
+        )
+    return blocks
+
+
+def _size_source(cfg: KvbmConfig, prefix: str) -> str:
+    override = getattr(cfg, prefix + "_override_num_blocks")
+    if override is not None:
+        return f"{_env_name(prefix + '_override_num_blocks')}={override}"
+    return f"{_env_name(prefix + '_gb')}={getattr(cfg, prefix + '_gb')!r}"
+
+
+def _read_int_file(path: str) -> int | None:
+    """An integer from a one-line kernel file, or None when absent or 'max' (no limit)."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _cgroup_headroom() -> int | None:
+    """Bytes the process's memory cgroup may still grow by (v2, then v1), or None when unlimited or unknown."""
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        limit = _read_int_file(limit_file)
+        usage = _read_int_file(usage_file)
+        # cgroup v1 writes "no limit" as a number near 2**63.
+        if limit is not None and usage is not None and limit < 2**60:
+            return max(0, limit - usage)
+    return None
+
+
+def available_host_memory() -> int:
+    """Bytes of memory available for new allocations: MemAvailable of /proc/meminfo (else free pages from
+    sysconf), capped by the headroom of the memory cgroup (containers see the host's MemAvailable)."""
+    avail: int | None = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024  # the kernel writes kB (KiB)
+                    break
+    except OSError:
+        pass
+    if avail is None:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    headroom = _cgroup_headroom()
+    return avail if headroom is None else min(avail, headroom)
