@@ -1,0 +1,245 @@
+"""Prometheus metrics of the block manager, named as Dynamo KVBM names them (``kvbm_*``).
+
+Each ``KvbmMetrics`` owns a private ``CollectorRegistry``, so several managers (or tests) can live in one
+process. The manager calls:
+
+- ``record_transfer(direction, blocks_ok=..., blocks_failed=..., num_bytes=..., seconds=...)`` once per finished
+  batch; ``direction`` is a tier pair from ``DIRECTIONS`` (``"g1_to_g2"`` ...). Only blocks that arrived intact
+  are counted as moved; failed blocks go to their own counter.
+- ``record_request_lookup(num_blocks_requested, host_hits, disk_hits)`` once per request's prefix lookup; the hit
+  rate gauges cover the last ``window`` (1000) requests.
+- ``record_matched_tokens(num_tokens)`` with the tokens reported to the engine as already computed.
+
+``start_server(port)`` serves the exposition over HTTP (``DYN_KVBM_METRICS_PORT``) and ``render()`` returns it.
+Exposed names:
+
+- KVBM block counters, no ``_total`` suffix: ``kvbm_offload_blocks_d2h`` (G1->G2), ``kvbm_offload_blocks_h2d``
+  (G2->G3), ``kvbm_offload_blocks_d2d`` (G1->G3), ``kvbm_onboard_blocks_h2d`` (G2->G1), ``kvbm_onboard_blocks_d2d``
+  (G3->G1), ``kvbm_matched_tokens``;
+- ``kvbm_host_cache_hit_rate``, ``kvbm_disk_cache_hit_rate`` (gauges, 0..1);
+- per direction: ``kvbm_transfer_bytes``, ``kvbm_transfer_failed_blocks`` (totals, same convention) and the
+  histogram ``kvbm_transfer_seconds`` (``_bucket`` / ``_sum`` / ``_count``) of the time per batch.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from typing import Iterable, Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["KvbmMetrics", "DIRECTIONS", "KVBM_BLOCK_COUNTERS"]
+
+# Tier pairs a batch can move blocks between. The direction label uses these rather than KVBM's d2h/h2d words,
+# which are ambiguous ("h2d" is both G2->G3 offload and G2->G1 onboard in KVBM's counter names).
+DIRECTIONS: tuple[str, ...] = ("g1_to_g2", "g2_to_g3", "g1_to_g3", "g2_to_g1", "g3_to_g1", "g3_to_g2")
+
+# Direction -> the KVBM counter of blocks moved that way (G3->G2 promotion has none in KVBM).
+KVBM_BLOCK_COUNTERS: dict[str, str] = {
+    "g1_to_g2": "kvbm_offload_blocks_d2h",
+    "g2_to_g3": "kvbm_offload_blocks_h2d",
+    "g1_to_g3": "kvbm_offload_blocks_d2d",
+    "g2_to_g1": "kvbm_onboard_blocks_h2d",
+    "g3_to_g1": "kvbm_onboard_blocks_d2d",
+}
+_BLOCK_COUNTER_DOCS = {
+    "g1_to_g2": "Blocks offloaded from device (G1) to host (G2)",
+    "g2_to_g3": "Blocks offloaded from host (G2) to disk (G3)",
+    "g1_to_g3": "Blocks offloaded from device (G1) to disk (G3) directly",
+    "g2_to_g1": "Blocks onboarded from host (G2) to device (G1)",
+    "g3_to_g1": "Blocks onboarded from disk (G3) to device (G1)",
+}
+
+# Per-batch transfer times run from tens of microseconds (a few host blocks) to seconds (a large disk batch).
+_SECONDS_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
+
+
+class _Totals(Collector):
+    """Monotonically increasing totals exposed under their exact names.
+
+    Why not prometheus_client's Counter: its exposition always appends ``_total`` to a counter's sample name
+    (``kvbm_offload_blocks_d2h_total``), while Dynamo KVBM exposes ``kvbm_offload_blocks_d2h``; dashboards and
+    alerts written against KVBM query the bare name. So these totals are exposed with the gauge type, whose sample
+    name is written as given; the values only ever grow, and PromQL's ``rate()``/``increase()`` work on them
+    exactly as on counters (PromQL does not look at the declared type; a process restart still reads as a reset).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._docs: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self._values: dict[str, dict[tuple[str, ...], int]] = {}
+
+    def add(self, name: str, documentation: str, labelnames: tuple[str, ...] = (),
+            label_values: Iterable[tuple[str, ...]] = ((),)) -> None:
+        """Declare a total, with every label combination that should be exposed from the start (at 0)."""
+        self._docs[name] = (documentation, labelnames)
+        self._values[name] = {tuple(v): 0 for v in label_values}
+
+    def inc(self, name: str, amount: int, labels: tuple[str, ...] = ()) -> None:
+        """Add ``amount`` (>= 0, checked by the caller) to one series."""
+        with self._lock:
+            series = self._values[name]
+            series[labels] = series.get(labels, 0) + amount
+
+    def get(self, name: str, labels: tuple[str, ...] = ()) -> int:
+        """The current value of one series."""
+        with self._lock:
+            return self._values[name].get(labels, 0)
+
+    def labelnames(self, name: str) -> tuple[str, ...]:
+        """The label names of a declared total; KeyError for an unknown name."""
+        return self._docs[name][1]
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield one gauge-typed family per total (see the class docstring for why gauge)."""
+        with self._lock:
+            snapshot = {name: dict(series) for name, series in self._values.items()}
+        for name, series in snapshot.items():
+            documentation, labelnames = self._docs[name]
+            family = GaugeMetricFamily(name, documentation, labels=list(labelnames))
+            for labels, value in sorted(series.items()):
+                family.add_metric(list(labels), value)
+            yield family
+
+
+def _check_count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a non-negative integer, got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value}")
+    return value
+
+
+class KvbmMetrics:
+    """The kvbm_* metrics of one block manager, on a private registry (see the module docstring)."""
+
+    def __init__(self, window: int = 1000) -> None:
+        """``window``: number of most recent requests the hit-rate gauges are computed over."""
+        if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+            raise ValueError(f"window must be a positive integer number of requests, got {window!r}")
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._totals = _Totals()
+        for direction, name in KVBM_BLOCK_COUNTERS.items():
+            self._totals.add(name, _BLOCK_COUNTER_DOCS[direction] + " (total)")
+        self._totals.add("kvbm_matched_tokens", "Tokens reported to the engine as found in the offload tiers (total)")
+        by_direction = [(d,) for d in DIRECTIONS]
+        self._totals.add("kvbm_transfer_bytes", "Bytes of blocks moved intact, per direction (total)",
+                         ("direction",), by_direction)
+        self._totals.add("kvbm_transfer_failed_blocks", "Blocks whose transfer failed, per direction (total)",
+                         ("direction",), by_direction)
+        self.registry.register(self._totals)
+
+        self._host_rate = Gauge("kvbm_host_cache_hit_rate",
+                                f"Share of looked-up blocks found in the host tier (G2), last {window} requests",
+                                registry=self.registry)
+        self._disk_rate = Gauge("kvbm_disk_cache_hit_rate",
+                                f"Share of looked-up blocks found in the disk tier (G3), last {window} requests",
+                                registry=self.registry)
+        self._seconds = Histogram("kvbm_transfer_seconds", "Time from submit to completion of one transfer batch",
+                                  ["direction"], buckets=_SECONDS_BUCKETS, registry=self.registry)
+        for d in DIRECTIONS:
+            self._seconds.labels(d)
+
+        self._window: deque[tuple[int, int, int]] = deque()
+        self._window_len = window
+        self._sums = [0, 0, 0]  # requested, host hits, disk hits over the window
+        self._rates = (0.0, 0.0)  # host, disk: what the gauges were last set to
+        self._window_lock = threading.Lock()
+        self._server: WSGIServer | None = None
+        self._server_thread: threading.Thread | None = None
+
+    def record_transfer(self, direction: str, *, blocks_ok: int, blocks_failed: int = 0, num_bytes: int,
+                        seconds: float) -> None:
+        """Account one finished batch: ``blocks_ok`` blocks and ``num_bytes`` bytes arrived intact,
+        ``blocks_failed`` did not (never counted as moved), and the batch took ``seconds``."""
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}; got {direction!r}")
+        _check_count("blocks_ok", blocks_ok)
+        _check_count("blocks_failed", blocks_failed)
+        _check_count("num_bytes", num_bytes)
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) \
+                or seconds < 0:
+            raise ValueError(f"seconds must be a finite, non-negative number, got {seconds!r}")
+        counter = KVBM_BLOCK_COUNTERS.get(direction)
+        if counter is not None and blocks_ok:
+            self._totals.inc(counter, blocks_ok)
+        if num_bytes:
+            self._totals.inc("kvbm_transfer_bytes", num_bytes, (direction,))
+        if blocks_failed:
+            self._totals.inc("kvbm_transfer_failed_blocks", blocks_failed, (direction,))
+        self._seconds.labels(direction).observe(seconds)
+
+    def record_matched_tokens(self, num_tokens: int) -> None:
+        """Add the tokens of one lookup that the engine was told are available from the offload tiers."""
+        self._totals.inc("kvbm_matched_tokens", _check_count("num_tokens", num_tokens))
+
+    def record_request_lookup(self, num_blocks_requested: int, host_hits: int, disk_hits: int) -> None:
+        """Add one request's prefix lookup to the hit-rate window: of ``num_blocks_requested`` full blocks,
+        ``host_hits`` were found in G2 and ``disk_hits`` in G3."""
+        req = _check_count("num_blocks_requested", num_blocks_requested)
+        host = _check_count("host_hits", host_hits)
+        disk = _check_count("disk_hits", disk_hits)
+        if host + disk > req:
+            raise ValueError(f"host_hits + disk_hits ({host} + {disk}) exceeds num_blocks_requested ({req})")
+        with self._window_lock:
+            self._window.append((req, host, disk))
+            self._sums[0] += req
+            self._sums[1] += host
+            self._sums[2] += disk
+            if len(self._window) > self._window_len:
+                old = self._window.popleft()
+                for i in range(3):
+                    self._sums[i] -= old[i]
+            total, host_sum, disk_sum = self._sums
+            self._rates = (host_sum / total, disk_sum / total) if total else (0.0, 0.0)
+            self._host_rate.set(self._rates[0])
+            self._disk_rate.set(self._rates[1])
+
+    def value(self, name: str, direction: str | None = None) -> float:
+        """Current value of a kvbm_* total or hit-rate gauge by its exposed name (``direction`` for the
+        per-direction totals); for reports such as the replay's."""
+        if name == "kvbm_host_cache_hit_rate":
+            return self._rates[0]
+        if name == "kvbm_disk_cache_hit_rate":
+            return self._rates[1]
+        try:
+            labelnames = self._totals.labelnames(name)
+        except KeyError:
+            raise KeyError(f"no kvbm total or hit rate named {name!r}") from None
+        if labelnames and direction not in DIRECTIONS:
+            raise ValueError(f"{name} needs a direction, one of {', '.join(DIRECTIONS)}; got {direction!r}")
+        if not labelnames and direction is not None:
+            raise ValueError(f"{name} has no direction label; got direction={direction!r}")
+        return float(self._totals.get(name, (direction,) if labelnames else ()))
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of all metrics, as served over HTTP."""
+        return generate_latest(self.registry)
+
+    def start_server(self, port: int, addr: str = "0.0.0.0") -> int:
+        """Serve the metrics over HTTP on ``addr:port`` from a daemon thread; port 0 picks a free port.
+        Returns the bound port."""
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"port must be an integer in 0..65535, got {port!r}")
+        if self._server is not None:
+            raise RuntimeError(f"metrics server already running on port {self._server.server_address[1]}")
+        try:
+            self._server, self._server_thread = start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot serve kvbm metrics on {addr}:{port} ({exc.strerror}); "
+                                     "set DYN_KVBM_METRICS_PORT to a free port") from exc
+        return self._server.server_address[1]
+
+    def stop_server(self) -> None:
+        """Stop the HTTP server started by ``start_server`` and free its port (no-op when none runs)."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        if self._server_thread is not None:
+            self._server_thread.join(timeout=5)
+        self._server = self._server_thread = None
