@@ -117,6 +117,9 @@ class DiskBlockFile:
         io_threads: threads that issue requests of one batch in parallel.
         max_io_bytes: largest single request; longer runs of consecutive slots are split into requests this big.
 
+    Attributes: ``path``, ``num_slots``, ``slot_bytes`` (aligned), ``requested_slot_bytes``, ``file_bytes``,
+    ``o_direct`` (whether the file really is open with O_DIRECT), ``preallocated_by`` ("fallocate"/"zerofill").
+
     Raises FileNotFoundError / NotADirectoryError / PermissionError for a bad directory, OSError(ENOSPC) when the
     file does not fit, OSError(EOPNOTSUPP) when it cannot be preallocated and zero-filling is not allowed.
     """
@@ -171,29 +174,31 @@ class DiskBlockFile:
     def _preallocate(self, fd: int, directory: str, zerofill_fallback: bool) -> str:
         """Reserve the file's blocks so later writes cannot run out of space; return how it was done."""
         try:
-            os.posix_fallocate(fd, 0, self.file_bytes)
-            return "fallocate"
+            try:
+                os.posix_fallocate(fd, 0, self.file_bytes)
+                return "fallocate"
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                if not zerofill_fallback:
+                    raise OSError(
+                        e.errno,
+                        f"posix_fallocate is not supported in {directory!r} ({e.strerror}); set "
+                        "DYN_KVBM_DISK_ZEROFILL_FALLBACK=true to preallocate by writing zeros instead",
+                    ) from e
+            zeros = memoryview(bytes(min(_ZEROFILL_CHUNK, self.file_bytes)))  # allocation only, never data
+            offset = 0
+            while offset < self.file_bytes:
+                offset += os.pwrite(fd, zeros[: self.file_bytes - offset], offset)
+            os.fsync(fd)
+            return "zerofill"
         except OSError as e:
-            if e.errno == errno.ENOSPC:
-                free = shutil.disk_usage(directory).free
-                raise OSError(
-                    errno.ENOSPC,
-                    f"disk cache needs {self.file_bytes} bytes in {directory!r} but only {free} are free",
-                ) from e
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            if e.errno != errno.ENOSPC:
                 raise
-            if not zerofill_fallback:
-                raise OSError(
-                    e.errno,
-                    f"posix_fallocate is not supported in {directory!r} ({e.strerror}); set "
-                    "DYN_KVBM_DISK_ZEROFILL_FALLBACK=true to preallocate by writing zeros instead",
-                ) from e
-        zeros = bytes(min(_ZEROFILL_CHUNK, self.file_bytes))
-        offset = 0
-        while offset < self.file_bytes:
-            offset += os.pwrite(fd, zeros[: self.file_bytes - offset], offset)
-        os.fsync(fd)
-        return "zerofill"
+            free = shutil.disk_usage(directory).free
+            raise OSError(
+                errno.ENOSPC, f"disk cache needs {self.file_bytes} bytes in {directory!r} but only {free} are free"
+            ) from e
 
     def _open(self, use_o_direct: bool) -> tuple[int, bool]:
         """Open the file for I/O, with O_DIRECT when asked and the filesystem allows it."""

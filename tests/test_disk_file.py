@@ -227,10 +227,12 @@ def test_close_removes_file_and_is_idempotent(tmp_path):
     assert DiskBlockFile(tmp_path, 2, 4096).path != g.path  # unique names
 
 
-def test_fallocate_unsupported(tmp_path, rng, monkeypatch):
-    def no_fallocate(fd, offset, length):
-        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+def no_fallocate(fd: int, offset: int, length: int) -> None:
+    """Stands in for os.posix_fallocate on a filesystem without fallocate support."""
+    raise OSError(errno.EOPNOTSUPP, "Operation not supported")
 
+
+def test_fallocate_unsupported(tmp_path, rng, monkeypatch):
     monkeypatch.setattr(os, "posix_fallocate", no_fallocate)
     with pytest.raises(OSError, match="DYN_KVBM_DISK_ZEROFILL_FALLBACK"):
         DiskBlockFile(tmp_path, 8, 4096)
@@ -245,9 +247,12 @@ def test_fallocate_unsupported(tmp_path, rng, monkeypatch):
         assert f.read_slots(range(8), dst).all_ok and dst[:] == src[:]
 
 
-def test_file_larger_than_disk_is_refused(tiny_fs):
+@pytest.mark.parametrize("zerofill", [False, True])
+def test_file_larger_than_disk_is_refused(tiny_fs, monkeypatch, zerofill):
+    if zerofill:  # the zero-filling path must run out of space just as clearly
+        monkeypatch.setattr(os, "posix_fallocate", no_fallocate)
     with pytest.raises(OSError, match="needs 4194304 bytes") as info:
-        DiskBlockFile(tiny_fs, 1024, 4096)
+        DiskBlockFile(tiny_fs, 1024, 4096, zerofill_fallback=zerofill)
     assert info.value.errno == errno.ENOSPC
     assert list(tiny_fs.iterdir()) == []
 
