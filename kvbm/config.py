@@ -21,14 +21,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, TypeVar
+from typing import Callable, Mapping
 
 __all__ = ["KvbmConfig", "KvbmConfigError", "available_host_memory", "GB"]
 
 log = logging.getLogger(__name__)
 
 GB = 10**9
-_T = TypeVar("_T")
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})

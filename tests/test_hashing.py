@@ -130,7 +130,7 @@ def test_incremental_hashing_with_parent(rng: random.Random) -> None:
         ([1, 2**32], 2, 0, ValueError, r"got 4294967296 at index 1"),
         ([1, 2**70], 2, 0, ValueError, r"got 1180591620717411303424 at index 1"),
         ([1.0, 2.0], 2, 0, TypeError, r"integers, got an array of dtype float64"),
-        ([True, False], 2, 0, TypeError, r"dtype bool"),
+        (np.array([True, False]), 2, 0, TypeError, r"dtype bool"),
         ([1, "2"], 2, 0, TypeError, r"integers"),
         ("abcd", 2, 0, TypeError, r"sequence of integer token ids, got str"),
         ([[1, 2], [3, 4]], 2, 0, ValueError, r"one-dimensional"),
