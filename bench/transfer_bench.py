@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from kvbm.layouts import KVGeometry, allocate, block_major, copy_blocks
+from kvbm.layouts.presets import STAGING_ORDER
 
 LLAMA8B = KVGeometry(num_layers=32, num_kv=2, block_size=16, num_heads=8, head_dim=128, itemsize=2)
 DEEPSEEK = KVGeometry(num_layers=61, num_kv=1, block_size=64, num_heads=1, head_dim=576, itemsize=2)
@@ -35,6 +36,12 @@ LAYOUTS = [  # (preset, geometry name)
 ]
 GEOMETRIES = {"llama8b": LLAMA8B, "deepseek": DEEPSEEK}
 BATCHES = [1, 16, 256, 1024]
+#: Throughput is timed over bursts of back-to-back transfers of at least this many blocks in all (one transfer for
+#: 64 blocks and more), from an idle GPU to the last byte, host enqueue included.
+BURST_BLOCKS = 64
+#: Host pool inner order per preset: the G1 order, so host blocks need no permutation (what peers store too).
+HEAD_FIRST = ("layer", "kv", "head", "token", "channel")
+HOST_ORDER = {"vllm_flash_attn_hnd": HEAD_FIRST, "trtllm_pool": HEAD_FIRST}
 
 
 def log(msg: str) -> None:
@@ -42,10 +49,12 @@ def log(msg: str) -> None:
 
 
 def fill(cache, seed: int) -> None:
-    gen = torch.Generator(device=cache.device).manual_seed(seed)
+    """Random bytes everywhere (drawn on the GPU when there is one, then copied)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=device).manual_seed(seed)
     for t in cache.tensors:
         b = t.view(torch.uint8)
-        b.copy_(torch.randint(0, 256, b.shape, dtype=torch.uint8, device=cache.device, generator=gen))
+        b.copy_(torch.randint(0, 256, b.shape, dtype=torch.uint8, device=device, generator=gen))
 
 
 def timed(fn, reps: int, warmup: int = 2) -> list[float]:
@@ -72,14 +81,29 @@ class Env:
         self.gpu = allocate(preset, geometry, gpu_blocks, dtype=torch.bfloat16, device="cuda")
         fill(self.gpu, 1)
         self.buffer = PinnedHostBuffer(host_blocks * geometry.block_bytes)
-        t = self.buffer.tensor(torch.bfloat16).view(host_blocks, geometry.num_layers, geometry.num_kv,
-                                                    geometry.block_size, geometry.num_heads, geometry.head_dim)
-        self.host = block_major(t)
-        self.host_ref = block_major(torch.empty_like(t))  # pageable reference copy for checks
+        self.order = HOST_ORDER.get(preset, STAGING_ORDER)
+        sizes = {"layer": geometry.num_layers, "kv": geometry.num_kv, "token": geometry.block_size,
+                 "head": geometry.num_heads, "channel": geometry.head_dim}
+        self.shape = [sizes[n] for n in self.order]
+        t = self.buffer.tensor(torch.bfloat16).view(host_blocks, *self.shape)
+        self.host = block_major(t, self.order)
+        self.host_ref = block_major(torch.empty_like(t), self.order)  # pageable reference copy for checks
 
     def close(self) -> None:
         del self.host
         self.buffer.close()
+
+
+OUR_METHODS = [("kvbm_staged", "staged", {}), ("kvbm_zero_copy", "zero_copy", {}), ("kvbm_dma", "dma", {}),
+               ("kvbm_auto", "auto", {}), ("kvbm_staged_copy_engine", "staged", {"gather": "copy_engine"})]
+
+
+def copy_engine_ok(env: Env) -> bool:
+    """Whether the G1 pieces are dense runs in the host order (the copy-engine gather needs that)."""
+    from kvbm.kernels.copy_plan import build_plan
+
+    plan = build_plan(env.gpu, env.host)
+    return plan.dims[2][1] == plan.dims[2][2] == 1 and plan.row_len * plan.unit >= 4096
 
 
 def peer_methods(env: Env, engine, direction: str, src_ids, dst_ids) -> dict:
@@ -110,7 +134,10 @@ def peer_methods(env: Env, engine, direction: str, src_ids, dst_ids) -> dict:
         with torch.cuda.stream(lane.kernel_stream):
             for layer in range(g.num_layers):
                 for kv in range(g.num_kv):
-                    out[:, layer, kv] = env.gpu.piece_view(layer, kv).index_select(0, ids).reshape(n, -1)
+                    piece = env.gpu.piece_view(layer, kv).index_select(0, ids)  # [n, token, head, channel]
+                    if env.order == HEAD_FIRST:
+                        piece = piece.transpose(1, 2)
+                    out[:, layer, kv] = piece.reshape(n, -1)
             host_rows[:n].copy_(out.view(n, -1), non_blocking=True)
 
     methods["peer_index_select_copy"] = (index_select, list(range(n)))
@@ -121,14 +148,16 @@ def measure(env: Env, name: str, fn, direction: str, s_ids, d_ids, reps: int, ce
     """Time one method, check its bytes, and make a result row."""
     if direction == "h2d":
         fill(env.host, len(s_ids) + reps)  # fresh random source bytes for each method
-    t = timed(fn, reps)
-    ok = check(env, direction, s_ids, d_ids)
-    sec = statistics.median(t)
     n = len(s_ids)
+    burst = max(1, BURST_BLOCKS // n)  # back-to-back transfers per timing: steady-state throughput
+    t = timed(lambda: [fn() for _ in range(burst)], reps)
+    ok = check(env, direction, s_ids, d_ids)
+    sec = statistics.median(t) / burst
     gbps = n * env.g.block_bytes / sec / 1e9
     log(f"  {direction} n={n:5d} {name:24s} {gbps:7.2f} GB/s {100 * gbps / ceiling:6.1f}%{'' if ok else '  BYTES WRONG'}")
-    return {"method": name, "layout": env.preset, "geometry": env.gname, "direction": direction, "blocks": n, "bytes": n * env.g.block_bytes,
-            "seconds_median": sec, "seconds_min": min(t), "seconds_max": max(t), "gbps": gbps,
+    return {"method": name, "layout": env.preset, "geometry": env.gname, "direction": direction, "blocks": n,
+            "bytes": n * env.g.block_bytes, "burst": burst, "seconds_median": sec, "seconds_min": min(t) / burst,
+            "seconds_max": max(t) / burst, "gbps": gbps,
             "pct_of_ceiling": 100 * gbps / ceiling, "bytes_ok": ok}
 
 
@@ -140,7 +169,7 @@ def check(env: Env, direction: str, src_ids, dst_ids) -> bool:
         a = env.host.tensors[0][dst_ids].view(torch.int16)
         b = env.host_ref.tensors[0][dst_ids].view(torch.int16)
         return bool(torch.equal(a, b))
-    ref = allocate("kvbm_staging", env.g, len(dst_ids), dtype=torch.bfloat16, device="cuda")
+    ref = block_major(torch.empty(len(dst_ids), *env.shape, dtype=torch.bfloat16, device="cuda"), env.order)
     copy_blocks(env.gpu, ref, dst_ids, list(range(len(dst_ids))), backend="torch")
     exp = env.host.tensors[0][src_ids].to("cuda")
     return bool(torch.equal(ref.tensors[0].view(torch.int16), exp.view(torch.int16)))
@@ -172,7 +201,7 @@ def run_gpu(args) -> dict:
     extra["ceilings_gbps"] = ceil
     log(f"ceilings GB/s: {json.dumps({k: round(v, 1) for k, v in ceil.items()})}")
     rng = np.random.default_rng(0)
-    for preset, gname in LAYOUTS:
+    for preset, gname in [(p, gn) for p, gn in LAYOUTS if p in args.layouts.split(",")]:
         g = GEOMETRIES[gname]
         max_n = max(BATCHES) if not args.quick else 256
         env = Env(preset, gname, host_blocks=max_n, gpu_blocks=max(2 * max_n, 2048 if gname == "llama8b" else 1100))
@@ -185,24 +214,16 @@ def run_gpu(args) -> dict:
                 s_ids, d_ids = (gpu_ids, host_ids) if direction == "d2h" else (host_ids, gpu_ids)
                 move = engine.offload if direction == "d2h" else engine.onboard
                 src, dst = (env.gpu, env.host) if direction == "d2h" else (env.host, env.gpu)
-                for path in ("staged", "zero_copy", "dma", "auto"):
-                    fn = lambda path=path: move(src, dst, s_ids, d_ids, path=path)  # noqa: E731
-                    rows.append(measure(env, f"kvbm_{path}", fn, direction, s_ids, d_ids, reps, ceil[direction]))
+                for name, path, options in OUR_METHODS:
+                    if name == "kvbm_staged_copy_engine" and not copy_engine_ok(env):
+                        continue
+                    fn = lambda path=path, options=options: move(src, dst, s_ids, d_ids, path=path, **options)  # noqa
+                    rows.append(measure(env, name, fn, direction, s_ids, d_ids, reps, ceil[direction]))
                 for name, (fn, written) in peer_methods(env, engine, direction, s_ids, d_ids).items():
                     few = name == "peer_memcpy_loop" and n >= 256  # Python-driven: tens of thousands of calls
                     rows.append(measure(env, name, fn, direction, s_ids, written, 2 if few else reps, ceil[direction]))
-            # the gather kernel alone: GPU cache -> device staging, bytes read + written
-            staging = allocate("kvbm_staging", g, n, dtype=torch.bfloat16, device="cuda")
-            fn = lambda: copy_blocks(env.gpu, staging, gpu_ids, list(range(n)), backend="triton")  # noqa: E731
-            t = timed(fn, reps)
-            sec = statistics.median(t)
-            gbps = 2 * n * g.block_bytes / sec / 1e9
-            rows.append({"method": "kvbm_gather_kernel", "layout": preset, "geometry": gname, "direction": "d2d",
-                         "blocks": n, "bytes": n * g.block_bytes, "seconds_median": sec, "seconds_min": min(t),
-                         "seconds_max": max(t), "gbps": gbps, "pct_of_ceiling": 100 * gbps / ceil["d2d"],
-                         "bytes_ok": check_gather(env, staging, gpu_ids)})
-            log(f"  gather kernel n={n:5d} {gbps:8.1f} GB/s {100 * gbps / ceil['d2d']:6.1f}% of D2D")
-            del staging
+            # the gather kernel alone: GPU cache -> device staging, bytes read + written, timed with CUDA events
+            rows.append(kernel_alone(env, gpu_ids, ceil))
         if preset == "vllm_flash_attn_nhd":
             extra["latency_one_block_us"] = one_block_latency(env, engine)
             extra["bidirectional"] = bidirectional(env, engine, ceil, args)
@@ -211,8 +232,29 @@ def run_gpu(args) -> dict:
     return {"rows": rows, **extra}
 
 
+def kernel_alone(env: Env, gpu_ids, ceil) -> dict:
+    """The gather kernel on its own (ids already on the device), median of CUDA-event timings."""
+    import triton.testing
+
+    from kvbm.kernels.copy_plan import build_plan
+    from kvbm.kernels.triton_copy import launch
+
+    n = len(gpu_ids)
+    staging = block_major(torch.empty(n, *env.shape, dtype=torch.bfloat16, device="cuda"), env.order)
+    plan = build_plan(env.gpu, staging)
+    src = torch.tensor(gpu_ids, dtype=torch.int64, device="cuda")
+    dst = torch.arange(n, dtype=torch.int64, device="cuda")
+    ms = triton.testing.do_bench(lambda: launch(plan, src, dst), warmup=25, rep=200, return_mode="median")
+    gbps = 2 * n * env.g.block_bytes / (ms / 1e3) / 1e9
+    ok = check_gather(env, staging, gpu_ids)
+    log(f"  gather kernel n={n:5d} {gbps:8.1f} GB/s {100 * gbps / ceil['d2d']:6.1f}% of D2D")
+    return {"method": "kvbm_gather_kernel", "layout": env.preset, "geometry": env.gname, "direction": "d2d",
+            "blocks": n, "bytes": n * env.g.block_bytes, "seconds_median": ms / 1e3, "gbps": gbps,
+            "pct_of_ceiling": 100 * gbps / ceil["d2d"], "bytes_ok": ok}
+
+
 def check_gather(env: Env, staging, gpu_ids) -> bool:
-    ref = allocate("kvbm_staging", env.g, len(gpu_ids), dtype=torch.bfloat16, device="cuda")
+    ref = block_major(torch.empty(len(gpu_ids), *env.shape, dtype=torch.bfloat16, device="cuda"), env.order)
     copy_blocks(env.gpu, ref, gpu_ids, list(range(len(gpu_ids))), backend="torch")
     return bool(torch.equal(ref.tensors[0].view(torch.int16), staging.tensors[0].view(torch.int16)))
 
@@ -269,6 +311,14 @@ def interference(env: Env, engine, args) -> dict:
     plain_src = torch.empty(n * env.g.block_bytes, dtype=torch.uint8, device="cuda")
     plain_dst = env.buffer.tensor(torch.uint8)[: n * env.g.block_bytes]
     dma_stream = torch.cuda.Stream()
+    from kvbm.kernels.transfer import TransferEngine
+
+    normal = TransferEngine("cuda", staging_bytes=args.staging_mib << 20, kernel_priority=0)
+    variants = {"staged": (engine, "staged", {}), "staged_normal_priority": (normal, "staged", {}),
+                "staged_cap_132_ctas": (engine, "staged", {"max_ctas": 132}),
+                "staged_cap_32_ctas": (engine, "staged", {"max_ctas": 32}),
+                "staged_copy_engine": (engine, "staged", {"gather": "copy_engine"}),
+                "zero_copy": (engine, "zero_copy", {})}
 
     def background(kind):
         if kind == "alone":
@@ -279,7 +329,8 @@ def interference(env: Env, engine, args) -> dict:
             ev = torch.cuda.Event()
             ev.record(dma_stream)
             return ev
-        return engine.offload(env.gpu, env.host, ids, ids, path=kind).event
+        eng, path, options = variants[kind]
+        return eng.offload(env.gpu, env.host, ids, ids, path=path, **options).event
 
     def gemm_rate(kind, seconds=1.0):
         torch.cuda.synchronize()
@@ -303,7 +354,7 @@ def interference(env: Env, engine, args) -> dict:
         wall = time.perf_counter() - t_bg
         return gemms * flops / (start.elapsed_time(end) / 1e3) / 1e12, done_bytes / wall / 1e9
 
-    kinds = ["alone", "plain_dma", "staged", "zero_copy"]
+    kinds = ["alone", "plain_dma", *variants]
     for _ in range(2):
         torch.mm(x, y)
     results = {k: {"tflops": [], "transfer_gbps": []} for k in kinds}
@@ -399,6 +450,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller sizes")
     ap.add_argument("--staging-mib", type=int, default=256, help="device staging per direction (MiB)")
     ap.add_argument("--interference-reps", type=int, default=5)
+    ap.add_argument("--layouts", default=",".join(p for p, _ in LAYOUTS), help="comma-separated presets to run")
+    ap.add_argument("--stem", default=None, help="file name stem of the results (default from the device)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -413,7 +466,7 @@ def main(argv=None) -> int:
         "python": platform.python_version(), "command": " ".join([os.path.basename(sys.executable), "-m",
                                                                    "bench.transfer_bench", *(argv or sys.argv[1:])]),
     }
-    stem = "transfer_h200" if gpu and "H200" in result["meta"]["gpu"] else ("transfer_gpu" if gpu else "transfer_cpu")
+    stem = args.stem or ("transfer_h200" if gpu and "H200" in result["meta"]["gpu"] else ("transfer_gpu" if gpu else "transfer_cpu"))
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     md = table(result)
     (out / f"{stem}.md").write_text(f"# {stem}\n\n{json.dumps(result['meta'])}\n\n{md}\n")

@@ -34,6 +34,8 @@ class CopyPlan:
     dst_block_stride: int
     src_piece_offsets: torch.Tensor
     dst_piece_offsets: torch.Tensor
+    src_offsets_host: tuple[int, ...]  # the same tables on the host: planning never reads the device
+    dst_offsets_host: tuple[int, ...]
     src_base: torch.Tensor
     dst_base: torch.Tensor
     align: int  # units every piece offset, block stride and outer row stride is a multiple of (for vector hints)
@@ -112,6 +114,8 @@ def _plan(src: PagedKVCache, dst: PagedKVCache) -> CopyPlan:
         dst_block_stride=db,
         src_piece_offsets=torch.tensor(s_off, dtype=torch.int64, device=device),
         dst_piece_offsets=torch.tensor(d_off, dtype=torch.int64, device=device),
+        src_offsets_host=tuple(s_off),
+        dst_offsets_host=tuple(d_off),
         src_base=src_base,
         dst_base=dst_base,
         align=min(align & -align, 16),
@@ -119,8 +123,8 @@ def _plan(src: PagedKVCache, dst: PagedKVCache) -> CopyPlan:
 
 
 def build_plan(src: PagedKVCache, dst: PagedKVCache) -> CopyPlan:
-    """The plan for copies from `src` to `dst`, cached on `src` per destination layout and addresses."""
-    key = (dst.layout, tuple(t.data_ptr() for t in dst.tensors), tuple(t.data_ptr() for t in src.tensors))
+    """The plan for copies from `src` to `dst`, cached on `src` per destination (object, layout and address)."""
+    key = (id(dst), dst.layout, dst.piece_addresses()[0])
     plans = src.__dict__.setdefault("_copy_plans", {})
     plan = plans.get(key)
     if plan is None:

@@ -18,7 +18,7 @@ is never blocked):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -60,7 +60,6 @@ class TransferHandle:
     nbytes: int
     event: torch.cuda.Event | None = None
     error: BaseException | None = None
-    _keep: list = field(default_factory=list, repr=False)  # ids and buffers that must outlive the copy
 
     def done(self) -> bool:
         """True once the transfer has finished (successfully or not); never blocks."""
@@ -84,9 +83,8 @@ def _whole_block_dense(plan: CopyPlan, block_bytes: int) -> bool:
     piece_units = plan.rows * plan.row_len
     if plan.rows != 1 or plan.dims[2][1] != 1 or plan.dims[2][2] != 1:
         return False
-    for offsets in (plan.src_piece_offsets, plan.dst_piece_offsets):
-        o = offsets.cpu()
-        if not torch.equal(o - o[0], torch.arange(o.numel(), dtype=torch.int64) * piece_units):
+    for o in (plan.src_offsets_host, plan.dst_offsets_host):
+        if any(o[i] - o[0] != i * piece_units for i in range(len(o))):
             return False
     return piece_units * plan.unit * plan.num_pieces == block_bytes
 
@@ -101,16 +99,59 @@ def _runs(ids: np.ndarray) -> list[tuple[int, int, int]]:
     return [(int(s), int(ids[s]), int(e - s)) for s, e in zip(starts, ends)]
 
 
-class _Lane:
-    """One direction's streams and double-buffered device staging, so offload and onboard run at once."""
+class _PinnedIdRing:
+    """Pinned host slots for uploading block ids without allocating pinned memory per transfer.
 
-    def __init__(self, device: torch.device, staging_bytes: int):
-        self.kernel_stream = torch.cuda.Stream(device, priority=-1)  # high priority: short bursts go first
+    Slot k is reused only once the upload that last used it has finished (its event), so a transfer's ids are
+    never overwritten in flight. Id lists longer than a slot get a pinned tensor of their own.
+    """
+
+    def __init__(self, slots: int = 16, slot_ids: int = 16384):
+        self.buffer = torch.empty(slots, slot_ids, dtype=torch.int64).pin_memory()
+        self.events: list[torch.cuda.Event | None] = [None] * slots
+        self.next = 0
+
+    def upload(self, ids: torch.Tensor, stream: torch.cuda.Stream, device: torch.device) -> torch.Tensor:
+        """Copy int64 CPU ids to the device on `stream`; returns the device tensor."""
+        n = ids.numel()
+        if n > self.buffer.shape[1]:
+            host = ids.pin_memory()
+        else:
+            k, self.next = self.next, (self.next + 1) % self.buffer.shape[0]
+            if self.events[k] is not None:
+                self.events[k].synchronize()  # issued `slots` uploads ago: finished in practice
+            host = self.buffer[k, :n]
+            host.copy_(ids)
+        with torch.cuda.stream(stream):
+            out = host.to(device, non_blocking=True)
+            if n <= self.buffer.shape[1]:
+                self.events[k] = torch.cuda.Event()
+                self.events[k].record(stream)
+        return out
+
+
+class _Lane:
+    """One direction's streams and double-buffered device staging, so offload and onboard run at once.
+
+    `kernel_priority` is the CUDA stream priority of the gather/scatter kernels (-1 high, 0 normal).
+    """
+
+    def __init__(self, device: torch.device, staging_bytes: int, kernel_priority: int = -1):
+        self.kernel_stream = torch.cuda.Stream(device, priority=kernel_priority)
         self.dma_stream = torch.cuda.Stream(device, priority=-1)
+        self.ids = _PinnedIdRing()
         self.half = staging_bytes // 2
         self.staging = torch.empty(self.half * 2, dtype=torch.uint8, device=device)
         self.half_free: list[torch.cuda.Event | None] = [None, None]  # after which each half may be overwritten
         self._caches: dict = {}
+        self._stage_ids = torch.empty(0, dtype=torch.int64, device=device)
+
+    def stage_ids(self, n: int) -> torch.Tensor:
+        """Device tensor 0..n-1 (staging block ids), made on the kernel stream and kept."""
+        if self._stage_ids.numel() < n:
+            with torch.cuda.stream(self.kernel_stream):
+                self._stage_ids = torch.arange(n, dtype=torch.int64, device=self.staging.device)
+        return self._stage_ids[:n]
 
     def staging_cache(self, host: PagedKVCache, half: int, num_blocks: int) -> PagedKVCache:
         """A block-major device cache over one staging half, in the host cache's inner order (kept, so the copy
@@ -137,7 +178,8 @@ class TransferEngine:
     them. `staging_bytes` bounds the device memory used (two halves for the pipeline).
     """
 
-    def __init__(self, device: torch.device | str | int = "cuda", staging_bytes: int = DEFAULT_STAGING_BYTES):
+    def __init__(self, device: torch.device | str | int = "cuda", staging_bytes: int = DEFAULT_STAGING_BYTES,
+                 kernel_priority: int = -1):
         if not torch.cuda.is_available():
             raise RuntimeError("TransferEngine needs a CUDA GPU; without one, copy_blocks runs on the CPU backend")
         if staging_bytes <= 0:
@@ -145,7 +187,7 @@ class TransferEngine:
         self.device = torch.device(device if not isinstance(device, int) else f"cuda:{device}")
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.lanes = {direction: _Lane(self.device, staging_bytes) for direction in ("d2h", "h2d")}
+        self.lanes = {direction: _Lane(self.device, staging_bytes, kernel_priority) for direction in ("d2h", "h2d")}
 
     # -- public API ---------------------------------------------------------------------------------------------
     def offload(self, gpu: PagedKVCache, host: PagedKVCache, gpu_ids, host_ids, path: Path = "auto",
@@ -182,35 +224,32 @@ class TransferEngine:
         ready.record(torch.cuda.current_stream(self.device))  # the engine's writes to G1 so far
         try:
             run = {"staged": self._staged, "zero_copy": self._zero_copy, "dma": self._dma}[path]
-            handle.event = run(src, dst, s, d, direction, ready, handle, **options)
+            handle.event = run(src, dst, s, d, direction, ready, **options)
         except Exception as e:  # enqueue failed: the whole transfer is failed, the caller is told per block
             handle.error = e
         return handle
 
-    def _upload_ids(self, ids: torch.Tensor, handle: TransferHandle, stream: torch.cuda.Stream) -> torch.Tensor:
-        """Copy ids to the device on the stream that will use them (never on the caller's stream)."""
-        pinned = ids.pin_memory()
-        handle._keep.append(pinned)
-        with torch.cuda.stream(stream):
-            return pinned.to(self.device, non_blocking=True)
+    def _upload_ids(self, ids: torch.Tensor, lane: _Lane) -> torch.Tensor:
+        """Copy ids to the device on the lane's kernel stream (never on the caller's stream)."""
+        return lane.ids.upload(ids, lane.kernel_stream, self.device)
 
-    def _zero_copy(self, src, dst, s, d, direction, ready, handle, max_ctas=None):
+    def _zero_copy(self, src, dst, s, d, direction, ready, max_ctas=None):
         from .triton_copy import launch
 
         plan = build_plan(src, dst)
         host_base = plan.dst_base if direction == "d2h" else plan.src_base
         pointer = DevicePointer(host_base.data_ptr(), UNIT_DTYPE[plan.unit])
-        stream = self.lanes[direction].kernel_stream
+        lane = self.lanes[direction]
+        stream = lane.kernel_stream
         stream.wait_event(ready)
         with torch.cuda.stream(stream):
             kwargs = {"dst_base": pointer} if direction == "d2h" else {"src_base": pointer}
-            launch(plan, self._upload_ids(s, handle, stream), self._upload_ids(d, handle, stream), max_ctas=max_ctas,
-                   **kwargs)
+            launch(plan, self._upload_ids(s, lane), self._upload_ids(d, lane), max_ctas=max_ctas, **kwargs)
             done = torch.cuda.Event()
             done.record(stream)
         return done
 
-    def _dma(self, src, dst, s, d, direction, ready, handle):
+    def _dma(self, src, dst, s, d, direction, ready):
         plan = build_plan(src, dst)
         if _whole_block_dense(plan, src.geometry.block_bytes):
             size = src.geometry.block_bytes
@@ -226,8 +265,21 @@ class TransferEngine:
         done.record(stream)
         return done
 
-    def _staged(self, src, dst, s, d, direction, ready, handle, max_ctas=None):
+    def _staged(self, src, dst, s, d, direction, ready, max_ctas=None, gather="kernel"):
+        """`gather="copy_engine"` moves pieces to/from staging with batched device-to-device DMA instead of the
+        kernel (no SM time; needs pieces that are dense runs in both caches)."""
         from .triton_copy import launch
+
+        if gather not in ("kernel", "copy_engine"):
+            raise ValueError(f"gather must be 'kernel' or 'copy_engine', got {gather!r}")
+
+        def repack(a, b, a_ids, b_ids, a_host, b_host):
+            if gather == "kernel":
+                with torch.cuda.stream(lane.kernel_stream):
+                    launch(build_plan(a, b), a_ids, b_ids, max_ctas=max_ctas)
+            else:
+                srcs, dsts, sizes = dense_pieces(build_plan(a, b), a, b, a_host, b_host)
+                memcpy_batch_async(dsts, srcs, sizes, lane.kernel_stream, direction="d2d", check_overlap=False)
 
         lane = self.lanes[direction]
         host, gpu = (dst, src) if direction == "d2h" else (src, dst)
@@ -236,9 +288,8 @@ class TransferEngine:
         if per_chunk == 0:
             raise ValueError(f"staging half of {lane.half} bytes cannot hold one block of {g.block_bytes} bytes")
         host_ids = (d if direction == "d2h" else s).numpy()
-        gpu_ids = self._upload_ids(s if direction == "d2h" else d, handle, lane.kernel_stream)
-        stage_ids = self._upload_ids(torch.arange(min(per_chunk, s.numel()), dtype=torch.int64), handle,
-                                     lane.kernel_stream)
+        gpu_ids = self._upload_ids(s if direction == "d2h" else d, lane)
+        stage_ids = lane.stage_ids(min(per_chunk, s.numel()))
         host_base = host.piece_addresses()[0]
         host_stride = host.layout.stride["block"] * g.itemsize
         lane.kernel_stream.wait_event(ready)
@@ -256,9 +307,9 @@ class TransferEngine:
             if lane.half_free[half] is not None:  # the previous chunk through this half is finished with it
                 first_stream = lane.kernel_stream if direction == "d2h" else lane.dma_stream
                 first_stream.wait_event(lane.half_free[half])
+            chunk_host_ids = (s if direction == "d2h" else d).numpy()[start:start + n], np.arange(n, dtype=np.int64)
             if direction == "d2h":
-                with torch.cuda.stream(lane.kernel_stream):
-                    launch(build_plan(gpu, staging), gpu_ids[start:start + n], stage_ids[:n], max_ctas=max_ctas)
+                repack(gpu, staging, gpu_ids[start:start + n], stage_ids[:n], *chunk_host_ids)
                 gathered = torch.cuda.Event()
                 gathered.record(lane.kernel_stream)
                 lane.dma_stream.wait_event(gathered)
@@ -303,8 +354,8 @@ def dense_pieces(plan: CopyPlan, src: PagedKVCache, dst: PagedKVCache, s: np.nda
     r0, r1 = np.divmod(np.arange(d0 * d1, dtype=np.int64), d1)
     s_rows = r0 * s0 + r1 * s1
     d_rows = r0 * t0 + r1 * t1
-    so = plan.src_piece_offsets.cpu().numpy()
-    do = plan.dst_piece_offsets.cpu().numpy()
+    so = np.asarray(plan.src_offsets_host, dtype=np.int64)
+    do = np.asarray(plan.dst_offsets_host, dtype=np.int64)
     s_start = (s[:, None, None] * plan.src_block_stride + so[None, :, None] + s_rows[None, None, :]).reshape(-1)
     d_start = (d[:, None, None] * plan.dst_block_stride + do[None, :, None] + d_rows[None, None, :]).reshape(-1)
     srcs = (src_lo + s_start * unit).astype(np.uint64)

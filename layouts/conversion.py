@@ -114,10 +114,7 @@ def validate_transfer(
 
 
 def _share_memory(a: PagedKVCache, b: PagedKVCache) -> bool:
-    def storages(c: PagedKVCache) -> set[int]:
-        return {t.untyped_storage().data_ptr() for t in c.tensors}
-
-    return a.device == b.device and bool(storages(a) & storages(b))
+    return a.device == b.device and bool(a.storage_addresses() & b.storage_addresses())
 
 
 def torch_reference_copy(src: PagedKVCache, dst: PagedKVCache, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:

@@ -62,6 +62,8 @@ class PagedKVCache:
     def __init__(self, tensors: Sequence[torch.Tensor], layout: KVLayout):
         self.tensors: tuple[torch.Tensor, ...] = tuple(tensors)
         self.layout = layout
+        self._addresses: tuple[int, ...] | None = None
+        self._storages: frozenset[int] | None = None
 
     @property
     def geometry(self) -> KVGeometry:
@@ -106,10 +108,21 @@ class PagedKVCache:
         )
 
     def piece_addresses(self) -> list[int]:
-        """Byte address of element (block 0, token 0, head 0, channel 0) of every piece, in piece order."""
-        itemsize = self.geometry.itemsize
-        ptrs = [t.data_ptr() for t in self.tensors]
-        return [ptrs[t] + off * itemsize for t, off in zip(self.layout.piece_tensor, self.layout.piece_offset)]
+        """Byte address of element (block 0, token 0, head 0, channel 0) of every piece, in piece order.
+
+        Computed once: a cache's tensors never move (the transfer hot path asks for them on every call)."""
+        if self._addresses is None:
+            itemsize = self.geometry.itemsize
+            ptrs = [t.data_ptr() for t in self.tensors]
+            self._addresses = tuple(ptrs[t] + off * itemsize
+                                    for t, off in zip(self.layout.piece_tensor, self.layout.piece_offset))
+        return list(self._addresses)
+
+    def storage_addresses(self) -> frozenset[int]:
+        """Addresses of the storages behind the cache's tensors (to detect two caches sharing memory)."""
+        if self._storages is None:
+            self._storages = frozenset(t.untyped_storage().data_ptr() for t in self.tensors)
+        return self._storages
 
     def __repr__(self) -> str:
         g = self.geometry

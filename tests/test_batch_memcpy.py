@@ -308,11 +308,12 @@ class Region:
 ENDS = {"d2h": ("device", "host"), "h2d": ("host", "device"), "d2d": ("device", "device")}
 
 
-def run_copy(copy, direction: str, n: int, seed: int, stream=None, **kwargs) -> None:
-    """Copy n random pieces in ``direction`` and compare the whole destination with the expected bytes."""
+def run_copy(copy, ends: str, n: int, seed: int, stream=None, **kwargs) -> None:
+    """Copy n random pieces between the ``ends`` ('d2h', ...) and compare the whole destination with the expected
+    bytes; ``kwargs`` go to the copy call (its own ``direction`` hint among them)."""
     region = 8 << 20
     rng = np.random.default_rng(seed)
-    src_where, dst_where = ENDS[direction]
+    src_where, dst_where = ENDS[ends]
     src, dst = Region(src_where, region, seed + 1), Region(dst_where, region, seed + 2)  # dst: poisoned
     try:
         dst_off, src_off, sizes = random_pieces(rng, n, region)

@@ -72,12 +72,12 @@ def test_backend_random_geometries_into_and_out_of_staging(backend):
             run_pair(backend, "kvbm_staging", a, g, dtype, rng, gen)
 
 
-def test_auto_backend_on_cpu_is_numba_not_the_interpreter():
+def test_auto_backend_is_triton_on_gpu_and_numba_not_the_interpreter_on_cpu():
     from kvbm.layouts.conversion import _BACKENDS
 
     g = KVGeometry(1, 2, 2, 1, 4, 2)
-    src = allocate("vllm_flash_attn_nhd", g, 2, dtype=torch.bfloat16)
-    dst = allocate("kvbm_staging", g, 2, dtype=torch.bfloat16)
+    src = allocate("vllm_flash_attn_nhd", g, 2, dtype=torch.bfloat16, device=DEVICE)
+    dst = allocate("kvbm_staging", g, 2, dtype=torch.bfloat16, device=DEVICE)
     chosen = [b.name for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority) if b.preferred_for(src, dst, 1)]
     assert chosen[0] == ("triton" if DEVICE == "cuda" else "numba")
 
@@ -93,3 +93,23 @@ def test_plan_widens_to_eight_byte_units_and_merges_dense_pieces():
     hnd = allocate("vllm_flash_attn_hnd", g, 3, dtype=torch.bfloat16)
     plan = build_plan(hnd, st)  # permuted: rows of one head's channels
     assert plan.unit == 8 and plan.rows == 16 * 8 and plan.row_len == 128 * 2 // 8
+
+
+def test_capped_grid_loops_over_all_tiles():
+    """The CTA-cap knob: a grid smaller than the tile count still copies every tile."""
+    from kvbm.kernels.triton_copy import triton_copy
+
+    gen = torch.Generator().manual_seed(3)
+    g = KVGeometry(2, 2, 3, 2, 5, 2)
+    src = allocate("vllm_flash_attn_hnd", g, 4, dtype=torch.bfloat16, device=DEVICE)
+    dst = allocate("trtllm_pool", g, 4, dtype=torch.bfloat16, device=DEVICE)
+    ref = allocate("trtllm_pool", g, 4, dtype=torch.bfloat16, device=DEVICE)
+    fill_random(src, gen)
+    fill_random(dst, gen)
+    for a, b in zip(ref.tensors, dst.tensors):
+        a.copy_(b)
+    ids = torch.tensor([2, 0, 3], dtype=torch.int64)
+    out = torch.tensor([1, 3, 0], dtype=torch.int64)
+    triton_copy(src, dst, ids, out, max_ctas=3)
+    copy_blocks(src, ref, ids, out, backend="torch")
+    assert torch.equal(to_logical("trtllm_pool", dst), to_logical("trtllm_pool", ref))
