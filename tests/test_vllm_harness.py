@@ -21,6 +21,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.offloading_connector import OffloadingConnector
 
 LAYERS = H.TinyModelSpec().num_layers
 
@@ -317,6 +318,55 @@ def test_corrupted_onboarding_is_detected(runner: str) -> None:
         mover.submit_load = dropping_load  # "loads" by storing elsewhere: GPU blocks stay poisoned
         with pytest.raises(H.KVMismatchError, match="wrong KV"):
             h.run_workload(chat_workload())
+
+
+class FlakyOffloadingConnector(OffloadingConnector):
+    """vLLM's OffloadingConnector whose first ``fail_loads`` load jobs lose their bytes and are reported.
+
+    The lost blocks are overwritten with NaN after the load and returned by
+    ``get_block_ids_with_load_errors``, so vLLM must recompute them.
+    """
+
+    def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        self.fail_budget = int(self._kv_transfer_config.kv_connector_extra_config["fail_loads"])
+        self.reported: set[int] = set()
+        self._errors: set[int] = set()
+        self._views: list[torch.Tensor] = []
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        super().register_kv_caches(kv_caches)
+        self._views = list(kv_caches.values())
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        jobs = list(self._get_connector_metadata().load_jobs.values())
+        super().start_load_kv(forward_context, **kwargs)
+        for job in jobs[: self.fail_budget]:
+            self.fail_budget -= 1
+            lost = job.dst_spec.block_ids.tolist()
+            for view in self._views:
+                view[lost] = float("nan")
+            self._errors.update(lost)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._errors = self._errors, set()
+        self.reported |= errors
+        return errors
+
+
+@pytest.mark.parametrize("runner", ["v1", "v2"])
+def test_failed_loads_are_recomputed(runner: str) -> None:
+    """Reported load failures are tolerated by the verifier and recomputed by vLLM; nothing leaks."""
+    extra = H.offloading_connector_config(8 << 20, completion_delay=1, fail_loads=3)
+    config = H.HarnessConfig(connector=f"{__name__}:FlakyOffloadingConnector", connector_extra_config=extra,
+                             runner=runner, num_gpu_blocks=40)
+    workload = chat_workload()
+    with H.VllmHarness(config) as h:
+        counts = run_counting_loads(h, workload)
+        assert h.worker.connector.fail_budget == 0 and h.worker.connector.reported
+        assert counts["load_jobs"] > 3 and counts["verified"] > 0
+        assert workload.done and all(len(h.outputs[t.request_id]) == t.max_tokens for t in workload.completed)
+        assert h.free_block_count() == 39 and not h.scheduler.requests
 
 
 @pytest.mark.parametrize("runner", ["v1", "v2"])

@@ -293,11 +293,8 @@ class HarnessConfig:
 
 
 @contextlib.contextmanager
-def _env_var(name: str, value: str | None) -> Iterator[None]:
-    """Set (or leave alone, when ``value`` is None) one environment variable for a block."""
-    if value is None:
-        yield
-        return
+def _env_var(name: str, value: str) -> Iterator[None]:
+    """Set one environment variable for the duration of a block, then restore it."""
     previous = os.environ.get(name)
     os.environ[name] = value
     try:
@@ -629,8 +626,6 @@ class WorkerHarness:
             raise KVMismatchError(f"request {state.request_id}: scheduler tokens diverge from the worker's")
         if len(tokens) > len(known):
             state.tokens = list(tokens)
-        if len(state.prefix_hashes) > common:
-            del state.prefix_hashes[common:]
 
     def _update_states(self, so: SchedulerOutput) -> list[tuple[_WorkerRequest, int, int]]:
         """Apply the scheduler output to the request table; return (state, first position, count)."""
@@ -793,11 +788,20 @@ class WorkerHarness:
             state.needs_verify = False
             self.last_report.computed_tokens += count
 
-    def _sample(self, work: list[tuple[_WorkerRequest, int, int]]) -> tuple[list[str], list[list[int]]]:
+    def _sample(
+        self, work: list[tuple[_WorkerRequest, int, int]], invalid_block_ids: set[int] | None = None
+    ) -> tuple[list[str], list[list[int]]]:
+        """One token for each request whose known tokens are all computed now.
+
+        Requests holding a block the connector failed to load sample nothing: vLLM drops their output
+        and recomputes them.
+        """
         request_ids, sampled = [], []
         for state, start, count in work:
             request_ids.append(state.request_id)
-            if start + count >= len(state.tokens):
+            if invalid_block_ids and not invalid_block_ids.isdisjoint(state.block_ids):
+                sampled.append([])
+            elif start + count >= len(state.tokens):
                 token = sample_token(state.seed, state.request_id, len(state.tokens), self.model.vocab_size)
                 state.tokens.append(token)
                 sampled.append([token])
@@ -864,13 +868,13 @@ class WorkerHarness:
             kv_output = self._collect(so, none_if_empty=False)
         if not work:
             return ModelRunnerOutput.with_kv_conn_output_only(kv_output)
-        return self._output(*self._sample(work), kv_output=kv_output)
+        return self._output(*self._sample(work, kv_output.invalid_block_ids), kv_output=kv_output)
 
     def _execute_v2(self, so: SchedulerOutput, new_block_ids: Sequence[int]) -> ModelRunnerOutput:
         """V2 ``GPUModelRunner.execute_model`` + ``sample_tokens`` (``ActiveKVConnector``)."""
         work = self._update_states(so)
         attn = self._attn_metadata(work) if work else None
-        load_kwargs: dict[str, Any] = {}
+        load_kwargs: dict[str, Any] | None = {}
         if work:
             load_kwargs = dict(
                 scheduler_output=so,
@@ -885,17 +889,17 @@ class WorkerHarness:
             self._call("bind_connector_metadata", so.kv_connector_metadata)
             if so.has_sync_kv_loads:
                 self._start_load_v2(load_kwargs)
-                load_kwargs = None
+                load_kwargs = None  # started; post_forward has nothing left to start
             if work:
                 self._forward(work, attn)
         self._call("finish_forward")
-        # sample_tokens / no_forward: post_forward
+        # What follows is post_forward (called from sample_tokens, or from no_forward).
         if load_kwargs is not None:
             self._start_load_v2(load_kwargs)
         kv_output = self._collect(so, none_if_empty=True)
         if not work:
             return ModelRunnerOutput.with_kv_conn_output_only(kv_output)
-        return self._output(*self._sample(work), kv_output=kv_output)
+        return self._output(*self._sample(work, kv_output.invalid_block_ids), kv_output=kv_output)
 
     def _start_load_v2(self, load_kwargs: dict[str, Any]) -> None:
         if is_forward_context_available():
@@ -1063,6 +1067,29 @@ class ConnectorTimer:
 
 
 @dataclass
+class CacheHitCounter:
+    """Prompt tokens queried / hit in vLLM's GPU prefix cache and in the connector, summed over steps.
+
+    Read from the ``SchedulerStats`` that ``update_from_output`` attaches (``log_stats=True``).
+    """
+
+    gpu_queries: int = 0
+    gpu_hits: int = 0
+    external_queries: int = 0
+    external_hits: int = 0
+
+    def add(self, stats: Any) -> None:
+        """Accumulate one ``SchedulerStats`` (``None`` is ignored)."""
+        if stats is None:
+            return
+        self.gpu_queries += stats.prefix_cache_stats.queries
+        self.gpu_hits += stats.prefix_cache_stats.hits
+        if stats.connector_prefix_cache_stats is not None:
+            self.external_queries += stats.connector_prefix_cache_stats.queries
+            self.external_hits += stats.connector_prefix_cache_stats.hits
+
+
+@dataclass
 class StepResult:
     """One engine step: what was scheduled, and (when processed) what finished."""
 
@@ -1130,6 +1157,7 @@ class VllmHarness:
         self._queue: deque[tuple[SchedulerOutput, ModelRunnerOutput]] = deque()
         self.outputs: dict[str, list[int]] = {}
         self.finish_reasons: dict[str, str] = {}
+        self.cache_stats = CacheHitCounter()
         self.steps = 0
 
     # -- requests -----------------------------------------------------------------------------------
@@ -1203,6 +1231,7 @@ class VllmHarness:
         new_tokens: dict[str, list[int]] = {}
         finished: dict[str, str] = {}
         for outputs in engine_outputs.values():
+            self.cache_stats.add(outputs.scheduler_stats)
             for output in outputs.outputs:
                 if output.new_token_ids:
                     new_tokens.setdefault(output.request_id, []).extend(output.new_token_ids)
