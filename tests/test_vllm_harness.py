@@ -151,6 +151,31 @@ def test_register_kv_caches_gets_standardized_views(requested: str | None, resol
             assert view.stride(3) == 1
 
 
+@pytest.mark.parametrize("layout", ["LBNHC", "LBHNC", "LHBNC", "BLNHC", "BLHNC", "BHLNC"])
+def test_every_standardized_layout(layout: str) -> None:
+    """Views strided as the layout name says (block-outermost ones are vLLM 0.33's cross-layer blocks)."""
+    blocks, model = 12, H.TinyModelSpec()
+    sizes = {"L": model.num_layers, "B": blocks, "H": model.num_kv_heads, "N": 16, "C": 2 * model.head_dim}
+    strides, step = {}, 1
+    for dim in reversed(layout):
+        strides[dim] = step
+        step *= sizes[dim]
+    with recording_harness(layout=layout, num_gpu_blocks=blocks) as h:
+        views = list(h.worker.connector.registered.values())
+        for layer, view in enumerate(views):
+            assert view.stride() == tuple(strides[d] for d in "BHNC")
+            assert view.storage_offset() == layer * strides["L"]
+        first, second = shared_prefix_prompts(32, 5, 2)
+        h.add_request("a", first, 2)
+        h.run_until_idle()
+        h.add_request("b", second, 2)
+        verified = 0
+        while h.busy():
+            h.step()
+            verified += h.worker.last_report.verified_tokens
+        assert verified == LAYERS * 32
+
+
 def test_harness_kv_placement_matches_flash_attention_reading() -> None:
     """K and V sit side by side in C (K first): FlashAttention reads kv.transpose(1, 2).split(D, -1)."""
     model = H.TinyModelSpec()
