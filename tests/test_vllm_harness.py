@@ -444,7 +444,7 @@ def test_corrupted_prefix_cache_block_is_detected() -> None:
         cached = h.scheduler.kv_cache_manager.block_pool
         block_ids = [b.block_id for b in cached.blocks if b.block_hash is not None]
         assert block_ids
-        view = h.worker._canonical["model.layers.1.self_attn.attn"]
+        view = h.worker.token_views["model.layers.1.self_attn.attn"]
         view[block_ids[0], 5, 1, 0, 3] += 1  # one element of one cached block
         h.add_request("c", prompts[2], 2)
         with pytest.raises(H.KVMismatchError, match="layer 1"):

@@ -586,11 +586,12 @@ class WorkerHarness:
         self.layer_names = config.model.layer_names()
         self._seeds = seeds
         self.kv_caches = allocate_worker_kv_caches(kv_cache_config, vllm_config, config.model, config.kv_format)
-        self._canonical = {
+        # Per layer, the engine tensor seen as [num_blocks, block_size, kv_heads, 2, head_dim] (no copy).
+        self.token_views = {
             name: canonical_token_view(tensor, config.kv_format, config.model.head_dim)
             for name, tensor in self.kv_caches.items()
         }
-        for view in self._canonical.values():
+        for view in self.token_views.values():
             view.fill_(float("nan"))
         self.layers = {name: HarnessAttentionLayer(name, self.kv_caches[name]) for name in self.layer_names}
         vllm_config.compilation_config.static_forward_context.update(self.layers)
@@ -694,7 +695,7 @@ class WorkerHarness:
         if not block_ids:
             return
         index = torch.tensor(sorted(set(block_ids)), dtype=torch.long)
-        for view in self._canonical.values():
+        for view in self.token_views.values():
             view[index] = float("nan")
         self.last_report.poisoned_blocks += len(index)
 
@@ -707,7 +708,7 @@ class WorkerHarness:
         """The KV ``[n, H, 2, D]`` the cache holds for positions ``[start, stop)`` of a request."""
         state = self.requests[request_id]
         blocks, offsets = self._slots(state, start, stop)
-        return self._canonical[self.layer_names[layer]][blocks, offsets]
+        return self.token_views[self.layer_names[layer]][blocks, offsets]
 
     def mismatched_positions(self, request_id: str, layer: int, stop: int) -> list[int]:
         """Positions in ``[0, stop)`` of ``layer`` whose cached bytes differ from the oracle's."""
@@ -761,7 +762,7 @@ class WorkerHarness:
     def _write_kv(self, state: _WorkerRequest, layer: int, start: int, stop: int) -> None:
         blocks, offsets = self._slots(state, start, stop)
         values = self.oracle.kv(self._prefix_hashes(state, stop)[start:stop], layer)
-        self._canonical[self.layer_names[layer]][blocks, offsets] = values
+        self.token_views[self.layer_names[layer]][blocks, offsets] = values
 
     def _attn_metadata(self, work: list[tuple[_WorkerRequest, int, int]]) -> dict[str, HarnessAttentionMetadata]:
         slots = []
