@@ -80,6 +80,7 @@ from vllm.config import (
     set_current_vllm_config,
 )
 from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+from vllm.distributed.kv_transfer.kv_connector.utils import copy_kv_blocks
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorRole,
@@ -609,6 +610,7 @@ class WorkerHarness:
                 raise TypeError(f"worker connector must be a KVConnectorBase_V1, got {type(connector).__name__}")
             self.connector = connector
             self._call("register_kv_caches", dict(self.kv_caches))
+            self._call("set_host_xfer_buffer_ops", copy_kv_blocks)
 
     # -- connector calls, logged by name so tests can check the order -------------------------------
 
