@@ -16,4 +16,6 @@ if [ -f tests/install_vllm_light.sh ]; then
     PYTHON="$PY" bash tests/install_vllm_light.sh
 fi
 echo "[kvbm] running tests"
-exec "$PY" -m pytest -q -p no:cacheprovider "$@" tests
+# the pytest entry point, not `python -m pytest`: the repo root must not be on sys.path, where the kernels/ folder
+# would shadow an optional top-level `kernels` module that transformers probes while vLLM imports
+exec "$VENV/bin/pytest" -q -p no:cacheprovider "$@" tests
