@@ -175,7 +175,7 @@ def check(env: Env, direction: str, src_ids, dst_ids) -> bool:
     return bool(torch.equal(ref.tensors[0].view(torch.int16), exp.view(torch.int16)))
 
 
-def run_gpu(args) -> dict:
+def run_gpu(args, save=lambda partial: None) -> dict:
     from kvbm.kernels.transfer import TransferEngine
 
     rows, extra = [], {}
@@ -206,10 +206,10 @@ def run_gpu(args) -> dict:
         max_n = max(BATCHES) if not args.quick else 256
         env = Env(preset, gname, host_blocks=max_n, gpu_blocks=max(2 * max_n, 2048 if gname == "llama8b" else 1100))
         log(f"layout {preset} ({gname}, {g.block_bytes / 2**20:.2f} MiB/block)")
-        for n in [b for b in BATCHES if b <= max_n]:
+        for n in [b for b in BATCHES if b <= max_n and "transfers" in args.sections]:
             gpu_ids = rng.choice(env.gpu.num_blocks, n, replace=False).tolist()
             host_ids = rng.choice(env.host.num_blocks, n, replace=False).tolist()
-            reps = 20 if n <= 16 else 5
+            reps = 20 if n <= 16 else 3
             for direction in ("d2h", "h2d"):
                 s_ids, d_ids = (gpu_ids, host_ids) if direction == "d2h" else (host_ids, gpu_ids)
                 move = engine.offload if direction == "d2h" else engine.onboard
@@ -225,10 +225,14 @@ def run_gpu(args) -> dict:
             # the gather kernel alone: GPU cache -> device staging, bytes read + written, timed with CUDA events
             rows.append(kernel_alone(env, gpu_ids, ceil))
         if preset == "vllm_flash_attn_nhd":
-            extra["latency_one_block_us"] = one_block_latency(env, engine)
-            extra["bidirectional"] = bidirectional(env, engine, ceil, args)
-            extra["interference"] = interference(env, engine, args)
+            if "latency" in args.sections:
+                extra["latency_one_block_us"] = one_block_latency(env, engine)
+            if "bidirectional" in args.sections:
+                extra["bidirectional"] = bidirectional(env, engine, ceil, args)
+            if "interference" in args.sections:
+                extra["interference"] = interference(env, engine, args)
         env.close()
+        save({"rows": rows, **extra})  # keep what is measured so far if a later layout is cut short
     return {"rows": rows, **extra}
 
 
@@ -333,26 +337,28 @@ def interference(env: Env, engine, args) -> dict:
         return eng.offload(env.gpu, env.host, ids, ids, path=path, **options).event
 
     def gemm_rate(kind, seconds=1.0):
+        """GEMM TFLOP/s over the time its batches ran (CUDA events per batch of 4), with the GPU kept fed: the
+        host waits only for the batch two back, so enqueueing the next transfer never leaves the GPU idle."""
         torch.cuda.synchronize()
-        done_bytes, gemms = 0, 0
+        done_bytes, batches = 0, []
         pending = background(kind)
         t0 = time.perf_counter()
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        t_bg = time.perf_counter()
         while time.perf_counter() - t0 < seconds:
+            if len(batches) >= 2:
+                batches[-2][1].synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
             for _ in range(4):
                 torch.mm(x, y)
-            gemms += 4
-            torch.cuda.current_stream().synchronize()
+            end.record()
+            batches.append((start, end))
             if pending is not None and pending.query():
                 done_bytes += n * env.g.block_bytes
                 pending = background(kind)
-        end.record()
         torch.cuda.synchronize()
-        wall = time.perf_counter() - t_bg
-        return gemms * flops / (start.elapsed_time(end) / 1e3) / 1e12, done_bytes / wall / 1e9
+        wall = time.perf_counter() - t0
+        busy = sum(a.elapsed_time(b) for a, b in batches) / 1e3
+        return 4 * len(batches) * flops / busy / 1e12, done_bytes / wall / 1e9
 
     kinds = ["alone", "plain_dma", *variants]
     for _ in range(2):
@@ -450,24 +456,31 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller sizes")
     ap.add_argument("--staging-mib", type=int, default=256, help="device staging per direction (MiB)")
     ap.add_argument("--interference-reps", type=int, default=5)
+    ap.add_argument("--sections", default="transfers,latency,bidirectional,interference",
+                    help="comma-separated: transfers, latency, bidirectional, interference")
     ap.add_argument("--layouts", default=",".join(p for p, _ in LAYOUTS), help="comma-separated presets to run")
     ap.add_argument("--stem", default=None, help="file name stem of the results (default from the device)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.is_available()
-    result = run_gpu(args) if gpu else run_cpu(args)
     import triton
 
-    result["meta"] = {
+    meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "gpu": torch.cuda.get_device_name() if gpu else None, "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "python": platform.python_version(), "command": " ".join([os.path.basename(sys.executable), "-m",
                                                                    "bench.transfer_bench", *(argv or sys.argv[1:])]),
     }
-    stem = args.stem or ("transfer_h200" if gpu and "H200" in result["meta"]["gpu"] else ("transfer_gpu" if gpu else "transfer_cpu"))
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    stem = args.stem or ("transfer_h200" if gpu and "H200" in meta["gpu"] else ("transfer_gpu" if gpu else "transfer_cpu"))
+
+    def save(partial: dict) -> None:
+        (out / f"{stem}.json").write_text(json.dumps({**partial, "meta": meta}, indent=1))
+
+    result = run_gpu(args, save) if gpu else run_cpu(args)
+    result["meta"] = meta
+    save(result)
     md = table(result)
     (out / f"{stem}.md").write_text(f"# {stem}\n\n{json.dumps(result['meta'])}\n\n{md}\n")
     if result["rows"]:
