@@ -19,7 +19,7 @@ setup(
         "numpy",
         "numba>=0.59",
         "xxhash>=3.0",
-        "prometheus_client>=0.18",
+        "prometheus_client>=0.20",
     ],
     extras_require={
         "gpu": ["triton>=3.2", "cuda-python>=12.8"],
@@ -28,5 +28,5 @@ setup(
         "bench": ["pytest-benchmark>=4", "triton>=3.2", "cuda-python>=12.8", "matplotlib"],
         "vllm": ["vllm==0.33.0"],
     },
-    entry_points={"console_scripts": ["kvbm=kvbm.cli:main"]},
+    package_data={"kvbm": ["grafana/*.json"]},
 )

@@ -12,4 +12,4 @@ PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==2.13.0"
 "$PY" -m pip install -q -e ".[bench]"
-exec "$PY" -m kvbm.cli bench "$@"
+exec "$PY" -m bench.transfer_bench "$@"
