@@ -89,6 +89,12 @@ def _whole_block_dense(plan: CopyPlan, block_bytes: int) -> bool:
     return piece_units * plan.unit * plan.num_pieces == block_bytes
 
 
+def choose_path(src: PagedKVCache, dst: PagedKVCache) -> str:
+    """The "auto" rule: DMA when whole blocks are dense runs of >= DMA_MIN_PIECE_BYTES in both caches, else staged."""
+    dense = _whole_block_dense(build_plan(src, dst), src.geometry.block_bytes)
+    return "dma" if dense and src.geometry.block_bytes >= DMA_MIN_PIECE_BYTES else "staged"
+
+
 def _runs(ids: np.ndarray) -> list[tuple[int, int, int]]:
     """Split ids into runs of consecutive values: (position in ids, first id, length)."""
     if ids.size == 0:
@@ -200,11 +206,6 @@ class TransferEngine:
         """Host to device: copy blocks `host_ids` of the pinned host cache into blocks `gpu_ids` of the GPU cache."""
         return self._transfer(host, gpu, host_ids, gpu_ids, path, "h2d", **options)
 
-    def choose_path(self, src: PagedKVCache, dst: PagedKVCache) -> str:
-        """The documented "auto" rule: DMA when whole blocks are dense runs of >= 1 MiB in both caches."""
-        dense = _whole_block_dense(build_plan(src, dst), src.geometry.block_bytes)
-        return "dma" if dense and src.geometry.block_bytes >= DMA_MIN_PIECE_BYTES else "staged"
-
     # -- implementation -----------------------------------------------------------------------------------------
     def _transfer(self, src, dst, src_ids, dst_ids, path, direction, **options) -> TransferHandle:
         if path not in PATHS:
@@ -216,7 +217,7 @@ class TransferEngine:
         if host.device.type != "cpu" or not all(t.is_pinned() for t in host.tensors):
             raise ValueError(f"host cache {host.name} must be in pinned CPU memory (see kernels.host_memory)")
         if path == "auto":
-            path = self.choose_path(src, dst)
+            path = choose_path(src, dst)
         handle = TransferHandle(path, int(s.numel()), int(s.numel()) * src.geometry.block_bytes)
         if s.numel() == 0:
             return handle

@@ -1,0 +1,79 @@
+"""The host-side planning of the transfer paths, on CPU: runs of host blocks, the staging order of a host cache,
+DMA piece decomposition (checked by executing the pieces with plain memory copies) and the "auto" rule."""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+import torch
+
+from kvbm.kernels.copy_plan import build_plan
+from kvbm.kernels.transfer import _inner_order, _runs, choose_path, dense_pieces
+from kvbm.layouts import KVGeometry, allocate, block_major, copy_blocks
+from layout_oracle import fill_random, to_logical
+
+G = KVGeometry(num_layers=2, num_kv=2, block_size=4, num_heads=2, head_dim=8, itemsize=2)
+
+
+def test_runs_split_consecutive_ids():
+    assert _runs(np.array([4, 5, 6, 9, 2, 3], dtype=np.int64)) == [(0, 4, 3), (3, 9, 1), (4, 2, 2)]
+    assert _runs(np.array([], dtype=np.int64)) == []
+
+
+@pytest.mark.parametrize("order", [("layer", "kv", "token", "head", "channel"), ("head", "layer", "kv", "token", "channel"),
+                                   ("layer", "kv", "head", "token", "channel")])
+def test_inner_order_read_back_from_strides(order):
+    sizes = {"layer": 2, "kv": 2, "token": 4, "head": 3, "channel": 8}
+    cache = block_major(torch.empty(5, *[sizes[n] for n in order], dtype=torch.float16), order)
+    assert _inner_order(cache) == order
+
+
+def test_inner_order_refuses_engine_layouts():
+    with pytest.raises(ValueError, match="must be block-major"):
+        _inner_order(allocate("vllm_flash_attn_nhd", G, 2, dtype=torch.float16))
+
+
+def run_pieces(srcs, dsts, sizes):
+    for s, d, n in zip(srcs.tolist(), dsts.tolist(), sizes.tolist()):
+        ctypes.memmove(d, s, n)
+
+
+@pytest.mark.parametrize("preset", ["vllm_flash_attn_nhd", "vllm_flash_attn_hnd", "trtllm_pool", "vllm_lbnhc"])
+def test_dense_pieces_move_exactly_the_blocks(preset):
+    gen = torch.Generator().manual_seed(5)
+    src = allocate(preset, G, 6, dtype=torch.bfloat16)
+    dst = allocate("kvbm_staging", G, 4, dtype=torch.bfloat16)
+    ref = allocate("kvbm_staging", G, 4, dtype=torch.bfloat16)
+    fill_random(src, gen)
+    fill_random(dst, gen)
+    ref.tensors[0].copy_(dst.tensors[0])
+    s, d = np.array([5, 0, 3]), np.array([2, 0, 1])
+    srcs, dsts, sizes = dense_pieces(build_plan(src, dst), src, dst, s, d)
+    run_pieces(srcs, dsts, sizes)
+    copy_blocks(src, ref, s, d, backend="torch")
+    assert torch.equal(to_logical("kvbm_staging", dst), to_logical("kvbm_staging", ref))
+
+
+def test_auto_rule_picks_dma_only_for_whole_dense_blocks():
+    big = KVGeometry(16, 2, 16, 8, 128, 2)  # 1 MiB blocks
+    pool = allocate("trtllm_pool", big, 2, dtype=torch.bfloat16)
+    order = ("layer", "kv", "head", "token", "channel")
+    host_same = block_major(torch.empty(2, 16, 2, 8, 16, 128, dtype=torch.bfloat16), order)
+    host_nhd = allocate("kvbm_staging", big, 2, dtype=torch.bfloat16)
+    assert choose_path(pool, host_same) == "dma"
+    assert choose_path(pool, host_nhd) == "staged"  # permuted: needs the kernel
+    fa = allocate("vllm_flash_attn_nhd", big, 2, dtype=torch.bfloat16)
+    assert choose_path(fa, host_nhd) == "staged"  # pieces scattered over per-layer tensors
+    small = allocate("trtllm_pool", G, 2, dtype=torch.bfloat16)
+    small_host = block_major(torch.empty(2, 2, 2, 2, 4, 8, dtype=torch.bfloat16), order)
+    assert choose_path(small, small_host) == "staged"  # dense but under DMA_MIN_PIECE_BYTES
+
+
+def test_engine_needs_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the CPU refusal does not apply")
+    from kvbm.kernels.transfer import TransferEngine
+
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        TransferEngine()
