@@ -40,7 +40,7 @@ class ChatWorkload:
         return self.num_users * self.num_rounds
 
     def _tokens(self, user: int, round_: int, what: int, n: int) -> list[int]:
-        rng = np.random.default_rng((self.seed, user, round_, what))
+        rng = np.random.default_rng((self.seed, user + 1, round_, what))  # user -1: the system prompt
         return rng.integers(0, self.vocab_size, n).tolist()
 
     def requests(self) -> Iterator["ChatRequest"]:
