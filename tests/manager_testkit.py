@@ -1,0 +1,63 @@
+"""Shared helpers of the block manager tests: a CPU "G1" cache, per-block byte access and configs."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kvbm.config import KvbmConfig
+from kvbm.layouts import KVGeometry, PagedKVCache, allocate
+
+#: 2 layers x K/V x 4 tokens x 2 heads x 64 channels x bf16 = 4096 bytes: a multiple of 4 KiB (no slot padding).
+GEOM = KVGeometry(num_layers=2, num_kv=2, block_size=4, num_heads=2, head_dim=64, itemsize=2)
+#: 3072 bytes per block: disk slots are padded to 4096, so G3 I/O goes through the padded bounce buffer.
+GEOM_PADDED = KVGeometry(num_layers=2, num_kv=2, block_size=4, num_heads=2, head_dim=48, itemsize=2)
+
+POISON = 0xA5
+_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def make_gpu(num_blocks: int, rng: np.random.Generator, geometry: KVGeometry = GEOM,
+             preset: str = "vllm_flash_attn_nhd") -> PagedKVCache:
+    """A CPU stand-in for the engine's G1 cache, every byte random."""
+    cache = allocate(preset, geometry, num_blocks, dtype=torch.bfloat16)
+    for t in cache.tensors:
+        b = t.view(torch.uint8)
+        b.copy_(torch.from_numpy(rng.integers(0, 256, b.shape, dtype=np.uint8)))
+    return cache
+
+
+def read_block(cache: PagedKVCache, block: int) -> bytes:
+    """All bytes of one block, piece by piece (layer-major, K before V)."""
+    g = cache.geometry
+    itype = _INT[g.itemsize]
+    parts = [cache.piece_view(layer, kv, itype)[block].contiguous().view(torch.uint8).numpy().tobytes()
+             for layer in range(g.num_layers) for kv in range(g.num_kv)]
+    return b"".join(parts)
+
+
+def write_block(cache: PagedKVCache, block: int, data: bytes) -> None:
+    """Overwrite one block with ``data`` (as laid out by ``read_block``)."""
+    g = cache.geometry
+    itype = _INT[g.itemsize]
+    piece = g.piece_elems * g.itemsize
+    if len(data) != piece * g.num_pieces:
+        raise ValueError(f"block data must be {piece * g.num_pieces} bytes, got {len(data)}")
+    for p in range(g.num_pieces):
+        layer, kv = divmod(p, g.num_kv)
+        src = torch.frombuffer(bytearray(data[p * piece:(p + 1) * piece]), dtype=torch.uint8)
+        view = cache.piece_view(layer, kv, itype)[block]
+        view.copy_(src.view(itype).view(view.shape))
+
+
+def poison_block(cache: PagedKVCache, block: int) -> bytes:
+    """Fill one block with the poison byte; return its new content."""
+    data = bytes([POISON]) * cache.geometry.block_bytes
+    write_block(cache, block, data)
+    return data
+
+
+def config(tmp_path=None, *, host: int | None = None, disk: int | None = None, **kw) -> KvbmConfig:
+    """A config with ``host`` G2 blocks and ``disk`` G3 blocks (in ``tmp_path``); ``kw`` sets other fields."""
+    if disk is not None:
+        kw.setdefault("disk_cache_dir", tmp_path)
+    return KvbmConfig(cpu_cache_override_num_blocks=host, disk_cache_override_num_blocks=disk, **kw)

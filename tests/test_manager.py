@@ -1,0 +1,243 @@
+"""BlockManager standalone use on CPU: offload, lookup, onboard, byte-exact through G2 and through G3 (real files)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from kvbm.config import KvbmConfig, KvbmConfigError
+from kvbm.disk_filter import DiskAdmissionFilter
+from kvbm.hashing import salt_hash, sequence_hashes
+from kvbm.manager import BlockManager, BlockResult, Match
+from kvbm.metrics import KvbmMetrics
+from manager_testkit import GEOM, GEOM_PADDED, POISON, config, make_gpu, poison_block, read_block
+
+OK, FAILED, SKIPPED = BlockResult.OK, BlockResult.FAILED, BlockResult.SKIPPED
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    return np.random.default_rng(abs(hash(request.node.name)) % (2**32))
+
+
+def tokens(rng: np.random.Generator, n_blocks: int, extra: int = 0) -> list[int]:
+    return rng.integers(0, 50_000, n_blocks * GEOM.block_size + extra).tolist()
+
+
+def hist_count(metrics: KvbmMetrics, direction: str) -> float:
+    return metrics.registry.get_sample_value("kvbm_transfer_seconds_count", {"direction": direction})
+
+
+def test_round_trip_through_host_tier(rng):
+    gpu = make_gpu(32, rng)
+    with BlockManager(gpu, config(host=16)) as mgr:
+        hashes = mgr.sequence_hashes(tokens(rng, 6))
+        src_ids = [3, 7, 1, 12, 5, 9]
+        want = [read_block(gpu, b) for b in src_ids]
+        ticket = mgr.offload(hashes, src_ids)
+        assert ticket in mgr.poll() and ticket.results == [OK] * 6
+        mgr.check_invariants()
+        # a full match does not report the last block: the engine computes at least one token
+        assert mgr.lookup(hashes) == Match(5, 5, 0)
+        dst_ids = [20, 21, 30, 22, 25, 24]
+        for b in dst_ids:
+            poison_block(gpu, b)
+        ticket = mgr.onboard(hashes[:5], dst_ids[:5])
+        mgr.wait(ticket)
+        assert ticket.done and ticket.results == [OK] * 5
+        for i in range(5):
+            assert read_block(gpu, dst_ids[i]) == want[i]
+        assert read_block(gpu, dst_ids[5]) == bytes([POISON]) * GEOM.block_bytes
+        mgr.check_invariants()
+        m = mgr.metrics
+        assert m.value("kvbm_offload_blocks_d2h") == 6 and m.value("kvbm_onboard_blocks_h2d") == 5
+        assert m.value("kvbm_transfer_bytes", "g1_to_g2") == 6 * GEOM.block_bytes
+        assert m.value("kvbm_matched_tokens") == 5 * GEOM.block_size
+        assert m.value("kvbm_host_cache_hit_rate") == pytest.approx(5 / 6)
+
+
+@pytest.mark.parametrize("geometry", [GEOM, GEOM_PADDED], ids=["aligned", "padded"])
+def test_round_trip_through_disk_tier(tmp_path, rng, geometry):
+    gpu = make_gpu(32, rng, geometry)
+    cfg = config(tmp_path, host=3, disk=16, disable_disk_offload_filter=True, max_transfer_batch_size=4)
+    mgr = BlockManager(gpu, cfg)
+    files = list(tmp_path.glob("kvbm-g3-*"))
+    assert len(files) == 1 and os.path.getsize(files[0]) == 16 * 4096  # slots padded to 4 KiB
+    toks = rng.integers(0, 50_000, 10 * geometry.block_size).tolist()
+    hashes = mgr.sequence_hashes(toks)
+    want = {b: read_block(gpu, b) for b in range(10)}
+    ticket = mgr.offload(hashes, list(range(10)))
+    mgr.wait()
+    assert ticket.results == [OK] * 10
+    mgr.check_invariants()
+    # G2 holds only the last 3 blocks; every block went down to G3 (filter disabled) before being evicted
+    assert mgr.lookup(hashes) == Match(9, 0, 9)
+    assert mgr.metrics.value("kvbm_offload_blocks_h2d") == 10
+    dst = list(range(16, 26))
+    for b in dst:
+        poison_block(gpu, b)
+    ticket = mgr.onboard(hashes, dst)
+    mgr.wait(ticket)
+    assert ticket.results == [OK] * 10
+    for i in range(10):
+        assert read_block(gpu, dst[i]) == want[i], f"block {i}"
+    assert mgr.metrics.value("kvbm_onboard_blocks_d2d") == 7
+    assert mgr.metrics.value("kvbm_onboard_blocks_h2d") == 3
+    mgr.check_invariants()
+    mgr.close()
+    assert list(tmp_path.glob("kvbm-g3-*")) == []  # clean shutdown removes the disk file
+    mgr.close()  # idempotent
+
+
+def test_disk_only_mode_goes_straight_to_disk(tmp_path, rng):
+    gpu = make_gpu(16, rng)
+    with BlockManager(gpu, config(tmp_path, disk=8, max_transfer_batch_size=2)) as mgr:
+        assert mgr.host is None and mgr.config.disk_only
+        hashes = mgr.sequence_hashes(tokens(rng, 5, extra=1))
+        want = [read_block(gpu, b) for b in range(5)]
+        ticket = mgr.offload(hashes, range(5))
+        mgr.wait()
+        assert ticket.results == [OK] * 5
+        assert mgr.metrics.value("kvbm_offload_blocks_d2d") == 5
+        assert hist_count(mgr.metrics, "g1_to_g3") == 3  # batches of 2
+        # the prompt goes past the full blocks, so all 5 are reported
+        assert mgr.lookup(hashes, num_tokens=5 * GEOM.block_size + 1) == Match(5, 0, 5)
+        for b in range(8, 13):
+            poison_block(gpu, b)
+        ticket = mgr.onboard(hashes, range(8, 13))
+        mgr.wait(ticket)
+        assert ticket.results == [OK] * 5
+        assert [read_block(gpu, b) for b in range(8, 13)] == want
+        mgr.check_invariants()
+
+
+def test_lookup_takes_host_then_disk_and_stops_at_the_first_miss(tmp_path, rng):
+    gpu = make_gpu(16, rng)
+    with BlockManager(gpu, config(tmp_path, host=4, disk=8, disable_disk_offload_filter=True)) as mgr:
+        hashes = mgr.sequence_hashes(tokens(rng, 8))
+        mgr.offload(hashes[:6], range(6))
+        mgr.wait()
+        # G2 keeps blocks 2..5 (0 and 1 were evicted), G3 has all six
+        assert not mgr.host.pool.contains(hashes[0]) and mgr.host.pool.contains(hashes[2])
+        assert mgr.lookup(hashes) == Match(6, 0, 6)  # G2 misses block 0, so G3 serves from there
+        assert mgr.lookup(hashes[2:]) == Match(4, 4, 0)  # G2 run, then G3 has nothing more
+        assert mgr.lookup(hashes[2:6]) == Match(3, 3, 0)  # whole prompt matched: last block left out
+        assert mgr.lookup(hashes[2:6], num_tokens=4 * GEOM.block_size + 3) == Match(4, 4, 0)
+        assert mgr.lookup(hashes[6:]) == Match(0, 0, 0)
+        assert mgr.lookup([]) == Match(0, 0, 0)
+        m = mgr.metrics
+        assert m.value("kvbm_disk_cache_hit_rate") == pytest.approx(6 / 24)  # 8 + 6 + 4 + 4 + 2 + 0 blocks asked
+        assert m.value("kvbm_host_cache_hit_rate") == pytest.approx(11 / 24)
+
+
+def test_disk_admission_filter_cascades_blocks_seen_again(tmp_path, rng):
+    gpu = make_gpu(16, rng)
+    clock = [0.0]
+    filt = DiskAdmissionFilter(clock=lambda: clock[0])
+    with BlockManager(gpu, config(tmp_path, host=8, disk=8), disk_filter=filt) as mgr:
+        hashes = mgr.sequence_hashes(tokens(rng, 4))
+        mgr.offload(hashes, range(4))
+        mgr.wait()
+        assert not any(mgr.disk.pool.contains(h) for h in hashes)  # seen once: not worth the disk
+        assert mgr.lookup(hashes[:2], num_tokens=99) == Match(2, 2, 0)  # a hit on blocks 0 and 1
+        mgr.poll()
+        assert [mgr.disk.pool.contains(h) for h in hashes] == [True, True, False, False]
+        assert mgr.metrics.value("kvbm_offload_blocks_h2d") == 2
+        mgr.check_invariants()
+
+
+def test_offload_skips_stored_repeated_and_low_priority_blocks(rng):
+    gpu = make_gpu(16, rng)
+    with BlockManager(gpu, config(host=8, host_offload_prefix_min_priority=10)) as mgr:
+        hashes = mgr.sequence_hashes(tokens(rng, 3))
+        low = mgr.offload(hashes, [0, 1, 2], priority=5)
+        assert low.done and low.results == [SKIPPED] * 3 and "PRIORITY" in low.reasons[0]
+        first = mgr.offload(hashes[:2], [0, 1], priority=50)
+        again = mgr.offload([hashes[0], hashes[2], hashes[2]], [5, 6, 7], priority=50)
+        assert again.results[0] is SKIPPED and again.results[2] is SKIPPED and "already" in again.reasons[2]
+        finished = mgr.wait()
+        assert {id(t) for t in finished} >= {id(first), id(again), id(low)}
+        assert again.results[1] is OK and first.results == [OK, OK]
+        assert mgr.metrics.value("kvbm_offload_blocks_d2h") == 3
+
+
+def test_eviction_takes_lowest_priority_then_least_recent(rng):
+    gpu = make_gpu(16, rng)
+    with BlockManager(gpu, config(host=4)) as mgr:
+        hashes = mgr.sequence_hashes(tokens(rng, 6))
+        mgr.offload(hashes[:2], [0, 1], priority=80)
+        mgr.offload(hashes[2:4], [2, 3], priority=10)
+        mgr.wait()
+        mgr.onboard([hashes[2]], [10])  # block 2 is now more recently used than block 3
+        mgr.wait()
+        mgr.offload(hashes[4:5], [4], priority=50)
+        mgr.wait()
+        present = [mgr.host.pool.contains(h) for h in hashes[:5]]
+        assert present == [True, True, True, False, True]
+        mgr.check_invariants()
+
+
+def test_batches_respect_batch_size_and_concurrency_limit(rng, monkeypatch):
+    gpu = make_gpu(32, rng)
+    with BlockManager(gpu, config(host=32, max_transfer_batch_size=3, max_concurrent_transfers=2)) as mgr:
+        hashes = mgr.sequence_hashes(tokens(rng, 10))
+        in_flight = []
+        real_submit = mgr._submit
+
+        def submit(batch):
+            real_submit(batch)
+            in_flight.append(len(mgr._in_flight))
+
+        monkeypatch.setattr(mgr, "_submit", submit)
+        ticket = mgr.offload(hashes, range(10))
+        assert max(in_flight) == 2
+        mgr.wait()
+        assert ticket.results == [OK] * 10
+        assert hist_count(mgr.metrics, "g1_to_g2") == 4  # 3 + 3 + 3 + 1
+
+
+def test_sequence_hashes_match_kvbm_hashing(rng):
+    gpu = make_gpu(4, rng)
+    with BlockManager(gpu, config(host=4)) as mgr:
+        toks = tokens(rng, 3, extra=2)
+        assert mgr.sequence_hashes(toks, "salt", "lora") == sequence_hashes(toks, 4, salt_hash("salt", "lora"))
+        assert len(mgr.sequence_hashes(toks)) == 3
+        assert mgr.sequence_hashes(toks, "a") != mgr.sequence_hashes(toks, "b")
+
+
+def test_sizes_come_from_the_environment(tmp_path, rng):
+    gpu = make_gpu(4, rng)
+    env = {"DYN_KVBM_CPU_CACHE_GB": str(5 * GEOM.block_bytes / 1e9),
+           "DYN_KVBM_DISK_CACHE_GB": str(7 * GEOM.block_bytes / 1e9),
+           "DYN_KVBM_DISK_CACHE_DIR": str(tmp_path), "DYN_KVBM_DISK_DISABLE_O_DIRECT": "1"}
+    with BlockManager(gpu, KvbmConfig.from_env(env)) as mgr:
+        assert mgr.host.pool.num_blocks == 5 and mgr.disk.pool.num_blocks == 7
+        assert not mgr.disk.file.o_direct
+
+
+def test_bad_input_raises_clear_errors(tmp_path, rng):
+    gpu = make_gpu(8, rng)
+    with pytest.raises(KvbmConfigError, match="no offload tier"):
+        BlockManager(gpu, KvbmConfig())
+    with pytest.raises(TypeError, match="PagedKVCache"):
+        BlockManager(gpu.tensors[0], config(host=2))
+    with pytest.raises(KvbmConfigError, match="not an existing directory"):
+        BlockManager(gpu, config(tmp_path / "missing", disk=4))
+    mgr = BlockManager(gpu, config(host=4))
+    with pytest.raises(ValueError, match="same length"):
+        mgr.offload([1, 2], [0])
+    with pytest.raises(IndexError, match="out of range"):
+        mgr.offload([1], [8])
+    with pytest.raises(ValueError, match="distinct"):
+        mgr.onboard([1, 2], [3, 3])
+    with pytest.raises(ValueError, match=r"\[0, 2\*\*64\)"):
+        mgr.lookup([-1])
+    with pytest.raises(TypeError, match="priority"):
+        mgr.offload([1], [0], priority=1.5)
+    missing = mgr.onboard([123], [0])
+    assert missing.results == [FAILED] and "no tier" in missing.reasons[0]
+    mgr.check_invariants()
+    mgr.close()
+    with pytest.raises(ValueError, match="closed"):
+        mgr.lookup([1])
