@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source tests/venv.sh bench
 "$PY" -m bench.transfer_bench "$@"
-exec "$PY" -m kvbm.cli replay --json bench/results/replay_$(hostname -s 2>/dev/null || echo local).json
+exec "$PY" -m kvbm.cli replay --json bench/results/replay.json
