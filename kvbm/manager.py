@@ -214,7 +214,6 @@ class BlockManager:
         self._in_flight: list[_Batch] = []
         self._finished: list[Ticket] = []
         self._cascade: dict[int, None] = {}  # G2 hashes admitted to G3, in admission order
-        self._holds: dict[str, Counter[int]] = {"G2": Counter(), "G3": Counter()}
         self._bad_g3: set[int] = set()  # G3 slots that failed a read, dropped once unheld
         self._closed = False
 
@@ -343,12 +342,12 @@ class BlockManager:
         for i, h in enumerate(hashes):
             slot = self.host.pool.lookup(h) if self.host is not None else None
             if slot is not None:
-                self._hold(self.host, slot)
+                self.host.pool.hold(slot)
                 from_host.append((i, slot))
                 continue
             slot = self.disk.pool.lookup(h) if self.disk is not None else None
             if slot is not None:
-                self._hold(self.disk, slot)
+                self.disk.pool.hold(slot)
                 from_disk.append((i, slot))
                 continue
             ticket.results[i] = BlockResult.FAILED
@@ -372,10 +371,14 @@ class BlockManager:
         for tier in tiers:
             tier.pool.check_invariants()
         pending: dict[str, set[int]] = {"G2": set(), "G3": set()}
+        reading: dict[str, Counter[int]] = {"G2": Counter(), "G3": Counter()}
         chunks: list[int] = []
         for b in self._in_flight:
-            if b.direction in ("g1_to_g2", "g1_to_g3"):
-                pending["G2" if b.direction == "g1_to_g2" else "G3"].update(b.slots)
+            tier_name = "G2" if b.direction in ("g1_to_g2", "g2_to_g1") else "G3"
+            if b.direction.startswith("g1_to"):
+                pending[tier_name].update(b.slots)
+            else:
+                reading[tier_name].update(b.slots)
             if b.chunk is not None:
                 chunks.append(b.chunk)
         for tier in tiers:
@@ -384,9 +387,9 @@ class BlockManager:
             for slot in range(pool.num_blocks):
                 held = pool.holds(slot)
                 held_slots += held > 0
-                if held != self._holds[tier.name][slot]:
-                    raise ManagerInvariantError(f"{tier.name} slot {slot}: pool has {held} holds, the manager's "
-                                                f"batches account for {self._holds[tier.name][slot]}")
+                if held != reading[tier.name][slot]:
+                    raise ManagerInvariantError(f"{tier.name} slot {slot}: pool has {held} holds, batches in "
+                                                f"flight read it {reading[tier.name][slot]} times")
             for slot in pending[tier.name]:
                 if pool.hash_of(slot) is None or pool.holds(slot):
                     raise ManagerInvariantError(f"{tier.name} slot {slot} is written by a batch in flight but is "
@@ -395,6 +398,8 @@ class BlockManager:
             if num_pending != len(pending[tier.name]):
                 raise ManagerInvariantError(f"{tier.name} has {num_pending} pending slots, batches in flight write "
                                             f"{len(pending[tier.name])}")
+        if any(not reading["G3"][slot] for slot in self._bad_g3):
+            raise ManagerInvariantError(f"G3 slots {sorted(self._bad_g3)} failed a read but were not dropped")
         if self.bounce is not None:
             if len(set(chunks)) != len(chunks) or self._cascade_chunk in chunks:
                 raise ManagerInvariantError(f"a bounce chunk is used by two batches: {chunks}")
@@ -586,7 +591,7 @@ class BlockManager:
                 if alloc is None:
                     log.debug("G3 full (every block busy): block %#x not written to disk", h)
                     continue
-                self._hold(self.host, g2_slot)
+                self.host.pool.hold(g2_slot)
                 part.append((h, g2_slot, alloc.slot))
             if part:
                 self._write_cascade(part)
@@ -620,19 +625,12 @@ class BlockManager:
 
     # -- holds, chunks, lifetime -----------------------------------------------------------------------------
 
-    def _hold(self, tier: HostTier | DiskTier, slot: int) -> None:
-        tier.pool.hold(slot)
-        self._holds[tier.name][slot] += 1
-
     def _release(self, tier: HostTier | DiskTier, slot: int) -> None:
         """Drop a hold; a G3 slot that failed a read is dropped from G3 once nothing holds it."""
         tier.pool.release(slot)
-        self._holds[tier.name][slot] -= 1
-        if not self._holds[tier.name][slot]:
-            del self._holds[tier.name][slot]
-            if tier is self.disk and slot in self._bad_g3:
-                self._bad_g3.discard(slot)
-                tier.pool.discard(slot)
+        if tier is self.disk and slot in self._bad_g3 and not tier.pool.holds(slot):
+            self._bad_g3.discard(slot)
+            tier.pool.discard(slot)
 
     def _acquire_chunk(self) -> int:
         chunk = self.bounce.acquire()
