@@ -12,11 +12,14 @@ Standalone use, no engine (the connectors call the same methods)::
     mgr.close()                                          # removes the disk file
 
 Moves are batches of at most ``DYN_KVBM_MAX_TRANSFER_BATCH_SIZE`` blocks, at most ``DYN_KVBM_MAX_CONCURRENT_
-TRANSFERS`` in flight (submitting one more first finishes the oldest). On a GPU, G1 <-> host copies run on the
-transfer engine's streams and complete through CUDA events that ``poll`` queries without blocking; on CPU they
-run synchronously and the batch is complete when submitted. Disk reads and writes are synchronous (the disk file
-spreads a batch over its own I/O threads): G3 -> G1 reads the slots into a bounce chunk, then copies only the
-slots that were read intact into G1, so a failed load never writes a byte into G1 and is never counted as moved.
+TRANSFERS`` in flight; further batches wait in a queue that ``poll`` starts as transfers finish, so ``offload`` and
+``onboard`` do not block (except an offload that finds every slot of its tier pending or held: it waits for the
+oldest batch to land). On a GPU, G1 <-> host copies run on the transfer engine's streams and complete through CUDA
+events that ``poll`` queries without blocking; on CPU they run synchronously when the batch starts. Disk reads and
+writes are synchronous (the disk file spreads a batch over its own I/O threads): G3 -> G1 reads the slots into a
+pinned bounce chunk, then copies only the slots read intact into G1, so a failed load never writes a byte into G1
+and is never counted as moved. A copy that fails is reported FAILED for every block of its batch; a copy kernel
+that fails part-way may have written some of those G1 blocks, which the engine recomputes as for any failed load.
 
 Block life: ``offload`` allocates PENDING slots (evicting inactive blocks, lowest priority then least recently
 used); the batch's completion commits them (visible to ``lookup``) or discards them on failure. A block being
@@ -34,7 +37,7 @@ import enum
 import logging
 import operator
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -118,6 +121,16 @@ class _Batch:
     chunk: int | None = None
     read_errors: dict[int, str] = field(default_factory=dict)  # index into positions -> error (G3 reads)
     elapsed: float | None = None  # seconds, when the batch completed synchronously
+
+
+@dataclass
+class _Plan:
+    """A batch waiting for a transfer slot: its tier slots are already allocated (offload) or held (onboard)."""
+
+    ticket: Ticket
+    direction: str
+    positions: list[int]
+    slots: list[int]
 
 
 def _done_handle(num_blocks: int, nbytes: int, error: BaseException | None = None) -> TransferHandle:
@@ -211,6 +224,7 @@ class BlockManager:
         log.info("block manager: G2 %d blocks, G3 %d blocks of %d bytes%s; batches of %d, %d in flight",
                  host_blocks, disk_blocks, self.block_bytes, " (disk-only mode)" if config.disk_only else "",
                  self.batch_size, self.max_in_flight)
+        self._queue: deque[_Plan] = deque()
         self._in_flight: list[_Batch] = []
         self._finished: list[Ticket] = []
         self._cascade: dict[int, None] = {}  # G2 hashes admitted to G3, in admission order
@@ -253,12 +267,12 @@ class BlockManager:
                 reason = f"already stored in {tier.name}"
             else:
                 alloc = tier.pool.allocate(h, priority)
-                if alloc is None and (part or self._in_flight):
-                    # Every slot is pending or held: send what is built, let the oldest batch land, retry.
+                if alloc is None and (part or self._in_flight or self._queue):
+                    # Every slot is pending or held: plan what is built, let the oldest batch land, retry.
                     if part:
-                        self._offload_batch(ticket, direction, part)
+                        self._plan(ticket, direction, part)
                         part = []
-                    while alloc is None and self._in_flight:
+                    while alloc is None and (self._in_flight or self._queue):
                         self._finish_oldest()
                         self._run_cascade()  # admitted blocks reach G3 before they can be evicted from G2
                         alloc = tier.pool.allocate(h, priority)
@@ -267,31 +281,36 @@ class BlockManager:
                 else:
                     part.append((i, alloc.slot))
                     if len(part) == self.batch_size:
-                        self._offload_batch(ticket, direction, part)
+                        self._plan(ticket, direction, part)
                         part = []
             seen.add(h)
             if reason is not None:
                 ticket.results[i] = BlockResult.SKIPPED
                 ticket.reasons[i] = reason
         if part:
-            self._offload_batch(ticket, direction, part)
+            self._plan(ticket, direction, part)
         self._settle(ticket)
         return ticket
 
     def poll(self) -> list[Ticket]:
-        """Finish every batch whose copy has completed (never blocks on the GPU), cascade admitted G2 blocks to G3,
-        and return the tickets that finished since the last call."""
+        """Finish every batch whose copy has completed (never blocks on the GPU), start queued batches in the
+        freed transfer slots, cascade admitted G2 blocks to G3, and return the tickets finished since the last
+        call."""
         self._check_open()
-        for batch in [b for b in self._in_flight if b.handle.done()]:
-            self._finish(batch)
+        while True:
+            done = [b for b in self._in_flight if b.handle.done()]
+            for batch in done:
+                self._finish(batch)
+            if not self._launch_queued() and not done:
+                break
         self._run_cascade()
         finished, self._finished = self._finished, []
         return finished
 
     def wait(self, ticket: Ticket | None = None) -> list[Ticket]:
-        """Block until ``ticket`` (default: every batch in flight) is done, then ``poll``."""
+        """Block until ``ticket`` (default: every batch queued or in flight) is done, then ``poll``."""
         self._check_open()
-        while self._in_flight and (ticket is None or not ticket.done):
+        while (self._in_flight or self._queue) and (ticket is None or not ticket.done):
             self._finish_oldest()
         return self.poll()
 
@@ -352,34 +371,27 @@ class BlockManager:
                 continue
             ticket.results[i] = BlockResult.FAILED
             ticket.reasons[i] = "block is in no tier (never stored, or evicted)"
-        for start in range(0, len(from_host), self.batch_size):
-            part = from_host[start:start + self.batch_size]
-            positions, slots = [p for p, _ in part], [s for _, s in part]
-            self._make_room()
-            started = time.perf_counter()
-            handle = self._copy(self.host.cache, self.gpu, slots, [gpu_ids[p] for p in positions])
-            self._submit(_Batch(ticket, "g2_to_g1", positions, slots, handle, started))
-        for start in range(0, len(from_disk), self.batch_size):
-            part = from_disk[start:start + self.batch_size]
-            self._submit(self._disk_onboard(ticket, [p for p, _ in part], [s for _, s in part]))
+        for direction, blocks in (("g2_to_g1", from_host), ("g3_to_g1", from_disk)):
+            for start in range(0, len(blocks), self.batch_size):
+                self._plan(ticket, direction, blocks[start:start + self.batch_size])
         self._settle(ticket)
         return ticket
 
     def check_invariants(self) -> None:
-        """Verify pools, holds, pending slots and bounce chunks against the batches in flight (O(size), tests)."""
+        """Verify pools, holds, pending slots and bounce chunks against the planned batches (O(size), for tests)."""
         tiers = [t for t in (self.host, self.disk) if t is not None]
         for tier in tiers:
             tier.pool.check_invariants()
         pending: dict[str, set[int]] = {"G2": set(), "G3": set()}
         reading: dict[str, Counter[int]] = {"G2": Counter(), "G3": Counter()}
         chunks: list[int] = []
-        for b in self._in_flight:
+        for b in [*self._in_flight, *self._queue]:
             tier_name = "G2" if b.direction in ("g1_to_g2", "g2_to_g1") else "G3"
             if b.direction.startswith("g1_to"):
                 pending[tier_name].update(b.slots)
             else:
                 reading[tier_name].update(b.slots)
-            if b.chunk is not None:
+            if isinstance(b, _Batch) and b.chunk is not None:
                 chunks.append(b.chunk)
         for tier in tiers:
             pool = tier.pool
@@ -388,15 +400,15 @@ class BlockManager:
                 held = pool.holds(slot)
                 held_slots += held > 0
                 if held != reading[tier.name][slot]:
-                    raise ManagerInvariantError(f"{tier.name} slot {slot}: pool has {held} holds, batches in "
-                                                f"flight read it {reading[tier.name][slot]} times")
+                    raise ManagerInvariantError(f"{tier.name} slot {slot}: pool has {held} holds, batches "
+                                                f"queued or in flight read it {reading[tier.name][slot]} times")
             for slot in pending[tier.name]:
                 if pool.hash_of(slot) is None or pool.holds(slot):
-                    raise ManagerInvariantError(f"{tier.name} slot {slot} is written by a batch in flight but is "
+                    raise ManagerInvariantError(f"{tier.name} slot {slot} is written by a planned batch but is "
                                                 f"free or held in the pool")
             num_pending = pool.num_blocks - pool.num_free() - pool.num_evictable() - held_slots
             if num_pending != len(pending[tier.name]):
-                raise ManagerInvariantError(f"{tier.name} has {num_pending} pending slots, batches in flight write "
+                raise ManagerInvariantError(f"{tier.name} has {num_pending} pending slots, planned batches write "
                                             f"{len(pending[tier.name])}")
         if any(not reading["G3"][slot] for slot in self._bad_g3):
             raise ManagerInvariantError(f"G3 slots {sorted(self._bad_g3)} failed a read but were not dropped")
@@ -413,7 +425,7 @@ class BlockManager:
         """Finish every batch in flight, then free host memory and delete the disk file (idempotent)."""
         if self._closed:
             return
-        while self._in_flight:
+        while self._in_flight or self._queue:
             self._finish_oldest()
         self._closed = True
         self._release_storage()
@@ -452,54 +464,54 @@ class BlockManager:
             handle.error = e
         return handle
 
-    def _offload_batch(self, ticket: Ticket, direction: str, part: list[tuple[int, int]]) -> None:
-        """Start copying one batch of G1 blocks into their pending G2 slots (or, disk-only, a bounce chunk)."""
-        positions, slots = [p for p, _ in part], [s for _, s in part]
-        src = [ticket.gpu_block_ids[p] for p in positions]
-        self._make_room()
+    def _plan(self, ticket: Ticket, direction: str, part: list[tuple[int, int]]) -> None:
+        """Queue one batch of (position in ticket, tier slot) pairs and start it if a transfer slot is free."""
+        ticket._open_batches += 1
+        self._queue.append(_Plan(ticket, direction, [p for p, _ in part], [s for _, s in part]))
+        self._launch_queued()
+
+    def _launch_queued(self) -> int:
+        """Start queued batches while fewer than ``max_in_flight`` are in flight; return how many started."""
+        started = 0
+        while self._queue and len(self._in_flight) < self.max_in_flight:
+            batch = self._start(self._queue.popleft())
+            if batch.handle.done():
+                batch.elapsed = time.perf_counter() - batch.started
+            self._in_flight.append(batch)
+            started += 1
+        return started
+
+    def _start(self, plan: _Plan) -> _Batch:
+        """Start a planned batch's copy (after reading its G3 slots into a bounce chunk, for G3 -> G1)."""
         started = time.perf_counter()
-        chunk = None
-        if direction == "g1_to_g2":
-            handle = self._copy(self.gpu, self.host.cache, src, slots)
-        else:
-            chunk = self._acquire_chunk()
-            handle = self._copy(self.gpu, self.bounce.cache, src, self.bounce.block_ids(chunk, len(part)))
-        self._submit(_Batch(ticket, direction, positions, slots, handle, started, chunk))
-
-    def _disk_onboard(self, ticket: Ticket, positions: list[int], slots: list[int]) -> _Batch:
-        """Read G3 slots into a bounce chunk, then start copying the intact ones into G1."""
-        self._make_room()
-        started = time.perf_counter()
-        chunk = self._acquire_chunk()
-        ids = self.bounce.block_ids(chunk, len(slots))
-        result = self.disk.file.read_slots(slots, self.bounce.array, buf_blocks=ids)
-        read_errors = {k: str(result.errors[s]) for k, s in enumerate(slots) if s in result.errors}
-        good = [k for k in range(len(slots)) if k not in read_errors]
-        if good:
-            handle = self._copy(self.bounce.cache, self.gpu, [ids[k] for k in good],
-                                [ticket.gpu_block_ids[positions[k]] for k in good])
-        else:
-            handle = _done_handle(0, 0)
-        return _Batch(ticket, "g3_to_g1", positions, slots, handle, started, chunk, read_errors)
-
-    def _submit(self, batch: _Batch) -> None:
-        """Put a started batch in flight."""
-        if batch.handle.done():
-            batch.elapsed = time.perf_counter() - batch.started
-        batch.ticket._open_batches += 1
-        self._in_flight.append(batch)
-
-    def _make_room(self) -> None:
-        """Keep at most ``max_in_flight`` batches in flight: finish the oldest (blocking) when at the limit."""
-        while len(self._in_flight) >= self.max_in_flight:
-            self._finish_oldest()
+        gpu_ids = [plan.ticket.gpu_block_ids[p] for p in plan.positions]
+        chunk = None if plan.direction in ("g1_to_g2", "g2_to_g1") else self._acquire_chunk()
+        read_errors: dict[int, str] = {}
+        if plan.direction == "g1_to_g2":
+            handle = self._copy(self.gpu, self.host.cache, gpu_ids, plan.slots)
+        elif plan.direction == "g2_to_g1":
+            handle = self._copy(self.host.cache, self.gpu, plan.slots, gpu_ids)
+        elif plan.direction == "g1_to_g3":
+            handle = self._copy(self.gpu, self.bounce.cache, gpu_ids, self.bounce.block_ids(chunk, len(gpu_ids)))
+        else:  # g3_to_g1: read into the bounce chunk, copy only the slots read intact
+            ids = self.bounce.block_ids(chunk, len(gpu_ids))
+            result = self.disk.file.read_slots(plan.slots, self.bounce.array, buf_blocks=ids)
+            read_errors = {k: str(result.errors[s]) for k, s in enumerate(plan.slots) if s in result.errors}
+            good = [k for k in range(len(ids)) if k not in read_errors]
+            if good:
+                handle = self._copy(self.bounce.cache, self.gpu, [ids[k] for k in good], [gpu_ids[k] for k in good])
+            else:
+                handle = _done_handle(0, 0)
+        return _Batch(plan.ticket, plan.direction, plan.positions, plan.slots, handle, started, chunk, read_errors)
 
     def _finish_oldest(self) -> None:
-        """Wait for the oldest batch in flight and finish it."""
-        batch = self._in_flight[0]
-        if batch.handle.event is not None and batch.handle.error is None:
-            batch.handle.event.synchronize()
-        self._finish(batch)
+        """Wait for the oldest batch in flight and finish it, then start queued batches."""
+        if self._in_flight:
+            batch = self._in_flight[0]
+            if batch.handle.event is not None and batch.handle.error is None:
+                batch.handle.event.synchronize()
+            self._finish(batch)
+        self._launch_queued()
 
     def _finish(self, batch: _Batch) -> None:
         """Account a batch whose copy completed: commit or discard slots, release holds and chunks, set results."""

@@ -178,23 +178,50 @@ def test_eviction_takes_lowest_priority_then_least_recent(rng):
         mgr.check_invariants()
 
 
-def test_batches_respect_batch_size_and_concurrency_limit(rng, monkeypatch):
+class FakeEvent:
+    """Stands in for a CUDA event: the copy already ran, but completion is reported only once ``fire`` is set."""
+
+    def __init__(self, fire: list[bool], waits: list[int]) -> None:
+        self.fire, self.waits = fire, waits
+
+    def query(self) -> bool:
+        return self.fire[0]
+
+    def synchronize(self) -> None:
+        self.waits[0] += 1
+        self.fire[0] = True
+
+
+def test_batches_are_queued_beyond_the_concurrency_limit_and_never_block(rng, monkeypatch):
     gpu = make_gpu(32, rng)
     with BlockManager(gpu, config(host=32, max_transfer_batch_size=3, max_concurrent_transfers=2)) as mgr:
         hashes = mgr.sequence_hashes(tokens(rng, 10))
-        in_flight = []
-        real_submit = mgr._submit
+        fire, waits = [False], [0]
+        real_copy = mgr._copy
 
-        def submit(batch):
-            real_submit(batch)
-            in_flight.append(len(mgr._in_flight))
+        def async_copy(*args):
+            handle = real_copy(*args)
+            handle.event = FakeEvent(fire, waits)
+            return handle
 
-        monkeypatch.setattr(mgr, "_submit", submit)
+        monkeypatch.setattr(mgr, "_copy", async_copy)
         ticket = mgr.offload(hashes, range(10))
-        assert max(in_flight) == 2
-        mgr.wait()
-        assert ticket.results == [OK] * 10
-        assert hist_count(mgr.metrics, "g1_to_g2") == 4  # 3 + 3 + 3 + 1
+        assert (len(mgr._in_flight), len(mgr._queue)) == (2, 2)  # 3 + 3 in flight, 3 + 1 queued
+        assert mgr.poll() == [] and not ticket.done and waits == [0]
+        assert mgr.lookup(hashes, num_tokens=99) == Match(0, 0, 0)  # nothing is visible before it lands
+        mgr.check_invariants()
+        fire[0] = True
+        assert mgr.poll() == [ticket] and ticket.results == [OK] * 10
+        assert waits == [0]  # completion came from polling alone
+        assert hist_count(mgr.metrics, "g1_to_g2") == 4
+        # an onboard queues the same way; wait() blocks on the oldest batch
+        fire[0] = False
+        ticket = mgr.onboard(hashes[:9], range(16, 25))
+        assert (len(mgr._in_flight), len(mgr._queue)) == (2, 1)
+        mgr.check_invariants()
+        assert mgr.wait(ticket) == [ticket] and ticket.results == [OK] * 9 and waits[0] >= 1
+        assert [read_block(gpu, b) for b in range(16, 25)] == [read_block(gpu, b) for b in range(9)]
+        mgr.check_invariants()
 
 
 def test_sequence_hashes_match_kvbm_hashing(rng):

@@ -5,6 +5,7 @@ offloaded). After every step: ``check_invariants`` (no leaked, double-owned or w
 chunk), and every onboard ticket that finished is checked: each OK block equals the reference bytes of its hash,
 each FAILED block still holds its poison. Faults are injected at random: copies that raise, and disk reads whose
 slots are reported failed after garbage was written into the bounce buffer (that garbage must never reach G1).
+Copies complete late, at a random later poll, as CUDA events do on a GPU, so batches queue and stay in flight.
 """
 from __future__ import annotations
 
@@ -53,6 +54,20 @@ class Faults:
         mgr.disk.file.read_slots = read_slots
 
 
+class LateEvent:
+    """Stands in for a CUDA event: the copy already ran, completion shows on a random later query (or a wait)."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng, self.fired = rng, False
+
+    def query(self) -> bool:
+        self.fired = self.fired or self.rng.random() < 0.4
+        return self.fired
+
+    def synchronize(self) -> None:
+        self.fired = True
+
+
 def run_soak(mgr: BlockManager, gpu, rng: np.random.Generator, faults: Faults, clock: list[float]) -> dict:
     bs = mgr.geometry.block_size
     convs = [rng.integers(0, 50_000, 10 * bs).tolist() for _ in range(5)]
@@ -60,7 +75,7 @@ def run_soak(mgr: BlockManager, gpu, rng: np.random.Generator, faults: Faults, c
     reference: dict[int, bytes] = {}
     open_tickets: list[Ticket] = []
     poison: dict[int, bytes] = {}
-    stats = {"onboard_ok": 0, "onboard_failed": 0, "lookup_hits": 0, "offload_ok": 0}
+    stats = {"onboard_ok": 0, "onboard_failed": 0, "lookup_hits": 0, "offload_ok": 0, "max_queued": 0}
 
     def busy() -> set[int]:
         return {b for t in open_tickets for b in t.gpu_block_ids}
@@ -117,6 +132,7 @@ def run_soak(mgr: BlockManager, gpu, rng: np.random.Generator, faults: Faults, c
             mgr.wait()
         else:
             clock[0] += 600.0  # one decay step of the admission filter
+        stats["max_queued"] = max(stats["max_queued"], len(mgr._queue))
         verify_finished()
         mgr.check_invariants()
         for tier in (mgr.host, mgr.disk):
@@ -135,7 +151,7 @@ def test_soak(tmp_path, variant, monkeypatch):
     rng = np.random.default_rng(["host+disk", "padded_no_filter", "disk_only", "host_only"].index(variant))
     geometry = GEOM_PADDED if variant == "padded_no_filter" else GEOM
     gpu = make_gpu(G1_BLOCKS, rng, geometry)
-    sizes = {"host+disk": (6, 12), "padded_no_filter": (5, 10), "disk_only": (None, 10), "host_only": (8, None)}
+    sizes = {"host+disk": (6, 12), "padded_no_filter": (5, 10), "disk_only": (None, 10), "host_only": (16, None)}
     host, disk = sizes[variant]
     cfg = config(tmp_path, host=host, disk=disk, max_transfer_batch_size=3, max_concurrent_transfers=2,
                  disable_disk_offload_filter=variant == "padded_no_filter")
@@ -146,12 +162,22 @@ def test_soak(tmp_path, variant, monkeypatch):
             clock=lambda: clock[0], enabled=not cfg.disable_disk_offload_filter)) as mgr:
         if mgr.disk is not None:
             faults.wrap_reads(mgr)
+        real_copy = mgr._copy
+
+        def async_copy(*args):  # completion as on a GPU: batches stay in flight and queue up across steps
+            handle = real_copy(*args)
+            if handle.ok:
+                handle.event = LateEvent(rng)
+            return handle
+
+        monkeypatch.setattr(mgr, "_copy", async_copy)
         stats = run_soak(mgr, gpu, rng, faults, clock)
         m = mgr.metrics
         moved = sum(m.value(c) for c in ("kvbm_onboard_blocks_h2d", "kvbm_onboard_blocks_d2d"))
         failed = sum(m.value("kvbm_transfer_failed_blocks", d) for d in ("g2_to_g1", "g3_to_g1"))
     # the run exercised what it claims to: loads that succeeded, loads that failed, faults, both tiers
     assert stats["onboard_ok"] > 100 and stats["onboard_failed"] > 10 and faults.injected > 10, stats
+    assert stats["max_queued"] >= 2, stats  # batches waited for a transfer slot
     assert moved == stats["onboard_ok"]
     assert failed <= stats["onboard_failed"]  # the rest were blocks found in no tier
     if disk is not None:
