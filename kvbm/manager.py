@@ -90,7 +90,7 @@ class Ticket:
     gpu_block_ids: list[int]
     results: list[BlockResult]
     reasons: dict[int, str] = field(default_factory=dict)
-    _open_batches: int = 0
+    _open_batches: int = field(default=0, repr=False)
 
     @property
     def done(self) -> bool:
@@ -172,7 +172,8 @@ class BlockManager:
         """Size and allocate the tiers from ``config`` (validated with ``check_fits`` first).
 
         ``gpu_cache`` is the engine's cache (on CPU for tests and CPU engines); ``metrics`` defaults to a private
-        ``KvbmMetrics``; ``disk_filter`` defaults to KVBM's filter (disabled by
+        ``KvbmMetrics``, served on ``DYN_KVBM_METRICS_PORT`` while the manager is open when ``DYN_KVBM_METRICS`` is
+        true (a ``metrics`` object passed in is served by its owner); ``disk_filter`` defaults to KVBM's filter (disabled by
         ``DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER``). Raises KvbmConfigError when no tier is configured or a tier
         does not fit.
         """
@@ -188,6 +189,7 @@ class BlockManager:
         self.geometry = gpu_cache.geometry
         self.block_bytes = self.geometry.block_bytes
         self.metrics = metrics if metrics is not None else KvbmMetrics()
+        self._serving = metrics is None and config.metrics
         self.filter = disk_filter if disk_filter is not None else DiskAdmissionFilter(
             enabled=not config.disable_disk_offload_filter)
         self.batch_size = config.max_transfer_batch_size
@@ -218,6 +220,9 @@ class BlockManager:
                 # One chunk per batch in flight, plus one for the synchronous G2 -> G3 cascade.
                 self.bounce = BounceBuffer(self.geometry, gpu_cache.dtype, self.max_in_flight + 1, self.batch_size)
                 self._cascade_chunk = self.bounce.acquire()
+            if self._serving:
+                port = self.metrics.start_server(config.metrics_port)
+                log.info("kvbm metrics served on port %d", port)
         except BaseException:
             self._release_storage()
             raise
@@ -655,6 +660,8 @@ class BlockManager:
             raise ValueError("this BlockManager is closed")
 
     def _release_storage(self) -> None:
+        if self._serving:
+            self.metrics.stop_server()
         for part in (self.disk, self.bounce, self.host):
             if part is not None:
                 part.close()

@@ -1,7 +1,10 @@
 """BlockManager standalone use on CPU: offload, lookup, onboard, byte-exact through G2 and through G3 (real files)."""
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import urllib.request
 
 import numpy as np
 import pytest
@@ -233,14 +236,27 @@ def test_sequence_hashes_match_kvbm_hashing(rng):
         assert mgr.sequence_hashes(toks, "a") != mgr.sequence_hashes(toks, "b")
 
 
-def test_sizes_come_from_the_environment(tmp_path, rng):
+def test_sizes_and_metrics_come_from_the_environment(tmp_path, rng, caplog):
     gpu = make_gpu(4, rng)
+    with socket.socket() as probe:  # a free port for the metrics server
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     env = {"DYN_KVBM_CPU_CACHE_GB": str(5 * GEOM.block_bytes / 1e9),
            "DYN_KVBM_DISK_CACHE_GB": str(7 * GEOM.block_bytes / 1e9),
-           "DYN_KVBM_DISK_CACHE_DIR": str(tmp_path), "DYN_KVBM_DISK_DISABLE_O_DIRECT": "1"}
+           "DYN_KVBM_DISK_CACHE_DIR": str(tmp_path), "DYN_KVBM_DISK_DISABLE_O_DIRECT": "1",
+           "DYN_KVBM_METRICS": "true", "DYN_KVBM_METRICS_PORT": str(port)}
+    caplog.set_level(logging.INFO, logger="kvbm.manager")
     with BlockManager(gpu, KvbmConfig.from_env(env)) as mgr:
         assert mgr.host.pool.num_blocks == 5 and mgr.disk.pool.num_blocks == 7
         assert not mgr.disk.file.o_direct
+        assert "I/O path posix-o-direct" in caplog.text and "GDS probe" in caplog.text
+        hashes = mgr.sequence_hashes(tokens(rng, 2))
+        mgr.offload(hashes, [0, 1])
+        mgr.wait()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            assert "kvbm_offload_blocks_d2h 2.0" in reply.read().decode()
+    with pytest.raises(OSError):  # the server stopped with the manager
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
 
 
 def test_bad_input_raises_clear_errors(tmp_path, rng):
