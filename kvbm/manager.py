@@ -258,7 +258,8 @@ class BlockManager:
                              f"{len(gpu_ids)}")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise TypeError(f"priority must be an int, got {type(priority).__name__} {priority!r}")
-        ticket = Ticket("offload", hashes, gpu_ids, [BlockResult.PENDING] * len(hashes))
+        # One open "batch" stands for the planning itself: the ticket cannot finish while batches are added.
+        ticket = Ticket("offload", hashes, gpu_ids, [BlockResult.PENDING] * len(hashes), _open_batches=1)
         tier = self.host if self.host is not None else self.disk
         direction = "g1_to_g2" if tier is self.host else "g1_to_g3"
         part: list[tuple[int, int]] = []  # (position, slot) of the batch being built
@@ -294,6 +295,7 @@ class BlockManager:
                 ticket.reasons[i] = reason
         if part:
             self._plan(ticket, direction, part)
+        ticket._open_batches -= 1
         self._settle(ticket)
         return ticket
 
@@ -360,7 +362,8 @@ class BlockManager:
         if len(hashes) != len(gpu_ids):
             raise ValueError(f"seq_hashes and gpu_block_ids must have the same length, got {len(hashes)} and "
                              f"{len(gpu_ids)}")
-        ticket = Ticket("onboard", hashes, gpu_ids, [BlockResult.PENDING] * len(hashes))
+        # One open "batch" stands for the planning itself: the ticket cannot finish while batches are added.
+        ticket = Ticket("onboard", hashes, gpu_ids, [BlockResult.PENDING] * len(hashes), _open_batches=1)
         from_host: list[tuple[int, int]] = []
         from_disk: list[tuple[int, int]] = []
         for i, h in enumerate(hashes):
@@ -379,6 +382,7 @@ class BlockManager:
         for direction, blocks in (("g2_to_g1", from_host), ("g3_to_g1", from_disk)):
             for start in range(0, len(blocks), self.batch_size):
                 self._plan(ticket, direction, blocks[start:start + self.batch_size])
+        ticket._open_batches -= 1
         self._settle(ticket)
         return ticket
 
