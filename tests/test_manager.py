@@ -152,12 +152,12 @@ def test_disk_admission_filter_cascades_blocks_seen_again(tmp_path, rng):
 
 def test_a_ticket_finishes_once_even_when_its_own_batches_land_while_it_is_planned(rng):
     gpu = make_gpu(16, rng)
-    with BlockManager(gpu, config(host=4, max_transfer_batch_size=2)) as mgr:
+    with BlockManager(gpu, config(host=2, max_transfer_batch_size=2)) as mgr:
         hashes = mgr.sequence_hashes(tokens(rng, 8))
-        ticket = mgr.offload(hashes, range(8))  # G2 fills up after 2 batches: they must land to make room
+        ticket = mgr.offload(hashes, range(8))  # G2 is full after each batch: it must land to make room
         assert mgr.poll() == [ticket] and ticket.results == [OK] * 8 and ticket.ok_blocks == list(range(8))
         ticket = mgr.onboard(hashes, range(8, 16))
-        assert mgr.poll() == [ticket] and ticket.failed_blocks == [0, 1, 2, 3]
+        assert mgr.poll() == [ticket] and ticket.failed_blocks == list(range(6))
         assert mgr.poll() == []
 
 
