@@ -1,0 +1,457 @@
+"""TensorRT-LLM connector pair on CPU tensors, driven in the executor's call order, byte-exact.
+
+TensorRT-LLM cannot be installed here: ``trtllm_standin`` puts a stand-in of its published connector interface
+into ``sys.modules`` first. ``Executor`` below plays the executor's part: it schedules requests, allocates cache
+blocks from the pool, builds ``RequestData`` the way the executor does (the whole prompt and every block id on a
+request's first report; the connector-loaded tokens left out of ``computed_position`` in the step that matched
+them), holds asynchronously loading requests out of the forward pass until ``get_finished`` reports them, runs a
+"forward pass" that writes each computed token's KV (a function of the token prefix, so equal prefixes give equal
+bytes), and keeps a finished request's blocks while the connector saves them.
+"""
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import trtllm_standin as standin
+from kvbm.layouts import KVGeometry, allocate
+from manager_testkit import POISON, config
+
+GEOM = KVGeometry(num_layers=3, num_kv=2, block_size=4, num_heads=2, head_dim=16, itemsize=2)
+NUM_BLOCKS = 32
+
+
+@pytest.fixture(scope="module")
+def trt():
+    """The connector module, imported over the stand-in; the stand-in is removed afterwards."""
+    standin.install()
+    sys.modules.pop("kvbm.trtllm_integration.connector", None)
+    try:
+        yield importlib.import_module("kvbm.trtllm_integration.connector")
+    finally:
+        sys.modules.pop("kvbm.trtllm_integration.connector", None)
+        standin.uninstall()
+
+
+def llm_args(tokens_per_block: int = GEOM.block_size, world_size: int = 1) -> SimpleNamespace:
+    """The parts of TorchLlmArgs the connector reads."""
+    mapping = SimpleNamespace(world_size=world_size, rank=0)
+    return SimpleNamespace(kv_cache_config=SimpleNamespace(tokens_per_block=tokens_per_block),
+                           parallel_config=SimpleNamespace(to_mapping=lambda: mapping))
+
+
+@dataclass
+class Request:
+    """The parts of LlmRequest the connector reads."""
+
+    request_id: int
+    prompt: list[int]
+    generated: list[int] = field(default_factory=list)
+    cache_salt_id: int | None = None
+    lora_task_id: int | None = None
+    multimodal_hashes: list | None = None
+
+    def get_tokens(self, beam: int) -> list[int]:
+        assert beam == 0
+        return self.prompt + self.generated
+
+
+def token_kv(prefix: tuple[int, ...], layer: int) -> torch.Tensor:
+    """KV of the last token of ``prefix`` in ``layer``: [2, heads, head_dim] random bf16 bits, no zeros."""
+    rng = np.random.default_rng([layer, len(prefix), *prefix])
+    bits = rng.integers(1, 2**15, (2, GEOM.num_heads, GEOM.head_dim), dtype=np.int16)
+    return torch.from_numpy(bits).view(torch.bfloat16)
+
+
+class Executor:
+    """Plays TensorRT-LLM's executor around one leader/worker pair (see the module docstring)."""
+
+    def __init__(self, trt, *, use_callable: bool = True, host_blocks: int = 64, seed: int = 0) -> None:
+        self.leader = trt.DynamoKVBMConnectorLeader(llm_args())
+        self.worker = trt.DynamoKVBMConnectorWorker(llm_args(), config=config(host=host_blocks))
+        cache = allocate("trtllm_pool", GEOM, NUM_BLOCKS, dtype=torch.bfloat16)
+        self.pool = cache.tensors[0]
+        self.pool.view(torch.uint8).fill_(POISON)
+        self.worker.register_kv_caches(self.pool)
+        self.callable = self.worker.register_forward_pass_callable() if use_callable else None
+        self.rng = np.random.default_rng(seed)
+        self.free = [int(b) for b in self.rng.permutation(NUM_BLOCKS)]
+        self.blocks: dict[int, list[int]] = {}
+        self.position: dict[int, int] = {}  # tokens with valid KV, per running request
+        self.reported: dict[int, tuple[int, int]] = {}  # tokens and blocks already reported in RequestData
+        self.external: dict[int, int] = {}  # connector-matched tokens of this step's sync matches
+        self.loading: dict[int, Request] = {}
+        self.running: dict[int, Request] = {}
+        self.saving: set[int] = set()
+        self.new_loading: list[int] = []
+        self.new_saving: list[int] = []
+        self.metas: list = []
+
+    def add(self, req: Request, num_computed_tokens: int = 0) -> tuple[int, bool]:
+        """Admit a request: ask the leader, allocate blocks for the prompt, tell the leader the block ids."""
+        matched, is_async = self.leader.get_num_new_matched_tokens(req, num_computed_tokens)
+        assert not (matched == 0 and is_async), "(0, True) is an error in TensorRT-LLM"
+        need = -(-len(req.prompt) // GEOM.block_size)
+        self.blocks[req.request_id] = ids = [self.free.pop() for _ in range(need)]
+        for b in ids[num_computed_tokens // GEOM.block_size:]:
+            self.pool[b].view(torch.uint8).fill_(POISON)
+        self.leader.update_state_after_alloc(req, list(ids))
+        self.position[req.request_id] = num_computed_tokens + matched
+        if is_async:
+            self.loading[req.request_id] = req
+            self.new_loading.append(req.request_id)
+        else:
+            self.external[req.request_id] = matched
+            self.running[req.request_id] = req
+        return matched, is_async
+
+    def _request_data(self, req: Request):
+        rid = req.request_id
+        tokens, ids = req.get_tokens(0), self.blocks[rid]
+        done_tokens, done_blocks = self.reported.get(rid, (0, 0))
+        self.reported[rid] = (len(tokens), len(ids))
+        pos = self.position[rid]
+        if pos < len(req.prompt):  # context: the rest of the prompt in one chunk
+            computed, scheduled = pos - self.external.get(rid, 0), len(req.prompt) - pos
+        else:  # generation: the last sampled token
+            computed, scheduled = len(tokens) - 1, 1
+        data = standin.RequestData(rid, tokens[done_tokens:], ids[done_blocks:], computed, scheduled)
+        return data, done_tokens == 0
+
+    def step(self):
+        """One scheduler + forward step over the running requests with tokens to compute; returns
+        (done_saving, done_loading) from the worker."""
+        out = standin.SchedulerOutput()
+        for req in self.running.values():
+            if self.position[req.request_id] == len(req.get_tokens(0)):
+                continue  # waiting for the sampler
+            data, new = self._request_data(req)
+            (out.new_requests if new else out.cached_requests).append(data)
+        self.external.clear()
+        meta = self.leader.build_connector_meta(out)
+        self.metas.append(meta)
+        w = self.worker
+        w.bind_connector_meta(meta)
+        w.start_load_kv(None)
+        for layer in range(GEOM.num_layers):
+            w.wait_for_layer_load(layer, None)
+            for data in out.new_requests + out.cached_requests:
+                self._compute(self.running[data.request_id], layer, data)
+            w.save_kv_layer(layer, None)
+        if self.callable is not None:
+            self.callable()
+        w.wait_for_save(None)
+        for data in out.new_requests + out.cached_requests:
+            self.position[data.request_id] = len(self.running[data.request_id].get_tokens(0))
+        saving, self.new_saving = self.new_saving, []
+        loading, self.new_loading = self.new_loading, []
+        done_saving, done_loading = w.get_finished(saving, loading)
+        for rid in done_loading:
+            self.running[rid] = self.loading.pop(rid)
+        for rid in done_saving:
+            self.saving.discard(rid)
+            self._free(rid)
+        return done_saving, done_loading
+
+    def _compute(self, req: Request, layer: int, data) -> None:
+        """Write the KV of the step's tokens of ``req`` into its blocks."""
+        tokens = req.get_tokens(0)
+        start = self.position[req.request_id]
+        for p in range(start, start + data.num_scheduled_tokens):
+            block, slot = self.blocks[req.request_id][p // GEOM.block_size], p % GEOM.block_size
+            self.pool[block, layer, :, :, slot, :] = token_kv(tuple(tokens[:p + 1]), layer)
+
+    def generate(self, req: Request, token: int) -> None:
+        """The sampler appended a token; give the request a new block when it crosses a block boundary."""
+        req.generated.append(token)
+        if len(req.get_tokens(0)) > len(self.blocks[req.request_id]) * GEOM.block_size:
+            self.blocks[req.request_id].append(self.free.pop())
+
+    def finish(self, req: Request) -> bool:
+        """The request is done: ask the leader whether its blocks must be kept; free them if not."""
+        rid = req.request_id
+        self.running.pop(rid, None)
+        keep = self.leader.request_finished(req, list(self.blocks[rid]))
+        if keep:
+            self.saving.add(rid)
+            self.new_saving.append(rid)
+        else:
+            self._free(rid)
+        return keep
+
+    def _free(self, rid: int) -> None:
+        self.free += self.blocks.pop(rid)
+        self.position.pop(rid)
+        self.reported.pop(rid, None)
+
+    def block_bytes(self, block: int) -> bytes:
+        return self.pool[block].contiguous().view(torch.uint8).numpy().tobytes()
+
+    def expected_block(self, tokens: list[int], index: int) -> bytes:
+        """The oracle bytes of block ``index`` of a sequence starting with ``tokens``."""
+        out = torch.empty_like(self.pool[0])
+        for layer in range(GEOM.num_layers):
+            for slot in range(GEOM.block_size):
+                p = index * GEOM.block_size + slot
+                out[layer, :, :, slot, :] = token_kv(tuple(tokens[:p + 1]), layer)
+        return out.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+@pytest.fixture
+def make_executor(trt):
+    made = []
+
+    def make(**kw) -> Executor:
+        ex = Executor(trt, **kw)
+        made.append(ex)
+        return ex
+
+    yield make
+    for ex in made:
+        ex.worker.close()
+
+
+def prompt(rng: np.random.Generator, n: int) -> list[int]:
+    return [int(t) for t in rng.integers(0, 50_000, n)]
+
+
+@pytest.mark.parametrize("use_callable", [True, False], ids=["forward_callable", "last_layer_save"])
+def test_offload_then_onboard_prefix_byte_exact(make_executor, use_callable):
+    """Request A's full blocks are offloaded after its forward pass; request B sharing the prefix has them loaded
+    asynchronously into other block ids, byte-identical, and computes only the rest."""
+    ex = make_executor(use_callable=use_callable)
+    rng = np.random.default_rng(1)
+    shared = prompt(rng, 14)  # 3 full blocks + 2 tokens
+    a = Request(1, shared + prompt(rng, 3))  # 17 tokens: 4 full blocks
+    assert ex.add(a) == (0, False)
+    ex.step()
+    meta = ex.metas[-1]
+    assert meta.loads == () and len(meta.saves) == 1
+    assert meta.saves[0].block_ids == tuple(ex.blocks[1][:4])
+    a_blocks = [ex.block_bytes(b) for b in ex.blocks[1][:3]]
+    for i, data in enumerate(a_blocks):
+        assert data == ex.expected_block(a.prompt, i)
+    # A finishes; the leader reports its save still in flight only while it is.
+    ex.finish(a)
+    ex.step()
+    assert 1 not in ex.blocks
+
+    b = Request(2, shared + prompt(rng, 5))  # shares 3 full blocks with A, then differs
+    matched, is_async = ex.add(b)
+    assert (matched, is_async) == (12, True)
+    b_ids = ex.blocks[2][:3]
+    for blk in b_ids:
+        assert ex.block_bytes(blk) == bytes([POISON]) * GEOM.block_bytes
+    done_saving, done_loading = ex.step()
+    assert done_loading == [2]
+    load = ex.metas[-1].loads
+    assert len(load) == 1 and load[0].block_ids == tuple(b_ids) and load[0].request_id == 2
+    for i, blk in enumerate(b_ids):
+        assert ex.block_bytes(blk) == a_blocks[i], f"block {i} of B differs from A's"
+    # B now runs: only its remaining tokens are scheduled, and its new full block is offloaded.
+    ex.step()
+    meta = ex.metas[-1]
+    assert [d for d in meta.saves if d.request_id == 2][0].block_ids == tuple(ex.blocks[2][:4])  # 19 tokens
+    for i in range(len(b.prompt) // GEOM.block_size):
+        assert ex.block_bytes(ex.blocks[2][i]) == ex.expected_block(b.prompt, i)
+    ex.worker.manager.check_invariants()
+
+
+def test_decode_blocks_offloaded_and_reused(make_executor):
+    """Blocks filled during decoding are offloaded too; a later request with prompt = A's prompt + output finds
+    them (all but the last full block, which the engine must compute)."""
+    ex = make_executor()
+    rng = np.random.default_rng(2)
+    a = Request(1, prompt(rng, 6))
+    ex.add(a)
+    ex.step()
+    for _ in range(7):  # 6 + 7 = 13 tokens: 3 full blocks
+        ex.generate(a, int(rng.integers(0, 50_000)))
+        ex.step()
+    saved = [m for meta in ex.metas for m in meta.saves]
+    assert [len(m.block_ids) for m in saved] == [1, 1, 1]
+    ex.finish(a)
+    ex.step()
+    b = Request(2, a.get_tokens(0)[:12])  # exactly 3 full blocks: the last one is not reported
+    assert ex.add(b) == (8, True)
+    ex.step()
+    for i in range(2):
+        assert ex.block_bytes(ex.blocks[2][i]) == ex.expected_block(b.prompt, i)
+
+
+def test_engine_prefix_match_and_partial_block(make_executor):
+    """Blocks the engine already matched are not loaded again; an engine match ending inside a block gives
+    (0, False)."""
+    ex = make_executor()
+    rng = np.random.default_rng(3)
+    a = Request(1, prompt(rng, 17))
+    ex.add(a)
+    ex.step()
+    ex.finish(a)
+    ex.step()
+    b = Request(2, a.prompt[:16] + prompt(rng, 3))
+    assert ex.leader.get_num_new_matched_tokens(b, 6) == (0, False)
+    matched, is_async = ex.add(b, num_computed_tokens=8)  # the engine holds 2 blocks; kvbm has 2 more
+    assert (matched, is_async) == (8, True)
+    ex.step()
+    load = ex.metas[-1].loads
+    assert load[0].block_ids == tuple(ex.blocks[2][2:4])
+    for i in (2, 3):
+        assert ex.block_bytes(ex.blocks[2][i]) == ex.expected_block(b.prompt, i)
+
+
+def test_request_finished_holds_blocks_while_offload_in_flight(make_executor, monkeypatch):
+    """request_finished returns True while the request's save is in flight; get_finished reports it only after
+    the save completed, and only once the executor handed the id over."""
+    ex = make_executor()
+    rng = np.random.default_rng(4)
+    a = Request(1, prompt(rng, 9))
+    ex.add(a)
+    mgr = ex.worker.manager
+    real_poll = mgr.poll
+    monkeypatch.setattr(mgr, "poll", lambda: [])  # the copy has not completed yet
+    ex.step()
+    assert ex.finish(a) is True
+    assert ex.step() == ([], [])  # still in flight: blocks kept
+    assert 1 in ex.blocks
+    monkeypatch.setattr(mgr, "poll", real_poll)
+    assert ex.step() == ([1], [])
+    assert 1 not in ex.blocks
+    # A request whose saves all finished is released at once; one with no full block never saved anything.
+    b = Request(2, prompt(rng, 9))
+    ex.add(b)
+    ex.step()
+    ex.step()
+    assert ex.finish(b) is False
+    c = Request(3, prompt(rng, 3))
+    ex.add(c)
+    ex.step()
+    assert ex.metas[-1].saves == ()
+    assert ex.finish(c) is False
+    mgr.check_invariants()
+
+
+def test_worker_reports_only_ids_handed_over(make_executor):
+    """A finished load is reported only after the executor passed the id in started_loading_req_ids."""
+    ex = make_executor()
+    rng = np.random.default_rng(5)
+    a = Request(1, prompt(rng, 9))
+    ex.add(a)
+    ex.step()
+    ex.finish(a)
+    ex.step()
+    b = Request(2, a.prompt[:8] + prompt(rng, 2))
+    ex.add(b)
+    ex.new_loading.clear()  # the executor has not handed the id over yet
+    assert ex.step() == ([], [])
+    assert ex.worker.get_finished([], [2]) == ([], [2])
+
+
+def test_failed_load_raises(make_executor):
+    """A load that fails is never reported as loaded: get_finished raises KvbmLoadError naming the block."""
+    ex = make_executor(host_blocks=2)
+    trt = sys.modules["kvbm.trtllm_integration.connector"]
+    rng = np.random.default_rng(6)
+    a = Request(1, prompt(rng, 9))
+    ex.add(a)
+    ex.step()
+    ex.finish(a)
+    ex.step()
+    b = Request(2, a.prompt[:8] + prompt(rng, 2))
+    ex.add(b)
+    mgr = ex.worker.manager  # G2 holds 2 blocks: storing 2 others evicts A's between the lookup and the load
+    mgr.wait(mgr.offload([7, 8], ex.blocks[2][:2]))
+    with pytest.raises(trt.KvbmLoadError, match=f"cache block {ex.blocks[2][0]}"):
+        ex.step()
+
+
+def test_salt_and_multimodal(make_executor):
+    """A different cache salt does not match; a multimodal request is neither matched nor saved."""
+    ex = make_executor()
+    rng = np.random.default_rng(7)
+    a = Request(1, prompt(rng, 9), cache_salt_id=11)
+    ex.add(a)
+    ex.step()
+    ex.finish(a)
+    ex.step()
+    assert ex.leader.get_num_new_matched_tokens(Request(2, a.prompt, cache_salt_id=12), 0) == (0, False)
+    assert ex.leader.get_num_new_matched_tokens(Request(3, a.prompt, cache_salt_id=11), 0) == (8, True)
+    mm = Request(4, a.prompt, cache_salt_id=11, multimodal_hashes=[[1, 2]])
+    assert ex.add(mm) == (0, False)
+    ex.step()
+    assert all(m.request_id != 4 for m in ex.metas[-1].saves)
+
+
+def test_many_requests_no_leaks(make_executor):
+    """Dozens of requests with shared prefixes through a small G2: every block returns to the executor, every
+    onboarded block holds the oracle bytes, the manager's invariants hold."""
+    ex = make_executor(host_blocks=12)
+    rng = np.random.default_rng(8)
+    prefixes = [prompt(rng, 8) for _ in range(3)]
+    for i in range(40):
+        req = Request(100 + i, prefixes[i % 3] + prompt(rng, int(rng.integers(1, 9))))
+        matched, _ = ex.add(req)
+        for _ in range(3):
+            ex.step()
+            if req.request_id in ex.running:
+                break
+        for k in range(matched // GEOM.block_size):
+            assert ex.block_bytes(ex.blocks[req.request_id][k]) == ex.expected_block(req.prompt, k)
+        ex.step()
+        ex.finish(req)
+        ex.step()
+        ex.worker.manager.check_invariants()
+    assert not ex.blocks and sorted(ex.free) == list(range(NUM_BLOCKS))
+    hits = sum(len(m.loads) for m in ex.metas)
+    assert hits == 40 - 3, hits  # every request after the first of its prefix loads the prefix
+
+
+def test_bad_setup_is_refused(trt):
+    """Multi-rank, a pool whose block size disagrees with the config, a non-pool tensor, a second worker."""
+    with pytest.raises(ValueError, match="single rank.*world_size 2"):
+        trt.DynamoKVBMConnectorLeader(llm_args(world_size=2))
+    with pytest.raises(ValueError, match="single rank"):
+        trt.DynamoKVBMConnectorWorker(llm_args(world_size=4))
+    with pytest.raises(TypeError, match="kv_cache_config.tokens_per_block"):
+        trt.DynamoKVBMConnectorLeader(SimpleNamespace(parallel_config=llm_args().parallel_config))
+    pool = allocate("trtllm_pool", GEOM, 4, dtype=torch.bfloat16).tensors[0]
+    w = trt.DynamoKVBMConnectorWorker(llm_args(tokens_per_block=8), config=config(host=4))
+    with pytest.raises(ValueError, match="4 tokens per block"):
+        w.register_kv_caches(pool)
+    with pytest.raises(ValueError, match="trtllm_pool"):
+        trt.DynamoKVBMConnectorWorker(llm_args(), config=config(host=4)).register_kv_caches(pool.transpose(3, 4))
+    leader = trt.DynamoKVBMConnectorLeader(llm_args())
+    with pytest.raises(RuntimeError, match="register_kv_caches"):
+        leader.get_num_new_matched_tokens(Request(1, [1, 2, 3, 4, 5]), 0)
+    w1 = trt.DynamoKVBMConnectorWorker(llm_args(), config=config(host=4))
+    w1.register_kv_caches(pool)
+    try:
+        w2 = trt.DynamoKVBMConnectorWorker(llm_args(), config=config(host=4))
+        with pytest.raises(RuntimeError, match="already registered"):
+            w2.register_kv_caches(pool)
+        with pytest.raises(TypeError, match="ConnectorMetadata"):
+            w1.bind_connector_meta({"loads": []})
+    finally:
+        w1.close()
+    w3 = trt.DynamoKVBMConnectorWorker(llm_args(), config=config(host=4))
+    w3.register_kv_caches(pool)  # the closed worker's registration is gone
+    w3.close()
+
+
+def test_import_without_tensorrt_llm_says_what_is_missing():
+    """Without TensorRT-LLM (and no stand-in) the import fails with the package name and how to install it."""
+    code = "import kvbm.trtllm_integration.connector"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).parent.parent, timeout=120)
+    assert res.returncode != 0
+    assert "ImportError" in res.stderr
+    assert "tensorrt_llm._torch.pyexecutor.kv_cache_connector" in res.stderr
+    assert "pip install" in res.stderr and "tensorrt-llm" in res.stderr
