@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 
+import numba
 import numpy as np
 import pytest
 
@@ -146,6 +147,17 @@ def run_soak(mgr: BlockManager, gpu, rng: np.random.Generator, faults: Faults, c
     return stats
 
 
+@pytest.fixture
+def one_numba_thread():
+    """Tiny blocks copy fastest on one thread: a parallel launch per 3-block batch only adds thread wake-ups,
+    which on a busy 2-core CI machine cost milliseconds each."""
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    yield
+    numba.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("one_numba_thread")
 @pytest.mark.parametrize("variant", ["host+disk", "padded_no_filter", "disk_only", "host_only"])
 def test_soak(tmp_path, variant, monkeypatch):
     rng = np.random.default_rng(["host+disk", "padded_no_filter", "disk_only", "host_only"].index(variant))
