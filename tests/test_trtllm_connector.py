@@ -74,7 +74,9 @@ def token_kv(prefix: tuple[int, ...], layer: int) -> torch.Tensor:
 class Executor:
     """Plays TensorRT-LLM's executor around one leader/worker pair (see the module docstring)."""
 
-    def __init__(self, trt, *, use_callable: bool = True, host_blocks: int = 64, seed: int = 0) -> None:
+    def __init__(self, trt, *, use_callable: bool = True, host_blocks: int = 64, chunk: int = 1 << 30,
+                 seed: int = 0) -> None:
+        self.chunk = chunk  # context tokens computed per step (chunked prefill)
         self.leader = trt.DynamoKVBMConnectorLeader(llm_args())
         self.worker = trt.DynamoKVBMConnectorWorker(llm_args(), config=config(host=host_blocks))
         cache = allocate("trtllm_pool", GEOM, NUM_BLOCKS, dtype=torch.bfloat16)
@@ -119,8 +121,8 @@ class Executor:
         done_tokens, done_blocks = self.reported.get(rid, (0, 0))
         self.reported[rid] = (len(tokens), len(ids))
         pos = self.position[rid]
-        if pos < len(req.prompt):  # context: the rest of the prompt in one chunk
-            computed, scheduled = pos - self.external.get(rid, 0), len(req.prompt) - pos
+        if pos < len(req.prompt):  # context: the next chunk of the prompt
+            computed, scheduled = pos - self.external.get(rid, 0), min(len(req.prompt) - pos, self.chunk)
         else:  # generation: the last sampled token
             computed, scheduled = len(tokens) - 1, 1
         data = standin.RequestData(rid, tokens[done_tokens:], ids[done_blocks:], computed, scheduled)
@@ -150,7 +152,7 @@ class Executor:
             self.callable()
         w.wait_for_save(None)
         for data in out.new_requests + out.cached_requests:
-            self.position[data.request_id] = len(self.running[data.request_id].get_tokens(0))
+            self.position[data.request_id] += data.num_scheduled_tokens
         saving, self.new_saving = self.new_saving, []
         loading, self.new_loading = self.new_loading, []
         done_saving, done_loading = w.get_finished(saving, loading)
@@ -308,6 +310,26 @@ def test_engine_prefix_match_and_partial_block(make_executor):
         assert ex.block_bytes(ex.blocks[2][i]) == ex.expected_block(b.prompt, i)
 
 
+def test_chunked_prefill(make_executor):
+    """With chunked prefill each full block is offloaded after the chunk that completes it, exactly once."""
+    ex = make_executor(chunk=5)
+    rng = np.random.default_rng(9)
+    a = Request(1, prompt(rng, 18))
+    ex.add(a)
+    for _ in range(4):
+        ex.step()
+    saved = [m.block_ids for meta in ex.metas for m in meta.saves]
+    ids = ex.blocks[1]
+    assert saved == [(ids[0],), (ids[1],), (ids[2],), (ids[3],)]  # chunks end at tokens 5, 10, 15, 18
+    ex.finish(a)
+    ex.step()
+    b = Request(2, list(a.prompt))
+    assert ex.add(b) == (16, True)
+    ex.step()
+    for i in range(4):
+        assert ex.block_bytes(ex.blocks[2][i]) == ex.expected_block(a.prompt, i)
+
+
 def test_request_finished_holds_blocks_while_offload_in_flight(make_executor, monkeypatch):
     """request_finished returns True while the request's save is in flight; get_finished reports it only after
     the save completed, and only once the executor handed the id over."""
@@ -455,3 +477,46 @@ def test_import_without_tensorrt_llm_says_what_is_missing():
     assert "ImportError" in res.stderr
     assert "tensorrt_llm._torch.pyexecutor.kv_cache_connector" in res.stderr
     assert "pip install" in res.stderr and "tensorrt-llm" in res.stderr
+
+
+# -- the leader's bookkeeping alone (no TensorRT-LLM involved) ----------------------------------------------------
+
+def test_tracked_request_hashes_incrementally_like_whole_prompt():
+    """Hashes computed block by block over many reports equal hashing all tokens at once; each block is handed
+    out once; drafts scheduled past the known tokens are not counted as valid."""
+    from kvbm.hashing import salt_hash, sequence_hashes
+    from kvbm.trtllm_integration.metadata import TrackedRequest
+
+    rng = np.random.default_rng(10)
+    tokens = prompt(rng, 23)
+    salt = salt_hash("s", None)
+    t = TrackedRequest(5, 4, salt)
+    t.report(tokens[:10], [9, 3, 7], 0, 6)
+    moves = [t.take_new_full_blocks()]
+    assert t.take_new_full_blocks() is None
+    t.report([], [], 6, 4)
+    moves.append(t.take_new_full_blocks())
+    for p in range(10, 23):
+        t.report([tokens[p]], [11 + p] if p % 4 == 0 else [], p, 3)  # 3 scheduled: 2 are drafts
+        assert t.valid_tokens == p + 1
+        moves.append(t.take_new_full_blocks())
+    moves = [m for m in moves if m is not None]
+    assert [h for m in moves for h in m.seq_hashes] == sequence_hashes(tokens, 4, salt)
+    assert [b for m in moves for b in m.block_ids] == [9, 3, 7, 23, 27]
+
+
+def test_tracked_request_rejects_bad_reports():
+    from kvbm.trtllm_integration.metadata import BlockMove, TrackedRequest
+
+    with pytest.raises(ValueError, match="2 hashes but 1 block ids"):
+        BlockMove(1, (1, 2), (3,))
+    t = TrackedRequest(1, 4, 0)
+    with pytest.raises(ValueError, match="computed_position must be >= 0, got -1"):
+        t.report([1, 2], [0], -1, 1)
+    with pytest.raises(TypeError, match="num_scheduled_tokens must be an int"):
+        t.report([1, 2], [0], 0, 1.5)
+    t = TrackedRequest(1, 4, 0, valid_tokens=8)
+    t.loaded = BlockMove(1, (1, 2), (4, 5))
+    with pytest.raises(RuntimeError, match=r"loaded into cache blocks \[4, 5\] but the engine reports blocks "
+                                           r"\[5, 4\]"):
+        t.report(list(range(10)), [5, 4, 6], 0, 2)

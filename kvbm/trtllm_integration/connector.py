@@ -47,7 +47,6 @@ except ImportError as _exc:
     ) from _exc
 
 import logging
-import operator
 import weakref
 from itertools import chain
 from typing import Any, Callable, Sequence
@@ -60,7 +59,7 @@ from kvbm.layouts.presets import trtllm_pool
 from kvbm.manager import BlockManager, Ticket
 from kvbm.metrics import KvbmMetrics
 from kvbm.trtllm_integration import registry
-from kvbm.trtllm_integration.metadata import BlockMove, ConnectorMetadata, TrackedRequest
+from kvbm.trtllm_integration.metadata import BlockMove, ConnectorMetadata, TrackedRequest, non_negative_int
 
 __all__ = ["DynamoKVBMConnectorLeader", "DynamoKVBMConnectorWorker", "ConnectorMetadata", "KvbmLoadError"]
 
@@ -69,16 +68,6 @@ log = logging.getLogger(__name__)
 
 class KvbmLoadError(RuntimeError):
     """Blocks of a request could not be loaded from G2/G3; its KV in the engine's cache is not valid."""
-
-
-def _count(name: str, value: object) -> int:
-    try:
-        out = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
-    if out < 0:
-        raise ValueError(f"{name} must be >= 0, got {out}")
-    return out
 
 
 def _optional_text(value: object) -> str | None:
@@ -117,9 +106,10 @@ class DynamoKVBMConnectorLeader(KvCacheConnectorScheduler):
         """Tokens after the engine's ``num_computed_tokens`` found in G2/G3, and True (loaded asynchronously)
         when there are any; ``(0, False)`` otherwise."""
         rid = request.request_id
-        computed = _count("num_computed_tokens", num_computed_tokens)
+        computed = non_negative_int("num_computed_tokens", num_computed_tokens)
         self._matched.pop(rid, None)
         self._requests.pop(rid, None)
+        self._loads = [m for m in self._loads if m.request_id != rid]  # asked again: an earlier plan is void
         reason = _uncacheable(request)
         if reason is not None:
             log.debug("request %s is not cached by kvbm: %s", rid, reason)
@@ -152,7 +142,7 @@ class DynamoKVBMConnectorLeader(KvCacheConnectorScheduler):
         if match is None:
             return
         first, hashes = match
-        ids = [_count("block_ids entry", b) for b in block_ids]
+        ids = [non_negative_int("block_ids entry", b) for b in block_ids]
         if len(ids) < first + len(hashes):
             raise ValueError(f"request {rid}: {len(ids)} block ids allocated, expected at least {first + len(hashes)} "
                              f"({first} matched by the engine + {len(hashes)} to load)")
@@ -352,5 +342,5 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
         return self.manager
 
     def _check_layer(self, layer_idx: int) -> None:
-        if not 0 <= _count("layer_idx", layer_idx) < self.num_layers:
+        if not 0 <= non_negative_int("layer_idx", layer_idx) < self.num_layers:
             raise IndexError(f"layer_idx must be in [0, {self.num_layers}), got {layer_idx}")

@@ -19,7 +19,7 @@ from typing import Sequence
 
 from kvbm.hashing import sequence_hashes
 
-__all__ = ["BlockMove", "ConnectorMetadata", "TrackedRequest"]
+__all__ = ["BlockMove", "ConnectorMetadata", "TrackedRequest", "non_negative_int"]
 
 
 @dataclass(frozen=True)
@@ -44,12 +44,9 @@ class ConnectorMetadata:
     loads: tuple[BlockMove, ...] = ()
     saves: tuple[BlockMove, ...] = ()
 
-    def request_ids(self) -> set[int]:
-        """Requests with a move in this step."""
-        return {m.request_id for m in self.loads + self.saves}
 
-
-def _count(name: str, value: object) -> int:
+def non_negative_int(name: str, value: object) -> int:
+    """``value`` as an int >= 0, or a TypeError / ValueError naming ``name`` and the value."""
     try:
         out = operator.index(value)
     except TypeError:
@@ -82,19 +79,17 @@ class TrackedRequest:
         """Take one step's ``RequestData``: append tokens and block ids, advance ``valid_tokens``.
 
         The executor's ``computed_position`` on a request's first report leaves out tokens a connector loaded in
-        the same step, so the step starts at the larger of it and what is already known valid.
+        the same step, so the step starts at the larger of it and what is already known valid. Tokens scheduled
+        past the known tokens (speculative drafts, whose KV may be rejected) never count as valid.
         """
-        position = _count("computed_position", computed_position)
-        scheduled = _count("num_scheduled_tokens", num_scheduled_tokens)
+        position = non_negative_int("computed_position", computed_position)
+        scheduled = non_negative_int("num_scheduled_tokens", num_scheduled_tokens)
         first = not self.tokens
         self.tokens.extend(operator.index(t) for t in new_tokens)
-        self.block_ids.extend(_count("new_block_ids entry", b) for b in new_block_ids)
+        self.block_ids.extend(non_negative_int("new_block_ids entry", b) for b in new_block_ids)
         if first and self.loaded is not None:
             self._check_loaded()
-        self.valid_tokens = max(self.valid_tokens, position) + scheduled
-        if self.valid_tokens > len(self.tokens):
-            raise ValueError(f"request {self.request_id}: {self.valid_tokens} tokens would have KV after this "
-                             f"step but only {len(self.tokens)} tokens are known")
+        self.valid_tokens = min(max(self.valid_tokens, position) + scheduled, len(self.tokens))
 
     def _check_loaded(self) -> None:
         """The blocks loaded must be the request's own blocks at the loaded positions (else the engine and this
