@@ -1,6 +1,7 @@
 """BlockManager standalone use on CPU: offload, lookup, onboard, byte-exact through G2 and through G3 (real files)."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -268,6 +269,19 @@ def test_sizes_and_metrics_come_from_the_environment(tmp_path, rng, caplog):
             assert "kvbm_offload_blocks_d2h 2.0" in reply.read().decode()
     with pytest.raises(OSError):  # the server stopped with the manager
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_zerofill_fallback_flag_reaches_the_disk_file(tmp_path, rng, monkeypatch):
+    def no_fallocate(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_fallocate)
+    gpu = make_gpu(4, rng)
+    with pytest.raises(OSError, match="DYN_KVBM_DISK_ZEROFILL_FALLBACK"):
+        BlockManager(gpu, config(tmp_path, host=2, disk=4))
+    assert list(tmp_path.glob("kvbm-g3-*")) == []
+    with BlockManager(gpu, config(tmp_path, host=2, disk=4, disk_zerofill_fallback=True)) as mgr:
+        assert mgr.disk.file.preallocated_by == "zerofill"
 
 
 def test_bad_input_raises_clear_errors(tmp_path, rng):
