@@ -390,21 +390,28 @@ def test_worker_reports_only_ids_handed_over(make_executor):
 
 
 def test_failed_load_raises(make_executor):
-    """A load that fails is never reported as loaded: get_finished raises KvbmLoadError naming the block."""
-    ex = make_executor(host_blocks=2)
+    """A load that fails is never reported as loaded: get_finished raises KvbmLoadError naming the blocks; a load
+    that succeeded in the same step is reported by the next call."""
+    ex = make_executor(host_blocks=4)
     trt = sys.modules["kvbm.trtllm_integration.connector"]
     rng = np.random.default_rng(6)
-    a = Request(1, prompt(rng, 9))
-    ex.add(a)
-    ex.step()
-    ex.finish(a)
-    ex.step()
-    b = Request(2, a.prompt[:8] + prompt(rng, 2))
-    ex.add(b)
-    mgr = ex.worker.manager  # G2 holds 2 blocks: storing 2 others evicts A's between the lookup and the load
-    mgr.wait(mgr.offload([7, 8], ex.blocks[2][:2]))
-    with pytest.raises(trt.KvbmLoadError, match=f"cache block {ex.blocks[2][0]}"):
+    a, e = Request(1, prompt(rng, 9)), Request(5, prompt(rng, 9))
+    for req in (a, e):
+        ex.add(req)
         ex.step()
+        ex.finish(req)
+        ex.step()
+    b = Request(2, a.prompt[:8] + prompt(rng, 2))
+    d = Request(4, e.prompt[:8] + prompt(rng, 2))
+    assert ex.add(b) == (8, True) and ex.add(d) == (8, True)
+    mgr = ex.worker.manager  # storing 2 other blocks evicts A's (least recently looked up) before the load
+    mgr.wait(mgr.offload([7, 8], ex.blocks[2][:2]))
+    with pytest.raises(trt.KvbmLoadError, match=f"request 2 cache block {ex.blocks[2][0]}: block is in no tier"):
+        ex.step()
+    assert ex.worker.get_finished([], []) == ([], [4])
+    assert ex.worker.get_finished([], [2]) == ([], [])
+    for i in range(2):
+        assert ex.block_bytes(ex.blocks[4][i]) == ex.expected_block(e.prompt, i)
 
 
 def test_salt_and_multimodal(make_executor):

@@ -201,6 +201,7 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
         self._pending_saves: tuple[BlockMove, ...] = ()  # the bound step's saves not started yet
         self._awaiting_load: set[int] = set()
         self._awaiting_save: set[int] = set()
+        self._failed_loads: set[int] = set()  # never reported as loaded
         self._use_callable = False
         self._finalizer: weakref.finalize | None = None
 
@@ -274,7 +275,8 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
     def get_finished(self, finished_gen_req_ids: list[int],
                      started_loading_req_ids: list[int]) -> tuple[list[int], list[int]]:
         """Poll the manager; return (requests done saving, requests done loading) among those the executor
-        handed over so far. Raises KvbmLoadError when a load failed."""
+        handed over so far. Raises KvbmLoadError when a load failed: that request is never reported as loaded
+        (the engine fails it), the others done by then are reported by the next call."""
         manager = self._require_manager()
         manager.poll()
         self._awaiting_save.update(finished_gen_req_ids)
@@ -286,22 +288,32 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
             else:
                 del self._saves[rid]
         done_loading = []
-        failed: list[str] = []
+        failed: dict[int, list[str]] = {}
         for rid in sorted(self._awaiting_load):
             tickets = self._loads.get(rid, [])
-            if all(t.done for t in tickets):
+            if rid in self._failed_loads:
+                self._awaiting_load.discard(rid)
+            elif all(t.done for t in tickets):
                 self._loads.pop(rid, None)
                 self._awaiting_load.discard(rid)
-                done_loading.append(rid)
-                failed += self._load_failures(rid, tickets)
+                problems = self._load_failures(rid, tickets)
+                if problems:
+                    failed[rid] = problems
+                else:
+                    done_loading.append(rid)
         done_saving = [rid for rid in sorted(self._awaiting_save) if not self._busy(rid)]
         for rid in done_saving:
             self._awaiting_save.discard(rid)
+            self._failed_loads.discard(rid)
             self._loads.pop(rid, None)
             self._saves.pop(rid, None)
         if failed:
+            self._failed_loads.update(failed)
+            # The other requests are reported by the next call; the failed ones are never reported as loaded.
+            self._awaiting_load.update(done_loading)
+            self._awaiting_save.update(done_saving)
             raise KvbmLoadError("kvbm could not load stored KV blocks, so these requests' KV is not valid: "
-                                + "; ".join(failed))
+                                + "; ".join(p for problems in failed.values() for p in problems))
         return done_saving, done_loading
 
     # -- helpers ---------------------------------------------------------------------------------------------
