@@ -198,6 +198,7 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
         self.num_layers = 0
         self._loads: dict[int, list[Ticket]] = {}
         self._saves: dict[int, list[Ticket]] = {}
+        self._pending_loads: tuple[BlockMove, ...] = ()  # the bound step's loads not started yet
         self._pending_saves: tuple[BlockMove, ...] = ()  # the bound step's saves not started yet
         self._awaiting_load: set[int] = set()
         self._awaiting_save: set[int] = set()
@@ -244,16 +245,19 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
     # -- per step --------------------------------------------------------------------------------------------
 
     def bind_connector_meta(self, metadata: object) -> None:
-        """Take the leader's ``ConnectorMetadata`` for this step."""
+        """Take the leader's ``ConnectorMetadata`` for this step. Saves left over from a step whose forward pass
+        never ran are dropped (their KV was never computed)."""
         if not isinstance(metadata, ConnectorMetadata):
             raise TypeError(f"metadata must be the leader's ConnectorMetadata, got {type(metadata).__name__}")
         super().bind_connector_meta(metadata)
+        self._pending_loads = metadata.loads
         self._pending_saves = metadata.saves
 
     def start_load_kv(self, stream: Any) -> None:
         """Start this step's loads (asynchronous; their requests are not in this forward pass)."""
         manager = self._require_manager()
-        for move in self._bound().loads:
+        loads, self._pending_loads = self._pending_loads, ()
+        for move in loads:
             ticket = manager.onboard(move.seq_hashes, move.block_ids)
             self._loads.setdefault(move.request_id, []).append(ticket)
 
@@ -329,10 +333,10 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
             self._saves.setdefault(move.request_id, []).append(ticket)
 
     def _busy(self, request_id: int) -> bool:
-        """A load or save of the request is in flight, or its save is planned in the bound step but not started."""
+        """A load or save of the request is in flight, or planned in the bound step but not started."""
         tickets: Sequence[Ticket] = self._loads.get(request_id, []) + self._saves.get(request_id, [])
         return (any(not t.done for t in tickets)
-                or any(m.request_id == request_id for m in self._pending_saves))
+                or any(m.request_id == request_id for m in self._pending_loads + self._pending_saves))
 
     @staticmethod
     def _load_failures(request_id: int, tickets: Sequence[Ticket]) -> list[str]:
@@ -341,12 +345,6 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
             for i in t.failed_blocks:
                 out.append(f"request {request_id} cache block {t.gpu_block_ids[i]}: {t.reasons.get(i, 'failed')}")
         return out
-
-    def _bound(self) -> ConnectorMetadata:
-        metadata = self.get_connector_meta()
-        if not isinstance(metadata, ConnectorMetadata):
-            raise RuntimeError("no connector metadata bound for this step (bind_connector_meta must come first)")
-        return metadata
 
     def _require_manager(self) -> BlockManager:
         if self.manager is None:
