@@ -373,6 +373,24 @@ def test_request_finished_holds_blocks_while_offload_in_flight(make_executor, mo
     mgr.check_invariants()
 
 
+def test_planned_save_keeps_blocks_and_unrun_step_is_dropped(make_executor):
+    """A save bound for a step keeps the request's blocks before it starts; if that forward pass never runs, the
+    next step's metadata drops it (its KV was never computed, so nothing is stored under its hashes)."""
+    ex = make_executor()
+    rng = np.random.default_rng(11)
+    a = Request(1, prompt(rng, 9))
+    ex.add(a)
+    data, _ = ex._request_data(a)
+    meta = ex.leader.build_connector_meta(standin.SchedulerOutput(new_requests=[data]))
+    assert len(meta.saves) == 1
+    ex.worker.bind_connector_meta(meta)
+    assert ex.leader.request_finished(a, ex.blocks[1]) is True
+    ex.worker.bind_connector_meta(ex.leader.build_connector_meta(standin.SchedulerOutput()))
+    ex.worker.wait_for_save(None)
+    assert ex.worker.get_finished([1], []) == ([1], [])
+    assert ex.worker.manager.lookup(meta.saves[0].seq_hashes).num_blocks == 0
+
+
 def test_worker_reports_only_ids_handed_over(make_executor):
     """A finished load is reported only after the executor passed the id in started_loading_req_ids."""
     ex = make_executor()
