@@ -47,6 +47,8 @@ class ConnectorMetadata:
 
 def non_negative_int(name: str, value: object) -> int:
     """``value`` as an int >= 0, or a TypeError / ValueError naming ``name`` and the value."""
+    if type(value) is int and value >= 0:  # the common case, checked cheaply (called per request per step)
+        return value
     try:
         out = operator.index(value)
     except TypeError:
@@ -85,8 +87,9 @@ class TrackedRequest:
         position = non_negative_int("computed_position", computed_position)
         scheduled = non_negative_int("num_scheduled_tokens", num_scheduled_tokens)
         first = not self.tokens
-        self.tokens.extend(operator.index(t) for t in new_tokens)
-        self.block_ids.extend(non_negative_int("new_block_ids entry", b) for b in new_block_ids)
+        self.tokens += map(operator.index, new_tokens)
+        if new_block_ids:
+            self.block_ids += [non_negative_int("new_block_ids entry", b) for b in new_block_ids]
         if first and self.loaded is not None:
             self._check_loaded()
         self.valid_tokens = min(max(self.valid_tokens, position) + scheduled, len(self.tokens))
