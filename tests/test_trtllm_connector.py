@@ -74,10 +74,10 @@ class Executor:
     """Plays TensorRT-LLM's executor around one leader/worker pair (see the module docstring)."""
 
     def __init__(self, trt, *, use_callable: bool = True, host_blocks: int = 64, chunk: int = 1 << 30,
-                 seed: int = 0, device: str = "cpu") -> None:
+                 seed: int = 0, device: str = "cpu", kvbm_config=None) -> None:
         self.chunk = chunk  # context tokens computed per step (chunked prefill)
         self.leader = trt.DynamoKVBMConnectorLeader(llm_args())
-        self.worker = trt.DynamoKVBMConnectorWorker(llm_args(), config=config(host=host_blocks))
+        self.worker = trt.DynamoKVBMConnectorWorker(llm_args(), config=kvbm_config or config(host=host_blocks))
         cache = allocate("trtllm_pool", GEOM, NUM_BLOCKS, dtype=torch.bfloat16, device=device)
         self.stream = torch.cuda.current_stream() if cache.device.type == "cuda" else None
         self.pool = cache.tensors[0]
@@ -299,6 +299,30 @@ def test_decode_blocks_offloaded_and_reused(make_executor):
     ex.step()
     for i in range(2):
         assert ex.block_bytes(ex.blocks[2][i]) == ex.expected_block(b.prompt, i)
+
+
+@pytest.mark.parametrize("tiers", ["g2_g3", "g3_only"])
+def test_onboard_from_disk(make_executor, tmp_path, tiers):
+    """Blocks that went to disk (G2 too small, every block admitted; or disk-only mode) load back byte-exact."""
+    host = 2 if tiers == "g2_g3" else None
+    ex = make_executor(kvbm_config=config(tmp_path, host=host, disk=16, disable_disk_offload_filter=True))
+    rng = np.random.default_rng(12)
+    a = Request(1, prompt(rng, 18))
+    ex.add(a)
+    ex.step()
+    ex.finish(a)
+    ex.step()
+    mgr = ex.worker.manager
+    b = Request(2, a.prompt[:16] + prompt(rng, 1))
+    before = mgr.metrics.value("kvbm_onboard_blocks_d2d")
+    assert ex.add(b) == (16, True)
+    ex.step()
+    assert 2 in ex.running
+    for i in range(4):
+        assert ex.block_bytes(ex.blocks[2][i]) == ex.expected_block(a.prompt, i)
+    from_disk = mgr.metrics.value("kvbm_onboard_blocks_d2d") - before
+    assert from_disk == (2 if tiers == "g2_g3" else 4)  # G2 keeps the 2 most recent blocks
+    mgr.check_invariants()
 
 
 def test_engine_prefix_match_and_partial_block(make_executor):
