@@ -580,3 +580,18 @@ def test_tracked_request_rejects_bad_reports():
     with pytest.raises(RuntimeError, match=r"loaded into cache blocks \[4, 5\] but the engine reports blocks "
                                            r"\[5, 4\]"):
         t.report(list(range(10)), [5, 4, 6], 0, 2)
+
+
+def test_worker_reads_dyn_kvbm_environment(trt, monkeypatch, tmp_path):
+    """Built as TensorRT-LLM builds it (llm_args only), the worker sizes its tiers from DYN_KVBM_* variables."""
+    monkeypatch.setenv("DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS", "6")
+    monkeypatch.setenv("DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS", "5")
+    monkeypatch.setenv("DYN_KVBM_DISK_CACHE_DIR", str(tmp_path))
+    w = trt.DynamoKVBMConnectorWorker(llm_args())
+    w.register_kv_caches(allocate("trtllm_pool", GEOM, 4, dtype=torch.bfloat16).tensors[0])
+    try:
+        assert (w.manager.host.pool.num_blocks, w.manager.disk.pool.num_blocks) == (6, 5)
+        assert len(list(tmp_path.iterdir())) == 1  # the G3 file
+    finally:
+        w.close()
+    assert list(tmp_path.iterdir()) == []  # closing removes it
