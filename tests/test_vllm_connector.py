@@ -1,0 +1,379 @@
+"""DynamoConnector against vLLM 0.33's real scheduler, with the worker side driven in the V1 and V2 runner orders.
+
+Every test runs the harness of ``vllm_harness``: the KV the emulated attention reads is checked byte-exactly
+against the deterministic model wherever a request is (re)admitted, i.e. exactly where onboarded KV is consumed,
+and freshly allocated blocks are poisoned first, so a load that writes wrong bytes, or none, fails the test unless
+the connector reported the block through ``get_block_ids_with_load_errors``.
+
+Needs vLLM 0.33 light (``bash tests/install_vllm_light.sh``); imported plainly so a missing install fails loudly.
+On CPU the manager's copies complete synchronously; tests that need a transfer in flight keep a ticket open.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import vllm_harness as H  # first: imports vLLM for the CPU platform, clear of the repo's kernels/ folder
+
+from vllm.v1.request import RequestStatus
+
+from kvbm.manager import Ticket
+from kvbm.vllm_integration import registry
+from kvbm.vllm_integration.connector import DynamoConnector, kvbm_config_from
+from kvbm.vllm_integration.metadata import DynamoConnectorMetadata
+from kvbm.vllm_integration.scheduler import SchedulerSide
+from kvbm.vllm_integration.worker import describe_vllm_kv_caches
+
+CONNECTOR = "kvbm.vllm_integration.connector:DynamoConnector"
+LAYERS = H.TinyModelSpec().num_layers
+
+
+def kvbm_harness(tmp_path: Path | None = None, *, host: int | None = 512, disk: int | None = None,
+                 extra: dict[str, Any] | None = None, **overrides: Any) -> H.VllmHarness:
+    """Harness with DynamoConnector: ``host`` G2 blocks, ``disk`` G3 blocks in ``tmp_path``."""
+    config: dict[str, Any] = {}
+    if host is not None:
+        config["DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS"] = host
+    if disk is not None:
+        config.update(DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS=disk, DYN_KVBM_DISK_CACHE_DIR=str(tmp_path),
+                      DYN_KVBM_DISK_DISABLE_O_DIRECT="true")
+    config.update(extra or {})
+    overrides.setdefault("num_gpu_blocks", 40)
+    return H.VllmHarness(H.HarnessConfig(connector=CONNECTOR, connector_extra_config=config, **overrides))
+
+
+def chat(num_users: int = 8, num_rounds: int = 4, **kw: Any) -> H.MultiTurnChatWorkload:
+    """Users whose histories (~16 blocks each at 4 rounds) do not fit together in 39 GPU blocks."""
+    return H.MultiTurnChatWorkload(num_users=num_users, num_rounds=num_rounds, system_prompt_tokens=64, seed=3, **kw)
+
+
+def run_counting(h: H.VllmHarness, workload: H.MultiTurnChatWorkload) -> Counter:
+    """Run ``workload``; count the connector's load/save jobs, preemptions, verified tokens and load errors."""
+    counts: Counter = Counter()
+    execute = h.worker.execute
+    connector = h.worker.connector
+    load_errors = connector.get_block_ids_with_load_errors
+
+    def counting_errors() -> set[int]:
+        errors = load_errors()
+        counts["load_errors"] += len(errors)
+        return errors
+
+    def counting_execute(so, new_blocks):
+        meta = so.kv_connector_metadata
+        assert isinstance(meta, DynamoConnectorMetadata)
+        counts["load_jobs"] += len(meta.loads)
+        counts["loaded_blocks"] += sum(len(job.gpu_block_ids) for job in meta.loads)
+        counts["save_jobs"] += len(meta.saves)
+        counts["preempted"] += len(so.preempted_req_ids or ())
+        out = execute(so, new_blocks)
+        counts["verified"] += h.worker.last_report.verified_tokens
+        return out
+
+    connector.get_block_ids_with_load_errors = counting_errors
+    h.worker.execute = counting_execute
+    counts["steps"] = h.run_workload(workload)
+    return counts
+
+
+def assert_clean(h: H.VllmHarness) -> None:
+    """Nothing leaked: vLLM's pool is full again, no request tracked on either side, manager consistent."""
+    assert h.free_block_count() == h.config.num_gpu_blocks - 1 and not h.scheduler.requests
+    assert h.scheduler.connector.scheduler_side.num_tracked_requests() == 0
+    worker = h.worker.connector.worker_side
+    assert not worker._loads and not worker._saves and not worker._held
+    h.worker.connector.manager.check_invariants()
+
+
+def metric(h: H.VllmHarness, name: str, direction: str | None = None) -> float:
+    return h.worker.connector.manager.metrics.value(name, direction)
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-turn chat: later turns onboard from G2 (and G3) after vLLM evicted their GPU blocks
+# --------------------------------------------------------------------------------------------------
+
+FORMATS = [
+    pytest.param({}, "vllm_lbnhc", id="views-LBNHC"),
+    pytest.param({"kv_layout": "LBHNC"}, "vllm_lbhnc", id="views-LBHNC"),
+    pytest.param({"kv_format": "flash5d"}, "vllm_flash_attn_nhd", id="flash5d"),
+    pytest.param({"kv_format": "flashinfer5d"}, "vllm_flashinfer_nhd", id="flashinfer5d"),
+]
+
+
+@pytest.mark.parametrize("runner", ["v1", "v2"])
+@pytest.mark.parametrize(("fmt", "layout_name"), FORMATS)
+def test_multi_turn_onboards_from_host(runner: str, fmt: dict, layout_name: str) -> None:
+    workload = chat(num_users=6, num_rounds=3)
+    with kvbm_harness(runner=runner, num_gpu_blocks=32, **fmt) as h:
+        assert h.worker.connector.manager.gpu.name == layout_name
+        counts = run_counting(h, workload)
+        assert workload.done and all(len(h.outputs[t.request_id]) == t.max_tokens for t in workload.completed)
+        # Later turns found their history in G2 only (vLLM had evicted it) and read it back byte-exact.
+        assert counts["load_jobs"] > 0 and h.cache_stats.external_hits > 0
+        assert metric(h, "kvbm_onboard_blocks_h2d") == counts["loaded_blocks"] > 0
+        assert metric(h, "kvbm_offload_blocks_d2h") > 0
+        assert counts["verified"] > 0 and counts["load_errors"] == 0
+        assert_clean(h)
+
+
+def test_hits_come_from_disk_after_host_eviction(tmp_path: Path) -> None:
+    """A G2 too small for the chats pushes blocks to G3; later turns load from both tiers, byte-exact."""
+    workload = chat()
+    extra = {"DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "true"}
+    with kvbm_harness(tmp_path, host=24, disk=512, extra=extra) as h:
+        counts = run_counting(h, workload)
+        assert workload.done and counts["load_errors"] == 0 and counts["verified"] > 0
+        assert metric(h, "kvbm_offload_blocks_h2d") > 0  # G2 -> G3
+        assert metric(h, "kvbm_onboard_blocks_d2d") > 0  # G3 -> G1
+        assert metric(h, "kvbm_onboard_blocks_h2d") > 0  # G2 -> G1
+        assert h.cache_stats.external_hits > 0
+        assert_clean(h)
+
+
+def test_offload_only_adds_no_loads_when_everything_fits() -> None:
+    """Control: with GPU room for every history, vLLM's own prefix cache serves the later turns."""
+    workload = chat(num_users=2, num_rounds=3)
+    with kvbm_harness(num_gpu_blocks=128) as h:
+        counts = run_counting(h, workload)
+        assert counts["load_jobs"] == 0 and counts["save_jobs"] > 0 and h.cache_stats.gpu_hits > 0
+        assert metric(h, "kvbm_offload_blocks_d2h") > 0
+        assert_clean(h)
+
+
+# --------------------------------------------------------------------------------------------------
+# Failures, preemption, aborts
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("runner", ["v1", "v2"])
+def test_failed_disk_loads_are_recomputed(tmp_path: Path, runner: str) -> None:
+    """Disk-only mode; the disk file is truncated after the first rounds: reads fail, the failed blocks are
+    reported, vLLM recomputes them (the verifier accepts only reported blocks), and nothing leaks."""
+    workload = chat()
+    with kvbm_harness(tmp_path, host=None, disk=512, runner=runner,
+                      extra={"DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "true"}) as h:
+        manager = h.worker.connector.manager
+        assert manager.host is None and manager.disk is not None
+        disk_file = manager.disk.file
+        truncated = False
+        complete = workload.complete
+
+        def truncating_complete(request_id, output_token_ids):
+            nonlocal truncated
+            if not truncated and len(workload.completed) >= 8:
+                os.truncate(disk_file.path, 0)
+                truncated = True
+            return complete(request_id, output_token_ids)
+
+        workload.complete = truncating_complete
+        counts = run_counting(h, workload)
+        assert truncated and workload.done
+        assert counts["load_errors"] > 0
+        assert metric(h, "kvbm_transfer_failed_blocks", "g3_to_g1") > 0
+        assert all(len(h.outputs[t.request_id]) == t.max_tokens for t in workload.completed)
+        assert_clean(h)
+
+
+@pytest.mark.parametrize("runner", ["v1", "v2"])
+def test_preemption(runner: str) -> None:
+    """Long concurrent chats in 24 GPU blocks: vLLM preempts; resumed requests reload their prefix byte-exact."""
+    workload = chat(num_users=6, num_rounds=3, user_tokens=(40, 80), answer_tokens=(20, 40))
+    with kvbm_harness(runner=runner, num_gpu_blocks=24, max_model_len=368) as h:
+        counts = run_counting(h, workload)
+        assert counts["preempted"] > 0 and counts["load_jobs"] > 0 and counts["verified"] > 0
+        assert workload.done and counts["load_errors"] == 0
+        assert_clean(h)
+
+
+class Gate:
+    """Keeps the tickets the manager returns from ``method`` open (in flight) until ``release``, which also
+    ends the gating."""
+
+    def __init__(self, manager: Any, method: str) -> None:
+        self.tickets: list[Ticket] = []
+        real = getattr(manager, method)
+        self._restore = lambda: setattr(manager, method, real)
+
+        def gated(*args: Any, **kwargs: Any) -> Ticket:
+            ticket = real(*args, **kwargs)
+            ticket._open_batches += 1
+            self.tickets.append(ticket)
+            return ticket
+
+        setattr(manager, method, gated)
+
+    def release(self) -> None:
+        self._restore()
+        for ticket in self.tickets:
+            ticket._open_batches -= 1
+        self.tickets = []
+
+
+def _first_turn_then_evict(h: H.VllmHarness, prompt: list[int]) -> None:
+    h.add_request("first", prompt, 3)
+    h.run_until_idle()
+    assert h.scheduler.reset_prefix_cache()  # the next request must come from G2
+
+
+@pytest.mark.parametrize("runner", ["v1", "v2"])
+def test_request_aborted_mid_load(runner: str) -> None:
+    """Aborted while its onboard is in flight: vLLM keeps the blocks until the worker reports the load done."""
+    prompt = H.MultiTurnChatWorkload(num_users=1, system_prompt_tokens=100, seed=5).system_prompt
+    with kvbm_harness(runner=runner) as h:
+        _first_turn_then_evict(h, prompt)
+        gate = Gate(h.worker.connector.manager, "onboard")
+        h.add_request("second", prompt + [7, 8, 9], 3)
+        for _ in range(4):
+            h.step()
+        request = h.scheduler.requests["second"]
+        assert gate.tickets and request.status == RequestStatus.WAITING_FOR_REMOTE_KVS
+        held = h.free_block_count()
+        h.abort("second")
+        for _ in range(3):
+            h.step()
+        assert "second" in h.scheduler.requests and h.free_block_count() == held  # blocks still being written
+        gate.release()
+        h.run_until_idle()
+        assert "second" not in h.scheduler.requests
+        assert_clean(h)
+
+
+@pytest.mark.parametrize("runner", ["v1", "v2"])
+def test_finished_request_held_until_its_offload_is_done(runner: str) -> None:
+    """A request finishing (or aborted) with offloads in flight keeps its blocks until ``finished_sending``."""
+    prompt = H.MultiTurnChatWorkload(num_users=1, system_prompt_tokens=100, seed=6).system_prompt
+    with kvbm_harness(runner=runner) as h:
+        gate = Gate(h.worker.connector.manager, "offload")
+        h.add_request("a", prompt, 40)
+        for _ in range(3):
+            h.step()
+        h.abort("a")
+        for _ in range(4):
+            h.step()
+        assert gate.tickets and "a" in h.scheduler.requests
+        assert h.free_block_count() < h.config.num_gpu_blocks - 1
+        gate.release()
+        h.run_until_idle()
+        assert "a" not in h.scheduler.requests
+        assert_clean(h)
+        # What was offloaded is served back: a new request with the same prompt loads it byte-exact.
+        assert h.scheduler.reset_prefix_cache()
+        h.add_request("b", prompt + [5], 2)
+        verified = 0
+        for _ in range(50):
+            if not h.busy():
+                break
+            h.step()
+            verified += h.worker.last_report.verified_tokens
+        assert verified == LAYERS * 96 and h.cache_stats.external_hits == 96
+        assert_clean(h)
+
+
+# --------------------------------------------------------------------------------------------------
+# Many requests, isolation, refusals
+# --------------------------------------------------------------------------------------------------
+
+
+def test_hundreds_of_requests_leave_nothing_behind() -> None:
+    """300 short requests over 12 rotating prefixes (more than 23 GPU blocks hold), some aborted: later ones hit
+    G2, and no GPU block, ticket or tracked request leaks."""
+    prefixes = [H.MultiTurnChatWorkload(num_users=1, system_prompt_tokens=48, seed=100 + k).system_prompt
+                for k in range(12)]
+    with kvbm_harness(runner="v2", host=256, num_gpu_blocks=24, max_num_seqs=32) as h:
+        for i in range(300):
+            tail = [H.FIRST_REGULAR_TOKEN + (i * 7 + k) % 4000 for k in range(5 + i % 23)]
+            h.add_request(f"r{i}", prefixes[i % 12] + tail, 1 + i % 5)
+            if i % 10 == 9:
+                h.step()
+            if i % 37 == 0:
+                h.abort(f"r{i}")
+        h.run_until_idle()
+        aborted = {f"r{i}" for i in range(0, 300, 37)}
+        assert set(h.finish_reasons) == {f"r{i}" for i in range(300)} - aborted  # aborts report no output
+        assert h.cache_stats.external_hits > 0
+        assert_clean(h)
+
+
+def test_salt_and_lora_enter_the_hash() -> None:
+    """The same prompt under another cache salt or LoRA adapter finds nothing; under the same one it hits."""
+    prompt = H.MultiTurnChatWorkload(num_users=1, system_prompt_tokens=64, seed=11).system_prompt
+    with kvbm_harness() as h:
+        h.add_request("plain", prompt, 2, cache_salt="s1", lora_name="a")
+        h.run_until_idle()
+        hits = {}
+        for request_id, salt, lora in [("salt", "s2", "a"), ("lora", "s1", "b"), ("same", "s1", "a")]:
+            assert h.scheduler.reset_prefix_cache()
+            before = h.cache_stats.external_hits
+            h.add_request(request_id, prompt + [9], 2, cache_salt=salt, lora_name=lora)
+            h.run_until_idle()
+            hits[request_id] = h.cache_stats.external_hits - before
+        assert hits == {"salt": 0, "lora": 0, "same": 64}
+        assert_clean(h)
+
+
+def test_multimodal_requests_are_neither_matched_nor_saved(caplog: pytest.LogCaptureFixture) -> None:
+    side = SchedulerSide("engine-mm", block_size=16)
+    request = SimpleNamespace(request_id="mm", mm_features=[object()], prompt_embeds=None, lora_request=None,
+                              cache_salt=None, num_tokens=64, num_preemptions=0, num_computed_tokens=64,
+                              all_token_ids=list(range(3, 67)))
+    with caplog.at_level("INFO", logger="kvbm.vllm_integration.scheduler"):
+        side.on_new_request(request)
+    assert "multimodal" in caplog.text
+    assert side.get_num_new_matched_tokens(request, 0) == (0, False)
+    assert side.request_finished(request, list(range(4))) == (False, None)
+
+
+def test_unsupported_setups_are_refused() -> None:
+    with kvbm_harness() as h:
+        plan = h.plan
+        vllm_config = h.vllm_config
+        vllm_config.parallel_config.tensor_parallel_size = 2
+        with pytest.raises(ValueError, match="tensor_parallel_size=2"):
+            DynamoConnector(vllm_config, H.KVConnectorRole.SCHEDULER, plan.scheduler_config)
+        vllm_config.parallel_config.tensor_parallel_size = 1
+        hybrid = plan.scheduler_config.__class__(**{**plan.scheduler_config.__dict__,
+                                                    "kv_cache_groups": plan.scheduler_config.kv_cache_groups * 2})
+        with pytest.raises(ValueError, match="2 groups"):
+            DynamoConnector(vllm_config, H.KVConnectorRole.WORKER, hybrid)
+        with pytest.raises(ValueError, match="already registered"):
+            registry.register(vllm_config.kv_transfer_config.engine_id, h.worker.connector.manager)
+
+
+def test_config_from_extra_config_overrides_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DYN_KVBM_CPU_CACHE_GB", "2")
+    monkeypatch.setenv("DYN_KVBM_MAX_TRANSFER_BATCH_SIZE", "8")
+    config = kvbm_config_from({"DYN_KVBM_CPU_CACHE_GB": 0.5, "other": 1})
+    assert config.cpu_cache_gb == 0.5 and config.max_transfer_batch_size == 8
+
+
+@pytest.mark.parametrize("layout", ["LBNHC", "LBHNC", "LHBNC", "BLNHC", "BLHNC", "BHLNC"])
+def test_every_standardized_layout_is_detected(layout: str) -> None:
+    """The order is read from the views' strides and layer offsets; a prefix hit loads back byte-exact."""
+    prompt = H.MultiTurnChatWorkload(num_users=1, system_prompt_tokens=48, seed=13).system_prompt
+    with kvbm_harness(kv_layout=layout, num_gpu_blocks=16) as h:
+        assert h.worker.connector.manager.gpu.name == f"vllm_{layout.lower()}"
+        assert describe_vllm_kv_caches(h.worker.kv_caches).name == f"vllm_{layout.lower()}"
+        _first_turn_then_evict(h, prompt)
+        h.add_request("second", prompt + [4], 2)
+        verified = 0
+        while h.busy():
+            h.step()
+            verified += h.worker.last_report.verified_tokens
+        assert verified == LAYERS * 48
+        assert_clean(h)
+
+
+def test_bad_kv_tensors_are_refused() -> None:
+    import torch
+
+    with pytest.raises(ValueError, match="dimensions"):
+        describe_vllm_kv_caches({"a": torch.zeros(4, 16, 576)})
+    with pytest.raises(ValueError, match=r"\[2, B, N, H, D\]"):
+        describe_vllm_kv_caches({"a": torch.zeros(4, 3, 16, 2, 8)})
+    with pytest.raises(TypeError, match="non-empty dict"):
+        describe_vllm_kv_caches({})
