@@ -11,7 +11,8 @@ back from the connector) through ``tests/vllm_harness.py`` and reports, per engi
 
 Worker-side work (the emulated forward, the connector's data movement) is not in these numbers.
 Default connector: vLLM's own ``OffloadingConnector`` (its CUDA data mover replaced by the harness's CPU
-one).  Another connector: ``--connector package.module:ClassName --extra '{"key": "value"}'``.
+one).  ``--connector kvbm.vllm_integration.connector:DynamoConnector`` runs this project's connector with a
+G2 of ``--cpu-bytes``.  Another connector: ``--connector package.module:ClassName --extra '{"key": "value"}'``.
 
 Needs vLLM 0.33 light in the running Python (``bash tests/install_vllm_light.sh``).
 """
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import vllm_harness as H  # noqa: E402  (needs the tests/ folder on sys.path)
 
 OFFLOADING = "OffloadingConnector"
+KVBM = "kvbm.vllm_integration.connector:DynamoConnector"
 
 
 @dataclass
@@ -68,6 +70,8 @@ def harness_config(args: argparse.Namespace, connector: str | None, runner: str)
     extra: dict[str, Any] = {}
     if connector == OFFLOADING:
         extra = H.offloading_connector_config(args.cpu_bytes)
+    elif connector == KVBM:
+        extra = {"DYN_KVBM_CPU_CACHE_GB": args.cpu_bytes / 1e9}  # the same host budget as the peer
     if connector is not None:
         extra.update(args.extra)
     return H.HarnessConfig(
@@ -162,7 +166,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--max-batched-tokens", type=int, default=512)
-    parser.add_argument("--cpu-bytes", type=int, default=64 << 20, help="OffloadingConnector cpu_bytes_to_use")
+    parser.add_argument("--cpu-bytes", type=int, default=64 << 20, help="host tier bytes: OffloadingConnector cpu_bytes_to_use, DynamoConnector G2")
     parser.add_argument("--verify", choices=["admission", "every_step", "off"], default="admission",
                         help="KV byte checks in the emulated worker (not timed)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per configuration; the median is reported")
