@@ -126,7 +126,18 @@ def test_hits_come_from_disk_after_host_eviction(tmp_path: Path) -> None:
     workload = chat()
     extra = {"DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "true"}
     with kvbm_harness(tmp_path, host=24, disk=512, extra=extra) as h:
+        sources: Counter = Counter()
+        split = h.scheduler.connector.get_external_cache_hit_sources
+
+        def recording_split(request, num_external_tokens):
+            result = split(request, num_external_tokens)
+            assert sum(result.values()) == num_external_tokens
+            sources.update({source.value: n for source, n in result.items()})
+            return result
+
+        h.scheduler.connector.get_external_cache_hit_sources = recording_split
         counts = run_counting(h, workload)
+        assert sources["host"] > 0 and sources["disk"] > 0  # vLLM's hit stats learn the tier
         assert workload.done and counts["load_errors"] == 0 and counts["verified"] > 0
         assert metric(h, "kvbm_offload_blocks_h2d") > 0  # G2 -> G3
         assert metric(h, "kvbm_onboard_blocks_d2d") > 0  # G3 -> G1
@@ -342,6 +353,28 @@ def test_unsupported_setups_are_refused() -> None:
             DynamoConnector(vllm_config, H.KVConnectorRole.WORKER, hybrid)
         with pytest.raises(ValueError, match="already registered"):
             registry.register(vllm_config.kv_transfer_config.engine_id, h.worker.connector.manager)
+
+
+def test_hnd_layout_on_request_and_metrics_server() -> None:
+    """``kv_layout: HND`` makes vLLM allocate LBHNC; ``DYN_KVBM_METRICS`` serves the counters while running."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    prompt = H.MultiTurnChatWorkload(num_users=1, system_prompt_tokens=48, seed=17).system_prompt
+    with kvbm_harness(extra={"kv_layout": "HND", "DYN_KVBM_METRICS": "1", "DYN_KVBM_METRICS_PORT": port}) as h:
+        assert h.vllm_config.cache_config.kv_cache_layout == "LBHNC"
+        assert h.worker.connector.manager.gpu.name == "vllm_lbhnc"
+        h.add_request("a", prompt + [5], 2)
+        h.run_until_idle()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert "kvbm_offload_blocks_d2h 3.0" in text
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)  # stopped at shutdown
+    with pytest.raises(ValueError, match="'NHD' or 'HND'"):
+        kvbm_harness(extra={"kv_layout": "LBHNC"})
 
 
 def test_config_from_extra_config_overrides_env(monkeypatch: pytest.MonkeyPatch) -> None:

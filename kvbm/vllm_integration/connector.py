@@ -25,6 +25,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvbm.config import KvbmConfig
 from kvbm.vllm_integration.metadata import DynamoConnectorMetadata, DynamoWorkerMetadata
@@ -178,6 +179,13 @@ class DynamoConnector(KVConnectorBase_V1):
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         """Plan the load into the blocks just allocated."""
         self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[CacheHitSource, int]:
+        """Split the loaded tokens into those from G2 (HOST) and from G3 (DISK)."""
+        if num_external_tokens <= 0:
+            return {}
+        host, disk = self._scheduler.hit_tiers(request, num_external_tokens)
+        return {source: n for source, n in ((CacheHitSource.HOST, host), (CacheHitSource.DISK, disk)) if n}
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         """The step's loads, saves, preemptions and held requests."""

@@ -51,7 +51,7 @@ class _RequestState:
     """What the scheduler side tracks for one live request."""
 
     __slots__ = ("request", "salt", "hashes", "block_ids", "saved", "in_flight", "loading", "skip",
-                 "local_tokens", "match_key", "matched_blocks")
+                 "local_tokens", "match_key", "matched_blocks", "host_blocks")
 
     def __init__(self, request: Request, skip: bool) -> None:
         self.request = request
@@ -66,6 +66,7 @@ class _RequestState:
         self.local_tokens = 0  # vLLM's own hit when the load was planned
         self.match_key: int | None = None  # request.num_preemptions of the cached lookup
         self.matched_blocks = 0
+        self.host_blocks = 0  # leading matched blocks found in G2 (the rest are in G3)
 
     def hashes_upto(self, num_blocks: int, block_size: int) -> list[int]:
         """Sequence hashes of the first ``num_blocks`` full blocks (hashing only the new ones)."""
@@ -129,6 +130,7 @@ class SchedulerSide:
                 match = entry.manager.lookup(hashes, num_tokens=num_tokens)
             state.match_key = request.num_preemptions
             state.matched_blocks = match.num_blocks
+            state.host_blocks = match.host_hits
         matched = state.matched_blocks * self.block_size
         if matched <= num_computed_tokens:
             return 0, False
@@ -151,6 +153,15 @@ class SchedulerSide:
         hashes = state.hashes[first:first + count]
         self._loads.append(BlockJob(request.request_id, hashes, block_ids[first:first + count]))
         state.loading = True
+
+    def hit_tiers(self, request: Request, num_external_tokens: int) -> tuple[int, int]:
+        """``(G2 tokens, G3 tokens)`` of the ``num_external_tokens`` planned for loading (after
+        ``update_state_after_alloc``)."""
+        state = self._states.get(request.request_id)
+        if state is None:
+            raise ValueError(f"request {request.request_id} is not tracked")
+        host = min(max(state.host_blocks * self.block_size - state.local_tokens, 0), num_external_tokens)
+        return host, num_external_tokens - host
 
     # -- per step ----------------------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ about to be reused); ``start_load`` submits the onboards; ``save`` submits the o
 this step's forward (no wait: on a GPU they complete on the transfer engine's streams); ``get_finished`` polls
 the manager and reports requests whose loads are done (``finished_recving``) and held finished requests whose
 offloads are done (``finished_sending``). GPU blocks of failed loads are reported once through
-``take_load_errors`` so vLLM recomputes them.
+``take_load_errors`` so vLLM recomputes them. (The manager serves its metrics when ``DYN_KVBM_METRICS`` is set.)
 """
 from __future__ import annotations
 
