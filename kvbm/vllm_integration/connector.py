@@ -28,6 +28,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvbm.config import KvbmConfig
+from kvbm.manager import BlockManager
 from kvbm.vllm_integration.metadata import DynamoConnectorMetadata, DynamoWorkerMetadata
 from kvbm.vllm_integration.scheduler import SchedulerSide
 from kvbm.vllm_integration.worker import WorkerSide
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DynamoConnector", "kvbm_config_from"]
 
-_LAYOUTS = {"NHD": "NHD", "HND": "HND"}
+_LAYOUTS = ("NHD", "HND")  # what get_required_kvcache_layout may ask vLLM for
 
 
 def kvbm_config_from(extra_config: dict[str, Any]) -> KvbmConfig:
@@ -102,23 +103,26 @@ class DynamoConnector(KVConnectorBase_V1):
         return False
 
     @property
-    def manager(self):
+    def manager(self) -> BlockManager:
         """The worker side's block manager (worker role, after ``register_kv_caches``)."""
         return self._worker.manager
 
     @property
     def _worker(self) -> WorkerSide:
+        """The worker side; a clear error when called on the scheduler role."""
         if self.worker_side is None:
             raise RuntimeError("this DynamoConnector has the scheduler role")
         return self.worker_side
 
     @property
     def _scheduler(self) -> SchedulerSide:
+        """The scheduler side; a clear error when called on the worker role."""
         if self.scheduler_side is None:
             raise RuntimeError("this DynamoConnector has the worker role")
         return self.scheduler_side
 
     def _meta(self, meta: KVConnectorMetadata | None = None) -> DynamoConnectorMetadata:
+        """The given (default: the bound) metadata, checked to be ours."""
         meta = self._get_connector_metadata() if meta is None else meta
         if not isinstance(meta, DynamoConnectorMetadata):
             raise TypeError(f"expected DynamoConnectorMetadata, got {type(meta).__name__}")
