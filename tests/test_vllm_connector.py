@@ -339,6 +339,32 @@ def test_multimodal_requests_are_neither_matched_nor_saved(caplog: pytest.LogCap
     assert side.request_finished(request, list(range(4))) == (False, None)
 
 
+def test_match_starts_after_vllms_own_hit() -> None:
+    """Blocks vLLM still holds may have left G2: the lookup starts at the first block vLLM lacks."""
+    import numpy as np
+    from manager_testkit import GEOM, config, make_gpu
+
+    from kvbm.hashing import salt_hash, sequence_hashes
+    from kvbm.manager import BlockManager
+
+    bs = GEOM.block_size
+    tokens = list(range(3, 3 + 4 * bs + 2))  # 4 full blocks and 2 tokens
+    request = SimpleNamespace(request_id="r", mm_features=[], prompt_embeds=None, lora_request=None,
+                              cache_salt="s", num_tokens=len(tokens), num_preemptions=0, all_token_ids=tokens)
+    hashes = sequence_hashes(tokens, bs, salt_hash("s", None))
+    with BlockManager(make_gpu(8, np.random.default_rng(0)), config(host=16)) as manager:
+        manager.offload(hashes[2:4], [5, 6])  # blocks 0 and 1 are on the GPU only
+        manager.wait()
+        registry.register("engine-skip", manager)
+        try:
+            side = SchedulerSide("engine-skip", block_size=bs)
+            assert side.get_num_new_matched_tokens(request, 0) == (0, False)
+            assert side.get_num_new_matched_tokens(request, 2 * bs) == (2 * bs, True)
+            assert side.get_num_new_matched_tokens(request, 4 * bs) == (0, False)  # nothing beyond vLLM's hit
+        finally:
+            registry.unregister("engine-skip")
+
+
 def test_unsupported_setups_are_refused() -> None:
     with kvbm_harness() as h:
         plan = h.plan

@@ -4,8 +4,8 @@ Per request it keeps the KVBM sequence hashes of the full blocks (extended as to
 cache salt and the LoRA name), the GPU block table (from the scheduler outputs), how many leading full blocks
 were already handed to the worker for saving, and how many save jobs the worker has not confirmed yet.
 
-- ``get_num_new_matched_tokens``: the manager's longest stored prefix beyond vLLM's own (block-aligned) hit, in
-  whole blocks, loaded asynchronously. One manager lookup per admission attempt (its hit counts feed the disk
+- ``get_num_new_matched_tokens``: the manager's longest stored run of blocks right after vLLM's own
+  (block-aligned) hit, in whole blocks, loaded asynchronously. One manager lookup per admission attempt (its hit counts feed the disk
   admission filter); a retry of the same attempt reuses the answer, a stale answer fails the load and vLLM
   recomputes.
 - ``update_state_after_alloc``: the load job, into the blocks right after the local hit.
@@ -64,9 +64,9 @@ class _RequestState:
         self.in_flight = 0  # save jobs not yet confirmed by the worker
         self.loading = False
         self.local_tokens = 0  # vLLM's own hit when the load was planned
-        self.match_key: int | None = None  # request.num_preemptions of the cached lookup
-        self.matched_blocks = 0
-        self.host_blocks = 0  # leading matched blocks found in G2 (the rest are in G3)
+        self.match_key: tuple[int, int] | None = None  # (num_preemptions, vLLM's hit in blocks) of the lookup
+        self.matched_blocks = 0  # vLLM's hit plus the manager's match, in blocks
+        self.host_blocks = 0  # vLLM's hit plus the match's G2 part (the rest of the match is in G3)
 
     def hashes_upto(self, num_blocks: int, block_size: int) -> list[int]:
         """Sequence hashes of the first ``num_blocks`` full blocks (hashing only the new ones)."""
@@ -111,11 +111,21 @@ class SchedulerSide:
         self._state(request)
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
-        """Tokens the manager can load beyond vLLM's ``num_computed_tokens``: ``(n, True)`` or ``(0, False)``."""
+        """Tokens the manager can load beyond vLLM's ``num_computed_tokens``: ``(n, True)`` or ``(0, False)``.
+
+        The lookup starts at the first block vLLM does not hold (sequence hashes name whole prefixes), so blocks
+        that stay hot on the GPU, and may have left G2, do not cut the match short.
+        """
         state = self._state(request)
         if state.skip:
             return 0, False
-        if state.match_key != request.num_preemptions:
+        num_tokens = request.num_tokens
+        full_blocks = num_tokens // self.block_size
+        local_blocks = num_computed_tokens // self.block_size
+        if full_blocks <= local_blocks:
+            return 0, False
+        key = (request.num_preemptions, local_blocks)
+        if state.match_key != key:
             entry = registry.lookup(self.engine_id)
             if entry is None:
                 if not self._warned_no_manager:
@@ -124,13 +134,12 @@ class SchedulerSide:
                                 "external prefix hits", self.engine_id)
                     self._warned_no_manager = True
                 return 0, False
-            num_tokens = request.num_tokens
-            hashes = state.hashes_upto(num_tokens // self.block_size, self.block_size)
+            hashes = state.hashes_upto(full_blocks, self.block_size)[local_blocks:]
             with entry.lock:
-                match = entry.manager.lookup(hashes, num_tokens=num_tokens)
-            state.match_key = request.num_preemptions
-            state.matched_blocks = match.num_blocks
-            state.host_blocks = match.host_hits
+                match = entry.manager.lookup(hashes, num_tokens=num_tokens - local_blocks * self.block_size)
+            state.match_key = key
+            state.matched_blocks = local_blocks + match.num_blocks
+            state.host_blocks = local_blocks + match.host_hits
         matched = state.matched_blocks * self.block_size
         if matched <= num_computed_tokens:
             return 0, False
