@@ -5,9 +5,9 @@ cache salt and the LoRA name), the GPU block table (from the scheduler outputs),
 were already handed to the worker for saving, and how many save jobs the worker has not confirmed yet.
 
 - ``get_num_new_matched_tokens``: the manager's longest stored run of blocks right after vLLM's own
-  (block-aligned) hit, in whole blocks, loaded asynchronously. One manager lookup per admission attempt (its hit counts feed the disk
-  admission filter); a retry of the same attempt reuses the answer, a stale answer fails the load and vLLM
-  recomputes.
+  (block-aligned) hit, in whole blocks, loaded asynchronously. One manager lookup per admission attempt (its
+  hit counts feed the disk admission filter); a retry of the same attempt reuses the answer, and a stale answer
+  fails the load, which vLLM recomputes.
 - ``update_state_after_alloc``: the load job, into the blocks right after the local hit.
 - ``build_connector_meta``: the step's loads, the newly completed full blocks of every scheduled request whose
   tokens are all known (with async scheduling the last sampled token may not be yet; its block is saved a step
