@@ -21,12 +21,13 @@ import vllm_harness as H  # first: imports vLLM for the CPU platform, clear of t
 
 from vllm.v1.request import RequestStatus
 
+from kvbm.config import KvbmConfig
 from kvbm.manager import Ticket
 from kvbm.vllm_integration import registry
 from kvbm.vllm_integration.connector import DynamoConnector, kvbm_config_from
-from kvbm.vllm_integration.metadata import DynamoConnectorMetadata
+from kvbm.vllm_integration.metadata import BlockJob, DynamoConnectorMetadata
 from kvbm.vllm_integration.scheduler import SchedulerSide
-from kvbm.vllm_integration.worker import describe_vllm_kv_caches
+from kvbm.vllm_integration.worker import WorkerSide, describe_vllm_kv_caches
 
 CONNECTOR = "kvbm.vllm_integration.connector:DynamoConnector"
 LAYERS = H.TinyModelSpec().num_layers
@@ -436,3 +437,9 @@ def test_bad_kv_tensors_are_refused() -> None:
         describe_vllm_kv_caches({"a": torch.zeros(4, 3, 16, 2, 8)})
     with pytest.raises(TypeError, match="non-empty dict"):
         describe_vllm_kv_caches({})
+    worker = WorkerSide("engine-unregistered", KvbmConfig(cpu_cache_override_num_blocks=4), block_size=16)
+    with pytest.raises(RuntimeError, match="register_kv_caches"):
+        worker.start_load(DynamoConnectorMetadata(loads=[BlockJob("r", [1], [1])]))
+    assert worker.get_finished({"r"}) == (None, None)
+    with pytest.raises(ValueError, match="1 hashes for 2 GPU blocks"):
+        BlockJob("r", [1], [1, 2])

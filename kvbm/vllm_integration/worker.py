@@ -85,9 +85,13 @@ class WorkerSide:
     @property
     def manager(self) -> BlockManager:
         """The block manager (after ``register_kv_caches``)."""
+        return self._entry().manager
+
+    def _entry(self) -> registry.ManagerEntry:
+        """The registered manager entry; a clear error before ``register_kv_caches``."""
         if self.entry is None:
             raise RuntimeError("register_kv_caches has not been called: no block manager yet")
-        return self.entry.manager
+        return self.entry
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Describe vLLM's KV tensors, build the block manager on them and register it for the scheduler side."""
@@ -110,26 +114,29 @@ class WorkerSide:
         """Finish the offloads still reading blocks of requests preempted this step."""
         if not meta.preempted:
             return
-        with self.entry.lock:
+        entry = self._entry()
+        with entry.lock:
             for request_id in meta.preempted:
                 for ticket in self._saves.get(request_id, ()):
                     if not ticket.done:
-                        self.entry.manager.wait(ticket)
+                        entry.manager.wait(ticket)
 
     def start_load(self, meta: DynamoConnectorMetadata) -> None:
         """Submit this step's onboards."""
         if not meta.loads:
             return
-        with self.entry.lock:
-            onboard = self.entry.manager.onboard
+        entry = self._entry()
+        with entry.lock:
+            onboard = entry.manager.onboard
             for job in meta.loads:
                 self._loads[job.request_id].append(onboard(job.seq_hashes, job.gpu_block_ids))
 
     def save(self, meta: DynamoConnectorMetadata) -> None:
         """Submit the offloads of this step's completed blocks (without waiting for them) and note held requests."""
         if meta.saves:
-            with self.entry.lock:
-                offload = self.entry.manager.offload
+            entry = self._entry()
+            with entry.lock:
+                offload = entry.manager.offload
                 for job in meta.saves:
                     self._saves[job.request_id].append(offload(job.seq_hashes, job.gpu_block_ids))
         self._held.update(meta.held)
