@@ -147,6 +147,19 @@ def test_hits_come_from_disk_after_host_eviction(tmp_path: Path) -> None:
         assert_clean(h)
 
 
+@pytest.mark.parametrize("runner", ["v1", "v2"])
+def test_without_vllm_prefix_caching(runner: str) -> None:
+    """vLLM's own prefix cache off: every later turn reads its whole history (minus the last block) from G2."""
+    workload = chat(num_users=4, num_rounds=3)
+    with kvbm_harness(runner=runner, enable_prefix_caching=False) as h:
+        counts = run_counting(h, workload)
+        assert h.cache_stats.gpu_queries == 0 and h.cache_stats.external_hits > 0
+        assert counts["loaded_blocks"] * 16 == h.cache_stats.external_hits
+        assert counts["verified"] == LAYERS * h.cache_stats.external_hits  # exactly the onboarded tokens
+        assert workload.done and counts["load_errors"] == 0
+        assert_clean(h)
+
+
 def test_offload_only_adds_no_loads_when_everything_fits() -> None:
     """Control: with GPU room for every history, vLLM's own prefix cache serves the later turns."""
     workload = chat(num_users=2, num_rounds=3)
