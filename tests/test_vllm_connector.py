@@ -122,11 +122,15 @@ def test_multi_turn_onboards_from_host(runner: str, fmt: dict, layout_name: str)
         assert_clean(h)
 
 
-def test_hits_come_from_disk_after_host_eviction(tmp_path: Path) -> None:
-    """A G2 too small for the chats pushes blocks to G3; later turns load from both tiers, byte-exact."""
-    workload = chat()
-    extra = {"DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "true"}
-    with kvbm_harness(tmp_path, host=24, disk=512, extra=extra) as h:
+@pytest.mark.parametrize("admission_filter", [False, True], ids=["every-block", "admission-filter"])
+def test_hits_come_from_disk_after_host_eviction(tmp_path: Path, admission_filter: bool) -> None:
+    """A G2 too small for the chats pushes blocks to G3 (every block, or those hit once in G2 under KVBM's
+    admission filter); later turns load from both tiers, byte-exact."""
+    if admission_filter:
+        workload, host, extra = chat(num_rounds=5), 48, {}
+    else:
+        workload, host, extra = chat(), 24, {"DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "true"}
+    with kvbm_harness(tmp_path, host=host, disk=512, extra=extra) as h:
         sources: Counter = Counter()
         split = h.scheduler.connector.get_external_cache_hit_sources
 
