@@ -135,13 +135,13 @@ def median_run(runs: list[RunResult]) -> RunResult:
 def format_table(results: list[RunResult]) -> str:
     """Fixed-width table of the median runs."""
     header = (
-        f"{'connector':<44} {'runner':<6} {'steps':>6} {'sched us/step':>14} {'connector us/step':>18} "
+        f"{'connector':<54} {'runner':<6} {'steps':>6} {'sched us/step':>14} {'connector us/step':>18} "
         f"{'share':>6} {'gpu hit':>8} {'ext hit':>8} {'ext tokens':>11} {'wall s':>7}"
     )
     lines = [header, "-" * len(header)]
     for r in results:
         lines.append(
-            f"{r.label[-44:]:<44} {r.runner:<6} {r.steps:>6} {r.sched_us_per_step:>14.1f} "
+            f"{r.label[-54:]:<54} {r.runner:<6} {r.steps:>6} {r.sched_us_per_step:>14.1f} "
             f"{r.connector_us_per_step:>18.1f} {r.connector_share:>6.0%} {r.gpu_hit_rate:>8.1%} "
             f"{r.external_hit_rate:>8.1%} {r.external_hit_tokens:>11} {r.wall_s:>7.2f}"
         )
