@@ -10,11 +10,12 @@ import errno
 import logging
 import mmap
 import os
-import subprocess
 import threading
 
 import numpy as np
 import pytest
+
+from disk_faults import fill_filesystem, rng, tiny_fs  # noqa: F401  (rng and tiny_fs are fixtures)
 
 from kvbm.kernels.disk_file import ALIGNMENT, DiskBlockFile, SlotIOResult, align_up
 
@@ -38,38 +39,6 @@ def poisoned_buffer(nbytes: int) -> mmap.mmap:
 def block(buf: mmap.mmap, i: int, slot_bytes: int) -> bytes:
     """Bytes of block ``i`` of a buffer."""
     return buf[i * slot_bytes : (i + 1) * slot_bytes]
-
-
-@pytest.fixture
-def rng(request) -> np.random.Generator:
-    return np.random.default_rng(abs(hash(request.node.name)) % (2**32))
-
-
-@pytest.fixture
-def tiny_fs(tmp_path):
-    """A real 1 MiB tmpfs, mounted for the test, to run out of space for real."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a 1 MiB tmpfs for the ENOSPC test needs root")
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mnt)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=True)
-
-
-def fill_filesystem(directory) -> str:
-    """Write a filler file until the filesystem is full; return its path."""
-    path = os.path.join(directory, "filler")
-    chunk = os.urandom(4096)
-    with open(path, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(chunk)
-        except OSError as e:
-            assert e.errno == errno.ENOSPC
-    return path
 
 
 @pytest.mark.parametrize("o_direct", [True, False])
