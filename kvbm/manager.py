@@ -251,11 +251,7 @@ class BlockManager:
         visible to ``lookup`` when ``poll`` finishes their batch.
         """
         self._check_open()
-        hashes = _as_hashes(seq_hashes)
-        gpu_ids = _as_ids("gpu_block_ids", gpu_block_ids, self.gpu.num_blocks)
-        if len(hashes) != len(gpu_ids):
-            raise ValueError(f"seq_hashes and gpu_block_ids must have the same length, got {len(hashes)} and "
-                             f"{len(gpu_ids)}")
+        hashes, gpu_ids = self._block_pairs(seq_hashes, gpu_block_ids)
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise TypeError(f"priority must be an int, got {type(priority).__name__} {priority!r}")
         # One open "batch" stands for the planning itself: the ticket cannot finish while batches are added.
@@ -357,11 +353,7 @@ class BlockManager:
         written by a failed disk read (the bounce buffer takes them) and the block is never reported OK.
         """
         self._check_open()
-        hashes = _as_hashes(seq_hashes)
-        gpu_ids = _as_ids("gpu_block_ids", gpu_block_ids, self.gpu.num_blocks)
-        if len(hashes) != len(gpu_ids):
-            raise ValueError(f"seq_hashes and gpu_block_ids must have the same length, got {len(hashes)} and "
-                             f"{len(gpu_ids)}")
+        hashes, gpu_ids = self._block_pairs(seq_hashes, gpu_block_ids)
         # One open "batch" stands for the planning itself: the ticket cannot finish while batches are added.
         ticket = Ticket("onboard", hashes, gpu_ids, [BlockResult.PENDING] * len(hashes), _open_batches=1)
         from_host: list[tuple[int, int]] = []
@@ -385,6 +377,15 @@ class BlockManager:
         ticket._open_batches -= 1
         self._settle(ticket)
         return ticket
+
+    def _block_pairs(self, seq_hashes: Sequence[int], gpu_block_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Checked (hashes, G1 block ids) of an offload or onboard call, equal in length."""
+        hashes = _as_hashes(seq_hashes)
+        gpu_ids = _as_ids("gpu_block_ids", gpu_block_ids, self.gpu.num_blocks)
+        if len(hashes) != len(gpu_ids):
+            raise ValueError(f"seq_hashes and gpu_block_ids must have the same length, got {len(hashes)} and "
+                             f"{len(gpu_ids)}")
+        return hashes, gpu_ids
 
     def check_invariants(self) -> None:
         """Verify pools, holds, pending slots and bounce chunks against the planned batches (O(size), for tests)."""
