@@ -13,8 +13,8 @@ is never blocked):
   block in one dense run, as cross-layer layouts do; no SM time at all).
 
 "auto" takes "dma" when every block is one dense run of at least `DMA_MIN_PIECE_BYTES` in both caches, else
-"staged". Measured on the H200 (bench/results/): staged reaches the PCIe ceiling from 16 blocks on; batched DMA of
-32 KiB pieces does not.
+"staged". Measured on the H200 (bench/results/): staged moves 81-90% of the PCIe ceiling at 16 blocks and 90-99% at
+256-1024; batched DMA of 32 KiB pieces 48-87%.
 """
 from __future__ import annotations
 
@@ -267,8 +267,8 @@ class TransferEngine:
         return done
 
     def _staged(self, src, dst, s, d, direction, ready, max_ctas=None, gather="kernel"):
-        """`gather="copy_engine"` moves pieces to/from staging with batched device-to-device DMA instead of the
-        kernel (no SM time; needs pieces that are dense runs in both caches)."""
+        """`gather="copy_engine"` moves pieces to/from staging with batched device-to-device memcpy instead of the
+        kernel (needs pieces that are dense runs in both caches; measured far slower for D2H, see bench/results)."""
         from .triton_copy import launch
 
         if gather not in ("kernel", "copy_engine"):
@@ -322,8 +322,7 @@ class TransferEngine:
                 landed = torch.cuda.Event()
                 landed.record(lane.dma_stream)
                 lane.kernel_stream.wait_event(landed)
-                with torch.cuda.stream(lane.kernel_stream):
-                    launch(build_plan(staging, gpu), stage_ids[:n], gpu_ids[start:start + n], max_ctas=max_ctas)
+                repack(staging, gpu, stage_ids[:n], gpu_ids[start:start + n], *chunk_host_ids[::-1])
                 done = torch.cuda.Event()
                 done.record(lane.kernel_stream)
             lane.half_free[half] = done
