@@ -15,9 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbm.layouts import PagedKVCache
-
-#: Integer dtype moved per unit size in bytes.
-UNIT_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+from kvbm.layouts.conversion import INT_VIEW
 
 
 @dataclass(frozen=True)
@@ -76,7 +74,7 @@ def _base_tensor(cache: PagedKVCache, unit: int) -> tuple[torch.Tensor, int]:
     base = min(cache.tensors, key=lambda t: t.data_ptr())
     storage = base.untyped_storage()
     offset = base.data_ptr() - storage.data_ptr()
-    view = torch.empty(0, dtype=UNIT_DTYPE[unit], device=base.device)
+    view = torch.empty(0, dtype=INT_VIEW[unit], device=base.device)
     view.set_(storage, offset // unit, (1,), (1,))
     return view, base.data_ptr()
 
@@ -97,7 +95,7 @@ def _plan(src: PagedKVCache, dst: PagedKVCache) -> CopyPlan:
     if dims[2][1] == 1 and dims[2][2] == 1:  # rows dense in both caches: widen the element
         strides = [stride for _, a, b in dims[:2] for stride in (a, b)] + [sb, db]
         common = _gcd_all([dims[2][0] * itemsize] + [x * itemsize for x in strides] + s_addr + d_addr)
-        unit = max(u for u in UNIT_DTYPE if common % u == 0 and u % itemsize == 0)
+        unit = max(u for u in INT_VIEW if common % u == 0 and u % itemsize == 0)
     k = unit // itemsize
     dims_u = tuple((n, a // k, b // k) for n, a, b in dims[:2]) + ((dims[2][0] // k, dims[2][1], dims[2][2]),)
     src_base, src_lo = _base_tensor(src, unit)

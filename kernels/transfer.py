@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from kvbm.layouts import PagedKVCache, block_major, validate_transfer
+from kvbm.layouts.conversion import INT_VIEW
 
 from .batch_memcpy import memcpy_batch_async
-from .copy_plan import UNIT_DTYPE, CopyPlan, build_plan
+from .copy_plan import CopyPlan, build_plan
 
 Path = Literal["auto", "staged", "zero_copy", "dma"]
 PATHS: tuple[str, ...] = ("auto", "staged", "zero_copy", "dma")
@@ -239,7 +240,7 @@ class TransferEngine:
 
         plan = build_plan(src, dst)
         host_base = plan.dst_base if direction == "d2h" else plan.src_base
-        pointer = DevicePointer(host_base.data_ptr(), UNIT_DTYPE[plan.unit])
+        pointer = DevicePointer(host_base.data_ptr(), INT_VIEW[plan.unit])
         lane = self.lanes[direction]
         stream = lane.kernel_stream
         stream.wait_event(ready)
