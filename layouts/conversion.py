@@ -59,20 +59,24 @@ def available_backends() -> list[str]:
 
 def as_block_ids(ids: BlockIds, what: str) -> torch.Tensor:
     """Turn a list, numpy array or tensor of integer block ids into a 1-D int64 CPU tensor (TypeError otherwise)."""
+    return torch.from_numpy(block_id_array(ids, what))
+
+
+def block_id_array(ids: BlockIds, what: str) -> np.ndarray:
+    """Like `as_block_ids`, as a 1-D int64 numpy array the caller owns (a copy of the input)."""
     if isinstance(ids, torch.Tensor):
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise TypeError(f"{what} must be integers, got a tensor of dtype {ids.dtype}")
-        t = ids.detach().to("cpu", torch.int64)
+        arr = ids.detach().to("cpu", torch.int64).numpy()
     else:
         arr = np.asarray(ids)
         if arr.size == 0:
             arr = arr.astype(np.int64)
         if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
             raise TypeError(f"{what} must be integers, got {arr.dtype} values such as {arr.reshape(-1)[:3].tolist()}")
-        t = torch.from_numpy(arr.astype(np.int64, copy=False).copy())
-    if t.dim() != 1:
-        raise ValueError(f"{what} must be one-dimensional, got shape {tuple(t.shape)}")
-    return t
+    if arr.ndim != 1:
+        raise ValueError(f"{what} must be one-dimensional, got shape {tuple(arr.shape)}")
+    return np.array(arr, dtype=np.int64)
 
 
 def _device_pair_ok(a: torch.device, b: torch.device) -> bool:
@@ -87,28 +91,35 @@ def validate_transfer(
     src: PagedKVCache, dst: PagedKVCache, src_ids: BlockIds, dst_ids: BlockIds
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Check a transfer and return its ids as int64 CPU tensors; raise a clear error for any bad input."""
+    s, d = check_transfer(src, dst, src_ids, dst_ids)
+    return torch.from_numpy(s), torch.from_numpy(d)
+
+
+def check_transfer(src: PagedKVCache, dst: PagedKVCache, src_ids: BlockIds, dst_ids: BlockIds
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """`validate_transfer` returning int64 numpy arrays (what the transfer engine's host side works on)."""
     for what, cache in (("src", src), ("dst", dst)):
         if not isinstance(cache, PagedKVCache):
             raise TypeError(f"{what} must be a PagedKVCache (see kvbm.layouts.describe), got {type(cache).__name__}")
-    mismatch = src.geometry.describe_mismatch(dst.geometry)
-    if mismatch:
-        raise LayoutError(f"geometry mismatch between {src.name} and {dst.name}: {mismatch}")
+    if src.geometry != dst.geometry:
+        raise LayoutError(f"geometry mismatch between {src.name} and {dst.name}: "
+                          f"{src.geometry.describe_mismatch(dst.geometry)}")
     if src.dtype != dst.dtype:
         raise LayoutError(f"dtype mismatch: src {src.name} is {src.dtype}, dst {dst.name} is {dst.dtype}")
     if not _device_pair_ok(src.device, dst.device):
         raise ValueError(f"cannot copy from device {src.device} to device {dst.device}: expected the same device, "
                          f"or CPU and one CUDA device")
-    s = as_block_ids(src_ids, "src_ids")
-    d = as_block_ids(dst_ids, "dst_ids")
-    if s.numel() != d.numel():
-        raise ValueError(f"src_ids and dst_ids must have the same length, got {s.numel()} and {d.numel()}")
+    s = block_id_array(src_ids, "src_ids")
+    d = block_id_array(dst_ids, "dst_ids")
+    if s.size != d.size:
+        raise ValueError(f"src_ids and dst_ids must have the same length, got {s.size} and {d.size}")
     for what, ids, n in (("src_ids", s, src.num_blocks), ("dst_ids", d, dst.num_blocks)):
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
-            bad = ids[(ids < 0) | (ids >= n)][0].item()
+        if ids.size and (ids.min() < 0 or ids.max() >= n):
+            bad = int(ids[(ids < 0) | (ids >= n)][0])
             raise IndexError(f"{what} holds {bad}, out of range for a cache of {n} blocks [0, {n})")
-    if d.numel() != torch.unique(d).numel():
+    if d.size > 1 and np.unique(d).size != d.size:
         raise ValueError("dst_ids holds duplicates: two source blocks would be written into one destination block")
-    if _share_memory(src, dst) and set(s.tolist()) & set(d.tolist()):
+    if _share_memory(src, dst) and np.intersect1d(s, d).size:
         raise ValueError("src and dst are the same memory and src_ids overlap dst_ids: the copy would read what it writes")
     return s, d
 
