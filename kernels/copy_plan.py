@@ -121,12 +121,16 @@ def _plan(src: PagedKVCache, dst: PagedKVCache) -> CopyPlan:
 
 
 def build_plan(src: PagedKVCache, dst: PagedKVCache) -> CopyPlan:
-    """The plan for copies from `src` to `dst`, cached on `src` per destination (object, layout and address)."""
-    key = (id(dst), dst.layout, dst.piece_addresses()[0])
+    """The plan for copies from `src` to `dst`, cached on `src` per destination (object, layout and address).
+
+    The cache is keyed by identities (hashing a layout costs more than a small transfer's kernel launch); the entry
+    keeps the layout it was built for and is rebuilt if another layout turns up under the same key.
+    """
+    key = (id(dst), id(dst.layout), dst.piece_addresses()[0])
     plans = src.__dict__.setdefault("_copy_plans", {})
-    plan = plans.get(key)
-    if plan is None:
+    entry = plans.get(key)
+    if entry is None or entry[0] is not dst.layout:
         if len(plans) >= 64:
             plans.clear()
-        plan = plans[key] = _plan(src, dst)
-    return plan
+        entry = plans[key] = (dst.layout, _plan(src, dst))
+    return entry[1]

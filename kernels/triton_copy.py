@@ -15,37 +15,57 @@ from kvbm.layouts import PagedKVCache
 
 from .copy_plan import CopyPlan, build_plan
 
+class DevicePointer:
+    """A raw device-visible address typed for a Triton pointer argument: pinned host memory under UVA, whose host
+    address is also its device address."""
+
+    def __init__(self, address: int, dtype: torch.dtype):
+        self.address, self.dtype = address, dtype
+
+    def data_ptr(self) -> int:
+        return self.address
+
+
+def _kernel_pointer(base: torch.Tensor, on_gpu: bool):
+    """A plan's base as a kernel argument: pinned CPU memory is passed by its UVA address to a GPU launch."""
+    return DevicePointer(base.data_ptr(), base.dtype) if on_gpu and base.device.type == "cpu" else base
+
+
 #: Bytes one program moves per tile: large enough to keep many 16-byte accesses in flight per thread.
 TILE_BYTES = 16384
 
 
 @triton.jit
 def copy_blocks_kernel(
-    src_ptr, dst_ptr, src_piece_off, dst_piece_off, src_ids, dst_ids,
-    num_pieces, src_block_stride, dst_block_stride,
-    d1, d2, s0, s1, t0, t1, s2, t2, rows, col_tiles, tiles_per_piece, total_tiles,
+    src_ptr, dst_ptr, src_piece_off, dst_piece_off, src_ids, dst_ids, total_tiles,
+    num_pieces: tl.constexpr, src_block_stride: tl.constexpr, dst_block_stride: tl.constexpr,
+    d1: tl.constexpr, d2: tl.constexpr, s0: tl.constexpr, s1: tl.constexpr, t0: tl.constexpr, t1: tl.constexpr,
+    s2: tl.constexpr, t2: tl.constexpr, rows: tl.constexpr, col_tiles: tl.constexpr, tiles_per_piece: tl.constexpr,
     ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Tiles are numbered (block pair, piece, row tile, column tile); program k copies tiles k, k + grid, ...
 
-    With a full grid each program copies one tile; a capped grid (the CTA-cap knob) loops.
+    With a full grid each program copies one tile; a capped grid (the CTA-cap knob) loops. Everything but the
+    pointers and the tile count is fixed per cache pair, so it is compiled in (one specialization per pair): the
+    index arithmetic folds to constants and a launch passes seven arguments.
     """
     for t in range(tl.program_id(0), total_tiles, tl.num_programs(0)):
         pair = t // tiles_per_piece
         tile = t - pair * tiles_per_piece
         j = pair // num_pieces
         p = pair - j * num_pieces
-        src_off = tl.load(src_piece_off + p) + tl.load(src_ids + j) * src_block_stride
-        dst_off = tl.load(dst_piece_off + p) + tl.load(dst_ids + j) * dst_block_stride
+        # Piece offsets come in units of ALIGN and every stride is a multiple of ALIGN (both checked on the host),
+        # so the compiler can prove each row start is ALIGN-aligned and issue 16-byte accesses.
+        src_off = tl.load(src_piece_off + p) * ALIGN + tl.load(src_ids + j) * src_block_stride
+        dst_off = tl.load(dst_piece_off + p) * ALIGN + tl.load(dst_ids + j) * dst_block_stride
         row_tile = tile // col_tiles
         col_tile = tile - row_tile * col_tiles
         r = row_tile * BLOCK_R + tl.arange(0, BLOCK_R)
         c = col_tile * BLOCK_C + tl.arange(0, BLOCK_C)
         r0 = r // d1
         r1 = r - r0 * d1
-        # Row starts are multiples of ALIGN units (checked on the host): lets the compiler issue 16-byte accesses.
-        src_row = tl.multiple_of(src_off + r0.to(tl.int64) * s0 + r1.to(tl.int64) * s1, ALIGN)
-        dst_row = tl.multiple_of(dst_off + r0.to(tl.int64) * t0 + r1.to(tl.int64) * t1, ALIGN)
+        src_row = src_off + r0.to(tl.int64) * s0 + r1.to(tl.int64) * s1
+        dst_row = dst_off + r0.to(tl.int64) * t0 + r1.to(tl.int64) * t1
         mask = (r < rows)[:, None] & (c < d2)[None, :]
         x = tl.load(src_ptr + src_row[:, None] + (c * s2)[None, :], mask=mask)
         tl.store(dst_ptr + dst_row[:, None] + (c * t2)[None, :], x, mask=mask)
@@ -57,6 +77,29 @@ def tile_shape(plan: CopyPlan) -> tuple[int, int]:
     block_c = min(triton.next_power_of_2(plan.row_len), tile_units)
     block_r = min(triton.next_power_of_2(plan.rows), max(tile_units // block_c, 1))
     return block_r, block_c
+
+
+def _constants(plan: CopyPlan) -> tuple[int, torch.Tensor, torch.Tensor, dict]:
+    """(tiles per block pair, piece offset tables in units of ALIGN, compile-time arguments) of a plan, computed
+    once and kept on the plan."""
+    cached = plan.__dict__.get("_launch_constants")
+    if cached is not None:
+        return cached
+    (d0, s0, t0), (d1, s1, t1), (d2, s2, t2) = plan.dims
+    block_r, block_c = tile_shape(plan)
+    rows = d0 * d1
+    col_tiles = triton.cdiv(d2, block_c)
+    tiles_per_piece = triton.cdiv(rows, block_r) * col_tiles
+    consts = dict(num_pieces=plan.num_pieces, src_block_stride=plan.src_block_stride,
+                  dst_block_stride=plan.dst_block_stride, d1=d1, d2=d2, s0=s0, s1=s1, t0=t0, t1=t1, s2=s2, t2=t2,
+                  rows=rows, col_tiles=col_tiles, tiles_per_piece=tiles_per_piece, ALIGN=plan.align,
+                  BLOCK_R=block_r, BLOCK_C=block_c)
+    device = plan.src_piece_offsets.device
+    # built from the host copies (a blocking upload), so any stream may use them at once
+    src_offsets, dst_offsets = (torch.tensor([o // plan.align for o in offsets], dtype=torch.int64, device=device)
+                                for offsets in (plan.src_offsets_host, plan.dst_offsets_host))
+    plan.__dict__["_launch_constants"] = plan.num_pieces * tiles_per_piece, src_offsets, dst_offsets, consts
+    return plan.__dict__["_launch_constants"]
 
 
 def launch(
@@ -72,24 +115,20 @@ def launch(
     """Launch the copy for validated int64 id tensors already on the kernel's device, on the current stream.
 
     `max_ctas` caps the grid (programs then loop over tiles); None launches one program per tile.
-    `src_base` / `dst_base` replace the plan's base pointers (a mapped pointer of pinned host memory, say).
+    `src_base` / `dst_base` replace the plan's base pointers (a mapped pointer of pinned host memory, say); a
+    cache in pinned CPU memory is otherwise read or written over UVA (zero-copy).
     """
     n = int(src_ids.numel())
     if n == 0:
         return
-    (d0, s0, t0), (d1, s1, t1), (d2, s2, t2) = plan.dims
-    block_r, block_c = tile_shape(plan)
-    rows = d0 * d1
-    col_tiles = triton.cdiv(d2, block_c)
-    tiles_per_piece = triton.cdiv(rows, block_r) * col_tiles
-    total = n * plan.num_pieces * tiles_per_piece
+    tiles_per_pair, src_offsets, dst_offsets, consts = _constants(plan)
+    total = n * tiles_per_pair
     grid = (total if max_ctas is None else max(1, min(total, max_ctas)),)
+    on_gpu = plan.src_piece_offsets.device.type == "cuda"
     copy_blocks_kernel[grid](
-        plan.src_base if src_base is None else src_base, plan.dst_base if dst_base is None else dst_base,
-        plan.src_piece_offsets, plan.dst_piece_offsets, src_ids, dst_ids,
-        plan.num_pieces, plan.src_block_stride, plan.dst_block_stride,
-        d1, d2, s0, s1, t0, t1, s2, t2, rows, col_tiles, tiles_per_piece, total,
-        ALIGN=plan.align, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+        _kernel_pointer(plan.src_base, on_gpu) if src_base is None else src_base,
+        _kernel_pointer(plan.dst_base, on_gpu) if dst_base is None else dst_base,
+        src_offsets, dst_offsets, src_ids, dst_ids, total, num_warps=num_warps, **consts,
     )
 
 

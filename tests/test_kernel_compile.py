@@ -21,13 +21,14 @@ SCRIPT = textwrap.dedent("""
     from kvbm.kernels.triton_copy import copy_blocks_kernel
 
     names = list(copy_blocks_kernel.arg_names)
-    sig = {n: ("*i64" if i < 6 else "i64") for i, n in enumerate(names)}
-    for n in ("ALIGN", "BLOCK_R", "BLOCK_C"):
-        sig[n] = "constexpr"
-    # what Triton's launcher specializes at run time for a dense 32 KiB piece: unit strides, 16-aligned sizes
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("src_ptr", "dst_ptr", "d2")}
-    src = ASTSource(copy_blocks_kernel, sig, constexprs={"ALIGN": 2, "BLOCK_R": 1, "BLOCK_C": 2048, "s2": 1, "t2": 1},
-                    attrs=attrs)
+    # a vLLM FlashAttention piece (32 KiB, one dense row of 4096 8-byte units) gathered into block-major staging
+    consts = dict(num_pieces=64, src_block_stride=4096, dst_block_stride=262144, d1=1, d2=4096, s0=0, s1=0, t0=0,
+                  t1=0, s2=1, t2=1, rows=1, col_tiles=2, tiles_per_piece=2, ALIGN=2, BLOCK_R=1, BLOCK_C=2048)
+    sig = {n: ("*i64" if i < 6 else "i32") for i, n in enumerate(names)}
+    sig.update({n: "constexpr" for n in consts})
+    # what Triton's launcher specializes at run time: 16-byte aligned base pointers
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("src_ptr", "dst_ptr")}
+    src = ASTSource(copy_blocks_kernel, sig, constexprs=consts, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
     ptx = kernel.asm["ptx"]
     print("cubin", len(kernel.asm["cubin"]))
