@@ -9,8 +9,6 @@ from __future__ import annotations
 import importlib.util
 import os
 
-import torch
-
 from kvbm.layouts import Backend, PagedKVCache, register_backend
 
 

@@ -24,11 +24,12 @@ from typing import Literal
 import numpy as np
 import torch
 
-from kvbm.layouts import PagedKVCache, block_major, validate_transfer
-from kvbm.layouts.conversion import INT_VIEW
+from kvbm.layouts import PagedKVCache, block_major
+from kvbm.layouts.conversion import check_transfer
 
-from .batch_memcpy import memcpy_batch_async
+from .batch_memcpy import memcpy_batch_unchecked
 from .copy_plan import CopyPlan, build_plan
+from .cuda_runtime import check, cuda_rt
 
 Path = Literal["auto", "staged", "zero_copy", "dma"]
 PATHS: tuple[str, ...] = ("auto", "staged", "zero_copy", "dma")
@@ -36,16 +37,6 @@ PATHS: tuple[str, ...] = ("auto", "staged", "zero_copy", "dma")
 DMA_MIN_PIECE_BYTES = 1 << 20
 #: Default device staging size, split into two halves for the pipeline.
 DEFAULT_STAGING_BYTES = 256 << 20
-
-
-class DevicePointer:
-    """A raw device-visible address typed for a Triton pointer argument (pinned host memory under UVA)."""
-
-    def __init__(self, address: int, dtype: torch.dtype):
-        self.address, self.dtype = address, dtype
-
-    def data_ptr(self) -> int:
-        return self.address
 
 
 @dataclass
@@ -96,45 +87,39 @@ def choose_path(src: PagedKVCache, dst: PagedKVCache) -> str:
     return "dma" if dense and src.geometry.block_bytes >= DMA_MIN_PIECE_BYTES else "staged"
 
 
-def _runs(ids: np.ndarray) -> list[tuple[int, int, int]]:
-    """Split ids into runs of consecutive values: (position in ids, first id, length)."""
-    if ids.size == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(ids) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [ids.size]))
-    return [(int(s), int(ids[s]), int(e - s)) for s, e in zip(starts, ends)]
-
-
 class _PinnedIdRing:
-    """Pinned host slots for uploading block ids without allocating pinned memory per transfer.
+    """Pinned host slots and device slots for uploading block ids without allocating memory per transfer.
 
-    Slot k is reused only once the upload that last used it has finished (its event), so a transfer's ids are
-    never overwritten in flight. Id lists longer than a slot get a pinned tensor of their own.
+    Host slot k is rewritten only once the upload that last used it has finished (its event), so ids are never
+    overwritten in flight. Device slot k is written and read on one stream (the lane's kernel stream), so stream
+    order keeps an upload from overwriting ids a queued kernel still reads. Longer id lists get tensors of their own.
     """
 
-    def __init__(self, slots: int = 16, slot_ids: int = 16384):
-        self.buffer = torch.empty(slots, slot_ids, dtype=torch.int64).pin_memory()
+    def __init__(self, device: torch.device, slots: int = 16, slot_ids: int = 16384):
+        self.host = torch.empty(slots, slot_ids, dtype=torch.int64).pin_memory()
+        self.dev = torch.empty(slots, slot_ids, dtype=torch.int64, device=device)
+        self.host_array = self.host.numpy()
+        self.host_address, self.dev_address = self.host.data_ptr(), self.dev.data_ptr()
+        self.slot_bytes = 8 * slot_ids
         self.events: list[torch.cuda.Event | None] = [None] * slots
         self.next = 0
 
-    def upload(self, ids: torch.Tensor, stream: torch.cuda.Stream, device: torch.device) -> torch.Tensor:
-        """Copy int64 CPU ids to the device on `stream`; returns the device tensor."""
-        n = ids.numel()
-        if n > self.buffer.shape[1]:
-            host = ids.pin_memory()
-        else:
-            k, self.next = self.next, (self.next + 1) % self.buffer.shape[0]
-            if self.events[k] is not None:
-                self.events[k].synchronize()  # issued `slots` uploads ago: finished in practice
-            host = self.buffer[k, :n]
-            host.copy_(ids)
-        with torch.cuda.stream(stream):
-            out = host.to(device, non_blocking=True)
-            if n <= self.buffer.shape[1]:
-                self.events[k] = torch.cuda.Event()
-                self.events[k].record(stream)
-        return out
+    def upload(self, ids: np.ndarray, stream: torch.cuda.Stream) -> torch.Tensor:
+        """Copy int64 ids to the device on `stream` (one raw async memcpy); returns the device tensor."""
+        n = ids.size
+        if n > self.host.shape[1]:
+            with torch.cuda.stream(stream):
+                return torch.from_numpy(ids).pin_memory().to(self.dev.device, non_blocking=True)
+        k, self.next = self.next, (self.next + 1) % self.host.shape[0]
+        if self.events[k] is not None:
+            self.events[k].synchronize()  # issued `slots` uploads ago: finished in practice
+        self.host_array[k, :n] = ids
+        check(cuda_rt.cudaMemcpyAsync(self.dev_address + k * self.slot_bytes, self.host_address + k * self.slot_bytes,
+                                      8 * n, cuda_rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream.cuda_stream),
+              "cudaMemcpyAsync(block ids)")
+        event = self.events[k] = torch.cuda.Event()
+        event.record(stream)
+        return self.dev[k, :n]
 
 
 class _Lane:
@@ -146,10 +131,11 @@ class _Lane:
     def __init__(self, device: torch.device, staging_bytes: int, kernel_priority: int = -1):
         self.kernel_stream = torch.cuda.Stream(device, priority=kernel_priority)
         self.dma_stream = torch.cuda.Stream(device, priority=-1)
-        self.ids = _PinnedIdRing()
+        self.ids = _PinnedIdRing(device)
         self.half = staging_bytes // 2
         self.staging = torch.empty(self.half * 2, dtype=torch.uint8, device=device)
         self.half_free: list[torch.cuda.Event | None] = [None, None]  # after which each half may be overwritten
+        self.next_half = 0  # halves alternate across chunks and transfers, so back-to-back transfers overlap
         self._caches: dict = {}
         self._stage_ids = torch.empty(0, dtype=torch.int64, device=device)
 
@@ -160,13 +146,15 @@ class _Lane:
                 self._stage_ids = torch.arange(n, dtype=torch.int64, device=self.staging.device)
         return self._stage_ids[:n]
 
-    def staging_cache(self, host: PagedKVCache, half: int, num_blocks: int) -> PagedKVCache:
-        """A block-major device cache over one staging half, in the host cache's inner order (kept, so the copy
-        plans built for it are reused)."""
-        key = (host.layout, half, num_blocks)
-        if key not in self._caches:
-            self._caches[key] = self._make_staging(host, half, num_blocks)
-        return self._caches[key]
+    def staging_cache(self, host: PagedKVCache, half: int) -> PagedKVCache:
+        """A block-major device cache filling one staging half, in the host cache's inner order (kept, so the copy
+        plans built for it are reused whatever the chunk size)."""
+        key = (id(host.layout), half)  # identity: hashing a layout costs more than a small transfer's launch
+        entry = self._caches.get(key)
+        if entry is None or entry[0] is not host.layout:
+            entry = self._caches[key] = (host.layout,
+                                         self._make_staging(host, half, self.half // host.geometry.block_bytes))
+        return entry[1]
 
     def _make_staging(self, host: PagedKVCache, half: int, num_blocks: int) -> PagedKVCache:
         order = _inner_order(host)
@@ -211,7 +199,7 @@ class TransferEngine:
     def _transfer(self, src, dst, src_ids, dst_ids, path, direction, **options) -> TransferHandle:
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-        s, d = validate_transfer(src, dst, src_ids, dst_ids)
+        s, d = check_transfer(src, dst, src_ids, dst_ids)
         gpu, host = (src, dst) if direction == "d2h" else (dst, src)
         if gpu.device != self.device:
             raise ValueError(f"GPU cache is on {gpu.device}, this engine serves {self.device}")
@@ -219,8 +207,8 @@ class TransferEngine:
             raise ValueError(f"host cache {host.name} must be in pinned CPU memory (see kernels.host_memory)")
         if path == "auto":
             path = choose_path(src, dst)
-        handle = TransferHandle(path, int(s.numel()), int(s.numel()) * src.geometry.block_bytes)
-        if s.numel() == 0:
+        handle = TransferHandle(path, s.size, s.size * src.geometry.block_bytes)
+        if s.size == 0:
             return handle
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(self.device))  # the engine's writes to G1 so far
@@ -231,22 +219,23 @@ class TransferEngine:
             handle.error = e
         return handle
 
-    def _upload_ids(self, ids: torch.Tensor, lane: _Lane) -> torch.Tensor:
+    def _upload_ids(self, ids: np.ndarray, lane: _Lane) -> torch.Tensor:
         """Copy ids to the device on the lane's kernel stream (never on the caller's stream)."""
-        return lane.ids.upload(ids, lane.kernel_stream, self.device)
+        return lane.ids.upload(ids, lane.kernel_stream)
+
+    def _dma_pieces(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream, direction: str) -> None:
+        """Batched DMA of pieces this engine built from validated caches and ids (no re-validation)."""
+        memcpy_batch_unchecked(dsts.astype(np.uint64), srcs.astype(np.uint64), sizes.astype(np.uint64),
+                               stream.cuda_stream, direction=direction, device=self.device.index)
 
     def _zero_copy(self, src, dst, s, d, direction, ready, max_ctas=None):
         from .triton_copy import launch
 
-        plan = build_plan(src, dst)
-        host_base = plan.dst_base if direction == "d2h" else plan.src_base
-        pointer = DevicePointer(host_base.data_ptr(), INT_VIEW[plan.unit])
         lane = self.lanes[direction]
         stream = lane.kernel_stream
         stream.wait_event(ready)
-        with torch.cuda.stream(stream):
-            kwargs = {"dst_base": pointer} if direction == "d2h" else {"src_base": pointer}
-            launch(plan, self._upload_ids(s, lane), self._upload_ids(d, lane), max_ctas=max_ctas, **kwargs)
+        with torch.cuda.stream(stream):  # the kernel reads / writes the pinned host cache over UVA
+            launch(build_plan(src, dst), self._upload_ids(s, lane), self._upload_ids(d, lane), max_ctas=max_ctas)
             done = torch.cuda.Event()
             done.record(stream)
         return done
@@ -255,79 +244,93 @@ class TransferEngine:
         plan = build_plan(src, dst)
         if _whole_block_dense(plan, src.geometry.block_bytes):
             size = src.geometry.block_bytes
-            srcs = src.piece_addresses()[0] + s.numpy() * src.layout.stride["block"] * src.geometry.itemsize
-            dsts = dst.piece_addresses()[0] + d.numpy() * dst.layout.stride["block"] * dst.geometry.itemsize
-            sizes = np.full(s.numel(), size, dtype=np.uint64)
+            srcs = src.piece_addresses()[0] + s * (src.layout.stride["block"] * src.geometry.itemsize)
+            dsts = dst.piece_addresses()[0] + d * (dst.layout.stride["block"] * dst.geometry.itemsize)
+            sizes = np.full(s.size, size, dtype=np.uint64)
         else:
-            srcs, dsts, sizes = dense_pieces(plan, src, dst, s.numpy(), d.numpy())
+            srcs, dsts, sizes = dense_pieces(plan, src, dst, s, d)
         stream = self.lanes[direction].dma_stream
         stream.wait_event(ready)
-        memcpy_batch_async(dsts, srcs, sizes, stream, direction=direction, check_overlap=False)
+        self._dma_pieces(dsts, srcs, sizes, stream, direction)
         done = torch.cuda.Event()
         done.record(stream)
         return done
 
     def _staged(self, src, dst, s, d, direction, ready, max_ctas=None, gather="kernel"):
-        """`gather="copy_engine"` moves pieces to/from staging with batched device-to-device memcpy instead of the
-        kernel (needs pieces that are dense runs in both caches; measured far slower for D2H, see bench/results)."""
+        """Chunks of one staging half each, alternating halves (also across transfers, so back-to-back transfers
+        overlap). Per chunk, D2H: gather into the half on the kernel stream, then one DMA per run of consecutive
+        host blocks on the DMA stream; H2D the reverse. A half is reused once the chunk that last used it is done.
+
+        `gather="copy_engine"` moves pieces to/from staging with batched device-to-device memcpy instead of the
+        kernel (needs pieces that are dense runs in both caches; measured far slower, see bench/results)."""
         from .triton_copy import launch
 
         if gather not in ("kernel", "copy_engine"):
             raise ValueError(f"gather must be 'kernel' or 'copy_engine', got {gather!r}")
+        lane = self.lanes[direction]
+        kernel_stream, dma_stream = lane.kernel_stream, lane.dma_stream
+        d2h = direction == "d2h"
+        host, gpu = (dst, src) if d2h else (src, dst)
+        host_ids, gpu_host_ids = (d, s) if d2h else (s, d)
+        g = src.geometry
+        bb = g.block_bytes
+        per_chunk = lane.half // bb
+        if per_chunk == 0:
+            raise ValueError(f"staging half of {lane.half} bytes cannot hold one block of {bb} bytes")
+        gpu_ids = self._upload_ids(gpu_host_ids, lane) if gather == "kernel" else None
+        stage_ids = lane.stage_ids(min(per_chunk, s.size))
+        host_base = host.piece_addresses()[0]
+        host_stride = host.layout.stride["block"] * g.itemsize
 
         def repack(a, b, a_ids, b_ids, a_host, b_host):
             if gather == "kernel":
-                with torch.cuda.stream(lane.kernel_stream):
-                    launch(build_plan(a, b), a_ids, b_ids, max_ctas=max_ctas)
+                launch(build_plan(a, b), a_ids, b_ids, max_ctas=max_ctas)
             else:
                 srcs, dsts, sizes = dense_pieces(build_plan(a, b), a, b, a_host, b_host)
-                memcpy_batch_async(dsts, srcs, sizes, lane.kernel_stream, direction="d2d", check_overlap=False)
+                self._dma_pieces(dsts, srcs, sizes, kernel_stream, "d2d")
 
-        lane = self.lanes[direction]
-        host, gpu = (dst, src) if direction == "d2h" else (src, dst)
-        g = src.geometry
-        per_chunk = lane.half // g.block_bytes
-        if per_chunk == 0:
-            raise ValueError(f"staging half of {lane.half} bytes cannot hold one block of {g.block_bytes} bytes")
-        host_ids = (d if direction == "d2h" else s).numpy()
-        gpu_ids = self._upload_ids(s if direction == "d2h" else d, lane)
-        stage_ids = lane.stage_ids(min(per_chunk, s.numel()))
-        host_base = host.piece_addresses()[0]
-        host_stride = host.layout.stride["block"] * g.itemsize
-        lane.kernel_stream.wait_event(ready)
-        lane.dma_stream.wait_event(ready)
+        kernel_stream.wait_event(ready)
+        dma_stream.wait_event(ready)
         done = None
-        for c, start in enumerate(range(0, s.numel(), per_chunk)):
-            half = c % 2
-            n = min(per_chunk, s.numel() - start)
-            staging = lane.staging_cache(host, half, n)
-            stage_base = staging.piece_addresses()[0]
-            runs = _runs(host_ids[start:start + n])
-            hosts = [host_base + first * host_stride for _, first, _ in runs]
-            stage = [stage_base + pos * g.block_bytes for pos, _, _ in runs]
-            sizes = [length * g.block_bytes for _, _, length in runs]
-            if lane.half_free[half] is not None:  # the previous chunk through this half is finished with it
-                first_stream = lane.kernel_stream if direction == "d2h" else lane.dma_stream
-                first_stream.wait_event(lane.half_free[half])
-            chunk_host_ids = (s if direction == "d2h" else d).numpy()[start:start + n], np.arange(n, dtype=np.int64)
-            if direction == "d2h":
-                repack(gpu, staging, gpu_ids[start:start + n], stage_ids[:n], *chunk_host_ids)
-                gathered = torch.cuda.Event()
-                gathered.record(lane.kernel_stream)
-                lane.dma_stream.wait_event(gathered)
-                memcpy_batch_async(hosts, stage, sizes, lane.dma_stream, direction="d2h", check_overlap=False)
-                done = torch.cuda.Event()
-                done.record(lane.dma_stream)
-            else:
-                memcpy_batch_async(stage, hosts, sizes, lane.dma_stream, direction="h2d", check_overlap=False)
-                landed = torch.cuda.Event()
-                landed.record(lane.dma_stream)
-                lane.kernel_stream.wait_event(landed)
-                repack(staging, gpu, stage_ids[:n], gpu_ids[start:start + n], *chunk_host_ids[::-1])
-                done = torch.cuda.Event()
-                done.record(lane.kernel_stream)
-            lane.half_free[half] = done
+        with torch.cuda.stream(kernel_stream):
+            for start in range(0, s.size, per_chunk):
+                n = min(per_chunk, s.size - start)
+                half, lane.next_half = lane.next_half, 1 - lane.next_half
+                staging = lane.staging_cache(host, half)
+                pos, first, length = run_arrays(host_ids[start:start + n])
+                hosts = host_base + first * host_stride
+                stage = staging.piece_addresses()[0] + pos * bb
+                sizes = length * bb
+                if lane.half_free[half] is not None:  # the previous chunk through this half is finished with it
+                    (kernel_stream if d2h else dma_stream).wait_event(lane.half_free[half])
+                chunk_gpu = gpu_ids[start:start + n] if gpu_ids is not None else None
+                chunk_host = gpu_host_ids[start:start + n], np.arange(n, dtype=np.int64)
+                if d2h:
+                    repack(gpu, staging, chunk_gpu, stage_ids[:n], *chunk_host)
+                    gathered = torch.cuda.Event()
+                    gathered.record(kernel_stream)
+                    dma_stream.wait_event(gathered)
+                    self._dma_pieces(hosts, stage, sizes, dma_stream, "d2h")
+                    done = torch.cuda.Event()
+                    done.record(dma_stream)
+                else:
+                    self._dma_pieces(stage, hosts, sizes, dma_stream, "h2d")
+                    landed = torch.cuda.Event()
+                    landed.record(dma_stream)
+                    kernel_stream.wait_event(landed)
+                    repack(staging, gpu, stage_ids[:n], chunk_gpu, *chunk_host[::-1])
+                    done = torch.cuda.Event()
+                    done.record(kernel_stream)
+                lane.half_free[half] = done
         return done
+
+
+def run_arrays(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split ids into runs of consecutive values: (position in ids, first id, length) of each run, as arrays."""
+    if ids.size == 1:
+        return np.zeros(1, dtype=np.int64), ids, np.ones(1, dtype=np.int64)
+    starts = np.flatnonzero(np.diff(ids, prepend=ids[:1] - 2) != 1)
+    return starts, ids[starts], np.diff(starts, append=ids.size)
 
 
 def _inner_order(host: PagedKVCache) -> tuple[str, ...]:

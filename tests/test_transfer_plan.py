@@ -9,16 +9,36 @@ import pytest
 import torch
 
 from kvbm.kernels.copy_plan import build_plan
-from kvbm.kernels.transfer import _inner_order, _runs, choose_path, dense_pieces
+from kvbm.kernels.transfer import _inner_order, choose_path, dense_pieces, run_arrays
 from kvbm.layouts import KVGeometry, allocate, block_major, copy_blocks
 from layout_oracle import fill_random, to_logical
 
 G = KVGeometry(num_layers=2, num_kv=2, block_size=4, num_heads=2, head_dim=8, itemsize=2)
 
 
+def runs(ids) -> list[tuple[int, int, int]]:
+    pos, first, length = run_arrays(np.asarray(ids, dtype=np.int64))
+    return list(zip(pos.tolist(), first.tolist(), length.tolist()))
+
+
 def test_runs_split_consecutive_ids():
-    assert _runs(np.array([4, 5, 6, 9, 2, 3], dtype=np.int64)) == [(0, 4, 3), (3, 9, 1), (4, 2, 2)]
-    assert _runs(np.array([], dtype=np.int64)) == []
+    assert runs([4, 5, 6, 9, 2, 3]) == [(0, 4, 3), (3, 9, 1), (4, 2, 2)]
+    assert runs([7]) == [(0, 7, 1)]
+    assert runs([3, 2, 1]) == [(0, 3, 1), (1, 2, 1), (2, 1, 1)]
+
+
+@pytest.mark.parametrize("n", [2, 7, 64, 65, 300])
+def test_runs_agree_with_a_plain_scan(n):
+    rng = np.random.default_rng(n)
+    ids = np.cumsum(rng.choice([1, 1, 1, 2, -5], size=n)) + 100
+    expected, pos = [], 0
+    while pos < n:
+        end = pos + 1
+        while end < n and ids[end] == ids[end - 1] + 1:
+            end += 1
+        expected.append((pos, int(ids[pos]), end - pos))
+        pos = end
+    assert runs(ids) == expected
 
 
 @pytest.mark.parametrize("order", [("layer", "kv", "token", "head", "channel"), ("head", "layer", "kv", "token", "channel"),
