@@ -459,9 +459,11 @@ class BlockManager:
             return _done_handle(n, n * self.block_bytes)
         host = dst if src is self.gpu else src
         if host.name != PADDED_LAYOUT:
-            if src is self.gpu:
-                return self._engine.offload(src, dst, src_ids, dst_ids)
-            return self._engine.onboard(src, dst, src_ids, dst_ids)
+            try:
+                move = self._engine.offload if src is self.gpu else self._engine.onboard
+                return move(src, dst, src_ids, dst_ids)
+            except Exception as e:  # noqa: BLE001 - bad input caught before anything was enqueued
+                return _done_handle(n, n * self.block_bytes, e)
         # A padded bounce buffer is not dense: the copy kernel reads/writes it over UVA on a side stream.
         handle = TransferHandle(path="zero_copy", num_blocks=n, nbytes=n * self.block_bytes)
         try:

@@ -1,9 +1,16 @@
-"""Shared helpers of the block manager tests: a CPU "G1" cache, per-block byte access and configs."""
+"""Shared helpers of the block manager tests: a "G1" cache, per-block byte access, configs and fault seams.
+
+G1 lives on the CPU (the CPU kernels move blocks) unless ``KVBM_TEST_G1_DEVICE=cuda`` is set on a GPU machine:
+then the same suite runs through the GPU transfer engine (``KVBM_TEST_G1_DEVICE=cuda pytest tests/test_manager*.py``).
+"""
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
 
+import kvbm.manager as manager_module
 from kvbm.config import KvbmConfig
 from kvbm.layouts import KVGeometry, PagedKVCache, allocate
 
@@ -13,13 +20,15 @@ GEOM = KVGeometry(num_layers=2, num_kv=2, block_size=4, num_heads=2, head_dim=64
 GEOM_PADDED = KVGeometry(num_layers=2, num_kv=2, block_size=4, num_heads=2, head_dim=48, itemsize=2)
 
 POISON = 0xA5
+#: Device of the G1 stand-in: "cpu" (CI) or "cuda".
+G1_DEVICE = os.environ.get("KVBM_TEST_G1_DEVICE", "cpu")
 _INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def make_gpu(num_blocks: int, rng: np.random.Generator, geometry: KVGeometry = GEOM,
              preset: str = "vllm_flash_attn_nhd") -> PagedKVCache:
-    """A CPU stand-in for the engine's G1 cache, every byte random."""
-    cache = allocate(preset, geometry, num_blocks, dtype=torch.bfloat16)
+    """A stand-in for the engine's G1 cache on ``G1_DEVICE``, every byte random."""
+    cache = allocate(preset, geometry, num_blocks, dtype=torch.bfloat16, device=G1_DEVICE)
     for t in cache.tensors:
         b = t.view(torch.uint8)
         b.copy_(torch.from_numpy(rng.integers(0, 256, b.shape, dtype=np.uint8)))
@@ -30,7 +39,7 @@ def read_block(cache: PagedKVCache, block: int) -> bytes:
     """All bytes of one block, piece by piece (layer-major, K before V)."""
     g = cache.geometry
     itype = _INT[g.itemsize]
-    parts = [cache.piece_view(layer, kv, itype)[block].contiguous().view(torch.uint8).numpy().tobytes()
+    parts = [cache.piece_view(layer, kv, itype)[block].contiguous().cpu().view(torch.uint8).numpy().tobytes()
              for layer in range(g.num_layers) for kv in range(g.num_kv)]
     return b"".join(parts)
 
@@ -61,3 +70,12 @@ def config(tmp_path=None, *, host: int | None = None, disk: int | None = None, *
     if disk is not None:
         kw.setdefault("disk_cache_dir", tmp_path)
     return KvbmConfig(cpu_cache_override_num_blocks=host, disk_cache_override_num_blocks=disk, **kw)
+
+
+def patch_copies(monkeypatch, mgr, make) -> None:
+    """Route every copy the manager starts through ``make(real_copy)``: ``copy_blocks`` (CPU G1, the disk bounce
+    buffer) and, on a GPU, the transfer engine's offload and onboard (same argument order: src, dst, ids, ids)."""
+    monkeypatch.setattr(manager_module, "copy_blocks", make(manager_module.copy_blocks))
+    if mgr._engine is not None:
+        monkeypatch.setattr(mgr._engine, "offload", make(mgr._engine.offload))
+        monkeypatch.setattr(mgr._engine, "onboard", make(mgr._engine.onboard))

@@ -194,17 +194,19 @@ def test_eviction_takes_lowest_priority_then_least_recent(rng):
 
 
 class FakeEvent:
-    """Stands in for a CUDA event: the copy already ran, but completion is reported only once ``fire`` is set."""
+    """Completion reported only once ``fire`` is set, and never before the real CUDA event (GPU runs), if any."""
 
-    def __init__(self, fire: list[bool], waits: list[int]) -> None:
-        self.fire, self.waits = fire, waits
+    def __init__(self, fire: list[bool], waits: list[int], real=None) -> None:
+        self.fire, self.waits, self.real = fire, waits, real
 
     def query(self) -> bool:
-        return self.fire[0]
+        return self.fire[0] and (self.real is None or self.real.query())
 
     def synchronize(self) -> None:
         self.waits[0] += 1
         self.fire[0] = True
+        if self.real is not None:
+            self.real.synchronize()
 
 
 def test_batches_are_queued_beyond_the_concurrency_limit_and_never_block(rng, monkeypatch):
@@ -216,7 +218,7 @@ def test_batches_are_queued_beyond_the_concurrency_limit_and_never_block(rng, mo
 
         def async_copy(*args):
             handle = real_copy(*args)
-            handle.event = FakeEvent(fire, waits)
+            handle.event = FakeEvent(fire, waits, handle.event)
             return handle
 
         monkeypatch.setattr(mgr, "_copy", async_copy)

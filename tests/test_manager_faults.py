@@ -3,21 +3,20 @@
 For every fault: the affected blocks are reported FAILED (never OK, never counted as moved), no wrong bytes reach
 G1 (poisoned destination blocks stay poisoned), the pools' accounting stays intact (``check_invariants``) and later
 operations work. ENOSPC comes from a real 1 MiB tmpfs (root only, skipped otherwise); truncation and deletion act
-on the real disk file; a failing copy is injected by replacing the manager's ``copy_blocks`` with one that raises
-before writing anything.
+on the real disk file; a failing copy is injected by replacing the manager's copies (``copy_blocks``, and the
+transfer engine's calls on a GPU) with one that raises before writing anything.
 """
 from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 
 from disk_faults import fill_filesystem, rng, tiny_fs  # noqa: F401  (rng and tiny_fs are fixtures)
 
 import kvbm.manager as manager_module
 from kvbm.manager import BlockManager, BlockResult
-from manager_testkit import GEOM, GEOM_PADDED, config, make_gpu, poison_block, read_block
+from manager_testkit import GEOM, GEOM_PADDED, config, make_gpu, patch_copies, poison_block, read_block
 
 OK, FAILED = BlockResult.OK, BlockResult.FAILED
 copy_blocks_real = manager_module.copy_blocks
@@ -155,7 +154,7 @@ def test_copy_error_fails_offload_and_onboard_then_recovers(tmp_path, rng, monke
         hashes = mgr.sequence_hashes(toks)
         want = [read_block(gpu, b) for b in range(12)]
         # G1 -> G2 fails: blocks FAILED, their pending slots freed
-        monkeypatch.setattr(manager_module, "copy_blocks", raising_copy)
+        patch_copies(monkeypatch, mgr, lambda real: raising_copy)
         ticket = mgr.offload(hashes[:3], range(3))
         mgr.wait()
         assert ticket.results == [FAILED] * 3 and "injected" in ticket.reasons[0]
@@ -165,7 +164,7 @@ def test_copy_error_fails_offload_and_onboard_then_recovers(tmp_path, rng, monke
         monkeypatch.undo()
         offload_all(mgr, hashes[:8], range(8))  # blocks 0..3 now only in G3, 4..7 in G2 and G3
         # G2 -> G1 and G3 -> G1 copies fail: every block FAILED, G1 untouched, holds released
-        monkeypatch.setattr(manager_module, "copy_blocks", raising_copy)
+        patch_copies(monkeypatch, mgr, lambda real: raising_copy)
         check_onboard(mgr, gpu, hashes[:8], range(16, 24), want, [False] * 8)
         assert mgr.metrics.value("kvbm_transfer_failed_blocks", "g2_to_g1") == 4
         assert mgr.metrics.value("kvbm_transfer_failed_blocks", "g3_to_g1") == 4
@@ -188,7 +187,7 @@ def test_copy_error_in_disk_only_offload_frees_disk_slots(tmp_path, rng, monkeyp
     with BlockManager(gpu, config(tmp_path, disk=8, max_transfer_batch_size=2)) as mgr:
         hashes = mgr.sequence_hashes(rng.integers(0, 50_000, 4 * GEOM.block_size).tolist())
         want = [read_block(gpu, b) for b in range(4)]
-        monkeypatch.setattr(manager_module, "copy_blocks", raising_copy)
+        patch_copies(monkeypatch, mgr, lambda real: raising_copy)
         ticket = mgr.offload(hashes, range(4))
         mgr.wait()
         assert ticket.results == [FAILED] * 4

@@ -15,11 +15,11 @@ import numba
 import numpy as np
 import pytest
 
-import kvbm.manager as manager_module
 from kvbm.disk_filter import DiskAdmissionFilter
 from kvbm.kernels.disk_file import SlotIOResult
 from kvbm.manager import BlockManager, BlockResult, Ticket
-from manager_testkit import GEOM, GEOM_PADDED, config, make_gpu, poison_block, read_block, write_block
+from manager_testkit import (GEOM, GEOM_PADDED, config, make_gpu, patch_copies, poison_block, read_block,
+                             write_block)
 
 STEPS = 1500
 G1_BLOCKS = 24
@@ -31,13 +31,15 @@ class Faults:
     def __init__(self, rng: np.random.Generator, rate: float) -> None:
         self.rng, self.rate = rng, rate
         self.injected = 0
-        self.real_copy = manager_module.copy_blocks
 
-    def copy(self, *args, **kwargs):
-        if self.rng.random() < self.rate:
-            self.injected += 1
-            raise RuntimeError("injected copy failure")
-        return self.real_copy(*args, **kwargs)
+    def wrap(self, real_copy):
+        """``real_copy`` failing at random, before it writes anything."""
+        def copy(*args, **kwargs):
+            if self.rng.random() < self.rate:
+                self.injected += 1
+                raise RuntimeError("injected copy failure")
+            return real_copy(*args, **kwargs)
+        return copy
 
     def wrap_reads(self, mgr: BlockManager) -> None:
         real_read = mgr.disk.file.read_slots
@@ -56,17 +58,19 @@ class Faults:
 
 
 class LateEvent:
-    """Stands in for a CUDA event: the copy already ran, completion shows on a random later query (or a wait)."""
+    """Completion shown on a random later query (or a wait), and never before the real CUDA event, if any."""
 
-    def __init__(self, rng: np.random.Generator) -> None:
-        self.rng, self.fired = rng, False
+    def __init__(self, rng: np.random.Generator, real=None) -> None:
+        self.rng, self.real, self.fired = rng, real, False
 
     def query(self) -> bool:
         self.fired = self.fired or self.rng.random() < 0.4
-        return self.fired
+        return self.fired and (self.real is None or self.real.query())
 
     def synchronize(self) -> None:
         self.fired = True
+        if self.real is not None:
+            self.real.synchronize()
 
 
 def run_soak(mgr: BlockManager, gpu, rng: np.random.Generator, faults: Faults, clock: list[float]) -> dict:
@@ -169,9 +173,9 @@ def test_soak(tmp_path, variant, monkeypatch):
                  disable_disk_offload_filter=variant == "padded_no_filter")
     clock = [0.0]
     faults = Faults(rng, rate=0.03)
-    monkeypatch.setattr(manager_module, "copy_blocks", faults.copy)
     with BlockManager(gpu, cfg, disk_filter=DiskAdmissionFilter(
             clock=lambda: clock[0], enabled=not cfg.disable_disk_offload_filter)) as mgr:
+        patch_copies(monkeypatch, mgr, faults.wrap)
         if mgr.disk is not None:
             faults.wrap_reads(mgr)
         real_copy = mgr._copy
@@ -179,7 +183,7 @@ def test_soak(tmp_path, variant, monkeypatch):
         def async_copy(*args):  # completion as on a GPU: batches stay in flight and queue up across steps
             handle = real_copy(*args)
             if handle.ok:
-                handle.event = LateEvent(rng)
+                handle.event = LateEvent(rng, handle.event)
             return handle
 
         monkeypatch.setattr(mgr, "_copy", async_copy)
