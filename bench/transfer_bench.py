@@ -42,6 +42,8 @@ BURST_BLOCKS = 64
 #: Host pool inner order per preset: the G1 order, so host blocks need no permutation (what peers store too).
 HEAD_FIRST = ("layer", "kv", "head", "token", "channel")
 HOST_ORDER = {"vllm_flash_attn_hnd": HEAD_FIRST, "trtllm_pool": HEAD_FIRST}
+#: Offloads kept queued beside the GEMM in the interference measurement.
+IN_FLIGHT = 2
 
 
 def log(msg: str) -> None:
@@ -225,6 +227,8 @@ def run_gpu(args, save=lambda partial: None) -> dict:
             # the gather kernel alone: GPU cache -> device staging, bytes read + written, timed with CUDA events
             rows.append(kernel_alone(env, gpu_ids, ceil))
         if preset == "vllm_flash_attn_nhd":
+            if "enqueue" in args.sections:
+                extra["enqueue_us"] = enqueue_cost(env, engine)
             if "latency" in args.sections:
                 extra["latency_one_block_us"] = one_block_latency(env, engine)
             if "bidirectional" in args.sections:
@@ -261,6 +265,25 @@ def check_gather(env: Env, staging, gpu_ids) -> bool:
     ref = block_major(torch.empty(len(gpu_ids), *env.shape, dtype=torch.bfloat16, device="cuda"), env.order)
     copy_blocks(env.gpu, ref, gpu_ids, list(range(len(gpu_ids))), backend="torch")
     return bool(torch.equal(ref.tensors[0].view(torch.int16), staging.tensors[0].view(torch.int16)))
+
+
+def enqueue_cost(env: Env, engine) -> dict:
+    """Host time of one offload / onboard call (validation, planning, launches; not the copy), median of 50."""
+    out = {}
+    for n in (1, 16, 256):
+        for path in ("staged", "zero_copy", "auto"):
+            for direction, move, src, dst in (("d2h", engine.offload, env.gpu, env.host),
+                                              ("h2d", engine.onboard, env.host, env.gpu)):
+                ids = list(range(n))
+                t = []
+                for _ in range(55):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    move(src, dst, ids, ids, path=path)
+                    t.append(time.perf_counter() - t0)
+                out[f"{path}_{direction}_{n}"] = statistics.median(t[5:]) * 1e6
+    log(f"host enqueue per call (us): {json.dumps({k: round(v, 1) for k, v in out.items()})}")
+    return out
 
 
 def one_block_latency(env: Env, engine) -> dict:
@@ -319,9 +342,7 @@ def interference(env: Env, engine, args) -> dict:
 
     normal = TransferEngine("cuda", staging_bytes=args.staging_mib << 20, kernel_priority=0)
     variants = {"staged": (engine, "staged", {}), "staged_normal_priority": (normal, "staged", {}),
-                "staged_cap_132_ctas": (engine, "staged", {"max_ctas": 132}),
                 "staged_cap_32_ctas": (engine, "staged", {"max_ctas": 32}),
-                "staged_copy_engine": (engine, "staged", {"gather": "copy_engine"}),
                 "zero_copy": (engine, "zero_copy", {})}
 
     def background(kind):
@@ -338,10 +359,11 @@ def interference(env: Env, engine, args) -> dict:
 
     def gemm_rate(kind, seconds=1.0):
         """GEMM TFLOP/s over the time its batches ran (CUDA events per batch of 4), with the GPU kept fed: the
-        host waits only for the batch two back, so enqueueing the next transfer never leaves the GPU idle."""
+        host waits only for the batch two back, and keeps IN_FLIGHT transfers queued so the copy engine never
+        waits for the host to notice a finished one."""
         torch.cuda.synchronize()
         done_bytes, batches = 0, []
-        pending = background(kind)
+        pending = [] if kind == "alone" else [background(kind) for _ in range(IN_FLIGHT)]
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < seconds:
             if len(batches) >= 2:
@@ -352,9 +374,9 @@ def interference(env: Env, engine, args) -> dict:
                 torch.mm(x, y)
             end.record()
             batches.append((start, end))
-            if pending is not None and pending.query():
+            while pending and pending[0].query():
                 done_bytes += n * env.g.block_bytes
-                pending = background(kind)
+                pending = pending[1:] + [background(kind)]
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
         busy = sum(a.elapsed_time(b) for a, b in batches) / 1e3
@@ -456,8 +478,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller sizes")
     ap.add_argument("--staging-mib", type=int, default=256, help="device staging per direction (MiB)")
     ap.add_argument("--interference-reps", type=int, default=5)
-    ap.add_argument("--sections", default="transfers,latency,bidirectional,interference",
-                    help="comma-separated: transfers, latency, bidirectional, interference")
+    ap.add_argument("--sections", default="transfers,enqueue,latency,bidirectional,interference",
+                    help="comma-separated: transfers, enqueue, latency, bidirectional, interference")
     ap.add_argument("--layouts", default=",".join(p for p, _ in LAYOUTS), help="comma-separated presets to run")
     ap.add_argument("--stem", default=None, help="file name stem of the results (default from the device)")
     args = ap.parse_args(argv)
