@@ -13,8 +13,8 @@ is never blocked):
   block in one dense run, as cross-layer layouts do; no SM time at all).
 
 "auto" takes "dma" when every block is one dense run of at least `DMA_MIN_PIECE_BYTES` in both caches, else
-"staged". Measured on the H200 (bench/results/): staged moves 81-90% of the PCIe ceiling at 16 blocks and 90-99% at
-256-1024; batched DMA of 32 KiB pieces 48-87%.
+"staged". Measured on the H200 (bench/results/): staged moves 81-95% of the PCIe ceiling at 16 blocks and 90-103% at
+256-1024; batched DMA of the engines' small pieces 43-93%.
 """
 from __future__ import annotations
 
