@@ -165,19 +165,28 @@ class KvbmConfig:
         disk = _tier_blocks("disk_cache", self.disk_cache_override_num_blocks, self.disk_cache_gb, disk_bpb)
         return host, disk
 
+    def bounce_blocks(self) -> int:
+        """Blocks of the pinned bounce buffer that disk I/O goes through: one batch per transfer in flight, plus one
+        for the G2 -> G3 cascade."""
+        return (self.max_concurrent_transfers + 1) * self.max_transfer_batch_size
+
     def check_fits(self, bytes_per_block: int, *, disk_bytes_per_block: int | None = None) -> None:
-        """Raise KvbmConfigError if the host pool exceeds available memory, or the disk pool's directory is
-        missing, not writable, or lacks the free space for the disk pool."""
+        """Raise KvbmConfigError if the host pool (with the disk tier's pinned bounce buffer) exceeds available
+        memory, or the disk pool's directory is missing, not writable, or lacks the free space for the disk pool."""
         host, disk = self.resolve_num_blocks(bytes_per_block, disk_bytes_per_block=disk_bytes_per_block)
         disk_bpb = bytes_per_block if disk_bytes_per_block is None else disk_bytes_per_block
-        if host:
-            need = host * bytes_per_block
+        bounce = self.bounce_blocks() * disk_bpb if disk else 0
+        if host or bounce:
+            need = host * bytes_per_block + bounce
             avail = available_host_memory()
             if need > avail:
+                what = (f"{_size_source(self, 'cpu_cache')} gives {host} blocks of {bytes_per_block} bytes"
+                        if host else "no host cache")
                 raise KvbmConfigError(
-                    f"host cache does not fit in memory: {_size_source(self, 'cpu_cache')} gives {host} blocks of "
-                    f"{bytes_per_block} bytes = {need / GB:.3f} GB, but only {avail / GB:.3f} GB of memory is "
-                    "available (MemAvailable, capped by the cgroup limit); lower DYN_KVBM_CPU_CACHE_GB"
+                    f"host cache does not fit in memory: {what}, plus {bounce / GB:.3f} GB of pinned disk bounce "
+                    f"buffer ((DYN_KVBM_MAX_CONCURRENT_TRANSFERS + 1) x DYN_KVBM_MAX_TRANSFER_BATCH_SIZE blocks) = "
+                    f"{need / GB:.3f} GB, but only {avail / GB:.3f} GB of memory is available (MemAvailable, capped "
+                    "by the cgroup limit); lower DYN_KVBM_CPU_CACHE_GB"
                 )
         if disk:
             directory = self.disk_cache_dir

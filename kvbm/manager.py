@@ -16,9 +16,10 @@ TRANSFERS`` in flight; further batches wait in a queue that ``poll`` starts as t
 ``onboard`` do not block (except an offload that finds every slot of its tier pending or held: it waits for the
 oldest batch to land). On a GPU, G1 <-> host copies run on the transfer engine's streams and complete through CUDA
 events that ``poll`` queries without blocking; on CPU they run synchronously when the batch starts. Disk reads and
-writes are synchronous (the disk file spreads a batch over its own I/O threads): G3 -> G1 reads the slots into a
-pinned bounce chunk, then copies only the slots read intact into G1, so a failed load never writes a byte into G1
-and is never counted as moved. A copy that fails is reported FAILED for every block of its batch; a copy kernel
+writes run on the manager's disk I/O threads, never on the caller's: G3 -> G1 reads the slots into a pinned bounce
+chunk in the background, then (at a later ``poll``) copies only the slots read intact into G1, so a failed load never
+writes a byte into G1 and is never counted as moved; G1 -> G3 and the G2 -> G3 cascade write in the background once
+their bytes are in host memory, and the G3 slots become visible when ``poll`` sees the write finished. A copy that fails is reported FAILED for every block of its batch; a copy kernel
 that fails part-way may have written some of those G1 blocks, which the engine recomputes as for any failed load.
 
 Block life: ``offload`` allocates PENDING slots (evicting inactive blocks, lowest priority then least recently
@@ -35,6 +36,8 @@ from __future__ import annotations
 
 import enum
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 import operator
 import time
 from collections import Counter, deque
@@ -56,6 +59,9 @@ from kvbm.tiers import PADDED_LAYOUT, BounceBuffer, DiskTier, HostTier
 __all__ = ["BlockManager", "BlockResult", "Match", "Ticket", "ManagerInvariantError"]
 
 log = logging.getLogger(__name__)
+
+#: Threads that run the G3 reads and writes, so the engine's thread never waits for the disk.
+DISK_IO_THREADS = 2
 
 
 class ManagerInvariantError(RuntimeError):
@@ -121,6 +127,16 @@ class _Batch:
     chunk: int | None = None
     read_errors: dict[int, str] = field(default_factory=dict)  # index into positions -> error (G3 reads)
     elapsed: float | None = None  # seconds, when the batch completed synchronously
+    io: Future | None = None  # disk I/O in flight: the G3 read before the copy, or the G3 write after it
+
+
+@dataclass
+class _CascadeWrite:
+    """A G2 -> G3 batch being written in the background: G2 slots held, G3 slots pending until it finishes."""
+
+    part: list[tuple[int, int, int]]  # (hash, G2 slot, G3 slot)
+    io: Future
+    started: float
 
 
 @dataclass
@@ -202,6 +218,7 @@ class BlockManager:
         self.disk: DiskTier | None = None
         self.bounce: BounceBuffer | None = None
         self._engine = None
+        self._disk_io: ThreadPoolExecutor | None = None
         try:
             if gpu_cache.device.type == "cuda":
                 from kvbm.kernels.transfer import TransferEngine
@@ -217,9 +234,10 @@ class BlockManager:
                 self.disk = DiskTier(str(config.disk_cache_dir), disk_blocks, self.block_bytes,
                                      use_o_direct=not config.disk_disable_o_direct,
                                      zerofill_fallback=config.disk_zerofill_fallback)
-                # One chunk per batch in flight, plus one for the synchronous G2 -> G3 cascade.
+                # One chunk per batch in flight, plus one for the G2 -> G3 cascade (config.bounce_blocks()).
                 self.bounce = BounceBuffer(self.geometry, gpu_cache.dtype, self.max_in_flight + 1, self.batch_size)
                 self._cascade_chunk = self.bounce.acquire()
+                self._disk_io = ThreadPoolExecutor(DISK_IO_THREADS, thread_name_prefix="kvbm-disk")
             if self._serving:
                 port = self.metrics.start_server(config.metrics_port)
                 log.info("kvbm metrics served on port %d", port)
@@ -232,8 +250,9 @@ class BlockManager:
         self._queue: deque[_Plan] = deque()
         self._in_flight: list[_Batch] = []
         self._finished: list[Ticket] = []
-        self._cascade: dict[int, None] = {}  # G2 hashes admitted to G3, in admission order
+        self._cascade: dict[int, int] = {}  # G2 hash -> its (held) G2 slot, admitted to G3, in admission order
         self._bad_g3: set[int] = set()  # G3 slots that failed a read, dropped once unheld
+        self._cascading: list[_CascadeWrite] = []  # G2 -> G3 writes in flight
         self._closed = False
 
     # -- public API ------------------------------------------------------------------------------------------
@@ -269,14 +288,14 @@ class BlockManager:
                 reason = f"already stored in {tier.name}"
             else:
                 alloc = tier.pool.allocate(h, priority)
-                if alloc is None and (part or self._in_flight or self._queue):
+                if alloc is None and (part or self._in_flight or self._queue or self._cascading or self._cascade):
                     # Every slot is pending or held: plan what is built, let the oldest batch land, retry.
                     if part:
                         self._plan(ticket, direction, part)
                         part = []
-                    while alloc is None and (self._in_flight or self._queue):
+                    while alloc is None and (self._in_flight or self._queue or self._cascading or self._cascade):
+                        self._run_cascade()  # admitted blocks are held in G2 until written to G3
                         self._finish_oldest()
-                        self._run_cascade()  # admitted blocks reach G3 before they can be evicted from G2
                         alloc = tier.pool.allocate(h, priority)
                 if alloc is None:
                     reason = f"{tier.name} is full: every block is being read"
@@ -301,20 +320,27 @@ class BlockManager:
         call."""
         self._check_open()
         while True:
-            done = [b for b in self._in_flight if b.handle.done()]
-            for batch in done:
-                self._finish(batch)
-            if not self._launch_queued() and not done:
+            ready = [b for b in self._in_flight if self._ready(b)]
+            for batch in ready:
+                self._advance(batch)
+            if not self._launch_queued() and not ready:
                 break
+        self._collect_cascades(block=False)
         self._run_cascade()
         finished, self._finished = self._finished, []
         return finished
 
     def wait(self, ticket: Ticket | None = None) -> list[Ticket]:
-        """Block until ``ticket`` (default: every batch queued or in flight) is done, then ``poll``."""
+        """Block until ``ticket`` (default: every batch queued or in flight, and the G2 -> G3 writes they lead
+        to) is done, then ``poll``."""
         self._check_open()
         while (self._in_flight or self._queue) and (ticket is None or not ticket.done):
             self._finish_oldest()
+        if ticket is None:
+            self._run_cascade()
+            while self._cascading:
+                self._collect_cascades(block=True)
+                self._run_cascade()
         return self.poll()
 
     def lookup(self, seq_hashes: Sequence[int], *, num_tokens: int | None = None) -> Match:
@@ -403,6 +429,11 @@ class BlockManager:
                 reading[tier_name].update(b.slots)
             if isinstance(b, _Batch) and b.chunk is not None:
                 chunks.append(b.chunk)
+        for c in self._cascading:
+            for _, g2_slot, g3_slot in c.part:
+                pending["G3"].add(g3_slot)
+                reading["G2"][g2_slot] += 1
+        reading["G2"].update(self._cascade.values())  # admitted to G3, held until written
         for tier in tiers:
             pool = tier.pool
             held_slots = 0
@@ -437,6 +468,8 @@ class BlockManager:
             return
         while self._in_flight or self._queue:
             self._finish_oldest()
+        while self._cascading:
+            self._collect_cascades(block=True)
         self._closed = True
         self._release_storage()
 
@@ -487,42 +520,78 @@ class BlockManager:
         started = 0
         while self._queue and len(self._in_flight) < self.max_in_flight:
             batch = self._start(self._queue.popleft())
-            if batch.handle.done():
+            if batch.io is None and batch.handle.done():
                 batch.elapsed = time.perf_counter() - batch.started
             self._in_flight.append(batch)
             started += 1
         return started
 
     def _start(self, plan: _Plan) -> _Batch:
-        """Start a planned batch's copy (after reading its G3 slots into a bounce chunk, for G3 -> G1)."""
+        """Start a planned batch: its copy (G1 <-> G2, G1 -> bounce chunk, then the G3 write on a disk thread), or
+        for G3 -> G1 the read of its slots into a bounce chunk on a disk thread (the copy follows in ``_advance``)."""
         started = time.perf_counter()
         gpu_ids = [plan.ticket.gpu_block_ids[p] for p in plan.positions]
         chunk = None if plan.direction in ("g1_to_g2", "g2_to_g1") else self._acquire_chunk()
-        read_errors: dict[int, str] = {}
+        io = None
         if plan.direction == "g1_to_g2":
             handle = self._copy(self.gpu, self.host.cache, gpu_ids, plan.slots)
         elif plan.direction == "g2_to_g1":
             handle = self._copy(self.host.cache, self.gpu, plan.slots, gpu_ids)
         elif plan.direction == "g1_to_g3":
-            handle = self._copy(self.gpu, self.bounce.cache, gpu_ids, self.bounce.block_ids(chunk, len(gpu_ids)))
-        else:  # g3_to_g1: read into the bounce chunk, copy only the slots read intact
             ids = self.bounce.block_ids(chunk, len(gpu_ids))
-            result = self.disk.file.read_slots(plan.slots, self.bounce.array, buf_blocks=ids)
-            read_errors = {k: str(result.errors[s]) for k, s in enumerate(plan.slots) if s in result.errors}
-            good = [k for k in range(len(ids)) if k not in read_errors]
-            if good:
-                handle = self._copy(self.bounce.cache, self.gpu, [ids[k] for k in good], [gpu_ids[k] for k in good])
-            else:
-                handle = _done_handle(0, 0)
-        return _Batch(plan.ticket, plan.direction, plan.positions, plan.slots, handle, started, chunk, read_errors)
+            handle = self._copy(self.gpu, self.bounce.cache, gpu_ids, ids)
+            io = self._disk_io.submit(self._write_after_copy, handle, plan.slots, ids)
+        else:  # g3_to_g1
+            handle = _done_handle(0, 0)  # replaced by the copy once the read is done
+            io = self._disk_io.submit(self.disk.file.read_slots, plan.slots, self.bounce.array,
+                                      buf_blocks=self.bounce.block_ids(chunk, len(gpu_ids)))
+        return _Batch(plan.ticket, plan.direction, plan.positions, plan.slots, handle, started, chunk, io=io)
+
+    def _write_after_copy(self, handle: TransferHandle, slots: list[int], buf_blocks: list[int]):
+        """Disk thread: wait for the G1 -> bounce copy, then write its blocks to their G3 slots (None if the copy
+        failed; ``_finish`` reports that)."""
+        if handle.event is not None and handle.error is None:
+            handle.event.synchronize()
+        if handle.error is not None:
+            return None
+        return self.disk.file.write_slots(slots, self.bounce.array, buf_blocks=buf_blocks)
+
+    @staticmethod
+    def _ready(batch: _Batch) -> bool:
+        """Whether a batch's current step (disk I/O, else its copy) has finished; never blocks."""
+        return batch.io.done() if batch.io is not None else batch.handle.done()
+
+    def _advance(self, batch: _Batch) -> None:
+        """Move a ready batch on: a finished G3 read starts the copy of the slots read intact into G1; any other
+        ready batch is finished."""
+        if batch.direction != "g3_to_g1" or batch.io is None:
+            self._finish(batch)
+            return
+        io, batch.io = batch.io, None
+        try:
+            read_errors = {s: str(e) for s, e in io.result().errors.items()}
+        except Exception as e:  # noqa: BLE001 - the read as a whole failed: every block of the batch fails
+            read_errors = {s: repr(e) for s in batch.slots}
+        batch.read_errors = {k: read_errors[s] for k, s in enumerate(batch.slots) if s in read_errors}
+        ids = self.bounce.block_ids(batch.chunk, len(batch.slots))
+        good = [k for k in range(len(ids)) if k not in batch.read_errors]
+        if good:
+            gpu_ids = [batch.ticket.gpu_block_ids[batch.positions[k]] for k in good]
+            batch.handle = self._copy(self.bounce.cache, self.gpu, [ids[k] for k in good], gpu_ids)
 
     def _finish_oldest(self) -> None:
-        """Wait for the oldest batch in flight and finish it, then start queued batches."""
+        """Wait for the oldest batch in flight (else the oldest G2 -> G3 write) and finish it, then start queued
+        batches."""
         if self._in_flight:
             batch = self._in_flight[0]
-            if batch.handle.event is not None and batch.handle.error is None:
-                batch.handle.event.synchronize()
-            self._finish(batch)
+            while batch in self._in_flight:
+                if batch.io is not None:
+                    wait_futures([batch.io])
+                elif batch.handle.event is not None and batch.handle.error is None:
+                    batch.handle.event.synchronize()
+                self._advance(batch)
+        elif self._cascading:
+            self._collect_cascades(block=True)
         self._launch_queued()
 
     def _finish(self, batch: _Batch) -> None:
@@ -541,10 +610,13 @@ class BlockManager:
                     errors[k] = copy_error
         elif batch.direction == "g1_to_g3":
             if copy_error is None:
-                res = self.disk.file.write_slots(batch.slots, self.bounce.array,
-                                                 buf_blocks=self.bounce.block_ids(batch.chunk, len(batch.slots)))
-                errors = {k: f"disk write failed: {res.errors[s]}" for k, s in enumerate(batch.slots)
-                          if s in res.errors}
+                try:
+                    res = batch.io.result()
+                except Exception as e:  # noqa: BLE001 - the write as a whole failed
+                    errors = {k: f"disk write failed: {e!r}" for k in range(len(batch.slots))}
+                else:
+                    errors = {k: f"disk write failed: {res.errors[s]}" for k, s in enumerate(batch.slots)
+                              if s in res.errors}
             else:
                 errors = {k: copy_error for k in range(len(batch.slots))}
             for k, slot in enumerate(batch.slots):
@@ -590,62 +662,78 @@ class BlockManager:
 
     def _registered(self, seq_hash: int) -> None:
         """A block was committed to G2: its first sighting for the admission filter."""
-        if self.disk is not None and self.filter.admit(seq_hash) and not self.disk.pool.contains(seq_hash):
-            self._cascade[seq_hash] = None
+        if self.disk is not None and self.filter.admit(seq_hash):
+            self._admit(seq_hash)
 
     def _hit(self, seq_hash: int) -> None:
         """A lookup found a block in G2: count the hit and queue it for G3 if the filter now admits it."""
         if self.disk is None:
             return
         self.filter.record_hit(seq_hash)
-        if self.filter.admit(seq_hash) and not self.disk.pool.contains(seq_hash):
-            self._cascade[seq_hash] = None
+        if self.filter.admit(seq_hash):
+            self._admit(seq_hash)
+
+    def _admit(self, seq_hash: int) -> None:
+        """Queue a G2 block for G3, holding its G2 slot so it cannot be evicted before it is written."""
+        if seq_hash in self._cascade or self.disk.pool.contains(seq_hash):
+            return
+        slot = self.host.pool.lookup(seq_hash)
+        if slot is not None:
+            self.host.pool.hold(slot)
+            self._cascade[seq_hash] = slot
 
     def _run_cascade(self) -> None:
-        """Write the admitted G2 blocks still in G2 and not yet in G3 to G3, in batches (synchronously)."""
-        while self._cascade:
+        """Start background writes of the admitted G2 blocks not yet in G3, in batches, while fewer than
+        ``max_in_flight`` are in flight (one at a time through the bounce chunk when slots are padded)."""
+        limit = 1 if self.bounce is not None and self.bounce.padded else self.max_in_flight
+        while self._cascade and len(self._cascading) < limit:
             part: list[tuple[int, int, int]] = []  # (hash, g2 slot, g3 slot)
             while self._cascade and len(part) < self.batch_size:
                 h = next(iter(self._cascade))
-                del self._cascade[h]
-                g2_slot = self.host.pool.lookup(h)
-                if g2_slot is None or self.disk.pool.contains(h):
-                    continue
-                alloc = self.disk.pool.allocate(h)
+                g2_slot = self._cascade.pop(h)
+                alloc = None if self.disk.pool.contains(h) else self.disk.pool.allocate(h)
                 if alloc is None:
-                    log.debug("G3 full (every block busy): block %#x not written to disk", h)
+                    if not self.disk.pool.contains(h):
+                        log.debug("G3 full (every block busy): block %#x not written to disk", h)
+                    self._release(self.host, g2_slot)
                     continue
-                self.host.pool.hold(g2_slot)
                 part.append((h, g2_slot, alloc.slot))
             if part:
-                self._write_cascade(part)
+                io = self._disk_io.submit(self._write_cascade, [p[1] for p in part], [p[2] for p in part])
+                self._cascading.append(_CascadeWrite(part, io, time.perf_counter()))
 
-    def _write_cascade(self, part: list[tuple[int, int, int]]) -> None:
-        """One G2 -> G3 batch: write (through the bounce chunk when padded), commit or discard, release."""
-        started = time.perf_counter()
-        g2_slots = [p[1] for p in part]
-        g3_slots = [p[2] for p in part]
-        errors: dict[int, str] = {}
+    def _write_cascade(self, g2_slots: list[int], g3_slots: list[int]) -> dict[int, str]:
+        """Disk thread: write G2 slots to G3 slots (through the bounce chunk when padded); G3 slot -> error."""
         if self.bounce.padded:
-            ids = self.bounce.block_ids(self._cascade_chunk, len(part))
+            ids = self.bounce.block_ids(self._cascade_chunk, len(g2_slots))
             try:
                 copy_blocks(self.host.cache, self.bounce.cache, g2_slots, ids)
             except Exception as e:  # noqa: BLE001 - the blocks stay in G2 only
-                errors = {s: f"copy into the disk bounce buffer failed: {e!r}" for s in g3_slots}
-            else:
-                res = self.disk.file.write_slots(g3_slots, self.bounce.array, buf_blocks=ids)
-                errors = {s: str(res.errors[s]) for s in g3_slots if s in res.errors}
+                return {s: f"copy into the disk bounce buffer failed: {e!r}" for s in g3_slots}
+            res = self.disk.file.write_slots(g3_slots, self.bounce.array, buf_blocks=ids)
         else:
             res = self.disk.file.write_slots(g3_slots, self.host.array, buf_blocks=g2_slots)
-            errors = {s: str(res.errors[s]) for s in g3_slots if s in res.errors}
-        for _, g2_slot, g3_slot in part:
-            (self.disk.pool.discard if g3_slot in errors else self.disk.pool.commit)(g3_slot)
-            self._release(self.host, g2_slot)
-        for s, e in errors.items():
-            log.debug("G2 -> G3 write of slot %d failed: %s", s, e)
-        n_ok = len(part) - len(errors)
-        self.metrics.record_transfer("g2_to_g3", blocks_ok=n_ok, blocks_failed=len(errors),
-                                     num_bytes=n_ok * self.block_bytes, seconds=time.perf_counter() - started)
+        return {s: str(res.errors[s]) for s in g3_slots if s in res.errors}
+
+    def _collect_cascades(self, block: bool) -> None:
+        """Commit (or discard) the G3 slots of finished G2 -> G3 writes and release their G2 holds; with ``block``,
+        wait for the oldest first."""
+        if block and self._cascading:
+            wait_futures([self._cascading[0].io])
+        for c in [c for c in self._cascading if c.io.done()]:
+            self._cascading.remove(c)
+            try:
+                errors = c.io.result()
+            except Exception as e:  # noqa: BLE001 - the write as a whole failed
+                errors = {g3_slot: f"disk write failed: {e!r}" for _, _, g3_slot in c.part}
+            for _, g2_slot, g3_slot in c.part:
+                (self.disk.pool.discard if g3_slot in errors else self.disk.pool.commit)(g3_slot)
+                self._release(self.host, g2_slot)
+            for slot, e in errors.items():
+                log.debug("G2 -> G3 write of slot %d failed: %s", slot, e)
+            n_ok = len(c.part) - len(errors)
+            self.metrics.record_transfer("g2_to_g3", blocks_ok=n_ok, blocks_failed=len(errors),
+                                         num_bytes=n_ok * self.block_bytes, seconds=time.perf_counter() - c.started)
 
     # -- holds, chunks, lifetime -----------------------------------------------------------------------------
 
@@ -667,6 +755,8 @@ class BlockManager:
             raise ValueError("this BlockManager is closed")
 
     def _release_storage(self) -> None:
+        if self._disk_io is not None:
+            self._disk_io.shutdown(wait=True)
         if self._serving:
             self.metrics.stop_server()
         for part in (self.disk, self.bounce, self.host):

@@ -170,6 +170,23 @@ def test_check_fits_host_too_large() -> None:
         cfg.check_fits(10**6)
 
 
+def test_check_fits_counts_the_disk_bounce_buffer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvbm.config as config_module
+
+    cfg = KvbmConfig(cpu_cache_override_num_blocks=10, disk_cache_override_num_blocks=4, disk_cache_dir=tmp_path,
+                     max_transfer_batch_size=8, max_concurrent_transfers=3)
+    assert cfg.bounce_blocks() == 32
+    monkeypatch.setattr(config_module, "available_host_memory", lambda: (10 + 32) * 4096)
+    cfg.check_fits(4096)  # G2 and the bounce buffer fit exactly
+    monkeypatch.setattr(config_module, "available_host_memory", lambda: (10 + 32) * 4096 - 1)
+    with pytest.raises(KvbmConfigError, match=r"plus 0.000 GB of pinned disk bounce buffer"):
+        cfg.check_fits(4096)
+    disk_only = KvbmConfig(disk_cache_override_num_blocks=4, disk_cache_dir=tmp_path)
+    monkeypatch.setattr(config_module, "available_host_memory", lambda: 4096)
+    with pytest.raises(KvbmConfigError, match=r"no host cache, plus"):
+        disk_only.check_fits(4096)
+
+
 def test_check_fits_disk_too_large(tmp_path: Path) -> None:
     cfg = KvbmConfig(disk_cache_override_num_blocks=10**12, disk_cache_dir=tmp_path)
     with pytest.raises(KvbmConfigError, match=r"disk cache does not fit on disk: "

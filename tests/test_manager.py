@@ -145,9 +145,13 @@ def test_disk_admission_filter_cascades_blocks_seen_again(tmp_path, rng):
         mgr.wait()
         assert not any(mgr.disk.pool.contains(h) for h in hashes)  # seen once: not worth the disk
         assert mgr.lookup(hashes[:2], num_tokens=99) == Match(2, 2, 0)  # a hit on blocks 0 and 1
-        mgr.poll()
+        mgr.poll()  # starts the G2 -> G3 writes of blocks 0 and 1 on a disk thread
         assert [mgr.disk.pool.contains(h) for h in hashes] == [True, True, False, False]
+        mgr.check_invariants()  # G2 slots held and G3 slots pending while the write runs, or committed after it
+        assert mgr.lookup(hashes[:2], num_tokens=99) == Match(2, 2, 0)  # G2 still serves them meanwhile
+        mgr.wait()
         assert mgr.metrics.value("kvbm_offload_blocks_h2d") == 2
+        assert [mgr.disk.pool.lookup(h) is not None for h in hashes] == [True, True, False, False]
         mgr.check_invariants()
 
 

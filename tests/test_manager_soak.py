@@ -5,11 +5,14 @@ offloaded). After every step: ``check_invariants`` (no leaked, double-owned or w
 chunk), and every onboard ticket that finished is checked: each OK block equals the reference bytes of its hash,
 each FAILED block still holds its poison. Faults are injected at random: copies that raise, and disk reads whose
 slots are reported failed after garbage was written into the bounce buffer (that garbage must never reach G1).
-Copies complete late, at a random later poll, as CUDA events do on a GPU, so batches queue and stay in flight.
+Copies and disk I/O complete late, at a random later poll, as CUDA events and the disk threads do, so batches
+queue and stay in flight (the disk I/O runs inline at submission so a seeded run is reproducible; the real disk
+threads are exercised by the other manager tests).
 """
 from __future__ import annotations
 
 import errno
+from concurrent.futures import Future
 
 import numba
 import numpy as np
@@ -71,6 +74,40 @@ class LateEvent:
         self.fired = True
         if self.real is not None:
             self.real.synchronize()
+
+
+class LateFuture(Future):
+    """A finished disk I/O whose completion shows on a random later ``done()`` (or at once on ``result()``)."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        super().__init__()
+        self.rng, self.fired = rng, False
+
+    def done(self) -> bool:
+        self.fired = self.fired or self.rng.random() < 0.4
+        return self.fired
+
+    def result(self, timeout=None):
+        self.fired = True
+        return super().result(timeout)
+
+
+class InlineLateExecutor:
+    """Runs the manager's disk I/O at submit time (deterministic for a seeded soak) and reports it done late."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+
+    def submit(self, fn, *args, **kwargs) -> LateFuture:
+        future = LateFuture(self.rng)
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as e:  # noqa: BLE001 - delivered through result(), as a thread pool would
+            future.set_exception(e)
+        return future
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Nothing runs in the background."""
 
 
 def run_soak(mgr: BlockManager, gpu, rng: np.random.Generator, faults: Faults, clock: list[float]) -> dict:
@@ -178,6 +215,7 @@ def test_soak(tmp_path, variant, monkeypatch):
         patch_copies(monkeypatch, mgr, faults.wrap)
         if mgr.disk is not None:
             faults.wrap_reads(mgr)
+            monkeypatch.setattr(mgr, "_disk_io", InlineLateExecutor(rng))
         real_copy = mgr._copy
 
         def async_copy(*args):  # completion as on a GPU: batches stay in flight and queue up across steps

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -162,6 +163,15 @@ class Executor:
             self.saving.discard(rid)
             self._free(rid)
         return done_saving, done_loading
+
+    def step_until(self, condition, max_steps: int = 500) -> None:
+        """Step until ``condition()`` holds: loads from G3 finish when the disk threads have read the blocks."""
+        for _ in range(max_steps):
+            self.step()
+            if condition():
+                return
+            time.sleep(0.001)
+        raise AssertionError(f"condition not reached in {max_steps} steps")
 
     def _compute(self, req: Request, layer: int, data) -> None:
         """Write the KV of the step's tokens of ``req`` into its blocks."""
@@ -313,11 +323,11 @@ def test_onboard_from_disk(make_executor, tmp_path, tiers):
     ex.finish(a)
     ex.step()
     mgr = ex.worker.manager
+    mgr.wait()  # the G2 -> G3 writes run on the manager's disk threads: let them land before the lookup
     b = Request(2, a.prompt[:16] + prompt(rng, 1))
     before = mgr.metrics.value("kvbm_onboard_blocks_d2d")
     assert ex.add(b) == (16, True)
-    ex.step()
-    assert 2 in ex.running
+    ex.step_until(lambda: 2 in ex.running)
     for i in range(4):
         assert ex.block_bytes(ex.blocks[2][i]) == ex.expected_block(a.prompt, i)
     from_disk = mgr.metrics.value("kvbm_onboard_blocks_d2d") - before
