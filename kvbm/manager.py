@@ -351,6 +351,7 @@ class BlockManager:
         block is not a whole-prompt match. Call once per request: it feeds the hit-rate window and the filter.
         """
         self._check_open()
+        self._collect_cascades(block=False)  # G2 -> G3 writes that landed since the last poll count
         hashes = _as_hashes(seq_hashes)
         n = 0
         if self.host is not None:
