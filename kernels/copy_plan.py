@@ -40,14 +40,17 @@ class CopyPlan:
 
     @property
     def num_pieces(self) -> int:
+        """(layer, kv) pieces per block."""
         return int(self.src_piece_offsets.numel())
 
     @property
     def rows(self) -> int:
+        """Rows per piece: the two outer dimensions merged."""
         return self.dims[0][0] * self.dims[1][0]
 
     @property
     def row_len(self) -> int:
+        """Units per row (the innermost dimension)."""
         return self.dims[2][0]
 
 

@@ -23,6 +23,7 @@ class DevicePointer:
         self.address, self.dtype = address, dtype
 
     def data_ptr(self) -> int:
+        """The address Triton passes to the kernel."""
         return self.address
 
 

@@ -43,6 +43,7 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run the chosen command; returns the exit status."""
     parser = argparse.ArgumentParser(prog="kvbm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("replay", help="multi-round chat workload through the block manager with a small G1")

@@ -34,6 +34,7 @@ class ReplayReport:
     transfer: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def hit_rates(self) -> dict[str, float]:
+        """Share of prompt blocks from each source (g1, g2, g3, computed)."""
         total = sum(self.blocks.values()) or 1
         return {k: v / total for k, v in self.blocks.items()}
 
@@ -47,6 +48,7 @@ class SimulatedEngine:
         self.free = list(range(cache.num_blocks))
 
     def prefix_hits(self, hashes: list[int]) -> int:
+        """Leading blocks of ``hashes`` still cached in G1."""
         n = 0
         while n < len(hashes) and hashes[n] in self.cached:
             self.cached.move_to_end(hashes[n])
@@ -72,6 +74,7 @@ class SimulatedEngine:
             view.copy_(expected_bytes(seq_hash, t, view.numel(), view.device))
 
     def check_block(self, block: int, seq_hash: int) -> bool:
+        """Whether G1 block ``block`` holds exactly the content written for ``seq_hash``."""
         return all(torch.equal(view, expected_bytes(seq_hash, t, view.numel(), view.device))
                    for t, view in self._views(block))
 

@@ -37,6 +37,7 @@ class ChatWorkload:
 
     @property
     def num_requests(self) -> int:
+        """Requests the workload yields (users x rounds)."""
         return self.num_users * self.num_rounds
 
     def _tokens(self, user: int, round_: int, what: int, n: int) -> list[int]:

@@ -67,22 +67,27 @@ class PagedKVCache:
 
     @property
     def geometry(self) -> KVGeometry:
+        """Model dimensions of the cache (from its layout)."""
         return self.layout.geometry
 
     @property
     def num_blocks(self) -> int:
+        """Blocks in the cache."""
         return self.layout.num_blocks
 
     @property
     def dtype(self) -> torch.dtype:
+        """Element type of the cache."""
         return self.layout.dtype
 
     @property
     def device(self) -> torch.device:
+        """Device of the cache's tensors."""
         return self.tensors[0].device
 
     @property
     def name(self) -> str:
+        """The layout's name (a preset name, or the one given to describe)."""
         return self.layout.name
 
     def piece_index(self, layer: int, kv: int) -> int:
