@@ -5,6 +5,7 @@ import errno
 import logging
 import os
 import socket
+import threading
 import urllib.request
 
 import numpy as np
@@ -92,6 +93,43 @@ def test_round_trip_through_disk_tier(tmp_path, rng, geometry):
     mgr.close()
     assert list(tmp_path.glob("kvbm-g3-*")) == []  # clean shutdown removes the disk file
     mgr.close()  # idempotent
+
+
+def test_disk_io_runs_on_the_disk_threads_and_poll_never_waits_for_it(tmp_path, rng):
+    gpu = make_gpu(16, rng)
+    with BlockManager(gpu, config(tmp_path, disk=8, max_transfer_batch_size=4)) as mgr:  # disk-only: G1 -> G3
+        hashes = mgr.sequence_hashes(tokens(rng, 4))
+        want = [read_block(gpu, b) for b in range(4)]
+        threads: list[str] = []
+        release = threading.Event()
+        real_write, real_read = mgr.disk.file.write_slots, mgr.disk.file.read_slots
+
+        def slow(real):
+            def io(*args, **kwargs):
+                threads.append(threading.current_thread().name)
+                assert release.wait(10), "the test never released the disk"
+                return real(*args, **kwargs)
+            return io
+
+        mgr.disk.file.write_slots, mgr.disk.file.read_slots = slow(real_write), slow(real_read)
+        ticket = mgr.offload(hashes, range(4))
+        assert mgr.poll() == [] and not ticket.done  # the write is blocked on the disk thread, poll returns
+        assert mgr.lookup(hashes, num_tokens=99) == Match(0, 0, 0)  # G3 slots stay pending until it lands
+        mgr.check_invariants()
+        release.set()
+        mgr.wait()
+        assert ticket.results == [OK] * 4
+        release.clear()
+        for b in range(8, 12):
+            poison_block(gpu, b)
+        ticket = mgr.onboard(hashes, range(8, 12))
+        assert mgr.poll() == [] and not ticket.done  # the read is blocked on the disk thread
+        assert all(read_block(gpu, b) == bytes([POISON]) * GEOM.block_bytes for b in range(8, 12))
+        release.set()
+        mgr.wait(ticket)
+        assert ticket.results == [OK] * 4 and [read_block(gpu, b) for b in range(8, 12)] == want
+        assert threads and all(name.startswith("kvbm-disk") for name in threads), threads
+        mgr.check_invariants()
 
 
 def test_disk_only_mode_goes_straight_to_disk(tmp_path, rng):
