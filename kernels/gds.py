@@ -73,7 +73,7 @@ def probe_gds() -> GdsProbe:
         except Exception as e:
             logger.debug("cuFileDriverClose after the probe failed: %s", e)
     if loaded:
-        return GdsProbe(True, PATH_GDS, f"cuFileDriverOpen succeeded and {how}: disk tier uses GPUDirect Storage")
+        return GdsProbe(True, PATH_GDS, f"cuFileDriverOpen succeeded and {how}: GPUDirect Storage is available")
     return GdsProbe(
         False,
         PATH_COMPAT,

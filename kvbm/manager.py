@@ -229,6 +229,9 @@ class BlockManager:
                 self.host = HostTier(self.geometry, gpu_cache.dtype, host_blocks)
             if disk_blocks:
                 probe = probe_gds()
+                if probe.available:
+                    log.warning("GPUDirect Storage is available here, but the G3 tier has only its O_DIRECT POSIX "
+                                "path through pinned bounce buffers so far: using that")
                 log.info("G3 disk tier in %s: I/O path posix-o-direct%s (GDS probe: %s)", config.disk_cache_dir,
                          "" if not config.disk_disable_o_direct else " with O_DIRECT disabled", probe.reason)
                 self.disk = DiskTier(str(config.disk_cache_dir), disk_blocks, self.block_bytes,

@@ -315,6 +315,17 @@ def test_sizes_and_metrics_come_from_the_environment(tmp_path, rng, caplog):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
 
 
+def test_start_up_log_names_the_disk_path_when_gds_is_available(tmp_path, rng, monkeypatch, caplog):
+    import kvbm.manager as manager_module
+    from kvbm.kernels.gds import PATH_GDS, GdsProbe
+
+    monkeypatch.setattr(manager_module, "probe_gds", lambda: GdsProbe(True, PATH_GDS, "nvidia_fs loaded (stand-in)"))
+    caplog.set_level(logging.INFO, logger="kvbm.manager")
+    with BlockManager(make_gpu(4, rng), config(tmp_path, disk=4)):
+        pass
+    assert "GPUDirect Storage is available here" in caplog.text and "I/O path posix-o-direct" in caplog.text
+
+
 def test_zerofill_fallback_flag_reaches_the_disk_file(tmp_path, rng, monkeypatch):
     def no_fallocate(fd, offset, length):
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
