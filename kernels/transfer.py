@@ -71,7 +71,15 @@ class TransferHandle:
 
 
 def _whole_block_dense(plan: CopyPlan, block_bytes: int) -> bool:
-    """Every block is one dense run of bytes in both caches: pieces back to back, in the same order."""
+    """Every block is one dense run of bytes in both caches: pieces back to back, in the same order (kept on the
+    plan: "auto" asks on every transfer)."""
+    cached = plan.__dict__.get("_whole_block_dense")
+    if cached is None:
+        cached = plan.__dict__["_whole_block_dense"] = _check_whole_block_dense(plan, block_bytes)
+    return cached
+
+
+def _check_whole_block_dense(plan: CopyPlan, block_bytes: int) -> bool:
     piece_units = plan.rows * plan.row_len
     if plan.rows != 1 or plan.dims[2][1] != 1 or plan.dims[2][2] != 1:
         return False
