@@ -341,7 +341,9 @@ def interference(env: Env, engine, args) -> dict:
     from kvbm.kernels.transfer import TransferEngine
 
     normal = TransferEngine("cuda", staging_bytes=args.staging_mib << 20, kernel_priority=0)
+    four_slots = TransferEngine("cuda", staging_bytes=args.staging_mib << 20, staging_slots=4)
     variants = {"staged": (engine, "staged", {}), "staged_normal_priority": (normal, "staged", {}),
+                "staged_4_slots": (four_slots, "staged", {}),
                 "staged_cap_32_ctas": (engine, "staged", {"max_ctas": 32}),
                 "zero_copy": (engine, "zero_copy", {})}
 

@@ -131,19 +131,20 @@ class _PinnedIdRing:
 
 
 class _Lane:
-    """One direction's streams and double-buffered device staging, so offload and onboard run at once.
+    """One direction's streams and device staging split into `slots` equal slots, so offload and onboard run at once
+    and a chunk's gather or scatter overlaps the other slots' DMAs.
 
     `kernel_priority` is the CUDA stream priority of the gather/scatter kernels (-1 high, 0 normal).
     """
 
-    def __init__(self, device: torch.device, staging_bytes: int, kernel_priority: int = -1):
+    def __init__(self, device: torch.device, staging_bytes: int, kernel_priority: int = -1, slots: int = 2):
         self.kernel_stream = torch.cuda.Stream(device, priority=kernel_priority)
         self.dma_stream = torch.cuda.Stream(device, priority=-1)
         self.ids = _PinnedIdRing(device)
-        self.half = staging_bytes // 2
-        self.staging = torch.empty(self.half * 2, dtype=torch.uint8, device=device)
-        self.half_free: list[torch.cuda.Event | None] = [None, None]  # after which each half may be overwritten
-        self.next_half = 0  # halves alternate across chunks and transfers, so back-to-back transfers overlap
+        self.slot_bytes = staging_bytes // slots
+        self.staging = torch.empty(self.slot_bytes * slots, dtype=torch.uint8, device=device)
+        self.slot_free: list[torch.cuda.Event | None] = [None] * slots  # after which each slot may be overwritten
+        self.next_slot = 0  # slots rotate across chunks and transfers, so back-to-back transfers overlap
         self._caches: dict = {}
         self._stage_ids = torch.empty(0, dtype=torch.int64, device=device)
 
@@ -154,22 +155,28 @@ class _Lane:
                 self._stage_ids = torch.arange(n, dtype=torch.int64, device=self.staging.device)
         return self._stage_ids[:n]
 
-    def staging_cache(self, host: PagedKVCache, half: int) -> PagedKVCache:
-        """A block-major device cache filling one staging half, in the host cache's inner order (kept, so the copy
+    def take_slot(self) -> int:
+        """The next staging slot in rotation."""
+        slot, self.next_slot = self.next_slot, (self.next_slot + 1) % len(self.slot_free)
+        return slot
+
+    def staging_cache(self, host: PagedKVCache, slot: int) -> PagedKVCache:
+        """A block-major device cache filling one staging slot, in the host cache's inner order (kept, so the copy
         plans built for it are reused whatever the chunk size)."""
-        key = (id(host.layout), half)  # identity: hashing a layout costs more than a small transfer's launch
+        key = (id(host.layout), slot)  # identity: hashing a layout costs more than a small transfer's launch
         entry = self._caches.get(key)
         if entry is None or entry[0] is not host.layout:
             entry = self._caches[key] = (host.layout,
-                                         self._make_staging(host, half, self.half // host.geometry.block_bytes))
+                                         self._make_staging(host, slot, self.slot_bytes // host.geometry.block_bytes))
         return entry[1]
 
-    def _make_staging(self, host: PagedKVCache, half: int, num_blocks: int) -> PagedKVCache:
+    def _make_staging(self, host: PagedKVCache, slot: int, num_blocks: int) -> PagedKVCache:
         order = _inner_order(host)
         g = host.geometry
         sizes = {"layer": g.num_layers, "kv": g.num_kv, "token": g.block_size, "head": g.num_heads,
                  "channel": g.head_dim}
-        buf = self.staging[half * self.half: half * self.half + num_blocks * g.block_bytes].view(host.dtype)
+        start = slot * self.slot_bytes
+        buf = self.staging[start: start + num_blocks * g.block_bytes].view(host.dtype)
         return block_major(buf.view(num_blocks, *[sizes[n] for n in order]), order)
 
 
@@ -178,19 +185,24 @@ class TransferEngine:
 
     `host` caches must be block-major (`kvbm.layouts.block_major`) in pinned CPU memory; the device staging buffer
     takes the host cache's inner order so its blocks are byte-identical to the host's and one DMA moves a run of
-    them. `staging_bytes` bounds the device memory used (two halves for the pipeline).
+    them. `staging_bytes` bounds the device memory used per direction, split into `staging_slots` slots (a chunk
+    of a transfer fills one slot; measured on the H200 with the default of two).
     """
 
     def __init__(self, device: torch.device | str | int = "cuda", staging_bytes: int = DEFAULT_STAGING_BYTES,
-                 kernel_priority: int = -1):
+                 kernel_priority: int = -1, staging_slots: int = 2):
         if not torch.cuda.is_available():
             raise RuntimeError("TransferEngine needs a CUDA GPU; without one, copy_blocks runs on the CPU backend")
         if staging_bytes <= 0:
             raise ValueError(f"staging_bytes must be positive, got {staging_bytes}")
+        if isinstance(staging_slots, bool) or not isinstance(staging_slots, int) or staging_slots < 2:
+            raise ValueError(f"staging_slots must be an int >= 2 (one slot gathers while another is copied), got "
+                             f"{staging_slots!r}")
         self.device = torch.device(device if not isinstance(device, int) else f"cuda:{device}")
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.lanes = {direction: _Lane(self.device, staging_bytes, kernel_priority) for direction in ("d2h", "h2d")}
+        self.lanes = {direction: _Lane(self.device, staging_bytes, kernel_priority, staging_slots)
+                      for direction in ("d2h", "h2d")}
 
     # -- public API ---------------------------------------------------------------------------------------------
     def offload(self, gpu: PagedKVCache, host: PagedKVCache, gpu_ids, host_ids, path: Path = "auto",
@@ -265,9 +277,9 @@ class TransferEngine:
         return done
 
     def _staged(self, src, dst, s, d, direction, ready, max_ctas=None, gather="kernel"):
-        """Chunks of one staging half each, alternating halves (also across transfers, so back-to-back transfers
-        overlap). Per chunk, D2H: gather into the half on the kernel stream, then one DMA per run of consecutive
-        host blocks on the DMA stream; H2D the reverse. A half is reused once the chunk that last used it is done.
+        """Chunks of one staging slot each, slots in rotation (also across transfers, so back-to-back transfers
+        overlap). Per chunk, D2H: gather into the slot on the kernel stream, then one DMA per run of consecutive
+        host blocks on the DMA stream; H2D the reverse. A slot is reused once the chunk that last used it is done.
 
         `gather="copy_engine"` moves pieces to/from staging with batched device-to-device memcpy instead of the
         kernel (needs pieces that are dense runs in both caches; measured far slower, see bench/results)."""
@@ -282,9 +294,9 @@ class TransferEngine:
         host_ids, gpu_host_ids = (d, s) if d2h else (s, d)
         g = src.geometry
         bb = g.block_bytes
-        per_chunk = lane.half // bb
+        per_chunk = lane.slot_bytes // bb
         if per_chunk == 0:
-            raise ValueError(f"staging half of {lane.half} bytes cannot hold one block of {bb} bytes")
+            raise ValueError(f"staging slot of {lane.slot_bytes} bytes cannot hold one block of {bb} bytes")
         gpu_ids = self._upload_ids(gpu_host_ids, lane) if gather == "kernel" else None
         stage_ids = lane.stage_ids(min(per_chunk, s.size))
         host_base = host.piece_addresses()[0]
@@ -303,14 +315,14 @@ class TransferEngine:
         with torch.cuda.stream(kernel_stream):
             for start in range(0, s.size, per_chunk):
                 n = min(per_chunk, s.size - start)
-                half, lane.next_half = lane.next_half, 1 - lane.next_half
-                staging = lane.staging_cache(host, half)
+                slot = lane.take_slot()
+                staging = lane.staging_cache(host, slot)
                 pos, first, length = run_arrays(host_ids[start:start + n])
                 hosts = host_base + first * host_stride
                 stage = staging.piece_addresses()[0] + pos * bb
                 sizes = length * bb
-                if lane.half_free[half] is not None:  # the previous chunk through this half is finished with it
-                    (kernel_stream if d2h else dma_stream).wait_event(lane.half_free[half])
+                if lane.slot_free[slot] is not None:  # the previous chunk through this slot is finished with it
+                    (kernel_stream if d2h else dma_stream).wait_event(lane.slot_free[slot])
                 chunk_gpu = gpu_ids[start:start + n] if gpu_ids is not None else None
                 chunk_host = gpu_host_ids[start:start + n], np.arange(n, dtype=np.int64)
                 if d2h:
@@ -329,7 +341,7 @@ class TransferEngine:
                     repack(staging, gpu, stage_ids[:n], chunk_gpu, *chunk_host[::-1])
                     done = torch.cuda.Event()
                     done.record(kernel_stream)
-                lane.half_free[half] = done
+                lane.slot_free[slot] = done
         return done
 
 

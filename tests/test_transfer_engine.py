@@ -1,0 +1,176 @@
+"""TransferEngine on a GPU: every path, both directions, several layouts and host orders, byte-exact against the
+torch reference, with poisoned destinations (blocks not named must stay poisoned). Small staging slots force
+transfers of several chunks and slot reuse across back-to-back transfers.
+
+Skipped without a GPU: the engine is CUDA streams, events, pinned memory and compiled kernels. The same kernels run
+in CI through Triton's interpreter and the numba backend (test_kernels.py), and the host-side planning on CPU
+(test_transfer_plan.py).
+"""
+from __future__ import annotations
+
+import os
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from kvbm.kernels.cuda_runtime import cuda_available
+from kvbm.layouts import KVGeometry, allocate, block_major, copy_blocks
+from kvbm.layouts.presets import STAGING_ORDER
+
+pytestmark = [
+    pytest.mark.skipif(not cuda_available(), reason="the transfer engine needs a CUDA GPU"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the engine launches compiled kernels"),
+]
+
+GEOM = KVGeometry(num_layers=3, num_kv=2, block_size=4, num_heads=2, head_dim=64, itemsize=2)
+MLA = KVGeometry(num_layers=3, num_kv=1, block_size=4, num_heads=1, head_dim=576, itemsize=2)
+HEAD_FIRST = ("layer", "kv", "head", "token", "channel")
+CASES = [  # (preset, geometry, host inner order)
+    ("vllm_flash_attn_nhd", GEOM, STAGING_ORDER),
+    ("vllm_flash_attn_hnd", GEOM, HEAD_FIRST),
+    ("vllm_flash_attn_hnd", GEOM, STAGING_ORDER),  # HND -> NHD permuted on the way
+    ("vllm_flashinfer_nhd", GEOM, STAGING_ORDER),
+    ("trtllm_pool", GEOM, HEAD_FIRST),
+    ("vllm_mla", MLA, STAGING_ORDER),
+]
+GPU_BLOCKS, HOST_BLOCKS, N = 40, 24, 10
+POISON = 0xA5
+
+
+def random_fill(tensors, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for t in tensors:
+        b = t.view(torch.uint8)
+        b.copy_(torch.randint(0, 256, b.shape, dtype=torch.uint8, generator=gen).to(b.device))
+
+
+def host_cache(buffer, g: KVGeometry, order, blocks: int = HOST_BLOCKS):
+    sizes = {"layer": g.num_layers, "kv": g.num_kv, "token": g.block_size, "head": g.num_heads, "channel": g.head_dim}
+    return block_major(buffer.tensor(torch.bfloat16)[: blocks * g.block_bytes // 2].view(
+        blocks, *[sizes[n] for n in order]), order)
+
+
+def bytes_of(cache) -> list[torch.Tensor]:
+    return [t.view(torch.uint8).cpu().clone() for t in cache.tensors]
+
+
+def reference_copy(src, dst, src_ids, dst_ids):
+    """What dst must hold after the copy: a clone of dst, copied into by the torch reference."""
+    clones = [t.clone() for t in dst.tensors]
+    ref = type(dst)(clones, dst.layout)
+    copy_blocks(src, ref, src_ids, dst_ids, backend="torch")
+    return bytes_of(ref)
+
+
+def dense_rows(gpu, host) -> bool:
+    from kvbm.kernels.copy_plan import build_plan
+
+    dims = build_plan(gpu, host).dims
+    return dims[2][1] == dims[2][2] == 1
+
+
+@pytest.fixture
+def engine_factory():
+    from kvbm.kernels.transfer import TransferEngine
+
+    def make(g: KVGeometry, slots: int, blocks_per_slot: int = 3):
+        return TransferEngine("cuda", staging_bytes=slots * blocks_per_slot * g.block_bytes, staging_slots=slots)
+    return make
+
+
+@pytest.mark.parametrize("preset,g,order", CASES, ids=[f"{c[0]}-{'hnd' if c[2] == HEAD_FIRST else 'nhd'}" for c in CASES])
+@pytest.mark.parametrize("path", ["staged", "zero_copy", "dma", "auto"])
+@pytest.mark.parametrize("slots", [2, 4])
+def test_offload_then_onboard_byte_exact(preset, g, order, path, slots, engine_factory):
+    from kvbm.kernels.host_memory import PinnedHostBuffer
+
+    seed = zlib.crc32(f"{preset}/{order}/{path}/{slots}".encode())
+    rng = np.random.default_rng(seed)
+    gpu = allocate(preset, g, GPU_BLOCKS, dtype=torch.bfloat16, device="cuda")
+    random_fill(gpu.tensors, seed)
+    engine = engine_factory(g, slots)
+    with PinnedHostBuffer(HOST_BLOCKS * g.block_bytes) as buf:
+        host = host_cache(buf, g, order)
+        host.tensors[0].view(torch.uint8).fill_(POISON)
+        gpu_ids = rng.choice(GPU_BLOCKS // 2, N, replace=False)
+        # a run of consecutive host blocks (one DMA) and scattered ones
+        host_ids = np.concatenate([np.arange(5, 9), rng.choice(np.r_[0:5, 9:HOST_BLOCKS], N - 4, replace=False)])
+        want_host = reference_copy(gpu, host, gpu_ids, host_ids)
+        handle = engine.offload(gpu, host, gpu_ids, host_ids, path=path)
+        if path == "dma" and not dense_rows(gpu, host):
+            with pytest.raises(ValueError, match="not dense"):
+                handle.wait()
+            return
+        handle.wait()
+        assert handle.ok and handle.done() and handle.num_blocks == N
+        assert all(torch.equal(a, b) for a, b in zip(bytes_of(host), want_host))
+        # onboard into other, poisoned GPU blocks
+        dst_ids = GPU_BLOCKS // 2 + rng.choice(GPU_BLOCKS // 2, N, replace=False)
+        for layer in range(g.num_layers):
+            for kv in range(g.num_kv):
+                gpu.piece_view(layer, kv, torch.int16)[torch.as_tensor(dst_ids, device="cuda")] = -23131  # 0xA5A5
+        want_gpu = reference_copy(host, gpu, host_ids, dst_ids)
+        handle = engine.onboard(host, gpu, host_ids, dst_ids, path=path)
+        handle.wait()
+        assert handle.ok
+        assert all(torch.equal(a, b) for a, b in zip(bytes_of(gpu), want_gpu))
+
+
+@pytest.mark.parametrize("slots", [2, 3])
+def test_back_to_back_transfers_reuse_slots_without_waiting(slots, engine_factory):
+    """Many transfers queued at once (slots reused across transfers and directions), waited for at the end."""
+    from kvbm.kernels.host_memory import PinnedHostBuffer
+
+    g = GEOM
+    gpu = allocate("vllm_flash_attn_nhd", g, GPU_BLOCKS, dtype=torch.bfloat16, device="cuda")
+    random_fill(gpu.tensors, 7)
+    engine = engine_factory(g, slots, blocks_per_slot=2)
+    with PinnedHostBuffer(HOST_BLOCKS * g.block_bytes) as buf:
+        host = host_cache(buf, g, STAGING_ORDER)
+        host.tensors[0].view(torch.uint8).fill_(POISON)
+        rng = np.random.default_rng(8)
+        order = rng.permutation(HOST_BLOCKS)
+        groups = [order[i:i + 5] for i in range(0, 20, 5)]  # four offloads of 5 blocks: 3 chunks each
+        sources = [rng.choice(GPU_BLOCKS // 2, 5, replace=False) for _ in groups]
+        expected = block_major(host.tensors[0].clone(), STAGING_ORDER)  # pageable copy, same poison
+        for src_ids, host_ids in zip(sources, groups):
+            copy_blocks(gpu, expected, src_ids, host_ids, backend="torch")
+        handles = [engine.offload(gpu, host, s, h, path="staged") for s, h in zip(sources, groups)]
+        # onboards of the first group's blocks, queued behind the offloads on the other lane
+        dst_ids = GPU_BLOCKS // 2 + np.arange(5)
+        handles[0].wait()
+        onboard = engine.onboard(host, gpu, groups[0], dst_ids, path="staged")
+        for h in handles[1:] + [onboard]:
+            h.wait()
+            assert h.ok
+        assert torch.equal(bytes_of(host)[0], bytes_of(expected)[0])
+        for k in range(5):
+            for layer in range(g.num_layers):
+                for kv in range(g.num_kv):
+                    view = gpu.piece_view(layer, kv, torch.int16)
+                    assert torch.equal(view[int(dst_ids[k])], view[int(sources[0][k])])
+
+
+def test_bad_input_is_refused_before_anything_is_enqueued(engine_factory):
+    from kvbm.kernels.host_memory import PinnedHostBuffer
+
+    g = GEOM
+    engine = engine_factory(g, 2)
+    gpu = allocate("vllm_flash_attn_nhd", g, 8, dtype=torch.bfloat16, device="cuda")
+    pageable = block_major(torch.zeros(4, 3, 2, 4, 2, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="pinned CPU memory"):
+        engine.offload(gpu, pageable, [0], [0])
+    with PinnedHostBuffer(4 * g.block_bytes) as buf:
+        host = host_cache(buf, g, STAGING_ORDER, blocks=4)
+        with pytest.raises(ValueError, match="path must be one of"):
+            engine.offload(gpu, host, [0], [0], path="fast")
+        with pytest.raises(IndexError, match="out of range"):
+            engine.offload(gpu, host, [0], [4])
+        with pytest.raises(ValueError, match="duplicates"):
+            engine.onboard(host, gpu, [0, 1], [3, 3])
+        with pytest.raises(ValueError, match="gather must be"):
+            engine.offload(gpu, host, [0], [0], path="staged", gather="magic").wait()
+    with pytest.raises(ValueError, match="staging_slots"):
+        type(engine)("cuda", staging_slots=1)
