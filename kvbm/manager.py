@@ -19,28 +19,30 @@ events that ``poll`` queries without blocking; on CPU they run synchronously whe
 writes run on the manager's disk I/O threads, never on the caller's: G3 -> G1 reads the slots into a pinned bounce
 chunk in the background, then (at a later ``poll``) copies only the slots read intact into G1, so a failed load never
 writes a byte into G1 and is never counted as moved; G1 -> G3 and the G2 -> G3 cascade write in the background once
-their bytes are in host memory, and the G3 slots become visible when ``poll`` sees the write finished. A copy that fails is reported FAILED for every block of its batch; a copy kernel
-that fails part-way may have written some of those G1 blocks, which the engine recomputes as for any failed load.
+their bytes are in host memory, and the G3 slots become visible when ``poll`` sees the write finished. A copy that
+fails is reported FAILED for every block of its batch; a copy kernel that fails part-way may have written some of
+those G1 blocks, which the engine recomputes as for any failed load.
 
 Block life: ``offload`` allocates PENDING slots (evicting inactive blocks, lowest priority then least recently
-used); the batch's completion commits them (visible to ``lookup``) or discards them on failure. A block being
-read (onboarded or cascaded) is held and cannot be evicted. G2 blocks go down to G3 when the disk admission
-filter admits them: a block's first registration in G2 counts as its first sighting, each later lookup hit in G2
-as a hit (``DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER`` admits every block at once). A G3 slot that fails a read is
-dropped from G3. The engine's side of the contract: G1 blocks passed to ``offload`` are not overwritten, and G1
-blocks passed to ``onboard`` are not used, until their ticket is done.
+used); the batch's completion commits them (visible to ``lookup``) or discards them on failure. A block being read
+(onboarded, or admitted to G3 and not yet written there) is held and cannot be evicted. G2 blocks go down to G3 when
+the disk admission filter admits them: a block's first registration in G2 counts as its first sighting, each later
+lookup hit in G2 as a hit (``DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER`` admits every block at once). A G3 slot that
+fails a read is dropped from G3. The engine's side of the contract: G1 blocks passed to ``offload`` are not
+overwritten, and G1 blocks passed to ``onboard`` are not used, until their ticket is done.
 
-Not thread-safe: one thread (the engine's scheduler or worker) drives a manager.
+Not thread-safe: one thread (the engine's scheduler or worker) drives a manager; its disk threads only read and
+write the disk file and the buffers of the batches they were handed.
 """
 from __future__ import annotations
 
 import enum
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
 import operator
 import time
 from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Sequence
 
