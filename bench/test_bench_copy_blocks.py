@@ -41,4 +41,5 @@ def test_gather(benchmark, backend, layout, blocks):
 
     benchmark(run)
     assert torch.equal(dst.tensors[0].view(torch.int16), ref.tensors[0].view(torch.int16))
-    benchmark.extra_info["gbps"] = blocks * GEOMETRY.block_bytes / benchmark.stats["median"] / 1e9
+    if benchmark.stats is not None:  # None under --benchmark-disable (a plain correctness run)
+        benchmark.extra_info["gbps"] = blocks * GEOMETRY.block_bytes / benchmark.stats["median"] / 1e9
