@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 
 from kvbm.layouts import PagedKVCache
 from kvbm.layouts.conversion import INT_VIEW
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -30,10 +34,10 @@ class CopyPlan:
     dims: tuple[tuple[int, int, int], tuple[int, int, int], tuple[int, int, int]]
     src_block_stride: int
     dst_block_stride: int
-    src_piece_offsets: torch.Tensor
-    dst_piece_offsets: torch.Tensor
-    src_offsets_host: tuple[int, ...]  # the same tables on the host: planning never reads the device
+    src_offsets_host: tuple[int, ...]  # unit offset of each (layer, kv) piece from the base
     dst_offsets_host: tuple[int, ...]
+    src_offsets_aligned: torch.Tensor  # the same offsets in units of `align` units, on the kernel's device
+    dst_offsets_aligned: torch.Tensor
     src_base: torch.Tensor
     dst_base: torch.Tensor
     align: int  # units every piece offset, block stride and outer row stride is a multiple of (for vector hints)
@@ -41,7 +45,7 @@ class CopyPlan:
     @property
     def num_pieces(self) -> int:
         """(layer, kv) pieces per block."""
-        return int(self.src_piece_offsets.numel())
+        return len(self.src_offsets_host)
 
     @property
     def rows(self) -> int:
@@ -52,6 +56,12 @@ class CopyPlan:
     def row_len(self) -> int:
         """Units per row (the innermost dimension)."""
         return self.dims[2][0]
+
+    def memo(self, name: str, compute: Callable[[CopyPlan], T]) -> T:
+        """`compute(self)`, computed once and kept on the plan: for values derived from a plan on hot paths."""
+        if name not in self.__dict__:
+            self.__dict__[name] = compute(self)  # a frozen dataclass still has its own __dict__
+        return self.__dict__[name]
 
 
 def _merge_inner_dims(src: PagedKVCache, dst: PagedKVCache) -> list[tuple[int, int, int]]:
@@ -107,19 +117,20 @@ def _plan(src: PagedKVCache, dst: PagedKVCache) -> CopyPlan:
     d_off = [(a - dst_lo) // unit for a in d_addr]
     sb, db = sb // k, db // k
     align = _gcd_all(s_off + d_off + [sb, db] + [x for _, a, b in dims_u[:2] for x in (a, b)]) or 16
+    align = min(align & -align, 16)
     device = src.device if src.device.type == "cuda" else dst.device
     return CopyPlan(
         unit=unit,
         dims=dims_u,
         src_block_stride=sb,
         dst_block_stride=db,
-        src_piece_offsets=torch.tensor(s_off, dtype=torch.int64, device=device),
-        dst_piece_offsets=torch.tensor(d_off, dtype=torch.int64, device=device),
         src_offsets_host=tuple(s_off),
         dst_offsets_host=tuple(d_off),
+        src_offsets_aligned=torch.tensor([o // align for o in s_off], dtype=torch.int64, device=device),
+        dst_offsets_aligned=torch.tensor([o // align for o in d_off], dtype=torch.int64, device=device),
         src_base=src_base,
         dst_base=dst_base,
-        align=min(align & -align, 16),
+        align=align,
     )
 
 

@@ -50,7 +50,8 @@ def run_plan(plan: CopyPlan, src: PagedKVCache, dst: PagedKVCache, src_ids: np.n
     (d0, s0, t0), (d1, s1, t1), (d2, s2, t2) = plan.dims
     _copy_pieces(
         _flat_memory(src, plan.src_base, plan.unit), _flat_memory(dst, plan.dst_base, plan.unit),
-        plan.src_piece_offsets.numpy(), plan.dst_piece_offsets.numpy(), src_ids, dst_ids,
+        np.asarray(plan.src_offsets_host, dtype=np.int64), np.asarray(plan.dst_offsets_host, dtype=np.int64),
+        src_ids, dst_ids,
         plan.src_block_stride, plan.dst_block_stride, d0, s0, t0, d1, s1, t1, d2, s2, t2,
     )
 

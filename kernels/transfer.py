@@ -72,11 +72,8 @@ class TransferHandle:
 
 def _whole_block_dense(plan: CopyPlan, block_bytes: int) -> bool:
     """Every block is one dense run of bytes in both caches: pieces back to back, in the same order (kept on the
-    plan: "auto" asks on every transfer)."""
-    cached = plan.__dict__.get("_whole_block_dense")
-    if cached is None:
-        cached = plan.__dict__["_whole_block_dense"] = _check_whole_block_dense(plan, block_bytes)
-    return cached
+    plan, whose caches share one block size: "auto" asks on every transfer)."""
+    return plan.memo("whole_block_dense", lambda p: _check_whole_block_dense(p, block_bytes))
 
 
 def _check_whole_block_dense(plan: CopyPlan, block_bytes: int) -> bool:
@@ -302,11 +299,15 @@ class TransferEngine:
         host_base = host.piece_addresses()[0]
         host_stride = host.layout.stride["block"] * g.itemsize
 
-        def repack(a, b, a_ids, b_ids, a_host, b_host):
+        def repack(start: int, n: int, staging: PagedKVCache) -> None:
+            """Gather chunk [start, start + n) of the GPU blocks into staging (D2H), or scatter it back (H2D)."""
+            a, b = (gpu, staging) if d2h else (staging, gpu)
             if gather == "kernel":
-                launch(build_plan(a, b), a_ids, b_ids, max_ctas=max_ctas)
+                chunk = gpu_ids[start:start + n], stage_ids[:n]
+                launch(build_plan(a, b), *(chunk if d2h else chunk[::-1]), max_ctas=max_ctas)
             else:
-                srcs, dsts, sizes = dense_pieces(build_plan(a, b), a, b, a_host, b_host)
+                chunk = gpu_host_ids[start:start + n], np.arange(n, dtype=np.int64)
+                srcs, dsts, sizes = dense_pieces(build_plan(a, b), a, b, *(chunk if d2h else chunk[::-1]))
                 self._dma_pieces(dsts, srcs, sizes, kernel_stream, "d2d")
 
         kernel_stream.wait_event(ready)
@@ -323,10 +324,8 @@ class TransferEngine:
                 sizes = length * bb
                 if lane.slot_free[slot] is not None:  # the previous chunk through this slot is finished with it
                     (kernel_stream if d2h else dma_stream).wait_event(lane.slot_free[slot])
-                chunk_gpu = gpu_ids[start:start + n] if gpu_ids is not None else None
-                chunk_host = gpu_host_ids[start:start + n], np.arange(n, dtype=np.int64)
                 if d2h:
-                    repack(gpu, staging, chunk_gpu, stage_ids[:n], *chunk_host)
+                    repack(start, n, staging)
                     gathered = torch.cuda.Event()
                     gathered.record(kernel_stream)
                     dma_stream.wait_event(gathered)
@@ -338,7 +337,7 @@ class TransferEngine:
                     landed = torch.cuda.Event()
                     landed.record(dma_stream)
                     kernel_stream.wait_event(landed)
-                    repack(staging, gpu, stage_ids[:n], chunk_gpu, *chunk_host[::-1])
+                    repack(start, n, staging)
                     done = torch.cuda.Event()
                     done.record(kernel_stream)
                 lane.slot_free[slot] = done

@@ -80,12 +80,8 @@ def tile_shape(plan: CopyPlan) -> tuple[int, int]:
     return block_r, block_c
 
 
-def _constants(plan: CopyPlan) -> tuple[int, torch.Tensor, torch.Tensor, dict]:
-    """(tiles per block pair, piece offset tables in units of ALIGN, compile-time arguments) of a plan, computed
-    once and kept on the plan."""
-    cached = plan.__dict__.get("_launch_constants")
-    if cached is not None:
-        return cached
+def _constants(plan: CopyPlan) -> tuple[int, dict]:
+    """(tiles per block pair, compile-time arguments) of a plan."""
     (d0, s0, t0), (d1, s1, t1), (d2, s2, t2) = plan.dims
     block_r, block_c = tile_shape(plan)
     rows = d0 * d1
@@ -95,12 +91,7 @@ def _constants(plan: CopyPlan) -> tuple[int, torch.Tensor, torch.Tensor, dict]:
                   dst_block_stride=plan.dst_block_stride, d1=d1, d2=d2, s0=s0, s1=s1, t0=t0, t1=t1, s2=s2, t2=t2,
                   rows=rows, col_tiles=col_tiles, tiles_per_piece=tiles_per_piece, ALIGN=plan.align,
                   BLOCK_R=block_r, BLOCK_C=block_c)
-    device = plan.src_piece_offsets.device
-    # built from the host copies (a blocking upload), so any stream may use them at once
-    src_offsets, dst_offsets = (torch.tensor([o // plan.align for o in offsets], dtype=torch.int64, device=device)
-                                for offsets in (plan.src_offsets_host, plan.dst_offsets_host))
-    plan.__dict__["_launch_constants"] = plan.num_pieces * tiles_per_piece, src_offsets, dst_offsets, consts
-    return plan.__dict__["_launch_constants"]
+    return plan.num_pieces * tiles_per_piece, consts
 
 
 def launch(
@@ -122,14 +113,14 @@ def launch(
     n = int(src_ids.numel())
     if n == 0:
         return
-    tiles_per_pair, src_offsets, dst_offsets, consts = _constants(plan)
+    tiles_per_pair, consts = plan.memo("triton_launch_constants", _constants)
     total = n * tiles_per_pair
     grid = (total if max_ctas is None else max(1, min(total, max_ctas)),)
-    on_gpu = plan.src_piece_offsets.device.type == "cuda"
+    on_gpu = plan.src_offsets_aligned.device.type == "cuda"
     copy_blocks_kernel[grid](
         _kernel_pointer(plan.src_base, on_gpu) if src_base is None else src_base,
         _kernel_pointer(plan.dst_base, on_gpu) if dst_base is None else dst_base,
-        src_offsets, dst_offsets, src_ids, dst_ids, total, num_warps=num_warps, **consts,
+        plan.src_offsets_aligned, plan.dst_offsets_aligned, src_ids, dst_ids, total, num_warps=num_warps, **consts,
     )
 
 
@@ -138,5 +129,5 @@ def triton_copy(
 ) -> None:
     """Conversion backend: one Triton launch for the whole transfer (ids already validated on the host)."""
     plan = build_plan(src, dst)
-    device = plan.src_piece_offsets.device
+    device = plan.src_offsets_aligned.device
     launch(plan, src_ids.to(device, non_blocking=True), dst_ids.to(device, non_blocking=True), max_ctas=max_ctas)

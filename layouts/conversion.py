@@ -57,13 +57,9 @@ def available_backends() -> list[str]:
     return [b.name for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority)]
 
 
-def as_block_ids(ids: BlockIds, what: str) -> torch.Tensor:
-    """Turn a list, numpy array or tensor of integer block ids into a 1-D int64 CPU tensor (TypeError otherwise)."""
-    return torch.from_numpy(block_id_array(ids, what))
-
-
 def block_id_array(ids: BlockIds, what: str) -> np.ndarray:
-    """Like `as_block_ids`, as a 1-D int64 numpy array the caller owns (a copy of the input)."""
+    """Turn a list, numpy array or tensor of integer block ids into a 1-D int64 numpy array the caller owns (a copy
+    of the input); TypeError for non-integers, ValueError for another shape."""
     if isinstance(ids, torch.Tensor):
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise TypeError(f"{what} must be integers, got a tensor of dtype {ids.dtype}")

@@ -97,3 +97,13 @@ def test_engine_needs_a_gpu():
 
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         TransferEngine()
+
+
+def test_plan_memo_computes_once_per_plan():
+    src = allocate("vllm_flash_attn_nhd", G, 4, dtype=torch.float16)
+    dst = allocate("kvbm_staging", G, 4, dtype=torch.float16)
+    plan, calls = build_plan(src, dst), []
+    assert plan.memo("probe", lambda p: calls.append(p) or len(calls)) == 1
+    assert plan.memo("probe", lambda p: calls.append(p) or len(calls)) == 1
+    assert calls == [plan] and build_plan(src, dst) is plan  # kept with the cached plan
+    assert plan.memo("other", lambda p: p.num_pieces) == G.num_layers * G.num_kv
