@@ -165,10 +165,14 @@ class KvbmConfig:
         disk = _tier_blocks("disk_cache", self.disk_cache_override_num_blocks, self.disk_cache_gb, disk_bpb)
         return host, disk
 
+    def bounce_chunks(self) -> int:
+        """Chunks of the pinned bounce buffer that disk I/O goes through, one batch each: one per transfer in
+        flight, plus one for the G2 -> G3 cascade."""
+        return self.max_concurrent_transfers + 1
+
     def bounce_blocks(self) -> int:
-        """Blocks of the pinned bounce buffer that disk I/O goes through: one batch per transfer in flight, plus one
-        for the G2 -> G3 cascade."""
-        return (self.max_concurrent_transfers + 1) * self.max_transfer_batch_size
+        """Blocks of the pinned bounce buffer (``bounce_chunks`` x ``max_transfer_batch_size``)."""
+        return self.bounce_chunks() * self.max_transfer_batch_size
 
     def check_fits(self, bytes_per_block: int, *, disk_bytes_per_block: int | None = None) -> None:
         """Raise KvbmConfigError if the host pool (with the disk tier's pinned bounce buffer) exceeds available

@@ -239,8 +239,7 @@ class BlockManager:
                 self.disk = DiskTier(str(config.disk_cache_dir), disk_blocks, self.block_bytes,
                                      use_o_direct=not config.disk_disable_o_direct,
                                      zerofill_fallback=config.disk_zerofill_fallback)
-                # One chunk per batch in flight, plus one for the G2 -> G3 cascade (config.bounce_blocks()).
-                self.bounce = BounceBuffer(self.geometry, gpu_cache.dtype, self.max_in_flight + 1, self.batch_size)
+                self.bounce = BounceBuffer(self.geometry, gpu_cache.dtype, config.bounce_chunks(), self.batch_size)
                 self._cascade_chunk = self.bounce.acquire()
                 self._disk_io = ThreadPoolExecutor(DISK_IO_THREADS, thread_name_prefix="kvbm-disk")
             if self._serving:

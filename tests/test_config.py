@@ -175,7 +175,7 @@ def test_check_fits_counts_the_disk_bounce_buffer(tmp_path: Path, monkeypatch: p
 
     cfg = KvbmConfig(cpu_cache_override_num_blocks=10, disk_cache_override_num_blocks=4, disk_cache_dir=tmp_path,
                      max_transfer_batch_size=8, max_concurrent_transfers=3)
-    assert cfg.bounce_blocks() == 32
+    assert cfg.bounce_chunks() == 4 and cfg.bounce_blocks() == 32
     monkeypatch.setattr(config_module, "available_host_memory", lambda: (10 + 32) * 4096)
     cfg.check_fits(4096)  # G2 and the bounce buffer fit exactly
     monkeypatch.setattr(config_module, "available_host_memory", lambda: (10 + 32) * 4096 - 1)
