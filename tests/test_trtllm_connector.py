@@ -164,6 +164,13 @@ class Executor:
             self._free(rid)
         return done_saving, done_loading
 
+    def serve(self, req: Request) -> None:
+        """Admit a request, run its prefill step, finish it and run the step that starts its saves."""
+        self.add(req)
+        self.step()
+        self.finish(req)
+        self.step()
+
     def step_until(self, condition, max_steps: int = 500) -> None:
         """Step until ``condition()`` holds: loads from G3 finish when the disk threads have read the blocks."""
         for _ in range(max_steps):
@@ -318,10 +325,7 @@ def test_onboard_from_disk(make_executor, tmp_path, tiers):
     ex = make_executor(kvbm_config=config(tmp_path, host=host, disk=16, disable_disk_offload_filter=True))
     rng = np.random.default_rng(12)
     a = Request(1, prompt(rng, 18))
-    ex.add(a)
-    ex.step()
-    ex.finish(a)
-    ex.step()
+    ex.serve(a)
     mgr = ex.worker.manager
     mgr.wait()  # the G2 -> G3 writes run on the manager's disk threads: let them land before the lookup
     b = Request(2, a.prompt[:16] + prompt(rng, 1))
@@ -341,10 +345,7 @@ def test_engine_prefix_match_and_partial_block(make_executor):
     ex = make_executor()
     rng = np.random.default_rng(3)
     a = Request(1, prompt(rng, 17))
-    ex.add(a)
-    ex.step()
-    ex.finish(a)
-    ex.step()
+    ex.serve(a)
     b = Request(2, a.prompt[:16] + prompt(rng, 3))
     assert ex.leader.get_num_new_matched_tokens(b, 6) == (0, False)
     matched, is_async = ex.add(b, num_computed_tokens=8)  # the engine holds 2 blocks; kvbm has 2 more
@@ -430,10 +431,7 @@ def test_worker_reports_only_ids_handed_over(make_executor):
     ex = make_executor()
     rng = np.random.default_rng(5)
     a = Request(1, prompt(rng, 9))
-    ex.add(a)
-    ex.step()
-    ex.finish(a)
-    ex.step()
+    ex.serve(a)
     b = Request(2, a.prompt[:8] + prompt(rng, 2))
     ex.add(b)
     ex.new_loading.clear()  # the executor has not handed the id over yet
@@ -471,10 +469,7 @@ def test_salt_and_multimodal(make_executor):
     ex = make_executor()
     rng = np.random.default_rng(7)
     a = Request(1, prompt(rng, 9), cache_salt_id=11)
-    ex.add(a)
-    ex.step()
-    ex.finish(a)
-    ex.step()
+    ex.serve(a)
     assert ex.leader.get_num_new_matched_tokens(Request(2, a.prompt, cache_salt_id=12), 0) == (0, False)
     assert ex.leader.get_num_new_matched_tokens(Request(3, a.prompt, cache_salt_id=11), 0) == (8, True)
     mm = Request(4, a.prompt, cache_salt_id=11, multimodal_hashes=[[1, 2]])
