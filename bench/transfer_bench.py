@@ -36,12 +36,16 @@ LAYOUTS = [  # (preset, geometry name)
 ]
 GEOMETRIES = {"llama8b": LLAMA8B, "deepseek": DEEPSEEK}
 BATCHES = [1, 16, 256, 1024]
-#: Throughput is timed over bursts of back-to-back transfers of at least this many blocks in all (one transfer for
-#: 64 blocks and more), from an idle GPU to the last byte, host enqueue included.
-BURST_BLOCKS = 64
+#: Bytes of the ceiling copies (one pinned memcpy each way, device-to-device, two at once). Throughput is timed over
+#: bursts of back-to-back transfers moving as many bytes (one transfer when it is that large), from an idle GPU to
+#: the last byte, host enqueue included: the same bytes and the same clock as the ceiling it is compared with.
+CEILING_BYTES = 512 << 20
 #: Host pool inner order per preset: the G1 order, so host blocks need no permutation (what peers store too).
 HEAD_FIRST = ("layer", "kv", "head", "token", "channel")
 HOST_ORDER = {"vllm_flash_attn_hnd": HEAD_FIRST, "trtllm_pool": HEAD_FIRST}
+#: A method whose measurement would take longer than this (a Python loop over hundreds of thousands of small pieces)
+#: is timed over one shorter burst.
+SLOW_SECONDS = 4.0
 #: Offloads kept queued beside the GEMM in the interference measurement.
 IN_FLIGHT = 2
 
@@ -151,8 +155,11 @@ def measure(env: Env, name: str, fn, direction: str, s_ids, d_ids, reps: int, ce
     if direction == "h2d":
         fill(env.host, len(s_ids) + reps)  # fresh random source bytes for each method
     n = len(s_ids)
-    burst = max(1, BURST_BLOCKS // n)  # back-to-back transfers per timing: steady-state throughput
-    t = timed(lambda: [fn() for _ in range(burst)], reps)
+    burst = max(1, CEILING_BYTES // (n * env.g.block_bytes))  # back-to-back transfers per timing
+    one = timed(fn, 1, warmup=1)[0]  # warm (kernels compiled), and a first look at the cost
+    if one * burst * reps > SLOW_SECONDS:  # Python-driven per-piece methods on fine layouts: one timed burst
+        reps, burst = 1, max(1, min(burst, int(SLOW_SECONDS / max(one, 1e-9))))
+    t = timed(lambda: [fn() for _ in range(burst)], reps, warmup=0)
     ok = check(env, direction, s_ids, d_ids)
     sec = statistics.median(t) / burst
     gbps = n * env.g.block_bytes / sec / 1e9
@@ -182,8 +189,8 @@ def run_gpu(args, save=lambda partial: None) -> dict:
 
     rows, extra = [], {}
     engine = TransferEngine("cuda", staging_bytes=args.staging_mib << 20)
-    big_h = torch.empty(512 << 20, dtype=torch.uint8).pin_memory()
-    big_d = torch.randint(0, 255, (512 << 20,), dtype=torch.uint8, device="cuda")
+    big_h = torch.empty(CEILING_BYTES, dtype=torch.uint8).pin_memory()
+    big_d = torch.randint(0, 255, (CEILING_BYTES,), dtype=torch.uint8, device="cuda")
     big_d2 = torch.empty_like(big_d)
     d2h = statistics.median(timed(lambda: big_h.copy_(big_d, non_blocking=True), 10))
     h2d = statistics.median(timed(lambda: big_d.copy_(big_h, non_blocking=True), 10))
@@ -198,20 +205,21 @@ def run_gpu(args, save=lambda partial: None) -> dict:
             big_d2.copy_(big_h2, non_blocking=True)
 
     bidir = statistics.median(timed(both, 10))
-    ceil = {"d2h": (512 << 20) / d2h / 1e9, "h2d": (512 << 20) / h2d / 1e9, "d2d": 2 * (512 << 20) / d2d / 1e9,
-            "bidirectional": 2 * (512 << 20) / bidir / 1e9}
+    ceil = {"d2h": CEILING_BYTES / d2h / 1e9, "h2d": CEILING_BYTES / h2d / 1e9, "d2d": 2 * CEILING_BYTES / d2d / 1e9,
+            "bidirectional": 2 * CEILING_BYTES / bidir / 1e9}
     extra["ceilings_gbps"] = ceil
     log(f"ceilings GB/s: {json.dumps({k: round(v, 1) for k, v in ceil.items()})}")
     rng = np.random.default_rng(0)
     for preset, gname in [(p, gn) for p, gn in LAYOUTS if p in args.layouts.split(",")]:
         g = GEOMETRIES[gname]
-        max_n = max(BATCHES) if not args.quick else 256
+        batches = [int(b) for b in args.batches.split(",")]
+        max_n = max(batches) if not args.quick else 256
         env = Env(preset, gname, host_blocks=max_n, gpu_blocks=max(2 * max_n, 2048 if gname == "llama8b" else 1100))
         log(f"layout {preset} ({gname}, {g.block_bytes / 2**20:.2f} MiB/block)")
-        for n in [b for b in BATCHES if b <= max_n and "transfers" in args.sections]:
+        for n in [b for b in batches if b <= max_n and "transfers" in args.sections]:
             gpu_ids = rng.choice(env.gpu.num_blocks, n, replace=False).tolist()
             host_ids = rng.choice(env.host.num_blocks, n, replace=False).tolist()
-            reps = 20 if n <= 16 else 3
+            reps = {1: 5, 16: 10}.get(n, 3)  # a burst of small transfers already spans the ceiling's bytes
             for direction in ("d2h", "h2d"):
                 s_ids, d_ids = (gpu_ids, host_ids) if direction == "d2h" else (host_ids, gpu_ids)
                 move = engine.offload if direction == "d2h" else engine.onboard
@@ -222,8 +230,7 @@ def run_gpu(args, save=lambda partial: None) -> dict:
                     fn = lambda path=path, options=options: move(src, dst, s_ids, d_ids, path=path, **options)  # noqa
                     rows.append(measure(env, name, fn, direction, s_ids, d_ids, reps, ceil[direction]))
                 for name, (fn, written) in peer_methods(env, engine, direction, s_ids, d_ids).items():
-                    few = name == "peer_memcpy_loop" and n >= 256  # Python-driven: tens of thousands of calls
-                    rows.append(measure(env, name, fn, direction, s_ids, written, 2 if few else reps, ceil[direction]))
+                    rows.append(measure(env, name, fn, direction, s_ids, written, reps, ceil[direction]))
             # the gather kernel alone: GPU cache -> device staging, bytes read + written, timed with CUDA events
             rows.append(kernel_alone(env, gpu_ids, ceil))
         if preset == "vllm_flash_attn_nhd":
@@ -307,27 +314,39 @@ def one_block_latency(env: Env, engine) -> dict:
 
 
 def bidirectional(env: Env, engine, ceil, args) -> dict:
-    """Offload and onboard at once (separate lanes), total GB/s against two plain copies at once."""
-    n = 256
+    """Offload and onboard at once (separate lanes), each moving the ceiling's bytes: total GB/s against two plain
+    copies at once."""
+    n = CEILING_BYTES // env.g.block_bytes  # blocks each way
     rng = np.random.default_rng(1)
     a = rng.choice(env.gpu.num_blocks // 2, n, replace=False).tolist()
     b = (env.gpu.num_blocks // 2 + rng.choice(env.gpu.num_blocks // 2, n, replace=False)).tolist()
-    h1 = list(range(n // 2))
-    h2 = list(range(n // 2, n))
+    h = rng.permutation(env.host.num_blocks)[: 2 * n].tolist()
+    h1, h2 = h[:n], h[n:]
 
     def both():
-        x = engine.offload(env.gpu, env.host, a[: n // 2], h1, path="staged")
-        y = engine.onboard(env.host, env.gpu, h2, b[: n // 2], path="staged")
+        x = engine.offload(env.gpu, env.host, a, h1, path="staged")
+        y = engine.onboard(env.host, env.gpu, h2, b, path="staged")
         x.wait()
         y.wait()
     sec = statistics.median(timed(both, 10))
-    gbps = n * env.g.block_bytes / sec / 1e9
-    res = {"blocks_each_way": n // 2, "gbps_total": gbps, "pct_of_bidirectional_ceiling": 100 * gbps / ceil["bidirectional"]}
+    gbps = 2 * n * env.g.block_bytes / sec / 1e9
+    res = {"blocks_each_way": n, "gbps_total": gbps, "pct_of_bidirectional_ceiling": 100 * gbps / ceil["bidirectional"]}
     log(f"bidirectional: {gbps:.1f} GB/s total, {res['pct_of_bidirectional_ceiling']:.1f}% of two plain copies")
     return res
 
 
-def interference(env: Env, engine, args) -> dict:
+def interference_variants(engine, args) -> dict:
+    """name -> (engine, path, options) of the offloads measured beside the GEMM."""
+    from kvbm.kernels.transfer import TransferEngine
+
+    normal = TransferEngine("cuda", staging_bytes=args.staging_mib << 20, kernel_priority=0)
+    four_slots = TransferEngine("cuda", staging_bytes=args.staging_mib << 20, staging_slots=4)
+    return {"staged": (engine, "staged", {}), "staged_normal_priority": (normal, "staged", {}),
+            "staged_4_slots": (four_slots, "staged", {}), "staged_cap_32_ctas": (engine, "staged", {"max_ctas": 32}),
+            "zero_copy": (engine, "zero_copy", {})}
+
+
+def interference(env: Env, engine, args, variants: dict | None = None, seconds: float = 1.0) -> dict:
     """GEMM throughput alone and beside a stream of 256-block offloads for each path, interleaved and repeated."""
     n_mat = 8192
     x = torch.randn(n_mat, n_mat, dtype=torch.bfloat16, device="cuda")
@@ -338,14 +357,12 @@ def interference(env: Env, engine, args) -> dict:
     plain_src = torch.empty(n * env.g.block_bytes, dtype=torch.uint8, device="cuda")
     plain_dst = env.buffer.tensor(torch.uint8)[: n * env.g.block_bytes]
     dma_stream = torch.cuda.Stream()
-    from kvbm.kernels.transfer import TransferEngine
-
-    normal = TransferEngine("cuda", staging_bytes=args.staging_mib << 20, kernel_priority=0)
-    four_slots = TransferEngine("cuda", staging_bytes=args.staging_mib << 20, staging_slots=4)
-    variants = {"staged": (engine, "staged", {}), "staged_normal_priority": (normal, "staged", {}),
-                "staged_4_slots": (four_slots, "staged", {}),
-                "staged_cap_32_ctas": (engine, "staged", {"max_ctas": 32}),
-                "zero_copy": (engine, "zero_copy", {})}
+    # The offloaded blocks were written before the loop: an offload waits for the caller's current stream (the
+    # stream that wrote its blocks), so it is issued from an idle one. From the GEMM's stream it would wait for
+    # every GEMM the host has queued ahead (two batches here), as an engine's offload waits only for the forward
+    # pass that wrote its blocks, not for work queued after it.
+    producer = torch.cuda.Stream()
+    variants = interference_variants(engine, args) if variants is None else variants
 
     def background(kind):
         if kind == "alone":
@@ -357,9 +374,10 @@ def interference(env: Env, engine, args) -> dict:
             ev.record(dma_stream)
             return ev
         eng, path, options = variants[kind]
-        return eng.offload(env.gpu, env.host, ids, ids, path=path, **options).event
+        with torch.cuda.stream(producer):
+            return eng.offload(env.gpu, env.host, ids, ids, path=path, **options).event
 
-    def gemm_rate(kind, seconds=1.0):
+    def gemm_rate(kind):
         """GEMM TFLOP/s over the time its batches ran (CUDA events per batch of 4), with the GPU kept fed: the
         host waits only for the batch two back, and keeps IN_FLIGHT transfers queued so the copy engine never
         waits for the host to notice a finished one."""
@@ -483,6 +501,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sections", default="transfers,enqueue,latency,bidirectional,interference",
                     help="comma-separated: transfers, enqueue, latency, bidirectional, interference")
     ap.add_argument("--layouts", default=",".join(p for p, _ in LAYOUTS), help="comma-separated presets to run")
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated blocks per transfer")
     ap.add_argument("--stem", default=None, help="file name stem of the results (default from the device)")
     args = ap.parse_args(argv)
     out = Path(args.out)
