@@ -15,6 +15,7 @@ from kvbm.layouts import PagedKVCache
 
 from .copy_plan import CopyPlan, build_plan
 
+
 class DevicePointer:
     """A raw device-visible address typed for a Triton pointer argument: pinned host memory under UVA, whose host
     address is also its device address."""
@@ -101,14 +102,11 @@ def launch(
     *,
     max_ctas: int | None = None,
     num_warps: int = 4,
-    src_base=None,
-    dst_base=None,
 ) -> None:
     """Launch the copy for validated int64 id tensors already on the kernel's device, on the current stream.
 
-    `max_ctas` caps the grid (programs then loop over tiles); None launches one program per tile.
-    `src_base` / `dst_base` replace the plan's base pointers (a mapped pointer of pinned host memory, say); a
-    cache in pinned CPU memory is otherwise read or written over UVA (zero-copy).
+    `max_ctas` caps the grid (programs then loop over tiles); None launches one program per tile. A cache in
+    pinned CPU memory is read or written over UVA (zero-copy).
     """
     n = int(src_ids.numel())
     if n == 0:
@@ -118,8 +116,7 @@ def launch(
     grid = (total if max_ctas is None else max(1, min(total, max_ctas)),)
     on_gpu = plan.src_offsets_aligned.device.type == "cuda"
     copy_blocks_kernel[grid](
-        _kernel_pointer(plan.src_base, on_gpu) if src_base is None else src_base,
-        _kernel_pointer(plan.dst_base, on_gpu) if dst_base is None else dst_base,
+        _kernel_pointer(plan.src_base, on_gpu), _kernel_pointer(plan.dst_base, on_gpu),
         plan.src_offsets_aligned, plan.dst_offsets_aligned, src_ids, dst_ids, total, num_warps=num_warps, **consts,
     )
 
