@@ -212,11 +212,10 @@ def run_gpu(args, save=lambda partial: None) -> dict:
     rng = np.random.default_rng(0)
     for preset, gname in [(p, gn) for p, gn in LAYOUTS if p in args.layouts.split(",")]:
         g = GEOMETRIES[gname]
-        batches = [int(b) for b in args.batches.split(",")]
-        max_n = max(batches) if not args.quick else 256
+        max_n = max(args.batches) if not args.quick else 256
         env = Env(preset, gname, host_blocks=max_n, gpu_blocks=max(2 * max_n, 2048 if gname == "llama8b" else 1100))
         log(f"layout {preset} ({gname}, {g.block_bytes / 2**20:.2f} MiB/block)")
-        for n in [b for b in batches if b <= max_n and "transfers" in args.sections]:
+        for n in [b for b in args.batches if b <= max_n and "transfers" in args.sections]:
             gpu_ids = rng.choice(env.gpu.num_blocks, n, replace=False).tolist()
             host_ids = rng.choice(env.host.num_blocks, n, replace=False).tolist()
             reps = {1: 5, 16: 10}.get(n, 3)  # a burst of small transfers already spans the ceiling's bytes
@@ -346,7 +345,7 @@ def interference_variants(engine, args) -> dict:
             "zero_copy": (engine, "zero_copy", {})}
 
 
-def interference(env: Env, engine, args, variants: dict | None = None, seconds: float = 1.0) -> dict:
+def interference(env: Env, engine, args) -> dict:
     """GEMM throughput alone and beside a stream of 256-block offloads for each path, interleaved and repeated."""
     n_mat = 8192
     x = torch.randn(n_mat, n_mat, dtype=torch.bfloat16, device="cuda")
@@ -362,7 +361,7 @@ def interference(env: Env, engine, args, variants: dict | None = None, seconds: 
     # every GEMM the host has queued ahead (two batches here), as an engine's offload waits only for the forward
     # pass that wrote its blocks, not for work queued after it.
     producer = torch.cuda.Stream()
-    variants = interference_variants(engine, args) if variants is None else variants
+    variants = interference_variants(engine, args)
 
     def background(kind):
         if kind == "alone":
@@ -377,7 +376,7 @@ def interference(env: Env, engine, args, variants: dict | None = None, seconds: 
         with torch.cuda.stream(producer):
             return eng.offload(env.gpu, env.host, ids, ids, path=path, **options).event
 
-    def gemm_rate(kind):
+    def gemm_rate(kind, seconds=1.0):
         """GEMM TFLOP/s over the time its batches ran (CUDA events per batch of 4), with the GPU kept fed: the
         host waits only for the batch two back, and keeps IN_FLIGHT transfers queued so the copy engine never
         waits for the host to notice a finished one."""
@@ -492,6 +491,17 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def block_counts(text: str) -> list[int]:
+    """`--batches`: comma-separated positive block counts."""
+    try:
+        counts = [int(b) for b in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return counts
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench/results", help="folder for JSON, table and plot")
@@ -501,7 +511,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sections", default="transfers,enqueue,latency,bidirectional,interference",
                     help="comma-separated: transfers, enqueue, latency, bidirectional, interference")
     ap.add_argument("--layouts", default=",".join(p for p, _ in LAYOUTS), help="comma-separated presets to run")
-    ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated blocks per transfer")
+    ap.add_argument("--batches", type=block_counts, default=BATCHES, help="comma-separated blocks per transfer")
     ap.add_argument("--stem", default=None, help="file name stem of the results (default from the device)")
     args = ap.parse_args(argv)
     out = Path(args.out)

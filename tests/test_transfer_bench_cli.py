@@ -1,0 +1,31 @@
+"""The transfer benchmark's command line: `--batches` parsing and its error for bad input (no benchmark is run)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "transfer_bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    # loaded from its file: the repo root is not on the test path (see tests/run.sh)
+    spec = importlib.util.spec_from_file_location("transfer_bench_under_test", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_block_counts_parse(bench):
+    assert bench.block_counts("1,16,256") == [1, 16, 256]
+    assert bench.block_counts("1024") == [1024]
+
+
+@pytest.mark.parametrize("text", ["", "0", "16,-1", "a,16", "16,", "1.5"])
+def test_bad_block_counts_are_refused(bench, text, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--batches", text])
+    assert exit_info.value.code == 2
+    assert "positive integers" in capsys.readouterr().err
