@@ -30,11 +30,13 @@ from kvbm.layouts.conversion import check_transfer
 from .batch_memcpy import memcpy_batch_unchecked
 from .copy_plan import CopyPlan, build_plan
 from .cuda_runtime import check, cuda_rt
+from .device_pointer import DevicePointer
 
 Path = Literal["auto", "staged", "zero_copy", "dma"]
 PATHS: tuple[str, ...] = ("auto", "staged", "zero_copy", "dma")
 #: Smallest dense run "auto" hands to batched DMA (batched DMA of small pieces falls far below the ceiling).
 DMA_MIN_PIECE_BYTES = 1 << 20
+_HOST_TO_DEVICE = cuda_rt.cudaMemcpyKind.cudaMemcpyHostToDevice if cuda_rt is not None else None
 #: Default device staging size, split into two halves for the pipeline.
 DEFAULT_STAGING_BYTES = 256 << 20
 
@@ -106,59 +108,71 @@ class _PinnedIdRing:
         self.host_array = self.host.numpy()
         self.host_address, self.dev_address = self.host.data_ptr(), self.dev.data_ptr()
         self.slot_bytes = 8 * slot_ids
-        self.events: list[torch.cuda.Event | None] = [None] * slots
+        self.events = [torch.cuda.Event() for _ in range(slots)]  # re-recorded by each upload through the slot
+        self.used = [False] * slots
         self.next = 0
+        self.large: torch.Tensor | None = None  # the last over-long id list, kept until the next one replaces it
 
-    def upload(self, ids: np.ndarray, stream: torch.cuda.Stream) -> torch.Tensor:
-        """Copy int64 ids to the device on `stream` (one raw async memcpy); returns the device tensor."""
+    def upload(self, ids: np.ndarray, stream: torch.cuda.Stream) -> DevicePointer:
+        """Copy int64 ids to the device on `stream` (one raw async memcpy); returns their device address."""
         n = ids.size
         if n > self.host.shape[1]:
-            with torch.cuda.stream(stream):
-                return torch.from_numpy(ids).pin_memory().to(self.dev.device, non_blocking=True)
+            with torch.cuda.stream(stream):  # freed only after later work on this stream: stream order keeps it safe
+                self.large = torch.from_numpy(ids).pin_memory().to(self.dev.device, non_blocking=True)
+            return DevicePointer(self.large.data_ptr(), torch.int64)
         k, self.next = self.next, (self.next + 1) % self.host.shape[0]
-        if self.events[k] is not None:
+        if self.used[k]:
             self.events[k].synchronize()  # issued `slots` uploads ago: finished in practice
         self.host_array[k, :n] = ids
         check(cuda_rt.cudaMemcpyAsync(self.dev_address + k * self.slot_bytes, self.host_address + k * self.slot_bytes,
-                                      8 * n, cuda_rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream.cuda_stream),
-              "cudaMemcpyAsync(block ids)")
-        event = self.events[k] = torch.cuda.Event()
-        event.record(stream)
-        return self.dev[k, :n]
+                                      8 * n, _HOST_TO_DEVICE, stream.cuda_stream), "cudaMemcpyAsync(block ids)")
+        self.events[k].record(stream)
+        self.used[k] = True
+        return DevicePointer(self.dev_address + k * self.slot_bytes, torch.int64)
 
 
 class _Lane:
     """One direction's streams and device staging split into `slots` equal slots, so offload and onboard run at once
     and a chunk's gather or scatter overlaps the other slots' DMAs.
 
-    `kernel_priority` is the CUDA stream priority of the gather/scatter kernels (-1 high, 0 normal).
+    `kernel_priority` is the CUDA stream priority of the gather/scatter kernels (-1 high, 0 normal). The lane's
+    events are recorded anew by every transfer: a stream wait takes an event's latest record when it is enqueued, so
+    one event per role (and per slot) serves all transfers, without creating events on the hot path.
     """
 
     def __init__(self, device: torch.device, staging_bytes: int, kernel_priority: int = -1, slots: int = 2):
         self.kernel_stream = torch.cuda.Stream(device, priority=kernel_priority)
-        # A chunk's DMA pieces alternate between two streams: with one, the copy engine idles between pieces (measured
+        # A chunk's DMA pieces are split between two streams: with one, the copy engine idles between pieces (measured
         # on the H200: 256 random 2 MiB D2H pieces 97% of one large copy on one stream, 99% on two).
         self.dma_streams = (torch.cuda.Stream(device, priority=-1), torch.cuda.Stream(device, priority=-1))
         self.dma_stream = self.dma_streams[0]
         self.ids = _PinnedIdRing(device)
         self.slot_bytes = staging_bytes // slots
         self.staging = torch.empty(self.slot_bytes * slots, dtype=torch.uint8, device=device)
-        self.slot_free: list[torch.cuda.Event | None] = [None] * slots  # after which each slot may be overwritten
+        self.staging_address = self.staging.data_ptr()
+        # slot_done[k]: the last chunk through slot k is finished with it (recorded once the slot is first used)
+        self.slot_done = [torch.cuda.Event() for _ in range(slots)]
+        self.slot_used = [False] * slots
         self.next_slot = 0  # slots rotate across chunks and transfers, so back-to-back transfers overlap
+        self.ready, self.gathered, self.half, self.landed = (torch.cuda.Event() for _ in range(4))
         self._caches: dict = {}
         self._stage_ids = torch.empty(0, dtype=torch.int64, device=device)
 
-    def stage_ids(self, n: int) -> torch.Tensor:
-        """Device tensor 0..n-1 (staging block ids), made on the kernel stream and kept."""
+    def stage_ids(self, n: int) -> DevicePointer:
+        """Device address of the int64 ids 0..n-1 (staging block ids), made on the kernel stream and kept."""
         if self._stage_ids.numel() < n:
             with torch.cuda.stream(self.kernel_stream):
                 self._stage_ids = torch.arange(n, dtype=torch.int64, device=self.staging.device)
-        return self._stage_ids[:n]
+        return DevicePointer(self._stage_ids.data_ptr(), torch.int64)
 
     def take_slot(self) -> int:
         """The next staging slot in rotation."""
-        slot, self.next_slot = self.next_slot, (self.next_slot + 1) % len(self.slot_free)
+        slot, self.next_slot = self.next_slot, (self.next_slot + 1) % len(self.slot_done)
         return slot
+
+    def slot_free(self, slot: int) -> torch.cuda.Event | None:
+        """The event after which `slot` may be overwritten (None before its first use)."""
+        return self.slot_done[slot] if self.slot_used[slot] else None
 
     def staging_cache(self, host: PagedKVCache, slot: int) -> PagedKVCache:
         """A block-major device cache filling one staging slot, in the host cache's inner order (kept, so the copy
@@ -178,6 +192,23 @@ class _Lane:
         start = slot * self.slot_bytes
         buf = self.staging[start: start + num_blocks * g.block_bytes].view(host.dtype)
         return block_major(buf.view(num_blocks, *[sizes[n] for n in order]), order)
+
+
+class _HostRuns:
+    """The DMA pieces of a staged transfer: one per run of consecutive host blocks, no run crossing a chunk, as
+    uint64 arrays computed once per transfer (host addresses, byte offsets inside the staging slot, sizes)."""
+
+    def __init__(self, host_ids: np.ndarray, per_chunk: int, host_base: int, host_stride: int, block_bytes: int):
+        pos, first, length = run_arrays(host_ids, per_chunk)
+        self.host = (host_base + first * host_stride).astype(np.uint64)
+        self.offset = ((pos % per_chunk) * block_bytes).astype(np.uint64)
+        self.size = (length * block_bytes).astype(np.uint64)
+        self.bounds = np.searchsorted(pos, np.arange(0, host_ids.size + per_chunk, per_chunk)).tolist()
+
+    def chunk(self, index: int, slot_address: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(host addresses, staging addresses, sizes) of chunk `index` staged in the slot at `slot_address`."""
+        a, b = self.bounds[index], self.bounds[index + 1]
+        return self.host[a:b], self.offset[a:b] + np.uint64(slot_address), self.size[a:b]
 
 
 class TransferEngine:
@@ -236,57 +267,57 @@ class TransferEngine:
         handle = TransferHandle(path, s.size, s.size * src.geometry.block_bytes)
         if s.size == 0:
             return handle
-        ready = torch.cuda.Event()
-        ready.record(torch.cuda.current_stream(self.device))  # the engine's writes to G1 so far
+        lane = self.lanes[direction]
+        lane.ready.record(torch.cuda.current_stream(self.device))  # the engine's writes to G1 so far
         try:
             run = {"staged": self._staged, "zero_copy": self._zero_copy, "dma": self._dma}[path]
-            handle.event = run(src, dst, s, d, direction, ready, **options)
+            handle.event = run(src, dst, s, d, lane, direction, **options)
         except Exception as e:  # enqueue failed: the whole transfer is failed, the caller is told per block
             handle.error = e
         return handle
 
-    def _upload_ids(self, ids: np.ndarray, lane: _Lane) -> torch.Tensor:
-        """Copy ids to the device on the lane's kernel stream (never on the caller's stream)."""
-        return lane.ids.upload(ids, lane.kernel_stream)
-
     def _dma_pieces(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream, direction: str) -> None:
         """Batched DMA of pieces this engine built from validated caches and ids (no re-validation)."""
-        memcpy_batch_unchecked(dsts.astype(np.uint64), srcs.astype(np.uint64), sizes.astype(np.uint64),
-                               stream.cuda_stream, direction=direction, device=self.device.index)
+        memcpy_batch_unchecked(np.ascontiguousarray(dsts, dtype=np.uint64), np.ascontiguousarray(srcs, dtype=np.uint64),
+                               np.ascontiguousarray(sizes, dtype=np.uint64), stream.cuda_stream, direction=direction,
+                               device=self.device.index)
 
     def _dma_split(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, lane: _Lane,
-                   after: torch.cuda.Event | None, direction: str) -> torch.cuda.Event:
-        """DMA pieces alternating between the lane's two DMA streams, once `after` (if any) has happened; returns the
-        event that both halves have landed (one stream when there is one piece)."""
+                   after: torch.cuda.Event | None, direction: str, landed: torch.cuda.Event) -> torch.cuda.Event:
+        """DMA pieces, the first half on the lane's first DMA stream and the rest on its second, once `after` (if
+        any) has happened; records `landed` (on the first stream) once all have landed, and returns it."""
         first, second = lane.dma_streams
-        for stream in (first,) if dsts.size == 1 else lane.dma_streams:
-            if after is not None:
-                stream.wait_event(after)
-        if dsts.size == 1:
-            self._dma_pieces(dsts, srcs, sizes, first, direction)
-        else:
-            self._dma_pieces(dsts[0::2], srcs[0::2], sizes[0::2], first, direction)
-            self._dma_pieces(dsts[1::2], srcs[1::2], sizes[1::2], second, direction)
-            half = torch.cuda.Event()
-            half.record(second)
-            first.wait_event(half)
-        landed = torch.cuda.Event()
+        half = (dsts.size + 1) // 2
+        if after is not None:
+            first.wait_event(after)
+            if half < dsts.size:
+                second.wait_event(after)
+        self._dma_pieces(dsts[:half], srcs[:half], sizes[:half], first, direction)
+        if half < dsts.size:
+            self._dma_pieces(dsts[half:], srcs[half:], sizes[half:], second, direction)
+            lane.half.record(second)
+            first.wait_event(lane.half)
         landed.record(first)
         return landed
 
-    def _zero_copy(self, src, dst, s, d, direction, ready, max_ctas=None):
-        from .triton_copy import launch
-
-        lane = self.lanes[direction]
-        stream = lane.kernel_stream
-        stream.wait_event(ready)
-        with torch.cuda.stream(stream):  # the kernel reads / writes the pinned host cache over UVA
-            launch(build_plan(src, dst), self._upload_ids(s, lane), self._upload_ids(d, lane), max_ctas=max_ctas)
-            done = torch.cuda.Event()
-            done.record(stream)
+    @staticmethod
+    def _finish(stream: torch.cuda.Stream) -> torch.cuda.Event:
+        """A new event recorded on `stream`: the transfer's completion, owned by its handle."""
+        done = torch.cuda.Event()
+        done.record(stream)
         return done
 
-    def _dma(self, src, dst, s, d, direction, ready):
+    def _zero_copy(self, src, dst, s, d, lane, direction, max_ctas=None):
+        from .triton_copy import launch
+
+        stream = lane.kernel_stream
+        stream.wait_event(lane.ready)
+        with torch.cuda.stream(stream):  # the kernel reads / writes the pinned host cache over UVA
+            launch(build_plan(src, dst), lane.ids.upload(s, stream), lane.ids.upload(d, stream), num_blocks=s.size,
+                   max_ctas=max_ctas)
+        return self._finish(stream)
+
+    def _dma(self, src, dst, s, d, lane, direction):
         plan = build_plan(src, dst)
         if _whole_block_dense(plan, src.geometry.block_bytes):
             size = src.geometry.block_bytes
@@ -295,18 +326,15 @@ class TransferEngine:
             sizes = np.full(s.size, size, dtype=np.uint64)
         else:
             srcs, dsts, sizes = dense_pieces(plan, src, dst, s, d)
-        stream = self.lanes[direction].dma_stream
-        stream.wait_event(ready)
-        self._dma_pieces(dsts, srcs, sizes, stream, direction)
-        done = torch.cuda.Event()
-        done.record(stream)
-        return done
+        self._dma_split(dsts, srcs, sizes, lane, lane.ready, direction, lane.landed)
+        return self._finish(lane.dma_streams[0])
 
-    def _staged(self, src, dst, s, d, direction, ready, max_ctas=None, gather="kernel"):
+    def _staged(self, src, dst, s, d, lane, direction, max_ctas=None, gather="kernel"):
         """Chunks of one staging slot each, slots in rotation (also across transfers, so back-to-back transfers
         overlap). Per chunk, D2H: gather into the slot on the kernel stream, then one DMA piece per run of
-        consecutive host blocks on the two DMA streams; H2D the reverse. A slot is reused once the chunk that last
-        used it is done.
+        consecutive host blocks, split over the two DMA streams; H2D the reverse. A slot is reused once the chunk that
+        last used it is done. The first chunk's GPU work is enqueued before the host work it does not need (D2H: the
+        host runs are computed while the first gather runs; H2D: the GPU ids are uploaded after the first DMA).
 
         `gather="copy_engine"` moves pieces to/from staging with batched device-to-device memcpy instead of the
         kernel (needs pieces that are dense runs in both caches; measured far slower, see bench/results)."""
@@ -314,67 +342,71 @@ class TransferEngine:
 
         if gather not in ("kernel", "copy_engine"):
             raise ValueError(f"gather must be 'kernel' or 'copy_engine', got {gather!r}")
-        lane = self.lanes[direction]
         kernel_stream = lane.kernel_stream
         d2h = direction == "d2h"
         host, gpu = (dst, src) if d2h else (src, dst)
         host_ids, gpu_host_ids = (d, s) if d2h else (s, d)
-        g = src.geometry
-        bb = g.block_bytes
+        bb = src.geometry.block_bytes
         per_chunk = lane.slot_bytes // bb
         if per_chunk == 0:
             raise ValueError(f"staging slot of {lane.slot_bytes} bytes cannot hold one block of {bb} bytes")
-        gpu_ids = self._upload_ids(gpu_host_ids, lane) if gather == "kernel" else None
-        stage_ids = lane.stage_ids(min(per_chunk, s.size))
-        host_base = host.piece_addresses()[0]
-        host_stride = host.layout.stride["block"] * g.itemsize
+        kernel_gather = gather == "kernel"
+        gpu_ids = None  # device address of the GPU ids (kernel gather), uploaded when first needed
 
         def repack(start: int, n: int, staging: PagedKVCache) -> None:
             """Gather chunk [start, start + n) of the GPU blocks into staging (D2H), or scatter it back (H2D)."""
             a, b = (gpu, staging) if d2h else (staging, gpu)
-            if gather == "kernel":
-                chunk = gpu_ids[start:start + n], stage_ids[:n]
-                launch(build_plan(a, b), *(chunk if d2h else chunk[::-1]), max_ctas=max_ctas)
+            if kernel_gather:
+                chunk = DevicePointer(gpu_ids + 8 * start, torch.int64), lane.stage_ids(n)
+                launch(build_plan(a, b), *(chunk if d2h else chunk[::-1]), num_blocks=n, max_ctas=max_ctas)
             else:
                 chunk = gpu_host_ids[start:start + n], np.arange(n, dtype=np.int64)
                 srcs, dsts, sizes = dense_pieces(build_plan(a, b), a, b, *(chunk if d2h else chunk[::-1]))
                 self._dma_pieces(dsts, srcs, sizes, kernel_stream, "d2d")
 
         for stream in (kernel_stream, *lane.dma_streams):
-            stream.wait_event(ready)
-        done = None
+            stream.wait_event(lane.ready)
+        runs = None
         with torch.cuda.stream(kernel_stream):
-            for start in range(0, s.size, per_chunk):
+            for index, start in enumerate(range(0, s.size, per_chunk)):
                 n = min(per_chunk, s.size - start)
                 slot = lane.take_slot()
                 staging = lane.staging_cache(host, slot)
-                pos, first, length = run_arrays(host_ids[start:start + n])
-                hosts = host_base + first * host_stride
-                stage = staging.piece_addresses()[0] + pos * bb
-                sizes = length * bb
-                free = lane.slot_free[slot]  # the previous chunk through this slot is finished with it
+                slot_address = lane.staging_address + slot * lane.slot_bytes
+                free, done = lane.slot_free(slot), lane.slot_done[slot]
                 if d2h:
+                    if kernel_gather and gpu_ids is None:
+                        gpu_ids = lane.ids.upload(gpu_host_ids, kernel_stream).data_ptr()
                     if free is not None:
                         kernel_stream.wait_event(free)
                     repack(start, n, staging)
-                    gathered = torch.cuda.Event()
-                    gathered.record(kernel_stream)
-                    done = self._dma_split(hosts, stage, sizes, lane, gathered, "d2h")
+                    lane.gathered.record(kernel_stream)
+                if runs is None:
+                    runs = _HostRuns(host_ids, per_chunk, host.piece_addresses()[0],
+                                     host.layout.stride["block"] * src.geometry.itemsize, bb)
+                hosts, stage, sizes = runs.chunk(index, slot_address)
+                if d2h:
+                    self._dma_split(hosts, stage, sizes, lane, lane.gathered, "d2h", done)
                 else:
-                    landed = self._dma_split(stage, hosts, sizes, lane, free, "h2d")
-                    kernel_stream.wait_event(landed)
+                    self._dma_split(stage, hosts, sizes, lane, free, "h2d", lane.landed)
+                    if kernel_gather and gpu_ids is None:  # the first DMA is queued: now the ids its scatter needs
+                        gpu_ids = lane.ids.upload(gpu_host_ids, kernel_stream).data_ptr()
+                    kernel_stream.wait_event(lane.landed)
                     repack(start, n, staging)
-                    done = torch.cuda.Event()
                     done.record(kernel_stream)
-                lane.slot_free[slot] = done
-        return done
+                lane.slot_used[slot] = True
+        return self._finish(lane.dma_streams[0] if d2h else kernel_stream)
 
 
-def run_arrays(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Split ids into runs of consecutive values: (position in ids, first id, length) of each run, as arrays."""
-    if ids.size == 1:
-        return np.zeros(1, dtype=np.int64), ids, np.ones(1, dtype=np.int64)
-    starts = np.flatnonzero(np.diff(ids, prepend=ids[:1] - 2) != 1)
+def run_arrays(ids: np.ndarray, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split ids into runs of consecutive values, none crossing a multiple of `chunk` positions (when given):
+    (position in ids, first id, length) of each run, as arrays."""
+    breaks = np.empty(ids.size, dtype=bool)
+    breaks[:1] = True
+    np.not_equal(ids[1:], ids[:-1] + 1, out=breaks[1:])
+    if chunk is not None:
+        breaks[::chunk] = True
+    starts = np.flatnonzero(breaks)
     return starts, ids[starts], np.diff(starts, append=ids.size)
 
 

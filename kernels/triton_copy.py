@@ -14,18 +14,7 @@ import triton.language as tl
 from kvbm.layouts import PagedKVCache
 
 from .copy_plan import CopyPlan, build_plan
-
-
-class DevicePointer:
-    """A raw device-visible address typed for a Triton pointer argument: pinned host memory under UVA, whose host
-    address is also its device address."""
-
-    def __init__(self, address: int, dtype: torch.dtype):
-        self.address, self.dtype = address, dtype
-
-    def data_ptr(self) -> int:
-        """The address Triton passes to the kernel."""
-        return self.address
+from .device_pointer import DevicePointer
 
 
 def _kernel_pointer(base: torch.Tensor, on_gpu: bool):
@@ -97,18 +86,21 @@ def _constants(plan: CopyPlan) -> tuple[int, dict]:
 
 def launch(
     plan: CopyPlan,
-    src_ids: torch.Tensor,
-    dst_ids: torch.Tensor,
+    src_ids: torch.Tensor | DevicePointer,
+    dst_ids: torch.Tensor | DevicePointer,
     *,
+    num_blocks: int | None = None,
     max_ctas: int | None = None,
     num_warps: int = 4,
 ) -> None:
-    """Launch the copy for validated int64 id tensors already on the kernel's device, on the current stream.
+    """Launch the copy for validated int64 ids already on the kernel's device, on the current stream.
 
-    `max_ctas` caps the grid (programs then loop over tiles); None launches one program per tile. A cache in
-    pinned CPU memory is read or written over UVA (zero-copy).
+    The ids are tensors, or `DevicePointer`s of dtype int64 with `num_blocks` given (the transfer engine passes
+    addresses into its id buffers: slicing a tensor per chunk costs more host time than the launch). `max_ctas` caps
+    the grid (programs then loop over tiles); None launches one program per tile. A cache in pinned CPU memory is
+    read or written over UVA (zero-copy).
     """
-    n = int(src_ids.numel())
+    n = int(src_ids.numel()) if num_blocks is None else num_blocks
     if n == 0:
         return
     tiles_per_pair, consts = plan.memo("triton_launch_constants", _constants)

@@ -72,6 +72,8 @@ def block_id_array(ids: BlockIds, what: str) -> np.ndarray:
             raise TypeError(f"{what} must be integers, got {arr.dtype} values such as {arr.reshape(-1)[:3].tolist()}")
     if arr.ndim != 1:
         raise ValueError(f"{what} must be one-dimensional, got shape {tuple(arr.shape)}")
+    if arr.dtype == np.int64 and isinstance(ids, (list, tuple, range)):
+        return arr  # np.asarray made a fresh array from the sequence: no second copy (this is on every transfer's path)
     return np.array(arr, dtype=np.int64)
 
 
@@ -109,11 +111,15 @@ def check_transfer(src: PagedKVCache, dst: PagedKVCache, src_ids: BlockIds, dst_
     d = block_id_array(dst_ids, "dst_ids")
     if s.size != d.size:
         raise ValueError(f"src_ids and dst_ids must have the same length, got {s.size} and {d.size}")
-    for what, ids, n in (("src_ids", s, src.num_blocks), ("dst_ids", d, dst.num_blocks)):
-        if ids.size and (ids.min() < 0 or ids.max() >= n):
+    if not d.size:
+        return s, d
+    d_sorted = np.sort(d)  # gives dst's range and its duplicates in two comparisons
+    for what, ids, lo, hi, n in (("src_ids", s, s.min(), s.max(), src.num_blocks),
+                                 ("dst_ids", d, d_sorted[0], d_sorted[-1], dst.num_blocks)):
+        if lo < 0 or hi >= n:
             bad = int(ids[(ids < 0) | (ids >= n)][0])
             raise IndexError(f"{what} holds {bad}, out of range for a cache of {n} blocks [0, {n})")
-    if d.size > 1 and np.unique(d).size != d.size:
+    if d.size > 1 and (d_sorted[1:] == d_sorted[:-1]).any():
         raise ValueError("dst_ids holds duplicates: two source blocks would be written into one destination block")
     if _share_memory(src, dst) and np.intersect1d(s, d).size:
         raise ValueError("src and dst are the same memory and src_ids overlap dst_ids: the copy would read what it writes")

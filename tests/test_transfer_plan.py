@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvbm.kernels.copy_plan import build_plan
-from kvbm.kernels.transfer import _inner_order, choose_path, dense_pieces, run_arrays
+from kvbm.kernels.transfer import _HostRuns, _inner_order, choose_path, dense_pieces, run_arrays
 from kvbm.layouts import KVGeometry, allocate, block_major, copy_blocks
 from layout_oracle import fill_random, to_logical
 
@@ -39,6 +39,45 @@ def test_runs_agree_with_a_plain_scan(n):
         expected.append((pos, int(ids[pos]), end - pos))
         pos = end
     assert runs(ids) == expected
+
+
+def scan_runs(ids, chunk=None) -> list[tuple[int, int, int]]:
+    """Runs of consecutive ids found one id at a time, breaking at every multiple of `chunk` positions."""
+    out, pos = [], 0
+    while pos < len(ids):
+        end = pos + 1
+        while end < len(ids) and ids[end] == ids[end - 1] + 1 and (chunk is None or end % chunk):
+            end += 1
+        out.append((pos, int(ids[pos]), end - pos))
+        pos = end
+    return out
+
+
+@pytest.mark.parametrize("n,chunk", [(1, 1), (5, 1), (64, 7), (200, 64), (300, 300)])
+def test_runs_never_cross_a_chunk(n, chunk):
+    rng = np.random.default_rng(n + chunk)
+    ids = np.cumsum(rng.choice([1, 1, 1, 1, 2, -9], size=n)) + 500
+    pos, first, length = run_arrays(ids, chunk)
+    assert list(zip(pos.tolist(), first.tolist(), length.tolist())) == scan_runs(ids.tolist(), chunk)
+
+
+@pytest.mark.parametrize("n,per_chunk", [(1, 4), (9, 4), (64, 64), (130, 64)])
+def test_host_runs_give_each_chunk_its_blocks_in_staging_order(n, per_chunk):
+    """Every block of chunk c lands at staging offset (its position in the chunk) x block bytes, from or to its host
+    block's address; the pieces of a chunk tile its staging bytes exactly."""
+    rng = np.random.default_rng(n)
+    ids = np.cumsum(rng.choice([1, 1, 1, 3, -7], size=n)) + 50
+    base, stride, bb, slot = 1 << 40, 4096 * 5, 4096 * 3, 1 << 32
+    runs = _HostRuns(ids, per_chunk, base, stride, bb)
+    for c, start in enumerate(range(0, n, per_chunk)):
+        hosts, stage, sizes = runs.chunk(c, slot)
+        assert hosts.dtype == stage.dtype == sizes.dtype == np.uint64
+        blocks = []
+        for h, st, z in zip(hosts.tolist(), stage.tolist(), sizes.tolist()):
+            assert (st - slot) % bb == 0 and z % bb == 0 and (h - base) % stride == 0
+            blocks += [((st - slot) // bb + k, (h - base) // stride + k) for k in range(z // bb)]
+        m = min(per_chunk, n - start)
+        assert blocks == [(i, int(ids[start + i])) for i in range(m)]
 
 
 @pytest.mark.parametrize("order", [("layer", "kv", "token", "head", "channel"), ("head", "layer", "kv", "token", "channel"),
