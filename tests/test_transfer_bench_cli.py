@@ -1,4 +1,5 @@
-"""The transfer benchmark's command line: `--batches` parsing and its error for bad input (no benchmark is run)."""
+"""The transfer benchmark's command line: `--batches` and `--pin-thread` parsing and their errors for bad input (no
+benchmark is run)."""
 from __future__ import annotations
 
 import importlib.util
@@ -29,3 +30,18 @@ def test_bad_block_counts_are_refused(bench, text, capsys):
         bench.main(["--batches", text])
     assert exit_info.value.code == 2
     assert "positive integers" in capsys.readouterr().err
+
+
+def test_pin_thread_takes_an_allowed_cpu(bench):
+    import os
+
+    cpu = max(os.sched_getaffinity(0))
+    assert bench.allowed_cpu(str(cpu)) == cpu
+
+
+@pytest.mark.parametrize("text,message", [("x", "expected a CPU number"), ("100000", "not one this process may run on")])
+def test_bad_pin_thread_is_refused(bench, text, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--pin-thread", text])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
