@@ -199,11 +199,16 @@ class _HostRuns:
     uint64 arrays computed once per transfer (host addresses, byte offsets inside the staging slot, sizes)."""
 
     def __init__(self, host_ids: np.ndarray, per_chunk: int, host_base: int, host_stride: int, block_bytes: int):
-        pos, first, length = run_arrays(host_ids, per_chunk)
-        self.host = (host_base + first * host_stride).astype(np.uint64)
-        self.offset = ((pos % per_chunk) * block_bytes).astype(np.uint64)
+        one_chunk = host_ids.size <= per_chunk  # the usual case, kept to fewer numpy calls (each costs microseconds)
+        pos, first, length = run_arrays(host_ids, None if one_chunk else per_chunk)
+        self.host = (first * host_stride + host_base).astype(np.uint64)
         self.size = (length * block_bytes).astype(np.uint64)
-        self.bounds = np.searchsorted(pos, np.arange(0, host_ids.size + per_chunk, per_chunk)).tolist()
+        if one_chunk:
+            self.offset = (pos * block_bytes).astype(np.uint64)
+            self.bounds = [0, pos.size]
+        else:
+            self.offset = ((pos % per_chunk) * block_bytes).astype(np.uint64)
+            self.bounds = np.searchsorted(pos, np.arange(0, host_ids.size + per_chunk, per_chunk)).tolist()
 
     def chunk(self, index: int, slot_address: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(host addresses, staging addresses, sizes) of chunk `index` staged in the slot at `slot_address`."""
@@ -401,13 +406,17 @@ class TransferEngine:
 def run_arrays(ids: np.ndarray, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Split ids into runs of consecutive values, none crossing a multiple of `chunk` positions (when given):
     (position in ids, first id, length) of each run, as arrays."""
+    if ids.size == 1:
+        return np.zeros(1, dtype=np.int64), ids, np.ones(1, dtype=np.int64)
     breaks = np.empty(ids.size, dtype=bool)
     breaks[:1] = True
     np.not_equal(ids[1:], ids[:-1] + 1, out=breaks[1:])
     if chunk is not None:
         breaks[::chunk] = True
     starts = np.flatnonzero(breaks)
-    return starts, ids[starts], np.diff(starts, append=ids.size)
+    ends = np.empty_like(starts)  # (np.diff with append= costs several times these two assignments)
+    ends[:-1], ends[-1] = starts[1:], ids.size
+    return starts, ids[starts], ends - starts
 
 
 def _inner_order(host: PagedKVCache) -> tuple[str, ...]:
