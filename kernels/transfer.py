@@ -4,17 +4,18 @@ Three paths, each enqueued on the engine's own transfer streams and signalled by
 is never blocked):
 
 - "staged": gather the blocks into a bounded device staging buffer with the Triton kernel, then one DMA piece per
-  run of consecutive host blocks, the pieces alternating between two DMA streams; pipelined in chunks over staging
+  run of consecutive host blocks, the pieces split between two DMA streams; pipelined in chunks over staging
   slots so the gather of chunk i+1 overlaps the DMA of chunk i (H2D: DMA into staging, then scatter). The SM part
   is a short full-speed burst; PCIe is crossed by the copy engine. The default.
 - "zero_copy": the kernel reads or writes pinned host memory directly over UVA. Lowest latency for small
   transfers on an idle GPU, but it holds SMs for the whole PCIe transfer: never the default beside a model.
 - "dma": `cudaMemcpyBatchAsync` over the pieces that are dense in both caches (whole blocks when both caches keep a
-  block in one dense run, as cross-layer layouts do; no SM time at all).
+  block in one dense run, as cross-layer layouts do; no SM time at all), split between the two DMA streams.
 
 "auto" takes "dma" when every block is one dense run of at least `DMA_MIN_PIECE_BYTES` in both caches, else
 "staged". Measured on the H200 (bench/results/): staged moves 93-97% of the PCIe ceiling at 16 blocks (back-to-back
-transfers) and 92-98% at 256-1024; batched DMA of the engines' small pieces 41-97%.
+transfers) and 91-98% at 256-1024 (single transfers, start-up included); batched DMA of the engines' small pieces
+39-95%.
 """
 from __future__ import annotations
 
