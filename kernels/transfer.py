@@ -37,9 +37,9 @@ Path = Literal["auto", "staged", "zero_copy", "dma"]
 PATHS: tuple[str, ...] = ("auto", "staged", "zero_copy", "dma")
 #: Smallest dense run "auto" hands to batched DMA (batched DMA of small pieces falls far below the ceiling).
 DMA_MIN_PIECE_BYTES = 1 << 20
-_HOST_TO_DEVICE = cuda_rt.cudaMemcpyKind.cudaMemcpyHostToDevice if cuda_rt is not None else None
 #: Default device staging size, split into two halves for the pipeline.
 DEFAULT_STAGING_BYTES = 256 << 20
+_HOST_TO_DEVICE = cuda_rt.cudaMemcpyKind.cudaMemcpyHostToDevice if cuda_rt is not None else None  # looked up once
 
 
 @dataclass
