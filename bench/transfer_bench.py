@@ -122,8 +122,8 @@ def peer_methods(env: Env, engine, direction: str, src_ids, dst_ids) -> dict:
     src, dst = (env.gpu, env.host) if direction == "d2h" else (env.host, env.gpu)
     srcs, dsts, sizes = dense_pieces(build_plan(src, dst), src, dst, np.asarray(src_ids), np.asarray(dst_ids))
     methods = {
-        "peer_memcpy_loop": (lambda: memcpy_loop_async(dsts, srcs, sizes, lane.dma_stream), dst_ids),
-        "peer_batch_memcpy": (lambda: memcpy_batch_async(dsts, srcs, sizes, lane.dma_stream, direction=direction,
+        "peer_memcpy_loop": (lambda: memcpy_loop_async(dsts, srcs, sizes, lane.dma_streams[0]), dst_ids),
+        "peer_batch_memcpy": (lambda: memcpy_batch_async(dsts, srcs, sizes, lane.dma_streams[0], direction=direction,
                                                          check_overlap=False), dst_ids),
     }
     if direction == "h2d":  # vLLM's small-piece host-to-device path: a 12-CTA kernel reading pinned host over UVA
@@ -239,7 +239,7 @@ def run_gpu(args, save=lambda partial: None) -> dict:
             if "latency" in args.sections:
                 extra["latency_one_block_us"] = one_block_latency(env, engine)
             if "bidirectional" in args.sections:
-                extra["bidirectional"] = bidirectional(env, engine, ceil, args)
+                extra["bidirectional"] = bidirectional(env, engine, ceil)
             if "interference" in args.sections:
                 extra["interference"] = interference(env, engine, args)
         env.close()
@@ -313,7 +313,7 @@ def one_block_latency(env: Env, engine) -> dict:
     return out
 
 
-def bidirectional(env: Env, engine, ceil, args) -> dict:
+def bidirectional(env: Env, engine, ceil) -> dict:
     """Offload and onboard at once (separate lanes), each moving the ceiling's bytes: total GB/s against two plain
     copies at once."""
     n = CEILING_BYTES // env.g.block_bytes  # blocks each way
@@ -546,8 +546,8 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "gpu": torch.cuda.get_device_name() if gpu else None, "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-        "python": platform.python_version(), "pinned_thread_cpu": args.pin_thread, "command": " ".join([os.path.basename(sys.executable), "-m",
-                                                                   "bench.transfer_bench", *(argv or sys.argv[1:])]),
+        "python": platform.python_version(), "pinned_thread_cpu": args.pin_thread,
+        "command": " ".join([os.path.basename(sys.executable), "-m", "bench.transfer_bench", *(argv or sys.argv[1:])]),
     }
     stem = args.stem or ("transfer_h200" if gpu and "H200" in meta["gpu"] else ("transfer_gpu" if gpu else "transfer_cpu"))
 

@@ -39,7 +39,8 @@ def test_pin_thread_takes_an_allowed_cpu(bench):
     assert bench.allowed_cpu(str(cpu)) == cpu
 
 
-@pytest.mark.parametrize("text,message", [("x", "expected a CPU number"), ("100000", "not one this process may run on")])
+@pytest.mark.parametrize("text,message", [("x", "expected a CPU number"),
+                                          ("100000", "not one this process may run on")])
 def test_bad_pin_thread_is_refused(bench, text, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--pin-thread", text])
