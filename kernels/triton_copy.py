@@ -100,6 +100,8 @@ def launch(
     the grid (programs then loop over tiles); None launches one program per tile. A cache in pinned CPU memory is
     read or written over UVA (zero-copy).
     """
+    if num_blocks is None and not isinstance(src_ids, torch.Tensor):
+        raise TypeError("launch needs num_blocks when the ids are given as DevicePointer addresses")
     n = int(src_ids.numel()) if num_blocks is None else num_blocks
     if n == 0:
         return

@@ -113,3 +113,17 @@ def test_capped_grid_loops_over_all_tiles():
     triton_copy(src, dst, ids, out, max_ctas=3)
     copy_blocks(src, ref, ids, out, backend="torch")
     assert torch.equal(to_logical("trtllm_pool", dst), to_logical("trtllm_pool", ref))
+
+
+def test_launch_needs_a_block_count_for_raw_id_addresses():
+    """Ids given as raw device addresses carry no length: launch refuses them without num_blocks, before launching."""
+    from kvbm.kernels.copy_plan import build_plan
+    from kvbm.kernels.device_pointer import DevicePointer
+    from kvbm.kernels.triton_copy import launch
+
+    g = KVGeometry(2, 2, 3, 2, 5, 2)
+    src = allocate("vllm_flash_attn_nhd", g, 2, dtype=torch.bfloat16, device=DEVICE)
+    dst = allocate("kvbm_staging", g, 2, dtype=torch.bfloat16, device=DEVICE)
+    ids = DevicePointer(0, torch.int64)
+    with pytest.raises(TypeError, match="num_blocks"):
+        launch(build_plan(src, dst), ids, ids)
