@@ -19,8 +19,9 @@ transfers) and 91-98% at 256-1024 (single transfers, start-up included); batched
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -71,6 +72,20 @@ class TransferHandle:
     def ok(self) -> bool:
         """Whether the finished transfer succeeded (only meaningful once `done()`)."""
         return self.error is None
+
+
+@dataclass(frozen=True)
+class TransferSpec:
+    """One transfer for `TransferEngine.submit`: an offload ("d2h": `src` is the GPU cache, `dst` a pinned host
+    cache) or an onboard ("h2d": the reverse), with the arguments of `offload` / `onboard`."""
+
+    direction: Literal["d2h", "h2d"]
+    src: PagedKVCache
+    dst: PagedKVCache
+    src_ids: Any
+    dst_ids: Any
+    path: Path = "auto"
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _whole_block_dense(plan: CopyPlan, block_bytes: int) -> bool:
@@ -242,7 +257,7 @@ class TransferEngine:
 
         Ordered after the work queued so far on the caller's current stream (the writes to those blocks); the caller's
         stream does not wait for the transfer: poll or wait on the returned handle."""
-        return self._transfer(gpu, host, gpu_ids, host_ids, path, "d2h", **options)
+        return self.submit([TransferSpec("d2h", gpu, host, gpu_ids, host_ids, path, options)])[0]
 
     def onboard(self, host: PagedKVCache, gpu: PagedKVCache, host_ids, gpu_ids, path: Path = "auto",
                 **options) -> TransferHandle:
@@ -250,31 +265,68 @@ class TransferEngine:
 
         Ordered after the work queued so far on the caller's current stream (its last reads of the overwritten
         blocks); the caller must wait on the returned handle before its kernels read the onboarded blocks."""
-        return self._transfer(host, gpu, host_ids, gpu_ids, path, "h2d", **options)
+        return self.submit([TransferSpec("h2d", host, gpu, host_ids, gpu_ids, path, options)])[0]
+
+    def submit(self, transfers: Sequence[TransferSpec]) -> list[TransferHandle]:
+        """Enqueue several transfers at once, their staged chunks interleaved (one chunk of each in turn), and return
+        their handles in order.
+
+        An onboard submitted with an offload starts after one chunk of the offload is enqueued, not after all of it, so
+        both directions of PCIe are busy from the start. Each transfer is ordered after the work queued so far on the
+        caller's current stream, as with `offload` / `onboard`. Every transfer is checked before anything is enqueued:
+        bad input raises and enqueues nothing; a failure while enqueueing fails that transfer's handle only."""
+        checked = [self._check(spec) for spec in transfers]
+        handles, steps = [], []
+        for spec, (s, d, path) in zip(transfers, checked):
+            handle, work = self._begin(spec, s, d, path)
+            handles.append(handle)
+            if work is not None:
+                steps.append((handle, work))
+        while steps:  # round robin: one chunk of each unfinished transfer per round
+            unfinished = []
+            for handle, work in steps:
+                try:
+                    next(work)
+                    unfinished.append((handle, work))
+                except StopIteration as finished:
+                    handle.event = finished.value
+                except Exception as e:  # enqueue failed: the whole transfer is failed, the caller is told per block
+                    handle.error = e
+            steps = unfinished
+        return handles
 
     # -- implementation -----------------------------------------------------------------------------------------
-    def _transfer(self, src, dst, src_ids, dst_ids, path, direction, **options) -> TransferHandle:
-        if path not in PATHS:
-            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-        s, d = check_transfer(src, dst, src_ids, dst_ids)
-        gpu, host = (src, dst) if direction == "d2h" else (dst, src)
+    def _check(self, spec: TransferSpec) -> tuple[np.ndarray, np.ndarray, str]:
+        """Validate one transfer (raising on bad input): its ids as int64 arrays and the path it will take."""
+        if spec.direction not in ("d2h", "h2d"):
+            raise ValueError(f"direction must be 'd2h' or 'h2d', got {spec.direction!r}")
+        if spec.path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {spec.path!r}")
+        s, d = check_transfer(spec.src, spec.dst, spec.src_ids, spec.dst_ids)
+        gpu, host = (spec.src, spec.dst) if spec.direction == "d2h" else (spec.dst, spec.src)
         if gpu.device != self.device:
             raise ValueError(f"GPU cache is on {gpu.device}, this engine serves {self.device}")
         if host.device.type != "cpu" or not all(t.is_pinned() for t in host.tensors):
             raise ValueError(f"host cache {host.name} must be in pinned CPU memory (see kernels.host_memory)")
-        if path == "auto":
-            path = choose_path(src, dst)
-        handle = TransferHandle(path, s.size, s.size * src.geometry.block_bytes)
+        return s, d, choose_path(spec.src, spec.dst) if spec.path == "auto" else spec.path
+
+    def _begin(self, spec: TransferSpec, s: np.ndarray, d: np.ndarray, path: str
+               ) -> tuple[TransferHandle, Iterator[None] | None]:
+        """Order one checked transfer after the caller's stream and enqueue it, or for "staged" return the generator
+        that enqueues one chunk per step (its return value is the completion event)."""
+        handle = TransferHandle(path, s.size, s.size * spec.src.geometry.block_bytes)
         if s.size == 0:
-            return handle
-        lane = self.lanes[direction]
+            return handle, None
+        lane = self.lanes[spec.direction]
         lane.ready.record(torch.cuda.current_stream(self.device))  # the engine's writes to G1 so far
         try:
-            run = {"staged": self._staged, "zero_copy": self._zero_copy, "dma": self._dma}[path]
-            handle.event = run(src, dst, s, d, lane, direction, **options)
+            if path == "staged":
+                return handle, self._staged(spec.src, spec.dst, s, d, lane, spec.direction, **spec.options)
+            run = self._zero_copy if path == "zero_copy" else self._dma
+            handle.event = run(spec.src, spec.dst, s, d, lane, spec.direction, **spec.options)
         except Exception as e:  # enqueue failed: the whole transfer is failed, the caller is told per block
             handle.error = e
-        return handle
+        return handle, None
 
     def _dma_pieces(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream, direction: str) -> None:
         """Batched DMA of pieces this engine built from validated caches and ids (no re-validation)."""
@@ -329,12 +381,15 @@ class TransferEngine:
         self._dma_split(dsts, srcs, sizes, lane, lane.ready, direction, lane.landed)
         return self._finish(lane.dma_streams[0])
 
-    def _staged(self, src, dst, s, d, lane, direction, max_ctas=None, gather="kernel"):
+    def _staged(self, src, dst, s, d, lane, direction, max_ctas=None, gather="kernel") -> Iterator[None]:
         """Chunks of one staging slot each, slots in rotation (also across transfers, so back-to-back transfers
         overlap). Per chunk, D2H: gather into the slot on the kernel stream, then one DMA piece per run of
         consecutive host blocks, split over the two DMA streams; H2D the reverse. A slot is reused once the chunk that
         last used it is done. The first chunk's GPU work is enqueued before the host work it does not need (D2H: the
         host runs are computed while the first gather runs; H2D: the GPU ids are uploaded after the first DMA).
+
+        Checks the options and orders the transfer after `lane.ready` at once, then returns a generator that enqueues
+        one chunk per step and returns the completion event (`submit` interleaves the steps of several transfers).
 
         `gather="copy_engine"` moves pieces to/from staging with batched device-to-device memcpy instead of the
         kernel (needs pieces that are dense runs in both caches; measured far slower, see bench/results)."""
@@ -351,23 +406,24 @@ class TransferEngine:
         if per_chunk == 0:
             raise ValueError(f"staging slot of {lane.slot_bytes} bytes cannot hold one block of {bb} bytes")
         kernel_gather = gather == "kernel"
-        gpu_ids = None  # device address of the GPU ids (kernel gather), uploaded when first needed
+        for stream in (kernel_stream, *lane.dma_streams):
+            stream.wait_event(lane.ready)  # now: the next transfer re-records `ready`
 
-        def repack(start: int, n: int, staging: PagedKVCache) -> None:
+        def repack(gpu_ids: int | None, start: int, n: int, staging: PagedKVCache) -> None:
             """Gather chunk [start, start + n) of the GPU blocks into staging (D2H), or scatter it back (H2D)."""
             a, b = (gpu, staging) if d2h else (staging, gpu)
             if kernel_gather:
                 chunk = DevicePointer(gpu_ids + 8 * start, torch.int64), lane.stage_ids(n)
-                launch(build_plan(a, b), *(chunk if d2h else chunk[::-1]), num_blocks=n, max_ctas=max_ctas)
+                with torch.cuda.stream(kernel_stream):
+                    launch(build_plan(a, b), *(chunk if d2h else chunk[::-1]), num_blocks=n, max_ctas=max_ctas)
             else:
                 chunk = gpu_host_ids[start:start + n], np.arange(n, dtype=np.int64)
                 srcs, dsts, sizes = dense_pieces(build_plan(a, b), a, b, *(chunk if d2h else chunk[::-1]))
                 self._dma_pieces(dsts, srcs, sizes, kernel_stream, "d2d")
 
-        for stream in (kernel_stream, *lane.dma_streams):
-            stream.wait_event(lane.ready)
-        runs = None
-        with torch.cuda.stream(kernel_stream):
+        def chunks() -> Iterator[None]:
+            gpu_ids = None  # device address of the GPU ids (kernel gather), uploaded when first needed
+            runs = None
             for index, start in enumerate(range(0, s.size, per_chunk)):
                 n = min(per_chunk, s.size - start)
                 slot = lane.take_slot()
@@ -379,7 +435,7 @@ class TransferEngine:
                         gpu_ids = lane.ids.upload(gpu_host_ids, kernel_stream).data_ptr()
                     if free is not None:
                         kernel_stream.wait_event(free)
-                    repack(start, n, staging)
+                    repack(gpu_ids, start, n, staging)
                     lane.gathered.record(kernel_stream)
                 if runs is None:
                     runs = _HostRuns(host_ids, per_chunk, host.piece_addresses()[0],
@@ -392,10 +448,13 @@ class TransferEngine:
                     if kernel_gather and gpu_ids is None:  # the first DMA is queued: now the ids its scatter needs
                         gpu_ids = lane.ids.upload(gpu_host_ids, kernel_stream).data_ptr()
                     kernel_stream.wait_event(lane.landed)
-                    repack(start, n, staging)
+                    repack(gpu_ids, start, n, staging)
                     done.record(kernel_stream)
                 lane.slot_used[slot] = True
-        return self._finish(lane.dma_streams[0] if d2h else kernel_stream)
+                yield
+            return self._finish(lane.dma_streams[0] if d2h else kernel_stream)
+
+        return chunks()
 
 
 def run_arrays(ids: np.ndarray, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

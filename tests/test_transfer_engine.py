@@ -174,3 +174,70 @@ def test_bad_input_is_refused_before_anything_is_enqueued(engine_factory):
             engine.offload(gpu, host, [0], [0], path="staged", gather="magic").wait()
     with pytest.raises(ValueError, match="staging_slots"):
         type(engine)("cuda", staging_slots=1)
+
+
+@pytest.mark.parametrize("preset,g,order", CASES[:2] + CASES[-2:], ids=["fa-nhd", "fa-hnd", "trtllm", "mla"])
+def test_submit_interleaves_transfers_byte_exact(preset, g, order, engine_factory):
+    """Two offloads and an onboard of several chunks each, submitted together: their chunks are enqueued in turn
+    (slots shared across them), and every destination holds the reference bytes; blocks not named stay poisoned."""
+    from kvbm.kernels.host_memory import PinnedHostBuffer
+    from kvbm.kernels.transfer import TransferSpec
+
+    seed = zlib.crc32(f"submit/{preset}/{order}".encode())
+    rng = np.random.default_rng(seed)
+    gpu = allocate(preset, g, GPU_BLOCKS, dtype=torch.bfloat16, device="cuda")
+    random_fill(gpu.tensors, seed)
+    engine = engine_factory(g, 2, blocks_per_slot=2)
+    with PinnedHostBuffer(HOST_BLOCKS * g.block_bytes) as buf:
+        host = host_cache(buf, g, order)
+        random_fill(host.tensors, seed + 1)
+        order_ids = rng.permutation(HOST_BLOCKS)
+        out_a, out_b, source = order_ids[:7], order_ids[7:12], order_ids[12:18]
+        host.tensors[0].view(torch.uint8)[torch.as_tensor(np.r_[out_a, out_b])] = POISON
+        gpu_a = rng.choice(GPU_BLOCKS // 2, 7, replace=False)
+        gpu_b = rng.choice(GPU_BLOCKS // 2, 5, replace=False)
+        into = GPU_BLOCKS // 2 + rng.choice(GPU_BLOCKS // 2, 6, replace=False)
+        for layer in range(g.num_layers):
+            for kv in range(g.num_kv):
+                gpu.piece_view(layer, kv, torch.int16)[torch.as_tensor(into, device="cuda")] = -23131  # 0xA5A5
+        want_host = reference_copy(gpu, host, np.r_[gpu_a, gpu_b], np.r_[out_a, out_b])
+        want_gpu = reference_copy(host, gpu, source, into)
+        handles = engine.submit([TransferSpec("d2h", gpu, host, gpu_a, out_a, "staged"),
+                                 TransferSpec("h2d", host, gpu, source, into, "staged"),
+                                 TransferSpec("d2h", gpu, host, gpu_b, out_b, "auto")])
+        for h in handles:
+            h.wait()
+            assert h.ok and h.done()
+        assert [h.num_blocks for h in handles] == [7, 6, 5]
+        assert all(torch.equal(a, b) for a, b in zip(bytes_of(host), want_host))
+        assert all(torch.equal(a, b) for a, b in zip(bytes_of(gpu), want_gpu))
+
+
+def test_submit_checks_every_transfer_before_enqueueing_any(engine_factory):
+    """A bad transfer in a submission raises and the good ones before it are not enqueued; a failure while
+    enqueueing (an unknown gather option) fails that transfer's handle only."""
+    from kvbm.kernels.host_memory import PinnedHostBuffer
+    from kvbm.kernels.transfer import TransferSpec
+
+    g = GEOM
+    engine = engine_factory(g, 2)
+    gpu = allocate("vllm_flash_attn_nhd", g, 8, dtype=torch.bfloat16, device="cuda")
+    random_fill(gpu.tensors, 11)
+    with PinnedHostBuffer(4 * g.block_bytes) as buf:
+        host = host_cache(buf, g, STAGING_ORDER, blocks=4)
+        host.tensors[0].view(torch.uint8).fill_(POISON)
+        good = TransferSpec("d2h", gpu, host, [1, 2], [0, 1], "staged")
+        with pytest.raises(IndexError, match="out of range"):
+            engine.submit([good, TransferSpec("d2h", gpu, host, [3], [4])])
+        with pytest.raises(ValueError, match="direction must be"):
+            engine.submit([good, TransferSpec("up", gpu, host, [3], [2])])
+        torch.cuda.synchronize()
+        assert bool((host.tensors[0].view(torch.uint8) == POISON).all())  # nothing was enqueued
+        want = reference_copy(gpu, host, [1, 2], [0, 1])
+        bad = TransferSpec("d2h", gpu, host, [3], [2], "staged", {"gather": "magic"})
+        done, failed = engine.submit([good, bad])
+        done.wait()
+        with pytest.raises(ValueError, match="gather must be"):
+            failed.wait()
+        assert done.ok and not failed.ok
+        assert all(torch.equal(a, b) for a, b in zip(bytes_of(host), want))
