@@ -127,3 +127,41 @@ def test_launch_needs_a_block_count_for_raw_id_addresses():
     ids = DevicePointer(0, torch.int64)
     with pytest.raises(TypeError, match="num_blocks"):
         launch(build_plan(src, dst), ids, ids)
+
+
+def test_repeated_launches_of_one_plan_copy_exactly():
+    """Launches after a plan's first reuse its compiled kernel (on a GPU): block counts whose tile totals are and are
+    not multiples of 16, a one-tile launch, ids at addresses of every 8-byte alignment, a capped grid and an explicit
+    stream all copy byte-exact into poisoned destinations. (Through the interpreter every launch is a JIT launch.)"""
+    from kvbm.kernels.copy_plan import build_plan
+    from kvbm.kernels.device_pointer import DevicePointer
+    from kvbm.kernels.triton_copy import launch
+
+    gen = torch.Generator().manual_seed(17)
+    rng = random.Random(17)
+    g = KVGeometry(2, 2, 1, 1, 8, 2)  # one 16-byte row per piece: one tile per (block, piece)
+    src = allocate("vllm_flash_attn_hnd", g, 40, dtype=torch.bfloat16, device=DEVICE)
+    dst = allocate("kvbm_staging", g, 40, dtype=torch.bfloat16, device=DEVICE)
+    fill_random(src, gen)
+    plan = build_plan(src, dst)
+    ids = torch.tensor(rng.sample(range(40), 40) * 2, dtype=torch.int64, device=DEVICE)
+    out = torch.tensor(rng.sample(range(40), 40) * 2, dtype=torch.int64, device=DEVICE)
+    stream = torch.cuda.Stream() if DEVICE == "cuda" else None
+    for n, first, max_ctas in [(8, 0, None), (1, 1, None), (3, 5, None), (16, 2, 3), (31, 9, None), (40, 0, None)]:
+        for t in dst.tensors:
+            t.view(torch.uint8).fill_(0xA5)
+        ref = allocate("kvbm_staging", g, 40, dtype=torch.bfloat16, device=DEVICE)
+        for a, b in zip(ref.tensors, dst.tensors):
+            a.copy_(b)
+        if DEVICE == "cuda":  # raw addresses, as the transfer engine passes them
+            s = DevicePointer(ids.data_ptr() + 8 * first, torch.int64)
+            d = DevicePointer(out.data_ptr() + 8 * first, torch.int64)
+        else:  # the interpreter reads tensors only
+            s, d = ids[first:first + n], out[first:first + n]
+        launch(plan, s, d, num_blocks=n, max_ctas=max_ctas, stream=stream)
+        if stream is not None:
+            stream.synchronize()
+        copy_blocks(src, ref, ids[first:first + n].cpu(), out[first:first + n].cpu(), backend="torch")
+        assert torch.equal(to_logical("kvbm_staging", dst), to_logical("kvbm_staging", ref)), (n, first, max_ctas)
+    if DEVICE == "cuda":
+        assert len(plan.triton_compiled) == 1  # one compiled kernel served every launch after the first
