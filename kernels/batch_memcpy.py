@@ -39,6 +39,7 @@ Direction = Literal["d2h", "h2d", "d2d", "h2h"]
 _LEGACY_STREAM_HANDLES = (0, 1)  # NULL and cudaStreamLegacy: rejected by cuMemcpyBatchAsync
 _UINT64_MAX = np.uint64(np.iinfo(np.uint64).max)
 _ATTRS_INDEX = np.zeros(1, dtype=np.uint64)  # one attribute set, applying from piece 0 on
+_ATTRS_INDEX_ADDRESS = _ATTRS_INDEX.ctypes.data
 
 # CUresult cuMemcpyBatchAsync(CUdeviceptr* dsts, CUdeviceptr* srcs, size_t* sizes, size_t count,
 #                             CUmemcpyAttributes* attrs, size_t* attrsIdxs, size_t numAttrs, [size_t* failIdx,]
@@ -155,7 +156,7 @@ def _batch_entry() -> _BatchEntry:
     )
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=None)  # few keys (direction x device x flag); entries must stay alive
 def _attributes(direction: Direction | None, device: int, prefer_overlap: bool) -> Any:
     """The (cached, kept alive) CUmemcpyAttributes for a batch: stream-ordered source, location hints, flags."""
     attrs = cuda_driver.CUmemcpyAttributes()
@@ -220,7 +221,8 @@ def memcpy_batch_async(
     device = 0
     if direction is not None and "d" in direction:
         device = check(cuda_rt.cudaStreamGetDevice(handle), f"cudaStreamGetDevice({handle:#x})")
-    _enqueue(entry, dst, src, size, _attributes(direction, int(device), bool(prefer_overlap_with_compute)), handle)
+    _enqueue(entry, dst, src, size, _attributes_address(direction, int(device), bool(prefer_overlap_with_compute)),
+             handle)
 
 
 def memcpy_batch_unchecked(dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream_handle: int, *,
@@ -233,17 +235,28 @@ def memcpy_batch_unchecked(dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray
     copy of a few blocks takes on the GPU.
     """
     if dsts.size:
-        _enqueue(_batch_entry(), dsts, srcs, sizes, _attributes(direction, device, False), stream_handle)
+        _enqueue(_batch_entry(), dsts, srcs, sizes, _attributes_address(direction, device, False), stream_handle)
 
 
-def _enqueue(entry: _BatchEntry, dst: np.ndarray, src: np.ndarray, size: np.ndarray, attrs: Any, handle: int) -> None:
+@functools.lru_cache(maxsize=None)  # few keys (direction x device x flag); entries must stay alive
+def _attributes_address(direction: Direction | None, device: int, prefer_overlap: bool) -> int:
+    """The address of the (cached, kept alive) attributes of `_attributes`: looked up once, not per call."""
+    return int(_attributes(direction, device, prefer_overlap).getPtr())
+
+
+def _address(array: np.ndarray) -> int:
+    """The address of a contiguous array's first element (half the host time of ``array.ctypes.data``)."""
+    return array.__array_interface__["data"][0]
+
+
+def _enqueue(entry: _BatchEntry, dst: np.ndarray, src: np.ndarray, size: np.ndarray, attrs_address: int,
+             handle: int) -> None:
     """Issue cuMemcpyBatchAsync over checked uint64 arrays, in calls of at most MAX_PIECES_PER_CALL pieces."""
-    attrs_ptr = attrs.getPtr()
+    addresses = _address(dst), _address(src), _address(size)
     fail_index = ctypes.c_size_t(0)
     for start in range(0, dst.size, MAX_PIECES_PER_CALL):
         stop = min(start + MAX_PIECES_PER_CALL, dst.size)
-        args = [dst[start:stop].ctypes.data, src[start:stop].ctypes.data, size[start:stop].ctypes.data,
-                stop - start, attrs_ptr, _ATTRS_INDEX.ctypes.data, 1]
+        args = [a + 8 * start for a in addresses] + [stop - start, attrs_address, _ATTRS_INDEX_ADDRESS, 1]
         if entry.has_fail_index:
             args.append(ctypes.addressof(fail_index))
         code = entry.function(*args, handle)
