@@ -33,6 +33,7 @@ from .batch_memcpy import memcpy_batch_unchecked
 from .copy_plan import CopyPlan, build_plan
 from .cuda_runtime import check, cuda_rt
 from .device_pointer import DevicePointer
+from .host_runs import HostRuns, warm_up
 
 Path = Literal["auto", "staged", "zero_copy", "dma"]
 PATHS: tuple[str, ...] = ("auto", "staged", "zero_copy", "dma")
@@ -209,23 +210,6 @@ class _Lane:
         return block_major(buf.view(num_blocks, *[sizes[n] for n in order]), order)
 
 
-class _HostRuns:
-    """The DMA pieces of a staged transfer: one per run of consecutive host blocks, no run crossing a chunk, as
-    uint64 arrays computed once per transfer (host addresses, byte offsets inside the staging slot, sizes)."""
-
-    def __init__(self, host_ids: np.ndarray, per_chunk: int, host_base: int, host_stride: int, block_bytes: int):
-        pos, first, length = run_arrays(host_ids, per_chunk)
-        self.host = (first * host_stride + host_base).astype(np.uint64)
-        self.offset = ((pos % per_chunk) * block_bytes).astype(np.uint64)
-        self.size = (length * block_bytes).astype(np.uint64)
-        self.bounds = np.searchsorted(pos, np.arange(0, host_ids.size + per_chunk, per_chunk)).tolist()
-
-    def chunk(self, index: int, slot_address: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(host addresses, staging addresses, sizes) of chunk `index` staged in the slot at `slot_address`."""
-        a, b = self.bounds[index], self.bounds[index + 1]
-        return self.host[a:b], self.offset[a:b] + np.uint64(slot_address), self.size[a:b]
-
-
 class TransferEngine:
     """Moves blocks between one GPU cache and pinned host caches, on its own high-priority streams.
 
@@ -249,6 +233,7 @@ class TransferEngine:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.lanes = {direction: _Lane(self.device, staging_bytes, kernel_priority, staging_slots)
                       for direction in ("d2h", "h2d")}
+        warm_up()  # the host-run finder compiles on first use: not inside the first transfer
 
     # -- public API ---------------------------------------------------------------------------------------------
     def offload(self, gpu: PagedKVCache, host: PagedKVCache, gpu_ids, host_ids, path: Path = "auto",
@@ -364,9 +349,9 @@ class TransferEngine:
 
         stream = lane.kernel_stream
         stream.wait_event(lane.ready)
-        with torch.cuda.stream(stream):  # the kernel reads / writes the pinned host cache over UVA
-            launch(build_plan(src, dst), lane.ids.upload(s, stream), lane.ids.upload(d, stream), num_blocks=s.size,
-                   max_ctas=max_ctas)
+        # the kernel reads / writes the pinned host cache over UVA
+        launch(build_plan(src, dst), lane.ids.upload(s, stream), lane.ids.upload(d, stream), num_blocks=s.size,
+               max_ctas=max_ctas, stream=stream)
         return self._finish(stream)
 
     def _dma(self, src, dst, s, d, lane, direction):
@@ -382,10 +367,10 @@ class TransferEngine:
         return self._finish(lane.dma_streams[0])
 
     def _staged(self, src, dst, s, d, lane, direction, max_ctas=None, gather="kernel") -> Iterator[None]:
-        """Chunks of one staging slot each, slots in rotation (also across transfers, so back-to-back transfers
-        overlap). Per chunk, D2H: gather into the slot on the kernel stream, then one DMA piece per run of
-        consecutive host blocks, split over the two DMA streams; H2D the reverse. A slot is reused once the chunk that
-        last used it is done. The first chunk's GPU work is enqueued before the host work it does not need (D2H: the
+        """Chunks of at most one staging slot each (see `chunk_starts`), slots in rotation (also across transfers, so
+        back-to-back transfers overlap). Per chunk, D2H: gather into the slot on the kernel stream, then one DMA piece
+        per run of consecutive host blocks, split over the two DMA streams; H2D the reverse. A slot is reused once the
+        chunk that last used it is done. The first chunk's GPU work is enqueued before the host work it does not need (D2H: the
         host runs are computed while the first gather runs; H2D: the GPU ids are uploaded after the first DMA).
 
         Checks the options and orders the transfer after `lane.ready` at once, then returns a generator that enqueues
@@ -414,8 +399,8 @@ class TransferEngine:
             a, b = (gpu, staging) if d2h else (staging, gpu)
             if kernel_gather:
                 chunk = DevicePointer(gpu_ids + 8 * start, torch.int64), lane.stage_ids(n)
-                with torch.cuda.stream(kernel_stream):
-                    launch(build_plan(a, b), *(chunk if d2h else chunk[::-1]), num_blocks=n, max_ctas=max_ctas)
+                launch(build_plan(a, b), *(chunk if d2h else chunk[::-1]), num_blocks=n, max_ctas=max_ctas,
+                       stream=kernel_stream)
             else:
                 chunk = gpu_host_ids[start:start + n], np.arange(n, dtype=np.int64)
                 srcs, dsts, sizes = dense_pieces(build_plan(a, b), a, b, *(chunk if d2h else chunk[::-1]))
@@ -424,8 +409,10 @@ class TransferEngine:
         def chunks() -> Iterator[None]:
             gpu_ids = None  # device address of the GPU ids (kernel gather), uploaded when first needed
             runs = None
-            for index, start in enumerate(range(0, s.size, per_chunk)):
-                n = min(per_chunk, s.size - start)
+            starts = chunk_starts(s.size, per_chunk, direction)
+            ends = starts[1:] + [s.size]
+            for index, (start, end) in enumerate(zip(starts, ends)):
+                n = end - start
                 slot = lane.take_slot()
                 staging = lane.staging_cache(host, slot)
                 slot_address = lane.staging_address + slot * lane.slot_bytes
@@ -438,8 +425,8 @@ class TransferEngine:
                     repack(gpu_ids, start, n, staging)
                     lane.gathered.record(kernel_stream)
                 if runs is None:
-                    runs = _HostRuns(host_ids, per_chunk, host.piece_addresses()[0],
-                                     host.layout.stride["block"] * src.geometry.itemsize, bb)
+                    runs = HostRuns(host_ids, starts, host.piece_addresses()[0],
+                                    host.layout.stride["block"] * src.geometry.itemsize, bb)
                 hosts, stage, sizes = runs.chunk(index, slot_address)
                 if d2h:
                     self._dma_split(hosts, stage, sizes, lane, lane.gathered, "d2h", done)
@@ -457,20 +444,17 @@ class TransferEngine:
         return chunks()
 
 
-def run_arrays(ids: np.ndarray, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Split ids into runs of consecutive values, none crossing a multiple of `chunk` positions (when given):
-    (position in ids, first id, length) of each run, as arrays."""
-    if ids.size == 1:
-        return np.zeros(1, dtype=np.int64), ids, np.ones(1, dtype=np.int64)
-    breaks = np.empty(ids.size, dtype=bool)
-    breaks[:1] = True
-    np.not_equal(ids[1:], ids[:-1] + 1, out=breaks[1:])
-    if chunk is not None:
-        breaks[::chunk] = True
-    starts = np.flatnonzero(breaks)
-    ends = np.empty_like(starts)  # (np.diff with append= costs several times these two assignments)
-    ends[:-1], ends[-1] = starts[1:], ids.size
-    return starts, ids[starts], ends - starts
+def chunk_starts(n: int, per_chunk: int, direction: str) -> list[int]:
+    """Where the chunks of an `n`-block staged transfer start. A chunk fills one staging slot (`per_chunk` blocks),
+    but a transfer of several chunks begins (offload) or ends (onboard) with a short one of `per_chunk // 8` blocks:
+    the GPU work no DMA can overlap, the first gather or the last scatter, is then an eighth as long."""
+    short = max(1, per_chunk // 8)
+    if n <= per_chunk:
+        return [0]
+    if direction == "d2h":
+        return [0, *range(short, n, per_chunk)]
+    starts = list(range(0, n, per_chunk))
+    return starts + [n - short] if n - starts[-1] > short else starts
 
 
 def _inner_order(host: PagedKVCache) -> tuple[str, ...]:

@@ -9,16 +9,25 @@ import pytest
 import torch
 
 from kvbm.kernels.copy_plan import build_plan
-from kvbm.kernels.transfer import _HostRuns, _inner_order, choose_path, dense_pieces, run_arrays
+from kvbm.kernels.host_runs import HostRuns
+from kvbm.kernels.transfer import _inner_order, choose_path, chunk_starts, dense_pieces
 from kvbm.layouts import KVGeometry, allocate, block_major, copy_blocks
 from layout_oracle import fill_random, to_logical
 
 G = KVGeometry(num_layers=2, num_kv=2, block_size=4, num_heads=2, head_dim=8, itemsize=2)
 
 
-def runs(ids) -> list[tuple[int, int, int]]:
-    pos, first, length = run_arrays(np.asarray(ids, dtype=np.int64))
-    return list(zip(pos.tolist(), first.tolist(), length.tolist()))
+def runs(ids, chunk: int | None = None) -> list[tuple[int, int, int]]:
+    """(position, first id, length) of every run HostRuns finds with chunks of `chunk` positions, read back from its
+    pieces (1-byte blocks at address = id, staged from offset 0)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    starts = list(range(0, ids.size, chunk or ids.size))
+    found = HostRuns(ids, starts, 0, 1, 1)
+    out = []
+    for c, start in enumerate(starts):
+        hosts, stage, sizes = found.chunk(c, 0)
+        out += [(start + st, h, z) for h, st, z in zip(hosts.tolist(), stage.tolist(), sizes.tolist())]
+    return out
 
 
 def test_runs_split_consecutive_ids():
@@ -57,27 +66,51 @@ def scan_runs(ids, chunk=None) -> list[tuple[int, int, int]]:
 def test_runs_never_cross_a_chunk(n, chunk):
     rng = np.random.default_rng(n + chunk)
     ids = np.cumsum(rng.choice([1, 1, 1, 1, 2, -9], size=n)) + 500
-    pos, first, length = run_arrays(ids, chunk)
-    assert list(zip(pos.tolist(), first.tolist(), length.tolist())) == scan_runs(ids.tolist(), chunk)
+    assert runs(ids, chunk) == scan_runs(ids.tolist(), chunk)
 
 
-@pytest.mark.parametrize("n,per_chunk", [(1, 4), (9, 4), (64, 64), (130, 64)])
-def test_host_runs_give_each_chunk_its_blocks_in_staging_order(n, per_chunk):
+@pytest.mark.parametrize("n,per_chunk,direction", [(1, 4, "d2h"), (9, 4, "h2d"), (64, 64, "d2h"), (130, 64, "d2h"),
+                                                   (130, 64, "h2d"), (300, 16, "h2d"), (7, 1, "d2h")])
+def test_host_runs_give_each_chunk_its_blocks_in_staging_order(n, per_chunk, direction):
     """Every block of chunk c lands at staging offset (its position in the chunk) x block bytes, from or to its host
     block's address; the pieces of a chunk tile its staging bytes exactly."""
     rng = np.random.default_rng(n)
     ids = np.cumsum(rng.choice([1, 1, 1, 3, -7], size=n)) + 50
     base, stride, bb, slot = 1 << 40, 4096 * 5, 4096 * 3, 1 << 32
-    runs = _HostRuns(ids, per_chunk, base, stride, bb)
-    for c, start in enumerate(range(0, n, per_chunk)):
-        hosts, stage, sizes = runs.chunk(c, slot)
+    starts = chunk_starts(n, per_chunk, direction)
+    found = HostRuns(ids, starts, base, stride, bb)
+    for c, (start, end) in enumerate(zip(starts, starts[1:] + [n])):
+        hosts, stage, sizes = found.chunk(c, slot)
         assert hosts.dtype == stage.dtype == sizes.dtype == np.uint64
         blocks = []
         for h, st, z in zip(hosts.tolist(), stage.tolist(), sizes.tolist()):
             assert (st - slot) % bb == 0 and z % bb == 0 and (h - base) % stride == 0
             blocks += [((st - slot) // bb + k, (h - base) // stride + k) for k in range(z // bb)]
-        m = min(per_chunk, n - start)
-        assert blocks == [(i, int(ids[start + i])) for i in range(m)]
+        assert blocks == [(i, int(ids[start + i])) for i in range(end - start)]
+
+
+@pytest.mark.parametrize("bad", [[], [1], [0, 0], [0, 5, 3], [0, 9]])
+def test_host_runs_refuse_bad_chunk_starts(bad):
+    with pytest.raises(ValueError, match="chunk_starts must increase from 0"):
+        HostRuns(np.arange(9, dtype=np.int64), bad, 0, 1, 1)
+
+
+@pytest.mark.parametrize("n,per_chunk", [(1, 64), (64, 64), (65, 64), (256, 64), (1000, 29), (5, 1), (20, 3)])
+def test_chunk_starts_fill_slots_with_one_short_chunk_at_the_exposed_end(n, per_chunk):
+    """Chunks cover [0, n) in order, none larger than a slot; a transfer of several chunks starts (offload) or ends
+    (onboard) with a short one of per_chunk // 8 blocks (at least one, at most for an onboard); the others but the
+    remainder are whole slots."""
+    short = max(1, per_chunk // 8)
+    for direction in ("d2h", "h2d"):
+        starts = chunk_starts(n, per_chunk, direction)
+        sizes = np.diff(starts + [n])
+        assert starts[0] == 0 and (sizes > 0).all() and (sizes <= per_chunk).all()
+        if n <= per_chunk:
+            assert starts == [0]
+        elif direction == "d2h":
+            assert sizes[0] == short and (sizes[1:-1] == per_chunk).all()
+        else:
+            assert sizes[-1] <= short and (sizes[:-2] == per_chunk).all()
 
 
 @pytest.mark.parametrize("order", [("layer", "kv", "token", "head", "channel"), ("head", "layer", "kv", "token", "channel"),
