@@ -38,7 +38,8 @@ GEOMETRIES = {"llama8b": LLAMA8B, "deepseek": DEEPSEEK}
 BATCHES = [1, 16, 256, 1024]
 #: Bytes of the ceiling copies (one pinned memcpy each way, device-to-device, two at once). Throughput is timed over
 #: bursts of back-to-back transfers moving as many bytes (one transfer when it is that large), from an idle GPU to
-#: the last byte, host enqueue included: the same bytes and the same clock as the ceiling it is compared with.
+#: the last byte, host enqueue included: the same bytes and the same clock as the ceiling it is compared with; each
+#: timing is paired with a ceiling copy just before it (see `measure`).
 CEILING_BYTES = 512 << 20
 #: Host pool inner order per preset: the G1 order, so host blocks need no permutation (what peers store too).
 HEAD_FIRST = ("layer", "kv", "head", "token", "channel")
@@ -150,8 +151,11 @@ def peer_methods(env: Env, engine, direction: str, src_ids, dst_ids) -> dict:
     return methods
 
 
-def measure(env: Env, name: str, fn, direction: str, s_ids, d_ids, reps: int, ceiling: float) -> dict:
-    """Time one method, check its bytes, and make a result row."""
+def measure(env: Env, name: str, fn, direction: str, s_ids, d_ids, reps: int, ceiling_copy) -> dict:
+    """Time one method, each repetition right after one ceiling copy (`ceiling_copy()`, a plain pinned memcpy of
+    CEILING_BYTES in the same direction), check its bytes, and make a result row. The percentage of the ceiling is
+    the median of the paired ratios: PCIe throughput drifts by a few percent within a run, and pairing keeps that
+    drift out of the comparison."""
     if direction == "h2d":
         fill(env.host, len(s_ids) + reps)  # fresh random source bytes for each method
     n = len(s_ids)
@@ -159,15 +163,19 @@ def measure(env: Env, name: str, fn, direction: str, s_ids, d_ids, reps: int, ce
     one = timed(fn, 1, warmup=1)[0]  # warm (kernels compiled), and a first look at the cost
     if one * burst * reps > SLOW_SECONDS:  # Python-driven per-piece methods on fine layouts: one timed burst
         reps, burst = 1, max(1, min(burst, int(SLOW_SECONDS / max(one, 1e-9))))
-    t = timed(lambda: [fn() for _ in range(burst)], reps, warmup=0)
+    t, ceilings = [], []
+    for _ in range(reps):
+        ceilings.append(CEILING_BYTES / timed(ceiling_copy, 1, warmup=0)[0] / 1e9)
+        t.append(timed(lambda: [fn() for _ in range(burst)], 1, warmup=0)[0] / burst)
     ok = check(env, direction, s_ids, d_ids)
-    sec = statistics.median(t) / burst
+    sec = statistics.median(t)
     gbps = n * env.g.block_bytes / sec / 1e9
-    log(f"  {direction} n={n:5d} {name:24s} {gbps:7.2f} GB/s {100 * gbps / ceiling:6.1f}%{'' if ok else '  BYTES WRONG'}")
+    pct = 100 * statistics.median(n * env.g.block_bytes / x / 1e9 / c for x, c in zip(t, ceilings))
+    log(f"  {direction} n={n:5d} {name:24s} {gbps:7.2f} GB/s {pct:6.1f}%{'' if ok else '  BYTES WRONG'}")
     return {"method": name, "layout": env.preset, "geometry": env.gname, "direction": direction, "blocks": n,
-            "bytes": n * env.g.block_bytes, "burst": burst, "seconds_median": sec, "seconds_min": min(t) / burst,
-            "seconds_max": max(t) / burst, "gbps": gbps,
-            "pct_of_ceiling": 100 * gbps / ceiling, "bytes_ok": ok}
+            "bytes": n * env.g.block_bytes, "burst": burst, "reps": reps, "seconds_median": sec, "seconds_min": min(t),
+            "seconds_max": max(t), "gbps": gbps, "ceiling_gbps_paired_median": statistics.median(ceilings),
+            "pct_of_ceiling": pct, "bytes_ok": ok}
 
 
 def check(env: Env, direction: str, src_ids, dst_ids) -> bool:
@@ -193,8 +201,10 @@ def run_gpu(args, save=lambda partial: None) -> dict:
     big_h = torch.empty(CEILING_BYTES, dtype=torch.uint8).pin_memory()
     big_d = torch.randint(0, 255, (CEILING_BYTES,), dtype=torch.uint8, device="cuda")
     big_d2 = torch.empty_like(big_d)
-    d2h = statistics.median(timed(lambda: big_h.copy_(big_d, non_blocking=True), 10))
-    h2d = statistics.median(timed(lambda: big_d.copy_(big_h, non_blocking=True), 10))
+    ceiling_copy = {"d2h": lambda: big_h.copy_(big_d, non_blocking=True),
+                    "h2d": lambda: big_d.copy_(big_h, non_blocking=True)}
+    d2h = statistics.median(timed(ceiling_copy["d2h"], 10))
+    h2d = statistics.median(timed(ceiling_copy["h2d"], 10))
     d2d = statistics.median(timed(lambda: big_d2.copy_(big_d), 20))
     s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
     big_h2 = torch.empty_like(big_h).pin_memory()
@@ -219,7 +229,7 @@ def run_gpu(args, save=lambda partial: None) -> dict:
         for n in [b for b in args.batches if b <= max_n and "transfers" in args.sections]:
             gpu_ids = rng.choice(env.gpu.num_blocks, n, replace=False).tolist()
             host_ids = rng.choice(env.host.num_blocks, n, replace=False).tolist()
-            reps = {1: 5, 16: 10}.get(n, 3)  # a burst of small transfers already spans the ceiling's bytes
+            reps = {1: 5, 16: 9}.get(n, 7)  # odd: the median is one measured pair
             for direction in ("d2h", "h2d"):
                 s_ids, d_ids = (gpu_ids, host_ids) if direction == "d2h" else (host_ids, gpu_ids)
                 move = engine.offload if direction == "d2h" else engine.onboard
@@ -228,9 +238,9 @@ def run_gpu(args, save=lambda partial: None) -> dict:
                     if name == "kvbm_staged_copy_engine" and not copy_engine_ok(env):
                         continue
                     fn = lambda path=path, options=options: move(src, dst, s_ids, d_ids, path=path, **options)  # noqa
-                    rows.append(measure(env, name, fn, direction, s_ids, d_ids, reps, ceil[direction]))
+                    rows.append(measure(env, name, fn, direction, s_ids, d_ids, reps, ceiling_copy[direction]))
                 for name, (fn, written) in peer_methods(env, engine, direction, s_ids, d_ids).items():
-                    rows.append(measure(env, name, fn, direction, s_ids, written, reps, ceil[direction]))
+                    rows.append(measure(env, name, fn, direction, s_ids, written, reps, ceiling_copy[direction]))
             # the gather kernel alone: GPU cache -> device staging, bytes read + written, timed with CUDA events
             rows.append(kernel_alone(env, gpu_ids, ceil))
         if preset == "vllm_flash_attn_nhd":
