@@ -168,13 +168,13 @@ def measure(env: Env, name: str, fn, direction: str, s_ids, d_ids, reps: int, ce
     ok = check(env, direction, s_ids, d_ids)
     sec = statistics.median(t)
     gbps = n * env.g.block_bytes / sec / 1e9
-    ceilings = [CEILING_BYTES / x / 1e9 for x in c]
-    pct = 100 * statistics.median(n * env.g.block_bytes / x / 1e9 / y for x, y in zip(t, ceilings))
+    pct = paired_percent(t, c, n * env.g.block_bytes, CEILING_BYTES)
     log(f"  {direction} n={n:5d} {name:24s} {gbps:7.2f} GB/s {pct:6.1f}%{'' if ok else '  BYTES WRONG'}")
     return {"method": name, "layout": env.preset, "geometry": env.gname, "direction": direction, "blocks": n,
             "bytes": n * env.g.block_bytes, "burst": burst, "reps": reps, "seconds_median": sec, "seconds_min": min(t),
-            "seconds_max": max(t), "gbps": gbps, "ceiling_gbps_paired_median": statistics.median(ceilings),
-            "pct_of_ceiling": pct, "bytes_ok": ok}
+            "seconds_max": max(t), "gbps": gbps,
+            "ceiling_gbps_paired_median": CEILING_BYTES / statistics.median(c) / 1e9, "pct_of_ceiling": pct,
+            "bytes_ok": ok}
 
 
 def paired_times(fn, ceiling_fn, reps: int) -> tuple[list[float], list[float]]:
@@ -184,6 +184,12 @@ def paired_times(fn, ceiling_fn, reps: int) -> tuple[list[float], list[float]]:
         c.append(timed(ceiling_fn, 1, warmup=0)[0])
         t.append(timed(fn, 1, warmup=0)[0])
     return t, c
+
+
+def paired_percent(times, ceiling_times, nbytes: int, ceiling_bytes: int) -> float:
+    """Median over the pairs of `paired_times` of (throughput moving `nbytes` / throughput of the ceiling copy of
+    `ceiling_bytes` just before it), in percent."""
+    return 100 * statistics.median((nbytes / t) / (ceiling_bytes / c) for t, c in zip(times, ceiling_times))
 
 
 def check(env: Env, direction: str, src_ids, dst_ids) -> bool:
@@ -359,7 +365,7 @@ def bidirectional(env: Env, engine, both_ceiling) -> dict:
         fn()  # warm
         t, c = paired_times(fn, both_ceiling, 9)  # each timing right after two plain copies at once (see `measure`)
         gbps = 2 * n * env.g.block_bytes / statistics.median(t) / 1e9
-        pct = 100 * statistics.median(x / y for x, y in zip(c, t))  # (both move 2 x CEILING_BYTES)
+        pct = paired_percent(t, c, 2 * n * env.g.block_bytes, 2 * CEILING_BYTES)
         res[f"gbps_total{name}"] = gbps
         res[f"pct_of_bidirectional_ceiling{name}"] = pct
         res[f"bidirectional_ceiling_gbps_paired_median{name}"] = 2 * CEILING_BYTES / statistics.median(c) / 1e9

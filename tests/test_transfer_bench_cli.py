@@ -1,5 +1,5 @@
-"""The transfer benchmark's command line: `--batches` and `--pin-thread` parsing and their errors for bad input (no
-benchmark is run)."""
+"""The transfer benchmark's command line: `--batches` and `--pin-thread` parsing and their errors for bad input, and
+the paired-ratio arithmetic of its percentages (no benchmark is run)."""
 from __future__ import annotations
 
 import importlib.util
@@ -46,3 +46,11 @@ def test_bad_pin_thread_is_refused(bench, text, message, capsys):
         bench.main(["--pin-thread", text])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_paired_percent_is_the_median_of_each_pair_s_ratio(bench):
+    """Each timing is compared with its own ceiling copy, so a link that slows down between pairs cancels out."""
+    ceiling = [1.0, 2.0, 4.0]  # seconds for 100 bytes: the link slowed down between pairs
+    method = [1.0, 2.0, 8.0]  # 50 bytes: half the ceiling's rate, half, then a quarter
+    assert bench.paired_percent(method, ceiling, 50, 100) == pytest.approx(50.0)
+    assert bench.paired_percent([1.0], [1.0], 97, 100) == pytest.approx(97.0)
