@@ -449,6 +449,9 @@ def chunk_starts(n: int, per_chunk: int, direction: str) -> list[int]:
     """Where the chunks of an `n`-block staged transfer start. A chunk fills one staging slot (`per_chunk` blocks),
     but a transfer of several chunks begins (offload) or ends (onboard) with a short one of `per_chunk // 8` blocks:
     the GPU work no DMA can overlap, the first gather or the last scatter, is then an eighth as long."""
+    if per_chunk < 1 or direction not in ("d2h", "h2d"):
+        raise ValueError(f"chunk_starts needs per_chunk >= 1 and direction 'd2h' or 'h2d', got {per_chunk}, "
+                         f"{direction!r}")
     short = max(1, per_chunk // 8)
     if n <= per_chunk:
         return [0]

@@ -113,6 +113,12 @@ def test_chunk_starts_fill_slots_with_one_short_chunk_at_the_exposed_end(n, per_
             assert sizes[-1] <= short and (sizes[:-2] == per_chunk).all()
 
 
+@pytest.mark.parametrize("per_chunk,direction", [(0, "d2h"), (-3, "h2d"), (8, "up")])
+def test_chunk_starts_refuse_bad_arguments(per_chunk, direction):
+    with pytest.raises(ValueError, match="per_chunk >= 1 and direction"):
+        chunk_starts(100, per_chunk, direction)
+
+
 @pytest.mark.parametrize("order", [("layer", "kv", "token", "head", "channel"), ("head", "layer", "kv", "token", "channel"),
                                    ("layer", "kv", "head", "token", "channel")])
 def test_inner_order_read_back_from_strides(order):
