@@ -93,9 +93,9 @@ def validate_transfer(
     return torch.from_numpy(s), torch.from_numpy(d)
 
 
-def check_transfer(src: PagedKVCache, dst: PagedKVCache, src_ids: BlockIds, dst_ids: BlockIds
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """`validate_transfer` returning int64 numpy arrays (what the transfer engine's host side works on)."""
+def check_caches(src: PagedKVCache, dst: PagedKVCache) -> None:
+    """The cache-level checks of `check_transfer`: two `PagedKVCache`s of one geometry and dtype, on the same device
+    or on CPU and one CUDA device. Raises TypeError, LayoutError or ValueError."""
     for what, cache in (("src", src), ("dst", dst)):
         if not isinstance(cache, PagedKVCache):
             raise TypeError(f"{what} must be a PagedKVCache (see kvbm.layouts.describe), got {type(cache).__name__}")
@@ -107,6 +107,12 @@ def check_transfer(src: PagedKVCache, dst: PagedKVCache, src_ids: BlockIds, dst_
     if not _device_pair_ok(src.device, dst.device):
         raise ValueError(f"cannot copy from device {src.device} to device {dst.device}: expected the same device, "
                          f"or CPU and one CUDA device")
+
+
+def check_transfer(src: PagedKVCache, dst: PagedKVCache, src_ids: BlockIds, dst_ids: BlockIds
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """`validate_transfer` returning int64 numpy arrays (what the transfer engine's host side works on)."""
+    check_caches(src, dst)
     s = block_id_array(src_ids, "src_ids")
     d = block_id_array(dst_ids, "dst_ids")
     if s.size != d.size:
