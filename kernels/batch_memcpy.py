@@ -25,8 +25,8 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from .cuda_runtime import (
-    CudaError, CudaUnavailableError, check, cuda_driver, cuda_rt, ensure_stream_context, require_cuda,
-    stream_handle,
+    CudaError, CudaUnavailableError, check, cuda_driver, cuda_rt, driver_error_name, driver_function,
+    ensure_stream_context, require_cuda, stream_handle,
 )
 
 __all__ = ["MAX_PIECES_PER_CALL", "memcpy_batch_async", "memcpy_loop_async", "prepare_pieces"]
@@ -142,13 +142,11 @@ def prepare_pieces(
 def _batch_entry() -> _BatchEntry:
     """Resolve the driver's cuMemcpyBatchAsync once: the CUDA 13.0 ABI if the driver has it, else the 12.8 one."""
     require_cuda("memcpy_batch_async")
-    flags = cuda_rt.cudaGetDriverEntryPointFlags.cudaEnableDefault
-    found = cuda_rt.cudaDriverEntryPointQueryResult.cudaDriverEntryPointSuccess
     for version, proto, has_fail_index in ((13000, _PROTO_CUDA13, False), (12080, _PROTO_CUDA12, True)):
-        err, address, status = cuda_rt.cudaGetDriverEntryPointByVersion(b"cuMemcpyBatchAsync", version, flags)
-        # A version newer than the driver answers cudaErrorInvalidValue: then try the older ABI.
-        if int(err) == 0 and status == found and address is not None and int(address) != 0:
-            return _BatchEntry(proto(int(address)), has_fail_index)
+        # A version newer than the driver is not found: then try the older ABI.
+        function = driver_function("cuMemcpyBatchAsync", version, proto)
+        if function is not None:
+            return _BatchEntry(function, has_fail_index)
     driver_version = check(cuda_rt.cudaDriverGetVersion(), "cudaDriverGetVersion()")
     raise CudaUnavailableError(
         f"cuMemcpyBatchAsync needs a CUDA 12.8 or newer driver; this driver supports CUDA {driver_version // 1000}."
@@ -170,14 +168,6 @@ def _attributes(direction: Direction | None, device: int, prefer_overlap: bool) 
     if prefer_overlap:
         attrs.flags = cuda_driver.CUmemcpyFlags.CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE
     return attrs
-
-
-def _result_name(code: int) -> str:
-    """The CUresult name of a raw driver return code (e.g. 'CUDA_ERROR_INVALID_VALUE')."""
-    try:
-        return cuda_driver.CUresult(code).name
-    except ValueError:
-        return f"CUresult {code}"
 
 
 def memcpy_batch_async(
@@ -263,7 +253,7 @@ def _enqueue(entry: _BatchEntry, dst: np.ndarray, src: np.ndarray, size: np.ndar
         if code != 0:
             where = f", failing piece {start + fail_index.value}" if entry.has_fail_index else ""
             raise CudaError(f"cuMemcpyBatchAsync(pieces {start}..{stop - 1} of {dst.size}{where})", code,
-                            _result_name(code))
+                            driver_error_name(code))
 
 
 def memcpy_loop_async(

@@ -24,7 +24,8 @@ except ImportError:  # pragma: no cover - exercised only where cuda-python is no
     cuda_rt = None
 
 __all__ = [
-    "CudaError", "CudaUnavailableError", "check", "cuda_available", "cuda_driver", "cuda_rt",
+    "CudaError", "CudaUnavailableError", "check", "cuda_available", "cuda_driver", "cuda_rt", "driver_error_name",
+    "driver_function",
     "ensure_stream_context", "require_cuda", "stream_handle",
 ]
 
@@ -146,3 +147,28 @@ def ensure_stream_context(handle: int) -> None:
         raise ValueError("no CUDA context is current on this thread and stream 0 names none; pass a real stream")
     ctx = check(cuda_driver.cuStreamGetCtx(cuda_driver.CUstream(handle)), f"cuStreamGetCtx({handle:#x})")
     check(cuda_driver.cuCtxSetCurrent(ctx), "cuCtxSetCurrent(stream's context)")
+
+
+def driver_function(name: str, version: int, prototype: type) -> Any:
+    """The driver entry point `name` of ABI `version` (e.g. 12000 for CUDA 12.0) as a ctypes function of
+    `prototype` (a ``ctypes.CFUNCTYPE``), or None when this driver does not have it at that version.
+
+    Resolved through the runtime (``cudaGetDriverEntryPointByVersion``), so it is the driver torch and cuda-python
+    use. A ctypes call costs well under a microsecond, a fraction of a call through the cuda-python bindings.
+    """
+    require_cuda(name)
+    flags = cuda_rt.cudaGetDriverEntryPointFlags.cudaEnableDefault
+    found = cuda_rt.cudaDriverEntryPointQueryResult.cudaDriverEntryPointSuccess
+    err, address, status = cuda_rt.cudaGetDriverEntryPointByVersion(name.encode(), version, flags)
+    # A version newer than the driver answers cudaErrorInvalidValue.
+    if int(err) != 0 or status != found or address is None or int(address) == 0:
+        return None
+    return prototype(int(address))
+
+
+def driver_error_name(code: int) -> str:
+    """The CUresult name of a raw driver return code (e.g. 'CUDA_ERROR_INVALID_VALUE')."""
+    try:
+        return cuda_driver.CUresult(code).name
+    except ValueError:
+        return f"CUresult {code}"

@@ -27,13 +27,14 @@ import numpy as np
 import torch
 
 from kvbm.layouts import PagedKVCache, block_major
-from kvbm.layouts.conversion import check_transfer
+from kvbm.layouts.conversion import block_id_array, check_caches, check_transfer
 
+from . import host_runs, id_check, stream_events as events
 from .batch_memcpy import memcpy_batch_unchecked
 from .copy_plan import CopyPlan, build_plan
 from .cuda_runtime import check, cuda_rt
 from .device_pointer import DevicePointer
-from .host_runs import HostRuns, warm_up
+from .host_runs import HostRuns
 
 Path = Literal["auto", "staged", "zero_copy", "dma"]
 PATHS: tuple[str, ...] = ("auto", "staged", "zero_copy", "dma")
@@ -41,6 +42,9 @@ PATHS: tuple[str, ...] = ("auto", "staged", "zero_copy", "dma")
 DMA_MIN_PIECE_BYTES = 1 << 20
 #: Default device staging size, split into two halves for the pipeline.
 DEFAULT_STAGING_BYTES = 256 << 20
+#: Fewest DMA pieces a chunk must have to be split over the lane's two DMA streams: a split costs a second batched
+#: call and two event operations on the host, which a short chunk (the first of an offload, say) does not repay.
+MIN_PIECES_TO_SPLIT = 16
 _HOST_TO_DEVICE = cuda_rt.cudaMemcpyKind.cudaMemcpyHostToDevice if cuda_rt is not None else None  # looked up once
 
 
@@ -119,14 +123,15 @@ class _PinnedIdRing:
     order keeps an upload from overwriting ids a queued kernel still reads. Longer id lists get tensors of their own.
     """
 
-    def __init__(self, device: torch.device, slots: int = 16, slot_ids: int = 16384):
+    def __init__(self, device: torch.device, stream: torch.cuda.Stream, slots: int = 16, slot_ids: int = 16384):
         self.host = torch.empty(slots, slot_ids, dtype=torch.int64).pin_memory()
         self.dev = torch.empty(slots, slot_ids, dtype=torch.int64, device=device)
         self.host_array = self.host.numpy()
         self.host_address, self.dev_address = self.host.data_ptr(), self.dev.data_ptr()
         self.slot_bytes = 8 * slot_ids
-        self.events = [torch.cuda.Event() for _ in range(slots)]  # re-recorded by each upload through the slot
-        self.used = [False] * slots
+        # re-recorded by each upload through the slot (recorded once here: a finished event before first use)
+        self.events = [torch.cuda.Event() for _ in range(slots)]
+        self.event_handles = [events.handle(e, stream) for e in self.events]
         self.next = 0
         self.large: torch.Tensor | None = None  # the last over-long id list, kept until the next one replaces it
 
@@ -138,13 +143,12 @@ class _PinnedIdRing:
                 self.large = torch.from_numpy(ids).pin_memory().to(self.dev.device, non_blocking=True)
             return DevicePointer(self.large.data_ptr(), torch.int64)
         k, self.next = self.next, (self.next + 1) % self.host.shape[0]
-        if self.used[k]:
-            self.events[k].synchronize()  # issued `slots` uploads ago: finished in practice
+        self.events[k].synchronize()  # issued `slots` uploads ago: finished in practice
         self.host_array[k, :n] = ids
+        handle = stream.cuda_stream
         check(cuda_rt.cudaMemcpyAsync(self.dev_address + k * self.slot_bytes, self.host_address + k * self.slot_bytes,
-                                      8 * n, _HOST_TO_DEVICE, stream.cuda_stream), "cudaMemcpyAsync(block ids)")
-        self.events[k].record(stream)
-        self.used[k] = True
+                                      8 * n, _HOST_TO_DEVICE, handle), "cudaMemcpyAsync(block ids)")
+        events.record(self.event_handles[k], handle)
         return DevicePointer(self.dev_address + k * self.slot_bytes, torch.int64)
 
 
@@ -154,7 +158,8 @@ class _Lane:
 
     `kernel_priority` is the CUDA stream priority of the gather/scatter kernels (-1 high, 0 normal). The lane's
     events are recorded anew by every transfer: a stream wait takes an event's latest record when it is enqueued, so
-    one event per role (and per slot) serves all transfers, without creating events on the hot path.
+    one event per role (and per slot) serves all transfers, without creating events on the hot path. They are
+    recorded and waited on through their raw handles (`stream_events`), each recorded once here so that it exists.
     """
 
     def __init__(self, device: torch.device, staging_bytes: int, kernel_priority: int = -1, slots: int = 2):
@@ -162,15 +167,18 @@ class _Lane:
         # A chunk's DMA pieces are split between two streams: with one, the copy engine idles between pieces (measured
         # on the H200: 256 random 2 MiB D2H pieces 97% of one large copy on one stream, 99% on two).
         self.dma_streams = (torch.cuda.Stream(device, priority=-1), torch.cuda.Stream(device, priority=-1))
-        self.ids = _PinnedIdRing(device)
+        self.kernel_handle = self.kernel_stream.cuda_stream
+        self.dma_handles = tuple(s.cuda_stream for s in self.dma_streams)
+        self.ids = _PinnedIdRing(device, self.kernel_stream)
         self.slot_bytes = staging_bytes // slots
         self.staging = torch.empty(self.slot_bytes * slots, dtype=torch.uint8, device=device)
         self.staging_address = self.staging.data_ptr()
-        # slot_done[k]: the last chunk through slot k is finished with it (recorded once the slot is first used)
-        self.slot_done = [torch.cuda.Event() for _ in range(slots)]
-        self.slot_used = [False] * slots
         self.next_slot = 0  # slots rotate across chunks and transfers, so back-to-back transfers overlap
-        self.ready, self.gathered, self.second_landed, self.landed = (torch.cuda.Event() for _ in range(4))
+        # slot_done[k]: the last chunk through slot k is finished with it (a slot is free until first used)
+        self._events = [torch.cuda.Event() for _ in range(4 + slots)]  # owned here; used by their handles below
+        handles = [events.handle(e, self.kernel_stream) for e in self._events]
+        self.ready, self.gathered, self.second_landed, self.landed = handles[:4]
+        self.slot_done = handles[4:]
         self._caches: dict = {}
         self._stage_ids = torch.empty(0, dtype=torch.int64, device=device)
 
@@ -185,10 +193,6 @@ class _Lane:
         """The next staging slot in rotation."""
         slot, self.next_slot = self.next_slot, (self.next_slot + 1) % len(self.slot_done)
         return slot
-
-    def slot_free(self, slot: int) -> torch.cuda.Event | None:
-        """The event after which `slot` may be overwritten (None before its first use)."""
-        return self.slot_done[slot] if self.slot_used[slot] else None
 
     def staging_cache(self, host: PagedKVCache, slot: int) -> PagedKVCache:
         """A block-major device cache filling one staging slot, in the host cache's inner order (kept, so the copy
@@ -233,7 +237,8 @@ class TransferEngine:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.lanes = {direction: _Lane(self.device, staging_bytes, kernel_priority, staging_slots)
                       for direction in ("d2h", "h2d")}
-        warm_up()  # the host-run finder compiles on first use: not inside the first transfer
+        host_runs.warm_up()  # the compiled host-side passes compile (or load) on first use: not in a first transfer
+        id_check.warm_up()
 
     # -- public API ---------------------------------------------------------------------------------------------
     def offload(self, gpu: PagedKVCache, host: PagedKVCache, gpu_ids, host_ids, path: Path = "auto",
@@ -282,18 +287,43 @@ class TransferEngine:
 
     # -- implementation -----------------------------------------------------------------------------------------
     def _check(self, spec: TransferSpec) -> tuple[np.ndarray, np.ndarray, str]:
-        """Validate one transfer (raising on bad input): its ids as int64 arrays and the path it will take."""
+        """Validate one transfer (raising on bad input): its ids as int64 arrays and the path it will take.
+
+        The checks of the two caches are done once per cache pair and kept (`_check_pair`); the ids are checked in
+        one compiled pass, and only when that finds a fault does `check_transfer` run to name it."""
         if spec.direction not in ("d2h", "h2d"):
             raise ValueError(f"direction must be 'd2h' or 'h2d', got {spec.direction!r}")
         if spec.path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {spec.path!r}")
-        s, d = check_transfer(spec.src, spec.dst, spec.src_ids, spec.dst_ids)
-        gpu, host = (spec.src, spec.dst) if spec.direction == "d2h" else (spec.dst, spec.src)
+        src, dst = spec.src, spec.dst
+        if not isinstance(src, PagedKVCache) or not isinstance(dst, PagedKVCache):
+            check_caches(src, dst)  # raises the TypeError
+        auto = self._check_pair(spec.direction, src, dst)
+        s, d = block_id_array(spec.src_ids, "src_ids"), block_id_array(spec.dst_ids, "dst_ids")
+        if not id_check.ids_valid(s, d, src.num_blocks, dst.num_blocks):
+            check_transfer(src, dst, s, d)  # raises the precise error
+            raise AssertionError(f"block ids rejected by ids_valid but accepted by check_transfer: {s}, {d}")
+        return s, d, auto if spec.path == "auto" else spec.path
+
+    def _check_pair(self, direction: str, src: PagedKVCache, dst: PagedKVCache) -> str:
+        """Check that `src` -> `dst` is a transfer this engine can run in `direction` (raising if not) and return the
+        path "auto" takes for it. Kept on `src` per destination (object, layout and address, as `build_plan` keys its
+        plans), so repeated transfers between two caches skip it; the engine's device is part of the key."""
+        key = (direction, self.device.index, id(dst), id(dst.layout), dst.piece_addresses()[0])
+        checked = src.__dict__.setdefault("_transfer_engine_pairs", {})
+        entry = checked.get(key)
+        if entry is not None and entry[0] is src.layout and entry[1] is dst.layout:
+            return entry[2]
+        check_caches(src, dst)
+        gpu, host = (src, dst) if direction == "d2h" else (dst, src)
         if gpu.device != self.device:
             raise ValueError(f"GPU cache is on {gpu.device}, this engine serves {self.device}")
         if host.device.type != "cpu" or not all(t.is_pinned() for t in host.tensors):
             raise ValueError(f"host cache {host.name} must be in pinned CPU memory (see kernels.host_memory)")
-        return s, d, choose_path(spec.src, spec.dst) if spec.path == "auto" else spec.path
+        if len(checked) >= 64:
+            checked.clear()
+        checked[key] = (src.layout, dst.layout, choose_path(src, dst))
+        return checked[key][2]
 
     def _begin(self, spec: TransferSpec, s: np.ndarray, d: np.ndarray, path: str
                ) -> tuple[TransferHandle, Iterator[None] | None]:
@@ -303,7 +333,7 @@ class TransferEngine:
         if s.size == 0:
             return handle, None
         lane = self.lanes[spec.direction]
-        lane.ready.record(torch.cuda.current_stream(self.device))  # the engine's writes to G1 so far
+        events.record(lane.ready, events.current_stream(self.device.index))  # the caller's work on G1 so far
         try:
             if path == "staged":
                 return handle, self._staged(spec.src, spec.dst, s, d, lane, spec.direction, **spec.options)
@@ -313,29 +343,30 @@ class TransferEngine:
             handle.error = e
         return handle, None
 
-    def _dma_pieces(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream, direction: str) -> None:
-        """Batched DMA of pieces this engine built from validated caches and ids (no re-validation)."""
+    def _dma_pieces(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: int, direction: str) -> None:
+        """Batched DMA on raw stream `stream` of pieces this engine built from validated caches and ids (no
+        re-validation)."""
         memcpy_batch_unchecked(np.ascontiguousarray(dsts, dtype=np.uint64), np.ascontiguousarray(srcs, dtype=np.uint64),
-                               np.ascontiguousarray(sizes, dtype=np.uint64), stream.cuda_stream, direction=direction,
+                               np.ascontiguousarray(sizes, dtype=np.uint64), stream, direction=direction,
                                device=self.device.index)
 
-    def _dma_split(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, lane: _Lane,
-                   after: torch.cuda.Event | None, direction: str, landed: torch.cuda.Event) -> torch.cuda.Event:
-        """DMA pieces, the first half on the lane's first DMA stream and the rest on its second, once `after` (if
-        any) has happened; records `landed` (on the first stream) once all have landed, and returns it."""
-        first, second = lane.dma_streams
-        half = (dsts.size + 1) // 2
+    def _dma_split(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, lane: _Lane, after: int | None,
+                   direction: str, landed: int) -> None:
+        """DMA pieces once event `after` (if any) has happened: with `MIN_PIECES_TO_SPLIT` or more, the first half
+        on the lane's first DMA stream and the rest on its second, else all on the first; records event `landed`
+        (on the first stream) once all have landed."""
+        first, second = lane.dma_handles
+        half = (dsts.size + 1) // 2 if dsts.size >= MIN_PIECES_TO_SPLIT else dsts.size
         if after is not None:
-            first.wait_event(after)
+            events.wait(first, after)
             if half < dsts.size:
-                second.wait_event(after)
+                events.wait(second, after)
         self._dma_pieces(dsts[:half], srcs[:half], sizes[:half], first, direction)
         if half < dsts.size:
             self._dma_pieces(dsts[half:], srcs[half:], sizes[half:], second, direction)
-            lane.second_landed.record(second)
-            first.wait_event(lane.second_landed)
-        landed.record(first)
-        return landed
+            events.record(lane.second_landed, second)
+            events.wait(first, lane.second_landed)
+        events.record(landed, first)
 
     @staticmethod
     def _finish(stream: torch.cuda.Stream) -> torch.cuda.Event:
@@ -348,7 +379,7 @@ class TransferEngine:
         from .triton_copy import launch
 
         stream = lane.kernel_stream
-        stream.wait_event(lane.ready)
+        events.wait(lane.kernel_handle, lane.ready)
         # the kernel reads / writes the pinned host cache over UVA
         launch(build_plan(src, dst), lane.ids.upload(s, stream), lane.ids.upload(d, stream), num_blocks=s.size,
                max_ctas=max_ctas, stream=stream)
@@ -392,8 +423,10 @@ class TransferEngine:
         if per_chunk == 0:
             raise ValueError(f"staging slot of {lane.slot_bytes} bytes cannot hold one block of {bb} bytes")
         kernel_gather = gather == "kernel"
-        for stream in (kernel_stream, *lane.dma_streams):
-            stream.wait_event(lane.ready)  # now: the next transfer re-records `ready`
+        # Now (the next transfer re-records `ready`): the kernel stream, and for an onboard the DMA streams too. An
+        # offload's DMAs wait for its gathers, queued on the kernel stream after this wait.
+        for handle in (lane.kernel_handle,) if d2h else (lane.kernel_handle, *lane.dma_handles):
+            events.wait(handle, lane.ready)
 
         def repack(gpu_ids: int | None, start: int, n: int, staging: PagedKVCache) -> None:
             """Gather chunk [start, start + n) of the GPU blocks into staging (D2H), or scatter it back (H2D)."""
@@ -405,7 +438,7 @@ class TransferEngine:
             else:
                 chunk = gpu_host_ids[start:start + n], np.arange(n, dtype=np.int64)
                 srcs, dsts, sizes = dense_pieces(build_plan(a, b), a, b, *(chunk if d2h else chunk[::-1]))
-                self._dma_pieces(dsts, srcs, sizes, kernel_stream, "d2d")
+                self._dma_pieces(dsts, srcs, sizes, lane.kernel_handle, "d2d")
 
         def chunks() -> Iterator[None]:
             gpu_ids = None  # device address of the GPU ids (kernel gather), uploaded when first needed
@@ -417,14 +450,13 @@ class TransferEngine:
                 slot = lane.take_slot()
                 staging = lane.staging_cache(host, slot)
                 slot_address = lane.staging_address + slot * lane.slot_bytes
-                free, done = lane.slot_free(slot), lane.slot_done[slot]
+                done = lane.slot_done[slot]  # also: the slot is free once its last chunk recorded this
                 if d2h:
                     if kernel_gather and gpu_ids is None:
                         gpu_ids = lane.ids.upload(gpu_host_ids, kernel_stream).data_ptr()
-                    if free is not None:
-                        kernel_stream.wait_event(free)
+                    events.wait(lane.kernel_handle, done)
                     repack(gpu_ids, start, n, staging)
-                    lane.gathered.record(kernel_stream)
+                    events.record(lane.gathered, lane.kernel_handle)
                 if runs is None:
                     runs = HostRuns(host_ids, starts, host.piece_addresses()[0],
                                     host.layout.stride["block"] * src.geometry.itemsize, bb)
@@ -432,13 +464,12 @@ class TransferEngine:
                 if d2h:
                     self._dma_split(hosts, stage, sizes, lane, lane.gathered, "d2h", done)
                 else:
-                    self._dma_split(stage, hosts, sizes, lane, free, "h2d", lane.landed)
+                    self._dma_split(stage, hosts, sizes, lane, done, "h2d", lane.landed)
                     if kernel_gather and gpu_ids is None:  # the first DMA is queued: now the ids its scatter needs
                         gpu_ids = lane.ids.upload(gpu_host_ids, kernel_stream).data_ptr()
-                    kernel_stream.wait_event(lane.landed)
+                    events.wait(lane.kernel_handle, lane.landed)
                     repack(gpu_ids, start, n, staging)
-                    done.record(kernel_stream)
-                lane.slot_used[slot] = True
+                    events.record(done, lane.kernel_handle)
                 yield
             return self._finish(lane.dma_streams[0] if d2h else kernel_stream)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvbm.kernels import batch_memcpy
+from kvbm.kernels import batch_memcpy, cuda_runtime
 from kvbm.kernels.batch_memcpy import memcpy_batch_async, memcpy_loop_async, prepare_pieces
 from kvbm.kernels.cuda_runtime import (
     CudaError, CudaUnavailableError, check, cuda_available, cuda_driver, cuda_rt, ensure_stream_context,
@@ -228,11 +228,13 @@ def test_entry_point_abi_follows_the_driver_version(monkeypatch, driver_version)
             return (cuda_rt.cudaError_t.cudaErrorInvalidValue, None, None)
         return (SUCCESS, address, found)
 
-    monkeypatch.setattr(batch_memcpy, "require_cuda", lambda what: None)
-    monkeypatch.setattr(batch_memcpy, "cuda_rt", types.SimpleNamespace(
+    fake_rt = types.SimpleNamespace(
         cudaGetDriverEntryPointFlags=cuda_rt.cudaGetDriverEntryPointFlags,
         cudaDriverEntryPointQueryResult=cuda_rt.cudaDriverEntryPointQueryResult,
-        cudaGetDriverEntryPointByVersion=entry_point, cudaDriverGetVersion=lambda: (SUCCESS, driver_version)))
+        cudaGetDriverEntryPointByVersion=entry_point, cudaDriverGetVersion=lambda: (SUCCESS, driver_version))
+    for module in (batch_memcpy, cuda_runtime):  # the entry point is resolved by cuda_runtime.driver_function
+        monkeypatch.setattr(module, "require_cuda", lambda what: None)
+        monkeypatch.setattr(module, "cuda_rt", fake_rt)
     batch_memcpy._batch_entry.cache_clear()
     try:
         if driver_version < 12080:

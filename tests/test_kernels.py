@@ -165,3 +165,41 @@ def test_repeated_launches_of_one_plan_copy_exactly():
         assert torch.equal(to_logical("kvbm_staging", dst), to_logical("kvbm_staging", ref)), (n, first, max_ctas)
     if DEVICE == "cuda":
         assert len(plan.triton_compiled) == 1  # one compiled kernel served every launch after the first
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the compiled-kernel launch path exists only on a GPU")
+def test_compiled_launches_call_triton_launch_hooks_when_set():
+    """Launches of a compiled kernel go straight through its launcher, unless a Triton launch hook (a profiler's)
+    is set: then through Triton's runner, which calls it. Both copy byte-exact."""
+    import triton
+
+    from kvbm.kernels.copy_plan import build_plan
+    from kvbm.kernels.triton_copy import launch
+
+    g = KVGeometry(2, 2, 4, 2, 8, 2)
+    src = allocate("vllm_flash_attn_nhd", g, 12, dtype=torch.bfloat16, device=DEVICE)
+    fill_random(src, torch.Generator().manual_seed(5))
+    plan_dst = allocate("kvbm_staging", g, 12, dtype=torch.bfloat16, device=DEVICE)
+    plan = build_plan(src, plan_dst)
+    ids = torch.tensor([7, 2, 9, 4], dtype=torch.int64, device=DEVICE)
+    out = torch.tensor([0, 5, 1, 11], dtype=torch.int64, device=DEVICE)
+    calls = []
+    runtime = triton.knobs.runtime
+    for hooked in (False, True, False):  # the first launch compiles (JIT); the next ones run the compiled kernel
+        for t in plan_dst.tensors:
+            t.view(torch.uint8).fill_(0xA5)
+        ref = allocate("kvbm_staging", g, 12, dtype=torch.bfloat16, device=DEVICE)
+        for a, b in zip(ref.tensors, plan_dst.tensors):
+            a.copy_(b)
+        before = len(calls)
+        if hooked:
+            runtime.launch_enter_hook = lambda metadata: calls.append(metadata)
+        try:
+            launch(plan, ids, out)
+        finally:
+            runtime.launch_enter_hook = None
+        torch.cuda.synchronize()
+        assert len(calls) == before + hooked
+        copy_blocks(src, ref, ids.cpu(), out.cpu(), backend="torch")
+        assert torch.equal(to_logical("kvbm_staging", plan_dst), to_logical("kvbm_staging", ref))
+    assert len(plan.triton_compiled) == 1

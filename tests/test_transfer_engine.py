@@ -241,3 +241,83 @@ def test_submit_checks_every_transfer_before_enqueueing_any(engine_factory):
             failed.wait()
         assert done.ok and not failed.ok
         assert all(torch.equal(a, b) for a, b in zip(bytes_of(host), want))
+
+
+@pytest.mark.parametrize("direction", ["d2h", "h2d"])
+def test_chunks_of_many_pieces_split_over_both_dma_streams_byte_exact(direction, engine_factory):
+    """A chunk of MIN_PIECES_TO_SPLIT or more DMA pieces (scattered host blocks) is split over the lane's two DMA
+    streams, a shorter one (the short first chunk of an offload, the short last one of an onboard) goes on one:
+    both kinds of chunk in one transfer, byte-exact, the blocks not named still poisoned."""
+    from kvbm.kernels.host_memory import PinnedHostBuffer
+    from kvbm.kernels.transfer import MIN_PIECES_TO_SPLIT
+
+    g, n = GEOM, 2 * MIN_PIECES_TO_SPLIT + 5
+    rng = np.random.default_rng(31 if direction == "d2h" else 32)
+    gpu = allocate("vllm_flash_attn_nhd", g, 2 * n, dtype=torch.bfloat16, device="cuda")
+    random_fill(gpu.tensors, 33)
+    engine = engine_factory(g, 2, blocks_per_slot=MIN_PIECES_TO_SPLIT + 8)  # chunks of 3, 24, 24, 1 blocks (d2h)
+    with PinnedHostBuffer(2 * n * g.block_bytes) as buf:
+        host = host_cache(buf, g, STAGING_ORDER, blocks=2 * n)
+        random_fill(host.tensors, 34)
+        gpu_ids, host_ids = rng.choice(2 * n, n, replace=False), rng.choice(2 * n, n, replace=False)
+        if direction == "d2h":
+            host.tensors[0].view(torch.uint8)[torch.as_tensor(host_ids)] = POISON
+            want, after = reference_copy(gpu, host, gpu_ids, host_ids), lambda: bytes_of(host)
+            handle = engine.offload(gpu, host, gpu_ids, host_ids, path="staged")
+        else:
+            for layer in range(g.num_layers):
+                for kv in range(g.num_kv):
+                    gpu.piece_view(layer, kv, torch.int16)[torch.as_tensor(gpu_ids, device="cuda")] = -23131
+            want, after = reference_copy(host, gpu, host_ids, gpu_ids), lambda: bytes_of(gpu)
+            handle = engine.onboard(host, gpu, host_ids, gpu_ids, path="staged")
+        handle.wait()
+        assert handle.ok
+        assert all(torch.equal(a, b) for a, b in zip(after(), want))
+
+
+def test_cache_pair_checks_are_kept_per_pair(engine_factory):
+    """After a transfer between two caches (its pair checks kept), the same GPU cache with another host cache is
+    still checked: a pageable one is refused, a bad id still gets its precise error, a good transfer still runs."""
+    from kvbm.kernels.host_memory import PinnedHostBuffer
+
+    g = GEOM
+    engine = engine_factory(g, 2)
+    gpu = allocate("vllm_flash_attn_nhd", g, 8, dtype=torch.bfloat16, device="cuda")
+    random_fill(gpu.tensors, 41)
+    with PinnedHostBuffer(4 * g.block_bytes) as buf:
+        host = host_cache(buf, g, STAGING_ORDER, blocks=4)
+        engine.offload(gpu, host, [1, 2], [0, 1]).wait()
+        pageable = block_major(torch.zeros(4, 3, 2, 4, 2, 64, dtype=torch.bfloat16))
+        with pytest.raises(ValueError, match="pinned CPU memory"):
+            engine.offload(gpu, pageable, [0], [0])
+        with pytest.raises(IndexError, match="src_ids holds 8"):
+            engine.offload(gpu, host, [8], [0])
+        with pytest.raises(ValueError, match="same length"):
+            engine.offload(gpu, host, [1, 2], [0])
+        with pytest.raises(TypeError, match="must be integers"):
+            engine.offload(gpu, host, [0.5], [0])
+        host.tensors[0].view(torch.uint8).fill_(POISON)
+        want = reference_copy(gpu, host, [5, 3], [3, 2])
+        engine.offload(gpu, host, [5, 3], [3, 2]).wait()
+        assert all(torch.equal(a, b) for a, b in zip(bytes_of(host), want))
+
+
+def test_raw_event_record_and_wait_order_two_streams():
+    """stream_events: a wait on a raw event recorded after slow work on one stream holds back work on another."""
+    from kvbm.kernels import stream_events as events
+
+    a, b = torch.cuda.Stream(), torch.cuda.Stream()
+    x = torch.zeros(1 << 20, dtype=torch.int32, device="cuda")
+    y = torch.full_like(x, -1)
+    event = torch.cuda.Event()
+    handle = events.handle(event, a)
+    with torch.cuda.stream(a):
+        torch.cuda._sleep(50_000_000)  # ~tens of ms of GPU time before x is written
+        x.fill_(7)
+    events.record(handle, a.cuda_stream)
+    events.wait(b.cuda_stream, handle)
+    with torch.cuda.stream(b):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    assert bool((y == 7).all())
+    assert events.current_stream(torch.cuda.current_device()) == torch.cuda.current_stream().cuda_stream
