@@ -7,7 +7,8 @@ On a GPU it measures, for each layout and batch size (1, 16, 256, 1024 blocks) a
 over all pieces, a 12-CTA kernel over UVA as vLLM's small-piece H2D path, torch index_select + one copy), each as
 GB/s and as a percentage of the same run's single large pinned memcpy; the gather kernel alone against the
 device-to-device copy; a GEMM beside offloads for each path; offload and onboard at once; and the round trip of
-one block. Every transfer's bytes are checked against a torch copy. Without a GPU it runs the numba backend at
+one block. Block ids are passed as int64 numpy arrays (the peers' methods get their piece arrays ready-made too);
+the enqueue-cost section passes lists. Every transfer's bytes are checked against a torch copy. Without a GPU it runs the numba backend at
 small sizes and says so. Writes JSON, a markdown table and a PNG plot.
 """
 from __future__ import annotations
@@ -241,8 +242,9 @@ def run_gpu(args, save=lambda partial: None) -> dict:
         env = Env(preset, gname, host_blocks=max_n, gpu_blocks=max(2 * max_n, 2048 if gname == "llama8b" else 1100))
         log(f"layout {preset} ({gname}, {g.block_bytes / 2**20:.2f} MiB/block)")
         for n in [b for b in args.batches if b <= max_n and "transfers" in args.sections]:
-            gpu_ids = rng.choice(env.gpu.num_blocks, n, replace=False).tolist()
-            host_ids = rng.choice(env.host.num_blocks, n, replace=False).tolist()
+            # int64 arrays, as the peers' rows get their piece arrays ready-made (a list costs ~40 ns an id to convert)
+            gpu_ids = rng.choice(env.gpu.num_blocks, n, replace=False)
+            host_ids = rng.choice(env.host.num_blocks, n, replace=False)
             reps = {1: 5, 16: 9}.get(n, 7)  # odd: the median is one measured pair
             for direction in ("d2h", "h2d"):
                 s_ids, d_ids = (gpu_ids, host_ids) if direction == "d2h" else (host_ids, gpu_ids)
@@ -299,7 +301,8 @@ def check_gather(env: Env, staging, gpu_ids) -> bool:
 
 
 def enqueue_cost(env: Env, engine) -> dict:
-    """Host time of one offload / onboard call (validation, planning, launches; not the copy), median of 50."""
+    """Host time of one offload / onboard call (validation with ids given as lists, planning, launches; not the
+    copy), median of 50."""
     out = {}
     for n in (1, 16, 256):
         for path in ("staged", "zero_copy", "auto"):
@@ -344,9 +347,9 @@ def bidirectional(env: Env, engine, both_ceiling) -> dict:
 
     n = CEILING_BYTES // env.g.block_bytes  # blocks each way
     rng = np.random.default_rng(1)
-    a = rng.choice(env.gpu.num_blocks // 2, n, replace=False).tolist()
-    b = (env.gpu.num_blocks // 2 + rng.choice(env.gpu.num_blocks // 2, n, replace=False)).tolist()
-    h = rng.permutation(env.host.num_blocks)[: 2 * n].tolist()
+    a = rng.choice(env.gpu.num_blocks // 2, n, replace=False)
+    b = env.gpu.num_blocks // 2 + rng.choice(env.gpu.num_blocks // 2, n, replace=False)
+    h = rng.permutation(env.host.num_blocks)[: 2 * n]
     h1, h2 = h[:n], h[n:]
 
     def calls():  # one call after the other: the onboard starts once the whole offload is enqueued

@@ -321,3 +321,35 @@ def test_raw_event_record_and_wait_order_two_streams():
     torch.cuda.synchronize()
     assert bool((y == 7).all())
     assert events.current_stream(torch.cuda.current_device()) == torch.cuda.current_stream().cuda_stream
+
+
+@pytest.mark.parametrize("path", ["staged", "zero_copy"])
+def test_id_ring_reuse_and_long_id_lists_byte_exact(path, engine_factory, monkeypatch):
+    """The kernels read block ids from a ring of pinned slots: more transfers queued at once than the ring has
+    slots (a slot is rewritten only after the kernels reading it), and id lists longer than a slot (copied to the
+    device instead), all byte-exact with no wait in between."""
+    from kvbm.kernels import transfer
+    from kvbm.kernels.host_memory import PinnedHostBuffer
+
+    monkeypatch.setattr(transfer, "ID_RING_SLOTS", 3)
+    monkeypatch.setattr(transfer, "ID_RING_SLOT_IDS", 6)
+    g = GEOM
+    rng = np.random.default_rng(51)
+    gpu = allocate("vllm_flash_attn_nhd", g, GPU_BLOCKS, dtype=torch.bfloat16, device="cuda")
+    random_fill(gpu.tensors, 52)
+    engine = engine_factory(g, 2, blocks_per_slot=4)
+    with PinnedHostBuffer(HOST_BLOCKS * g.block_bytes) as buf:
+        host = host_cache(buf, g, STAGING_ORDER)
+        host.tensors[0].view(torch.uint8).fill_(POISON)
+        expected = block_major(host.tensors[0].clone(), STAGING_ORDER)
+        sizes = [3, 5, 2, 9, 4, 1]  # 9 > 6 ids per slot: a long list; 6 transfers through a ring of 3 slots
+        order, handles, at = rng.permutation(HOST_BLOCKS), [], 0
+        for k in sizes:
+            src_ids, host_ids = rng.choice(GPU_BLOCKS, k, replace=False), order[at:at + k]
+            at += k
+            copy_blocks(gpu, expected, src_ids, host_ids, backend="torch")
+            handles.append(engine.offload(gpu, host, src_ids, host_ids, path=path))
+        for h in handles:
+            h.wait()
+            assert h.ok
+        assert torch.equal(bytes_of(host)[0], bytes_of(expected)[0])
