@@ -325,9 +325,9 @@ def test_raw_event_record_and_wait_order_two_streams():
 
 @pytest.mark.parametrize("path", ["staged", "zero_copy"])
 def test_id_ring_reuse_and_long_id_lists_byte_exact(path, engine_factory, monkeypatch):
-    """The kernels read block ids from a ring of pinned slots: more transfers queued at once than the ring has
-    slots (a slot is rewritten only after the kernels reading it), and id lists longer than a slot (copied to the
-    device instead), all byte-exact with no wait in between."""
+    """Block ids go to the device through a ring of pinned slots: more transfers queued at once than the ring has
+    slots (a slot is rewritten only after its upload has run), and id lists longer than a slot (a tensor of their
+    own), all byte-exact with no wait in between."""
     from kvbm.kernels import transfer
     from kvbm.kernels.host_memory import PinnedHostBuffer
 
