@@ -512,15 +512,18 @@ def plot(result: dict, path: Path) -> None:
     if not rows:
         return
     layouts = sorted({r["layout"] for r in rows})
+    methods = sorted({r["method"] for r in rows})
+    colors = {m: plt.get_cmap("tab10")(k % 10) for k, m in enumerate(methods)}  # one color per method in every panel
     fig, axes = plt.subplots(2, len(layouts), figsize=(4 * len(layouts), 7), squeeze=False, sharey=True)
     for j, layout in enumerate(layouts):
         for i, direction in enumerate(("d2h", "h2d")):
             ax = axes[i][j]
-            for method in sorted({r["method"] for r in rows}):
+            for method in methods:
                 pts = sorted((r["blocks"], r["gbps"]) for r in rows
                              if r["layout"] == layout and r["direction"] == direction and r["method"] == method)
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=method, linestyle="-" if method.startswith("kvbm") else "--")
+                    ax.plot(*zip(*pts), marker="o", label=method, color=colors[method],
+                            linestyle="-" if method.startswith("kvbm") else "--")
             ceiling = result.get("ceilings_gbps", {}).get(direction)
             if ceiling:
                 ax.axhline(ceiling, color="grey", linewidth=0.8)
@@ -529,8 +532,9 @@ def plot(result: dict, path: Path) -> None:
             ax.set_xlabel("blocks per transfer")
             if j == 0:
                 ax.set_ylabel("GB/s")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    handles = {label: h for ax in axes.flat for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="lower center", ncol=min(len(handles), 5))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))  # room below the panels for the legend of every method
     fig.savefig(path, dpi=110)
 
 
