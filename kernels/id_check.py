@@ -1,9 +1,9 @@
 """Block-id validation on the transfer engine's hot path: one compiled pass (numba) instead of numpy calls.
 
 `ids_valid` answers whether a transfer's ids are in range and its destination ids distinct; it does not say what
-is wrong (the engine then runs `kvbm.layouts.conversion.check_transfer`, which raises the precise error). The same
-checks as a handful of numpy calls cost 10-15 us of host time per transfer (more once the CPU caches are cold, as
-they are between transfers); this pass about 1 us for 256 ids.
+is wrong (the engine then runs `kvbm.layouts.conversion.check_transfer`, which raises the precise error). For 256
+ids, the same checks as numpy calls took 14.5 us of host time, this pass 5.8 us (development machine, hot loop);
+between transfers, with the CPU caches cold, every such step costs several times as much.
 """
 from __future__ import annotations
 

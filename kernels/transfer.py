@@ -13,9 +13,9 @@ is never blocked):
   block in one dense run, as cross-layer layouts do; no SM time at all), split between the two DMA streams.
 
 "auto" takes "dma" when every block is one dense run of at least `DMA_MIN_PIECE_BYTES` in both caches, else
-"staged". Measured on the H200 (bench/results/): staged moves 94-98% of the PCIe ceiling at 16 blocks (back-to-back
+"staged". Measured on the H200 (bench/results/): staged moves 93-98% of the PCIe ceiling at 16 blocks (back-to-back
 transfers), 94-99% at 256 and 98-100% at 1024 (single transfers, start-up included); batched DMA of the engines'
-small pieces 45-95%.
+small pieces 35-95%.
 """
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ DMA_MIN_PIECE_BYTES = 1 << 20
 #: Default device staging size, split into two halves for the pipeline.
 DEFAULT_STAGING_BYTES = 256 << 20
 #: Fewest DMA pieces a chunk must have to be split over the lane's two DMA streams: a split costs a second batched
-#: call and two event operations on the host, which a short chunk (the first of an offload, say) does not repay.
+#: call and two event operations on the host, on the path to the first DMA when the chunk is an offload's short
+#: first one; the copy engine ran the two streams' batches one after the other anyway (measured on the H200).
 MIN_PIECES_TO_SPLIT = 16
 #: Slots of a lane's id ring (uploads whose kernels may still be queued) and ids per slot. The ids are copied to the
 #: device: read by the kernels straight from pinned host memory instead, they made the gather 2-3x slower (measured
@@ -169,7 +170,7 @@ class _Lane:
     def __init__(self, device: torch.device, staging_bytes: int, kernel_priority: int = -1, slots: int = 2):
         self.kernel_stream = torch.cuda.Stream(device, priority=kernel_priority)
         # A chunk's DMA pieces are split between two streams: with one, the copy engine idles between pieces (measured
-        # on the H200: 256 random 2 MiB D2H pieces 97% of one large copy on one stream, 99% on two).
+        # on the H200, 256 random 2 MiB pieces against one large copy: 95.9-98.3% on one stream, 97.4-99.0% on two).
         self.dma_streams = (torch.cuda.Stream(device, priority=-1), torch.cuda.Stream(device, priority=-1))
         self.kernel_handle = self.kernel_stream.cuda_stream
         self.dma_handles = tuple(s.cuda_stream for s in self.dma_streams)
