@@ -8,8 +8,8 @@ over all pieces, a 12-CTA kernel over UVA as vLLM's small-piece H2D path, torch 
 GB/s and as a percentage of the same run's single large pinned memcpy; the gather kernel alone against the
 device-to-device copy; a GEMM beside offloads for each path; offload and onboard at once; and the round trip of
 one block. Block ids are passed as int64 numpy arrays (the peers' methods get their piece arrays ready-made too);
-the enqueue-cost section passes lists. Every transfer's bytes are checked against a torch copy. Without a GPU it runs the numba backend at
-small sizes and says so. Writes JSON, a markdown table and a PNG plot.
+the enqueue-cost section passes lists. Every transfer's bytes are checked against a torch copy. Without a GPU it
+runs the numba backend at small sizes and says so. Writes JSON, a markdown table and a PNG plot.
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@
 The engine orders its streams with a dozen records and waits per transfer, most of them before its first DMA.
 Measured on the H200 machine (hot caches): torch's ``Event.record`` / ``Stream.wait_event`` 1.4 us a call and
 ``torch.cuda.current_stream(device)`` 4.7 us; ``cuEventRecord`` / ``cuStreamWaitEvent`` through ctypes 0.7-0.9 us
-(the current stream's raw handle is one call into torch, without a Stream object). Events stay ``torch.cuda.Event`` objects (owned, created and freed by
-torch, and usable with torch's own calls); `handle` gives the raw handle these functions take.
+(the current stream's raw handle is one call into torch, without a Stream object). Events stay
+``torch.cuda.Event`` objects (owned, created and freed by torch, and usable with torch's own calls); `handle` gives
+the raw handle these functions take.
 """
 from __future__ import annotations
 
