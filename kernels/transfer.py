@@ -304,6 +304,9 @@ class TransferEngine:
         if not isinstance(src, PagedKVCache) or not isinstance(dst, PagedKVCache):
             check_caches(src, dst)  # raises the TypeError
         auto = self._check_pair(spec.direction, src, dst)
+        host = dst if spec.direction == "d2h" else src
+        if not all(t.is_pinned() for t in host.tensors):  # every time: a buffer may be closed (unpinned) meanwhile
+            raise ValueError(f"host cache {host.name} must be in pinned CPU memory (see kernels.host_memory)")
         s, d = block_id_array(spec.src_ids, "src_ids"), block_id_array(spec.dst_ids, "dst_ids")
         if not id_check.ids_valid(s, d, src.num_blocks, dst.num_blocks):
             check_transfer(src, dst, s, d)  # raises the precise error
@@ -320,11 +323,9 @@ class TransferEngine:
         if entry is not None and entry[0] is src.layout and entry[1] is dst.layout:
             return entry[2]
         check_caches(src, dst)
-        gpu, host = (src, dst) if direction == "d2h" else (dst, src)
+        gpu = src if direction == "d2h" else dst
         if gpu.device != self.device:
             raise ValueError(f"GPU cache is on {gpu.device}, this engine serves {self.device}")
-        if host.device.type != "cpu" or not all(t.is_pinned() for t in host.tensors):
-            raise ValueError(f"host cache {host.name} must be in pinned CPU memory (see kernels.host_memory)")
         if len(checked) >= 64:
             checked.clear()
         checked[key] = (src.layout, dst.layout, choose_path(src, dst))

@@ -353,3 +353,21 @@ def test_id_ring_reuse_and_long_id_lists_byte_exact(path, engine_factory, monkey
             h.wait()
             assert h.ok
         assert torch.equal(bytes_of(host)[0], bytes_of(expected)[0])
+
+
+def test_host_buffer_closed_after_a_transfer_is_refused(engine_factory):
+    """The pinned check is made on every transfer, not kept with the cache pair's other checks: a host cache whose
+    buffer was closed (unpinned) after a first transfer is refused with a clear error, not copied into."""
+    from kvbm.kernels.host_memory import PinnedHostBuffer
+
+    g = GEOM
+    engine = engine_factory(g, 2)
+    gpu = allocate("vllm_flash_attn_nhd", g, 8, dtype=torch.bfloat16, device="cuda")
+    random_fill(gpu.tensors, 61)
+    buf = PinnedHostBuffer(4 * g.block_bytes)
+    host = host_cache(buf, g, STAGING_ORDER, blocks=4)
+    engine.offload(gpu, host, [1], [0], path="zero_copy").wait()
+    buf.close()  # the cache's tensor still maps the memory, no longer pinned
+    for path in ("zero_copy", "staged"):
+        with pytest.raises(ValueError, match="pinned CPU memory"):
+            engine.offload(gpu, host, [2], [1], path=path)
