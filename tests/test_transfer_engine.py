@@ -71,6 +71,20 @@ def dense_rows(gpu, host) -> bool:
     return dims[2][1] == dims[2][2] == 1
 
 
+def poison_gpu_blocks(gpu, ids) -> None:
+    """Fill blocks `ids` of a bf16 GPU cache with the poison byte in every (layer, kv) piece."""
+    for layer in range(gpu.geometry.num_layers):
+        for kv in range(gpu.geometry.num_kv):
+            gpu.piece_view(layer, kv, torch.int16)[torch.as_tensor(ids, device="cuda")] = -23131  # 0xA5A5
+
+
+def small_engine_and_gpu(engine_factory, seed: int):
+    """An engine of two slots and an 8-block FA NHD GPU cache of random bytes (GEOM), for the checks' tests."""
+    gpu = allocate("vllm_flash_attn_nhd", GEOM, 8, dtype=torch.bfloat16, device="cuda")
+    random_fill(gpu.tensors, seed)
+    return engine_factory(GEOM, 2), gpu
+
+
 @pytest.fixture
 def engine_factory():
     from kvbm.kernels.transfer import TransferEngine
@@ -108,9 +122,7 @@ def test_offload_then_onboard_byte_exact(preset, g, order, path, slots, engine_f
         assert all(torch.equal(a, b) for a, b in zip(bytes_of(host), want_host))
         # onboard into other, poisoned GPU blocks
         dst_ids = GPU_BLOCKS // 2 + rng.choice(GPU_BLOCKS // 2, N, replace=False)
-        for layer in range(g.num_layers):
-            for kv in range(g.num_kv):
-                gpu.piece_view(layer, kv, torch.int16)[torch.as_tensor(dst_ids, device="cuda")] = -23131  # 0xA5A5
+        poison_gpu_blocks(gpu, dst_ids)
         want_gpu = reference_copy(host, gpu, host_ids, dst_ids)
         handle = engine.onboard(host, gpu, host_ids, dst_ids, path=path)
         handle.wait()
@@ -197,9 +209,7 @@ def test_submit_interleaves_transfers_byte_exact(preset, g, order, engine_factor
         gpu_a = rng.choice(GPU_BLOCKS // 2, 7, replace=False)
         gpu_b = rng.choice(GPU_BLOCKS // 2, 5, replace=False)
         into = GPU_BLOCKS // 2 + rng.choice(GPU_BLOCKS // 2, 6, replace=False)
-        for layer in range(g.num_layers):
-            for kv in range(g.num_kv):
-                gpu.piece_view(layer, kv, torch.int16)[torch.as_tensor(into, device="cuda")] = -23131  # 0xA5A5
+        poison_gpu_blocks(gpu, into)
         want_host = reference_copy(gpu, host, np.r_[gpu_a, gpu_b], np.r_[out_a, out_b])
         want_gpu = reference_copy(host, gpu, source, into)
         handles = engine.submit([TransferSpec("d2h", gpu, host, gpu_a, out_a, "staged"),
@@ -220,9 +230,7 @@ def test_submit_checks_every_transfer_before_enqueueing_any(engine_factory):
     from kvbm.kernels.transfer import TransferSpec
 
     g = GEOM
-    engine = engine_factory(g, 2)
-    gpu = allocate("vllm_flash_attn_nhd", g, 8, dtype=torch.bfloat16, device="cuda")
-    random_fill(gpu.tensors, 11)
+    engine, gpu = small_engine_and_gpu(engine_factory, 11)
     with PinnedHostBuffer(4 * g.block_bytes) as buf:
         host = host_cache(buf, g, STAGING_ORDER, blocks=4)
         host.tensors[0].view(torch.uint8).fill_(POISON)
@@ -265,9 +273,7 @@ def test_chunks_of_many_pieces_split_over_both_dma_streams_byte_exact(direction,
             want, after = reference_copy(gpu, host, gpu_ids, host_ids), lambda: bytes_of(host)
             handle = engine.offload(gpu, host, gpu_ids, host_ids, path="staged")
         else:
-            for layer in range(g.num_layers):
-                for kv in range(g.num_kv):
-                    gpu.piece_view(layer, kv, torch.int16)[torch.as_tensor(gpu_ids, device="cuda")] = -23131
+            poison_gpu_blocks(gpu, gpu_ids)
             want, after = reference_copy(host, gpu, host_ids, gpu_ids), lambda: bytes_of(gpu)
             handle = engine.onboard(host, gpu, host_ids, gpu_ids, path="staged")
         handle.wait()
@@ -281,9 +287,7 @@ def test_cache_pair_checks_are_kept_per_pair(engine_factory):
     from kvbm.kernels.host_memory import PinnedHostBuffer
 
     g = GEOM
-    engine = engine_factory(g, 2)
-    gpu = allocate("vllm_flash_attn_nhd", g, 8, dtype=torch.bfloat16, device="cuda")
-    random_fill(gpu.tensors, 41)
+    engine, gpu = small_engine_and_gpu(engine_factory, 41)
     with PinnedHostBuffer(4 * g.block_bytes) as buf:
         host = host_cache(buf, g, STAGING_ORDER, blocks=4)
         engine.offload(gpu, host, [1, 2], [0, 1]).wait()
@@ -361,9 +365,7 @@ def test_host_buffer_closed_after_a_transfer_is_refused(engine_factory):
     from kvbm.kernels.host_memory import PinnedHostBuffer
 
     g = GEOM
-    engine = engine_factory(g, 2)
-    gpu = allocate("vllm_flash_attn_nhd", g, 8, dtype=torch.bfloat16, device="cuda")
-    random_fill(gpu.tensors, 61)
+    engine, gpu = small_engine_and_gpu(engine_factory, 61)
     buf = PinnedHostBuffer(4 * g.block_bytes)
     host = host_cache(buf, g, STAGING_ORDER, blocks=4)
     engine.offload(gpu, host, [1], [0], path="zero_copy").wait()
