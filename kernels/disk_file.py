@@ -19,6 +19,7 @@ import operator
 import os
 import shutil
 import tempfile
+import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -144,6 +145,9 @@ class DiskBlockFile:
         self._require_alignment = bool(use_o_direct)
         self._slots_per_request = max(1, min(_IOV_MAX, max_io_bytes // self.slot_bytes))
         self._lost = bytearray(self.num_slots)  # 1 = contents lost to a truncation, until rewritten
+        # A truncation check (file size seen, slots marked lost) is one step against the clearing of slots that a
+        # concurrent batch has just rewritten: else a size seen before that batch's writes re-marks them lost.
+        self._lost_lock = threading.Lock()
 
         directory = os.fspath(directory)
         if not os.path.exists(directory):
@@ -366,9 +370,10 @@ class DiskBlockFile:
         for errors in outcomes:
             result.errors.update(errors)
         if not reading:
-            for s, _ in pending:
-                if s not in result.errors:
-                    self._lost[s] = 0
+            with self._lost_lock:
+                for s, _ in pending:
+                    if s not in result.errors:
+                        self._lost[s] = 0
         return result
 
     def _check_file(self) -> None:
@@ -377,17 +382,18 @@ class DiskBlockFile:
         A slot past a truncation point would otherwise read back as zeros once a later write re-extends the
         file over the hole; it stays lost (reads fail) until it is written again.
         """
-        st = os.fstat(self._fd)
-        if st.st_nlink == 0:
-            raise OSError(errno.ENOENT, f"disk cache file {self.path!r} was deleted")
-        if st.st_size < self.file_bytes:
-            first = st.st_size // self.slot_bytes
-            if not all(self._lost[first:]):
-                logger.warning(
-                    "disk cache file %s was truncated to %d bytes underneath: slots %d.. are lost",
-                    self.path, st.st_size, first,
-                )
-                self._lost[first:] = b"\x01" * (self.num_slots - first)
+        with self._lost_lock:
+            st = os.fstat(self._fd)
+            if st.st_nlink == 0:
+                raise OSError(errno.ENOENT, f"disk cache file {self.path!r} was deleted")
+            if st.st_size < self.file_bytes:
+                first = st.st_size // self.slot_bytes
+                if not all(self._lost[first:]):
+                    logger.warning(
+                        "disk cache file %s was truncated to %d bytes underneath: slots %d.. are lost",
+                        self.path, st.st_size, first,
+                    )
+                    self._lost[first:] = b"\x01" * (self.num_slots - first)
 
     def _run_request(self, reading: bool, pieces: list[tuple[int, memoryview]]) -> dict[int, OSError]:
         """Move one run of consecutive slots in one call; on failure retry slot by slot to find the bad ones."""

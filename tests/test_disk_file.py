@@ -357,3 +357,42 @@ def test_result_object():
     r = SlotIOResult([4, 2, 9], {2: OSError(errno.EIO, "x")})
     assert r.ok == [True, False, True] and r.failed_slots == [2] and not r.all_ok
     assert SlotIOResult([1]).all_ok and ALIGNMENT == 4096
+
+
+@pytest.mark.parametrize("o_direct", [True, False])
+def test_concurrent_batches_after_truncation_keep_rewritten_slots(tmp_path, rng, monkeypatch, o_direct):
+    """Two batches at once after a truncation: one has seen the file's size but not yet marked slots lost while the
+    other rewrites slots past the cut. The rewritten slots must stay readable (the late mark must not cover them)."""
+    sb = 4096
+    with DiskBlockFile(tmp_path, 32, sb, use_o_direct=o_direct) as f:
+        src = random_buffer(rng, 32 * sb)
+        assert f.write_slots(range(32), src).all_ok
+        os.truncate(f.path, 8 * sb)
+        real_fstat, size_seen, go = os.fstat, threading.Event(), threading.Event()
+
+        def fstat_that_stalls_in_the_late_batch(fd):
+            st = real_fstat(fd)
+            if threading.current_thread().name == "late" and not size_seen.is_set():
+                size_seen.set()  # the size is seen; the slots past it are marked once `go` is set
+                go.wait(10)
+            return st
+
+        monkeypatch.setattr(os, "fstat", fstat_that_stalls_in_the_late_batch)
+        results = {}
+        late = threading.Thread(name="late", target=lambda: results.setdefault(
+            "late", f.write_slots([20], src, buf_blocks=[20])))
+        late.start()
+        assert size_seen.wait(10)
+        rewrite = threading.Thread(target=lambda: results.setdefault(
+            "rewrite", f.write_slots(range(8, 12), src, buf_blocks=range(8, 12))))
+        rewrite.start()
+        rewrite.join(0.5)  # without ordering, the rewrite finishes here, before the late batch marks slots lost
+        go.set()
+        late.join(10)
+        rewrite.join(10)
+        assert results["late"].all_ok and results["rewrite"].all_ok
+        dst = poisoned_buffer(32 * sb)
+        slots = [0, 7, 8, 9, 10, 11, 20]
+        assert f.read_slots(slots, dst, buf_blocks=slots).all_ok
+        for s in slots:
+            assert block(dst, s, sb) == block(src, s, sb)
