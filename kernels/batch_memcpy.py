@@ -39,7 +39,7 @@ Direction = Literal["d2h", "h2d", "d2d", "h2h"]
 _LEGACY_STREAM_HANDLES = (0, 1)  # NULL and cudaStreamLegacy: rejected by cuMemcpyBatchAsync
 _UINT64_MAX = np.uint64(np.iinfo(np.uint64).max)
 _ATTRS_INDEX = np.zeros(1, dtype=np.uint64)  # one attribute set, applying from piece 0 on
-_ATTRS_INDEX_ADDRESS = _ATTRS_INDEX.ctypes.data
+ATTRS_INDEX_ADDRESS = _ATTRS_INDEX.ctypes.data  # (the attrsIdxs argument of every batch)
 
 # CUresult cuMemcpyBatchAsync(CUdeviceptr* dsts, CUdeviceptr* srcs, size_t* sizes, size_t count,
 #                             CUmemcpyAttributes* attrs, size_t* attrsIdxs, size_t numAttrs, [size_t* failIdx,]
@@ -139,7 +139,7 @@ def prepare_pieces(
 
 
 @functools.lru_cache(maxsize=None)
-def _batch_entry() -> _BatchEntry:
+def batch_entry() -> _BatchEntry:
     """Resolve the driver's cuMemcpyBatchAsync once: the CUDA 13.0 ABI if the driver has it, else the 12.8 one."""
     require_cuda("memcpy_batch_async")
     for version, proto, has_fail_index in ((13000, _PROTO_CUDA13, False), (12080, _PROTO_CUDA12, True)):
@@ -206,12 +206,12 @@ def memcpy_batch_async(
         )
     if dst.size == 0:
         return
-    entry = _batch_entry()
+    entry = batch_entry()
     ensure_stream_context(handle)
     device = 0
     if direction is not None and "d" in direction:
         device = check(cuda_rt.cudaStreamGetDevice(handle), f"cudaStreamGetDevice({handle:#x})")
-    _enqueue(entry, dst, src, size, _attributes_address(direction, int(device), bool(prefer_overlap_with_compute)),
+    _enqueue(entry, dst, src, size, attributes_address(direction, int(device), bool(prefer_overlap_with_compute)),
              handle)
 
 
@@ -225,11 +225,11 @@ def memcpy_batch_unchecked(dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray
     copy of a few blocks takes on the GPU.
     """
     if dsts.size:
-        _enqueue(_batch_entry(), dsts, srcs, sizes, _attributes_address(direction, device, False), stream_handle)
+        _enqueue(batch_entry(), dsts, srcs, sizes, attributes_address(direction, device, False), stream_handle)
 
 
 @functools.lru_cache(maxsize=None)  # few keys (direction x device x flag); entries must stay alive
-def _attributes_address(direction: Direction | None, device: int, prefer_overlap: bool) -> int:
+def attributes_address(direction: Direction | None, device: int, prefer_overlap: bool = False) -> int:
     """The address of the (cached, kept alive) attributes of `_attributes`: looked up once, not per call."""
     return int(_attributes(direction, device, prefer_overlap).getPtr())
 
@@ -246,7 +246,7 @@ def _enqueue(entry: _BatchEntry, dst: np.ndarray, src: np.ndarray, size: np.ndar
     fail_index = ctypes.c_size_t(0)
     for start in range(0, dst.size, MAX_PIECES_PER_CALL):
         stop = min(start + MAX_PIECES_PER_CALL, dst.size)
-        args = [a + 8 * start for a in addresses] + [stop - start, attrs_address, _ATTRS_INDEX_ADDRESS, 1]
+        args = [a + 8 * start for a in addresses] + [stop - start, attrs_address, ATTRS_INDEX_ADDRESS, 1]
         if entry.has_fail_index:
             args.append(ctypes.addressof(fail_index))
         code = entry.function(*args, handle)

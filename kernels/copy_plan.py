@@ -140,7 +140,7 @@ def build_plan(src: PagedKVCache, dst: PagedKVCache) -> CopyPlan:
     The cache is keyed by identities (hashing a layout costs more than a small transfer's kernel launch); the entry
     keeps the layout it was built for and is rebuilt if another layout turns up under the same key.
     """
-    key = (id(dst), id(dst.layout), dst.piece_addresses()[0])
+    key = (id(dst), id(dst.layout), dst.first_piece_address())
     plans = src.__dict__.setdefault("_copy_plans", {})
     entry = plans.get(key)
     if entry is None or entry[0] is not dst.layout:

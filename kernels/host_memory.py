@@ -121,12 +121,22 @@ def _first_touch(mapping: mmap.mmap, length: int, threads: int) -> None:
         worker.join()
 
 
+_unregistrations = [0]  # buffers unregistered in this process so far (see `unregistrations`)
+
+
+def unregistrations() -> int:
+    """How many buffers have been unregistered (closed) in this process: while it does not change, memory found
+    pinned is still pinned (the transfer engine checks a host cache's pinning again only when it changes)."""
+    return _unregistrations[0]
+
+
 def _release(mapping: mmap.mmap, host_ptr: int, chunks: Sequence[tuple[int, int]], state: dict) -> None:
     """Unregister every registered chunk, then unmap; shared by close() and the finalizer (runs at most once).
 
     If CPU tensor views are still alive the mapping cannot be unmapped yet: it is then freed when the last view
     goes away. A failed unregister is raised (after the unmap) so it is never silent.
     """
+    _unregistrations[0] += 1  # first: a transfer checking pinning meanwhile must not trust an older answer
     failure: Exception | None = None
     for offset, length in reversed(chunks):
         try:

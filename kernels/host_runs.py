@@ -1,13 +1,37 @@
-"""The DMA pieces of a staged transfer: one per run of consecutive host blocks, no run crossing a chunk.
+"""How a staged transfer is cut: its chunks (`chunk_starts`), and its DMA pieces, one per run of consecutive host
+blocks, no run crossing a chunk (`HostRuns`).
 
-Found in one compiled pass (numba) per transfer: the transfer's host side is on the path to its first DMA, and the
-same work as a dozen numpy calls cost 20-30 us of host time per transfer on the H200 machine (measured), a pass
-over the ids 4-7 us.
+Found in compiled passes (numba), callable from the compiled enqueue too (`staged_enqueue`): the transfer's host side
+is on the path to its first DMA, and the same work as a dozen numpy calls cost 20-30 us of host time per transfer on
+the H200 machine (measured), a pass over the ids 4-7 us.
 """
 from __future__ import annotations
 
 import numba
 import numpy as np
+
+
+@numba.njit(cache=True, nogil=True)
+def _chunk_starts(n, per_chunk, d2h):  # pragma: no cover (compiled)
+    short = max(1, per_chunk // 8)
+    if n <= per_chunk:
+        return np.zeros(1, np.int64)
+    starts = np.concatenate((np.zeros(1, np.int64), np.arange(short, n, per_chunk)))
+    if not d2h and n - starts[-1] > short:
+        return np.append(starts, n - short)
+    return starts
+
+
+def chunk_starts(n: int, per_chunk: int, direction: str) -> list[int]:
+    """Where the chunks of an `n`-block staged transfer start. A chunk fills one staging slot (`per_chunk` blocks),
+    but a transfer of several chunks begins with a short one of `per_chunk // 8` blocks, and an onboard also ends
+    with one: the work before the first DMA (an offload's first gather, and the host's first batched-copy call, whose
+    cost grows with its pieces) and the GPU work after the last (an onboard's last scatter) are then an eighth as
+    long."""
+    if per_chunk < 1 or direction not in ("d2h", "h2d"):
+        raise ValueError(f"chunk_starts needs per_chunk >= 1 and direction 'd2h' or 'h2d', got {per_chunk}, "
+                         f"{direction!r}")
+    return _chunk_starts(n, per_chunk, direction == "d2h").tolist()
 
 
 @numba.njit(cache=True, nogil=True)
@@ -59,5 +83,5 @@ class HostRuns:
 
 
 def warm_up() -> None:
-    """Compile (or load from numba's cache) the run finder, so a first transfer does not pay for it."""
-    HostRuns(np.arange(2, dtype=np.int64), [0, 1], 0, 1, 1)
+    """Compile (or load from numba's cache) the passes, so a first transfer does not pay for it."""
+    HostRuns(np.arange(2, dtype=np.int64), chunk_starts(2, 1, "d2h"), 0, 1, 1)

@@ -19,6 +19,7 @@ small pieces 35-95%.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -29,12 +30,12 @@ import torch
 from kvbm.layouts import PagedKVCache, block_major
 from kvbm.layouts.conversion import block_id_array, check_caches, check_transfer
 
-from . import host_runs, id_check, stream_events as events
-from .batch_memcpy import memcpy_batch_unchecked
+from . import host_memory, host_runs, id_check, staged_enqueue, stream_events as events
+from .batch_memcpy import ATTRS_INDEX_ADDRESS, attributes_address, memcpy_batch_unchecked
 from .copy_plan import CopyPlan, build_plan
 from .cuda_runtime import check, cuda_rt
 from .device_pointer import DevicePointer
-from .host_runs import HostRuns
+from .host_runs import HostRuns, chunk_starts
 
 Path = Literal["auto", "staged", "zero_copy", "dma"]
 PATHS: tuple[str, ...] = ("auto", "staged", "zero_copy", "dma")
@@ -98,6 +99,14 @@ class TransferSpec:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_copy():
+    """The Triton kernel module, imported on first use (importing Triton is slow; the CPU-only paths never need it)."""
+    from . import triton_copy
+
+    return triton_copy
+
+
 def _whole_block_dense(plan: CopyPlan, block_bytes: int) -> bool:
     """Every block is one dense run of bytes in both caches: pieces back to back, in the same order (kept on the
     plan, whose caches share one block size: "auto" asks on every transfer)."""
@@ -128,7 +137,8 @@ class _PinnedIdRing:
     order keeps an upload from overwriting ids a queued kernel still reads. Longer id lists get tensors of their own.
     """
 
-    def __init__(self, device: torch.device, stream: torch.cuda.Stream, slots: int, slot_ids: int):
+    def __init__(self, device: torch.device, stream: torch.cuda.Stream, slots: int, slot_ids: int,
+                 state: np.ndarray):
         self.host = torch.empty(slots, slot_ids, dtype=torch.int64).pin_memory()
         self.dev = torch.empty(slots, slot_ids, dtype=torch.int64, device=device)
         self.host_array = self.host.numpy()
@@ -136,8 +146,8 @@ class _PinnedIdRing:
         self.slot_bytes = 8 * slot_ids
         # re-recorded by each upload through the slot (recorded once here: a finished event before first use)
         self.events = [torch.cuda.Event() for _ in range(slots)]
-        self.event_handles = [events.handle(e, stream) for e in self.events]
-        self.next = 0
+        self.event_handles = np.array([events.handle(e, stream) for e in self.events], dtype=np.int64)
+        self.state = state  # state[1]: the next slot (shared with the compiled enqueue, which uploads too)
         self.large: torch.Tensor | None = None  # the last over-long id list, kept until the next one replaces it
 
     def upload(self, ids: np.ndarray, stream: torch.cuda.Stream) -> DevicePointer:
@@ -147,13 +157,14 @@ class _PinnedIdRing:
             with torch.cuda.stream(stream):  # freed only after later work on this stream: stream order keeps it safe
                 self.large = torch.from_numpy(ids).pin_memory().to(self.dev.device, non_blocking=True)
             return DevicePointer(self.large.data_ptr(), torch.int64)
-        k, self.next = self.next, (self.next + 1) % self.host.shape[0]
+        k = int(self.state[1])
+        self.state[1] = (k + 1) % self.host.shape[0]
         self.events[k].synchronize()  # issued `slots` uploads ago: finished in practice
         self.host_array[k, :n] = ids
         handle = stream.cuda_stream
         check(cuda_rt.cudaMemcpyAsync(self.dev_address + k * self.slot_bytes, self.host_address + k * self.slot_bytes,
                                       8 * n, _HOST_TO_DEVICE, handle), "cudaMemcpyAsync(block ids)")
-        events.record(self.event_handles[k], handle)
+        events.record(int(self.event_handles[k]), handle)
         return DevicePointer(self.dev_address + k * self.slot_bytes, torch.int64)
 
 
@@ -174,30 +185,78 @@ class _Lane:
         self.dma_streams = (torch.cuda.Stream(device, priority=-1), torch.cuda.Stream(device, priority=-1))
         self.kernel_handle = self.kernel_stream.cuda_stream
         self.dma_handles = tuple(s.cuda_stream for s in self.dma_streams)
-        self.ids = _PinnedIdRing(device, self.kernel_stream, ID_RING_SLOTS, ID_RING_SLOT_IDS)
+        # state[0]: the next staging slot (slots rotate across chunks and transfers, so back-to-back transfers
+        # overlap); state[1]: the id ring's next slot. Shared by the Python and the compiled enqueue.
+        self.state = np.zeros(2, dtype=np.int64)
+        self.ids = _PinnedIdRing(device, self.kernel_stream, ID_RING_SLOTS, ID_RING_SLOT_IDS, self.state)
         self.slot_bytes = staging_bytes // slots
         self.staging = torch.empty(self.slot_bytes * slots, dtype=torch.uint8, device=device)
         self.staging_address = self.staging.data_ptr()
-        self.next_slot = 0  # slots rotate across chunks and transfers, so back-to-back transfers overlap
         # slot_done[k]: the last chunk through slot k is finished with it (a slot is free until first used)
         self._events = [torch.cuda.Event() for _ in range(4 + slots)]  # owned here; used by their handles below
         handles = [events.handle(e, self.kernel_stream) for e in self._events]
         self.ready, self.gathered, self.second_landed, self.landed = handles[:4]
         self.slot_done = handles[4:]
+        self.slot_done_array = np.array(self.slot_done, dtype=np.int64)
+        self.row = np.zeros(staged_enqueue.LANE_LEN, dtype=np.int64)  # the lane for the compiled enqueue
+        self.row[[staged_enqueue.KERNEL_STREAM, staged_enqueue.DMA_STREAM, staged_enqueue.SECOND_DMA_STREAM]] = (
+            self.kernel_handle, *self.dma_handles)
+        self.row[[staged_enqueue.READY, staged_enqueue.GATHERED, staged_enqueue.SECOND_LANDED,
+                  staged_enqueue.LANDED]] = handles[:4]
+        self.row[[staged_enqueue.STAGING, staged_enqueue.SLOT_BYTES, staged_enqueue.RING_DEVICE,
+                  staged_enqueue.RING_SLOT_BYTES]] = (self.staging_address, self.slot_bytes, self.ids.dev_address,
+                                                     self.ids.slot_bytes)
         self._caches: dict = {}
-        self._stage_ids = torch.empty(0, dtype=torch.int64, device=device)
+        self._compiled_pairs: dict = {}
+        self._stage_ids = [torch.empty(0, dtype=torch.int64, device=device)]  # all kept: pair rows hold addresses
 
     def stage_ids(self, n: int) -> DevicePointer:
         """Device address of the int64 ids 0..n-1 (staging block ids), made on the kernel stream and kept."""
-        if self._stage_ids.numel() < n:
+        if self._stage_ids[-1].numel() < n:
             with torch.cuda.stream(self.kernel_stream):
-                self._stage_ids = torch.arange(n, dtype=torch.int64, device=self.staging.device)
-        return DevicePointer(self._stage_ids.data_ptr(), torch.int64)
+                self._stage_ids.append(torch.arange(n, dtype=torch.int64, device=self.staging.device))
+        return DevicePointer(self._stage_ids[-1].data_ptr(), torch.int64)
 
     def take_slot(self) -> int:
         """The next staging slot in rotation."""
-        slot, self.next_slot = self.next_slot, (self.next_slot + 1) % len(self.slot_done)
+        slot = int(self.state[0])
+        self.state[0] = (slot + 1) % len(self.slot_done)
         return slot
+
+    def compiled_pair(self, gpu: PagedKVCache, host: PagedKVCache, d2h: bool) -> tuple[np.ndarray, np.ndarray] | None:
+        """(launch row per staging slot, pair row) of the compiled enqueue of staged transfers between `gpu` and
+        `host` in this lane's direction (kernels compiled now if needed), or None when it cannot run them: a kernel
+        that cannot be launched directly (see `staged_enqueue.launch_row`), or chunks of 2**31 tiles or more. Kept
+        per cache pair, keyed like `build_plan`'s plans."""
+        key = (id(gpu), id(gpu.layout), gpu.first_piece_address(), id(host), id(host.layout),
+               host.first_piece_address(), d2h)
+        entry = self._compiled_pairs.get(key)
+        if entry is not None and entry[0] is gpu.layout and entry[1] is host.layout:
+            return entry[2]
+        compiled_kernel, launch_constants = _triton_copy().compiled_kernel, _triton_copy().launch_constants
+        bb = gpu.geometry.block_bytes
+        per_chunk = self.slot_bytes // bb
+        rows = []
+        for slot in range(len(self.slot_done) if per_chunk else 0):
+            staging = self.staging_cache(host, slot)
+            plan = build_plan(gpu, staging) if d2h else build_plan(staging, gpu)
+            kernel = compiled_kernel(plan, self.kernel_stream)
+            row = None if kernel is None else staged_enqueue.launch_row(kernel, *launch_constants(plan))
+            if row is None or per_chunk * int(row[staged_enqueue.TILES_PER_PAIR]) >= 1 << 31:
+                break
+            rows.append(row)
+        found = None
+        if per_chunk and len(rows) == len(self.slot_done):
+            pair = np.zeros(staged_enqueue.PAIR_LEN, dtype=np.int64)
+            pair[:] = (host.first_piece_address(), host.layout.stride["block"] * gpu.geometry.itemsize, bb, per_chunk,
+                       self.stage_ids(per_chunk).data_ptr(),
+                       attributes_address("d2h" if d2h else "h2d", self.staging.device.index), ATTRS_INDEX_ADDRESS,
+                       MIN_PIECES_TO_SPLIT)
+            found = np.stack(rows), pair
+        if len(self._compiled_pairs) >= 64:
+            self._compiled_pairs.clear()
+        self._compiled_pairs[key] = (gpu.layout, host.layout, found)
+        return found
 
     def staging_cache(self, host: PagedKVCache, slot: int) -> PagedKVCache:
         """A block-major device cache filling one staging slot, in the host cache's inner order (kept, so the copy
@@ -244,6 +303,7 @@ class TransferEngine:
                       for direction in ("d2h", "h2d")}
         host_runs.warm_up()  # the compiled host-side passes compile (or load) on first use: not in a first transfer
         id_check.warm_up()
+        staged_enqueue.compiled()
 
     # -- public API ---------------------------------------------------------------------------------------------
     def offload(self, gpu: PagedKVCache, host: PagedKVCache, gpu_ids, host_ids, path: Path = "auto",
@@ -305,8 +365,10 @@ class TransferEngine:
             check_caches(src, dst)  # raises the TypeError
         auto = self._check_pair(spec.direction, src, dst)
         host = dst if spec.direction == "d2h" else src
-        if not all(t.is_pinned() for t in host.tensors):  # every time: a buffer may be closed (unpinned) meanwhile
-            raise ValueError(f"host cache {host.name} must be in pinned CPU memory (see kernels.host_memory)")
+        if host.__dict__.get("_pinned_while") != host_memory.unregistrations():  # (a buffer closed since: again)
+            if not all(t.is_pinned() for t in host.tensors):
+                raise ValueError(f"host cache {host.name} must be in pinned CPU memory (see kernels.host_memory)")
+            host.__dict__["_pinned_while"] = host_memory.unregistrations()
         s, d = block_id_array(spec.src_ids, "src_ids"), block_id_array(spec.dst_ids, "dst_ids")
         if not id_check.ids_valid(s, d, src.num_blocks, dst.num_blocks):
             check_transfer(src, dst, s, d)  # raises the precise error
@@ -317,7 +379,7 @@ class TransferEngine:
         """Check that `src` -> `dst` is a transfer this engine can run in `direction` (raising if not) and return the
         path "auto" takes for it. Kept on `src` per destination (object, layout and address, as `build_plan` keys its
         plans), so repeated transfers between two caches skip it; the engine's device is part of the key."""
-        key = (direction, self.device.index, id(dst), id(dst.layout), dst.piece_addresses()[0])
+        key = (direction, self.device.index, id(dst), id(dst.layout), dst.first_piece_address())
         checked = src.__dict__.setdefault("_transfer_engine_pairs", {})
         entry = checked.get(key)
         if entry is not None and entry[0] is src.layout and entry[1] is dst.layout:
@@ -339,8 +401,13 @@ class TransferEngine:
         if s.size == 0:
             return handle, None
         lane = self.lanes[spec.direction]
-        events.record(lane.ready, events.current_stream(self.device.index))  # the caller's work on G1 so far
+        caller = events.current_stream(self.device.index)  # ordered after the caller's work on G1 so far
         try:
+            tables = self._compiled_pair(spec, s.size, lane) if path == "staged" else None
+            if tables is not None:
+                handle.event = self._staged_compiled(spec, s, d, lane, caller, tables, **spec.options)
+                return handle, None
+            events.record(lane.ready, caller)
             if path == "staged":
                 return handle, self._staged(spec.src, spec.dst, s, d, lane, spec.direction, **spec.options)
             run = self._zero_copy if path == "zero_copy" else self._dma
@@ -348,6 +415,32 @@ class TransferEngine:
         except Exception as e:  # enqueue failed: the whole transfer is failed, the caller is told per block
             handle.error = e
         return handle, None
+
+    def _compiled_pair(self, spec: TransferSpec, n: int, lane: _Lane) -> tuple[np.ndarray, np.ndarray] | None:
+        """The tables of `_staged_compiled` when it can enqueue this staged transfer, else None (the Python path
+        `_staged` then does): kernel gather, ids that fit an id-ring slot, no Triton launch hook set (a profiler's:
+        only Triton's launcher calls it), and a cache pair `_Lane.compiled_pair` accepts."""
+        options = spec.options
+        if options and (not set(options) <= {"max_ctas", "gather"} or options.get("gather", "kernel") != "kernel"):
+            return None
+        if n > ID_RING_SLOT_IDS or _triton_copy().launch_hooks_set():
+            return None
+        if spec.direction == "d2h":
+            return lane.compiled_pair(spec.src, spec.dst, True)
+        return lane.compiled_pair(spec.dst, spec.src, False)
+
+    def _staged_compiled(self, spec: TransferSpec, s: np.ndarray, d: np.ndarray, lane: _Lane, caller: int,
+                         tables: tuple[np.ndarray, np.ndarray], max_ctas: int | None = None,
+                         gather: str = "kernel") -> torch.cuda.Event:
+        """The staged transfer enqueued by one compiled call (`staged_enqueue`): the chunks, slots, streams and events
+        of `_staged`, with every driver call made from compiled code."""
+        d2h = spec.direction == "d2h"
+        code, step = staged_enqueue.compiled()(
+            d2h, s if d2h else d, d if d2h else s, caller, lane.row, lane.slot_done_array, lane.ids.event_handles,
+            lane.ids.host_array, lane.state, *tables, -1 if max_ctas is None else max_ctas)
+        if code:
+            staged_enqueue.raise_failure(code, step)
+        return self._finish(lane.dma_streams[0] if d2h else lane.kernel_stream)
 
     def _dma_pieces(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: int, direction: str) -> None:
         """Batched DMA on raw stream `stream` of pieces this engine built from validated caches and ids (no
@@ -382,7 +475,7 @@ class TransferEngine:
         return done
 
     def _zero_copy(self, src, dst, s, d, lane, direction, max_ctas=None):
-        from .triton_copy import launch
+        launch = _triton_copy().launch
 
         stream = lane.kernel_stream
         events.wait(lane.kernel_handle, lane.ready)
@@ -395,8 +488,8 @@ class TransferEngine:
         plan = build_plan(src, dst)
         if _whole_block_dense(plan, src.geometry.block_bytes):
             size = src.geometry.block_bytes
-            srcs = src.piece_addresses()[0] + s * (src.layout.stride["block"] * src.geometry.itemsize)
-            dsts = dst.piece_addresses()[0] + d * (dst.layout.stride["block"] * dst.geometry.itemsize)
+            srcs = src.first_piece_address() + s * (src.layout.stride["block"] * src.geometry.itemsize)
+            dsts = dst.first_piece_address() + d * (dst.layout.stride["block"] * dst.geometry.itemsize)
             sizes = np.full(s.size, size, dtype=np.uint64)
         else:
             srcs, dsts, sizes = dense_pieces(plan, src, dst, s, d)
@@ -416,7 +509,7 @@ class TransferEngine:
 
         `gather="copy_engine"` moves pieces to/from staging with batched device-to-device memcpy instead of the
         kernel (needs pieces that are dense runs in both caches; measured far slower, see bench/results)."""
-        from .triton_copy import launch
+        launch = _triton_copy().launch
 
         if gather not in ("kernel", "copy_engine"):
             raise ValueError(f"gather must be 'kernel' or 'copy_engine', got {gather!r}")
@@ -464,7 +557,7 @@ class TransferEngine:
                     repack(gpu_ids, start, n, staging)
                     events.record(lane.gathered, lane.kernel_handle)
                 if runs is None:
-                    runs = HostRuns(host_ids, starts, host.piece_addresses()[0],
+                    runs = HostRuns(host_ids, starts, host.first_piece_address(),
                                     host.layout.stride["block"] * src.geometry.itemsize, bb)
                 hosts, stage, sizes = runs.chunk(index, slot_address)
                 if d2h:
@@ -480,22 +573,6 @@ class TransferEngine:
             return self._finish(lane.dma_streams[0] if d2h else kernel_stream)
 
         return chunks()
-
-
-def chunk_starts(n: int, per_chunk: int, direction: str) -> list[int]:
-    """Where the chunks of an `n`-block staged transfer start. A chunk fills one staging slot (`per_chunk` blocks),
-    but a transfer of several chunks begins (offload) or ends (onboard) with a short one of `per_chunk // 8` blocks:
-    the GPU work no DMA can overlap, the first gather or the last scatter, is then an eighth as long."""
-    if per_chunk < 1 or direction not in ("d2h", "h2d"):
-        raise ValueError(f"chunk_starts needs per_chunk >= 1 and direction 'd2h' or 'h2d', got {per_chunk}, "
-                         f"{direction!r}")
-    short = max(1, per_chunk // 8)
-    if n <= per_chunk:
-        return [0]
-    if direction == "d2h":
-        return [0, *range(short, n, per_chunk)]
-    starts = list(range(0, n, per_chunk))
-    return starts + [n - short] if n - starts[-1] > short else starts
 
 
 def _inner_order(host: PagedKVCache) -> tuple[str, ...]:

@@ -104,6 +104,7 @@ def launch(
     max_ctas: int | None = None,
     num_warps: int = 4,
     stream: torch.cuda.Stream | None = None,
+    empty_launch: bool = False,
 ) -> None:
     """Launch the copy for validated int64 ids already on the kernel's device, on `stream` (default: the current
     stream).
@@ -116,16 +117,17 @@ def launch(
     The first launch of a plan goes through Triton's JIT (which compiles or finds the kernel); later launches call
     the compiled kernel kept on the plan directly (10-15 us of host time instead of 60-65 through the JIT, measured
     on the H200 machine), passing every pointer as a plain address (no `data_ptr()` call or pointer query per
-    argument). Only the arguments the kernel is not specialized on differ between them.
+    argument). Only the arguments the kernel is not specialized on differ between them. `empty_launch` launches one
+    program with no tiles (it compiles the kernel, see `compiled_kernel`).
     """
     if num_blocks is None and not isinstance(src_ids, torch.Tensor):
         raise TypeError("launch needs num_blocks when the ids are given as DevicePointer addresses")
     n = int(src_ids.numel()) if num_blocks is None else num_blocks
-    if n == 0:
+    if n == 0 and not empty_launch:
         return
     tiles_per_pair, consts = plan.memo("triton_launch_constants", _constants)
     total = n * tiles_per_pair
-    grid = total if max_ctas is None else max(1, min(total, max_ctas))
+    grid = max(1, total if max_ctas is None else min(total, max_ctas))
     # what the compiled kernel depends on beyond the plan: the ids' types, the tile count's integer type, the warps
     key = (src_ids.dtype, dst_ids.dtype, total < 1 << 31, num_warps)
     compiled = plan.memo("triton_compiled", lambda _: {})
@@ -145,17 +147,44 @@ def launch(
         compiled[key] = kernel
 
 
+def compiled_kernel(plan: CopyPlan, stream: torch.cuda.Stream, num_warps: int = 4) -> CompiledKernel | None:
+    """The plan's compiled kernel for int64 ids and tile counts below 2**31 (what `launch` takes for a transfer's
+    chunks), compiled now if needed by a launch with no tiles on `stream`; None under Triton's interpreter."""
+    key = (torch.int64, torch.int64, True, num_warps)
+    compiled = plan.memo("triton_compiled", lambda _: {})
+    if key not in compiled:
+        ids = plan.src_offsets_aligned  # an int64 device tensor: never read, the launch has no tiles
+        launch(plan, ids[:0], ids[:0], num_warps=num_warps, stream=stream, empty_launch=True)
+    return compiled.get(key)
+
+
+def launch_constants(plan: CopyPlan) -> tuple[int, tuple[int, int, int, int]]:
+    """(tiles per block pair, the addresses of the plan's bases and offset tables in the kernel's argument order)."""
+    return plan.memo("triton_launch_constants", _constants)[0], plan.memo("triton_pointers", _plan_pointers)
+
+
 def _plan_pointers(plan: CopyPlan) -> tuple[int, int, int, int]:
     """The addresses of a plan's bases and offset tables, in the kernel's argument order."""
     return (plan.src_base.data_ptr(), plan.dst_base.data_ptr(), plan.src_offsets_aligned.data_ptr(),
             plan.dst_offsets_aligned.data_ptr())
 
 
+def launch_hooks_set() -> bool:
+    """Whether a Triton launch hook is set (a profiler's), or this Triton has no `knobs` to tell: launches must then
+    go through Triton's own runner, which calls the hooks."""
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    return runtime is None or _hook_set(runtime.launch_enter_hook) or _hook_set(runtime.launch_exit_hook)
+
+
+def _hook_set(hook) -> bool:
+    """A hook is a function or None, or in newer Tritons a chain of functions (`HookChain`), empty when unset."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 def _run_compiled(kernel: CompiledKernel, grid: int, stream: int, args: tuple) -> None:
     """Launch a compiled kernel over `grid` programs on raw stream `stream`: straight through its launcher when no
     Triton launch hook is set (a profiler's), else through the kernel's own runner, which calls the hooks."""
-    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
-    if runtime is None or runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None:
+    if launch_hooks_set():
         kernel[(grid, 1, 1)](*args, stream=stream)
         return
     kernel.run(grid, 1, 1, stream, kernel.function, kernel.packed_metadata, None, None, None, *args)

@@ -116,12 +116,19 @@ class PagedKVCache:
         """Byte address of element (block 0, token 0, head 0, channel 0) of every piece, in piece order.
 
         Computed once: a cache's tensors never move (the transfer hot path asks for them on every call)."""
+        return list(self._piece_address_table())
+
+    def first_piece_address(self) -> int:
+        """`piece_addresses()[0]` without copying the table (per-cache memos key on it on every transfer)."""
+        return self._piece_address_table()[0]
+
+    def _piece_address_table(self) -> tuple[int, ...]:
         if self._addresses is None:
             itemsize = self.geometry.itemsize
             ptrs = [t.data_ptr() for t in self.tensors]
             self._addresses = tuple(ptrs[t] + off * itemsize
                                     for t, off in zip(self.layout.piece_tensor, self.layout.piece_offset))
-        return list(self._addresses)
+        return self._addresses
 
     def storage_addresses(self) -> frozenset[int]:
         """Addresses of the storages behind the cache's tensors (to detect two caches sharing memory)."""

@@ -171,7 +171,7 @@ def fake_driver(monkeypatch):
     """Route memcpy_batch_async to a RecordingBatchCopy; the stream's device is reported as 3."""
     def install(**kwargs):
         recorder = RecordingBatchCopy(**kwargs)
-        monkeypatch.setattr(batch_memcpy, "_batch_entry", lambda: recorder.entry)
+        monkeypatch.setattr(batch_memcpy, "batch_entry", lambda: recorder.entry)
         monkeypatch.setattr(batch_memcpy, "ensure_stream_context", lambda handle: None)
         monkeypatch.setattr(batch_memcpy, "cuda_rt", types.SimpleNamespace(
             cudaStreamGetDevice=lambda handle: (SUCCESS, 3)))
@@ -235,17 +235,17 @@ def test_entry_point_abi_follows_the_driver_version(monkeypatch, driver_version)
     for module in (batch_memcpy, cuda_runtime):  # the entry point is resolved by cuda_runtime.driver_function
         monkeypatch.setattr(module, "require_cuda", lambda what: None)
         monkeypatch.setattr(module, "cuda_rt", fake_rt)
-    batch_memcpy._batch_entry.cache_clear()
+    batch_memcpy.batch_entry.cache_clear()
     try:
         if driver_version < 12080:
             with pytest.raises(CudaUnavailableError, match="needs a CUDA 12.8 or newer driver.*CUDA 12.6"):
-                batch_memcpy._batch_entry()
+                batch_memcpy.batch_entry()
             return
-        entry = batch_memcpy._batch_entry()
+        entry = batch_memcpy.batch_entry()
         assert entry.has_fail_index == (driver_version < 13000)
         assert ctypes.cast(entry.function, ctypes.c_void_p).value == address
     finally:
-        batch_memcpy._batch_entry.cache_clear()
+        batch_memcpy.batch_entry.cache_clear()
 
 
 def test_loop_issues_one_ordered_copy_per_piece(monkeypatch):

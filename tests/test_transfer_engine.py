@@ -360,8 +360,8 @@ def test_id_ring_reuse_and_long_id_lists_byte_exact(path, engine_factory, monkey
 
 
 def test_host_buffer_closed_after_a_transfer_is_refused(engine_factory):
-    """The pinned check is made on every transfer, not kept with the cache pair's other checks: a host cache whose
-    buffer was closed (unpinned) after a first transfer is refused with a clear error, not copied into."""
+    """A host cache found pinned is checked again once any buffer has been closed since: one whose buffer was closed
+    (unpinned) after a first transfer is refused with a clear error, not copied into."""
     from kvbm.kernels.host_memory import PinnedHostBuffer
 
     g = GEOM

@@ -96,9 +96,9 @@ def test_host_runs_refuse_bad_chunk_starts(bad):
 
 
 @pytest.mark.parametrize("n,per_chunk", [(1, 64), (64, 64), (65, 64), (256, 64), (1000, 29), (5, 1), (20, 3)])
-def test_chunk_starts_fill_slots_with_one_short_chunk_at_the_exposed_end(n, per_chunk):
-    """Chunks cover [0, n) in order, none larger than a slot; a transfer of several chunks starts (offload) or ends
-    (onboard) with a short one of per_chunk // 8 blocks (at least one, at most for an onboard); the others but the
+def test_chunk_starts_fill_slots_with_short_chunks_at_the_exposed_ends(n, per_chunk):
+    """Chunks cover [0, n) in order, none larger than a slot; a transfer of several chunks starts with a short one of
+    per_chunk // 8 blocks (at least one), an onboard also ends with one (at most that long); the others but the
     remainder are whole slots."""
     short = max(1, per_chunk // 8)
     for direction in ("d2h", "h2d"):
@@ -110,7 +110,7 @@ def test_chunk_starts_fill_slots_with_one_short_chunk_at_the_exposed_end(n, per_
         elif direction == "d2h":
             assert sizes[0] == short and (sizes[1:-1] == per_chunk).all()
         else:
-            assert sizes[-1] <= short and (sizes[:-2] == per_chunk).all()
+            assert sizes[0] == short and sizes[-1] <= short and (sizes[1:-2] == per_chunk).all()
 
 
 @pytest.mark.parametrize("per_chunk,direction", [(0, "d2h"), (-3, "h2d"), (8, "up")])

@@ -1,0 +1,299 @@
+"""A staged transfer enqueued in one compiled call: every chunk's driver calls made from numba.
+
+Between transfers the host's caches are cold, and every Python step of an enqueue then cost several times its
+hot-loop time: the first DMA of a 256-block offload started 0.3-0.6 ms after the call, 3-6% of the transfer
+(measured on the H200 machine). Here one numba function does all of it: uploads the GPU block ids, launches each
+chunk's gather or scatter (the compiled Triton kernel, through ``cuLaunchKernel``), orders the streams with events
+and issues each chunk's batched DMA. The driver's entry points are ctypes functions, which numba calls in nopython
+mode; `build(calls)` also takes stand-ins, so the enqueue logic is tested without a GPU.
+
+A kernel is launched directly only when `launch_row` can vouch for its parameters (``cuFuncGetParamInfo``: the
+seven arguments and at most two scratch pointers, no scratch memory, one CTA per program, no special launch); else
+the engine takes its Python path.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from typing import Any, Callable, NamedTuple
+
+import numba
+import numpy as np
+
+from .batch_memcpy import MAX_PIECES_PER_CALL, batch_entry
+from .cuda_runtime import CudaError, CudaUnavailableError, driver_error_name, driver_function
+from .host_runs import _chunk_starts, _find_runs
+
+_U64, _UINT = ctypes.c_uint64, ctypes.c_uint
+RECORD = ctypes.CFUNCTYPE(ctypes.c_int, _U64, _U64)  # cuEventRecord(event, stream)
+WAIT = ctypes.CFUNCTYPE(ctypes.c_int, _U64, _U64, _UINT)  # cuStreamWaitEvent(stream, event, flags)
+SYNC = ctypes.CFUNCTYPE(ctypes.c_int, _U64)  # cuEventSynchronize(event)
+HTOD = ctypes.CFUNCTYPE(ctypes.c_int, _U64, _U64, _U64, _U64)  # cuMemcpyHtoDAsync(dst, src, bytes, stream)
+# cuLaunchKernel(function, grid x/y/z, block x/y/z, shared bytes, stream, kernelParams, extra)
+LAUNCH = ctypes.CFUNCTYPE(ctypes.c_int, _U64, _UINT, _UINT, _UINT, _UINT, _UINT, _UINT, _UINT, _U64, _U64, _U64)
+# cuMemcpyBatchAsync(dsts, srcs, sizes, count, attrs, attrsIdxs, numAttrs, stream): the CUDA 13.0 ABI; the 12.8 one
+# has a failIdx pointer before the stream
+BATCH = ctypes.CFUNCTYPE(ctypes.c_int, _U64, _U64, _U64, _U64, _U64, _U64, _U64, _U64)
+BATCH_WITH_FAIL_INDEX = ctypes.CFUNCTYPE(ctypes.c_int, _U64, _U64, _U64, _U64, _U64, _U64, _U64, _U64, _U64)
+_PARAM_INFO = ctypes.CFUNCTYPE(ctypes.c_int, _U64, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t),
+                               ctypes.POINTER(ctypes.c_size_t))  # cuFuncGetParamInfo(function, index, offset, size)
+
+#: Columns of a launch row (one per staging slot): the kernel and the cache pair's addresses.
+FUNCTION, THREADS, SHARED, NUM_PARAMS, TILES_PER_PAIR, SRC_BASE, DST_BASE, SRC_OFFSETS, DST_OFFSETS = range(9)
+ROW_LEN = 9
+#: Columns of a pair row: the host cache's block addressing, the chunking, and constants of the batched copies.
+(HOST_BASE, HOST_STRIDE, BLOCK_BYTES, PER_CHUNK, STAGE_IDS, ATTRS, ATTRS_INDEX, MIN_PIECES_TO_SPLIT) = range(8)
+PAIR_LEN = 8
+#: Columns of a lane row: its streams, events and buffers.
+(KERNEL_STREAM, DMA_STREAM, SECOND_DMA_STREAM, READY, GATHERED, SECOND_LANDED, LANDED, STAGING, SLOT_BYTES,
+ RING_DEVICE, RING_SLOT_BYTES) = range(11)
+LANE_LEN = 11
+#: Enqueue steps, named in the error of a failed driver call.
+STEPS = ("cuEventRecord", "cuStreamWaitEvent", "cuEventSynchronize(id ring slot)", "cuMemcpyHtoDAsync(block ids)",
+         "cuLaunchKernel(gather/scatter)", "cuMemcpyBatchAsync")
+_RUNTIME_PARAMS = 7  # the kernel's arguments before its compile-time constants
+_SCRATCH_PARAMS_MAX = 2  # pointers Triton appends (global and profile scratch); passed as null
+
+
+class DriverCalls(NamedTuple):
+    """The driver entry points the compiled enqueue calls, as ctypes functions of the prototypes above."""
+
+    record: Any
+    wait: Any
+    sync: Any
+    htod: Any
+    launch: Any
+    batch: Any
+    batch_has_fail_index: bool
+
+
+@functools.lru_cache(maxsize=None)
+def driver_calls() -> DriverCalls:
+    """The driver's entry points (resolved once; the batched copy's ABI as `batch_memcpy` chose it)."""
+    found = [driver_function(name, 12000, proto) for name, proto in
+             (("cuEventRecord", RECORD), ("cuStreamWaitEvent", WAIT), ("cuEventSynchronize", SYNC),
+              ("cuMemcpyHtoDAsync", HTOD), ("cuLaunchKernel", LAUNCH))]
+    if None in found:
+        raise CudaUnavailableError("this CUDA driver lacks an entry point of the compiled enqueue")
+    entry = batch_entry()
+    address = ctypes.cast(entry.function, ctypes.c_void_p).value
+    batch = (BATCH_WITH_FAIL_INDEX if entry.has_fail_index else BATCH)(address)
+    return DriverCalls(*found, batch, entry.has_fail_index)
+
+
+@functools.lru_cache(maxsize=None)
+def _param_info() -> Any:
+    return driver_function("cuFuncGetParamInfo", 12040, _PARAM_INFO)
+
+
+def launch_row(kernel: Any, tiles_per_pair: int, pointers: tuple[int, int, int, int]) -> np.ndarray | None:
+    """The launch row of a compiled Triton kernel (`triton.compiler.CompiledKernel`) for a cache pair whose four
+    addresses (`triton_copy.launch_constants`) and tiles per block pair are given, or None when it cannot be launched
+    directly: parameters other than the seven arguments (six pointers and an int32 tile count) and up to two scratch
+    pointers, scratch memory, clusters, cooperative or programmatic-dependent launches, or no ``cuFuncGetParamInfo``."""
+    meta = kernel.metadata
+    special = (getattr(meta, "num_ctas", 1) != 1 or getattr(meta, "launch_cooperative_grid", False)
+               or getattr(meta, "launch_pdl", False) or getattr(meta, "global_scratch_size", 0)
+               or getattr(meta, "profile_scratch_size", 0))
+    info = _param_info()
+    if special or info is None:
+        return None
+    kernel.run  # noqa: B018 -- loads the module: `function` is set from then on
+    sizes = []
+    offset, size = ctypes.c_size_t(), ctypes.c_size_t()
+    while len(sizes) <= _RUNTIME_PARAMS + _SCRATCH_PARAMS_MAX:
+        if info(kernel.function, len(sizes), ctypes.byref(offset), ctypes.byref(size)) != 0:
+            break  # past the last parameter
+        sizes.append(size.value)
+    expected = [8] * 6 + [4]
+    if sizes[:_RUNTIME_PARAMS] != expected or any(s != 8 for s in sizes[_RUNTIME_PARAMS:]) or \
+            len(sizes) > _RUNTIME_PARAMS + _SCRATCH_PARAMS_MAX:
+        return None
+    row = np.zeros(ROW_LEN, dtype=np.int64)
+    row[[FUNCTION, THREADS, SHARED, NUM_PARAMS, TILES_PER_PAIR]] = (
+        kernel.function, meta.num_warps * getattr(meta, "warp_size", 32), meta.shared, len(sizes), tiles_per_pair)
+    row[[SRC_BASE, DST_BASE, SRC_OFFSETS, DST_OFFSETS]] = pointers
+    return row
+
+
+def build(calls: DriverCalls) -> Callable:
+    """The compiled enqueue over `calls` (driver entry points, or stand-ins with the same prototypes):
+
+    ``enqueue(d2h, gpu_ids, host_ids, caller, lane, slot_events, ring_events, ring_host, state, rows, pair,
+    max_ctas)`` enqueues a staged transfer of validated int64 ids (at most a ring slot of them) after the work on
+    stream `caller`; `lane` and `pair` are rows of the columns above, `rows` a launch row per staging slot, `max_ctas`
+    -1 for a full grid. Returns (0, -1), or (driver error code, index in `STEPS`) at the first failed call (nothing
+    after it enqueued). `state` holds the lane's next staging slot and next id-ring slot, and is advanced.
+    """
+    record, wait, sync, htod, launch_fn, batch_fn = calls[:6]
+    if calls.batch_has_fail_index:
+        @numba.njit(nogil=True)
+        def batch_call(dsts, srcs, sizes, count, attrs, attrs_index, stream, fail):  # pragma: no cover (compiled)
+            return batch_fn(dsts, srcs, sizes, count, attrs, attrs_index, 1, fail, stream)
+    else:
+        @numba.njit(nogil=True)
+        def batch_call(dsts, srcs, sizes, count, attrs, attrs_index, stream, fail):  # pragma: no cover (compiled)
+            return batch_fn(dsts, srcs, sizes, count, attrs, attrs_index, 1, stream)
+
+    @numba.njit(nogil=True)
+    def batch(dsts, srcs, sizes, first, count, attrs, attrs_index, stream, fail):  # pragma: no cover (compiled)
+        """Pieces [first, first + count) in calls of at most MAX_PIECES_PER_CALL."""
+        for start in range(first, first + count, MAX_PIECES_PER_CALL):
+            n = min(MAX_PIECES_PER_CALL, first + count - start)
+            code = batch_call(dsts.ctypes.data + 8 * start, srcs.ctypes.data + 8 * start,
+                              sizes.ctypes.data + 8 * start, n, attrs, attrs_index, stream, fail)
+            if code:
+                return code
+        return 0
+
+    @numba.njit(nogil=True)
+    def dma(lane, dsts, srcs, sizes, count, after, landed, attrs, attrs_index, min_split, fail):  # pragma: no cover
+        """The pieces once event `after` has happened, split over the two DMA streams from `min_split` pieces on;
+        `landed` recorded on the first once all have landed. (error code, step)."""
+        first, second = lane[DMA_STREAM], lane[SECOND_DMA_STREAM]
+        half = (count + 1) // 2 if count >= min_split else count
+        code = wait(first, after, 0)
+        if code == 0 and half < count:
+            code = wait(second, after, 0)
+        if code:
+            return code, 1
+        code = batch(dsts, srcs, sizes, 0, half, attrs, attrs_index, first, fail)
+        if code:
+            return code, 5
+        if half < count:
+            code = batch(dsts, srcs, sizes, half, count - half, attrs, attrs_index, second, fail)
+            if code:
+                return code, 5
+            code = record(lane[SECOND_LANDED], second)
+            if code:
+                return code, 0
+            code = wait(first, lane[SECOND_LANDED], 0)
+            if code:
+                return code, 1
+        return record(landed, first), 0
+
+    @numba.njit(nogil=True)
+    def upload(lane, ids, ring_events, ring_host, state):  # pragma: no cover (compiled)
+        """Copy the ids to the next ring slot's device memory on the kernel stream: (device address, code, step)."""
+        k = state[1]
+        state[1] = (k + 1) % ring_events.shape[0]
+        code = sync(ring_events[k])  # the upload `ring slots` ago through this slot: finished in practice
+        if code:
+            return 0, code, 2
+        n = ids.shape[0]
+        ring_host[k, :n] = ids
+        device = lane[RING_DEVICE] + k * lane[RING_SLOT_BYTES]
+        code = htod(device, ring_host[k].ctypes.data, 8 * n, lane[KERNEL_STREAM])
+        if code:
+            return 0, code, 3
+        code = record(ring_events[k], lane[KERNEL_STREAM])
+        return device, code, 0
+
+    @numba.njit(nogil=True)
+    def launch(row, src_ids, dst_ids, n, max_ctas, stream, argv, params):  # pragma: no cover (compiled)
+        """The copy of `n` block pairs with ids at device addresses `src_ids` / `dst_ids` (see `triton_copy`)."""
+        total = n * row[TILES_PER_PAIR]
+        grid = total if max_ctas < 0 else max(1, min(total, max_ctas))
+        argv[:] = 0
+        argv[0], argv[1], argv[2], argv[3] = row[SRC_BASE], row[DST_BASE], row[SRC_OFFSETS], row[DST_OFFSETS]
+        argv[4], argv[5], argv[6] = src_ids, dst_ids, total  # the int32 tile count: the low half of its slot
+        for i in range(row[NUM_PARAMS]):
+            params[i] = argv.ctypes.data + 8 * i
+        return launch_fn(row[FUNCTION], grid, 1, 1, row[THREADS], 1, 1, row[SHARED], stream, params.ctypes.data, 0)
+
+    @numba.njit(nogil=True)
+    def enqueue(d2h, gpu_ids, host_ids, caller, lane, slot_events, ring_events, ring_host, state, rows, pair,
+                max_ctas):  # pragma: no cover (compiled)
+        kernel = lane[KERNEL_STREAM]
+        stage_ids, attrs, attrs_index = pair[STAGE_IDS], pair[ATTRS], pair[ATTRS_INDEX]
+        min_split = pair[MIN_PIECES_TO_SPLIT]
+        code = record(lane[READY], caller)  # the caller's work on the GPU cache so far
+        if code:
+            return code, 0
+        code = wait(kernel, lane[READY], 0)
+        if code == 0 and not d2h:  # an offload's DMAs wait for its gathers instead
+            code = wait(lane[DMA_STREAM], lane[READY], 0)
+            if code == 0:
+                code = wait(lane[SECOND_DMA_STREAM], lane[READY], 0)
+        if code:
+            return code, 1
+        n = gpu_ids.shape[0]
+        starts = _chunk_starts(n, pair[PER_CHUNK], d2h)
+        runs = _find_runs(host_ids, starts, pair[HOST_BASE], pair[HOST_STRIDE], pair[BLOCK_BYTES])
+        hosts, offsets, sizes, bounds = runs  # (valid starts: never None)
+        stage = np.empty(hosts.shape[0], np.uint64)
+        argv = np.empty(16, np.uint64)
+        params = np.empty(16, np.uint64)
+        fail = np.zeros(1, np.uint64)
+        fail_address = fail.ctypes.data
+        ids_device = 0
+        slots = slot_events.shape[0]
+        for c in range(starts.shape[0]):
+            start = starts[c]
+            m = (starts[c + 1] if c + 1 < starts.shape[0] else n) - start
+            slot = state[0]
+            state[0] = (slot + 1) % slots
+            slot_address = lane[STAGING] + slot * lane[SLOT_BYTES]
+            done = slot_events[slot]  # the slot is free once the chunk that last used it recorded this
+            a, b = bounds[c], bounds[c + 1]
+            for i in range(a, b):
+                stage[i] = offsets[i] + slot_address
+            if d2h:
+                if ids_device == 0:
+                    ids_device, code, step = upload(lane, gpu_ids, ring_events, ring_host, state)
+                    if code:
+                        return code, step
+                code = wait(kernel, done, 0)
+                if code:
+                    return code, 1
+                code = launch(rows[slot], ids_device + 8 * start, stage_ids, m, max_ctas, kernel, argv, params)
+                if code:
+                    return code, 4
+                code = record(lane[GATHERED], kernel)
+                if code:
+                    return code, 0
+                code, step = dma(lane, hosts[a:b], stage[a:b], sizes[a:b], b - a, lane[GATHERED], done, attrs,
+                                 attrs_index, min_split, fail_address)
+                if code:
+                    return code, step
+            else:
+                code, step = dma(lane, stage[a:b], hosts[a:b], sizes[a:b], b - a, done, lane[LANDED], attrs,
+                                 attrs_index, min_split, fail_address)
+                if code:
+                    return code, step
+                if ids_device == 0:  # the first DMA is queued: now the ids its scatter needs
+                    ids_device, code, step = upload(lane, gpu_ids, ring_events, ring_host, state)
+                    if code:
+                        return code, step
+                code = wait(kernel, lane[LANDED], 0)
+                if code:
+                    return code, 1
+                code = launch(rows[slot], stage_ids, ids_device + 8 * start, m, max_ctas, kernel, argv, params)
+                if code:
+                    return code, 4
+                code = record(done, kernel)
+                if code:
+                    return code, 0
+        return 0, -1
+
+    return enqueue
+
+
+_ARRAY, _MATRIX = numba.types.int64[::1], numba.types.int64[:, ::1]
+#: The types `enqueue` is compiled for (ids and tables are C-contiguous int64 arrays, every scalar an int).
+SIGNATURE = (numba.types.boolean, _ARRAY, _ARRAY, numba.types.int64, _ARRAY, _ARRAY, _ARRAY, _MATRIX, _ARRAY,
+             _MATRIX, _ARRAY, numba.types.int64)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled() -> Callable:
+    """The enqueue over this process's driver, compiled once per process for `SIGNATURE` (it calls the driver at
+    addresses known only at run time, so numba cannot keep it in its on-disk cache)."""
+    enqueue = build(driver_calls())
+    enqueue.compile(SIGNATURE)
+    return enqueue
+
+
+def raise_failure(code: int, step: int) -> None:
+    """Raise the `CudaError` of an enqueue that returned (code, step)."""
+    raise CudaError(f"{STEPS[step]} (staged transfer enqueue)", code, driver_error_name(code))
