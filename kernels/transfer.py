@@ -13,9 +13,10 @@ is never blocked):
   block in one dense run, as cross-layer layouts do; no SM time at all), split between the two DMA streams.
 
 "auto" takes "dma" when every block is one dense run of at least `DMA_MIN_PIECE_BYTES` in both caches, else
-"staged". Measured on the H200 (bench/results/): staged moves 93-98% of the PCIe ceiling at 16 blocks (back-to-back
-transfers), 94-99% at 256 and 98-100% at 1024 (single transfers, start-up included); batched DMA of the engines'
-small pieces 35-95%.
+"staged". A staged transfer is enqueued by one compiled call (`staged_enqueue`) when its kernels can be launched
+directly, else in Python (`_staged`). Measured on the H200 (bench/results/): staged moves 97-99% of the PCIe ceiling
+at 16 blocks (back-to-back transfers), 97-100% at 256 and 98-100% at 1024 (single transfers, start-up included);
+batched DMA of the engines' small pieces far less.
 """
 from __future__ import annotations
 
@@ -323,11 +324,11 @@ class TransferEngine:
         return self.submit([TransferSpec("h2d", host, gpu, host_ids, gpu_ids, path, options)])[0]
 
     def submit(self, transfers: Sequence[TransferSpec]) -> list[TransferHandle]:
-        """Enqueue several transfers at once, their staged chunks interleaved (one chunk of each in turn), and return
-        their handles in order.
+        """Enqueue several transfers at once and return their handles in order.
 
-        An onboard submitted with an offload starts after one chunk of the offload is enqueued, not after all of it, so
-        both directions of PCIe are busy from the start. Each transfer is ordered after the work queued so far on the
+        A staged transfer taken by the compiled enqueue (`_staged_compiled`) is enqueued whole in one call; those
+        enqueued in Python are interleaved, one chunk of each in turn, so an onboard submitted with an offload starts
+        after one chunk of the offload is enqueued, not after all of it. Each transfer is ordered after the work queued so far on the
         caller's current stream, as with `offload` / `onboard`. Every transfer is checked before anything is enqueued:
         bad input raises and enqueues nothing; a failure while enqueueing fails that transfer's handle only."""
         checked = [self._check(spec) for spec in transfers]
