@@ -34,7 +34,7 @@ from kvbm.layouts.conversion import block_id_array, check_caches, check_transfer
 from . import host_memory, host_runs, id_check, staged_enqueue, stream_events as events
 from .batch_memcpy import ATTRS_INDEX_ADDRESS, attributes_address, memcpy_batch_unchecked
 from .copy_plan import CopyPlan, build_plan
-from .cuda_runtime import check, cuda_rt
+from .cuda_runtime import CudaUnavailableError, check, cuda_rt
 from .device_pointer import DevicePointer
 from .host_runs import HostRuns, chunk_starts
 
@@ -304,7 +304,10 @@ class TransferEngine:
                       for direction in ("d2h", "h2d")}
         host_runs.warm_up()  # the compiled host-side passes compile (or load) on first use: not in a first transfer
         id_check.warm_up()
-        staged_enqueue.compiled()
+        try:
+            self._enqueue = staged_enqueue.compiled()
+        except CudaUnavailableError:  # a driver without an entry point it calls: staged transfers enqueue in Python
+            self._enqueue = None
 
     # -- public API ---------------------------------------------------------------------------------------------
     def offload(self, gpu: PagedKVCache, host: PagedKVCache, gpu_ids, host_ids, path: Path = "auto",
@@ -424,7 +427,7 @@ class TransferEngine:
         options = spec.options
         if options and (not set(options) <= {"max_ctas", "gather"} or options.get("gather", "kernel") != "kernel"):
             return None
-        if n > ID_RING_SLOT_IDS or _triton_copy().launch_hooks_set():
+        if self._enqueue is None or n > ID_RING_SLOT_IDS or _triton_copy().launch_hooks_set():
             return None
         if spec.direction == "d2h":
             return lane.compiled_pair(spec.src, spec.dst, True)
@@ -436,7 +439,7 @@ class TransferEngine:
         """The staged transfer enqueued by one compiled call (`staged_enqueue`): the chunks, slots, streams and events
         of `_staged`, with every driver call made from compiled code."""
         d2h = spec.direction == "d2h"
-        code, step = staged_enqueue.compiled()(
+        code, step = self._enqueue(
             d2h, s if d2h else d, d if d2h else s, caller, lane.row, lane.slot_done_array, lane.ids.event_handles,
             lane.ids.host_array, lane.state, *tables, -1 if max_ctas is None else max_ctas)
         if code:

@@ -167,6 +167,32 @@ def test_repeated_launches_of_one_plan_copy_exactly():
         assert len(plan.triton_compiled) == 1  # one compiled kernel served every launch after the first
 
 
+def test_launch_hooks_set_reads_triton_hook_chains_and_plain_hooks():
+    """Newer Tritons keep each launch hook as a chain of functions, empty when none is set (never None); older ones
+    a function or None. Only a set hook counts: with one, launches must go through Triton's runner."""
+    import triton
+
+    from kvbm.kernels.triton_copy import launch_hooks_set
+
+    runtime = triton.knobs.runtime
+    saved = runtime.launch_enter_hook
+    try:
+        chain = getattr(saved, "calls", None) is not None
+        if chain:
+            assert not saved.calls and not launch_hooks_set()
+            saved.add(print)
+            assert launch_hooks_set()
+            saved.remove(print)
+            assert not launch_hooks_set()
+        runtime.launch_enter_hook = None
+        assert not launch_hooks_set()
+        runtime.launch_enter_hook = print
+        assert launch_hooks_set()
+    finally:
+        runtime.launch_enter_hook = saved
+    assert not launch_hooks_set()
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="the compiled-kernel launch path exists only on a GPU")
 def test_compiled_launches_call_triton_launch_hooks_when_set():
     """Launches of a compiled kernel go straight through its launcher, unless a Triton launch hook (a profiler's)
@@ -185,6 +211,7 @@ def test_compiled_launches_call_triton_launch_hooks_when_set():
     out = torch.tensor([0, 5, 1, 11], dtype=torch.int64, device=DEVICE)
     calls = []
     runtime = triton.knobs.runtime
+    unset = runtime.launch_enter_hook  # an empty hook chain in newer Tritons, None in older ones
     for hooked in (False, True, False):  # the first launch compiles (JIT); the next ones run the compiled kernel
         for t in plan_dst.tensors:
             t.view(torch.uint8).fill_(0xA5)
@@ -197,7 +224,7 @@ def test_compiled_launches_call_triton_launch_hooks_when_set():
         try:
             launch(plan, ids, out)
         finally:
-            runtime.launch_enter_hook = None
+            runtime.launch_enter_hook = unset
         torch.cuda.synchronize()
         assert len(calls) == before + hooked
         copy_blocks(src, ref, ids.cpu(), out.cpu(), backend="torch")

@@ -98,18 +98,44 @@ def engine_factory():
 @pytest.mark.parametrize("path", ["staged", "zero_copy", "dma", "auto"])
 @pytest.mark.parametrize("slots", [2, 4])
 def test_offload_then_onboard_byte_exact(preset, g, order, path, slots, engine_factory):
+    seed = zlib.crc32(f"{preset}/{order}/{path}/{slots}".encode())
+    round_trip(engine_factory(g, slots), preset, g, order, path, seed)
+
+
+@pytest.mark.parametrize("preset,g,order", CASES, ids=[f"{c[0]}-{'hnd' if c[2] == HEAD_FIRST else 'nhd'}" for c in CASES])
+@pytest.mark.parametrize("enqueue", ["compiled", "python"])
+def test_staged_transfers_through_either_enqueue_byte_exact(preset, g, order, enqueue, engine_factory, monkeypatch):
+    """Staged transfers take the compiled enqueue by default; with it unavailable, the Python path copies the same
+    bytes (several chunks each way, both staging slots in use)."""
+    from kvbm.kernels.transfer import TransferEngine
+
+    engine = engine_factory(g, 2)
+    if enqueue == "python":
+        engine._enqueue = None
+    taken = []
+    compiled = TransferEngine._staged_compiled
+
+    def spy(self, *args, **kwargs):
+        taken.append(1)
+        return compiled(self, *args, **kwargs)
+
+    monkeypatch.setattr(TransferEngine, "_staged_compiled", spy)
+    round_trip(engine, preset, g, order, "staged", zlib.crc32(f"{preset}/{order}/{enqueue}".encode()))
+    assert len(taken) == (2 if enqueue == "compiled" else 0)
+
+
+def round_trip(engine, preset: str, g: KVGeometry, order, path: str, seed: int) -> None:
+    """Offload N random GPU blocks into a poisoned host cache (a run of consecutive host blocks and scattered ones),
+    then onboard them into other, poisoned GPU blocks; both byte-exact against the torch reference."""
     from kvbm.kernels.host_memory import PinnedHostBuffer
 
-    seed = zlib.crc32(f"{preset}/{order}/{path}/{slots}".encode())
     rng = np.random.default_rng(seed)
     gpu = allocate(preset, g, GPU_BLOCKS, dtype=torch.bfloat16, device="cuda")
     random_fill(gpu.tensors, seed)
-    engine = engine_factory(g, slots)
     with PinnedHostBuffer(HOST_BLOCKS * g.block_bytes) as buf:
         host = host_cache(buf, g, order)
         host.tensors[0].view(torch.uint8).fill_(POISON)
         gpu_ids = rng.choice(GPU_BLOCKS // 2, N, replace=False)
-        # a run of consecutive host blocks (one DMA) and scattered ones
         host_ids = np.concatenate([np.arange(5, 9), rng.choice(np.r_[0:5, 9:HOST_BLOCKS], N - 4, replace=False)])
         want_host = reference_copy(gpu, host, gpu_ids, host_ids)
         handle = engine.offload(gpu, host, gpu_ids, host_ids, path=path)
@@ -120,7 +146,6 @@ def test_offload_then_onboard_byte_exact(preset, g, order, path, slots, engine_f
         handle.wait()
         assert handle.ok and handle.done() and handle.num_blocks == N
         assert all(torch.equal(a, b) for a, b in zip(bytes_of(host), want_host))
-        # onboard into other, poisoned GPU blocks
         dst_ids = GPU_BLOCKS // 2 + rng.choice(GPU_BLOCKS // 2, N, replace=False)
         poison_gpu_blocks(gpu, dst_ids)
         want_gpu = reference_copy(host, gpu, host_ids, dst_ids)
