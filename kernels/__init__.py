@@ -17,10 +17,6 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _is_pinned(cache: PagedKVCache) -> bool:
-    return all(t.is_pinned() for t in cache.tensors)
-
-
 def _triton_supports(src: PagedKVCache, dst: PagedKVCache, n: int) -> bool:
     if importlib.util.find_spec("triton") is None:
         return False
@@ -28,7 +24,9 @@ def _triton_supports(src: PagedKVCache, dst: PagedKVCache, n: int) -> bool:
     if kinds == ("cuda", "cuda"):
         return True
     if "cuda" in kinds:  # zero-copy: the kernel reads or writes pinned host memory over UVA
-        return _is_pinned(src if kinds[0] == "cpu" else dst)
+        from .host_memory import cache_is_pinned
+
+        return cache_is_pinned(src if kinds[0] == "cpu" else dst)
     return kinds == ("cpu", "cpu") and triton_interpreting()
 
 

@@ -26,11 +26,15 @@ import threading
 import time
 import weakref
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .cuda_runtime import CudaError, check, cuda_available, cuda_rt
+
+if TYPE_CHECKING:
+    from kvbm.layouts import PagedKVCache
 
 __all__ = ["MappedPointer", "PinnedHostBuffer", "DEFAULT_CHUNK_BYTES"]
 
@@ -119,6 +123,11 @@ def _first_touch(mapping: mmap.mmap, length: int, threads: int) -> None:
         worker.start()
     for worker in workers:
         worker.join()
+
+
+def cache_is_pinned(cache: PagedKVCache) -> bool:
+    """Whether every tensor of a CPU cache is in pinned (page-locked, CUDA-registered) memory."""
+    return all(t.is_pinned() for t in cache.tensors)
 
 
 _unregistrations = [0]  # buffers unregistered in this process so far (see `unregistrations`)

@@ -23,10 +23,9 @@ import numpy as np
 from .batch_memcpy import MAX_PIECES_PER_CALL, batch_entry
 from .cuda_runtime import CudaError, CudaUnavailableError, driver_error_name, driver_function
 from .host_runs import _chunk_starts, _find_runs
+from .stream_events import entry_points
 
 _U64, _UINT = ctypes.c_uint64, ctypes.c_uint
-RECORD = ctypes.CFUNCTYPE(ctypes.c_int, _U64, _U64)  # cuEventRecord(event, stream)
-WAIT = ctypes.CFUNCTYPE(ctypes.c_int, _U64, _U64, _UINT)  # cuStreamWaitEvent(stream, event, flags)
 SYNC = ctypes.CFUNCTYPE(ctypes.c_int, _U64)  # cuEventSynchronize(event)
 HTOD = ctypes.CFUNCTYPE(ctypes.c_int, _U64, _U64, _U64, _U64)  # cuMemcpyHtoDAsync(dst, src, bytes, stream)
 # cuLaunchKernel(function, grid x/y/z, block x/y/z, shared bytes, stream, kernelParams, extra)
@@ -56,7 +55,8 @@ _SCRATCH_PARAMS_MAX = 2  # pointers Triton appends (global and profile scratch);
 
 
 class DriverCalls(NamedTuple):
-    """The driver entry points the compiled enqueue calls, as ctypes functions of the prototypes above."""
+    """The driver entry points the compiled enqueue calls, as ctypes functions of `stream_events.RECORD` /
+    `stream_events.WAIT` and the prototypes above."""
 
     record: Any
     wait: Any
@@ -69,16 +69,16 @@ class DriverCalls(NamedTuple):
 
 @functools.lru_cache(maxsize=None)
 def driver_calls() -> DriverCalls:
-    """The driver's entry points (resolved once; the batched copy's ABI as `batch_memcpy` chose it)."""
+    """The driver's entry points (resolved once; event record and wait as `stream_events` has them, the batched
+    copy's ABI as `batch_memcpy` chose it)."""
     found = [driver_function(name, 12000, proto) for name, proto in
-             (("cuEventRecord", RECORD), ("cuStreamWaitEvent", WAIT), ("cuEventSynchronize", SYNC),
-              ("cuMemcpyHtoDAsync", HTOD), ("cuLaunchKernel", LAUNCH))]
+             (("cuEventSynchronize", SYNC), ("cuMemcpyHtoDAsync", HTOD), ("cuLaunchKernel", LAUNCH))]
     if None in found:
         raise CudaUnavailableError("this CUDA driver lacks an entry point of the compiled enqueue")
     entry = batch_entry()
     address = ctypes.cast(entry.function, ctypes.c_void_p).value
     batch = (BATCH_WITH_FAIL_INDEX if entry.has_fail_index else BATCH)(address)
-    return DriverCalls(*found, batch, entry.has_fail_index)
+    return DriverCalls(*entry_points(), *found, batch, entry.has_fail_index)
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,13 +16,17 @@ import torch
 
 from .cuda_runtime import CudaError, CudaUnavailableError, driver_error_name, driver_function
 
-_RECORD = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)  # cuEventRecord(CUevent, CUstream)
-_WAIT = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint)  # cuStreamWaitEvent
+#: Prototypes of the two entry points, handles as 64-bit integers (callable from Python and from numba, see
+#: `staged_enqueue`).
+RECORD = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64)  # cuEventRecord(event, stream)
+WAIT = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint)  # cuStreamWaitEvent(s, e, 0)
 
 
 @functools.lru_cache(maxsize=None)
-def _driver() -> tuple:
-    functions = driver_function("cuEventRecord", 12000, _RECORD), driver_function("cuStreamWaitEvent", 12000, _WAIT)
+def entry_points() -> tuple:
+    """The driver's ``cuEventRecord`` and ``cuStreamWaitEvent`` as ctypes functions of `RECORD` / `WAIT` (resolved
+    once)."""
+    functions = driver_function("cuEventRecord", 12000, RECORD), driver_function("cuStreamWaitEvent", 12000, WAIT)
     if None in functions:
         raise CudaUnavailableError("this CUDA driver has no cuEventRecord / cuStreamWaitEvent entry point")
     return functions
@@ -36,14 +40,14 @@ def handle(event: torch.cuda.Event, stream: torch.cuda.Stream) -> int:
 
 def record(event: int, stream: int) -> None:
     """Record raw event `event` on raw stream `stream` (``cuEventRecord``)."""
-    code = _driver()[0](event, stream)
+    code = entry_points()[0](event, stream)
     if code:
         raise CudaError(f"cuEventRecord(event {event:#x}, stream {stream:#x})", code, driver_error_name(code))
 
 
 def wait(stream: int, event: int) -> None:
     """Make raw stream `stream` wait for the last record of raw event `event` (``cuStreamWaitEvent``)."""
-    code = _driver()[1](stream, event, 0)
+    code = entry_points()[1](stream, event, 0)
     if code:
         raise CudaError(f"cuStreamWaitEvent(stream {stream:#x}, event {event:#x})", code, driver_error_name(code))
 

@@ -197,8 +197,7 @@ class _Lane:
         self._events = [torch.cuda.Event() for _ in range(4 + slots)]  # owned here; used by their handles below
         handles = [events.handle(e, self.kernel_stream) for e in self._events]
         self.ready, self.gathered, self.second_landed, self.landed = handles[:4]
-        self.slot_done = handles[4:]
-        self.slot_done_array = np.array(self.slot_done, dtype=np.int64)
+        self.slot_done = np.array(handles[4:], dtype=np.int64)
         self.row = np.zeros(staged_enqueue.LANE_LEN, dtype=np.int64)  # the lane for the compiled enqueue
         self.row[[staged_enqueue.KERNEL_STREAM, staged_enqueue.DMA_STREAM, staged_enqueue.SECOND_DMA_STREAM]] = (
             self.kernel_handle, *self.dma_handles)
@@ -370,7 +369,7 @@ class TransferEngine:
         auto = self._check_pair(spec.direction, src, dst)
         host = dst if spec.direction == "d2h" else src
         if host.__dict__.get("_pinned_while") != host_memory.unregistrations():  # (a buffer closed since: again)
-            if not all(t.is_pinned() for t in host.tensors):
+            if not host_memory.cache_is_pinned(host):
                 raise ValueError(f"host cache {host.name} must be in pinned CPU memory (see kernels.host_memory)")
             host.__dict__["_pinned_while"] = host_memory.unregistrations()
         s, d = block_id_array(spec.src_ids, "src_ids"), block_id_array(spec.dst_ids, "dst_ids")
@@ -440,7 +439,7 @@ class TransferEngine:
         of `_staged`, with every driver call made from compiled code."""
         d2h = spec.direction == "d2h"
         code, step = self._enqueue(
-            d2h, s if d2h else d, d if d2h else s, caller, lane.row, lane.slot_done_array, lane.ids.event_handles,
+            d2h, s if d2h else d, d if d2h else s, caller, lane.row, lane.slot_done, lane.ids.event_handles,
             lane.ids.host_array, lane.state, *tables, -1 if max_ctas is None else max_ctas)
         if code:
             staged_enqueue.raise_failure(code, step)
@@ -553,7 +552,7 @@ class TransferEngine:
                 slot = lane.take_slot()
                 staging = lane.staging_cache(host, slot)
                 slot_address = lane.staging_address + slot * lane.slot_bytes
-                done = lane.slot_done[slot]  # also: the slot is free once its last chunk recorded this
+                done = int(lane.slot_done[slot])  # also: the slot is free once its last chunk recorded this
                 if d2h:
                     if kernel_gather and gpu_ids is None:
                         gpu_ids = lane.ids.upload(gpu_host_ids, kernel_stream).data_ptr()

@@ -317,3 +317,23 @@ def test_gpu_triton_kernel_writes_pinned_memory_through_mapped_pointer():
         result = buf.tensor()
         assert torch.equal(result[4096:], source.cpu())
         assert torch.equal(result[:4096], poison[:4096])  # nothing written before the offset
+
+
+def test_cache_pinning_and_the_unregistration_count_follow_the_buffer():
+    """A cache over a buffer is pinned exactly when the buffer is (with a GPU), one over plain memory never, and
+    closing a buffer bumps the unregistration count after which the engine checks pinning again."""
+    from kvbm.layouts import block_major
+
+    def cache(t):
+        return block_major(t.view(2, 1, 1, 4, 1, 8), ("layer", "kv", "token", "head", "channel"))
+
+    assert not host_memory.cache_is_pinned(cache(torch.zeros(64, dtype=torch.bfloat16)))
+    buf = PinnedHostBuffer(4096)
+    pinned_cache = cache(buf.tensor(torch.bfloat16)[:64])
+    assert host_memory.cache_is_pinned(pinned_cache) == (buf.pinned and cuda_available())
+    before = host_memory.unregistrations()
+    buf.close()
+    assert host_memory.unregistrations() == before + 1
+    assert not host_memory.cache_is_pinned(pinned_cache)
+    buf.close()  # idempotent: released once, counted once
+    assert host_memory.unregistrations() == before + 1

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from kvbm.kernels import staged_enqueue as se
+from kvbm.kernels.stream_events import RECORD, WAIT
 from kvbm.kernels.host_runs import HostRuns, chunk_starts
 
 KERNEL, DMA, DMA2, READY, GATHERED, SECOND, LANDED = 100, 101, 102, 103, 104, 105, 106
@@ -44,7 +45,7 @@ class FakeDriver:
             return proto(call)
 
         self.calls = se.DriverCalls(
-            entry(se.RECORD, "record"), entry(se.WAIT, "wait"), entry(se.SYNC, "sync"),
+            entry(RECORD, "record"), entry(WAIT, "wait"), entry(se.SYNC, "sync"),
             entry(se.HTOD, "htod", lambda dst, src, n, stream: (stream, dst, _read(src, n // 8))),
             entry(se.LAUNCH, "launch", self._launch), entry(se.BATCH, "batch", self._batch), False)
 
