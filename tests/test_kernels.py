@@ -230,3 +230,34 @@ def test_compiled_launches_call_triton_launch_hooks_when_set():
         copy_blocks(src, ref, ids.cpu(), out.cpu(), backend="torch")
         assert torch.equal(to_logical("kvbm_staging", plan_dst), to_logical("kvbm_staging", ref))
     assert len(plan.triton_compiled) == 1
+
+
+def test_compiled_kernel_and_launch_constants_of_a_plan():
+    """`compiled_kernel` compiles with a launch of no tiles (the destination keeps its bytes) and keeps the kernel on
+    the plan for later launches (none under the interpreter); `launch_constants` gives the plan's tiles per block pair
+    and the addresses of its bases and offset tables. `first_piece_address` is `piece_addresses()[0]`."""
+    from triton.compiler import CompiledKernel
+
+    from kvbm.kernels.copy_plan import build_plan
+    from kvbm.kernels.triton_copy import _constants, compiled_kernel, launch_constants
+
+    g = KVGeometry(2, 2, 4, 2, 8, 2)
+    src = allocate("vllm_flash_attn_hnd", g, 6, dtype=torch.bfloat16, device=DEVICE)
+    dst = allocate("kvbm_staging", g, 6, dtype=torch.bfloat16, device=DEVICE)
+    fill_random(src, torch.Generator().manual_seed(3))
+    fill_random(dst, torch.Generator().manual_seed(4))
+    before = [t.view(torch.int16).clone() for t in dst.tensors]  # (bytes: random bf16 has NaNs)
+    assert src.first_piece_address() == src.piece_addresses()[0]
+    plan = build_plan(src, dst)
+    stream = torch.cuda.Stream() if DEVICE == "cuda" else None
+    kernel = compiled_kernel(plan, stream)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        assert isinstance(kernel, CompiledKernel) and compiled_kernel(plan, stream) is kernel
+    else:
+        assert kernel is None
+    assert all(torch.equal(a.view(torch.int16), b) for a, b in zip(dst.tensors, before))
+    tiles, pointers = launch_constants(plan)
+    assert tiles == _constants(plan)[0] and tiles % plan.num_pieces == 0
+    assert pointers == (plan.src_base.data_ptr(), plan.dst_base.data_ptr(), plan.src_offsets_aligned.data_ptr(),
+                        plan.dst_offsets_aligned.data_ptr())
