@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-__all__ = ["KvbmConfig", "KvbmConfigError", "available_host_memory", "GB"]
+__all__ = ["KvbmConfig", "KvbmConfigError", "available_host_memory", "GB", "DISK_IO_CHOICES"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ class KvbmConfig:
     disable_disk_offload_filter: bool = False
     disk_zerofill_fallback: bool = False
     disk_disable_o_direct: bool = False
+    disk_io: str = "auto"
     metrics: bool = False
     metrics_port: int = 6880
     leader_worker_init_timeout_secs: int = 1800
@@ -95,7 +96,10 @@ class KvbmConfig:
         """Check types and ranges, so a config built directly is held to the same rules as one from the env."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "disk_cache_dir":
+            if f.name == "disk_io":
+                if value not in DISK_IO_CHOICES:
+                    raise _bad(f.name, value, f"one of {', '.join(DISK_IO_CHOICES)}")
+            elif f.name == "disk_cache_dir":
                 if not isinstance(value, (str, os.PathLike)) or not str(value):
                     raise _bad(f.name, value, "a directory path")
                 object.__setattr__(self, f.name, Path(value))
@@ -215,6 +219,18 @@ class KvbmConfig:
                 )
 
 
+#: G3 I/O path: "auto" (GPUDirect Storage where the cuFile probe allows it, else POSIX), "gds" (cuFile, failing
+#: start-up where it cannot run), "posix" (O_DIRECT through pinned bounce buffers).
+DISK_IO_CHOICES = ("auto", "gds", "posix")
+
+
+def _parse_choice(name: str, text: str) -> str:
+    value = text.strip().lower()
+    if value not in DISK_IO_CHOICES:
+        raise _bad(name, text, f"one of {', '.join(DISK_IO_CHOICES)}")
+    return value
+
+
 _BOOL_FIELDS = frozenset(
     {"disable_disk_offload_filter", "disk_zerofill_fallback", "disk_disable_o_direct", "metrics"}
 )
@@ -234,6 +250,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "cpu_cache_gb": _parse_float,
     "disk_cache_gb": _parse_float,
     "disk_cache_dir": _parse_path,
+    "disk_io": _parse_choice,
     **{name: _parse_bool for name in _BOOL_FIELDS},
     **{name: _parse_int for name in _INT_RANGES},
 }
