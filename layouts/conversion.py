@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .layout import LayoutError, PagedKVCache
+from .layout import LayoutError, PagedKVCache, ranges_overlap
 
 #: Integer dtype of each element size: byte-exact copies move integers, whatever the cache's dtype.
 INT_VIEW: dict[int, torch.dtype] = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -127,13 +127,28 @@ def check_transfer(src: PagedKVCache, dst: PagedKVCache, src_ids: BlockIds, dst_
             raise IndexError(f"{what} holds {bad}, out of range for a cache of {n} blocks [0, {n})")
     if d.size > 1 and (d_sorted[1:] == d_sorted[:-1]).any():
         raise ValueError("dst_ids holds duplicates: two source blocks would be written into one destination block")
-    if _share_memory(src, dst) and np.intersect1d(s, d).size:
-        raise ValueError("src and dst are the same memory and src_ids overlap dst_ids: the copy would read what it writes")
+    if _share_memory(src, dst):
+        _check_reads_apart_from_writes(src, dst, s, d)
     return s, d
 
 
 def _share_memory(a: PagedKVCache, b: PagedKVCache) -> bool:
-    return a.device == b.device and bool(a.storage_addresses() & b.storage_addresses())
+    """Whether the storages behind two caches share a byte (the common case, two separate allocations, is no)."""
+    if a.device != b.device:
+        return False
+    ra, rb = a.storage_ranges(), b.storage_ranges()
+    return ranges_overlap(ra[:, 0], ra[:, 1], rb[:, 0], rb[:, 1]) is not None
+
+
+def _check_reads_apart_from_writes(src: PagedKVCache, dst: PagedKVCache, s: np.ndarray, d: np.ndarray) -> None:
+    """Raise ValueError if a byte that blocks `s` of `src` occupy is also a byte of blocks `d` of `dst`."""
+    read = src.block_byte_ranges(s)
+    write = dst.block_byte_ranges(d)
+    hit = ranges_overlap(read[0], read[1], write[0], write[1])
+    if hit is not None:
+        i, j = int(read[2][hit[0]]), int(write[2][hit[1]])
+        raise ValueError(f"src block {int(s[i])} ({src.name}) and dst block {int(d[j])} ({dst.name}) are the same "
+                         f"memory: the copy would read what it writes")
 
 
 def torch_reference_copy(src: PagedKVCache, dst: PagedKVCache, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:

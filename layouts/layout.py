@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .geometry import LOGICAL_DIMS, KVGeometry
@@ -64,6 +65,8 @@ class PagedKVCache:
         self.layout = layout
         self._addresses: tuple[int, ...] | None = None
         self._storages: frozenset[int] | None = None
+        self._storage_ranges: np.ndarray | None = None
+        self._runs: tuple[np.ndarray, int, bool] | None = None
 
     @property
     def geometry(self) -> KVGeometry:
@@ -136,6 +139,29 @@ class PagedKVCache:
             self._storages = frozenset(t.untyped_storage().data_ptr() for t in self.tensors)
         return self._storages
 
+    def storage_ranges(self) -> np.ndarray:
+        """Byte ranges `[start, end)` of the storages behind the cache's tensors, as an int64 array `[n, 2]`."""
+        if self._storage_ranges is None:
+            rows = {(s.data_ptr(), s.data_ptr() + s.nbytes()) for s in (t.untyped_storage() for t in self.tensors)}
+            self._storage_ranges = np.array(sorted(rows), dtype=np.int64).reshape(-1, 2)
+        return self._storage_ranges
+
+    def block_byte_ranges(self, ids: np.ndarray, max_ranges: int = 1 << 23) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The bytes blocks `ids` occupy, as ranges: `(starts, ends, owner)`, `owner[i]` the position in `ids` of the
+        block range i belongs to.
+
+        Exact (each piece split into its contiguous runs) unless that would exceed `max_ranges` ranges; then each
+        piece of a block is one range from its first to its last byte, a superset of its bytes."""
+        if self._runs is None:
+            self._runs = _block_runs(self)
+        starts0, run_bytes, exact = self._runs
+        if not exact or ids.size * starts0.size > max_ranges:
+            starts0, run_bytes = _piece_hulls(self)
+        block_bytes = self.layout.strides[0] * self.geometry.itemsize
+        starts = (ids.astype(np.int64) * block_bytes)[:, None] + starts0[None, :]
+        owner = np.repeat(np.arange(ids.size), starts0.size)
+        return starts.reshape(-1), starts.reshape(-1) + run_bytes, owner
+
     def __repr__(self) -> str:
         g = self.geometry
         return (
@@ -143,6 +169,54 @@ class PagedKVCache:
             f"block_size={g.block_size}, heads={g.num_heads}, head_dim={g.head_dim}, dtype={self.dtype}, "
             f"device={self.device})"
         )
+
+
+def _piece_dims(cache: PagedKVCache) -> list[tuple[int, int]]:
+    """(size, stride) in elements of the token, head and channel dimensions of one block's piece."""
+    g = cache.geometry
+    return list(zip((g.block_size, g.num_heads, g.head_dim), cache.layout.strides[1:]))
+
+
+def _block_runs(cache: PagedKVCache) -> tuple[np.ndarray, int, bool]:
+    """Block 0's contiguous byte runs: absolute start addresses (every piece), the run length in bytes, and whether
+    the runs are exact (False when a piece has more than 4096 runs: the caller then takes piece hulls)."""
+    itemsize = cache.geometry.itemsize
+    dims = sorted((d for d in _piece_dims(cache) if d[0] > 1), key=lambda d: d[1])
+    run = 1
+    while dims and dims[0][1] == run:  # dimensions dense inside the run merge into it
+        run *= dims.pop(0)[0]
+    if math.prod(size for size, _ in dims) > 4096:
+        return np.zeros(0, dtype=np.int64), 0, False
+    offsets = np.zeros(1, dtype=np.int64)
+    for size, stride in dims:
+        offsets = np.add.outer(offsets, np.arange(size, dtype=np.int64) * stride).reshape(-1)
+    bases = np.array(cache.piece_addresses(), dtype=np.int64)
+    return (bases[:, None] + offsets[None, :] * itemsize).reshape(-1), run * itemsize, True
+
+
+def _piece_hulls(cache: PagedKVCache) -> tuple[np.ndarray, int]:
+    """Block 0's pieces as one byte range each, first to last byte: start addresses and the common length."""
+    span = sum((size - 1) * stride for size, stride in _piece_dims(cache))
+    return np.array(cache.piece_addresses(), dtype=np.int64), (span + 1) * cache.geometry.itemsize
+
+
+def ranges_overlap(a_starts: np.ndarray, a_ends: np.ndarray, b_starts: np.ndarray, b_ends: np.ndarray
+                   ) -> tuple[int, int] | None:
+    """Indices `(i, j)` of a range of set a and a range of set b that share a byte, or None when none do.
+
+    Sorts a by start and keeps the running maximum of its ends, so each range of b is tested with one binary search
+    (O((n + m) log n))."""
+    if not a_starts.size or not b_starts.size:
+        return None
+    order = np.argsort(a_starts, kind="stable")
+    starts, reach = a_starts[order], np.maximum.accumulate(a_ends[order])
+    before = np.searchsorted(starts, b_ends, side="left")  # ranges of a that start before each b range ends
+    hit = (before > 0) & (reach[np.maximum(before - 1, 0)] > b_starts)
+    if not hit.any():
+        return None
+    j = int(np.argmax(hit))
+    i = int(np.argmax((a_starts < b_ends[j]) & (a_ends > b_starts[j])))
+    return i, j
 
 
 def _parse_dims(spec: str) -> list[tuple[str, ...]]:
@@ -192,6 +266,51 @@ def _check_injective(dims: list[tuple[int, int]], what: str) -> None:
         if stride <= span:
             raise LayoutError(f"{what}: dimensions overlap in memory (sizes/strides {dims}); a cache must not alias")
         span += stride * (size - 1)
+
+
+def _reaches(delta: int, dims: list[tuple[int, int]]) -> bool:
+    """Whether `delta` = sum(stride * z) for some integers |z| < size: two index vectors of these (size, stride)
+    dims (strides ascending, each larger than the reach of the smaller ones, as `_check_injective` ensures) that are
+    `delta` elements apart. At most two choices per dimension: a few dozen steps."""
+    if not dims:
+        return delta == 0
+    (size, stride), rest = dims[-1], dims[:-1]
+    below = sum((n - 1) * s for n, s in rest)
+    lo = max(-(size - 1), -((below - delta) // stride))  # ceil((delta - below) / stride)
+    hi = min(size - 1, (delta + below) // stride)
+    return any(_reaches(delta - z * stride, rest) for z in range(lo, hi + 1))
+
+
+def _check_tensors_disjoint(tensors: Sequence[torch.Tensor], dims: list[tuple[int, int]], outer: list[str],
+                            sizes: dict[str, int], name: str) -> None:
+    """Raise LayoutError if two of the tensors (same shape and strides) share an element. Tensors whose byte ranges
+    are apart are passed by their ranges; for the others the offset between them is tested against the strides."""
+    itemsize = tensors[0].element_size()
+    dims = sorted((d for d in dims if d[0] > 1), key=lambda d: d[1])
+    length = (sum((n - 1) * s for n, s in dims) + 1) * itemsize
+    order = sorted(range(len(tensors)), key=lambda i: tensors[i].data_ptr())
+    ptrs = [tensors[i].data_ptr() for i in order]
+    verdicts: dict[int, bool] = {}
+    for a in range(len(order)):
+        for b in range(a + 1, len(order)):
+            delta = ptrs[b] - ptrs[a]
+            if delta >= length:
+                break
+            if delta not in verdicts:
+                verdicts[delta] = delta % itemsize != 0 or _reaches(delta // itemsize, dims)
+            if verdicts[delta]:
+                i, j = sorted((order[a], order[b]))
+                raise LayoutError(f"layout {name!r}: tensors {i} ({_outer_label(i, outer, sizes)}) and {j} "
+                                  f"({_outer_label(j, outer, sizes)}) share memory ({delta} bytes apart); "
+                                  f"the pieces of a cache must not alias")
+
+
+def _outer_label(index: int, outer: list[str], sizes: dict[str, int]) -> str:
+    coords = []
+    for n in reversed(outer):
+        index, c = divmod(index, sizes[n])
+        coords.append(f"{n} {c}")
+    return ", ".join(reversed(coords))
 
 
 def describe(
@@ -261,6 +380,8 @@ def describe(
             in_tensor.append((sizes[n], stride))
             stride *= sizes[n]
     _check_injective(in_tensor, f"layout {name!r}")
+    if len(tensors) > 1 and t0.device.type != "meta":  # (meta tensors have no addresses)
+        _check_tensors_disjoint(tensors, in_tensor, outer, sizes, name)
 
     num_layers, kv_count = sizes.get("layer", 1), sizes.get("kv", 1)
     try:
