@@ -14,20 +14,25 @@ implementation has no use for.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-__all__ = ["KvbmConfig", "KvbmConfigError", "available_host_memory", "GB", "DISK_IO_CHOICES"]
+__all__ = ["KvbmConfig", "KvbmConfigError", "available_host_memory", "metrics_host_from_env", "GB", "MAX_GB",
+           "DISK_IO_CHOICES"]
 
 log = logging.getLogger(__name__)
 
 GB = 10**9
+#: Largest accepted ``*_CACHE_GB`` (an exabyte): larger values are typos, and 1e300 GB would overflow the block count.
+MAX_GB = 1e9
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -86,6 +91,7 @@ class KvbmConfig:
     disk_disable_o_direct: bool = False
     disk_io: str = "auto"
     metrics: bool = False
+    metrics_host: str = "127.0.0.1"
     metrics_port: int = 6880
     leader_worker_init_timeout_secs: int = 1800
     max_transfer_batch_size: int = 16
@@ -99,6 +105,9 @@ class KvbmConfig:
             if f.name == "disk_io":
                 if value not in DISK_IO_CHOICES:
                     raise _bad(f.name, value, f"one of {', '.join(DISK_IO_CHOICES)}")
+            elif f.name == "metrics_host":
+                if not _valid_host(value):
+                    raise _bad(f.name, value, _HOST_EXPECTED)
             elif f.name == "disk_cache_dir":
                 if not isinstance(value, (str, os.PathLike)) or not str(value):
                     raise _bad(f.name, value, "a directory path")
@@ -111,8 +120,8 @@ class KvbmConfig:
                     continue
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise _bad(f.name, value, "a number of GB")
-                if not math.isfinite(value) or value < 0:
-                    raise _bad(f.name, value, "a finite, non-negative number of GB")
+                if not math.isfinite(value) or not 0 <= value <= MAX_GB:
+                    raise _bad(f.name, value, f"a finite, non-negative number of GB, at most {MAX_GB:g}")
                 object.__setattr__(self, f.name, float(value))
             else:
                 if value is None and f.name.endswith("_num_blocks"):
@@ -235,14 +244,16 @@ _BOOL_FIELDS = frozenset(
     {"disable_disk_offload_filter", "disk_zerofill_fallback", "disk_disable_o_direct", "metrics"}
 )
 
+_INT63, _INT31 = 2**63 - 1, 2**31 - 1
+
 # field -> (minimum, maximum or None, what is expected)
 _INT_RANGES: dict[str, tuple[int, int | None, str]] = {
-    "cpu_cache_override_num_blocks": (0, None, "a non-negative number of blocks"),
-    "disk_cache_override_num_blocks": (0, None, "a non-negative number of blocks"),
+    "cpu_cache_override_num_blocks": (0, _INT63, "a non-negative number of blocks, at most 2**63-1"),
+    "disk_cache_override_num_blocks": (0, _INT63, "a non-negative number of blocks, at most 2**63-1"),
     "metrics_port": (1, 65535, "a TCP port in 1..65535"),
-    "leader_worker_init_timeout_secs": (1, None, "a positive number of seconds"),
-    "max_transfer_batch_size": (1, None, "a positive number of blocks per batch"),
-    "max_concurrent_transfers": (1, None, "a positive number of transfers"),
+    "leader_worker_init_timeout_secs": (1, 10**9, "a positive number of seconds, at most 1e9"),
+    "max_transfer_batch_size": (1, _INT31, "a positive number of blocks per batch, at most 2**31-1"),
+    "max_concurrent_transfers": (1, _INT31, "a positive number of transfers, at most 2**31-1"),
     "host_offload_prefix_min_priority": (0, 100, "a priority in 0..100"),
 }
 
@@ -251,9 +262,36 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "disk_cache_gb": _parse_float,
     "disk_cache_dir": _parse_path,
     "disk_io": _parse_choice,
+    "metrics_host": lambda name, text: text.strip(),
     **{name: _parse_bool for name in _BOOL_FIELDS},
     **{name: _parse_int for name in _INT_RANGES},
 }
+
+
+_HOST_EXPECTED = ("an IP address or host name to serve metrics on: 127.0.0.1 (this machine only), or 0.0.0.0 or the "
+                  "pod IP for a Prometheus server elsewhere")
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def _valid_host(value: object) -> bool:
+    if not isinstance(value, str) or not value or len(value) > 253:
+        return False
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return _HOSTNAME.fullmatch(value) is not None
+
+
+def metrics_host_from_env(env: Mapping[str, str] | None = None) -> str:
+    """``DYN_KVBM_METRICS_HOST`` validated, or the default 127.0.0.1 when unset or empty."""
+    env = os.environ if env is None else env
+    raw = env.get(_env_name("metrics_host"), "").strip()
+    if not raw:
+        return KvbmConfig.metrics_host
+    if not _valid_host(raw):
+        raise _bad("metrics_host", raw, _HOST_EXPECTED)
+    return raw
 
 
 def _tier_configured(override: int | None, gb: float | None) -> bool:

@@ -10,7 +10,8 @@ process. The manager calls:
   rate gauges cover the last ``window`` (1000) requests.
 - ``record_matched_tokens(num_tokens)`` with the tokens reported to the engine as already computed.
 
-``start_server(port)`` serves the exposition over HTTP (``DYN_KVBM_METRICS_PORT``) and ``render()`` returns it.
+``start_server(port)`` serves the exposition over HTTP (``DYN_KVBM_METRICS_PORT``, on ``DYN_KVBM_METRICS_HOST``,
+127.0.0.1 by default) and ``render()`` returns it.
 Exposed names:
 
 - KVBM block counters, no ``_total`` suffix: ``kvbm_offload_blocks_d2h`` (G1->G2), ``kvbm_offload_blocks_h2d``
@@ -31,6 +32,8 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from .config import metrics_host_from_env
 
 __all__ = ["KvbmMetrics", "DIRECTIONS", "KVBM_BLOCK_COUNTERS"]
 
@@ -220,19 +223,30 @@ class KvbmMetrics:
         """The Prometheus text exposition of all metrics, as served over HTTP."""
         return generate_latest(self.registry)
 
-    def start_server(self, port: int, addr: str = "0.0.0.0") -> int:
-        """Serve the metrics over HTTP on ``addr:port`` from a daemon thread; port 0 picks a free port.
-        Returns the bound port."""
+    def start_server(self, port: int, addr: str | None = None, *, host: str | None = None) -> int:
+        """Serve the metrics over HTTP on ``host:port`` from a daemon thread; port 0 picks a free port.
+
+        ``host`` (``addr`` is the older name) defaults to ``DYN_KVBM_METRICS_HOST``, itself 127.0.0.1: only this
+        machine can scrape unless it is set to 0.0.0.0 or the pod IP. Returns the bound port."""
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an integer in 0..65535, got {port!r}")
+        if host is not None and addr is not None and host != addr:
+            raise ValueError(f"host={host!r} and addr={addr!r} disagree; pass one")
+        host = host if host is not None else addr if addr is not None else metrics_host_from_env()
         if self._server is not None:
             raise RuntimeError(f"metrics server already running on port {self._server.server_address[1]}")
         try:
-            self._server, self._server_thread = start_http_server(port, addr=addr, registry=self.registry)
+            self._server, self._server_thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot serve kvbm metrics on {addr}:{port} ({exc.strerror}); "
-                                     "set DYN_KVBM_METRICS_PORT to a free port") from exc
+            raise OSError(exc.errno, f"cannot serve kvbm metrics on {host}:{port} ({exc.strerror}); "
+                                     "set DYN_KVBM_METRICS_PORT to a free port or DYN_KVBM_METRICS_HOST to an "
+                                     "address of this machine") from exc
         return self._server.server_address[1]
+
+    @property
+    def server_address(self) -> tuple[str, int] | None:
+        """(host, port) the metrics server listens on, or None when it is not running."""
+        return None if self._server is None else self._server.server_address[:2]
 
     def stop_server(self) -> None:
         """Stop the HTTP server started by ``start_server`` and free its port (no-op when none runs)."""

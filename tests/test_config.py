@@ -216,3 +216,50 @@ def test_check_fits_unwritable_directory(tmp_path: Path, monkeypatch: pytest.Mon
             cfg.check_fits(4096)
     finally:
         target.chmod(0o700)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("DYN_KVBM_CPU_CACHE_GB", "1e300", r"DYN_KVBM_CPU_CACHE_GB=1e\+300 is invalid: expected a finite, non-negative "
+                                       r"number of GB, at most 1e\+09"),
+    ("DYN_KVBM_DISK_CACHE_GB", "2e9", r"DYN_KVBM_DISK_CACHE_GB=2000000000.0 is invalid"),
+    ("DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS", str(2**64), r"OVERRIDE_NUM_BLOCKS=18446744073709551616 is invalid: "
+                                                          r"expected a non-negative number of blocks, at most"),
+    ("DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS", "1" + "0" * 30, r"TIMEOUT_SECS=10+ is invalid: expected a positive"),
+    ("DYN_KVBM_MAX_TRANSFER_BATCH_SIZE", str(2**40), r"BATCH_SIZE=1099511627776 is invalid"),
+    ("DYN_KVBM_METRICS_HOST", "not a host", r"DYN_KVBM_METRICS_HOST='not a host' is invalid: expected an IP address"),
+    ("DYN_KVBM_METRICS_HOST", "-bad-.example", r"DYN_KVBM_METRICS_HOST='-bad-.example' is invalid"),
+])
+def test_huge_or_malformed_values_are_config_errors(key: str, value: str, match: str) -> None:
+    with pytest.raises(KvbmConfigError, match=match):
+        KvbmConfig.from_env({key: value})
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_any_value_is_accepted_or_a_config_error(seed: int) -> None:
+    """Random text in every variable: from_env, resolve_num_blocks and check_fits raise nothing but KvbmConfigError,
+    and every error names the variable it is about."""
+    rng = random.Random(seed)
+    pieces = ["1e300", "1e308", "-0", "0x10", "inf", "nan", "9" * 40, "1.5", "", " ", "true", "3", "0.000001",
+              "1_000", "１", "127.0.0.1", "::1", "0.0.0.0", "a" * 300, "host-1.local", "4e9"]
+    fields = [f"DYN_KVBM_{name.upper()}" for name in KvbmConfig.__dataclass_fields__ if name != "disk_cache_dir"]
+    for _ in range(200):
+        key = rng.choice(fields)
+        value = rng.choice(pieces)
+        try:
+            cfg = KvbmConfig.from_env({key: value})
+        except KvbmConfigError as e:
+            assert f"{key}=" in str(e) and "expected" in str(e), (key, value, e)
+            continue
+        try:
+            cfg.resolve_num_blocks(4096)
+            cfg.check_fits(4096)
+        except KvbmConfigError as e:
+            assert "DYN_KVBM_" in str(e), (key, value, e)
+
+
+def test_metrics_host_default_and_setting() -> None:
+    assert KvbmConfig.from_env({}).metrics_host == "127.0.0.1"
+    for host in ("0.0.0.0", "10.1.2.3", "::", "kvbm-0.pods.local"):
+        assert KvbmConfig.from_env({"DYN_KVBM_METRICS_HOST": f" {host} "}).metrics_host == host
+    with pytest.raises(KvbmConfigError, match=r"DYN_KVBM_METRICS_HOST=''"):
+        KvbmConfig(metrics_host="")

@@ -203,3 +203,36 @@ def test_dashboard_covers_every_metric() -> None:
     assert families == covered, families ^ covered
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
+
+
+def test_server_listens_on_localhost_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DYN_KVBM_METRICS_HOST", raising=False)
+    m = KvbmMetrics()
+    port = m.start_server(0)
+    try:
+        assert m.server_address == ("127.0.0.1", port)
+        assert "kvbm_matched_tokens" in scrape(port)
+    finally:
+        m.stop_server()
+    assert m.server_address is None
+
+
+def test_server_host_from_env_or_argument(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DYN_KVBM_METRICS_HOST", "0.0.0.0")
+    m = KvbmMetrics()
+    m.start_server(0)
+    try:
+        assert m.server_address[0] == "0.0.0.0"
+    finally:
+        m.stop_server()
+    m.start_server(0, host="127.0.0.1")  # an explicit host wins over the environment
+    try:
+        assert m.server_address[0] == "127.0.0.1"
+    finally:
+        m.stop_server()
+    with pytest.raises(ValueError, match=r"disagree"):
+        m.start_server(0, "127.0.0.1", host="0.0.0.0")
+    monkeypatch.setenv("DYN_KVBM_METRICS_HOST", "no such host!")
+    from kvbm.config import KvbmConfigError
+    with pytest.raises(KvbmConfigError, match=r"DYN_KVBM_METRICS_HOST='no such host!' is invalid"):
+        m.start_server(0)
