@@ -13,3 +13,7 @@ __all__ = [
     "available_backends", "block_major", "copy_blocks", "describe", "presets", "presets_for", "register_backend",
     "validate_transfer",
 ]
+
+# The transfer library registers its kernel backends (Triton, numba) with `copy_blocks` when imported; loaded here
+# so that every user of the conversion API gets them (it imports this package back, which is complete by now).
+from kvbm import kernels as _kernels  # noqa: E402,F401

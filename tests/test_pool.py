@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from kvbm.pool import COMMITTED, PENDING, BlockPool, PoolInvariantError
+from kvbm.leader.pool import COMMITTED, PENDING, BlockPool, PoolInvariantError
 
 
 def filled(pool: BlockPool, hashes: list[int], priority: int = 0) -> list[int]:

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from kvbm.disk_filter import DiskAdmissionFilter
+from kvbm.policies.admission import DiskAdmissionFilter
 
 
 class FakeClock:

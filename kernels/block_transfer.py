@@ -1,0 +1,137 @@
+"""The handle of one transfer of blocks between two caches: it completes per block, OK or FAILED with a reason.
+
+A path describes its work as a generator of steps: it yields what it is waiting for (a CUDA event, a
+`TransferHandle`, a `concurrent.futures.Future`, or None for "a resource is busy, ask again later") and returns
+the failed blocks as ``{index: reason}`` (indices into the transfer's block lists). `done()` advances the steps
+without blocking; `wait()` blocks on what the current step waits for. A path that finishes at once returns
+`BlockTransfer.completed(...)`.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Generator
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+from typing import Any
+
+__all__ = ["BlockStatus", "BlockTransfer", "Steps"]
+
+#: What a path's steps yield while they wait, and return once finished (failed block index -> reason).
+Steps = Generator[Any, None, "dict[int, str]"]
+_IDLE_WAIT_S = 0.0002
+
+
+class BlockStatus(enum.Enum):
+    """Outcome of one block of a transfer."""
+
+    PENDING = "pending"
+    OK = "ok"
+    FAILED = "failed"
+
+
+def _ready(waitable: Any) -> bool:
+    """Whether a yielded waitable has finished; never blocks."""
+    if waitable is None:
+        return False
+    if isinstance(waitable, Future):
+        return waitable.done()
+    if hasattr(waitable, "query"):  # a CUDA event
+        return bool(waitable.query())
+    return bool(waitable.done())  # a TransferHandle or a BlockTransfer
+
+
+def _block_on(waitable: Any) -> None:
+    """Block until a yielded waitable has finished (errors are the steps' business, not raised here)."""
+    if waitable is None:
+        time.sleep(_IDLE_WAIT_S)
+    elif isinstance(waitable, Future):
+        wait_futures([waitable])
+    elif hasattr(waitable, "synchronize"):  # a CUDA event
+        waitable.synchronize()
+    elif isinstance(waitable, BlockTransfer):
+        waitable.wait()
+    else:  # a TransferHandle: its event, unless enqueueing failed
+        event = getattr(waitable, "event", None)
+        if event is not None and getattr(waitable, "error", None) is None:
+            event.synchronize()
+
+
+class BlockTransfer:
+    """Completion of one ``submit(src, dst, src_ids, dst_ids)``: ``done()`` polls, ``wait()`` blocks, then
+    ``results`` / ``reasons`` say per block whether it was moved byte-exact."""
+
+    def __init__(self, num_blocks: int, path: str, steps: Steps | None = None,
+                 errors: dict[int, str] | None = None) -> None:
+        """A transfer of ``num_blocks`` blocks by ``path``, finished when ``steps`` returns (at once when None,
+        with ``errors``)."""
+        self.num_blocks = num_blocks
+        self.path = path
+        self._steps = steps
+        self._waiting: Any = None
+        self._errors: dict[int, str] | None = None if steps is not None else dict(errors or {})
+        if steps is not None:
+            self._advance()
+
+    @classmethod
+    def completed(cls, num_blocks: int, path: str, errors: dict[int, str] | None = None) -> BlockTransfer:
+        """A transfer that is already over (a synchronous copy), with its failed blocks."""
+        return cls(num_blocks, path, None, errors)
+
+    @classmethod
+    def failed(cls, num_blocks: int, path: str, reason: str) -> BlockTransfer:
+        """A transfer whose every block failed for one reason."""
+        return cls(num_blocks, path, None, {i: reason for i in range(num_blocks)})
+
+    def _advance(self) -> None:
+        """Run the steps until they wait on something unfinished, or return."""
+        try:
+            while True:
+                self._waiting = self._steps.send(None)
+                if not _ready(self._waiting):
+                    return
+        except StopIteration as end:
+            self._finish(end.value or {})
+        except Exception as e:  # noqa: BLE001 - a step failed: the blocks not yet known good fail with it
+            self._finish({i: f"{self.path} transfer failed: {e!r}" for i in range(self.num_blocks)})
+
+    def _finish(self, errors: dict[int, str]) -> None:
+        bad = [i for i in errors if not 0 <= i < self.num_blocks]
+        if bad:
+            errors = {i: f"{self.path}: step reported block index {bad[0]} out of range" for i in range(self.num_blocks)}
+        self._errors = dict(errors)
+        self._steps = None
+        self._waiting = None
+
+    def done(self) -> bool:
+        """True once every block has its result; advances the transfer's steps, never blocks."""
+        if self._errors is None and _ready(self._waiting):
+            self._advance()
+        return self._errors is not None
+
+    def wait(self) -> None:
+        """Block until the transfer is over (it never raises for failed blocks: read ``results``)."""
+        while not self.done():
+            _block_on(self._waiting)
+
+    @property
+    def reasons(self) -> dict[int, str]:
+        """Failed block index -> why (empty while pending)."""
+        return dict(self._errors or {})
+
+    @property
+    def results(self) -> list[BlockStatus]:
+        """Per block: PENDING until done, then OK or FAILED."""
+        if self._errors is None:
+            return [BlockStatus.PENDING] * self.num_blocks
+        return [BlockStatus.FAILED if i in self._errors else BlockStatus.OK for i in range(self.num_blocks)]
+
+    @property
+    def ok(self) -> bool:
+        """True once done with every block moved."""
+        return self._errors is not None and not self._errors
+
+    def __repr__(self) -> str:
+        state = "pending" if self._errors is None else f"{len(self._errors)} failed"
+        return f"BlockTransfer({self.num_blocks} blocks by {self.path}, {state})"
+

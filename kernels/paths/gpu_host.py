@@ -1,0 +1,103 @@
+"""GPU <-> host and GPU -> GPU.
+
+A pinned host cache whose blocks are whole contiguous runs (G2, dense bounce buffers) goes through the
+`TransferEngine`: staged gather/scatter plus DMA, or whole-block DMA where both sides allow it, on the engine's own
+streams. Any other pinned host cache (a bounce buffer whose slots carry padding) is read or written by the copy
+kernel over UVA on a side stream. GPU -> GPU copies run the kernel on the side stream too. Every transfer is
+ordered after the work queued so far on the caller's current stream and completes through a CUDA event.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kvbm.layouts import copy_blocks
+
+from ..block_transfer import BlockTransfer, Steps
+from ..medium import Medium, medium_of
+from ..transfers import Transfers, register_path
+
+__all__ = ["GpuHostPath", "whole_blocks_contiguous"]
+
+
+def whole_blocks_contiguous(cache: Any) -> bool:
+    """Whether each block of ``cache`` is one dense run of ``block_bytes`` at a stride of ``block_bytes`` (what
+    the transfer engine's staging and run DMAs need of a host cache)."""
+    lay, g = cache.layout, cache.geometry
+    if len(set(lay.piece_tensor)) != 1 or lay.stride["block"] != g.block_bytes // g.itemsize:
+        return False
+    sizes = (g.block_size, g.num_heads, g.head_dim)
+    extent = sum((n - 1) * abs(s) for n, s in zip(sizes, lay.strides[1:])) + 1
+    lo, hi = min(lay.piece_offset), max(lay.piece_offset) + extent
+    # describe() refuses aliasing pieces, so a footprint of exactly one block's elements is dense
+    return (hi - lo) * g.itemsize == g.block_bytes and extent * g.num_pieces * g.itemsize == g.block_bytes
+
+
+def _await_handle(handle: Any) -> Steps:
+    """Steps of a `TransferHandle`: wait for its event, then every block OK, or every block failed."""
+    yield handle
+    if handle.error is not None:
+        return {i: f"{handle.path} transfer failed: {handle.error!r}" for i in range(handle.num_blocks)}
+    return {}
+
+
+def _await_event(event: Any) -> Steps:
+    yield event
+    return {}
+
+
+class GpuHostPath:
+    """Moves blocks between a GPU cache and a pinned host cache, or between two GPU caches."""
+
+    name = "gpu-host"
+
+    def __init__(self, transfers: Transfers) -> None:
+        self._transfers = transfers
+
+    def _engine(self, device: Any) -> Any:
+        from ..transfer import TransferEngine
+
+        return self._transfers.shared(f"transfer_engine:{device}", lambda: TransferEngine(device))
+
+    def _side_stream(self, device: Any) -> Any:
+        import torch
+
+        return self._transfers.shared(f"side_stream:{device}", lambda: torch.cuda.Stream(device, priority=-1))
+
+    def submit(self, src: Any, dst: Any, src_ids: np.ndarray, dst_ids: np.ndarray) -> BlockTransfer:
+        """Enqueue the copy; raises ValueError for an unpinned host cache or a GPU other than ``src``'s."""
+        from ..host_memory import cache_is_pinned
+
+        kinds = medium_of(src), medium_of(dst)
+        gpu = src if kinds[0] is Medium.GPU else dst
+        host = None if kinds == (Medium.GPU, Medium.GPU) else (dst if gpu is src else src)
+        if host is not None and not cache_is_pinned(host):
+            raise ValueError(f"host cache {host.name} must be in pinned memory to be moved to or from the GPU "
+                             f"(see kvbm.kernels.host_memory.PinnedHostBuffer)")
+        if host is not None and whole_blocks_contiguous(host):
+            engine = self._engine(gpu.device)
+            handle = (engine.offload(src, dst, src_ids, dst_ids) if gpu is src
+                      else engine.onboard(src, dst, src_ids, dst_ids))
+            return BlockTransfer(src_ids.size, handle.path, _await_handle(handle))
+        return self._by_kernel(gpu.device, src, dst, src_ids, dst_ids)
+
+    def _by_kernel(self, device: Any, src: Any, dst: Any, src_ids: np.ndarray, dst_ids: np.ndarray) -> BlockTransfer:
+        """The copy kernel on the side stream (over UVA for a host side), after the caller's queued work."""
+        import torch
+
+        stream = self._side_stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            copy_blocks(src, dst, src_ids, dst_ids, backend="triton")
+            event = torch.cuda.Event()
+            event.record(stream)
+        return BlockTransfer(src_ids.size, "zero_copy", _await_event(event))
+
+    def close(self) -> None:
+        """The engine and side streams are shared resources of the `Transfers` object."""
+
+
+register_path(Medium.GPU, Medium.HOST, GpuHostPath)
+register_path(Medium.HOST, Medium.GPU, GpuHostPath)
+register_path(Medium.GPU, Medium.GPU, GpuHostPath)

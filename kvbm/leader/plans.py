@@ -1,0 +1,74 @@
+"""Plans as plain data: what the leader asks workers to move, and what workers report back.
+
+A `Move` names two tiers by name ("G1" is the engine's own cache) and the block ids on each side: for G1 the
+engine's block ids, for every other tier its slot ids. Workers execute moves on their own shard of each tier and
+report a `MoveResult` per move; nothing else crosses between the two sides, so both pickle cheaply into the
+engine's connector metadata.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+__all__ = ["ENGINE_TIER", "Move", "MoveKind", "MoveResult", "direction"]
+
+#: The name of the engine's cache among the tiers a move names.
+ENGINE_TIER = "G1"
+
+
+class MoveKind(enum.Enum):
+    """Why the leader planned a move; it decides what completing it means for the index."""
+
+    STORE = "store"  #: engine blocks into the first offload tier (their slots are pending until done)
+    LOAD = "load"  #: tier slots into engine blocks (the slots are held until done)
+    CASCADE = "cascade"  #: slots of one tier into the next tier down (source held, destination pending)
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """Copy blocks ``src_ids`` of tier ``src_tier`` into blocks ``dst_ids`` of tier ``dst_tier``; block ``i``
+    holds the block with sequence hash ``hashes[i]``."""
+
+    move_id: int
+    kind: MoveKind
+    src_tier: str
+    dst_tier: str
+    src_ids: tuple[int, ...]
+    dst_ids: tuple[int, ...]
+    hashes: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not len(self.src_ids) == len(self.dst_ids) == len(self.hashes):
+            raise ValueError(f"move {self.move_id}: {len(self.src_ids)} source ids, {len(self.dst_ids)} destination "
+                             f"ids and {len(self.hashes)} hashes")
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks the move copies."""
+        return len(self.hashes)
+
+    @property
+    def engine_ids(self) -> tuple[int, ...]:
+        """The engine's block ids of a store or load (empty for a cascade)."""
+        if self.src_tier == ENGINE_TIER:
+            return self.src_ids
+        return self.dst_ids if self.dst_tier == ENGINE_TIER else ()
+
+
+@dataclass(frozen=True, slots=True)
+class MoveResult:
+    """A worker's outcome of one move: ``failed`` maps block index (into the move's lists) to the reason."""
+
+    move_id: int
+    failed: dict[int, str] = field(default_factory=dict)
+
+    def merged(self, other: MoveResult) -> MoveResult:
+        """The result of the same move on two ranks: a block failed on any rank fails."""
+        if other.move_id != self.move_id:
+            raise ValueError(f"cannot merge results of moves {self.move_id} and {other.move_id}")
+        return MoveResult(self.move_id, {**other.failed, **self.failed})
+
+
+def direction(move: Move) -> str:
+    """The move's direction as the metrics name it, e.g. "g1_to_g2"."""
+    return f"{move.src_tier.lower()}_to_{move.dst_tier.lower()}"

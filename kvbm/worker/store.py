@@ -1,0 +1,140 @@
+"""The worker's store: one rank's caches by tier name, executing the leader's moves and reporting per block.
+
+Moves run through the transfer library's one face (`Transfers.submit`), whatever their tiers' mediums; at most
+``max_in_flight`` at once (``DYN_KVBM_MAX_CONCURRENT_TRANSFERS``), the rest queued in order. ``poll`` never blocks:
+it returns a `MoveResult` for every move finished since the last call. A move whose submit raises is failed for
+every block with the error as reason, so the leader drops or discards its slots and nothing is served wrong.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kvbm.kernels.block_transfer import BlockTransfer
+from kvbm.kernels.transfers import Transfers
+from kvbm.leader.plans import Move, MoveResult, direction
+from kvbm.metrics import DIRECTIONS, KvbmMetrics
+
+__all__ = ["BlockStore"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Running:
+    move: Move
+    transfer: BlockTransfer
+    started: float
+
+
+class BlockStore:
+    """Executes moves between the caches of one rank (see the module docstring)."""
+
+    def __init__(self, caches: Mapping[str, Any], transfers: Transfers, *, max_in_flight: int = 4,
+                 metrics: KvbmMetrics | None = None) -> None:
+        """``caches`` maps tier names ("G1" for the engine's cache) to paged caches on their mediums."""
+        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight <= 0:
+            raise ValueError(f"max_in_flight must be a positive int, got {max_in_flight!r}")
+        self.caches = dict(caches)
+        self.transfers = transfers
+        self.max_in_flight = max_in_flight
+        self.metrics = metrics
+        self._queue: deque[Move] = deque()
+        self._running: list[_Running] = []
+        self._finished: list[MoveResult] = []
+
+    def cache(self, tier: str) -> Any:
+        """The cache of tier ``tier``."""
+        try:
+            return self.caches[tier]
+        except KeyError:
+            raise KeyError(f"this worker has no tier {tier!r}; tiers: {sorted(self.caches)}") from None
+
+    @property
+    def busy(self) -> bool:
+        """Whether moves are queued or running."""
+        return bool(self._queue or self._running)
+
+    def num_queued(self) -> int:
+        """Moves waiting for a free transfer slot."""
+        return len(self._queue)
+
+    def num_running(self) -> int:
+        """Moves in flight."""
+        return len(self._running)
+
+    def execute(self, moves: Iterable[Move]) -> None:
+        """Queue moves in order and start as many as ``max_in_flight`` allows."""
+        for move in moves:
+            self.cache(move.src_tier), self.cache(move.dst_tier)
+            self._queue.append(move)
+        self._start_queued()
+
+    def poll(self) -> list[MoveResult]:
+        """Results of the moves finished since the last call; starts queued moves in freed slots; never blocks."""
+        progressed = True
+        while progressed:
+            progressed = False
+            for run in [r for r in self._running if r.transfer.done()]:
+                self._finish(run)
+                progressed = True
+            progressed = self._start_queued() or progressed
+        finished, self._finished = self._finished, []
+        return finished
+
+    def wait_oldest(self) -> None:
+        """Block until the oldest running move finishes (starting queued ones as slots free up)."""
+        if self._running:
+            self._running[0].transfer.wait()
+        self.poll_into_buffer()
+
+    def poll_into_buffer(self) -> None:
+        """Advance the moves like ``poll`` but keep their results for the next ``poll``."""
+        results = self.poll()
+        self._finished = results + self._finished
+
+    def wait_all(self) -> None:
+        """Block until every queued and running move has finished (results kept for ``poll``)."""
+        while self.busy:
+            self.wait_oldest()
+
+    def close(self) -> None:
+        """Finish every move, then close the transfer library's paths (the caches belong to their owners)."""
+        self.wait_all()
+        self.transfers.close()
+
+    # -- internals ---------------------------------------------------------------------------------------------
+
+    def _start_queued(self) -> bool:
+        started = False
+        while self._queue and len(self._running) < self.max_in_flight:
+            move = self._queue.popleft()
+            t0 = time.perf_counter()
+            try:
+                transfer = self.transfers.submit(self.cache(move.src_tier), self.cache(move.dst_tier),
+                                                 list(move.src_ids), list(move.dst_ids))
+            except Exception as e:  # noqa: BLE001 - reported per block: the leader drops what cannot be proven
+                log.warning("move %d (%s, %d blocks) could not start: %r", move.move_id, direction(move),
+                            move.num_blocks, e)
+                transfer = BlockTransfer.failed(move.num_blocks, "none", f"transfer failed: {e!r}")
+            self._running.append(_Running(move, transfer, t0))
+            started = True
+        return started
+
+    def _finish(self, run: _Running) -> None:
+        self._running.remove(run)
+        failed = run.transfer.reasons
+        move = run.move
+        for i, reason in failed.items():
+            log.debug("%s of block %#x failed: %s", direction(move), move.hashes[i], reason)
+        name = direction(move)
+        if self.metrics is not None and name in DIRECTIONS:
+            n_ok = move.num_blocks - len(failed)
+            block_bytes = self.cache(move.src_tier).geometry.block_bytes
+            self.metrics.record_transfer(name, blocks_ok=n_ok, blocks_failed=len(failed), num_bytes=n_ok * block_bytes,
+                                         seconds=time.perf_counter() - run.started)
+        self._finished.append(MoveResult(move.move_id, failed))

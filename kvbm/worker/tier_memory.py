@@ -1,0 +1,65 @@
+"""The memory of one rank's offload tiers: each tier a paged cache in the engine's geometry, on its medium.
+
+A host tier is a dense block-major cache (KVBM's staging order) in pinned memory (plain mmap without a GPU), so
+runs of its blocks move with one DMA; a disk tier is a `DiskKVCache`: block-major blocks at 4 KiB-aligned slots of
+one preallocated file. Adding a medium means one more branch in `allocate_tier` (and a path for it in
+`kvbm.kernels.paths`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvbm.kernels.host_memory import PinnedHostBuffer
+from kvbm.kernels.medium import Medium
+from kvbm.layouts import KVGeometry, PagedKVCache, block_major
+
+__all__ = ["TierMemory", "allocate_tier", "close_tier"]
+
+
+@dataclass(frozen=True)
+class TierMemory:
+    """What a worker allocates for one tier: its ``name`` ("G2"), ``medium``, ``num_blocks``; for a disk tier the
+    ``directory`` and file options."""
+
+    name: str
+    medium: Medium
+    num_blocks: int
+    directory: Path | None = None
+    use_o_direct: bool = True
+    zerofill_fallback: bool = False
+
+
+def _host_cache(geometry: KVGeometry, dtype: torch.dtype, num_blocks: int) -> PagedKVCache:
+    buffer = PinnedHostBuffer(num_blocks * geometry.block_bytes)
+    g = geometry
+    cache = block_major(buffer.tensor(dtype).view(num_blocks, g.num_layers, g.num_kv, g.block_size, g.num_heads,
+                                                  g.head_dim))
+    cache.__dict__["_kvbm_buffer"] = buffer  # the cache owns its memory: closed with `close_tier`
+    return cache
+
+
+def allocate_tier(memory: TierMemory, geometry: KVGeometry, dtype: torch.dtype) -> Any:
+    """A cache of ``memory.num_blocks`` blocks of ``geometry`` on the tier's medium."""
+    if memory.medium is Medium.HOST:
+        return _host_cache(geometry, dtype, memory.num_blocks)
+    if memory.medium is Medium.DISK:
+        from kvbm.kernels.disk_cache import DiskKVCache
+
+        if memory.directory is None:
+            raise ValueError(f"disk tier {memory.name} needs a directory")
+        return DiskKVCache(memory.directory, geometry, dtype, memory.num_blocks, use_o_direct=memory.use_o_direct,
+                           zerofill_fallback=memory.zerofill_fallback)
+    raise ValueError(f"tier {memory.name}: no allocator for medium {memory.medium.value}")
+
+
+def close_tier(cache: Any) -> None:
+    """Release a tier's memory (idempotent); no transfer may still use it."""
+    buffer = getattr(cache, "__dict__", {}).get("_kvbm_buffer")
+    if buffer is not None:
+        buffer.close()
+    elif hasattr(cache, "close"):
+        cache.close()
