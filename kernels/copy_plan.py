@@ -9,9 +9,11 @@ pointer per cache plus a per-piece offset table built once per cache pair (no pe
 """
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Any, Callable, Hashable, TypeVar
 
 import torch
 
@@ -20,6 +22,57 @@ from kvbm.layouts.conversion import INT_VIEW
 
 
 T = TypeVar("T")
+#: Entries an `IdentityMemo` keeps before it starts afresh (entries also go when their objects die).
+MEMO_LIMIT = 64
+
+
+class IdentityMemo(dict):
+    """Values kept per live object (or tuple of objects), found by identity.
+
+    An entry holds only weak references to its objects: it is dropped when one of them dies, and `find` checks that
+    they are the very objects asked about, so a new object that got a dead one's id never finds the old entry. A
+    lookup costs a dict get and a weakref call per object (hashing a layout costs more than a small kernel launch).
+    The values must not refer to the objects (or the entry would keep them alive).
+    """
+
+    __slots__ = ("__weakref__",)
+
+    def find(self, key: Hashable, a: Any, b: Any = None, c: Any = None, d: Any = None) -> Any:
+        """The value kept under `key` for exactly the objects `a` (`b`, `c`, `d`), else None."""
+        entry = self.get(key)
+        if entry is not None and entry[1]() is a and entry[2]() is b and entry[3]() is c and entry[4]() is d:
+            return entry[0]
+        return None
+
+    def keep(self, key: Hashable, value: T, a: Any, b: Any = None, c: Any = None, d: Any = None) -> T:
+        """Keep `value` under `key` (ids of the objects, typically) until one of the objects `a` (`b`, `c`, `d`)
+        dies; returns `value`."""
+        if len(self) >= MEMO_LIMIT:
+            self.clear()
+        forget = functools.partial(_forget, weakref.ref(self), key)
+        self[key] = (value, *(_absent if obj is None else weakref.ref(obj, forget) for obj in (a, b, c, d)))
+        return value
+
+
+def _absent() -> None:
+    """Stands for the reference of an object not given: calling it gives None, as a dead reference would not."""
+    return None
+
+
+def _forget(memo_ref: weakref.ref, key: Hashable, dead: weakref.ref) -> None:
+    """Weakref callback: drop the entry under `key` if it is still the one that held `dead`."""
+    memo = memo_ref()
+    entry = None if memo is None else memo.get(key)
+    if entry is not None and any(ref is dead for ref in entry[1:]):
+        del memo[key]
+
+
+def memo_on(owner: Any, name: str) -> IdentityMemo:
+    """The `IdentityMemo` kept on `owner` (a cache) under attribute `name`, made on first use."""
+    memo = owner.__dict__.get(name)
+    if memo is None:
+        memo = owner.__dict__[name] = IdentityMemo()
+    return memo
 
 
 @dataclass(frozen=True)
@@ -135,16 +188,14 @@ def _plan(src: PagedKVCache, dst: PagedKVCache) -> CopyPlan:
 
 
 def build_plan(src: PagedKVCache, dst: PagedKVCache) -> CopyPlan:
-    """The plan for copies from `src` to `dst`, cached on `src` per destination (object, layout and address).
+    """The plan for copies from `src` to `dst`, cached on `src` per destination and layouts (`IdentityMemo`).
 
-    The cache is keyed by identities (hashing a layout costs more than a small transfer's kernel launch); the entry
-    keeps the layout it was built for and is rebuilt if another layout turns up under the same key.
+    The plan holds views of both caches' memory; kept on `src` only while `dst` lives, it never keeps `dst` alive.
     """
-    key = (id(dst), id(dst.layout), dst.first_piece_address())
-    plans = src.__dict__.setdefault("_copy_plans", {})
-    entry = plans.get(key)
-    if entry is None or entry[0] is not dst.layout:
-        if len(plans) >= 64:
-            plans.clear()
-        entry = plans[key] = (dst.layout, _plan(src, dst))
-    return entry[1]
+    plans = src.__dict__.get("_copy_plans")
+    if plans is None:
+        plans = src.__dict__["_copy_plans"] = IdentityMemo()
+    plan = plans.find(id(dst), dst, dst.layout, src.layout)
+    if plan is None:
+        plan = plans.keep(id(dst), _plan(src, dst), dst, dst.layout, src.layout)
+    return plan

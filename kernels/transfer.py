@@ -33,7 +33,7 @@ from kvbm.layouts.conversion import block_id_array, check_caches, check_transfer
 
 from . import host_memory, host_runs, id_check, staged_enqueue, stream_events as events
 from .batch_memcpy import ATTRS_INDEX_ADDRESS, attributes_address, memcpy_batch_unchecked
-from .copy_plan import CopyPlan, build_plan
+from .copy_plan import CopyPlan, IdentityMemo, build_plan, memo_on
 from .cuda_runtime import CudaUnavailableError, check, cuda_rt
 from .device_pointer import DevicePointer
 from .host_runs import HostRuns, chunk_starts
@@ -206,8 +206,8 @@ class _Lane:
         self.row[[staged_enqueue.STAGING, staged_enqueue.SLOT_BYTES, staged_enqueue.RING_DEVICE,
                   staged_enqueue.RING_SLOT_BYTES]] = (self.staging_address, self.slot_bytes, self.ids.dev_address,
                                                      self.ids.slot_bytes)
-        self._caches: dict = {}
-        self._compiled_pairs: dict = {}
+        self._caches = IdentityMemo()  # staging caches by host layout and slot
+        self._compiled_pairs = IdentityMemo()  # compiled enqueue tables by cache pair
         self._stage_ids = [torch.empty(0, dtype=torch.int64, device=device)]  # all kept: pair rows hold addresses
 
     def stage_ids(self, n: int) -> DevicePointer:
@@ -226,20 +226,21 @@ class _Lane:
     def compiled_pair(self, gpu: PagedKVCache, host: PagedKVCache, d2h: bool) -> tuple[np.ndarray, np.ndarray] | None:
         """(launch row per staging slot, pair row) of the compiled enqueue of staged transfers between `gpu` and
         `host` in this lane's direction (kernels compiled now if needed), or None when it cannot run them: a kernel
-        that cannot be launched directly (see `staged_enqueue.launch_row`), or chunks of 2**31 tiles or more. Kept
-        per cache pair, keyed like `build_plan`'s plans."""
-        key = (id(gpu), id(gpu.layout), gpu.first_piece_address(), id(host), id(host.layout),
-               host.first_piece_address(), d2h)
-        entry = self._compiled_pairs.get(key)
-        if entry is not None and entry[0] is gpu.layout and entry[1] is host.layout:
-            return entry[2]
+        that cannot be launched directly (see `staged_enqueue.launch_row`), or chunks of 2**31 tiles or more.
+
+        Kept per cache pair while both caches live (`IdentityMemo`), with the plans whose addresses the rows hold."""
+        key = (id(gpu), id(host))
+        entry = self._compiled_pairs.find(key, gpu, gpu.layout, host, host.layout)
+        if entry is not None:
+            return entry[0]
         compiled_kernel, launch_constants = _triton_copy().compiled_kernel, _triton_copy().launch_constants
         bb = gpu.geometry.block_bytes
         per_chunk = self.slot_bytes // bb
-        rows = []
+        rows, plans = [], []
         for slot in range(len(self.slot_done) if per_chunk else 0):
             staging = self.staging_cache(host, slot)
             plan = build_plan(gpu, staging) if d2h else build_plan(staging, gpu)
+            plans.append(plan)
             kernel = compiled_kernel(plan, self.kernel_stream)
             row = None if kernel is None else staged_enqueue.launch_row(kernel, *launch_constants(plan))
             if row is None or per_chunk * int(row[staged_enqueue.TILES_PER_PAIR]) >= 1 << 31:
@@ -253,20 +254,18 @@ class _Lane:
                        attributes_address("d2h" if d2h else "h2d", self.staging.device.index), ATTRS_INDEX_ADDRESS,
                        MIN_PIECES_TO_SPLIT)
             found = np.stack(rows), pair
-        if len(self._compiled_pairs) >= 64:
-            self._compiled_pairs.clear()
-        self._compiled_pairs[key] = (gpu.layout, host.layout, found)
+        self._compiled_pairs.keep(key, (found, plans), gpu, gpu.layout, host, host.layout)
         return found
 
     def staging_cache(self, host: PagedKVCache, slot: int) -> PagedKVCache:
-        """A block-major device cache filling one staging slot, in the host cache's inner order (kept, so the copy
-        plans built for it are reused whatever the chunk size)."""
-        key = (id(host.layout), slot)  # identity: hashing a layout costs more than a small transfer's launch
-        entry = self._caches.get(key)
-        if entry is None or entry[0] is not host.layout:
-            entry = self._caches[key] = (host.layout,
-                                         self._make_staging(host, slot, self.slot_bytes // host.geometry.block_bytes))
-        return entry[1]
+        """A block-major device cache filling one staging slot, in the host cache's inner order (kept while the host
+        layout lives, so the copy plans built for it are reused whatever the chunk size)."""
+        key = (id(host.layout), slot)
+        staging = self._caches.find(key, host.layout)
+        if staging is None:
+            staging = self._caches.keep(
+                key, self._make_staging(host, slot, self.slot_bytes // host.geometry.block_bytes), host.layout)
+        return staging
 
     def _make_staging(self, host: PagedKVCache, slot: int, num_blocks: int) -> PagedKVCache:
         order = _inner_order(host)
@@ -380,21 +379,18 @@ class TransferEngine:
 
     def _check_pair(self, direction: str, src: PagedKVCache, dst: PagedKVCache) -> str:
         """Check that `src` -> `dst` is a transfer this engine can run in `direction` (raising if not) and return the
-        path "auto" takes for it. Kept on `src` per destination (object, layout and address, as `build_plan` keys its
-        plans), so repeated transfers between two caches skip it; the engine's device is part of the key."""
-        key = (direction, self.device.index, id(dst), id(dst.layout), dst.first_piece_address())
-        checked = src.__dict__.setdefault("_transfer_engine_pairs", {})
-        entry = checked.get(key)
-        if entry is not None and entry[0] is src.layout and entry[1] is dst.layout:
-            return entry[2]
+        path "auto" takes for it. Kept on `src` per destination while it lives (`IdentityMemo`, as `build_plan` keeps
+        its plans), so repeated transfers between two caches skip it; the engine's device is part of the key."""
+        key = (direction, self.device.index, id(dst))
+        checked = memo_on(src, "_transfer_engine_pairs")
+        path = checked.find(key, dst, dst.layout, src.layout)
+        if path is not None:
+            return path
         check_caches(src, dst)
         gpu = src if direction == "d2h" else dst
         if gpu.device != self.device:
             raise ValueError(f"GPU cache is on {gpu.device}, this engine serves {self.device}")
-        if len(checked) >= 64:
-            checked.clear()
-        checked[key] = (src.layout, dst.layout, choose_path(src, dst))
-        return checked[key][2]
+        return checked.keep(key, choose_path(src, dst), dst, dst.layout, src.layout)
 
     def _begin(self, spec: TransferSpec, s: np.ndarray, d: np.ndarray, path: str
                ) -> tuple[TransferHandle, Iterator[None] | None]:
