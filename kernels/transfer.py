@@ -575,18 +575,34 @@ class TransferEngine:
 
 
 def _inner_order(host: PagedKVCache) -> tuple[str, ...]:
-    """The inner dimension order of a block-major cache, outermost first, from its strides."""
+    """The inner dimension order of a block-major cache, outermost first, from its strides.
+
+    Block-major is structural: every block is one dense run of `geometry.block_bytes` bytes (its (layer, kv) pieces
+    evenly spaced and, with token, head and channel, tiling the run without gaps) and the block stride is that run, so
+    a run of consecutive blocks is one DMA piece and a staging buffer in this order is byte-identical."""
     lay, g = host.layout, host.geometry
-    if not lay.name.startswith(("kvbm_staging", "block_major")):
-        raise ValueError(f"host cache must be block-major (kvbm.layouts.block_major), got layout {lay.name!r}")
-    kv_stride = (host.layout.piece_offset[1] - host.layout.piece_offset[0]) if g.num_kv == 2 else 0
-    layer_stride = host.layout.piece_offset[g.num_kv] - host.layout.piece_offset[0] if g.num_layers > 1 else 0
-    strides = {"layer": layer_stride, "kv": kv_stride, **{k: v for k, v in lay.stride.items() if k != "block"}}
     sizes = {"layer": g.num_layers, "kv": g.num_kv, "token": g.block_size, "head": g.num_heads, "channel": g.head_dim}
+    addresses = host.piece_addresses()
+    steps = [a - addresses[0] for a in addresses]
+    kv_step = steps[1] if g.num_kv == 2 else 0
+    layer_step = steps[g.num_kv] if g.num_layers > 1 else 0
+    strides = {"layer": layer_step // g.itemsize, "kv": kv_step // g.itemsize,
+               **{k: v for k, v in lay.stride.items() if k != "block"}}
     default = ("layer", "kv", "token", "head", "channel")
-    big = iter(sorted((n for n in default if sizes[n] > 1), key=lambda n: -strides[n]))
+    big = sorted((n for n in default if sizes[n] > 1), key=lambda n: -strides[n])
+    dense, expected = True, 1  # each dimension's stride is the span of those inside it
+    for name in reversed(big):
+        dense = dense and strides[name] == expected
+        expected *= sizes[name]
+    evenly_spaced = kv_step % g.itemsize == 0 and layer_step % g.itemsize == 0 and all(
+        steps[layer * g.num_kv + kv] == layer * layer_step + kv * kv_step
+        for layer in range(g.num_layers) for kv in range(g.num_kv))
+    if not (evenly_spaced and dense and lay.stride["block"] * g.itemsize == g.block_bytes):
+        raise ValueError(f"host cache must be block-major (kvbm.layouts.block_major): each block one dense run of "
+                         f"{g.block_bytes} bytes, the block stride outermost; got layout {lay.name!r}")
+    big_in_order = iter(big)
     # size-1 dimensions have no meaningful stride: they keep their default place, the others follow their strides
-    return tuple(n if sizes[n] == 1 else next(big) for n in default)
+    return tuple(n if sizes[n] == 1 else next(big_in_order) for n in default)
 
 
 def dense_pieces(plan: CopyPlan, src: PagedKVCache, dst: PagedKVCache, s: np.ndarray, d: np.ndarray):

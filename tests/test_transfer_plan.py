@@ -11,7 +11,7 @@ import torch
 from kvbm.kernels.copy_plan import build_plan
 from kvbm.kernels.host_runs import HostRuns
 from kvbm.kernels.transfer import _inner_order, choose_path, chunk_starts, dense_pieces
-from kvbm.layouts import KVGeometry, allocate, block_major, copy_blocks
+from kvbm.layouts import KVGeometry, allocate, block_major, copy_blocks, describe
 from layout_oracle import fill_random, to_logical
 
 G = KVGeometry(num_layers=2, num_kv=2, block_size=4, num_heads=2, head_dim=8, itemsize=2)
@@ -130,6 +130,24 @@ def test_inner_order_read_back_from_strides(order):
 def test_inner_order_refuses_engine_layouts():
     with pytest.raises(ValueError, match="must be block-major"):
         _inner_order(allocate("vllm_flash_attn_nhd", G, 2, dtype=torch.float16))
+
+
+def test_inner_order_is_structural_not_by_name():
+    """Caches whose whole blocks are dense runs are block-major whatever their layout is called; a layout named like
+    block_major whose blocks have gaps, are padded, or whose pieces are split over tensors is refused."""
+    assert _inner_order(allocate("vllm_cross_layer", G, 3, dtype=torch.float16)) == (
+        "layer", "kv", "token", "head", "channel")
+    assert _inner_order(allocate("trtllm_pool", G, 3, dtype=torch.float16)) == (
+        "layer", "kv", "head", "token", "channel")
+    dims = "block layer kv token head channel"
+    padded_channels = torch.empty(3, 2, 2, 4, 2, 9, dtype=torch.float16)[..., :8]  # a gap after every row
+    padded_blocks = torch.empty(3, 2 * 2 * 4 * 2 * 8 + 16, dtype=torch.float16)[:, :-16].view(3, 2, 2, 4, 2, 8)
+    for bad in (describe([padded_channels], dims, name="block_major_gaps"),
+                describe([padded_blocks], dims, name="kvbm_staging"),
+                describe([torch.empty(3, 2, 4, 2, 8, dtype=torch.float16) for _ in range(2)],
+                         "block kv token head channel", tensor_dims="layer", name="block_major_split")):
+        with pytest.raises(ValueError, match=f"must be block-major.*{bad.name}"):
+            _inner_order(bad)
 
 
 def run_pieces(srcs, dsts, sizes):
