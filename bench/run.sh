@@ -4,13 +4,30 @@
 #  2. the block-manager replay of a multi-round chat workload,
 #  3. scheduler-side cost per step of our vLLM connector against vLLM's OffloadingConnector on vLLM's real
 #     scheduler (installs a light vLLM 0.33 on first use).
-# Usage: bash bench/run.sh [transfer_bench args]
+# Results go to a new run folder bench/runs/<date-time>/ (ignored by git); with --save they are also copied into
+# bench/results/, the reference results kept in git (do that only for a run on the machine the README names).
+# Usage: bash bench/run.sh [--save] [transfer_bench args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+save=0
+args=()
+for arg in "$@"; do
+    if [ "$arg" = "--save" ]; then save=1; else args+=("$arg"); fi
+done
 source tests/venv.sh bench
-"$PY" -m bench.transfer_bench "$@"
-"$PY" -m kvbm.cli replay --json bench/results/replay.json
+RUN="bench/runs/$(date +%Y%m%d-%H%M%S)"
+mkdir -p "$RUN"
+echo "[kvbm] results of this run go to $RUN/"
+"$PY" -m bench.transfer_bench --out "$RUN" ${args[@]+"${args[@]}"}
+"$PY" -m kvbm.cli replay --json "$RUN/replay.json"
 PYTHON="$PY" bash tests/install_vllm_light.sh
-exec "$PY" bench/sched_bench.py --connector OffloadingConnector \
+# vLLM logs every scheduler it builds at INFO; the benchmark builds dozens
+VLLM_LOGGING_LEVEL="${VLLM_LOGGING_LEVEL:-WARNING}" "$PY" bench/sched_bench.py --connector OffloadingConnector \
     --connector kvbm.vllm_integration.connector:DynamoConnector --runner v1 --runner v2 \
-    --json bench/results/sched_bench.json
+    --json "$RUN/sched_bench.json"
+if [ "$save" -eq 1 ]; then
+    cp "$RUN"/* bench/results/
+    echo "[kvbm] copied $RUN/* into bench/results/ (tracked by git: review with git diff before committing)"
+else
+    echo "[kvbm] done; results in $RUN/ (bench/results/ is untouched; --save copies a run there)"
+fi
