@@ -189,9 +189,19 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
     if not args.no_baseline:
         configurations.append(None)
     results = []
+    total = len(args.runner) * len(configurations) * args.repeat
+    done, start = 0, time.perf_counter()
+    print(f"[sched] {total} runs: runners {', '.join(args.runner)} x "
+          f"{', '.join(c or 'no connector' for c in configurations)} x {args.repeat}", flush=True)
     for runner in args.runner:
         for connector in configurations:
-            runs = [run_once(args, connector, runner) for _ in range(args.repeat)]
+            runs = []
+            for _ in range(args.repeat):
+                t0 = time.perf_counter()
+                runs.append(run_once(args, connector, runner))
+                done += 1
+                print(f"[sched] {done}/{total} runner {runner}, {connector or 'no connector'}: "
+                      f"{time.perf_counter() - t0:.1f} s (total {time.perf_counter() - start:.0f} s)", flush=True)
             results.append(median_run(runs))
     print(
         f"workload: {args.users} users x {args.rounds} rounds, system prompt {args.system_tokens} tokens, "

@@ -9,7 +9,9 @@ GB/s and as a percentage of the same run's single large pinned memcpy; the gathe
 device-to-device copy; a GEMM beside offloads for each path; offload and onboard at once; and the round trip of
 one block. Block ids are passed as int64 numpy arrays (the peers' methods get their piece arrays ready-made too);
 the enqueue-cost section passes lists. Every transfer's bytes are checked against a torch copy. Without a GPU it
-runs the numba backend at small sizes and says so. Writes JSON, a markdown table and a PNG plot.
+times the numba backend against the torch reference at small sizes (one numba thread by default), each copy's bytes
+checked over a poisoned destination. Writes JSON (with date, device, commit and command), a markdown table and a
+PNG plot (or says why there is none).
 """
 from __future__ import annotations
 
@@ -466,64 +468,107 @@ def interference(env: Env, engine, args) -> dict:
     return summary
 
 
+#: Layouts and block counts of the CPU run (no GPU): 8 layers of Llama-3.1-8B, 512 KiB blocks.
+CPU_LAYOUTS = ("vllm_flash_attn_nhd", "vllm_flash_attn_hnd", "vllm_flashinfer_nhd", "trtllm_pool", "vllm_lbnhc")
+CPU_GEOMETRY = KVGeometry(8, 2, 16, 8, 128, 2)
+
+
+def cpu_copy_is_exact(src, dst, s_ids: list[int], d_ids: list[int], before: list[torch.Tensor]) -> bool:
+    """Whether `dst` holds, piece by piece, the torch reference copy of `src`'s blocks `s_ids` at `d_ids` over the
+    poisoned bytes `before` (its integer piece views before the copy), and `before` everywhere else."""
+    g = src.geometry
+    k = 0
+    for layer in range(g.num_layers):
+        for kv in range(g.num_kv):
+            want = before[k].clone()
+            want.index_copy_(0, torch.tensor(d_ids), src.piece_view(layer, kv, torch.int16)[s_ids])
+            if not torch.equal(dst.piece_view(layer, kv, torch.int16), want):
+                return False
+            k += 1
+    return True
+
+
 def run_cpu(args) -> dict:
-    """No GPU: time the numba backend against the torch reference at small sizes."""
-    log("no CUDA GPU: timing the numba CPU backend against the torch reference at small sizes")
+    """No GPU: time the numba backend against the torch reference at small sizes, checking every copy's bytes."""
+    import numba
+
+    threads = min(args.cpu_threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(threads)
+    log(f"no CUDA GPU: numba CPU backend against the torch reference, 8-layer Llama-3.1-8B blocks, "
+        f"{args.cpu_reps} timings each (min / median / max); numba on {threads} thread(s) of "
+        f"{numba.config.NUMBA_NUM_THREADS} (--cpu-threads; with every core of a loaded small machine, numba's "
+        f"threads can wait milliseconds per call for a core)")
     rows = []
-    g = KVGeometry(8, 2, 16, 8, 128, 2)
-    for preset in ("vllm_flash_attn_nhd", "vllm_flash_attn_hnd", "vllm_flashinfer_nhd", "trtllm_pool", "vllm_lbnhc"):
+    g = CPU_GEOMETRY
+    for preset in CPU_LAYOUTS:
         src = allocate(preset, g, 512, dtype=torch.bfloat16)
         fill(src, 3)
         for n in (1, 16, 256):
-            dst = allocate("kvbm_staging", g, n, dtype=torch.bfloat16)
-            ids = np.random.default_rng(n).choice(512, n, replace=False).tolist()
+            dst = allocate("kvbm_staging", g, n + 3, dtype=torch.bfloat16)  # 3 blocks the copy must not touch
+            rng = np.random.default_rng(n)
+            s_ids = rng.choice(512, n, replace=False).tolist()
+            d_ids = rng.choice(n + 3, n, replace=False).tolist()
             for backend in ("numba", "torch"):
-                copy_blocks(src, dst, ids, list(range(n)), backend=backend)
+                fill(dst, 1000 + n)  # poison: random non-zero bytes
+                before = [dst.piece_view(layer, kv, torch.int16).clone()
+                          for layer in range(g.num_layers) for kv in range(g.num_kv)]
+                copy_blocks(src, dst, s_ids, d_ids, backend=backend)
+                ok = cpu_copy_is_exact(src, dst, s_ids, d_ids, before)
                 t = []
-                for _ in range(5):
+                for _ in range(args.cpu_reps):
                     t0 = time.perf_counter()
-                    copy_blocks(src, dst, ids, list(range(n)), backend=backend)
+                    copy_blocks(src, dst, s_ids, d_ids, backend=backend)
                     t.append(time.perf_counter() - t0)
                 sec = statistics.median(t)
                 gbps = n * g.block_bytes / sec / 1e9
                 rows.append({"method": f"cpu_{backend}", "layout": preset, "geometry": "llama8b-8layers",
-                             "direction": "gather", "blocks": n, "bytes": n * g.block_bytes, "seconds_median": sec,
-                             "gbps": gbps, "pct_of_ceiling": None, "bytes_ok": True})
-                log(f"{preset:22s} n={n:4d} {backend:6s} {gbps:6.2f} GB/s")
-    return {"rows": rows}
+                             "direction": "gather", "blocks": n, "bytes": n * g.block_bytes, "reps": len(t),
+                             "seconds_median": sec, "seconds_min": min(t), "seconds_max": max(t), "gbps": gbps,
+                             "pct_of_ceiling": None, "bytes_ok": ok, "numba_threads": threads})
+                log(f"{preset:22s} n={n:4d} {backend:6s} {gbps:6.2f} GB/s  ms min/median/max "
+                    f"{1e3 * min(t):.3f} / {1e3 * sec:.3f} / {1e3 * max(t):.3f}{'' if ok else '  BYTES WRONG'}")
+    return {"rows": rows, "numba_threads": threads}
 
 
 def table(result: dict) -> str:
-    lines = ["| layout | dir | blocks | method | GB/s | % of ceiling | bytes ok |", "|---|---|---|---|---|---|---|"]
+    lines = ["| layout | dir | blocks | method | GB/s | ms min / median / max | % of ceiling | bytes ok |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         pct = "" if r["pct_of_ceiling"] is None else f"{r['pct_of_ceiling']:.1f}"
-        lines.append(f"| {r['layout']} | {r['direction']} | {r['blocks']} | {r['method']} | {r['gbps']:.2f} | {pct} |"
-                     f" {'yes' if r['bytes_ok'] else 'NO'} |")
+        spread = " / ".join(f"{1e3 * r[k]:.3f}" for k in ("seconds_min", "seconds_median", "seconds_max") if k in r)
+        lines.append(f"| {r['layout']} | {r['direction']} | {r['blocks']} | {r['method']} | {r['gbps']:.2f} | "
+                     f"{spread} | {pct} | {'yes' if r['bytes_ok'] else 'NO'} |")
     return "\n".join(lines)
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
+def plot(result: dict, path: Path) -> str | None:
+    """Draw GB/s against blocks per transfer, one panel per layout and direction, into `path`. Returns why no plot
+    was drawn (None when it was)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib)"
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if r["direction"] in ("d2h", "h2d")]
+    directions = [d for d in ("d2h", "h2d", "gather") if any(r["direction"] == d for r in result["rows"])]
+    rows = [r for r in result["rows"] if r["direction"] in directions]
     if not rows:
-        return
+        return "no transfer rows to plot"
     layouts = sorted({r["layout"] for r in rows})
     methods = sorted({r["method"] for r in rows})
     colors = {m: plt.get_cmap("tab10")(k % 10) for k, m in enumerate(methods)}  # one color per method in every panel
-    fig, axes = plt.subplots(2, len(layouts), figsize=(4 * len(layouts), 7), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(len(directions), len(layouts), figsize=(4 * len(layouts), 3.5 * len(directions) + 0.5),
+                             squeeze=False, sharey=True)
     for j, layout in enumerate(layouts):
-        for i, direction in enumerate(("d2h", "h2d")):
+        for i, direction in enumerate(directions):
             ax = axes[i][j]
             for method in methods:
                 pts = sorted((r["blocks"], r["gbps"]) for r in rows
                              if r["layout"] == layout and r["direction"] == direction and r["method"] == method)
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=method, color=colors[method],
-                            linestyle="-" if method.startswith("kvbm") else "--")
+                            linestyle="-" if method.startswith(("kvbm", "cpu_numba")) else "--")
             ceiling = result.get("ceilings_gbps", {}).get(direction)
             if ceiling:
                 ax.axhline(ceiling, color="grey", linewidth=0.8)
@@ -536,6 +581,8 @@ def plot(result: dict, path: Path) -> None:
     fig.legend(handles.values(), handles.keys(), fontsize=7, loc="lower center", ncol=min(len(handles), 5))
     fig.tight_layout(rect=(0, 0.08, 1, 1))  # room below the panels for the legend of every method
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
 
 
 def block_counts(text: str) -> list[int]:
@@ -563,10 +610,23 @@ def allowed_cpu(text: str) -> int:
 
 def pin_calling_thread(cpu: int | None) -> None:
     """Keep the thread that enqueues transfers on one CPU (called once CUDA is up, so the driver's own threads keep
-    every CPU). The enqueue is host-bound Python: on the H200 machine, a thread left free to migrate started a
-    256-block transfer's first DMA 0.5-0.7 ms after the call, a pinned one 0.44 ms after (session-4 notes)."""
+    every CPU). With the enqueue in Python, on the H200 machine, a thread left free to migrate started a 256-block
+    transfer's first DMA 0.5-0.7 ms after the call, a pinned one 0.44 ms after."""
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})  # pid 0: the calling thread only
+
+
+def git_commit() -> str | None:
+    """The checked-out commit, with "+dirty" when tracked files differ from it (None outside a git checkout)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def main(argv=None) -> int:
@@ -582,6 +642,9 @@ def main(argv=None) -> int:
     ap.add_argument("--pin-thread", type=allowed_cpu, default=None, metavar="CPU",
                     help="pin the benchmark's enqueueing thread to this CPU once CUDA is up (default: not pinned)")
     ap.add_argument("--stem", default=None, help="file name stem of the results (default from the device)")
+    ap.add_argument("--cpu-threads", type=int, default=1, metavar="N",
+                    help="numba threads for the CPU run (default 1; 0: numba's default, one per core)")
+    ap.add_argument("--cpu-reps", type=int, default=7, help="timings per row of the CPU run")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -594,6 +657,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "python": platform.python_version(), "pinned_thread_cpu": args.pin_thread,
         "command": " ".join([os.path.basename(sys.executable), "-m", "bench.transfer_bench", *(argv or sys.argv[1:])]),
+        "commit": git_commit(),
     }
     stem = args.stem or ("transfer_h200" if gpu and "H200" in meta["gpu"] else ("transfer_gpu" if gpu else "transfer_cpu"))
 
@@ -605,10 +669,13 @@ def main(argv=None) -> int:
     save(result)
     md = table(result)
     (out / f"{stem}.md").write_text(f"# {stem}\n\n{json.dumps(result['meta'])}\n\n{md}\n")
-    if result["rows"]:
-        plot(result, out / f"{stem}.png")
     print(md)
-    return 0 if all(r["bytes_ok"] for r in result["rows"]) else 1
+    why_not = plot(result, out / f"{stem}.png")
+    log(f"wrote {out / stem}.json, .md" + (" and .png" if why_not is None else f"; no plot: {why_not}"))
+    ok = all(r["bytes_ok"] for r in result["rows"])
+    if not ok:
+        log("BYTES WRONG in at least one row (see the bytes ok column)")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

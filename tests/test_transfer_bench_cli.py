@@ -54,3 +54,37 @@ def test_paired_percent_is_the_median_of_each_pair_s_ratio(bench):
     method = [1.0, 2.0, 8.0]  # 50 bytes: half the ceiling's rate, half, then a quarter
     assert bench.paired_percent(method, ceiling, 50, 100) == pytest.approx(50.0)
     assert bench.paired_percent([1.0], [1.0], 97, 100) == pytest.approx(97.0)
+
+
+def test_cpu_byte_check_catches_a_wrong_copy(bench):
+    import torch
+
+    from kvbm.layouts import KVGeometry, allocate, copy_blocks
+
+    g = KVGeometry(2, 2, 4, 2, 8, 2)
+    src = allocate("vllm_flash_attn_hnd", g, 6, dtype=torch.bfloat16)
+    dst = allocate("kvbm_staging", g, 5, dtype=torch.bfloat16)
+    bench.fill(src, 1)
+    bench.fill(dst, 2)
+    before = [dst.piece_view(layer, kv, torch.int16).clone() for layer in range(2) for kv in range(2)]
+    copy_blocks(src, dst, [4, 1], [0, 3], backend="torch")
+    assert bench.cpu_copy_is_exact(src, dst, [4, 1], [0, 3], before)
+    assert not bench.cpu_copy_is_exact(src, dst, [1, 4], [0, 3], before)  # other source blocks
+    assert not bench.cpu_copy_is_exact(src, dst, [4], [0], before)  # block 3 should have kept its poison
+    unchanged = [b.clone() for b in before]
+    assert not bench.cpu_copy_is_exact(src, allocate("kvbm_staging", g, 5, dtype=torch.bfloat16), [4], [0], unchanged)
+
+
+def test_plot_of_cpu_rows_is_written(bench, tmp_path):
+    rows = [{"layout": "vllm_lbnhc", "direction": "gather", "blocks": n, "method": m, "gbps": gbps}
+            for n, gbps in ((1, 0.5), (16, 2.0)) for m in ("cpu_numba", "cpu_torch")]
+    assert bench.plot({"rows": rows}, tmp_path / "p.png") is None
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    assert bench.plot({"rows": []}, tmp_path / "q.png") == "no transfer rows to plot"
+
+
+def test_table_shows_spread(bench):
+    row = {"layout": "x", "direction": "gather", "blocks": 1, "method": "cpu_numba", "gbps": 1.0,
+           "seconds_min": 0.001, "seconds_median": 0.002, "seconds_max": 0.004, "pct_of_ceiling": None,
+           "bytes_ok": False}
+    assert "| 1.000 / 2.000 / 4.000 |  | NO |" in bench.table({"rows": [row]})
