@@ -36,7 +36,8 @@ def _replay(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump({"device": device, "args": vars(args), "requests": report.requests, "blocks": report.blocks,
                        "hit_rates": report.hit_rates(), "onboard_failed": report.onboard_failed,
-                       "offloaded_blocks": report.offloaded_blocks, "transfer": report.transfer,
+                       "offloaded_blocks": report.offloaded_blocks, "offload": report.offload,
+                       "onboard": report.onboard, "transfer": report.transfer,
                        "manager_cpu_seconds": report.manager_cpu_seconds, "wall_seconds": report.wall_seconds}, f,
                       indent=1)
     return 0

@@ -4,19 +4,23 @@ A small simulated engine stands in for vLLM: it keeps a prefix cache of G1 block
 rest of each prompt (G2, then G3), onboards what matched, "computes" the other blocks by writing bytes derived
 from each block's sequence hash, and offloads every newly computed full block (write-through). Because a block's
 bytes follow from its hash, every onboarded block is checked byte for byte. Reports hit rates per tier, blocks and
-bytes moved, achieved bandwidth and the CPU time the manager costs per request.
+bytes moved, achieved bandwidth and the CPU time the manager costs per request, and reconciles its counts: blocks
+asked to be offloaded = stored + skipped (by reason) + failed, stored = blocks the metrics saw moved out of G1;
+blocks asked to be onboarded = loaded + failed, loaded = blocks moved into G1 = prompt hits from G2 and G3 + blocks
+loaded after a failed one (recomputed instead).
 """
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
 from kvbm.config import KvbmConfig
 from kvbm.layouts import KVGeometry, PagedKVCache, allocate
-from kvbm.manager import BlockManager, BlockResult
+from kvbm.manager import BlockManager, BlockResult, Ticket
+from kvbm.metrics import KVBM_BLOCK_COUNTERS
 from kvbm.workload import ChatWorkload
 
 
@@ -28,7 +32,9 @@ class ReplayReport:
     blocks: dict[str, int] = field(default_factory=lambda: {"g1": 0, "g2": 0, "g3": 0, "computed": 0})
     onboard_failed: int = 0
     onboarded_bytes_checked: int = 0
-    offloaded_blocks: int = 0
+    offloaded_blocks: int = 0  #: blocks passed to ``offload`` (requests, not blocks moved)
+    offload: dict[str, int] = field(default_factory=dict)  #: requested, stored, failed, "skipped: <reason>" ...
+    onboard: dict[str, int] = field(default_factory=dict)  #: requested, loaded, failed, loaded_unused
     manager_cpu_seconds: list[float] = field(default_factory=list)
     wall_seconds: float = 0.0
     transfer: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -98,6 +104,8 @@ def replay(workload: ChatWorkload, geometry: KVGeometry, g1_blocks: int, config:
     engine = SimulatedEngine(cache)
     mgr = BlockManager(cache, config)
     report = ReplayReport()
+    offload_tickets: list[Ticket] = []
+    onboard_tickets: list[Ticket] = []
     bs = geometry.block_size
     start = time.perf_counter()
     try:
@@ -117,6 +125,7 @@ def replay(workload: ChatWorkload, geometry: KVGeometry, g1_blocks: int, config:
                 cpu0 = time.process_time()
                 ticket = mgr.onboard(loaded, new_ids[:len(loaded)])
                 mgr.wait(ticket)
+                onboard_tickets.append(ticket)
                 cpu += time.process_time() - cpu0
                 for i, (h, block) in enumerate(zip(loaded, new_ids)):
                     if ticket.results[i] is BlockResult.OK:
@@ -132,7 +141,7 @@ def replay(workload: ChatWorkload, geometry: KVGeometry, g1_blocks: int, config:
                 engine.write_block(block, h)
             cpu0 = time.process_time()
             if computed:
-                mgr.offload([h for h, _ in computed], [b for _, b in computed])
+                offload_tickets.append(mgr.offload([h for h, _ in computed], [b for _, b in computed]))
                 report.offloaded_blocks += len(computed)
             mgr.poll()
             report.manager_cpu_seconds.append(time.process_time() - cpu0 + cpu)
@@ -152,9 +161,51 @@ def replay(workload: ChatWorkload, geometry: KVGeometry, g1_blocks: int, config:
         mgr.check_invariants()
         report.wall_seconds = time.perf_counter() - start
         report.transfer = _transfer_figures(mgr)
+        report.offload = _offload_outcomes(offload_tickets)
+        report.onboard = _onboard_outcomes(onboard_tickets)
     finally:
         mgr.close()
     return report
+
+
+def _reason_kind(reason: str | None) -> str:
+    """A skip reason without its numbers ("priority 3 is below ...=5" -> "below the priority floor")."""
+    if not reason:
+        return "no reason given"
+    if reason.startswith("priority"):
+        return "below the priority floor"
+    return reason.split(":")[0]
+
+
+def _offload_outcomes(tickets: list[Ticket]) -> dict[str, int]:
+    """Blocks passed to offload: requested = stored + failed + the skipped ones, by reason ("skipped: <reason>")."""
+    out: Counter[str] = Counter(requested=0, stored=0, failed=0)
+    for t in tickets:
+        out["requested"] += len(t.results)
+        for i, r in enumerate(t.results):
+            if r is BlockResult.OK:
+                out["stored"] += 1
+            elif r is BlockResult.FAILED:
+                out["failed"] += 1
+            else:
+                out[f"skipped: {_reason_kind(t.reasons.get(i))}"] += 1
+    return dict(out)
+
+
+def _onboard_outcomes(tickets: list[Ticket]) -> dict[str, int]:
+    """Blocks passed to onboard: requested = loaded + failed; loaded_unused = loaded after a failed block of the same
+    ticket (the engine recomputes from the first failure on, so those do not count as hits)."""
+    out = Counter(requested=0, loaded=0, failed=0, loaded_unused=0)
+    for t in tickets:
+        out["requested"] += len(t.results)
+        first_failure = next((i for i, r in enumerate(t.results) if r is not BlockResult.OK), len(t.results))
+        for i, r in enumerate(t.results):
+            if r is BlockResult.OK:
+                out["loaded"] += 1
+                out["loaded_unused"] += i > first_failure
+            else:
+                out["failed"] += 1
+    return dict(out)
 
 
 def _transfer_figures(mgr: BlockManager) -> dict[str, dict[str, float]]:
@@ -164,27 +215,43 @@ def _transfer_figures(mgr: BlockManager) -> dict[str, dict[str, float]]:
         seconds = mgr.metrics.registry.get_sample_value("kvbm_transfer_seconds_sum", {"direction": direction}) or 0.0
         if nbytes:
             out[direction] = {"bytes": nbytes, "seconds": seconds, "gbps": nbytes / seconds / 1e9 if seconds else 0.0,
-                              "failed_blocks": mgr.metrics.value("kvbm_transfer_failed_blocks", direction)}
+                              "failed_blocks": mgr.metrics.value("kvbm_transfer_failed_blocks", direction),
+                              "blocks": mgr.metrics.value(KVBM_BLOCK_COUNTERS[direction])}
     return out
 
 
 def format_report(report: ReplayReport, geometry: KVGeometry) -> str:
-    """A short table of the replay's figures."""
+    """A short table of the replay's figures, with the lines that reconcile offload and onboard counts."""
     rates = report.hit_rates()
     cpu = sorted(report.manager_cpu_seconds)
+    gb = geometry.block_bytes / 1e9
+    moved = {d: int(f.get("blocks", 0)) for d, f in report.transfer.items()}
+    off, on = report.offload, report.onboard
+    skipped = {k: v for k, v in off.items() if k.startswith("skipped: ")}
+    out_of_g1 = " + ".join(f"{d} {moved.get(d, 0)}" for d in ("g1_to_g2", "g1_to_g3") if d in moved) or "none"
+    into_g1 = " + ".join(f"{d} {moved.get(d, 0)}" for d in ("g2_to_g1", "g3_to_g1") if d in moved) or "none"
     lines = [
         f"requests: {report.requests}, wall {report.wall_seconds:.1f} s",
         "prompt blocks by source: " + ", ".join(f"{k} {report.blocks[k]} ({rates[k]:.1%})" for k in report.blocks),
         f"onboard failures: {report.onboard_failed}; onboarded bytes verified: {report.onboarded_bytes_checked}",
-        f"offloaded blocks: {report.offloaded_blocks} ({report.offloaded_blocks * geometry.block_bytes / 1e9:.2f} GB)",
+        f"offload requests: {off.get('requested', 0)} blocks ({off.get('requested', 0) * gb:.3f} GB) = "
+        f"stored {off.get('stored', 0)} + failed {off.get('failed', 0)} + skipped {sum(skipped.values())} ("
+        + ("; ".join(f"{k[9:]}: {v}" for k, v in sorted(skipped.items())) or "none") + ")",
+        f"stored {off.get('stored', 0)} blocks ({off.get('stored', 0) * gb:.3f} GB) = moved out of G1: {out_of_g1}",
+        f"onboard requests: {on.get('requested', 0)} blocks = loaded {on.get('loaded', 0)} + failed "
+        f"{on.get('failed', 0)}",
+        f"loaded {on.get('loaded', 0)} blocks ({on.get('loaded', 0) * gb:.3f} GB) = moved into G1: {into_g1}"
+        f" = prompt hits g2 {report.blocks['g2']} + g3 {report.blocks['g3']} + loaded after a failed block "
+        f"(recomputed) {on.get('loaded_unused', 0)}",
         f"manager CPU time per request (on CPU it includes the synchronous copies; on a GPU the first request "
         f"compiles the copy kernels): median {cpu[len(cpu) // 2] * 1e3:.2f} ms, p90 {cpu[int(len(cpu) * 0.9)] * 1e3:.2f} ms,"
         f" max {cpu[-1] * 1e3:.2f} ms" if cpu else "manager CPU time per request: no requests",
         "batch-seconds: summed lifetimes of the transfer batches, from start to the poll that saw them finish "
         "(batches overlap and wait for the next poll, so GB per batch-second is not a link bandwidth)",
-        "| direction | GB moved | batch-seconds | GB per batch-second | failed blocks |", "|---|---|---|---|---|",
+        "| direction | blocks moved | GB moved | batch-seconds | GB per batch-second | failed blocks |",
+        "|---|---|---|---|---|---|",
     ]
     for direction, f in report.transfer.items():
-        lines.append(f"| {direction} | {f['bytes'] / 1e9:.3f} | {f['seconds']:.3f} | {f['gbps']:.2f} | "
-                     f"{int(f['failed_blocks'])} |")
+        lines.append(f"| {direction} | {int(f.get('blocks', 0))} | {f['bytes'] / 1e9:.3f} | {f['seconds']:.3f} | "
+                     f"{f['gbps']:.2f} | {int(f['failed_blocks'])} |")
     return "\n".join(lines)
