@@ -2,7 +2,9 @@
 
 A path describes its work as a generator of steps: it yields what it is waiting for (a CUDA event, a
 `TransferHandle`, a `concurrent.futures.Future`, or None for "a resource is busy, ask again later") and returns
-the failed blocks as ``{index: reason}`` (indices into the transfer's block lists). `done()` advances the steps
+the failed blocks as ``{index: reason}`` (indices into the transfer's block lists), or ``(failed, lost)`` where
+``lost`` are the failed blocks whose source bytes are known bad (a failed disk read, a checksum mismatch): the
+index drops those, while a block that failed for another reason (a copy that raised) keeps its stored copy. `done()` advances the steps
 without blocking; `wait()` blocks on what the current step waits for. A path that finishes at once returns
 `BlockTransfer.completed(...)`.
 """
@@ -17,8 +19,9 @@ from typing import Any
 
 __all__ = ["BlockStatus", "BlockTransfer", "Steps"]
 
-#: What a path's steps yield while they wait, and return once finished (failed block index -> reason).
-Steps = Generator[Any, None, "dict[int, str]"]
+#: What a path's steps yield while they wait, and return once finished: failed block index -> reason, optionally
+#: with the set of failed blocks whose source is known bad.
+Steps = Generator[Any, None, "dict[int, str] | tuple[dict[int, str], set[int]]"]
 _IDLE_WAIT_S = 0.0002
 
 
@@ -62,21 +65,25 @@ class BlockTransfer:
     ``results`` / ``reasons`` say per block whether it was moved byte-exact."""
 
     def __init__(self, num_blocks: int, path: str, steps: Steps | None = None,
-                 errors: dict[int, str] | None = None) -> None:
+                 errors: dict[int, str] | None = None, lost: set[int] | None = None) -> None:
         """A transfer of ``num_blocks`` blocks by ``path``, finished when ``steps`` returns (at once when None,
-        with ``errors``)."""
+        with ``errors`` and ``lost``)."""
         self.num_blocks = num_blocks
         self.path = path
         self._steps = steps
         self._waiting: Any = None
-        self._errors: dict[int, str] | None = None if steps is not None else dict(errors or {})
+        self._errors: dict[int, str] | None = None
+        self._lost: set[int] = set()
+        if steps is None:
+            self._finish((dict(errors or {}), set(lost or ())))
         if steps is not None:
             self._advance()
 
     @classmethod
-    def completed(cls, num_blocks: int, path: str, errors: dict[int, str] | None = None) -> BlockTransfer:
-        """A transfer that is already over (a synchronous copy), with its failed blocks."""
-        return cls(num_blocks, path, None, errors)
+    def completed(cls, num_blocks: int, path: str, errors: dict[int, str] | None = None,
+                  lost: set[int] | None = None) -> BlockTransfer:
+        """A transfer that is already over (a synchronous copy), with its failed (and lost) blocks."""
+        return cls(num_blocks, path, None, errors, lost)
 
     @classmethod
     def failed(cls, num_blocks: int, path: str, reason: str) -> BlockTransfer:
@@ -95,11 +102,14 @@ class BlockTransfer:
         except Exception as e:  # noqa: BLE001 - a step failed: the blocks not yet known good fail with it
             self._finish({i: f"{self.path} transfer failed: {e!r}" for i in range(self.num_blocks)})
 
-    def _finish(self, errors: dict[int, str]) -> None:
-        bad = [i for i in errors if not 0 <= i < self.num_blocks]
+    def _finish(self, outcome: dict[int, str] | tuple[dict[int, str], set[int]]) -> None:
+        errors, lost = outcome if isinstance(outcome, tuple) else (outcome, set())
+        bad = [i for i in errors if not 0 <= i < self.num_blocks] + [i for i in lost if i not in errors]
         if bad:
-            errors = {i: f"{self.path}: step reported block index {bad[0]} out of range" for i in range(self.num_blocks)}
+            errors = {i: f"{self.path}: steps reported block index {bad[0]} wrongly" for i in range(self.num_blocks)}
+            lost = set()
         self._errors = dict(errors)
+        self._lost = set(lost)
         self._steps = None
         self._waiting = None
 
@@ -118,6 +128,11 @@ class BlockTransfer:
     def reasons(self) -> dict[int, str]:
         """Failed block index -> why (empty while pending)."""
         return dict(self._errors or {})
+
+    @property
+    def lost(self) -> set[int]:
+        """Failed block indices whose source bytes are known bad (the source copy must be dropped)."""
+        return set(self._lost)
 
     @property
     def results(self) -> list[BlockStatus]:

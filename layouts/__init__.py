@@ -14,6 +14,5 @@ __all__ = [
     "validate_transfer",
 ]
 
-# The transfer library registers its kernel backends (Triton, numba) with `copy_blocks` when imported; loaded here
-# so that every user of the conversion API gets them (it imports this package back, which is complete by now).
-from kvbm import kernels as _kernels  # noqa: E402,F401
+# The transfer library's kernel backends (Triton, numba), registered with `copy_blocks` for every user of this API.
+from kvbm.kernels import backends as _backends  # noqa: E402,F401

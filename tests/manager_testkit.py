@@ -10,7 +10,8 @@ import os
 import numpy as np
 import torch
 
-import kvbm.manager as manager_module
+import kvbm.kernels.paths as paths
+from kvbm.kernels.block_transfer import BlockTransfer
 from kvbm.config import KvbmConfig
 from kvbm.layouts import KVGeometry, PagedKVCache, allocate
 
@@ -73,9 +74,36 @@ def config(tmp_path=None, *, host: int | None = None, disk: int | None = None, *
 
 
 def patch_copies(monkeypatch, mgr, make) -> None:
-    """Route every copy the manager starts through ``make(real_copy)``: ``copy_blocks`` (CPU G1, the disk bounce
-    buffer) and, on a GPU, the transfer engine's offload and onboard (same argument order: src, dst, ids, ids)."""
-    monkeypatch.setattr(manager_module, "copy_blocks", make(manager_module.copy_blocks))
-    if mgr._engine is not None:
-        monkeypatch.setattr(mgr._engine, "offload", make(mgr._engine.offload))
-        monkeypatch.setattr(mgr._engine, "onboard", make(mgr._engine.onboard))
+    """Route every layout copy the transfer paths make through ``make(real_copy)`` (same argument order: src, dst,
+    ids, ids): ``copy_blocks`` in each path module (CPU G1, the disk bounce buffers) and, on a GPU, the transfer
+    engine's offload and onboard."""
+    for module in (paths.host_host, paths.host_disk, paths.gpu_host, paths.gpu_disk):
+        if hasattr(module, "copy_blocks"):
+            monkeypatch.setattr(module, "copy_blocks", make(module.copy_blocks))
+    if mgr.gpu.device.type == "cuda":
+        from kvbm.kernels.transfer import TransferEngine
+
+        for name in ("offload", "onboard"):
+            real = getattr(TransferEngine, name)
+            monkeypatch.setattr(TransferEngine, name,
+                                lambda self, *a, _real=real, **k: make(lambda *b, **c: _real(self, *b, **c))(*a, **k))
+
+
+def delay_completions(monkeypatch, mgr, gate) -> None:
+    """Make every transfer the manager submits finish only once ``gate`` (an object with ``query()`` and
+    ``synchronize()``, like a CUDA event) says so, and never before the real transfer."""
+    transfers = mgr.store.transfers
+    real_submit = transfers.submit
+
+    def gated_submit(*args, **kwargs):
+        transfer = real_submit(*args, **kwargs)
+        waitable = gate()
+
+        def steps():
+            yield waitable
+            transfer.wait()
+            return transfer.reasons
+
+        return BlockTransfer(transfer.num_blocks, transfer.path, steps())
+
+    monkeypatch.setattr(transfers, "submit", gated_submit)

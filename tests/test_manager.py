@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from kvbm.config import KvbmConfig, KvbmConfigError
-from kvbm.disk_filter import DiskAdmissionFilter
+from kvbm.policies.admission import DiskAdmissionFilter
 from kvbm.hashing import salt_hash, sequence_hashes
 from kvbm.manager import BlockManager, BlockResult, Match
 from kvbm.metrics import KvbmMetrics
-from manager_testkit import GEOM, GEOM_PADDED, POISON, config, make_gpu, poison_block, read_block
+from manager_testkit import GEOM, GEOM_PADDED, POISON, config, delay_completions, make_gpu, poison_block, read_block
 
 OK, FAILED, SKIPPED = BlockResult.OK, BlockResult.FAILED, BlockResult.SKIPPED
 
@@ -102,7 +102,7 @@ def test_disk_io_runs_on_the_disk_threads_and_poll_never_waits_for_it(tmp_path, 
         want = [read_block(gpu, b) for b in range(4)]
         threads: list[str] = []
         release = threading.Event()
-        real_write, real_read = mgr.disk.file.write_slots, mgr.disk.file.read_slots
+        real_write, real_read = mgr.store.cache("G3").file.write_slots, mgr.store.cache("G3").file.read_slots
 
         def slow(real):
             def io(*args, **kwargs):
@@ -111,7 +111,7 @@ def test_disk_io_runs_on_the_disk_threads_and_poll_never_waits_for_it(tmp_path, 
                 return real(*args, **kwargs)
             return io
 
-        mgr.disk.file.write_slots, mgr.disk.file.read_slots = slow(real_write), slow(real_read)
+        mgr.store.cache("G3").file.write_slots, mgr.store.cache("G3").file.read_slots = slow(real_write), slow(real_read)
         ticket = mgr.offload(hashes, range(4))
         assert mgr.poll() == [] and not ticket.done  # the write is blocked on the disk thread, poll returns
         assert mgr.lookup(hashes, num_tokens=99) == Match(0, 0, 0)  # G3 slots stay pending until it lands
@@ -135,7 +135,7 @@ def test_disk_io_runs_on_the_disk_threads_and_poll_never_waits_for_it(tmp_path, 
 def test_disk_only_mode_goes_straight_to_disk(tmp_path, rng):
     gpu = make_gpu(16, rng)
     with BlockManager(gpu, config(tmp_path, disk=8, max_transfer_batch_size=2)) as mgr:
-        assert mgr.host is None and mgr.config.disk_only
+        assert mgr.index.tier_names == ["G3"] and mgr.config.disk_only
         hashes = mgr.sequence_hashes(tokens(rng, 5, extra=1))
         want = [read_block(gpu, b) for b in range(5)]
         ticket = mgr.offload(hashes, range(5))
@@ -161,7 +161,7 @@ def test_lookup_takes_host_then_disk_and_stops_at_the_first_miss(tmp_path, rng):
         mgr.offload(hashes[:6], range(6))
         mgr.wait()
         # G2 keeps blocks 2..5 (0 and 1 were evicted), G3 has all six
-        assert not mgr.host.pool.contains(hashes[0]) and mgr.host.pool.contains(hashes[2])
+        assert not mgr.index.pool("G2").contains(hashes[0]) and mgr.index.pool("G2").contains(hashes[2])
         assert mgr.lookup(hashes) == Match(6, 0, 6)  # G2 misses block 0, so G3 serves from there
         assert mgr.lookup(hashes[2:]) == Match(4, 4, 0)  # G2 run, then G3 has nothing more
         assert mgr.lookup(hashes[2:6]) == Match(3, 3, 0)  # whole prompt matched: last block left out
@@ -181,15 +181,15 @@ def test_disk_admission_filter_cascades_blocks_seen_again(tmp_path, rng):
         hashes = mgr.sequence_hashes(tokens(rng, 4))
         mgr.offload(hashes, range(4))
         mgr.wait()
-        assert not any(mgr.disk.pool.contains(h) for h in hashes)  # seen once: not worth the disk
+        assert not any(mgr.index.pool("G3").contains(h) for h in hashes)  # seen once: not worth the disk
         assert mgr.lookup(hashes[:2], num_tokens=99) == Match(2, 2, 0)  # a hit on blocks 0 and 1
         mgr.poll()  # starts the G2 -> G3 writes of blocks 0 and 1 on a disk thread
-        assert [mgr.disk.pool.contains(h) for h in hashes] == [True, True, False, False]
+        assert [mgr.index.pool("G3").contains(h) for h in hashes] == [True, True, False, False]
         mgr.check_invariants()  # G2 slots held and G3 slots pending while the write runs, or committed after it
         assert mgr.lookup(hashes[:2], num_tokens=99) == Match(2, 2, 0)  # G2 still serves them meanwhile
         mgr.wait()
         assert mgr.metrics.value("kvbm_offload_blocks_h2d") == 2
-        assert [mgr.disk.pool.lookup(h) is not None for h in hashes] == [True, True, False, False]
+        assert [mgr.index.pool("G3").lookup(h) is not None for h in hashes] == [True, True, False, False]
         mgr.check_invariants()
 
 
@@ -230,7 +230,7 @@ def test_eviction_takes_lowest_priority_then_least_recent(rng):
         mgr.wait()
         mgr.offload(hashes[4:5], [4], priority=50)
         mgr.wait()
-        present = [mgr.host.pool.contains(h) for h in hashes[:5]]
+        present = [mgr.index.pool("G2").contains(h) for h in hashes[:5]]
         assert present == [True, True, True, False, True]
         mgr.check_invariants()
 
@@ -256,16 +256,9 @@ def test_batches_are_queued_beyond_the_concurrency_limit_and_never_block(rng, mo
     with BlockManager(gpu, config(host=32, max_transfer_batch_size=3, max_concurrent_transfers=2)) as mgr:
         hashes = mgr.sequence_hashes(tokens(rng, 10))
         fire, waits = [False], [0]
-        real_copy = mgr._copy
-
-        def async_copy(*args):
-            handle = real_copy(*args)
-            handle.event = FakeEvent(fire, waits, handle.event)
-            return handle
-
-        monkeypatch.setattr(mgr, "_copy", async_copy)
+        delay_completions(monkeypatch, mgr, lambda: FakeEvent(fire, waits))
         ticket = mgr.offload(hashes, range(10))
-        assert (len(mgr._in_flight), len(mgr._queue)) == (2, 2)  # 3 + 3 in flight, 3 + 1 queued
+        assert (mgr.store.num_running(), mgr.store.num_queued()) == (2, 2)  # 3 + 3 in flight, 3 + 1 queued
         assert mgr.poll() == [] and not ticket.done and waits == [0]
         assert mgr.lookup(hashes, num_tokens=99) == Match(0, 0, 0)  # nothing is visible before it lands
         mgr.check_invariants()
@@ -276,7 +269,7 @@ def test_batches_are_queued_beyond_the_concurrency_limit_and_never_block(rng, mo
         # an onboard queues the same way; wait() blocks on the oldest batch
         fire[0] = False
         ticket = mgr.onboard(hashes[:9], range(16, 25))
-        assert (len(mgr._in_flight), len(mgr._queue)) == (2, 1)
+        assert (mgr.store.num_running(), mgr.store.num_queued()) == (2, 1)
         mgr.check_invariants()
         assert mgr.wait(ticket) == [ticket] and ticket.results == [OK] * 9 and waits[0] >= 1
         assert [read_block(gpu, b) for b in range(16, 25)] == [read_block(gpu, b) for b in range(9)]
@@ -303,9 +296,9 @@ def test_sizes_and_metrics_come_from_the_environment(tmp_path, rng, caplog):
            "DYN_KVBM_METRICS": "true", "DYN_KVBM_METRICS_PORT": str(port)}
     caplog.set_level(logging.INFO, logger="kvbm.manager")
     with BlockManager(gpu, KvbmConfig.from_env(env)) as mgr:
-        assert mgr.host.pool.num_blocks == 5 and mgr.disk.pool.num_blocks == 7
-        assert not mgr.disk.file.o_direct
-        assert "I/O path posix-o-direct" in caplog.text and "GDS probe" in caplog.text
+        assert mgr.index.pool("G2").num_blocks == 5 and mgr.index.pool("G3").num_blocks == 7
+        assert not mgr.store.cache("G3").file.o_direct
+        assert "G3 file" in caplog.text and "O_DIRECT off" in caplog.text
         hashes = mgr.sequence_hashes(tokens(rng, 2))
         mgr.offload(hashes, [0, 1])
         mgr.wait()
@@ -313,17 +306,6 @@ def test_sizes_and_metrics_come_from_the_environment(tmp_path, rng, caplog):
             assert "kvbm_offload_blocks_d2h 2.0" in reply.read().decode()
     with pytest.raises(OSError):  # the server stopped with the manager
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
-
-
-def test_start_up_log_names_the_disk_path_when_gds_is_available(tmp_path, rng, monkeypatch, caplog):
-    import kvbm.manager as manager_module
-    from kvbm.kernels.gds import PATH_GDS, GdsProbe
-
-    monkeypatch.setattr(manager_module, "probe_gds", lambda: GdsProbe(True, PATH_GDS, "nvidia_fs loaded (stand-in)"))
-    caplog.set_level(logging.INFO, logger="kvbm.manager")
-    with BlockManager(make_gpu(4, rng), config(tmp_path, disk=4)):
-        pass
-    assert "GPUDirect Storage is available here" in caplog.text and "I/O path posix-o-direct" in caplog.text
 
 
 def test_zerofill_fallback_flag_reaches_the_disk_file(tmp_path, rng, monkeypatch):
@@ -336,7 +318,7 @@ def test_zerofill_fallback_flag_reaches_the_disk_file(tmp_path, rng, monkeypatch
         BlockManager(gpu, config(tmp_path, host=2, disk=4))
     assert list(tmp_path.glob("kvbm-g3-*")) == []
     with BlockManager(gpu, config(tmp_path, host=2, disk=4, disk_zerofill_fallback=True)) as mgr:
-        assert mgr.disk.file.preallocated_by == "zerofill"
+        assert mgr.store.cache("G3").file.preallocated_by == "zerofill"
 
 
 def test_bad_input_raises_clear_errors(tmp_path, rng):

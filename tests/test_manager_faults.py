@@ -14,12 +14,11 @@ import pytest
 
 from disk_faults import fill_filesystem, rng, tiny_fs  # noqa: F401  (rng and tiny_fs are fixtures)
 
-import kvbm.manager as manager_module
+import kvbm.kernels.paths as paths
 from kvbm.manager import BlockManager, BlockResult
 from manager_testkit import GEOM, GEOM_PADDED, config, make_gpu, patch_copies, poison_block, read_block
 
 OK, FAILED = BlockResult.OK, BlockResult.FAILED
-copy_blocks_real = manager_module.copy_blocks
 
 
 def raising_copy(*args, **kwargs):
@@ -27,7 +26,7 @@ def raising_copy(*args, **kwargs):
 
 
 def disk_file(mgr: BlockManager) -> str:
-    return mgr.disk.file.path
+    return mgr.store.cache("G3").file.path
 
 
 def offload_all(mgr: BlockManager, hashes: list[int], ids) -> None:
@@ -64,7 +63,7 @@ def test_disk_full_fails_direct_disk_offload_then_recovers(tiny_fs, rng):
         assert all("No space" in r or "ENOSPC" in r for r in ticket.reasons.values()), ticket.reasons
         assert mgr.metrics.value("kvbm_transfer_failed_blocks", "g1_to_g3") == 8
         assert mgr.metrics.value("kvbm_offload_blocks_d2d") == 8
-        assert not any(mgr.disk.pool.contains(h) for h in hashes[8:])
+        assert not any(mgr.index.pool("G3").contains(h) for h in hashes[8:])
         mgr.check_invariants()
         check_onboard(mgr, gpu, hashes[:8], range(16, 24), want[:8], [True] * 8)
         # once space is back, the same blocks store and load byte-exact
@@ -84,12 +83,12 @@ def test_disk_full_keeps_cascaded_blocks_in_host_tier_only(tiny_fs, rng):
         offload_all(mgr, hashes, range(8))
         assert mgr.metrics.value("kvbm_transfer_failed_blocks", "g2_to_g3") == 8
         assert mgr.metrics.value("kvbm_offload_blocks_h2d") == 0
-        assert not any(mgr.disk.pool.contains(h) for h in hashes)
+        assert not any(mgr.index.pool("G3").contains(h) for h in hashes)
         check_onboard(mgr, gpu, hashes, range(16, 24), want, [True] * 8)  # G2 still serves them
         os.unlink(filler)
         more = mgr.sequence_hashes(rng.integers(0, 50_000, 4 * GEOM.block_size).tolist())
         offload_all(mgr, more, range(8, 12))
-        assert all(mgr.disk.pool.contains(h) for h in more)
+        assert all(mgr.index.pool("G3").contains(h) for h in more)
         assert mgr.metrics.value("kvbm_offload_blocks_h2d") == 4
 
 
@@ -102,9 +101,9 @@ def test_broken_disk_file_fails_loads_without_touching_g1(tmp_path, rng, monkeyp
         hashes = mgr.sequence_hashes(rng.integers(0, 50_000, 8 * GEOM.block_size).tolist())
         want = [read_block(gpu, b) for b in range(8)]
         offload_all(mgr, hashes, range(8))
-        in_g2 = [mgr.host.pool.contains(h) for h in hashes]
+        in_g2 = [mgr.index.pool("G2").contains(h) for h in hashes]
         assert in_g2 == [False] * 6 + [True] * 2
-        g3_slot = {h: mgr.disk.pool.lookup(h) for h in hashes}
+        g3_slot = {h: mgr.index.pool("G3").lookup(h) for h in hashes}
         if fault == "truncated":
             os.truncate(disk_file(mgr), 3 * sb + 100)
             lost = {h for h in hashes[:6] if g3_slot[h] >= 3}
@@ -130,7 +129,7 @@ def test_broken_disk_file_fails_loads_without_touching_g1(tmp_path, rng, monkeyp
         assert mgr.metrics.value("kvbm_transfer_failed_blocks", "g3_to_g1") == len(lost)
         assert mgr.metrics.value("kvbm_onboard_blocks_d2d") == 6 - len(lost)
         # blocks whose bytes are gone are dropped from G3: lookup no longer offers them
-        assert not any(mgr.disk.pool.contains(h) for h in lost)
+        assert not any(mgr.index.pool("G3").contains(h) for h in lost)
         monkeypatch.undo()
         # later operations work: G2 hits load; on a file that still exists, new blocks go through G3 again
         check_onboard(mgr, gpu, hashes[6:], [30, 31], want[6:], [True, True])
@@ -158,7 +157,7 @@ def test_copy_error_fails_offload_and_onboard_then_recovers(tmp_path, rng, monke
         ticket = mgr.offload(hashes[:3], range(3))
         mgr.wait()
         assert ticket.results == [FAILED] * 3 and "injected" in ticket.reasons[0]
-        assert mgr.host.pool.num_free() == 4 and mgr.metrics.value("kvbm_offload_blocks_d2h") == 0
+        assert mgr.index.pool("G2").num_free() == 4 and mgr.metrics.value("kvbm_offload_blocks_d2h") == 0
         assert mgr.metrics.value("kvbm_transfer_failed_blocks", "g1_to_g2") == 3
         mgr.check_invariants()
         monkeypatch.undo()
@@ -169,15 +168,14 @@ def test_copy_error_fails_offload_and_onboard_then_recovers(tmp_path, rng, monke
         assert mgr.metrics.value("kvbm_transfer_failed_blocks", "g2_to_g1") == 4
         assert mgr.metrics.value("kvbm_transfer_failed_blocks", "g3_to_g1") == 4
         assert mgr.metrics.value("kvbm_onboard_blocks_h2d") == mgr.metrics.value("kvbm_onboard_blocks_d2d") == 0
-        assert all(mgr.disk.pool.contains(h) for h in hashes[:8])  # a failed copy does not make G3 bytes bad
+        assert all(mgr.index.pool("G3").contains(h) for h in hashes[:8])  # a failed copy does not make G3 bytes bad
         monkeypatch.undo()
         check_onboard(mgr, gpu, hashes[:8], range(16, 24), want, [True] * 8)
         if geometry is GEOM_PADDED:
             # the padded G2 -> G3 path copies through the bounce buffer: a failure there keeps blocks out of G3
-            monkeypatch.setattr(manager_module, "copy_blocks", lambda src, dst, *a, **k: (
-                raising_copy() if dst is mgr.bounce.cache else copy_blocks_real(src, dst, *a, **k)))
+            monkeypatch.setattr(paths.host_disk, "copy_blocks", raising_copy)
             offload_all(mgr, hashes[8:10], range(8, 10))
-            assert not any(mgr.disk.pool.contains(h) for h in hashes[8:10])
+            assert not any(mgr.index.pool("G3").contains(h) for h in hashes[8:10])
             assert mgr.metrics.value("kvbm_transfer_failed_blocks", "g2_to_g3") == 2
             mgr.check_invariants()
 
@@ -191,7 +189,7 @@ def test_copy_error_in_disk_only_offload_frees_disk_slots(tmp_path, rng, monkeyp
         ticket = mgr.offload(hashes, range(4))
         mgr.wait()
         assert ticket.results == [FAILED] * 4
-        assert mgr.disk.pool.num_free() == 8 and mgr.metrics.value("kvbm_transfer_failed_blocks", "g1_to_g3") == 4
+        assert mgr.index.pool("G3").num_free() == 8 and mgr.metrics.value("kvbm_transfer_failed_blocks", "g1_to_g3") == 4
         mgr.check_invariants()
         monkeypatch.undo()
         offload_all(mgr, hashes, range(4))

@@ -18,11 +18,11 @@ import numba
 import numpy as np
 import pytest
 
-from kvbm.disk_filter import DiskAdmissionFilter
+from kvbm.policies.admission import DiskAdmissionFilter
 from kvbm.kernels.disk_file import SlotIOResult
 from kvbm.manager import BlockManager, BlockResult, Ticket
-from manager_testkit import (GEOM, GEOM_PADDED, config, make_gpu, patch_copies, poison_block, read_block,
-                             write_block)
+from manager_testkit import (GEOM, GEOM_PADDED, config, delay_completions, make_gpu, patch_copies, poison_block,
+                             read_block, write_block)
 
 STEPS = 1500
 G1_BLOCKS = 24
@@ -45,8 +45,8 @@ class Faults:
         return copy
 
     def wrap_reads(self, mgr: BlockManager) -> None:
-        real_read = mgr.disk.file.read_slots
-        sb = mgr.disk.slot_bytes
+        real_read = mgr.store.cache("G3").file.read_slots
+        sb = mgr.store.cache("G3").slot_bytes
 
         def read_slots(slots, dst, buf_blocks=None):
             result = real_read(slots, dst, buf_blocks)
@@ -57,23 +57,21 @@ class Faults:
                     result.errors[s] = OSError(errno.EIO, "injected read failure")
             return SlotIOResult(result.slots, result.errors)
 
-        mgr.disk.file.read_slots = read_slots
+        mgr.store.cache("G3").file.read_slots = read_slots
 
 
 class LateEvent:
-    """Completion shown on a random later query (or a wait), and never before the real CUDA event, if any."""
+    """Completion shown on a random later query (or a wait)."""
 
-    def __init__(self, rng: np.random.Generator, real=None) -> None:
-        self.rng, self.real, self.fired = rng, real, False
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng, self.fired = rng, False
 
     def query(self) -> bool:
         self.fired = self.fired or self.rng.random() < 0.4
-        return self.fired and (self.real is None or self.real.query())
+        return self.fired
 
     def synchronize(self) -> None:
         self.fired = True
-        if self.real is not None:
-            self.real.synchronize()
 
 
 class LateFuture(Future):
@@ -174,13 +172,12 @@ def run_soak(mgr: BlockManager, gpu, rng: np.random.Generator, faults: Faults, c
             mgr.wait()
         else:
             clock[0] += 600.0  # one decay step of the admission filter
-        stats["max_queued"] = max(stats["max_queued"], len(mgr._queue))
+        stats["max_queued"] = max(stats["max_queued"], mgr.store.num_queued())
         verify_finished()
         mgr.check_invariants()
-        for tier in (mgr.host, mgr.disk):
-            if tier is not None:
-                assert all(tier.pool.hash_of(s) in reference for s in range(tier.pool.num_blocks)
-                           if tier.pool.hash_of(s) is not None)
+        for name in mgr.index.tier_names:
+            pool = mgr.index.pool(name)
+            assert all(pool.hash_of(s) in reference for s in range(pool.num_blocks) if pool.hash_of(s) is not None)
     mgr.wait()
     verify_finished()
     mgr.check_invariants()
@@ -213,18 +210,12 @@ def test_soak(tmp_path, variant, monkeypatch):
     with BlockManager(gpu, cfg, disk_filter=DiskAdmissionFilter(
             clock=lambda: clock[0], enabled=not cfg.disable_disk_offload_filter)) as mgr:
         patch_copies(monkeypatch, mgr, faults.wrap)
-        if mgr.disk is not None:
+        if "G3" in mgr.index.tier_names:
             faults.wrap_reads(mgr)
-            monkeypatch.setattr(mgr, "_disk_io", InlineLateExecutor(rng))
-        real_copy = mgr._copy
-
-        def async_copy(*args):  # completion as on a GPU: batches stay in flight and queue up across steps
-            handle = real_copy(*args)
-            if handle.ok:
-                handle.event = LateEvent(rng, handle.event)
-            return handle
-
-        monkeypatch.setattr(mgr, "_copy", async_copy)
+            executor = InlineLateExecutor(rng)
+            monkeypatch.setattr(mgr.store.transfers, "disk_executor", lambda: executor)
+        # completion as on a GPU: moves stay in flight and queue up across steps
+        delay_completions(monkeypatch, mgr, lambda: LateEvent(rng))
         stats = run_soak(mgr, gpu, rng, faults, clock)
         m = mgr.metrics
         moved = sum(m.value(c) for c in ("kvbm_onboard_blocks_h2d", "kvbm_onboard_blocks_d2d"))

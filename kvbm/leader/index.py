@@ -6,7 +6,8 @@ a block registered in tier k goes down to tier k+1 when tier k+1's admission pol
 counts as a sighting for tier k+1). A lookup walks the tiers in order: the match is a run of hits in the first
 tier, then in the next from where that stopped, and so on. Every change is a `Move` that workers execute and
 report back (`complete`): a store's slots are PENDING (invisible) until its result commits them; slots read by a
-load or a cascade are held (not evictable) until its result releases them; a block that failed to load is dropped.
+load or a cascade are held (not evictable) until its result releases them; a slot whose bytes a read found bad
+(a failed disk read, a checksum mismatch) is dropped.
 Eviction inside each tier is the pool's: lowest priority, then least recently used, never a held or pending block.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -95,7 +96,7 @@ class LoadPlan:
 class _Tier:
     config: TierConfig
     pool: BlockPool
-    bad: set[int] = field(default_factory=set)  # slots that failed a load: dropped once unheld
+    bad: set[int] = field(default_factory=set)  # slots whose bytes a read found bad: dropped once unheld
 
     @property
     def name(self) -> str:
@@ -264,17 +265,21 @@ class BlockIndex:
         """Whether admitted blocks wait for ``plan_cascades``."""
         return bool(self._admitted)
 
-    def complete(self, move_id: int, failed: dict[int, str]) -> Move:
-        """Apply a move's result (``failed``: block index -> reason): commit or discard stored slots, release
-        held ones, drop blocks that failed to load; returns the move."""
+    def complete(self, move_id: int, failed: dict[int, str], lost: Iterable[int] = ()) -> Move:
+        """Apply a move's result (``failed``: block index -> reason; ``lost``: failed indices whose source bytes are
+        bad): commit or discard stored slots, release held ones, drop lost ones; returns the move."""
         move = self._open.pop(move_id, None)
         if move is None:
             raise KeyError(f"move {move_id} is not open (completed twice, or never planned here)")
-        if move.kind is MoveKind.LOAD:
+        lost = set(lost)
+        if move.kind is not MoveKind.STORE:
             k = self._tier_index(move.src_tier)
             for i, slot in enumerate(move.src_ids):
-                if i in failed:
+                if i in lost:
                     self._tiers[k].bad.add(slot)
+        if move.kind is MoveKind.LOAD:
+            k = self._tier_index(move.src_tier)
+            for slot in move.src_ids:
                 self._release(k, slot)
             return move
         k = self._tier_index(move.dst_tier)

@@ -137,4 +137,4 @@ class BlockStore:
             block_bytes = self.cache(move.src_tier).geometry.block_bytes
             self.metrics.record_transfer(name, blocks_ok=n_ok, blocks_failed=len(failed), num_bytes=n_ok * block_bytes,
                                          seconds=time.perf_counter() - run.started)
-        self._finished.append(MoveResult(move.move_id, failed))
+        self._finished.append(MoveResult(move.move_id, failed, frozenset(run.transfer.lost)))

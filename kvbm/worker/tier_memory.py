@@ -7,8 +7,6 @@ one preallocated file. Adding a medium means one more branch in `allocate_tier` 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,21 +14,9 @@ import torch
 from kvbm.kernels.host_memory import PinnedHostBuffer
 from kvbm.kernels.medium import Medium
 from kvbm.layouts import KVGeometry, PagedKVCache, block_major
+from kvbm.tiers import TierSpec
 
-__all__ = ["TierMemory", "allocate_tier", "close_tier"]
-
-
-@dataclass(frozen=True)
-class TierMemory:
-    """What a worker allocates for one tier: its ``name`` ("G2"), ``medium``, ``num_blocks``; for a disk tier the
-    ``directory`` and file options."""
-
-    name: str
-    medium: Medium
-    num_blocks: int
-    directory: Path | None = None
-    use_o_direct: bool = True
-    zerofill_fallback: bool = False
+__all__ = ["allocate_tier", "close_tier"]
 
 
 def _host_cache(geometry: KVGeometry, dtype: torch.dtype, num_blocks: int) -> PagedKVCache:
@@ -42,7 +28,7 @@ def _host_cache(geometry: KVGeometry, dtype: torch.dtype, num_blocks: int) -> Pa
     return cache
 
 
-def allocate_tier(memory: TierMemory, geometry: KVGeometry, dtype: torch.dtype) -> Any:
+def allocate_tier(memory: TierSpec, geometry: KVGeometry, dtype: torch.dtype) -> Any:
     """A cache of ``memory.num_blocks`` blocks of ``geometry`` on the tier's medium."""
     if memory.medium is Medium.HOST:
         return _host_cache(geometry, dtype, memory.num_blocks)
