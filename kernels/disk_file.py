@@ -242,6 +242,25 @@ class DiskBlockFile:
         """
         return self._transfer(slots, dst, buf_blocks, reading=True)
 
+    def precheck(self, slots: Sequence[int], reading: bool) -> dict[int, OSError]:
+        """For I/O done outside this object (cuFile): the errors `read_slots` / `write_slots` would report before
+        moving a byte (the file deleted; slots lost to a truncation, for reads), by slot id."""
+        self._check_open()
+        try:
+            self._check_file()
+        except OSError as e:
+            return {int(s): e for s in slots}
+        if not reading:
+            return {}
+        return {int(s): OSError(errno.ENODATA, f"slot {s} of {self.path!r} was lost when the file was truncated "
+                                "underneath; rewrite it first") for s in slots if self._lost[s]}
+
+    def mark_written(self, slots: Sequence[int]) -> None:
+        """For I/O done outside this object (cuFile): ``slots`` were written completely."""
+        with self._lost_lock:
+            for s in slots:
+                self._lost[s] = 0
+
     # ---------------------------------------------------------------- lifecycle
 
     def fileno(self) -> int:

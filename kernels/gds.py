@@ -101,3 +101,24 @@ def nixl_posix_available() -> bool:
     except Exception as e:
         logger.info("NIXL POSIX backend unavailable: %s", _first_line(e))
         return False
+
+
+def load_cufile():
+    """The ``cuda.bindings.cufile`` module (ImportError when it is missing)."""
+    return importlib.import_module("cuda.bindings.cufile")
+
+
+def register_file(cufile, fd: int) -> tuple[int, object]:
+    """Register the open descriptor ``fd`` with cuFile; return ``(handle, descr)`` (keep ``descr`` alive with the
+    handle). Raises what ``handle_register`` raises: cuFileError 5027 (HANDLE_NOT_REGISTERED) on filesystems
+    without GPUDirect Storage support."""
+    descr = cufile.Descr()
+    descr.type = cufile.FileHandleType.OPAQUE_FD
+    descr.handle.fd = fd
+    descr.fs_ops = 0
+    return cufile.handle_register(descr.ptr), descr
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line description of a cuFile (or other) exception for a per-block failure reason."""
+    return _first_line(exc)

@@ -40,3 +40,47 @@ def fill_filesystem(directory) -> str:
         except OSError as e:
             assert e.errno == errno.ENOSPC
     return path
+
+
+def _raw_fd(path) -> int:
+    """A buffered read-write descriptor on ``path`` (a name, or /proc/self/fd/N of an unnamed file)."""
+    return os.open(path, os.O_RDWR)
+
+
+def flip_byte(path, offset: int) -> None:
+    """Invert the bits of the byte at ``offset`` of the file, behind the owner's back."""
+    fd = _raw_fd(path)
+    try:
+        (b,) = os.pread(fd, 1, offset)
+        os.pwrite(fd, bytes([b ^ 0xFF]), offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def swap_ranges(path, a: int, b: int, length: int) -> None:
+    """Exchange the ``length`` bytes at offsets ``a`` and ``b`` of the file."""
+    fd = _raw_fd(path)
+    try:
+        da, db = os.pread(fd, length, a), os.pread(fd, length, b)
+        os.pwrite(fd, db, a)
+        os.pwrite(fd, da, b)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def punch_hole(path, offset: int, length: int) -> None:
+    """Deallocate ``length`` bytes at ``offset`` (they read back as zeros; the size is kept); skips the test where
+    the filesystem cannot punch holes."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    fd = _raw_fd(path)
+    try:
+        if libc.fallocate(fd, 0x01 | 0x02, offset, length) != 0:  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+            err = ctypes.get_errno()
+            pytest.skip(f"cannot punch a hole here: {os.strerror(err)}")
+    finally:
+        os.close(fd)

@@ -1,0 +1,161 @@
+"""G3 as a paged KV cache: blocks in the 4 KiB-aligned slots of one preallocated file.
+
+`DiskKVCache` is a cache like any other to `Transfers.submit`: it has a geometry, a dtype, a number of blocks and
+a `KVLayout` (block-major in KVBM's staging order, block i at byte ``i * slot_bytes`` of the file), so the same
+byte-exact conversion rules hold for its blocks as for a host or GPU cache's. Its bytes are only reachable through
+the disk paths (`kvbm.kernels.paths.host_disk`, `gpu_disk`), which call `write_slots` / `read_slots` on the disk
+threads.
+
+Integrity: every slot written from host memory gets an xxh3-64 checksum of its block bytes, seeded with a digest
+of the cache's layout and geometry and, when the writer gives one, the block's tag (its sequence hash); the sums
+live in memory and every read is verified against them, so a flipped byte, two swapped slots, a hole punched in
+the file or a block read under another tag fails that block ("checksum mismatch") instead of handing over wrong
+bytes. A slot written by cuFile straight from GPU memory has no checksum (its bytes never pass through the host)
+and is read unverified.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import xxhash
+
+from kvbm.layouts import KVGeometry, KVLayout
+
+from .bounce import slot_cache
+from .disk_file import DiskBlockFile, align_up
+from .medium import Medium
+
+__all__ = ["DiskKVCache", "same_slot_layout"]
+
+_MASK64 = (1 << 64) - 1
+_UNVERIFIED, _SUMMED, _WRITE_FAILED = 0, 1, 2
+
+
+def same_slot_layout(a: KVLayout, b: KVLayout) -> bool:
+    """Whether two layouts place every element of a block at the same byte offset from the block's start, with the
+    same block stride (compared structurally: strides and pieces, whatever the names and block counts)."""
+    return (a.geometry == b.geometry and a.dtype == b.dtype and a.strides == b.strides
+            and len(set(a.piece_tensor)) == 1 and len(set(b.piece_tensor)) == 1
+            and a.piece_offset == b.piece_offset)
+
+
+class DiskKVCache:
+    """``num_blocks`` blocks of ``geometry`` / ``dtype`` in a new file in ``directory`` (removed by `close`).
+
+    ``use_o_direct`` and ``zerofill_fallback`` are passed to `DiskBlockFile`. Raises what `DiskBlockFile` raises
+    for a bad directory or a file that does not fit."""
+
+    medium = Medium.DISK
+
+    def __init__(self, directory: str | os.PathLike, geometry: KVGeometry, dtype: torch.dtype, num_blocks: int, *,
+                 use_o_direct: bool = True, zerofill_fallback: bool = False, name: str = "G3") -> None:
+        if not isinstance(geometry, KVGeometry):
+            raise TypeError(f"geometry must be a KVGeometry, got {type(geometry).__name__}")
+        if not isinstance(dtype, torch.dtype) or torch.empty((), dtype=dtype).element_size() != geometry.itemsize:
+            raise ValueError(f"dtype {dtype!r} does not have the geometry's element size {geometry.itemsize}")
+        self.geometry = geometry
+        self.dtype = dtype
+        self.name = name
+        self.slot_bytes = align_up(geometry.block_bytes)
+        self.file = DiskBlockFile(directory, num_blocks, self.slot_bytes, use_o_direct=use_o_direct,
+                                  zerofill_fallback=zerofill_fallback)
+        self.num_blocks = self.file.num_slots
+        meta = torch.empty(self.num_blocks * self.slot_bytes, dtype=torch.uint8, device="meta")
+        self.layout: KVLayout = slot_cache(meta, geometry, dtype, self.num_blocks, self.slot_bytes).layout
+        self.layout_digest: bytes = xxhash.xxh3_64_digest(repr((
+            "kvbm-g3", geometry, str(dtype), self.slot_bytes, self.layout.strides, self.layout.piece_tensor,
+            self.layout.piece_offset)).encode())
+        self._sums = np.zeros(self.num_blocks, dtype=np.uint64)
+        self._tags = np.zeros(self.num_blocks, dtype=np.uint64)
+        self._tagged = np.zeros(self.num_blocks, dtype=bool)
+        self._state = np.zeros(self.num_blocks, dtype=np.uint8)
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ integrity
+
+    def _seed(self, tag: int | None) -> int:
+        """The checksum seed: the layout digest, bound to the block's tag when there is one."""
+        suffix = b"\x00" * 9 if tag is None else b"\x01" + (int(tag) & _MASK64).to_bytes(8, "little")
+        return xxhash.xxh3_64_intdigest(self.layout_digest + suffix)
+
+    def checksum(self, block: memoryview | np.ndarray, tag: int | None = None) -> int:
+        """xxh3-64 of one block's bytes (``block_bytes`` of them, the slot's padding excluded) under ``tag``."""
+        return xxhash.xxh3_64_intdigest(memoryview(block)[: self.geometry.block_bytes], seed=self._seed(tag))
+
+    def forget(self, slots: Sequence[int], failed: bool = False) -> None:
+        """Slots whose bytes changed without a checksum: read unverified (cuFile writes), or, with ``failed``,
+        refused until rewritten (a write that failed may have left any bytes)."""
+        with self._lock:
+            self._state[np.asarray(slots, dtype=np.int64)] = _WRITE_FAILED if failed else _UNVERIFIED
+
+    def _verify(self, slot: int, block: np.ndarray, tag: int | None) -> str | None:
+        state = int(self._state[slot])
+        if state == _WRITE_FAILED:
+            return f"slot {slot} of {self.name} is not readable: its last write failed"
+        if state == _UNVERIFIED:
+            return None
+        stored_tag = int(self._tags[slot]) if self._tagged[slot] else None
+        want_tag = stored_tag if tag is None else int(tag) & _MASK64
+        if self.checksum(block, want_tag) == int(self._sums[slot]):
+            return None
+        why = "" if want_tag == stored_tag else f" (written under tag {stored_tag}, read under tag {want_tag})"
+        return f"checksum mismatch in slot {slot} of {self.name}{why}: the bytes on disk are not the block written"
+
+    # ------------------------------------------------------------------ I/O (disk threads)
+
+    def _blocks(self, buffer: np.ndarray) -> np.ndarray:
+        return buffer.reshape(-1)[: (buffer.size // self.slot_bytes) * self.slot_bytes].reshape(-1, self.slot_bytes)
+
+    def write_slots(self, slots: Sequence[int], buffer: np.ndarray, buf_blocks: Sequence[int],
+                    tags: Sequence[int] | None = None) -> dict[int, str]:
+        """Write blocks ``buf_blocks`` of the flat uint8 ``buffer`` (one block per ``slot_bytes``) into ``slots``
+        and record their checksums; return {position: reason} of the writes that failed. Slots must be distinct."""
+        rows = self._blocks(buffer)
+        sums = [self.checksum(rows[b], None if tags is None else tags[k]) for k, b in enumerate(buf_blocks)]
+        self.forget(slots, failed=True)  # until the write is known good
+        result = self.file.write_slots(slots, buffer, buf_blocks=buf_blocks)
+        errors = {k: f"disk write failed: {result.errors[s]}" for k, s in enumerate(slots) if s in result.errors}
+        with self._lock:
+            for k, s in enumerate(slots):
+                if k not in errors:
+                    self._sums[s] = sums[k]
+                    self._tagged[s] = tags is not None
+                    self._tags[s] = 0 if tags is None else int(tags[k]) & _MASK64
+                    self._state[s] = _SUMMED
+        return errors
+
+    def read_slots(self, slots: Sequence[int], buffer: np.ndarray, buf_blocks: Sequence[int],
+                   tags: Sequence[int] | None = None) -> dict[int, str]:
+        """Read ``slots`` into blocks ``buf_blocks`` of the flat uint8 ``buffer`` and verify their checksums (under
+        ``tags`` when given, else the writer's); return {position: reason} of the blocks not read intact."""
+        result = self.file.read_slots(slots, buffer, buf_blocks=buf_blocks)
+        rows = self._blocks(buffer)
+        errors: dict[int, str] = {}
+        for k, (s, b) in enumerate(zip(slots, buf_blocks)):
+            if s in result.errors:
+                errors[k] = f"disk read failed: {result.errors[s]}"
+            else:
+                bad = self._verify(s, rows[b], None if tags is None else tags[k])
+                if bad is not None:
+                    errors[k] = f"disk read failed: {bad}"
+        return errors
+
+    def close(self) -> None:
+        """Close and delete the file (idempotent); no transfer may still use it."""
+        self.file.close(remove=True)
+
+    def __enter__(self) -> DiskKVCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        g = self.geometry
+        return (f"DiskKVCache({self.name!r}, blocks={self.num_blocks}, slot_bytes={self.slot_bytes}, "
+                f"layers={g.num_layers}, kv={g.num_kv}, block_size={g.block_size}, heads={g.num_heads}, "
+                f"head_dim={g.head_dim}, dtype={self.dtype}, file={self.file.path!r})")

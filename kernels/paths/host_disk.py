@@ -1,0 +1,301 @@
+"""Host <-> disk: blocks between a CPU cache (G2, an engine's cache on a CPU platform) and a `DiskKVCache` (G3).
+
+The reads and writes run on the disk threads of the `Transfers` object (`disk_executor`), never the caller's.
+A host cache whose blocks are whole dense runs at exactly the slot stride, in the disk's inner order and from a
+4 KiB-aligned base (G2 when ``block_bytes`` is a multiple of 4096) is written straight from its own memory.
+Everything else goes through a chunk of the shared pinned bounce pool (`kvbm.kernels.bounce`): the layout
+conversion between the cache and the chunk is a `Transfers.submit` issued from the steps, i.e. on the thread that
+polls the transfer (never a disk thread: a numba parallel copy on a disk thread while the caller runs its own aborts
+the process where numba has no thread-safe threading layer), and the disk threads only move the chunk's bytes.
+
+Reads always land in a bounce chunk first, are verified there (I/O result and checksum) and only the blocks read
+intact are copied on, so a failed read never writes a byte into the destination. Reading one slot into several
+destination blocks reads it once and fans out. `bounced_write_steps` / `bounced_read_steps` also serve the GPU's
+POSIX path (`gpu_disk`): the copy to or from the chunk is then a GPU <-> host transfer.
+"""
+from __future__ import annotations
+
+import ctypes
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+from ..block_transfer import BlockTransfer, Steps
+from ..bounce import BounceChunk, BouncePool, bounce_pool
+from ..disk_cache import DiskKVCache, same_slot_layout
+from ..medium import Medium, medium_of
+from ..transfers import Transfers, register_path
+
+__all__ = ["HostDiskPath", "bounced_read_steps", "bounced_write_steps", "check_tags", "direct_array"]
+
+_ALIGN = 4096
+#: Copies between a cache and a chunk: (src, dst, src_ids, dst_ids) -> BlockTransfer, issued on the polling thread.
+StageFn = Callable[[Any, Any, np.ndarray, np.ndarray], BlockTransfer]
+#: Disk I/O of one chunk on a disk thread: (slots, chunk block ids, tags or None) -> {position: reason}.
+IoFn = Callable[[list, list, "list[int] | None"], dict]
+
+
+def check_tags(tags: Sequence[int] | None, n: int) -> list[int] | None:
+    """``tags`` as a list of n ints (block tags for the disk checksums), or None; raises TypeError/ValueError."""
+    if tags is None:
+        return None
+    try:
+        out = [int(t) for t in tags]
+    except (TypeError, ValueError):
+        raise TypeError(f"tags must be a sequence of ints, got {tags!r:.80}") from None
+    if len(out) != n:
+        raise ValueError(f"tags has {len(out)} entries but the transfer moves {n} blocks")
+    return out
+
+
+def direct_array(host: Any, disk: DiskKVCache) -> np.ndarray | None:
+    """The host cache's bytes as a flat uint8 array of ``num_blocks * slot_bytes`` when its blocks can be moved to
+    and from the disk's slots as they are (same layout, dense blocks at the slot stride, 4 KiB-aligned base);
+    None otherwise."""
+    from .gpu_host import whole_blocks_contiguous
+
+    if not same_slot_layout(host.layout, disk.layout) or not whole_blocks_contiguous(host):
+        return None
+    base, nbytes = host.first_piece_address(), host.num_blocks * disk.slot_bytes
+    if base % _ALIGN or not any(lo <= base and base + nbytes <= hi for lo, hi in host.storage_ranges().tolist()):
+        return None
+    return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(base))
+
+
+class _Batch:
+    """Up to one chunk of a disk transfer: its positions in the transfer and what it waits on now."""
+
+    def __init__(self, positions: np.ndarray, chunk: BounceChunk | None) -> None:
+        self.positions = positions
+        self.chunk = chunk
+        self.stage: BlockTransfer | None = None
+        self.io: Future | None = None
+        self.local: np.ndarray | None = None  # reads: chunk block of each destination position
+
+    def waiting_on(self) -> Any:
+        return self.io if self.io is not None else self.stage
+
+
+def _fail(errors: dict[int, str], positions: Sequence[int], reason: str) -> None:
+    for p in positions:
+        errors.setdefault(int(p), reason)
+
+
+def _drain(batches: Sequence[_Batch]) -> None:
+    """Wait for what batches abandoned mid-way still have in flight, then give their chunks back."""
+    for b in batches:
+        if b.io is not None:
+            try:
+                b.io.result()
+            except Exception:  # noqa: BLE001 - the transfer is being abandoned; its outcome is not reported
+                pass
+        if b.stage is not None:
+            b.stage.wait()
+        if b.chunk is not None:
+            b.chunk.release()
+            b.chunk = None
+
+
+def _run(pending: deque, start: Any, advance: Any, in_flight: list[_Batch]) -> Steps:
+    """The scheduling loop shared by reads and writes: start batches while ``start`` can (it returns False when
+    no chunk is free), advance each without blocking, and wait on the oldest when nothing moved."""
+    try:
+        while pending or in_flight:
+            moved = False
+            while pending and start(pending[0]):
+                pending.popleft()
+                moved = True
+            for b in list(in_flight):
+                moved |= advance(b)
+            if not moved:
+                yield in_flight[0].waiting_on() if in_flight else None
+    finally:
+        _drain(in_flight)
+
+
+def bounced_write_steps(transfers: Transfers, src: Any, disk: DiskKVCache, src_ids: np.ndarray,
+                        dst_ids: np.ndarray, tags: list[int] | None, pool: BouncePool | None,
+                        direct: np.ndarray | None = None, stage: StageFn | None = None,
+                        io: IoFn | None = None) -> Steps:
+    """Steps of writing blocks ``src_ids`` of ``src`` into slots ``dst_ids``: per chunk, ``src`` -> chunk by
+    ``stage`` (default ``transfers.submit``; on the polling thread), then ``io(slots, chunk blocks, tags)`` on a
+    disk thread (default: `DiskKVCache.write_slots` from the pool's bytes). With ``direct`` (the host cache's
+    bytes, see `direct_array`) the disk threads write straight from it, without a chunk."""
+    executor = transfers.disk_executor()
+    stage = stage or transfers.submit
+    errors: dict[int, str] = {}
+    order = np.argsort(dst_ids, kind="stable")  # chunk blocks in slot order: consecutive slots, one request
+    size = transfers.bounce_blocks
+    pending = deque(order[i:i + size] for i in range(0, order.size, size))
+    in_flight: list[_Batch] = []
+
+    def write(b: _Batch, good: np.ndarray, buffer: np.ndarray | None, buf_blocks: np.ndarray) -> None:
+        b.positions = good
+        args = (dst_ids[good].tolist(), buf_blocks.tolist(), None if tags is None else [tags[p] for p in good])
+        if io is not None:
+            b.io = executor.submit(io, *args)
+        else:
+            b.io = executor.submit(lambda s, bb, t: disk.write_slots(s, buffer, bb, t), *args)
+
+    def start(pos: np.ndarray) -> bool:
+        if direct is not None:
+            b = _Batch(pos, None)
+            write(b, pos, direct, src_ids[pos])
+            in_flight.append(b)
+            return True
+        chunk = pool.acquire()
+        if chunk is None:
+            return False
+        b = _Batch(pos, chunk)
+        in_flight.append(b)
+        try:
+            b.stage = stage(src, chunk.cache, src_ids[pos], chunk.ids[: pos.size])
+        except Exception as e:  # noqa: BLE001 - the copy could not start: this batch's blocks fail
+            _fail(errors, pos, f"copy to the bounce buffer failed: {e!r}")
+            b.positions = pos[:0]
+            b.io = _done_future({})
+        return True
+
+    def advance(b: _Batch) -> bool:
+        if b.io is None:
+            if not b.stage.done():
+                return False
+            bad = b.stage.reasons
+            for k, reason in bad.items():
+                errors.setdefault(int(b.positions[k]), reason)
+            keep = np.array([k for k in range(b.positions.size) if k not in bad], dtype=np.int64)
+            b.stage = None
+            write(b, b.positions[keep], pool.array, b.chunk.ids[keep])
+            return True
+        if not b.io.done():
+            return False
+        try:
+            for k, reason in b.io.result().items():
+                errors.setdefault(int(b.positions[k]), reason)
+        except Exception as e:  # noqa: BLE001 - the write as a whole failed
+            _fail(errors, b.positions, f"disk write failed: {e!r}")
+        in_flight.remove(b)
+        if b.chunk is not None:
+            b.chunk.release()
+        return True
+
+    yield from _run(pending, start, advance, in_flight)
+    return errors
+
+
+def bounced_read_steps(transfers: Transfers, disk: DiskKVCache, dst: Any, src_ids: np.ndarray,
+                       dst_ids: np.ndarray, tags: list[int] | None, pool: BouncePool,
+                       stage: StageFn | None = None, io: IoFn | None = None) -> Steps:
+    """Steps of reading slots ``src_ids`` into blocks ``dst_ids`` of ``dst``: per chunk of distinct slots,
+    ``io(slots, chunk blocks, tags)`` on a disk thread (default: `DiskKVCache.read_slots` into the pool's bytes,
+    checksums verified), then chunk -> ``dst`` of the blocks read intact by ``stage`` (default
+    ``transfers.submit``) on the polling thread. A slot asked for by several blocks is read once."""
+    executor = transfers.disk_executor()
+    stage = stage or transfers.submit
+    io = io or (lambda s, bb, t: disk.read_slots(s, pool.array, bb, t))
+    errors: dict[int, str] = {}
+    slots, first, inverse = np.unique(src_ids, return_index=True, return_inverse=True)
+    size = transfers.bounce_blocks
+    pending = deque(np.arange(i, min(i + size, slots.size)) for i in range(0, slots.size, size))
+    in_flight: list[_Batch] = []
+
+    def start(uniq: np.ndarray) -> bool:
+        chunk = pool.acquire()
+        if chunk is None:
+            return False
+        b = _Batch(uniq, chunk)
+        in_flight.append(b)
+        read_tags = None if tags is None else [tags[first[u]] for u in uniq]
+        b.io = executor.submit(io, slots[uniq].tolist(), chunk.ids[: uniq.size].tolist(), read_tags)
+        return True
+
+    def advance(b: _Batch) -> bool:
+        if b.stage is None:
+            if not b.io.done():
+                return False
+            try:
+                bad = b.io.result()
+            except Exception as e:  # noqa: BLE001 - the read as a whole failed
+                bad = {k: f"disk read failed: {e!r}" for k in range(b.positions.size)}
+            b.io = None
+            local = {int(u): k for k, u in enumerate(b.positions)}  # unique slot index -> chunk position
+            targets = np.flatnonzero(np.isin(inverse, b.positions))
+            good = []
+            for p in targets.tolist():
+                k = local[int(inverse[p])]
+                reason = bad.get(k)
+                if (reason is None and tags is not None and pool.array is not None
+                        and tags[p] != tags[first[inverse[p]]]):
+                    row = pool.array[b.chunk.ids[k] * pool.slot_bytes:(b.chunk.ids[k] + 1) * pool.slot_bytes]
+                    reason = disk._verify(int(src_ids[p]), row, tags[p])
+                    reason = None if reason is None else f"disk read failed: {reason}"
+                if reason is None:
+                    good.append((p, k))
+                else:
+                    errors.setdefault(p, reason)
+            b.positions = np.array([p for p, _ in good], dtype=np.int64)
+            if not good:
+                b.stage = BlockTransfer.completed(0, "none")
+                return True
+            try:
+                b.stage = stage(pool.cache, dst, b.chunk.ids[[k for _, k in good]], dst_ids[b.positions])
+            except Exception as e:  # noqa: BLE001 - the copy could not start: this batch's blocks fail
+                _fail(errors, b.positions, f"copy from the bounce buffer failed: {e!r}")
+                b.stage = BlockTransfer.completed(0, "none")
+                b.positions = b.positions[:0]
+            return True
+        if not b.stage.done():
+            return False
+        for k, reason in b.stage.reasons.items():
+            errors.setdefault(int(b.positions[k]), reason)
+        in_flight.remove(b)
+        b.stage = None
+        b.chunk.release()
+        return True
+
+    yield from _run(pending, start, advance, in_flight)
+    return errors
+
+
+def _done_future(value: Any) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+class HostDiskPath:
+    """Moves blocks between a CPU cache and a `DiskKVCache`, in either direction."""
+
+    name = "host-disk"
+
+    def __init__(self, transfers: Transfers) -> None:
+        self._transfers = transfers
+
+    def submit(self, src: Any, dst: Any, src_ids: np.ndarray, dst_ids: np.ndarray, *,
+               tags: Sequence[int] | None = None) -> BlockTransfer:
+        """Start the transfer; ``tags`` (one int per block, e.g. its sequence hash) bind the disk checksums to
+        the blocks: a read under another tag than the write's fails the block. Raises ValueError/TypeError for
+        caches this path cannot move."""
+        reading = medium_of(src) is Medium.DISK
+        disk, host = (src, dst) if reading else (dst, src)
+        if not isinstance(disk, DiskKVCache) or medium_of(host) is not Medium.HOST:
+            raise ValueError(f"{self.name} moves blocks between a host cache and a DiskKVCache, got "
+                             f"{type(src).__name__} -> {type(dst).__name__}")
+        tag_list = check_tags(tags, src_ids.size)
+        pool = bounce_pool(self._transfers, disk.geometry, disk.dtype, disk.slot_bytes)
+        if reading:
+            steps = bounced_read_steps(self._transfers, disk, host, src_ids, dst_ids, tag_list, pool)
+        else:
+            direct = direct_array(host, disk)
+            steps = bounced_write_steps(self._transfers, host, disk, src_ids, dst_ids, tag_list, pool, direct)
+        return BlockTransfer(src_ids.size, self.name, steps)
+
+    def close(self) -> None:
+        """The bounce pool and the disk threads are shared resources of the `Transfers` object."""
+
+
+register_path(Medium.HOST, Medium.DISK, HostDiskPath)
+register_path(Medium.DISK, Medium.HOST, HostDiskPath)

@@ -1,0 +1,196 @@
+"""DiskKVCache: its layout (block i = slot i at byte i * slot_bytes, the same layout objects as other caches), its
+slot I/O and the per-slot checksums (a flipped byte, two swapped slots, a punched hole or another tag fail the
+block, and only it)."""
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from disk_faults import flip_byte, punch_hole, rng, swap_ranges  # noqa: F401  (rng is a fixture)
+
+from kvbm.kernels.bounce import BouncePool, slot_cache
+from kvbm.kernels.disk_cache import DiskKVCache, same_slot_layout
+from kvbm.kernels.medium import Medium, medium_of
+from kvbm.kernels.transfers import checked_ids
+from kvbm.layouts import KVGeometry, allocate
+
+ALIGNED = KVGeometry(2, 2, 4, 2, 64, 2)  # 4096-byte blocks: slot = block
+PADDED = KVGeometry(3, 2, 4, 2, 40, 2)  # 3840-byte blocks in 4096-byte slots
+POISON = 0xA5
+
+
+def random_slots(rng, n: int, slot_bytes: int) -> np.ndarray:
+    """A page-aligned flat buffer of ``n`` slots of random non-zero bytes."""
+    buf = np.frombuffer(mmap.mmap(-1, n * slot_bytes), dtype=np.uint8)
+    buf[:] = rng.integers(1, 256, buf.size, dtype=np.uint8)
+    return buf
+
+
+def poisoned(n: int, slot_bytes: int) -> np.ndarray:
+    buf = np.frombuffer(mmap.mmap(-1, n * slot_bytes), dtype=np.uint8)
+    buf[:] = POISON
+    return buf
+
+
+@pytest.fixture
+def disk(tmp_path):
+    cache = DiskKVCache(tmp_path, PADDED, torch.bfloat16, 12)
+    yield cache
+    cache.close()
+
+
+def test_layout_is_block_major_at_the_slot_stride(disk, tmp_path):
+    g = PADDED
+    assert medium_of(disk) is Medium.DISK and DiskKVCache.medium is Medium.DISK
+    assert disk.slot_bytes == 4096 and disk.num_blocks == 12 and disk.dtype == torch.bfloat16
+    lay = disk.layout
+    assert lay.num_blocks == 12 and lay.geometry == g and lay.dtype == torch.bfloat16
+    assert lay.strides == (4096 // 2, g.num_heads * g.head_dim, g.head_dim, 1)
+    piece = g.piece_elems
+    assert lay.piece_tensor == (0,) * g.num_pieces
+    assert lay.piece_offset == tuple(p * piece for p in range(g.num_pieces))
+    # the very layout of a bounce chunk of the same geometry: copies between them need no conversion
+    storage = torch.zeros(4 * 4096, dtype=torch.uint8)
+    assert same_slot_layout(lay, slot_cache(storage, g, torch.bfloat16, 4, 4096).layout)
+    dense = allocate("kvbm_staging", ALIGNED, 3, dtype=torch.bfloat16)
+    with DiskKVCache(tmp_path, ALIGNED, torch.bfloat16, 2) as aligned:
+        assert same_slot_layout(aligned.layout, dense.layout)
+        assert not same_slot_layout(aligned.layout, allocate("vllm_flash_attn_nhd", ALIGNED, 3,
+                                                              dtype=torch.bfloat16).layout)
+        assert not same_slot_layout(aligned.layout, allocate("block_major_head_first", ALIGNED, 3,
+                                                              dtype=torch.bfloat16).layout)
+
+
+def test_checked_ids_accepts_the_disk_cache_and_refuses_mismatches(disk):
+    host = allocate("kvbm_staging", PADDED, 4, dtype=torch.bfloat16)
+    s, d = checked_ids(host, disk, [0, 3], [11, 0])
+    assert s.tolist() == [0, 3] and d.tolist() == [11, 0]
+    with pytest.raises(IndexError, match="out of range"):
+        checked_ids(host, disk, [0], [12])
+    with pytest.raises(ValueError, match="dtype"):
+        checked_ids(allocate("kvbm_staging", PADDED, 4, dtype=torch.float16), disk, [0], [0])
+    with pytest.raises(ValueError, match="geometry"):
+        checked_ids(allocate("kvbm_staging", ALIGNED, 4, dtype=torch.bfloat16), disk, [0], [0])
+
+
+def test_bad_constructor_arguments(tmp_path):
+    with pytest.raises(TypeError, match="KVGeometry"):
+        DiskKVCache(tmp_path, (1, 2), torch.bfloat16, 4)
+    with pytest.raises(ValueError, match="element size"):
+        DiskKVCache(tmp_path, PADDED, torch.float32, 4)
+    with pytest.raises(FileNotFoundError):
+        DiskKVCache(tmp_path / "missing", PADDED, torch.bfloat16, 4)
+
+
+def write_some(disk, rng, slots, tags=None) -> np.ndarray:
+    src = random_slots(rng, len(slots), disk.slot_bytes)
+    assert disk.write_slots(slots, src, list(range(len(slots))), tags) == {}
+    return src
+
+
+def test_round_trip_is_byte_exact_and_block_i_is_at_offset_i_times_slot(disk, rng):
+    bb, sb = PADDED.block_bytes, disk.slot_bytes
+    slots = [7, 0, 11, 3]
+    src = write_some(disk, rng, slots)
+    dst = poisoned(4, sb)
+    assert disk.read_slots([3, 7, 0, 11], dst, [0, 1, 2, 3]) == {}
+    for j, i in enumerate([3, 0, 1, 2]):
+        assert dst[j * sb:j * sb + bb].tobytes() == src[i * sb:i * sb + bb].tobytes()
+    with open(disk.file.path, "rb") as f:
+        for i, s in enumerate(slots):
+            f.seek(s * sb)
+            assert f.read(bb) == src[i * sb:i * sb + bb].tobytes()
+
+
+@pytest.mark.parametrize("fault", ["flip", "swap", "hole"])
+def test_corrupted_slots_fail_with_checksum_mismatch(disk, rng, fault):
+    sb, bb = disk.slot_bytes, PADDED.block_bytes
+    slots = list(range(8))
+    src = write_some(disk, rng, slots)
+    if fault == "flip":
+        flip_byte(disk.file.path, 5 * sb + bb - 1)  # the last byte of block 5
+        bad = {5}
+    elif fault == "swap":
+        swap_ranges(disk.file.path, 2 * sb, 6 * sb, sb)
+        bad = {2, 6}
+    else:
+        punch_hole(disk.file.path, 4 * sb, sb)
+        bad = {4}
+    flip_byte(disk.file.path, 3 * sb + bb + 5)  # padding is not part of the block: slot 3 stays good
+    dst = poisoned(8, sb)
+    errors = disk.read_slots(slots, dst, slots)
+    assert set(errors) == bad
+    assert all("checksum mismatch" in r and f"slot {slots[k]}" in r for k, r in errors.items())
+    for k in slots:
+        if k not in bad:
+            assert dst[k * sb:k * sb + bb].tobytes() == src[k * sb:k * sb + bb].tobytes()
+
+
+def test_tags_bind_the_checksum_to_the_block(disk, rng):
+    sb, bb = disk.slot_bytes, PADDED.block_bytes
+    tags = [2**63 + 5, -7, 0]
+    src = write_some(disk, rng, [0, 1, 2], tags)
+    dst = poisoned(3, sb)
+    assert disk.read_slots([0, 1, 2], dst, [0, 1, 2], tags) == {}
+    assert disk.read_slots([0, 1, 2], dst, [0, 1, 2]) == {}  # no tags given: verified under the writer's
+    errors = disk.read_slots([0, 1, 2], dst, [0, 1, 2], [tags[0], 8, 0])
+    assert list(errors) == [1] and "checksum mismatch" in errors[1] and "tag" in errors[1]
+    assert dst[:bb].tobytes() == src[:bb].tobytes()
+    # the same bytes written without a tag are not the block of a tag
+    write_some(disk, rng, [4])
+    assert "checksum mismatch" in disk.read_slots([4], dst, [0], [1])[0]
+
+
+def test_failed_write_makes_the_slot_unreadable_until_rewritten(disk, rng, monkeypatch):
+    sb = disk.slot_bytes
+    write_some(disk, rng, [1, 2])
+    real = os.pwritev
+
+    def failing(fd, bufs, offset):
+        if offset <= 2 * sb < offset + sum(len(b) for b in bufs):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(os, "pwritev", failing)
+    src = random_slots(rng, 2, sb)
+    errors = disk.write_slots([1, 2], src, [0, 1])
+    assert list(errors) == [1] and "Input/output error" in errors[1] and errors[1].startswith("disk write failed")
+    monkeypatch.undo()
+    dst = poisoned(2, sb)
+    errors = disk.read_slots([1, 2], dst, [0, 1])
+    assert list(errors) == [1] and "last write failed" in errors[1]
+    assert dst[:PADDED.block_bytes].tobytes() == src[:PADDED.block_bytes].tobytes()
+    write_some(disk, rng, [2])
+    assert disk.read_slots([2], dst, [0]) == {}
+
+
+def test_unverified_slots_and_forget(disk, rng):
+    sb = disk.slot_bytes
+    dst = poisoned(1, sb)
+    assert disk.read_slots([9], dst, [0]) == {}  # never written: zeros, nothing to verify against
+    write_some(disk, rng, [9])
+    flip_byte(disk.file.path, 9 * sb)
+    disk.forget([9])  # written by cuFile: bytes unknown to the host, read unverified
+    assert disk.read_slots([9], dst, [0]) == {}
+    disk.forget([9], failed=True)
+    assert "last write failed" in disk.read_slots([9], dst, [0])[0]
+
+
+def test_bounce_pool_lends_each_chunk_once():
+    pool = BouncePool(PADDED, torch.bfloat16, 4096, 2, 3)
+    a, b = pool.acquire(), pool.acquire()
+    assert pool.acquire() is None and pool.num_free() == 0
+    assert {a.index, b.index} == {0, 1} and sorted(a.ids.tolist() + b.ids.tolist()) == list(range(6))
+    assert a.cache is pool.cache and pool.cache.num_blocks == 6 and pool.array.size >= 6 * 4096
+    a.release()
+    with pytest.raises(ValueError, match="not lent"):
+        a.release()
+    assert pool.acquire().index == a.index
+    pool.close()
+    with pytest.raises(ValueError, match="multiple of 4096"):
+        BouncePool(PADDED, torch.bfloat16, 4000, 1, 1)
