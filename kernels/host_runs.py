@@ -1,5 +1,6 @@
-"""How a staged transfer is cut: its chunks (`chunk_starts`), and its DMA pieces, one per run of consecutive host
-blocks, no run crossing a chunk (`HostRuns`).
+"""How a staged transfer is cut: its chunks (`chunk_starts`), the staging slot of each, and its DMA pieces, one per
+run of consecutive host blocks, no run crossing a chunk (`HostRuns`); `schedule` gives all of it at once, as the one
+plan that both the compiled enqueue (`staged_enqueue`) and the engine's Python enqueue execute.
 
 Found in compiled passes (numba), callable from the compiled enqueue too (`staged_enqueue`): the transfer's host side
 is on the path to its first DMA, and the same work as a dozen numpy calls cost 20-30 us of host time per transfer on
@@ -7,8 +8,23 @@ the H200 machine (measured), a pass over the ids 4-7 us.
 """
 from __future__ import annotations
 
+import enum
+
 import numba
 import numpy as np
+
+
+class Chunk(enum.IntEnum):
+    """Columns of a schedule's chunk table: one row per chunk, in enqueue order."""
+
+    START = 0  # position of the chunk's first block in the id lists
+    COUNT = 1  # blocks in the chunk
+    SLOT = 2  # the staging slot it goes through
+    FIRST_PIECE = 3  # its DMA pieces: [FIRST_PIECE, END_PIECE) of the schedule's piece arrays
+    END_PIECE = 4
+
+
+CHUNK_COLUMNS = len(Chunk)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -40,6 +56,12 @@ def _find_runs(ids, starts, host_base, host_stride, block_bytes):  # pragma: no 
     for c in range(starts.shape[0]):
         if starts[c] >= n or (starts[c] != 0 if c == 0 else starts[c] <= starts[c - 1]):
             return None
+    return _runs(ids, starts, host_base, host_stride, block_bytes)
+
+
+@numba.njit(cache=True, nogil=True)
+def _runs(ids, starts, host_base, host_stride, block_bytes):  # pragma: no cover (compiled)
+    n = ids.shape[0]
     host = np.empty(n, np.uint64)
     offset = np.empty(n, np.uint64)
     size = np.empty(n, np.uint64)
@@ -60,6 +82,45 @@ def _find_runs(ids, starts, host_base, host_stride, block_bytes):  # pragma: no 
             size[k - 1] += block_bytes
     bounds[starts.shape[0]] = k
     return host[:k], offset[:k], size[:k], bounds
+
+
+@numba.njit(cache=True, nogil=True)
+def _schedule(host_ids, per_chunk, d2h, host_base, host_stride, block_bytes, staging, slot_bytes, state,
+              slots):  # pragma: no cover (compiled)
+    n = host_ids.shape[0]
+    starts = _chunk_starts(n, per_chunk, d2h)
+    host, stage, size, bounds = _runs(host_ids, starts, host_base, host_stride, block_bytes)
+    count = starts.shape[0]
+    chunks = np.empty((count, CHUNK_COLUMNS), np.int64)
+    first_slot = state[0]
+    for c in range(count):
+        slot = (first_slot + c) % slots
+        chunks[c, Chunk.START] = starts[c]
+        chunks[c, Chunk.COUNT] = (starts[c + 1] if c + 1 < count else n) - starts[c]
+        chunks[c, Chunk.SLOT] = slot
+        chunks[c, Chunk.FIRST_PIECE] = bounds[c]
+        chunks[c, Chunk.END_PIECE] = bounds[c + 1]
+        slot_address = staging + slot * slot_bytes
+        for i in range(bounds[c], bounds[c + 1]):
+            stage[i] += slot_address  # the offset inside the slot becomes the address
+    state[0] = (first_slot + count) % slots
+    return chunks, host, stage, size
+
+
+def schedule(host_ids: np.ndarray, per_chunk: int, direction: str, host_base: int, host_stride: int,
+             block_bytes: int, staging: int, slot_bytes: int, state: np.ndarray, slots: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The plan of a staged transfer of the (validated, int64, non-empty) `host_ids`: (chunk table of `Chunk`
+    columns, and the uint64 host addresses, staging addresses and sizes of every DMA piece, chunk by chunk).
+
+    Chunks as `chunk_starts` cuts them, each through the next staging slot in rotation (`state[0]`, advanced past
+    them; slot k at `staging + k * slot_bytes`), with one piece per run of consecutive host blocks inside the chunk
+    (host block i at `host_base + i * host_stride`). The compiled enqueue calls the same compiled function."""
+    if per_chunk < 1 or direction not in ("d2h", "h2d") or host_ids.size == 0:
+        raise ValueError(f"schedule needs ids, per_chunk >= 1 and direction 'd2h' or 'h2d', got {host_ids.size} ids, "
+                         f"{per_chunk}, {direction!r}")
+    return _schedule(host_ids, per_chunk, direction == "d2h", host_base, host_stride, block_bytes, staging,
+                     slot_bytes, state, slots)
 
 
 class HostRuns:
@@ -85,3 +146,4 @@ class HostRuns:
 def warm_up() -> None:
     """Compile (or load from numba's cache) the passes, so a first transfer does not pay for it."""
     HostRuns(np.arange(2, dtype=np.int64), chunk_starts(2, 1, "d2h"), 0, 1, 1)
+    schedule(np.arange(2, dtype=np.int64), 1, "d2h", 0, 1, 1, 0, 1, np.zeros(2, dtype=np.int64), 2)

@@ -14,6 +14,7 @@ the engine takes its Python path.
 from __future__ import annotations
 
 import ctypes
+import enum
 import functools
 from typing import Any, Callable, NamedTuple
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from .batch_memcpy import MAX_PIECES_PER_CALL, batch_entry
 from .cuda_runtime import CudaError, CudaUnavailableError, driver_error_name, driver_function
-from .host_runs import _chunk_starts, _find_runs
+from .host_runs import Chunk, _schedule
 from .stream_events import entry_points
 
 _U64, _UINT = ctypes.c_uint64, ctypes.c_uint
@@ -37,16 +38,51 @@ BATCH_WITH_FAIL_INDEX = ctypes.CFUNCTYPE(ctypes.c_int, _U64, _U64, _U64, _U64, _
 _PARAM_INFO = ctypes.CFUNCTYPE(ctypes.c_int, _U64, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t),
                                ctypes.POINTER(ctypes.c_size_t))  # cuFuncGetParamInfo(function, index, offset, size)
 
-#: Columns of a launch row (one per staging slot): the kernel and the cache pair's addresses.
-FUNCTION, THREADS, SHARED, NUM_PARAMS, TILES_PER_PAIR, SRC_BASE, DST_BASE, SRC_OFFSETS, DST_OFFSETS = range(9)
-ROW_LEN = 9
-#: Columns of a pair row: the host cache's block addressing, the chunking, and constants of the batched copies.
-(HOST_BASE, HOST_STRIDE, BLOCK_BYTES, PER_CHUNK, STAGE_IDS, ATTRS, ATTRS_INDEX, MIN_PIECES_TO_SPLIT) = range(8)
-PAIR_LEN = 8
-#: Columns of a lane row: its streams, events and buffers.
-(KERNEL_STREAM, DMA_STREAM, SECOND_DMA_STREAM, READY, GATHERED, SECOND_LANDED, LANDED, STAGING, SLOT_BYTES,
- RING_DEVICE, RING_SLOT_BYTES) = range(11)
-LANE_LEN = 11
+
+
+class Launch(enum.IntEnum):
+    """Columns of a launch row (one per staging slot): the compiled kernel and the cache pair's addresses."""
+
+    FUNCTION = 0
+    THREADS = 1
+    SHARED = 2
+    NUM_PARAMS = 3
+    TILES_PER_PAIR = 4
+    SRC_BASE = 5
+    DST_BASE = 6
+    SRC_OFFSETS = 7
+    DST_OFFSETS = 8
+
+
+class Pair(enum.IntEnum):
+    """Columns of a pair row: the host cache's block addressing, the chunking, and constants of the batched copies."""
+
+    HOST_BASE = 0
+    HOST_STRIDE = 1
+    BLOCK_BYTES = 2
+    PER_CHUNK = 3
+    STAGE_IDS = 4
+    ATTRS = 5
+    ATTRS_INDEX = 6
+    MIN_PIECES_TO_SPLIT = 7
+
+
+class Lane(enum.IntEnum):
+    """Columns of a lane row: its streams, events and buffers."""
+
+    KERNEL_STREAM = 0
+    DMA_STREAM = 1
+    SECOND_DMA_STREAM = 2
+    READY = 3
+    GATHERED = 4
+    SECOND_LANDED = 5
+    LANDED = 6
+    STAGING = 7
+    SLOT_BYTES = 8
+    RING_DEVICE = 9
+    RING_SLOT_BYTES = 10
+
+
 #: Enqueue steps, named in the error of a failed driver call.
 STEPS = ("cuEventRecord", "cuStreamWaitEvent", "cuEventSynchronize(id ring slot)", "cuMemcpyHtoDAsync(block ids)",
          "cuLaunchKernel(gather/scatter)", "cuMemcpyBatchAsync")
@@ -109,10 +145,13 @@ def launch_row(kernel: Any, tiles_per_pair: int, pointers: tuple[int, int, int, 
     if sizes[:_RUNTIME_PARAMS] != expected or any(s != 8 for s in sizes[_RUNTIME_PARAMS:]) or \
             len(sizes) > _RUNTIME_PARAMS + _SCRATCH_PARAMS_MAX:
         return None
-    row = np.zeros(ROW_LEN, dtype=np.int64)
-    row[[FUNCTION, THREADS, SHARED, NUM_PARAMS, TILES_PER_PAIR]] = (
-        kernel.function, meta.num_warps * getattr(meta, "warp_size", 32), meta.shared, len(sizes), tiles_per_pair)
-    row[[SRC_BASE, DST_BASE, SRC_OFFSETS, DST_OFFSETS]] = pointers
+    row = np.zeros(len(Launch), dtype=np.int64)
+    row[Launch.FUNCTION] = kernel.function
+    row[Launch.THREADS] = meta.num_warps * getattr(meta, "warp_size", 32)
+    row[Launch.SHARED] = meta.shared
+    row[Launch.NUM_PARAMS] = len(sizes)
+    row[Launch.TILES_PER_PAIR] = tiles_per_pair
+    row[[Launch.SRC_BASE, Launch.DST_BASE, Launch.SRC_OFFSETS, Launch.DST_OFFSETS]] = pointers
     return row
 
 
@@ -121,9 +160,10 @@ def build(calls: DriverCalls) -> Callable:
 
     ``enqueue(d2h, gpu_ids, host_ids, caller, lane, slot_events, ring_events, ring_host, state, rows, pair,
     max_ctas)`` enqueues a staged transfer of validated int64 ids (at most a ring slot of them) after the work on
-    stream `caller`; `lane` and `pair` are rows of the columns above, `rows` a launch row per staging slot, `max_ctas`
-    -1 for a full grid. Returns (0, -1), or (driver error code, index in `STEPS`) at the first failed call (nothing
-    after it enqueued). `state` holds the lane's next staging slot and next id-ring slot, and is advanced.
+    stream `caller`; `lane` and `pair` are rows of `Lane` and `Pair` columns, `rows` a `Launch` row per staging slot,
+    `max_ctas` -1 for a full grid. Returns (0, -1), or (driver error code, index in `STEPS`) at the first failed call
+    (nothing after it enqueued). `state` holds the lane's next staging slot and next id-ring slot, and is advanced.
+    The chunks, their slots and DMA pieces are those of `host_runs.schedule`, which the Python enqueue executes too.
     """
     record, wait, sync, htod, launch_fn, batch_fn = calls[:6]
     if calls.batch_has_fail_index:
@@ -150,7 +190,7 @@ def build(calls: DriverCalls) -> Callable:
     def dma(lane, dsts, srcs, sizes, count, after, landed, attrs, attrs_index, min_split, fail):  # pragma: no cover
         """The pieces once event `after` has happened, split over the two DMA streams from `min_split` pieces on;
         `landed` recorded on the first once all have landed. (error code, step)."""
-        first, second = lane[DMA_STREAM], lane[SECOND_DMA_STREAM]
+        first, second = lane[Lane.DMA_STREAM], lane[Lane.SECOND_DMA_STREAM]
         half = (count + 1) // 2 if count >= min_split else count
         code = wait(first, after, 0)
         if code == 0 and half < count:
@@ -164,10 +204,10 @@ def build(calls: DriverCalls) -> Callable:
             code = batch(dsts, srcs, sizes, half, count - half, attrs, attrs_index, second, fail)
             if code:
                 return code, 5
-            code = record(lane[SECOND_LANDED], second)
+            code = record(lane[Lane.SECOND_LANDED], second)
             if code:
                 return code, 0
-            code = wait(first, lane[SECOND_LANDED], 0)
+            code = wait(first, lane[Lane.SECOND_LANDED], 0)
             if code:
                 return code, 1
         return record(landed, first), 0
@@ -182,62 +222,53 @@ def build(calls: DriverCalls) -> Callable:
             return 0, code, 2
         n = ids.shape[0]
         ring_host[k, :n] = ids
-        device = lane[RING_DEVICE] + k * lane[RING_SLOT_BYTES]
-        code = htod(device, ring_host[k].ctypes.data, 8 * n, lane[KERNEL_STREAM])
+        device = lane[Lane.RING_DEVICE] + k * lane[Lane.RING_SLOT_BYTES]
+        code = htod(device, ring_host[k].ctypes.data, 8 * n, lane[Lane.KERNEL_STREAM])
         if code:
             return 0, code, 3
-        code = record(ring_events[k], lane[KERNEL_STREAM])
+        code = record(ring_events[k], lane[Lane.KERNEL_STREAM])
         return device, code, 0
 
     @numba.njit(nogil=True)
     def launch(row, src_ids, dst_ids, n, max_ctas, stream, argv, params):  # pragma: no cover (compiled)
         """The copy of `n` block pairs with ids at device addresses `src_ids` / `dst_ids` (see `triton_copy`)."""
-        total = n * row[TILES_PER_PAIR]
+        total = n * row[Launch.TILES_PER_PAIR]
         grid = total if max_ctas < 0 else max(1, min(total, max_ctas))
         argv[:] = 0
-        argv[0], argv[1], argv[2], argv[3] = row[SRC_BASE], row[DST_BASE], row[SRC_OFFSETS], row[DST_OFFSETS]
+        argv[0], argv[1], argv[2], argv[3] = row[Launch.SRC_BASE], row[Launch.DST_BASE], row[Launch.SRC_OFFSETS], row[Launch.DST_OFFSETS]
         argv[4], argv[5], argv[6] = src_ids, dst_ids, total  # the int32 tile count: the low half of its slot
-        for i in range(row[NUM_PARAMS]):
+        for i in range(row[Launch.NUM_PARAMS]):
             params[i] = argv.ctypes.data + 8 * i
-        return launch_fn(row[FUNCTION], grid, 1, 1, row[THREADS], 1, 1, row[SHARED], stream, params.ctypes.data, 0)
+        return launch_fn(row[Launch.FUNCTION], grid, 1, 1, row[Launch.THREADS], 1, 1, row[Launch.SHARED], stream, params.ctypes.data, 0)
 
     @numba.njit(nogil=True)
     def enqueue(d2h, gpu_ids, host_ids, caller, lane, slot_events, ring_events, ring_host, state, rows, pair,
                 max_ctas):  # pragma: no cover (compiled)
-        kernel = lane[KERNEL_STREAM]
-        stage_ids, attrs, attrs_index = pair[STAGE_IDS], pair[ATTRS], pair[ATTRS_INDEX]
-        min_split = pair[MIN_PIECES_TO_SPLIT]
-        code = record(lane[READY], caller)  # the caller's work on the GPU cache so far
+        kernel = lane[Lane.KERNEL_STREAM]
+        stage_ids, attrs, attrs_index = pair[Pair.STAGE_IDS], pair[Pair.ATTRS], pair[Pair.ATTRS_INDEX]
+        min_split = pair[Pair.MIN_PIECES_TO_SPLIT]
+        code = record(lane[Lane.READY], caller)  # the caller's work on the GPU cache so far
         if code:
             return code, 0
-        code = wait(kernel, lane[READY], 0)
+        code = wait(kernel, lane[Lane.READY], 0)
         if code == 0 and not d2h:  # an offload's DMAs wait for its gathers instead
-            code = wait(lane[DMA_STREAM], lane[READY], 0)
+            code = wait(lane[Lane.DMA_STREAM], lane[Lane.READY], 0)
             if code == 0:
-                code = wait(lane[SECOND_DMA_STREAM], lane[READY], 0)
+                code = wait(lane[Lane.SECOND_DMA_STREAM], lane[Lane.READY], 0)
         if code:
             return code, 1
-        n = gpu_ids.shape[0]
-        starts = _chunk_starts(n, pair[PER_CHUNK], d2h)
-        runs = _find_runs(host_ids, starts, pair[HOST_BASE], pair[HOST_STRIDE], pair[BLOCK_BYTES])
-        hosts, offsets, sizes, bounds = runs  # (valid starts: never None)
-        stage = np.empty(hosts.shape[0], np.uint64)
+        chunks, hosts, stage, sizes = _schedule(
+            host_ids, pair[Pair.PER_CHUNK], d2h, pair[Pair.HOST_BASE], pair[Pair.HOST_STRIDE], pair[Pair.BLOCK_BYTES],
+            lane[Lane.STAGING], lane[Lane.SLOT_BYTES], state, slot_events.shape[0])
         argv = np.empty(16, np.uint64)
         params = np.empty(16, np.uint64)
         fail = np.zeros(1, np.uint64)
         fail_address = fail.ctypes.data
         ids_device = 0
-        slots = slot_events.shape[0]
-        for c in range(starts.shape[0]):
-            start = starts[c]
-            m = (starts[c + 1] if c + 1 < starts.shape[0] else n) - start
-            slot = state[0]
-            state[0] = (slot + 1) % slots
-            slot_address = lane[STAGING] + slot * lane[SLOT_BYTES]
+        for c in range(chunks.shape[0]):
+            start, m, slot = chunks[c, Chunk.START], chunks[c, Chunk.COUNT], chunks[c, Chunk.SLOT]
+            a, b = chunks[c, Chunk.FIRST_PIECE], chunks[c, Chunk.END_PIECE]
             done = slot_events[slot]  # the slot is free once the chunk that last used it recorded this
-            a, b = bounds[c], bounds[c + 1]
-            for i in range(a, b):
-                stage[i] = offsets[i] + slot_address
             if d2h:
                 if ids_device == 0:
                     ids_device, code, step = upload(lane, gpu_ids, ring_events, ring_host, state)
@@ -249,15 +280,15 @@ def build(calls: DriverCalls) -> Callable:
                 code = launch(rows[slot], ids_device + 8 * start, stage_ids, m, max_ctas, kernel, argv, params)
                 if code:
                     return code, 4
-                code = record(lane[GATHERED], kernel)
+                code = record(lane[Lane.GATHERED], kernel)
                 if code:
                     return code, 0
-                code, step = dma(lane, hosts[a:b], stage[a:b], sizes[a:b], b - a, lane[GATHERED], done, attrs,
+                code, step = dma(lane, hosts[a:b], stage[a:b], sizes[a:b], b - a, lane[Lane.GATHERED], done, attrs,
                                  attrs_index, min_split, fail_address)
                 if code:
                     return code, step
             else:
-                code, step = dma(lane, stage[a:b], hosts[a:b], sizes[a:b], b - a, done, lane[LANDED], attrs,
+                code, step = dma(lane, stage[a:b], hosts[a:b], sizes[a:b], b - a, done, lane[Lane.LANDED], attrs,
                                  attrs_index, min_split, fail_address)
                 if code:
                     return code, step
@@ -265,7 +296,7 @@ def build(calls: DriverCalls) -> Callable:
                     ids_device, code, step = upload(lane, gpu_ids, ring_events, ring_host, state)
                     if code:
                         return code, step
-                code = wait(kernel, lane[LANDED], 0)
+                code = wait(kernel, lane[Lane.LANDED], 0)
                 if code:
                     return code, 1
                 code = launch(rows[slot], stage_ids, ids_device + 8 * start, m, max_ctas, kernel, argv, params)

@@ -36,7 +36,7 @@ from .batch_memcpy import ATTRS_INDEX_ADDRESS, attributes_address, memcpy_batch_
 from .copy_plan import CopyPlan, IdentityMemo, build_plan, memo_on
 from .cuda_runtime import CudaUnavailableError, check, cuda_rt
 from .device_pointer import DevicePointer
-from .host_runs import HostRuns, chunk_starts
+from .host_runs import Chunk, chunk_starts  # noqa: F401 (chunk_starts: re-exported)
 
 Path = Literal["auto", "staged", "zero_copy", "dma"]
 PATHS: tuple[str, ...] = ("auto", "staged", "zero_copy", "dma")
@@ -198,14 +198,12 @@ class _Lane:
         handles = [events.handle(e, self.kernel_stream) for e in self._events]
         self.ready, self.gathered, self.second_landed, self.landed = handles[:4]
         self.slot_done = np.array(handles[4:], dtype=np.int64)
-        self.row = np.zeros(staged_enqueue.LANE_LEN, dtype=np.int64)  # the lane for the compiled enqueue
-        self.row[[staged_enqueue.KERNEL_STREAM, staged_enqueue.DMA_STREAM, staged_enqueue.SECOND_DMA_STREAM]] = (
-            self.kernel_handle, *self.dma_handles)
-        self.row[[staged_enqueue.READY, staged_enqueue.GATHERED, staged_enqueue.SECOND_LANDED,
-                  staged_enqueue.LANDED]] = handles[:4]
-        self.row[[staged_enqueue.STAGING, staged_enqueue.SLOT_BYTES, staged_enqueue.RING_DEVICE,
-                  staged_enqueue.RING_SLOT_BYTES]] = (self.staging_address, self.slot_bytes, self.ids.dev_address,
-                                                     self.ids.slot_bytes)
+        L = staged_enqueue.Lane
+        self.row = np.zeros(len(L), dtype=np.int64)  # the lane for the compiled enqueue
+        self.row[[L.KERNEL_STREAM, L.DMA_STREAM, L.SECOND_DMA_STREAM]] = (self.kernel_handle, *self.dma_handles)
+        self.row[[L.READY, L.GATHERED, L.SECOND_LANDED, L.LANDED]] = handles[:4]
+        self.row[[L.STAGING, L.SLOT_BYTES, L.RING_DEVICE, L.RING_SLOT_BYTES]] = (
+            self.staging_address, self.slot_bytes, self.ids.dev_address, self.ids.slot_bytes)
         self._caches = IdentityMemo()  # staging caches by host layout and slot
         self._compiled_pairs = IdentityMemo()  # compiled enqueue tables by cache pair
         self._stage_ids = [torch.empty(0, dtype=torch.int64, device=device)]  # all kept: pair rows hold addresses
@@ -216,12 +214,6 @@ class _Lane:
             with torch.cuda.stream(self.kernel_stream):
                 self._stage_ids.append(torch.arange(n, dtype=torch.int64, device=self.staging.device))
         return DevicePointer(self._stage_ids[-1].data_ptr(), torch.int64)
-
-    def take_slot(self) -> int:
-        """The next staging slot in rotation."""
-        slot = int(self.state[0])
-        self.state[0] = (slot + 1) % len(self.slot_done)
-        return slot
 
     def compiled_pair(self, gpu: PagedKVCache, host: PagedKVCache, d2h: bool) -> tuple[np.ndarray, np.ndarray] | None:
         """(launch row per staging slot, pair row) of the compiled enqueue of staged transfers between `gpu` and
@@ -243,16 +235,21 @@ class _Lane:
             plans.append(plan)
             kernel = compiled_kernel(plan, self.kernel_stream)
             row = None if kernel is None else staged_enqueue.launch_row(kernel, *launch_constants(plan))
-            if row is None or per_chunk * int(row[staged_enqueue.TILES_PER_PAIR]) >= 1 << 31:
+            if row is None or per_chunk * int(row[staged_enqueue.Launch.TILES_PER_PAIR]) >= 1 << 31:
                 break
             rows.append(row)
         found = None
         if per_chunk and len(rows) == len(self.slot_done):
-            pair = np.zeros(staged_enqueue.PAIR_LEN, dtype=np.int64)
-            pair[:] = (host.first_piece_address(), host.layout.stride["block"] * gpu.geometry.itemsize, bb, per_chunk,
-                       self.stage_ids(per_chunk).data_ptr(),
-                       attributes_address("d2h" if d2h else "h2d", self.staging.device.index), ATTRS_INDEX_ADDRESS,
-                       MIN_PIECES_TO_SPLIT)
+            P = staged_enqueue.Pair
+            pair = np.zeros(len(P), dtype=np.int64)
+            pair[P.HOST_BASE] = host.first_piece_address()
+            pair[P.HOST_STRIDE] = host.layout.stride["block"] * gpu.geometry.itemsize
+            pair[P.BLOCK_BYTES] = bb
+            pair[P.PER_CHUNK] = per_chunk
+            pair[P.STAGE_IDS] = self.stage_ids(per_chunk).data_ptr()
+            pair[P.ATTRS] = attributes_address("d2h" if d2h else "h2d", self.staging.device.index)
+            pair[P.ATTRS_INDEX] = ATTRS_INDEX_ADDRESS
+            pair[P.MIN_PIECES_TO_SPLIT] = MIN_PIECES_TO_SPLIT
             found = np.stack(rows), pair
         self._compiled_pairs.keep(key, (found, plans), gpu, gpu.layout, host, host.layout)
         return found
@@ -496,12 +493,12 @@ class TransferEngine:
         return self._finish(lane.dma_streams[0])
 
     def _staged(self, src, dst, s, d, lane, direction, max_ctas=None, gather="kernel") -> Iterator[None]:
-        """Chunks of at most one staging slot each (see `chunk_starts`), slots in rotation (also across transfers, so
-        back-to-back transfers overlap). Per chunk, D2H: gather into the slot on the kernel stream, then one DMA piece
-        per run of consecutive host blocks, split over the two DMA streams; H2D the reverse. A slot is reused once the
-        chunk that last used it is done. The first chunk's GPU work is enqueued before the host work it does not need
-        (D2H: the host runs are computed while the first gather runs; H2D: the GPU ids are uploaded after the first
-        DMA).
+        """The staged transfer enqueued in Python: the plan of `host_runs.schedule` (chunks of at most one staging
+        slot each, slots in rotation also across transfers so back-to-back transfers overlap, one DMA piece per run
+        of consecutive host blocks), executed with the streams and events of the compiled enqueue. Per chunk, D2H:
+        gather into the slot on the kernel stream, then the chunk's DMA pieces, split over the two DMA streams; H2D
+        the reverse. A slot is reused once the chunk that last used it is done. H2D uploads the GPU ids after the
+        first DMA is queued.
 
         Checks the options and orders the transfer after `lane.ready` at once, then returns a generator that enqueues
         one chunk per step and returns the completion event (`submit` interleaves the steps of several transfers).
@@ -540,14 +537,14 @@ class TransferEngine:
 
         def chunks() -> Iterator[None]:
             gpu_ids = None  # device address of the GPU ids (kernel gather), uploaded when first needed
-            runs = None
-            starts = chunk_starts(s.size, per_chunk, direction)
-            ends = starts[1:] + [s.size]
-            for index, (start, end) in enumerate(zip(starts, ends)):
-                n = end - start
-                slot = lane.take_slot()
+            table, hosts, stage, sizes = host_runs.schedule(
+                host_ids, per_chunk, direction, host.first_piece_address(),
+                host.layout.stride["block"] * src.geometry.itemsize, bb, lane.staging_address, lane.slot_bytes,
+                lane.state, len(lane.slot_done))
+            for chunk in table.tolist():
+                start, n, slot = chunk[Chunk.START], chunk[Chunk.COUNT], chunk[Chunk.SLOT]
+                pieces = slice(chunk[Chunk.FIRST_PIECE], chunk[Chunk.END_PIECE])
                 staging = lane.staging_cache(host, slot)
-                slot_address = lane.staging_address + slot * lane.slot_bytes
                 done = int(lane.slot_done[slot])  # also: the slot is free once its last chunk recorded this
                 if d2h:
                     if kernel_gather and gpu_ids is None:
@@ -555,14 +552,9 @@ class TransferEngine:
                     events.wait(lane.kernel_handle, done)
                     repack(gpu_ids, start, n, staging)
                     events.record(lane.gathered, lane.kernel_handle)
-                if runs is None:
-                    runs = HostRuns(host_ids, starts, host.first_piece_address(),
-                                    host.layout.stride["block"] * src.geometry.itemsize, bb)
-                hosts, stage, sizes = runs.chunk(index, slot_address)
-                if d2h:
-                    self._dma_split(hosts, stage, sizes, lane, lane.gathered, "d2h", done)
+                    self._dma_split(hosts[pieces], stage[pieces], sizes[pieces], lane, lane.gathered, "d2h", done)
                 else:
-                    self._dma_split(stage, hosts, sizes, lane, done, "h2d", lane.landed)
+                    self._dma_split(stage[pieces], hosts[pieces], sizes[pieces], lane, done, "h2d", lane.landed)
                     if kernel_gather and gpu_ids is None:  # the first DMA is queued: now the ids its scatter needs
                         gpu_ids = lane.ids.upload(gpu_host_ids, kernel_stream).data_ptr()
                     events.wait(lane.kernel_handle, lane.landed)

@@ -5,8 +5,9 @@ through the parameter array, as the driver does) and batched-copy pieces. The te
 of every chunk against the Python path's own functions (`chunk_starts`, `HostRuns`), and the stream order with a
 happens-before model of CUDA streams and events: each chunk's copy after its gather (offload) or its scatter after
 its copy (onboard), a staging slot reused only after the chunk that last used it, every launch after the id upload,
-everything after the caller's work and before the completion point. Byte-exact runs on the GPU are in
-test_transfer_engine.py.
+everything after the caller's work and before the completion point. The engine's Python enqueue, run against
+stand-ins of its lane, launches, events and batched copies, makes the very same calls in the same order. Byte-exact
+runs on the GPU are in test_transfer_engine.py.
 """
 from __future__ import annotations
 
@@ -73,23 +74,32 @@ def driver() -> tuple[FakeDriver, object]:
     return fake, enqueue
 
 
-def _tables(per_chunk: int, tiles: int, min_split: int):
-    lane = np.zeros(se.LANE_LEN, dtype=np.int64)
-    lane[[se.KERNEL_STREAM, se.DMA_STREAM, se.SECOND_DMA_STREAM, se.READY, se.GATHERED, se.SECOND_LANDED,
-          se.LANDED, se.STAGING, se.SLOT_BYTES, se.RING_DEVICE, se.RING_SLOT_BYTES]] = (
-        KERNEL, DMA, DMA2, READY, GATHERED, SECOND, LANDED, STAGING, SLOT_BYTES, RING_DEVICE, 8 * RING_IDS)
-    rows = np.zeros((len(SLOT_EVENTS), se.ROW_LEN), dtype=np.int64)
-    for slot in range(len(SLOT_EVENTS)):
-        rows[slot] = (7000 + slot, 128, 0, 9, tiles, 11 + slot, 21 + slot, 31 + slot, 41 + slot)
-    pair = np.array([HOST_BASE, 3 * BLOCK_BYTES, BLOCK_BYTES, per_chunk, STAGE_IDS, ATTRS, ATTRS_INDEX, min_split],
-                    dtype=np.int64)
+def _row(columns, **values) -> np.ndarray:
+    """A row of `columns` (an IntEnum) with every column given by name."""
+    assert set(values) == set(columns.__members__), set(values) ^ set(columns.__members__)
+    row = np.zeros(len(columns), dtype=np.int64)
+    for name, value in values.items():
+        row[columns[name]] = value
+    return row
+
+
+def _tables(per_chunk: int, tiles: int, min_split: int, slot_bytes: int = SLOT_BYTES):
+    lane = _row(se.Lane, KERNEL_STREAM=KERNEL, DMA_STREAM=DMA, SECOND_DMA_STREAM=DMA2, READY=READY, GATHERED=GATHERED,
+                SECOND_LANDED=SECOND, LANDED=LANDED, STAGING=STAGING, SLOT_BYTES=slot_bytes, RING_DEVICE=RING_DEVICE,
+                RING_SLOT_BYTES=8 * RING_IDS)
+    rows = np.stack([_row(se.Launch, FUNCTION=7000 + slot, THREADS=128, SHARED=0, NUM_PARAMS=9, TILES_PER_PAIR=tiles,
+                          SRC_BASE=11 + slot, DST_BASE=21 + slot, SRC_OFFSETS=31 + slot, DST_OFFSETS=41 + slot)
+                     for slot in range(len(SLOT_EVENTS))])
+    pair = _row(se.Pair, HOST_BASE=HOST_BASE, HOST_STRIDE=3 * BLOCK_BYTES, BLOCK_BYTES=BLOCK_BYTES, PER_CHUNK=per_chunk,
+                STAGE_IDS=STAGE_IDS, ATTRS=ATTRS, ATTRS_INDEX=ATTRS_INDEX, MIN_PIECES_TO_SPLIT=min_split)
     return lane, rows, pair
 
 
-def _run(driver, d2h: bool, gpu_ids, host_ids, per_chunk=8, tiles=3, min_split=4, max_ctas=-1, state=(1, 2)):
+def _run(driver, d2h: bool, gpu_ids, host_ids, per_chunk=8, tiles=3, min_split=4, max_ctas=-1, state=(1, 2),
+         slot_bytes=SLOT_BYTES):
     fake, enqueue = driver
     fake.log.clear()
-    lane, rows, pair = _tables(per_chunk, tiles, min_split)
+    lane, rows, pair = _tables(per_chunk, tiles, min_split, slot_bytes)
     state = np.array(state, dtype=np.int64)
     ring_host = np.zeros((len(RING_EVENTS), RING_IDS), dtype=np.int64)
     result = enqueue(d2h, gpu_ids, host_ids, CALLER, lane, np.array(SLOT_EVENTS, dtype=np.int64),
@@ -260,4 +270,95 @@ def test_launch_row_takes_only_kernels_whose_parameters_it_knows(monkeypatch, si
     if not accepted:
         assert row is None
         return
-    assert row.tolist() == [1234, 128, 0, len(sizes), 6, 1, 2, 3, 4]
+    assert row.tolist() == _row(se.Launch, FUNCTION=1234, THREADS=128, SHARED=0, NUM_PARAMS=len(sizes), TILES_PER_PAIR=6,
+                                SRC_BASE=1, DST_BASE=2, SRC_OFFSETS=3, DST_OFFSETS=4).tolist()
+
+
+def _normalized(log: list[tuple], tiles: int) -> list[tuple]:
+    """A compiled enqueue's log as the Python path's stand-ins write theirs: the id-ring waits left out (the Python
+    ring waits on its torch events), a launch as (stream, staging slot, src ids, dst ids, blocks)."""
+    out = []
+    for call in log:
+        if call[0] == "record":
+            out.append(("record", call[1], call[2]))
+        elif call[0] == "wait":
+            out.append(("wait", call[1], call[2]))
+        elif call[0] == "htod":
+            out.append(("htod", call[1], call[2], call[3].tolist()))
+        elif call[0] == "launch":
+            _, stream, function, grid, _, _, values, _ = call
+            out.append(("launch", stream, function - 7000, values[4], values[5], values[6] // tiles))
+        elif call[0] == "batch":
+            out.append(("batch", call[1], *(a.astype(np.uint64).tolist() for a in call[2:5])))
+    return out
+
+
+def _python_path(monkeypatch, d2h: bool, gpu_ids, host_ids, per_chunk: int, state) -> tuple[list[tuple], np.ndarray]:
+    """The engine's Python enqueue (`TransferEngine._staged`) of the same transfer as `_run`, against stand-ins of
+    its lane, kernel launches, events and batched copies: (log, lane state after)."""
+    import torch
+
+    from kvbm.kernels import transfer
+    from kvbm.kernels.device_pointer import DevicePointer
+    from kvbm.layouts import KVGeometry, allocate
+
+    log: list[tuple] = []
+    monkeypatch.setattr(transfer, "MIN_PIECES_TO_SPLIT", 4)
+    monkeypatch.setattr(transfer.events, "record", lambda event, stream: log.append(("record", event, stream)))
+    monkeypatch.setattr(transfer.events, "wait", lambda stream, event: log.append(("wait", stream, event)))
+    monkeypatch.setattr(transfer, "build_plan", lambda a, b: (a, b))
+
+    def launch(plan, src_ids, dst_ids, num_blocks, max_ctas, stream):
+        slot = next(side for side in plan if isinstance(side, int))  # the staging stand-in is its slot
+        log.append(("launch", stream, slot, src_ids.data_ptr(), dst_ids.data_ptr(), num_blocks))
+
+    monkeypatch.setattr(transfer, "_triton_copy", lambda: SimpleNamespace(launch=launch))
+
+    class Ring:
+        def upload(self, ids, stream):
+            k = int(lane.state[1])
+            lane.state[1] = (k + 1) % len(RING_EVENTS)
+            address = RING_DEVICE + k * 8 * RING_IDS
+            log.append(("htod", stream, address, ids.tolist()))
+            log.append(("record", RING_EVENTS[k], stream))
+            return DevicePointer(address, torch.int64)
+
+    lane = SimpleNamespace(
+        kernel_stream=KERNEL, kernel_handle=KERNEL, dma_handles=(DMA, DMA2), dma_streams=(DMA, DMA2), ready=READY,
+        gathered=GATHERED, second_landed=SECOND, landed=LANDED, slot_done=np.array(SLOT_EVENTS, dtype=np.int64),
+        staging_address=STAGING, slot_bytes=per_chunk * BLOCK_BYTES, state=np.array(state, dtype=np.int64),
+        ids=Ring(), stage_ids=lambda n: DevicePointer(STAGE_IDS, torch.int64),
+        staging_cache=lambda host, slot: slot)
+    engine = object.__new__(transfer.TransferEngine)  # no GPU: only the methods of the enqueue
+    engine._dma_pieces = lambda dsts, srcs, sizes, stream, direction: log.append(
+        ("batch", stream, *(np.asarray(a, dtype=np.uint64).tolist() for a in (dsts, srcs, sizes))))
+    engine._finish = lambda stream: ("done", stream)
+
+    g = KVGeometry(num_layers=2, num_kv=2, block_size=4, num_heads=8, head_dim=16, itemsize=2)
+    assert g.block_bytes == BLOCK_BYTES
+    host = SimpleNamespace(first_piece_address=lambda: HOST_BASE, geometry=g,
+                           layout=SimpleNamespace(stride={"block": 3 * BLOCK_BYTES // g.itemsize}))
+    gpu = allocate("vllm_flash_attn_nhd", g, 1, dtype=torch.float16)
+    events_record = transfer.events.record
+    events_record(READY, CALLER)  # as `_begin` does before the staged enqueue
+    src, dst, s, d = (gpu, host, gpu_ids, host_ids) if d2h else (host, gpu, host_ids, gpu_ids)
+    steps = engine._staged(src, dst, s, d, lane, "d2h" if d2h else "h2d")
+    with pytest.raises(StopIteration) as finished:
+        while True:
+            next(steps)
+    assert finished.value.value == ("done", DMA if d2h else KERNEL)
+    return log, lane.state
+
+
+@pytest.mark.parametrize("d2h", [True, False])
+@pytest.mark.parametrize("n,runs", [(1, False), (7, True), (9, True), (30, False), (45, True)])
+def test_python_and_compiled_enqueues_execute_the_same_schedule(driver, monkeypatch, d2h, n, runs):
+    """The Python enqueue and the compiled one make the same calls in the same order: the same chunks through the
+    same staging slots, the same DMA pieces, id uploads, launches, streams and events."""
+    gpu_ids, host_ids = _ids(np.random.default_rng(n + 7 * d2h), n, runs)
+    result, log, _, state = _run(driver, d2h, gpu_ids, host_ids, per_chunk=8, tiles=3, state=(2, 1),
+                                 slot_bytes=8 * BLOCK_BYTES)
+    assert result == (0, -1)
+    python_log, python_state = _python_path(monkeypatch, d2h, gpu_ids, host_ids, 8, (2, 1))
+    assert python_log == _normalized(log, 3)
+    assert python_state.tolist() == state.tolist()
