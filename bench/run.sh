@@ -21,8 +21,7 @@ echo "[kvbm] results of this run go to $RUN/"
 "$PY" -m bench.transfer_bench --out "$RUN" ${args[@]+"${args[@]}"}
 "$PY" -m kvbm.cli replay --json "$RUN/replay.json"
 PYTHON="$PY" bash tests/install_vllm_light.sh
-# vLLM logs every scheduler it builds at INFO; the benchmark builds dozens
-VLLM_LOGGING_LEVEL="${VLLM_LOGGING_LEVEL:-WARNING}" "$PY" bench/sched_bench.py --connector OffloadingConnector \
+"$PY" bench/sched_bench.py --connector OffloadingConnector \
     --connector kvbm.vllm_integration.connector:DynamoConnector --runner v1 --runner v2 \
     --json "$RUN/sched_bench.json"
 if [ "$save" -eq 1 ]; then

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -30,6 +32,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import vllm_harness as H  # noqa: E402  (needs the tests/ folder on sys.path)
+
+# vLLM warns on every scheduler the benchmark builds (experimental API, CPU block size): keep its errors only,
+# unless VLLM_LOGGING_LEVEL asks for more
+if "VLLM_LOGGING_LEVEL" not in os.environ:
+    logging.getLogger("vllm").setLevel(logging.ERROR)
 
 OFFLOADING = "OffloadingConnector"
 KVBM = "kvbm.vllm_integration.connector:DynamoConnector"

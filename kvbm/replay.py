@@ -243,6 +243,8 @@ def format_report(report: ReplayReport, geometry: KVGeometry) -> str:
         f"loaded {on.get('loaded', 0)} blocks ({on.get('loaded', 0) * gb:.3f} GB) = moved into G1: {into_g1}"
         f" = prompt hits g2 {report.blocks['g2']} + g3 {report.blocks['g3']} + loaded after a failed block "
         f"(recomputed) {on.get('loaded_unused', 0)}",
+        "(hits are split as the lookup counts them: G2's leading run, then G3 from there; a block after that run "
+        "that G2 also holds loads from G2, so G2 -> G1 can move more blocks than the G2 hits)",
         f"manager CPU time per request (on CPU it includes the synchronous copies; on a GPU the first request "
         f"compiles the copy kernels): median {cpu[len(cpu) // 2] * 1e3:.2f} ms, p90 {cpu[int(len(cpu) * 0.9)] * 1e3:.2f} ms,"
         f" max {cpu[-1] * 1e3:.2f} ms" if cpu else "manager CPU time per request: no requests",
