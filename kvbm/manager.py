@@ -167,7 +167,7 @@ class BlockManager:
             for spec in tiers:
                 caches[spec.name] = allocate_tier(spec, self.geometry, gpu_cache.dtype)
             if self._serving:
-                port = self.metrics.start_server(config.metrics_port)
+                port = self.metrics.start_server(config.metrics_port, host=config.metrics_host)
                 log.info("kvbm metrics served on port %d", port)
         except BaseException:
             for name, cache in caches.items():

@@ -6,7 +6,7 @@ and freshly allocated blocks are poisoned first, so a load that writes wrong byt
 the connector reported the block through ``get_block_ids_with_load_errors``.
 
 Needs vLLM 0.33 light (``bash tests/install_vllm_light.sh``); imported plainly so a missing install fails loudly.
-On CPU the manager's copies complete synchronously; tests that need a transfer in flight keep a ticket open.
+On CPU the host copies complete synchronously; tests that need a transfer in flight gate it (``Gate``).
 """
 from __future__ import annotations
 
@@ -22,12 +22,16 @@ import vllm_harness as H  # first: imports vLLM for the CPU platform, clear of t
 from vllm.v1.request import RequestStatus
 
 from kvbm.config import KvbmConfig
-from kvbm.manager import Ticket
-from kvbm.vllm_integration import registry
+from kvbm.connectors.leader import ConnectorLeader
+from kvbm.connectors.messages import RequestLoad, StepPlan
+from kvbm.kernels.block_transfer import BlockTransfer
+from kvbm.layouts.vllm_tensors import describe_vllm_kv_caches
+from kvbm.leader import Move, MoveKind
+from kvbm.tiers import kvbm_tiers
 from kvbm.vllm_integration.connector import DynamoConnector, kvbm_config_from
-from kvbm.vllm_integration.metadata import BlockJob, DynamoConnectorMetadata
+from kvbm.vllm_integration.metadata import DynamoConnectorMetadata
 from kvbm.vllm_integration.scheduler import SchedulerSide
-from kvbm.vllm_integration.worker import WorkerSide, describe_vllm_kv_caches
+from kvbm.vllm_integration.worker import WorkerSide
 
 CONNECTOR = "kvbm.vllm_integration.connector:DynamoConnector"
 LAYERS = H.TinyModelSpec().num_layers
@@ -67,9 +71,9 @@ def run_counting(h: H.VllmHarness, workload: H.MultiTurnChatWorkload) -> Counter
     def counting_execute(so, new_blocks):
         meta = so.kv_connector_metadata
         assert isinstance(meta, DynamoConnectorMetadata)
-        counts["load_jobs"] += len(meta.loads)
-        counts["loaded_blocks"] += sum(len(job.gpu_block_ids) for job in meta.loads)
-        counts["save_jobs"] += len(meta.saves)
+        counts["load_jobs"] += len(meta.plan.loads)
+        counts["loaded_blocks"] += sum(m.num_blocks for job in meta.plan.loads for m in job.moves)
+        counts["save_jobs"] += len(meta.plan.stores)
         counts["preempted"] += len(so.preempted_req_ids or ())
         out = execute(so, new_blocks)
         counts["verified"] += h.worker.last_report.verified_tokens
@@ -81,17 +85,25 @@ def run_counting(h: H.VllmHarness, workload: H.MultiTurnChatWorkload) -> Counter
     return counts
 
 
+def worker_of(h: H.VllmHarness):
+    """The worker side's engine-independent worker (tiers and store)."""
+    return h.worker.connector.worker_side.worker
+
+
 def assert_clean(h: H.VllmHarness) -> None:
-    """Nothing leaked: vLLM's pool is full again, no request tracked on either side, manager consistent."""
+    """Nothing leaked: vLLM's pool is full again, no request tracked on either side, nothing running, and the
+    index's holds match its open moves."""
     assert h.free_block_count() == h.config.num_gpu_blocks - 1 and not h.scheduler.requests
     assert h.scheduler.connector.scheduler_side.num_tracked_requests() == 0
-    worker = h.worker.connector.worker_side
-    assert not worker._loads and not worker._saves and not worker._held
-    h.worker.connector.manager.check_invariants()
+    worker = worker_of(h)
+    worker.store.wait_all()  # background cascades (G2 -> G3) may still be writing
+    worker.poll()
+    assert not (worker._moves or worker._loading or worker._storing or worker._held) and not worker.store.busy
+    h.scheduler.connector.scheduler_side.leader.index.check_invariants()
 
 
 def metric(h: H.VllmHarness, name: str, direction: str | None = None) -> float:
-    return h.worker.connector.manager.metrics.value(name, direction)
+    return worker_of(h).store.metrics.value(name, direction)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,7 +123,7 @@ FORMATS = [
 def test_multi_turn_onboards_from_host(runner: str, fmt: dict, layout_name: str) -> None:
     workload = chat(num_users=6, num_rounds=3)
     with kvbm_harness(runner=runner, num_gpu_blocks=32, **fmt) as h:
-        assert h.worker.connector.manager.gpu.name == layout_name
+        assert worker_of(h).engine_cache.name == layout_name
         counts = run_counting(h, workload)
         assert workload.done and all(len(h.outputs[t.request_id]) == t.max_tokens for t in workload.completed)
         # Later turns found their history in G2 only (vLLM had evicted it) and read it back byte-exact.
@@ -186,9 +198,9 @@ def test_failed_disk_loads_are_recomputed(tmp_path: Path, runner: str) -> None:
     workload = chat()
     with kvbm_harness(tmp_path, host=None, disk=512, runner=runner,
                       extra={"DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "true"}) as h:
-        manager = h.worker.connector.manager
-        assert manager.host is None and manager.disk is not None
-        disk_file = manager.disk.file
+        store = worker_of(h).store
+        assert sorted(store.caches) == ["G1", "G3"]
+        disk_file = store.cache("G3").file
         truncated = False
         complete = workload.complete
 
@@ -220,27 +232,44 @@ def test_preemption(runner: str) -> None:
 
 
 class Gate:
-    """Keeps the tickets the manager returns from ``method`` open (in flight) until ``release``, which also
-    ends the gating."""
+    """Keeps the worker's transfers into G1 (``"onboard"``) or out of it (``"offload"``) in flight until
+    ``release``, which also ends the gating."""
 
-    def __init__(self, manager: Any, method: str) -> None:
-        self.tickets: list[Ticket] = []
-        real = getattr(manager, method)
-        self._restore = lambda: setattr(manager, method, real)
+    def __init__(self, worker: Any, direction: str) -> None:
+        self.transfers: list[BlockTransfer] = []
+        self.released = False
+        engine = worker.engine_cache
+        transfers = worker.store.transfers
+        real = transfers.submit
+        self._restore = lambda: setattr(transfers, "submit", real)
+        gate = self
 
-        def gated(*args: Any, **kwargs: Any) -> Ticket:
-            ticket = real(*args, **kwargs)
-            ticket._open_batches += 1
-            self.tickets.append(ticket)
-            return ticket
+        class Waitable:
+            def query(self) -> bool:
+                return gate.released
 
-        setattr(manager, method, gated)
+            def synchronize(self) -> None:
+                assert gate.released, "a gated transfer was waited for"
+
+        def gated(src: Any, dst: Any, *args: Any) -> BlockTransfer:
+            inner = real(src, dst, *args)
+            if not ((dst is engine) if direction == "onboard" else (src is engine)):
+                return inner
+
+            def steps():
+                yield Waitable()
+                inner.wait()
+                return inner.reasons
+
+            gated_transfer = BlockTransfer(inner.num_blocks, inner.path, steps())
+            self.transfers.append(gated_transfer)
+            return gated_transfer
+
+        transfers.submit = gated
 
     def release(self) -> None:
         self._restore()
-        for ticket in self.tickets:
-            ticket._open_batches -= 1
-        self.tickets = []
+        self.released = True
 
 
 def _first_turn_then_evict(h: H.VllmHarness, prompt: list[int]) -> None:
@@ -255,12 +284,12 @@ def test_request_aborted_mid_load(runner: str) -> None:
     prompt = H.MultiTurnChatWorkload(num_users=1, system_prompt_tokens=100, seed=5).system_prompt
     with kvbm_harness(runner=runner) as h:
         _first_turn_then_evict(h, prompt)
-        gate = Gate(h.worker.connector.manager, "onboard")
+        gate = Gate(worker_of(h), "onboard")
         h.add_request("second", prompt + [7, 8, 9], 3)
         for _ in range(4):
             h.step()
         request = h.scheduler.requests["second"]
-        assert gate.tickets and request.status == RequestStatus.WAITING_FOR_REMOTE_KVS
+        assert gate.transfers and request.status == RequestStatus.WAITING_FOR_REMOTE_KVS
         held = h.free_block_count()
         h.abort("second")
         for _ in range(3):
@@ -277,14 +306,14 @@ def test_finished_request_held_until_its_offload_is_done(runner: str) -> None:
     """A request finishing (or aborted) with offloads in flight keeps its blocks until ``finished_sending``."""
     prompt = H.MultiTurnChatWorkload(num_users=1, system_prompt_tokens=100, seed=6).system_prompt
     with kvbm_harness(runner=runner) as h:
-        gate = Gate(h.worker.connector.manager, "offload")
+        gate = Gate(worker_of(h), "offload")
         h.add_request("a", prompt, 40)
         for _ in range(3):
             h.step()
         h.abort("a")
         for _ in range(4):
             h.step()
-        assert gate.tickets and "a" in h.scheduler.requests
+        assert gate.transfers and "a" in h.scheduler.requests
         assert h.free_block_count() < h.config.num_gpu_blocks - 1
         gate.release()
         h.run_until_idle()
@@ -345,8 +374,14 @@ def test_salt_and_lora_enter_the_hash() -> None:
         assert_clean(h)
 
 
+def scheduler_side(block_size: int, host_blocks: int = 16) -> SchedulerSide:
+    """A scheduler side over a G2 of ``host_blocks`` blocks, without vLLM's scheduler."""
+    config = KvbmConfig(cpu_cache_override_num_blocks=host_blocks)
+    return SchedulerSide(ConnectorLeader(kvbm_tiers(config, 4096), config, block_size))
+
+
 def test_multimodal_requests_are_neither_matched_nor_saved(caplog: pytest.LogCaptureFixture) -> None:
-    side = SchedulerSide("engine-mm", block_size=16)
+    side = scheduler_side(16)
     request = SimpleNamespace(request_id="mm", mm_features=[object()], prompt_embeds=None, lora_request=None,
                               cache_salt=None, num_tokens=64, num_preemptions=0, num_computed_tokens=64,
                               all_token_ids=list(range(3, 67)))
@@ -359,28 +394,20 @@ def test_multimodal_requests_are_neither_matched_nor_saved(caplog: pytest.LogCap
 
 def test_match_starts_after_vllms_own_hit() -> None:
     """Blocks vLLM still holds may have left G2: the lookup starts at the first block vLLM lacks."""
-    import numpy as np
-    from manager_testkit import GEOM, config, make_gpu
-
     from kvbm.hashing import salt_hash, sequence_hashes
-    from kvbm.manager import BlockManager
 
-    bs = GEOM.block_size
+    bs = 4
     tokens = list(range(3, 3 + 4 * bs + 2))  # 4 full blocks and 2 tokens
     request = SimpleNamespace(request_id="r", mm_features=[], prompt_embeds=None, lora_request=None,
                               cache_salt="s", num_tokens=len(tokens), num_preemptions=0, all_token_ids=tokens)
     hashes = sequence_hashes(tokens, bs, salt_hash("s", None))
-    with BlockManager(make_gpu(8, np.random.default_rng(0)), config(host=16)) as manager:
-        manager.offload(hashes[2:4], [5, 6])  # blocks 0 and 1 are on the GPU only
-        manager.wait()
-        registry.register("engine-skip", manager)
-        try:
-            side = SchedulerSide("engine-skip", block_size=bs)
-            assert side.get_num_new_matched_tokens(request, 0) == (0, False)
-            assert side.get_num_new_matched_tokens(request, 2 * bs) == (2 * bs, True)
-            assert side.get_num_new_matched_tokens(request, 4 * bs) == (0, False)  # nothing beyond vLLM's hit
-        finally:
-            registry.unregister("engine-skip")
+    side = scheduler_side(bs)
+    index = side.leader.index
+    for move in index.plan_store(hashes[2:4], [5, 6]).moves:  # blocks 0 and 1 are on the GPU only
+        index.complete(move.move_id, {})
+    assert side.get_num_new_matched_tokens(request, 0) == (0, False)
+    assert side.get_num_new_matched_tokens(request, 2 * bs) == (2 * bs, True)
+    assert side.get_num_new_matched_tokens(request, 4 * bs) == (0, False)  # nothing beyond vLLM's hit
 
 
 def test_unsupported_setups_are_refused() -> None:
@@ -395,8 +422,8 @@ def test_unsupported_setups_are_refused() -> None:
                                                     "kv_cache_groups": plan.scheduler_config.kv_cache_groups * 2})
         with pytest.raises(ValueError, match="2 groups"):
             DynamoConnector(vllm_config, H.KVConnectorRole.WORKER, hybrid)
-        with pytest.raises(ValueError, match="already registered"):
-            registry.register(vllm_config.kv_transfer_config.engine_id, h.worker.connector.manager)
+        with pytest.raises(RuntimeError, match="already called"):
+            h.worker.connector.register_kv_caches(dict(h.worker.kv_caches))
 
 
 def test_hnd_layout_on_request_and_metrics_server() -> None:
@@ -410,7 +437,7 @@ def test_hnd_layout_on_request_and_metrics_server() -> None:
     prompt = H.MultiTurnChatWorkload(num_users=1, system_prompt_tokens=48, seed=17).system_prompt
     with kvbm_harness(extra={"kv_layout": "HND", "DYN_KVBM_METRICS": "1", "DYN_KVBM_METRICS_PORT": port}) as h:
         assert h.vllm_config.cache_config.kv_cache_layout == "LBHNC"
-        assert h.worker.connector.manager.gpu.name == "vllm_lbhnc"
+        assert worker_of(h).engine_cache.name == "vllm_lbhnc"
         h.add_request("a", prompt + [5], 2)
         h.run_until_idle()
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -433,7 +460,7 @@ def test_every_standardized_layout_is_detected(layout: str) -> None:
     """The order is read from the views' strides and layer offsets; a prefix hit loads back byte-exact."""
     prompt = H.MultiTurnChatWorkload(num_users=1, system_prompt_tokens=48, seed=13).system_prompt
     with kvbm_harness(kv_layout=layout, num_gpu_blocks=16) as h:
-        assert h.worker.connector.manager.gpu.name == f"vllm_{layout.lower()}"
+        assert worker_of(h).engine_cache.name == f"vllm_{layout.lower()}"
         assert describe_vllm_kv_caches(h.worker.kv_caches).name == f"vllm_{layout.lower()}"
         _first_turn_then_evict(h, prompt)
         h.add_request("second", prompt + [4], 2)
@@ -454,9 +481,10 @@ def test_bad_kv_tensors_are_refused() -> None:
         describe_vllm_kv_caches({"a": torch.zeros(4, 3, 16, 2, 8)})
     with pytest.raises(TypeError, match="non-empty dict"):
         describe_vllm_kv_caches({})
-    worker = WorkerSide("engine-unregistered", KvbmConfig(cpu_cache_override_num_blocks=4), block_size=16)
+    worker = WorkerSide(KvbmConfig(cpu_cache_override_num_blocks=4), block_size=16, block_bytes=4096)
+    load = RequestLoad("r", (Move(1, MoveKind.LOAD, "G2", "G1", (0,), (1,), (7,)),))
     with pytest.raises(RuntimeError, match="register_kv_caches"):
-        worker.start_load(DynamoConnectorMetadata(loads=[BlockJob("r", [1], [1])]))
-    assert worker.get_finished({"r"}) == (None, None)
-    with pytest.raises(ValueError, match="1 hashes for 2 GPU blocks"):
-        BlockJob("r", [1], [1, 2])
+        worker.start_load(DynamoConnectorMetadata(StepPlan(loads=[load])))
+    assert worker.get_finished() == (None, None)
+    with pytest.raises(ValueError, match="1 source ids, 2 destination ids"):
+        Move(1, MoveKind.LOAD, "G2", "G1", (0,), (1, 2), (7,))

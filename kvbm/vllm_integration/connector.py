@@ -1,4 +1,4 @@
-"""``DynamoConnector``: vLLM 0.33 KV connector backed by the kvbm block manager (G2 host, G3 disk).
+"""``DynamoConnector``: vLLM 0.33 KV connector backed by kvbm's tiers (G2 host, G3 disk).
 
 Drop-in for Dynamo KVBM's vLLM connector::
 
@@ -7,11 +7,11 @@ Drop-in for Dynamo KVBM's vLLM connector::
 
 Sizes and options come from the ``DYN_KVBM_*`` environment (``kvbm.config.KvbmConfig``); entries of
 ``kv_connector_extra_config`` named ``DYN_KVBM_*`` override the environment, and ``"kv_layout": "HND"`` asks vLLM
-for the LBHNC layout (default: vLLM's choice, LBNHC). A best-effort cache: blocks are offloaded after the forward
-that computed them and onboarded asynchronously into a request's new blocks; a failed load is reported so vLLM
-recomputes. One worker per engine (no tensor or pipeline parallelism), one KV cache group (no hybrid models).
-The scheduler-side logic lives in :mod:`.scheduler`, the worker side in :mod:`.worker`, the per-step messages in
-:mod:`.metadata`.
+for the LBHNC layout (default: vLLM's choice, LBNHC). A best-effort cache: blocks are stored after the forward
+that computed them and loaded asynchronously into a request's new blocks; a failed load is reported so vLLM
+recomputes. The scheduler role holds the block index (`scheduler`), the worker role the tiers' memory (`worker`);
+they talk only through vLLM's per-step metadata, so they may live in different processes. One worker per engine
+for now (no tensor or pipeline parallelism), one KV cache group (no hybrid models).
 """
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvbm.config import KvbmConfig
-from kvbm.manager import BlockManager
+from kvbm.connectors import process_metrics
+from kvbm.connectors.leader import ConnectorLeader
+from kvbm.tiers import kvbm_tiers
 from kvbm.vllm_integration.metadata import DynamoConnectorMetadata, DynamoWorkerMetadata
 from kvbm.vllm_integration.scheduler import SchedulerSide
 from kvbm.vllm_integration.worker import WorkerSide
@@ -69,6 +71,12 @@ def _check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) ->
         raise ValueError(f"DynamoConnector supports full-attention KV caches, got {type(spec).__name__}")
 
 
+def _block_bytes(kv_cache_config: KVCacheConfig) -> int:
+    """Bytes of one block over all layers of the (single) KV cache group."""
+    group = kv_cache_config.kv_cache_groups[0]
+    return group.kv_cache_spec.page_size_bytes * len(group.layer_names)
+
+
 class DynamoConnector(KVConnectorBase_V1):
     """vLLM ``KVConnectorBase_V1`` that offloads full KV blocks to kvbm's tiers and loads prefix hits back."""
 
@@ -76,15 +84,21 @@ class DynamoConnector(KVConnectorBase_V1):
         """Build the scheduler or the worker side for ``role``; raise ValueError for unsupported setups."""
         super().__init__(vllm_config, role, kv_cache_config)
         _check_supported(vllm_config, kv_cache_config)
-        engine_id = self._kv_transfer_config.engine_id
+        config = kvbm_config_from(self._kv_transfer_config.kv_connector_extra_config)
         block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+        block_bytes = _block_bytes(kv_cache_config)
         self.scheduler_side: SchedulerSide | None = None
         self.worker_side: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self.scheduler_side = SchedulerSide(engine_id, block_size)
+            tiers = kvbm_tiers(config, block_bytes)
+            metrics = process_metrics.acquire(config)
+            try:
+                self.scheduler_side = SchedulerSide(ConnectorLeader(tiers, config, block_size, metrics=metrics))
+            except BaseException:
+                process_metrics.release()
+                raise
         elif role == KVConnectorRole.WORKER:
-            config = kvbm_config_from(self._kv_transfer_config.kv_connector_extra_config)
-            self.worker_side = WorkerSide(engine_id, config, block_size)
+            self.worker_side = WorkerSide(config, block_size, block_bytes)
         else:
             raise ValueError(f"role must be a KVConnectorRole, got {role!r}")
 
@@ -99,24 +113,17 @@ class DynamoConnector(KVConnectorBase_V1):
 
     @property
     def requires_kv_delivery(self) -> bool:
-        """False: a best-effort cache (a dropped save is a later cache miss)."""
+        """False: a best-effort cache (a dropped store is a later cache miss)."""
         return False
 
     @property
-    def manager(self) -> BlockManager:
-        """The worker side's block manager (worker role, after ``register_kv_caches``)."""
-        return self._worker.manager
-
-    @property
     def _worker(self) -> WorkerSide:
-        """The worker side; a clear error when called on the scheduler role."""
         if self.worker_side is None:
             raise RuntimeError("this DynamoConnector has the scheduler role")
         return self.worker_side
 
     @property
     def _scheduler(self) -> SchedulerSide:
-        """The scheduler side; a clear error when called on the worker role."""
         if self.scheduler_side is None:
             raise RuntimeError("this DynamoConnector has the worker role")
         return self.scheduler_side
@@ -131,15 +138,15 @@ class DynamoConnector(KVConnectorBase_V1):
     # -- worker side -----------------------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """Describe the KV tensors and start the block manager."""
+        """Describe the KV tensors and allocate this rank's tiers."""
         self._worker.register_kv_caches(kv_caches)
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
-        """Finish offloads reading blocks of preempted requests before vLLM reuses them."""
+        """Finish stores reading blocks of preempted requests before vLLM reuses them."""
         self._worker.handle_preemptions(self._meta(kv_connector_metadata))
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        """Submit the step's onboards (asynchronous loads: completion comes through ``get_finished``)."""
+        """Start the step's loads (asynchronous: completion comes through ``get_finished``) and cascades."""
         self._worker.start_load(self._meta())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -147,28 +154,31 @@ class DynamoConnector(KVConnectorBase_V1):
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata,
                       **kwargs: Any) -> None:
-        """Nothing per layer: whole blocks are offloaded after the forward."""
+        """Nothing per layer: whole blocks are stored after the forward."""
 
     def wait_for_save(self) -> None:
-        """Submit the offloads of the blocks this step computed (does not wait for them)."""
+        """Start the stores of the blocks this step computed (does not wait for them)."""
         self._worker.save(self._meta())
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """``(finished_sending, finished_recving)``."""
-        return self._worker.get_finished(finished_req_ids)
+        return self._worker.get_finished()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """GPU blocks whose load failed (vLLM recomputes them)."""
         return self._worker.take_load_errors()
 
     def build_connector_worker_meta(self) -> DynamoWorkerMetadata | None:
-        """Save jobs completed since the last step, for the scheduler side."""
+        """Move results since the last step, for the scheduler side."""
         return self.worker_side.take_report() if self.worker_side is not None else None
 
     def shutdown(self) -> None:
-        """Finish transfers and release the tiers (worker side)."""
+        """Worker: finish transfers and release the tiers; scheduler: release the metrics."""
         if self.worker_side is not None:
             self.worker_side.shutdown()
+        elif self.scheduler_side is not None:
+            self.scheduler_side = None
+            process_metrics.release()
 
     # -- scheduler side --------------------------------------------------------------------------------------
 
@@ -177,7 +187,7 @@ class DynamoConnector(KVConnectorBase_V1):
         self._scheduler.on_new_request(request)
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
-        """Whole blocks the manager holds beyond vLLM's hit, loaded asynchronously."""
+        """Whole blocks stored beyond vLLM's hit, loaded asynchronously."""
         return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
@@ -192,13 +202,13 @@ class DynamoConnector(KVConnectorBase_V1):
         return {source: n for source, n in ((CacheHitSource.HOST, host), (CacheHitSource.DISK, disk)) if n}
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        """The step's loads, saves, preemptions and held requests."""
+        """The step's plan."""
         return self._scheduler.build_connector_meta(scheduler_output)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
-        """Take finished loads and confirmed saves from the worker."""
+        """Take the workers' move results and finished loads."""
         self._scheduler.update_connector_output(connector_output)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        """Save the remaining full blocks; hold the request's blocks while its saves are in flight."""
+        """Store the remaining full blocks; hold the request's blocks while its stores are in flight."""
         return self._scheduler.request_finished(request, block_ids)

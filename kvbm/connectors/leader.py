@@ -1,0 +1,145 @@
+"""The engine-independent scheduler side of a connector: per-request tracking over the leader's block index.
+
+Both engine connectors (vLLM, TensorRT-LLM) keep the same per-request state here: the KVBM sequence hashes of the
+request's full blocks (extended as tokens become known), its engine block ids, how many leading full blocks were
+handed out for storing, and which of its store moves the workers have not reported yet. The connector adapts
+its engine's calls to `lookup`, `plan_load`, `plan_stores`, `take_step` and `apply`; plans leave as a
+`StepPlan` and results come back as `WorkerReport`s. A move completes once every worker reported it
+(``num_workers``), a block failing on any rank failing for all.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvbm.config import KvbmConfig
+from kvbm.connectors.messages import RequestLoad, RequestStore, StepPlan, WorkerReport
+from kvbm.hashing import sequence_hashes
+from kvbm.leader import BlockIndex, Match, MoveKind, MoveResult
+from kvbm.metrics import KvbmMetrics
+from kvbm.policies.admission import DiskAdmissionFilter
+from kvbm.tiers import HOST_TIER, TierSpec
+
+__all__ = ["ConnectorLeader", "TrackedRequest"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrackedRequest:
+    """What the scheduler side keeps of one live request (``skip``: why its KV is not keyed by its tokens)."""
+
+    request_id: str
+    salt: int
+    skip: str | None = None
+    hashes: list[int] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)
+    saved: int = 0  #: leading full blocks handed out for storing
+    stores: set[int] = field(default_factory=set)  #: store move ids not yet reported by every worker
+    loading: bool = False
+
+    def hashes_upto(self, num_blocks: int, block_size: int, tokens: Sequence[int]) -> list[int]:
+        """Sequence hashes of the first ``num_blocks`` full blocks of ``tokens`` (hashing only new blocks)."""
+        have = len(self.hashes)
+        if num_blocks > have:
+            parent = self.hashes[-1] if self.hashes else None
+            self.hashes.extend(sequence_hashes(tokens[have * block_size:num_blocks * block_size], block_size,
+                                               self.salt, parent_hash=parent))
+        return self.hashes
+
+
+class ConnectorLeader:
+    """The block index, the requests it serves and the step's plan (see the module docstring)."""
+
+    def __init__(self, tiers: Sequence[TierSpec], config: KvbmConfig, block_size: int, *, num_workers: int = 1,
+                 metrics: KvbmMetrics | None = None, disk_filter: DiskAdmissionFilter | None = None) -> None:
+        if not tiers:
+            raise ValueError("no offload tier configured: set DYN_KVBM_CPU_CACHE_GB and/or DYN_KVBM_DISK_CACHE_GB "
+                             "(or their *_OVERRIDE_NUM_BLOCKS)")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        admission = disk_filter if disk_filter is not None else DiskAdmissionFilter(
+            enabled=not config.disable_disk_offload_filter)
+        self.index = BlockIndex([t.index_config(admission if k else None) for k, t in enumerate(tiers)],
+                                batch_size=config.max_transfer_batch_size,
+                                min_priority=config.host_offload_prefix_min_priority)
+        self.block_size = block_size
+        self.num_workers = num_workers
+        self.metrics = metrics
+        self.requests: dict[str, TrackedRequest] = {}
+        self._owner: dict[int, str] = {}  # store move id -> request id
+        self._partial: dict[int, MoveResult] = {}  # results some workers reported
+        self._loads: list[RequestLoad] = []
+        self._stores: list[RequestStore] = []
+
+    # -- requests ----------------------------------------------------------------------------------------------
+
+    def track(self, request_id: str, salt: int, skip: str | None = None) -> TrackedRequest:
+        """The state of ``request_id``, created on first sight."""
+        state = self.requests.get(request_id)
+        if state is None:
+            state = self.requests[request_id] = TrackedRequest(request_id, salt, skip)
+        return state
+
+    def forget(self, request_id: str) -> TrackedRequest | None:
+        """Stop tracking a request; its store moves still complete normally."""
+        return self.requests.pop(request_id, None)
+
+    def busy(self, request_id: str) -> bool:
+        """Whether the request has store moves not yet reported by every worker."""
+        state = self.requests.get(request_id)
+        return state is not None and bool(state.stores)
+
+    # -- lookups and plans -------------------------------------------------------------------------------------
+
+    def lookup(self, hashes: Sequence[int], *, whole_prompt: bool) -> tuple[int, int]:
+        """``(blocks matched, of which in G2)`` for the longest stored run of ``hashes`` (recorded in the metrics)."""
+        match: Match = self.index.lookup(hashes, whole_prompt=whole_prompt)
+        host = dict(zip(self.index.tier_names, match.hits)).get(HOST_TIER, 0)
+        if self.metrics is not None:
+            self.metrics.record_request_lookup(len(hashes), host, match.num_blocks - host)
+            self.metrics.record_matched_tokens(match.num_blocks * self.block_size)
+        return match.num_blocks, host
+
+    def plan_load(self, request_id: str, hashes: Sequence[int], engine_ids: Sequence[int]) -> RequestLoad:
+        """Load ``hashes`` into ``engine_ids`` in this step's plan (blocks gone since the lookup are ``missing``)."""
+        plan = self.index.plan_load(hashes, engine_ids)
+        load = RequestLoad(request_id, tuple(plan.moves), tuple(engine_ids[i] for i in sorted(plan.missing)))
+        self._loads.append(load)
+        return load
+
+    def plan_stores(self, state: TrackedRequest, tokens: Sequence[int], num_full_blocks: int) -> None:
+        """Store the request's full blocks ``[saved, num_full_blocks)`` (by its block ids) in this step's plan."""
+        num_full_blocks = min(num_full_blocks, len(state.block_ids))
+        if state.skip is not None or num_full_blocks <= state.saved:
+            return
+        hashes = state.hashes_upto(num_full_blocks, self.block_size, tokens)
+        plan = self.index.plan_store(hashes[state.saved:num_full_blocks], state.block_ids[state.saved:num_full_blocks])
+        state.saved = num_full_blocks
+        if plan.moves:
+            for move in plan.moves:
+                self._owner[move.move_id] = state.request_id
+                state.stores.add(move.move_id)
+            self._stores.append(RequestStore(state.request_id, tuple(plan.moves)))
+
+    def take_step(self, preempted: frozenset[str] = frozenset(), held: Sequence[str] = ()) -> StepPlan:
+        """This step's plan: the loads and stores planned since the last step, and the cascades now due."""
+        loads, self._loads = self._loads, []
+        stores, self._stores = self._stores, []
+        cascades = self.index.plan_cascades() if self.index.has_cascades() else []
+        return StepPlan(loads, stores, cascades, preempted, list(held))
+
+    def apply(self, report: WorkerReport) -> None:
+        """Take workers' results: a move completes once ``num_workers`` reported it."""
+        for move_id, result in report.results.items():
+            if move_id in self._partial:
+                result = self._partial.pop(move_id).merged(result)
+            if result.reports < self.num_workers:
+                self._partial[move_id] = result
+                continue
+            move = self.index.complete(move_id, result.failed, result.lost)
+            if move.kind is MoveKind.STORE:
+                owner = self.requests.get(self._owner.pop(move_id, ""))
+                if owner is not None:
+                    owner.stores.discard(move_id)
