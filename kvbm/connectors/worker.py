@@ -54,6 +54,7 @@ class ConnectorWorker:
         self._storing: dict[str, set[int]] = {}
         self._held: set[str] = set()
         self._load_errors: set[int] = set()
+        self._failed_loads: dict[str, list[str]] = {}
         self._report: dict[int, MoveResult] = {}
         self._closed = False
 
@@ -61,6 +62,9 @@ class ConnectorWorker:
         """Start loading requests' blocks; blocks missing at planning time are load errors at once."""
         for load in loads:
             self._load_errors.update(load.missing)
+            if load.missing:
+                self._failed_loads.setdefault(load.request_id, []).extend(
+                    f"engine block {b}: no longer stored when the load was planned" for b in load.missing)
             pending = self._loading.setdefault(load.request_id, set())
             self._execute(load.moves, load.request_id, pending)
 
@@ -100,6 +104,17 @@ class ConnectorWorker:
         """Engine block ids whose load failed since the last call (the engine recomputes them)."""
         errors, self._load_errors = self._load_errors, set()
         return errors
+
+    def take_failed_loads(self) -> dict[str, list[str]]:
+        """Request id -> why its blocks failed to load, since the last call (for engines that fail requests)."""
+        failed, self._failed_loads = self._failed_loads, {}
+        return failed
+
+    def drop(self, moves: Sequence[Move], reason: str) -> None:
+        """Report moves that will never run (their engine blocks were never computed) as failed, so the leader
+        discards their slots."""
+        for move in moves:
+            self._report[move.move_id] = MoveResult(move.move_id, {i: reason for i in range(move.num_blocks)})
 
     def take_report(self) -> WorkerReport | None:
         """Results of the moves finished since the last report, for the leader (None when there are none)."""
@@ -142,6 +157,9 @@ class ConnectorWorker:
             self._report[result.move_id] = result
             if move.kind is MoveKind.LOAD:
                 self._load_errors.update(move.dst_ids[i] for i in result.failed)
+                if result.failed:
+                    self._failed_loads.setdefault(request_id, []).extend(
+                        f"engine block {move.dst_ids[i]}: {reason}" for i, reason in sorted(result.failed.items()))
                 self._loading.get(request_id, set()).discard(result.move_id)
             elif move.kind is MoveKind.STORE:
                 self._storing.get(request_id, set()).discard(result.move_id)
