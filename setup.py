@@ -1,18 +1,16 @@
-"""Install kvbm: the import packages kvbm, kvbm.kernels (from kernels/) and kvbm.layouts (from layouts/)."""
-from setuptools import setup
+"""Install kvbm: the import packages kvbm (and its subpackages), kvbm.kernels (from kernels/) and kvbm.layouts
+(from layouts/)."""
+from setuptools import find_packages, setup
+
+PACKAGES = (["kvbm"] + [f"kvbm.{p}" for p in find_packages("kvbm")] + ["kvbm.kernels"]
+            + [f"kvbm.kernels.{p}" for p in find_packages("kernels")] + ["kvbm.layouts"])
 
 setup(
     name="kvbm",
     version="0.1.0",
     description="KV-cache block manager: offload and onboard paged KV blocks across GPU, host, disk and peers",
     python_requires=">=3.10",
-    packages=[
-        "kvbm",
-        "kvbm.kernels",
-        "kvbm.layouts",
-        "kvbm.vllm_integration",
-        "kvbm.trtllm_integration",
-    ],
+    packages=PACKAGES,
     package_dir={"kvbm": "kvbm", "kvbm.kernels": "kernels", "kvbm.layouts": "layouts"},
     install_requires=[
         "torch>=2.4",
