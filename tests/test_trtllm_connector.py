@@ -6,7 +6,8 @@ blocks from the pool, builds ``RequestData`` the way the executor does (the whol
 request's first report; the connector-loaded tokens left out of ``computed_position`` in the step that matched
 them), holds asynchronously loading requests out of the forward pass until ``get_finished`` reports them, runs a
 "forward pass" that writes each computed token's KV (a function of the token prefix, so equal prefixes give equal
-bytes), and keeps a finished request's blocks while the connector saves them.
+bytes), and keeps a finished request's blocks while the connector saves them. The step's plan is read through
+``loads_of`` / ``saves_of`` (per request: engine block ids and sequence hashes).
 """
 from __future__ import annotations
 
@@ -77,8 +78,9 @@ class Executor:
     def __init__(self, trt, *, use_callable: bool = True, host_blocks: int = 64, chunk: int = 1 << 30,
                  seed: int = 0, device: str = "cpu", kvbm_config=None) -> None:
         self.chunk = chunk  # context tokens computed per step (chunked prefill)
-        self.leader = trt.DynamoKVBMConnectorLeader(llm_args())
-        self.worker = trt.DynamoKVBMConnectorWorker(llm_args(), config=kvbm_config or config(host=host_blocks))
+        cfg = kvbm_config or config(host=host_blocks)
+        self.leader = trt.DynamoKVBMConnectorLeader(llm_args(), config=cfg)
+        self.worker = trt.DynamoKVBMConnectorWorker(llm_args(), config=cfg)
         cache = allocate("trtllm_pool", GEOM, NUM_BLOCKS, dtype=torch.bfloat16, device=device)
         self.stream = torch.cuda.current_stream() if cache.device.type == "cuda" else None
         self.pool = cache.tensors[0]
@@ -223,6 +225,49 @@ class Executor:
                 out[layer, :, :, slot, :] = token_kv(tuple(tokens[:p + 1]), layer)
         return out.contiguous().view(torch.uint8).numpy().tobytes()
 
+    @property
+    def index(self):
+        """The leader's block index."""
+        return self.leader.leader.index
+
+    @property
+    def store(self):
+        """The worker's block store."""
+        return self.worker.worker.store
+
+    def settle(self, max_steps: int = 500) -> None:
+        """Run empty steps (no request scheduled) until every planned move (stores, cascades to G3) is done and
+        reported to the leader."""
+        for _ in range(max_steps):
+            self.store.wait_all()
+            self.worker.get_finished([], [])  # collects the results and posts them
+            meta = self.leader.build_connector_meta(standin.SchedulerOutput())  # takes them, plans cascades
+            if not self.index.open_moves():
+                return
+            self.worker.bind_connector_meta(meta)
+            self.worker.start_load_kv(self.stream)
+            self.worker.wait_for_save(self.stream)
+        raise AssertionError(f"moves still open after {max_steps} steps")
+
+
+@dataclass(frozen=True)
+class Moved:
+    """One request's blocks in a step's plan: engine block ids and the blocks' sequence hashes, in move order."""
+
+    request_id: int
+    block_ids: tuple[int, ...]
+    seq_hashes: tuple[int, ...]
+
+
+def loads_of(meta) -> list[Moved]:
+    return [Moved(int(job.request_id), tuple(b for m in job.moves for b in m.dst_ids),
+                  tuple(h for m in job.moves for h in m.hashes)) for job in meta.plan.loads]
+
+
+def saves_of(meta) -> list[Moved]:
+    return [Moved(int(job.request_id), tuple(b for m in job.moves for b in m.src_ids),
+                  tuple(h for m in job.moves for h in m.hashes)) for job in meta.plan.stores]
+
 
 @pytest.fixture
 def make_executor(trt):
@@ -256,8 +301,8 @@ def test_offload_then_onboard_prefix_byte_exact(make_executor, use_callable, dev
     assert ex.add(a) == (0, False)
     ex.step()
     meta = ex.metas[-1]
-    assert meta.loads == () and len(meta.saves) == 1
-    assert meta.saves[0].block_ids == tuple(ex.blocks[1][:4])
+    assert loads_of(meta) == [] and len(saves_of(meta)) == 1
+    assert saves_of(meta)[0].block_ids == tuple(ex.blocks[1][:4])
     a_blocks = [ex.block_bytes(b) for b in ex.blocks[1][:3]]
     for i, data in enumerate(a_blocks):
         assert data == ex.expected_block(a.prompt, i)
@@ -283,17 +328,18 @@ def test_offload_then_onboard_prefix_byte_exact(make_executor, use_callable, dev
     assert 2 in ex.running
     if device == "cpu":
         assert len(ex.metas) == steps + 1  # CPU copies complete when submitted: reported in the same step
-    load = ex.metas[steps].loads
+    load = loads_of(ex.metas[steps])
     assert len(load) == 1 and load[0].block_ids == tuple(b_ids) and load[0].request_id == 2
     for i, blk in enumerate(b_ids):
         assert ex.block_bytes(blk) == a_blocks[i], f"block {i} of B differs from A's"
-    # B now runs: only its remaining tokens are scheduled, and its new full block is offloaded.
+    # B now runs: only its remaining tokens are scheduled, and its new full block is offloaded (19 tokens: 4 full
+    # blocks, the first 3 stored already).
     ex.step()
     meta = ex.metas[-1]
-    assert [d for d in meta.saves if d.request_id == 2][0].block_ids == tuple(ex.blocks[2][:4])  # 19 tokens
+    assert [d for d in saves_of(meta) if d.request_id == 2][0].block_ids == (ex.blocks[2][3],)
     for i in range(len(b.prompt) // GEOM.block_size):
         assert ex.block_bytes(ex.blocks[2][i]) == ex.expected_block(b.prompt, i)
-    ex.worker.manager.check_invariants()
+    ex.index.check_invariants()
 
 
 def test_decode_blocks_offloaded_and_reused(make_executor):
@@ -307,7 +353,7 @@ def test_decode_blocks_offloaded_and_reused(make_executor):
     for _ in range(7):  # 6 + 7 = 13 tokens: 3 full blocks
         ex.generate(a, int(rng.integers(0, 50_000)))
         ex.step()
-    saved = [m for meta in ex.metas for m in meta.saves]
+    saved = [m for meta in ex.metas for m in saves_of(meta)]
     assert [len(m.block_ids) for m in saved] == [1, 1, 1]
     ex.finish(a)
     ex.step()
@@ -320,23 +366,27 @@ def test_decode_blocks_offloaded_and_reused(make_executor):
 
 @pytest.mark.parametrize("tiers", ["g2_g3", "g3_only"])
 def test_onboard_from_disk(make_executor, tmp_path, tiers):
-    """Blocks that went to disk (G2 too small, every block admitted; or disk-only mode) load back byte-exact."""
+    """Blocks that went to disk (G2 too small, every block admitted; or disk-only mode) load back byte-exact.
+    With G2 of 2 blocks, A's prompt is computed 2 blocks per step, each pair copied on to G3 before the next."""
     host = 2 if tiers == "g2_g3" else None
-    ex = make_executor(kvbm_config=config(tmp_path, host=host, disk=16, disable_disk_offload_filter=True))
+    ex = make_executor(kvbm_config=config(tmp_path, host=host, disk=16, disable_disk_offload_filter=True), chunk=8)
     rng = np.random.default_rng(12)
     a = Request(1, prompt(rng, 18))
-    ex.serve(a)
-    mgr = ex.worker.manager
-    mgr.wait()  # the G2 -> G3 writes run on the manager's disk threads: let them land before the lookup
+    ex.add(a)
+    for _ in range(3):
+        ex.step()
+        ex.settle()  # the G2 -> G3 copies run on disk threads: let them land and reach the leader
+    ex.finish(a)
+    ex.settle()
     b = Request(2, a.prompt[:16] + prompt(rng, 1))
-    before = mgr.metrics.value("kvbm_onboard_blocks_d2d")
+    before = ex.store.metrics.value("kvbm_onboard_blocks_d2d")
     assert ex.add(b) == (16, True)
     ex.step_until(lambda: 2 in ex.running)
     for i in range(4):
         assert ex.block_bytes(ex.blocks[2][i]) == ex.expected_block(a.prompt, i)
-    from_disk = mgr.metrics.value("kvbm_onboard_blocks_d2d") - before
+    from_disk = ex.store.metrics.value("kvbm_onboard_blocks_d2d") - before
     assert from_disk == (2 if tiers == "g2_g3" else 4)  # G2 keeps the 2 most recent blocks
-    mgr.check_invariants()
+    ex.index.check_invariants()
 
 
 def test_engine_prefix_match_and_partial_block(make_executor):
@@ -351,7 +401,7 @@ def test_engine_prefix_match_and_partial_block(make_executor):
     matched, is_async = ex.add(b, num_computed_tokens=8)  # the engine holds 2 blocks; kvbm has 2 more
     assert (matched, is_async) == (8, True)
     ex.step()
-    load = ex.metas[-1].loads
+    load = loads_of(ex.metas[-1])
     assert load[0].block_ids == tuple(ex.blocks[2][2:4])
     for i in (2, 3):
         assert ex.block_bytes(ex.blocks[2][i]) == ex.expected_block(b.prompt, i)
@@ -365,7 +415,7 @@ def test_chunked_prefill(make_executor):
     ex.add(a)
     for _ in range(4):
         ex.step()
-    saved = [m.block_ids for meta in ex.metas for m in meta.saves]
+    saved = [m.block_ids for meta in ex.metas for m in saves_of(meta)]
     ids = ex.blocks[1]
     assert saved == [(ids[0],), (ids[1],), (ids[2],), (ids[3],)]  # chunks end at tokens 5, 10, 15, 18
     ex.finish(a)
@@ -384,14 +434,14 @@ def test_request_finished_holds_blocks_while_offload_in_flight(make_executor, mo
     rng = np.random.default_rng(4)
     a = Request(1, prompt(rng, 9))
     ex.add(a)
-    mgr = ex.worker.manager
-    real_poll = mgr.poll
-    monkeypatch.setattr(mgr, "poll", lambda: [])  # the copy has not completed yet
+    store = ex.store
+    real_poll = store.poll
+    monkeypatch.setattr(store, "poll", lambda: [])  # the copy has not completed yet
     ex.step()
     assert ex.finish(a) is True
     assert ex.step() == ([], [])  # still in flight: blocks kept
     assert 1 in ex.blocks
-    monkeypatch.setattr(mgr, "poll", real_poll)
+    monkeypatch.setattr(store, "poll", real_poll)
     assert ex.step() == ([1], [])
     assert 1 not in ex.blocks
     # A request whose saves all finished is released at once; one with no full block never saved anything.
@@ -403,9 +453,9 @@ def test_request_finished_holds_blocks_while_offload_in_flight(make_executor, mo
     c = Request(3, prompt(rng, 3))
     ex.add(c)
     ex.step()
-    assert ex.metas[-1].saves == ()
+    assert saves_of(ex.metas[-1]) == []
     assert ex.finish(c) is False
-    mgr.check_invariants()
+    ex.index.check_invariants()
 
 
 def test_planned_save_keeps_blocks_and_unrun_step_is_dropped(make_executor):
@@ -417,13 +467,17 @@ def test_planned_save_keeps_blocks_and_unrun_step_is_dropped(make_executor):
     ex.add(a)
     data, _ = ex._request_data(a)
     meta = ex.leader.build_connector_meta(standin.SchedulerOutput(new_requests=[data]))
-    assert len(meta.saves) == 1
+    assert len(saves_of(meta)) == 1
     ex.worker.bind_connector_meta(meta)
     assert ex.leader.request_finished(a, ex.blocks[1]) is True
     ex.worker.bind_connector_meta(ex.leader.build_connector_meta(standin.SchedulerOutput()))
     ex.worker.wait_for_save(None)
     assert ex.worker.get_finished([1], []) == ([1], [])
-    assert ex.worker.manager.lookup(meta.saves[0].seq_hashes).num_blocks == 0
+    ex.settle()  # the leader takes the dropped store's failure: its pending slots are discarded
+    pool = ex.index.pool("G2")
+    assert not any(pool.contains(h) for h in saves_of(meta)[0].seq_hashes)
+    assert ex.index.lookup(saves_of(meta)[0].seq_hashes).num_blocks == 0
+    ex.index.check_invariants()
 
 
 def test_worker_reports_only_ids_handed_over(make_executor):
@@ -454,9 +508,10 @@ def test_failed_load_raises(make_executor):
     b = Request(2, a.prompt[:8] + prompt(rng, 2))
     d = Request(4, e.prompt[:8] + prompt(rng, 2))
     assert ex.add(b) == (8, True) and ex.add(d) == (8, True)
-    mgr = ex.worker.manager  # storing 2 other blocks evicts A's (least recently looked up) before the load
-    mgr.wait(mgr.offload([7, 8], ex.blocks[2][:2]))
-    with pytest.raises(trt.KvbmLoadError, match=f"request 2 cache block {ex.blocks[2][0]}: block is in no tier"):
+    # Storing 2 other blocks evicts A's (least recently looked up) before B's load is planned.
+    store = ex.index.plan_store([7, 8], ex.blocks[2][:2]).moves[0]
+    ex.index.complete(store.move_id, {0: "not run", 1: "not run"})
+    with pytest.raises(trt.KvbmLoadError, match=f"request 2: engine block {ex.blocks[2][0]}: no longer stored"):
         ex.step()
     assert ex.worker.get_finished([], []) == ([], [4])
     assert ex.worker.get_finished([], [2]) == ([], [])
@@ -475,12 +530,12 @@ def test_salt_and_multimodal(make_executor):
     mm = Request(4, a.prompt, cache_salt_id=11, multimodal_hashes=[[1, 2]])
     assert ex.add(mm) == (0, False)
     ex.step()
-    assert all(m.request_id != 4 for m in ex.metas[-1].saves)
+    assert all(m.request_id != 4 for m in saves_of(ex.metas[-1]))
 
 
 def test_many_requests_no_leaks(make_executor):
     """Dozens of requests with shared prefixes through a small G2: every block returns to the executor, every
-    onboarded block holds the oracle bytes, the manager's invariants hold."""
+    onboarded block holds the oracle bytes, the index's invariants hold."""
     ex = make_executor(host_blocks=12)
     rng = np.random.default_rng(8)
     prefixes = [prompt(rng, 8) for _ in range(3)]
@@ -496,9 +551,9 @@ def test_many_requests_no_leaks(make_executor):
         ex.step()
         ex.finish(req)
         ex.step()
-        ex.worker.manager.check_invariants()
+        ex.index.check_invariants()
     assert not ex.blocks and sorted(ex.free) == list(range(NUM_BLOCKS))
-    hits = sum(len(m.loads) for m in ex.metas)
+    hits = sum(len(loads_of(m)) for m in ex.metas)
     assert hits == 40 - 3, hits  # every request after the first of its prefix loads the prefix
 
 
@@ -546,42 +601,47 @@ def test_import_without_tensorrt_llm_says_what_is_missing(tmp_path):
 
 # -- the leader's bookkeeping alone (no TensorRT-LLM involved) ----------------------------------------------------
 
-def test_tracked_request_hashes_incrementally_like_whole_prompt():
-    """Hashes computed block by block over many reports equal hashing all tokens at once; each block is handed
-    out once; drafts scheduled past the known tokens are not counted as valid."""
+def test_request_progress_hashes_incrementally_like_whole_prompt():
+    """Blocks stored over many reports carry the hashes of all tokens hashed at once and the reported block ids;
+    each block is planned once; drafts scheduled past the known tokens are not counted as valid."""
+    from kvbm.config import KvbmConfig
+    from kvbm.connectors.leader import ConnectorLeader
     from kvbm.hashing import salt_hash, sequence_hashes
-    from kvbm.trtllm_integration.metadata import TrackedRequest
+    from kvbm.kernels.medium import Medium
+    from kvbm.tiers import TierSpec
+    from kvbm.trtllm_integration.metadata import RequestProgress
 
     rng = np.random.default_rng(10)
     tokens = prompt(rng, 23)
     salt = salt_hash("s", None)
-    t = TrackedRequest(5, 4, salt)
-    t.report(tokens[:10], [9, 3, 7], 0, 6)
-    moves = [t.take_new_full_blocks()]
-    assert t.take_new_full_blocks() is None
-    t.report([], [], 6, 4)
-    moves.append(t.take_new_full_blocks())
+    leader = ConnectorLeader([TierSpec("G2", Medium.HOST, 64)], KvbmConfig(), 4)
+    t = RequestProgress(leader.track("5", salt), 4)
+
+    def report(*args) -> None:
+        t.report(*args)
+        leader.plan_stores(t.state, t.tokens, t.full_blocks)
+
+    report(tokens[:10], [9, 3, 7], 0, 6)
+    report([], [], 6, 0)  # nothing new: nothing planned again
+    report([], [], 6, 4)
     for p in range(10, 23):
-        t.report([tokens[p]], [11 + p] if p % 4 == 0 else [], p, 3)  # 3 scheduled: 2 are drafts
+        report([tokens[p]], [11 + p] if p % 4 == 0 else [], p, 3)  # 3 scheduled: 2 are drafts
         assert t.valid_tokens == p + 1
-        moves.append(t.take_new_full_blocks())
-    moves = [m for m in moves if m is not None]
-    assert [h for m in moves for h in m.seq_hashes] == sequence_hashes(tokens, 4, salt)
-    assert [b for m in moves for b in m.block_ids] == [9, 3, 7, 23, 27]
+    moves = [m for job in leader.take_step().stores for m in job.moves]
+    assert [h for m in moves for h in m.hashes] == sequence_hashes(tokens, 4, salt)
+    assert [b for m in moves for b in m.src_ids] == [9, 3, 7, 23, 27]
 
 
-def test_tracked_request_rejects_bad_reports():
-    from kvbm.trtllm_integration.metadata import BlockMove, TrackedRequest
+def test_request_progress_rejects_bad_reports():
+    from kvbm.connectors.leader import TrackedRequest
+    from kvbm.trtllm_integration.metadata import RequestProgress
 
-    with pytest.raises(ValueError, match="2 hashes but 1 block ids"):
-        BlockMove(1, (1, 2), (3,))
-    t = TrackedRequest(1, 4, 0)
+    t = RequestProgress(TrackedRequest("1", 0), 4)
     with pytest.raises(ValueError, match="computed_position must be >= 0, got -1"):
         t.report([1, 2], [0], -1, 1)
     with pytest.raises(TypeError, match="num_scheduled_tokens must be an int"):
         t.report([1, 2], [0], 0, 1.5)
-    t = TrackedRequest(1, 4, 0, valid_tokens=8)
-    t.loaded = BlockMove(1, (1, 2), (4, 5))
+    t = RequestProgress(TrackedRequest("1", 0), 4, valid_tokens=8, loaded=(4, 5))
     with pytest.raises(RuntimeError, match=r"loaded into cache blocks \[4, 5\] but the engine reports blocks "
                                            r"\[5, 4\]"):
         t.report(list(range(10)), [5, 4, 6], 0, 2)
@@ -595,7 +655,9 @@ def test_worker_reads_dyn_kvbm_environment(trt, monkeypatch, tmp_path):
     w = trt.DynamoKVBMConnectorWorker(llm_args())
     w.register_kv_caches(allocate("trtllm_pool", GEOM, 4, dtype=torch.bfloat16).tensors[0])
     try:
-        assert (w.manager.host.pool.num_blocks, w.manager.disk.pool.num_blocks) == (6, 5)
+        assert (w.worker.store.cache("G2").num_blocks, w.worker.store.cache("G3").num_blocks) == (6, 5)
+        index = trt.DynamoKVBMConnectorLeader(llm_args()).leader.index  # the leader reads them too
+        assert (index.pool("G2").num_blocks, index.pool("G3").num_blocks) == (6, 5)
         assert len(list(tmp_path.iterdir())) == 1  # the G3 file
     finally:
         w.close()

@@ -1,15 +1,9 @@
-"""What the TensorRT-LLM leader tells its worker each step, and the leader's per-request block bookkeeping.
+"""What the TensorRT-LLM leader sends its worker each step, and its view of one request's progress.
 
-Independent of TensorRT-LLM (plain data), so it is importable and testable without the engine.
-
-``ConnectorMetadata`` is the compact per-step message: the loads to start (stored blocks into freshly allocated
-cache blocks) and the saves to start after the forward pass (newly computed full blocks). Each move names the
-request, the blocks' sequence hashes and the engine's cache block ids, translated once here and carried as plain
-ints (the executor pickles the metadata to broadcast it).
-
-``TrackedRequest`` follows one request through ``RequestData`` reports: it accumulates the request's tokens and
-cache block ids, knows how many tokens have valid KV once the step being planned has run, hashes full blocks
-incrementally, and hands out each full block for offload exactly once.
+Plain data, importable without TensorRT-LLM. ``ConnectorMetadata`` carries one step's `StepPlan` (the executor
+pickles it to broadcast). ``RequestProgress`` follows one request through the executor's ``RequestData`` reports:
+it accumulates the tokens and the engine block ids (kept in the shared `TrackedRequest`, which hashes them), and
+knows how many tokens have valid KV once the step being planned has run.
 """
 from __future__ import annotations
 
@@ -17,32 +11,18 @@ import operator
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from kvbm.hashing import sequence_hashes
+from kvbm.connectors.leader import TrackedRequest
+from kvbm.connectors.messages import StepPlan
 
-__all__ = ["BlockMove", "ConnectorMetadata", "TrackedRequest", "non_negative_int"]
-
-
-@dataclass(frozen=True)
-class BlockMove:
-    """Blocks of one request to move: ``seq_hashes[i]`` is stored in / comes from cache block ``block_ids[i]``."""
-
-    request_id: int
-    seq_hashes: tuple[int, ...]
-    block_ids: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        if len(self.seq_hashes) != len(self.block_ids):
-            raise ValueError(f"request {self.request_id}: {len(self.seq_hashes)} hashes but {len(self.block_ids)} "
-                             f"block ids")
+__all__ = ["ConnectorMetadata", "RequestProgress", "non_negative_int"]
 
 
 @dataclass(frozen=True)
 class ConnectorMetadata:
-    """One step's plan for the worker: ``loads`` start in ``start_load_kv``, ``saves`` after the forward pass."""
+    """One step's plan: loads start in ``start_load_kv``, stores after the forward pass, cascades any time."""
 
     step: int
-    loads: tuple[BlockMove, ...] = ()
-    saves: tuple[BlockMove, ...] = ()
+    plan: StepPlan = field(default_factory=StepPlan)
 
 
 def non_negative_int(name: str, value: object) -> int:
@@ -59,22 +39,23 @@ def non_negative_int(name: str, value: object) -> int:
 
 
 @dataclass
-class TrackedRequest:
-    """The leader's view of one request (see the module docstring).
+class RequestProgress:
+    """The leader's view of one request's tokens and KV (see the module docstring).
 
     ``valid_tokens`` starts at the tokens whose KV is in the cache before the request's first computed step (the
-    engine's own prefix match plus the blocks this connector loads) and grows with each scheduled step.
+    engine's own prefix match plus the blocks loaded into ``loaded``) and grows with each scheduled step.
     """
 
-    request_id: int
+    state: TrackedRequest
     block_size: int
-    salt: int
     valid_tokens: int = 0
     tokens: list[int] = field(default_factory=list)
-    block_ids: list[int] = field(default_factory=list)
-    seq_hashes: list[int] = field(default_factory=list)
-    saved_blocks: int = 0  #: blocks [0, saved_blocks) were handed out for offload
-    loaded: BlockMove | None = None  #: the load planned for this request, checked against its first report
+    loaded: tuple[int, ...] = ()  #: engine blocks a load was planned into, checked against the first report
+
+    @property
+    def full_blocks(self) -> int:
+        """Leading full blocks whose KV is valid."""
+        return self.valid_tokens // self.block_size
 
     def report(self, new_tokens: Sequence[int], new_block_ids: Sequence[int], computed_position: int,
                num_scheduled_tokens: int) -> None:
@@ -88,33 +69,11 @@ class TrackedRequest:
         scheduled = non_negative_int("num_scheduled_tokens", num_scheduled_tokens)
         first = not self.tokens
         self.tokens += map(operator.index, new_tokens)
-        if new_block_ids:
-            self.block_ids += [non_negative_int("new_block_ids entry", b) for b in new_block_ids]
-        if first and self.loaded is not None:
-            self._check_loaded()
+        self.state.block_ids += [non_negative_int("new_block_ids entry", b) for b in new_block_ids]
+        if first and self.loaded:
+            start = self.valid_tokens // self.block_size - len(self.loaded)
+            mine = tuple(self.state.block_ids[start:start + len(self.loaded)])
+            if mine != self.loaded:  # the loaded KV would sit in the wrong blocks: fail loudly
+                raise RuntimeError(f"request {self.state.request_id}: blocks were loaded into cache blocks "
+                                   f"{list(self.loaded)} but the engine reports blocks {list(mine)} at those positions")
         self.valid_tokens = min(max(self.valid_tokens, position) + scheduled, len(self.tokens))
-
-    def _check_loaded(self) -> None:
-        """The blocks loaded must be the request's own blocks at the loaded positions (else the engine and this
-        connector disagree on block ids, and the loaded KV sits in the wrong blocks: fail loudly)."""
-        first = self.loaded.block_ids
-        start = self.valid_tokens // self.block_size - len(first)
-        mine = tuple(self.block_ids[start:start + len(first)])
-        if mine != first:
-            raise RuntimeError(f"request {self.request_id}: blocks were loaded into cache blocks {list(first)} but "
-                               f"the engine reports blocks {list(mine)} at those positions")
-
-    def take_new_full_blocks(self) -> BlockMove | None:
-        """The full blocks with valid KV not handed out before (hashes computed incrementally), or None."""
-        full = min(self.valid_tokens // self.block_size, len(self.block_ids))
-        if full <= self.saved_blocks:
-            return None
-        have = len(self.seq_hashes)
-        if full > have:
-            parent = self.seq_hashes[-1] if have else None
-            self.seq_hashes += sequence_hashes(self.tokens[have * self.block_size:full * self.block_size],
-                                               self.block_size, self.salt, parent_hash=parent)
-        move = BlockMove(self.request_id, tuple(self.seq_hashes[self.saved_blocks:full]),
-                         tuple(self.block_ids[self.saved_blocks:full]))
-        self.saved_blocks = full
-        return move
