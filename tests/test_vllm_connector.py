@@ -31,7 +31,6 @@ from kvbm.tiers import kvbm_tiers
 from kvbm.vllm_integration.connector import DynamoConnector, kvbm_config_from
 from kvbm.vllm_integration.metadata import DynamoConnectorMetadata
 from kvbm.vllm_integration.scheduler import SchedulerSide
-from kvbm.vllm_integration.worker import WorkerSide
 
 CONNECTOR = "kvbm.vllm_integration.connector:DynamoConnector"
 LAYERS = H.TinyModelSpec().num_layers
@@ -87,14 +86,14 @@ def run_counting(h: H.VllmHarness, workload: H.MultiTurnChatWorkload) -> Counter
 
 def worker_of(h: H.VllmHarness):
     """The worker side's engine-independent worker (tiers and store)."""
-    return h.worker.connector.worker_side.worker
+    return h.worker.connector.worker
 
 
 def assert_clean(h: H.VllmHarness) -> None:
     """Nothing leaked: vLLM's pool is full again, no request tracked on either side, nothing running, and the
     index's holds match its open moves."""
     assert h.free_block_count() == h.config.num_gpu_blocks - 1 and not h.scheduler.requests
-    assert h.scheduler.connector.scheduler_side.num_tracked_requests() == 0
+    assert not h.scheduler.connector.scheduler_side.leader.requests
     worker = worker_of(h)
     worker.store.wait_all()  # background cascades (G2 -> G3) may still be writing
     worker.poll()
@@ -481,10 +480,13 @@ def test_bad_kv_tensors_are_refused() -> None:
         describe_vllm_kv_caches({"a": torch.zeros(4, 3, 16, 2, 8)})
     with pytest.raises(TypeError, match="non-empty dict"):
         describe_vllm_kv_caches({})
-    worker = WorkerSide(KvbmConfig(cpu_cache_override_num_blocks=4), block_size=16, block_bytes=4096)
-    load = RequestLoad("r", (Move(1, MoveKind.LOAD, "G2", "G1", (0,), (1,), (7,)),))
-    with pytest.raises(RuntimeError, match="register_kv_caches"):
-        worker.start_load(DynamoConnectorMetadata(StepPlan(loads=[load])))
-    assert worker.get_finished() == (None, None)
+    with kvbm_harness() as h:
+        worker = DynamoConnector(h.vllm_config, H.KVConnectorRole.WORKER, h.plan.worker_config)
+        load = RequestLoad("r", (Move(1, MoveKind.LOAD, "G2", "G1", (0,), (1,), (7,)),))
+        worker.bind_connector_metadata(DynamoConnectorMetadata(StepPlan(loads=[load])))
+        with pytest.raises(RuntimeError, match="register_kv_caches"):
+            worker.start_load_kv(None)
+        assert worker.get_finished({"r"}) == (None, None)
+        worker.shutdown()
     with pytest.raises(ValueError, match="1 source ids, 2 destination ids"):
         Move(1, MoveKind.LOAD, "G2", "G1", (0,), (1, 2), (7,))

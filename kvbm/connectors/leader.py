@@ -19,6 +19,7 @@ from kvbm.hashing import sequence_hashes
 from kvbm.leader import BlockIndex, Match, MoveKind, MoveResult
 from kvbm.metrics import KvbmMetrics
 from kvbm.policies.admission import DiskAdmissionFilter
+from kvbm.policies.cost import LoadCostPolicy
 from kvbm.tiers import HOST_TIER, TierSpec
 
 __all__ = ["ConnectorLeader", "TrackedRequest"]
@@ -38,6 +39,10 @@ class TrackedRequest:
     saved: int = 0  #: leading full blocks handed out for storing
     stores: set[int] = field(default_factory=set)  #: store move ids not yet reported by every worker
     loading: bool = False
+    match_key: object = None  #: the admission attempt the last lookup answered
+    matched_blocks: int = 0  #: the engine's hit plus the stored run after it, in blocks
+    host_blocks: int = 0  #: the engine's hit plus the stored run's G2 part, in blocks
+    local_tokens: int = 0  #: the engine's own hit when the load was planned
 
     def hashes_upto(self, num_blocks: int, block_size: int, tokens: Sequence[int]) -> list[int]:
         """Sequence hashes of the first ``num_blocks`` full blocks of ``tokens`` (hashing only new blocks)."""
@@ -53,7 +58,10 @@ class ConnectorLeader:
     """The block index, the requests it serves and the step's plan (see the module docstring)."""
 
     def __init__(self, tiers: Sequence[TierSpec], config: KvbmConfig, block_size: int, *, num_workers: int = 1,
-                 metrics: KvbmMetrics | None = None, disk_filter: DiskAdmissionFilter | None = None) -> None:
+                 metrics: KvbmMetrics | None = None, disk_filter: DiskAdmissionFilter | None = None,
+                 cost: LoadCostPolicy | None = None) -> None:
+        """``cost``: the cost-aware hit rule applied to every lookup and fed the loads' timings (None reports
+        every hit); build it with ``LoadCostPolicy.from_config(config, [t.name for t in tiers], ...)``."""
         if not tiers:
             raise ValueError("no offload tier configured: set DYN_KVBM_CPU_CACHE_GB and/or DYN_KVBM_DISK_CACHE_GB "
                              "(or their *_OVERRIDE_NUM_BLOCKS)")
@@ -67,6 +75,7 @@ class ConnectorLeader:
         self.block_size = block_size
         self.num_workers = num_workers
         self.metrics = metrics
+        self.cost = cost
         self.requests: dict[str, TrackedRequest] = {}
         self._owner: dict[int, str] = {}  # store move id -> request id
         self._partial: dict[int, MoveResult] = {}  # results some workers reported
@@ -93,9 +102,51 @@ class ConnectorLeader:
 
     # -- lookups and plans -------------------------------------------------------------------------------------
 
+    def match(self, state: TrackedRequest, tokens: Sequence[int], num_computed_tokens: int, attempt: object = 0
+              ) -> int:
+        """Tokens stored right after the engine's (block-aligned) hit of ``num_computed_tokens``, in whole blocks.
+
+        The lookup starts at the first block the engine lacks (sequence hashes name whole prefixes, so blocks hot
+        in the engine, which may have left G2, do not cut the match short) and runs once per admission
+        ``attempt`` and engine hit; a retry reuses the answer.
+        """
+        if state.skip is not None:
+            return 0
+        full_blocks = len(tokens) // self.block_size
+        local_blocks = num_computed_tokens // self.block_size
+        if full_blocks <= local_blocks:
+            return 0
+        key = (attempt, local_blocks)
+        if state.match_key != key:
+            hashes = state.hashes_upto(full_blocks, self.block_size, tokens)[local_blocks:]
+            found, host = self.lookup(hashes, whole_prompt=len(tokens) == full_blocks * self.block_size)
+            state.match_key, state.matched_blocks, state.host_blocks = key, local_blocks + found, local_blocks + host
+        state.local_tokens = num_computed_tokens
+        return max(state.matched_blocks * self.block_size - num_computed_tokens, 0)
+
+    def plan_matched_load(self, state: TrackedRequest, block_ids: Sequence[int], num_blocks: int) -> RequestLoad:
+        """Load the first ``num_blocks`` matched blocks after the engine's hit into the request's blocks at those
+        positions (``block_ids``: all the request's engine blocks, in token order)."""
+        first = state.local_tokens // self.block_size
+        if first + num_blocks > min(len(block_ids), state.matched_blocks):
+            raise ValueError(f"request {state.request_id}: {num_blocks} blocks to load after {first} local ones; "
+                             f"{len(block_ids)} allocated, {state.matched_blocks} matched")
+        state.loading = True
+        return self.plan_load(state.request_id, state.hashes[first:first + num_blocks],
+                              block_ids[first:first + num_blocks])
+
+    def hit_split(self, state: TrackedRequest, num_tokens: int) -> tuple[int, int]:
+        """``(G2 tokens, tokens from lower tiers)`` of ``num_tokens`` planned for loading."""
+        host = min(max(state.host_blocks * self.block_size - state.local_tokens, 0), num_tokens)
+        return host, num_tokens - host
+
     def lookup(self, hashes: Sequence[int], *, whole_prompt: bool) -> tuple[int, int]:
-        """``(blocks matched, of which in G2)`` for the longest stored run of ``hashes`` (recorded in the metrics)."""
+        """``(blocks matched, of which in G2)`` for the longest stored run of ``hashes`` whose load is expected to be
+        faster than recomputing it (every hit without a cost rule); recorded in the metrics."""
         match: Match = self.index.lookup(hashes, whole_prompt=whole_prompt)
+        if self.cost is not None:
+            decision = self.cost.decide(match.hits)
+            match = Match(decision.num_blocks, decision.hits)
         host = dict(zip(self.index.tier_names, match.hits)).get(HOST_TIER, 0)
         if self.metrics is not None:
             self.metrics.record_request_lookup(len(hashes), host, match.num_blocks - host)
@@ -131,7 +182,8 @@ class ConnectorLeader:
         return StepPlan(loads, stores, cascades, preempted, list(held))
 
     def apply(self, report: WorkerReport) -> None:
-        """Take workers' results: a move completes once ``num_workers`` reported it."""
+        """Take workers' results: a move completes once ``num_workers`` reported it; a completed load's timing
+        (``MoveResult.seconds``, where workers report it) feeds the cost rule."""
         for move_id, result in report.results.items():
             if move_id in self._partial:
                 result = self._partial.pop(move_id).merged(result)
@@ -139,6 +191,10 @@ class ConnectorLeader:
                 self._partial[move_id] = result
                 continue
             move = self.index.complete(move_id, result.failed, result.lost)
+            seconds = getattr(result, "seconds", None)
+            if self.cost is not None and move.kind is MoveKind.LOAD and seconds is not None:
+                self.cost.observe_load(move.src_tier, num_bytes=(move.num_blocks - len(result.failed))
+                                       * self.cost.block_bytes, seconds=seconds)
             if move.kind is MoveKind.STORE:
                 owner = self.requests.get(self._owner.pop(move_id, ""))
                 if owner is not None:

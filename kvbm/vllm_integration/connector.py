@@ -1,39 +1,31 @@
-"""``DynamoConnector``: vLLM 0.33 KV connector backed by kvbm's tiers (G2 host, G3 disk).
-
-Drop-in for Dynamo KVBM's vLLM connector::
+"""``DynamoConnector``: vLLM 0.33 KV connector backed by kvbm's tiers, a drop-in for Dynamo KVBM's::
 
     vllm serve MODEL --kv-transfer-config '{"kv_connector": "DynamoConnector", "kv_role": "kv_both",
         "kv_connector_module_path": "kvbm.vllm_integration.connector"}'
 
-Sizes and options come from the ``DYN_KVBM_*`` environment (``kvbm.config.KvbmConfig``); entries of
-``kv_connector_extra_config`` named ``DYN_KVBM_*`` override the environment, and ``"kv_layout": "HND"`` asks vLLM
-for the LBHNC layout (default: vLLM's choice, LBNHC). A best-effort cache: blocks are stored after the forward
-that computed them and loaded asynchronously into a request's new blocks; a failed load is reported so vLLM
-recomputes. The scheduler role holds the block index (`scheduler`), the worker role the tiers' memory (`worker`);
-they talk only through vLLM's per-step metadata, so they may live in different processes. One worker per engine
-for now (no tensor or pipeline parallelism), one KV cache group (no hybrid models).
+Options come from ``DYN_KVBM_*`` (environment, overridden by such entries of ``kv_connector_extra_config``);
+``"kv_layout": "HND"`` asks vLLM for LBHNC. The scheduler role holds the block index (`scheduler`), the worker role
+this rank's tiers; they talk only through vLLM's per-step metadata (`metadata`). Blocks are stored after the
+forward that computed them and loaded asynchronously; a failed load is reported so vLLM recomputes it.
 """
 from __future__ import annotations
 
-import os
+import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (
-    KVConnectorBase_V1,
-    KVConnectorMetadata,
-    KVConnectorRole,
-)
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from kvbm.config import KvbmConfig
-from kvbm.connectors import process_metrics
+from kvbm.connectors import kvbm_config_from, process_metrics
 from kvbm.connectors.leader import ConnectorLeader
+from kvbm.connectors.messages import StepPlan
+from kvbm.connectors.worker import ConnectorWorker
+from kvbm.layouts.vllm_tensors import describe_vllm_kv_caches
 from kvbm.tiers import kvbm_tiers
 from kvbm.vllm_integration.metadata import DynamoConnectorMetadata, DynamoWorkerMetadata
 from kvbm.vllm_integration.scheduler import SchedulerSide
-from kvbm.vllm_integration.worker import WorkerSide
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -47,13 +39,9 @@ if TYPE_CHECKING:
 
 __all__ = ["DynamoConnector", "kvbm_config_from"]
 
+log = logging.getLogger(__name__)
+
 _LAYOUTS = ("NHD", "HND")  # what get_required_kvcache_layout may ask vLLM for
-
-
-def kvbm_config_from(extra_config: dict[str, Any]) -> KvbmConfig:
-    """``KvbmConfig`` from the environment, with ``DYN_KVBM_*`` entries of the connector's extra config on top."""
-    overrides = {k: str(v) for k, v in extra_config.items() if k.startswith("DYN_KVBM_")}
-    return KvbmConfig.from_env({**os.environ, **overrides})
 
 
 def _check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> None:
@@ -81,25 +69,24 @@ class DynamoConnector(KVConnectorBase_V1):
     """vLLM ``KVConnectorBase_V1`` that offloads full KV blocks to kvbm's tiers and loads prefix hits back."""
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
-        """Build the scheduler or the worker side for ``role``; raise ValueError for unsupported setups."""
+        """The scheduler side (block index) or the worker side (tiers, once KV caches are registered)."""
         super().__init__(vllm_config, role, kv_cache_config)
         _check_supported(vllm_config, kv_cache_config)
-        config = kvbm_config_from(self._kv_transfer_config.kv_connector_extra_config)
-        block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
-        block_bytes = _block_bytes(kv_cache_config)
+        self.config = kvbm_config_from(self._kv_transfer_config.kv_connector_extra_config)
+        self.block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+        self.block_bytes = _block_bytes(kv_cache_config)
         self.scheduler_side: SchedulerSide | None = None
-        self.worker_side: WorkerSide | None = None
+        self.worker: ConnectorWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
-            tiers = kvbm_tiers(config, block_bytes)
-            metrics = process_metrics.acquire(config)
+            metrics = process_metrics.acquire(self.config)
             try:
-                self.scheduler_side = SchedulerSide(ConnectorLeader(tiers, config, block_size, metrics=metrics))
+                leader = ConnectorLeader(kvbm_tiers(self.config, self.block_bytes), self.config, self.block_size,
+                                         metrics=metrics)
             except BaseException:
                 process_metrics.release()
                 raise
-        elif role == KVConnectorRole.WORKER:
-            self.worker_side = WorkerSide(config, block_size, block_bytes)
-        else:
+            self.scheduler_side = SchedulerSide(leader)
+        elif role != KVConnectorRole.WORKER:
             raise ValueError(f"role must be a KVConnectorRole, got {role!r}")
 
     @classmethod
@@ -117,10 +104,10 @@ class DynamoConnector(KVConnectorBase_V1):
         return False
 
     @property
-    def _worker(self) -> WorkerSide:
-        if self.worker_side is None:
-            raise RuntimeError("this DynamoConnector has the scheduler role")
-        return self.worker_side
+    def _worker(self) -> ConnectorWorker:
+        if self.worker is None:
+            raise RuntimeError("register_kv_caches has not been called on this worker: no tiers yet")
+        return self.worker
 
     @property
     def _scheduler(self) -> SchedulerSide:
@@ -128,26 +115,44 @@ class DynamoConnector(KVConnectorBase_V1):
             raise RuntimeError("this DynamoConnector has the worker role")
         return self.scheduler_side
 
-    def _meta(self, meta: KVConnectorMetadata | None = None) -> DynamoConnectorMetadata:
-        """The given (default: the bound) metadata, checked to be ours."""
+    def _plan(self, meta: KVConnectorMetadata | None = None) -> StepPlan:
+        """The plan of the given (default: the bound) metadata, checked to be ours."""
         meta = self._get_connector_metadata() if meta is None else meta
         if not isinstance(meta, DynamoConnectorMetadata):
             raise TypeError(f"expected DynamoConnectorMetadata, got {type(meta).__name__}")
-        return meta
+        return meta.plan
 
     # -- worker side -----------------------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """Describe the KV tensors and allocate this rank's tiers."""
-        self._worker.register_kv_caches(kv_caches)
+        """Describe vLLM's KV tensors and allocate this rank's tiers for them."""
+        if self.worker is not None:
+            raise RuntimeError("register_kv_caches was already called on this worker")
+        cache = describe_vllm_kv_caches(kv_caches)
+        g = cache.geometry
+        if g.block_size != self.block_size or g.block_bytes != self.block_bytes:
+            raise ValueError(f"KV tensors hold blocks of {g.block_size} tokens, {g.block_bytes} bytes; the KV cache "
+                             f"config says {self.block_size} tokens, {self.block_bytes} bytes")
+        log.info("kvbm: %d layers, %d GPU blocks of %d bytes, layout %s", g.num_layers, cache.num_blocks,
+                 g.block_bytes, cache.name)
+        metrics = process_metrics.acquire(self.config)
+        try:
+            self.worker = ConnectorWorker(cache, kvbm_tiers(self.config, g.block_bytes), self.config, metrics=metrics)
+        except BaseException:
+            process_metrics.release()
+            raise
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
-        """Finish stores reading blocks of preempted requests before vLLM reuses them."""
-        self._worker.handle_preemptions(self._meta(kv_connector_metadata))
+        """Finish the stores still reading blocks of requests preempted this step, before vLLM reuses them."""
+        preempted = self._plan(kv_connector_metadata).preempted
+        if preempted:
+            self._worker.finish_stores_of(preempted)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         """Start the step's loads (asynchronous: completion comes through ``get_finished``) and cascades."""
-        self._worker.start_load(self._meta())
+        plan = self._plan()
+        self._worker.start_loads(plan.loads)
+        self._worker.start_cascades(plan.cascades)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Nothing to wait for: loads are asynchronous, for requests not in this forward."""
@@ -157,12 +162,17 @@ class DynamoConnector(KVConnectorBase_V1):
         """Nothing per layer: whole blocks are stored after the forward."""
 
     def wait_for_save(self) -> None:
-        """Start the stores of the blocks this step computed (does not wait for them)."""
-        self._worker.save(self._meta())
+        """Start the stores of the blocks this step computed (without waiting for them); note held requests."""
+        plan = self._plan()
+        self._worker.start_stores(plan.stores)
+        self._worker.hold(plan.held)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        """``(finished_sending, finished_recving)``."""
-        return self._worker.get_finished()
+        """``(finished_sending, finished_recving)``: held requests whose stores are done, loaded requests."""
+        if self.worker is None:
+            return None, None
+        sending, recving = self.worker.poll()
+        return sending or None, recving or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """GPU blocks whose load failed (vLLM recomputes them)."""
@@ -170,15 +180,18 @@ class DynamoConnector(KVConnectorBase_V1):
 
     def build_connector_worker_meta(self) -> DynamoWorkerMetadata | None:
         """Move results since the last step, for the scheduler side."""
-        return self.worker_side.take_report() if self.worker_side is not None else None
+        report = self.worker.take_report() if self.worker is not None else None
+        return DynamoWorkerMetadata(report) if report is not None else None
 
     def shutdown(self) -> None:
-        """Worker: finish transfers and release the tiers; scheduler: release the metrics."""
-        if self.worker_side is not None:
-            self.worker_side.shutdown()
-        elif self.scheduler_side is not None:
-            self.scheduler_side = None
-            process_metrics.release()
+        """Worker: finish transfers and release the tiers. Either side: release the process's metrics."""
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
+        elif self.scheduler_side is None:
+            return
+        self.scheduler_side = None
+        process_metrics.release()
 
     # -- scheduler side --------------------------------------------------------------------------------------
 

@@ -1,9 +1,6 @@
-"""Per-step messages between the two sides of the vLLM connector, as vLLM's metadata types.
-
-``DynamoConnectorMetadata`` goes from the scheduler side to the workers with every scheduler step (vLLM attaches
-it to ``SchedulerOutput.kv_connector_metadata``) and carries the step's `StepPlan`; ``DynamoWorkerMetadata`` comes
-back with the model runner output (``KVConnectorOutput.kv_connector_worker_meta``) and carries a `WorkerReport`.
-"""
+"""Per-step messages between the vLLM connector's sides as vLLM's metadata types: the step's `StepPlan` goes to
+the workers (``SchedulerOutput.kv_connector_metadata``), their `WorkerReport`s come back
+(``KVConnectorOutput.kv_connector_worker_meta``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
