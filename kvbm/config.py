@@ -6,6 +6,13 @@ before allocating anything, so a cache that cannot fit fails with a clear messag
 half-written disk. ``host_enabled`` / ``disk_enabled`` / ``disk_only`` say which tiers exist (disk-only mode moves
 blocks G1 -> G3 directly). Every error names the variable, the bad value and what is expected.
 
+Cost-aware hits (`kvbm.policies.cost`): a tier's prefix hit is reported only where loading it is expected to be faster
+than recomputing it. ``*_LOAD_GB_PER_S`` (load bandwidth, GB/s), ``*_LOAD_LATENCY_MS`` (fixed time per load) and
+``PREFILL_TOKENS_PER_S`` (the engine's prefill rate) are the cold-start values, replaced by online estimates once
+loads (and, where the connector reports them, prefill steps) are measured; ``COST_PROBE_SECS`` is how often a tier
+whose hits are dropped is loaded anyway (one batch) to re-measure it, 0 never; ``DISABLE_COST_AWARE_HITS`` reports
+every hit.
+
 Sizes: ``*_CACHE_GB`` are in GB of 1e9 bytes (floats allowed); a ``*_OVERRIDE_NUM_BLOCKS`` variable, when set,
 wins over the GB size of its tier. An empty variable counts as unset. Unknown ``DYN_KVBM_*`` names are logged as
 a warning (a typo must not silently drop a setting), not rejected, since other KVBM deployments set variables this
@@ -73,6 +80,13 @@ def _parse_float(name: str, text: str) -> float:
         raise _bad(name, text, "a number of GB (1 GB = 1e9 bytes), e.g. 4 or 0.5") from None
 
 
+def _parse_number(name: str, text: str) -> float:
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise _bad(name, text, _FLOAT_RANGES[name][3]) from None
+
+
 def _parse_path(name: str, text: str) -> Path:
     return Path(text.strip())
 
@@ -97,6 +111,13 @@ class KvbmConfig:
     max_transfer_batch_size: int = 16
     max_concurrent_transfers: int = 4
     host_offload_prefix_min_priority: int = 0
+    disable_cost_aware_hits: bool = False
+    host_load_gb_per_s: float = 20.0
+    disk_load_gb_per_s: float = 1.5
+    host_load_latency_ms: float = 0.05
+    disk_load_latency_ms: float = 0.2
+    prefill_tokens_per_s: float = 10_000.0
+    cost_probe_secs: float = 60.0
 
     def __post_init__(self) -> None:
         """Check types and ranges, so a config built directly is held to the same rules as one from the env."""
@@ -115,6 +136,13 @@ class KvbmConfig:
             elif f.name in _BOOL_FIELDS:
                 if not isinstance(value, bool):
                     raise _bad(f.name, value, "a boolean")
+            elif f.name in _FLOAT_RANGES:
+                lo, hi, lo_open, what = _FLOAT_RANGES[f.name]
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise _bad(f.name, value, what)
+                if not math.isfinite(value) or value > hi or value < lo or (lo_open and value == lo):
+                    raise _bad(f.name, value, what)
+                object.__setattr__(self, f.name, float(value))
             elif f.name.endswith("_gb"):
                 if value is None:
                     continue
@@ -241,8 +269,28 @@ def _parse_choice(name: str, text: str) -> str:
 
 
 _BOOL_FIELDS = frozenset(
-    {"disable_disk_offload_filter", "disk_zerofill_fallback", "disk_disable_o_direct", "metrics"}
+    {"disable_disk_offload_filter", "disk_zerofill_fallback", "disk_disable_o_direct", "metrics",
+     "disable_cost_aware_hits"}
 )
+
+# Cold-start values of the cost-aware hit rule (`kvbm.policies.cost`), chosen for an 8B model (Llama-3-8B:
+# 128 KiB of KV per token, 2 MiB per 16-token block) on one H100/H200:
+# - G2 20 GB/s: the PCIe ceiling measured H2D on H200 is ~55 GB/s for large copies; a block is many per-layer
+#   chunks, so a load reaches well under it. Even at 20 GB/s a G2 block loads ~15x faster than it recomputes.
+# - G3 1.5 GB/s: just under the 1.6-2.3 GB/s measured from disk on H200 through the bounce path.
+# - prefill 10k tokens/s: the low end for an 8B model at long prompts (~16 GFLOP per token plus attention).
+#   Erring low makes recompute look slow, so before any measurement hits are reported as they are without the
+#   rule; measured loads then correct the estimate. With these values G3 breaks even at 1.31 GB/s for 8B.
+# - latency 0.05 ms (a host copy's launch and sync) and 0.2 ms (an NVMe read through the disk threads) per load.
+# field -> (minimum, maximum, minimum excluded, what is expected)
+_FLOAT_RANGES: dict[str, tuple[float, float, bool, str]] = {
+    "host_load_gb_per_s": (0.0, 1e4, True, "a positive, finite load bandwidth in GB/s (1e9 bytes/s), at most 1e4"),
+    "disk_load_gb_per_s": (0.0, 1e4, True, "a positive, finite load bandwidth in GB/s (1e9 bytes/s), at most 1e4"),
+    "host_load_latency_ms": (0.0, 1e6, False, "a non-negative, finite latency per load in milliseconds, at most 1e6"),
+    "disk_load_latency_ms": (0.0, 1e6, False, "a non-negative, finite latency per load in milliseconds, at most 1e6"),
+    "prefill_tokens_per_s": (0.0, 1e9, True, "a positive, finite prefill rate in tokens per second, at most 1e9"),
+    "cost_probe_secs": (0.0, 1e9, False, "a non-negative, finite number of seconds (0: never probe), at most 1e9"),
+}
 
 _INT63, _INT31 = 2**63 - 1, 2**31 - 1
 
@@ -265,6 +313,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "metrics_host": lambda name, text: text.strip(),
     **{name: _parse_bool for name in _BOOL_FIELDS},
     **{name: _parse_int for name in _INT_RANGES},
+    **{name: _parse_number for name in _FLOAT_RANGES},
 }
 
 

@@ -9,6 +9,10 @@ process. The manager calls:
 - ``record_request_lookup(num_blocks_requested, host_hits, disk_hits)`` once per request's prefix lookup; the hit
   rate gauges cover the last ``window`` (1000) requests.
 - ``record_matched_tokens(num_tokens)`` with the tokens reported to the engine as already computed.
+- from the cost-aware hit rule (`kvbm.policies.cost`): ``set_load_bandwidth(tier, bytes_per_second)`` and
+  ``set_prefill_rate(tokens_per_second)`` with its current estimates, ``record_cost_dropped(tier, num_blocks)``
+  with the hits it did not report. ``add_transfer_listener(fn)`` has ``fn`` called with every batch passed to
+  ``record_transfer`` (how the rule learns load bandwidths in a process that runs the transfers).
 
 ``start_server(port)`` serves the exposition over HTTP (``DYN_KVBM_METRICS_PORT``, on ``DYN_KVBM_METRICS_HOST``,
 127.0.0.1 by default) and ``render()`` returns it.
@@ -19,14 +23,19 @@ Exposed names:
   (G3->G1), ``kvbm_matched_tokens``;
 - ``kvbm_host_cache_hit_rate``, ``kvbm_disk_cache_hit_rate`` (gauges, 0..1);
 - per direction: ``kvbm_transfer_bytes``, ``kvbm_transfer_failed_blocks`` (totals, same convention) and the
-  histogram ``kvbm_transfer_seconds`` (``_bucket`` / ``_sum`` / ``_count``) of the time per batch.
+  histogram ``kvbm_transfer_seconds`` (``_bucket`` / ``_sum`` / ``_count``) of the time per batch;
+- the cost-aware hit rule's gauges ``kvbm_load_bandwidth_bytes_per_second`` (per ``tier``) and
+  ``kvbm_prefill_tokens_per_second``, and its total ``kvbm_cost_dropped_blocks`` (per ``tier``: blocks found but
+  not reported, recomputing them being expected faster than loading them).
 """
 from __future__ import annotations
 
+import logging
 import math
 import threading
+import weakref
 from collections import deque
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest, start_http_server
@@ -35,7 +44,15 @@ from prometheus_client.registry import Collector
 
 from .config import metrics_host_from_env
 
-__all__ = ["KvbmMetrics", "DIRECTIONS", "KVBM_BLOCK_COUNTERS"]
+__all__ = ["KvbmMetrics", "DIRECTIONS", "KVBM_BLOCK_COUNTERS", "COST_TIERS", "TransferListener"]
+
+log = logging.getLogger(__name__)
+
+#: Tiers whose cost-rule series are exposed from the start (others appear when first set).
+COST_TIERS: tuple[str, ...] = ("G2", "G3")
+
+#: Called as ``fn(direction, blocks_ok=..., blocks_failed=..., num_bytes=..., seconds=...)`` per finished batch.
+TransferListener = Callable[..., None]
 
 # Tier pairs a batch can move blocks between. The direction label uses these rather than KVBM's d2h/h2d words,
 # which are ambiguous ("h2d" is both G2->G3 offload and G2->G1 onboard in KVBM's counter names).
@@ -134,6 +151,9 @@ class KvbmMetrics:
                          ("direction",), by_direction)
         self._totals.add("kvbm_transfer_failed_blocks", "Blocks whose transfer failed, per direction (total)",
                          ("direction",), by_direction)
+        self._totals.add("kvbm_cost_dropped_blocks", "Blocks found in a tier but not reported to the engine, "
+                         "recomputing them being expected faster than loading them, per tier (total)",
+                         ("tier",), [(t,) for t in COST_TIERS])
         self.registry.register(self._totals)
 
         self._host_rate = Gauge("kvbm_host_cache_hit_rate",
@@ -146,6 +166,13 @@ class KvbmMetrics:
                                   ["direction"], buckets=_SECONDS_BUCKETS, registry=self.registry)
         for d in DIRECTIONS:
             self._seconds.labels(d)
+        self._bandwidth = Gauge("kvbm_load_bandwidth_bytes_per_second",
+                                "Estimated load bandwidth into the engine's cache, per source tier (measured, else "
+                                "configured)", ["tier"], registry=self.registry)
+        self._prefill = Gauge("kvbm_prefill_tokens_per_second",
+                              "Estimated prefill rate of the engine (measured, else configured)", registry=self.registry)
+        self._gauge_values: dict[tuple[str, str], float] = {}
+        self._listeners: list[Callable[[], TransferListener | None]] = []  # weak or strong references
 
         self._window: deque[tuple[int, int, int]] = deque()
         self._window_len = window
@@ -175,6 +202,49 @@ class KvbmMetrics:
         if blocks_failed:
             self._totals.inc("kvbm_transfer_failed_blocks", blocks_failed, (direction,))
         self._seconds.labels(direction).observe(seconds)
+        for ref in list(self._listeners):
+            fn = ref()
+            if fn is None:
+                self._listeners.remove(ref)
+                continue
+            try:
+                fn(direction, blocks_ok=blocks_ok, blocks_failed=blocks_failed, num_bytes=num_bytes, seconds=seconds)
+            except Exception:  # noqa: BLE001 - a listener must not fail the transfer's accounting
+                log.exception("transfer listener %r failed", fn)
+
+    def add_transfer_listener(self, fn: TransferListener) -> None:
+        """Call ``fn`` with every batch ``record_transfer`` accounts; held weakly for bound methods (a listener's
+        owner going away removes it)."""
+        if not callable(fn):
+            raise TypeError(f"a transfer listener must be callable, got {type(fn).__name__}")
+        if hasattr(fn, "__self__") and hasattr(fn, "__func__"):
+            self._listeners.append(weakref.WeakMethod(fn))
+        else:
+            self._listeners.append(lambda fn=fn: fn)
+
+    def set_load_bandwidth(self, tier: str, bytes_per_second: float) -> None:
+        """Publish the current load bandwidth estimate of ``tier`` (bytes/s)."""
+        self._gauge_values[("kvbm_load_bandwidth_bytes_per_second", tier)] = self._check_rate(
+            "bytes_per_second", bytes_per_second)
+        self._bandwidth.labels(tier).set(bytes_per_second)
+
+    def set_prefill_rate(self, tokens_per_second: float) -> None:
+        """Publish the current prefill rate estimate (tokens/s)."""
+        self._gauge_values[("kvbm_prefill_tokens_per_second", "")] = self._check_rate(
+            "tokens_per_second", tokens_per_second)
+        self._prefill.set(tokens_per_second)
+
+    def record_cost_dropped(self, tier: str, num_blocks: int) -> None:
+        """Add ``num_blocks`` hits of ``tier`` that were not reported because recomputing them was cheaper."""
+        n = _check_count("num_blocks", num_blocks)
+        if n:
+            self._totals.inc("kvbm_cost_dropped_blocks", n, (tier,))
+
+    @staticmethod
+    def _check_rate(name: str, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite, non-negative number, got {value!r}")
+        return float(value)
 
     def record_matched_tokens(self, num_tokens: int) -> None:
         """Add the tokens of one lookup that the engine was told are available from the offload tiers."""
@@ -202,9 +272,19 @@ class KvbmMetrics:
             self._host_rate.set(self._rates[0])
             self._disk_rate.set(self._rates[1])
 
-    def value(self, name: str, direction: str | None = None) -> float:
-        """Current value of a kvbm_* total or hit-rate gauge by its exposed name (``direction`` for the
-        per-direction totals); for reports such as the replay's."""
+    def value(self, name: str, direction: str | None = None, *, tier: str | None = None) -> float:
+        """Current value of a kvbm_* total or gauge by its exposed name (``direction`` for the per-direction
+        totals, ``tier`` for the per-tier ones); for reports such as the replay's."""
+        if name in ("kvbm_load_bandwidth_bytes_per_second", "kvbm_cost_dropped_blocks") and tier is None:
+            raise ValueError(f"{name} needs a tier, e.g. tier='G3'")
+        if name == "kvbm_load_bandwidth_bytes_per_second":
+            return self._gauge_values.get((name, tier), 0.0)
+        if name == "kvbm_prefill_tokens_per_second":
+            return self._gauge_values.get((name, ""), 0.0)
+        if name == "kvbm_cost_dropped_blocks":
+            return float(self._totals.get(name, (tier,)))
+        if tier is not None:
+            raise ValueError(f"{name} has no tier label; got tier={tier!r}")
         if name == "kvbm_host_cache_hit_rate":
             return self._rates[0]
         if name == "kvbm_disk_cache_hit_rate":
