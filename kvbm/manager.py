@@ -41,6 +41,7 @@ from kvbm.leader import ENGINE_TIER, BlockIndex, Move, MoveResult
 from kvbm.leader.index import as_hashes
 from kvbm.metrics import KvbmMetrics
 from kvbm.policies.admission import DiskAdmissionFilter
+from kvbm.policies.cost import LoadCostPolicy
 from kvbm.tiers import HOST_TIER, TierSpec, kvbm_tiers
 from kvbm.worker.store import BlockStore
 from kvbm.worker.tier_memory import allocate_tier, close_tier
@@ -123,14 +124,15 @@ class BlockManager:
 
     def __init__(self, gpu_cache: PagedKVCache, config: KvbmConfig, *, metrics: KvbmMetrics | None = None,
                  disk_filter: DiskAdmissionFilter | None = None,
-                 tiers: Sequence[TierSpec] | None = None) -> None:
+                 tiers: Sequence[TierSpec] | None = None, cost: LoadCostPolicy | None = None) -> None:
         """Size and allocate the tiers from ``config`` (validated with ``check_fits`` first), or take ``tiers``
         (in order; blocks enter the first, the tiers below it admit through ``disk_filter``) as given.
 
         ``gpu_cache`` is the engine's cache (on CPU for tests and CPU engines); ``metrics`` defaults to a private
         ``KvbmMetrics``, served on ``DYN_KVBM_METRICS_PORT`` while the manager is open when ``DYN_KVBM_METRICS`` is
         true (a ``metrics`` object passed in is served by its owner); ``disk_filter`` defaults to KVBM's filter
-        (disabled by ``DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER``). Raises KvbmConfigError when no tier is
+        (disabled by ``DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER``); ``cost`` defaults to the cost-aware hit rule of
+        ``config``, which learns load bandwidths from the store's transfers. Raises KvbmConfigError when no tier is
         configured or a tier does not fit.
         """
         if not isinstance(gpu_cache, PagedKVCache):
@@ -159,6 +161,10 @@ class BlockManager:
         self.index = BlockIndex([t.index_config(self.filter if k else None) for k, t in enumerate(tiers)],
                                 batch_size=config.max_transfer_batch_size,
                                 min_priority=config.host_offload_prefix_min_priority)
+        self.cost = cost if cost is not None else LoadCostPolicy.from_config(
+            config, self.index.tier_names, block_bytes=self.block_bytes, block_tokens=self.geometry.block_size,
+            metrics=self.metrics)
+        self.metrics.add_transfer_listener(self.cost.observe_transfer)
         transfers = Transfers(device=gpu_cache.device if gpu_cache.device.type == "cuda" else None,
                               disk_io=config.disk_io, bounce_blocks=config.max_transfer_batch_size,
                               bounce_chunks=config.bounce_chunks())
@@ -255,7 +261,8 @@ class BlockManager:
         return self.poll()
 
     def lookup(self, seq_hashes: Sequence[int], *, num_tokens: int | None = None) -> Match:
-        """Longest stored prefix of ``seq_hashes``: blocks in G2 first, then G3 from where G2 stopped.
+        """Longest stored prefix of ``seq_hashes``: blocks in G2 first, then G3 from where G2 stopped; a tier's part
+        is reported only where loading it is expected to be faster than recomputing it (``self.cost``).
 
         When the whole prompt matched, the last block is not reported (the engine must compute at least one
         token). ``num_tokens`` is the prompt's length: when it goes past the full blocks, a match of every full
@@ -268,7 +275,7 @@ class BlockManager:
             raise ValueError(f"num_tokens must be a non-negative int, got {num_tokens!r}")
         self._apply(self.store.poll())  # moves that landed since the last poll count
         whole = num_tokens is None or num_tokens <= len(hashes) * self.geometry.block_size
-        found = self.index.lookup(hashes, whole_prompt=whole)
+        found = self.cost.decide(self.index.lookup(hashes, whole_prompt=whole).hits)
         by_name = dict(zip(self.index.tier_names, found.hits))
         host = by_name.get(HOST_TIER, 0)
         match = Match(found.num_blocks, host, found.num_blocks - host)

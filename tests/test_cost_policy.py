@@ -1,0 +1,337 @@
+"""Cost-aware hits: the rule on constructed numbers, learning, probes, the off switch, its DYN_KVBM_* variables and
+metrics, the connector leader's lookup, and a BlockManager on CPU whose disk turns slow."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from kvbm.config import GB, KvbmConfig, KvbmConfigError
+from kvbm.connectors.leader import ConnectorLeader
+from kvbm.connectors.messages import WorkerReport
+from kvbm.kernels.medium import Medium
+from kvbm.leader import MoveResult
+from kvbm.manager import BlockManager, BlockResult, Match
+from kvbm.metrics import KvbmMetrics
+from kvbm.policies.cost import LoadCostPolicy
+from kvbm.tiers import TierSpec
+from manager_testkit import GEOM, config, make_gpu
+
+MIB = 2**20
+BLOCK = 2 * MIB  # an 8B model's 16-token block (128 KiB of KV per token)
+
+
+def policy(g3_bw: float = 2e9, *, g2_bw: float = 20e9, g3_latency: float = 0.2e-3, prefill: float = 10_000.0,
+           **kw) -> LoadCostPolicy:
+    """16-token blocks of 2 MiB: recompute 1.6 ms per block at 10k tokens/s."""
+    return LoadCostPolicy(["G2", "G3"], block_bytes=BLOCK, block_tokens=16, bandwidth={"G2": g2_bw, "G3": g3_bw},
+                          latency={"G2": 0.05e-3, "G3": g3_latency}, prefill_rate=prefill, **kw)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# -- the rule ------------------------------------------------------------------------------------------------------
+
+def test_g3_slower_than_recompute_is_dropped_and_g2_kept():
+    p = policy(g3_bw=1e9)  # 2.1 ms per G3 block against 1.6 ms of recompute
+    d = p.decide((4, 8))
+    assert (d.num_blocks, d.hits, d.dropped, d.probe) == (4, (4, 0), (0, 8), False)
+    assert d.load_seconds < d.recompute_seconds
+    assert p.decide((0, 8)).num_blocks == 0  # a G3-only match: nothing worth loading
+    # the full match would still be cheaper in total, but only because of G2: its G3 part is never reported
+    d = p.decide((100, 2))
+    assert p.load_seconds((100, 2)) < p.recompute_seconds(102) and d.hits == (100, 0)
+
+
+def test_g3_prefix_worth_loading_is_kept():
+    p = policy(g3_bw=2e9)  # 1.05 ms per G3 block
+    assert p.decide((4, 8)).hits == (4, 8)
+    assert p.decide((0, 8)).hits == (0, 8)
+    # the fixed latency must be paid back: 2 blocks save 1.1 ms, less than a 5 ms latency; 20 blocks save 11 ms
+    slow_start = policy(g3_bw=2e9, g3_latency=5e-3)
+    assert slow_start.decide((0, 2)).num_blocks == 0
+    assert slow_start.decide((3, 2)).hits == (3, 0)
+    assert slow_start.decide((0, 20)).hits == (0, 20)
+
+
+def test_g2_is_dropped_only_when_it_cannot_pay_its_latency():
+    p = LoadCostPolicy(["G2", "G3"], block_bytes=BLOCK, block_tokens=16, bandwidth={"G2": 20e9, "G3": 2e9},
+                       latency={"G2": 2e-3, "G3": 0.2e-3}, prefill_rate=10_000.0)
+    assert p.decide((1, 0)).num_blocks == 0  # 2.1 ms of load against 1.6 ms of recompute
+    assert p.decide((1, 10)).hits == (1, 10)  # the G3 run after it pays for both
+    assert p.decide((2, 0)).hits == (2, 0)
+
+
+def test_whole_tier_parts_and_more_tiers():
+    p = LoadCostPolicy(["G2", "G3", "G4"], block_bytes=BLOCK, block_tokens=16,
+                       bandwidth={"G2": 20e9, "G3": 2e9, "G4": 0.5e9}, latency={"G2": 0, "G3": 0, "G4": 0},
+                       prefill_rate=10_000.0)
+    assert p.decide((2, 3, 4)).hits == (2, 3, 0)
+    assert p.decide((0, 0, 0)).num_blocks == 0
+    with pytest.raises(ValueError, match="3 non-negative ints"):
+        p.decide((1, 2))
+
+
+def test_off_switch_reports_every_hit():
+    cfg = KvbmConfig.from_env({"DYN_KVBM_DISABLE_COST_AWARE_HITS": "true", "DYN_KVBM_DISK_LOAD_GB_PER_S": "0.001"})
+    p = LoadCostPolicy.from_config(cfg, ["G2", "G3"], block_bytes=BLOCK, block_tokens=16)
+    assert not p.enabled
+    d = p.decide((4, 8))
+    assert d.hits == (4, 8) and d.dropped == (0, 0)
+    on = LoadCostPolicy.from_config(KvbmConfig(disk_load_gb_per_s=0.001), ["G2", "G3"], block_bytes=BLOCK,
+                                    block_tokens=16)
+    assert on.enabled and on.decide((4, 8)).hits == (4, 0)
+
+
+# -- learning --------------------------------------------------------------------------------------------------
+
+def test_bandwidth_learned_from_loads_converges():
+    p = policy(g3_bw=2e9, alpha=0.2)
+    assert p.decide((4, 8)).hits == (4, 8)
+    for _ in range(40):  # 16 blocks in 0.2 ms of latency + 0.32 s: 100 MB/s
+        p.observe_load("G3", num_bytes=16 * BLOCK, seconds=0.2e-3 + 16 * BLOCK / 1e8)
+    assert p.bandwidth("G3") == pytest.approx(1e8, rel=1e-6)
+    assert p.decide((4, 8)).hits == (4, 0)
+    for _ in range(60):  # the disk recovers: 3 GB/s
+        p.observe_load("G3", num_bytes=16 * BLOCK, seconds=0.2e-3 + 16 * BLOCK / 3e9)
+    assert p.bandwidth("G3") == pytest.approx(3e9, rel=0.01)
+    assert p.decide((4, 8)).hits == (4, 8)
+    assert p.bandwidth("G2") == 20e9  # not measured: still the configured value
+
+
+def test_first_measurement_replaces_the_default_and_failed_blocks_cost_time():
+    p = policy(g3_bw=2e9, g3_latency=0.0)
+    p.observe_load("G3", num_bytes=0, seconds=1.0)  # every block failed after a second
+    assert p.bandwidth("G3") == 0.0
+    d = p.decide((4, 8))
+    assert d.hits == (4, 0) and p.load_seconds((4, 8)) == float("inf")
+
+
+def test_transfer_listener_feeds_only_loads_into_g1():
+    metrics = KvbmMetrics()
+    p = policy(g3_bw=2e9, g3_latency=0.0, metrics=metrics)
+    metrics.add_transfer_listener(p.observe_transfer)
+    metrics.record_transfer("g2_to_g3", blocks_ok=4, num_bytes=4 * BLOCK, seconds=100.0)  # a cascade: not a load
+    assert p.bandwidth("G3") == 2e9
+    metrics.record_transfer("g3_to_g1", blocks_ok=4, num_bytes=4 * BLOCK, seconds=4 * BLOCK / 5e7)
+    assert p.bandwidth("G3") == pytest.approx(5e7)
+    assert metrics.value("kvbm_load_bandwidth_bytes_per_second", tier="G3") == pytest.approx(5e7)
+    del p  # a bound method is held weakly: the listener goes with its policy
+    metrics.record_transfer("g3_to_g1", blocks_ok=1, num_bytes=BLOCK, seconds=1.0)
+
+
+def test_prefill_rate_learned_from_steps():
+    p = policy(g3_bw=1e9)  # G3 loses at 10k tokens/s ...
+    assert p.decide((4, 8)).hits == (4, 0)
+    for _ in range(30):
+        p.observe_prefill(4096, 4096 / 5000)  # ... and wins at 5k tokens/s (3.2 ms per block)
+    assert p.prefill_rate == pytest.approx(5000)
+    assert p.decide((4, 8)).hits == (4, 8)
+    with pytest.raises(ValueError, match="seconds"):
+        p.observe_prefill(10, 0.0)
+
+
+def test_a_dropped_tier_is_probed_with_one_batch_per_interval():
+    clock = Clock()
+    p = policy(g3_bw=1e9, probe_seconds=60.0, probe_blocks=4, clock=clock)
+    assert p.decide((2, 10)).hits == (2, 0)
+    clock.now += 60
+    d = p.decide((2, 10))
+    assert d.probe and d.hits == (2, 4) and d.dropped == (0, 6)
+    assert p.decide((2, 10)).hits == (2, 0)  # once per interval
+    clock.now += 30
+    p.observe_load("G3", num_bytes=4 * BLOCK, seconds=4 * BLOCK / 1e9)  # a measurement restarts the interval
+    clock.now += 59
+    assert not p.decide((2, 10)).probe
+    never = policy(g3_bw=1e9, probe_seconds=0.0, clock=clock)
+    clock.now += 1e6
+    assert never.decide((2, 10)).hits == (2, 0)
+
+
+# -- configuration ---------------------------------------------------------------------------------------------
+
+def test_config_defaults_and_variables():
+    cfg = KvbmConfig.from_env({})
+    assert (cfg.disable_cost_aware_hits, cfg.host_load_gb_per_s, cfg.disk_load_gb_per_s, cfg.host_load_latency_ms,
+            cfg.disk_load_latency_ms, cfg.prefill_tokens_per_s, cfg.cost_probe_secs) == (
+        False, 20.0, 1.5, 0.05, 0.2, 10_000.0, 60.0)
+    cfg = KvbmConfig.from_env({"DYN_KVBM_HOST_LOAD_GB_PER_S": "40", "DYN_KVBM_DISK_LOAD_GB_PER_S": " 2.5 ",
+                               "DYN_KVBM_HOST_LOAD_LATENCY_MS": "0", "DYN_KVBM_DISK_LOAD_LATENCY_MS": "1",
+                               "DYN_KVBM_PREFILL_TOKENS_PER_S": "25000", "DYN_KVBM_COST_PROBE_SECS": "0",
+                               "DYN_KVBM_DISABLE_COST_AWARE_HITS": "yes"})
+    p = LoadCostPolicy.from_config(cfg, ["G2", "G3"], block_bytes=BLOCK, block_tokens=16)
+    assert p.bandwidth("G2") == 40 * GB and p.bandwidth("G3") == 2.5 * GB
+    assert p.latency("G2") == 0 and p.latency("G3") == pytest.approx(1e-3)
+    assert p.prefill_rate == 25_000 and p.probe_seconds == 0 and not p.enabled
+    only_disk = LoadCostPolicy.from_config(cfg, ["G3"], block_bytes=BLOCK, block_tokens=16)
+    assert only_disk.bandwidth("G3") == 2.5 * GB and only_disk.probe_blocks == cfg.max_transfer_batch_size
+
+
+@pytest.mark.parametrize("key, value", [
+    ("DYN_KVBM_HOST_LOAD_GB_PER_S", "0"),
+    ("DYN_KVBM_HOST_LOAD_GB_PER_S", "fast"),
+    ("DYN_KVBM_DISK_LOAD_GB_PER_S", "-1"),
+    ("DYN_KVBM_DISK_LOAD_GB_PER_S", "inf"),
+    ("DYN_KVBM_DISK_LOAD_GB_PER_S", "1e5"),
+    ("DYN_KVBM_HOST_LOAD_LATENCY_MS", "-0.1"),
+    ("DYN_KVBM_DISK_LOAD_LATENCY_MS", "nan"),
+    ("DYN_KVBM_PREFILL_TOKENS_PER_S", "0"),
+    ("DYN_KVBM_PREFILL_TOKENS_PER_S", "10k"),
+    ("DYN_KVBM_COST_PROBE_SECS", "-5"),
+    ("DYN_KVBM_DISABLE_COST_AWARE_HITS", "maybe"),
+])
+def test_bad_values_name_the_variable(key, value):
+    with pytest.raises(KvbmConfigError, match=rf"^{key}=.* is invalid: expected"):
+        KvbmConfig.from_env({key: value})
+
+
+def test_direct_construction_is_checked():
+    with pytest.raises(KvbmConfigError, match="DYN_KVBM_DISK_LOAD_GB_PER_S"):
+        KvbmConfig(disk_load_gb_per_s=0)
+    with pytest.raises(KvbmConfigError, match="DYN_KVBM_PREFILL_TOKENS_PER_S"):
+        KvbmConfig(prefill_tokens_per_s="10000")
+    with pytest.raises(KvbmConfigError, match="DYN_KVBM_DISABLE_COST_AWARE_HITS"):
+        KvbmConfig(disable_cost_aware_hits=1)
+    assert KvbmConfig(host_load_latency_ms=0).host_load_latency_ms == 0.0
+
+
+# -- metrics and logs ------------------------------------------------------------------------------------------
+
+def test_estimates_and_dropped_blocks_are_exported():
+    metrics = KvbmMetrics()
+    p = policy(g3_bw=1e9, metrics=metrics)
+    text = metrics.render().decode()
+    assert 'kvbm_load_bandwidth_bytes_per_second{tier="G2"} 2e+10' in text
+    assert 'kvbm_load_bandwidth_bytes_per_second{tier="G3"} 1e+09' in text
+    assert "kvbm_prefill_tokens_per_second 10000.0" in text
+    assert 'kvbm_cost_dropped_blocks{tier="G3"} 0.0' in text
+    p.decide((4, 8))
+    p.decide((0, 5))
+    assert metrics.value("kvbm_cost_dropped_blocks", tier="G3") == 13
+    assert metrics.value("kvbm_cost_dropped_blocks", tier="G2") == 0
+    assert 'kvbm_cost_dropped_blocks{tier="G3"} 13.0' in metrics.render().decode()
+    p.observe_prefill(100, 1.0)
+    assert metrics.value("kvbm_prefill_tokens_per_second") == 100
+    with pytest.raises(ValueError, match="needs a tier"):
+        metrics.value("kvbm_cost_dropped_blocks")
+
+
+def test_decisions_at_debug_and_estimate_changes_at_info(caplog):
+    caplog.set_level(logging.DEBUG, logger="kvbm.policies.cost")
+    p = policy(g3_bw=1e9, g3_latency=0.0)
+    caplog.clear()
+    p.decide((4, 8))
+    assert [r.levelno for r in caplog.records] == [logging.DEBUG]
+    assert "found 4 G2 + 8 G3, report 4 G2 + 0 G3" in caplog.records[0].getMessage()
+    caplog.clear()
+    p.observe_load("G3", num_bytes=100, seconds=100 / 1.1e9)  # +10%: not logged
+    p.observe_load("G3", num_bytes=100, seconds=100 / 0.5e9)  # well below: logged once
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len(infos) == 1 and "G3 load bandwidth now" in infos[0]
+
+
+# -- connector leader ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TimedResult:
+    """A worker's result carrying the load's seconds, as `MoveResult` will."""
+
+    move_id: int
+    failed: dict = field(default_factory=dict)
+    lost: frozenset = frozenset()
+    reports: int = 1
+    seconds: float | None = None
+
+
+def _settle(leader: ConnectorLeader, moves, seconds: float | None = None) -> None:
+    leader.apply(WorkerReport({m.move_id: (MoveResult(m.move_id) if seconds is None
+                                            else TimedResult(m.move_id, seconds=seconds)) for m in moves}))
+
+
+def test_connector_leader_lookup_reports_only_hits_worth_loading():
+    cfg = KvbmConfig(disable_disk_offload_filter=True, cost_probe_secs=0)
+    tiers = [TierSpec("G2", Medium.HOST, 4), TierSpec("G3", Medium.DISK, 16)]
+    metrics = KvbmMetrics()
+    cost = LoadCostPolicy.from_config(cfg, [t.name for t in tiers], block_bytes=BLOCK, block_tokens=16,
+                                      metrics=metrics)
+    leader = ConnectorLeader(tiers, cfg, 16, metrics=metrics, cost=cost)
+    hashes = list(range(1, 9))
+    for start in (0, 4):  # 8 blocks through a G2 of 4: all in G3, the last 4 in G2
+        plan = leader.index.plan_store(hashes[start:start + 4], list(range(start, start + 4)))
+        _settle(leader, plan.moves)
+        _settle(leader, leader.take_step().cascades)
+    assert leader.lookup(hashes, whole_prompt=False) == (8, 0)
+    load = leader.plan_load("r", hashes[:4], [0, 1, 2, 3])
+    _settle(leader, load.moves, seconds=4 * BLOCK / 1e7)  # a slow disk: 10 MB/s
+    assert cost.bandwidth("G3") == pytest.approx(1e7, rel=0.05)
+    assert leader.lookup(hashes, whole_prompt=False) == (0, 0)
+    assert metrics.value("kvbm_cost_dropped_blocks", tier="G3") == 8
+    no_rule = ConnectorLeader(tiers, cfg, 16)
+    assert no_rule.cost is None
+
+
+# -- end to end: BlockManager on CPU with a slow disk ----------------------------------------------------------
+
+def test_manager_stops_reporting_g3_hits_once_the_disk_is_slow(tmp_path):
+    rng = np.random.default_rng(7)
+    gpu = make_gpu(32, rng)
+    # 4-token blocks at 100 tokens/s: 40 ms of recompute per block; the slow disk takes 0.6 s per 4-block read
+    cfg = config(tmp_path, host=8, disk=32, max_transfer_batch_size=4, disable_disk_offload_filter=True,
+                 prefill_tokens_per_s=100.0, cost_probe_secs=0)
+    with BlockManager(gpu, cfg) as mgr:
+        hashes = mgr.sequence_hashes(rng.integers(0, 50_000, 8 * GEOM.block_size).tolist())
+        num_tokens = 8 * GEOM.block_size + 1
+        mgr.offload(hashes[:4], range(4), priority=50)
+        mgr.offload(hashes[4:], range(4, 8))
+        mgr.wait()
+        other = mgr.sequence_hashes(rng.integers(0, 50_000, 4 * GEOM.block_size).tolist())
+        mgr.offload(other, range(8, 12), priority=50)  # evicts hashes[4:] (priority 0) from G2; G3 keeps them
+        mgr.wait()
+        assert mgr.lookup(hashes, num_tokens=num_tokens) == Match(8, 4, 4)
+        t = mgr.onboard(hashes, range(16, 24))
+        mgr.wait(t)
+        assert t.results == [BlockResult.OK] * 8
+        assert mgr.lookup(hashes, num_tokens=num_tokens) == Match(8, 4, 4)  # a fast disk is worth reading
+
+        disk = mgr.store.cache("G3").file
+        real_read = disk.read_slots
+
+        def slow_read(*args, **kwargs):
+            time.sleep(0.6)
+            return real_read(*args, **kwargs)
+
+        disk.read_slots = slow_read
+        t = mgr.onboard(hashes, range(16, 24))
+        mgr.wait(t)
+        assert t.results == [BlockResult.OK] * 8
+        assert mgr.cost.bandwidth("G3") < GEOM.block_bytes / 0.040  # slower than recompute per block
+        assert mgr.lookup(hashes, num_tokens=num_tokens) == Match(4, 4, 0)  # G2 still reported, G3 not
+        assert mgr.metrics.value("kvbm_cost_dropped_blocks", tier="G3") == 4
+        assert mgr.metrics.value("kvbm_disk_cache_hit_rate") < mgr.metrics.value("kvbm_host_cache_hit_rate")
+        assert mgr.cost.bandwidth("G2") > GEOM.block_bytes / 0.040
+
+
+def test_manager_off_switch_reports_slow_disk_hits(tmp_path):
+    rng = np.random.default_rng(8)
+    gpu = make_gpu(16, rng)
+    cfg = config(tmp_path, disk=16, max_transfer_batch_size=4, disk_load_gb_per_s=1e-9,
+                 disable_cost_aware_hits=True)
+    with BlockManager(gpu, cfg) as mgr:  # disk-only, at 1 byte/s
+        hashes = mgr.sequence_hashes(rng.integers(0, 50_000, 4 * GEOM.block_size).tolist())
+        mgr.offload(hashes, range(4))
+        mgr.wait()
+        assert mgr.lookup(hashes, num_tokens=99) == Match(4, 0, 4)
+    cfg = config(tmp_path, disk=16, max_transfer_batch_size=4, disk_load_gb_per_s=1e-9)
+    with BlockManager(gpu, cfg) as mgr:
+        mgr.offload(hashes, range(4))
+        mgr.wait()
+        assert mgr.lookup(hashes, num_tokens=99) == Match(0, 0, 0)
