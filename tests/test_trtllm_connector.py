@@ -619,7 +619,7 @@ def test_request_progress_hashes_incrementally_like_whole_prompt():
 
     def report(*args) -> None:
         t.report(*args)
-        leader.plan_stores(t.state, t.tokens, t.full_blocks)
+        leader.plan_stores(t.state, t.tokens, t.valid_tokens // 4)
 
     report(tokens[:10], [9, 3, 7], 0, 6)
     report([], [], 6, 0)  # nothing new: nothing planned again

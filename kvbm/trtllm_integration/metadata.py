@@ -1,10 +1,5 @@
-"""What the TensorRT-LLM leader sends its worker each step, and its view of one request's progress.
-
-Plain data, importable without TensorRT-LLM. ``ConnectorMetadata`` carries one step's `StepPlan` (the executor
-pickles it to broadcast). ``RequestProgress`` follows one request through the executor's ``RequestData`` reports:
-it accumulates the tokens and the engine block ids (kept in the shared `TrackedRequest`, which hashes them), and
-knows how many tokens have valid KV once the step being planned has run.
-"""
+"""What the TensorRT-LLM leader sends its worker each step (``ConnectorMetadata``: the step's `StepPlan`), and
+its view of one request's progress through the executor's reports (``RequestProgress``). Plain data."""
 from __future__ import annotations
 
 import operator
@@ -27,8 +22,6 @@ class ConnectorMetadata:
 
 def non_negative_int(name: str, value: object) -> int:
     """``value`` as an int >= 0, or a TypeError / ValueError naming ``name`` and the value."""
-    if type(value) is int and value >= 0:  # the common case, checked cheaply (called per request per step)
-        return value
     try:
         out = operator.index(value)
     except TypeError:
@@ -40,11 +33,8 @@ def non_negative_int(name: str, value: object) -> int:
 
 @dataclass
 class RequestProgress:
-    """The leader's view of one request's tokens and KV (see the module docstring).
-
-    ``valid_tokens`` starts at the tokens whose KV is in the cache before the request's first computed step (the
-    engine's own prefix match plus the blocks loaded into ``loaded``) and grows with each scheduled step.
-    """
+    """One request's tokens, engine block ids (in the shared `TrackedRequest`) and ``valid_tokens``: those whose KV
+    is valid once the step being planned has run (from the engine's match plus the blocks loaded into ``loaded``)."""
 
     state: TrackedRequest
     block_size: int
@@ -52,19 +42,10 @@ class RequestProgress:
     tokens: list[int] = field(default_factory=list)
     loaded: tuple[int, ...] = ()  #: engine blocks a load was planned into, checked against the first report
 
-    @property
-    def full_blocks(self) -> int:
-        """Leading full blocks whose KV is valid."""
-        return self.valid_tokens // self.block_size
-
     def report(self, new_tokens: Sequence[int], new_block_ids: Sequence[int], computed_position: int,
                num_scheduled_tokens: int) -> None:
-        """Take one step's ``RequestData``: append tokens and block ids, advance ``valid_tokens``.
-
-        The executor's ``computed_position`` on a request's first report leaves out tokens a connector loaded in
-        the same step, so the step starts at the larger of it and what is already known valid. Tokens scheduled
-        past the known tokens (speculative drafts, whose KV may be rejected) never count as valid.
-        """
+        """Take one step's ``RequestData``. Its ``computed_position`` leaves out tokens loaded in the same step (the
+        step starts at the larger of it and ``valid_tokens``); drafts scheduled past the known tokens never count."""
         position = non_negative_int("computed_position", computed_position)
         scheduled = non_negative_int("num_scheduled_tokens", num_scheduled_tokens)
         first = not self.tokens

@@ -1,65 +1,49 @@
 """The in-process channel from the rank-0 TensorRT-LLM worker to the leader: its block geometry and its reports.
 
-TensorRT-LLM's connector interface carries nothing from the workers back to the scheduler side except finished
-request ids, yet the leader's block index must learn every move's result (a store commits its slots, a load
-releases its holds, a failed block is discarded). In the PyTorch backend the leader and the rank-0 worker live in
-one process, so the worker posts its `WorkerReport`s here (in ``get_finished``) and the leader drains them (when
-it builds a step's metadata and when a request finishes). The worker also announces its block geometry once, when
-it registers the KV cache: ``llm_args`` does not describe the model's KV, and the leader sizes its tiers for the
-worker's block bytes. Only plain data crosses, never the worker's store. Multi-rank set-ups are refused at
-start-up by both connector sides.
+TensorRT-LLM's connector interface carries nothing from workers back to the scheduler side but finished request
+ids, yet the leader's index must learn every move's result. In the PyTorch backend the leader and the rank-0 worker
+share a process: the worker posts its `WorkerReport`s here (in ``get_finished``), the leader drains them. The
+worker also announces its block geometry (``llm_args`` does not describe the model's KV; the leader sizes its tiers
+for the worker's block bytes). Only plain data crosses; multi-rank set-ups are refused at start-up.
 """
 from __future__ import annotations
 
 import threading
-from collections import deque
 
 from kvbm.connectors.messages import WorkerReport
 
-__all__ = ["attach", "detach", "geometry", "post", "drain"]
+__all__ = ["attach", "geometry", "post", "drain"]
 
 _lock = threading.Lock()
-_geometry: tuple[int, int] | None = None  # (tokens per block, bytes per block) of the attached worker
-_reports: deque[WorkerReport] = deque()
+_state: dict = {"geometry": None, "reports": []}  # geometry: the worker's (tokens, bytes) per block
 
 
-def attach(block_size: int, block_bytes: int) -> None:
-    """A worker registered its KV cache; a second live worker in the same process is refused."""
-    global _geometry
+def attach(geometry: tuple[int, int] | None) -> None:
+    """A worker registered its KV cache, of ``(tokens, bytes)`` per block (a second one in the process is refused);
+    ``None``: it closed (its undrained reports are dropped)."""
     with _lock:
-        if _geometry is not None:
+        if geometry is not None and _state["geometry"] is not None:
             raise RuntimeError("a kvbm TensorRT-LLM worker is already registered in this process (one rank per "
                                "process is supported); close it before registering another")
-        _geometry = (block_size, block_bytes)
-        _reports.clear()
-
-
-def detach() -> None:
-    """The attached worker closed: forget its geometry and its undrained reports."""
-    global _geometry
-    with _lock:
-        _geometry = None
-        _reports.clear()
+        _state.update(geometry=geometry, reports=[])
 
 
 def geometry() -> tuple[int, int]:
-    """``(tokens per block, bytes per block)`` of the registered worker; RuntimeError when there is none."""
-    found = _geometry
-    if found is None:
+    """``(tokens, bytes)`` per block of the registered worker; RuntimeError when there is none."""
+    if _state["geometry"] is None:
         raise RuntimeError("no kvbm worker in this process: DynamoKVBMConnectorWorker.register_kv_caches must run "
                            "(TensorRT-LLM calls it when it allocates the KV cache) before the leader is used")
-    return found
+    return _state["geometry"]
 
 
 def post(report: WorkerReport) -> None:
     """Queue a worker's report for the leader."""
     with _lock:
-        _reports.append(report)
+        _state["reports"].append(report)
 
 
 def drain() -> list[WorkerReport]:
-    """Every report posted since the last drain, oldest first."""
+    """The reports posted since the last drain, oldest first."""
     with _lock:
-        out = list(_reports)
-        _reports.clear()
+        out, _state["reports"] = _state["reports"], []
     return out
