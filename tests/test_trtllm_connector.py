@@ -519,6 +519,57 @@ def test_failed_load_raises(make_executor):
         assert ex.block_bytes(ex.blocks[4][i]) == ex.expected_block(e.prompt, i)
 
 
+def test_failed_transfer_raises_and_index_stays_consistent(make_executor, monkeypatch):
+    """A load whose copy fails raises KvbmLoadError naming the request and the reason; the stored blocks stay in
+    G2 (their bytes are not known bad) and the next request loads them byte-exact."""
+    ex = make_executor()
+    trt = sys.modules["kvbm.trtllm_integration.connector"]
+    rng = np.random.default_rng(13)
+    a = Request(1, prompt(rng, 9))
+    ex.serve(a)
+    assert ex.add(Request(2, a.prompt[:8] + prompt(rng, 2))) == (8, True)
+    real_submit, engine = ex.store.transfers.submit, ex.store.cache("G1")
+
+    def submit(src, dst, src_ids, dst_ids):
+        if dst is engine:
+            raise RuntimeError("injected")
+        return real_submit(src, dst, src_ids, dst_ids)
+
+    monkeypatch.setattr(ex.store.transfers, "submit", submit)
+    with pytest.raises(trt.KvbmLoadError, match=r"request 2: engine block \d+: transfer failed: .*injected"):
+        ex.step()
+    monkeypatch.setattr(ex.store.transfers, "submit", real_submit)
+    ex.settle()
+    ex.index.check_invariants()
+    c = Request(3, a.prompt[:8] + prompt(rng, 3))
+    assert ex.add(c) == (8, True)
+    ex.step()
+    assert 3 in ex.running
+    for i in range(2):
+        assert ex.block_bytes(ex.blocks[3][i]) == ex.expected_block(a.prompt, i)
+
+
+def test_unstarted_load_fails_its_request(make_executor):
+    """A load bound for a step whose start_load_kv never ran is reported failed: the request raises KvbmLoadError
+    once handed over, and the index releases the slots it held."""
+    ex = make_executor()
+    trt = sys.modules["kvbm.trtllm_integration.connector"]
+    rng = np.random.default_rng(14)
+    a = Request(1, prompt(rng, 9))
+    ex.serve(a)
+    assert ex.add(Request(2, a.prompt[:8] + prompt(rng, 2))) == (8, True)
+    meta = ex.leader.build_connector_meta(standin.SchedulerOutput())
+    assert [m.request_id for m in loads_of(meta)] == [2]
+    ex.worker.bind_connector_meta(meta)
+    assert ex.leader.request_finished(Request(2, []), ex.blocks[2]) is True  # its load is not reported yet
+    ex.worker.bind_connector_meta(ex.leader.build_connector_meta(standin.SchedulerOutput()))
+    with pytest.raises(trt.KvbmLoadError, match="request 2: its load never started"):
+        ex.worker.get_finished([], [2])
+    ex.settle()
+    assert not ex.index.open_moves()
+    ex.index.check_invariants()
+
+
 def test_salt_and_multimodal(make_executor):
     """A different cache salt does not match; a multimodal request is neither matched nor saved."""
     ex = make_executor()
@@ -582,6 +633,8 @@ def test_bad_setup_is_refused(trt):
             w2.register_kv_caches(pool)
         with pytest.raises(TypeError, match="ConnectorMetadata"):
             w1.bind_connector_meta({"loads": []})
+        with pytest.raises(ValueError, match="worker's KV cache has 4 tokens per block"):
+            trt.DynamoKVBMConnectorLeader(llm_args(tokens_per_block=8)).get_num_new_matched_tokens(Request(1, [1]), 0)
     finally:
         w1.close()
     w3 = trt.DynamoKVBMConnectorWorker(llm_args(), config=config(host=4))
@@ -645,6 +698,19 @@ def test_request_progress_rejects_bad_reports():
     with pytest.raises(RuntimeError, match=r"loaded into cache blocks \[4, 5\] but the engine reports blocks "
                                            r"\[5, 4\]"):
         t.report(list(range(10)), [5, 4, 6], 0, 2)
+
+
+def test_gb_sizes_give_both_sides_the_same_tiers(trt, monkeypatch):
+    """Sized in GB, the leader's index and the worker's G2 hold the same number of blocks: the leader sizes its
+    tiers for the block bytes the worker announced."""
+    monkeypatch.setenv("DYN_KVBM_CPU_CACHE_GB", str(GEOM.block_bytes * 10.5 / 1e9))
+    w = trt.DynamoKVBMConnectorWorker(llm_args())
+    w.register_kv_caches(allocate("trtllm_pool", GEOM, 4, dtype=torch.bfloat16).tensors[0])
+    try:
+        leader = trt.DynamoKVBMConnectorLeader(llm_args())
+        assert leader.leader.index.pool("G2").num_blocks == w.worker.store.cache("G2").num_blocks == 10
+    finally:
+        w.close()
 
 
 def test_worker_reads_dyn_kvbm_environment(trt, monkeypatch, tmp_path):
