@@ -334,7 +334,8 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         gbps = f"{r['gbps']:.2f}" if r["gbps"] is not None else f"n/a ({r['error']})"
         pct = f"{r['pct_of_memcpy']:.0f}%" if r["pct_of_memcpy"] is not None else "-"
-        lines.append(f"| {r['geometry']} | {r['piece_bytes'] // 1024} KiB | {r['blocks']} | {r['direction']} | "
+        piece = f"{r['piece_bytes'] // 1024} KiB" if r["piece_bytes"] >= 1024 else f"{r['piece_bytes']} B"
+        lines.append(f"| {r['geometry']} | {piece} | {r['blocks']} | {r['direction']} | "
                      f"{r['path']} | {gbps} | {r['memcpy_gbps']:.2f} | {pct} |")
     return "\n".join(lines) + "\n"
 
