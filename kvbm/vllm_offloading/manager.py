@@ -292,11 +292,11 @@ class KvbmOffloadingManager(OffloadingManager):
         self._reset()
 
     def has_pending_work(self) -> bool:
-        """Cascades waiting for a job to ride on keep the engine stepping only while requests do."""
+        """Never: cascades ride on jobs, and stepping an idle engine creates none."""
         return False
 
     def check_invariants(self) -> None:
-        """The index's invariants, and that no job of a finished load or store is left open (for tests)."""
+        """The index's invariants: pools consistent, every hold an open move's or an admitted block's (for tests)."""
         self.index.check_invariants()
 
     def open_jobs(self) -> int:
