@@ -88,7 +88,9 @@ def randomize(t: torch.Tensor) -> None:
 
 
 def host_indices(pages: list[int]) -> torch.Tensor:
-    return torch.cat([torch.arange(p * PAGE, (p + 1) * PAGE) for p in pages]) if pages else torch.empty(0, dtype=torch.int64)
+    if not pages:
+        return torch.empty(0, dtype=torch.int64)
+    return torch.cat([torch.arange(p * PAGE, (p + 1) * PAGE) for p in pages])
 
 
 def storage_config(extra: dict, *, mla: bool = False, tp_rank: int = 0, tp_size: int = 1,
@@ -332,3 +334,46 @@ def test_refusals(make):
         backend.batch_set_v1(page_keys(1), torch.arange(1, PAGE + 1))
     with pytest.raises(ValueError, match="2 pages"):
         backend.batch_get_v1(page_keys(2), host_indices([0]))
+
+
+def test_calls_from_several_threads(make):
+    """SGLang calls from its prefetch and backup threads at once: every page stored by one thread is read back
+    byte-exact by another."""
+    import threading
+
+    pool = HostPool("page_first", pages=32)
+    backend = make(pool, host_blocks=8, disk_blocks=32)
+    keys = page_keys(12)
+    want = {i: pool.page_bytes(i) for i in range(12)}
+    errors: list[BaseException] = []
+
+    def writer(part: range) -> None:
+        try:
+            for i in part:
+                assert backend.batch_set_v1([keys[i]], host_indices([i])) == [True]
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(range(k, 12, 3),)) for k in range(3)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        backend.batch_exists(keys)
+    for t in threads:
+        t.join()
+    assert not errors
+    assert backend.batch_exists(keys) == 12
+    dst = list(range(16, 28))
+    for p in dst:
+        pool.poison(p)
+    assert backend.batch_get_v1(keys, host_indices(dst)) == [True] * 12
+    for i, p in enumerate(dst):
+        assert torch.equal(pool.page_bytes(p), want[i])
+
+
+def test_host_pool_group_is_refused(make):
+    class PoolGroup:
+        layout, page_size, mla = "page_first", PAGE, False
+
+    with pytest.raises(UnsupportedHostPool, match="hybrid"):
+        make(PoolGroup())

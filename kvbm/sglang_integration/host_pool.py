@@ -72,6 +72,9 @@ def _is_mla(pool: Any) -> bool:
 
 def host_pool_layout(pool: Any) -> HostPoolLayout:
     """The layout entry of an SGLang host pool (MHA or MLA); UnsupportedHostPool for any other."""
+    if not hasattr(pool, "kv_buffer") or not hasattr(pool, "page_size"):
+        raise UnsupportedHostPool(f"the kvbm storage backend serves MHA and MLA host pools; {type(pool).__name__} "
+                                  f"has no single kv_buffer (hybrid models' pool groups are not served)")
     mla = _is_mla(pool)
     layout = getattr(pool, "layout", None)
     entry = _LAYOUTS.get((mla, layout))

@@ -52,8 +52,6 @@ __all__ = ["KvbmStorage", "key_hash"]
 
 log = logging.getLogger(__name__)
 
-#: Tier name under which a call's stack of flat pages is registered with the store while the call runs.
-_PAGES_TIER = "G1-pages"
 #: Extra-config keys read by SGLang's factory and controller, or by this backend.
 _KNOWN_KEYS = {"backend_name", "module_path", "class_name", "interface_v1"}
 
@@ -167,14 +165,14 @@ class KvbmStorage(HiCacheStorage):
         """Store the host pool's pages at ``host_indices`` (``len(keys) * page_size`` token slots) as ``keys``."""
         with self._lock:
             self._ready()
-            return self._store_pages(keys, self._page_ids(keys, host_indices), ENGINE_TIER)
+            return self._store_pages(keys, self._page_ids(keys, host_indices))
 
     def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor,
                      extra_info: HiCacheStorageExtraInfo | None = None) -> list[bool]:
         """Load ``keys`` into the host pool's pages at ``host_indices``; False for a key not held or not read."""
         with self._lock:
             self._ready()
-            return self._load_pages(keys, self._page_ids(keys, host_indices), ENGINE_TIER)
+            return self._load_pages(keys, self._page_ids(keys, host_indices))
 
     # -- SGLang's flat-page interface --------------------------------------------------------------------------
 
@@ -189,7 +187,7 @@ class KvbmStorage(HiCacheStorage):
             if not keys:
                 return True
             pages = torch.stack([self._flat(v, "value") for v in values])
-            return all(self._with_pages(pages, lambda: self._store_pages(keys, range(len(keys)), _PAGES_TIER)))
+            return all(self._with_pages(pages, lambda: self._store_pages(keys, range(len(keys)))))
 
     def set(self, key: str, value: torch.Tensor | None = None, target_location: Any = None,
             target_sizes: Any = None) -> bool:
@@ -208,7 +206,7 @@ class KvbmStorage(HiCacheStorage):
             if not keys:
                 return []
             pages = torch.empty((len(keys), self._page_numel()), dtype=self._host.dtype)
-            ok = self._with_pages(pages, lambda: self._load_pages(keys, range(len(keys)), _PAGES_TIER))
+            ok = self._with_pages(pages, lambda: self._load_pages(keys, range(len(keys))))
             out: list[torch.Tensor | None] = []
             for i, target in enumerate(target_locations):
                 if ok[i]:
@@ -303,14 +301,17 @@ class KvbmStorage(HiCacheStorage):
         return (starts // size).tolist()
 
     def _with_pages(self, pages: torch.Tensor, run: Any) -> list[bool]:
-        """Run ``run()`` with ``pages`` registered as the flat-page tier for the store."""
-        self._store.caches[_PAGES_TIER] = flat_pages_cache(self._layout, self._host, pages)
+        """Run ``run()`` with the stack of flat ``pages`` as the store's engine cache instead of the host pool.
+
+        Safe under the lock: every call waits for its own engine-side moves, so none is in flight before or
+        after, and cascades never touch the engine cache."""
+        self._store.caches[ENGINE_TIER] = flat_pages_cache(self._layout, self._host, pages)
         try:
             return run()
         finally:
-            del self._store.caches[_PAGES_TIER]
+            self._store.caches[ENGINE_TIER] = self._host
 
-    def _store_pages(self, keys: Sequence[str], page_ids: Sequence[int], engine: str) -> list[bool]:
+    def _store_pages(self, keys: Sequence[str], page_ids: Sequence[int]) -> list[bool]:
         hashes = [key_hash(k) for k in keys]
         ok = [False] * len(keys)
         first: dict[int, int] = {}
@@ -329,7 +330,7 @@ class KvbmStorage(HiCacheStorage):
             plan = self._index.plan_store([hashes[i] for i in todo], [page_ids[i] for i in todo])
             for local, reason in plan.skipped.items():
                 ok[todo[local]] = reason.startswith("already stored")
-            results = self._run(plan.moves, engine)
+            results = self._run(plan.moves)
             for move in plan.moves:
                 failed = results[move.move_id].failed
                 for k, local in enumerate(plan.positions[move.move_id]):
@@ -349,14 +350,14 @@ class KvbmStorage(HiCacheStorage):
         self._prune_keys()
         return ok
 
-    def _load_pages(self, keys: Sequence[str], page_ids: Sequence[int], engine: str) -> list[bool]:
+    def _load_pages(self, keys: Sequence[str], page_ids: Sequence[int]) -> list[bool]:
         hashes = [key_hash(k) for k in keys]
         ok = [False] * len(keys)
         mine = [i for i in range(len(keys)) if self._keys.get(hashes[i]) == keys[i]]
         self._apply(self._store.poll())
         plan = self._index.plan_load([hashes[i] for i in mine], [page_ids[i] for i in mine])
         self._loads.update(m.move_id for m in plan.moves)
-        results = self._run(plan.moves, engine)
+        results = self._run(plan.moves)
         for move in plan.moves:
             failed = results[move.move_id].failed
             for k, local in enumerate(plan.positions[move.move_id]):
@@ -365,11 +366,9 @@ class KvbmStorage(HiCacheStorage):
                     log.warning("kvbm storage: page %s not loaded: %s", keys[mine[local]], failed[k])
         return ok
 
-    def _run(self, moves: list[Move], engine: str) -> dict[int, MoveResult]:
-        """Execute ``moves`` (engine side on tier ``engine``) and wait for their results, applying every result
-        that comes back meanwhile (cascades included)."""
-        if engine != ENGINE_TIER:
-            moves = [_retarget(m, engine) for m in moves]
+    def _run(self, moves: list[Move]) -> dict[int, MoveResult]:
+        """Execute ``moves`` and wait for their results, applying every result that comes back meanwhile
+        (cascades included)."""
         want = {m.move_id for m in moves}
         got: dict[int, MoveResult] = {}
         self._store.execute(moves)
@@ -409,8 +408,3 @@ class KvbmStorage(HiCacheStorage):
         if len(self._keys) > 2 * slots:
             self._keys = {h: k for h, k in self._keys.items() if self._in_any_tier(h)}
 
-
-def _retarget(move: Move, engine: str) -> Move:
-    """``move`` with its engine side ("G1") on tier ``engine`` instead."""
-    return Move(move.move_id, move.kind, engine if move.src_tier == ENGINE_TIER else move.src_tier,
-                engine if move.dst_tier == ENGINE_TIER else move.dst_tier, move.src_ids, move.dst_ids, move.hashes)
