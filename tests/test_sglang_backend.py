@@ -377,3 +377,8 @@ def test_host_pool_group_is_refused(make):
 
     with pytest.raises(UnsupportedHostPool, match="hybrid"):
         make(PoolGroup())
+
+    backend = make(HostPool("page_first"))
+    backend.register_mem_host_pool_v2(backend.mem_pool_host, "kv")
+    with pytest.raises(UnsupportedHostPool, match="mamba"):
+        backend.register_mem_host_pool_v2(object(), "mamba")

@@ -33,7 +33,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
+from sglang.srt.mem_cache.hicache_storage import (HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo,
+                                                   PoolName)
 
 from kvbm.config import KvbmConfigError
 from kvbm.connectors import kvbm_config_from, process_metrics
@@ -46,7 +47,7 @@ from kvbm.tiers import HOST_TIER, kvbm_tiers
 from kvbm.worker.store import BlockStore
 from kvbm.worker.tier_memory import allocate_tier, close_tier
 
-from .host_pool import describe_host_pool, flat_pages_cache, host_pool_layout
+from .host_pool import UnsupportedHostPool, describe_host_pool, flat_pages_cache, host_pool_layout
 
 __all__ = ["KvbmStorage", "key_hash"]
 
@@ -141,6 +142,13 @@ class KvbmStorage(HiCacheStorage):
                      self.storage_config.tp_rank, self.storage_config.tp_size,
                      ", ".join(f"{t.name} {t.num_blocks} blocks on {t.medium.value}" for t in tiers),
                      self._layout.layout, host.geometry.block_size, block_bytes)
+
+    def register_mem_host_pool_v2(self, host_pool: Any, host_pool_name: Any) -> None:
+        """Hybrid models register their extra pools (Mamba, SWA, ...) here: only the KV pool is served."""
+        if str(host_pool_name) != PoolName.KV.value:
+            raise UnsupportedHostPool(f"the kvbm storage backend serves the KV pool only, not SGLang's "
+                                      f"{host_pool_name} pool (hybrid models are not served)")
+        super().register_mem_host_pool_v2(host_pool, host_pool_name)
 
     # -- SGLang's zero-copy interface --------------------------------------------------------------------------
 
