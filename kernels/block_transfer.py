@@ -115,8 +115,8 @@ class BlockTransfer:
 
     def done(self) -> bool:
         """True once every block has its result; advances the transfer's steps, never blocks."""
-        if self._errors is None and _ready(self._waiting):
-            self._advance()
+        if self._errors is None and (self._waiting is None or _ready(self._waiting)):
+            self._advance()  # (None: the steps wait for a resource and ask again at each poll)
         return self._errors is not None
 
     def wait(self) -> None:

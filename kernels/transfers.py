@@ -180,3 +180,9 @@ class Transfers:
                 resource.close()
         self._paths.clear()
         self._shared.clear()
+
+    def __enter__(self) -> Transfers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,178 @@
+"""The transfer library's one face: `Transfers.submit` routed by (source medium, destination medium), and the
+`BlockTransfer` handle that completes per block."""
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+import numpy as np
+import pytest
+import torch
+
+from kvbm.kernels.block_transfer import BlockStatus, BlockTransfer
+from kvbm.kernels.medium import Medium, medium_of
+from kvbm.kernels.transfers import Transfers, register_path, registered_paths
+from kvbm.layouts import KVGeometry, allocate, block_major
+
+GEOM = KVGeometry(num_layers=2, num_kv=2, block_size=4, num_heads=2, head_dim=8, itemsize=2)
+
+
+def random_cache(preset: str, num_blocks: int, seed: int):
+    cache = allocate(preset, GEOM, num_blocks=num_blocks, dtype=torch.bfloat16, device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    for t in cache.tensors:
+        t.view(torch.int16).copy_(torch.randint(-2**15, 2**15, t.shape, dtype=torch.int16, generator=gen))
+    return cache
+
+
+def block_bytes(cache, block: int) -> bytes:
+    g = cache.geometry
+    return b"".join(cache.piece_view(layer, kv, torch.int16)[block].contiguous().numpy().tobytes()
+                    for layer in range(g.num_layers) for kv in range(g.num_kv))
+
+
+def test_host_to_host_submit_is_byte_exact_and_leaves_other_blocks_alone():
+    src = random_cache("vllm_flash_attn_hnd", 8, 1)
+    dst = random_cache("kvbm_staging", 6, 2)  # random bytes act as poison for the blocks not written
+    before = [block_bytes(dst, b) for b in range(6)]
+    with Transfers() as transfers:
+        transfer = transfers.submit(src, dst, [5, 0, 3], [1, 4, 2])
+        assert transfer.done() and transfer.ok and transfer.results == [BlockStatus.OK] * 3
+    assert [block_bytes(dst, b) for b in (1, 4, 2)] == [block_bytes(src, b) for b in (5, 0, 3)]
+    assert [block_bytes(dst, b) for b in (0, 3, 5)] == [before[b] for b in (0, 3, 5)]
+
+
+@pytest.mark.parametrize(("src_ids", "dst_ids", "error", "match"), [
+    ([0, 1], [0], ValueError, "differ in length"),
+    ([0, 9], [0, 1], IndexError, "src_ids holds 9"),
+    ([0, 1], [2, 2], ValueError, "duplicates"),
+    ([True, False], [0, 1], TypeError, "ints"),
+    ([0.5], [0], TypeError, "ints"),
+])
+def test_bad_ids_raise_before_anything_moves(src_ids, dst_ids, error, match):
+    src, dst = random_cache("vllm_flash_attn_nhd", 4, 3), random_cache("kvbm_staging", 4, 4)
+    before = [block_bytes(dst, b) for b in range(4)]
+    with Transfers() as transfers, pytest.raises(error, match=match):
+        transfers.submit(src, dst, src_ids, dst_ids)
+    assert [block_bytes(dst, b) for b in range(4)] == before
+
+
+def test_geometry_mismatch_and_missing_path_are_refused():
+    src = random_cache("vllm_flash_attn_nhd", 4, 5)
+    other = allocate("kvbm_staging", KVGeometry(num_layers=1, num_kv=2, block_size=4, num_heads=2, head_dim=8,
+                                                itemsize=2), num_blocks=4, dtype=torch.bfloat16, device="cpu")
+    with Transfers() as transfers:
+        with pytest.raises(ValueError, match="geometry"):
+            transfers.submit(src, other, [0], [0])
+        with pytest.raises(ValueError, match="no transfer path from host to remote"):
+            transfers.submit(src, _RemoteCache(src), [0], [0])
+
+
+def test_medium_comes_from_the_device_or_the_cache_class():
+    assert medium_of(random_cache("kvbm_staging", 1, 6)) is Medium.HOST
+    meta = block_major(torch.empty(2, 2, 2, 4, 2, 8, dtype=torch.bfloat16, device="meta"))
+    with pytest.raises(ValueError, match="cannot tell the medium"):
+        medium_of(meta)
+    assert (Medium.HOST, Medium.HOST) in registered_paths()
+
+
+class _RemoteCache:
+    """A toy cache on the REMOTE medium: block bytes kept in a dict, as a peer's pool would be behind an agent."""
+
+    medium = Medium.REMOTE
+
+    def __init__(self, like) -> None:
+        self.geometry, self.dtype, self.num_blocks, self.name = like.geometry, like.dtype, like.num_blocks, "toy"
+        self.blocks: dict[int, bytes] = {}
+
+
+class _ToyRemotePath:
+    """Host -> remote in a background future, failing blocks whose id is odd (to show per-block results)."""
+
+    name = "toy-remote"
+
+    def __init__(self, transfers: Transfers) -> None:
+        self.transfers = transfers
+
+    def submit(self, src, dst, src_ids, dst_ids) -> BlockTransfer:
+        future: Future = Future()
+
+        def steps():
+            yield future
+            return future.result()
+
+        transfer = BlockTransfer(src_ids.size, self.name, steps())
+        errors = {}
+        for i, (s, d) in enumerate(zip(src_ids, dst_ids)):
+            if d % 2:
+                errors[i] = "peer refused an odd block"
+            else:
+                dst.blocks[int(d)] = block_bytes(src, int(s))
+        future.set_result(errors)
+        return transfer
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_new_path_is_one_registration(monkeypatch):
+    import kvbm.kernels.transfers as transfers_module
+
+    monkeypatch.setitem(transfers_module._PATHS, (Medium.HOST, Medium.REMOTE), _ToyRemotePath)
+    src = random_cache("vllm_flash_attn_nhd", 4, 7)
+    remote = _RemoteCache(src)
+    with Transfers() as transfers:
+        transfer = transfers.submit(src, remote, [3, 2, 1], [0, 1, 2])
+        transfer.wait()
+    assert transfer.results == [BlockStatus.OK, BlockStatus.FAILED, BlockStatus.OK]
+    assert transfer.reasons == {1: "peer refused an odd block"} and transfer.lost == set()
+    assert remote.blocks == {0: block_bytes(src, 3), 2: block_bytes(src, 1)}
+    register_path(Medium.HOST, Medium.REMOTE, _ToyRemotePath)  # the public call does the same
+    assert (Medium.HOST, Medium.REMOTE) in registered_paths()
+    del transfers_module._PATHS[(Medium.HOST, Medium.REMOTE)]
+
+
+def test_block_transfer_steps_wait_and_fail_per_block():
+    gate: Future = Future()
+
+    def steps():
+        yield gate
+        yield None  # a busy resource: asked again later
+        return {1: "read failed"}, {1}
+
+    transfer = BlockTransfer(3, "test", steps())
+    assert not transfer.done() and transfer.results == [BlockStatus.PENDING] * 3
+    gate.set_result(None)
+    transfer.wait()
+    assert transfer.results == [BlockStatus.OK, BlockStatus.FAILED, BlockStatus.OK]
+    assert transfer.lost == {1} and not transfer.ok
+
+    def raising():
+        yield None
+        raise RuntimeError("copy broke")
+
+    broken = BlockTransfer(2, "test", raising())
+    broken.wait()
+    assert broken.results == [BlockStatus.FAILED] * 2 and "copy broke" in broken.reasons[0]
+
+    def out_of_range():
+        return {5: "?"}
+        yield
+
+    odd = BlockTransfer(2, "test", out_of_range())
+    assert odd.done() and odd.results == [BlockStatus.FAILED] * 2
+
+
+def test_random_layouts_round_trip_through_a_host_tier():
+    rng = np.random.default_rng(11)
+    presets = ["vllm_flash_attn_nhd", "vllm_flash_attn_hnd", "vllm_flashinfer_nhd", "trtllm_pool"]
+    with Transfers() as transfers:
+        for seed, preset in enumerate(presets):
+            g1 = random_cache(preset, 12, 20 + seed)
+            tier = random_cache("kvbm_staging", 10, 40 + seed)
+            back = random_cache(preset, 12, 60 + seed)
+            ids = rng.permutation(12)[:7]
+            slots = rng.permutation(10)[:7]
+            dst = rng.permutation(12)[:7]
+            assert transfers.submit(g1, tier, ids, slots).ok
+            assert transfers.submit(tier, back, slots, dst).ok
+            assert [block_bytes(back, int(b)) for b in dst] == [block_bytes(g1, int(b)) for b in ids]
