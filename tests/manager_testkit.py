@@ -67,7 +67,10 @@ def poison_block(cache: PagedKVCache, block: int) -> bytes:
 
 
 def config(tmp_path=None, *, host: int | None = None, disk: int | None = None, **kw) -> KvbmConfig:
-    """A config with ``host`` G2 blocks and ``disk`` G3 blocks (in ``tmp_path``); ``kw`` sets other fields."""
+    """A config with ``host`` G2 blocks and ``disk`` G3 blocks (in ``tmp_path``); ``kw`` sets other fields. The
+    cost-aware hit rule is off unless asked for: these tests delay or fail transfers on purpose, which it would learn
+    as slow tiers (its own tests are in test_cost_policy.py)."""
+    kw.setdefault("disable_cost_aware_hits", True)
     if disk is not None:
         kw.setdefault("disk_cache_dir", tmp_path)
     return KvbmConfig(cpu_cache_override_num_blocks=host, disk_cache_override_num_blocks=disk, **kw)

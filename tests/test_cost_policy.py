@@ -286,6 +286,7 @@ def test_manager_stops_reporting_g3_hits_once_the_disk_is_slow(tmp_path):
     gpu = make_gpu(32, rng)
     # 4-token blocks at 100 tokens/s: 40 ms of recompute per block; the slow disk takes 0.6 s per 4-block read
     cfg = config(tmp_path, host=8, disk=32, max_transfer_batch_size=4, disable_disk_offload_filter=True,
+                 disable_cost_aware_hits=False,
                  prefill_tokens_per_s=100.0, cost_probe_secs=0)
     with BlockManager(gpu, cfg) as mgr:
         hashes = mgr.sequence_hashes(rng.integers(0, 50_000, 8 * GEOM.block_size).tolist())
@@ -330,7 +331,7 @@ def test_manager_off_switch_reports_slow_disk_hits(tmp_path):
         mgr.offload(hashes, range(4))
         mgr.wait()
         assert mgr.lookup(hashes, num_tokens=99) == Match(4, 0, 4)
-    cfg = config(tmp_path, disk=16, max_transfer_batch_size=4, disk_load_gb_per_s=1e-9)
+    cfg = config(tmp_path, disk=16, max_transfer_batch_size=4, disk_load_gb_per_s=1e-9, disable_cost_aware_hits=False)
     with BlockManager(gpu, cfg) as mgr:
         mgr.offload(hashes, range(4))
         mgr.wait()

@@ -59,9 +59,10 @@ class ConnectorLeader:
 
     def __init__(self, tiers: Sequence[TierSpec], config: KvbmConfig, block_size: int, *, num_workers: int = 1,
                  metrics: KvbmMetrics | None = None, disk_filter: DiskAdmissionFilter | None = None,
-                 cost: LoadCostPolicy | None = None) -> None:
-        """``cost``: the cost-aware hit rule applied to every lookup and fed the loads' timings (None reports
-        every hit); build it with ``LoadCostPolicy.from_config(config, [t.name for t in tiers], ...)``."""
+                 cost: LoadCostPolicy | None = None, block_bytes: int | None = None) -> None:
+        """``cost``: the cost-aware hit rule applied to every lookup and fed the loads' timings; by default the
+        ``DYN_KVBM_*`` rule for blocks of ``block_bytes`` (summed over ranks) when that is given, else none (every
+        hit reported)."""
         if not tiers:
             raise ValueError("no offload tier configured: set DYN_KVBM_CPU_CACHE_GB and/or DYN_KVBM_DISK_CACHE_GB "
                              "(or their *_OVERRIDE_NUM_BLOCKS)")
@@ -75,6 +76,9 @@ class ConnectorLeader:
         self.block_size = block_size
         self.num_workers = num_workers
         self.metrics = metrics
+        if cost is None and block_bytes is not None:
+            cost = LoadCostPolicy.from_config(config, [t.name for t in tiers], block_bytes=block_bytes,
+                                              block_tokens=block_size, metrics=metrics)
         self.cost = cost
         self.requests: dict[str, TrackedRequest] = {}
         self._owner: dict[int, str] = {}  # store move id -> request id
@@ -191,7 +195,7 @@ class ConnectorLeader:
                 self._partial[move_id] = result
                 continue
             move = self.index.complete(move_id, result.failed, result.lost)
-            seconds = getattr(result, "seconds", None)
+            seconds = result.seconds
             if self.cost is not None and move.kind is MoveKind.LOAD and seconds is not None:
                 self.cost.observe_load(move.src_tier, num_bytes=(move.num_blocks - len(result.failed))
                                        * self.cost.block_bytes, seconds=seconds)

@@ -58,19 +58,22 @@ class Move:
 @dataclass(frozen=True, slots=True)
 class MoveResult:
     """A worker's outcome of one move: ``failed`` maps block index (into the move's lists) to the reason; ``lost``
-    are the failed blocks whose source copy is known bad (to be dropped); ``reports`` counts the ranks merged in."""
+    are the failed blocks whose source copy is known bad (to be dropped); ``reports`` counts the ranks merged in;
+    ``seconds`` is the time from the move's start to when its worker saw it finished (the slowest rank's)."""
 
     move_id: int
     failed: dict[int, str] = field(default_factory=dict)
     lost: frozenset[int] = frozenset()
     reports: int = 1
+    seconds: float | None = None
 
     def merged(self, other: MoveResult) -> MoveResult:
         """The result of the same move on more ranks: a block that failed (or was lost) on any rank does."""
         if other.move_id != self.move_id:
             raise ValueError(f"cannot merge results of moves {self.move_id} and {other.move_id}")
+        times = [t for t in (self.seconds, other.seconds) if t is not None]
         return MoveResult(self.move_id, {**other.failed, **self.failed}, self.lost | other.lost,
-                          self.reports + other.reports)
+                          self.reports + other.reports, max(times) if times else None)
 
 
 def direction(move: Move) -> str:

@@ -81,7 +81,7 @@ class DynamoConnector(KVConnectorBase_V1):
             metrics = process_metrics.acquire(self.config)
             try:
                 leader = ConnectorLeader(kvbm_tiers(self.config, self.block_bytes), self.config, self.block_size,
-                                         metrics=metrics)
+                                         metrics=metrics, block_bytes=self.block_bytes)
             except BaseException:
                 process_metrics.release()
                 raise

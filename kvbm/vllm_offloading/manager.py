@@ -29,7 +29,7 @@ from vllm.v1.kv_offload.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvbm.config import KvbmConfig
-from kvbm.leader import BlockIndex, Move, MoveKind, MoveResult
+from kvbm.leader import BlockIndex, Move, MoveResult
 from kvbm.policies.admission import DiskAdmissionFilter
 from kvbm.tiers import TierSpec
 

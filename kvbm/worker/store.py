@@ -131,10 +131,10 @@ class BlockStore:
         move = run.move
         for i, reason in failed.items():
             log.debug("%s of block %#x failed: %s", direction(move), move.hashes[i], reason)
-        name = direction(move)
+        name, seconds = direction(move), time.perf_counter() - run.started
         if self.metrics is not None and name in DIRECTIONS:
             n_ok = move.num_blocks - len(failed)
             block_bytes = self.cache(move.src_tier).geometry.block_bytes
             self.metrics.record_transfer(name, blocks_ok=n_ok, blocks_failed=len(failed), num_bytes=n_ok * block_bytes,
-                                         seconds=time.perf_counter() - run.started)
-        self._finished.append(MoveResult(move.move_id, failed, frozenset(run.transfer.lost)))
+                                         seconds=seconds)
+        self._finished.append(MoveResult(move.move_id, failed, frozenset(run.transfer.lost), seconds=seconds))
