@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source tests/venv.sh test
 PYTHON="$PY" bash tests/install_vllm_light.sh
+PYTHON="$PY" bash tests/install_sglang_light.sh
 paths_given=0
 for arg in "$@"; do
     case "$arg" in -*) continue ;; esac
