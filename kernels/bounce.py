@@ -11,6 +11,7 @@ object through `bounce_pool`.
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +91,8 @@ class BouncePool:
         self.cache = slot_cache(storage, geometry, dtype, n, slot_bytes)
         self._free = list(range(num_chunks - 1, -1, -1))
         self._lock = threading.Lock()
+        #: Transfers that may hold chunks (a transfer short of chunks advances them: see `paths.host_disk`).
+        self.holders: weakref.WeakSet = weakref.WeakSet()
 
     def acquire(self) -> BounceChunk | None:
         """A free chunk, or None when every chunk is lent."""

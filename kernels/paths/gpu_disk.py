@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,7 +32,7 @@ from ..bounce import BouncePool, bounce_pool
 from ..disk_cache import DiskKVCache
 from ..medium import Medium, medium_of
 from ..transfers import Transfers, register_path
-from .host_disk import bounced_read_steps, bounced_write_steps, check_tags
+from .host_disk import bounced_read_steps, bounced_write_steps, check_tags, start_transfer
 
 __all__ = ["GpuDiskPath"]
 
@@ -186,26 +187,30 @@ class GpuDiskPath:
         tag_list = check_tags(tags, src_ids.size)
         handle = self._handle(disk)
         t = self._transfers
+        me: list = []
         if handle is None:
             pool = bounce_pool(t, disk.geometry, disk.dtype, disk.slot_bytes)
             if reading:
-                steps = bounced_read_steps(t, disk, gpu, src_ids, dst_ids, tag_list, pool)
+                steps = bounced_read_steps(t, disk, gpu, src_ids, dst_ids, tag_list, pool, me=me)
             else:
-                steps = bounced_write_steps(t, gpu, disk, src_ids, dst_ids, tag_list, pool)
-            return BlockTransfer(src_ids.size, "gpu-disk-posix", steps)
+                steps = bounced_write_steps(t, gpu, disk, src_ids, dst_ids, tag_list, pool, me=me)
+            return start_transfer(src_ids.size, "gpu-disk-posix", steps, pool, me)
         pool = self._staging_pool(gpu, disk)
 
         def io(slots: list[int], buf_blocks: list[int], tags_: list[int] | None) -> dict[int, str]:
             return self._gds_io(handle, disk, pool, reading, slots, buf_blocks, tags_)
 
         if reading:
-            steps = bounced_read_steps(t, disk, gpu, src_ids, dst_ids, tag_list, pool, stage=self._stage, io=io)
+            steps = bounced_read_steps(t, disk, gpu, src_ids, dst_ids, tag_list, pool, stage=self._stage, io=io,
+                                       me=me)
         else:
-            steps = bounced_write_steps(t, gpu, disk, src_ids, dst_ids, tag_list, pool, stage=self._stage, io=io)
-        return BlockTransfer(src_ids.size, "gpu-disk-gds", steps)
+            steps = bounced_write_steps(t, gpu, disk, src_ids, dst_ids, tag_list, pool, stage=self._stage, io=io,
+                                        me=me)
+        return start_transfer(src_ids.size, "gpu-disk-gds", steps, pool, me)
 
     def close(self) -> None:
-        """Deregister the cuFile handles and buffers and close the driver (the pools are shared resources)."""
+        """Deregister the cuFile handles and buffers and close the driver (idempotent; the pools are shared
+        resources)."""
         if self._cufile is None:
             return
         for handle, _, _ in self._handles.values():
@@ -227,5 +232,19 @@ class GpuDiskPath:
         self._cufile = None
 
 
-register_path(Medium.GPU, Medium.DISK, GpuDiskPath)
-register_path(Medium.DISK, Medium.GPU, GpuDiskPath)
+_PATH_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PATH_LOCK = threading.Lock()
+
+
+def _shared_path(transfers: Transfers) -> GpuDiskPath:
+    """One path object per `Transfers` for both directions: one cuFile driver session, one registration per file
+    (``Transfers.path`` calls this under its own lock, so ``transfers.shared`` cannot be used here)."""
+    with _PATH_LOCK:
+        path = _PATH_OF.get(transfers)
+        if path is None:
+            path = _PATH_OF[transfers] = GpuDiskPath(transfers)
+        return path
+
+
+register_path(Medium.GPU, Medium.DISK, _shared_path)
+register_path(Medium.DISK, Medium.GPU, _shared_path)

@@ -16,6 +16,7 @@ POSIX path (`gpu_disk`): the copy to or from the chunk is then a GPU <-> host tr
 from __future__ import annotations
 
 import ctypes
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -29,7 +30,7 @@ from ..disk_cache import DiskKVCache, same_slot_layout
 from ..medium import Medium, medium_of
 from ..transfers import Transfers, register_path
 
-__all__ = ["HostDiskPath", "bounced_read_steps", "bounced_write_steps", "check_tags", "direct_array"]
+__all__ = ["HostDiskPath", "bounced_read_steps", "bounced_write_steps", "check_tags", "direct_array", "start_transfer"]
 
 _ALIGN = 4096
 #: Copies between a cache and a chunk: (src, dst, src_ids, dst_ids) -> BlockTransfer, issued on the polling thread.
@@ -99,9 +100,29 @@ def _drain(batches: Sequence[_Batch]) -> None:
             b.chunk = None
 
 
-def _run(pending: deque, start: Any, advance: Any, in_flight: list[_Batch]) -> Steps:
+_poking = threading.local()
+
+
+def _poke(pool: BouncePool | None, me: list) -> None:
+    """Advance the other transfers holding chunks of ``pool`` (their next step may be on the polling thread and
+    free a chunk); never re-entered, and never the caller's own transfer."""
+    if pool is None or getattr(_poking, "active", False):
+        return
+    _poking.active = True
+    try:
+        for other in list(pool.holders):
+            if not me or other is not me[0]:
+                other.done()
+    finally:
+        _poking.active = False
+
+
+def _run(pending: deque, start: Any, advance: Any, in_flight: list[_Batch], pool: BouncePool | None,
+         me: list) -> Steps:
     """The scheduling loop shared by reads and writes: start batches while ``start`` can (it returns False when
-    no chunk is free), advance each without blocking, and wait on the oldest when nothing moved."""
+    no chunk is free), advance each without blocking, and wait on the oldest when nothing moved. A transfer with
+    no chunk at all advances the other holders of the pool before asking again: a chunk another transfer holds
+    may wait for a step only a poll runs."""
     try:
         while pending or in_flight:
             moved = False
@@ -110,8 +131,16 @@ def _run(pending: deque, start: Any, advance: Any, in_flight: list[_Batch]) -> S
                 moved = True
             for b in list(in_flight):
                 moved |= advance(b)
-            if not moved:
-                yield in_flight[0].waiting_on() if in_flight else None
+            if moved:
+                continue
+            if in_flight:
+                yield in_flight[0].waiting_on()
+                continue
+            _poke(pool, me)
+            if not (pending and start(pending[0])):
+                yield None
+            else:
+                pending.popleft()
     finally:
         _drain(in_flight)
 
@@ -119,11 +148,12 @@ def _run(pending: deque, start: Any, advance: Any, in_flight: list[_Batch]) -> S
 def bounced_write_steps(transfers: Transfers, src: Any, disk: DiskKVCache, src_ids: np.ndarray,
                         dst_ids: np.ndarray, tags: list[int] | None, pool: BouncePool | None,
                         direct: np.ndarray | None = None, stage: StageFn | None = None,
-                        io: IoFn | None = None) -> Steps:
+                        io: IoFn | None = None, me: list | None = None) -> Steps:
     """Steps of writing blocks ``src_ids`` of ``src`` into slots ``dst_ids``: per chunk, ``src`` -> chunk by
     ``stage`` (default ``transfers.submit``; on the polling thread), then ``io(slots, chunk blocks, tags)`` on a
     disk thread (default: `DiskKVCache.write_slots` from the pool's bytes). With ``direct`` (the host cache's
-    bytes, see `direct_array`) the disk threads write straight from it, without a chunk."""
+    bytes, see `direct_array`) the disk threads write straight from it, without a chunk. ``me`` holds the
+    `BlockTransfer` these steps run in once it exists (see `start_transfer`)."""
     executor = transfers.disk_executor()
     stage = stage or transfers.submit
     errors: dict[int, str] = {}
@@ -182,13 +212,13 @@ def bounced_write_steps(transfers: Transfers, src: Any, disk: DiskKVCache, src_i
             b.chunk.release()
         return True
 
-    yield from _run(pending, start, advance, in_flight)
+    yield from _run(pending, start, advance, in_flight, pool, [] if me is None else me)
     return errors
 
 
 def bounced_read_steps(transfers: Transfers, disk: DiskKVCache, dst: Any, src_ids: np.ndarray,
                        dst_ids: np.ndarray, tags: list[int] | None, pool: BouncePool,
-                       stage: StageFn | None = None, io: IoFn | None = None) -> Steps:
+                       stage: StageFn | None = None, io: IoFn | None = None, me: list | None = None) -> Steps:
     """Steps of reading slots ``src_ids`` into blocks ``dst_ids`` of ``dst``: per chunk of distinct slots,
     ``io(slots, chunk blocks, tags)`` on a disk thread (default: `DiskKVCache.read_slots` into the pool's bytes,
     checksums verified), then chunk -> ``dst`` of the blocks read intact by ``stage`` (default
@@ -256,8 +286,17 @@ def bounced_read_steps(transfers: Transfers, disk: DiskKVCache, dst: Any, src_id
         b.chunk.release()
         return True
 
-    yield from _run(pending, start, advance, in_flight)
+    yield from _run(pending, start, advance, in_flight, pool, [] if me is None else me)
     return errors
+
+
+def start_transfer(num_blocks: int, name: str, steps: Steps, pool: BouncePool, me: list) -> BlockTransfer:
+    """The `BlockTransfer` of ``steps``, known to ``pool`` as a holder of chunks while it runs."""
+    transfer = BlockTransfer(num_blocks, name, steps)
+    me.append(transfer)
+    if not transfer.done():
+        pool.holders.add(transfer)
+    return transfer
 
 
 def _done_future(value: Any) -> Future:
@@ -286,12 +325,14 @@ class HostDiskPath:
                              f"{type(src).__name__} -> {type(dst).__name__}")
         tag_list = check_tags(tags, src_ids.size)
         pool = bounce_pool(self._transfers, disk.geometry, disk.dtype, disk.slot_bytes)
+        me: list = []
         if reading:
-            steps = bounced_read_steps(self._transfers, disk, host, src_ids, dst_ids, tag_list, pool)
+            steps = bounced_read_steps(self._transfers, disk, host, src_ids, dst_ids, tag_list, pool, me=me)
         else:
             direct = direct_array(host, disk)
-            steps = bounced_write_steps(self._transfers, host, disk, src_ids, dst_ids, tag_list, pool, direct)
-        return BlockTransfer(src_ids.size, self.name, steps)
+            steps = bounced_write_steps(self._transfers, host, disk, src_ids, dst_ids, tag_list, pool, direct,
+                                        me=me)
+        return start_transfer(src_ids.size, self.name, steps, pool, me)
 
     def close(self) -> None:
         """The bounce pool and the disk threads are shared resources of the `Transfers` object."""

@@ -1,0 +1,594 @@
+"""The disk paths through `Transfers.submit`: host <-> disk (direct and through bounce chunks), GPU <-> disk over
+POSIX (on the CPU through a stand-in GPU <-> host path) and over cuFile (on the CPU with a stand-in cufile module
+doing real file I/O on host memory), per-block failures, fan-out reads, checksums, threads, chunk bookkeeping.
+Real-GPU tests skip without CUDA."""
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import sys
+import threading
+import types
+from concurrent.futures import Future
+
+import numpy as np
+import pytest
+import torch
+
+from disk_faults import flip_byte, rng  # noqa: F401  (rng is a fixture)
+
+from kvbm.kernels import gds
+from kvbm.kernels import transfers as transfers_module
+from kvbm.kernels.block_transfer import BlockStatus, BlockTransfer
+from kvbm.kernels.bounce import bounce_pool
+from kvbm.kernels.disk_cache import DiskKVCache
+from kvbm.kernels.medium import Medium
+from kvbm.kernels.paths import host_disk, host_host
+from kvbm.kernels.paths.gpu_disk import GpuDiskPath
+from kvbm.kernels.paths.host_disk import HostDiskPath, direct_array
+from kvbm.kernels.transfers import Transfers
+from kvbm.layouts import KVGeometry, PagedKVCache, allocate, block_major, copy_blocks
+
+ALIGNED = KVGeometry(2, 2, 4, 2, 64, 2)  # 4096-byte blocks: slot = block
+PADDED = KVGeometry(3, 2, 4, 2, 40, 2)  # 3840-byte blocks in 4096-byte slots
+DT = torch.bfloat16
+POISON = 0x5A5A
+
+
+def make_cache(preset: str, geometry: KVGeometry, n: int) -> PagedKVCache:
+    """A cache as an engine allocates it, or ("g2") KVBM's dense block-major host pool in page-aligned memory."""
+    if preset != "g2":
+        return allocate(preset, geometry, n, dtype=DT)
+    from kvbm.kernels.host_memory import PinnedHostBuffer
+
+    g = geometry
+    storage = PinnedHostBuffer(n * g.block_bytes).tensor(torch.uint8)
+    return block_major(storage.view(DT).view(n, g.num_layers, g.num_kv, g.block_size, g.num_heads, g.head_dim))
+
+
+def fill(cache: PagedKVCache, rng) -> None:
+    """Random non-zero 16-bit values in every element of a 2-byte cache."""
+    for t in cache.tensors:
+        v = t.view(torch.int16)
+        v.copy_(torch.from_numpy(rng.integers(1, 30000, tuple(v.shape), dtype=np.int16)))
+
+
+def poison(cache: PagedKVCache) -> None:
+    for t in cache.tensors:
+        t.view(torch.int16).fill_(POISON)
+
+
+def block_bytes(cache: PagedKVCache, b: int) -> bytes:
+    """Block ``b`` of a cache in KVBM's staging order (what a disk slot holds)."""
+    g = cache.geometry
+    return b"".join(cache.piece_view(layer, kv, torch.int16)[b].contiguous().numpy().tobytes()
+                    for layer in range(g.num_layers) for kv in range(g.num_kv))
+
+
+def poison_bytes(geometry: KVGeometry) -> bytes:
+    return np.full(geometry.block_bytes // 2, POISON, dtype=np.int16).tobytes()
+
+
+@pytest.fixture
+def transfers():
+    t = Transfers(disk_io="posix", bounce_blocks=3, bounce_chunks=2)
+    yield t
+    t.close()
+
+
+def round_trip(transfers, tmp_path, rng, preset, geometry, n=11, **submit):
+    """Write n random blocks of a ``preset`` cache to shuffled slots, read them back into a poisoned cache."""
+    src = make_cache(preset, geometry, n)
+    fill(src, rng)
+    disk = DiskKVCache(tmp_path, geometry, DT, 2 * n)
+    slots = rng.permutation(2 * n)[:n]
+    t = transfers.submit(src, disk, np.arange(n), slots, **submit)
+    t.wait()
+    assert t.ok, t.reasons
+    with open(disk.file.path, "rb") as f:
+        for i, s in enumerate(slots):
+            f.seek(int(s) * disk.slot_bytes)
+            assert f.read(geometry.block_bytes) == block_bytes(src, i)
+    dst = make_cache(preset, geometry, n)
+    poison(dst)
+    order = rng.permutation(n)
+    t = transfers.submit(disk, dst, slots[order], np.arange(n))
+    t.wait()
+    assert t.ok and t.results == [BlockStatus.OK] * n, t.reasons
+    for j, i in enumerate(order):
+        assert block_bytes(dst, j) == block_bytes(src, int(i))
+    return src, disk, slots
+
+
+@pytest.mark.parametrize("preset,geometry,direct", [
+    ("g2", ALIGNED, True),  # G2 at a 4096-multiple block size: written from its own memory
+    ("g2", PADDED, False),  # slot stride != block stride: bounce
+    ("kvbm_staging", ALIGNED, False),  # the same layout, but torch's allocation is not 4 KiB aligned
+    ("block_major_head_first", ALIGNED, False),  # another inner order: bounce + conversion
+    ("vllm_flash_attn_nhd", ALIGNED, False),
+    ("vllm_flashinfer_hnd", PADDED, False),
+])
+def test_host_disk_round_trip(transfers, tmp_path, rng, preset, geometry, direct, monkeypatch):
+    stages: list[str] = []
+    real = transfers.submit
+
+    def spy(src, dst, *args, **kwargs):
+        stages.append(f"{type(src).__name__}->{type(dst).__name__}")
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(transfers, "submit", spy)
+    src, disk, _ = round_trip(transfers, tmp_path, rng, preset, geometry)
+    assert (direct_array(src, disk) is not None) is direct
+    writes_staged = stages.index("DiskKVCache->PagedKVCache") - 1  # stages between the write and the read
+    assert (writes_staged == 0) is direct
+    pool = bounce_pool(transfers, geometry, DT, disk.slot_bytes)
+    assert pool.num_free() == transfers.bounce_chunks
+    disk.close()
+
+
+def test_io_on_disk_threads_and_conversion_on_the_polling_thread(transfers, tmp_path, rng, monkeypatch):
+    seen: dict[str, set[str]] = {"copy": set(), "write": set(), "read": set()}
+    real_copy, real_w, real_r = host_host.copy_blocks, DiskKVCache.write_slots, DiskKVCache.read_slots
+
+    def copy(*a, **k):
+        seen["copy"].add(threading.current_thread().name)
+        return real_copy(*a, **k)
+
+    def write(self, *a, **k):
+        seen["write"].add(threading.current_thread().name)
+        return real_w(self, *a, **k)
+
+    def read(self, *a, **k):
+        seen["read"].add(threading.current_thread().name)
+        return real_r(self, *a, **k)
+
+    monkeypatch.setattr(host_host, "copy_blocks", copy)
+    monkeypatch.setattr(DiskKVCache, "write_slots", write)
+    monkeypatch.setattr(DiskKVCache, "read_slots", read)
+    _, disk, _ = round_trip(transfers, tmp_path, rng, "vllm_flash_attn_nhd", PADDED)
+    me = threading.current_thread().name
+    assert seen["copy"] == {me}
+    assert seen["write"] and seen["read"] and all(n.startswith("kvbm-disk") for n in seen["write"] | seen["read"])
+    disk.close()
+
+
+def test_read_of_one_slot_into_several_blocks_reads_it_once(transfers, tmp_path, rng, monkeypatch):
+    src = allocate("vllm_flash_attn_nhd", PADDED, 4, dtype=DT)
+    fill(src, rng)
+    disk = DiskKVCache(tmp_path, PADDED, DT, 8)
+    assert transfers.submit(src, disk, [0, 1, 2], [5, 2, 7]).wait() is None
+    reads: list[list[int]] = []
+    real = DiskKVCache.read_slots
+    monkeypatch.setattr(DiskKVCache, "read_slots", lambda self, s, *a: reads.append(list(s)) or real(self, s, *a))
+    dst = allocate("vllm_flash_attn_nhd", PADDED, 6, dtype=DT)
+    poison(dst)
+    t = transfers.submit(disk, dst, [5, 5, 7, 2, 5], [0, 1, 2, 3, 4])
+    t.wait()
+    assert t.ok, t.reasons
+    assert sorted(s for r in reads for s in r) == [2, 5, 7]
+    for d, i in zip(range(5), [0, 0, 2, 1, 0]):
+        assert block_bytes(dst, d) == block_bytes(src, i)
+    assert block_bytes(dst, 5) == poison_bytes(PADDED)
+    disk.close()
+
+
+@pytest.mark.parametrize("reading", [False, True])
+def test_io_error_fails_exactly_its_block(transfers, tmp_path, rng, monkeypatch, reading):
+    src = allocate("vllm_flash_attn_nhd", PADDED, 6, dtype=DT)
+    fill(src, rng)
+    disk = DiskKVCache(tmp_path, PADDED, DT, 8)
+    bad_offset = 4 * disk.slot_bytes
+    name = "preadv" if reading else "pwritev"
+    real = getattr(os, name)
+
+    def failing(fd, bufs, offset):
+        if offset <= bad_offset < offset + sum(len(b) for b in bufs):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, bufs, offset)
+
+    if not reading:
+        monkeypatch.setattr(os, name, failing)
+    t = transfers.submit(src, disk, range(6), [3, 4, 5, 0, 1, 2])
+    t.wait()
+    if not reading:
+        assert t.results == [BlockStatus.OK, BlockStatus.FAILED] + [BlockStatus.OK] * 4
+        assert "Input/output error" in t.reasons[1] and "disk write failed" in t.reasons[1]
+        return disk.close()
+    assert t.ok
+    monkeypatch.setattr(os, name, failing)
+    dst = allocate("vllm_flash_attn_nhd", PADDED, 6, dtype=DT)
+    poison(dst)
+    t = transfers.submit(disk, dst, [3, 4, 5, 0, 1, 2], range(6))
+    t.wait()
+    assert [i for i, r in enumerate(t.results) if r is BlockStatus.FAILED] == [1]
+    assert "Input/output error" in t.reasons[1] and "disk read failed" in t.reasons[1]
+    for i in range(6):
+        assert block_bytes(dst, i) == (poison_bytes(PADDED) if i == 1 else block_bytes(src, i))
+    disk.close()
+
+
+def test_corrupted_slot_fails_its_block_and_leaves_the_destination_untouched(transfers, tmp_path, rng):
+    src, disk, slots = round_trip(transfers, tmp_path, rng, "g2", ALIGNED, n=5)
+    flip_byte(disk.file.path, int(slots[3]) * disk.slot_bytes + 100)
+    dst = allocate("kvbm_staging", ALIGNED, 5, dtype=DT)
+    poison(dst)
+    t = transfers.submit(disk, dst, slots, range(5))
+    t.wait()
+    assert [r is BlockStatus.OK for r in t.results] == [True, True, True, False, True]
+    assert "checksum mismatch" in t.reasons[3]
+    assert block_bytes(dst, 3) == poison_bytes(ALIGNED)
+    disk.close()
+
+
+def test_tags_through_submit(transfers, tmp_path, rng):
+    src = allocate("kvbm_staging", PADDED, 3, dtype=DT)
+    fill(src, rng)
+    disk = DiskKVCache(tmp_path, PADDED, DT, 4)
+    path = transfers.path(Medium.HOST, Medium.DISK)
+    assert isinstance(path, HostDiskPath)
+    path.submit(src, disk, np.arange(3), np.arange(3), tags=[11, 12, 13]).wait()
+    dst = allocate("kvbm_staging", PADDED, 4, dtype=DT)
+    poison(dst)
+    t = path.submit(disk, dst, np.array([0, 1, 2, 2]), np.arange(4), tags=[11, 99, 13, 14])
+    t.wait()
+    assert [r is BlockStatus.OK for r in t.results] == [True, False, True, False]
+    assert all("checksum mismatch" in t.reasons[i] for i in (1, 3))
+    assert block_bytes(dst, 3) == poison_bytes(PADDED) and block_bytes(dst, 2) == block_bytes(src, 2)
+    with pytest.raises(ValueError, match="tags has 2 entries"):
+        path.submit(src, disk, np.arange(3), np.arange(3), tags=[1, 2])
+    disk.close()
+
+
+def test_more_transfers_than_chunks(tmp_path, rng):
+    transfers = Transfers(disk_io="posix", bounce_blocks=2, bounce_chunks=2)
+    src = allocate("vllm_flash_attn_nhd", PADDED, 20, dtype=DT)
+    fill(src, rng)
+    disk = DiskKVCache(tmp_path, PADDED, DT, 20)
+    handles = [transfers.submit(src, disk, range(i, i + 5), range(i, i + 5)) for i in (0, 5, 10, 15)]
+    for h in handles:
+        h.wait()
+        assert h.ok, h.reasons
+    dst = allocate("vllm_flash_attn_nhd", PADDED, 20, dtype=DT)
+    poison(dst)
+    handles = [transfers.submit(disk, dst, range(i, i + 5), range(i, i + 5)) for i in (0, 5, 10, 15)]
+    transfers.drain()
+    assert all(h.ok for h in handles)
+    assert all(block_bytes(dst, i) == block_bytes(src, i) for i in range(20))
+    assert bounce_pool(transfers, PADDED, DT).num_free() == 2
+    transfers.close()
+    disk.close()
+
+
+def test_refuses_caches_it_cannot_move(transfers, tmp_path):
+    disk = DiskKVCache(tmp_path, PADDED, DT, 4)
+    other = DiskKVCache(tmp_path, PADDED, DT, 4)
+    with pytest.raises(ValueError, match="no transfer path from disk to disk"):
+        transfers.submit(disk, other, [0], [0])
+    with pytest.raises(ValueError, match="host cache and a DiskKVCache"):
+        transfers.path(Medium.HOST, Medium.DISK).submit(allocate("kvbm_staging", PADDED, 2, dtype=DT),
+                                                        object(), np.arange(1), np.arange(1))
+    disk.close()
+    other.close()
+
+
+# ---------------------------------------------------------------------- GPU <-> disk without a GPU
+
+
+class StandInGpuCache(PagedKVCache):
+    """A CPU cache that declares itself GPU memory, to route GPU <-> disk transfers on a machine without one."""
+
+    medium = Medium.GPU
+
+
+def gpu_stand_in(preset: str, geometry: KVGeometry, n: int) -> StandInGpuCache:
+    cache = allocate(preset, geometry, n, dtype=DT)
+    return StandInGpuCache(cache.tensors, cache.layout)
+
+
+class StandInGpuHostPath:
+    """GPU <-> host as an asynchronous copy: done on a timer thread, completes through a Future (like an event)."""
+
+    name = "stand-in-gpu-host"
+    threads: list[str] = []
+
+    def __init__(self, transfers) -> None:
+        pass
+
+    def submit(self, src, dst, src_ids, dst_ids) -> BlockTransfer:
+        StandInGpuHostPath.threads.append(threading.current_thread().name)
+        copy_blocks(src, dst, src_ids, dst_ids, backend="torch")
+        done: Future = Future()
+        threading.Timer(0.002, done.set_result, [None]).start()
+
+        def steps():
+            yield done
+            return {}
+
+        return BlockTransfer(src_ids.size, self.name, steps())
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def stand_in_gpu_paths(monkeypatch):
+    StandInGpuHostPath.threads = []
+    monkeypatch.setitem(transfers_module._PATHS, (Medium.GPU, Medium.HOST), StandInGpuHostPath)
+    monkeypatch.setitem(transfers_module._PATHS, (Medium.HOST, Medium.GPU), StandInGpuHostPath)
+    return StandInGpuHostPath
+
+
+def gpu_round_trip(transfers, tmp_path, rng, geometry=PADDED, n=7, fail_slot=None, monkeypatch=None):
+    gpu = gpu_stand_in("vllm_flash_attn_hnd", geometry, n)
+    fill(gpu, rng)
+    disk = DiskKVCache(tmp_path, geometry, DT, n + 2)
+    slots = rng.permutation(n + 2)[:n]
+    t = transfers.submit(gpu, disk, np.arange(n), slots)
+    t.wait()
+    assert t.ok, t.reasons
+    back = gpu_stand_in("vllm_flash_attn_hnd", geometry, n + 1)
+    poison(back)
+    t = transfers.submit(disk, back, np.concatenate([slots, slots[:1]]), np.arange(n + 1))
+    t.wait()
+    return gpu, disk, slots, back, t
+
+
+def test_gpu_disk_posix_through_the_gpu_host_path(stand_in_gpu_paths, transfers, tmp_path, rng):
+    gpu, disk, slots, back, t = gpu_round_trip(transfers, tmp_path, rng)
+    assert t.ok and t.path == "gpu-disk-posix", t.reasons
+    assert transfers.path(Medium.GPU, Medium.DISK).mode == "posix"
+    for i in range(len(slots)):
+        assert block_bytes(back, i) == block_bytes(gpu, i)
+    assert block_bytes(back, len(slots)) == block_bytes(gpu, 0)
+    me = threading.current_thread().name
+    assert stand_in_gpu_paths.threads and set(stand_in_gpu_paths.threads) == {me}
+    assert bounce_pool(transfers, PADDED, DT).num_free() == transfers.bounce_chunks
+    disk.close()
+
+
+def test_gpu_disk_posix_read_failure_never_reaches_the_gpu(stand_in_gpu_paths, transfers, tmp_path, rng):
+    gpu = gpu_stand_in("vllm_flash_attn_nhd", ALIGNED, 4)
+    fill(gpu, rng)
+    disk = DiskKVCache(tmp_path, ALIGNED, DT, 4)
+    transfers.submit(gpu, disk, range(4), range(4)).wait()
+    flip_byte(disk.file.path, 2 * disk.slot_bytes + 7)
+    back = gpu_stand_in("vllm_flash_attn_nhd", ALIGNED, 4)
+    poison(back)
+    t = transfers.submit(disk, back, range(4), range(4))
+    t.wait()
+    assert [r is BlockStatus.OK for r in t.results] == [True, True, False, True]
+    assert "checksum mismatch" in t.reasons[2] and block_bytes(back, 2) == poison_bytes(ALIGNED)
+    disk.close()
+
+
+# ---------------------------------------------------------------------- cuFile, with a stand-in module
+
+
+class FakeCuFileError(Exception):
+    pass
+
+
+def fake_cufile(register_error: Exception | None = None, bad_offsets=(), short_offsets=()):
+    """A stand-in for cuda.bindings.cufile: real pread/pwrite of the registered descriptor to and from host
+    memory at the given address; raises at ``bad_offsets``, moves half at ``short_offsets``."""
+    mod = types.ModuleType("cuda.bindings.cufile")
+    mod.calls, descrs, handles = [], {}, {}
+
+    class Descr:
+        def __init__(self):
+            self.type, self.handle, self.fs_ops = None, types.SimpleNamespace(fd=None), None
+            self.ptr = id(self)
+            descrs[self.ptr] = self
+
+    def handle_register(ptr):
+        mod.calls.append("handle_register")
+        if register_error is not None:
+            raise register_error
+        handles[len(handles) + 1] = descrs[ptr].handle.fd
+        return len(handles)
+
+    def move(reading, fh, base, size, file_offset, buf_offset):
+        mod.calls.append(("read" if reading else "write", file_offset, size))
+        if any(file_offset <= b < file_offset + size for b in bad_offsets):
+            raise FakeCuFileError("cuFile error 5011 (CU_FILE_IO_ERROR)")
+        if any(file_offset <= b < file_offset + size for b in short_offsets):
+            size //= 2
+        view = (ctypes.c_char * size).from_address(base + buf_offset)
+        return (os.preadv if reading else os.pwritev)(handles[fh], [view], file_offset)
+
+    mod.Descr = Descr
+    mod.FileHandleType = types.SimpleNamespace(OPAQUE_FD=1)
+    mod.driver_open = lambda: mod.calls.append("driver_open")
+    mod.driver_close = lambda: mod.calls.append("driver_close")
+    mod.handle_register = handle_register
+    mod.handle_deregister = lambda fh: mod.calls.append("handle_deregister")
+    mod.buf_register = lambda *a: mod.calls.append("buf_register")
+    mod.buf_deregister = lambda *a: mod.calls.append("buf_deregister")
+    mod.read = lambda *a: move(True, *a)
+    mod.write = lambda *a: move(False, *a)
+    return mod
+
+
+@pytest.fixture
+def nvidia_fs(tmp_path, monkeypatch):
+    modules = tmp_path / "modules"
+    modules.write_text("nvidia_fs 1 0 - Live 0x0\n")
+    monkeypatch.setattr(gds, "PROC_MODULES", str(modules))
+
+
+@pytest.fixture
+def host_staging(monkeypatch):
+    """cuFile's staging chunks in host memory and the staging copies on the CPU (the I/O logic under test)."""
+
+    def staging_pool(self, gpu, disk):
+        return bounce_pool(self._transfers, disk.geometry, disk.dtype, disk.slot_bytes)
+
+    def stage(self, src, dst, src_ids, dst_ids):
+        copy_blocks(src, dst, src_ids, dst_ids, backend="torch")
+        return BlockTransfer.completed(src_ids.size, "stand-in-staging")
+
+    monkeypatch.setattr(GpuDiskPath, "_staging_pool", staging_pool)
+    monkeypatch.setattr(GpuDiskPath, "_stage", stage)
+
+
+def test_auto_uses_gds_when_probe_and_registration_succeed(nvidia_fs, host_staging, monkeypatch, tmp_path, rng):
+    cufile = fake_cufile()
+    monkeypatch.setitem(sys.modules, "cuda.bindings.cufile", cufile)
+    transfers = Transfers(disk_io="auto", bounce_blocks=3, bounce_chunks=2)
+    gpu, disk, slots, back, t = gpu_round_trip(transfers, tmp_path, rng)
+    assert t.ok and t.path == "gpu-disk-gds", t.reasons
+    assert transfers.path(Medium.GPU, Medium.DISK).mode == "gds"
+    for i in range(len(slots)):
+        assert block_bytes(back, i) == block_bytes(gpu, i)
+    assert block_bytes(back, len(slots)) == block_bytes(gpu, 0)
+    sb = disk.slot_bytes
+    read = [s for c in cufile.calls if c[0:1] == ("read",) for s in range(c[1] // sb, (c[1] + c[2]) // sb)]
+    assert sorted(read) == sorted(int(s) for s in slots)  # each slot once, though slot 0 went to two blocks
+    assert cufile.calls.count("handle_register") == 1
+    transfers.close()
+    assert cufile.calls[-1] == "driver_close" and "handle_deregister" in cufile.calls
+    disk.close()
+
+
+def test_gds_runs_of_consecutive_slots_are_one_call(nvidia_fs, host_staging, monkeypatch, tmp_path, rng):
+    cufile = fake_cufile()
+    monkeypatch.setitem(sys.modules, "cuda.bindings.cufile", cufile)
+    transfers = Transfers(disk_io="gds", bounce_blocks=8, bounce_chunks=1)
+    gpu = gpu_stand_in("vllm_flash_attn_nhd", PADDED, 6)
+    fill(gpu, rng)
+    disk = DiskKVCache(tmp_path, PADDED, DT, 10)
+    assert transfers.submit(gpu, disk, range(6), [5, 3, 4, 9, 0, 1]).wait() is None
+    writes = [(c[1] // disk.slot_bytes, c[2] // disk.slot_bytes) for c in cufile.calls if c[0:1] == ("write",)]
+    assert sorted(writes) == [(0, 2), (3, 3), (9, 1)]
+    transfers.close()
+    disk.close()
+
+
+@pytest.mark.parametrize("fault", ["raise", "short"])
+@pytest.mark.parametrize("reading", [False, True])
+def test_gds_io_errors_fail_exactly_their_blocks(nvidia_fs, host_staging, monkeypatch, tmp_path, rng, fault,
+                                                 reading):
+    sb = 4096
+    bad = {"bad_offsets" if fault == "raise" else "short_offsets": [3 * sb]}
+    good = fake_cufile()
+    monkeypatch.setitem(sys.modules, "cuda.bindings.cufile", good if reading else fake_cufile(**bad))
+    transfers = Transfers(disk_io="gds", bounce_blocks=8, bounce_chunks=1)
+    gpu = gpu_stand_in("vllm_flash_attn_nhd", PADDED, 5)
+    fill(gpu, rng)
+    disk = DiskKVCache(tmp_path, PADDED, DT, 6)
+    t = transfers.submit(gpu, disk, range(5), range(1, 6))
+    t.wait()
+    if not reading:
+        assert [r is BlockStatus.OK for r in t.results] == [True, True, False, True, True]
+        assert "disk write failed: cuFile write of slot 3" in t.reasons[2]
+        assert ("5011" if fault == "raise" else "moved") in t.reasons[2]
+        transfers.close()
+        return disk.close()
+    assert t.ok
+    transfers.close()
+    monkeypatch.setitem(sys.modules, "cuda.bindings.cufile", fake_cufile(**bad))
+    transfers = Transfers(disk_io="gds", bounce_blocks=8, bounce_chunks=1)
+    back = gpu_stand_in("vllm_flash_attn_nhd", PADDED, 5)
+    poison(back)
+    t = transfers.submit(disk, back, range(1, 6), range(5))
+    t.wait()
+    assert [r is BlockStatus.OK for r in t.results] == [True, True, False, True, True]
+    assert "disk read failed: cuFile read of slot 3" in t.reasons[2]
+    for i in range(5):
+        assert block_bytes(back, i) == (poison_bytes(PADDED) if i == 2 else block_bytes(gpu, i))
+    transfers.close()
+    disk.close()
+
+
+def test_auto_falls_back_to_posix_when_registration_fails(nvidia_fs, stand_in_gpu_paths, monkeypatch, tmp_path,
+                                                          rng, caplog):
+    cufile = fake_cufile(register_error=FakeCuFileError("cuFile error 5027 (HANDLE_NOT_REGISTERED)"))
+    monkeypatch.setitem(sys.modules, "cuda.bindings.cufile", cufile)
+    transfers = Transfers(disk_io="auto", bounce_blocks=3, bounce_chunks=2)
+    with caplog.at_level(logging.INFO, logger="kvbm.kernels.paths.gpu_disk"):
+        gpu, disk, slots, back, t = gpu_round_trip(transfers, tmp_path, rng)
+    assert t.ok and t.path == "gpu-disk-posix"
+    assert all(block_bytes(back, i) == block_bytes(gpu, i) for i in range(len(slots)))
+    fallbacks = [r for r in caplog.records if "HANDLE_NOT_REGISTERED" in r.getMessage()]
+    assert len(fallbacks) == 1 and fallbacks[0].levelno == logging.INFO
+    assert cufile.calls.count("handle_register") == 1  # tried once per cache, not per transfer
+    transfers.close()
+    disk.close()
+
+
+def test_gds_mode_fails_clearly_without_gds(nvidia_fs, monkeypatch, tmp_path, stand_in_gpu_paths):
+    monkeypatch.setitem(sys.modules, "cuda.bindings.cufile",
+                        fake_cufile(register_error=FakeCuFileError("cuFile error 5027 (HANDLE_NOT_REGISTERED)")))
+    transfers = Transfers(disk_io="gds")
+    gpu = gpu_stand_in("vllm_flash_attn_nhd", PADDED, 2)
+    disk = DiskKVCache(tmp_path, PADDED, DT, 2)
+    with pytest.raises(ValueError, match="DYN_KVBM_DISK_IO=gds.*HANDLE_NOT_REGISTERED"):
+        transfers.submit(gpu, disk, [0], [0])
+    transfers.close()
+    (tmp_path / "modules").write_text("nvidia 1 0 - Live 0x0\n")  # no nvidia_fs: compatibility mode only
+    with pytest.raises(RuntimeError, match="DYN_KVBM_DISK_IO=gds.*compatibility mode"):
+        Transfers(disk_io="gds").path(Medium.GPU, Medium.DISK)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.cufile", None)
+    with pytest.raises(RuntimeError, match="DYN_KVBM_DISK_IO=gds.*not importable"):
+        Transfers(disk_io="gds").path(Medium.DISK, Medium.GPU)
+    disk.close()
+
+
+def test_posix_mode_never_probes(monkeypatch, caplog):
+    monkeypatch.setattr(gds, "probe_gds", lambda: pytest.fail("probed under DYN_KVBM_DISK_IO=posix"))
+    with caplog.at_level(logging.INFO, logger="kvbm.kernels.paths.gpu_disk"):
+        path = Transfers(disk_io="posix").path(Medium.GPU, Medium.DISK)
+    assert path.mode == "posix" and "DYN_KVBM_DISK_IO=posix" in caplog.text
+
+
+def test_auto_without_nvidia_fs_is_posix_with_the_reason_logged(monkeypatch, tmp_path, caplog):
+    modules = tmp_path / "modules"
+    modules.write_text("nvidia 1 0 - Live 0x0\n")
+    monkeypatch.setattr(gds, "PROC_MODULES", str(modules))
+    monkeypatch.setitem(sys.modules, "cuda.bindings.cufile", fake_cufile())
+    with caplog.at_level(logging.INFO, logger="kvbm.kernels.paths.gpu_disk"):
+        path = Transfers(disk_io="auto").path(Medium.GPU, Medium.DISK)
+    assert path.mode == "posix" and "compatibility mode" in caplog.text
+
+
+# ---------------------------------------------------------------------- on a GPU
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("disk_io", ["posix", "auto"])
+@pytest.mark.parametrize("preset,geometry", [("vllm_flash_attn_nhd", PADDED), ("kvbm_staging", ALIGNED)])
+def test_gpu_disk_round_trip_on_the_gpu(tmp_path, rng, disk_io, preset, geometry):
+    transfers = Transfers(disk_io=disk_io, bounce_blocks=4, bounce_chunks=2)
+    n = 13
+    cpu = allocate(preset, geometry, n, dtype=DT)
+    fill(cpu, rng)
+    gpu = allocate(preset, geometry, n + 1, dtype=DT, device="cuda")
+    for a, b in zip(gpu.tensors, cpu.tensors):
+        a[:, :n].copy_(b) if preset.startswith("vllm_flash_attn") else a[:n].copy_(b)
+    disk = DiskKVCache(tmp_path, geometry, DT, 2 * n)
+    slots = rng.permutation(2 * n)[:n]
+    t = transfers.submit(gpu, disk, np.arange(n), slots)
+    t.wait()
+    assert t.ok, t.reasons
+    back = allocate(preset, geometry, n + 1, dtype=DT, device="cuda")
+    for x in back.tensors:
+        x.view(torch.int16).fill_(POISON)
+    flip_byte(disk.file.path, int(slots[4]) * disk.slot_bytes + 1)
+    t = transfers.submit(disk, back, np.concatenate([slots, slots[:1]]), np.arange(n + 1))
+    t.wait()
+    torch.cuda.synchronize()
+    host_back = PagedKVCache([x.cpu() for x in back.tensors], back.layout)
+    checked = transfers.path(Medium.GPU, Medium.DISK).mode == "posix"  # cuFile-written slots carry no checksum
+    for i in range(n + 1):
+        want = block_bytes(cpu, i % n)
+        if i == 4 and checked:
+            assert t.results[i] is BlockStatus.FAILED and "checksum mismatch" in t.reasons[i]
+            assert block_bytes(host_back, i) == poison_bytes(geometry)
+        elif i != 4:
+            assert t.results[i] is BlockStatus.OK and block_bytes(host_back, i) == want, t.reasons
+    transfers.close()
+    disk.close()
