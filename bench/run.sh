@@ -19,7 +19,7 @@ RUN="bench/runs/$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$RUN"
 echo "[kvbm] results of this run go to $RUN/"
 "$PY" -m bench.transfer_bench --out "$RUN" ${args[@]+"${args[@]}"}
-"$PY" -m kvbm.cli replay --json "$RUN/replay.json"
+"$PY" -m kvbm.tools.cli replay --json "$RUN/replay.json"
 PYTHON="$PY" bash tests/install_vllm_light.sh
 "$PY" bench/sched_bench.py --connector OffloadingConnector \
     --connector kvbm.vllm_integration.connector:DynamoConnector --runner v1 --runner v2 \

@@ -2,11 +2,11 @@
 The replay itself raises if an onboarded block's bytes differ from what was computed for its hash."""
 from __future__ import annotations
 
-from kvbm.cli import main
+from kvbm.tools.cli import main
 from kvbm.config import KvbmConfig
 from kvbm.layouts import KVGeometry
-from kvbm.replay import format_report, replay
-from kvbm.workload import ChatWorkload
+from kvbm.tools.replay import format_report, replay
+from kvbm.tools.workload import ChatWorkload
 
 
 def test_replay_hits_both_tiers_and_verifies_bytes(tmp_path):

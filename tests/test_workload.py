@@ -2,7 +2,7 @@
 reproducible from the seed."""
 import pytest
 
-from kvbm.workload import ChatWorkload
+from kvbm.tools.workload import ChatWorkload
 
 
 def test_prompts_grow_with_history_and_share_the_system_prompt():

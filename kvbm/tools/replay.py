@@ -21,7 +21,7 @@ from kvbm.config import KvbmConfig
 from kvbm.layouts import KVGeometry, PagedKVCache, allocate
 from kvbm.manager import BlockManager, BlockResult, Ticket
 from kvbm.metrics import KVBM_BLOCK_COUNTERS
-from kvbm.workload import ChatWorkload
+from kvbm.tools.workload import ChatWorkload
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The kvbm command line: `python -m kvbm.cli replay [options]` (see `--help`)."""
+"""The kvbm command line: `python -m kvbm.tools.cli replay [options]` (see `--help`)."""
 from __future__ import annotations
 
 import argparse
@@ -12,8 +12,8 @@ import torch
 def _replay(args: argparse.Namespace) -> int:
     from kvbm.config import KvbmConfig
     from kvbm.layouts import KVGeometry
-    from kvbm.replay import format_report, replay
-    from kvbm.workload import ChatWorkload
+    from kvbm.tools.replay import format_report, replay
+    from kvbm.tools.workload import ChatWorkload
 
     env = dict(os.environ)
     env.setdefault("DYN_KVBM_CPU_CACHE_GB", str(args.host_gb))
