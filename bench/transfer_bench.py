@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvbm.kernels.transfers import Transfers
 from kvbm.layouts import KVGeometry, allocate, block_major, copy_blocks
 from kvbm.layouts.presets import STAGING_ORDER
 
@@ -214,6 +215,7 @@ def run_gpu(args, save=lambda partial: None) -> dict:
 
     rows, extra = [], {}
     engine = TransferEngine("cuda", staging_bytes=args.staging_mib << 20)
+    transfers = Transfers(device=torch.device("cuda", torch.cuda.current_device()))
     pin_calling_thread(args.pin_thread)
     big_h = torch.empty(CEILING_BYTES, dtype=torch.uint8).pin_memory()
     big_d = torch.randint(0, 255, (CEILING_BYTES,), dtype=torch.uint8, device="cuda")
@@ -257,6 +259,9 @@ def run_gpu(args, save=lambda partial: None) -> dict:
                         continue
                     fn = lambda path=path, options=options: move(src, dst, s_ids, d_ids, path=path, **options)  # noqa
                     rows.append(measure(env, name, fn, direction, s_ids, d_ids, reps, ceiling_copy[direction]))
+                # the library's one face: Transfers.submit routes by medium to the same staged path
+                fn = lambda: transfers.submit(src, dst, s_ids, d_ids)  # noqa: E731
+                rows.append(measure(env, "kvbm_submit", fn, direction, s_ids, d_ids, reps, ceiling_copy[direction]))
                 for name, (fn, written) in peer_methods(env, engine, direction, s_ids, d_ids).items():
                     rows.append(measure(env, name, fn, direction, s_ids, written, reps, ceiling_copy[direction]))
             # the gather kernel alone: GPU cache -> device staging, bytes read + written, timed with CUDA events
