@@ -10,15 +10,23 @@ were moved, and carries the ``OSError`` of each failed slot (disk full, EIO, a s
 deleted file, a closed descriptor). A slot reported as read is byte-exact; the destination bytes of a failed slot
 are unspecified and must not be used. Misuse (bad slot ids, a too small or misaligned buffer, a closed file) raises.
 No policy lives here: which block goes to which slot is the manager's business.
+
+The file is opened once and never reopened by name: unnamed (O_TMPFILE) where the filesystem allows, so nothing is
+left behind even by ``kill -9``; else created with O_EXCL | O_NOFOLLOW under ``kvbm-g3-<pid>-<random>.blocks``,
+checked with fstat and locked (flock) for its lifetime, and files of that pattern whose owner is gone are
+reclaimed when the next file is made. O_DIRECT is set on the same descriptor with fcntl. A world-writable
+directory without the sticky bit is refused.
 """
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import operator
 import os
+import secrets
 import shutil
-import tempfile
+import stat
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +39,10 @@ logger = logging.getLogger(__name__)
 
 ALIGNMENT = 4096
 """Byte alignment of slot sizes, file offsets and buffer addresses (O_DIRECT needs the device's logical block size)."""
+
+FILE_PREFIX, FILE_SUFFIX = "kvbm-g3-", ".blocks"
+"""Names of named cache files: ``kvbm-g3-<owner pid>-<random>.blocks`` (unnamed O_TMPFILE files have none)."""
+O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 
 _ZEROFILL_CHUNK = 8 << 20
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
@@ -68,17 +80,115 @@ class SlotIOResult:
         return not self.errors
 
 
-def _release(fd: int, path: str, remove: bool) -> None:
-    """Close ``fd`` and optionally unlink ``path``, tolerating a descriptor or file that is already gone."""
-    try:
-        os.close(fd)
-    except OSError:
-        pass
-    if remove:
+def _release(fd: int, dir_fd: int, name: str | None, remove: bool) -> None:
+    """Unlink the file's name if it still is our file (``remove``), then close the descriptors (which drops the
+    file's lock: a reclaimer never finds it unlocked under its name); tolerates what is already gone."""
+    if remove and name is not None and fd >= 0:
         try:
-            os.unlink(path)
-        except FileNotFoundError:
+            mine, there = os.fstat(fd), os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino):
+                os.unlink(name, dir_fd=dir_fd)
+        except OSError:
             pass
+    for d in (fd, dir_fd):
+        if d >= 0:
+            try:
+                os.close(d)
+            except OSError:
+                pass
+
+
+def _check_directory(dir_fd: int, directory: str) -> None:
+    """Refuse a directory that anyone may write to without the sticky bit: another user could then remove or
+    replace the cache's file."""
+    st = os.fstat(dir_fd)
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        raise PermissionError(
+            errno.EACCES,
+            f"disk cache directory {directory!r} is world-writable without the sticky bit (mode "
+            f"{stat.S_IMODE(st.st_mode):o}): any user could replace the cache's file; use a private directory "
+            f"(chmod o-w) or set the sticky bit (chmod +t)",
+        )
+
+
+def _create(dir_fd: int, directory: str) -> tuple[int, str | None]:
+    """Create the file in the directory, opened once and never reopened by name: unnamed (O_TMPFILE) where the
+    filesystem supports it, else under a new name with O_EXCL | O_NOFOLLOW, locked (flock) for its lifetime and
+    checked to be the regular file just made. Returns (descriptor, name or None)."""
+    flags = os.O_RDWR | os.O_CLOEXEC
+    try:
+        if O_TMPFILE:
+            try:
+                return os.open(".", flags | O_TMPFILE, 0o600, dir_fd=dir_fd), None
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+                    raise
+                logger.debug("no O_TMPFILE in %s (%s): the disk cache file gets a name", directory, e.strerror)
+        for _ in range(100):
+            name = f"{FILE_PREFIX}{os.getpid()}-{secrets.token_hex(6)}{FILE_SUFFIX}"
+            try:
+                fd = os.open(name, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
+            except FileExistsError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                mine, there = os.fstat(fd), os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if (not stat.S_ISREG(mine.st_mode) or mine.st_nlink != 1 or mine.st_uid != os.geteuid()
+                        or (mine.st_dev, mine.st_ino) != (there.st_dev, there.st_ino)):
+                    raise PermissionError(errno.EACCES, f"{name} was replaced while it was being created")
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd, name
+        raise FileExistsError(errno.EEXIST, "no free file name after 100 tries")
+    except OSError as e:
+        raise type(e)(e.errno, f"cannot create a disk cache file in {directory!r}: {e.strerror}") from e
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reclaim_stale_files(dir_fd: int, directory: str) -> list[str]:
+    """Delete the cache files a crashed process left in the directory: ``kvbm-g3-*`` regular files of this user
+    whose lock can be taken (a live owner holds it) and whose owner pid, when the name carries one, is not a live
+    process. Returns the names removed."""
+    removed = []
+    for name in os.listdir(dir_fd):
+        if not (name.startswith(FILE_PREFIX) and name.endswith(FILE_SUFFIX)):
+            continue
+        owner = name[len(FILE_PREFIX):].split("-", 1)[0]
+        if owner.isdigit() and int(owner) != os.getpid() and _process_alive(int(owner)):
+            continue
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError:
+            continue  # gone, a symlink, or not ours to open
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # its owner is alive
+            there = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino):
+                os.unlink(name, dir_fd=dir_fd)
+                removed.append(name)
+                logger.warning("removed stale disk cache file %s of a process that is gone (%d bytes)",
+                               os.path.join(directory, name), st.st_size)
+        except OSError as e:
+            logger.debug("cannot reclaim %s: %s", name, e)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _check_count(name: str, value: object) -> int:
@@ -154,24 +264,28 @@ class DiskBlockFile:
             raise FileNotFoundError(f"disk cache directory {directory!r} does not exist")
         if not os.path.isdir(directory):
             raise NotADirectoryError(f"disk cache path {directory!r} is not a directory")
+        self.directory = directory
+        self._deleted_logged = False
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd, name = -1, None
         try:
-            alloc_fd, self.path = tempfile.mkstemp(prefix="kvbm-g3-", suffix=".blocks", dir=directory)
-        except OSError as e:
-            raise type(e)(e.errno, f"cannot create a disk cache file in {directory!r}: {e.strerror}") from e
-        try:
-            try:
-                self.preallocated_by = self._preallocate(alloc_fd, directory, zerofill_fallback)
-            finally:
-                os.close(alloc_fd)
-            self._fd, self.o_direct = self._open(use_o_direct)
+            _check_directory(dir_fd, directory)
+            reclaim_stale_files(dir_fd, directory)
+            fd, name = _create(dir_fd, directory)
+            #: The file's name in ``directory``, or None for an unnamed (O_TMPFILE) file.
+            self.name = name
+            self.path = os.path.join(directory, name) if name else f"/proc/self/fd/{fd}"
+            self.preallocated_by = self._preallocate(fd, directory, zerofill_fallback)
+            self.o_direct = self._set_direct(fd, use_o_direct)
         except BaseException:
-            os.unlink(self.path)
+            _release(fd, dir_fd, name, True)
             raise
-        self._finalizer = weakref.finalize(self, _release, self._fd, self.path, True)
+        self._fd = fd
+        self._finalizer = weakref.finalize(self, _release, fd, dir_fd, name, True)
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="kvbm-disk")
         logger.info(
-            "disk block file %s: %d slots x %d B (%d B), O_DIRECT %s, preallocated by %s",
-            self.path, self.num_slots, self.slot_bytes, self.file_bytes,
+            "disk block file in %s (%s): %d slots x %d B (%d B), O_DIRECT %s, preallocated by %s",
+            directory, name or "unnamed, O_TMPFILE", self.num_slots, self.slot_bytes, self.file_bytes,
             "on" if self.o_direct else "off", self.preallocated_by,
         )
 
@@ -204,20 +318,22 @@ class DiskBlockFile:
                 errno.ENOSPC, f"disk cache needs {self.file_bytes} bytes in {directory!r} but only {free} are free"
             ) from e
 
-    def _open(self, use_o_direct: bool) -> tuple[int, bool]:
-        """Open the file for I/O, with O_DIRECT when asked and the filesystem allows it."""
-        flags = os.O_RDWR | os.O_CLOEXEC
-        if use_o_direct:
-            try:
-                return os.open(self.path, flags | os.O_DIRECT), True
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                logger.warning(
-                    "filesystem of %s refuses O_DIRECT (%s): disk cache falls back to buffered I/O through the "
-                    "page cache", self.path, e.strerror,
-                )
-        return os.open(self.path, flags), False
+    def _set_direct(self, fd: int, use_o_direct: bool) -> bool:
+        """Turn O_DIRECT on for the open descriptor when asked and the filesystem allows it."""
+        if not use_o_direct:
+            return False
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+            return True
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            logger.warning(
+                "filesystem of %s refuses O_DIRECT (%s): disk cache falls back to buffered I/O through the "
+                "page cache", self.directory, e.strerror,
+            )
+            return False
 
     # ---------------------------------------------------------------- public I/O
 
@@ -278,8 +394,15 @@ class DiskBlockFile:
         if not self._finalizer.alive:
             return
         self._pool.shutdown(wait=True)
-        self._finalizer.detach()
-        _release(self._fd, self.path, remove)
+        _, dir_fd, name, _ = self._finalizer.detach()[2]
+        if not remove and name is None:  # keep an unnamed file: give it a name
+            name = f"{FILE_PREFIX}{os.getpid()}-{secrets.token_hex(6)}{FILE_SUFFIX}"
+            try:
+                os.link(f"/proc/self/fd/{self._fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
+                self.name, self.path = name, os.path.join(self.directory, name)
+            except OSError as e:
+                logger.warning("cannot keep the unnamed disk cache file in %s: %s", self.directory, e)
+        _release(self._fd, dir_fd, name, remove)
 
     def __enter__(self) -> "DiskBlockFile":
         return self
@@ -403,7 +526,11 @@ class DiskBlockFile:
         """
         with self._lost_lock:
             st = os.fstat(self._fd)
-            if st.st_nlink == 0:
+            if st.st_nlink == 0 and self.name is not None:
+                if not self._deleted_logged:
+                    self._deleted_logged = True
+                    logger.warning("disk cache file %s was deleted: its blocks are lost and every read and write "
+                                   "of it fails", self.path)
                 raise OSError(errno.ENOENT, f"disk cache file {self.path!r} was deleted")
             if st.st_size < self.file_bytes:
                 first = st.st_size // self.slot_bytes

@@ -7,9 +7,14 @@ os.preadv / os.pwritev), because a failing disk sector cannot be produced on dem
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import mmap
 import os
+import signal
+import stat
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -17,6 +22,7 @@ import pytest
 
 from disk_faults import fill_filesystem, rng, tiny_fs  # noqa: F401  (rng and tiny_fs are fixtures)
 
+from kvbm.kernels import disk_file
 from kvbm.kernels.disk_file import ALIGNMENT, DiskBlockFile, SlotIOResult, align_up
 
 POISON = 0xA5
@@ -121,14 +127,14 @@ def test_requests_of_one_batch_run_in_parallel(tmp_path, rng, monkeypatch):
 
 
 def test_o_direct_refused_falls_back_with_warning(tmp_path, rng, monkeypatch, caplog):
-    real_open = os.open
+    real_fcntl = fcntl.fcntl
 
-    def open_refusing_direct(path, flags, *args):
-        if flags & os.O_DIRECT:
+    def fcntl_refusing_direct(fd, cmd, *args):
+        if cmd == fcntl.F_SETFL and args and args[0] & os.O_DIRECT:
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args)
+        return real_fcntl(fd, cmd, *args)
 
-    monkeypatch.setattr(os, "open", open_refusing_direct)
+    monkeypatch.setattr(fcntl, "fcntl", fcntl_refusing_direct)
     with caplog.at_level(logging.WARNING, logger="kvbm.kernels.disk_file"):
         f = DiskBlockFile(tmp_path, 4, 4096)
     assert "refuses O_DIRECT" in caplog.text
@@ -184,16 +190,43 @@ def test_bad_arguments_raise_clear_errors(tmp_path, rng):
         f.read_slots([0], buf)
 
 
-def test_close_removes_file_and_is_idempotent(tmp_path):
+@pytest.fixture
+def named(monkeypatch):
+    """Files get a name in the directory (as on filesystems without O_TMPFILE)."""
+    monkeypatch.setattr(disk_file, "O_TMPFILE", 0)
+
+
+def cache_files(directory) -> list[str]:
+    return sorted(n for n in os.listdir(directory) if n.startswith("kvbm-g3-"))
+
+
+def test_close_removes_file_and_is_idempotent(tmp_path, named):
     with DiskBlockFile(tmp_path, 2, 4096) as f:
         path = f.path
         assert os.path.exists(path) and os.path.dirname(path) == str(tmp_path)
+        assert f.name == os.path.basename(path) and f.name.startswith(f"kvbm-g3-{os.getpid()}-")
     assert not os.path.exists(path) and f.closed
     f.close()
     g = DiskBlockFile(tmp_path, 2, 4096)
     g.close(remove=False)
     assert os.path.getsize(g.path) == 2 * 4096
     assert DiskBlockFile(tmp_path, 2, 4096).path != g.path  # unique names
+
+
+@pytest.mark.skipif(not disk_file.O_TMPFILE, reason="no O_TMPFILE on this platform")
+def test_unnamed_file_leaves_nothing_in_the_directory(tmp_path, rng):
+    with DiskBlockFile(tmp_path, 4, 4096) as f:
+        if f.name is not None:
+            pytest.skip("this filesystem has no O_TMPFILE")
+        assert cache_files(tmp_path) == [] and os.path.getsize(f.path) == 4 * 4096
+        src = random_buffer(rng, 4 * 4096)
+        assert f.write_slots(range(4), src).all_ok
+        dst = poisoned_buffer(4 * 4096)
+        assert f.read_slots(range(4), dst).all_ok and dst[:] == src[:]
+    assert cache_files(tmp_path) == []
+    g = DiskBlockFile(tmp_path, 2, 4096)
+    g.close(remove=False)  # kept: it gets a name
+    assert cache_files(tmp_path) == [os.path.basename(g.path)] and os.path.getsize(g.path) == 2 * 4096
 
 
 def no_fallocate(fd: int, offset: int, length: int) -> None:
@@ -299,17 +332,21 @@ def test_truncation_during_a_read_is_a_short_read_failure(tmp_path, rng, monkeyp
         assert dst[: 9 * sb] == src[: 9 * sb]
 
 
-def test_deleted_file_fails_every_slot(tmp_path, rng):
+def test_deleted_file_fails_every_slot(tmp_path, rng, named, caplog):
     f = DiskBlockFile(tmp_path, 8, 4096)
     src = random_buffer(rng, 8 * 4096)
     assert f.write_slots(range(8), src).all_ok
     os.unlink(f.path)
     dst = poisoned_buffer(8 * 4096)
-    result = f.read_slots(range(8), dst)
+    with caplog.at_level(logging.WARNING, logger="kvbm.kernels.disk_file"):
+        result = f.read_slots(range(8), dst)
+        writes = f.write_slots([0, 1], src)
     assert result.failed_slots == list(range(8))
-    assert all(e.errno == errno.ENOENT for e in result.errors.values())
+    assert all(e.errno == errno.ENOENT and "was deleted" in str(e) for e in result.errors.values())
     assert dst[:] == bytes([POISON]) * (8 * 4096)
-    assert f.write_slots([0, 1], src).failed_slots == [0, 1]
+    assert writes.failed_slots == [0, 1] and "was deleted" in str(writes.errors[0])
+    deleted = [r for r in caplog.records if "was deleted" in r.getMessage()]
+    assert len(deleted) == 1 and deleted[0].levelno == logging.WARNING
     f.close()  # the file is already gone: closing still succeeds
     assert f.closed
 
@@ -396,3 +433,106 @@ def test_concurrent_batches_after_truncation_keep_rewritten_slots(tmp_path, rng,
         assert f.read_slots(slots, dst, buf_blocks=slots).all_ok
         for s in slots:
             assert block(dst, s, sb) == block(src, s, sb)
+
+
+# ---------------------------------------------------------------------- the file's safety
+
+
+@pytest.mark.parametrize("mode,ok", [(0o777, False), (0o1777, True), (0o775, True), (0o700, True)])
+def test_world_writable_directory_without_sticky_bit_is_refused(tmp_path, mode, ok):
+    d = tmp_path / "cache"
+    d.mkdir()
+    os.chmod(d, mode)
+    if ok:
+        DiskBlockFile(d, 1, 4096).close()
+        return
+    with pytest.raises(PermissionError, match="world-writable without the sticky bit"):
+        DiskBlockFile(d, 1, 4096)
+    assert cache_files(d) == []
+
+
+@pytest.mark.parametrize("naming", ["unnamed", "named"])
+def test_name_swapped_for_a_symlink_after_creation_is_not_followed(tmp_path, rng, monkeypatch, naming):
+    """Another user replaces the cache file's name with a symlink to a victim file between its creation and its
+    use: the cache keeps using the file it created, the victim is never written, and close leaves the link."""
+    if naming == "named":
+        monkeypatch.setattr(disk_file, "O_TMPFILE", 0)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious" * 2048)
+    real_fallocate = os.posix_fallocate
+
+    def swap_then_fallocate(fd, offset, length):
+        for name in cache_files(tmp_path):
+            os.replace(tmp_path / name, tmp_path / "moved-away")
+            os.symlink(victim, tmp_path / name)
+        return real_fallocate(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", swap_then_fallocate)
+    f = DiskBlockFile(tmp_path, 4, 4096)
+    src = random_buffer(rng, 4 * 4096)
+    assert f.write_slots(range(4), src).all_ok
+    dst = poisoned_buffer(4 * 4096)
+    assert f.read_slots(range(4), dst).all_ok and dst[:] == src[:]
+    f.close()
+    assert victim.read_bytes() == b"precious" * 2048
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_files_of_dead_processes_are_reclaimed(tmp_path, named, caplog):
+    live = DiskBlockFile(tmp_path, 2, 4096)  # locked by a live owner (this process)
+    stale = tmp_path / f"kvbm-g3-{dead_pid()}-0123456789ab.blocks"
+    stale.write_bytes(bytes(8192))
+    old_style = tmp_path / "kvbm-g3-k2j3h4g5.blocks"  # unlocked, no pid: left by a crashed older version
+    old_style.write_bytes(bytes(4096))
+    other = tmp_path / "kvbm-g3-notes.txt"
+    other.write_text("not a cache file")
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    link = tmp_path / f"kvbm-g3-{dead_pid()}-ffffffffffff.blocks"
+    os.symlink(victim, link)
+    with caplog.at_level(logging.WARNING, logger="kvbm.kernels.disk_file"):
+        new = DiskBlockFile(tmp_path, 1, 4096)
+    assert not stale.exists() and not old_style.exists()
+    assert os.path.exists(live.path) and other.exists() and victim.read_text() == "keep" and link.is_symlink()
+    assert "removed stale disk cache file" in caplog.text
+    live.close()
+    new.close()
+
+
+def test_file_of_a_live_process_with_a_lock_is_kept_even_under_our_pid(tmp_path, named):
+    mine = tmp_path / f"kvbm-g3-{os.getpid()}-000000000000.blocks"
+    mine.write_bytes(bytes(4096))
+    fd = os.open(mine, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        DiskBlockFile(tmp_path, 1, 4096).close()
+        assert mine.exists()
+    finally:
+        os.close(fd)
+    DiskBlockFile(tmp_path, 1, 4096).close()
+    assert not mine.exists()  # unlocked and named with our own pid: not ours, a leftover
+
+
+@pytest.mark.parametrize("naming", ["unnamed", "named"])
+def test_kill_9_leaves_nothing_or_a_file_the_next_start_reclaims(tmp_path, naming):
+    script = (
+        "import os, signal\n"
+        "from kvbm.kernels import disk_file\n"
+        + ("disk_file.O_TMPFILE = 0\n" if naming == "named" else "")
+        + f"f = disk_file.DiskBlockFile({str(tmp_path)!r}, 64, 4096)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    left = cache_files(tmp_path)
+    if naming == "unnamed" and disk_file.O_TMPFILE:
+        assert left == []
+        return
+    assert len(left) == 1 and os.path.getsize(tmp_path / left[0]) == 64 * 4096
+    DiskBlockFile(tmp_path, 1, 4096).close()
+    assert cache_files(tmp_path) == []

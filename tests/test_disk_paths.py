@@ -195,6 +195,7 @@ def test_io_error_fails_exactly_its_block(transfers, tmp_path, rng, monkeypatch,
     if not reading:
         assert t.results == [BlockStatus.OK, BlockStatus.FAILED] + [BlockStatus.OK] * 4
         assert "Input/output error" in t.reasons[1] and "disk write failed" in t.reasons[1]
+        assert t.lost == set()  # the source is intact
         return disk.close()
     assert t.ok
     monkeypatch.setattr(os, name, failing)
@@ -203,7 +204,7 @@ def test_io_error_fails_exactly_its_block(transfers, tmp_path, rng, monkeypatch,
     t = transfers.submit(disk, dst, [3, 4, 5, 0, 1, 2], range(6))
     t.wait()
     assert [i for i, r in enumerate(t.results) if r is BlockStatus.FAILED] == [1]
-    assert "Input/output error" in t.reasons[1] and "disk read failed" in t.reasons[1]
+    assert "Input/output error" in t.reasons[1] and "disk read failed" in t.reasons[1] and t.lost == {1}
     for i in range(6):
         assert block_bytes(dst, i) == (poison_bytes(PADDED) if i == 1 else block_bytes(src, i))
     disk.close()
@@ -217,7 +218,7 @@ def test_corrupted_slot_fails_its_block_and_leaves_the_destination_untouched(tra
     t = transfers.submit(disk, dst, slots, range(5))
     t.wait()
     assert [r is BlockStatus.OK for r in t.results] == [True, True, True, False, True]
-    assert "checksum mismatch" in t.reasons[3]
+    assert "checksum mismatch" in t.reasons[3] and t.lost == {3}  # the stored copy is bad: the index drops it
     assert block_bytes(dst, 3) == poison_bytes(ALIGNED)
     disk.close()
 

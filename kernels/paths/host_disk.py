@@ -222,11 +222,13 @@ def bounced_read_steps(transfers: Transfers, disk: DiskKVCache, dst: Any, src_id
     """Steps of reading slots ``src_ids`` into blocks ``dst_ids`` of ``dst``: per chunk of distinct slots,
     ``io(slots, chunk blocks, tags)`` on a disk thread (default: `DiskKVCache.read_slots` into the pool's bytes,
     checksums verified), then chunk -> ``dst`` of the blocks read intact by ``stage`` (default
-    ``transfers.submit``) on the polling thread. A slot asked for by several blocks is read once."""
+    ``transfers.submit``) on the polling thread. A slot asked for by several blocks is read once. Returns
+    ``(failed, lost)``: ``lost`` the failed blocks whose slot could not be read intact."""
     executor = transfers.disk_executor()
     stage = stage or transfers.submit
     io = io or (lambda s, bb, t: disk.read_slots(s, pool.array, bb, t))
     errors: dict[int, str] = {}
+    lost: set[int] = set()  # failed because the slot's bytes are bad (read error, checksum), not the copy
     slots, first, inverse = np.unique(src_ids, return_index=True, return_inverse=True)
     size = transfers.bounce_blocks
     pending = deque(np.arange(i, min(i + size, slots.size)) for i in range(0, slots.size, size))
@@ -266,6 +268,7 @@ def bounced_read_steps(transfers: Transfers, disk: DiskKVCache, dst: Any, src_id
                     good.append((p, k))
                 else:
                     errors.setdefault(p, reason)
+                    lost.add(p)
             b.positions = np.array([p for p, _ in good], dtype=np.int64)
             if not good:
                 b.stage = BlockTransfer.completed(0, "none")
@@ -287,7 +290,7 @@ def bounced_read_steps(transfers: Transfers, disk: DiskKVCache, dst: Any, src_id
         return True
 
     yield from _run(pending, start, advance, in_flight, pool, [] if me is None else me)
-    return errors
+    return errors, lost & set(errors)
 
 
 def start_transfer(num_blocks: int, name: str, steps: Steps, pool: BouncePool, me: list) -> BlockTransfer:
