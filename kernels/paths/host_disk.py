@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from kvbm.layouts import copy_blocks
+
 from ..block_transfer import BlockTransfer, Steps
 from ..bounce import BounceChunk, BouncePool, bounce_pool
 from ..disk_cache import DiskKVCache, same_slot_layout
@@ -302,6 +304,12 @@ def start_transfer(num_blocks: int, name: str, steps: Steps, pool: BouncePool, m
     return transfer
 
 
+def _copy_stage(src: Any, dst: Any, src_ids: np.ndarray, dst_ids: np.ndarray) -> BlockTransfer:
+    """Host cache <-> bounce chunk: `copy_blocks` on the polling thread, finished when it returns."""
+    copy_blocks(src, dst, src_ids, dst_ids)
+    return BlockTransfer.completed(src_ids.size, "host-copy")
+
+
 def _done_future(value: Any) -> Future:
     future: Future = Future()
     future.set_result(value)
@@ -330,11 +338,12 @@ class HostDiskPath:
         pool = bounce_pool(self._transfers, disk.geometry, disk.dtype, disk.slot_bytes)
         me: list = []
         if reading:
-            steps = bounced_read_steps(self._transfers, disk, host, src_ids, dst_ids, tag_list, pool, me=me)
+            steps = bounced_read_steps(self._transfers, disk, host, src_ids, dst_ids, tag_list, pool,
+                                       stage=_copy_stage, me=me)
         else:
             direct = direct_array(host, disk)
             steps = bounced_write_steps(self._transfers, host, disk, src_ids, dst_ids, tag_list, pool, direct,
-                                        me=me)
+                                        stage=_copy_stage, me=me)
         return start_transfer(src_ids.size, self.name, steps, pool, me)
 
     def close(self) -> None:
