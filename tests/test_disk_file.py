@@ -12,7 +12,6 @@ import logging
 import mmap
 import os
 import signal
-import stat
 import subprocess
 import sys
 import threading

@@ -320,7 +320,7 @@ def stand_in_gpu_paths(monkeypatch):
     return StandInGpuHostPath
 
 
-def gpu_round_trip(transfers, tmp_path, rng, geometry=PADDED, n=7, fail_slot=None, monkeypatch=None):
+def gpu_round_trip(transfers, tmp_path, rng, geometry=PADDED, n=7):
     gpu = gpu_stand_in("vllm_flash_attn_hnd", geometry, n)
     fill(gpu, rng)
     disk = DiskKVCache(tmp_path, geometry, DT, n + 2)

@@ -89,3 +89,30 @@ def test_missing_cufile_module_means_posix(monkeypatch):
 @pytest.mark.skipif(importlib.util.find_spec("nixl") is None, reason="nixl is not installed")
 def test_nixl_posix_backend_is_creatable_without_gpu():
     assert nixl_posix_available() is True
+
+
+def test_register_file_fills_an_opaque_fd_descriptor():
+    """register_file sets the descriptor as cuFile wants it and returns the handle (with the real binding's
+    Descr where it imports; its handle_register is replaced, since registering needs the GDS driver)."""
+    real = pytest.importorskip("cuda.bindings.cufile")
+    seen = []
+    fake = types.SimpleNamespace(Descr=real.Descr, FileHandleType=real.FileHandleType,
+                                 handle_register=lambda ptr: seen.append(ptr) or 42)
+    handle, descr = gds.register_file(fake, 7)
+    assert handle == 42 and seen == [descr.ptr]
+    assert int(descr.type) == int(real.FileHandleType.OPAQUE_FD) and int(descr.handle.fd[0]) == 7
+
+
+def test_register_file_passes_registration_errors_on():
+    class Refused(Exception):
+        pass
+
+    def refuse(ptr):
+        raise Refused("cuFile error 5027 (HANDLE_NOT_REGISTERED)")
+
+    descr = types.SimpleNamespace(handle=types.SimpleNamespace(), ptr=1)
+    fake = types.SimpleNamespace(Descr=lambda: descr, FileHandleType=types.SimpleNamespace(OPAQUE_FD=1),
+                                 handle_register=refuse)
+    with pytest.raises(Refused, match="5027"):
+        gds.register_file(fake, 3)
+    assert gds.describe_error(Refused("a\nb")) == "Refused: a"
