@@ -1,0 +1,1 @@
+"""End-to-end time-to-first-token benchmark of kvbm on a random-weight decoder (see README.md)."""

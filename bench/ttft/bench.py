@@ -1,0 +1,660 @@
+"""End-to-end time to first token (TTFT) with kvbm, on a random-weight decoder of real shape and real kernels.
+
+Workloads: (a) one request with a cached prefix of each ``--prefixes`` length and ``--new-tokens`` new tokens
+(the prefix is first run once, its blocks stored, then evicted from G1, so the timed request loads it from G2 or
+G3); (b) LMBenchmark-style multi-round QA (users x rounds, a shared system prompt, long questions, short answers,
+G1 smaller than the working set), average TTFT. Modes: recompute (no kvbm), G2 hit with bulk onboard, G3 hit
+(disk tier only; POSIX and GPUDirect Storage), and for (a) the lower bound: the PCIe time of the prefix bytes (a
+pinned memcpy of the same bytes) plus the new tokens' compute with the prefix already in G1. Every loaded block is
+compared byte for byte with the bytes its first computation wrote.
+
+Run: ``python -m bench.ttft`` (see bench/ttft/README.md); ``--smoke`` runs a tiny model on the CPU in seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvbm.tools.workload import ChatWorkload
+
+from .engine import Engine, G1Pool, KvbmSide, Reference, RequestResult, sync
+from .model import BLOCK_SIZE, SHAPES, DecoderModel, ModelShape, allocate_kv_caches
+
+__all__ = ["main", "Row", "MODES", "run_model"]
+
+RECOMPUTE, G1_HIT, G2, G2_LAYERWISE, G3_POSIX, G3_GDS, LOWER_BOUND = (
+    "recompute", "G1 hit (prefix on GPU)", "G2 hit, bulk onboard", "G2 hit, layer-wise", "G3 hit, posix",
+    "G3 hit, gds", "lower bound (PCIe + compute)")
+#: --modes names -> row mode
+MODES = {"recompute": RECOMPUTE, "g2": G2, "g3-posix": G3_POSIX, "g3-gds": G3_GDS}
+KVBM_MODES = (G2, G3_POSIX, G3_GDS)
+#: assumed rates for the estimates printed before the run (bytes/s)
+EST_HOST_RATE, EST_DISK_RATE = 20e9, 2e9
+GDS_NOTE = "on these machines cuFile cannot register files, so GDS is expected to be unavailable"
+
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    """A progress line with the time since start."""
+    print(f"[ttft +{time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
+
+
+@dataclass
+class Row:
+    """One line of the result table (times in ms; ``ttft_ms`` is the median of the timed repetitions, or the mean
+    TTFT of a multi-round workload)."""
+
+    model: str
+    workload: str
+    mode: str
+    prefix_tokens: int | None = None
+    new_tokens: int | None = None
+    ttft_ms: float | None = None
+    ttft_all_ms: list[float] = field(default_factory=list)
+    load_ms: float | None = None
+    forward_ms: float | None = None
+    requests: int = 0
+    g1_hit_tokens: int = 0
+    loaded_tokens: int = 0
+    computed_tokens: int = 0
+    checked_blocks: int = 0
+    bad_blocks: int = 0
+    load_errors: int = 0
+    bytes_ok: bool | None = None
+    note: str = ""
+
+
+def median_ms(values: Sequence[float]) -> float:
+    """Median of seconds, in ms."""
+    return statistics.median(values) * 1e3
+
+
+def _row_from(model: str, workload: str, mode: str, results: Sequence[RequestResult], *, prefix: int | None,
+              new: int | None, mean: bool = False, expect_loaded: int | None = None) -> Row:
+    ttfts = [r.ttft_s for r in results]
+    row = Row(model, workload, mode, prefix, new,
+              ttft_ms=(statistics.fmean(ttfts) * 1e3 if mean else median_ms(ttfts)),
+              ttft_all_ms=[round(t * 1e3, 3) for t in ttfts], load_ms=median_ms([r.load_wait_s for r in results]),
+              forward_ms=median_ms([r.forward_s for r in results]), requests=len(results),
+              g1_hit_tokens=sum(r.g1_hit_tokens for r in results), loaded_tokens=sum(r.loaded_tokens for r in results),
+              computed_tokens=sum(r.computed_tokens for r in results),
+              checked_blocks=sum(r.checked_blocks for r in results), bad_blocks=sum(r.bad_blocks for r in results),
+              load_errors=sum(r.load_errors for r in results))
+    if mode in KVBM_MODES:
+        unchecked = sum(r.unchecked_blocks for r in results)
+        ok = row.bad_blocks == 0 and row.load_errors == 0 and unchecked == 0
+        if expect_loaded is not None and any(r.loaded_tokens != expect_loaded for r in results):
+            ok = False
+            row.note = f"expected {expect_loaded} loaded tokens per request, got {[r.loaded_tokens for r in results]}"
+        row.bytes_ok = ok
+    return row
+
+
+# -- options ---------------------------------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in values if v not in allowed]
+        if not values or bad:
+            raise argparse.ArgumentTypeError(f"expected comma-separated names from {', '.join(allowed)}, got {text!r}")
+        return values
+    return parse
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command line (``--smoke`` replaces the defaults by a tiny CPU run)."""
+    ap = argparse.ArgumentParser(prog="python -m bench.ttft", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=None,
+                    help="folder for ttft.json/.md/.png (default: a new bench/runs/<date-time>/)")
+    ap.add_argument("--models", type=_choices(list(SHAPES)), default=None,
+                    help="comma-separated: " + ", ".join(SHAPES) + " (default llama-3.1-8b,qwen3-0.6b)")
+    ap.add_argument("--layers", type=int, default=None, help="override the models' number of layers")
+    ap.add_argument("--prefixes", type=_int_list, default=None,
+                    help="cached prefix lengths in tokens, multiples of 16 (default 2048,8192,16384,32768)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="new tokens after the prefix (default 256)")
+    ap.add_argument("--workloads", type=_choices(["prefix", "qa"]), default=["prefix", "qa"],
+                    help="prefix: single requests with a cached prefix; qa: multi-round QA (default both)")
+    ap.add_argument("--modes", type=_choices(list(MODES)), default=list(MODES),
+                    help="comma-separated: " + ", ".join(MODES) + " (default all)")
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions per row (median reported)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed repetitions before each row")
+    ap.add_argument("--qa-users", type=int, default=None)
+    ap.add_argument("--qa-rounds", type=int, default=None)
+    ap.add_argument("--qa-system", type=int, default=None, help="shared system prompt tokens")
+    ap.add_argument("--qa-question", type=int, default=None, help="tokens of each question (the long input)")
+    ap.add_argument("--qa-answer", type=int, default=None, help="tokens of each answer (the short output)")
+    ap.add_argument("--qa-active", type=int, default=None,
+                    help="users taking turns at a time (default all: a user's next round comes after every other "
+                         "user's)")
+    ap.add_argument("--qa-g1-tokens", type=int, default=None,
+                    help="G1 size for the QA workload in tokens (default: a quarter of the working set, at least "
+                         "the largest request)")
+    ap.add_argument("--disk-dir", type=Path, default=None,
+                    help="where the G3 files go (default DYN_KVBM_DISK_CACHE_DIR, else /tmp)")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default cuda when available)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny model (2 layers), prefixes 64,128, small QA, on the CPU unless --device is given")
+    args = ap.parse_args(argv)
+    smoke = args.smoke
+    defaults = {
+        "models": ["tiny"] if smoke else ["llama-3.1-8b", "qwen3-0.6b"],
+        "prefixes": [64, 128] if smoke else [2048, 8192, 16384, 32768],
+        "new_tokens": 32 if smoke else 256,
+        "qa_users": 3 if smoke else 8, "qa_rounds": 2 if smoke else 4, "qa_system": 64 if smoke else 2000,
+        "qa_question": 48 if smoke else 1000, "qa_answer": 16 if smoke else 100, "qa_active": 3 if smoke else 8,
+        "device": "cpu" if smoke else ("cuda" if torch.cuda.is_available() else "cpu"),
+    }
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if smoke and args.layers is None:
+        args.layers = 2
+    if any(p % BLOCK_SIZE for p in args.prefixes):
+        ap.error(f"--prefixes must be multiples of {BLOCK_SIZE} (whole blocks)")
+    if args.reps < 1 or args.warmup < 0 or args.new_tokens < 1:
+        ap.error("--reps and --new-tokens must be positive, --warmup not negative")
+    if args.disk_dir is None:
+        args.disk_dir = Path(os.environ.get("DYN_KVBM_DISK_CACHE_DIR") or "/tmp")
+    return args
+
+
+# -- measurements ----------------------------------------------------------------------------------------------
+
+
+def _random_tokens(rng: random.Random, n: int, vocab: int) -> list[int]:
+    return [rng.randrange(vocab) for _ in range(n)]
+
+
+def measure_pcie(reference: Reference, num_blocks: int, device: torch.device, reps: int,
+                 scratch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    """``(median seconds, bytes)`` of one pinned host -> device copy of the first ``num_blocks`` recorded blocks'
+    bytes (copied into the pinned buffer first); on the CPU a plain memcpy."""
+    parts = [t[:, :num_blocks].reshape(-1).view(torch.uint8) for t in reference.store]
+    nbytes = sum(p.numel() for p in parts)
+    gpu = device.type == "cuda"
+    if scratch.get("host") is None or scratch["host"].numel() < nbytes:
+        scratch.clear()
+        scratch["host"] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=gpu)
+        scratch["dev"] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    host, dev = scratch["host"][:nbytes], scratch["dev"][:nbytes]
+    offset = 0
+    for p in parts:
+        host[offset:offset + p.numel()].copy_(p)
+        offset += p.numel()
+    times = []
+    for _ in range(reps + 1):
+        if gpu:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            sync(device)
+            start.record()
+            dev.copy_(host, non_blocking=True)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            dev.copy_(host)
+            times.append(time.perf_counter() - t)
+    chunk = 1 << 28
+    for start in range(0, nbytes, chunk):
+        if not torch.equal(dev[start:start + chunk], host[start:start + chunk].to(device)):
+            raise RuntimeError("the PCIe copy did not reproduce its bytes")
+    return statistics.median(times[1:]), nbytes
+
+
+class Calibration:
+    """Prefill time as ``a*T + b*T^2`` fitted on two lengths, for the estimates printed before each part."""
+
+    def __init__(self, engine: Engine, vocab: int, lengths: tuple[int, int]) -> None:
+        rng = random.Random(1)
+        times = []
+        for n in lengths:
+            engine.evict_all()
+            engine.run_request(_random_tokens(rng, n, vocab))
+            times.append(min(engine.run_request(_random_tokens(rng, n, vocab)).ttft_s for _ in range(2)))
+            engine.evict_all()
+        (n1, n2), (t1, t2) = lengths, times
+        self.b = max((t2 / n2 - t1 / n1) / (n2 - n1), 0.0)
+        self.a = max(t1 / n1 - self.b * n1, 1e-9)
+
+    def prefill(self, tokens: int, cached: int = 0) -> float:
+        """Seconds for ``tokens`` new tokens after ``cached`` cached ones."""
+        return self.a * tokens + self.b * tokens * (tokens + 2 * cached)
+
+
+@dataclass
+class Setup:
+    """One model's engine, kvbm sides and what is shared between its parts."""
+
+    shape: ModelShape
+    engine: Engine
+    caches: list[torch.Tensor]
+    sides: dict[str, KvbmSide]
+    unavailable: dict[str, str]
+    block_bytes: int
+    calibration: Calibration | None = None
+
+
+def _probe(engine: Engine, side: KvbmSide, vocab: int) -> str | None:
+    """Store two blocks through ``side`` and load them back; why that failed, or None."""
+    rng = random.Random(7)
+    prompt = _random_tokens(rng, 2 * BLOCK_SIZE, vocab)
+    reference = Reference(engine.caches, 4)
+    try:
+        engine.evict_all()
+        engine.run_request(prompt, [side], record=reference)
+        engine.drain([side])
+        engine.evict_all()
+        result = engine.run_request(prompt + _random_tokens(rng, BLOCK_SIZE, vocab), [side], reference=reference)
+        engine.evict_all()
+    except Exception as exc:  # noqa: BLE001 - any failure makes the mode unavailable, with its reason
+        engine.abandon(side)
+        return f"{type(exc).__name__}: {exc}"
+    if result.loaded_tokens != 2 * BLOCK_SIZE or result.bad_blocks or result.load_errors:
+        return (f"probe loaded {result.loaded_tokens} of {2 * BLOCK_SIZE} tokens, {result.bad_blocks} bad blocks, "
+                f"{result.load_errors} load errors")
+    return None
+
+
+def build(args: argparse.Namespace, name: str, device: torch.device, dtype: torch.dtype) -> Setup:
+    """The model, G1 sized for the largest part, and one kvbm side per kvbm mode asked for."""
+    shape = SHAPES[name] if args.layers is None else SHAPES[name].with_layers(args.layers)
+    t = time.perf_counter()
+    model = DecoderModel(shape, device, dtype, seed=0)
+    sync(device)
+    log(f"{shape.name}: {model.num_parameters() / 1e9:.2f} B parameters ({dtype}) on {device} in "
+        f"{time.perf_counter() - t:.1f} s")
+    prefix_blocks = 2 * (max(args.prefixes) + args.new_tokens) // BLOCK_SIZE + 8 if "prefix" in args.workloads else 0
+    qa = qa_workload(args, shape.vocab)
+    qa_blocks = qa_g1_blocks(args, qa) if "qa" in args.workloads else 0
+    num_g1 = max(prefix_blocks, qa_blocks, 256)
+    caches = allocate_kv_caches(shape, num_g1, dtype, device)
+    block_bytes = shape.block_bytes_per_element * caches[0].element_size()
+    engine = Engine(model, caches, G1Pool(range(num_g1)))
+    tier_blocks = max(max(args.prefixes) // BLOCK_SIZE if "prefix" in args.workloads else 0,
+                      qa_unique_blocks(qa) if "qa" in args.workloads else 0) * 11 // 10 + 128
+    log(f"{shape.name}: G1 {num_g1} blocks of {block_bytes / 2**20:.2f} MiB ({num_g1 * block_bytes / 1e9:.1f} GB); "
+        f"offload tiers {tier_blocks} blocks ({tier_blocks * block_bytes / 1e9:.1f} GB each)")
+    sides: dict[str, KvbmSide] = {}
+    unavailable: dict[str, str] = {}
+    for mode in [MODES[m] for m in args.modes if MODES[m] in KVBM_MODES]:
+        if mode == G3_GDS and device.type != "cuda":
+            unavailable[mode] = "needs a GPU"
+            continue
+        t = time.perf_counter()
+        try:
+            if mode == G2:
+                side = KvbmSide.create(mode, caches, host_blocks=tier_blocks)
+            else:
+                side = KvbmSide.create(mode, caches, disk_blocks=tier_blocks, disk_dir=args.disk_dir,
+                                       disk_io="gds" if mode == G3_GDS else "posix")
+        except Exception as exc:  # noqa: BLE001 - reported as the mode's reason
+            unavailable[mode] = f"{type(exc).__name__}: {exc}"
+            log(f"{shape.name}: {mode} unavailable: {unavailable[mode]}")
+            continue
+        why = _probe(engine, side, shape.vocab)
+        if why is not None:
+            unavailable[mode] = why
+            log(f"{shape.name}: {mode} unavailable: {why}")
+            try:
+                side.close()
+            except Exception:  # noqa: BLE001 - the side is dropped either way
+                pass
+            continue
+        sides[mode] = side
+        log(f"{shape.name}: {mode} ready ({side.tier}, {tier_blocks} blocks) in {time.perf_counter() - t:.1f} s")
+    return Setup(shape, engine, caches, sides, unavailable, block_bytes)
+
+
+def _timed(reps: int, warmup: int, run: Callable[[], RequestResult]) -> list[RequestResult]:
+    results = [run() for _ in range(warmup + reps)]
+    return results[warmup:]
+
+
+def run_prefix(args: argparse.Namespace, setup: Setup, prefix: int, scratch: dict[str, torch.Tensor]) -> list[Row]:
+    """Workload (a) for one prefix length: recompute, G1 hit, each kvbm mode, lower bound."""
+    eng, shape, new = setup.engine, setup.shape, args.new_tokens
+    rng = random.Random(prefix)
+    tokens = _random_tokens(rng, prefix, shape.vocab)
+    fresh = lambda: _random_tokens(rng, new, shape.vocab)  # noqa: E731 - new tokens differ per repetition
+    name, rows = shape.name, []
+    modes = [MODES[m] for m in args.modes]
+    if RECOMPUTE in modes:
+        def recompute() -> RequestResult:
+            eng.evict_all()
+            return eng.run_request(tokens + fresh())
+        t = time.perf_counter()
+        rows.append(_row_from(name, "prefix", RECOMPUTE, _timed(args.reps, args.warmup, recompute),
+                              prefix=prefix, new=new))
+        log(f"{name} prefix {prefix}: {RECOMPUTE} median {rows[-1].ttft_ms:.1f} ms ({time.perf_counter() - t:.1f} s)")
+    sides = list(setup.sides.values())
+    reference = Reference(setup.caches, prefix // BLOCK_SIZE)
+    eng.evict_all()
+    t = time.perf_counter()
+    first = eng.run_request(tokens, sides, record=reference)
+    eng.drain(sides)
+    log(f"{name} prefix {prefix}: first run (prefill {first.ttft_s * 1e3:.1f} ms, stored to "
+        f"{', '.join(s.name for s in sides) or 'nothing'}) in {time.perf_counter() - t:.1f} s")
+    t = time.perf_counter()
+    g1 = _timed(args.reps, args.warmup, lambda: eng.run_request(tokens + fresh()))
+    g1_row = _row_from(name, "prefix", G1_HIT, g1, prefix=prefix, new=new)
+    if any(r.g1_hit_tokens != prefix for r in g1):
+        g1_row.note = f"G1 hits {[r.g1_hit_tokens for r in g1]} tokens, expected {prefix}"
+    rows.append(g1_row)
+    log(f"{name} prefix {prefix}: {G1_HIT} median {g1_row.ttft_ms:.1f} ms ({time.perf_counter() - t:.1f} s)")
+    for mode in modes:
+        if mode not in KVBM_MODES:
+            continue
+        side = setup.sides.get(mode)
+        if side is None:
+            rows.append(Row(name, "prefix", mode, prefix, new, note=f"unavailable: {setup.unavailable.get(mode)}"
+                            + (f"; {GDS_NOTE}" if mode == G3_GDS else "")))
+            continue
+
+        def hit(side: KvbmSide = side) -> RequestResult:
+            eng.evict_all()
+            return eng.run_request(tokens + fresh(), [side], reference=reference)
+        t = time.perf_counter()
+        rows.append(_row_from(name, "prefix", mode, _timed(args.reps, args.warmup, hit), prefix=prefix, new=new,
+                              expect_loaded=prefix))
+        r = rows[-1]
+        log(f"{name} prefix {prefix}: {mode} median {r.ttft_ms:.1f} ms (load {r.load_ms:.1f} ms), "
+            f"{r.checked_blocks} blocks checked, bytes {'ok' if r.bytes_ok else 'WRONG'} "
+            f"({time.perf_counter() - t:.1f} s)")
+        if mode == G2:
+            rows.append(Row(name, "prefix", G2_LAYERWISE, prefix, new, note="not implemented"))
+    eng.evict_all()
+    pcie_s, nbytes = measure_pcie(reference, prefix // BLOCK_SIZE, setup.engine.device, args.reps, scratch)
+    bound = Row(name, "prefix", LOWER_BOUND, prefix, new, ttft_ms=pcie_s * 1e3 + g1_row.ttft_ms, load_ms=pcie_s * 1e3,
+                forward_ms=g1_row.ttft_ms,
+                note=f"PCIe {nbytes / 1e6:.1f} MB at {nbytes / pcie_s / 1e9:.1f} GB/s + G1-hit compute")
+    rows.append(bound)
+    log(f"{name} prefix {prefix}: {LOWER_BOUND} {bound.ttft_ms:.1f} ms ({bound.note})")
+    del reference
+    return rows
+
+
+def qa_workload(args: argparse.Namespace, vocab: int) -> ChatWorkload:
+    """The multi-round QA workload of the options."""
+    return ChatWorkload(num_users=args.qa_users, num_rounds=args.qa_rounds, system_prompt_tokens=args.qa_system,
+                        question_tokens=args.qa_question, answer_tokens=args.qa_answer, active_users=args.qa_active,
+                        vocab_size=vocab, seed=0)
+
+
+def qa_unique_blocks(qa: ChatWorkload) -> int:
+    """Distinct full blocks of every prompt and answer (the working set)."""
+    per_user = (qa.num_rounds * (qa.question_tokens + qa.answer_tokens)) // BLOCK_SIZE + 2
+    return qa.system_prompt_tokens // BLOCK_SIZE + qa.num_users * per_user
+
+
+def qa_g1_blocks(args: argparse.Namespace, qa: ChatWorkload) -> int:
+    """G1 blocks for the QA workload: ``--qa-g1-tokens``, else a quarter of the working set, at least the largest
+    request with its answer."""
+    largest = qa.system_prompt_tokens + qa.num_rounds * (qa.question_tokens + qa.answer_tokens)
+    need = -(-largest // BLOCK_SIZE) + 2
+    if args.qa_g1_tokens is not None:
+        blocks = args.qa_g1_tokens // BLOCK_SIZE
+        if blocks < need:
+            raise SystemExit(f"--qa-g1-tokens {args.qa_g1_tokens} cannot hold the largest request ({largest} tokens)")
+        return blocks
+    return max(need, qa_unique_blocks(qa) // 4)
+
+
+def run_qa(args: argparse.Namespace, setup: Setup) -> list[Row]:
+    """Workload (b): every request of the multi-round QA in arrival order, per mode; mean TTFT."""
+    eng, shape = setup.engine, setup.shape
+    qa = qa_workload(args, shape.vocab)
+    g1_blocks = qa_g1_blocks(args, qa)
+    label = (f"QA {qa.num_users}u x {qa.num_rounds}r, sys {qa.system_prompt_tokens}, q {qa.question_tokens}, "
+             f"a {qa.answer_tokens}, G1 {g1_blocks * BLOCK_SIZE} tok / working set "
+             f"{qa_unique_blocks(qa) * BLOCK_SIZE} tok")
+    rows = []
+    full_pool = eng.pool
+    eng.evict_all()
+    try:
+        eng.pool = G1Pool(range(g1_blocks))
+        for mode in [MODES[m] for m in args.modes]:
+            side = setup.sides.get(mode)
+            if mode in KVBM_MODES and side is None:
+                rows.append(Row(shape.name, label, mode, note=f"unavailable: {setup.unavailable.get(mode)}"))
+                continue
+            eng.pool.reset()
+            eng.poison()
+            reference = Reference(setup.caches, qa_unique_blocks(qa) + 16)
+            t = time.perf_counter()
+            results = []
+            for req in qa.requests():
+                results.append(eng.run_request(req.prompt, [side] if side else [], answer=req.answer,
+                                               reference=reference, record=reference,
+                                               request_id=f"qa-{req.user}-{req.round}"))
+            eng.finish_held()
+            row = _row_from(shape.name, label, mode, results, prefix=None, new=None, mean=True)
+            rows.append(row)
+            log(f"{shape.name} QA: {mode} mean TTFT {row.ttft_ms:.1f} ms over {row.requests} requests; tokens from "
+                f"G1 {row.g1_hit_tokens}, loaded {row.loaded_tokens}, computed {row.computed_tokens}"
+                + (f", bytes {'ok' if row.bytes_ok else 'WRONG'}" if row.bytes_ok is not None else "")
+                + f" ({time.perf_counter() - t:.1f} s)")
+            del reference
+    finally:
+        eng.finish_held()
+        eng.pool = full_pool
+        eng.evict_all()
+    return rows
+
+
+def estimate(args: argparse.Namespace, setup: Setup) -> dict[str, float]:
+    """Seconds each part should take (from the calibration and assumed G2/G3 rates)."""
+    c, new, bb = setup.calibration, args.new_tokens, setup.block_bytes
+    runs = args.reps + args.warmup
+    est: dict[str, float] = {}
+    if "prefix" in args.workloads:
+        for p in args.prefixes:
+            nbytes = p // BLOCK_SIZE * bb
+            hit = c.prefill(new, p)
+            s = c.prefill(p) + hit * runs
+            if "recompute" in args.modes:
+                s += c.prefill(p + new) * runs
+            for mode in setup.sides:
+                rate = EST_HOST_RATE if mode == G2 else EST_DISK_RATE
+                s += nbytes / rate + runs * (nbytes / rate + hit)
+            est[f"prefix {p}"] = s
+    if "qa" in args.workloads:
+        qa = qa_workload(args, setup.shape.vocab)
+        full = sum(c.prefill(len(r.prompt)) + c.prefill(len(r.answer), len(r.prompt)) for r in qa.requests())
+        fresh = sum(c.prefill(qa.question_tokens, len(r.prompt)) for r in qa.requests())
+        est["qa"] = 0.0
+        for mode in [MODES[m] for m in args.modes]:
+            if mode == RECOMPUTE:
+                est["qa"] += full
+            elif mode in setup.sides:
+                rate = EST_HOST_RATE if mode == G2 else EST_DISK_RATE
+                moved = sum(len(r.prompt) for r in qa.requests()) // BLOCK_SIZE * bb * 2
+                est["qa"] += fresh + moved / rate
+    return est
+
+
+def run_model(args: argparse.Namespace, name: str, device: torch.device, dtype: torch.dtype,
+              part_times: dict[str, float]) -> tuple[list[Row], dict[str, Any]]:
+    """Every part for one model; rows and the model's notes."""
+    t = time.perf_counter()
+    setup = build(args, name, device, dtype)
+    rows: list[Row] = []
+    try:
+        lengths = (64, 256) if args.smoke else (1024, 4096)
+        setup.calibration = Calibration(setup.engine, setup.shape.vocab, lengths)
+        part_times[f"{setup.shape.name} init"] = time.perf_counter() - t
+        est = estimate(args, setup)
+        for part, seconds in est.items():
+            log(f"{setup.shape.name}: estimate {part}: ~{seconds:.0f} s")
+        log(f"{setup.shape.name}: estimate total ~{sum(est.values()):.0f} s")
+        scratch: dict[str, torch.Tensor] = {}
+        if "prefix" in args.workloads:
+            for prefix in args.prefixes:
+                t = time.perf_counter()
+                rows += run_prefix(args, setup, prefix, scratch)
+                part_times[f"{setup.shape.name} prefix {prefix}"] = time.perf_counter() - t
+        scratch.clear()
+        if "qa" in args.workloads:
+            t = time.perf_counter()
+            rows += run_qa(args, setup)
+            part_times[f"{setup.shape.name} qa"] = time.perf_counter() - t
+        notes = {"unavailable": dict(setup.unavailable), "estimates_s": est,
+                 "block_bytes": setup.block_bytes, "shape": asdict(setup.shape)}
+    finally:
+        for side in setup.sides.values():
+            side.close()
+        del setup
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows, notes
+
+
+# -- output ----------------------------------------------------------------------------------------------------
+
+
+def git_commit() -> str | None:
+    """The checked-out commit, "+dirty" when tracked files differ (None outside a git checkout)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of the rows."""
+    head = ("| model | workload | prefix | new | mode | TTFT ms | load ms | forward ms | requests | G1 / loaded / "
+            "computed tokens | bytes | note |")
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        def ms(v: float | None) -> str:
+            return "" if v is None else f"{v:.1f}"
+        ok = {None: "", True: "ok", False: "WRONG"}[r["bytes_ok"]]
+        tokens = f"{r['g1_hit_tokens']} / {r['loaded_tokens']} / {r['computed_tokens']}" if r["requests"] else ""
+        lines.append(f"| {r['model']} | {r['workload']} | {r['prefix_tokens'] or ''} | {r['new_tokens'] or ''} | "
+                     f"{r['mode']} | {ms(r['ttft_ms'])} | {ms(r['load_ms'])} | {ms(r['forward_ms'])} | "
+                     f"{r['requests'] or ''} | {tokens} | {ok} | {r['note']} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> str | None:
+    """TTFT against prefix length per mode (one panel per model), and the QA mean TTFT; why not drawn, or None."""
+    try:
+        import matplotlib
+    except ImportError:
+        return "matplotlib is not installed"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["ttft_ms"] is not None]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    if not models:
+        return "no timed rows"
+    fig, axes = plt.subplots(2, len(models), figsize=(5.5 * len(models), 8), squeeze=False)
+    for j, model in enumerate(models):
+        ax = axes[0][j]
+        prefix_rows = [r for r in rows if r["model"] == model and r["workload"] == "prefix"]
+        for mode in dict.fromkeys(r["mode"] for r in prefix_rows):
+            pts = sorted((r["prefix_tokens"], r["ttft_ms"]) for r in prefix_rows if r["mode"] == mode)
+            ax.plot(*zip(*pts), marker="o", label=mode, linestyle="--" if mode == LOWER_BOUND else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("cached prefix tokens")
+        ax.set_ylabel("TTFT ms (median)")
+        ax.set_title(f"{model}: prefix + {result['meta']['new_tokens']} new tokens", fontsize=9)
+        ax.legend(fontsize=7)
+        ax = axes[1][j]
+        qa_rows = [r for r in rows if r["model"] == model and r["workload"] != "prefix"]
+        ax.bar([r["mode"] for r in qa_rows], [r["ttft_ms"] for r in qa_rows], color="tab:blue")
+        ax.set_ylabel("mean TTFT ms")
+        ax.set_title(f"{model}: multi-round QA" if qa_rows else f"{model}: no QA run", fontsize=9)
+        ax.tick_params(axis="x", labelsize=7, rotation=15)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; 0 when every loaded block's bytes matched."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out = args.out or Path(__file__).resolve().parents[1] / "runs" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "device": str(device), "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
+        "triton": triton_version, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "commit": git_commit(), "command": " ".join([os.path.basename(sys.executable), "-m", "bench.ttft", *argv]),
+        "new_tokens": args.new_tokens, "reps": args.reps, "warmup": args.warmup,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
+    log(f"results go to {out}/; {meta['gpu'] or 'CPU'}, torch {meta['torch']}, triton {triton_version}")
+    rows: list[Row] = []
+    notes: dict[str, Any] = {}
+    part_times: dict[str, float] = {}
+    result: dict[str, Any] = {"meta": meta, "rows": [], "notes": notes, "part_times_s": part_times}
+
+    def save() -> None:
+        result["rows"] = [asdict(r) for r in rows]
+        (out / "ttft.json").write_text(json.dumps(result, indent=1))
+
+    with torch.inference_mode():
+        for name in args.models:
+            model_rows, notes[name] = run_model(args, name, device, dtype, part_times)
+            rows.extend(model_rows)
+            save()
+    notes["layer-wise"] = f"{G2_LAYERWISE}: not implemented (no number is reported for it)"
+    notes["gds"] = GDS_NOTE
+    result["total_s"] = time.perf_counter() - _T0
+    save()
+    md = table(result["rows"])
+    (out / "ttft.md").write_text(f"# TTFT\n\n```\n{json.dumps(meta, indent=1)}\n```\n\n{md}\n")
+    why_not = plot(result, out / "ttft.png")
+    log("part times: " + ", ".join(f"{k} {v:.1f} s" for k, v in part_times.items()))
+    log(f"wrote {out}/ttft.json, ttft.md" + (", ttft.png" if why_not is None else f" (no plot: {why_not})")
+        + f"; total {result['total_s']:.1f} s")
+    bad = [r for r in rows if r.bytes_ok is False]
+    print(md, flush=True)
+    if bad:
+        log(f"BYTES WRONG in {len(bad)} rows (see the bytes column)")
+    return 1 if bad else 0
