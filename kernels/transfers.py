@@ -13,7 +13,7 @@ import importlib
 import logging
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -117,17 +117,22 @@ class Transfers:
         self._live: weakref.WeakSet[BlockTransfer] = weakref.WeakSet()
         self._closed = False
 
-    def submit(self, src: Any, dst: Any, src_ids: Any, dst_ids: Any) -> BlockTransfer:
+    def submit(self, src: Any, dst: Any, src_ids: Any, dst_ids: Any, *, tags: Sequence[int] | None = None
+               ) -> BlockTransfer:
         """Copy blocks ``src_ids`` of ``src`` into blocks ``dst_ids`` of ``dst``, byte-exact, through the path of
         their mediums. Bad input raises before anything moves; failures after that are per block, in the
-        returned handle. Ordered after the work queued so far on the caller's current CUDA stream."""
+        returned handle. Ordered after the work queued so far on the caller's current CUDA stream.
+
+        ``tags`` (one int per block, e.g. the blocks' sequence hashes) bind what a disk tier stores to what is
+        read back: a slot written under one tag and read under another fails its block. Only paths to or from a
+        disk take them."""
         if self._closed:
             raise ValueError("this Transfers object is closed")
         s, d = checked_ids(src, dst, src_ids, dst_ids)
         path = self.path(medium_of(src), medium_of(dst))
         if s.size == 0:
             return BlockTransfer.completed(0, path.name)
-        transfer = path.submit(src, dst, s, d)
+        transfer = path.submit(src, dst, s, d) if tags is None else path.submit(src, dst, s, d, tags=tags)
         self._live.add(transfer)
         return transfer
 

@@ -14,6 +14,7 @@ import pytest
 
 from disk_faults import fill_filesystem, rng, tiny_fs  # noqa: F401  (rng and tiny_fs are fixtures)
 
+import kvbm.kernels.disk_file as disk_file_module
 import kvbm.kernels.paths as paths
 from kvbm.manager import BlockManager, BlockResult
 from manager_testkit import GEOM, GEOM_PADDED, config, make_gpu, patch_copies, poison_block, read_block
@@ -97,6 +98,8 @@ def test_broken_disk_file_fails_loads_without_touching_g1(tmp_path, rng, monkeyp
     gpu = make_gpu(40, rng)
     sb = GEOM.block_bytes
     cfg = config(tmp_path, host=2, disk=16, disable_disk_offload_filter=True, max_transfer_batch_size=4)
+    if fault == "deleted":  # only a named file can be deleted by name
+        monkeypatch.setattr(disk_file_module, "O_TMPFILE", 0)
     with BlockManager(gpu, cfg) as mgr:
         hashes = mgr.sequence_hashes(rng.integers(0, 50_000, 8 * GEOM.block_size).tolist())
         want = [read_block(gpu, b) for b in range(8)]
@@ -119,7 +122,7 @@ def test_broken_disk_file_fails_loads_without_touching_g1(tmp_path, rng, monkeyp
 
             monkeypatch.setattr(os, "preadv", preadv_after_truncation)
             lost = {h for h in hashes[:6] if g3_slot[h] >= 2}
-        else:
+        else:  # a named file (no O_TMPFILE) deleted underneath
             os.unlink(disk_file(mgr))
             lost = set(hashes[:6])
         assert lost

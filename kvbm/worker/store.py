@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvbm.kernels.block_transfer import BlockTransfer
+from kvbm.kernels.medium import Medium, medium_of
 from kvbm.kernels.transfers import Transfers
 from kvbm.leader.plans import Move, MoveResult, direction
 from kvbm.metrics import DIRECTIONS, KvbmMetrics
@@ -114,9 +115,11 @@ class BlockStore:
         while self._queue and len(self._running) < self.max_in_flight:
             move = self._queue.popleft()
             t0 = time.perf_counter()
-            try:
-                transfer = self.transfers.submit(self.cache(move.src_tier), self.cache(move.dst_tier),
-                                                 list(move.src_ids), list(move.dst_ids))
+            src, dst = self.cache(move.src_tier), self.cache(move.dst_tier)
+            disk = Medium.DISK in (medium_of(src), medium_of(dst))
+            try:  # a disk slot is bound to the hash of the block stored in it
+                transfer = self.transfers.submit(src, dst, list(move.src_ids), list(move.dst_ids),
+                                                 tags=move.hashes if disk else None)
             except Exception as e:  # noqa: BLE001 - reported per block: the leader drops what cannot be proven
                 log.warning("move %d (%s, %d blocks) could not start: %r", move.move_id, direction(move),
                             move.num_blocks, e)
