@@ -1,0 +1,201 @@
+"""The G3 disk tier through kvbm's transfer paths against the raw O_DIRECT bandwidth of the same disk, one run.
+
+    python -m bench.g3_bench --dir /path/on/the/disk [--gib 1] [--out DIR]
+
+Rows (every read byte-checked against what was written; slots are checksummed and bound to a block tag, as the
+tier stores them):
+  raw              sequential O_DIRECT pwrite / preadv of 16 MiB requests from page-aligned memory (the ceiling)
+  G1->G3, G3->G1   a GPU cache (vLLM FlashAttention layout) to and from the disk tier, for each disk I/O path:
+                   cuFile (GPUDirect Storage; where it cannot run here, the row says why) and POSIX (O_DIRECT
+                   through pinned bounce buffers); random block ids
+  G2->G3, G3->G2   a pinned host tier to and from the disk tier, block-sized slots in order and shuffled, for
+                   each --slot-kib (the cascade's path)
+Without a GPU the G1 rows are left out. Writes are timed until their transfer reports done (then fsync), reads until
+the bytes are in the destination. GB/s are 1e9 bytes/s; "% raw" compares with the raw row of the same direction.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import mmap
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.disk_bench import raw_case, random_mmap
+from kvbm.kernels.disk_cache import DiskKVCache
+from kvbm.kernels.medium import Medium
+from kvbm.kernels.transfers import Transfers
+from kvbm.layouts import KVGeometry, allocate, copy_blocks
+from kvbm.tiers import TierSpec
+from kvbm.worker.tier_memory import allocate_tier, close_tier
+
+MiB = 1 << 20
+#: Llama-3.1-8B: 32 layers x K/V x 16 tokens x 8 heads x 128 channels x bf16 = 2 MiB per block.
+LLAMA8B = KVGeometry(num_layers=32, num_kv=2, block_size=16, num_heads=8, head_dim=128, itemsize=2)
+
+
+def log(msg: str) -> None:
+    print(f"[g3 {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def geometry_for_slot(kib: int) -> KVGeometry:
+    """A geometry whose blocks are ``kib`` KiB (2 layers x K/V x 16 tokens x heads x 64 channels x bf16)."""
+    heads = kib * 1024 // (2 * 2 * 16 * 64 * 2)
+    if heads < 1:
+        raise ValueError(f"slot size {kib} KiB is below 8 KiB")
+    return KVGeometry(num_layers=2, num_kv=2, block_size=16, num_heads=heads, head_dim=64, itemsize=2)
+
+
+def fill_random(cache, seed: int) -> None:
+    gen = torch.Generator(device=cache.device).manual_seed(seed)
+    for t in cache.tensors:
+        v = t.view(torch.int16)
+        v.copy_(torch.randint(-2**15, 2**15, v.shape, dtype=torch.int16, device=cache.device, generator=gen))
+
+
+def same_blocks(a, a_ids, b, b_ids) -> bool:
+    """Blocks a_ids of a equal blocks b_ids of b (through a CPU staging copy of each)."""
+    g = a.geometry
+    ref_a = allocate("kvbm_staging", g, num_blocks=len(a_ids), dtype=a.dtype, device="cpu")
+    ref_b = allocate("kvbm_staging", g, num_blocks=len(b_ids), dtype=b.dtype, device="cpu")
+    copy_blocks(a, ref_a, a_ids, range(len(a_ids)), backend="torch")
+    copy_blocks(b, ref_b, b_ids, range(len(b_ids)), backend="torch")
+    return all(torch.equal(x.view(torch.int16), y.view(torch.int16)) for x, y in zip(ref_a.tensors, ref_b.tensors))
+
+
+def timed_transfer(transfers: Transfers, src, dst, s_ids, d_ids, tags, fsync_fd: int | None) -> tuple[float, dict]:
+    t0 = time.perf_counter()
+    transfer = transfers.submit(src, dst, s_ids, d_ids, tags=tags)
+    transfer.wait()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    if fsync_fd is not None:
+        os.fsync(fsync_fd)
+    return time.perf_counter() - t0, transfer.reasons
+
+
+def row(kind: str, path: str, direction: str, nbytes: int, seconds: float | None, ok: bool | None, raw: dict,
+        note: str = "") -> dict:
+    gbps = nbytes / seconds / 1e9 if seconds else None
+    ceiling = raw.get("write" if direction == "write" else "read")
+    pct = 100 * gbps / ceiling if gbps and ceiling else None
+    shown = f"{gbps:6.2f} GB/s {pct:6.1f}% raw" if gbps else f"n/a ({note})"
+    log(f"  {kind:16s} {path:6s} {shown}{'' if ok in (True, None) else '  BYTES WRONG'}")
+    return {"case": kind, "path": path, "direction": direction, "bytes": nbytes, "seconds": seconds, "gbps": gbps,
+            "pct_of_raw": pct, "bytes_ok": ok, "note": note}
+
+
+def gpu_rows(args, raw: dict, rows: list) -> None:
+    n = int(args.gib * (1 << 30)) // LLAMA8B.block_bytes
+    rng = np.random.default_rng(1)
+    g1 = allocate("vllm_flash_attn_nhd", LLAMA8B, num_blocks=2 * n, dtype=torch.bfloat16, device="cuda")
+    fill_random(g1, 2)
+    for mode in ("gds", "posix"):
+        try:
+            transfers = Transfers(device=g1.device, disk_io=mode, bounce_blocks=16, bounce_chunks=8)
+            disk = DiskKVCache(args.dir, LLAMA8B, torch.bfloat16, n)
+        except Exception as e:  # noqa: BLE001 - the row says why this path cannot run here
+            rows.append(row("G1->G3", mode, "write", 0, None, None, raw, f"{type(e).__name__}: {e}"))
+            continue
+        try:
+            ids = rng.permutation(2 * n)[:n]
+            slots = rng.permutation(n)
+            tags = [int(x) for x in rng.integers(1, 2**62, n)]
+            try:
+                sec, failed = timed_transfer(transfers, g1, disk, ids, slots, tags, disk.file.fileno())
+            except Exception as e:  # noqa: BLE001
+                rows.append(row("G1->G3", mode, "write", 0, None, None, raw, f"{type(e).__name__}: {e}"))
+                continue
+            rows.append(row("G1->G3", mode, "write", n * LLAMA8B.block_bytes, sec, not failed, raw,
+                            f"{len(failed)} blocks failed" if failed else ""))
+            dst = rng.permutation(2 * n)[:n]
+            back = allocate("vllm_flash_attn_nhd", LLAMA8B, num_blocks=2 * n, dtype=torch.bfloat16, device="cuda")
+            fill_random(back, 3)  # poison
+            sec, failed = timed_transfer(transfers, disk, back, slots, dst, tags, None)
+            ok = not failed and same_blocks(g1, ids, back, dst)
+            rows.append(row("G3->G1", mode, "read", n * LLAMA8B.block_bytes, sec, ok, raw,
+                            f"{len(failed)} blocks failed" if failed else ""))
+            del back
+        finally:
+            transfers.close()
+            disk.close()
+
+
+def host_rows(args, raw: dict, rows: list) -> None:
+    rng = np.random.default_rng(4)
+    for kib in args.slot_kib:
+        g = geometry_for_slot(kib)
+        n = int(args.gib * (1 << 30)) // g.block_bytes
+        host = allocate_tier(TierSpec("G2", Medium.HOST, n), g, torch.bfloat16)
+        back = allocate_tier(TierSpec("G2", Medium.HOST, n), g, torch.bfloat16)
+        fill_random(host, 5)
+        try:
+            for order in ("in order", "shuffled"):
+                with Transfers(bounce_blocks=256, bounce_chunks=8) as transfers:
+                    disk = DiskKVCache(args.dir, g, torch.bfloat16, n)
+                    try:
+                        ids = np.arange(n) if order == "in order" else rng.permutation(n)
+                        slots = np.arange(n) if order == "in order" else rng.permutation(n)
+                        tags = [int(x) for x in rng.integers(1, 2**62, n)]
+                        sec, failed = timed_transfer(transfers, host, disk, ids, slots, tags, disk.file.fileno())
+                        rows.append(row(f"G2->G3 {kib}K", order[:6], "write", n * g.block_bytes, sec, not failed,
+                                        raw))
+                        fill_random(back, 6)
+                        sec, failed = timed_transfer(transfers, disk, back, slots, ids, tags, None)
+                        ok = not failed and same_blocks(host, ids, back, ids)
+                        rows.append(row(f"G3->G2 {kib}K", order[:6], "read", n * g.block_bytes, sec, ok, raw))
+                    finally:
+                        disk.close()
+        finally:
+            close_tier(host)
+            close_tier(back)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dir", required=True, help="directory on the disk to measure")
+    p.add_argument("--gib", type=float, default=1.0, help="bytes per case, GiB (default 1)")
+    p.add_argument("--slot-kib", type=lambda s: [int(x) for x in s.split(",")], default=[64, 2048],
+                   help="host <-> disk slot sizes, KiB (default 64,2048)")
+    p.add_argument("--out", default=None, help="folder for results.json and results.md (default bench/runs/...)")
+    args = p.parse_args(argv)
+    out = Path(args.out or f"bench/runs/g3-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    out.mkdir(parents=True, exist_ok=True)
+    total = max(1, int(args.gib * (1 << 30)) // (16 * MiB)) * 16 * MiB  # whole 16 MiB requests
+    log(f"raw O_DIRECT, {args.gib} GiB in 16 MiB requests, in {args.dir}")
+    data, dst = random_mmap(total, np.random.default_rng(0)), mmap.mmap(-1, total)
+    tw, tr, ok = raw_case(args.dir, data, dst, total, 16 * MiB)
+    raw = {"write": total / tw / 1e9, "read": total / tr / 1e9}
+    rows = [row("raw", "odirect", "write", total, tw, ok, raw), row("raw", "odirect", "read", total, tr, ok, raw)]
+    del data, dst
+    if torch.cuda.is_available():
+        gpu_rows(args, raw, rows)
+    else:
+        log("no CUDA device: the G1 <-> G3 rows need a GPU")
+    host_rows(args, raw, rows)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "commit": commit or None,
+            "command": " ".join([Path(sys.executable).name, "-m", "bench.g3_bench", *(argv or sys.argv[1:])]),
+            "python": platform.python_version(), "torch": torch.__version__, "dir": args.dir}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "raw_gbps": raw, "rows": rows}, indent=1))
+    lines = ["| case | path | GB/s | % of raw O_DIRECT | bytes ok | note |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['path']} | {r['gbps']:.2f} | {r['pct_of_raw']:.1f} | "
+                     f"{'yes' if r['bytes_ok'] else 'NO'} | {r['note']} |" if r["gbps"] else
+                     f"| {r['case']} | {r['path']} | n/a | n/a | - | {r['note']} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if all(r["bytes_ok"] in (True, None) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
