@@ -28,6 +28,7 @@ from __future__ import annotations
 import enum
 import logging
 import operator
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -184,6 +185,7 @@ class BlockManager:
         self.store = BlockStore(caches, transfers, max_in_flight=config.max_concurrent_transfers,
                                 metrics=self.metrics)
         self._tickets: dict[int, tuple[Ticket, list[int]]] = {}  # move id -> (ticket, positions)
+        self._loading: Counter[int] = Counter()  # G1 blocks that pending loads write into
         self._finished: list[Ticket] = []
         self._closed = False
         for name, cache in caches.items():
@@ -207,13 +209,19 @@ class BlockManager:
         """Copy G1 blocks ``gpu_block_ids`` (holding ``seq_hashes``) into the first tier.
 
         Blocks already stored (or on their way), repeated in the call, below
-        ``DYN_KVBM_HOST_OFFLOAD_PREFIX_MIN_PRIORITY``, or finding every slot busy are SKIPPED. The blocks become
+        ``DYN_KVBM_HOST_OFFLOAD_PREFIX_MIN_PRIORITY``, finding every slot busy, or held in G1 blocks that a
+        pending onboard is still writing (their bytes are not the block's yet) are SKIPPED. The blocks become
         visible to ``lookup`` when ``poll`` finishes their move.
         """
         self._check_open()
         hashes, gpu_ids = self._block_pairs(seq_hashes, gpu_block_ids)
         ticket = Ticket("offload", hashes, gpu_ids, [BlockResult.PENDING] * len(hashes))
-        positions = list(range(len(hashes)))
+        positions = []
+        for i, block in enumerate(gpu_ids):
+            if self._loading[block]:
+                self._settle_block(ticket, i, BlockResult.SKIPPED, f"G1 block {block} is being written by an onboard")
+            else:
+                positions.append(i)
         while True:
             plan = self.index.plan_store([hashes[i] for i in positions], [gpu_ids[i] for i in positions], priority)
             for local, reason in plan.skipped.items():
@@ -328,12 +336,16 @@ class BlockManager:
         for move in moves:
             self._tickets[move.move_id] = (ticket, positions[move.move_id])
             ticket._open_moves += 1
+            if move.dst_tier == ENGINE_TIER:
+                self._loading.update(move.dst_ids)
         self.store.execute(moves)
 
     def _apply(self, results: list[MoveResult]) -> None:
         """Hand finished moves to the index and their tickets, then start the cascades that follow."""
         for result in results:
-            self.index.complete(result.move_id, result.failed, result.lost)
+            move = self.index.complete(result.move_id, result.failed, result.lost)
+            if move.dst_tier == ENGINE_TIER:
+                self._loading.subtract(move.dst_ids)
             entry = self._tickets.pop(result.move_id, None)
             if entry is None:
                 continue  # a cascade: no ticket

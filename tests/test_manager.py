@@ -346,3 +346,58 @@ def test_bad_input_raises_clear_errors(tmp_path, rng):
     mgr.close()
     with pytest.raises(ValueError, match="closed"):
         mgr.lookup([1])
+
+
+def test_offload_of_a_block_an_onboard_is_still_writing_is_skipped(rng, monkeypatch):
+    gpu = make_gpu(16, rng)
+    with BlockManager(gpu, config(host=8, max_transfer_batch_size=2)) as mgr:
+        hashes = mgr.sequence_hashes(tokens(rng, 3))
+        mgr.offload(hashes[:2], [0, 1])
+        mgr.wait()
+        fire, waits = [False], [0]
+        delay_completions(monkeypatch, mgr, lambda: FakeEvent(fire, waits))
+        load = mgr.onboard(hashes[:2], [8, 9])
+        ticket = mgr.offload([hashes[2], 123456], [9, 10])  # block 9 holds no block yet: an onboard writes it
+        assert ticket.results[0] is SKIPPED and "being written by an onboard" in ticket.reasons[0]
+        fire[0] = True
+        mgr.wait(load)
+        mgr.wait()
+        assert load.results == [OK, OK] and ticket.results[1] is OK
+        again = mgr.offload([hashes[2]], [9])  # the onboard is done: the block may be offloaded now
+        mgr.wait()
+        assert again.results == [OK]
+        mgr.check_invariants()
+
+
+def test_onboarding_one_disk_block_twice_in_one_call_reads_it_once_for_both(tmp_path, rng):
+    gpu = make_gpu(16, rng)
+    with BlockManager(gpu, config(tmp_path, disk=8, max_transfer_batch_size=4)) as mgr:
+        hashes = mgr.sequence_hashes(tokens(rng, 2))
+        mgr.offload(hashes, [0, 1])
+        mgr.wait()
+        for b in (4, 5, 6):
+            poison_block(gpu, b)
+        ticket = mgr.onboard([hashes[1], hashes[0], hashes[1]], [4, 5, 6])
+        mgr.wait(ticket)
+        assert ticket.results == [OK] * 3
+        assert [read_block(gpu, b) for b in (4, 5, 6)] == [read_block(gpu, b) for b in (1, 0, 1)]
+        assert mgr.lookup(hashes, num_tokens=99).num_blocks == 2  # still stored
+        mgr.check_invariants()
+
+
+def test_bad_calls_name_what_is_wrong(rng):
+    import torch
+
+    from kvbm.layouts import block_major
+
+    gpu = make_gpu(8, rng)
+    with BlockManager(gpu, config(host=4)) as mgr:
+        with pytest.raises(ValueError, match="num_tokens must be a non-negative int, got -3"):
+            mgr.lookup([1, 2], num_tokens=-3)
+        with pytest.raises(TypeError, match="bool"):
+            mgr.offload([True], [0])
+        with pytest.raises(TypeError, match="bool"):
+            mgr.onboard([5], [False])
+    meta = block_major(torch.empty(4, 2, 2, 4, 2, 64, dtype=torch.bfloat16, device="meta"))
+    with pytest.raises(ValueError, match="cannot tell the medium"):
+        BlockManager(meta, config(host=4))
