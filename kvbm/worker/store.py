@@ -116,10 +116,12 @@ class BlockStore:
             move = self._queue.popleft()
             t0 = time.perf_counter()
             src, dst = self.cache(move.src_tier), self.cache(move.dst_tier)
-            disk = Medium.DISK in (medium_of(src), medium_of(dst))
+            ids = list(move.src_ids), list(move.dst_ids)
             try:  # a disk slot is bound to the hash of the block stored in it
-                transfer = self.transfers.submit(src, dst, list(move.src_ids), list(move.dst_ids),
-                                                 tags=move.hashes if disk else None)
+                if Medium.DISK in (medium_of(src), medium_of(dst)):
+                    transfer = self.transfers.submit(src, dst, *ids, tags=move.hashes)
+                else:
+                    transfer = self.transfers.submit(src, dst, *ids)
             except Exception as e:  # noqa: BLE001 - reported per block: the leader drops what cannot be proven
                 log.warning("move %d (%s, %d blocks) could not start: %r", move.move_id, direction(move),
                             move.num_blocks, e)
