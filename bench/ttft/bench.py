@@ -193,16 +193,18 @@ def _random_tokens(rng: random.Random, n: int, vocab: int) -> list[int]:
 
 
 def measure_pcie(reference: Reference, num_blocks: int, device: torch.device, reps: int,
-                 scratch: dict[str, torch.Tensor]) -> tuple[float, int]:
+                 scratch: dict[str, torch.Tensor], capacity: int = 0) -> tuple[float, int]:
     """``(median seconds, bytes)`` of one pinned host -> device copy of the first ``num_blocks`` recorded blocks'
-    bytes (copied into the pinned buffer first); on the CPU a plain memcpy."""
+    bytes (copied into the pinned buffer first); on the CPU a plain memcpy. The buffers stay in ``scratch``,
+    allocated for at least ``capacity`` bytes."""
     parts = [t[:, :num_blocks].reshape(-1).view(torch.uint8) for t in reference.store]
     nbytes = sum(p.numel() for p in parts)
     gpu = device.type == "cuda"
     if scratch.get("host") is None or scratch["host"].numel() < nbytes:
         scratch.clear()
-        scratch["host"] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=gpu)
-        scratch["dev"] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        size = max(nbytes, capacity)
+        scratch["host"] = torch.empty(size, dtype=torch.uint8, pin_memory=gpu)
+        scratch["dev"] = torch.empty(size, dtype=torch.uint8, device=device)
     host, dev = scratch["host"][:nbytes], scratch["dev"][:nbytes]
     offset = 0
     for p in parts:
@@ -295,7 +297,8 @@ def build(args: argparse.Namespace, name: str, device: torch.device, dtype: torc
     qa = qa_workload(args, shape.vocab)
     qa_blocks = qa_g1_blocks(args, qa) if "qa" in args.workloads else 0
     num_g1 = max(prefix_blocks, qa_blocks, 256)
-    caches = allocate_kv_caches(shape, num_g1, dtype, device)
+    with torch.inference_mode(False):  # normal tensors: kvbm's threads may write them outside inference mode
+        caches = allocate_kv_caches(shape, num_g1, dtype, device)
     block_bytes = shape.block_bytes_per_element * caches[0].element_size()
     engine = Engine(model, caches, G1Pool(range(num_g1)))
     tier_blocks = max(max(args.prefixes) // BLOCK_SIZE if "prefix" in args.workloads else 0,
@@ -391,7 +394,8 @@ def run_prefix(args: argparse.Namespace, setup: Setup, prefix: int, scratch: dic
         if mode == G2:
             rows.append(Row(name, "prefix", G2_LAYERWISE, prefix, new, note="not implemented"))
     eng.evict_all()
-    pcie_s, nbytes = measure_pcie(reference, prefix // BLOCK_SIZE, setup.engine.device, args.reps, scratch)
+    pcie_s, nbytes = measure_pcie(reference, prefix // BLOCK_SIZE, setup.engine.device, args.reps, scratch,
+                                  max(args.prefixes) // BLOCK_SIZE * setup.block_bytes)
     bound = Row(name, "prefix", LOWER_BOUND, prefix, new, ttft_ms=pcie_s * 1e3 + g1_row.ttft_ms, load_ms=pcie_s * 1e3,
                 forward_ms=g1_row.ttft_ms,
                 note=f"PCIe {nbytes / 1e6:.1f} MB at {nbytes / pcie_s / 1e9:.1f} GB/s + G1-hit compute")
@@ -448,6 +452,7 @@ def run_qa(args: argparse.Namespace, setup: Setup) -> list[Row]:
             eng.pool.reset()
             eng.poison()
             reference = Reference(setup.caches, qa_unique_blocks(qa) + 16)
+            log(f"{shape.name} QA: {mode}: {qa.num_requests} requests")
             t = time.perf_counter()
             results = []
             for req in qa.requests():
@@ -512,16 +517,18 @@ def run_model(args: argparse.Namespace, name: str, device: torch.device, dtype: 
         part_times[f"{setup.shape.name} init"] = time.perf_counter() - t
         est = estimate(args, setup)
         for part, seconds in est.items():
-            log(f"{setup.shape.name}: estimate {part}: ~{seconds:.0f} s")
-        log(f"{setup.shape.name}: estimate total ~{sum(est.values()):.0f} s")
+            log(f"{setup.shape.name}: estimate {part}: ~{seconds:.1f} s")
+        log(f"{setup.shape.name}: estimate total ~{sum(est.values()):.1f} s")
         scratch: dict[str, torch.Tensor] = {}
         if "prefix" in args.workloads:
             for prefix in args.prefixes:
+                log(f"{setup.shape.name} prefix {prefix}: start (estimate ~{est[f'prefix {prefix}']:.0f} s)")
                 t = time.perf_counter()
                 rows += run_prefix(args, setup, prefix, scratch)
                 part_times[f"{setup.shape.name} prefix {prefix}"] = time.perf_counter() - t
         scratch.clear()
         if "qa" in args.workloads:
+            log(f"{setup.shape.name} QA: start (estimate ~{est['qa']:.0f} s)")
             t = time.perf_counter()
             rows += run_qa(args, setup)
             part_times[f"{setup.shape.name} qa"] = time.perf_counter() - t

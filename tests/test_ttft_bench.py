@@ -1,0 +1,148 @@
+"""The TTFT benchmark (bench/ttft): the model runner's paged attention against dense causal attention, its prefill
+split at any point against one whole prefill, the G1 pool and the byte check, and the --smoke run end to end."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "bench" / "ttft"
+
+
+@pytest.fixture(scope="module")
+def ttft():
+    """bench/ttft as a package loaded from its folder (the repo root is not on the test path)."""
+    name = "ttft_under_test"
+    spec = importlib.util.spec_from_file_location(name, PKG / "__init__.py", submodule_search_locations=[str(PKG)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    spec.loader.exec_module(package)
+    modules = {}
+    for sub in ("model", "engine"):
+        sub_spec = importlib.util.spec_from_file_location(f"{name}.{sub}", PKG / f"{sub}.py")
+        module = importlib.util.module_from_spec(sub_spec)
+        sys.modules[f"{name}.{sub}"] = module
+        sub_spec.loader.exec_module(module)
+        modules[sub] = module
+    yield modules
+    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+        del sys.modules[key]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("cached,new,heads,kv_heads", [(0, 40, 4, 4), (37, 11, 4, 2), (64, 16, 8, 2), (5, 1, 4, 1),
+                                                       (100, 60, 6, 3)])
+def test_paged_attention_matches_dense_causal(ttft, cached, new, heads, kv_heads):
+    m = ttft["model"]
+    g = torch.Generator().manual_seed(cached * 1000 + new)
+    total, d = cached + new, 32
+    q = torch.randn(total, heads, d, generator=g)
+    k = torch.randn(total, kv_heads, d, generator=g)
+    v = torch.randn(total, kv_heads, d, generator=g)
+    num_blocks = -(-total // m.BLOCK_SIZE) + 3
+    cache = torch.full((2, num_blocks, m.BLOCK_SIZE, kv_heads, d), float("nan"))
+    table = torch.randperm(num_blocks, generator=g)  # blocks in no particular order
+    if cached:
+        m.paged_attention(q[:cached], k[:cached], v[:cached], cache, table, 0)
+    out = m.paged_attention(q[cached:], k[cached:], v[cached:], cache, table, cached)
+    ref = m.dense_causal_attention(q.double(), k.double(), v.double())[cached:].float()
+    assert out.shape == (new, heads, d)
+    assert rel_err(out, ref) < 1e-5
+    # every token's K and V sit, bit for bit, in slot (table[pos // 16], pos % 16)
+    pos = torch.arange(total)
+    assert torch.equal(cache[0, table[pos // m.BLOCK_SIZE], pos % m.BLOCK_SIZE], k)
+    assert torch.equal(cache[1, table[pos // m.BLOCK_SIZE], pos % m.BLOCK_SIZE], v)
+
+
+@pytest.mark.parametrize("shape_name", ["tiny", "qwen3-0.6b"])
+def test_prefill_split_at_any_point_matches_one_prefill(ttft, shape_name):
+    m = ttft["model"]
+    shape = m.SHAPES[shape_name]
+    if shape_name != "tiny":  # the real head layout and q/k norm, few layers and a small width to stay quick
+        shape = m.ModelShape(**{**shape.__dict__, "num_layers": 2, "hidden": 256, "intermediate": 512,
+                                "vocab": 500})
+    model = m.DecoderModel(shape, "cpu", torch.float32, seed=3)
+    weights = [model.embed, model.lm_head, model.final_norm] + [t for layer in model.layers for t in layer.values()]
+    assert all(float((t != 0).float().mean()) > 0.99 for t in weights)  # random, never zeros
+    tokens = torch.randint(0, shape.vocab, (90,), generator=torch.Generator().manual_seed(1))
+    table = torch.randperm(12)
+    whole = model.prefill(tokens, m.allocate_kv_caches(shape, 12, torch.float32, "cpu"), table, 0)
+    assert torch.isfinite(whole).all() and whole.std() > 0
+    for split in (16, 33, 89):
+        caches = m.allocate_kv_caches(shape, 12, torch.float32, "cpu")
+        model.prefill(tokens[:split], caches, table, 0)
+        assert rel_err(model.prefill(tokens[split:], caches, table, split), whole) < 1e-5
+
+
+def test_g1_pool_prefix_cache_and_eviction_order(ttft):
+    pool = ttft["engine"].G1Pool(range(4))
+    a = pool.allocate(2)
+    pool.register(a, [11, 12])
+    assert pool.match([11, 12, 13]) == a  # matched while still in use
+    pool.release(a)
+    pool.release(a)
+    assert pool.num_free == 4
+    b = pool.allocate(2)  # never-used blocks first, then the tail of the freed request
+    assert set(b).isdisjoint(a)
+    c = pool.allocate(1)
+    assert c == [a[1]] and pool.match([11, 12]) == [a[0]]
+    with pytest.raises(RuntimeError, match="free blocks"):
+        pool.allocate(1)
+
+
+def test_reference_check_finds_a_changed_byte(ttft):
+    m, e = ttft["model"], ttft["engine"]
+    shape = m.SHAPES["tiny"]
+    caches = [torch.randn(2, 8, m.BLOCK_SIZE, shape.num_kv_heads, shape.head_dim) for _ in range(2)]
+    ref = e.Reference(caches, 4)
+    ref.record([1, 2, 3], [5, 6, 7])
+    assert ref.check([1, 2, 3], [5, 6, 7]) == (3, 0)
+    assert ref.check([1, 9], [5, 0]) == (1, 1)  # hash 9 was never recorded
+    caches[1][1, 6, 3, 0, 0] = torch.nextafter(caches[1][1, 6, 3, 0, 0], torch.tensor(1e9))
+    assert ref.check([1, 2, 3], [5, 6, 7]) == (2, 0)
+
+
+def test_smoke_run_writes_every_row_with_bytes_checked(tmp_path):
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DYN_KVBM_")}
+    proc = subprocess.run([sys.executable, "-m", "bench.ttft", "--smoke", "--out", str(out),
+                           "--disk-dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("| tiny-2l")  # the table comes last
+    result = json.loads((out / "ttft.json").read_text())
+    assert (out / "ttft.md").is_file() and (out / "ttft.png").stat().st_size > 0
+    meta = result["meta"]
+    for key in ("date", "gpu", "torch", "triton", "commit", "command"):
+        assert key in meta
+    assert "--smoke" in meta["command"]
+    rows = result["rows"]
+    for prefix in (64, 128):
+        modes = {r["mode"]: r for r in rows if r["workload"] == "prefix" and r["prefix_tokens"] == prefix}
+        for mode in ("recompute", "G1 hit (prefix on GPU)", "G2 hit, bulk onboard", "G3 hit, posix",
+                     "lower bound (PCIe + compute)"):
+            assert modes[mode]["ttft_ms"] > 0, (prefix, mode)
+        for mode in ("G2 hit, bulk onboard", "G3 hit, posix"):
+            row = modes[mode]
+            assert row["bytes_ok"] is True and row["bad_blocks"] == 0
+            assert row["checked_blocks"] == 3 * prefix // 16  # every loaded block of every timed request
+            assert row["loaded_tokens"] == 3 * prefix
+        assert modes["G2 hit, layer-wise"]["ttft_ms"] is None
+        assert modes["G2 hit, layer-wise"]["note"] == "not implemented"
+        assert modes["G3 hit, gds"]["ttft_ms"] is None and "unavailable" in modes["G3 hit, gds"]["note"]
+        assert modes["recompute"]["computed_tokens"] == 3 * (prefix + 32)
+    qa = {r["mode"]: r for r in rows if r["workload"].startswith("QA")}
+    assert qa["recompute"]["requests"] == 6 and qa["recompute"]["loaded_tokens"] == 0
+    for mode in ("G2 hit, bulk onboard", "G3 hit, posix"):
+        assert qa[mode]["bytes_ok"] is True and qa[mode]["loaded_tokens"] > 0
+        assert qa[mode]["checked_blocks"] == qa[mode]["loaded_tokens"] // 16
