@@ -25,7 +25,7 @@ def ttft():
     sys.modules[name] = package
     spec.loader.exec_module(package)
     modules = {}
-    for sub in ("model", "engine"):
+    for sub in ("model", "engine", "bench"):
         sub_spec = importlib.util.spec_from_file_location(f"{name}.{sub}", PKG / f"{sub}.py")
         module = importlib.util.module_from_spec(sub_spec)
         sys.modules[f"{name}.{sub}"] = module
@@ -146,3 +146,29 @@ def test_smoke_run_writes_every_row_with_bytes_checked(tmp_path):
     for mode in ("G2 hit, bulk onboard", "G3 hit, posix"):
         assert qa[mode]["bytes_ok"] is True and qa[mode]["loaded_tokens"] > 0
         assert qa[mode]["checked_blocks"] == qa[mode]["loaded_tokens"] // 16
+
+
+def test_a_kvbm_mode_that_raises_is_reported_and_dropped(ttft, tmp_path, monkeypatch):
+    b = ttft["bench"]
+    for key in [k for k in os.environ if k.startswith("DYN_KVBM_")]:
+        monkeypatch.delenv(key)
+    args = b.parse_args(["--smoke", "--workloads", "prefix", "--reps", "1", "--warmup", "0",
+                         "--disk-dir", str(tmp_path)])
+    with torch.inference_mode():
+        setup = b.build(args, "tiny", torch.device("cpu"), torch.float32)
+        try:
+            g3 = setup.sides[b.G3_POSIX]
+
+            def broken(loads):
+                raise OSError("disk gone")
+            monkeypatch.setattr(g3.worker, "start_loads", broken)
+            rows = {r.mode: r for r in b.run_prefix(args, setup, 64, {})}
+            assert rows[b.G3_POSIX].bytes_ok is False and "disk gone" in rows[b.G3_POSIX].note
+            assert rows[b.G2].bytes_ok is True and rows[b.G2].loaded_tokens == 64
+            assert b.G3_POSIX not in setup.sides
+            rows = {r.mode: r for r in b.run_prefix(args, setup, 128, {})}  # the run goes on without the mode
+            assert rows[b.G3_POSIX].ttft_ms is None and "disk gone" in rows[b.G3_POSIX].note
+            assert rows[b.G2].bytes_ok is True and rows[b.G2].loaded_tokens == 128
+        finally:
+            for side in setup.sides.values():
+                side.close()

@@ -341,6 +341,20 @@ def _timed(reps: int, warmup: int, run: Callable[[], RequestResult]) -> list[Req
     return results[warmup:]
 
 
+def _failed(setup: Setup, mode: str, exc: Exception, row: Row) -> Row:
+    """A kvbm mode that raised: drop its side (the engine starts from an empty G1) and say why in ``row``."""
+    side = setup.sides.pop(mode)
+    setup.engine.abandon(side)
+    try:
+        side.close()
+    except Exception:  # noqa: BLE001 - the side is dropped either way
+        pass
+    setup.unavailable[mode] = f"failed: {type(exc).__name__}: {exc}"
+    row.bytes_ok, row.note = False, setup.unavailable[mode]
+    log(f"{row.model} {row.workload} {row.prefix_tokens or ''}: {mode} {row.note}")
+    return row
+
+
 def run_prefix(args: argparse.Namespace, setup: Setup, prefix: int, scratch: dict[str, torch.Tensor]) -> list[Row]:
     """Workload (a) for one prefix length: recompute, G1 hit, each kvbm mode, lower bound."""
     eng, shape, new = setup.engine, setup.shape, args.new_tokens
@@ -385,9 +399,14 @@ def run_prefix(args: argparse.Namespace, setup: Setup, prefix: int, scratch: dic
             eng.evict_all()
             return eng.run_request(tokens + fresh(), [side], reference=reference)
         t = time.perf_counter()
-        rows.append(_row_from(name, "prefix", mode, _timed(args.reps, args.warmup, hit), prefix=prefix, new=new,
-                              expect_loaded=prefix))
+        try:
+            timed = _timed(args.reps, args.warmup, hit)
+        except Exception as exc:  # noqa: BLE001 - the mode fails, the run goes on without it
+            rows.append(_failed(setup, mode, exc, Row(name, "prefix", mode, prefix, new)))
+            continue
+        rows.append(_row_from(name, "prefix", mode, timed, prefix=prefix, new=new, expect_loaded=prefix))
         r = rows[-1]
+        r.note = "; ".join(n for n in (r.note, side.disk_note) if n)
         log(f"{name} prefix {prefix}: {mode} median {r.ttft_ms:.1f} ms (load {r.load_ms:.1f} ms), "
             f"{r.checked_blocks} blocks checked, bytes {'ok' if r.bytes_ok else 'WRONG'} "
             f"({time.perf_counter() - t:.1f} s)")
@@ -455,12 +474,19 @@ def run_qa(args: argparse.Namespace, setup: Setup) -> list[Row]:
             log(f"{shape.name} QA: {mode}: {qa.num_requests} requests")
             t = time.perf_counter()
             results = []
-            for req in qa.requests():
-                results.append(eng.run_request(req.prompt, [side] if side else [], answer=req.answer,
-                                               reference=reference, record=reference,
-                                               request_id=f"qa-{req.user}-{req.round}"))
-            eng.finish_held()
+            try:
+                for req in qa.requests():
+                    results.append(eng.run_request(req.prompt, [side] if side else [], answer=req.answer,
+                                                   reference=reference, record=reference,
+                                                   request_id=f"qa-{req.user}-{req.round}"))
+                eng.finish_held()
+            except Exception as exc:  # noqa: BLE001 - the mode fails, the run goes on without it
+                if side is None:
+                    raise
+                rows.append(_failed(setup, mode, exc, Row(shape.name, label, mode)))
+                continue
             row = _row_from(shape.name, label, mode, results, prefix=None, new=None, mean=True)
+            row.note = side.disk_note if side is not None else ""
             rows.append(row)
             log(f"{shape.name} QA: {mode} mean TTFT {row.ttft_ms:.1f} ms over {row.requests} requests; tokens from "
                 f"G1 {row.g1_hit_tokens}, loaded {row.loaded_tokens}, computed {row.computed_tokens}"
@@ -663,5 +689,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [r for r in rows if r.bytes_ok is False]
     print(md, flush=True)
     if bad:
-        log(f"BYTES WRONG in {len(bad)} rows (see the bytes column)")
+        log(f"{len(bad)} rows failed or loaded wrong bytes (see the bytes and note columns)")
     return 1 if bad else 0

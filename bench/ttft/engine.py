@@ -135,6 +135,16 @@ class KvbmSide:
         """The tier blocks are loaded from."""
         return self.tiers[0].name
 
+    @property
+    def disk_note(self) -> str:
+        """How the disk tier's file does I/O ("" without a disk tier)."""
+        disk = self.worker.store.caches.get(DISK_TIER)
+        if disk is None:
+            return ""
+        if getattr(disk.file, "o_direct", False):
+            return "O_DIRECT"
+        return "buffered I/O (the filesystem refused O_DIRECT: reads may come from the page cache)"
+
     def step(self) -> tuple[set[str], set[str]]:
         """One engine step's connector output: ``(finished sending, finished receiving)``, results applied."""
         sending, recving = self.worker.poll()
