@@ -38,8 +38,9 @@ LAYERS = H.TinyModelSpec().num_layers
 
 def kvbm_harness(tmp_path: Path | None = None, *, host: int | None = 512, disk: int | None = None,
                  extra: dict[str, Any] | None = None, **overrides: Any) -> H.VllmHarness:
-    """Harness with DynamoConnector: ``host`` G2 blocks, ``disk`` G3 blocks in ``tmp_path``."""
-    config: dict[str, Any] = {}
+    """Harness with DynamoConnector: ``host`` G2 blocks, ``disk`` G3 blocks in ``tmp_path``. The cost rule is off:
+    the tiny model's recompute is nearly free and the CPU copies are slow, so it would (rightly) drop most hits."""
+    config: dict[str, Any] = {"DYN_KVBM_DISABLE_COST_AWARE_HITS": "true"}
     if host is not None:
         config["DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS"] = host
     if disk is not None:
@@ -250,8 +251,8 @@ class Gate:
             def synchronize(self) -> None:
                 assert gate.released, "a gated transfer was waited for"
 
-        def gated(src: Any, dst: Any, *args: Any) -> BlockTransfer:
-            inner = real(src, dst, *args)
+        def gated(src: Any, dst: Any, *args: Any, **kwargs: Any) -> BlockTransfer:
+            inner = real(src, dst, *args, **kwargs)
             if not ((dst is engine) if direction == "onboard" else (src is engine)):
                 return inner
 
@@ -410,13 +411,20 @@ def test_match_starts_after_vllms_own_hit() -> None:
 
 
 def test_unsupported_setups_are_refused() -> None:
+    """Tensor parallelism is accepted (``tests/test_vllm_ranks.py`` runs it); context parallelism and hybrid
+    models are refused."""
     with kvbm_harness() as h:
         plan = h.plan
         vllm_config = h.vllm_config
         vllm_config.parallel_config.tensor_parallel_size = 2
-        with pytest.raises(ValueError, match="tensor_parallel_size=2"):
-            DynamoConnector(vllm_config, H.KVConnectorRole.SCHEDULER, plan.scheduler_config)
+        leader = DynamoConnector(vllm_config, H.KVConnectorRole.SCHEDULER, plan.scheduler_config)
+        assert leader.scheduler_side.leader.num_workers == 2
+        leader.shutdown()
         vllm_config.parallel_config.tensor_parallel_size = 1
+        vllm_config.parallel_config.decode_context_parallel_size = 2
+        with pytest.raises(ValueError, match="decode_context_parallel_size=2"):
+            DynamoConnector(vllm_config, H.KVConnectorRole.SCHEDULER, plan.scheduler_config)
+        vllm_config.parallel_config.decode_context_parallel_size = 1
         hybrid = plan.scheduler_config.__class__(**{**plan.scheduler_config.__dict__,
                                                     "kv_cache_groups": plan.scheduler_config.kv_cache_groups * 2})
         with pytest.raises(ValueError, match="2 groups"):

@@ -104,10 +104,10 @@ def test_disk_tier_and_eviction(runner: str, tmp_path: Path) -> None:
         submitted: Counter = Counter()
         submit = worker.store.transfers.submit
 
-        def counting_submit(src, dst, src_ids, dst_ids):
+        def counting_submit(src, dst, src_ids, dst_ids, **kwargs):
             names = {id(c): n for n, c in worker.store.caches.items()}
             submitted[(names[id(src)], names[id(dst)])] += len(src_ids)
-            return submit(src, dst, src_ids, dst_ids)
+            return submit(src, dst, src_ids, dst_ids, **kwargs)
 
         worker.store.transfers.submit = counting_submit
         counts = run(h, workload)
