@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# On a GPU machine without network: install kvbm from this checkout into a private folder (no dependencies: the
+# machine's torch, triton, numba, cuda-bindings, xxhash and prometheus_client are used), then run the parts named.
+# Usage: OUT=dir bash bench/gpu_session.sh PART...   parts: tests, manager, transfers, g3, ttft
+# Each part writes its log (and results) under $OUT; a part that fails is reported and the next one runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/runs/gpu-$(date +%Y%m%d-%H%M%S)}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+SITE=/tmp/kvbm_site
+if [ ! -d "$SITE/kvbm" ]; then
+    python3 -m pip install -q --no-deps --no-build-isolation --target "$SITE" . > "$OUT/install.log" 2>&1 \
+        || { tail -20 "$OUT/install.log"; exit 1; }
+fi
+export PYTHONPATH="$SITE"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+git_commit="$(cat .kvbm_commit 2>/dev/null || echo unknown)"
+echo "commit $git_commit" | tee -a "$OUT/gpu.txt"
+
+GPU_TESTS="tests/test_transfer_engine.py tests/test_retention.py tests/test_kernels.py tests/test_transfer_plan.py
+ tests/test_staged_enqueue.py tests/test_staged_schedule.py tests/test_batch_memcpy.py tests/test_host_memory.py
+ tests/test_id_check.py tests/test_disk_paths.py tests/test_disk_cache.py tests/test_disk_file.py tests/test_gds.py
+ tests/test_transfer_face.py"
+MANAGER_TESTS="tests/test_manager.py tests/test_manager_faults.py tests/test_toy_tier.py tests/test_manager_soak.py"
+
+run_part() {
+    local name="$1"; shift
+    echo "[gpu-session $(date +%H:%M:%S)] $name"
+    "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -4 "$OUT/$name.log"
+    echo "[gpu-session $(date +%H:%M:%S)] $name exit $rc"
+}
+
+for part in "$@"; do
+    case "$part" in
+        tests) run_part tests timeout 420 python3 -m pytest -q -p no:cacheprovider -x $GPU_TESTS ;;
+        manager) run_part manager env KVBM_TEST_G1_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider \
+            $MANAGER_TESTS ;;
+        transfers) run_part transfers timeout 480 python3 -m bench.transfer_bench --pin-thread 3 --sections transfers \
+            --batches 16,256 --out "$OUT" --stem transfer ;;
+        g3) mkdir -p /tmp/kvbm_g3 && run_part g3 timeout 300 python3 -m bench.g3_bench --dir /tmp/kvbm_g3 --gib 1 \
+            --out "$OUT/g3" ;;
+        ttft) run_part ttft timeout 540 python3 -m bench.ttft --out "$OUT/ttft" ;;
+        *) echo "unknown part $part" ;;
+    esac
+done
