@@ -36,8 +36,8 @@ run_part() {
 
 for part in "$@"; do
     case "$part" in
-        tests) run_part tests timeout 420 python3 -m pytest -q -p no:cacheprovider -x $GPU_TESTS ;;
-        manager) run_part manager env KVBM_TEST_G1_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider \
+        tests) run_part tests timeout 320 python3 -m pytest -q -p no:cacheprovider -x $GPU_TESTS ;;
+        manager) run_part manager env KVBM_TEST_G1_DEVICE=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider \
             $MANAGER_TESTS ;;
         transfers) run_part transfers timeout 480 python3 -m bench.transfer_bench --pin-thread 3 --sections transfers \
             --batches 16,256 --out "$OUT" --stem transfer ;;
