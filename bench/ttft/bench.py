@@ -13,6 +13,7 @@ Run: ``python -m bench.ttft`` (see bench/ttft/README.md); ``--smoke`` runs a tin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -34,7 +35,7 @@ from kvbm.tools.workload import ChatWorkload
 from .engine import Engine, G1Pool, KvbmSide, Reference, RequestResult, sync
 from .model import BLOCK_SIZE, SHAPES, DecoderModel, ModelShape, allocate_kv_caches
 
-__all__ = ["main", "Row", "MODES", "run_model"]
+__all__ = ["MODES", "Row", "main", "run_model"]
 
 RECOMPUTE, G1_HIT, G2, G2_LAYERWISE, G3_POSIX, G3_GDS, LOWER_BOUND = (
     "recompute", "G1 hit (prefix on GPU)", "G2 hit, bulk onboard", "G2 hit, layer-wise", "G3 hit, posix",
@@ -276,7 +277,7 @@ def _probe(engine: Engine, side: KvbmSide, vocab: int) -> str | None:
         engine.evict_all()
         result = engine.run_request(prompt + _random_tokens(rng, BLOCK_SIZE, vocab), [side], reference=reference)
         engine.evict_all()
-    except Exception as exc:  # noqa: BLE001 - any failure makes the mode unavailable, with its reason
+    except Exception as exc:  # noqa: BLE001 - any failure: the mode is reported with its reason
         engine.abandon(side)
         return f"{type(exc).__name__}: {exc}"
     if result.loaded_tokens != 2 * BLOCK_SIZE or result.bad_blocks or result.load_errors:
@@ -318,7 +319,7 @@ def build(args: argparse.Namespace, name: str, device: torch.device, dtype: torc
             else:
                 side = KvbmSide.create(mode, caches, disk_blocks=tier_blocks, disk_dir=args.disk_dir,
                                        disk_io="gds" if mode == G3_GDS else "posix")
-        except Exception as exc:  # noqa: BLE001 - reported as the mode's reason
+        except Exception as exc:  # noqa: BLE001 - any failure: the mode is reported with its reason
             unavailable[mode] = f"{type(exc).__name__}: {exc}"
             log(f"{shape.name}: {mode} unavailable: {unavailable[mode]}")
             continue
@@ -326,10 +327,8 @@ def build(args: argparse.Namespace, name: str, device: torch.device, dtype: torc
         if why is not None:
             unavailable[mode] = why
             log(f"{shape.name}: {mode} unavailable: {why}")
-            try:
+            with contextlib.suppress(Exception):  # the side is dropped either way
                 side.close()
-            except Exception:  # noqa: BLE001 - the side is dropped either way
-                pass
             continue
         sides[mode] = side
         log(f"{shape.name}: {mode} ready ({side.tier}, {tier_blocks} blocks) in {time.perf_counter() - t:.1f} s")
@@ -345,10 +344,8 @@ def _failed(setup: Setup, mode: str, exc: Exception, row: Row) -> Row:
     """A kvbm mode that raised: drop its side (the engine starts from an empty G1) and say why in ``row``."""
     side = setup.sides.pop(mode)
     setup.engine.abandon(side)
-    try:
+    with contextlib.suppress(Exception):  # the side is dropped either way
         side.close()
-    except Exception:  # noqa: BLE001 - the side is dropped either way
-        pass
     setup.unavailable[mode] = f"failed: {type(exc).__name__}: {exc}"
     row.bytes_ok, row.note = False, setup.unavailable[mode]
     log(f"{row.model} {row.workload} {row.prefix_tokens or ''}: {mode} {row.note}")
@@ -360,7 +357,7 @@ def run_prefix(args: argparse.Namespace, setup: Setup, prefix: int, scratch: dic
     eng, shape, new = setup.engine, setup.shape, args.new_tokens
     rng = random.Random(prefix)
     tokens = _random_tokens(rng, prefix, shape.vocab)
-    fresh = lambda: _random_tokens(rng, new, shape.vocab)  # noqa: E731 - new tokens differ per repetition
+    fresh = lambda: _random_tokens(rng, new, shape.vocab)  # new tokens differ per repetition
     name, rows = shape.name, []
     modes = [MODES[m] for m in args.modes]
     if RECOMPUTE in modes:
@@ -401,7 +398,7 @@ def run_prefix(args: argparse.Namespace, setup: Setup, prefix: int, scratch: dic
         t = time.perf_counter()
         try:
             timed = _timed(args.reps, args.warmup, hit)
-        except Exception as exc:  # noqa: BLE001 - the mode fails, the run goes on without it
+        except Exception as exc:  # noqa: BLE001 - any failure: the mode is reported with its reason
             rows.append(_failed(setup, mode, exc, Row(name, "prefix", mode, prefix, new)))
             continue
         rows.append(_row_from(name, "prefix", mode, timed, prefix=prefix, new=new, expect_loaded=prefix))
@@ -420,7 +417,6 @@ def run_prefix(args: argparse.Namespace, setup: Setup, prefix: int, scratch: dic
                 note=f"PCIe {nbytes / 1e6:.1f} MB at {nbytes / pcie_s / 1e9:.1f} GB/s + G1-hit compute")
     rows.append(bound)
     log(f"{name} prefix {prefix}: {LOWER_BOUND} {bound.ttft_ms:.1f} ms ({bound.note})")
-    del reference
     return rows
 
 
@@ -480,7 +476,7 @@ def run_qa(args: argparse.Namespace, setup: Setup) -> list[Row]:
                                                    reference=reference, record=reference,
                                                    request_id=f"qa-{req.user}-{req.round}"))
                 eng.finish_held()
-            except Exception as exc:  # noqa: BLE001 - the mode fails, the run goes on without it
+            except Exception as exc:  # any failure: the mode is reported with its reason
                 if side is None:
                     raise
                 rows.append(_failed(setup, mode, exc, Row(shape.name, label, mode)))
@@ -492,7 +488,7 @@ def run_qa(args: argparse.Namespace, setup: Setup) -> list[Row]:
                 f"G1 {row.g1_hit_tokens}, loaded {row.loaded_tokens}, computed {row.computed_tokens}"
                 + (f", bytes {'ok' if row.bytes_ok else 'WRONG'}" if row.bytes_ok is not None else "")
                 + f" ({time.perf_counter() - t:.1f} s)")
-            del reference
+            reference = None  # freed before the next mode's
     finally:
         eng.finish_held()
         eng.pool = full_pool

@@ -26,11 +26,11 @@ from kvbm.connectors.leader import ConnectorLeader
 from kvbm.connectors.worker import ConnectorWorker
 from kvbm.hashing import sequence_hashes
 from kvbm.layouts.vllm_tensors import describe_vllm_kv_caches
-from kvbm.tiers import DISK_TIER, HOST_TIER, kvbm_tiers
+from kvbm.tiers import DISK_TIER, kvbm_tiers
 
 from .model import BLOCK_SIZE, DecoderModel
 
-__all__ = ["G1Pool", "KvbmSide", "Reference", "Engine", "RequestResult", "sync"]
+__all__ = ["Engine", "G1Pool", "KvbmSide", "Reference", "RequestResult", "sync"]
 
 POLL_SLEEP_S = 2e-5
 
@@ -47,7 +47,8 @@ class G1Pool:
     first, dropping their hash."""
 
     def __init__(self, block_ids: Sequence[int]) -> None:
-        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in block_ids)
+        self.block_ids = list(block_ids)
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in self.block_ids)
         self.hash_of: dict[int, int] = {}
         self.block_of: dict[int, int] = {}
         self.refs: dict[int, int] = {}
@@ -230,7 +231,6 @@ class Engine:
         self.model = model
         self.caches = kv_caches
         self.pool = pool
-        self.block_ids = list(pool.free)
         self.device = model.device
         self._held: dict[str, tuple[KvbmSide, list[int]]] = {}
         self._count = 0
@@ -254,7 +254,7 @@ class Engine:
         self._held = {rid: held for rid, held in self._held.items() if held[0] is not side}
         if self._held:
             self.finish_held()
-        self.pool = G1Pool(self.block_ids)
+        self.pool = G1Pool(self.pool.block_ids)
         self.poison()
 
     def _release_sent(self, side: KvbmSide, sending: set[str]) -> None:

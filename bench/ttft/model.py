@@ -15,8 +15,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BLOCK_SIZE", "ModelShape", "SHAPES", "DecoderModel", "paged_attention", "dense_causal_attention",
-           "allocate_kv_caches"]
+__all__ = [
+    "BLOCK_SIZE",
+    "SHAPES",
+    "DecoderModel",
+    "ModelShape",
+    "allocate_kv_caches",
+    "dense_causal_attention",
+    "paged_attention",
+]
 
 BLOCK_SIZE = 16
 
