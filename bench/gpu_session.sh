@@ -7,23 +7,29 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/runs/gpu-$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+REPO="$(pwd)"
 export PYTHONUNBUFFERED=1
 SITE=/tmp/kvbm_site
 if [ ! -d "$SITE/kvbm" ]; then
     python3 -m pip install -q --no-deps --no-build-isolation --target "$SITE" . > "$OUT/install.log" 2>&1 \
         || { tail -20 "$OUT/install.log"; exit 1; }
 fi
-export PYTHONPATH="$SITE"
+# Run from a scratch folder: the checkout's own kvbm/ (without kernels/ and layouts/ mapped into it) must not
+# shadow the installed package; the checkout stays importable for bench/ and tests/.
+export PYTHONPATH="$SITE:$REPO"
+mkdir -p /tmp/kvbm_run && cd /tmp/kvbm_run
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-git_commit="$(cat .kvbm_commit 2>/dev/null || echo unknown)"
+git_commit="$(cat "$REPO/.kvbm_commit" 2>/dev/null || echo unknown)"
 echo "commit $git_commit" | tee -a "$OUT/gpu.txt"
 
-GPU_TESTS="tests/test_transfer_engine.py tests/test_retention.py tests/test_kernels.py tests/test_transfer_plan.py
- tests/test_staged_enqueue.py tests/test_staged_schedule.py tests/test_batch_memcpy.py tests/test_host_memory.py
- tests/test_id_check.py tests/test_disk_paths.py tests/test_disk_cache.py tests/test_disk_file.py tests/test_gds.py
- tests/test_transfer_face.py"
-MANAGER_TESTS="tests/test_manager.py tests/test_manager_faults.py tests/test_toy_tier.py tests/test_manager_soak.py"
+T="$REPO/tests"
+GPU_TESTS="$T/test_transfer_engine.py $T/test_retention.py $T/test_kernels.py $T/test_transfer_plan.py
+ $T/test_staged_enqueue.py $T/test_staged_schedule.py $T/test_batch_memcpy.py $T/test_host_memory.py
+ $T/test_id_check.py $T/test_disk_paths.py $T/test_disk_cache.py $T/test_disk_file.py $T/test_gds.py
+ $T/test_transfer_face.py"
+MANAGER_TESTS="$T/test_manager.py $T/test_manager_faults.py $T/test_toy_tier.py $T/test_manager_soak.py"
 
 run_part() {
     local name="$1"; shift
