@@ -98,9 +98,10 @@ def reader_main(conn, num_local: int) -> None:
     """The reader: one agent, a G2-like host cache of ``num_local`` blocks, and a `Transfers` object. Commands:
 
     ("add", export, seed, num_blocks, checksums) -> ("ok", peer name): add the peer and build its `RemoteKVCache`;
-    ("read", peer, src_ids, dst_ids, preset, kill_pid) -> ("ok", summary): poison the destination (G2, or a cache
-    of ``preset`` when given), read, and compare every byte with what the peer wrote; with ``kill_pid`` the
-    reader SIGKILLs that process right after submitting, while the read is in flight;
+    ("read", peer, src_ids, dst_ids, preset, signal_to) -> ("ok", summary): poison the destination (G2, or a cache
+    of ``preset`` when given), read, and compare every byte with what the peer wrote; with ``signal_to`` = (pid,
+    signal, timeout_s) the reader sends the signal right after submitting, while the read is in flight, with the
+    remote's read timeout set to timeout_s (a stopped process is continued once the read is over);
     ("mismatch", peer) -> ("ok", error text): a RemoteKVCache of another geometry is refused;
     ("stop",)."""
     _setup()
@@ -109,6 +110,7 @@ def reader_main(conn, num_local: int) -> None:
         import torch
 
         import kvbm.kernels.paths.remote  # noqa: F401  (registers the remote paths)
+        from kvbm.kernels.medium import Medium
         from kvbm.kernels.nixl_agent import NixlAgent
         from kvbm.kernels.remote_cache import RemoteKVCache
         from kvbm.kernels.transfers import Transfers
@@ -131,8 +133,9 @@ def reader_main(conn, num_local: int) -> None:
                 expected[peer.name] = pool_bytes(seed, n, remote.geometry.block_bytes)
                 conn.send(("ok", peer.name))
             elif cmd[0] == "read":
-                _, name, src_ids, dst_ids, preset, kill_pid = cmd
+                _, name, src_ids, dst_ids, preset, signal_to = cmd
                 remote = remotes[name]
+                remote.timeout_s = 20.0 if signal_to is None else signal_to[2]
                 dst = local if preset is None else allocate(preset, remote.geometry, max(dst_ids) + 1,
                                                             dtype=torch.bfloat16, device="cpu")
                 for t in dst.tensors:
@@ -140,10 +143,12 @@ def reader_main(conn, num_local: int) -> None:
                 t0 = time.perf_counter()
                 transfer = transfers.submit(remote, dst, src_ids, dst_ids)
                 in_flight = not transfer.done()
-                if kill_pid is not None:
-                    os.kill(kill_pid, signal.SIGKILL)
+                if signal_to is not None:
+                    os.kill(signal_to[0], signal_to[1])
                 transfer.wait()
                 secs = time.perf_counter() - t0
+                if signal_to is not None and signal_to[1] == signal.SIGSTOP:
+                    os.kill(signal_to[0], signal.SIGCONT)
                 got = _logical_rows(dst, dst_ids)
                 want = expected[name][np.asarray(src_ids)]
                 failed = set(transfer.reasons)
@@ -151,7 +156,9 @@ def reader_main(conn, num_local: int) -> None:
                 poisoned = [i for i in range(len(src_ids)) if not got[i].any()]
                 conn.send(("ok", {"n": len(src_ids), "failed": sorted(failed), "lost": sorted(transfer.lost),
                                   "exact": exact, "poisoned": poisoned, "in_flight": in_flight, "secs": secs,
-                                  "reasons": sorted(set(transfer.reasons.values()))[:3], "path": transfer.path}))
+                                  "reasons": sorted(set(transfer.reasons.values()))[:3], "path": transfer.path,
+                                  "quarantined": sum(landing.quarantined for landing in getattr(
+                                      transfers.path(Medium.REMOTE, Medium.HOST), "_landings", {}).values())}))
             elif cmd[0] == "mismatch":
                 other = KVGeometry(**{**GEOMETRY, "num_layers": GEOMETRY["num_layers"] + 1})
                 peer = agent.add_peer(cmd[1])

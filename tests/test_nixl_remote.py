@@ -6,6 +6,8 @@ wrote; destinations are poisoned first, so a block that failed must still hold o
 """
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import pytest
 import kvbm.kernels.paths.remote as remote_path  # noqa: F401  (registers the remote paths)
@@ -28,8 +30,8 @@ def _start(procs: Processes, seeds_blocks: list[tuple[int, int]], num_local: int
     return reader, peers, names, pids, blobs
 
 
-def _read(procs, reader, name, src, dst, preset=None, kill_pid=None) -> dict:
-    return procs.ask(reader, "read", name, [int(i) for i in src], [int(i) for i in dst], preset, kill_pid)[1]
+def _read(procs, reader, name, src, dst, preset=None, signal_to=None) -> dict:
+    return procs.ask(reader, "read", name, [int(i) for i in src], [int(i) for i in dst], preset, signal_to)[1]
 
 
 def test_remote_paths_are_registered():
@@ -41,7 +43,7 @@ def test_two_processes_read_byte_exact_and_refuse_stale_or_foreign_blocks():
     rng = np.random.default_rng(1)
     procs = Processes()
     try:
-        reader, (peer,), (name,), _, (blob,) = _start(procs, [(11, 64)], num_local=48)
+        reader, (peer,), (name,), (pid,), (blob,) = _start(procs, [(11, 64)], num_local=48)
         src, dst = rng.permutation(64)[:40], rng.permutation(48)[:40]
         out = _read(procs, reader, name, src, dst)
         assert out["path"] == "remote-read" and out["failed"] == [] and out["exact"] == list(range(40)), out
@@ -53,6 +55,15 @@ def test_two_processes_read_byte_exact_and_refuse_stale_or_foreign_blocks():
         out = _read(procs, reader, name, [6, 7, 8], [10, 11, 12])
         assert out["failed"] == [1] and out["lost"] == [1] and out["exact"] == [0, 2] and out["poisoned"] == [1]
         assert "checksum mismatch" in out["reasons"][0]
+        # a peer that stops answering (SIGSTOP) mid-read: the read times out, its blocks are lost, never served;
+        # once the peer runs again it serves again
+        out = _read(procs, reader, name, src, dst, signal_to=(pid, signal.SIGSTOP, 1.0))
+        assert out["in_flight"] and out["failed"] and out["lost"] == out["failed"], out
+        assert any("timed out" in r for r in out["reasons"]), out
+        assert sorted(out["exact"] + out["poisoned"]) == list(range(40)) and set(out["exact"]).isdisjoint(out["failed"])
+        out = _read(procs, reader, name, src, dst)
+        stale = [int(i) for i in np.flatnonzero(src == 7)]  # block 7 stays unservable
+        assert out["failed"] == stale and out["exact"] == [i for i in range(40) if i not in stale], out
         # a pool of another geometry is refused before anything is read
         refusal = procs.ask(reader, "mismatch", blob)[1]
         assert refusal is not None and "differs in geometry" in refusal and "num_layers" in refusal
@@ -71,7 +82,7 @@ def test_four_processes_and_a_peer_killed_mid_read():
             assert out["failed"] == [] and out["exact"] == list(range(64)), out
         # a large read from peer 3 (32 MiB), which is SIGKILLed right after the read is posted
         src, dst = rng.permutation(2048), rng.permutation(2048)
-        out = _read(procs, reader, names[2], src, dst, kill_pid=pids[2])
+        out = _read(procs, reader, names[2], src, dst, signal_to=(pids[2], signal.SIGKILL, 20.0))
         assert out["in_flight"], "the read finished before the kill: nothing was tested"
         assert out["failed"], out
         assert out["lost"] == out["failed"]
