@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
-from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvbm.connectors import kvbm_config_from, process_metrics
@@ -25,6 +24,7 @@ from kvbm.connectors.worker import ConnectorWorker
 from kvbm.layouts.vllm_tensors import describe_vllm_kv_caches
 from kvbm.tiers import kvbm_tiers
 from kvbm.vllm_integration.metadata import DynamoConnectorMetadata, DynamoWorkerMetadata
+from kvbm.vllm_integration.ranks import check_supported, rank_layout
 from kvbm.vllm_integration.scheduler import SchedulerSide
 
 if TYPE_CHECKING:
@@ -44,44 +44,26 @@ log = logging.getLogger(__name__)
 _LAYOUTS = ("NHD", "HND")  # what get_required_kvcache_layout may ask vLLM for
 
 
-def _check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> None:
-    """Refuse the setups the connector does not handle, with the reason."""
-    parallel = vllm_config.parallel_config
-    if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
-        raise ValueError(f"DynamoConnector supports one worker per engine; got tensor_parallel_size="
-                         f"{parallel.tensor_parallel_size}, pipeline_parallel_size={parallel.pipeline_parallel_size}")
-    groups = kv_cache_config.kv_cache_groups
-    if len(groups) != 1:
-        raise ValueError(f"DynamoConnector supports models with one KV cache group (full attention only); this model "
-                         f"has {len(groups)} groups (a hybrid model: sliding-window, Mamba or mixed layers)")
-    spec = groups[0].kv_cache_spec
-    if type(spec) is not FullAttentionSpec:
-        raise ValueError(f"DynamoConnector supports full-attention KV caches, got {type(spec).__name__}")
-
-
-def _block_bytes(kv_cache_config: KVCacheConfig) -> int:
-    """Bytes of one block over all layers of the (single) KV cache group."""
-    group = kv_cache_config.kv_cache_groups[0]
-    return group.kv_cache_spec.page_size_bytes * len(group.layer_names)
-
-
 class DynamoConnector(KVConnectorBase_V1):
     """vLLM ``KVConnectorBase_V1`` that offloads full KV blocks to kvbm's tiers and loads prefix hits back."""
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         """The scheduler side (block index) or the worker side (tiers, once KV caches are registered)."""
         super().__init__(vllm_config, role, kv_cache_config)
-        _check_supported(vllm_config, kv_cache_config)
+        check_supported(vllm_config, kv_cache_config)
         self.config = kvbm_config_from(self._kv_transfer_config.kv_connector_extra_config)
         self.block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
-        self.block_bytes = _block_bytes(kv_cache_config)
+        self.rank = vllm_config.parallel_config.rank if role == KVConnectorRole.WORKER else 0
+        self.layout = rank_layout(vllm_config, kv_cache_config, self.rank)
+        self.block_bytes = self.layout.total_block_bytes  # summed over ranks: sizes the tiers on both sides
         self.scheduler_side: SchedulerSide | None = None
         self.worker: ConnectorWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
             metrics = process_metrics.acquire(self.config)
             try:
                 leader = ConnectorLeader(kvbm_tiers(self.config, self.block_bytes), self.config, self.block_size,
-                                         metrics=metrics, block_bytes=self.block_bytes)
+                                         num_workers=self.layout.world_size, metrics=metrics,
+                                         block_bytes=self.block_bytes)
             except BaseException:
                 process_metrics.release()
                 raise
@@ -129,15 +111,17 @@ class DynamoConnector(KVConnectorBase_V1):
         if self.worker is not None:
             raise RuntimeError("register_kv_caches was already called on this worker")
         cache = describe_vllm_kv_caches(kv_caches)
-        g = cache.geometry
-        if g.block_size != self.block_size or g.block_bytes != self.block_bytes:
-            raise ValueError(f"KV tensors hold blocks of {g.block_size} tokens, {g.block_bytes} bytes; the KV cache "
-                             f"config says {self.block_size} tokens, {self.block_bytes} bytes")
-        log.info("kvbm: %d layers, %d GPU blocks of %d bytes, layout %s", g.num_layers, cache.num_blocks,
-                 g.block_bytes, cache.name)
+        g, assumed, world = cache.geometry, self.layout.rank_block_bytes(self.rank), self.layout.world_size
+        if g.block_size != self.block_size or g.block_bytes != assumed:
+            raise ValueError(f"rank {self.rank}: KV tensors hold blocks of {g.block_size} tokens, {g.block_bytes} "
+                             f"bytes; the scheduler side sized the tiers for {self.block_size} tokens, {assumed} bytes "
+                             f"on this rank ({self.block_bytes} bytes over {world} ranks)")
+        log.info("kvbm: rank %d of %d: %d layers, %d GPU blocks of %d bytes, layout %s", self.rank, world,
+                 g.num_layers, cache.num_blocks, g.block_bytes, cache.name)
         metrics = process_metrics.acquire(self.config)
-        try:
-            self.worker = ConnectorWorker(cache, kvbm_tiers(self.config, g.block_bytes), self.config, metrics=metrics)
+        try:  # as many blocks as the scheduler side's index, each of this rank's size
+            self.worker = ConnectorWorker(cache, kvbm_tiers(self.config, self.block_bytes), self.config,
+                                          metrics=metrics)
         except BaseException:
             process_metrics.release()
             raise

@@ -1,0 +1,122 @@
+"""DynamoConnector with tensor and pipeline parallelism: vLLM 0.33's real scheduler, one scheduler-side index, and
+2 or 4 worker ranks (``vllm_ranks``), each holding its shard of the KV cache and its own G2/G3 shard, every byte it
+reads checked against the deterministic model for its heads and layers. Outputs are aggregated by vLLM's
+``KVOutputAggregator``. Needs vLLM 0.33 light; imported plainly so a missing install fails loudly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import vllm_ranks as R  # first: imports vLLM for the CPU platform
+from vllm_ranks import H
+
+from kvbm.config import GB
+from kvbm.vllm_integration.connector import DynamoConnector
+
+CONNECTOR = "kvbm.vllm_integration.connector:DynamoConnector"
+#: 3 layers (uneven over 2 pipeline stages: 2 + 1), 4 KV heads (2 per rank at tp=2).
+MODEL = H.TinyModelSpec(num_layers=3, num_kv_heads=4, num_attention_heads=8, head_dim=16)
+
+
+def ranked(tmp_path: Path | None, tp: int, pp: int = 1, *, host: int | None = 512, disk: int | None = None,
+           extra: dict[str, Any] | None = None, **kw: Any) -> R.RankedVllmHarness:
+    """A harness of ``tp x pp`` ranks with ``host`` G2 and ``disk`` G3 blocks."""
+    config: dict[str, Any] = {}
+    if host is not None:
+        config["DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS"] = host
+    if disk is not None:
+        config.update(DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS=disk, DYN_KVBM_DISK_CACHE_DIR=str(tmp_path),
+                      DYN_KVBM_DISK_DISABLE_O_DIRECT="true", DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER="true")
+    config.update(extra or {})
+    harness = H.HarnessConfig(connector=CONNECTOR, connector_extra_config=config, model=MODEL, num_gpu_blocks=32)
+    return R.RankedVllmHarness(harness, tp, pp, **kw)
+
+
+def chat(num_users: int = 5, num_rounds: int = 3) -> H.MultiTurnChatWorkload:
+    """Chats whose histories do not fit together in 31 GPU blocks: later turns load from the tiers."""
+    return H.MultiTurnChatWorkload(num_users=num_users, num_rounds=num_rounds, system_prompt_tokens=64, seed=5)
+
+
+def assert_clean(h: R.RankedVllmHarness) -> None:
+    """Nothing leaked on the scheduler side or any rank; every move reported by every rank was completed."""
+    settled = h.worker.settle()
+    assert not any(s["leftover"] for s in settled)
+    h.step()  # one empty step carries the ranks' last reports to the leader
+    assert h.free_block_count() == h.config.num_gpu_blocks - 1 and not h.scheduler.requests
+    assert not h.leader.requests and not h.leader._partial
+    h.leader.index.check_invariants()
+
+
+def run(h: R.RankedVllmHarness, workload: H.MultiTurnChatWorkload) -> None:
+    h.run_workload(workload)
+    assert workload.done and all(len(h.outputs[t.request_id]) == t.max_tokens for t in workload.completed)
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (2, 2)], ids=["tp2", "tp2-pp2"])
+def test_multi_turn_loads_from_host_and_disk_on_every_rank(tmp_path: Path, tp: int, pp: int) -> None:
+    """A small G2 pushes blocks to G3; later turns load from both on every rank, byte-exact for each rank's heads
+    and layers; one index, one move completed by all ranks' reports."""
+    with ranked(tmp_path, tp, pp, host=24, disk=512) as h:
+        assert h.leader.num_workers == tp * pp
+        run(h, chat())
+        counts = h.worker.counts
+        assert counts["load_jobs"] > 0 and counts["loaded_blocks"] > 0 and counts["load_errors"] == 0
+        assert all(counts[f"verified{r}"] > 0 for r in range(tp * pp))
+        assert h.cache_stats.external_hits > 0
+        assert_clean(h)
+
+
+def test_load_failing_on_one_rank_is_recomputed_on_all(tmp_path: Path) -> None:
+    """Rank 1 fails every 2nd load move (its blocks keep their poison); vLLM's aggregator unions the invalid
+    blocks, so every rank recomputes them, and rank 0's good copy is never trusted alone."""
+    with ranked(tmp_path, 2, faults={1: 2}) as h:
+        run(h, chat())
+        counts = h.worker.counts
+        assert counts["load_jobs"] > 1 and counts["load_errors"] > 0
+        assert h.worker.rank_invalid[1] and not h.worker.rank_invalid[0]
+        assert all(counts[f"verified{r}"] > 0 for r in range(2))
+        assert_clean(h)
+
+
+def test_tiers_are_sized_over_all_ranks(tmp_path: Path) -> None:
+    """``DYN_KVBM_CPU_CACHE_GB`` counts a block's bytes over all ranks; every rank holds as many blocks as the
+    index, of its own size (pipeline stages of 2 and 1 layers)."""
+    rank_bytes = [2 * 16 * 2 * 2 * 16 * n for n in (2, 2, 1, 1)]  # tokens x heads x (K, V) x dim x bf16 x layers
+    gb = 300 * sum(rank_bytes) / GB + 1e-9
+    with ranked(tmp_path, 2, 2, host=None, extra={"DYN_KVBM_CPU_CACHE_GB": gb}) as h:
+        assert h.leader.index.tier_names == ["G2"]
+        settled = h.worker.settle()
+        assert [s["block_bytes"] for s in settled] == rank_bytes
+        assert all(s["blocks"]["G2"] == 300 for s in settled)
+        assert h.scheduler.connector.block_bytes == sum(rank_bytes)
+        assert_clean(h)
+
+
+def test_a_rank_with_other_blocks_than_assumed_is_refused(tmp_path: Path) -> None:
+    """A worker whose KV tensors differ from what the scheduler side assumed for its rank says both sizes."""
+    with ranked(tmp_path, 2, 2) as h:
+        rank = h.worker.ranks[2].local  # stage 1: one layer
+        config = h.rank_configs[2]
+        worker = DynamoConnector(rank.vllm_config, H.KVConnectorRole.WORKER, config)
+        wrong = H.allocate_worker_kv_caches(h.rank_configs[0], rank.vllm_config, MODEL, "views")  # 2 layers
+        with pytest.raises(ValueError, match=r"rank 2: .* 4096 bytes; .* 2048 bytes on this rank \(12288 bytes "
+                                             r"over 4 ranks\)"):
+            worker.register_kv_caches(wrong)
+        with pytest.raises(ValueError, match="pipeline stage 1 has 2 KV cache layers"):
+            DynamoConnector(rank.vllm_config, H.KVConnectorRole.WORKER, h.rank_configs[0])
+        worker.shutdown()
+
+
+def test_two_rank_processes(tmp_path: Path) -> None:
+    """The ranks as spawned OS processes receiving pickled scheduler outputs: multi-turn loads byte-exact on both,
+    a load failing on rank 1 only recomputed on both, nothing leaked, processes stopped."""
+    with ranked(tmp_path, 2, ranks="process", faults={1: 2}) as h:
+        run(h, chat())
+        counts = h.worker.counts
+        assert counts["load_jobs"] > 0 and counts["load_errors"] > 0 and not h.worker.rank_invalid[0]
+        assert counts["verified0"] > 0 and counts["verified1"] > 0
+        assert_clean(h)
+        processes = [rank.process for rank in h.worker.ranks]
+    assert not any(p.is_alive() for p in processes)

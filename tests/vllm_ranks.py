@@ -1,0 +1,404 @@
+"""Multi-rank harness: vLLM 0.33's real scheduler with N emulated worker ranks (tensor x pipeline parallel), on CPU.
+
+vLLM's multiprocessing executor needs GPUs; this harness stands in for it. Each rank is a
+``vllm_harness.WorkerHarness`` holding only its shard of the KV cache (its KV heads under tensor parallelism, its
+layers under pipeline parallelism) with its own worker-role connector, built from its own ``VllmConfig``
+(``parallel_config.rank`` set as vLLM's worker does). Every step each rank receives the same pickled
+``SchedulerOutput`` (and connector metadata inside it), runs it in the V1 runner order, and its
+``ModelRunnerOutput`` is aggregated by vLLM's own ``KVOutputAggregator`` (finished sets counted over ranks, invalid
+block ids unioned, worker metadata ``aggregate``d), as ``MultiprocExecutor`` does. Every rank byte-checks the KV it
+reads against the deterministic model restricted to its heads and layers.
+
+Ranks run in this process (``ranks="inline"``, one after the other) or as spawned OS processes (``"process"``,
+each importing vLLM itself, ~15 s); processes are always stopped on close, with timeouts.
+"""
+from __future__ import annotations
+
+import vllm_harness as H  # first: imports vLLM for the CPU platform, clear of the repo's kernels/ folder
+
+import contextlib
+import dataclasses
+import multiprocessing
+import pickle
+import traceback
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from vllm.distributed.kv_transfer.kv_connector.utils import KVOutputAggregator
+from vllm.distributed.utils import get_pp_indices
+from vllm.v1.core.kv_cache_planning import get_global_kv_cache_groups, get_kv_cache_configs
+from vllm.v1.core.kv_cache_utils import (
+    generate_scheduler_kv_cache_config,
+    resolve_cache_hit_alignment_tokens,
+    resolve_kv_cache_block_sizes,
+)
+from vllm.v1.core.single_type_kv_cache_manager import register_all_kvcache_specs
+from vllm.v1.attention.backends.utils import get_supported_kv_cache_layouts, resolve_kv_cache_layout
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig
+from vllm.v1.outputs import ModelRunnerOutput
+
+from kvbm.leader.plans import MoveKind, MoveResult
+
+RankMode = Literal["inline", "process"]
+_WorkerHarness = H.WorkerHarness  # the harness replaces the module's name while it builds its ranks
+#: Seconds a rank process may take to start (it imports vLLM) and to answer one call.
+START_TIMEOUT_S, CALL_TIMEOUT_S = 120.0, 60.0
+
+
+# --------------------------------------------------------------------------------------------------
+# One rank's shard of the model
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RankModelSpec(H.TinyModelSpec):
+    """The shard of the tiny model one rank holds: its KV heads, and layers from ``first_layer`` (global names)."""
+
+    first_layer: int = 0
+
+    def layer_names(self) -> list[str]:
+        """The global names of this rank's attention layers."""
+        return [f"model.layers.{self.first_layer + i}.self_attn.attn" for i in range(self.num_layers)]
+
+
+def rank_shard(model: H.TinyModelSpec, tp: int, pp: int, rank: int) -> tuple[RankModelSpec, int]:
+    """``(rank's model shard, its first KV head)``: vLLM numbers ranks stage-major (``rank // tp`` is the stage)."""
+    if model.num_kv_heads % tp or model.num_attention_heads % tp:
+        raise ValueError(f"{model.num_kv_heads} KV heads / {model.num_attention_heads} heads do not split over tp={tp}")
+    start, stop = get_pp_indices(model.num_layers, rank // tp, pp)
+    heads = model.num_kv_heads // tp
+    shard = RankModelSpec(num_layers=stop - start, num_kv_heads=heads, num_attention_heads=model.num_attention_heads
+                          // tp, head_dim=model.head_dim, vocab_size=model.vocab_size, dtype=model.dtype,
+                          first_layer=start)
+    return shard, (rank % tp) * heads
+
+
+class RankOracle(H.KVOracle):
+    """The full model's KV restricted to one rank's heads and layers."""
+
+    def __init__(self, model: H.TinyModelSpec, shard: RankModelSpec, first_head: int) -> None:
+        super().__init__(model)
+        self.shard, self.first_head = shard, first_head
+
+    def kv(self, prefix_hashes: Sequence[int], layer: int) -> torch.Tensor:
+        """KV ``[n, rank's heads, 2, head_dim]`` of the rank's ``layer``."""
+        layer_key = np.uint64(((self.shard.first_layer + layer + 1) * 0x632BE59BD9B4E019) & H._MASK64)
+        base = H._mix64_array(np.asarray(prefix_hashes, dtype=np.uint64) ^ layer_key)  # as KVOracle, any layer
+        bits = H._mix64_array(base[:, None] + self._element_offsets[None, :]) >> np.uint64(40)
+        values = bits.astype(np.float32) * np.float32(2.0 ** -23) - np.float32(1.0)
+        full = torch.from_numpy(values.reshape(len(prefix_hashes), self.model.num_kv_heads, 2, self.model.head_dim))
+        heads = full[:, self.first_head:self.first_head + self.shard.num_kv_heads]
+        return heads.to(self.model.torch_dtype).contiguous()
+
+
+def set_parallel(vllm_config: H.VllmConfig, tp: int, pp: int, rank: int = 0) -> None:
+    """Give a config the engine's parallel sizes and a worker's rank, as vLLM's executor and worker do."""
+    parallel = vllm_config.parallel_config
+    parallel.tensor_parallel_size, parallel.pipeline_parallel_size, parallel.rank = tp, pp, rank
+    parallel.world_size = tp * pp
+
+
+def plan_rank_caches(vllm_config: H.VllmConfig, model: H.TinyModelSpec, tp: int, pp: int, num_gpu_blocks: int
+                     ) -> tuple[H.PlannedKVCache, list[KVCacheConfig]]:
+    """The engine core's KV cache plan over all ranks: the scheduler's config (rank 0's) and every rank's."""
+    register_all_kvcache_specs(vllm_config)
+    specs = []
+    for rank in range(tp * pp):
+        shard, _ = rank_shard(model, tp, pp, rank)
+        specs.append({name: FullAttentionSpec(block_size=vllm_config.cache_config.block_size,
+                                              num_kv_heads=shard.num_kv_heads, head_size=model.head_dim,
+                                              dtype=model.torch_dtype) for name in shard.layer_names()})
+    supported = [layout.name for layout in get_supported_kv_cache_layouts([])]
+    resolve_kv_cache_layout(vllm_config, [supported], list(specs[0].values()))
+    groups = get_global_kv_cache_groups(vllm_config, specs)
+    memory = [sum(s.page_size_bytes for s in spec.values()) * num_gpu_blocks for spec in specs]
+    configs = get_kv_cache_configs(vllm_config, specs, memory, groups)
+    for c in configs:
+        c.kv_cache_layout = vllm_config.cache_config.kv_cache_layout
+    scheduler = generate_scheduler_kv_cache_config(configs)
+    vllm_config.cache_config.num_gpu_blocks = scheduler.num_blocks
+    block_size, hash_block_size = resolve_kv_cache_block_sizes(scheduler, vllm_config)
+    alignment = resolve_cache_hit_alignment_tokens(scheduler, vllm_config, block_size, hash_block_size)
+    for c in (*configs, scheduler):
+        c.hash_block_size, c.cache_hit_alignment_tokens = hash_block_size, alignment
+    return H.PlannedKVCache(configs[0], scheduler, block_size, hash_block_size), configs
+
+
+# --------------------------------------------------------------------------------------------------
+# A rank (runs in this process or in its own)
+# --------------------------------------------------------------------------------------------------
+
+
+def fail_every_nth_load(worker: Any, every: int) -> None:
+    """Make a ``ConnectorWorker`` fail every ``every``-th load move it runs: the move is not executed (its engine
+    blocks keep their poison) and all its blocks are reported failed at the next poll."""
+    store, failed, seen = worker.store, [], Counter()
+    execute, poll = store.execute, store.poll
+
+    def failing_execute(moves: Sequence[Any]) -> None:
+        keep = []
+        for move in moves:
+            if move.kind is MoveKind.LOAD:
+                seen["loads"] += 1
+                if seen["loads"] % every == 0:
+                    failed.append(MoveResult(move.move_id, {i: "injected failure" for i in range(move.num_blocks)}))
+                    continue
+            keep.append(move)
+        if keep:
+            execute(keep)
+
+    def failing_poll() -> list[MoveResult]:
+        results = poll() + failed
+        failed.clear()
+        return results
+
+    store.execute, store.poll = failing_execute, failing_poll
+
+
+@dataclass
+class RankSetup:
+    """What a rank needs to build itself (pickled to a rank process)."""
+
+    config: H.HarnessConfig
+    model_dir: str
+    tp: int
+    pp: int
+    rank: int
+    kv_cache_config: KVCacheConfig
+    fail_every_nth_load: int = 0
+
+
+class Rank:
+    """One worker rank: a ``WorkerHarness`` over the rank's shard with the rank's worker-role connector."""
+
+    def __init__(self, setup: RankSetup) -> None:
+        self.rank = setup.rank
+        self.vllm_config = H.build_vllm_config(setup.config, Path(setup.model_dir))
+        set_parallel(self.vllm_config, setup.tp, setup.pp, setup.rank)
+        self.vllm_config.cache_config.kv_cache_layout = setup.kv_cache_config.kv_cache_layout
+        shard, first_head = rank_shard(setup.config.model, setup.tp, setup.pp, setup.rank)
+        self.seeds: dict[str, int] = {}
+        config = dataclasses.replace(setup.config, model=shard)
+        self.harness = _WorkerHarness(config, self.vllm_config, setup.kv_cache_config, self.seeds)
+        self.harness.oracle = RankOracle(setup.config.model, shard, first_head)
+        if setup.fail_every_nth_load:
+            fail_every_nth_load(self.worker, setup.fail_every_nth_load)
+
+    @property
+    def worker(self) -> Any:
+        """The rank's ``ConnectorWorker`` (tiers and store)."""
+        return self.harness.connector.worker
+
+    def step(self, payload: bytes) -> bytes:
+        """Run one pickled ``(SchedulerOutput, new block ids, request seeds)``; the pickled output and counters."""
+        so, new_blocks, seeds = pickle.loads(payload)
+        self.seeds.update(seeds)
+        output = self.harness.execute(so, new_blocks)
+        kv = output.kv_connector_output
+        info = {"verified": self.harness.last_report.verified_tokens,
+                "invalid": set(kv.invalid_block_ids) if kv is not None else set()}
+        return pickle.dumps((output, info))
+
+    def settle(self) -> dict[str, Any]:
+        """Wait for the rank's transfers; what is left on it and how its tiers are sized."""
+        worker = self.worker
+        worker.store.wait_all()
+        worker.poll()
+        return {"leftover": bool(worker._moves or worker._loading or worker._storing or worker._held
+                                 or worker.store.busy),
+                "blocks": {name: cache.num_blocks for name, cache in worker.store.caches.items()},
+                "block_bytes": worker.engine_cache.geometry.block_bytes}
+
+    def close(self) -> None:
+        """Shut the rank's connector down."""
+        self.harness.shutdown()
+
+
+def _rank_process(conn: Any, setup: RankSetup) -> None:
+    """A rank process: build the rank, then answer ``(method, args)`` calls until ``None``."""
+    rank = None
+    try:
+        rank = Rank(setup)
+        conn.send(("ok", None))
+        while (call := conn.recv()) is not None:
+            try:
+                conn.send(("ok", getattr(rank, call[0])(*call[1])))
+            except BaseException:
+                conn.send(("error", traceback.format_exc()))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.send(("error", traceback.format_exc()))
+    finally:
+        if rank is not None:
+            rank.close()
+
+
+class RankProcess:
+    """A ``Rank`` in a spawned process, called through a pipe with timeouts."""
+
+    def __init__(self, setup: RankSetup) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.rank = setup.rank
+        self._conn, child = context.Pipe()
+        self.process = context.Process(target=_rank_process, args=(child, setup), daemon=True,
+                                       name=f"kvbm-rank-{setup.rank}")
+        self.process.start()
+        child.close()
+
+    def _answer(self, timeout: float) -> Any:
+        if not self._conn.poll(timeout):
+            raise TimeoutError(f"rank {self.rank} did not answer within {timeout:.0f} s")
+        status, value = self._conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"rank {self.rank} failed:\n{value}")
+        return value
+
+    def started(self) -> None:
+        """Wait until the rank is built."""
+        self._answer(START_TIMEOUT_S)
+
+    def send(self, method: str, *args: Any) -> None:
+        """Start a call (answers come back in order)."""
+        self._conn.send((method, args))
+
+    def call(self, method: str, *args: Any) -> Any:
+        """Call a ``Rank`` method and wait for its answer."""
+        self.send(method, *args)
+        return self._answer(CALL_TIMEOUT_S)
+
+    def close(self) -> None:
+        """Ask the process to stop; terminate it when it does not."""
+        with contextlib.suppress(Exception):
+            self._conn.send(None)
+        self.process.join(10)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self._conn.close()
+
+
+class InlineRank:
+    """A ``Rank`` in this process, called like a ``RankProcess``."""
+
+    def __init__(self, setup: RankSetup) -> None:
+        self.rank = setup.rank
+        self.local = Rank(setup)
+        self._answers: list[Any] = []
+
+    def started(self) -> None:
+        """Built at construction."""
+
+    def send(self, method: str, *args: Any) -> None:
+        self._answers.append(getattr(self.local, method)(*args))
+
+    def call(self, method: str, *args: Any) -> Any:
+        self.send(method, *args)
+        return self._answers.pop(0)
+
+    def _answer(self, timeout: float) -> Any:
+        return self._answers.pop(0)
+
+    def close(self) -> None:
+        self.local.close()
+
+
+class RankGroup:
+    """The engine's worker ranks behind the ``WorkerHarness`` interface the ``VllmHarness`` steps."""
+
+    def __init__(self, ranks: list[InlineRank | RankProcess], tp: int, seeds: dict[str, int]) -> None:
+        self.ranks, self.tp, self._seeds = ranks, tp, seeds
+        self.aggregator = KVOutputAggregator(expected_finished_count=len(ranks))
+        self.counts: Counter = Counter()
+        self.rank_invalid: list[set[int]] = [set() for _ in ranks]
+        self.connector = None  # the scheduler side owns the connector the harness times
+
+    def execute(self, so: H.SchedulerOutput, new_block_ids: Sequence[int]) -> ModelRunnerOutput:
+        """Run the step on every rank (the same pickled input) and aggregate as vLLM's executor does."""
+        payload = pickle.dumps((so, list(new_block_ids), dict(self._seeds)))
+        for rank in self.ranks:
+            rank.send("step", payload)
+        outputs = []
+        for rank in self.ranks:
+            output, info = pickle.loads(rank._answer(CALL_TIMEOUT_S))
+            outputs.append(output)
+            self.counts[f"verified{rank.rank}"] += info["verified"]
+            self.rank_invalid[rank.rank] |= info["invalid"]
+        plan = so.kv_connector_metadata.plan
+        self.counts["load_jobs"] += len(plan.loads)
+        self.counts["loaded_blocks"] += sum(m.num_blocks for load in plan.loads for m in load.moves)
+        output = self.aggregator.aggregate(outputs, output_rank=len(self.ranks) - self.tp)
+        self.counts["load_errors"] += len(output.kv_connector_output.invalid_block_ids)
+        return output
+
+    def settle(self) -> list[dict[str, Any]]:
+        """Every rank's ``Rank.settle``."""
+        return [rank.call("settle") for rank in self.ranks]
+
+    def shutdown(self) -> None:
+        """Close every rank (processes are stopped, or terminated)."""
+        for rank in self.ranks:
+            with contextlib.suppress(Exception):
+                rank.close()
+
+
+@contextlib.contextmanager
+def _patched(module: Any, **names: Any) -> Iterator[None]:
+    saved = {name: getattr(module, name) for name in names}
+    for name, value in names.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+class RankedVllmHarness(H.VllmHarness):
+    """``VllmHarness`` with a ``RankGroup`` of ``tp x pp`` ranks as its worker (``worker``)."""
+
+    def __init__(self, config: H.HarnessConfig, tp: int, pp: int = 1, ranks: RankMode = "inline",
+                 faults: dict[int, int] | None = None) -> None:
+        """``faults``: rank -> fail every n-th load move on that rank."""
+        if config.runner != "v1" or config.use_async_scheduling:
+            raise ValueError("the multi-rank harness steps the V1 runner with synchronous scheduling")
+        self.tp, self.pp, self.rank_mode, self.faults = tp, pp, ranks, dict(faults or {})
+        self.rank_configs: list[KVCacheConfig] = []
+        super().__init__(config)
+
+    def _build(self, config: H.HarnessConfig) -> None:
+        model_dir = str(Path(self._tmp.name) / "model")
+        set_parallel(self.vllm_config, self.tp, self.pp)
+
+        def plan(vllm_config: H.VllmConfig, model: H.TinyModelSpec, num_gpu_blocks: int) -> H.PlannedKVCache:
+            planned, self.rank_configs = plan_rank_caches(vllm_config, model, self.tp, self.pp, num_gpu_blocks)
+            return planned
+
+        def workers(config: H.HarnessConfig, vllm_config: H.VllmConfig, _: Any, seeds: dict[str, int]) -> RankGroup:
+            kind = InlineRank if self.rank_mode == "inline" else RankProcess
+            ranks: list[Any] = []
+            try:
+                for r, kv_config in enumerate(self.rank_configs):
+                    ranks.append(kind(RankSetup(config, model_dir, self.tp, self.pp, r, kv_config,
+                                                self.faults.get(r, 0))))
+                for rank in ranks:
+                    rank.started()
+            except BaseException:
+                RankGroup(ranks, self.tp, seeds).shutdown()
+                raise
+            return RankGroup(ranks, self.tp, seeds)
+
+        with _patched(H, plan_kv_cache=plan, WorkerHarness=workers):
+            super()._build(config)
+
+    @property
+    def leader(self) -> Any:
+        """The scheduler side's ``ConnectorLeader``."""
+        return self.scheduler.connector.scheduler_side.leader
