@@ -101,8 +101,8 @@ def test_a_rank_with_other_blocks_than_assumed_is_refused(tmp_path: Path) -> Non
         config = h.rank_configs[2]
         worker = DynamoConnector(rank.vllm_config, H.KVConnectorRole.WORKER, config)
         wrong = H.allocate_worker_kv_caches(h.rank_configs[0], rank.vllm_config, MODEL, "views")  # 2 layers
-        with pytest.raises(ValueError, match=r"rank 2: .* 4096 bytes; .* 2048 bytes on this rank \(12288 bytes "
-                                             r"over 4 ranks\)"):
+        with pytest.raises(ValueError, match=r"rank 2 holds KV blocks of 4096 bytes; the leader sized the tiers for "
+                                             r"2048 bytes on this rank \(12288 bytes over 4 ranks\)"):
             worker.register_kv_caches(wrong)
         with pytest.raises(ValueError, match="pipeline stage 1 has 2 KV cache layers"):
             DynamoConnector(rank.vllm_config, H.KVConnectorRole.WORKER, h.rank_configs[0])

@@ -22,7 +22,7 @@ from kvbm.policies.admission import DiskAdmissionFilter
 from kvbm.policies.cost import LoadCostPolicy
 from kvbm.tiers import HOST_TIER, TierSpec
 
-__all__ = ["ConnectorLeader", "TrackedRequest"]
+__all__ = ["ConnectorLeader", "RankLayout", "TrackedRequest"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,39 @@ class TrackedRequest:
             self.hashes.extend(sequence_hashes(tokens[have * block_size:num_blocks * block_size], block_size,
                                                self.salt, parent_hash=parent))
         return self.hashes
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """How an engine's KV splits over its worker ranks: ``tensor_parallel`` ranks share each pipeline stage's layers
+    by heads; ``page_bytes`` is one layer of one block on one rank, ``stage_layers`` the layers of each stage (ranks
+    are numbered stage-major). As in Dynamo KVBM, tier sizes in GB count a block's bytes summed over all ranks and
+    every rank holds the same number of blocks, of its own size."""
+
+    tensor_parallel: int
+    page_bytes: int
+    stage_layers: tuple[int, ...]
+
+    @property
+    def world_size(self) -> int:
+        """Worker ranks: the reports a move waits for (``ConnectorLeader(num_workers=...)``)."""
+        return self.tensor_parallel * len(self.stage_layers)
+
+    @property
+    def total_block_bytes(self) -> int:
+        """One block's bytes summed over all ranks (what the tier sizes in GB are divided by)."""
+        return self.page_bytes * sum(self.stage_layers) * self.tensor_parallel
+
+    def rank_block_bytes(self, rank: int) -> int:
+        """One block's bytes on ``rank``."""
+        return self.page_bytes * self.stage_layers[(rank // self.tensor_parallel) % len(self.stage_layers)]
+
+    def check_rank(self, rank: int, block_bytes: int) -> None:
+        """Raise if ``rank``'s engine blocks are not the size the tiers were sized for, naming both."""
+        if block_bytes != self.rank_block_bytes(rank):
+            raise ValueError(f"rank {rank} holds KV blocks of {block_bytes} bytes; the leader sized the tiers for "
+                             f"{self.rank_block_bytes(rank)} bytes on this rank ({self.total_block_bytes} bytes over "
+                             f"{self.world_size} ranks)")
 
 
 class ConnectorLeader:

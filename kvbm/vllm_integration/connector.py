@@ -4,9 +4,10 @@
         "kv_connector_module_path": "kvbm.vllm_integration.connector"}'
 
 Options come from ``DYN_KVBM_*`` (environment, overridden by such entries of ``kv_connector_extra_config``);
-``"kv_layout": "HND"`` asks vLLM for LBHNC. The scheduler role holds the block index (`scheduler`), the worker role
-this rank's tiers; they talk only through vLLM's per-step metadata (`metadata`). Blocks are stored after the
-forward that computed them and loaded asynchronously; a failed load is reported so vLLM recomputes it.
+``"kv_layout": "HND"`` asks vLLM for LBHNC. The scheduler role holds the block index (`scheduler`), each worker
+rank (tensor x pipeline parallel, `ranks`) its shard of the tiers; they talk only through vLLM's per-step metadata
+(`metadata`): a move completes once every rank reported it. Blocks are stored after the forward that computed them
+and loaded asynchronously; a load failed on any rank is reported so vLLM recomputes it on all.
 """
 from __future__ import annotations
 
@@ -41,9 +42,6 @@ __all__ = ["DynamoConnector", "kvbm_config_from"]
 
 log = logging.getLogger(__name__)
 
-_LAYOUTS = ("NHD", "HND")  # what get_required_kvcache_layout may ask vLLM for
-
-
 class DynamoConnector(KVConnectorBase_V1):
     """vLLM ``KVConnectorBase_V1`` that offloads full KV blocks to kvbm's tiers and loads prefix hits back."""
 
@@ -76,7 +74,7 @@ class DynamoConnector(KVConnectorBase_V1):
         """``kv_connector_extra_config["kv_layout"]`` ("NHD" or "HND"), or None for vLLM's default."""
         transfer = vllm_config.kv_transfer_config
         layout = transfer.kv_connector_extra_config.get("kv_layout") if transfer is not None else None
-        if layout is not None and layout not in _LAYOUTS:
+        if layout is not None and layout not in ("NHD", "HND"):
             raise ValueError(f"kv_connector_extra_config['kv_layout'] must be 'NHD' or 'HND', got {layout!r}")
         return layout
 
@@ -111,13 +109,13 @@ class DynamoConnector(KVConnectorBase_V1):
         if self.worker is not None:
             raise RuntimeError("register_kv_caches was already called on this worker")
         cache = describe_vllm_kv_caches(kv_caches)
-        g, assumed, world = cache.geometry, self.layout.rank_block_bytes(self.rank), self.layout.world_size
-        if g.block_size != self.block_size or g.block_bytes != assumed:
-            raise ValueError(f"rank {self.rank}: KV tensors hold blocks of {g.block_size} tokens, {g.block_bytes} "
-                             f"bytes; the scheduler side sized the tiers for {self.block_size} tokens, {assumed} bytes "
-                             f"on this rank ({self.block_bytes} bytes over {world} ranks)")
-        log.info("kvbm: rank %d of %d: %d layers, %d GPU blocks of %d bytes, layout %s", self.rank, world,
-                 g.num_layers, cache.num_blocks, g.block_bytes, cache.name)
+        g = cache.geometry
+        if g.block_size != self.block_size:
+            raise ValueError(f"KV tensors hold blocks of {g.block_size} tokens; the KV cache config says "
+                             f"{self.block_size}")
+        self.layout.check_rank(self.rank, g.block_bytes)
+        log.info("kvbm: rank %d of %d: %d layers, %d GPU blocks of %d bytes, layout %s", self.rank,
+                 self.layout.world_size, g.num_layers, cache.num_blocks, g.block_bytes, cache.name)
         metrics = process_metrics.acquire(self.config)
         try:  # as many blocks as the scheduler side's index, each of this rank's size
             self.worker = ConnectorWorker(cache, kvbm_tiers(self.config, self.block_bytes), self.config,
