@@ -19,7 +19,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from . import id_check
 from .block_transfer import BlockTransfer
+from .copy_plan import IdentityMemo
 from .medium import Medium, medium_of
 
 __all__ = ["Transfers", "TransferPath", "register_path", "registered_paths", "checked_ids"]
@@ -115,6 +117,7 @@ class Transfers:
         self._shared: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._live: weakref.WeakSet[BlockTransfer] = weakref.WeakSet()
+        self._pairs = IdentityMemo()
         self._closed = False
 
     def submit(self, src: Any, dst: Any, src_ids: Any, dst_ids: Any, *, tags: Sequence[int] | None = None
@@ -128,8 +131,14 @@ class Transfers:
         disk take them."""
         if self._closed:
             raise ValueError("this Transfers object is closed")
-        s, d = checked_ids(src, dst, src_ids, dst_ids)
-        path = self.path(medium_of(src), medium_of(dst))
+        key = (id(src), id(dst))
+        path = self._pairs.find(key, src, dst)  # the pair's checks and path, kept while both caches live
+        if path is None:
+            checked_ids(src, dst, (), ())
+            path = self._pairs.keep(key, self.path(medium_of(src), medium_of(dst)), src, dst)
+        s, d = _id_array(src_ids, "src_ids"), _id_array(dst_ids, "dst_ids")
+        if not id_check.ids_valid(s, d, src.num_blocks, dst.num_blocks):
+            checked_ids(src, dst, s, d)  # raises the precise error
         if s.size == 0:
             return BlockTransfer.completed(0, path.name)
         transfer = path.submit(src, dst, s, d) if tags is None else path.submit(src, dst, s, d, tags=tags)

@@ -15,6 +15,7 @@ import numpy as np
 from kvbm.layouts import copy_blocks
 
 from ..block_transfer import BlockTransfer, Steps
+from ..copy_plan import IdentityMemo
 from ..medium import Medium, medium_of
 from ..transfers import Transfers, register_path
 
@@ -54,6 +55,7 @@ class GpuHostPath:
 
     def __init__(self, transfers: Transfers) -> None:
         self._transfers = transfers
+        self._pairs = IdentityMemo()  # (src, dst) -> (by the engine?, host unregistrations when checked)
 
     def _engine(self, device: Any) -> Any:
         from ..transfer import TransferEngine
@@ -67,15 +69,20 @@ class GpuHostPath:
 
     def submit(self, src: Any, dst: Any, src_ids: np.ndarray, dst_ids: np.ndarray) -> BlockTransfer:
         """Enqueue the copy; raises ValueError for an unpinned host cache or a GPU other than ``src``'s."""
-        from ..host_memory import cache_is_pinned
+        from ..host_memory import cache_is_pinned, unregistrations
 
         kinds = medium_of(src), medium_of(dst)
         gpu = src if kinds[0] is Medium.GPU else dst
-        host = None if kinds == (Medium.GPU, Medium.GPU) else (dst if gpu is src else src)
-        if host is not None and not cache_is_pinned(host):
-            raise ValueError(f"host cache {host.name} must be in pinned memory to be moved to or from the GPU "
-                             f"(see kvbm.kernels.host_memory.PinnedHostBuffer)")
-        if host is not None and whole_blocks_contiguous(host):
+        key = (id(src), id(dst))
+        kept = self._pairs.find(key, src, dst)
+        if kept is None or kept[1] != unregistrations():  # (a host buffer closed since: check pinning again)
+            host = None if kinds == (Medium.GPU, Medium.GPU) else (dst if gpu is src else src)
+            if host is not None and not cache_is_pinned(host):
+                raise ValueError(f"host cache {host.name} must be in pinned memory to be moved to or from the GPU "
+                                 f"(see kvbm.kernels.host_memory.PinnedHostBuffer)")
+            kept = self._pairs.keep(key, (host is not None and whole_blocks_contiguous(host), unregistrations()),
+                                    src, dst)
+        if kept[0]:
             engine = self._engine(gpu.device)
             handle = (engine.offload(src, dst, src_ids, dst_ids) if gpu is src
                       else engine.onboard(src, dst, src_ids, dst_ids))
