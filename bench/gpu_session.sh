@@ -45,11 +45,11 @@ for part in "$@"; do
         tests) run_part tests timeout 320 python3 -m pytest -q -p no:cacheprovider --maxfail=25 $GPU_TESTS ;;
         manager) run_part manager env KVBM_TEST_G1_DEVICE=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider \
             $MANAGER_TESTS ;;
-        transfers) run_part transfers timeout 480 python3 -m bench.transfer_bench --pin-thread 3 --sections transfers \
+        transfers) run_part transfers timeout 400 python3 -m bench.transfer_bench --pin-thread 3 --sections transfers \
             --batches 16,256 --out "$OUT" --stem transfer ;;
-        g3) mkdir -p /tmp/kvbm_g3 && run_part g3 timeout 300 python3 -m bench.g3_bench --dir /tmp/kvbm_g3 --gib 1 \
+        g3) mkdir -p /tmp/kvbm_g3 && run_part g3 timeout 150 python3 -m bench.g3_bench --dir /tmp/kvbm_g3 --gib 1 \
             --out "$OUT/g3" ;;
-        ttft) run_part ttft timeout 540 python3 -m bench.ttft --out "$OUT/ttft" ;;
+        ttft) run_part ttft timeout 500 python3 -m bench.ttft --out "$OUT/ttft" ;;
         *) echo "unknown part $part" ;;
     esac
 done
