@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 from kvbm.config import KvbmConfig
 from kvbm.metrics import KvbmMetrics
 
-__all__ = ["acquire", "release"]
+__all__ = ["acquire", "release", "build_with"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 _lock = threading.Lock()
 _state: dict = {"metrics": None, "users": 0, "serving": False}
 
@@ -45,3 +48,13 @@ def release() -> None:
             if _state["serving"]:
                 _state["metrics"].stop_server()
             _state.update(metrics=None, serving=False)
+
+
+def build_with(config: KvbmConfig, build: Callable[[KvbmMetrics], T]) -> T:
+    """``build(metrics)`` with the process's metrics acquired, released again if it raises."""
+    metrics = acquire(config)
+    try:
+        return build(metrics)
+    except BaseException:
+        release()
+        raise

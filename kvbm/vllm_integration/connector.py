@@ -1,13 +1,10 @@
-"""``DynamoConnector``: vLLM 0.33 KV connector backed by kvbm's tiers, a drop-in for Dynamo KVBM's::
+"""``DynamoConnector``: vLLM 0.33 KV connector on kvbm's tiers, a drop-in for Dynamo KVBM's (README: command line).
 
-    vllm serve MODEL --kv-transfer-config '{"kv_connector": "DynamoConnector", "kv_role": "kv_both",
-        "kv_connector_module_path": "kvbm.vllm_integration.connector"}'
-
-Options come from ``DYN_KVBM_*`` (environment, overridden by such entries of ``kv_connector_extra_config``);
-``"kv_layout": "HND"`` asks vLLM for LBHNC. The scheduler role holds the block index (`scheduler`), each worker
-rank (tensor x pipeline parallel, `ranks`) its shard of the tiers; they talk only through vLLM's per-step metadata
-(`metadata`): a move completes once every rank reported it. Blocks are stored after the forward that computed them
-and loaded asynchronously; a load failed on any rank is reported so vLLM recomputes it on all.
+The scheduler role holds the block index (`scheduler`), each worker rank (tensor x pipeline parallel, `ranks`) its
+shard of the tiers; they talk only through vLLM's per-step metadata (`metadata`), and a move completes once every
+rank reported it. Blocks are stored after the forward that computed them and loaded asynchronously; a load failed
+on any rank is reported so vLLM recomputes it on all. ``DYN_KVBM_*`` entries of the extra config override the
+environment; ``"kv_layout": "HND"`` asks vLLM for LBHNC.
 """
 from __future__ import annotations
 
@@ -15,8 +12,11 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
-from vllm.v1.metrics.cache_hit_source import CacheHitSource
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
 
 from kvbm.connectors import kvbm_config_from, process_metrics
 from kvbm.connectors.leader import ConnectorLeader
@@ -57,15 +57,9 @@ class DynamoConnector(KVConnectorBase_V1):
         self.scheduler_side: SchedulerSide | None = None
         self.worker: ConnectorWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
-            metrics = process_metrics.acquire(self.config)
-            try:
-                leader = ConnectorLeader(kvbm_tiers(self.config, self.block_bytes), self.config, self.block_size,
-                                         num_workers=self.layout.world_size, metrics=metrics,
-                                         block_bytes=self.block_bytes)
-            except BaseException:
-                process_metrics.release()
-                raise
-            self.scheduler_side = SchedulerSide(leader)
+            self.scheduler_side = SchedulerSide(process_metrics.build_with(self.config, lambda metrics: ConnectorLeader(
+                kvbm_tiers(self.config, self.block_bytes), self.config, self.block_size,
+                num_workers=self.layout.world_size, metrics=metrics, block_bytes=self.block_bytes)))
         elif role != KVConnectorRole.WORKER:
             raise ValueError(f"role must be a KVConnectorRole, got {role!r}")
 
@@ -116,13 +110,9 @@ class DynamoConnector(KVConnectorBase_V1):
         self.layout.check_rank(self.rank, g.block_bytes)
         log.info("kvbm: rank %d of %d: %d layers, %d GPU blocks of %d bytes, layout %s", self.rank,
                  self.layout.world_size, g.num_layers, cache.num_blocks, g.block_bytes, cache.name)
-        metrics = process_metrics.acquire(self.config)
-        try:  # as many blocks as the scheduler side's index, each of this rank's size
-            self.worker = ConnectorWorker(cache, kvbm_tiers(self.config, self.block_bytes), self.config,
-                                          metrics=metrics)
-        except BaseException:
-            process_metrics.release()
-            raise
+        self.worker = process_metrics.build_with(  # as many blocks as the scheduler's index, each of this rank's size
+            self.config, lambda metrics: ConnectorWorker(cache, kvbm_tiers(self.config, self.block_bytes), self.config,
+                                                         metrics=metrics))
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         """Finish the stores still reading blocks of requests preempted this step, before vLLM reuses them."""
@@ -189,12 +179,9 @@ class DynamoConnector(KVConnectorBase_V1):
         """Plan the load into the blocks just allocated."""
         self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
-    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[CacheHitSource, int]:
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[Any, int]:
         """Split the loaded tokens into those from G2 (HOST) and from G3 (DISK)."""
-        if num_external_tokens <= 0:
-            return {}
-        host, disk = self._scheduler.hit_tiers(request, num_external_tokens)
-        return {source: n for source, n in ((CacheHitSource.HOST, host), (CacheHitSource.DISK, disk)) if n}
+        return self._scheduler.hit_sources(request, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         """The step's plan."""

@@ -1,15 +1,14 @@
-"""Scheduler side of the vLLM connector: vLLM's scheduler calls adapted to the shared `ConnectorLeader`.
-
-Matches are loaded asynchronously (the request waits in WAITING_FOR_REMOTE_KVS until ``finished_recving``).
-``build_connector_meta`` stores the newly completed full blocks of every scheduled request whose tokens are all
-known (with async scheduling the last sampled token may not be yet: its block is stored a step later).
-``request_finished`` stores what is left and holds the request's blocks while a store of it is unreported.
-Multimodal and prompt-embedding requests are neither matched nor stored: their token ids do not identify their KV.
-"""
+"""Scheduler side of the vLLM connector: vLLM's scheduler calls adapted to the shared `ConnectorLeader`. Matches
+load asynchronously (WAITING_FOR_REMOTE_KVS until ``finished_recving``); each step stores the newly completed full
+blocks whose tokens are all known (with async scheduling the last sampled token may not be yet: its block is
+stored a step later); a finished request's blocks are held while a store of it is unreported. Multimodal and
+prompt-embedding requests are neither matched nor stored: their token ids do not identify their KV."""
 from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING, Any
+
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvbm.connectors.leader import ConnectorLeader, TrackedRequest
 from kvbm.hashing import salt_hash
@@ -21,18 +20,9 @@ if TYPE_CHECKING:
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
-__all__ = ["SchedulerSide", "untracked_reason"]
+__all__ = ["SchedulerSide"]
 
 log = logging.getLogger(__name__)
-
-
-def untracked_reason(request: Request) -> str | None:
-    """Why ``request``'s KV cannot be keyed by its token ids (multimodal inputs, prompt embeddings), or None."""
-    if request.mm_features:
-        return "multimodal inputs"
-    if getattr(request, "prompt_embeds", None) is not None:
-        return "prompt embeddings"
-    return None
 
 
 class SchedulerSide:
@@ -47,11 +37,11 @@ class SchedulerSide:
         state = self.leader.requests.get(request.request_id)
         if state is None:
             self._requests[request.request_id] = request
-            reason = untracked_reason(request)
-            lora = request.lora_request.lora_name if request.lora_request is not None else None
+            reason = ("multimodal inputs" if request.mm_features else "prompt embeddings"
+                      if getattr(request, "prompt_embeds", None) is not None else None)  # tokens do not name the KV
             if reason is not None:
-                log.info("kvbm: request %s has %s: its KV is neither offloaded nor matched", request.request_id,
-                         reason)
+                log.info("kvbm: request %s has %s: its KV is neither offloaded nor matched", request.request_id, reason)
+            lora = request.lora_request.lora_name if request.lora_request is not None else None
             state = self.leader.track(request.request_id, salt_hash(request.cache_salt, lora), reason)
         return state
 
@@ -71,9 +61,10 @@ class SchedulerSide:
             self.leader.plan_matched_load(self._state(request), blocks.get_block_ids()[0],
                                           -(-num_external_tokens // self.leader.block_size))
 
-    def hit_tiers(self, request: Request, num_external_tokens: int) -> tuple[int, int]:
-        """``(G2 tokens, G3 tokens)`` of the ``num_external_tokens`` planned for loading."""
-        return self.leader.hit_split(self._state(request), num_external_tokens)
+    def hit_sources(self, request: Request, num_external_tokens: int) -> dict[CacheHitSource, int]:
+        """The ``num_external_tokens`` planned for loading, by source: G2 (HOST) and G3 (DISK)."""
+        host, disk = self.leader.hit_split(self._state(request), max(num_external_tokens, 0))
+        return {source: n for source, n in ((CacheHitSource.HOST, host), (CacheHitSource.DISK, disk)) if n}
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> DynamoConnectorMetadata:
         """This step's plan (and reset the per-step queues)."""
