@@ -36,7 +36,6 @@ from kvbm.config import KvbmConfig, KvbmConfigError
 from kvbm.hashing import salt_hash, sequence_hashes
 from kvbm.kernels.disk_file import align_up
 from kvbm.kernels.medium import Medium, medium_of
-from kvbm.kernels.transfers import Transfers
 from kvbm.layouts import PagedKVCache
 from kvbm.leader import ENGINE_TIER, BlockIndex, Move, MoveResult
 from kvbm.leader.index import as_hashes
@@ -45,7 +44,6 @@ from kvbm.policies.admission import DiskAdmissionFilter
 from kvbm.policies.cost import LoadCostPolicy
 from kvbm.tiers import HOST_TIER, TierSpec, kvbm_tiers
 from kvbm.worker.store import BlockStore
-from kvbm.worker.tier_memory import allocate_tier, close_tier
 
 __all__ = ["BlockManager", "BlockResult", "Match", "Ticket", "ManagerInvariantError"]
 
@@ -166,24 +164,15 @@ class BlockManager:
             config, self.index.tier_names, block_bytes=self.block_bytes, block_tokens=self.geometry.block_size,
             metrics=self.metrics)
         self.metrics.add_transfer_listener(self.cost.observe_transfer)
-        transfers = Transfers(device=gpu_cache.device if gpu_cache.device.type == "cuda" else None,
-                              disk_io=config.disk_io, bounce_blocks=config.max_transfer_batch_size,
-                              bounce_chunks=config.bounce_chunks())
-        caches: dict[str, object] = {ENGINE_TIER: gpu_cache}
+        self.store = BlockStore.open(gpu_cache, tiers, config, metrics=self.metrics)
         try:
-            for spec in tiers:
-                caches[spec.name] = allocate_tier(spec, self.geometry, gpu_cache.dtype)
             if self._serving:
                 port = self.metrics.start_server(config.metrics_port, host=config.metrics_host)
                 log.info("kvbm metrics served on port %d", port)
         except BaseException:
-            for name, cache in caches.items():
-                if name != ENGINE_TIER:
-                    close_tier(cache)
-            transfers.close()
+            self.store.close()
             raise
-        self.store = BlockStore(caches, transfers, max_in_flight=config.max_concurrent_transfers,
-                                metrics=self.metrics)
+        caches = self.store.caches
         self._tickets: dict[int, tuple[Ticket, list[int]]] = {}  # move id -> (ticket, positions)
         self._loading: Counter[int] = Counter()  # G1 blocks that pending loads write into
         self._finished: list[Ticket] = []
@@ -311,9 +300,6 @@ class BlockManager:
             self.store.close()
             if self._serving:
                 self.metrics.stop_server()
-            for name, cache in self.store.caches.items():
-                if name != ENGINE_TIER:
-                    close_tier(cache)
 
     def __enter__(self) -> BlockManager:
         return self

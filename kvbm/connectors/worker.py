@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 from kvbm.config import KvbmConfig
 from kvbm.connectors.messages import RequestLoad, RequestStore, WorkerReport
-from kvbm.kernels.transfers import Transfers
 from kvbm.layouts import PagedKVCache
-from kvbm.leader.plans import ENGINE_TIER, Move, MoveKind, MoveResult
+from kvbm.leader.plans import Move, MoveKind, MoveResult
 from kvbm.metrics import KvbmMetrics
 from kvbm.tiers import TierSpec
 from kvbm.worker.store import BlockStore
-from kvbm.worker.tier_memory import allocate_tier, close_tier
 
 __all__ = ["ConnectorWorker"]
 
@@ -35,20 +32,7 @@ class ConnectorWorker:
         if not tiers:
             raise ValueError("no offload tier configured")
         self.engine_cache = engine_cache
-        caches: dict[str, Any] = {ENGINE_TIER: engine_cache}
-        transfers = Transfers(device=engine_cache.device if engine_cache.device.type == "cuda" else None,
-                              disk_io=config.disk_io, bounce_blocks=config.max_transfer_batch_size,
-                              bounce_chunks=config.bounce_chunks())
-        try:
-            for spec in tiers:
-                caches[spec.name] = allocate_tier(spec, engine_cache.geometry, engine_cache.dtype)
-        except BaseException:
-            for name, cache in caches.items():
-                if name != ENGINE_TIER:
-                    close_tier(cache)
-            transfers.close()
-            raise
-        self.store = BlockStore(caches, transfers, max_in_flight=config.max_concurrent_transfers, metrics=metrics)
+        self.store = BlockStore.open(engine_cache, tiers, config, metrics=metrics)
         self._moves: dict[int, tuple[Move, str | None]] = {}  # running move id -> (move, request id)
         self._loading: dict[str, set[int]] = {}
         self._storing: dict[str, set[int]] = {}
@@ -132,12 +116,7 @@ class ConnectorWorker:
         if self._closed:
             return
         self._closed = True
-        try:
-            self.store.close()
-        finally:
-            for name, cache in self.store.caches.items():
-                if name != ENGINE_TIER:
-                    close_tier(cache)
+        self.store.close()
 
     # -- internals ---------------------------------------------------------------------------------------------
 

@@ -33,19 +33,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from sglang.srt.mem_cache.hicache_storage import (HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo,
-                                                   PoolName)
+from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo, PoolName
 
 from kvbm.config import KvbmConfigError
 from kvbm.connectors import kvbm_config_from, process_metrics
 from kvbm.kernels.disk_file import align_up
-from kvbm.kernels.transfers import Transfers
 from kvbm.layouts import PagedKVCache
 from kvbm.leader import ENGINE_TIER, BlockIndex, Move, MoveResult
 from kvbm.policies.admission import DiskAdmissionFilter
 from kvbm.tiers import HOST_TIER, kvbm_tiers
 from kvbm.worker.store import BlockStore
-from kvbm.worker.tier_memory import allocate_tier, close_tier
 
 from .host_pool import UnsupportedHostPool, describe_host_pool, flat_pages_cache, host_pool_layout
 
@@ -121,22 +118,12 @@ class KvbmStorage(HiCacheStorage):
             index = BlockIndex([t.index_config(admission if k else None) for k, t in enumerate(tiers)],
                                batch_size=self.config.max_transfer_batch_size,
                                min_priority=self.config.host_offload_prefix_min_priority)
-            transfers = Transfers(device=None, disk_io=self.config.disk_io,
-                                  bounce_blocks=self.config.max_transfer_batch_size,
-                                  bounce_chunks=self.config.bounce_chunks())
-            caches: dict[str, Any] = {ENGINE_TIER: host}
-            try:
-                for spec in tiers:
-                    caches[spec.name] = allocate_tier(spec, host.geometry, host.dtype)
-            except BaseException:
-                for name, cache in caches.items():
-                    if name != ENGINE_TIER:
-                        close_tier(cache)
-                transfers.close()
-                raise
             self._metrics = process_metrics.acquire(self.config)
-            self._store = BlockStore(caches, transfers, max_in_flight=self.config.max_concurrent_transfers,
-                                     metrics=self._metrics)
+            try:
+                self._store = BlockStore.open(host, tiers, self.config, metrics=self._metrics)
+            except BaseException:
+                process_metrics.release()
+                raise
             self._index, self._host, self._tiers = index, host, tiers
             log.info("kvbm storage backend (tp rank %d/%d): %s, host pool %s, pages of %d tokens (%d bytes)",
                      self.storage_config.tp_rank, self.storage_config.tp_size,
@@ -259,9 +246,6 @@ class KvbmStorage(HiCacheStorage):
                 self._apply(self._store.poll())
             finally:
                 self._store.close()
-                for name, cache in self._store.caches.items():
-                    if name != ENGINE_TIER:
-                        close_tier(cache)
                 process_metrics.release()
 
     def check_invariants(self) -> None:

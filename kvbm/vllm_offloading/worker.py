@@ -21,7 +21,6 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from vllm.v1.kv_offload.base import (
@@ -38,7 +37,6 @@ from kvbm.layouts import PagedKVCache, describe
 from kvbm.leader.plans import ENGINE_TIER, Move, MoveKind, MoveResult
 from kvbm.tiers import TierSpec
 from kvbm.worker.store import BlockStore
-from kvbm.worker.tier_memory import allocate_tier, close_tier
 
 from .specs import KvbmLoadStoreSpec
 
@@ -108,21 +106,7 @@ class KvbmOffloadingWorker(OffloadingWorker):
         engine = describe_canonical_kv_caches(kv_caches)
         self.engine_cache = engine
         self.blocks_per_chunk = blocks_per_chunk
-        if transfers is None:
-            transfers = Transfers(device=engine.device if engine.device.type == "cuda" else None,
-                                  disk_io=config.disk_io, bounce_blocks=config.max_transfer_batch_size,
-                                  bounce_chunks=config.bounce_chunks())
-        caches: dict[str, Any] = {ENGINE_TIER: engine}
-        try:
-            for tier in tiers:
-                caches[tier.name] = allocate_tier(tier, engine.geometry, engine.dtype)
-        except BaseException:
-            for name, cache in caches.items():
-                if name != ENGINE_TIER:
-                    close_tier(cache)
-            transfers.close()
-            raise
-        self.store = BlockStore(caches, transfers, max_in_flight=config.max_concurrent_transfers)
+        self.store = BlockStore.open(engine, tiers, config, transfers=transfers)
         self.failure_reports = False
         # Moves run under ids of this worker (vLLM jobs issued before a cache reset may still run): run id ->
         # (indices of the planned move's blocks it copies, the planned move, blocks failed before running, job id).
@@ -132,7 +116,7 @@ class KvbmOffloadingWorker(OffloadingWorker):
         self._finished: list[TransferResult] = []
         self._failures: list[MoveResult] = []
         self._load_errors: set[int] = set()
-        self._bad: dict[str, set[int]] = {name: set() for name in caches if name != ENGINE_TIER}
+        self._bad: dict[str, set[int]] = {name: set() for name in self.store.caches if name != ENGINE_TIER}
         self._closed = False
 
     # -- OffloadingWorker --------------------------------------------------------------------------------------
@@ -189,12 +173,7 @@ class KvbmOffloadingWorker(OffloadingWorker):
         if self._closed:
             return
         self._closed = True
-        try:
-            self.store.close()
-        finally:
-            for name, cache in self.store.caches.items():
-                if name != ENGINE_TIER:
-                    close_tier(cache)
+        self.store.close()
 
     # -- failure channel (KvbmOffloadingConnector) -------------------------------------------------------------
 

@@ -10,15 +10,18 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kvbm.config import KvbmConfig
 from kvbm.kernels.block_transfer import BlockTransfer
 from kvbm.kernels.medium import Medium, medium_of
 from kvbm.kernels.transfers import Transfers
-from kvbm.leader.plans import Move, MoveResult, direction
+from kvbm.leader.plans import ENGINE_TIER, Move, MoveResult, direction
 from kvbm.metrics import DIRECTIONS, KvbmMetrics
+from kvbm.tiers import TierSpec
+from kvbm.worker.tier_memory import allocate_tier, close_tier
 
 __all__ = ["BlockStore"]
 
@@ -44,9 +47,33 @@ class BlockStore:
         self.transfers = transfers
         self.max_in_flight = max_in_flight
         self.metrics = metrics
+        self._owned: list[str] = []  # tiers allocated by `open`, released by `close`
         self._queue: deque[Move] = deque()
         self._running: list[_Running] = []
         self._finished: list[MoveResult] = []
+
+    @classmethod
+    def open(cls, engine_cache: Any, tiers: Sequence[TierSpec], config: KvbmConfig, *,
+             metrics: KvbmMetrics | None = None, transfers: Transfers | None = None) -> BlockStore:
+        """A store over the engine's cache (tier "G1") and the ``tiers`` allocated now in its geometry, with the
+        transfer library's options from ``config``; nothing is held if a tier cannot be allocated, and ``close``
+        releases the tiers."""
+        if transfers is None:
+            transfers = Transfers(device=engine_cache.device if engine_cache.device.type == "cuda" else None,
+                                  disk_io=config.disk_io, bounce_blocks=config.max_transfer_batch_size,
+                                  bounce_chunks=config.bounce_chunks())
+        caches: dict[str, Any] = {ENGINE_TIER: engine_cache}
+        try:
+            for spec in tiers:
+                caches[spec.name] = allocate_tier(spec, engine_cache.geometry, engine_cache.dtype)
+        except BaseException:
+            for name in list(caches)[1:]:
+                close_tier(caches[name])
+            transfers.close()
+            raise
+        store = cls(caches, transfers, max_in_flight=config.max_concurrent_transfers, metrics=metrics)
+        store._owned = [spec.name for spec in tiers]
+        return store
 
     def cache(self, tier: str) -> Any:
         """The cache of tier ``tier``."""
@@ -104,9 +131,15 @@ class BlockStore:
             self.wait_oldest()
 
     def close(self) -> None:
-        """Finish every move, then close the transfer library's paths (the caches belong to their owners)."""
-        self.wait_all()
-        self.transfers.close()
+        """Finish every move, then close the transfer library's paths and release the tiers `open` allocated (the
+        other caches belong to their owners); idempotent."""
+        try:
+            self.wait_all()
+            self.transfers.close()
+        finally:
+            owned, self._owned = self._owned, []
+            for name in owned:
+                close_tier(self.caches[name])
 
     # -- internals ---------------------------------------------------------------------------------------------
 
