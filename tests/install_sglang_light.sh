@@ -29,44 +29,7 @@ fi
 
 # Prints which parts are missing: "torch", "sglang", "requirements" (nothing when all is in place).
 missing_parts() {
-    "$PYTHON" - "$REQUIREMENTS" "$SGLANG_VERSION" "$TORCH_VERSION" <<'PY'
-import sys
-from importlib import metadata
-
-try:
-    from packaging.requirements import Requirement
-except ImportError:  # pip always vendors packaging
-    from pip._vendor.packaging.requirements import Requirement
-
-requirements_file, sglang_version, torch_version = sys.argv[1:4]
-
-
-def installed(name):
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-missing = []
-torch = installed("torch")
-if torch is None or torch.split("+")[0] != torch_version:
-    missing.append("torch")
-if installed("sglang") != sglang_version:
-    missing.append("sglang")
-for line in open(requirements_file):
-    line = line.split("#", 1)[0].strip()
-    if not line:
-        continue
-    req = Requirement(line)
-    if req.marker is not None and not req.marker.evaluate():
-        continue
-    version = installed(req.name)
-    if version is None or not req.specifier.contains(version, prereleases=True):
-        missing.append("requirements")
-        break
-print(" ".join(missing))
-PY
+    "$PYTHON" "$HERE/missing_parts.py" sglang "$SGLANG_VERSION" "$TORCH_VERSION" "$REQUIREMENTS"
 }
 
 missing="$(missing_parts)"

@@ -26,44 +26,7 @@ fi
 
 # Prints which parts are missing: "torch", "vllm", "requirements" (nothing when all is in place).
 missing_parts() {
-    "$PYTHON" - "$REQUIREMENTS" "$VLLM_VERSION" "$TORCH_VERSION" <<'EOF'
-import sys
-from importlib import metadata
-
-try:
-    from packaging.requirements import Requirement
-except ImportError:  # pip always vendors packaging
-    from pip._vendor.packaging.requirements import Requirement
-
-requirements_file, vllm_version, torch_version = sys.argv[1:4]
-
-
-def installed(name):
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-missing = []
-torch = installed("torch")
-if torch is None or torch.split("+")[0] != torch_version:
-    missing.append("torch")
-if installed("vllm") != vllm_version:
-    missing.append("vllm")
-for line in open(requirements_file):
-    line = line.split("#", 1)[0].strip()
-    if not line:
-        continue
-    req = Requirement(line)
-    if req.marker is not None and not req.marker.evaluate():
-        continue
-    version = installed(req.name)
-    if version is None or not req.specifier.contains(version, prereleases=True):
-        missing.append("requirements")
-        break
-print(" ".join(missing))
-EOF
+    "$PYTHON" "$HERE/missing_parts.py" vllm "$VLLM_VERSION" "$TORCH_VERSION" "$REQUIREMENTS"
 }
 
 missing="$(missing_parts)"
