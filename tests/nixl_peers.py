@@ -100,8 +100,8 @@ def reader_main(conn, num_local: int) -> None:
     ("add", export, seed, num_blocks, checksums) -> ("ok", peer name): add the peer and build its `RemoteKVCache`;
     ("read", peer, src_ids, dst_ids, preset, signal_to) -> ("ok", summary): poison the destination (G2, or a cache
     of ``preset`` when given), read, and compare every byte with what the peer wrote; with ``signal_to`` = (pid,
-    signal, timeout_s) the reader sends the signal right after submitting, while the read is in flight, with the
-    remote's read timeout set to timeout_s (a stopped process is continued once the read is over);
+    signal, timeout_s) the reader sends the signal right after submitting, while the read is in flight (SIGSTOP:
+    just before submitting, and SIGCONT once the read is over), with the remote's read timeout set to timeout_s;
     ("mismatch", peer) -> ("ok", error text): a RemoteKVCache of another geometry is refused;
     ("stop",)."""
     _setup()
@@ -140,14 +140,17 @@ def reader_main(conn, num_local: int) -> None:
                                                             dtype=torch.bfloat16, device="cpu")
                 for t in dst.tensors:
                     t.view(torch.uint8).fill_(POISON)
+                stop = signal_to is not None and signal_to[1] == signal.SIGSTOP
+                if stop:
+                    os.kill(signal_to[0], signal.SIGSTOP)
                 t0 = time.perf_counter()
                 transfer = transfers.submit(remote, dst, src_ids, dst_ids)
                 in_flight = not transfer.done()
-                if signal_to is not None:
+                if signal_to is not None and not stop:
                     os.kill(signal_to[0], signal_to[1])
                 transfer.wait()
                 secs = time.perf_counter() - t0
-                if signal_to is not None and signal_to[1] == signal.SIGSTOP:
+                if stop:
                     os.kill(signal_to[0], signal.SIGCONT)
                 got = _logical_rows(dst, dst_ids)
                 want = expected[name][np.asarray(src_ids)]

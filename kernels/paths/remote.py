@@ -225,6 +225,11 @@ def _read_steps(transfers: Transfers, remote: RemoteKVCache, dst: Any, src_ids: 
                 stage = next((b.stage for b in in_flight if b.stage is not None), None)
                 yield stage  # a copy on to wait for, or None while the reads are in flight (polled again)
                 continue
+            if landing.quarantined >= pool.num_chunks:  # no chunk will ever come back
+                while pending:
+                    fail(pending.popleft(), f"read from {remote.name} not started: every landing chunk is held by a "
+                                            f"read NIXL could not cancel")
+                break
             _poke(pool, me)
             yield None
     finally:
