@@ -15,6 +15,7 @@ and is read unverified.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from .medium import Medium
 
 __all__ = ["DiskKVCache", "same_slot_layout"]
 
+logger = logging.getLogger(__name__)
 _MASK64 = (1 << 64) - 1
 _UNVERIFIED, _SUMMED, _WRITE_FAILED = 0, 1, 2
 
@@ -61,8 +63,11 @@ class DiskKVCache:
         self.dtype = dtype
         self.name = name
         self.slot_bytes = align_up(geometry.block_bytes)
-        self.file = DiskBlockFile(directory, num_blocks, self.slot_bytes, use_o_direct=use_o_direct,
-                                  zerofill_fallback=zerofill_fallback)
+        self._file_options = {"use_o_direct": use_o_direct, "zerofill_fallback": zerofill_fallback}
+        self.file = DiskBlockFile(directory, num_blocks, self.slot_bytes, **self._file_options)
+        #: Times the file was replaced after being deleted underneath.
+        self.renewals = 0
+        self._retired: list[DiskBlockFile] = []  # replaced files, closed with this cache (no descriptor reuse)
         self.num_blocks = self.file.num_slots
         meta = torch.empty(self.num_blocks * self.slot_bytes, dtype=torch.uint8, device="meta")
         self.layout: KVLayout = slot_cache(meta, geometry, dtype, self.num_blocks, self.slot_bytes).layout
@@ -110,10 +115,27 @@ class DiskKVCache:
     def _blocks(self, buffer: np.ndarray) -> np.ndarray:
         return buffer.reshape(-1)[: (buffer.size // self.slot_bytes) * self.slot_bytes].reshape(-1, self.slot_bytes)
 
+    def _renew_if_deleted(self) -> None:
+        """A file deleted underneath loses every block: start a new one in the same directory, every slot
+        unreadable until rewritten (reads fail, so the index drops the blocks; writes fill the new file)."""
+        if not self.file.deleted():
+            return
+        with self._lock:
+            if not self.file.deleted():
+                return
+            old = self.file
+            self.file = DiskBlockFile(old.directory, self.num_blocks, self.slot_bytes, **self._file_options)
+            self._state[:] = _WRITE_FAILED
+            self._retired.append(old)
+            self.renewals += 1
+        logger.warning("%s: disk cache file %s was deleted; its blocks are lost, continuing in a new file %s",
+                       self.name, old.path, self.file.path)
+
     def write_slots(self, slots: Sequence[int], buffer: np.ndarray, buf_blocks: Sequence[int],
                     tags: Sequence[int] | None = None) -> dict[int, str]:
         """Write blocks ``buf_blocks`` of the flat uint8 ``buffer`` (one block per ``slot_bytes``) into ``slots``
         and record their checksums; return {position: reason} of the writes that failed. Slots must be distinct."""
+        self._renew_if_deleted()
         rows = self._blocks(buffer)
         sums = [self.checksum(rows[b], None if tags is None else tags[k]) for k, b in enumerate(buf_blocks)]
         self.forget(slots, failed=True)  # until the write is known good
@@ -132,6 +154,7 @@ class DiskKVCache:
                    tags: Sequence[int] | None = None) -> dict[int, str]:
         """Read ``slots`` into blocks ``buf_blocks`` of the flat uint8 ``buffer`` and verify their checksums (under
         ``tags`` when given, else the writer's); return {position: reason} of the blocks not read intact."""
+        self._renew_if_deleted()
         result = self.file.read_slots(slots, buffer, buf_blocks=buf_blocks)
         rows = self._blocks(buffer)
         errors: dict[int, str] = {}
@@ -147,6 +170,8 @@ class DiskKVCache:
     def close(self) -> None:
         """Close and delete the file (idempotent); no transfer may still use it."""
         self.file.close(remove=True)
+        for old in self._retired:
+            old.close(remove=True)
 
     def __enter__(self) -> DiskKVCache:
         return self

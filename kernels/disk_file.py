@@ -379,6 +379,10 @@ class DiskBlockFile:
 
     # ---------------------------------------------------------------- lifecycle
 
+    def deleted(self) -> bool:
+        """Whether the file's name was removed underneath (an unnamed file has none to lose)."""
+        return not self.closed and self.name is not None and os.fstat(self._fd).st_nlink == 0
+
     def fileno(self) -> int:
         """The open descriptor (for fsync or fadvise by a caller)."""
         self._check_open()

@@ -146,6 +146,8 @@ class KvbmMetrics:
         for direction, name in KVBM_BLOCK_COUNTERS.items():
             self._totals.add(name, _BLOCK_COUNTER_DOCS[direction] + " (total)")
         self._totals.add("kvbm_matched_tokens", "Tokens reported to the engine as found in the offload tiers (total)")
+        self._totals.add("kvbm_disk_file_renewals", "Disk tier files found deleted underneath and replaced by a new "
+                         "one, their blocks lost (total)")
         by_direction = [(d,) for d in DIRECTIONS]
         self._totals.add("kvbm_transfer_bytes", "Bytes of blocks moved intact, per direction (total)",
                          ("direction",), by_direction)
@@ -245,6 +247,10 @@ class KvbmMetrics:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite, non-negative number, got {value!r}")
         return float(value)
+
+    def record_disk_file_renewals(self, count: int) -> None:
+        """Add ``count`` disk tier files found deleted and replaced."""
+        self._totals.inc("kvbm_disk_file_renewals", _check_count("count", count))
 
     def record_matched_tokens(self, num_tokens: int) -> None:
         """Add the tokens of one lookup that the engine was told are available from the offload tiers."""

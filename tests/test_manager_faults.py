@@ -134,16 +134,13 @@ def test_broken_disk_file_fails_loads_without_touching_g1(tmp_path, rng, monkeyp
         # blocks whose bytes are gone are dropped from G3: lookup no longer offers them
         assert not any(mgr.index.pool("G3").contains(h) for h in lost)
         monkeypatch.undo()
-        # later operations work: G2 hits load; on a file that still exists, new blocks go through G3 again
+        # later operations work: G2 hits load; new blocks go through G3 again (a deleted file was replaced)
         check_onboard(mgr, gpu, hashes[6:], [30, 31], want[6:], [True, True])
         more = mgr.sequence_hashes(rng.integers(0, 50_000, 6 * GEOM.block_size).tolist())
         more_want = [read_block(gpu, b) for b in range(8, 14)]
         offload_all(mgr, more, range(8, 14))
-        if fault != "deleted":
-            check_onboard(mgr, gpu, more, range(32, 38), more_want, [True] * 6)
-        else:
-            assert mgr.metrics.value("kvbm_transfer_failed_blocks", "g2_to_g3") == 6
-            check_onboard(mgr, gpu, more, range(32, 38), more_want, [False] * 4 + [True] * 2)
+        check_onboard(mgr, gpu, more, range(32, 38), more_want, [True] * 6)
+        assert mgr.metrics.value("kvbm_disk_file_renewals") == (1 if fault == "deleted" else 0)
     assert list(tmp_path.glob("kvbm-g3-*")) == []  # close removes the file (or finds it already gone)
 
 
@@ -197,3 +194,23 @@ def test_copy_error_in_disk_only_offload_frees_disk_slots(tmp_path, rng, monkeyp
         monkeypatch.undo()
         offload_all(mgr, hashes, range(4))
         check_onboard(mgr, gpu, hashes, range(8, 12), want, [True] * 4)
+
+
+def test_a_deleted_disk_file_is_replaced_and_its_blocks_recomputed(tmp_path, rng, monkeypatch, caplog):
+    """The G3 file deleted underneath: its blocks fail to load and are dropped (never served), a WARNING and the
+    renewals metric say so, and the tier goes on in a new file."""
+    monkeypatch.setattr(disk_file_module, "O_TMPFILE", 0)  # a named file, which can be deleted by name
+    gpu = make_gpu(24, rng)
+    with BlockManager(gpu, config(tmp_path, disk=16, max_transfer_batch_size=4)) as mgr:
+        hashes = mgr.sequence_hashes(rng.integers(0, 50_000, 4 * GEOM.block_size).tolist())
+        want = [read_block(gpu, b) for b in range(4)]
+        offload_all(mgr, hashes, range(4))
+        os.unlink(disk_file(mgr))
+        with caplog.at_level("WARNING"):
+            check_onboard(mgr, gpu, hashes, range(8, 12), want, [False] * 4)
+        assert "was deleted" in caplog.text and mgr.metrics.value("kvbm_disk_file_renewals") == 1
+        assert mgr.lookup(hashes, num_tokens=99).num_blocks == 0  # the lost blocks were dropped
+        assert os.path.exists(disk_file(mgr))  # the new file
+        offload_all(mgr, hashes, range(4))  # the engine recomputed them: stored again, in the new file
+        check_onboard(mgr, gpu, hashes, range(12, 16), want, [True] * 4)
+    assert list(tmp_path.glob("kvbm-g3-*")) == []

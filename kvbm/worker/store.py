@@ -48,6 +48,7 @@ class BlockStore:
         self.max_in_flight = max_in_flight
         self.metrics = metrics
         self._owned: list[str] = []  # tiers allocated by `open`, released by `close`
+        self._renewals: dict[str, int] = {}  # disk tier -> file renewals already counted
         self._queue: deque[Move] = deque()
         self._running: list[_Running] = []
         self._finished: list[MoveResult] = []
@@ -176,3 +177,9 @@ class BlockStore:
             self.metrics.record_transfer(name, blocks_ok=n_ok, blocks_failed=len(failed), num_bytes=n_ok * block_bytes,
                                          seconds=seconds)
         self._finished.append(MoveResult(move.move_id, failed, frozenset(run.transfer.lost), seconds=seconds))
+        for tier in (move.src_tier, move.dst_tier):
+            renewals = getattr(self.cache(tier), "renewals", 0)
+            if renewals > self._renewals.get(tier, 0):
+                if self.metrics is not None:
+                    self.metrics.record_disk_file_renewals(renewals - self._renewals.get(tier, 0))
+                self._renewals[tier] = renewals
