@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine without network: install kvbm from this checkout into a private folder (no dependencies: the
 # machine's torch, triton, numba, cuda-bindings, xxhash and prometheus_client are used), then run the parts named.
-# Usage: OUT=dir bash bench/gpu_session.sh PART...   parts: tests, manager, transfers, g3, ttft
+# Usage: OUT=dir bash bench/gpu_session.sh PART...   parts: tests, manager, transfers, pieces, g3, ttft
 # Each part writes its log (and results) under $OUT; a part that fails is reported and the next one runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +47,8 @@ for part in "$@"; do
             $MANAGER_TESTS ;;
         transfers) run_part transfers timeout 400 python3 -m bench.transfer_bench --pin-thread 3 --sections transfers \
             --batches 16,256 --out "$OUT" --stem transfer ;;
+        pieces) run_part pieces timeout 400 python3 -m bench.transfer_bench --pin-thread 3 --sections pieces \
+            --out "$OUT" --stem pieces ;;
         g3) mkdir -p /tmp/kvbm_g3 && run_part g3 timeout 150 python3 -m bench.g3_bench --dir /tmp/kvbm_g3 --gib 1 \
             --out "$OUT/g3" ;;
         ttft) run_part ttft timeout 500 python3 -m bench.ttft --out "$OUT/ttft" ;;

@@ -38,7 +38,16 @@ LAYOUTS = [  # (preset, geometry name)
     ("vllm_flash_attn_nhd", "llama8b"), ("vllm_flash_attn_hnd", "llama8b"), ("vllm_flashinfer_nhd", "llama8b"),
     ("vllm_mla", "deepseek"), ("trtllm_pool", "llama8b"), ("vllm_lbnhc", "llama8b"),
 ]
-GEOMETRIES = {"llama8b": LLAMA8B, "deepseek": DEEPSEEK}
+#: Piece-size sweep (section "pieces"): vLLM FlashAttention NHD caches of 32 layers whose (layer, K/V) piece of one
+#: block is block_size x heads x head_dim bf16 elements, from 2 KiB to 128 KiB (name: piece KiB, tokens, heads, dims).
+PIECE_SWEEP = {
+    "p2k_16t_1h_64d": (16, 1, 64), "p4k_16t_2h_64d": (16, 2, 64), "p8k_16t_2h_128d": (16, 2, 128),
+    "p16k_16t_4h_128d": (16, 4, 128), "p32k_16t_8h_128d": (16, 8, 128), "p32k_16t_4h_256d": (16, 4, 256),
+    "p64k_32t_8h_128d": (32, 8, 128), "p128k_64t_8h_128d": (64, 8, 128),
+}
+GEOMETRIES = {"llama8b": LLAMA8B, "deepseek": DEEPSEEK,
+              **{name: KVGeometry(num_layers=32, num_kv=2, block_size=t, num_heads=h, head_dim=d, itemsize=2)
+                 for name, (t, h, d) in PIECE_SWEEP.items()}}
 BATCHES = [1, 16, 256, 1024]
 #: Bytes of the ceiling copies (one pinned memcpy each way, device-to-device, two at once). Throughput is timed over
 #: bursts of back-to-back transfers moving as many bytes (one transfer when it is that large), from an idle GPU to
@@ -277,7 +286,31 @@ def run_gpu(args, save=lambda partial: None) -> dict:
                 extra["interference"] = interference(env, engine, args)
         env.close()
         save({"rows": rows, **extra})  # keep what is measured so far if a later layout is cut short
+    if "pieces" in args.sections:
+        rows += piece_sweep(engine, transfers, ceiling_copy, rng)
+        save({"rows": rows, **extra})
     return {"rows": rows, **extra}
+
+
+def piece_sweep(engine, transfers, ceiling_copy, rng) -> list[dict]:
+    """The staged path and the one face over piece sizes of 2-128 KiB (`PIECE_SWEEP`): one transfer of 256 blocks
+    and bursts of 16-block transfers, both directions, each paired with the same run's pinned memcpy."""
+    rows = []
+    for gname in PIECE_SWEEP:
+        env = Env("vllm_flash_attn_nhd", gname, host_blocks=256, gpu_blocks=1024)
+        log(f"piece sweep {gname} ({env.g.block_bytes // 1024} KiB/block)")
+        for n in (16, 256):
+            gpu_ids = rng.choice(env.gpu.num_blocks, n, replace=False)
+            host_ids = rng.choice(env.host.num_blocks, n, replace=False)
+            for direction in ("d2h", "h2d"):
+                s_ids, d_ids = (gpu_ids, host_ids) if direction == "d2h" else (host_ids, gpu_ids)
+                move = engine.offload if direction == "d2h" else engine.onboard
+                src, dst = (env.gpu, env.host) if direction == "d2h" else (env.host, env.gpu)
+                for name, fn in (("kvbm_staged", lambda: move(src, dst, s_ids, d_ids, path="staged")),
+                                 ("kvbm_submit", lambda: transfers.submit(src, dst, s_ids, d_ids))):
+                    rows.append(measure(env, name, fn, direction, s_ids, d_ids, 7, ceiling_copy[direction]))
+        env.close()
+    return rows
 
 
 def kernel_alone(env: Env, gpu_ids, ceil) -> dict:
@@ -640,8 +673,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller sizes")
     ap.add_argument("--staging-mib", type=int, default=256, help="device staging per direction (MiB)")
     ap.add_argument("--interference-reps", type=int, default=5)
-    ap.add_argument("--sections", default="transfers,enqueue,latency,bidirectional,interference",
-                    help="comma-separated: transfers, enqueue, latency, bidirectional, interference")
+    ap.add_argument("--sections", default="transfers,enqueue,latency,bidirectional,interference,pieces",
+                    help="comma-separated: transfers, enqueue, latency, bidirectional, interference, pieces")
     ap.add_argument("--layouts", default=",".join(p for p, _ in LAYOUTS), help="comma-separated presets to run")
     ap.add_argument("--batches", type=block_counts, default=BATCHES, help="comma-separated blocks per transfer")
     ap.add_argument("--pin-thread", type=allowed_cpu, default=None, metavar="CPU",
