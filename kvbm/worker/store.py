@@ -3,7 +3,8 @@
 Moves run through the transfer library's one face (`Transfers.submit`), whatever their tiers' mediums; at most
 ``max_in_flight`` at once (``DYN_KVBM_MAX_CONCURRENT_TRANSFERS``), the rest queued in order. ``poll`` never blocks:
 it returns a `MoveResult` for every move finished since the last call. A move whose submit raises is failed for
-every block with the error as reason, so the leader drops or discards its slots and nothing is served wrong.
+every block with the error as reason: its stored slots are discarded, and a load is reported failed (the engine
+recomputes), so nothing is served wrong.
 """
 from __future__ import annotations
 
