@@ -105,7 +105,7 @@ def _drain(batches: Sequence[_Batch]) -> None:
 _poking = threading.local()
 
 
-def _poke(pool: BouncePool | None, me: list) -> None:
+def poke_holders(pool: BouncePool | None, me: list) -> None:
     """Advance the other transfers holding chunks of ``pool`` (their next step may be on the polling thread and
     free a chunk); never re-entered, and never the caller's own transfer."""
     if pool is None or getattr(_poking, "active", False):
@@ -119,12 +119,15 @@ def _poke(pool: BouncePool | None, me: list) -> None:
         _poking.active = False
 
 
-def _run(pending: deque, start: Any, advance: Any, in_flight: list[_Batch], pool: BouncePool | None,
-         me: list) -> Steps:
-    """The scheduling loop shared by reads and writes: start batches while ``start`` can (it returns False when
-    no chunk is free), advance each without blocking, and wait on the oldest when nothing moved. A transfer with
-    no chunk at all advances the other holders of the pool before asking again: a chunk another transfer holds
-    may wait for a step only a poll runs."""
+def run_batches(pending: deque, start: Any, advance: Any, in_flight: list, pool: BouncePool | None, me: list, *,
+                wait_on: Callable[[list], Any] | None = None, starved: Callable[[], bool] | None = None,
+                drain: Callable[[list], None] = _drain) -> Steps:
+    """The scheduling loop of a chunked transfer (disk reads and writes, remote reads): start batches while
+    ``start`` can (it returns False when no chunk is free), advance each without blocking, and when nothing moved
+    wait on ``wait_on(in_flight)`` (default: the oldest batch's `waiting_on`). A transfer with no chunk at all
+    stops if ``starved()`` says no chunk will come back, else advances the other holders of the pool before asking
+    again: a chunk another transfer holds may wait for a step only a poll runs. ``drain`` settles the batches
+    left in flight when the steps end early."""
     try:
         while pending or in_flight:
             moved = False
@@ -136,15 +139,17 @@ def _run(pending: deque, start: Any, advance: Any, in_flight: list[_Batch], pool
             if moved:
                 continue
             if in_flight:
-                yield in_flight[0].waiting_on()
+                yield in_flight[0].waiting_on() if wait_on is None else wait_on(in_flight)
                 continue
-            _poke(pool, me)
+            if starved is not None and starved():
+                break
+            poke_holders(pool, me)
             if not (pending and start(pending[0])):
                 yield None
             else:
                 pending.popleft()
     finally:
-        _drain(in_flight)
+        drain(in_flight)
 
 
 def bounced_write_steps(transfers: Transfers, src: Any, disk: DiskKVCache, src_ids: np.ndarray,
@@ -214,7 +219,7 @@ def bounced_write_steps(transfers: Transfers, src: Any, disk: DiskKVCache, src_i
             b.chunk.release()
         return True
 
-    yield from _run(pending, start, advance, in_flight, pool, [] if me is None else me)
+    yield from run_batches(pending, start, advance, in_flight, pool, [] if me is None else me)
     return errors
 
 
@@ -291,7 +296,7 @@ def bounced_read_steps(transfers: Transfers, disk: DiskKVCache, dst: Any, src_id
         b.chunk.release()
         return True
 
-    yield from _run(pending, start, advance, in_flight, pool, [] if me is None else me)
+    yield from run_batches(pending, start, advance, in_flight, pool, [] if me is None else me)
     return errors, lost & set(errors)
 
 

@@ -33,6 +33,7 @@ from ..medium import Medium, medium_of
 from ..nixl_agent import NixlAgent, checksum_bytes
 from ..remote_cache import RemoteKVCache
 from ..transfers import Transfers, register_path
+from .host_disk import run_batches
 
 __all__ = ["RemotePath", "read_descriptors"]
 
@@ -91,23 +92,6 @@ class _Batch:
         self.deadline = 0.0
         self.stage: BlockTransfer | None = None
         self.positions = np.zeros(0, dtype=np.int64)  # transfer positions the stage writes
-
-
-_poking = threading.local()
-
-
-def _poke(pool: BouncePool, me: list) -> None:
-    """Advance the other transfers holding chunks of ``pool``: a chunk is given back only by its transfer's steps,
-    which run when that transfer is polled."""
-    if getattr(_poking, "active", False):
-        return
-    _poking.active = True
-    try:
-        for other in list(pool.holders):
-            if not me or other is not me[0]:
-                other.done()
-    finally:
-        _poking.active = False
 
 
 def _read_steps(transfers: Transfers, remote: RemoteKVCache, dst: Any, src_ids: np.ndarray, dst_ids: np.ndarray,
@@ -211,29 +195,18 @@ def _read_steps(transfers: Transfers, remote: RemoteKVCache, dst: Any, src_ids: 
         b.chunk.release()
         return True
 
-    try:
-        while pending or in_flight:
-            moved = False
-            while pending and start(pending[0]):
-                pending.popleft()
-                moved = True
-            for b in list(in_flight):
-                moved |= advance(b)
-            if moved:
-                continue
-            if in_flight:
-                stage = next((b.stage for b in in_flight if b.stage is not None), None)
-                yield stage  # a copy on to wait for, or None while the reads are in flight (polled again)
-                continue
-            if landing.quarantined >= pool.num_chunks:  # no chunk will ever come back
-                while pending:
-                    fail(pending.popleft(), f"read from {remote.name} not started: every landing chunk is held by a "
-                                            f"read NIXL could not cancel")
-                break
-            _poke(pool, me)
-            yield None
-    finally:
-        for b in in_flight:  # abandoned mid-way: cancel reads, finish copies, give chunks back
+    def starved() -> bool:
+        """No landing chunk will ever come back: fail what has not started."""
+        if landing.quarantined < pool.num_chunks:
+            return False
+        while pending:
+            fail(pending.popleft(), f"read from {remote.name} not started: every landing chunk is held by a read "
+                                    f"NIXL could not cancel")
+        return True
+
+    def drain(batches: list) -> None:
+        """Abandoned mid-way: cancel reads, finish copies, give chunks back."""
+        for b in batches:
             if b.handle is not None:
                 done = agent.state(b.handle) == "DONE"
                 if not agent.release(b.handle) and not done:
@@ -243,6 +216,10 @@ def _read_steps(transfers: Transfers, remote: RemoteKVCache, dst: Any, src_ids: 
                 b.stage.wait()
             if b.chunk is not None:
                 b.chunk.release()
+
+    # a copy on to wait for, or None while the reads are in flight (polled again)
+    yield from run_batches(pending, start, advance, in_flight, pool, me, starved=starved, drain=drain,
+                           wait_on=lambda batches: next((b.stage for b in batches if b.stage is not None), None))
     return errors, lost & set(errors)
 
 
