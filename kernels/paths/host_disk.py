@@ -119,6 +119,19 @@ def poke_holders(pool: BouncePool | None, me: list) -> None:
         _poking.active = False
 
 
+def settle_copy(b: Any, errors: dict[int, str], in_flight: list) -> bool:
+    """A read batch's last step: once its copy on from the chunk is done, note the copy's failed blocks and give
+    the chunk back; False while the copy runs."""
+    if not b.stage.done():
+        return False
+    for k, reason in b.stage.reasons.items():
+        errors.setdefault(int(b.positions[k]), reason)
+    in_flight.remove(b)
+    b.stage = None
+    b.chunk.release()
+    return True
+
+
 def run_batches(pending: deque, start: Any, advance: Any, in_flight: list, pool: BouncePool | None, me: list, *,
                 wait_on: Callable[[list], Any] | None = None, starved: Callable[[], bool] | None = None,
                 drain: Callable[[list], None] = _drain) -> Steps:
@@ -287,14 +300,7 @@ def bounced_read_steps(transfers: Transfers, disk: DiskKVCache, dst: Any, src_id
                 b.stage = BlockTransfer.completed(0, "none")
                 b.positions = b.positions[:0]
             return True
-        if not b.stage.done():
-            return False
-        for k, reason in b.stage.reasons.items():
-            errors.setdefault(int(b.positions[k]), reason)
-        in_flight.remove(b)
-        b.stage = None
-        b.chunk.release()
-        return True
+        return settle_copy(b, errors, in_flight)
 
     yield from run_batches(pending, start, advance, in_flight, pool, [] if me is None else me)
     return errors, lost & set(errors)

@@ -33,7 +33,7 @@ from ..medium import Medium, medium_of
 from ..nixl_agent import NixlAgent, checksum_bytes
 from ..remote_cache import RemoteKVCache
 from ..transfers import Transfers, register_path
-from .host_disk import run_batches
+from .host_disk import run_batches, settle_copy
 
 __all__ = ["RemotePath", "read_descriptors"]
 
@@ -186,14 +186,7 @@ def _read_steps(transfers: Transfers, remote: RemoteKVCache, dst: Any, src_ids: 
                 if b.chunk is not None:
                     b.chunk.release()
             return True
-        if not b.stage.done():
-            return False
-        for k, reason in b.stage.reasons.items():
-            errors.setdefault(int(b.positions[k]), reason)
-        in_flight.remove(b)
-        b.stage = None
-        b.chunk.release()
-        return True
+        return settle_copy(b, errors, in_flight)
 
     def starved() -> bool:
         """No landing chunk will ever come back: fail what has not started."""
