@@ -120,19 +120,9 @@ class GpuDiskPath:
         return pool
 
     def _stage(self, src: Any, dst: Any, src_ids: np.ndarray, dst_ids: np.ndarray) -> BlockTransfer:
-        """GPU cache <-> staging chunk by the Triton copy on the side stream, after the caller's queued work."""
-        import torch
-
-        from kvbm.layouts import copy_blocks
-
-        device = src.device if medium_of(src) is Medium.GPU else dst.device
-        stream = self._transfers.shared(f"side_stream:{device}", lambda: torch.cuda.Stream(device, priority=-1))
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            copy_blocks(src, dst, src_ids, dst_ids, backend="triton")
-            event = torch.cuda.Event()
-            event.record(stream)
-        return BlockTransfer(src_ids.size, "gds-staging", _await_event(event))
+        """GPU cache <-> device staging chunk: the GPU -> GPU path (the Triton copy on the shared side stream,
+        after the caller's queued work)."""
+        return self._transfers.submit(src, dst, src_ids, dst_ids)
 
     def _gds_io(self, handle: Any, disk: DiskKVCache, pool: BouncePool, reading: bool, slots: list[int],
                 buf_blocks: list[int], tags: list[int] | None) -> dict[int, str]:
