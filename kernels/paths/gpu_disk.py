@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .. import gds
-from ..block_transfer import BlockTransfer, Steps
+from ..block_transfer import BlockTransfer
 from ..bounce import BouncePool, bounce_pool
 from ..disk_cache import DiskKVCache
 from ..medium import Medium, medium_of
@@ -37,11 +37,6 @@ from .host_disk import bounced_read_steps, bounced_write_steps, check_tags, star
 __all__ = ["GpuDiskPath"]
 
 log = logging.getLogger(__name__)
-
-
-def _await_event(event: Any) -> Steps:
-    yield event
-    return {}
 
 
 class GpuDiskPath:
