@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from typing import Any
@@ -60,16 +60,32 @@ def _block_on(waitable: Any) -> None:
             event.synchronize()
 
 
+def _all_of(parts: Sequence[BlockTransfer]) -> Steps:
+    for part in parts:
+        while not part.done():
+            yield part
+    errors: dict[int, str] = {}
+    lost: set[int] = set()
+    for part in parts:
+        for i, reason in part.reasons.items():
+            errors.setdefault(i, reason)
+        lost |= part.lost
+    return errors, lost
+
+
 class BlockTransfer:
     """Completion of one ``submit(src, dst, src_ids, dst_ids)``: ``done()`` polls, ``wait()`` blocks, then
     ``results`` / ``reasons`` say per block whether it was moved byte-exact."""
 
     def __init__(self, num_blocks: int, path: str, steps: Steps | None = None,
-                 errors: dict[int, str] | None = None, lost: set[int] | None = None) -> None:
+                 errors: dict[int, str] | None = None, lost: set[int] | None = None, *,
+                 device_done: Any = None) -> None:
         """A transfer of ``num_blocks`` blocks by ``path``, finished when ``steps`` returns (at once when None,
-        with ``errors`` and ``lost``)."""
+        with ``errors`` and ``lost``). ``device_done``: a CUDA event after which the transfer has no work left but
+        reporting (a path whose copies are all enqueued on the device), so a stream can wait for it on the device."""
         self.num_blocks = num_blocks
         self.path = path
+        self.device_done = device_done
         self._steps = steps
         self._waiting: Any = None
         self._errors: dict[int, str] | None = None
@@ -84,6 +100,25 @@ class BlockTransfer:
                   lost: set[int] | None = None) -> BlockTransfer:
         """A transfer that is already over (a synchronous copy), with its failed (and lost) blocks."""
         return cls(num_blocks, path, None, errors, lost)
+
+    @classmethod
+    def all_of(cls, parts: Sequence[BlockTransfer], path: str) -> BlockTransfer:
+        """One transfer made of ``parts`` over the same blocks (e.g. one per group of layers): done when every
+        part is, a block failed (or lost) where any part failed (or lost) it."""
+        sizes = {p.num_blocks for p in parts}
+        if len(sizes) != 1:
+            raise ValueError(f"parts of one transfer must move the same blocks, got block counts {sorted(sizes)}")
+        return cls(sizes.pop(), path, _all_of(parts))
+
+    def order_stream(self, stream: Any) -> None:
+        """Make ``stream``'s later work wait for this transfer: on the device (the host goes on) when all that is
+        left is its ``device_done`` event, else (or with no stream: a CPU engine) by blocking until it is done."""
+        if self.done():
+            return
+        if self.device_done is not None and stream is not None:
+            stream.wait_event(self.device_done)
+        else:
+            self.wait()
 
     @classmethod
     def failed(cls, num_blocks: int, path: str, reason: str) -> BlockTransfer:

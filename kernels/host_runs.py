@@ -73,7 +73,7 @@ def _runs(ids, starts, host_base, host_stride, block_bytes):  # pragma: no cover
         if new_chunk:
             c += 1
             bounds[c] = k
-        if new_chunk or ids[i] != ids[i - 1] + 1:
+        if new_chunk or ids[i] != ids[i - 1] + 1 or host_stride != block_bytes:
             host[k] = ids[i] * host_stride + host_base
             offset[k] = (i - starts[c]) * block_bytes
             size[k] = block_bytes
@@ -115,7 +115,9 @@ def schedule(host_ids: np.ndarray, per_chunk: int, direction: str, host_base: in
 
     Chunks as `chunk_starts` cuts them, each through the next staging slot in rotation (`state[0]`, advanced past
     them; slot k at `staging + k * slot_bytes`), with one piece per run of consecutive host blocks inside the chunk
-    (host block i at `host_base + i * host_stride`). The compiled enqueue calls the same compiled function."""
+    (host block i at `host_base + i * host_stride`; blocks are merged into runs only when that stride is
+    `block_bytes`, i.e. not in a layer view of the host cache). The compiled enqueue calls the same compiled
+    function."""
     if per_chunk < 1 or direction not in ("d2h", "h2d") or host_ids.size == 0:
         raise ValueError(f"schedule needs ids, per_chunk >= 1 and direction 'd2h' or 'h2d', got {host_ids.size} ids, "
                          f"{per_chunk}, {direction!r}")

@@ -571,7 +571,8 @@ def _inner_order(host: PagedKVCache) -> tuple[str, ...]:
 
     Block-major is structural: every block is one dense run of `geometry.block_bytes` bytes (its (layer, kv) pieces
     evenly spaced and, with token, head and channel, tiling the run without gaps) and the block stride is that run, so
-    a run of consecutive blocks is one DMA piece and a staging buffer in this order is byte-identical."""
+    a run of consecutive blocks is one DMA piece and a staging buffer in this order is byte-identical. A layer view
+    of a block-major cache (`select_layers`) keeps the full block stride: each block is then its own DMA piece."""
     lay, g = host.layout, host.geometry
     sizes = {"layer": g.num_layers, "kv": g.num_kv, "token": g.block_size, "head": g.num_heads, "channel": g.head_dim}
     addresses = host.piece_addresses()
@@ -589,9 +590,10 @@ def _inner_order(host: PagedKVCache) -> tuple[str, ...]:
     evenly_spaced = kv_step % g.itemsize == 0 and layer_step % g.itemsize == 0 and all(
         steps[layer * g.num_kv + kv] == layer * layer_step + kv * kv_step
         for layer in range(g.num_layers) for kv in range(g.num_kv))
-    if not (evenly_spaced and dense and lay.stride["block"] * g.itemsize == g.block_bytes):
-        raise ValueError(f"host cache must be block-major (kvbm.layouts.block_major): each block one dense run of "
-                         f"{g.block_bytes} bytes, the block stride outermost; got layout {lay.name!r}")
+    if not (evenly_spaced and dense and lay.stride["block"] * g.itemsize >= g.block_bytes):
+        raise ValueError(f"host cache must be block-major (kvbm.layouts.block_major), or a layer view of one: each "
+                         f"block one dense run of {g.block_bytes} bytes, the block stride outermost; got layout "
+                         f"{lay.name!r}")
     big_in_order = iter(big)
     # size-1 dimensions have no meaningful stride: they keep their default place, the others follow their strides
     return tuple(n if sizes[n] == 1 else next(big_in_order) for n in default)

@@ -13,6 +13,10 @@ loads (and, where the connector reports them, prefill steps) are measured; ``COS
 whose hits are dropped is loaded anyway (one batch) to re-measure it, 0 never; ``DISABLE_COST_AWARE_HITS`` reports
 every hit.
 
+Layer-wise onboarding: a prefix hit held entirely in G2 is loaded while the forward that uses it runs, one group of
+``ONBOARD_LAYERS_PER_GROUP`` layers at a time, each layer's attention waiting only for its own group;
+``DISABLE_LAYERWISE_ONBOARD`` loads every hit before the request is scheduled instead (as hits from G3 always are).
+
 Sizes: ``*_CACHE_GB`` are in GB of 1e9 bytes (floats allowed); a ``*_OVERRIDE_NUM_BLOCKS`` variable, when set,
 wins over the GB size of its tier. An empty variable counts as unset. Unknown ``DYN_KVBM_*`` names are logged as
 a warning (a typo must not silently drop a setting), not rejected, since other KVBM deployments set variables this
@@ -118,6 +122,8 @@ class KvbmConfig:
     disk_load_latency_ms: float = 0.2
     prefill_tokens_per_s: float = 10_000.0
     cost_probe_secs: float = 60.0
+    disable_layerwise_onboard: bool = False
+    onboard_layers_per_group: int = 1
 
     def __post_init__(self) -> None:
         """Check types and ranges, so a config built directly is held to the same rules as one from the env."""
@@ -270,7 +276,7 @@ def _parse_choice(name: str, text: str) -> str:
 
 _BOOL_FIELDS = frozenset(
     {"disable_disk_offload_filter", "disk_zerofill_fallback", "disk_disable_o_direct", "metrics",
-     "disable_cost_aware_hits"}
+     "disable_cost_aware_hits", "disable_layerwise_onboard"}
 )
 
 # Cold-start values of the cost-aware hit rule (`kvbm.policies.cost`), chosen for an 8B model (Llama-3-8B:
@@ -303,6 +309,7 @@ _INT_RANGES: dict[str, tuple[int, int | None, str]] = {
     "max_transfer_batch_size": (1, _INT31, "a positive number of blocks per batch, at most 2**31-1"),
     "max_concurrent_transfers": (1, _INT31, "a positive number of transfers, at most 2**31-1"),
     "host_offload_prefix_min_priority": (0, 100, "a priority in 0..100"),
+    "onboard_layers_per_group": (1, _INT31, "a positive number of layers per layer-wise onboard step"),
 }
 
 _PARSERS: dict[str, Callable[[str, str], object]] = {

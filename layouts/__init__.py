@@ -5,13 +5,14 @@
 from . import presets
 from .conversion import Backend, available_backends, copy_blocks, register_backend, validate_transfer
 from .geometry import LOGICAL_DIMS, KVGeometry
+from .layer_view import select_layers
 from .layout import KVLayout, LayoutError, PagedKVCache, describe
 from .presets import PRESETS, allocate, block_major, presets_for
 
 __all__ = [
     "LOGICAL_DIMS", "PRESETS", "Backend", "KVGeometry", "KVLayout", "LayoutError", "PagedKVCache", "allocate",
     "available_backends", "block_major", "copy_blocks", "describe", "presets", "presets_for", "register_backend",
-    "validate_transfer",
+    "select_layers", "validate_transfer",
 ]
 
 # The transfer library's kernel backends (Triton, numba), registered with `copy_blocks` for every user of this API.

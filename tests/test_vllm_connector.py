@@ -72,6 +72,7 @@ def run_counting(h: H.VllmHarness, workload: H.MultiTurnChatWorkload) -> Counter
         meta = so.kv_connector_metadata
         assert isinstance(meta, DynamoConnectorMetadata)
         counts["load_jobs"] += len(meta.plan.loads)
+        counts["layerwise_jobs"] += sum(load.layerwise for load in meta.plan.loads)
         counts["loaded_blocks"] += sum(m.num_blocks for job in meta.plan.loads for m in job.moves)
         counts["save_jobs"] += len(meta.plan.stores)
         counts["preempted"] += len(so.preempted_req_ids or ())
@@ -126,8 +127,9 @@ def test_multi_turn_onboards_from_host(runner: str, fmt: dict, layout_name: str)
         assert worker_of(h).engine_cache.name == layout_name
         counts = run_counting(h, workload)
         assert workload.done and all(len(h.outputs[t.request_id]) == t.max_tokens for t in workload.completed)
-        # Later turns found their history in G2 only (vLLM had evicted it) and read it back byte-exact.
-        assert counts["load_jobs"] > 0 and h.cache_stats.external_hits > 0
+        # Later turns found their history in G2 only (vLLM had evicted it) and read it back byte-exact, layer by
+        # layer beside the forward that read it.
+        assert counts["load_jobs"] == counts["layerwise_jobs"] > 0 and h.cache_stats.external_hits > 0
         assert metric(h, "kvbm_onboard_blocks_h2d") == counts["loaded_blocks"] > 0
         assert metric(h, "kvbm_offload_blocks_d2h") > 0
         assert counts["verified"] > 0 and counts["load_errors"] == 0
@@ -280,9 +282,10 @@ def _first_turn_then_evict(h: H.VllmHarness, prompt: list[int]) -> None:
 
 @pytest.mark.parametrize("runner", ["v1", "v2"])
 def test_request_aborted_mid_load(runner: str) -> None:
-    """Aborted while its onboard is in flight: vLLM keeps the blocks until the worker reports the load done."""
+    """Aborted while its asynchronous onboard is in flight: vLLM keeps the blocks until the worker reports the load
+    done."""
     prompt = H.MultiTurnChatWorkload(num_users=1, system_prompt_tokens=100, seed=5).system_prompt
-    with kvbm_harness(runner=runner) as h:
+    with kvbm_harness(runner=runner, extra={"DYN_KVBM_DISABLE_LAYERWISE_ONBOARD": "true"}) as h:
         _first_turn_then_evict(h, prompt)
         gate = Gate(worker_of(h), "onboard")
         h.add_request("second", prompt + [7, 8, 9], 3)

@@ -457,7 +457,7 @@ class KVOracle:
     def kv(self, prefix_hashes: Sequence[int], layer: int) -> torch.Tensor:
         """KV of the given positions in ``layer``: tensor ``[n, kv_heads, 2, head_dim]`` (K, V)."""
         n = len(prefix_hashes)
-        base = _mix64_array(np.asarray(prefix_hashes, dtype=np.uint64) ^ np.uint64((layer + 1) * 0x632BE59BD9B4E019))
+        base = _mix64_array(np.asarray(prefix_hashes, dtype=np.uint64) ^ np.uint64((layer + 1) * 0x632BE59BD9B4E019 & _MASK64))
         bits = _mix64_array(base[:, None] + self._element_offsets[None, :]) >> np.uint64(40)
         values = bits.astype(np.float32) * np.float32(2.0 ** -23) - np.float32(1.0)
         tensor = torch.from_numpy(values.reshape(n, self.model.num_kv_heads, 2, self.model.head_dim))
@@ -551,6 +551,7 @@ class _WorkerRequest:
     block_ids: list[int]
     prefix_hashes: list[int] = field(default_factory=list)
     needs_verify: bool = True
+    num_prompt: int = 0
 
 
 @dataclass
@@ -644,7 +645,8 @@ class WorkerHarness:
                 raise ValueError(f"request {new.req_id} carries neither prompt nor prefill token ids")
             state = self.requests.get(new.req_id)
             if state is None:
-                state = _WorkerRequest(new.req_id, self._seeds[new.req_id], list(tokens), [])
+                prompt = new.prompt_token_ids if new.prompt_token_ids is not None else tokens
+                state = _WorkerRequest(new.req_id, self._seeds[new.req_id], list(tokens), [], num_prompt=len(prompt))
                 self.requests[new.req_id] = state
             else:
                 self._adopt_tokens(state, tokens)
@@ -658,6 +660,9 @@ class WorkerHarness:
                 raise ValueError(f"scheduled request {request_id} is unknown to the worker")
             if request_id in cached.all_token_ids:
                 self._adopt_tokens(state, cached.all_token_ids[request_id])
+            if not self.config.use_async_scheduling:  # (there the count includes tokens still in flight)
+                # tokens the scheduler discarded (a sync load failed on some rank) are dropped, as V1's runner does
+                del state.tokens[state.num_prompt + cached.num_output_tokens[i]:]
             new_blocks = cached.new_block_ids[i]
             if request_id in cached.resumed_req_ids:
                 if new_blocks is None:

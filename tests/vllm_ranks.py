@@ -42,7 +42,8 @@ from vllm.v1.attention.backends.utils import get_supported_kv_cache_layouts, res
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig
 from vllm.v1.outputs import ModelRunnerOutput
 
-from kvbm.leader.plans import MoveKind, MoveResult
+from kvbm.kernels.block_transfer import BlockTransfer
+from kvbm.leader.plans import MoveKind
 
 RankMode = Literal["inline", "process"]
 _WorkerHarness = H.WorkerHarness  # the harness replaces the module's name while it builds its ranks
@@ -135,29 +136,21 @@ def plan_rank_caches(vllm_config: H.VllmConfig, model: H.TinyModelSpec, tp: int,
 
 
 def fail_every_nth_load(worker: Any, every: int) -> None:
-    """Make a ``ConnectorWorker`` fail every ``every``-th load move it runs: the move is not executed (its engine
-    blocks keep their poison) and all its blocks are reported failed at the next poll."""
-    store, failed, seen = worker.store, [], Counter()
-    execute, poll = store.execute, store.poll
+    """Make a ``ConnectorWorker`` fail every ``every``-th load move it runs (asynchronous or layer-wise): the move's
+    transfers are not submitted (its engine blocks keep their poison) and all its blocks are reported failed."""
+    store, chosen, seen = worker.store, {}, Counter()
+    submit = store._submit
 
-    def failing_execute(moves: Sequence[Any]) -> None:
-        keep = []
-        for move in moves:
-            if move.kind is MoveKind.LOAD:
+    def failing_submit(move: Any, src: Any, dst: Any) -> BlockTransfer:
+        if move.kind is MoveKind.LOAD:
+            if move.move_id not in chosen:  # (a layer-wise move is submitted once per layer group)
                 seen["loads"] += 1
-                if seen["loads"] % every == 0:
-                    failed.append(MoveResult(move.move_id, {i: "injected failure" for i in range(move.num_blocks)}))
-                    continue
-            keep.append(move)
-        if keep:
-            execute(keep)
+                chosen[move.move_id] = seen["loads"] % every == 0
+            if chosen[move.move_id]:
+                return BlockTransfer.failed(move.num_blocks, "injected", "injected failure")
+        return submit(move, src, dst)
 
-    def failing_poll() -> list[MoveResult]:
-        results = poll() + failed
-        failed.clear()
-        return results
-
-    store.execute, store.poll = failing_execute, failing_poll
+    store._submit = failing_submit
 
 
 @dataclass

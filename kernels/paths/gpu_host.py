@@ -19,14 +19,21 @@ from ..copy_plan import IdentityMemo
 from ..medium import Medium, medium_of
 from ..transfers import Transfers, register_path
 
-__all__ = ["GpuHostPath", "whole_blocks_contiguous"]
+__all__ = ["GpuHostPath", "blocks_dense", "whole_blocks_contiguous"]
 
 
 def whole_blocks_contiguous(cache: Any) -> bool:
-    """Whether each block of ``cache`` is one dense run of ``block_bytes`` at a stride of ``block_bytes`` (what
-    the transfer engine's staging and run DMAs need of a host cache)."""
+    """Whether each block of ``cache`` is one dense run of ``block_bytes`` at a stride of ``block_bytes`` (a
+    block-major cache: a run of consecutive blocks is one dense run too)."""
+    g = cache.geometry
+    return blocks_dense(cache) and cache.layout.stride["block"] * g.itemsize == g.block_bytes
+
+
+def blocks_dense(cache: Any) -> bool:
+    """Whether each block of ``cache`` is one dense run of ``block_bytes`` at a block stride of at least that (what
+    the transfer engine's staging and DMAs need of a host cache: a block-major cache, or a layer view of one)."""
     lay, g = cache.layout, cache.geometry
-    if len(set(lay.piece_tensor)) != 1 or lay.stride["block"] != g.block_bytes // g.itemsize:
+    if len(set(lay.piece_tensor)) != 1 or lay.stride["block"] * g.itemsize < g.block_bytes:
         return False
     sizes = (g.block_size, g.num_heads, g.head_dim)
     extent = sum((n - 1) * abs(s) for n, s in zip(sizes, lay.strides[1:])) + 1
@@ -80,13 +87,14 @@ class GpuHostPath:
             if host is not None and not cache_is_pinned(host):
                 raise ValueError(f"host cache {host.name} must be in pinned memory to be moved to or from the GPU "
                                  f"(see kvbm.kernels.host_memory.PinnedHostBuffer)")
-            kept = self._pairs.keep(key, (host is not None and whole_blocks_contiguous(host), unregistrations()),
+            kept = self._pairs.keep(key, (host is not None and blocks_dense(host), unregistrations()),
                                     src, dst)
         if kept[0]:
             engine = self._engine(gpu.device)
             handle = (engine.offload(src, dst, src_ids, dst_ids) if gpu is src
                       else engine.onboard(src, dst, src_ids, dst_ids))
-            return BlockTransfer(src_ids.size, handle.path, _await_handle(handle))
+            device_done = handle.event if handle.error is None else None
+            return BlockTransfer(src_ids.size, handle.path, _await_handle(handle), device_done=device_done)
         return self._by_kernel(gpu.device, src, dst, src_ids, dst_ids)
 
     def _by_kernel(self, device: Any, src: Any, dst: Any, src_ids: np.ndarray, dst_ids: np.ndarray) -> BlockTransfer:
@@ -99,7 +107,7 @@ class GpuHostPath:
             copy_blocks(src, dst, src_ids, dst_ids, backend="triton")
             event = torch.cuda.Event()
             event.record(stream)
-        return BlockTransfer(src_ids.size, "zero_copy", _await_event(event))
+        return BlockTransfer(src_ids.size, "zero_copy", _await_event(event), device_done=event)
 
     def close(self) -> None:
         """The engine and side streams are shared resources of the `Transfers` object."""

@@ -43,6 +43,7 @@ class TrackedRequest:
     matched_blocks: int = 0  #: the engine's hit plus the stored run after it, in blocks
     host_blocks: int = 0  #: the engine's hit plus the stored run's G2 part, in blocks
     local_tokens: int = 0  #: the engine's own hit when the load was planned
+    layerwise: bool = False  #: the matched run is loaded layer by layer beside the forward that reads it
 
     def hashes_upto(self, num_blocks: int, block_size: int, tokens: Sequence[int]) -> list[int]:
         """Sequence hashes of the first ``num_blocks`` full blocks of ``tokens`` (hashing only new blocks)."""
@@ -92,10 +93,12 @@ class ConnectorLeader:
 
     def __init__(self, tiers: Sequence[TierSpec], config: KvbmConfig, block_size: int, *, num_workers: int = 1,
                  metrics: KvbmMetrics | None = None, disk_filter: DiskAdmissionFilter | None = None,
-                 cost: LoadCostPolicy | None = None, block_bytes: int | None = None) -> None:
+                 cost: LoadCostPolicy | None = None, block_bytes: int | None = None, layerwise: bool = False
+                 ) -> None:
         """``cost``: the cost-aware hit rule applied to every lookup and fed the loads' timings; by default the
         ``DYN_KVBM_*`` rule for blocks of ``block_bytes`` (summed over ranks) when that is given, else none (every
-        hit reported)."""
+        hit reported). ``layerwise``: the engine's workers can wait per layer, so a match held entirely in G2 is
+        loaded layer by layer beside the forward that reads it (unless ``DYN_KVBM_DISABLE_LAYERWISE_ONBOARD``)."""
         if not tiers:
             raise ValueError("no offload tier configured: set DYN_KVBM_CPU_CACHE_GB and/or DYN_KVBM_DISK_CACHE_GB "
                              "(or their *_OVERRIDE_NUM_BLOCKS)")
@@ -108,6 +111,7 @@ class ConnectorLeader:
                                 min_priority=config.host_offload_prefix_min_priority)
         self.block_size = block_size
         self.num_workers = num_workers
+        self.layerwise = layerwise and not config.disable_layerwise_onboard
         self.metrics = metrics
         if cost is None and block_bytes is not None:
             cost = LoadCostPolicy.from_config(config, [t.name for t in tiers], block_bytes=block_bytes,
@@ -158,6 +162,7 @@ class ConnectorLeader:
             hashes = state.hashes_upto(full_blocks, self.block_size, tokens)[local_blocks:]
             found, host = self.lookup(hashes, whole_prompt=len(tokens) == full_blocks * self.block_size)
             state.match_key, state.matched_blocks, state.host_blocks = key, local_blocks + found, local_blocks + host
+            state.layerwise = self.layerwise and found > 0 and host == found
         state.local_tokens = num_computed_tokens
         return max(state.matched_blocks * self.block_size - num_computed_tokens, 0)
 
@@ -168,9 +173,9 @@ class ConnectorLeader:
         if first + num_blocks > min(len(block_ids), state.matched_blocks):
             raise ValueError(f"request {state.request_id}: {num_blocks} blocks to load after {first} local ones; "
                              f"{len(block_ids)} allocated, {state.matched_blocks} matched")
-        state.loading = True
+        state.loading = not state.layerwise
         return self.plan_load(state.request_id, state.hashes[first:first + num_blocks],
-                              block_ids[first:first + num_blocks])
+                              block_ids[first:first + num_blocks], layerwise=state.layerwise)
 
     def hit_split(self, state: TrackedRequest, num_tokens: int) -> tuple[int, int]:
         """``(G2 tokens, tokens from lower tiers)`` of ``num_tokens`` planned for loading."""
@@ -190,10 +195,13 @@ class ConnectorLeader:
             self.metrics.record_matched_tokens(match.num_blocks * self.block_size)
         return match.num_blocks, host
 
-    def plan_load(self, request_id: str, hashes: Sequence[int], engine_ids: Sequence[int]) -> RequestLoad:
-        """Load ``hashes`` into ``engine_ids`` in this step's plan (blocks gone since the lookup are ``missing``)."""
+    def plan_load(self, request_id: str, hashes: Sequence[int], engine_ids: Sequence[int], *,
+                  layerwise: bool = False) -> RequestLoad:
+        """Load ``hashes`` into ``engine_ids`` in this step's plan (blocks gone since the lookup are ``missing``),
+        layer by layer beside this step's forward when ``layerwise``."""
         plan = self.index.plan_load(hashes, engine_ids)
-        load = RequestLoad(request_id, tuple(plan.moves), tuple(engine_ids[i] for i in sorted(plan.missing)))
+        load = RequestLoad(request_id, tuple(plan.moves), tuple(engine_ids[i] for i in sorted(plan.missing)),
+                           layerwise)
         self._loads.append(load)
         return load
 

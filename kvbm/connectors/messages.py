@@ -16,11 +16,14 @@ __all__ = ["RequestLoad", "RequestStore", "StepPlan", "WorkerReport"]
 @dataclass(frozen=True, slots=True)
 class RequestLoad:
     """The moves loading one request's stored blocks into its engine blocks; ``missing`` are engine blocks whose
-    block was no longer stored when the load was planned (the engine recomputes them)."""
+    block was no longer stored when the load was planned (the engine recomputes them). A ``layerwise`` load is read
+    by the forward of the step that carries it: it runs one group of layers at a time, each layer's attention
+    waiting for its own group, and is not reported as a finished asynchronous load."""
 
     request_id: str
     moves: tuple[Move, ...]
     missing: tuple[int, ...] = ()
+    layerwise: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,8 +2,9 @@
 
 The scheduler role holds the block index (`scheduler`), each worker rank (tensor x pipeline parallel, `ranks`) its
 shard of the tiers; they talk only through vLLM's per-step metadata (`metadata`), and a move completes once every
-rank reported it. Blocks are stored after the forward that computed them and loaded asynchronously; a load failed
-on any rank is reported so vLLM recomputes it on all. ``DYN_KVBM_*`` entries of the extra config override the
+rank reported it. Blocks are stored after the forward that computed them; hits held in G2 are loaded layer by layer
+beside the forward that reads them, others asynchronously; a load failed on any rank is reported so vLLM recomputes
+it on all. ``DYN_KVBM_*`` entries of the extra config override the
 environment; ``"kv_layout": "HND"`` asks vLLM for LBHNC.
 """
 from __future__ import annotations
@@ -59,7 +60,7 @@ class DynamoConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler_side = SchedulerSide(process_metrics.build_with(self.config, lambda metrics: ConnectorLeader(
                 kvbm_tiers(self.config, self.block_bytes), self.config, self.block_size,
-                num_workers=self.layout.world_size, metrics=metrics, block_bytes=self.block_bytes)))
+                num_workers=self.layout.world_size, metrics=metrics, block_bytes=self.block_bytes, layerwise=True)))
         elif role != KVConnectorRole.WORKER:
             raise ValueError(f"role must be a KVConnectorRole, got {role!r}")
 
@@ -108,6 +109,7 @@ class DynamoConnector(KVConnectorBase_V1):
             raise ValueError(f"KV tensors hold blocks of {g.block_size} tokens; the KV cache config says "
                              f"{self.block_size}")
         self.layout.check_rank(self.rank, g.block_bytes)
+        self._layers = {name: i for i, name in enumerate(kv_caches)}
         log.info("kvbm: rank %d of %d: %d layers, %d GPU blocks of %d bytes, layout %s", self.rank,
                  self.layout.world_size, g.num_layers, cache.num_blocks, g.block_bytes, cache.name)
         self.worker = process_metrics.build_with(  # as many blocks as the scheduler's index, each of this rank's size
@@ -127,17 +129,20 @@ class DynamoConnector(KVConnectorBase_V1):
         self._worker.start_cascades(plan.cascades)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Nothing to wait for: loads are asynchronous, for requests not in this forward."""
+        """Order this layer's attention after the layer-wise loads of its layer group (on the GPU's stream)."""
+        self._worker.wait_for_layer(self._layers[layer_name])
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata,
                       **kwargs: Any) -> None:
         """Nothing per layer: whole blocks are stored after the forward."""
 
     def wait_for_save(self) -> None:
-        """Start the stores of the blocks this step computed (without waiting for them); note held requests."""
+        """Start the stores of the blocks this step computed (without waiting for them); note held requests; take
+        the results of this step's layer-wise loads."""
         plan = self._plan()
         self._worker.start_stores(plan.stores)
         self._worker.hold(plan.held)
+        self._worker.finish_layerwise_loads()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """``(finished_sending, finished_recving)``: held requests whose stores are done, loaded requests."""
@@ -148,6 +153,7 @@ class DynamoConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """GPU blocks whose load failed (vLLM recomputes them)."""
+        self._worker.finish_layerwise_loads()
         return self._worker.take_load_errors()
 
     def build_connector_worker_meta(self) -> DynamoWorkerMetadata | None:

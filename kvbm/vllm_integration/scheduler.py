@@ -50,10 +50,11 @@ class SchedulerSide:
         self._state(request)
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
-        """Tokens stored beyond vLLM's hit: ``(n, True)`` (an asynchronous load) or ``(0, False)``."""
+        """Tokens stored beyond vLLM's hit: ``(n, True)`` (an asynchronous load), ``(n, False)`` (loaded layer by
+        layer beside this step's forward) or ``(0, False)``."""
         state = self._state(request)
         n = self.leader.match(state, request.all_token_ids, num_computed_tokens, request.num_preemptions)
-        return (n, True) if n else (0, False)
+        return (n, not state.layerwise) if n else (0, False)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         """Plan the load of ``num_external_tokens`` into the blocks after vLLM's hit."""

@@ -19,6 +19,7 @@ from kvbm.config import KvbmConfig
 from kvbm.kernels.block_transfer import BlockTransfer
 from kvbm.kernels.medium import Medium, medium_of
 from kvbm.kernels.transfers import Transfers
+from kvbm.layouts import select_layers
 from kvbm.leader.plans import ENGINE_TIER, Move, MoveResult, direction
 from kvbm.metrics import DIRECTIONS, KvbmMetrics
 from kvbm.tiers import TierSpec
@@ -53,6 +54,7 @@ class BlockStore:
         self._queue: deque[Move] = deque()
         self._running: list[_Running] = []
         self._finished: list[MoveResult] = []
+        self._layer_views: dict[tuple[str, int, int], Any] = {}
 
     @classmethod
     def open(cls, engine_cache: Any, tiers: Sequence[TierSpec], config: KvbmConfig, *,
@@ -104,6 +106,23 @@ class BlockStore:
             self._queue.append(move)
         self._start_queued()
 
+    def execute_by_layers(self, moves: Iterable[Move], groups: Sequence[tuple[int, int]]
+                          ) -> list[list[BlockTransfer]]:
+        """Start ``moves`` now (ahead of the queue), each as one transfer per layer group ``[start, stop)`` of
+        ``groups`` (in order, so the first group lands first), and return the transfers per group, for waiting
+        on one group of layers. A move's result merges its groups: a block fails where any group failed it."""
+        by_group: list[list[BlockTransfer]] = [[] for _ in groups]
+        for move in moves:
+            t0 = time.perf_counter()
+            parts = []
+            for k, (start, stop) in enumerate(groups):
+                part = self._submit(move, self._layer_view(move.src_tier, start, stop),
+                                    self._layer_view(move.dst_tier, start, stop))
+                by_group[k].append(part)
+                parts.append(part)
+            self._running.append(_Running(move, BlockTransfer.all_of(parts, parts[0].path), t0))
+        return by_group
+
     def poll(self) -> list[MoveResult]:
         """Results of the moves finished since the last call; starts queued moves in freed slots; never blocks."""
         progressed = True
@@ -150,20 +169,29 @@ class BlockStore:
         while self._queue and len(self._running) < self.max_in_flight:
             move = self._queue.popleft()
             t0 = time.perf_counter()
-            src, dst = self.cache(move.src_tier), self.cache(move.dst_tier)
-            ids = list(move.src_ids), list(move.dst_ids)
-            try:  # a disk slot is bound to the hash of the block stored in it
-                if Medium.DISK in (medium_of(src), medium_of(dst)):
-                    transfer = self.transfers.submit(src, dst, *ids, tags=move.hashes)
-                else:
-                    transfer = self.transfers.submit(src, dst, *ids)
-            except Exception as e:  # noqa: BLE001 - reported per block: the leader drops what cannot be proven
-                log.warning("move %d (%s, %d blocks) could not start: %r", move.move_id, direction(move),
-                            move.num_blocks, e)
-                transfer = BlockTransfer.failed(move.num_blocks, "none", f"transfer failed: {e!r}")
+            transfer = self._submit(move, self.cache(move.src_tier), self.cache(move.dst_tier))
             self._running.append(_Running(move, transfer, t0))
             started = True
         return started
+
+    def _submit(self, move: Move, src: Any, dst: Any) -> BlockTransfer:
+        ids = list(move.src_ids), list(move.dst_ids)
+        try:  # a disk slot is bound to the hash of the block stored in it
+            if Medium.DISK in (medium_of(src), medium_of(dst)):
+                return self.transfers.submit(src, dst, *ids, tags=move.hashes)
+            return self.transfers.submit(src, dst, *ids)
+        except Exception as e:  # noqa: BLE001 - reported per block: the leader drops what cannot be proven
+            log.warning("move %d (%s, %d blocks) could not start: %r", move.move_id, direction(move),
+                        move.num_blocks, e)
+            return BlockTransfer.failed(move.num_blocks, "none", f"transfer failed: {e!r}")
+
+    def _layer_view(self, tier: str, start: int, stop: int) -> Any:
+        """Layers ``[start, stop)`` of a tier's cache, kept (the transfer library keeps its plans per cache)."""
+        key = (tier, start, stop)
+        view = self._layer_views.get(key)
+        if view is None:
+            view = self._layer_views[key] = select_layers(self.cache(tier), start, stop)
+        return view
 
     def _finish(self, run: _Running) -> None:
         self._running.remove(run)

@@ -1,0 +1,78 @@
+"""Layer views (`select_layers`) and what layer-wise transfers are made of, on the CPU: a copy between the views of
+two caches moves exactly those layers of the chosen blocks (checked against an independent oracle, every other byte
+untouched); the staged schedule of a layer view of a block-major cache keeps one DMA piece per block; a transfer made
+of per-group parts fails a block where any part failed it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from layout_oracle import fill_random, to_logical
+
+from kvbm.kernels.block_transfer import BlockTransfer, BlockStatus
+from kvbm.kernels.host_runs import schedule
+from kvbm.kernels.paths.gpu_host import blocks_dense, whole_blocks_contiguous
+from kvbm.layouts import KVGeometry, allocate, copy_blocks, presets_for, select_layers
+
+GEOMETRY = KVGeometry(num_layers=5, num_kv=2, block_size=4, num_heads=2, head_dim=8, itemsize=2)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_copy_between_layer_views_moves_only_those_layers(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    names = [p for p in presets_for(GEOMETRY) if p != "sglang_mha"]
+    src_preset, dst_preset = rng.choice(names, 2)
+    gen = torch.Generator().manual_seed(seed)
+    src = allocate(src_preset, GEOMETRY, 12, dtype=torch.bfloat16)
+    dst = allocate(dst_preset, GEOMETRY, 10, dtype=torch.bfloat16)
+    fill_random(src, gen)
+    fill_random(dst, gen)  # the poison: every byte not copied must keep it
+    start = int(rng.integers(0, GEOMETRY.num_layers))
+    stop = int(rng.integers(start + 1, GEOMETRY.num_layers + 1))
+    n = int(rng.integers(1, 8))
+    s_ids, d_ids = rng.choice(12, n, replace=False), rng.choice(10, n, replace=False)
+    want = to_logical(dst_preset, dst).clone()
+    want[torch.as_tensor(d_ids), start:stop] = to_logical(src_preset, src)[torch.as_tensor(s_ids), start:stop]
+    src_view, dst_view = select_layers(src, start, stop), select_layers(dst, start, stop)
+    assert src_view.geometry.num_layers == stop - start
+    copy_blocks(src_view, dst_view, s_ids, d_ids)
+    assert torch.equal(to_logical(dst_preset, dst), want), (src_preset, dst_preset, start, stop)
+
+
+def test_select_layers_refuses_bad_bounds() -> None:
+    cache = allocate("kvbm_staging", GEOMETRY, 2, dtype=torch.bfloat16)
+    assert select_layers(cache, 0, GEOMETRY.num_layers) is cache
+    for bounds in [(0, 0), (3, 2), (-1, 2), (0, 6)]:
+        with pytest.raises(ValueError, match="layers"):
+            select_layers(cache, *bounds)
+    with pytest.raises(TypeError, match="ints"):
+        select_layers(cache, 0.0, 2)
+
+
+def test_layer_view_of_block_major_is_dense_per_block_but_not_across_blocks() -> None:
+    cache = allocate("kvbm_staging", GEOMETRY, 4, dtype=torch.bfloat16)
+    view = select_layers(cache, 1, 3)
+    assert whole_blocks_contiguous(cache) and blocks_dense(cache)
+    assert blocks_dense(view) and not whole_blocks_contiguous(view)
+
+
+def test_schedule_of_a_layer_view_keeps_one_piece_per_block() -> None:
+    ids = np.array([3, 4, 5, 9], dtype=np.int64)
+    state = np.zeros(2, dtype=np.int64)
+    block_bytes, stride = 64, 320  # two of five layers of a block-major cache
+    _, hosts, stage, sizes = schedule(ids, 8, "h2d", 1 << 20, stride, block_bytes, 1 << 30, 1 << 16, state, 2)
+    assert hosts.tolist() == [(1 << 20) + i * stride for i in ids.tolist()]
+    assert sizes.tolist() == [block_bytes] * 4
+    assert np.diff(stage).tolist() == [block_bytes] * 3
+    _, hosts, _, sizes = schedule(ids, 8, "h2d", 1 << 20, block_bytes, block_bytes, 1 << 30, 1 << 16, state, 2)
+    assert sizes.tolist() == [3 * block_bytes, block_bytes]  # a whole-block cache merges runs
+
+
+def test_a_transfer_of_parts_fails_a_block_where_any_part_failed() -> None:
+    parts = [BlockTransfer.completed(4, "a"), BlockTransfer.completed(4, "b", {1: "layer 1 failed"}),
+             BlockTransfer.completed(4, "c", {1: "later", 3: "read bad"}, lost={3})]
+    whole = BlockTransfer.all_of(parts, "layers")
+    assert whole.done() and whole.reasons == {1: "layer 1 failed", 3: "read bad"} and whole.lost == {3}
+    assert whole.results == [BlockStatus.OK, BlockStatus.FAILED, BlockStatus.OK, BlockStatus.FAILED]
+    with pytest.raises(ValueError, match="same blocks"):
+        BlockTransfer.all_of([BlockTransfer.completed(2, "a"), BlockTransfer.completed(3, "b")], "x")

@@ -1,0 +1,151 @@
+"""Layer-wise onboarding through DynamoConnector on vLLM 0.33's real scheduler (both runners, async scheduling).
+
+A G2 hit is loaded beside the forward that reads it: vLLM is told the load is synchronous, `start_load_kv` starts
+one transfer per layer group and `wait_for_layer_load(layer)` waits only for that layer's group. Here every transfer
+of a layer group is held back until something waits for it (on CPU copies would otherwise land at once), so a
+layer whose attention ran before its group was waited for would read the poison vLLM's fresh blocks carry; the
+harness checks every byte each layer's attention reads, right after that layer's wait.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+import vllm_harness as H  # first: imports vLLM for the CPU platform, clear of the repo's kernels/ folder
+from test_vllm_connector import assert_clean, chat, kvbm_harness, run_counting, worker_of
+
+from kvbm.kernels.block_transfer import BlockTransfer
+from kvbm.leader import MoveKind
+
+LAYERS = 4
+MODEL = H.TinyModelSpec(num_layers=LAYERS)
+
+
+class HeldLayers:
+    """Holds back the worker's layer-group transfers of loads until something waits for them (polling does not
+    move them, as polling a GPU transfer does not), and records the order in which groups ran; ``fail_group`` fails
+    every transfer of that group instead."""
+
+    def __init__(self, worker: Any, fail_group: int | None = None) -> None:
+        self.ran: list[int] = []
+        self.failed = Counter()
+        store = worker.store
+        submit = store._submit
+        views = store._layer_views
+        held = self
+
+        def held_submit(move: Any, src: Any, dst: Any) -> BlockTransfer:
+            group = next((start for (_, start, _stop), view in views.items() if view is src), None)
+            if move.kind is not MoveKind.LOAD or group is None:
+                return submit(move, src, dst)
+
+            outcome: dict[str, Any] = {}
+
+            class Held:
+                def query(self) -> bool:
+                    return bool(outcome)
+
+                def synchronize(self) -> None:
+                    if not outcome:
+                        held.ran.append(group)
+                        if group == fail_group:
+                            held.failed["blocks"] += move.num_blocks
+                            outcome["failed"] = {i: "injected layer failure" for i in range(move.num_blocks)}
+                        else:
+                            inner = submit(move, src, dst)
+                            inner.wait()
+                            outcome["failed"] = inner.reasons
+
+            def steps():
+                yield Held()
+                return outcome["failed"]
+
+            return BlockTransfer(move.num_blocks, "held", steps())
+
+        store._submit = held_submit
+
+
+def watch_layer_waits(h: H.VllmHarness, held: HeldLayers) -> Counter:
+    """Check around each ``wait_for_layer_load``: no later layer's group ran before it, its own group ran by its end."""
+    seen: Counter = Counter()
+    connector = h.worker.connector
+    layers = connector._layers
+    wait = connector.wait_for_layer_load
+
+    def checked_wait(layer_name: str) -> None:
+        layer = layers[layer_name]
+        before = len(held.ran)
+        wait(layer_name)
+        if len(held.ran) > before:
+            seen["waits_that_loaded"] += 1
+            assert set(held.ran[before:]) == {layer}, f"waiting for layer {layer} ran groups {held.ran[before:]}"
+
+    connector.wait_for_layer_load = checked_wait
+    return seen
+
+
+@pytest.mark.parametrize("runner", ["v1", "v2"])
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync-sched", "async-sched"])
+def test_each_layer_is_loaded_before_its_attention_and_no_sooner(runner: str, async_scheduling: bool) -> None:
+    workload = chat(num_users=6, num_rounds=3)
+    with kvbm_harness(runner=runner, num_gpu_blocks=32, model=MODEL, async_scheduling=async_scheduling) as h:
+        held = HeldLayers(worker_of(h))
+        seen = watch_layer_waits(h, held)
+        counts = run_counting(h, workload)
+        assert workload.done and all(len(h.outputs[t.request_id]) == t.max_tokens for t in workload.completed)
+        assert counts["layerwise_jobs"] > 0 and counts["verified"] > 0 and counts["load_errors"] == 0
+        # every group was run by its own layer's wait
+        assert seen["waits_that_loaded"] >= LAYERS
+        assert set(held.ran) == set(range(LAYERS))
+        assert_clean(h)
+
+
+@pytest.mark.parametrize("runner", ["v1", "v2"])
+def test_a_failed_layer_fails_its_blocks_for_recompute(runner: str) -> None:
+    """Layer 2's group fails: the request's loaded blocks are reported, vLLM recomputes them, no wrong byte is read
+    (the harness raises on any unreported mismatch). Synchronous scheduling: with async scheduling the step after a
+    failed synchronous load was already scheduled on the discarded token, which only the real runner can replay."""
+    workload = chat(num_users=6, num_rounds=3)
+    with kvbm_harness(runner=runner, num_gpu_blocks=32, model=MODEL, async_scheduling=False) as h:
+        held = HeldLayers(worker_of(h), fail_group=2)
+        counts = run_counting(h, workload)
+        assert workload.done and all(len(h.outputs[t.request_id]) == t.max_tokens for t in workload.completed)
+        assert counts["layerwise_jobs"] > 0 and held.failed["blocks"] > 0
+        assert counts["load_errors"] == held.failed["blocks"]
+        assert_clean(h)
+
+
+@pytest.mark.parametrize("group", [2, 3])
+def test_layer_groups(group: int) -> None:
+    """``DYN_KVBM_ONBOARD_LAYERS_PER_GROUP``: one transfer per group of layers (the last may be shorter)."""
+    workload = chat(num_users=6, num_rounds=3)
+    extra = {"DYN_KVBM_ONBOARD_LAYERS_PER_GROUP": group}
+    with kvbm_harness(num_gpu_blocks=32, model=MODEL, extra=extra) as h:
+        held = HeldLayers(worker_of(h))
+        counts = run_counting(h, workload)
+        assert counts["layerwise_jobs"] > 0 and counts["verified"] > 0 and counts["load_errors"] == 0
+        assert set(held.ran) == set(range(0, LAYERS, group))
+        assert_clean(h)
+
+
+@pytest.mark.parametrize("runner", ["v1", "v2"])
+def test_without_layerwise_loads_are_asynchronous(runner: str) -> None:
+    """``DYN_KVBM_DISABLE_LAYERWISE_ONBOARD``: hits load before the request is scheduled (WAITING_FOR_REMOTE_KVS)."""
+    workload = chat(num_users=6, num_rounds=3)
+    extra = {"DYN_KVBM_DISABLE_LAYERWISE_ONBOARD": "true"}
+    with kvbm_harness(runner=runner, num_gpu_blocks=32, model=MODEL, extra=extra) as h:
+        counts = run_counting(h, workload)
+        assert workload.done and counts["load_jobs"] > 0 and counts["layerwise_jobs"] == 0
+        assert counts["verified"] > 0 and counts["load_errors"] == 0
+        assert_clean(h)
+
+
+def test_disk_hits_stay_asynchronous(tmp_path) -> None:
+    """A match reaching into G3 is loaded before the request is scheduled, whatever the layer-wise setting."""
+    workload = chat(num_users=6, num_rounds=3)
+    with kvbm_harness(tmp_path, host=None, disk=512, num_gpu_blocks=32, model=MODEL) as h:
+        counts = run_counting(h, workload)
+        assert workload.done and counts["load_jobs"] > 0 and counts["layerwise_jobs"] == 0
+        assert counts["verified"] > 0 and counts["load_errors"] == 0
+        assert_clean(h)
