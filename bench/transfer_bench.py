@@ -39,15 +39,20 @@ LAYOUTS = [  # (preset, geometry name)
     ("vllm_mla", "deepseek"), ("trtllm_pool", "llama8b"), ("vllm_lbnhc", "llama8b"),
 ]
 #: Piece-size sweep (section "pieces"): vLLM FlashAttention NHD caches of 32 layers whose (layer, K/V) piece of one
-#: block is block_size x heads x head_dim bf16 elements, from 2 KiB to 128 KiB (name: piece KiB, tokens, heads, dims).
+#: block is block_size x heads x head_dim elements of 2 bytes (bf16) or 1 byte (an fp8 cache), from 2 KiB to 128 KiB
+#: (name: piece KiB, tokens, heads, dims, dtype; value: tokens, heads, dims, bytes per element).
 PIECE_SWEEP = {
-    "p2k_16t_1h_64d": (16, 1, 64), "p4k_16t_2h_64d": (16, 2, 64), "p8k_16t_2h_128d": (16, 2, 128),
-    "p16k_16t_4h_128d": (16, 4, 128), "p32k_16t_8h_128d": (16, 8, 128), "p32k_16t_4h_256d": (16, 4, 256),
-    "p64k_32t_8h_128d": (32, 8, 128), "p128k_64t_8h_128d": (64, 8, 128),
+    "p2k_16t_1h_64d": (16, 1, 64, 2), "p4k_16t_2h_64d": (16, 2, 64, 2), "p8k_16t_2h_128d": (16, 2, 128, 2),
+    "p16k_16t_4h_128d": (16, 4, 128, 2), "p32k_16t_8h_128d": (16, 8, 128, 2), "p32k_16t_4h_256d": (16, 4, 256, 2),
+    "p64k_32t_8h_128d": (32, 8, 128, 2), "p128k_64t_8h_128d": (64, 8, 128, 2),
+    "p2k_16t_2h_64d_fp8": (16, 2, 64, 1), "p8k_16t_4h_128d_fp8": (16, 4, 128, 1),
+    "p16k_16t_8h_128d_fp8": (16, 8, 128, 1), "p64k_64t_8h_128d_fp8": (64, 8, 128, 1),
 }
 GEOMETRIES = {"llama8b": LLAMA8B, "deepseek": DEEPSEEK,
-              **{name: KVGeometry(num_layers=32, num_kv=2, block_size=t, num_heads=h, head_dim=d, itemsize=2)
-                 for name, (t, h, d) in PIECE_SWEEP.items()}}
+              **{name: KVGeometry(num_layers=32, num_kv=2, block_size=t, num_heads=h, head_dim=d, itemsize=b)
+                 for name, (t, h, d, b) in PIECE_SWEEP.items()}}
+#: The cache dtype of each element size (copies move bytes: an fp8 cache is moved as such).
+DTYPES = {2: torch.bfloat16, 1: torch.float8_e4m3fn}
 BATCHES = [1, 16, 256, 1024]
 #: Bytes of the ceiling copies (one pinned memcpy each way, device-to-device, two at once). Throughput is timed over
 #: bursts of back-to-back transfers moving as many bytes (one transfer when it is that large), from an idle GPU to
@@ -98,14 +103,15 @@ class Env:
 
         geometry = GEOMETRIES[gname]
         self.preset, self.g, self.gname = preset, geometry, gname
-        self.gpu = allocate(preset, geometry, gpu_blocks, dtype=torch.bfloat16, device="cuda")
+        self.dtype = DTYPES[geometry.itemsize]
+        self.gpu = allocate(preset, geometry, gpu_blocks, dtype=self.dtype, device="cuda")
         fill(self.gpu, 1)
         self.buffer = PinnedHostBuffer(host_blocks * geometry.block_bytes)
         self.order = HOST_ORDER.get(preset, STAGING_ORDER)
         sizes = {"layer": geometry.num_layers, "kv": geometry.num_kv, "token": geometry.block_size,
                  "head": geometry.num_heads, "channel": geometry.head_dim}
         self.shape = [sizes[n] for n in self.order]
-        t = self.buffer.tensor(torch.bfloat16).view(host_blocks, *self.shape)
+        t = self.buffer.tensor(self.dtype).view(host_blocks, *self.shape)
         self.host = block_major(t, self.order)
         self.host_ref = block_major(torch.empty_like(t), self.order)  # pageable reference copy for checks
 
@@ -210,13 +216,13 @@ def check(env: Env, direction: str, src_ids, dst_ids) -> bool:
     torch.cuda.synchronize()
     if direction == "d2h":
         copy_blocks(env.gpu, env.host_ref, src_ids, dst_ids, backend="torch")
-        a = env.host.tensors[0][dst_ids].view(torch.int16)
-        b = env.host_ref.tensors[0][dst_ids].view(torch.int16)
+        a = env.host.tensors[0].view(torch.uint8)[dst_ids]
+        b = env.host_ref.tensors[0].view(torch.uint8)[dst_ids]
         return bool(torch.equal(a, b))
-    ref = block_major(torch.empty(len(dst_ids), *env.shape, dtype=torch.bfloat16, device="cuda"), env.order)
+    ref = block_major(torch.empty(len(dst_ids), *env.shape, dtype=env.dtype, device="cuda"), env.order)
     copy_blocks(env.gpu, ref, dst_ids, list(range(len(dst_ids))), backend="torch")
-    exp = env.host.tensors[0][src_ids].to("cuda")
-    return bool(torch.equal(ref.tensors[0].view(torch.int16), exp.view(torch.int16)))
+    exp = env.host.tensors[0].view(torch.uint8)[src_ids].to("cuda")
+    return bool(torch.equal(ref.tensors[0].view(torch.uint8), exp))
 
 
 def run_gpu(args, save=lambda partial: None) -> dict:
@@ -321,7 +327,7 @@ def kernel_alone(env: Env, gpu_ids, ceil) -> dict:
     from kvbm.kernels.triton_copy import launch
 
     n = len(gpu_ids)
-    staging = block_major(torch.empty(n, *env.shape, dtype=torch.bfloat16, device="cuda"), env.order)
+    staging = block_major(torch.empty(n, *env.shape, dtype=env.dtype, device="cuda"), env.order)
     plan = build_plan(env.gpu, staging)
     src = torch.tensor(gpu_ids, dtype=torch.int64, device="cuda")
     dst = torch.arange(n, dtype=torch.int64, device="cuda")
@@ -335,9 +341,9 @@ def kernel_alone(env: Env, gpu_ids, ceil) -> dict:
 
 
 def check_gather(env: Env, staging, gpu_ids) -> bool:
-    ref = block_major(torch.empty(len(gpu_ids), *env.shape, dtype=torch.bfloat16, device="cuda"), env.order)
+    ref = block_major(torch.empty(len(gpu_ids), *env.shape, dtype=env.dtype, device="cuda"), env.order)
     copy_blocks(env.gpu, ref, gpu_ids, list(range(len(gpu_ids))), backend="torch")
-    return bool(torch.equal(ref.tensors[0].view(torch.int16), staging.tensors[0].view(torch.int16)))
+    return bool(torch.equal(ref.tensors[0].view(torch.uint8), staging.tensors[0].view(torch.uint8)))
 
 
 def enqueue_cost(env: Env, engine) -> dict:

@@ -76,3 +76,40 @@ def test_a_transfer_of_parts_fails_a_block_where_any_part_failed() -> None:
     assert whole.results == [BlockStatus.OK, BlockStatus.FAILED, BlockStatus.OK, BlockStatus.FAILED]
     with pytest.raises(ValueError, match="same blocks"):
         BlockTransfer.all_of([BlockTransfer.completed(2, "a"), BlockTransfer.completed(3, "b")], "x")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: the stream ordering of layer-wise loads")
+def test_layerwise_load_into_a_gpu_cache_orders_each_layer_on_the_stream() -> None:
+    """A layer-wise G2 -> G1 load on the GPU: each layer's reads, queued on the current stream after
+    ``wait_for_layer``, see that layer's loaded bytes (fresh blocks poisoned first); no host wait is needed."""
+    from kvbm.config import KvbmConfig
+    from kvbm.connectors.messages import RequestLoad
+    from kvbm.connectors.worker import ConnectorWorker
+    from kvbm.kernels.medium import Medium
+    from kvbm.leader.plans import Move, MoveKind
+    from kvbm.tiers import TierSpec
+
+    g = KVGeometry(num_layers=6, num_kv=2, block_size=16, num_heads=8, head_dim=128, itemsize=2)
+    gen = torch.Generator().manual_seed(3)
+    g1 = allocate("vllm_flash_attn_nhd", g, 96, dtype=torch.bfloat16, device="cuda")
+    worker = ConnectorWorker(g1, [TierSpec("G2", Medium.HOST, 64)], KvbmConfig())
+    try:
+        g2 = worker.store.cache("G2")
+        fill_random(g2, gen)
+        fill_random(g1, gen)  # poison
+        src, dst = np.random.default_rng(3).choice(64, 40, replace=False), np.arange(10, 50)
+        move = Move(1, MoveKind.LOAD, "G2", "G1", tuple(int(i) for i in src), tuple(int(i) for i in dst),
+                    tuple(range(40)))
+        want = to_logical("kvbm_staging", g2)[torch.as_tensor(src)].cuda()
+        worker.start_loads([RequestLoad("r", (move,), layerwise=True)])
+        seen = []
+        for layer in range(g.num_layers):
+            worker.wait_for_layer(layer)
+            seen.append(to_logical("vllm_flash_attn_nhd", g1)[torch.as_tensor(dst, device="cuda"), layer])
+        worker.finish_layerwise_loads()
+        torch.cuda.synchronize()
+        for layer in range(g.num_layers):
+            assert torch.equal(seen[layer], want[:, layer]), layer
+        assert not worker.take_load_errors()
+    finally:
+        worker.close()

@@ -119,7 +119,8 @@ def test_smoke_run_writes_every_row_with_bytes_checked(tmp_path):
                            "--disk-dir", str(tmp_path)], check=False, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.rstrip().splitlines()[-1].startswith("| tiny-2l")  # the table comes last
+    last = proc.stdout.rstrip().splitlines()
+    assert last[-3].startswith("| tiny-2l") and last[-1].startswith("- tiny, layer waits")  # the table comes last
     result = json.loads((out / "ttft.json").read_text())
     assert (out / "ttft.md").is_file() and (out / "ttft.png").stat().st_size > 0
     meta = result["meta"]
@@ -129,21 +130,20 @@ def test_smoke_run_writes_every_row_with_bytes_checked(tmp_path):
     rows = result["rows"]
     for prefix in (64, 128):
         modes = {r["mode"]: r for r in rows if r["workload"] == "prefix" and r["prefix_tokens"] == prefix}
-        for mode in ("recompute", "G1 hit (prefix on GPU)", "G2 hit, bulk onboard", "G3 hit, posix",
-                     "lower bound (PCIe + compute)"):
+        for mode in ("recompute", "G1 hit (prefix on GPU)", "G2 hit, bulk onboard", "G2 hit, layer-wise",
+                     "G3 hit, posix", "lower bound (PCIe + compute)"):
             assert modes[mode]["ttft_ms"] > 0, (prefix, mode)
-        for mode in ("G2 hit, bulk onboard", "G3 hit, posix"):
+        for mode in ("G2 hit, bulk onboard", "G2 hit, layer-wise", "G3 hit, posix"):
             row = modes[mode]
             assert row["bytes_ok"] is True and row["bad_blocks"] == 0
             assert row["checked_blocks"] == 3 * prefix // 16  # every loaded block of every timed request
             assert row["loaded_tokens"] == 3 * prefix
-        assert modes["G2 hit, layer-wise"]["ttft_ms"] is None
-        assert modes["G2 hit, layer-wise"]["note"] == "not implemented"
         assert modes["G3 hit, gds"]["ttft_ms"] is None and "unavailable" in modes["G3 hit, gds"]["note"]
         assert modes["recompute"]["computed_tokens"] == 3 * (prefix + 32)
+    assert result["notes"]["tiny"]["layer_waits"] == {"note": "needs a GPU (CUDA events time each layer)"}
     qa = {r["mode"]: r for r in rows if r["workload"].startswith("QA")}
     assert qa["recompute"]["requests"] == 6 and qa["recompute"]["loaded_tokens"] == 0
-    for mode in ("G2 hit, bulk onboard", "G3 hit, posix"):
+    for mode in ("G2 hit, bulk onboard", "G2 hit, layer-wise", "G3 hit, posix"):
         assert qa[mode]["bytes_ok"] is True and qa[mode]["loaded_tokens"] > 0
         assert qa[mode]["checked_blocks"] == qa[mode]["loaded_tokens"] // 16
 

@@ -33,6 +33,7 @@ import torch
 from kvbm.tools.workload import ChatWorkload
 
 from .engine import Engine, G1Pool, KvbmSide, Reference, RequestResult, sync
+from .layer_waits import measure_layer_waits
 from .model import BLOCK_SIZE, SHAPES, DecoderModel, ModelShape, allocate_kv_caches
 
 __all__ = ["MODES", "Row", "main", "run_model"]
@@ -41,8 +42,13 @@ RECOMPUTE, G1_HIT, G2, G2_LAYERWISE, G3_POSIX, G3_GDS, LOWER_BOUND = (
     "recompute", "G1 hit (prefix on GPU)", "G2 hit, bulk onboard", "G2 hit, layer-wise", "G3 hit, posix",
     "G3 hit, gds", "lower bound (PCIe + compute)")
 #: --modes names -> row mode
-MODES = {"recompute": RECOMPUTE, "g2": G2, "g3-posix": G3_POSIX, "g3-gds": G3_GDS}
-KVBM_MODES = (G2, G3_POSIX, G3_GDS)
+MODES = {"recompute": RECOMPUTE, "g2": G2, "g2-layerwise": G2_LAYERWISE, "g3-posix": G3_POSIX, "g3-gds": G3_GDS}
+KVBM_MODES = (G2, G2_LAYERWISE, G3_POSIX, G3_GDS)
+
+
+def side_mode(mode: str) -> str:
+    """The kvbm side a mode loads from: layer-wise G2 hits use the G2 side."""
+    return G2 if mode == G2_LAYERWISE else mode
 #: assumed rates for the estimates printed before the run (bytes/s)
 EST_HOST_RATE, EST_DISK_RATE = 20e9, 2e9
 GDS_NOTE = "on these machines cuFile cannot register files, so GDS is expected to be unavailable"
@@ -159,6 +165,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                          "the largest request)")
     ap.add_argument("--disk-dir", type=Path, default=None,
                     help="where the G3 files go (default DYN_KVBM_DISK_CACHE_DIR, else /tmp)")
+    ap.add_argument("--layer-wait-prefix", type=int, default=16384,
+                    help="prefix whose layer-wise onboard is timed per layer alone and beside a prefill (GPU only; "
+                         "must be one of --prefixes; 0 skips)")
+    ap.add_argument("--layer-wait-busy", type=int, default=2048, help="tokens of the prefill run beside it")
     ap.add_argument("--device", default=None, help="cuda or cpu (default cuda when available)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny model (2 layers), prefixes 64,128, small QA, on the CPU unless --device is given")
@@ -177,6 +187,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             setattr(args, name, value)
     if smoke and args.layers is None:
         args.layers = 2
+    if smoke and args.layer_wait_prefix == 16384:
+        args.layer_wait_prefix = 128
     if any(p % BLOCK_SIZE for p in args.prefixes):
         ap.error(f"--prefixes must be multiples of {BLOCK_SIZE} (whole blocks)")
     if args.reps < 1 or args.warmup < 0 or args.new_tokens < 1:
@@ -263,6 +275,7 @@ class Setup:
     unavailable: dict[str, str]
     block_bytes: int
     calibration: Calibration | None = None
+    layer_waits: dict[str, Any] | None = None
 
 
 def _probe(engine: Engine, side: KvbmSide, vocab: int) -> str | None:
@@ -308,7 +321,7 @@ def build(args: argparse.Namespace, name: str, device: torch.device, dtype: torc
         f"offload tiers {tier_blocks} blocks ({tier_blocks * block_bytes / 1e9:.1f} GB each)")
     sides: dict[str, KvbmSide] = {}
     unavailable: dict[str, str] = {}
-    for mode in [MODES[m] for m in args.modes if MODES[m] in KVBM_MODES]:
+    for mode in dict.fromkeys(side_mode(MODES[m]) for m in args.modes if MODES[m] in KVBM_MODES):
         if mode == G3_GDS and device.type != "cuda":
             unavailable[mode] = "needs a GPU"
             continue
@@ -386,20 +399,20 @@ def run_prefix(args: argparse.Namespace, setup: Setup, prefix: int, scratch: dic
     for mode in modes:
         if mode not in KVBM_MODES:
             continue
-        side = setup.sides.get(mode)
+        side = setup.sides.get(side_mode(mode))
         if side is None:
-            rows.append(Row(name, "prefix", mode, prefix, new, note=f"unavailable: {setup.unavailable.get(mode)}"
-                            + (f"; {GDS_NOTE}" if mode == G3_GDS else "")))
+            rows.append(Row(name, "prefix", mode, prefix, new, note=f"unavailable: "
+                            f"{setup.unavailable.get(side_mode(mode))}" + (f"; {GDS_NOTE}" if mode == G3_GDS else "")))
             continue
 
-        def hit(side: KvbmSide = side) -> RequestResult:
+        def hit(side: KvbmSide = side, layerwise: bool = mode == G2_LAYERWISE) -> RequestResult:
             eng.evict_all()
-            return eng.run_request(tokens + fresh(), [side], reference=reference)
+            return eng.run_request(tokens + fresh(), [side], reference=reference, layerwise=layerwise)
         t = time.perf_counter()
         try:
             timed = _timed(args.reps, args.warmup, hit)
         except Exception as exc:  # noqa: BLE001 - any failure: the mode is reported with its reason
-            rows.append(_failed(setup, mode, exc, Row(name, "prefix", mode, prefix, new)))
+            rows.append(_failed(setup, side_mode(mode), exc, Row(name, "prefix", mode, prefix, new)))
             continue
         rows.append(_row_from(name, "prefix", mode, timed, prefix=prefix, new=new, expect_loaded=prefix))
         r = rows[-1]
@@ -407,8 +420,6 @@ def run_prefix(args: argparse.Namespace, setup: Setup, prefix: int, scratch: dic
         log(f"{name} prefix {prefix}: {mode} median {r.ttft_ms:.1f} ms (load {r.load_ms:.1f} ms), "
             f"{r.checked_blocks} blocks checked, bytes {'ok' if r.bytes_ok else 'WRONG'} "
             f"({time.perf_counter() - t:.1f} s)")
-        if mode == G2:
-            rows.append(Row(name, "prefix", G2_LAYERWISE, prefix, new, note="not implemented"))
     eng.evict_all()
     pcie_s, nbytes = measure_pcie(reference, prefix // BLOCK_SIZE, setup.engine.device, args.reps, scratch,
                                   max(args.prefixes) // BLOCK_SIZE * setup.block_bytes)
@@ -417,6 +428,17 @@ def run_prefix(args: argparse.Namespace, setup: Setup, prefix: int, scratch: dic
                 note=f"PCIe {nbytes / 1e6:.1f} MB at {nbytes / pcie_s / 1e9:.1f} GB/s + G1-hit compute")
     rows.append(bound)
     log(f"{name} prefix {prefix}: {LOWER_BOUND} {bound.ttft_ms:.1f} ms ({bound.note})")
+    side = setup.sides.get(G2)
+    if prefix == args.layer_wait_prefix and G2_LAYERWISE in modes and side is not None:
+        if eng.device.type != "cuda":
+            setup.layer_waits = {"note": "needs a GPU (CUDA events time each layer)"}
+        else:
+            t = time.perf_counter()
+            setup.layer_waits = measure_layer_waits(eng, side, tokens, args.layer_wait_busy, shape.vocab, args.reps)
+            w = setup.layer_waits
+            log(f"{name} prefix {prefix}: layer-wise onboard beside a {args.layer_wait_busy}-token prefill: "
+                f"layers finish at most {w['max_delay_us']:.0f} us (median {w['median_delay_us']:.0f} us) later "
+                f"than alone; {w['per_layer_alone_us']:.0f} us per layer alone ({time.perf_counter() - t:.1f} s)")
     return rows
 
 
@@ -457,16 +479,17 @@ def run_qa(args: argparse.Namespace, setup: Setup) -> list[Row]:
     rows = []
     full_pool = eng.pool
     eng.evict_all()
+    # one reference for all modes: a tier keeps a block's first computed bytes, which a later mode may load
+    reference = Reference(setup.caches, qa_unique_blocks(qa) + 16)
     try:
         eng.pool = G1Pool(range(g1_blocks))
         for mode in [MODES[m] for m in args.modes]:
-            side = setup.sides.get(mode)
+            side = setup.sides.get(side_mode(mode))
             if mode in KVBM_MODES and side is None:
-                rows.append(Row(shape.name, label, mode, note=f"unavailable: {setup.unavailable.get(mode)}"))
+                rows.append(Row(shape.name, label, mode, note=f"unavailable: {setup.unavailable.get(side_mode(mode))}"))
                 continue
             eng.pool.reset()
             eng.poison()
-            reference = Reference(setup.caches, qa_unique_blocks(qa) + 16)
             log(f"{shape.name} QA: {mode}: {qa.num_requests} requests")
             t = time.perf_counter()
             results = []
@@ -474,12 +497,13 @@ def run_qa(args: argparse.Namespace, setup: Setup) -> list[Row]:
                 for req in qa.requests():
                     results.append(eng.run_request(req.prompt, [side] if side else [], answer=req.answer,
                                                    reference=reference, record=reference,
-                                                   request_id=f"qa-{req.user}-{req.round}"))
+                                                   request_id=f"qa-{req.user}-{req.round}",
+                                                   layerwise=mode == G2_LAYERWISE))
                 eng.finish_held()
             except Exception as exc:  # any failure: the mode is reported with its reason
                 if side is None:
                     raise
-                rows.append(_failed(setup, mode, exc, Row(shape.name, label, mode)))
+                rows.append(_failed(setup, side_mode(mode), exc, Row(shape.name, label, mode)))
                 continue
             row = _row_from(shape.name, label, mode, results, prefix=None, new=None, mean=True)
             row.note = side.disk_note if side is not None else ""
@@ -488,7 +512,6 @@ def run_qa(args: argparse.Namespace, setup: Setup) -> list[Row]:
                 f"G1 {row.g1_hit_tokens}, loaded {row.loaded_tokens}, computed {row.computed_tokens}"
                 + (f", bytes {'ok' if row.bytes_ok else 'WRONG'}" if row.bytes_ok is not None else "")
                 + f" ({time.perf_counter() - t:.1f} s)")
-            reference = None  # freed before the next mode's
     finally:
         eng.finish_held()
         eng.pool = full_pool
@@ -508,8 +531,8 @@ def estimate(args: argparse.Namespace, setup: Setup) -> dict[str, float]:
             s = c.prefill(p) + hit * runs
             if "recompute" in args.modes:
                 s += c.prefill(p + new) * runs
-            for mode in setup.sides:
-                rate = EST_HOST_RATE if mode == G2 else EST_DISK_RATE
+            for mode in [MODES[m] for m in args.modes if side_mode(MODES[m]) in setup.sides]:
+                rate = EST_HOST_RATE if side_mode(mode) == G2 else EST_DISK_RATE
                 s += nbytes / rate + runs * (nbytes / rate + hit)
             est[f"prefix {p}"] = s
     if "qa" in args.workloads:
@@ -520,8 +543,8 @@ def estimate(args: argparse.Namespace, setup: Setup) -> dict[str, float]:
         for mode in [MODES[m] for m in args.modes]:
             if mode == RECOMPUTE:
                 est["qa"] += full
-            elif mode in setup.sides:
-                rate = EST_HOST_RATE if mode == G2 else EST_DISK_RATE
+            elif side_mode(mode) in setup.sides:
+                rate = EST_HOST_RATE if side_mode(mode) == G2 else EST_DISK_RATE
                 moved = sum(len(r.prompt) for r in qa.requests()) // BLOCK_SIZE * bb * 2
                 est["qa"] += fresh + moved / rate
     return est
@@ -554,7 +577,7 @@ def run_model(args: argparse.Namespace, name: str, device: torch.device, dtype: 
             t = time.perf_counter()
             rows += run_qa(args, setup)
             part_times[f"{setup.shape.name} qa"] = time.perf_counter() - t
-        notes = {"unavailable": dict(setup.unavailable), "estimates_s": est,
+        notes = {"unavailable": dict(setup.unavailable), "estimates_s": est, "layer_waits": setup.layer_waits,
                  "block_bytes": setup.block_bytes, "shape": asdict(setup.shape)}
     finally:
         for side in setup.sides.values():
@@ -579,6 +602,21 @@ def git_commit() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+dirty" if dirty else "")
+
+
+def layer_wait_lines(notes: dict[str, Any]) -> str:
+    """The layer-wise onboard's per-layer delay beside a prefill, per model, as text under the table."""
+    lines = []
+    for model, model_notes in notes.items():
+        w = model_notes.get("layer_waits") if isinstance(model_notes, dict) else None
+        if w and "max_delay_us" in w:
+            lines.append(f"- {model}, layer-wise onboard of {w['prefix_tokens']} tokens beside a "
+                         f"{w['busy_prefill_tokens']}-token prefill: layers finish at most {w['max_delay_us']:.0f} us "
+                         f"(median {w['median_delay_us']:.0f} us) later than alone ({w['per_layer_alone_us']:.0f} us "
+                         f"per layer alone)")
+        elif w:
+            lines.append(f"- {model}, layer waits: {w.get('note')}")
+    return "\n\n" + "\n".join(lines) if lines else ""
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
@@ -672,11 +710,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_rows, notes[name] = run_model(args, name, device, dtype, part_times)
             rows.extend(model_rows)
             save()
-    notes["layer-wise"] = f"{G2_LAYERWISE}: not implemented (no number is reported for it)"
+    notes["layer-wise"] = (f"{G2_LAYERWISE}: the load starts with the request and runs beside its forward, one "
+                           f"transfer per layer, each layer's attention waiting on the GPU for its own layer; its "
+                           f"load ms is the host time to start the load, the rest is in forward ms")
     notes["gds"] = GDS_NOTE
     result["total_s"] = time.perf_counter() - _T0
     save()
-    md = table(result["rows"])
+    md = table(result["rows"]) + layer_wait_lines(notes)
     (out / "ttft.md").write_text(f"# TTFT\n\n```\n{json.dumps(meta, indent=1)}\n```\n\n{md}\n")
     why_not = plot(result, out / "ttft.png")
     log("part times: " + ", ".join(f"{k} {v:.1f} s" for k, v in part_times.items()))

@@ -296,10 +296,11 @@ class Engine:
     @torch.inference_mode()
     def run_request(self, prompt: Sequence[int], sides: Sequence[KvbmSide] = (), *, answer: Sequence[int] = (),
                     reference: Reference | None = None, record: Reference | None = None,
-                    request_id: str | None = None) -> RequestResult:
+                    request_id: str | None = None, layerwise: bool = False) -> RequestResult:
         """Serve one request (see the module docstring); loads come from ``sides[0]`` only, stores go to every
-        side. After TTFT, loaded blocks are checked against ``reference`` and the request's full blocks not yet in
-        ``record`` are recorded there."""
+        side; ``layerwise``: the load runs beside the forward, each layer's attention waiting for its own layers
+        (as vLLM's ``wait_for_layer_load``). After TTFT, loaded blocks are checked against ``reference`` and the
+        request's full blocks not yet in ``record`` are recorded there."""
         self._count += 1
         rid = request_id or f"req-{self._count}"
         n = len(prompt)
@@ -319,12 +320,17 @@ class Engine:
         blocks = local + self._allocate(-(-n // BLOCK_SIZE) - len(local), sides)
         first, valid = len(local), len(local)
         load_errors: set[int] = set()
+        before_attention = None
         if found:
-            side.leader.plan_load(rid, hashes[first:first + found], blocks[first:first + found])
-            states[0].loading = True
+            side.leader.plan_load(rid, hashes[first:first + found], blocks[first:first + found], layerwise=layerwise)
+            states[0].loading = not layerwise
             plan = side.leader.take_step()
             side.worker.start_loads(plan.loads)
             side.worker.start_cascades(plan.cascades)
+            if layerwise:
+                before_attention = side.worker.wait_for_layer
+                valid = first + found
+        if found and not layerwise:
             while True:
                 sending, recving = side.step()
                 self._release_sent(side, sending)
@@ -344,9 +350,15 @@ class Engine:
             s.leader.plan_stores(state, prompt, full)
             plans.append(s.leader.take_step())
         table = self._table(blocks)
-        logits = self.model.prefill(self._tokens(prompt[num_cached:]), self.caches, table, num_cached)
+        logits = self.model.prefill(self._tokens(prompt[num_cached:]), self.caches, table, num_cached,
+                                    before_attention)
         for s, plan in zip(sides, plans):
             s.worker.start_stores(plan.stores)
+        if before_attention is not None:  # (as vLLM's get_block_ids_with_load_errors after the forward)
+            side.worker.finish_layerwise_loads()
+            load_errors = side.worker.take_load_errors()
+            side.worker.take_failed_loads()
+            self._release_sent(side, side.step()[0])
         int(logits.argmax())
         t1 = time.perf_counter()
         result = RequestResult(rid, n, t1 - t0, load_wait_s=t_loaded - t0, forward_s=t1 - t_loaded,

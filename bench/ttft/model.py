@@ -10,10 +10,12 @@ tests load this file on its own.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 __all__ = [
     "BLOCK_SIZE",
@@ -92,7 +94,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
 
     ``q`` ``[T, heads, D]``, ``k``/``v`` ``[T, kv_heads, D]`` at positions ``num_cached ..``; ``kv_cache`` one
     layer's ``[2, B, BLOCK_SIZE, kv_heads, D]``; ``block_table`` the request's block ids in token order (at least
-    ``ceil((num_cached + T) / BLOCK_SIZE)``). ``mask`` (``[T, num_cached + T]``, True = attend) may be passed to
+    ``ceil((num_cached + T) / BLOCK_SIZE)``). ``mask`` (a `causal_mask` of these sizes) may be passed to
     share it between layers. Returns ``[T, heads, D]``.
     """
     num_new, num_heads, _ = q.shape
@@ -116,8 +118,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     return out[0].transpose(0, 1)
 
 
-def causal_mask(num_new: int, num_cached: int, device: torch.device) -> torch.Tensor:
-    """``[num_new, num_cached + num_new]`` bool: new token i attends keys ``0 .. num_cached + i``."""
+def causal_mask(num_new: int, num_cached: int, device: torch.device) -> torch.Tensor | CausalBias:
+    """New token i attends keys ``0 .. num_cached + i``: on the GPU PyTorch's lower-right causal bias (SDPA then
+    runs a fused kernel instead of materializing the scores), elsewhere a ``[num_new, num_cached + num_new]`` bool
+    mask."""
+    if torch.device(device).type == "cuda":
+        return causal_lower_right(num_new, num_cached + num_new)
     keys = torch.arange(num_cached + num_new, device=device)
     return keys[None, :] <= (torch.arange(num_new, device=device) + num_cached)[:, None]
 
@@ -179,16 +185,18 @@ class DecoderModel:
         return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
 
     def prefill(self, tokens: torch.Tensor, kv_caches: list[torch.Tensor], block_table: torch.Tensor,
-                num_cached: int) -> torch.Tensor:
+                num_cached: int, before_attention: Callable[[int], None] | None = None) -> torch.Tensor:
         """Run ``tokens`` (positions ``num_cached ..``) writing their K/V into ``block_table``'s blocks; the first
-        ``num_cached`` positions' K/V must already be there. Returns the last token's logits (fp32)."""
+        ``num_cached`` positions' K/V must be there by each layer's attention (``before_attention(layer)`` is called
+        just before it, as vLLM calls a connector's ``wait_for_layer_load``). Returns the last token's logits
+        (fp32)."""
         s = self.shape
         num_new = tokens.shape[0]
         cos, sin = self.rope_tables(num_cached, num_new)
         mask = causal_mask(num_new, num_cached, self.device) if num_cached else None
         q_out, kv_out = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         x = self.embed[tokens]
-        for layer, cache in zip(self.layers, kv_caches):
+        for index, (layer, cache) in enumerate(zip(self.layers, kv_caches)):
             h = _rms_norm(x, layer["ln1"], s.eps)
             q, k, v = (h @ layer["qkv"].T).split((q_out, kv_out, kv_out), dim=-1)
             q = q.view(num_new, s.num_heads, s.head_dim)
@@ -197,6 +205,8 @@ class DecoderModel:
             if s.qk_norm:
                 q, k = _rms_norm(q, layer["q_norm"], s.eps), _rms_norm(k, layer["k_norm"], s.eps)
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            if before_attention is not None:
+                before_attention(index)
             attn = paged_attention(q, k, v, cache, block_table, num_cached, mask)
             x = x + attn.reshape(num_new, q_out) @ layer["o"].T
             h = _rms_norm(x, layer["ln2"], s.eps)

@@ -74,6 +74,11 @@ class ConnectorWorker:
         for transfer in self._layer_waits[layer // self._layers_per_group]:
             transfer.order_stream(stream)
 
+    @property
+    def layer_transfers(self) -> tuple[tuple[BlockTransfer, ...], ...]:
+        """This step's layer-wise transfers, per layer group (empty once finished)."""
+        return tuple(tuple(group) for group in self._layer_waits)
+
     def finish_layerwise_loads(self) -> None:
         """Block until this step's layer-wise loads are done and their failed blocks known (call after the
         forward, before the engine asks for load errors)."""
