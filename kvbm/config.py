@@ -123,7 +123,7 @@ class KvbmConfig:
     prefill_tokens_per_s: float = 10_000.0
     cost_probe_secs: float = 60.0
     disable_layerwise_onboard: bool = False
-    onboard_layers_per_group: int = 1
+    onboard_layers_per_group: int = 4
 
     def __post_init__(self) -> None:
         """Check types and ranges, so a config built directly is held to the same rules as one from the env."""

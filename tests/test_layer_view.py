@@ -92,16 +92,17 @@ def test_layerwise_load_into_a_gpu_cache_orders_each_layer_on_the_stream() -> No
     g = KVGeometry(num_layers=6, num_kv=2, block_size=16, num_heads=8, head_dim=128, itemsize=2)
     gen = torch.Generator().manual_seed(3)
     g1 = allocate("vllm_flash_attn_nhd", g, 96, dtype=torch.bfloat16, device="cuda")
-    worker = ConnectorWorker(g1, [TierSpec("G2", Medium.HOST, 64)], KvbmConfig())
+    worker = ConnectorWorker(g1, [TierSpec("G2", Medium.HOST, 64)], KvbmConfig(onboard_layers_per_group=1))
     try:
         g2 = worker.store.cache("G2")
         fill_random(g2, gen)
         fill_random(g1, gen)  # poison
         src, dst = np.random.default_rng(3).choice(64, 40, replace=False), np.arange(10, 50)
-        move = Move(1, MoveKind.LOAD, "G2", "G1", tuple(int(i) for i in src), tuple(int(i) for i in dst),
-                    tuple(range(40)))
+        moves = tuple(Move(k, MoveKind.LOAD, "G2", "G1", tuple(int(i) for i in src[k * 20:(k + 1) * 20]),
+                           tuple(int(i) for i in dst[k * 20:(k + 1) * 20]), tuple(range(20))) for k in range(2))
         want = to_logical("kvbm_staging", g2)[torch.as_tensor(src)].cuda()
-        worker.start_loads([RequestLoad("r", (move,), layerwise=True)])
+        worker.start_loads([RequestLoad("r", moves, layerwise=True)])
+        assert [len(group) for group in worker.layer_transfers] == [1] * g.num_layers  # the two moves joined
         seen = []
         for layer in range(g.num_layers):
             worker.wait_for_layer(layer)

@@ -133,8 +133,9 @@ def test_inner_order_refuses_engine_layouts():
 
 
 def test_inner_order_is_structural_not_by_name():
-    """Caches whose whole blocks are dense runs are block-major whatever their layout is called; a layout named like
-    block_major whose blocks have gaps, are padded, or whose pieces are split over tensors is refused."""
+    """Caches whose whole blocks are dense runs are block-major whatever their layout is called, also with padding
+    between blocks (a layer view keeps the full block stride: each block is then its own DMA piece); a layout named
+    like block_major whose blocks have gaps inside or whose pieces are split over tensors is refused."""
     assert _inner_order(allocate("vllm_cross_layer", G, 3, dtype=torch.float16)) == (
         "layer", "kv", "token", "head", "channel")
     assert _inner_order(allocate("trtllm_pool", G, 3, dtype=torch.float16)) == (
@@ -142,8 +143,9 @@ def test_inner_order_is_structural_not_by_name():
     dims = "block layer kv token head channel"
     padded_channels = torch.empty(3, 2, 2, 4, 2, 9, dtype=torch.float16)[..., :8]  # a gap after every row
     padded_blocks = torch.empty(3, 2 * 2 * 4 * 2 * 8 + 16, dtype=torch.float16)[:, :-16].view(3, 2, 2, 4, 2, 8)
+    assert _inner_order(describe([padded_blocks], dims, name="kvbm_staging")) == (
+        "layer", "kv", "token", "head", "channel")
     for bad in (describe([padded_channels], dims, name="block_major_gaps"),
-                describe([padded_blocks], dims, name="kvbm_staging"),
                 describe([torch.empty(3, 2, 4, 2, 8, dtype=torch.float16) for _ in range(2)],
                          "block kv token head channel", tensor_dims="layer", name="block_major_split")):
         with pytest.raises(ValueError, match=f"must be block-major.*{bad.name}"):

@@ -20,6 +20,7 @@ from kvbm.leader import MoveKind
 
 LAYERS = 4
 MODEL = H.TinyModelSpec(num_layers=LAYERS)
+PER_LAYER = {"DYN_KVBM_ONBOARD_LAYERS_PER_GROUP": 1}
 
 
 class HeldLayers:
@@ -89,7 +90,8 @@ def watch_layer_waits(h: H.VllmHarness, held: HeldLayers) -> Counter:
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync-sched", "async-sched"])
 def test_each_layer_is_loaded_before_its_attention_and_no_sooner(runner: str, async_scheduling: bool) -> None:
     workload = chat(num_users=6, num_rounds=3)
-    with kvbm_harness(runner=runner, num_gpu_blocks=32, model=MODEL, async_scheduling=async_scheduling) as h:
+    with kvbm_harness(runner=runner, num_gpu_blocks=32, model=MODEL, async_scheduling=async_scheduling,
+                      extra=PER_LAYER) as h:
         held = HeldLayers(worker_of(h))
         seen = watch_layer_waits(h, held)
         counts = run_counting(h, workload)
@@ -107,7 +109,7 @@ def test_a_failed_layer_fails_its_blocks_for_recompute(runner: str) -> None:
     (the harness raises on any unreported mismatch). Synchronous scheduling: with async scheduling the step after a
     failed synchronous load was already scheduled on the discarded token, which only the real runner can replay."""
     workload = chat(num_users=6, num_rounds=3)
-    with kvbm_harness(runner=runner, num_gpu_blocks=32, model=MODEL, async_scheduling=False) as h:
+    with kvbm_harness(runner=runner, num_gpu_blocks=32, model=MODEL, async_scheduling=False, extra=PER_LAYER) as h:
         held = HeldLayers(worker_of(h), fail_group=2)
         counts = run_counting(h, workload)
         assert workload.done and all(len(h.outputs[t.request_id]) == t.max_tokens for t in workload.completed)
@@ -116,7 +118,7 @@ def test_a_failed_layer_fails_its_blocks_for_recompute(runner: str) -> None:
         assert_clean(h)
 
 
-@pytest.mark.parametrize("group", [2, 3])
+@pytest.mark.parametrize("group", [2, 3, 4])
 def test_layer_groups(group: int) -> None:
     """``DYN_KVBM_ONBOARD_LAYERS_PER_GROUP``: one transfer per group of layers (the last may be shorter)."""
     workload = chat(num_users=6, num_rounds=3)

@@ -479,8 +479,9 @@ def run_qa(args: argparse.Namespace, setup: Setup) -> list[Row]:
     rows = []
     full_pool = eng.pool
     eng.evict_all()
-    # one reference for all modes: a tier keeps a block's first computed bytes, which a later mode may load
-    reference = Reference(setup.caches, qa_unique_blocks(qa) + 16)
+    # one reference per kvbm side (its tier keeps a block's first computed bytes, which a later mode may load);
+    # the G2 side serves two modes
+    references: dict[str, Reference] = {}
     try:
         eng.pool = G1Pool(range(g1_blocks))
         for mode in [MODES[m] for m in args.modes]:
@@ -490,6 +491,9 @@ def run_qa(args: argparse.Namespace, setup: Setup) -> list[Row]:
                 continue
             eng.pool.reset()
             eng.poison()
+            reference = references.get(side_mode(mode)) if side is not None else None
+            if side is not None and reference is None:
+                reference = references[side_mode(mode)] = Reference(setup.caches, qa_unique_blocks(qa) + 16)
             log(f"{shape.name} QA: {mode}: {qa.num_requests} requests")
             t = time.perf_counter()
             results = []

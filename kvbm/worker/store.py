@@ -106,21 +106,32 @@ class BlockStore:
             self._queue.append(move)
         self._start_queued()
 
-    def execute_by_layers(self, moves: Iterable[Move], groups: Sequence[tuple[int, int]]
+    def execute_by_layers(self, moves: Sequence[Move], groups: Sequence[tuple[int, int]]
                           ) -> list[list[BlockTransfer]]:
-        """Start ``moves`` now (ahead of the queue), each as one transfer per layer group ``[start, stop)`` of
-        ``groups`` (in order, so the first group lands first), and return the transfers per group, for waiting
-        on one group of layers. A move's result merges its groups: a block fails where any group failed it."""
+        """Start ``moves`` now (ahead of the queue) as one transfer per layer group ``[start, stop)`` of ``groups``
+        and per pair of tiers (the moves between two tiers join into one transfer, in order, so the first group
+        lands first), and return the transfers per group, for waiting on one group of layers. A move's result
+        merges its groups: a block fails where any group failed it."""
         by_group: list[list[BlockTransfer]] = [[] for _ in groups]
+        pairs: dict[tuple[str, str], list[Move]] = {}
         for move in moves:
+            pairs.setdefault((move.src_tier, move.dst_tier), []).append(move)
+        for (src_tier, dst_tier), joined in pairs.items():
             t0 = time.perf_counter()
-            parts = []
+            whole = Move(joined[0].move_id, joined[0].kind, src_tier, dst_tier,
+                         tuple(i for m in joined for i in m.src_ids), tuple(i for m in joined for i in m.dst_ids),
+                         tuple(h for m in joined for h in m.hashes))
+            parts: list[list[BlockTransfer]] = [[] for _ in joined]
             for k, (start, stop) in enumerate(groups):
-                part = self._submit(move, self._layer_view(move.src_tier, start, stop),
-                                    self._layer_view(move.dst_tier, start, stop))
-                by_group[k].append(part)
-                parts.append(part)
-            self._running.append(_Running(move, BlockTransfer.all_of(parts, parts[0].path), t0))
+                transfer = self._submit(whole, self._layer_view(src_tier, start, stop),
+                                        self._layer_view(dst_tier, start, stop))
+                by_group[k].append(transfer)
+                offset = 0
+                for j, move in enumerate(joined):
+                    parts[j].append(BlockTransfer.part_of(transfer, offset, offset + move.num_blocks))
+                    offset += move.num_blocks
+            for move, move_parts in zip(joined, parts):
+                self._running.append(_Running(move, BlockTransfer.all_of(move_parts, move_parts[0].path), t0))
         return by_group
 
     def poll(self) -> list[MoveResult]:
