@@ -272,7 +272,7 @@ class DiskBlockFile:
         *,
         use_o_direct: bool = True,
         zerofill_fallback: bool = False,
-        io_threads: int = 8,
+        io_threads: int = 16,
         max_io_bytes: int = 4 << 20,
     ) -> None:
         self.num_slots = _check_count("num_slots", num_slots)
