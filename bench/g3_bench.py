@@ -1,6 +1,6 @@
 """The G3 disk tier through kvbm's transfer paths against the raw O_DIRECT bandwidth of the same disk, one run.
 
-    python -m bench.g3_bench --dir /path/on/the/disk [--gib 1] [--out DIR]
+    python -m bench.g3_bench --dir /path/on/the/disk [--gib 1] [--repeat 3] [--out DIR]
 
 Rows (every read byte-checked against what was written; slots are checksummed and bound to a block tag, as the
 tier stores them):
@@ -8,11 +8,15 @@ tier stores them):
   G1->G3, G3->G1   a GPU cache (vLLM FlashAttention layout) to and from the disk tier, for each disk I/O path:
                    cuFile (GPUDirect Storage; where it cannot run here, the row says why) and POSIX (O_DIRECT
                    through pinned bounce buffers); random block ids
-  G2->G3, G3->G2   a pinned host tier to and from the disk tier, block-sized slots in order and shuffled, for
-                   each --slot-kib (the cascade's path)
+  G2->G3, G3->G2   a pinned host tier to and from the disk tier, block-sized slots, for each --slot-kib (the
+                   cascade's path): "in order" (block i in slot i), "shuffled" (a permutation of the host blocks
+                   into a permutation of the slots: sorted by slot, the I/O is still one run), "scatter" (the same
+                   into a random half of a file twice as large: runs of about two slots, gaps between them)
 Without a GPU the G1 rows are left out. Each path is warmed up with a one-block transfer first (the GPU paths build
 the transfer engine, whose compiled enqueue takes seconds). Writes are timed until their transfer reports done (then
-fsync), reads until the bytes are in the destination. GB/s are 1e9 bytes/s; "% raw" compares with the raw row of the same direction.
+fsync), reads until the bytes are in the destination. GB/s are 1e9 bytes/s; "% raw" compares with the raw row of the
+same direction. With --repeat N every case (raw included) runs N times in rounds, so that drift of a shared disk
+touches all cases alike; the table shows medians and the range of the runs.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import json
 import mmap
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -85,6 +90,7 @@ def timed_transfer(transfers: Transfers, src, dst, s_ids, d_ids, tags, fsync_fd:
 
 def row(kind: str, path: str, direction: str, nbytes: int, seconds: float | None, ok: bool | None, raw: dict,
         note: str = "") -> dict:
+    """One measurement, logged against this round's raw figure of its direction."""
     gbps = nbytes / seconds / 1e9 if seconds else None
     ceiling = raw.get("write" if direction == "write" else "read")
     pct = 100 * gbps / ceiling if gbps and ceiling else None
@@ -92,6 +98,30 @@ def row(kind: str, path: str, direction: str, nbytes: int, seconds: float | None
     log(f"  {kind:16s} {path:6s} {shown}{'' if ok in (True, None) else '  BYTES WRONG'}")
     return {"case": kind, "path": path, "direction": direction, "bytes": nbytes, "seconds": seconds, "gbps": gbps,
             "pct_of_raw": pct, "bytes_ok": ok, "note": note}
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Rows of the rounds merged per (case, path, direction): median GB/s against the median raw figure of the direction, the
+    range of the runs, and bytes ok only if every run's were."""
+    merged: dict[tuple[str, str, str], list[dict]] = {}
+    for r in runs:
+        merged.setdefault((r["case"], r["path"], r["direction"]), []).append(r)
+    raw = {direction: statistics.median(x["gbps"] for x in rs) for (case, _, direction), rs in merged.items()
+           if case == "raw"}
+    out = []
+    for (case, path, _), rs in merged.items():
+        speeds = [r["gbps"] for r in rs if r["gbps"]]
+        gbps = statistics.median(speeds) if speeds else None
+        ceiling = raw.get(rs[0]["direction"])
+        note = "; ".join(sorted({r["note"] for r in rs if r["note"]}))
+        if len(speeds) > 1:
+            note = f"runs {min(speeds):.2f}-{max(speeds):.2f}" + (f"; {note}" if note else "")
+        oks = [r["bytes_ok"] for r in rs if r["bytes_ok"] is not None]
+        out.append({"case": case, "path": path, "direction": rs[0]["direction"], "bytes": rs[0]["bytes"],
+                    "runs": len(rs), "gbps": gbps, "gbps_runs": speeds,
+                    "pct_of_raw": 100 * gbps / ceiling if gbps and ceiling else None,
+                    "bytes_ok": all(oks) if oks else None, "note": note})
+    return out
 
 
 def gpu_rows(args, raw: dict, rows: list) -> None:
@@ -141,13 +171,13 @@ def host_rows(args, raw: dict, rows: list) -> None:
         back = allocate_tier(TierSpec("G2", Medium.HOST, n), g, torch.bfloat16)
         fill_random(host, 5)
         try:
-            for order in ("in order", "shuffled"):
+            for order in ("in order", "shuffled", "scatter"):
                 with Transfers(bounce_blocks=256, bounce_chunks=8) as transfers:
-                    disk = DiskKVCache(args.dir, g, torch.bfloat16, n)
+                    disk = DiskKVCache(args.dir, g, torch.bfloat16, 2 * n if order == "scatter" else n)
                     try:
                         transfers.submit(host, disk, [0], [0], tags=[1]).wait()  # warm-up: threads, bounce pool
                         ids = np.arange(n) if order == "in order" else rng.permutation(n)
-                        slots = np.arange(n) if order == "in order" else rng.permutation(n)
+                        slots = np.arange(n) if order == "in order" else rng.permutation(disk.num_blocks)[:n]
                         tags = [int(x) for x in rng.integers(1, 2**62, n)]
                         sec, failed = timed_transfer(transfers, host, disk, ids, slots, tags, disk.file.fileno())
                         rows.append(row(f"G2->G3 {kib}K", order[:6], "write", n * g.block_bytes, sec, not failed,
@@ -169,28 +199,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gib", type=float, default=1.0, help="bytes per case, GiB (default 1)")
     p.add_argument("--slot-kib", type=lambda s: [int(x) for x in s.split(",")], default=[64, 2048],
                    help="host <-> disk slot sizes, KiB (default 64,2048)")
+    p.add_argument("--repeat", type=int, default=1, help="rounds of every case; the table shows medians (default 1)")
     p.add_argument("--out", default=None, help="folder for results.json and results.md (default bench/runs/...)")
     args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error(f"--repeat must be >= 1, got {args.repeat}")
     out = Path(args.out or f"bench/runs/g3-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
     total = max(1, int(args.gib * (1 << 30)) // (16 * MiB)) * 16 * MiB  # whole 16 MiB requests
-    log(f"raw O_DIRECT, {args.gib} GiB in 16 MiB requests, in {args.dir}")
-    data, dst = random_mmap(total, np.random.default_rng(0)), mmap.mmap(-1, total)
-    tw, tr, ok = raw_case(args.dir, data, dst, total, 16 * MiB)
-    raw = {"write": total / tw / 1e9, "read": total / tr / 1e9}
-    rows = [row("raw", "odirect", "write", total, tw, ok, raw), row("raw", "odirect", "read", total, tr, ok, raw)]
-    del data, dst
-    if torch.cuda.is_available():
-        gpu_rows(args, raw, rows)
-    else:
+    if not torch.cuda.is_available():
         log("no CUDA device: the G1 <-> G3 rows need a GPU")
-    host_rows(args, raw, rows)
+    runs: list[dict] = []
+    for r in range(args.repeat):
+        log(f"round {r + 1}/{args.repeat}: raw O_DIRECT, {args.gib} GiB in 16 MiB requests, in {args.dir}")
+        data, dst = random_mmap(total, np.random.default_rng(0)), mmap.mmap(-1, total)
+        tw, tr, ok = raw_case(args.dir, data, dst, total, 16 * MiB)
+        raw = {"write": total / tw / 1e9, "read": total / tr / 1e9}
+        runs += [row("raw", "odirect", "write", total, tw, ok, raw), row("raw", "odirect", "read", total, tr, ok, raw)]
+        del data, dst
+        if torch.cuda.is_available():
+            gpu_rows(args, raw, runs)
+        host_rows(args, raw, runs)
+    rows = summarize(runs)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "commit": commit or None,
             "command": " ".join([Path(sys.executable).name, "-m", "bench.g3_bench", *(argv or sys.argv[1:])]),
             "python": platform.python_version(), "torch": torch.__version__, "dir": args.dir}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "raw_gbps": raw, "rows": rows}, indent=1))
+    raw = {r["direction"]: r["gbps"] for r in rows if r["case"] == "raw"}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "raw_gbps": raw, "rows": rows, "runs": runs},
+                                                 indent=1))
     lines = ["| case | path | GB/s | % of raw O_DIRECT | bytes ok | note |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['path']} | {r['gbps']:.2f} | {r['pct_of_raw']:.1f} | "

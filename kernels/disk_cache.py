@@ -11,7 +11,8 @@ of the cache's layout and geometry and, when the writer gives one, the block's t
 live in memory and every read is verified against them, so a flipped byte, two swapped slots, a hole punched in
 the file or a block read under another tag fails that block ("checksum mismatch") instead of handing over wrong
 bytes. A slot written by cuFile straight from GPU memory has no checksum (its bytes never pass through the host)
-and is read unverified.
+and is read unverified. Checksums are computed and verified per I/O request on the file's I/O threads (just before
+a request's write, right after its read), in parallel with the batch's other requests.
 """
 from __future__ import annotations
 
@@ -137,9 +138,16 @@ class DiskKVCache:
         and record their checksums; return {position: reason} of the writes that failed. Slots must be distinct."""
         self._renew_if_deleted()
         rows = self._blocks(buffer)
-        sums = [self.checksum(rows[b], None if tags is None else tags[k]) for k, b in enumerate(buf_blocks)]
+        position = {int(s): k for k, s in enumerate(slots)}
+        sums = [0] * len(position)
+
+        def checksum_request(run: list[tuple[int, int]]) -> None:  # on the request's I/O thread, before its write
+            for s, b in run:
+                k = position[s]
+                sums[k] = self.checksum(rows[b], None if tags is None else tags[k])
+
         self.forget(slots, failed=True)  # until the write is known good
-        result = self.file.write_slots(slots, buffer, buf_blocks=buf_blocks)
+        result = self.file.write_slots(slots, buffer, buf_blocks=buf_blocks, before_write=checksum_request)
         errors = {k: f"disk write failed: {result.errors[s]}" for k, s in enumerate(slots) if s in result.errors}
         with self._lock:
             for k, s in enumerate(slots):
@@ -155,17 +163,21 @@ class DiskKVCache:
         """Read ``slots`` into blocks ``buf_blocks`` of the flat uint8 ``buffer`` and verify their checksums (under
         ``tags`` when given, else the writer's); return {position: reason} of the blocks not read intact."""
         self._renew_if_deleted()
-        result = self.file.read_slots(slots, buffer, buf_blocks=buf_blocks)
         rows = self._blocks(buffer)
+        position = {int(s): k for k, s in enumerate(slots)}
         errors: dict[int, str] = {}
-        for k, (s, b) in enumerate(zip(slots, buf_blocks)):
-            if s in result.errors:
-                errors[k] = f"disk read failed: {result.errors[s]}"
-            else:
+
+        def verify_request(run: list[tuple[int, int]]) -> None:  # on the request's I/O thread, after its read
+            for s, b in run:
+                k = position[s]
                 bad = self._verify(s, rows[b], None if tags is None else tags[k])
                 if bad is not None:
                     errors[k] = f"disk read failed: {bad}"
-        return errors
+
+        result = self.file.read_slots(slots, buffer, buf_blocks=buf_blocks, on_read=verify_request)
+        for s, e in result.errors.items():
+            errors[position[s]] = f"disk read failed: {e}"
+        return dict(sorted(errors.items()))
 
     def close(self) -> None:
         """Close and delete the file (idempotent); no transfer may still use it."""

@@ -2,8 +2,11 @@
 
 `DiskBlockFile` preallocates one file of ``num_slots`` slots, opens it with O_DIRECT (so the page cache neither
 doubles the memory use nor hides the disk's speed) and moves batches of slots between the file and host buffers
-with ``os.preadv`` / ``os.pwritev``. Runs of consecutive slot ids become one call; the calls of a batch run on a
-small thread pool (the ``os`` calls release the GIL), so several requests are in flight at once.
+with ``os.preadv`` / ``os.pwritev``. Runs of consecutive slot ids become one call (vectored over the scattered
+buffer blocks, split at ``max_io_bytes``); the calls of a batch run on a small thread pool (the ``os`` calls release
+the GIL), so several requests are in flight at once. A caller's per-request hook (``on_read``: verify what was just
+read; ``before_write``: checksum what is about to be written) runs on the thread of the request, so that work
+proceeds in parallel with the other requests' I/O instead of after the whole batch.
 
 I/O errors are data, not exceptions: every batch returns a `SlotIOResult` that says, per slot, whether the bytes
 were moved, and carries the ``OSError`` of each failed slot (disk full, EIO, a short read of a truncated file, a
@@ -31,7 +34,7 @@ import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -46,6 +49,8 @@ O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 
 _ZEROFILL_CHUNK = 8 << 20
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+#: A per-request hook: called on the request's thread with the (slot id, buffer block) pairs of the request.
+SlotHook = Callable[[list[tuple[int, int]]], None]
 
 
 def align_up(nbytes: int, alignment: int = ALIGNMENT) -> int:
@@ -200,6 +205,29 @@ def _check_count(name: str, value: object) -> int:
     return int(value)
 
 
+def _run_buffers(mv: memoryview, run: list[tuple[int, int]], slot_bytes: int) -> list[memoryview]:
+    """The buffer pieces of a run of (slot, buffer block) pairs: one piece per stretch of adjacent buffer blocks."""
+    bufs: list[memoryview] = []
+    first = prev = run[0][1]
+    for _, b in run[1:]:
+        if b != prev + 1:
+            bufs.append(mv[first * slot_bytes : (prev + 1) * slot_bytes])
+            first = b
+        prev = b
+    bufs.append(mv[first * slot_bytes : (prev + 1) * slot_bytes])
+    return bufs
+
+
+def _call_hook(hook: SlotHook, run: list[tuple[int, int]], what: str) -> dict[int, OSError] | None:
+    """Run a caller's per-request hook; if it raises, every slot of the request fails with the reason."""
+    try:
+        hook(run)
+    except Exception as e:  # noqa: BLE001 - the caller's failure becomes the slots' outcome, not the batch's
+        err = OSError(errno.EIO, f"{what} hook failed: {e!r}")
+        return {s: err for s, _ in run}
+    return None
+
+
 def _remaining(bufs: list[memoryview], done: int) -> list[memoryview]:
     """Drop the first ``done`` bytes from a list of buffers (to resume a short transfer)."""
     out = []
@@ -225,8 +253,9 @@ class DiskBlockFile:
             so a caller behaves the same on every filesystem.
         zerofill_fallback: where ``posix_fallocate`` is unsupported, allocate by writing zeros (mirrors
             ``DYN_KVBM_DISK_ZEROFILL_FALLBACK``); otherwise such a filesystem is an error.
-        io_threads: threads that issue requests of one batch in parallel.
-        max_io_bytes: largest single request; longer runs of consecutive slots are split into requests this big.
+        io_threads: threads that issue requests of one batch in parallel (the most requests in flight per batch).
+        max_io_bytes: largest single request; longer runs of consecutive slots are split into requests this big
+            (several mid-sized requests keep the device's queue full and let per-request hooks overlap the I/O).
 
     Attributes: ``path``, ``num_slots``, ``slot_bytes`` (aligned), ``requested_slot_bytes``, ``file_bytes``,
     ``o_direct`` (whether the file really is open with O_DIRECT), ``preallocated_by`` ("fallocate"/"zerofill").
@@ -243,8 +272,8 @@ class DiskBlockFile:
         *,
         use_o_direct: bool = True,
         zerofill_fallback: bool = False,
-        io_threads: int = 4,
-        max_io_bytes: int = 16 << 20,
+        io_threads: int = 16,
+        max_io_bytes: int = 4 << 20,
     ) -> None:
         self.num_slots = _check_count("num_slots", num_slots)
         self.requested_slot_bytes = _check_count("slot_bytes", slot_bytes)
@@ -338,25 +367,31 @@ class DiskBlockFile:
     # ---------------------------------------------------------------- public I/O
 
     def write_slots(
-        self, slots: Sequence[int], src: object, buf_blocks: Optional[Sequence[int]] = None
+        self, slots: Sequence[int], src: object, buf_blocks: Optional[Sequence[int]] = None, *,
+        before_write: SlotHook | None = None,
     ) -> SlotIOResult:
         """Write host buffer blocks into file slots; return the per-slot outcome (never raises for I/O errors).
 
         ``src`` is any C-contiguous buffer (mmap, bytearray, numpy array) holding blocks of ``self.slot_bytes``;
         ``slots[i]`` receives buffer block ``buf_blocks[i]`` (default ``i``). Slot ids must be distinct.
+        ``before_write``, if given, is called on the thread of each request, just before it is issued, with the
+        request's (slot, buffer block) pairs (e.g. to checksum them); if it raises, the request's slots fail.
         """
-        return self._transfer(slots, src, buf_blocks, reading=False)
+        return self._transfer(slots, src, buf_blocks, reading=False, hook=before_write)
 
     def read_slots(
-        self, slots: Sequence[int], dst: object, buf_blocks: Optional[Sequence[int]] = None
+        self, slots: Sequence[int], dst: object, buf_blocks: Optional[Sequence[int]] = None, *,
+        on_read: SlotHook | None = None,
     ) -> SlotIOResult:
         """Read file slots into host buffer blocks; return the per-slot outcome (never raises for I/O errors).
 
         ``dst`` is a writable C-contiguous buffer; slot ``slots[i]`` lands in buffer block ``buf_blocks[i]``
         (default ``i``). Slot ids and buffer blocks must each be distinct. A slot that could not be read whole
         (error, or the file ends inside it) is reported failed; its destination bytes are then unspecified.
+        ``on_read``, if given, is called on the thread of each request with the (slot, buffer block) pairs it read
+        whole (e.g. to verify them while other requests are in flight); if it raises, those slots fail.
         """
-        return self._transfer(slots, dst, buf_blocks, reading=True)
+        return self._transfer(slots, dst, buf_blocks, reading=True, hook=on_read)
 
     def precheck(self, slots: Sequence[int], reading: bool) -> dict[int, OSError]:
         """For I/O done outside this object (cuFile): the errors `read_slots` / `write_slots` would report before
@@ -478,7 +513,8 @@ class DiskBlockFile:
         return slot_list, block_list
 
     def _transfer(
-        self, slots: Sequence[int], buf: object, buf_blocks: Optional[Sequence[int]], reading: bool
+        self, slots: Sequence[int], buf: object, buf_blocks: Optional[Sequence[int]], reading: bool,
+        hook: SlotHook | None = None,
     ) -> SlotIOResult:
         """Validate, plan the batch into requests of consecutive slots, run them, collect per-slot errors."""
         self._check_open()
@@ -501,18 +537,17 @@ class DiskBlockFile:
                     )
         pending = [(s, b) for s, b in zip(slot_list, block_list) if s not in result.errors]
         sb = self.slot_bytes
-        requests: list[list[tuple[int, memoryview]]] = []
+        requests: list[list[tuple[int, int]]] = []
         for s, b in sorted(pending):
-            piece = (s, mv[b * sb : (b + 1) * sb])
             last = requests[-1] if requests else None
             if last and last[-1][0] == s - 1 and len(last) < self._slots_per_request:
-                last.append(piece)
+                last.append((s, b))
             else:
-                requests.append([piece])
+                requests.append([(s, b)])
         if len(requests) <= 1:
-            outcomes = [self._run_request(reading, r) for r in requests]
+            outcomes = [self._run_request(reading, mv, r, hook) for r in requests]
         else:
-            outcomes = list(self._pool.map(lambda r: self._run_request(reading, r), requests))
+            outcomes = list(self._pool.map(lambda r: self._run_request(reading, mv, r, hook), requests))
         for errors in outcomes:
             result.errors.update(errors)
         if not reading:
@@ -545,20 +580,31 @@ class DiskBlockFile:
                     )
                     self._lost[first:] = b"\x01" * (self.num_slots - first)
 
-    def _run_request(self, reading: bool, pieces: list[tuple[int, memoryview]]) -> dict[int, OSError]:
-        """Move one run of consecutive slots in one call; on failure retry slot by slot to find the bad ones."""
+    def _run_request(self, reading: bool, mv: memoryview, run: list[tuple[int, int]],
+                     hook: SlotHook | None) -> dict[int, OSError]:
+        """Move one run of consecutive slots in one call (buffer blocks that are adjacent too become one buffer);
+        on failure retry slot by slot to find the bad ones. ``hook`` runs before a write, after a read (on the
+        slots read whole)."""
+        if hook is not None and not reading:
+            failed = _call_hook(hook, run, "before_write")
+            if failed is not None:
+                return failed
+        errors: dict[int, OSError] = {}
         try:
-            self._move_all(reading, [p for _, p in pieces], pieces[0][0] * self.slot_bytes)
-            return {}
+            self._move_all(reading, _run_buffers(mv, run, self.slot_bytes), run[0][0] * self.slot_bytes)
         except OSError as e:
-            if len(pieces) == 1:
-                return {pieces[0][0]: e}
-        errors = {}
-        for s, p in pieces:
-            try:
-                self._move_all(reading, [p], s * self.slot_bytes)
-            except OSError as e:
-                errors[s] = e
+            if len(run) == 1:
+                errors = {run[0][0]: e}
+            else:
+                for s, b in run:
+                    try:
+                        self._move_all(reading, _run_buffers(mv, [(s, b)], self.slot_bytes), s * self.slot_bytes)
+                    except OSError as e1:
+                        errors[s] = e1
+        if hook is not None and reading:
+            done = [(s, b) for s, b in run if s not in errors]
+            if done:
+                errors.update(_call_hook(hook, done, "on_read") or {})
         return errors
 
     def _move_all(self, reading: bool, bufs: list[memoryview], offset: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -129,6 +130,39 @@ def test_corrupted_slots_fail_with_checksum_mismatch(disk, rng, fault):
     for k in slots:
         if k not in bad:
             assert dst[k * sb:k * sb + bb].tobytes() == src[k * sb:k * sb + bb].tobytes()
+
+
+def test_a_bad_slot_inside_a_coalesced_run_fails_only_its_block(tmp_path, rng, monkeypatch):
+    """Shuffled slot ids coalesce into long runs (one request each), verified on the I/O threads; a corrupted
+    slot in the middle of a run fails that block alone, every other block of the run is byte-exact."""
+    n = 48
+    verified_on: set[str] = set()
+    real_verify = DiskKVCache._verify
+
+    def verify(self, *a):
+        verified_on.add(threading.current_thread().name)
+        return real_verify(self, *a)
+
+    monkeypatch.setattr(DiskKVCache, "_verify", verify)
+    with DiskKVCache(tmp_path, PADDED, torch.bfloat16, n) as disk:
+        sb, bb = disk.slot_bytes, PADDED.block_bytes
+        disk.file._slots_per_request = 8  # runs of 8 slots: several requests, so several I/O threads
+        slots = [int(s) for s in rng.permutation(n)]
+        tags = [int(t) for t in rng.integers(1, 2**62, n)]
+        src = random_slots(rng, n, sb)
+        assert disk.write_slots(slots, src, list(range(n)), tags) == {}
+        bad_slots = {int(s) for s in rng.choice(np.arange(1, n - 1), 3, replace=False)}
+        for s in bad_slots:
+            flip_byte(disk.file.path, s * sb + int(rng.integers(0, bb)))
+        order = [int(k) for k in rng.permutation(n)]
+        dst = poisoned(n, sb)
+        errors = disk.read_slots([slots[k] for k in order], dst, list(range(n)), [tags[k] for k in order])
+        assert {order[j] for j in errors} == {slots.index(s) for s in bad_slots}
+        assert all("checksum mismatch" in r for r in errors.values())
+        for j, k in enumerate(order):
+            if j not in errors:
+                assert dst[j * sb:j * sb + bb].tobytes() == src[k * sb:k * sb + bb].tobytes()
+        assert any(name.startswith("kvbm-disk") for name in verified_on)
 
 
 def test_tags_bind_the_checksum_to_the_block(disk, rng):

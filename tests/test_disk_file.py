@@ -103,6 +103,86 @@ def test_consecutive_slots_are_coalesced_and_split(tmp_path, rng, monkeypatch):
         assert dst[:] == src[:]
 
 
+def test_adjacent_buffer_blocks_of_a_run_are_one_buffer(tmp_path, rng, monkeypatch):
+    calls: list[tuple[int, list[int]]] = []
+    real_preadv = os.preadv
+
+    def preadv(fd, bufs, offset):
+        calls.append((offset, [len(b) for b in bufs]))
+        return real_preadv(fd, bufs, offset)
+
+    with DiskBlockFile(tmp_path, 16, 4096) as f:
+        src = random_buffer(rng, 16 * 4096)
+        assert f.write_slots(range(16), src).all_ok
+        monkeypatch.setattr(os, "preadv", preadv)
+        dst = poisoned_buffer(16 * 4096)
+        # slots 2-7 into buffer blocks 9, 10, 11, 3, 4, 0: three stretches of adjacent blocks, one call
+        assert f.read_slots([2, 3, 4, 5, 6, 7], dst, buf_blocks=[9, 10, 11, 3, 4, 0]).all_ok
+        assert calls == [(2 * 4096, [3 * 4096, 2 * 4096, 4096])]
+        for s, b in zip([2, 3, 4, 5, 6, 7], [9, 10, 11, 3, 4, 0]):
+            assert block(dst, b, 4096) == block(src, s, 4096)
+
+
+@pytest.mark.parametrize("max_io_slots", [1, 3, 64])
+def test_hooks_see_every_slot_once_on_the_request_thread(tmp_path, rng, max_io_slots):
+    num_slots, sb = 96, 8192
+    with DiskBlockFile(tmp_path, num_slots, sb, max_io_bytes=max_io_slots * sb, io_threads=4) as f:
+        slots = [int(s) for s in rng.permutation(num_slots)[:70]]  # shuffled: runs of all lengths
+        blocks = [int(b) for b in rng.permutation(80)[:70]]
+        src = random_buffer(rng, 80 * sb)
+        seen: list[tuple[int, int]] = []
+        threads: set[str] = set()
+        lock = threading.Lock()
+
+        def hook(run):
+            with lock:
+                seen.extend(run)
+                threads.add(threading.current_thread().name)
+            ids = [s for s, _ in run]
+            assert ids == list(range(ids[0], ids[0] + len(ids))) and len(ids) <= max_io_slots  # one coalesced run
+
+        assert f.write_slots(slots, src, buf_blocks=blocks, before_write=hook).all_ok
+        assert sorted(seen) == sorted(zip(slots, blocks))
+        seen.clear()
+        dst = poisoned_buffer(80 * sb)
+        order = rng.permutation(70)
+        assert f.read_slots([slots[i] for i in order], dst, buf_blocks=[blocks[i] for i in order],
+                            on_read=hook).all_ok
+        assert sorted(seen) == sorted(zip(slots, blocks))
+        assert all(block(dst, b, sb) == block(src, b, sb) for b in blocks)
+        if max_io_slots < 64:  # several requests: the hooks ran on the I/O threads
+            assert any(t.startswith("kvbm-disk") for t in threads)
+
+
+def test_a_hook_that_raises_fails_only_its_request(tmp_path, rng):
+    with DiskBlockFile(tmp_path, 32, 4096, max_io_bytes=4 * 4096) as f:
+        src = random_buffer(rng, 32 * 4096)
+        assert f.write_slots(range(32), src).all_ok
+        dst = poisoned_buffer(32 * 4096)
+
+        def on_read(run):
+            if any(s == 9 for s, _ in run):
+                raise RuntimeError("verification broke")
+
+        slots = [int(s) for s in rng.permutation(32)]
+        result = f.read_slots(slots, dst, buf_blocks=slots, on_read=on_read)
+        assert sorted(result.errors) == [8, 9, 10, 11]  # the request of slots 8-11
+        assert all("on_read hook failed" in str(e) and "verification broke" in str(e) for e in result.errors.values())
+        assert all(block(dst, s, 4096) == block(src, s, 4096) for s in range(32) if not 8 <= s <= 11)
+        other = random_buffer(rng, 32 * 4096)
+
+        def before_write(run):
+            if any(s == 21 for s, _ in run):
+                raise RuntimeError("checksum broke")
+
+        result = f.write_slots(range(32), other, before_write=before_write)
+        assert sorted(result.errors) == [20, 21, 22, 23]  # never written: the file keeps the old bytes there
+        back = poisoned_buffer(32 * 4096)
+        assert f.read_slots(range(32), back).all_ok
+        for s in range(32):
+            assert block(back, s, 4096) == block(src if 20 <= s <= 23 else other, s, 4096)
+
+
 def test_requests_of_one_batch_run_in_parallel(tmp_path, rng, monkeypatch):
     barrier = threading.Barrier(2, timeout=10)
     threads: set[str] = set()

@@ -222,6 +222,35 @@ def test_corrupted_slot_fails_its_block_and_leaves_the_destination_untouched(tra
     disk.close()
 
 
+@pytest.mark.parametrize("preset", ["g2", "vllm_flash_attn_nhd"])
+def test_shuffled_ids_coalesce_and_a_bad_slot_in_a_run_fails_only_its_block(tmp_path, rng, preset):
+    n = 64
+    with Transfers(disk_io="posix", bounce_blocks=16, bounce_chunks=2) as transfers:
+        src = make_cache(preset, ALIGNED, n)
+        fill(src, rng)
+        disk = DiskKVCache(tmp_path, ALIGNED, DT, n + 8)
+        disk.file._slots_per_request = 5  # several requests per chunk, cut inside runs
+        ids, slots = rng.permutation(n), rng.permutation(n + 8)[:n]
+        tags = [int(t) for t in rng.integers(1, 2**62, n)]
+        t = transfers.submit(src, disk, ids, slots, tags=tags)
+        t.wait()
+        assert t.ok, t.reasons
+        bad = [int(k) for k in rng.choice(n, 3, replace=False)]
+        for k in bad:
+            flip_byte(disk.file.path, int(slots[k]) * disk.slot_bytes + int(rng.integers(0, ALIGNED.block_bytes)))
+        dst = make_cache(preset, ALIGNED, n)
+        poison(dst)
+        back = rng.permutation(n)  # read every block into a shuffled destination
+        t = transfers.submit(disk, dst, slots, back, tags=tags)
+        t.wait()
+        assert sorted(t.reasons) == sorted(bad) and t.lost == set(bad)
+        assert all("checksum mismatch" in t.reasons[k] for k in bad)
+        for k in range(n):
+            want = poison_bytes(ALIGNED) if k in bad else block_bytes(src, int(ids[k]))
+            assert block_bytes(dst, int(back[k])) == want
+        disk.close()
+
+
 def test_tags_through_submit(transfers, tmp_path, rng):
     src = allocate("kvbm_staging", PADDED, 3, dtype=DT)
     fill(src, rng)

@@ -48,8 +48,8 @@ class Faults:
         real_read = mgr.store.cache("G3").file.read_slots
         sb = mgr.store.cache("G3").slot_bytes
 
-        def read_slots(slots, dst, buf_blocks=None):
-            result = real_read(slots, dst, buf_blocks)
+        def read_slots(slots, dst, buf_blocks=None, **hooks):
+            result = real_read(slots, dst, buf_blocks, **hooks)
             for s, b in zip(slots, buf_blocks):
                 if self.rng.random() < self.rate:
                     self.injected += 1

@@ -136,19 +136,27 @@ def run_batches(pending: deque, start: Any, advance: Any, in_flight: list, pool:
                 wait_on: Callable[[list], Any] | None = None, starved: Callable[[], bool] | None = None,
                 drain: Callable[[list], None] = _drain) -> Steps:
     """The scheduling loop of a chunked transfer (disk reads and writes, remote reads): start batches while
-    ``start`` can (it returns False when no chunk is free), advance each without blocking, and when nothing moved
+    ``start`` can (it returns False when no chunk is free), advance each without blocking (starting more batches
+    as soon as one that advanced may have given its chunk back, so the disk never waits on the copies of the other
+    batches), and when nothing moved
     wait on ``wait_on(in_flight)`` (default: the oldest batch's `waiting_on`). A transfer with no chunk at all
     stops if ``starved()`` says no chunk will come back, else advances the other holders of the pool before asking
     again: a chunk another transfer holds may wait for a step only a poll runs. ``drain`` settles the batches
     left in flight when the steps end early."""
+    def start_all() -> bool:
+        started = False
+        while pending and start(pending[0]):
+            pending.popleft()
+            started = True
+        return started
+
     try:
         while pending or in_flight:
-            moved = False
-            while pending and start(pending[0]):
-                pending.popleft()
-                moved = True
+            moved = start_all()
             for b in list(in_flight):
-                moved |= advance(b)
+                if advance(b):  # a chunk it gave back starts the next batch before the next one's copy
+                    moved = True
+                    start_all()
             if moved:
                 continue
             if in_flight:
@@ -299,6 +307,7 @@ def bounced_read_steps(transfers: Transfers, disk: DiskKVCache, dst: Any, src_id
                 _fail(errors, b.positions, f"copy from the bounce buffer failed: {e!r}")
                 b.stage = BlockTransfer.completed(0, "none")
                 b.positions = b.positions[:0]
+            settle_copy(b, errors, in_flight)  # a copy done at once (host) gives its chunk back now
             return True
         return settle_copy(b, errors, in_flight)
 
