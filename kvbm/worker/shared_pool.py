@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import mmap
 import os
 import socket
 import struct
@@ -32,6 +33,11 @@ _HEADER = struct.Struct("<16sQ")  # magic, pool bytes
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 _SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 _RETRY_S = 0.05
+
+
+def _file_bytes(nbytes: int) -> int:
+    """The memfd's size for a pool of ``nbytes``: whole pages, as the pool is mapped."""
+    return -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
 class SharedPoolError(RuntimeError):
@@ -80,7 +86,7 @@ class SharedHostPool:
 
     @classmethod
     def create(cls, group: ReplicaGroup, nbytes: int) -> SharedHostPool:
-        """A new sealed memfd of ``nbytes`` (not yet handed out: see `serve`)."""
+        """A new sealed memfd of ``nbytes`` in whole pages (not yet handed out: see `serve`)."""
         if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
             raise ValueError(f"nbytes must be a positive int, got {nbytes!r}")
         try:
@@ -88,7 +94,7 @@ class SharedHostPool:
         except (AttributeError, OSError) as e:
             raise SharedPoolError(f"memfd_create failed: {e}") from None
         try:
-            os.ftruncate(fd, nbytes)
+            os.ftruncate(fd, _file_bytes(nbytes))
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SIZE_SEALS | fcntl.F_SEAL_SEAL)
         except OSError as e:
             os.close(fd)
@@ -175,7 +181,7 @@ class SharedHostPool:
             os.close(fd)
             raise SharedPoolError(f"the received descriptor is not a sealed memfd: {e}") from None
         why = ("bad greeting" if magic != _MAGIC else f"pool of {size} bytes, this rank needs {nbytes}"
-               if size != nbytes else f"file of {actual} bytes" if actual != nbytes else
+               if size != nbytes else f"file of {actual} bytes" if actual != _file_bytes(nbytes) else
                "size not sealed" if seals & _SIZE_SEALS != _SIZE_SEALS else None)
         if why is not None:
             os.close(fd)
