@@ -172,6 +172,10 @@ class PinnedHostBuffer:
             cross a chunk boundary, so choose a multiple of the unit your copies use; the default registers
             everything up to 256 GiB in one call.
         touch_threads: threads for the parallel first touch; default up to 8 for buffers of 64 MiB or more.
+        shared_fd: map this file (a memfd other processes map too) shared instead of anonymous private memory; the
+            file must hold at least the mapped pages. Each process registers its own mapping with CUDA.
+        first_touch: zero the pages first (the default); a process attaching to memory another one already
+            filled passes False, so that it does not overwrite what is there.
 
     Attributes: ``nbytes``, ``host_ptr``, ``device_ptr`` (pinned only), ``pinned``, ``chunk_bytes``, ``closed``.
     Use as a context manager or call :meth:`close`.
@@ -184,6 +188,8 @@ class PinnedHostBuffer:
         numa_node: int | None = None,
         chunk_bytes: int | None = None,
         touch_threads: int | None = None,
+        shared_fd: int | None = None,
+        first_touch: bool = True,
     ) -> None:
         self.nbytes = _check_positive_int("nbytes", nbytes)
         mapped = -(-self.nbytes // PAGE_BYTES) * PAGE_BYTES
@@ -203,9 +209,14 @@ class PinnedHostBuffer:
         self.numa_node = numa_node
 
         started = time.perf_counter()
-        self._mmap = mmap.mmap(
-            -1, mapped, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ | mmap.PROT_WRITE
-        )
+        if shared_fd is None:
+            self._mmap = mmap.mmap(
+                -1, mapped, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            )
+        else:
+            if (size := os.fstat(shared_fd).st_size) < mapped:
+                raise ValueError(f"shared_fd holds {size} bytes; the buffer maps {mapped}")
+            self._mmap = mmap.mmap(shared_fd, mapped, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         address_view = np.frombuffer(self._mmap, dtype=np.uint8)
         self.host_ptr: int = int(address_view.ctypes.data)
         del address_view  # release the buffer export so that close() can unmap
@@ -219,7 +230,8 @@ class PinnedHostBuffer:
             self._advise(mapped)
             if numa_node is not None:
                 _bind_to_numa_node(self.host_ptr, mapped, numa_node)
-            _first_touch(self._mmap, mapped, touch_threads)
+            if first_touch:
+                _first_touch(self._mmap, mapped, touch_threads)
             touched = time.perf_counter()
             if cuda_available():
                 self._register(mapped)

@@ -90,26 +90,30 @@ def vllm_cross_layer(tensor: torch.Tensor) -> PagedKVCache:
     return describe([tensor], "block layer kv token head channel", name="vllm_cross_layer")
 
 
-def vllm_standardized(kv_caches: Sequence[torch.Tensor], order: str = "LBNHC") -> PagedKVCache:
+def vllm_standardized(kv_caches: Sequence[torch.Tensor], order: str = "LBNHC", *, latent: bool = False
+                      ) -> PagedKVCache:
     """vLLM's standardized layouts, as per-layer views `[num_blocks, heads, block_size, 2 * head_dim]`.
 
     The views are strided into one shared buffer whose physical order is `order` (one of STANDARDIZED_ORDERS);
-    K and V sit side by side in the last dimension. Checks each view's strides and its offset in the buffer.
+    K and V sit side by side in the last dimension. With ``latent`` the views are an MLA latent cache
+    `[num_blocks, 1, block_size, width]` (one latent per token, no K/V split). Checks each view's strides (those of
+    dimensions of size 1 place nothing and are not compared) and its offset in the buffer.
     """
     name = f"vllm_{order.lower()}" if isinstance(order, str) else "vllm_standardized"
     if order not in STANDARDIZED_ORDERS:
         raise LayoutError(f"vllm_standardized: order expected one of {STANDARDIZED_ORDERS}, got {order!r}")
     views = _as_list(kv_caches, name)
-    cache = describe(views, "block head token (kv channel)", tensor_dims="layer", name=name)
+    dims_text = "block head token channel" if latent else "block head token (kv channel)"
+    cache = describe(views, dims_text, tensor_dims="layer", name=f"{name}_mla" if latent else name)
     g = cache.geometry
     sizes = {"layer": g.num_layers, "block": cache.num_blocks, "head": g.num_heads, "token": g.block_size,
-             "channel": 2 * g.head_dim}
+             "channel": g.num_kv * g.head_dim}
     dims = [_LETTER[c] for c in order]
     expected = dict(zip(dims, _contiguous_strides([sizes[d] for d in dims])))
     want = (expected["block"], expected["head"], expected["token"], 1)
     base = views[0].data_ptr()
     for layer, v in enumerate(views):
-        if v.stride() != want:
+        if any(n > 1 and got != w for n, got, w in zip(v.shape, v.stride(), want)):
             raise LayoutError(f"{name}: layer {layer} view expected strides {want}, got {v.stride()}")
         offset = (v.data_ptr() - base) // v.element_size()
         if offset != layer * expected["layer"]:

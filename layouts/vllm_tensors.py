@@ -1,8 +1,9 @@
 """The KV tensors vLLM hands a connector's ``register_kv_caches``, described as a `PagedKVCache`.
 
 vLLM 0.33's per-layer 4-D views ``[num_blocks, kv_heads, block_size, 2 * head_dim]`` strided into one buffer, in
-any standardized order (found from the strides and layer offsets), or the classic 5-D per-layer tensors of
-FlashAttention ``[2, B, N, H, D]`` and FlashInfer ``[B, 2, N, H, D]``, NHD or HND.
+any standardized order (found from the strides and layer offsets), MLA's latent views
+``[num_blocks, 1, block_size, width]`` in the same orders, or the classic 5-D per-layer tensors of FlashAttention
+``[2, B, N, H, D]`` and FlashInfer ``[B, 2, N, H, D]``, NHD or HND.
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ def _standardized_order(views: list[torch.Tensor]) -> str:
     return "".join(sorted(strides, key=lambda d: -strides[d]))
 
 
-def describe_vllm_kv_caches(kv_caches: dict[str, torch.Tensor]) -> PagedKVCache:
-    """Describe the tensors vLLM hands ``register_kv_caches`` (layer order as given) as a ``PagedKVCache``."""
+def describe_vllm_kv_caches(kv_caches: dict[str, torch.Tensor], *, latent: bool = False) -> PagedKVCache:
+    """Describe the tensors vLLM hands ``register_kv_caches`` (layer order as given) as a ``PagedKVCache``;
+    ``latent``: an MLA cache (``MLAAttentionSpec``), 4-D views ``[num_blocks, 1, block_size, latent width]``."""
     if not isinstance(kv_caches, dict) or not kv_caches:
         raise TypeError(f"kv_caches must be a non-empty dict of layer name -> tensor, got {kv_caches!r:.80}")
     tensors = list(kv_caches.values())
@@ -36,7 +38,12 @@ def describe_vllm_kv_caches(kv_caches: dict[str, torch.Tensor]) -> PagedKVCache:
         if order not in presets.STANDARDIZED_ORDERS:
             raise ValueError(f"4-D KV views with physical order {order} are not one of vLLM's standardized "
                              f"layouts {presets.STANDARDIZED_ORDERS}")
-        return presets.vllm_standardized(tensors, order)
+        if latent and tensors[0].shape[1] != 1:
+            raise ValueError(f"MLA KV views must have one head slot, got shape {tuple(tensors[0].shape)}")
+        return presets.vllm_standardized(tensors, order, latent=latent)
+    if latent:
+        raise ValueError(f"MLA KV caches must be vLLM 0.33's 4-D views [B, 1, N, width], got dimensions "
+                         f"{sorted(dims)}")
     if dims == {5}:
         t = tensors[0]
         token_dim, head_dim = 2, 3
@@ -48,4 +55,4 @@ def describe_vllm_kv_caches(kv_caches: dict[str, torch.Tensor]) -> PagedKVCache:
         raise ValueError(f"5-D KV tensors must be [2, B, N, H, D] (FlashAttention) or [B, 2, N, H, D] (FlashInfer), "
                          f"got shape {tuple(t.shape)}")
     raise ValueError(f"unsupported KV cache tensors: dimensions {sorted(dims)} (expected vLLM 0.33's 4-D views or "
-                     f"the classic 5-D per-layer tensors; MLA caches are not supported)")
+                     f"the classic 5-D per-layer tensors)")

@@ -7,7 +7,8 @@ layers under pipeline parallelism) with its own worker-role connector, built fro
 ``SchedulerOutput`` (and connector metadata inside it), runs it in the V1 runner order, and its
 ``ModelRunnerOutput`` is aggregated by vLLM's own ``KVOutputAggregator`` (finished sets counted over ranks, invalid
 block ids unioned, worker metadata ``aggregate``d), as ``MultiprocExecutor`` does. Every rank byte-checks the KV it
-reads against the deterministic model restricted to its heads and layers.
+reads against the deterministic model restricted to its heads and layers. With ``mla`` the model's KV is one latent
+per token (``MLAAttentionSpec``, ``2 * head_dim`` wide), the same on every tensor-parallel rank.
 
 Ranks run in this process (``ranks="inline"``, one after the other) or as spawned OS processes (``"process"``,
 each importing vLLM itself, ~15 s); processes are always stopped on close, with timeouts.
@@ -39,7 +40,7 @@ from vllm.v1.core.kv_cache_utils import (
 )
 from vllm.v1.core.single_type_kv_cache_manager import register_all_kvcache_specs
 from vllm.v1.attention.backends.utils import get_supported_kv_cache_layouts, resolve_kv_cache_layout
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, MLAAttentionSpec
 from vllm.v1.outputs import ModelRunnerOutput
 
 from kvbm.kernels.block_transfer import BlockTransfer
@@ -67,16 +68,19 @@ class RankModelSpec(H.TinyModelSpec):
         return [f"model.layers.{self.first_layer + i}.self_attn.attn" for i in range(self.num_layers)]
 
 
-def rank_shard(model: H.TinyModelSpec, tp: int, pp: int, rank: int) -> tuple[RankModelSpec, int]:
-    """``(rank's model shard, its first KV head)``: vLLM numbers ranks stage-major (``rank // tp`` is the stage)."""
-    if model.num_kv_heads % tp or model.num_attention_heads % tp:
+def rank_shard(model: H.TinyModelSpec, tp: int, pp: int, rank: int, mla: bool = False) -> tuple[RankModelSpec, int]:
+    """``(rank's model shard, its first KV head)``: vLLM numbers ranks stage-major (``rank // tp`` is the stage);
+    MLA's single latent "head" is whole on every rank."""
+    if (model.num_kv_heads % tp and not mla) or model.num_attention_heads % tp:
         raise ValueError(f"{model.num_kv_heads} KV heads / {model.num_attention_heads} heads do not split over tp={tp}")
+    if mla and model.num_kv_heads != 1:
+        raise ValueError(f"an MLA model has one latent per token (num_kv_heads=1), got {model.num_kv_heads}")
     start, stop = get_pp_indices(model.num_layers, rank // tp, pp)
-    heads = model.num_kv_heads // tp
+    heads = model.num_kv_heads if mla else model.num_kv_heads // tp
     shard = RankModelSpec(num_layers=stop - start, num_kv_heads=heads, num_attention_heads=model.num_attention_heads
                           // tp, head_dim=model.head_dim, vocab_size=model.vocab_size, dtype=model.dtype,
                           first_layer=start)
-    return shard, (rank % tp) * heads
+    return shard, 0 if mla else (rank % tp) * heads
 
 
 class RankOracle(H.KVOracle):
@@ -104,16 +108,24 @@ def set_parallel(vllm_config: H.VllmConfig, tp: int, pp: int, rank: int = 0) -> 
     parallel.world_size = tp * pp
 
 
-def plan_rank_caches(vllm_config: H.VllmConfig, model: H.TinyModelSpec, tp: int, pp: int, num_gpu_blocks: int
-                     ) -> tuple[H.PlannedKVCache, list[KVCacheConfig]]:
+def kv_spec(block_size: int, shard: H.TinyModelSpec, mla: bool) -> FullAttentionSpec:
+    """A layer's KV cache spec as vLLM's attention layer gives it: full attention, or MLA's latent cache (as
+    ``MLAAttention.get_kv_cache_spec``: one head, replicated over tensor parallelism)."""
+    if mla:
+        return MLAAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=2 * shard.head_dim,
+                                dtype=shard.torch_dtype, max_tp_shards=1)
+    return FullAttentionSpec(block_size=block_size, num_kv_heads=shard.num_kv_heads, head_size=shard.head_dim,
+                             dtype=shard.torch_dtype)
+
+
+def plan_rank_caches(vllm_config: H.VllmConfig, model: H.TinyModelSpec, tp: int, pp: int, num_gpu_blocks: int,
+                     mla: bool = False) -> tuple[H.PlannedKVCache, list[KVCacheConfig]]:
     """The engine core's KV cache plan over all ranks: the scheduler's config (rank 0's) and every rank's."""
     register_all_kvcache_specs(vllm_config)
     specs = []
     for rank in range(tp * pp):
-        shard, _ = rank_shard(model, tp, pp, rank)
-        specs.append({name: FullAttentionSpec(block_size=vllm_config.cache_config.block_size,
-                                              num_kv_heads=shard.num_kv_heads, head_size=model.head_dim,
-                                              dtype=model.torch_dtype) for name in shard.layer_names()})
+        shard, _ = rank_shard(model, tp, pp, rank, mla)
+        specs.append({name: kv_spec(vllm_config.cache_config.block_size, shard, mla) for name in shard.layer_names()})
     supported = [layout.name for layout in get_supported_kv_cache_layouts([])]
     resolve_kv_cache_layout(vllm_config, [supported], list(specs[0].values()))
     groups = get_global_kv_cache_groups(vllm_config, specs)
@@ -164,6 +176,8 @@ class RankSetup:
     rank: int
     kv_cache_config: KVCacheConfig
     fail_every_nth_load: int = 0
+    mla: bool = False
+    instance_id: str = ""  #: the engine's (vLLM's workers get the engine's config)
 
 
 class Rank:
@@ -173,12 +187,22 @@ class Rank:
         self.rank = setup.rank
         self.vllm_config = H.build_vllm_config(setup.config, Path(setup.model_dir))
         set_parallel(self.vllm_config, setup.tp, setup.pp, setup.rank)
+        self.vllm_config.instance_id = setup.instance_id or self.vllm_config.instance_id
         self.vllm_config.cache_config.kv_cache_layout = setup.kv_cache_config.kv_cache_layout
-        shard, first_head = rank_shard(setup.config.model, setup.tp, setup.pp, setup.rank)
+        shard, first_head = rank_shard(setup.config.model, setup.tp, setup.pp, setup.rank, setup.mla)
         self.seeds: dict[str, int] = {}
         config = dataclasses.replace(setup.config, model=shard)
         self.harness = _WorkerHarness(config, self.vllm_config, setup.kv_cache_config, self.seeds)
         self.harness.oracle = RankOracle(setup.config.model, shard, first_head)
+        self.executed: Counter = Counter()  # moves the rank's store ran, by kind
+        execute = self.worker.store.execute
+
+        def counting_execute(moves: Sequence[Any]) -> None:
+            moves = list(moves)
+            self.executed.update(move.kind.name for move in moves)
+            execute(moves)
+
+        self.worker.store.execute = counting_execute
         if setup.fail_every_nth_load:
             fail_every_nth_load(self.worker, setup.fail_every_nth_load)
 
@@ -205,11 +229,27 @@ class Rank:
         return {"leftover": bool(worker._moves or worker._loading or worker._storing or worker._held
                                  or worker.store.busy),
                 "blocks": {name: cache.num_blocks for name, cache in worker.store.caches.items()},
-                "block_bytes": worker.engine_cache.geometry.block_bytes}
+                "block_bytes": worker.engine_cache.geometry.block_bytes,
+                "executed": dict(self.executed), "host_mapping": host_mapping(worker.store.caches.get("G2"))}
 
     def close(self) -> None:
         """Shut the rank's connector down."""
         self.harness.shutdown()
+
+
+def host_mapping(cache: Any) -> dict[str, Any] | None:
+    """What backs a host tier's memory, from this process's ``/proc/self/maps``: ``{path, inode, shared,
+    bytes}`` of the mapping holding the cache's buffer."""
+    buffer = getattr(cache, "__dict__", {}).get("_kvbm_buffer")
+    if buffer is None:
+        return None
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= buffer.host_ptr < hi:
+            return {"path": fields[5] if len(fields) > 5 else "", "inode": int(fields[4]), "shared": "s" in fields[1],
+                    "bytes": hi - lo}
+    raise AssertionError(f"no mapping holds the host tier at {buffer.host_ptr:#x}")
 
 
 def _rank_process(conn: Any, setup: RankSetup) -> None:
@@ -358,11 +398,11 @@ class RankedVllmHarness(H.VllmHarness):
     """``VllmHarness`` with a ``RankGroup`` of ``tp x pp`` ranks as its worker (``worker``)."""
 
     def __init__(self, config: H.HarnessConfig, tp: int, pp: int = 1, ranks: RankMode = "inline",
-                 faults: dict[int, int] | None = None) -> None:
-        """``faults``: rank -> fail every n-th load move on that rank."""
+                 faults: dict[int, int] | None = None, mla: bool = False) -> None:
+        """``faults``: rank -> fail every n-th load move on that rank; ``mla``: the model's KV is MLA's latent."""
         if config.runner != "v1" or config.use_async_scheduling:
             raise ValueError("the multi-rank harness steps the V1 runner with synchronous scheduling")
-        self.tp, self.pp, self.rank_mode, self.faults = tp, pp, ranks, dict(faults or {})
+        self.tp, self.pp, self.rank_mode, self.faults, self.mla = tp, pp, ranks, dict(faults or {}), mla
         self.rank_configs: list[KVCacheConfig] = []
         super().__init__(config)
 
@@ -371,7 +411,8 @@ class RankedVllmHarness(H.VllmHarness):
         set_parallel(self.vllm_config, self.tp, self.pp)
 
         def plan(vllm_config: H.VllmConfig, model: H.TinyModelSpec, num_gpu_blocks: int) -> H.PlannedKVCache:
-            planned, self.rank_configs = plan_rank_caches(vllm_config, model, self.tp, self.pp, num_gpu_blocks)
+            planned, self.rank_configs = plan_rank_caches(vllm_config, model, self.tp, self.pp, num_gpu_blocks,
+                                                          self.mla)
             return planned
 
         def workers(config: H.HarnessConfig, vllm_config: H.VllmConfig, _: Any, seeds: dict[str, int]) -> RankGroup:
@@ -380,7 +421,7 @@ class RankedVllmHarness(H.VllmHarness):
             try:
                 for r, kv_config in enumerate(self.rank_configs):
                     ranks.append(kind(RankSetup(config, model_dir, self.tp, self.pp, r, kv_config,
-                                                self.faults.get(r, 0))))
+                                                self.faults.get(r, 0), self.mla, self.vllm_config.instance_id)))
                 for rank in ranks:
                     rank.started()
             except BaseException:

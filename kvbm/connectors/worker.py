@@ -4,6 +4,11 @@ The worker allocates its shard of every tier (the same number of blocks as the l
 size), runs the plan's moves through its `BlockStore`, and reports per request what the engine asks for
 (loads done, held requests whose stores are done, engine blocks whose load failed) and per move what the leader
 needs (`WorkerReport`).
+
+Ranks holding identical KV (MLA's latent cache under tensor parallelism, a `ReplicaGroup`) share one host pool
+(`kvbm.worker.shared_pool`): the group's writer runs the moves into it (stores), every rank runs the others (loads
+into its own engine cache, copies to its own disk tier), and a rank that does not run a move reports it at once
+with no failure, so that the leader's count of one report per rank holds and the writer's result decides.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from kvbm.config import KvbmConfig
+from kvbm.connectors.leader import RankLayout
 from kvbm.connectors.messages import RequestLoad, RequestStore, WorkerReport
 from kvbm.kernels.block_transfer import BlockTransfer
 from kvbm.kernels.medium import Medium, medium_of
@@ -20,9 +26,11 @@ from kvbm.layouts import PagedKVCache
 from kvbm.leader.plans import Move, MoveKind, MoveResult
 from kvbm.metrics import KvbmMetrics
 from kvbm.tiers import TierSpec
+from kvbm.worker.shared_pool import ReplicaGroup, SharedHostPool, SharedPoolError
 from kvbm.worker.store import BlockStore
+from kvbm.worker.tier_memory import allocate_tier, close_tier
 
-__all__ = ["ConnectorWorker"]
+__all__ = ["ConnectorWorker", "replica_group"]
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +39,22 @@ class ConnectorWorker:
     """One rank's tiers and the requests whose moves it runs (see the module docstring)."""
 
     def __init__(self, engine_cache: PagedKVCache, tiers: Sequence[TierSpec], config: KvbmConfig, *,
-                 metrics: KvbmMetrics | None = None) -> None:
-        """Allocate the tiers' memory for ``engine_cache``'s geometry (raises before holding anything on failure)."""
+                 metrics: KvbmMetrics | None = None, replicas: ReplicaGroup | None = None) -> None:
+        """Allocate the tiers' memory for ``engine_cache``'s geometry (raises before holding anything on failure);
+        with ``replicas`` the host tier is the group's shared pool when it can be (else this rank's own)."""
         if not tiers:
             raise ValueError("no offload tier configured")
         self.engine_cache = engine_cache
-        self.store = BlockStore.open(engine_cache, tiers, config, metrics=metrics)
+        #: Tiers this rank shares with its replica group but does not write (moves into them are the writer's).
+        self.shared_read_only: frozenset[str] = frozenset()
+        self._pool: SharedHostPool | None = None
+        allocated = self._share_host_tier(tiers, replicas) if replicas is not None else {}
+        try:
+            self.store = BlockStore.open(engine_cache, tiers, config, metrics=metrics, allocated=allocated)
+        except BaseException:
+            if self._pool is not None:
+                self._pool.close()
+            raise
         self._moves: dict[int, tuple[Move, str | None]] = {}  # running move id -> (move, request id)
         self._loading: dict[str, set[int]] = {}
         self._storing: dict[str, set[int]] = {}
@@ -47,6 +65,45 @@ class ConnectorWorker:
         self._layers_per_group = config.onboard_layers_per_group
         self._layer_waits: list[list[BlockTransfer]] = []  # this step's layer-wise transfers, per layer group
         self._closed = False
+
+    def _share_host_tier(self, tiers: Sequence[TierSpec], group: ReplicaGroup) -> dict[str, PagedKVCache]:
+        """The host tier in the group's pool: created, mapped, then handed out (writer) or received and mapped
+        (reader). A reader that cannot attach keeps its own pool (``{}``), logging why."""
+        host = next((t for t in tiers if t.medium is Medium.HOST), None)
+        if host is None:
+            return {}
+        g, dtype = self.engine_cache.geometry, self.engine_cache.dtype
+        nbytes = host.num_blocks * g.block_bytes
+        if group.writer:  # mapped before it is handed out: no reader sees memory the writer does not use
+            pool = SharedHostPool.create(group, nbytes)
+            try:
+                cache = allocate_tier(host, g, dtype, shared_fd=pool.fd)
+            except BaseException:
+                pool.close()
+                raise
+            self._pool = pool
+            try:
+                pool.serve()
+            except SharedPoolError as e:
+                log.warning("kvbm: replica group %s: %s; the other ranks store their own copy", group.name, e)
+            return {host.name: cache}
+        try:
+            pool = SharedHostPool.attach(group, nbytes)
+        except SharedPoolError as e:
+            log.warning("kvbm: replica group %s: %s; this rank stores its own copy", group.name, e)
+            return {}
+        try:
+            cache = allocate_tier(host, g, dtype, shared_fd=pool.fd, first_touch=False)
+        except Exception as e:  # noqa: BLE001 - this rank keeps its own pool, always correct
+            log.warning("kvbm: replica group %s: mapping the shared pool failed (%r); this rank stores its own copy",
+                        group.name, e)
+            return {}
+        finally:
+            pool.close()
+        self.shared_read_only = frozenset({host.name})
+        log.info("kvbm: replica group %s: host tier %s shared with the writer rank (%d bytes)", group.name,
+                 host.name, nbytes)
+        return {host.name: cache}
 
     def start_loads(self, loads: Iterable[RequestLoad]) -> None:
         """Start loading requests' blocks; blocks missing at planning time are load errors at once. Layer-wise
@@ -154,16 +211,25 @@ class ConnectorWorker:
             return
         self._closed = True
         self._layer_waits = []
-        self.store.close()
+        try:
+            self.store.close()
+        finally:
+            if self._pool is not None:
+                self._pool.close()
 
     # -- internals ---------------------------------------------------------------------------------------------
 
     def _execute(self, moves: Sequence[Move], request_id: str | None, pending: set[int] | None) -> None:
+        run = []
         for move in moves:
+            if move.dst_tier in self.shared_read_only:  # the writer's move: reported done by this rank at once
+                self._report[move.move_id] = MoveResult(move.move_id, {})
+                continue
+            run.append(move)
             self._moves[move.move_id] = (move, request_id)
             if pending is not None:
                 pending.add(move.move_id)
-        self.store.execute(moves)
+        self.store.execute(run)
 
     def _start_by_layers(self, load: RequestLoad) -> None:
         """One transfer per layer group for moves from host tiers; a move from another medium (a block that left
@@ -195,3 +261,14 @@ class ConnectorWorker:
                 self._loading.get(request_id, set()).discard(result.move_id)
             elif move.kind is MoveKind.STORE:
                 self._storing.get(request_id, set()).discard(result.move_id)
+
+
+def replica_group(layout: RankLayout, rank: int, engine_id: str, timeout_s: float = 60.0) -> ReplicaGroup | None:
+    """The group of ``rank`` sharing a host pool (its pipeline stage's tensor-parallel ranks, the first of them
+    the writer), or None when ``layout`` does not share one; ``engine_id`` names the engine uniquely on its
+    host."""
+    if not layout.shares_host_pool:
+        return None
+    tp = layout.tensor_parallel
+    return ReplicaGroup(f"{engine_id}-stage{rank // tp}", writer=rank % tp == 0, num_readers=tp - 1,
+                        timeout_s=timeout_s)

@@ -4,7 +4,8 @@ The scheduler role holds the block index (`scheduler`), each worker rank (tensor
 shard of the tiers; they talk only through vLLM's per-step metadata (`metadata`), and a move completes once every
 rank reported it. Blocks are stored after the forward that computed them; hits held in G2 are loaded layer by layer
 beside the forward that reads them, others asynchronously; a load failed on any rank is reported so vLLM recomputes
-it on all. ``DYN_KVBM_*`` entries of the extra config override the
+it on all; MLA's latent cache, the same on every tensor-parallel rank, is stored once in a host pool the ranks
+share. ``DYN_KVBM_*`` entries of the extra config override the
 environment; ``"kv_layout": "HND"`` asks vLLM for LBHNC.
 """
 from __future__ import annotations
@@ -18,11 +19,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.v1.kv_cache_interface import MLAAttentionSpec
 
 from kvbm.connectors import kvbm_config_from, process_metrics
 from kvbm.connectors.leader import ConnectorLeader
 from kvbm.connectors.messages import StepPlan
-from kvbm.connectors.worker import ConnectorWorker
+from kvbm.connectors.worker import ConnectorWorker, replica_group
 from kvbm.layouts.vllm_tensors import describe_vllm_kv_caches
 from kvbm.tiers import kvbm_tiers
 from kvbm.vllm_integration.metadata import DynamoConnectorMetadata, DynamoWorkerMetadata
@@ -55,11 +57,12 @@ class DynamoConnector(KVConnectorBase_V1):
         self.rank = vllm_config.parallel_config.rank if role == KVConnectorRole.WORKER else 0
         self.layout = rank_layout(vllm_config, kv_cache_config, self.rank)
         self.block_bytes = self.layout.total_block_bytes  # summed over ranks: sizes the tiers on both sides
+        self.latent = type(kv_cache_config.kv_cache_groups[0].kv_cache_spec) is MLAAttentionSpec
         self.scheduler_side: SchedulerSide | None = None
         self.worker: ConnectorWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler_side = SchedulerSide(process_metrics.build_with(self.config, lambda metrics: ConnectorLeader(
-                kvbm_tiers(self.config, self.block_bytes), self.config, self.block_size,
+                kvbm_tiers(self.config, self.block_bytes, self.layout.host_block_bytes), self.config, self.block_size,
                 num_workers=self.layout.world_size, metrics=metrics, block_bytes=self.block_bytes, layerwise=True)))
         elif role != KVConnectorRole.WORKER:
             raise ValueError(f"role must be a KVConnectorRole, got {role!r}")
@@ -103,7 +106,7 @@ class DynamoConnector(KVConnectorBase_V1):
         """Describe vLLM's KV tensors and allocate this rank's tiers for them."""
         if self.worker is not None:
             raise RuntimeError("register_kv_caches was already called on this worker")
-        cache = describe_vllm_kv_caches(kv_caches)
+        cache = describe_vllm_kv_caches(kv_caches, latent=self.latent)
         g = cache.geometry
         if g.block_size != self.block_size:
             raise ValueError(f"KV tensors hold blocks of {g.block_size} tokens; the KV cache config says "
@@ -112,9 +115,11 @@ class DynamoConnector(KVConnectorBase_V1):
         self._layers = {name: i for i, name in enumerate(kv_caches)}
         log.info("kvbm: rank %d of %d: %d layers, %d GPU blocks of %d bytes, layout %s", self.rank,
                  self.layout.world_size, g.num_layers, cache.num_blocks, g.block_bytes, cache.name)
+        engine_id = f"{self._vllm_config.instance_id}-dp{self._vllm_config.parallel_config.data_parallel_rank}"
+        replicas = replica_group(self.layout, self.rank, engine_id)
+        tiers = kvbm_tiers(self.config, self.block_bytes, self.layout.host_block_bytes)
         self.worker = process_metrics.build_with(  # as many blocks as the scheduler's index, each of this rank's size
-            self.config, lambda metrics: ConnectorWorker(cache, kvbm_tiers(self.config, self.block_bytes), self.config,
-                                                         metrics=metrics))
+            self.config, lambda metrics: ConnectorWorker(cache, tiers, self.config, metrics=metrics, replicas=replicas))
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         """Finish the stores still reading blocks of requests preempted this step, before vLLM reuses them."""

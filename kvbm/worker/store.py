@@ -58,10 +58,13 @@ class BlockStore:
 
     @classmethod
     def open(cls, engine_cache: Any, tiers: Sequence[TierSpec], config: KvbmConfig, *,
-             metrics: KvbmMetrics | None = None, transfers: Transfers | None = None) -> BlockStore:
+             metrics: KvbmMetrics | None = None, transfers: Transfers | None = None,
+             allocated: Mapping[str, Any] | None = None) -> BlockStore:
         """A store over the engine's cache (tier "G1") and the ``tiers`` allocated now in its geometry, with the
         transfer library's options from ``config``; nothing is held if a tier cannot be allocated, and ``close``
-        releases the tiers."""
+        releases the tiers. ``allocated``: caches of some of ``tiers`` the caller allocated (a shared pool), owned
+        by the store from now on."""
+        allocated = dict(allocated or {})
         if transfers is None:
             transfers = Transfers(device=engine_cache.device if engine_cache.device.type == "cuda" else None,
                                   disk_io=config.disk_io, bounce_blocks=config.max_transfer_batch_size,
@@ -69,10 +72,14 @@ class BlockStore:
         caches: dict[str, Any] = {ENGINE_TIER: engine_cache}
         try:
             for spec in tiers:
-                caches[spec.name] = allocate_tier(spec, engine_cache.geometry, engine_cache.dtype)
+                given = allocated.pop(spec.name, None)
+                caches[spec.name] = given if given is not None else allocate_tier(spec, engine_cache.geometry,
+                                                                                  engine_cache.dtype)
+            if allocated:
+                raise ValueError(f"allocated caches {sorted(allocated)} are not among the tiers")
         except BaseException:
-            for name in list(caches)[1:]:
-                close_tier(caches[name])
+            for cache in [*list(caches.values())[1:], *allocated.values()]:
+                close_tier(cache)
             transfers.close()
             raise
         store = cls(caches, transfers, max_in_flight=config.max_concurrent_transfers, metrics=metrics)
