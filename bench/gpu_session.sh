@@ -49,7 +49,7 @@ for part in "$@"; do
             --batches 16,256 --out "$OUT" --stem transfer ;;
         pieces) run_part pieces timeout 400 python3 -m bench.transfer_bench --pin-thread 3 --sections pieces \
             --out "$OUT" --stem pieces ;;
-        g3) mkdir -p /tmp/kvbm_g3 && run_part g3 timeout 150 python3 -m bench.g3_bench --dir /tmp/kvbm_g3 --gib 1 \
+        g3) mkdir -p /tmp/kvbm_g3 && run_part g3 timeout 300 python3 -m bench.g3_bench --dir /tmp/kvbm_g3 --gib 1 \
             --out "$OUT/g3" ;;
         ttft) run_part ttft timeout 500 python3 -m bench.ttft --out "$OUT/ttft" ;;
         *) echo "unknown part $part" ;;
