@@ -202,7 +202,15 @@ class Rank:
             self.executed.update(move.kind.name for move in moves)
             execute(moves)
 
+        execute_by_layers = self.worker.store.execute_by_layers
+
+        def counting_by_layers(moves: Sequence[Any], groups: Any) -> Any:
+            moves = list(moves)
+            self.executed.update(move.kind.name for move in moves)
+            return execute_by_layers(moves, groups)
+
         self.worker.store.execute = counting_execute
+        self.worker.store.execute_by_layers = counting_by_layers
         if setup.fail_every_nth_load:
             fail_every_nth_load(self.worker, setup.fail_every_nth_load)
 
