@@ -15,17 +15,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 
-import torch
-
 from kvbm.config import KvbmConfig
 from kvbm.connectors.leader import RankLayout
 from kvbm.connectors.messages import RequestLoad, RequestStore, WorkerReport
 from kvbm.kernels.block_transfer import BlockTransfer
-from kvbm.kernels.medium import Medium, medium_of
+from kvbm.kernels.medium import Medium
 from kvbm.layouts import PagedKVCache
 from kvbm.leader.plans import Move, MoveKind, MoveResult
 from kvbm.metrics import KvbmMetrics
 from kvbm.tiers import TierSpec
+from kvbm.worker.layerwise import LayerwiseLoads
 from kvbm.worker.shared_pool import ReplicaGroup, SharedHostPool, SharedPoolError
 from kvbm.worker.store import BlockStore
 from kvbm.worker.tier_memory import allocate_tier, close_tier
@@ -62,8 +61,7 @@ class ConnectorWorker:
         self._load_errors: set[int] = set()
         self._failed_loads: dict[str, list[str]] = {}
         self._report: dict[int, MoveResult] = {}
-        self._layers_per_group = config.onboard_layers_per_group
-        self._layer_waits: list[list[BlockTransfer]] = []  # this step's layer-wise transfers, per layer group
+        self._layers = LayerwiseLoads(self.store, engine_cache, config.onboard_layers_per_group)
         self._closed = False
 
     def _share_host_tier(self, tiers: Sequence[TierSpec], group: ReplicaGroup) -> dict[str, PagedKVCache]:
@@ -109,41 +107,35 @@ class ConnectorWorker:
         """Start loading requests' blocks; blocks missing at planning time are load errors at once. Layer-wise
         loads start at once, one transfer per group of layers (``wait_for_layer`` waits for one group); the others
         are asynchronous (``poll`` reports their requests once done)."""
+        by_layers: list[Move] = []
         for load in loads:
             self._load_errors.update(load.missing)
             if load.missing:
                 self._failed_loads.setdefault(load.request_id, []).extend(
                     f"engine block {b}: no longer stored when the load was planned" for b in load.missing)
             if load.layerwise:
-                self._start_by_layers(load)
+                for move in load.moves:
+                    self._moves[move.move_id] = (move, load.request_id)
+                by_layers.extend(load.moves)
             else:
                 self._execute(load.moves, load.request_id, self._loading.setdefault(load.request_id, set()))
+        if by_layers:
+            self._layers.start(by_layers)
 
     def wait_for_layer(self, layer: int) -> None:
         """Order the engine's later work on ``layer`` after the layer-wise loads of its group: on the GPU the
         current stream waits on the device (the host goes on queueing the forward), on the CPU the call blocks."""
-        if not self._layer_waits:
-            return
-        if not 0 <= layer < self.engine_cache.geometry.num_layers:
-            raise ValueError(f"layer {layer} is not one of the engine cache's {self.engine_cache.geometry.num_layers}")
-        stream = torch.cuda.current_stream(self.engine_cache.device) if self.engine_cache.device.type == "cuda" \
-            else None
-        for transfer in self._layer_waits[layer // self._layers_per_group]:
-            transfer.order_stream(stream)
+        self._layers.wait_for_layer(layer)
 
     @property
     def layer_transfers(self) -> tuple[tuple[BlockTransfer, ...], ...]:
         """This step's layer-wise transfers, per layer group (empty once finished)."""
-        return tuple(tuple(group) for group in self._layer_waits)
+        return self._layers.transfers
 
     def finish_layerwise_loads(self) -> None:
         """Block until this step's layer-wise loads are done and their failed blocks known (call after the
         forward, before the engine asks for load errors)."""
-        waits, self._layer_waits = self._layer_waits, []
-        for group in waits:
-            for transfer in group:
-                transfer.wait()
-        if waits:
+        if self._layers.finish():
             self._collect(self.store.poll())
 
     def start_stores(self, stores: Iterable[RequestStore]) -> None:
@@ -203,15 +195,15 @@ class ConnectorWorker:
 
     def idle(self) -> bool:
         """Whether nothing is running or waiting to be reported."""
-        return not (self._moves or self._loading or self._storing or self._held or self._report or self._layer_waits)
+        return not (self._moves or self._loading or self._storing or self._held or self._report or self._layers.active)
 
     def close(self) -> None:
         """Finish every move, then release the tiers (idempotent)."""
         if self._closed:
             return
         self._closed = True
-        self._layer_waits = []
         try:
+            self._layers.close()
             self.store.close()
         finally:
             if self._pool is not None:
@@ -230,21 +222,6 @@ class ConnectorWorker:
             if pending is not None:
                 pending.add(move.move_id)
         self.store.execute(run)
-
-    def _start_by_layers(self, load: RequestLoad) -> None:
-        """One transfer per layer group for moves from host tiers; a move from another medium (a block that left
-        G2 since the lookup) is waited for whole before the first layer."""
-        num_layers = self.engine_cache.geometry.num_layers
-        groups = [(a, min(a + self._layers_per_group, num_layers)) for a in range(0, num_layers, self._layers_per_group)]
-        if not self._layer_waits:
-            self._layer_waits = [[] for _ in groups]
-        for move in load.moves:
-            self._moves[move.move_id] = (move, load.request_id)
-        by_layers = [m for m in load.moves if medium_of(self.store.cache(m.src_tier)) is Medium.HOST]
-        whole = [m for m in load.moves if medium_of(self.store.cache(m.src_tier)) is not Medium.HOST]
-        for k, transfers in enumerate(self.store.execute_by_layers(by_layers, groups)):
-            self._layer_waits[k].extend(transfers)
-        self._layer_waits[0].extend(*self.store.execute_by_layers(whole, [(0, num_layers)]))
 
     def _storing_ids(self) -> set[int]:
         return set().union(*self._storing.values()) if self._storing else set()

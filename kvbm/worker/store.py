@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,32 +113,37 @@ class BlockStore:
             self._queue.append(move)
         self._start_queued()
 
-    def execute_by_layers(self, moves: Sequence[Move], groups: Sequence[tuple[int, int]]
+    def execute_by_layers(self, moves: Sequence[Move], groups: Sequence[tuple[int, int]], *,
+                          on_group: Callable[[int, list[BlockTransfer]], None] | None = None
                           ) -> list[list[BlockTransfer]]:
         """Start ``moves`` now (ahead of the queue) as one transfer per layer group ``[start, stop)`` of ``groups``
         and per pair of tiers (the moves between two tiers join into one transfer, in order, so the first group
-        lands first), and return the transfers per group, for waiting on one group of layers. A move's result
-        merges its groups: a block fails where any group failed it."""
+        lands first), and return the transfers per group, for waiting on one group of layers; ``on_group(k,
+        transfers)`` is called as each group is started. A move's result merges its groups: a block fails where
+        any group failed it."""
         by_group: list[list[BlockTransfer]] = [[] for _ in groups]
         pairs: dict[tuple[str, str], list[Move]] = {}
         for move in moves:
             pairs.setdefault((move.src_tier, move.dst_tier), []).append(move)
-        for (src_tier, dst_tier), joined in pairs.items():
-            t0 = time.perf_counter()
-            whole = Move(joined[0].move_id, joined[0].kind, src_tier, dst_tier,
-                         tuple(i for m in joined for i in m.src_ids), tuple(i for m in joined for i in m.dst_ids),
-                         tuple(h for m in joined for h in m.hashes))
-            parts: list[list[BlockTransfer]] = [[] for _ in joined]
-            for k, (start, stop) in enumerate(groups):
-                transfer = self._submit(whole, self._layer_view(src_tier, start, stop),
-                                        self._layer_view(dst_tier, start, stop))
+        t0 = time.perf_counter()
+        joined = [(Move(ms[0].move_id, ms[0].kind, src_tier, dst_tier, tuple(i for m in ms for i in m.src_ids),
+                        tuple(i for m in ms for i in m.dst_ids), tuple(h for m in ms for h in m.hashes)), ms)
+                  for (src_tier, dst_tier), ms in pairs.items()]
+        parts: dict[int, list[BlockTransfer]] = {m.move_id: [] for m in moves}
+        for k, (start, stop) in enumerate(groups):
+            for whole, ms in joined:
+                transfer = self._submit(whole, self._layer_view(whole.src_tier, start, stop),
+                                        self._layer_view(whole.dst_tier, start, stop))
                 by_group[k].append(transfer)
                 offset = 0
-                for j, move in enumerate(joined):
-                    parts[j].append(BlockTransfer.part_of(transfer, offset, offset + move.num_blocks))
+                for move in ms:
+                    parts[move.move_id].append(BlockTransfer.part_of(transfer, offset, offset + move.num_blocks))
                     offset += move.num_blocks
-            for move, move_parts in zip(joined, parts):
-                self._running.append(_Running(move, BlockTransfer.all_of(move_parts, move_parts[0].path), t0))
+            if on_group is not None:
+                on_group(k, by_group[k])
+        for move in moves:
+            move_parts = parts[move.move_id]
+            self._running.append(_Running(move, BlockTransfer.all_of(move_parts, move_parts[0].path), t0))
         return by_group
 
     def poll(self) -> list[MoveResult]:
