@@ -21,7 +21,6 @@ batched DMA of the engines' small pieces far less.
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -298,7 +297,6 @@ class TransferEngine:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.lanes = {direction: _Lane(self.device, staging_bytes, kernel_priority, staging_slots)
                       for direction in ("d2h", "h2d")}
-        self._lock = threading.Lock()
         host_runs.warm_up()  # the compiled host-side passes compile (or load) on first use: not in a first transfer
         id_check.warm_up()
         try:
@@ -330,12 +328,7 @@ class TransferEngine:
         enqueued in Python are interleaved, one chunk of each in turn, so an onboard submitted with an offload starts
         after one chunk of the offload is enqueued, not after all of it. Each transfer is ordered after the work queued so far on the
         caller's current stream, as with `offload` / `onboard`. Every transfer is checked before anything is enqueued:
-        bad input raises and enqueues nothing; a failure while enqueueing fails that transfer's handle only. Threads
-        may submit at once: their enqueues take turns."""
-        with self._lock:  # a lane's slots, id ring and events serve one enqueue at a time
-            return self._submit(transfers)
-
-    def _submit(self, transfers: Sequence[TransferSpec]) -> list[TransferHandle]:
+        bad input raises and enqueues nothing; a failure while enqueueing fails that transfer's handle only."""
         checked = [self._check(spec) for spec in transfers]
         handles, steps = [], []
         for spec, (s, d, path) in zip(transfers, checked):

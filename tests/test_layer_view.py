@@ -101,7 +101,7 @@ def test_layerwise_load_into_a_gpu_cache_orders_each_layer_on_the_stream() -> No
         moves = tuple(Move(k, MoveKind.LOAD, "G2", "G1", tuple(int(i) for i in src[k * 20:(k + 1) * 20]),
                            tuple(int(i) for i in dst[k * 20:(k + 1) * 20]), tuple(range(20))) for k in range(2))
         want = to_logical("kvbm_staging", g2)[torch.as_tensor(src)].cuda()
-        worker.start_loads([RequestLoad("r", moves, layerwise=True)])  # enqueued by the submitting thread
+        worker.start_loads([RequestLoad("r", moves, layerwise=True)])
         seen = []
         for layer in range(g.num_layers):
             worker.wait_for_layer(layer)

@@ -203,7 +203,7 @@ class ConnectorWorker:
             return
         self._closed = True
         try:
-            self._layers.close()
+            self._layers.finish()
             self.store.close()
         finally:
             if self._pool is not None:

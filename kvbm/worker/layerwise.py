@@ -1,17 +1,15 @@
 """One step's layer-wise loads: moves from host tiers into the engine's cache, one transfer per group of layers,
-started with the forward that reads them; each layer's attention waits only for its own group.
+started with the forward that reads them; each layer's attention waits only for its own group (on a GPU the engine's
+stream waits on the device for the group's completion event, so the host goes on queueing the forward; on the CPU
+the wait blocks until the group's copy is done).
 
-On a GPU the transfers are enqueued from a submitting thread (the transfer engine's enqueue runs without the GIL),
-ordered after the engine's stream as it was when the loads started, so the host goes on queueing the forward while
-later groups are enqueued; a layer waits on the host only until its group is enqueued, then on the device for its
-transfer's completion event. On the CPU the copies run in the caller's thread (numba's parallel copies must not run
-in two threads at once), and a layer's wait blocks until its group's copy is done.
+The groups are enqueued in the caller's thread, before the forward. Enqueueing them from a thread of their own, so
+that the forward is queued meanwhile, was measured slower on an H100 (Llama-3.1-8B shape, 16k-token prefix: 73 ms
+TTFT against 48 ms): the enqueue's Python steps and the forward's launches then take turns on the GIL.
 """
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -34,11 +32,7 @@ class LayerwiseLoads:
         self.layers_per_group = layers_per_group
         self.groups = [(a, min(a + layers_per_group, num_layers)) for a in range(0, num_layers, layers_per_group)]
         self._waits: list[list[BlockTransfer]] = []
-        self._enqueued: list[threading.Event] = []
-        self._submitting: Future | None = None
         self._gpu = engine_cache.device.type == "cuda"
-        self._submitter = ThreadPoolExecutor(1, thread_name_prefix="kvbm-layers") if self._gpu else None
-        self._stream = torch.cuda.Stream(engine_cache.device) if self._gpu else None
 
     @property
     def active(self) -> bool:
@@ -47,7 +41,7 @@ class LayerwiseLoads:
 
     @property
     def transfers(self) -> tuple[tuple[BlockTransfer, ...], ...]:
-        """This step's transfers per layer group, as enqueued so far (empty once finished)."""
+        """This step's transfers per layer group (empty once finished)."""
         return tuple(tuple(group) for group in self._waits)
 
     def start(self, moves: Sequence[Move]) -> None:
@@ -59,32 +53,10 @@ class LayerwiseLoads:
         host = [m for m in moves if medium_of(self.store.cache(m.src_tier)) is Medium.HOST]
         other = [m for m in moves if medium_of(self.store.cache(m.src_tier)) is not Medium.HOST]
         self._waits = [[] for _ in self.groups]
-        self._enqueued = [threading.Event() for _ in self.groups]
         if other:
             self._waits[0].extend(*self.store.execute_by_layers(other, [(0, self.groups[-1][1])]))
-        if not host or not self._gpu:
-            if host:
-                for k, transfers in enumerate(self.store.execute_by_layers(host, self.groups)):
-                    self._waits[k].extend(transfers)
-            for event in self._enqueued:
-                event.set()
-            return
-        start = torch.cuda.Event()
-        start.record(torch.cuda.current_stream(self.engine_cache.device))
-        self._submitting = self._submitter.submit(self._submit, host, start)
-
-    def _submit(self, moves: list[Move], start: torch.cuda.Event) -> None:
-        def enqueued(k: int, transfers: list[BlockTransfer]) -> None:
+        for k, transfers in enumerate(self.store.execute_by_layers(host, self.groups)):
             self._waits[k].extend(transfers)
-            self._enqueued[k].set()
-
-        try:
-            with torch.cuda.device(self.engine_cache.device), torch.cuda.stream(self._stream):
-                self._stream.wait_event(start)  # the transfers come after the engine's work queued before the step
-                self.store.execute_by_layers(moves, self.groups, on_group=enqueued)
-        finally:
-            for event in self._enqueued:  # (a failure is raised by `finish`; no wait may hang on it)
-                event.set()
 
     def wait_for_layer(self, layer: int) -> None:
         """Order the engine's later work on ``layer`` after its group's transfers: on the GPU the current stream waits
@@ -94,31 +66,18 @@ class LayerwiseLoads:
         if not 0 <= layer < self.groups[-1][1]:
             raise ValueError(f"layer {layer} is not one of the engine cache's {self.groups[-1][1]} layers")
         k = layer // self.layers_per_group
-        self._enqueued[k].wait()
         stream = torch.cuda.current_stream(self.engine_cache.device) if self._gpu else None
         for transfer in self._waits[k]:
             transfer.order_stream(stream)
 
     def finish(self) -> bool:
-        """Block until this step's transfers are done (raising what the submitting thread raised); whether there
-        were any."""
+        """Block until this step's transfers are done; whether there were any."""
         if not self._waits:
             return False
-        submitting, self._submitting = self._submitting, None
         try:
-            if submitting is not None:
-                submitting.result()
             for group in self._waits:
                 for transfer in group:
                     transfer.wait()
         finally:
-            self._waits, self._enqueued = [], []
+            self._waits = []
         return True
-
-    def close(self) -> None:
-        """Finish the step's transfers and stop the submitting thread."""
-        try:
-            self.finish()
-        finally:
-            if self._submitter is not None:
-                self._submitter.shutdown(wait=True)

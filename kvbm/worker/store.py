@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,14 +113,12 @@ class BlockStore:
             self._queue.append(move)
         self._start_queued()
 
-    def execute_by_layers(self, moves: Sequence[Move], groups: Sequence[tuple[int, int]], *,
-                          on_group: Callable[[int, list[BlockTransfer]], None] | None = None
+    def execute_by_layers(self, moves: Sequence[Move], groups: Sequence[tuple[int, int]]
                           ) -> list[list[BlockTransfer]]:
         """Start ``moves`` now (ahead of the queue) as one transfer per layer group ``[start, stop)`` of ``groups``
         and per pair of tiers (the moves between two tiers join into one transfer, in order, so the first group
-        lands first), and return the transfers per group, for waiting on one group of layers; ``on_group(k,
-        transfers)`` is called as each group is started. A move's result merges its groups: a block fails where
-        any group failed it."""
+        lands first), and return the transfers per group, for waiting on one group of layers. A move's result
+        merges its groups: a block fails where any group failed it."""
         by_group: list[list[BlockTransfer]] = [[] for _ in groups]
         pairs: dict[tuple[str, str], list[Move]] = {}
         for move in moves:
@@ -139,8 +137,6 @@ class BlockStore:
                 for move in ms:
                     parts[move.move_id].append(BlockTransfer.part_of(transfer, offset, offset + move.num_blocks))
                     offset += move.num_blocks
-            if on_group is not None:
-                on_group(k, by_group[k])
         for move in moves:
             move_parts = parts[move.move_id]
             self._running.append(_Running(move, BlockTransfer.all_of(move_parts, move_parts[0].path), t0))
