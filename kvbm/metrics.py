@@ -56,7 +56,7 @@ TransferListener = Callable[..., None]
 
 # Tier pairs a batch can move blocks between. The direction label uses these rather than KVBM's d2h/h2d words,
 # which are ambiguous ("h2d" is both G2->G3 offload and G2->G1 onboard in KVBM's counter names).
-DIRECTIONS: tuple[str, ...] = ("g1_to_g2", "g2_to_g3", "g1_to_g3", "g2_to_g1", "g3_to_g1", "g3_to_g2")
+DIRECTIONS: tuple[str, ...] = ("g1_to_g2", "g2_to_g3", "g1_to_g3", "g2_to_g1", "g3_to_g1", "g3_to_g2", "g4_to_g1")
 
 # Direction -> the KVBM counter of blocks moved that way (G3->G2 promotion has none in KVBM).
 KVBM_BLOCK_COUNTERS: dict[str, str] = {

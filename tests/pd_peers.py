@@ -1,0 +1,82 @@
+"""Processes for the disaggregated prefill -> decode tests: each runs one vLLM 0.33 engine (the real scheduler and an
+emulated worker, `vllm_harness`) with ``DynamoConnector`` as ``kv_producer`` (prefill) or ``kv_consumer`` (decode),
+its own NIXL agent and G2 pool, and obeys commands sent over a pipe by the test, which plays the proxy: it carries
+the ``kv_transfer_params`` a prefill returns to the decode instance, as a P/D router does.
+
+Every byte a decode instance's attention reads is checked against the deterministic model (`vllm_harness`'s
+``verify="admission"``: the context of every (re)admitted request, i.e. exactly the blocks loaded from the producer,
+or recomputed after a failed load); a wrong byte raises in the instance and the test sees the error.
+
+UCX is pinned to TCP on loopback (`nixl_peers.UCX_ENV`). Between commands each instance keeps stepping its engine,
+as a serving engine does, so its workers notice NIXL notifications and its scheduler ends pins.
+"""
+from __future__ import annotations
+
+import os
+import traceback
+from typing import Any
+
+from nixl_peers import UCX_ENV
+
+CONNECTOR = "kvbm.vllm_integration.connector:DynamoConnector"
+MODEL = dict(num_layers=2, num_kv_heads=2, num_attention_heads=4, head_dim=16)
+
+
+def instance_main(conn, kv_role: str, host_blocks: int, extra: dict[str, Any]) -> None:
+    """One engine. Commands: ("prefill", request id, prompt) -> ("ok", kv_transfer_params): a request with
+    ``do_remote_decode`` and max_tokens 1, run to its end; ("decode", request id, prompt, params, max_tokens) ->
+    ("ok", summary): a request carrying a prefill's params, run to its end (summary: tokens computed here, tokens
+    the connector reported as external hits, output tokens, loads that failed); ("pins",) -> ("ok", pins held);
+    ("stop",)."""
+    os.environ.update(UCX_ENV)
+    try:
+        import vllm_harness as H
+
+        config = {"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": host_blocks, **extra}
+        harness = H.HarnessConfig(connector=CONNECTOR, connector_extra_config=config, kv_role=kv_role,
+                                  model=H.TinyModelSpec(**MODEL), num_gpu_blocks=64)
+        h = H.VllmHarness(harness)
+        scheduler_connector = h.scheduler.connector
+        meta = h.worker.connector.get_handshake_metadata()  # what vLLM's engine core gathers after KV cache init
+        if meta is not None:
+            scheduler_connector.set_xfer_handshake_metadata({0: meta})
+        returned: dict[str, Any] = {}
+        finish = scheduler_connector.request_finished
+
+        def recording_finished(request, block_ids):
+            delay, params = finish(request, block_ids)
+            returned[request.request_id] = params
+            return delay, params
+
+        scheduler_connector.request_finished = recording_finished
+        conn.send(("ready", os.getpid()))
+        leader = scheduler_connector.scheduler_side.leader
+        while True:
+            while not conn.poll(0.002):
+                h.step()  # an idle engine keeps stepping: notifications, pins, reports
+            cmd = conn.recv()
+            if cmd[0] == "prefill":
+                _, request_id, prompt = cmd
+                h.add_request(request_id, prompt, 1, kv_transfer_params={"do_remote_decode": True})
+                h.run_until_idle()
+                conn.send(("ok", returned.get(request_id)))
+            elif cmd[0] == "decode":
+                _, request_id, prompt, params, max_tokens = cmd
+                computed = failed = 0
+                before = h.cache_stats.external_hits
+                h.add_request(request_id, prompt, max_tokens, kv_transfer_params=params)
+                while h.busy():
+                    h.step()
+                    computed += h.worker.last_report.computed_tokens
+                    failed += len(h.worker.connector.worker.take_failed_loads().get(request_id, []))
+                conn.send(("ok", {"computed": computed, "external": h.cache_stats.external_hits - before,
+                                  "output": h.outputs[request_id], "failed_blocks": failed,
+                                  "reason": h.finish_reasons.get(request_id)}))
+            elif cmd[0] == "pins":
+                conn.send(("ok", len(leader.pins)))
+            elif cmd[0] == "stop":
+                h.close()
+                conn.send(("ok",))
+                return
+    except Exception:  # noqa: BLE001 - reported to the test
+        conn.send(("error", traceback.format_exc()))
