@@ -26,8 +26,8 @@ def instance_main(conn, kv_role: str, host_blocks: int, extra: dict[str, Any]) -
     """One engine. Commands: ("prefill", request id, prompt) -> ("ok", kv_transfer_params): a request with
     ``do_remote_decode`` and max_tokens 1, run to its end; ("decode", request id, prompt, params, max_tokens) ->
     ("ok", summary): a request carrying a prefill's params, run to its end (summary: tokens computed here, tokens
-    the connector reported as external hits, output tokens, loads that failed); ("pins",) -> ("ok", pins held);
-    ("stop",)."""
+    the connector reported as external hits, prompt tokens vLLM's own prefix cache held, output tokens, blocks
+    whose load failed); ("pins",) -> ("ok", pins held); ("stop",)."""
     os.environ.update(UCX_ENV)
     try:
         import vllm_harness as H
@@ -63,13 +63,14 @@ def instance_main(conn, kv_role: str, host_blocks: int, extra: dict[str, Any]) -
             elif cmd[0] == "decode":
                 _, request_id, prompt, params, max_tokens = cmd
                 computed = failed = 0
-                before = h.cache_stats.external_hits
+                before, local = h.cache_stats.external_hits, h.cache_stats.gpu_hits
                 h.add_request(request_id, prompt, max_tokens, kv_transfer_params=params)
                 while h.busy():
                     h.step()
                     computed += h.worker.last_report.computed_tokens
                     failed += len(h.worker.connector.worker.take_failed_loads().get(request_id, []))
                 conn.send(("ok", {"computed": computed, "external": h.cache_stats.external_hits - before,
+                                  "local": h.cache_stats.gpu_hits - local,
                                   "output": h.outputs[request_id], "failed_blocks": failed,
                                   "reason": h.finish_reasons.get(request_id)}))
             elif cmd[0] == "pins":

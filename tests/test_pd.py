@@ -6,6 +6,7 @@ in that instance; a wrong byte fails the test there.
 """
 from __future__ import annotations
 
+import os
 import random
 import signal
 
@@ -22,12 +23,43 @@ def _prompt(rng: random.Random, num_tokens: int) -> list[int]:
 
 
 def _start(procs: Processes, role: str, host_blocks: int = 256, **extra):
-    proc = procs.start(instance_main, role, host_blocks, extra)
-    return proc
+    return procs.start(instance_main, role, host_blocks, extra)
 
 
 def _ready(procs: Processes, *instances) -> list[int]:
-    return [procs.recv(p, timeout=180)[1] for p in instances]
+    return [procs.recv(p, timeout=300)[1] for p in instances]
+
+
+class Cluster:
+    """Two prefill and two decode instances, started once for the module (each imports vLLM: tens of seconds)."""
+
+    def __init__(self) -> None:
+        self.procs = Processes()
+        self.prefills = [_start(self.procs, "kv_producer") for _ in range(2)]
+        self.decodes = [_start(self.procs, "kv_consumer", DYN_KVBM_PD_LOAD_TIMEOUT_SECS=5) for _ in range(2)]
+        _ready(self.procs, *self.prefills, *self.decodes)
+
+    def prefill(self, k: int, request_id: str, prompt: list[int]) -> dict:
+        return self.procs.ask(self.prefills[k], "prefill", request_id, prompt, timeout=120)[1]
+
+    def decode(self, k: int, request_id: str, prompt: list[int], params, max_tokens: int = 4) -> dict:
+        return _decode(self.procs, self.decodes[k], request_id, prompt, params, max_tokens)
+
+    def pins(self, k: int) -> int:
+        """Pins still held by prefill ``k`` once it stepped a while (readers' notifications arrive as it steps)."""
+        for _ in range(200):
+            if self.procs.ask(self.prefills[k], "pins")[1] == 0:
+                return 0
+        return self.procs.ask(self.prefills[k], "pins")[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster()
+    try:
+        yield c
+    finally:
+        c.procs.close()
 
 
 def _decode(procs, decoder, request_id, prompt, params, max_tokens=4) -> dict:
@@ -44,93 +76,69 @@ def _check_loaded(summary: dict, prompt: list[int], max_tokens: int) -> None:
     assert len(summary["output"]) == max_tokens
 
 
-def test_1p1d_decode_loads_prefill_blocks_byte_exact() -> None:
+def test_1p1d_decode_loads_prefill_blocks_byte_exact(cluster: Cluster) -> None:
     """Prompts of random lengths (partial and whole last blocks) prefilled on P, decoded on D from P's G2: D
     computes only the tail, reads every loaded byte right, and P's pins end when D has read."""
     rng = random.Random(11)
-    procs = Processes()
-    try:
-        prefill, decode = _start(procs, "kv_producer"), _start(procs, "kv_consumer")
-        _ready(procs, prefill, decode)
-        for k, length in enumerate([rng.randrange(40, 300) for _ in range(4)] + [128]):
-            prompt = _prompt(rng, length)
-            params = procs.ask(prefill, "prefill", f"p{k}", prompt, timeout=120)[1]
-            assert params["do_remote_prefill"] and len(params["kvbm"]["slots"]) == length // BLOCK
-            summary = _decode(procs, decode, f"d{k}", prompt, params)
-            _check_loaded(summary, prompt, 4)
-        for _ in range(200):  # the notifications reach P's workers while it steps
-            if procs.ask(prefill, "pins")[1] == 0:
-                break
-        assert procs.ask(prefill, "pins")[1] == 0
-    finally:
-        procs.close()
+    for k, length in enumerate([rng.randrange(40, 300) for _ in range(4)] + [128]):
+        prompt = _prompt(rng, length)
+        params = cluster.prefill(0, f"a{k}", prompt)
+        assert params["do_remote_prefill"] and len(params["kvbm"]["slots"]) == length // BLOCK
+        _check_loaded(cluster.decode(0, f"a{k}", prompt, params), prompt, 4)
+    assert cluster.pins(0) == 0
 
 
-def test_2p2d_requests_cross_instances() -> None:
-    """Two prefill and two decode instances; each request is prefilled on one P and decoded on either D, so each D
-    reads from both P's (two peers per agent)."""
+def test_2p2d_requests_cross_instances(cluster: Cluster) -> None:
+    """Two prefill and two decode instances; requests are prefilled on either P and decoded on either D, so each D
+    reads from both P's (two peers per agent), some with a prefix D already holds."""
     rng = random.Random(23)
-    procs = Processes()
-    try:
-        prefills = [_start(procs, "kv_producer") for _ in range(2)]
-        decodes = [_start(procs, "kv_consumer") for _ in range(2)]
-        _ready(procs, *prefills, *decodes)
-        shared = _prompt(rng, 64)  # a common prefix: D's own prefix cache and G2 hits mix with remote loads
-        for k in range(6):
-            prompt = (shared if k % 2 else []) + _prompt(rng, rng.randrange(20, 200))
-            p, d = prefills[k % 2], decodes[(k // 2) % 2]
-            params = procs.ask(p, "prefill", f"p{k}", prompt, timeout=120)[1]
-            summary = _decode(procs, d, f"d{k}", prompt, params)
-            assert summary["failed_blocks"] == 0 and len(summary["output"]) == 4, summary
-            assert summary["computed"] < len(prompt) - BLOCK + 4, summary  # most of the prompt came from a P
-    finally:
-        procs.close()
-
-
-def test_prefill_instance_killed_decode_recomputes() -> None:
-    """P is SIGKILLed after handing out params: D's load fails (no bytes served), D recomputes the whole prompt,
-    byte-exact, and stays usable."""
-    rng = random.Random(5)
-    procs = Processes()
-    try:
-        prefill, decode = _start(procs, "kv_producer"), _start(procs, "kv_consumer", DYN_KVBM_PD_LOAD_TIMEOUT_SECS=5)
-        pid, _ = _ready(procs, prefill, decode)
-        prompt = _prompt(rng, 150)
-        params = procs.ask(prefill, "prefill", "p0", prompt, timeout=120)[1]
-        procs.conns[prefill].close()
-        import os
-
-        os.kill(pid, signal.SIGKILL)
-        prefill.join(10)
-        summary = _decode(procs, decode, "d0", prompt, params)
-        assert summary["failed_blocks"] == len(prompt) // BLOCK, summary
-        assert summary["computed"] == len(prompt) + 3 and len(summary["output"]) == 4, summary
-        again = _decode(procs, decode, "d1", _prompt(rng, 40), None)  # still serving
-        assert again["computed"] == 40 + 3
-    finally:
-        procs.procs = [p for p in procs.procs if p.is_alive()]
-        procs.close()
+    shared = _prompt(rng, 64)
+    for k in range(8):
+        prompt = (shared if k % 2 else []) + _prompt(rng, rng.randrange(20, 200))
+        params = cluster.prefill(k % 2, f"b{k}", prompt)
+        summary = cluster.decode((k // 2) % 2, f"b{k}", prompt, params)
+        assert summary["failed_blocks"] == 0 and len(summary["output"]) == 4, summary
+        assert summary["external"] > 0 and summary["computed"] <= BLOCK + 3, summary  # only the tail computed
+        whole = len(prompt) % BLOCK == 0  # a whole-prompt hit recomputes the last token
+        assert summary["computed"] + summary["external"] + summary["local"] == len(prompt) + 3 + whole, summary
+    assert cluster.pins(0) == 0 and cluster.pins(1) == 0
 
 
 @pytest.mark.parametrize("bad", ["no-section", "bad-endpoint", "other-prompt"])
-def test_bad_or_foreign_params_are_computed_locally(bad: str) -> None:
+def test_bad_or_foreign_params_are_computed_locally(cluster: Cluster, bad: str) -> None:
     """Params without the kvbm section, with a garbled endpoint, or for another prompt: D computes the prompt
     itself (nothing loaded from the wrong place), byte-exact."""
-    rng = random.Random(7)
-    procs = Processes()
-    try:
-        prefill, decode = _start(procs, "kv_producer"), _start(procs, "kv_consumer", DYN_KVBM_PD_LOAD_TIMEOUT_SECS=5)
-        _ready(procs, prefill, decode)
+    rng = random.Random(hash(bad) % 1000)
+    prompt = _prompt(rng, 100)
+    params = cluster.prefill(0, f"c-{bad}", prompt)
+    if bad == "no-section":
+        params = {"do_remote_prefill": True}
+    elif bad == "bad-endpoint":
+        params["kvbm"]["endpoints"] = ["bm90IGFuIGVuZHBvaW50"]  # base64 of bytes that are no endpoint
+    else:
         prompt = _prompt(rng, 100)
-        params = procs.ask(prefill, "prefill", "p0", prompt, timeout=120)[1]
-        if bad == "no-section":
-            params = {"do_remote_prefill": True}
-        elif bad == "bad-endpoint":
-            params["kvbm"]["endpoints"] = ["bm90IGFuIGVuZHBvaW50"]  # base64 of bytes that are no endpoint
-        else:
-            prompt = _prompt(rng, 100)
-        summary = _decode(procs, decode, "d0", prompt, params)
-        assert summary["external"] == 0 or bad == "bad-endpoint", summary
-        assert summary["computed"] == len(prompt) + 3, summary
-    finally:
-        procs.close()
+    summary = cluster.decode(1, f"c-{bad}", prompt, params)
+    assert summary["computed"] == len(prompt) + 3, summary
+    if bad == "bad-endpoint":
+        assert summary["failed_blocks"] == len(prompt) // BLOCK, summary
+    else:
+        assert summary["external"] == 0, summary
+
+
+def test_prefill_instance_killed_decode_recomputes(cluster: Cluster) -> None:
+    """A third P is SIGKILLed after handing out params: D's load fails (no bytes served), D recomputes the whole
+    prompt, byte-exact, and stays usable."""
+    rng = random.Random(5)
+    procs = cluster.procs
+    victim = _start(procs, "kv_producer")
+    (pid,) = _ready(procs, victim)
+    prompt = _prompt(rng, 150)
+    params = procs.ask(victim, "prefill", "k0", prompt, timeout=120)[1]
+    os.kill(pid, signal.SIGKILL)
+    victim.join(10)
+    procs.procs.remove(victim)
+    summary = cluster.decode(0, "k0", prompt, params)
+    assert summary["failed_blocks"] == len(prompt) // BLOCK, summary
+    assert summary["computed"] == len(prompt) + 3 and len(summary["output"]) == 4, summary
+    prompt = _prompt(rng, 90)  # D still loads from a live P
+    _check_loaded(cluster.decode(0, "k1", prompt, cluster.prefill(1, "k1", prompt)), prompt, 4)
