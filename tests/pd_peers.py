@@ -13,6 +13,7 @@ as a serving engine does, so its workers notice NIXL notifications and its sched
 from __future__ import annotations
 
 import os
+import signal
 import traceback
 from typing import Any
 
@@ -25,9 +26,10 @@ MODEL = dict(num_layers=2, num_kv_heads=2, num_attention_heads=4, head_dim=16)
 def instance_main(conn, kv_role: str, host_blocks: int, extra: dict[str, Any]) -> None:
     """One engine. Commands: ("prefill", request id, prompt) -> ("ok", kv_transfer_params): a request with
     ``do_remote_decode`` and max_tokens 1, run to its end; ("decode", request id, prompt, params, max_tokens) ->
-    ("ok", summary): a request carrying a prefill's params, run to its end (summary: tokens computed here, tokens
+    ("ok", summary): a request carrying a prefill's params, run to its end (with ``kill pid``: SIGKILL that process
+    right after this instance's worker started the load from it) (summary: tokens computed here, tokens
     the connector reported as external hits, prompt tokens vLLM's own prefix cache held, output tokens, blocks
-    whose load failed); ("pins",) -> ("ok", pins held); ("stop",)."""
+    whose load failed); ("pins",) -> ("ok", pins held); ("pid",) -> ("ok", pid); ("stop",)."""
     os.environ.update(UCX_ENV)
     try:
         import vllm_harness as H
@@ -52,7 +54,7 @@ def instance_main(conn, kv_role: str, host_blocks: int, extra: dict[str, Any]) -
         conn.send(("ready", os.getpid()))
         leader = scheduler_connector.scheduler_side.leader
         while True:
-            while not conn.poll(0.002):
+            while not conn.poll(0.005):
                 h.step()  # an idle engine keeps stepping: notifications, pins, reports
             cmd = conn.recv()
             if cmd[0] == "prefill":
@@ -61,7 +63,9 @@ def instance_main(conn, kv_role: str, host_blocks: int, extra: dict[str, Any]) -
                 h.run_until_idle()
                 conn.send(("ok", returned.get(request_id)))
             elif cmd[0] == "decode":
-                _, request_id, prompt, params, max_tokens = cmd
+                _, request_id, prompt, params, max_tokens, kill_pid = cmd
+                if kill_pid is not None:
+                    _kill_after_remote_load_starts(h.worker.connector.worker.store, kill_pid)
                 computed = failed = 0
                 before, local = h.cache_stats.external_hits, h.cache_stats.gpu_hits
                 h.add_request(request_id, prompt, max_tokens, kv_transfer_params=params)
@@ -75,9 +79,25 @@ def instance_main(conn, kv_role: str, host_blocks: int, extra: dict[str, Any]) -
                                   "reason": h.finish_reasons.get(request_id)}))
             elif cmd[0] == "pins":
                 conn.send(("ok", len(leader.pins)))
+            elif cmd[0] == "pid":
+                conn.send(("ok", os.getpid()))
             elif cmd[0] == "stop":
                 h.close()
                 conn.send(("ok",))
                 return
     except Exception:  # noqa: BLE001 - reported to the test
         conn.send(("error", traceback.format_exc()))
+
+
+def _kill_after_remote_load_starts(store, pid: int) -> None:
+    """SIGKILL ``pid`` as soon as ``store`` has submitted a load from another instance (the read is in flight)."""
+    execute = store.execute
+
+    def killing_execute(moves):
+        moves = list(moves)
+        execute(moves)
+        if any(m.remote is not None for m in moves) and store.execute is killing_execute:
+            store.execute = execute
+            os.kill(pid, signal.SIGKILL)
+
+    store.execute = killing_execute

@@ -62,8 +62,8 @@ def cluster():
         c.procs.close()
 
 
-def _decode(procs, decoder, request_id, prompt, params, max_tokens=4) -> dict:
-    return procs.ask(decoder, "decode", request_id, prompt, params, max_tokens, timeout=120)[1]
+def _decode(procs, decoder, request_id, prompt, params, max_tokens=4, kill_pid=None) -> dict:
+    return procs.ask(decoder, "decode", request_id, prompt, params, max_tokens, kill_pid, timeout=120)[1]
 
 
 def _check_loaded(summary: dict, prompt: list[int], max_tokens: int) -> None:
@@ -126,19 +126,20 @@ def test_bad_or_foreign_params_are_computed_locally(cluster: Cluster, bad: str) 
 
 
 def test_prefill_instance_killed_decode_recomputes(cluster: Cluster) -> None:
-    """A third P is SIGKILLed after handing out params: D's load fails (no bytes served), D recomputes the whole
-    prompt, byte-exact, and stays usable."""
+    """(Last: it kills the second P.) P1 hands out params for two requests and is SIGKILLed while D's load of the
+    first is in flight; the second load finds it dead. Both fail (no byte served from P1), D recomputes the whole
+    prompts byte-exact, and still loads from P0."""
     rng = random.Random(5)
-    procs = cluster.procs
-    victim = _start(procs, "kv_producer")
-    (pid,) = _ready(procs, victim)
-    prompt = _prompt(rng, 150)
-    params = procs.ask(victim, "prefill", "k0", prompt, timeout=120)[1]
-    os.kill(pid, signal.SIGKILL)
+    procs, victim = cluster.procs, cluster.prefills[1]
+    prompts = [_prompt(rng, 150), _prompt(rng, 200)]
+    params = [cluster.prefill(1, f"k{i}", prompt) for i, prompt in enumerate(prompts)]
+    pid = procs.ask(victim, "pid")[1]
+    for i, kill in enumerate((pid, None)):
+        summary = _decode(procs, cluster.decodes[0], f"k{i}", prompts[i], params[i], kill_pid=kill)
+        assert summary["failed_blocks"] == len(prompts[i]) // BLOCK, summary
+        assert summary["computed"] == len(prompts[i]) + 3 and len(summary["output"]) == 4, summary
     victim.join(10)
+    assert not victim.is_alive()
     procs.procs.remove(victim)
-    summary = cluster.decode(0, "k0", prompt, params)
-    assert summary["failed_blocks"] == len(prompt) // BLOCK, summary
-    assert summary["computed"] == len(prompt) + 3 and len(summary["output"]) == 4, summary
-    prompt = _prompt(rng, 90)  # D still loads from a live P
-    _check_loaded(cluster.decode(0, "k1", prompt, cluster.prefill(1, "k1", prompt)), prompt, 4)
+    prompt = _prompt(rng, 90)
+    _check_loaded(cluster.decode(0, "k2", prompt, cluster.prefill(0, "k2", prompt)), prompt, 4)
