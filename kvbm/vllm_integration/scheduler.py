@@ -74,7 +74,7 @@ class SchedulerSide:
     def _remote_prefill(self, request: Request) -> RemotePrefill | None:
         """The prefill another instance did for ``request`` (consumer only); malformed params are logged and the
         request is computed here."""
-        params = request.kv_transfer_params
+        params = getattr(request, "kv_transfer_params", None)
         if not self.consumer or not params or not params.get("do_remote_prefill"):
             return None
         try:
@@ -94,8 +94,9 @@ class SchedulerSide:
             if remote:
                 self._remote_hits[request.request_id] = num_external_tokens
         state.remote = None
-        if request.kv_transfer_params and request.kv_transfer_params.get("do_remote_prefill"):
-            request.kv_transfer_params["do_remote_prefill"] = False  # loaded once; recomputed if that fails
+        params = getattr(request, "kv_transfer_params", None)
+        if params and params.get("do_remote_prefill"):
+            params["do_remote_prefill"] = False  # loaded once; recomputed if that fails
 
     def hit_sources(self, request: Request, num_external_tokens: int) -> dict[CacheHitSource, int]:
         """The ``num_external_tokens`` planned for loading, by source: G2 (HOST) and G3 (DISK)."""
