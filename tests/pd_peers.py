@@ -20,12 +20,19 @@ from typing import Any
 from nixl_peers import UCX_ENV
 
 CONNECTOR = "kvbm.vllm_integration.connector:DynamoConnector"
-MODEL = dict(num_layers=2, num_kv_heads=2, num_attention_heads=4, head_dim=16)
+MODEL = dict(num_layers=2, num_kv_heads=4, num_attention_heads=8, head_dim=16)  # 2 KV heads a rank at tp=2
 
 
-def instance_main(conn, kv_role: str, host_blocks: int, extra: dict[str, Any]) -> None:
+def _rank_harnesses(h) -> list:
+    """The engine's per-rank worker harnesses (one without tensor parallelism)."""
+    ranks = getattr(h.worker, "ranks", None)
+    return [h.worker] if ranks is None else [r.local.harness for r in ranks]
+
+
+def instance_main(conn, kv_role: str, host_blocks: int, extra: dict[str, Any], tp: int = 1) -> None:
     """One engine. Commands: ("prefill", request id, prompt) -> ("ok", kv_transfer_params): a request with
-    ``do_remote_decode`` and max_tokens 1, run to its end; ("decode", request id, prompt, params, max_tokens) ->
+    ``do_remote_decode`` and max_tokens 1, run to its end (``tp`` ranks, each with its worker, G2 shard and NIXL
+    agent); ("decode", request id, prompt, params, max_tokens) ->
     ("ok", summary): a request carrying a prefill's params, run to its end (with ``kill pid``: SIGKILL that process
     right after this instance's worker started the load from it) (summary: tokens computed here, tokens
     the connector reported as external hits, prompt tokens vLLM's own prefix cache held, output tokens, blocks
@@ -37,11 +44,18 @@ def instance_main(conn, kv_role: str, host_blocks: int, extra: dict[str, Any]) -
         config = {"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": host_blocks, **extra}
         harness = H.HarnessConfig(connector=CONNECTOR, connector_extra_config=config, kv_role=kv_role,
                                   model=H.TinyModelSpec(**MODEL), num_gpu_blocks=64)
-        h = H.VllmHarness(harness)
+        if tp == 1:
+            h = H.VllmHarness(harness)
+        else:
+            import vllm_ranks as R
+
+            h = R.RankedVllmHarness(harness, tp)  # ranks in this process, each with its own NIXL agent
+        ranks = _rank_harnesses(h)
         scheduler_connector = h.scheduler.connector
-        meta = h.worker.connector.get_handshake_metadata()  # what vLLM's engine core gathers after KV cache init
-        if meta is not None:
-            scheduler_connector.set_xfer_handshake_metadata({0: meta})
+        # what vLLM's engine core gathers from the workers after KV cache init, keyed (pipeline rank, tensor rank)
+        metas = {(0, r): rank.connector.get_handshake_metadata() for r, rank in enumerate(ranks)}
+        if all(m is not None for m in metas.values()):
+            scheduler_connector.set_xfer_handshake_metadata_pp_aware(metas)
         returned: dict[str, Any] = {}
         finish = scheduler_connector.request_finished
 
@@ -65,14 +79,14 @@ def instance_main(conn, kv_role: str, host_blocks: int, extra: dict[str, Any]) -
             elif cmd[0] == "decode":
                 _, request_id, prompt, params, max_tokens, kill_pid = cmd
                 if kill_pid is not None:
-                    _kill_after_remote_load_starts(h.worker.connector.worker.store, kill_pid)
+                    _kill_after_remote_load_starts(ranks[0].connector.worker.store, kill_pid)
                 computed = failed = 0
                 before, local = h.cache_stats.external_hits, h.cache_stats.gpu_hits
                 h.add_request(request_id, prompt, max_tokens, kv_transfer_params=params)
                 while h.busy():
                     h.step()
-                    computed += h.worker.last_report.computed_tokens
-                    failed += len(h.worker.connector.worker.take_failed_loads().get(request_id, []))
+                    computed += ranks[0].last_report.computed_tokens
+                    failed += len(ranks[0].connector.worker.take_failed_loads().get(request_id, []))
                 conn.send(("ok", {"computed": computed, "external": h.cache_stats.external_hits - before,
                                   "local": h.cache_stats.gpu_hits - local,
                                   "output": h.outputs[request_id], "failed_blocks": failed,

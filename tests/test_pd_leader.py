@@ -140,6 +140,8 @@ def test_remote_match_loads_the_blocks_whose_hashes_agree() -> None:
     assert consumer.match_remote(other, tokens, 0, kept) == 0
     changed = tokens[:3 * BS] + [t + 1 for t in tokens[3 * BS:]]
     assert consumer.match_remote(consumer.track("req-y", salt=0), changed, 0, kept) == 3 * BS
+    single = _leader(1)  # one rank cannot read a two-rank prefill (rank r reads rank r)
+    assert single.match_remote(single.track("req-z", salt=0), tokens, 0, kept) == 0
 
 
 def test_no_params_without_endpoints_or_stored_blocks() -> None:

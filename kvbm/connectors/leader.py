@@ -175,8 +175,14 @@ class ConnectorLeader:
     def match_remote(self, state: TrackedRequest, tokens: Sequence[int], num_computed_tokens: int,
                      remote: RemotePrefill) -> int:
         """Tokens of another instance's prefill ``remote`` right after the engine's hit: the leading blocks whose
-        hashes equal this instance's hashes of ``tokens`` (another prompt, salt or block size matches nothing)."""
-        if state.skip is not None or remote.block_size != self.block_size:
+        hashes equal this instance's hashes of ``tokens`` (another prompt, salt or block size matches nothing; an
+        instance with another number of ranks is not read: rank r reads rank r)."""
+        if state.skip is not None:
+            return 0
+        if remote.block_size != self.block_size or len(remote.source.endpoints) != self.num_workers:
+            log.warning("kvbm: request %s: the prefill instance %s has blocks of %d tokens over %d rank(s), this one "
+                        "%d tokens over %d: computing the prompt here", state.request_id, remote.source.engine_id,
+                        remote.block_size, len(remote.source.endpoints), self.block_size, self.num_workers)
             return 0
         full_blocks = min(len(tokens) // self.block_size, len(remote.hashes))
         local_blocks = num_computed_tokens // self.block_size
