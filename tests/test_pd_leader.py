@@ -155,3 +155,25 @@ def test_no_params_without_endpoints_or_stored_blocks() -> None:
 def test_worker_reports_merge_released_counts() -> None:
     a, b = WorkerReport(released={"x": 1}), WorkerReport(released={"x": 1, "y": 1})
     assert a.merged(b).released == {"x": 2, "y": 1}
+
+
+def test_pin_metrics() -> None:
+    from kvbm.metrics import KvbmMetrics
+
+    metrics = KvbmMetrics()
+    leader = ConnectorLeader([TierSpec("G2", Medium.HOST, 8)], KvbmConfig(pd_pin_timeout_secs=60.0), BS,
+                             metrics=metrics)
+    leader.endpoints = (b"e",)
+    state = leader.track("r", salt=0)
+    state.block_ids = [0, 1]
+    tokens = list(range(1, 2 * BS + 1))
+    leader.plan_stores(state, tokens, 2)
+    (store,) = leader.take_step().stores
+    leader.apply(WorkerReport({m.move_id: MoveResult(m.move_id) for m in store.moves}))
+    assert leader.keep_for_remote(state, tokens) is not None
+    leader.take_step()
+    assert "kvbm_remote_pinned_requests 1.0" in metrics.render().decode()
+    leader.pins.clock = lambda: float("inf")
+    leader.take_step()
+    text = metrics.render().decode()
+    assert "kvbm_remote_pinned_requests 0.0" in text and "kvbm_remote_pin_timeouts 1" in text

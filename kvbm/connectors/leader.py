@@ -278,9 +278,14 @@ class ConnectorLeader:
         loads, self._loads = self._loads, []
         stores, self._stores = self._stores, []
         if len(self.pins):
-            for request_id in self.pins.expire():
+            expired = self.pins.expire()
+            for request_id in expired:
                 log.warning("kvbm: blocks of request %s kept for another instance were not read within %.0f s; "
                             "released", request_id, self.pins.timeout_s)
+            if self.metrics is not None and expired:
+                self.metrics.record_remote_pin_timeouts(len(expired))
+        if self.metrics is not None and self.endpoints is not None:
+            self.metrics.set_remote_pins(len(self.pins))
         cascades = self.index.plan_cascades() if self.index.has_cascades() else []
         return StepPlan(loads, stores, cascades, preempted, list(held))
 
