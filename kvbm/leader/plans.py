@@ -2,9 +2,9 @@
 
 A `Move` names two tiers by name ("G1" is the engine's own cache) and the block ids on each side: for G1 the
 engine's block ids, for every other tier its slot ids. A move from another kvbm instance's G2 (``REMOTE_TIER``)
-carries a `RemoteSource`: whose pool, per rank, the slot ids refer to. Workers execute moves on their own shard of each tier and
-report a `MoveResult` per move; nothing else crosses between the two sides, so both pickle cheaply into the
-engine's connector metadata.
+carries a `RemoteSource`: whose pool, per rank, the slot ids refer to. Workers execute moves on their own shard of
+each tier and report a `MoveResult` per move; nothing else crosses between the two sides, so both pickle cheaply
+into the engine's connector metadata.
 """
 from __future__ import annotations
 

@@ -153,7 +153,8 @@ class G4Endpoint:
                 rows = yield from self._read_seals(remote, seal_base, slots[waiting], deadline)
                 if rows is None:
                     for i in waiting.tolist():
-                        errors[i] = f"seal of slot {slots[i]} of {remote.name} could not be read (peer gone or timed out)"
+                        errors[i] = (f"seal of slot {slots[i]} of {remote.name} could not be read (peer gone or "
+                                     f"timed out)")
                         lost.add(i)
                     break
                 state, hashes = rows[:, 0], rows[:, 1]
