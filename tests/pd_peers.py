@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import traceback
 from typing import Any
 
@@ -36,7 +37,9 @@ def instance_main(conn, kv_role: str, host_blocks: int, extra: dict[str, Any], t
     ("ok", summary): a request carrying a prefill's params, run to its end (with ``kill pid``: SIGKILL that process
     right after this instance's worker started the load from it) (summary: tokens computed here, tokens
     the connector reported as external hits, prompt tokens vLLM's own prefix cache held, output tokens, blocks
-    whose load failed); ("pins",) -> ("ok", pins held); ("pid",) -> ("ok", pid); ("stop",)."""
+    whose load failed and why); ("fill", request id, prompt) -> ("ok",): a plain request of max_tokens 1 (stored, not kept);
+    ("expire",) -> ("ok", pins expired so far): every pin times out now; ("pins",) -> ("ok", pins held);
+    ("pid",) -> ("ok", pid); ("stop",)."""
     os.environ.update(UCX_ENV)
     try:
         import vllm_harness as H
@@ -80,17 +83,28 @@ def instance_main(conn, kv_role: str, host_blocks: int, extra: dict[str, Any], t
                 _, request_id, prompt, params, max_tokens, kill_pid = cmd
                 if kill_pid is not None:
                     _kill_after_remote_load_starts(ranks[0].connector.worker.store, kill_pid)
-                computed = failed = 0
+                computed, reasons = 0, []
                 before, local = h.cache_stats.external_hits, h.cache_stats.gpu_hits
                 h.add_request(request_id, prompt, max_tokens, kv_transfer_params=params)
                 while h.busy():
                     h.step()
                     computed += ranks[0].last_report.computed_tokens
-                    failed += len(ranks[0].connector.worker.take_failed_loads().get(request_id, []))
+                    reasons += ranks[0].connector.worker.take_failed_loads().get(request_id, [])
                 conn.send(("ok", {"computed": computed, "external": h.cache_stats.external_hits - before,
                                   "local": h.cache_stats.gpu_hits - local,
-                                  "output": h.outputs[request_id], "failed_blocks": failed,
-                                  "reason": h.finish_reasons.get(request_id)}))
+                                  "output": h.outputs[request_id], "failed_blocks": len(reasons),
+                                  "reasons": reasons,
+                                  "finish": h.finish_reasons.get(request_id)}))
+            elif cmd[0] == "fill":  # a plain request: its blocks are stored, not kept for a reader
+                _, request_id, prompt = cmd
+                h.add_request(request_id, prompt, 1)
+                h.run_until_idle()
+                conn.send(("ok",))
+            elif cmd[0] == "expire":  # every pin times out at the next step
+                leader.pins.clock = lambda: float("inf")
+                h.step()
+                leader.pins.clock = time.monotonic
+                conn.send(("ok", leader.pins.expired))
             elif cmd[0] == "pins":
                 conn.send(("ok", len(leader.pins)))
             elif cmd[0] == "pid":

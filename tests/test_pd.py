@@ -35,7 +35,7 @@ class Cluster:
 
     def __init__(self) -> None:
         self.procs = Processes()
-        self.prefills = [_start(self.procs, "kv_producer") for _ in range(2)]
+        self.prefills = [_start(self.procs, "kv_producer"), _start(self.procs, "kv_producer", host_blocks=64)]
         self.decodes = [_start(self.procs, "kv_consumer", DYN_KVBM_PD_LOAD_TIMEOUT_SECS=5) for _ in range(2)]
         _ready(self.procs, *self.prefills, *self.decodes)
 
@@ -123,6 +123,21 @@ def test_bad_or_foreign_params_are_computed_locally(cluster: Cluster, bad: str) 
         assert summary["failed_blocks"] == len(prompt) // BLOCK, summary
     else:
         assert summary["external"] == 0, summary
+
+
+def test_slots_reused_after_the_pin_timed_out_are_not_served(cluster: Cluster) -> None:
+    """P1 (64 G2 slots) hands out params, its pin times out unread, and later requests reuse every slot: D's load
+    finds the slots sealed with other hashes, fails every block and recomputes the prompt, byte-exact."""
+    rng = random.Random(9)
+    prompt = _prompt(rng, 150)
+    params = cluster.prefill(1, "r0", prompt)
+    assert cluster.procs.ask(cluster.prefills[1], "expire")[1] >= 1
+    for k in range(8):  # 80 new blocks through 64 slots
+        cluster.procs.ask(cluster.prefills[1], "fill", f"r-fill{k}", _prompt(rng, 10 * BLOCK), timeout=120)
+    summary = cluster.decode(0, "r0", prompt, params)
+    assert summary["failed_blocks"] == len(prompt) // BLOCK, summary
+    assert all("holds another block now" in reason for reason in summary["reasons"]), summary["reasons"]
+    assert summary["computed"] == len(prompt) + 3 and len(summary["output"]) == 4, summary
 
 
 def test_prefill_instance_killed_decode_recomputes(cluster: Cluster) -> None:
