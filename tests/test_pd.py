@@ -86,6 +86,12 @@ def test_1p1d_decode_loads_prefill_blocks_byte_exact(cluster: Cluster) -> None:
         assert params["do_remote_prefill"] and len(params["kvbm"]["slots"]) == length // BLOCK
         _check_loaded(cluster.decode(0, f"a{k}", prompt, params), prompt, 4)
     assert cluster.pins(0) == 0
+    prompt = _prompt(rng, 100)
+    _check_loaded(cluster.decode(0, "a-once", prompt, cluster.prefill(0, "a-once", prompt)), prompt, 4)
+    params = cluster.prefill(0, "a-again", prompt)  # D's own prefix cache holds its 6 full blocks now: nothing is
+    summary = cluster.decode(0, "a-again", prompt, params)  # read, but P is told so and unpins at once
+    assert summary["external"] == 0 and summary["local"] == 96 and summary["computed"] == 4 + 3, summary
+    assert cluster.pins(0) == 0
 
 
 def test_2p2d_requests_cross_instances(cluster: Cluster) -> None:

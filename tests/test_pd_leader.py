@@ -140,6 +140,12 @@ def test_remote_match_loads_the_blocks_whose_hashes_agree() -> None:
     assert consumer.match_remote(other, tokens, 0, kept) == 0
     changed = tokens[:3 * BS] + [t + 1 for t in tokens[3 * BS:]]
     assert consumer.match_remote(consumer.track("req-y", salt=0), changed, 0, kept) == 3 * BS
+    consumer.take_step()
+    consumer.release_remote(kept.source)  # e.g. vLLM's own cache had the blocks: the holder unpins at once
+    (release,) = consumer.take_step().cascades
+    assert release.remote == kept.source and release.num_blocks == 0 and release.src_tier == REMOTE_TIER
+    consumer.apply(WorkerReport({release.move_id: MoveResult(release.move_id, reports=2)}))
+    assert not consumer._remote_moves
     single = _leader(1)  # one rank cannot read a two-rank prefill (rank r reads rank r)
     assert single.match_remote(single.track("req-z", salt=0), tokens, 0, kept) == 0
 

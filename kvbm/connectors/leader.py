@@ -126,6 +126,7 @@ class ConnectorLeader:
         self._loads: list[RequestLoad] = []
         self._stores: list[RequestStore] = []
         self._remote_moves: set[int] = set()  # open loads from other instances (not in the index)
+        self._releases: list[Move] = []  # no-block moves telling other instances a prefill will not be read
         self.engine_id = ""  #: this instance's name in the P/D params it hands out
         self.endpoints: tuple[bytes, ...] | None = None  #: per rank, where other instances read this one's G2
         self.pins = Pins(self.index, tiers[0].name, readers=num_workers, timeout_s=config.pd_pin_timeout_secs)
@@ -222,6 +223,13 @@ class ConnectorLeader:
         self._loads.append(load)
         return load
 
+    def release_remote(self, source: RemoteSource) -> None:
+        """Tell the holder of a prefill that nothing will be read from it (this engine had the blocks, or the request
+        ended first), so it unpins them now: a move of no blocks, run with the step's cascades."""
+        move = Move(self.index.reserve_move_id(), MoveKind.LOAD, REMOTE_TIER, ENGINE_TIER, (), (), (), source)
+        self._remote_moves.add(move.move_id)
+        self._releases.append(move)
+
     def keep_for_remote(self, state: TrackedRequest, prompt: Sequence[int]) -> RemotePrefill | None:
         """Pin the request's prompt blocks that are in G2 (or on their way) for another instance to read, and say
         where they are; None without endpoints (no exporting workers) or blocks."""
@@ -287,6 +295,7 @@ class ConnectorLeader:
         if self.metrics is not None and self.endpoints is not None:
             self.metrics.set_remote_pins(len(self.pins))
         cascades = self.index.plan_cascades() if self.index.has_cascades() else []
+        cascades, self._releases = cascades + self._releases, []
         return StepPlan(loads, stores, cascades, preempted, list(held))
 
     def apply(self, report: WorkerReport) -> None:

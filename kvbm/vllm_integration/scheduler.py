@@ -67,7 +67,8 @@ class SchedulerSide:
             n = self.leader.match_remote(state, request.prompt_token_ids, num_computed_tokens, remote)
             if n:
                 return n, True
-            request.kv_transfer_params["do_remote_prefill"] = False  # nothing to load: computed here
+            request.kv_transfer_params["do_remote_prefill"] = False  # nothing to load: computed or cached here
+            self.leader.release_remote(remote.source)
         n = self.leader.match(state, request.all_token_ids, num_computed_tokens, request.num_preemptions)
         return (n, True) if n else (0, False)
 
@@ -156,6 +157,9 @@ class SchedulerSide:
         self._requests.pop(request.request_id, None)
         self._remote_hits.pop(request.request_id, None)
         state = self.leader.requests.get(request.request_id)
+        if state is not None and state.remote is not None:  # matched, never allocated: the holder may unpin
+            self.leader.release_remote(state.remote.source)
+            state.remote = None
         if state is None or state.loading:
             self.leader.forget(request.request_id)
             return False, None
