@@ -18,6 +18,7 @@ from kvbm.layouts import PagedKVCache
 from kvbm.leader.plans import Move, MoveKind, MoveResult
 from kvbm.metrics import KvbmMetrics
 from kvbm.tiers import HOST_TIER, TierSpec
+from kvbm.worker.g4 import G4Endpoint
 from kvbm.worker.store import BlockStore
 
 __all__ = ["ConnectorWorker", "G4Options"]
@@ -48,8 +49,6 @@ class ConnectorWorker:
         self.store = BlockStore.open(engine_cache, tiers, config, metrics=metrics)
         self.store.rank = rank
         if g4 is not None and (g4.export or g4.load):
-            from kvbm.worker.g4 import G4Endpoint  # NIXL only where P/D is asked for
-
             try:
                 self.store.g4 = G4Endpoint(self.store.transfers, self.store.cache(HOST_TIER), export=g4.export,
                                            timeout_s=g4.timeout_s)

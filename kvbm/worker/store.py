@@ -23,6 +23,7 @@ from kvbm.kernels.transfers import Transfers
 from kvbm.leader.plans import ENGINE_TIER, REMOTE_TIER, Move, MoveResult, direction
 from kvbm.metrics import DIRECTIONS, KvbmMetrics
 from kvbm.tiers import TierSpec
+from kvbm.worker.g4 import G4Endpoint
 from kvbm.worker.tier_memory import allocate_tier, close_tier
 
 __all__ = ["BlockStore"]
@@ -54,7 +55,7 @@ class BlockStore:
         self._queue: deque[Move] = deque()
         self._running: list[_Running] = []
         self._finished: list[MoveResult] = []
-        self.g4: Any = None  #: a `kvbm.worker.g4.G4Endpoint`, set by the owner
+        self.g4: G4Endpoint | None = None  #: this rank's NIXL endpoint (P/D), set by the owner
         self.g4_tier: str | None = None  #: the tier the endpoint exports (its slots are sealed)
         self.rank = 0  #: this worker's rank (a remote load reads the holder's rank of the same number)
 
