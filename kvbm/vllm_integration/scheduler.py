@@ -88,19 +88,22 @@ class SchedulerSide:
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         """Plan the load of ``num_external_tokens`` into the blocks after vLLM's hit."""
         state = self._state(request)
+        remote = state.remote
         if num_external_tokens > 0:
-            remote = state.remote is not None
             self.leader.plan_matched_load(state, blocks.get_block_ids()[0],
                                           -(-num_external_tokens // self.leader.block_size))
-            if remote:
+            if remote is not None:
                 self._remote_hits[request.request_id] = num_external_tokens
+        elif remote is not None:  # matched but not loaded: the holder may unpin
+            self.leader.release_remote(remote.source)
         state.remote = None
         params = getattr(request, "kv_transfer_params", None)
         if params and params.get("do_remote_prefill"):
             params["do_remote_prefill"] = False  # loaded once; recomputed if that fails
 
     def hit_sources(self, request: Request, num_external_tokens: int) -> dict[CacheHitSource, int]:
-        """The ``num_external_tokens`` planned for loading, by source: G2 (HOST) and G3 (DISK)."""
+        """The ``num_external_tokens`` planned for loading, by source: G2 (HOST) and G3 (DISK), or another
+        instance's G2 (P2P)."""
         remote = self._remote_hits.get(request.request_id)
         if remote is not None:
             return {CacheHitSource.P2P: remote} if remote else {}
@@ -167,7 +170,7 @@ class SchedulerSide:
         num_blocks = min(request.num_computed_tokens, request.num_tokens) // self.leader.block_size
         self.leader.plan_stores(state, request.all_token_ids, num_blocks)
         params = None
-        if (self.producer and wants_remote_decode(request.kv_transfer_params)
+        if (self.producer and wants_remote_decode(getattr(request, "kv_transfer_params", None))
                 and request.status == RequestStatus.FINISHED_LENGTH_CAPPED):
             kept = self.leader.keep_for_remote(state, request.prompt_token_ids)
             params = kept.to_params() if kept is not None else None
