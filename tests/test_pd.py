@@ -6,9 +6,7 @@ in that instance; a wrong byte fails the test there.
 """
 from __future__ import annotations
 
-import os
 import random
-import signal
 
 import pytest
 

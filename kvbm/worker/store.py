@@ -20,7 +20,7 @@ from kvbm.config import KvbmConfig
 from kvbm.kernels.block_transfer import BlockTransfer
 from kvbm.kernels.medium import Medium, medium_of
 from kvbm.kernels.transfers import Transfers
-from kvbm.leader.plans import ENGINE_TIER, REMOTE_TIER, Move, MoveResult, direction
+from kvbm.leader.plans import ENGINE_TIER, Move, MoveResult, direction
 from kvbm.metrics import DIRECTIONS, KvbmMetrics
 from kvbm.tiers import TierSpec
 from kvbm.worker.g4 import G4Endpoint
