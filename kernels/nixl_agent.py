@@ -299,6 +299,21 @@ class NixlAgent:
             raise ConnectionError(f"NIXL refused to post a read from {peer!r}")
         return handle
 
+    def notify(self, peer: str, message: bytes) -> None:
+        """Send ``message`` to ``peer`` over NIXL's notification channel (raises when the peer is unknown or gone)."""
+        with self._lock:
+            self._check_open()
+            if peer not in self._peers:
+                raise ConnectionError(f"peer {peer!r} is not known to agent {self.name!r} (removed or never added)")
+            self.agent.send_notif(peer, bytes(message))
+
+    def notifications(self) -> dict[str, list[bytes]]:
+        """Notifications received since the last call, by sending agent (any agent that connected here)."""
+        with self._lock:
+            if self._closed:
+                return {}
+            return self.agent.get_new_notifs()
+
     def state(self, handle: Any) -> str:
         """"DONE", "PROC" or "ERR" for a transfer handle; never blocks (a NIXL error, such as a peer that
         disconnected, is "ERR")."""

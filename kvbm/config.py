@@ -17,6 +17,10 @@ Layer-wise onboarding: a prefix hit held entirely in G2 is loaded while the forw
 ``ONBOARD_LAYERS_PER_GROUP`` layers at a time, each layer's attention waiting only for its own group;
 ``DISABLE_LAYERWISE_ONBOARD`` loads every hit before the request is scheduled instead (as hits from G3 always are).
 
+Disaggregated prefill -> decode (`kvbm.connectors.pd`): ``PD_PIN_TIMEOUT_SECS`` is how long a prefill instance
+keeps a finished request's blocks for a decode instance that has not read them, ``PD_LOAD_TIMEOUT_SECS`` how long
+a decode instance waits for another instance's blocks (their stores to finish, then each read) before recomputing.
+
 Sizes: ``*_CACHE_GB`` are in GB of 1e9 bytes (floats allowed); a ``*_OVERRIDE_NUM_BLOCKS`` variable, when set,
 wins over the GB size of its tier. An empty variable counts as unset. Unknown ``DYN_KVBM_*`` names are logged as
 a warning (a typo must not silently drop a setting), not rejected, since other KVBM deployments set variables this
@@ -124,6 +128,8 @@ class KvbmConfig:
     cost_probe_secs: float = 60.0
     disable_layerwise_onboard: bool = False
     onboard_layers_per_group: int = 4
+    pd_pin_timeout_secs: float = 120.0
+    pd_load_timeout_secs: float = 30.0
 
     def __post_init__(self) -> None:
         """Check types and ranges, so a config built directly is held to the same rules as one from the env."""
@@ -296,6 +302,8 @@ _FLOAT_RANGES: dict[str, tuple[float, float, bool, str]] = {
     "disk_load_latency_ms": (0.0, 1e6, False, "a non-negative, finite latency per load in milliseconds, at most 1e6"),
     "prefill_tokens_per_s": (0.0, 1e9, True, "a positive, finite prefill rate in tokens per second, at most 1e9"),
     "cost_probe_secs": (0.0, 1e9, False, "a non-negative, finite number of seconds (0: never probe), at most 1e9"),
+    "pd_pin_timeout_secs": (0.0, 1e6, True, "a positive, finite number of seconds, at most 1e6"),
+    "pd_load_timeout_secs": (0.0, 1e6, True, "a positive, finite number of seconds, at most 1e6"),
 }
 
 _INT63, _INT31 = 2**63 - 1, 2**31 - 1

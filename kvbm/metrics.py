@@ -26,7 +26,11 @@ Exposed names:
   histogram ``kvbm_transfer_seconds`` (``_bucket`` / ``_sum`` / ``_count``) of the time per batch;
 - the cost-aware hit rule's gauges ``kvbm_load_bandwidth_bytes_per_second`` (per ``tier``) and
   ``kvbm_prefill_tokens_per_second``, and its total ``kvbm_cost_dropped_blocks`` (per ``tier``: blocks found but
-  not reported, recomputing them being expected faster than loading them).
+  not reported, recomputing them being expected faster than loading them);
+- disaggregated prefill -> decode: direction ``g4_to_g1`` of the transfer series (a decode instance's loads from a
+  prefill instance's G2 over NIXL), the gauge ``kvbm_remote_pinned_requests`` (a prefill instance's finished
+  requests whose G2 blocks are kept for a decode instance) and the total ``kvbm_remote_pin_timeouts`` (such
+  requests released because no reader came in ``DYN_KVBM_PD_PIN_TIMEOUT_SECS``).
 """
 from __future__ import annotations
 
@@ -56,7 +60,7 @@ TransferListener = Callable[..., None]
 
 # Tier pairs a batch can move blocks between. The direction label uses these rather than KVBM's d2h/h2d words,
 # which are ambiguous ("h2d" is both G2->G3 offload and G2->G1 onboard in KVBM's counter names).
-DIRECTIONS: tuple[str, ...] = ("g1_to_g2", "g2_to_g3", "g1_to_g3", "g2_to_g1", "g3_to_g1", "g3_to_g2")
+DIRECTIONS: tuple[str, ...] = ("g1_to_g2", "g2_to_g3", "g1_to_g3", "g2_to_g1", "g3_to_g1", "g3_to_g2", "g4_to_g1")
 
 # Direction -> the KVBM counter of blocks moved that way (G3->G2 promotion has none in KVBM).
 KVBM_BLOCK_COUNTERS: dict[str, str] = {
@@ -148,6 +152,8 @@ class KvbmMetrics:
         self._totals.add("kvbm_matched_tokens", "Tokens reported to the engine as found in the offload tiers (total)")
         self._totals.add("kvbm_disk_file_renewals", "Disk tier files found deleted underneath and replaced by a new "
                          "one, their blocks lost (total)")
+        self._totals.add("kvbm_remote_pin_timeouts", "Finished requests whose blocks were kept for a decode instance "
+                         "and released unread after the timeout (total)")
         by_direction = [(d,) for d in DIRECTIONS]
         self._totals.add("kvbm_transfer_bytes", "Bytes of blocks moved intact, per direction (total)",
                          ("direction",), by_direction)
@@ -171,6 +177,8 @@ class KvbmMetrics:
         self._bandwidth = Gauge("kvbm_load_bandwidth_bytes_per_second",
                                 "Estimated load bandwidth into the engine's cache, per source tier (measured, else "
                                 "configured)", ["tier"], registry=self.registry)
+        self._pinned = Gauge("kvbm_remote_pinned_requests", "Finished requests whose G2 blocks are kept for a decode "
+                             "instance to read", registry=self.registry)
         self._prefill = Gauge("kvbm_prefill_tokens_per_second",
                               "Estimated prefill rate of the engine (measured, else configured)", registry=self.registry)
         self._gauge_values: dict[tuple[str, str], float] = {}
@@ -247,6 +255,14 @@ class KvbmMetrics:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite, non-negative number, got {value!r}")
         return float(value)
+
+    def set_remote_pins(self, num_requests: int) -> None:
+        """Publish how many finished requests' blocks are kept for decode instances now."""
+        self._pinned.set(_check_count("num_requests", num_requests))
+
+    def record_remote_pin_timeouts(self, count: int) -> None:
+        """Add ``count`` kept requests released unread after the timeout."""
+        self._totals.inc("kvbm_remote_pin_timeouts", _check_count("count", count))
 
     def record_disk_file_renewals(self, count: int) -> None:
         """Add ``count`` disk tier files found deleted and replaced."""

@@ -1209,11 +1209,14 @@ class VllmHarness:
         max_tokens: int,
         cache_salt: str | None = None,
         lora_name: str | None = None,
+        kv_transfer_params: dict[str, Any] | None = None,
     ) -> Request:
-        """Create a request and hand it to the scheduler."""
+        """Create a request (with P/D ``kv_transfer_params``, as vLLM takes them from the sampling params'
+        ``extra_args``) and hand it to the scheduler."""
         if request_id in self._seeds:
             raise ValueError(f"request id {request_id!r} was already used in this harness")
         request = self.make_request(request_id, prompt_token_ids, max_tokens, cache_salt, lora_name)
+        request.kv_transfer_params = kv_transfer_params
         self._seeds[request_id] = request_seed(cache_salt, lora_name)
         self.outputs[request_id] = []
         self.scheduler.add_request(request)

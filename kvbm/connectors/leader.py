@@ -6,6 +6,10 @@ handed out for storing, and which of its store moves the workers have not report
 its engine's calls to `lookup`, `plan_load`, `plan_stores`, `take_step` and `apply`; plans leave as a
 `StepPlan` and results come back as `WorkerReport`s. A move completes once every worker reported it
 (``num_workers``), a block failing on any rank failing for all.
+
+Disaggregated serving (`kvbm.connectors.pd`): a prefill instance pins a finished request's G2 blocks for a reader
+(`keep_for_remote`, with ``endpoints`` from its workers); a decode instance matches a request's `RemotePrefill`
+(`match_remote`) and loads it from the other instance's G2 (a move from ``REMOTE_TIER``, outside the index).
 """
 from __future__ import annotations
 
@@ -15,8 +19,10 @@ from dataclasses import dataclass, field
 
 from kvbm.config import KvbmConfig
 from kvbm.connectors.messages import RequestLoad, RequestStore, StepPlan, WorkerReport
+from kvbm.connectors.pd import Pins, RemotePrefill
 from kvbm.hashing import sequence_hashes
-from kvbm.leader import BlockIndex, Match, MoveKind, MoveResult
+from kvbm.leader import ENGINE_TIER, BlockIndex, Match, Move, MoveKind, MoveResult
+from kvbm.leader.plans import REMOTE_TIER, RemoteSource
 from kvbm.metrics import KvbmMetrics
 from kvbm.policies.admission import DiskAdmissionFilter
 from kvbm.policies.cost import LoadCostPolicy
@@ -44,6 +50,7 @@ class TrackedRequest:
     host_blocks: int = 0  #: the engine's hit plus the stored run's G2 part, in blocks
     local_tokens: int = 0  #: the engine's own hit when the load was planned
     layerwise: bool = False  #: the matched run is loaded layer by layer beside the forward that reads it
+    remote: RemotePrefill | None = None  #: the other instance's prefill the match comes from (decode side)
 
     def hashes_upto(self, num_blocks: int, block_size: int, tokens: Sequence[int]) -> list[int]:
         """Sequence hashes of the first ``num_blocks`` full blocks of ``tokens`` (hashing only new blocks)."""
@@ -135,6 +142,11 @@ class ConnectorLeader:
         self._partial: dict[int, MoveResult] = {}  # results some workers reported
         self._loads: list[RequestLoad] = []
         self._stores: list[RequestStore] = []
+        self._remote_moves: set[int] = set()  # open loads from other instances (not in the index)
+        self._releases: list[Move] = []  # no-block moves telling other instances a prefill will not be read
+        self.engine_id = ""  #: this instance's name in the P/D params it hands out
+        self.endpoints: tuple[bytes, ...] | None = None  #: per rank, where other instances read this one's G2
+        self.pins = Pins(self.index, tiers[0].name, readers=num_workers, timeout_s=config.pd_pin_timeout_secs)
 
     # -- requests ----------------------------------------------------------------------------------------------
 
@@ -179,6 +191,30 @@ class ConnectorLeader:
         state.local_tokens = num_computed_tokens
         return max(state.matched_blocks * self.block_size - num_computed_tokens, 0)
 
+    def match_remote(self, state: TrackedRequest, tokens: Sequence[int], num_computed_tokens: int,
+                     remote: RemotePrefill) -> int:
+        """Tokens of another instance's prefill ``remote`` right after the engine's hit: the leading blocks whose
+        hashes equal this instance's hashes of ``tokens`` (another prompt, salt or block size matches nothing; an
+        instance with another number of ranks is not read: rank r reads rank r)."""
+        if state.skip is not None:
+            return 0
+        if remote.block_size != self.block_size or len(remote.source.endpoints) != self.num_workers:
+            log.warning("kvbm: request %s: the prefill instance %s has blocks of %d tokens over %d rank(s), this one "
+                        "%d tokens over %d: computing the prompt here", state.request_id, remote.source.engine_id,
+                        remote.block_size, len(remote.source.endpoints), self.block_size, self.num_workers)
+            return 0
+        full_blocks = min(len(tokens) // self.block_size, len(remote.hashes))
+        local_blocks = num_computed_tokens // self.block_size
+        hashes = state.hashes_upto(full_blocks, self.block_size, tokens)
+        same = next((i for i in range(full_blocks) if hashes[i] != remote.hashes[i]), full_blocks)
+        if same <= local_blocks:
+            return 0
+        state.remote, state.matched_blocks, state.host_blocks = remote, same, local_blocks
+        state.match_key, state.local_tokens = None, num_computed_tokens
+        if self.metrics is not None:
+            self.metrics.record_matched_tokens((same - local_blocks) * self.block_size)
+        return same * self.block_size - num_computed_tokens
+
     def plan_matched_load(self, state: TrackedRequest, block_ids: Sequence[int], num_blocks: int) -> RequestLoad:
         """Load the first ``num_blocks`` matched blocks after the engine's hit into the request's blocks at those
         positions (``block_ids``: all the request's engine blocks, in token order)."""
@@ -187,8 +223,43 @@ class ConnectorLeader:
             raise ValueError(f"request {state.request_id}: {num_blocks} blocks to load after {first} local ones; "
                              f"{len(block_ids)} allocated, {state.matched_blocks} matched")
         state.loading = not state.layerwise
+        remote, state.remote = state.remote, None
+        if remote is not None:  # (another instance's blocks load asynchronously)
+            state.loading = True
+            return self.plan_remote_load(state.request_id, remote.source, state.hashes[first:first + num_blocks],
+                                         remote.slots[first:first + num_blocks], block_ids[first:first + num_blocks])
         return self.plan_load(state.request_id, state.hashes[first:first + num_blocks],
                               block_ids[first:first + num_blocks], layerwise=state.layerwise)
+
+    def plan_remote_load(self, request_id: str, source: RemoteSource, hashes: Sequence[int], slots: Sequence[int],
+                         engine_ids: Sequence[int]) -> RequestLoad:
+        """Load blocks ``hashes`` from slots ``slots`` of another instance's G2 into ``engine_ids``: one move (the
+        holder unpins once per reading rank)."""
+        move = Move(self.index.reserve_move_id(), MoveKind.LOAD, REMOTE_TIER, ENGINE_TIER, tuple(slots),
+                    tuple(engine_ids), tuple(hashes), source)
+        self._remote_moves.add(move.move_id)
+        load = RequestLoad(request_id, (move,))
+        self._loads.append(load)
+        return load
+
+    def release_remote(self, source: RemoteSource) -> None:
+        """Tell the holder of a prefill that nothing will be read from it (this engine had the blocks, or the request
+        ended first), so it unpins them now: a move of no blocks, run with the step's cascades."""
+        move = Move(self.index.reserve_move_id(), MoveKind.LOAD, REMOTE_TIER, ENGINE_TIER, (), (), (), source)
+        self._remote_moves.add(move.move_id)
+        self._releases.append(move)
+
+    def keep_for_remote(self, state: TrackedRequest, prompt: Sequence[int]) -> RemotePrefill | None:
+        """Pin the request's prompt blocks that are in G2 (or on their way) for another instance to read, and say
+        where they are; None without endpoints (no exporting workers) or blocks."""
+        if self.endpoints is None or state.skip is not None:
+            return None
+        hashes = state.hashes_upto(len(prompt) // self.block_size, self.block_size, prompt)
+        run, slots = self.pins.pin(state.request_id, hashes[:len(prompt) // self.block_size])
+        if not run:
+            return None
+        source = RemoteSource(self.engine_id, state.request_id, self.endpoints)
+        return RemotePrefill(source, self.block_size, tuple(run), tuple(slots))
 
     def hit_split(self, state: TrackedRequest, num_tokens: int) -> tuple[int, int]:
         """``(G2 tokens, tokens from lower tiers)`` of ``num_tokens`` planned for loading."""
@@ -236,7 +307,17 @@ class ConnectorLeader:
         """This step's plan: the loads and stores planned since the last step, and the cascades now due."""
         loads, self._loads = self._loads, []
         stores, self._stores = self._stores, []
+        if len(self.pins):
+            expired = self.pins.expire()
+            for request_id in expired:
+                log.warning("kvbm: blocks of request %s kept for another instance were not read within %.0f s; "
+                            "released", request_id, self.pins.timeout_s)
+            if self.metrics is not None and expired:
+                self.metrics.record_remote_pin_timeouts(len(expired))
+        if self.metrics is not None and self.endpoints is not None:
+            self.metrics.set_remote_pins(len(self.pins))
         cascades = self.index.plan_cascades() if self.index.has_cascades() else []
+        cascades, self._releases = cascades + self._releases, []
         return StepPlan(loads, stores, cascades, preempted, list(held))
 
     def apply(self, report: WorkerReport) -> None:
@@ -248,7 +329,12 @@ class ConnectorLeader:
             if result.reports < self.num_workers:
                 self._partial[move_id] = result
                 continue
+            if move_id in self._remote_moves:  # not the index's: nothing held here
+                self._remote_moves.discard(move_id)
+                continue
             move = self.index.complete(move_id, result.failed, result.lost)
+            if move.kind is MoveKind.STORE:
+                self.pins.stored(move.hashes, result.failed)
             seconds = result.seconds
             if self.cost is not None and move.kind is MoveKind.LOAD and seconds is not None:
                 self.cost.observe_load(move.src_tier, num_bytes=(move.num_blocks - len(result.failed))
@@ -257,3 +343,5 @@ class ConnectorLeader:
                 owner = self.requests.get(self._owner.pop(move_id, ""))
                 if owner is not None:
                     owner.stores.discard(move_id)
+        for request_id, count in report.released.items():
+            self.pins.acknowledge(request_id, count)

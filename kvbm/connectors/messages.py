@@ -53,13 +53,18 @@ class StepPlan:
 
 @dataclass(slots=True)
 class WorkerReport:
-    """Results of the moves a worker finished since its last report, by move id."""
+    """Results of the moves a worker finished since its last report, by move id; ``released``: requests of this
+    instance whose pinned blocks another instance finished reading, with how many reading ranks said so."""
 
     results: dict[int, MoveResult] = field(default_factory=dict)
+    released: dict[str, int] = field(default_factory=dict)
 
     def merged(self, other: WorkerReport) -> WorkerReport:
         """Two reports in one (of two ranks, or of two steps): results of the same move are merged."""
         out = dict(self.results)
         for move_id, result in other.results.items():
             out[move_id] = out[move_id].merged(result) if move_id in out else result
-        return WorkerReport(out)
+        released = dict(self.released)
+        for request_id, count in other.released.items():
+            released[request_id] = released.get(request_id, 0) + count
+        return WorkerReport(out, released)

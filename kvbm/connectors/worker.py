@@ -3,7 +3,8 @@
 The worker allocates its shard of every tier (the same number of blocks as the leader's index, of its own block
 size), runs the plan's moves through its `BlockStore`, and reports per request what the engine asks for
 (loads done, held requests whose stores are done, engine blocks whose load failed) and per move what the leader
-needs (`WorkerReport`).
+needs (`WorkerReport`). With P/D (``g4``), a `G4Endpoint` exports the rank's G2 to other instances and/or loads
+from theirs; which of this instance's requests readers are done with goes back in the report (``released``).
 
 Ranks holding identical KV (MLA's latent cache under tensor parallelism, a `ReplicaGroup`) share one host pool
 (`kvbm.worker.shared_pool`): the group's writer runs the moves into it (stores), every rank runs the others (loads
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from kvbm.config import KvbmConfig
 from kvbm.connectors.leader import RankLayout
@@ -23,24 +25,37 @@ from kvbm.kernels.medium import Medium
 from kvbm.layouts import PagedKVCache
 from kvbm.leader.plans import Move, MoveKind, MoveResult
 from kvbm.metrics import KvbmMetrics
-from kvbm.tiers import TierSpec
+from kvbm.tiers import HOST_TIER, TierSpec
+from kvbm.worker.g4 import G4Endpoint
 from kvbm.worker.layerwise import LayerwiseLoads
 from kvbm.worker.shared_pool import ReplicaGroup, SharedHostPool, SharedPoolError
 from kvbm.worker.store import BlockStore
 from kvbm.worker.tier_memory import allocate_tier, close_tier
 
-__all__ = ["ConnectorWorker", "replica_group"]
+__all__ = ["ConnectorWorker", "G4Options", "replica_group"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class G4Options:
+    """A rank's part in disaggregated serving: ``export`` its G2 to other instances (a prefill / producer),
+    ``load`` from theirs (a decode / consumer); ``timeout_s`` bounds one load from another instance."""
+
+    export: bool = False
+    load: bool = False
+    timeout_s: float = 30.0
 
 
 class ConnectorWorker:
     """One rank's tiers and the requests whose moves it runs (see the module docstring)."""
 
     def __init__(self, engine_cache: PagedKVCache, tiers: Sequence[TierSpec], config: KvbmConfig, *,
-                 metrics: KvbmMetrics | None = None, replicas: ReplicaGroup | None = None) -> None:
+                 metrics: KvbmMetrics | None = None, replicas: ReplicaGroup | None = None, rank: int = 0,
+                 g4: G4Options | None = None) -> None:
         """Allocate the tiers' memory for ``engine_cache``'s geometry (raises before holding anything on failure);
-        with ``replicas`` the host tier is the group's shared pool when it can be (else this rank's own)."""
+        with ``replicas`` the host tier is the group's shared pool when it can be (else this rank's own); ``g4``:
+        this rank (``rank``) exports its G2 and/or loads from other instances'."""
         if not tiers:
             raise ValueError("no offload tier configured")
         self.engine_cache = engine_cache
@@ -54,6 +69,17 @@ class ConnectorWorker:
             if self._pool is not None:
                 self._pool.close()
             raise
+        self.store.rank = rank
+        if g4 is not None and (g4.export or g4.load):
+            try:
+                self.store.g4 = G4Endpoint(self.store.transfers, self.store.cache(HOST_TIER), export=g4.export,
+                                           timeout_s=g4.timeout_s)
+            except BaseException:
+                self.store.close()
+                if self._pool is not None:
+                    self._pool.close()
+                raise
+            self.store.g4_tier = HOST_TIER if g4.export else None
         self._moves: dict[int, tuple[Move, str | None]] = {}  # running move id -> (move, request id)
         self._loading: dict[str, set[int]] = {}
         self._storing: dict[str, set[int]] = {}
@@ -62,6 +88,7 @@ class ConnectorWorker:
         self._failed_loads: dict[str, list[str]] = {}
         self._report: dict[int, MoveResult] = {}
         self._layers = LayerwiseLoads(self.store, engine_cache, config.onboard_layers_per_group)
+        self._released: dict[str, int] = {}
         self._closed = False
 
     def _share_host_tier(self, tiers: Sequence[TierSpec], group: ReplicaGroup) -> dict[str, PagedKVCache]:
@@ -102,6 +129,11 @@ class ConnectorWorker:
         log.info("kvbm: replica group %s: host tier %s shared with the writer rank (%d bytes)", group.name,
                  host.name, nbytes)
         return {host.name: cache}
+
+    def endpoint(self) -> bytes | None:
+        """What another instance's rank needs to load from this rank's G2 (None without an exporting endpoint)."""
+        g4 = self.store.g4
+        return g4.endpoint() if g4 is not None and g4.seals is not None else None
 
     def start_loads(self, loads: Iterable[RequestLoad]) -> None:
         """Start loading requests' blocks; blocks missing at planning time are load errors at once. Layer-wise
@@ -161,6 +193,9 @@ class ConnectorWorker:
     def poll(self) -> tuple[set[str], set[str]]:
         """``(held requests whose stores are done, requests whose loads are done)``; never blocks."""
         self._collect(self.store.poll())
+        if self.store.g4 is not None:
+            for request_id in self.store.g4.take_released():
+                self._released[request_id] = self._released.get(request_id, 0) + 1
         recving = {r for r, pending in self._loading.items() if not pending}
         for request_id in recving:
             del self._loading[request_id]
@@ -188,14 +223,16 @@ class ConnectorWorker:
 
     def take_report(self) -> WorkerReport | None:
         """Results of the moves finished since the last report, for the leader (None when there are none)."""
-        if not self._report:
+        if not self._report and not self._released:
             return None
-        report, self._report = WorkerReport(self._report), {}
+        report = WorkerReport(self._report, self._released)
+        self._report, self._released = {}, {}
         return report
 
     def idle(self) -> bool:
         """Whether nothing is running or waiting to be reported."""
-        return not (self._moves or self._loading or self._storing or self._held or self._report or self._layers.active)
+        return not (self._moves or self._loading or self._storing or self._held or self._report or self._layers.active
+                    or self._released)
 
     def close(self) -> None:
         """Finish every move, then release the tiers (idempotent)."""

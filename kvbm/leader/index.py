@@ -153,6 +153,15 @@ class BlockIndex:
         """The slot pool of tier ``name``."""
         return self._tiers[self._tier_index(name)].pool
 
+    def release_slot(self, name: str, slot: int) -> None:
+        """Drop a hold taken on a slot of tier ``name`` outside a move (``pool(name).hold``); a slot a read found
+        bad is dropped once nothing holds it."""
+        self._release(self._tier_index(name), slot)
+
+    def reserve_move_id(self) -> int:
+        """A fresh move id for a move planned outside the index (a remote load); ``complete`` does not know it."""
+        return next(self._ids)
+
     def open_moves(self) -> list[Move]:
         """Moves planned whose results have not come back."""
         return list(self._open.values())

@@ -1,19 +1,22 @@
 """Plans as plain data: what the leader asks workers to move, and what workers report back.
 
 A `Move` names two tiers by name ("G1" is the engine's own cache) and the block ids on each side: for G1 the
-engine's block ids, for every other tier its slot ids. Workers execute moves on their own shard of each tier and
-report a `MoveResult` per move; nothing else crosses between the two sides, so both pickle cheaply into the
-engine's connector metadata.
+engine's block ids, for every other tier its slot ids. A move from another kvbm instance's G2 (``REMOTE_TIER``)
+carries a `RemoteSource`: whose pool, per rank, the slot ids refer to. Workers execute moves on their own shard of
+each tier and report a `MoveResult` per move; nothing else crosses between the two sides, so both pickle cheaply
+into the engine's connector metadata.
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
 
-__all__ = ["ENGINE_TIER", "Move", "MoveKind", "MoveResult", "direction"]
+__all__ = ["ENGINE_TIER", "REMOTE_TIER", "Move", "MoveKind", "MoveResult", "RemoteSource", "direction"]
 
 #: The name of the engine's cache among the tiers a move names.
 ENGINE_TIER = "G1"
+#: The tier name of a move whose source is another kvbm instance's G2 pool, read over NIXL.
+REMOTE_TIER = "G4"
 
 
 class MoveKind(enum.Enum):
@@ -22,6 +25,17 @@ class MoveKind(enum.Enum):
     STORE = "store"  #: engine blocks into the first offload tier (their slots are pending until done)
     LOAD = "load"  #: tier slots into engine blocks (the slots are held until done)
     CASCADE = "cascade"  #: slots of one tier into the next tier down (source held, destination pending)
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteSource:
+    """Where a remote load reads: ``endpoints[r]`` is what rank ``r`` of the reading engine needs to reach rank
+    ``r`` of the holding engine (its NIXL export and seal table, see `kvbm.worker.g4`); ``request_id`` names the
+    holder's request whose blocks are pinned for the read (told when the read is over)."""
+
+    engine_id: str
+    request_id: str
+    endpoints: tuple[bytes, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,11 +50,14 @@ class Move:
     src_ids: tuple[int, ...]
     dst_ids: tuple[int, ...]
     hashes: tuple[int, ...]
+    remote: RemoteSource | None = None  #: set for a load from another instance (``src_tier`` is ``REMOTE_TIER``)
 
     def __post_init__(self) -> None:
         if not len(self.src_ids) == len(self.dst_ids) == len(self.hashes):
             raise ValueError(f"move {self.move_id}: {len(self.src_ids)} source ids, {len(self.dst_ids)} destination "
                              f"ids and {len(self.hashes)} hashes")
+        if (self.remote is not None) != (self.src_tier == REMOTE_TIER):
+            raise ValueError(f"move {self.move_id}: a move from {REMOTE_TIER} needs a RemoteSource, and only it")
 
     @property
     def num_blocks(self) -> int:

@@ -86,6 +86,11 @@ class BlockPool:
         """True when the pool holds ``seq_hash``, committed or pending (so it must not be allocated again)."""
         return seq_hash in self._slot_of
 
+    def find(self, seq_hash: int) -> tuple[int, bool] | None:
+        """``(slot, committed)`` of ``seq_hash`` (pending or committed), or None; does not count as a use."""
+        slot = self._slot_of.get(seq_hash)
+        return None if slot is None else (slot, self._state[slot] == COMMITTED)
+
     def num_free(self) -> int:
         """Slots never used or freed; evictable blocks are not counted (see ``num_evictable``)."""
         return len(self._free)

@@ -7,6 +7,12 @@ beside the forward that reads them, others asynchronously; a load failed on any 
 it on all; MLA's latent cache, the same on every tensor-parallel rank, is stored once in a host pool the ranks
 share. ``DYN_KVBM_*`` entries of the extra config override the
 environment; ``"kv_layout": "HND"`` asks vLLM for LBHNC.
+
+Disaggregated prefill -> decode: ``kv_role`` ``kv_producer`` keeps finished requests' blocks in G2 for decode
+instances and hands back ``kv_transfer_params`` naming them; ``kv_consumer`` loads a request's blocks from the
+producer named in its params over NIXL (`kvbm.connectors.pd`); ``kv_both`` offloads only. Each worker's NIXL
+endpoint reaches the scheduler through vLLM's handshake metadata (``get_handshake_metadata`` ->
+``set_xfer_handshake_metadata``).
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
+    KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
     KVConnectorRole,
 )
@@ -24,10 +31,10 @@ from vllm.v1.kv_cache_interface import MLAAttentionSpec
 from kvbm.connectors import kvbm_config_from, process_metrics
 from kvbm.connectors.leader import ConnectorLeader
 from kvbm.connectors.messages import StepPlan
-from kvbm.connectors.worker import ConnectorWorker, replica_group
+from kvbm.connectors.worker import ConnectorWorker, G4Options, replica_group
 from kvbm.layouts.vllm_tensors import describe_vllm_kv_caches
 from kvbm.tiers import kvbm_tiers
-from kvbm.vllm_integration.metadata import DynamoConnectorMetadata, DynamoWorkerMetadata
+from kvbm.vllm_integration.metadata import DynamoConnectorMetadata, DynamoHandshakeMetadata, DynamoWorkerMetadata
 from kvbm.vllm_integration.ranks import check_supported, rank_layout
 from kvbm.vllm_integration.scheduler import SchedulerSide
 
@@ -58,12 +65,17 @@ class DynamoConnector(KVConnectorBase_V1):
         self.layout = rank_layout(vllm_config, kv_cache_config, self.rank)
         self.block_bytes = self.layout.total_block_bytes  # summed over ranks: sizes the tiers on both sides
         self.latent = type(kv_cache_config.kv_cache_groups[0].kv_cache_spec) is MLAAttentionSpec
+        kv_role = self._kv_transfer_config.kv_role
+        self.g4 = G4Options(export=kv_role == "kv_producer", load=kv_role == "kv_consumer",
+                            timeout_s=self.config.pd_load_timeout_secs)
         self.scheduler_side: SchedulerSide | None = None
         self.worker: ConnectorWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self.scheduler_side = SchedulerSide(process_metrics.build_with(self.config, lambda metrics: ConnectorLeader(
+            leader = process_metrics.build_with(self.config, lambda metrics: ConnectorLeader(
                 kvbm_tiers(self.config, self.block_bytes, self.layout.host_block_bytes), self.config, self.block_size,
-                num_workers=self.layout.world_size, metrics=metrics, block_bytes=self.block_bytes, layerwise=True)))
+                num_workers=self.layout.world_size, metrics=metrics, block_bytes=self.block_bytes, layerwise=True))
+            leader.engine_id = str(self._kv_transfer_config.engine_id)
+            self.scheduler_side = SchedulerSide(leader, producer=self.g4.export, consumer=self.g4.load)
         elif role != KVConnectorRole.WORKER:
             raise ValueError(f"role must be a KVConnectorRole, got {role!r}")
 
@@ -119,7 +131,30 @@ class DynamoConnector(KVConnectorBase_V1):
         replicas = replica_group(self.layout, self.rank, engine_id)
         tiers = kvbm_tiers(self.config, self.block_bytes, self.layout.host_block_bytes)
         self.worker = process_metrics.build_with(  # as many blocks as the scheduler's index, each of this rank's size
-            self.config, lambda metrics: ConnectorWorker(cache, tiers, self.config, metrics=metrics, replicas=replicas))
+            self.config, lambda metrics: ConnectorWorker(cache, tiers, self.config, metrics=metrics, replicas=replicas,
+                                                         rank=self.rank, g4=self.g4))
+
+    def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
+        """A producer rank's NIXL endpoint (for the scheduler's P/D params); None elsewhere."""
+        endpoint = self.worker.endpoint() if self.worker is not None else None
+        return DynamoHandshakeMetadata(self.rank, endpoint) if endpoint is not None else None
+
+    def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
+        """Every rank's endpoint (tensor parallel ranks of one stage), from the workers' handshake metadata."""
+        self.set_xfer_handshake_metadata_pp_aware({(0, tp): meta for tp, meta in metadata.items()})
+
+    def set_xfer_handshake_metadata_pp_aware(
+            self, metadata: dict[tuple[int, int], KVConnectorHandshakeMetadata]) -> None:
+        """Every rank's endpoint, keyed ``(pipeline rank, tensor rank)`` as vLLM gathers them."""
+        if self.scheduler_side is None or not self.g4.export:
+            return
+        tp = self.layout.tensor_parallel
+        endpoints = {pp * tp + rank: meta for (pp, rank), meta in metadata.items()}
+        if sorted(endpoints) != list(range(self.layout.world_size)) or not all(
+                isinstance(m, DynamoHandshakeMetadata) for m in endpoints.values()):
+            raise ValueError(f"kvbm P/D: expected an endpoint from each of {self.layout.world_size} ranks, got "
+                             f"ranks {sorted(endpoints)}")
+        self.scheduler_side.leader.endpoints = tuple(endpoints[r].endpoint for r in range(self.layout.world_size))
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         """Finish the stores still reading blocks of requests preempted this step, before vLLM reuses them."""
@@ -203,5 +238,6 @@ class DynamoConnector(KVConnectorBase_V1):
         self._scheduler.update_connector_output(connector_output)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        """Store the remaining full blocks; hold the request's blocks while its stores are in flight."""
+        """Store the remaining full blocks; hold the request's blocks while its stores are in flight; a producer
+        returns where a decode instance finds the prompt's blocks (``kv_transfer_params``)."""
         return self._scheduler.request_finished(request, block_ids)

@@ -6,13 +6,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
     KVConnectorWorkerMetadata,
 )
 
 from kvbm.connectors.messages import StepPlan, WorkerReport
 
-__all__ = ["DynamoConnectorMetadata", "DynamoWorkerMetadata"]
+__all__ = ["DynamoConnectorMetadata", "DynamoHandshakeMetadata", "DynamoWorkerMetadata"]
+
+
+@dataclass(slots=True)
+class DynamoHandshakeMetadata(KVConnectorHandshakeMetadata):
+    """A producer rank's NIXL endpoint (`kvbm.worker.g4.G4Endpoint.endpoint`), gathered by vLLM once at start."""
+
+    rank: int
+    endpoint: bytes
 
 
 @dataclass(slots=True)

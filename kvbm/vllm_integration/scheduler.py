@@ -2,15 +2,22 @@
 load asynchronously (WAITING_FOR_REMOTE_KVS until ``finished_recving``); each step stores the newly completed full
 blocks whose tokens are all known (with async scheduling the last sampled token may not be yet: its block is
 stored a step later); a finished request's blocks are held while a store of it is unreported. Multimodal and
-prompt-embedding requests are neither matched nor stored: their token ids do not identify their KV."""
+prompt-embedding requests are neither matched nor stored: their token ids do not identify their KV.
+
+Disaggregated serving (`kvbm.connectors.pd`): on a producer, a request finished with ``do_remote_decode`` in its
+``kv_transfer_params`` gets its prompt blocks pinned in G2 and their whereabouts as its returned params; on a
+consumer, a request whose params carry ``do_remote_prefill`` loads those blocks from the producer's G2 over NIXL
+(an asynchronous external hit; blocks that fail are recomputed)."""
 from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING, Any
 
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
+from vllm.v1.request import RequestStatus
 
 from kvbm.connectors.leader import ConnectorLeader, TrackedRequest
+from kvbm.connectors.pd import RemotePrefill, wants_remote_decode
 from kvbm.hashing import salt_hash
 from kvbm.vllm_integration.metadata import DynamoConnectorMetadata, DynamoWorkerMetadata
 
@@ -28,10 +35,13 @@ log = logging.getLogger(__name__)
 class SchedulerSide:
     """The connector's scheduler role for one engine (see the module docstring)."""
 
-    def __init__(self, leader: ConnectorLeader) -> None:
+    def __init__(self, leader: ConnectorLeader, *, producer: bool = False, consumer: bool = False) -> None:
+        """``producer``: keep finished requests' blocks for decode instances; ``consumer``: load remote prefills."""
         self.leader = leader
+        self.producer, self.consumer = producer, consumer
         self._requests: dict[str, Request] = {}
         self._held: list[str] = []
+        self._remote_hits: dict[str, int] = {}  # request id -> tokens planned from another instance
 
     def _state(self, request: Request) -> TrackedRequest:
         state = self.leader.requests.get(request.request_id)
@@ -53,17 +63,51 @@ class SchedulerSide:
         """Tokens stored beyond vLLM's hit: ``(n, True)`` (an asynchronous load), ``(n, False)`` (loaded layer by
         layer beside this step's forward) or ``(0, False)``."""
         state = self._state(request)
+        remote = self._remote_prefill(request)
+        if remote is not None:
+            n = self.leader.match_remote(state, request.prompt_token_ids, num_computed_tokens, remote)
+            if n:
+                return n, True
+            request.kv_transfer_params["do_remote_prefill"] = False  # nothing to load: computed or cached here
+            self.leader.release_remote(remote.source)
         n = self.leader.match(state, request.all_token_ids, num_computed_tokens, request.num_preemptions)
         return (n, not state.layerwise) if n else (0, False)
 
+    def _remote_prefill(self, request: Request) -> RemotePrefill | None:
+        """The prefill another instance did for ``request`` (consumer only); malformed params are logged and the
+        request is computed here."""
+        params = getattr(request, "kv_transfer_params", None)
+        if not self.consumer or not params or not params.get("do_remote_prefill"):
+            return None
+        try:
+            return RemotePrefill.from_params(params)
+        except ValueError as e:
+            log.error("kvbm: request %s: %s; computing its prompt here", request.request_id, e)
+            params["do_remote_prefill"] = False
+            return None
+
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         """Plan the load of ``num_external_tokens`` into the blocks after vLLM's hit."""
+        state = self._state(request)
+        remote = state.remote
         if num_external_tokens > 0:
-            self.leader.plan_matched_load(self._state(request), blocks.get_block_ids()[0],
+            self.leader.plan_matched_load(state, blocks.get_block_ids()[0],
                                           -(-num_external_tokens // self.leader.block_size))
+            if remote is not None:
+                self._remote_hits[request.request_id] = num_external_tokens
+        elif remote is not None:  # matched but not loaded: the holder may unpin
+            self.leader.release_remote(remote.source)
+        state.remote = None
+        params = getattr(request, "kv_transfer_params", None)
+        if params and params.get("do_remote_prefill"):
+            params["do_remote_prefill"] = False  # loaded once; recomputed if that fails
 
     def hit_sources(self, request: Request, num_external_tokens: int) -> dict[CacheHitSource, int]:
-        """The ``num_external_tokens`` planned for loading, by source: G2 (HOST) and G3 (DISK)."""
+        """The ``num_external_tokens`` planned for loading, by source: G2 (HOST) and G3 (DISK), or another
+        instance's G2 (P2P)."""
+        remote = self._remote_hits.get(request.request_id)
+        if remote is not None:
+            return {CacheHitSource.P2P: remote} if remote else {}
         host, disk = self.leader.hit_split(self._state(request), max(num_external_tokens, 0))
         return {source: n for source, n in ((CacheHitSource.HOST, host), (CacheHitSource.DISK, disk)) if n}
 
@@ -115,15 +159,24 @@ class SchedulerSide:
         """Store the request's remaining full blocks; True (blocks held until ``finished_sending``) while any
         store move of the request is unreported."""
         self._requests.pop(request.request_id, None)
+        self._remote_hits.pop(request.request_id, None)
         state = self.leader.requests.get(request.request_id)
+        if state is not None and state.remote is not None:  # matched, never allocated: the holder may unpin
+            self.leader.release_remote(state.remote.source)
+            state.remote = None
         if state is None or state.loading:
             self.leader.forget(request.request_id)
             return False, None
         state.block_ids = list(block_ids)
         num_blocks = min(request.num_computed_tokens, request.num_tokens) // self.leader.block_size
         self.leader.plan_stores(state, request.all_token_ids, num_blocks)
+        params = None
+        if (self.producer and wants_remote_decode(getattr(request, "kv_transfer_params", None))
+                and request.status == RequestStatus.FINISHED_LENGTH_CAPPED):
+            kept = self.leader.keep_for_remote(state, request.prompt_token_ids)
+            params = kept.to_params() if kept is not None else None
         busy = self.leader.busy(request.request_id)
         self.leader.forget(request.request_id)
         if busy:
             self._held.append(request.request_id)
-        return busy, None
+        return busy, params

@@ -4,7 +4,8 @@ Moves run through the transfer library's one face (`Transfers.submit`), whatever
 ``max_in_flight`` at once (``DYN_KVBM_MAX_CONCURRENT_TRANSFERS``), the rest queued in order. ``poll`` never blocks:
 it returns a `MoveResult` for every move finished since the last call. A move whose submit raises is failed for
 every block with the error as reason: its stored slots are discarded, and a load is reported failed (the engine
-recomputes), so nothing is served wrong.
+recomputes), so nothing is served wrong. With a `G4Endpoint` (``g4``), loads from another instance (``move.remote``)
+run through it, and the stores into the exported tier unseal their slots before and seal them after.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from kvbm.layouts import select_layers
 from kvbm.leader.plans import ENGINE_TIER, Move, MoveResult, direction
 from kvbm.metrics import DIRECTIONS, KvbmMetrics
 from kvbm.tiers import TierSpec
+from kvbm.worker.g4 import G4Endpoint
 from kvbm.worker.tier_memory import allocate_tier, close_tier
 
 __all__ = ["BlockStore"]
@@ -55,6 +57,9 @@ class BlockStore:
         self._running: list[_Running] = []
         self._finished: list[MoveResult] = []
         self._layer_views: dict[tuple[str, int, int], Any] = {}
+        self.g4: G4Endpoint | None = None  #: this rank's NIXL endpoint (P/D), set by the owner
+        self.g4_tier: str | None = None  #: the tier the endpoint exports (its slots are sealed)
+        self.rank = 0  #: this worker's rank (a remote load reads the holder's rank of the same number)
 
     @classmethod
     def open(cls, engine_cache: Any, tiers: Sequence[TierSpec], config: KvbmConfig, *,
@@ -109,7 +114,11 @@ class BlockStore:
     def execute(self, moves: Iterable[Move]) -> None:
         """Queue moves in order and start as many as ``max_in_flight`` allows."""
         for move in moves:
-            self.cache(move.src_tier), self.cache(move.dst_tier)
+            if move.remote is None:
+                self.cache(move.src_tier)
+            elif self.g4 is None:
+                raise ValueError(f"move {move.move_id} loads from another instance; this worker has no G4 endpoint")
+            self.cache(move.dst_tier)
             self._queue.append(move)
         self._start_queued()
 
@@ -176,6 +185,8 @@ class BlockStore:
         try:
             self.wait_all()
             self.transfers.close()
+            if self.g4 is not None:
+                self.g4.close()
         finally:
             owned, self._owned = self._owned, []
             for name in owned:
@@ -188,14 +199,20 @@ class BlockStore:
         while self._queue and len(self._running) < self.max_in_flight:
             move = self._queue.popleft()
             t0 = time.perf_counter()
-            transfer = self._submit(move, self.cache(move.src_tier), self.cache(move.dst_tier))
+            src = self.cache(move.src_tier) if move.remote is None else None
+            transfer = self._submit(move, src, self.cache(move.dst_tier))
             self._running.append(_Running(move, transfer, t0))
             started = True
         return started
 
     def _submit(self, move: Move, src: Any, dst: Any) -> BlockTransfer:
+        """One move's transfer from ``src`` to ``dst`` (``src`` unused for a move from another instance)."""
         ids = list(move.src_ids), list(move.dst_ids)
+        if move.dst_tier == self.g4_tier:  # the exported slots are unsealed before they are overwritten
+            self.g4.unseal(move.dst_ids)
         try:  # a disk slot is bound to the hash of the block stored in it
+            if move.remote is not None:
+                return self.g4.read(move, dst, self.rank)
             if Medium.DISK in (medium_of(src), medium_of(dst)):
                 return self.transfers.submit(src, dst, *ids, tags=move.hashes)
             return self.transfers.submit(src, dst, *ids)
@@ -218,14 +235,16 @@ class BlockStore:
         move = run.move
         for i, reason in failed.items():
             log.debug("%s of block %#x failed: %s", direction(move), move.hashes[i], reason)
+        if move.dst_tier == self.g4_tier:
+            self.g4.seal(move.dst_ids, move.hashes, list(failed))
         name, seconds = direction(move), time.perf_counter() - run.started
         if self.metrics is not None and name in DIRECTIONS:
             n_ok = move.num_blocks - len(failed)
-            block_bytes = self.cache(move.src_tier).geometry.block_bytes
+            block_bytes = self.cache(move.dst_tier).geometry.block_bytes
             self.metrics.record_transfer(name, blocks_ok=n_ok, blocks_failed=len(failed), num_bytes=n_ok * block_bytes,
                                          seconds=seconds)
         self._finished.append(MoveResult(move.move_id, failed, frozenset(run.transfer.lost), seconds=seconds))
-        for tier in (move.src_tier, move.dst_tier):
+        for tier in (move.src_tier, move.dst_tier) if move.remote is None else (move.dst_tier,):
             renewals = getattr(self.cache(tier), "renewals", 0)
             if renewals > self._renewals.get(tier, 0):
                 if self.metrics is not None:
