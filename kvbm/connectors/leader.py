@@ -5,18 +5,21 @@ request's full blocks (extended as tokens become known), its engine block ids, h
 handed out for storing, and which of its store moves the workers have not reported yet. The connector adapts
 its engine's calls to `lookup`, `plan_load`, `plan_stores`, `take_step` and `apply`; plans leave as a
 `StepPlan` and results come back as `WorkerReport`s. A move completes once every worker reported it
-(``num_workers``), a block failing on any rank failing for all.
+(``num_workers``), a block failing on any rank failing for all. A hybrid model's KV cache groups (`KVGroup`) are
+tracked side by side in one index: each group has its own hashes and block ids (`TrackedRequest.groups`), a hit is
+one that every group can restore, and a group's moves name its engine tier.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvbm.config import KvbmConfig
+from kvbm.connectors.groups import FULL, KVGroup, single_group
 from kvbm.connectors.messages import RequestLoad, RequestStore, StepPlan, WorkerReport
 from kvbm.hashing import sequence_hashes
-from kvbm.leader import BlockIndex, Match, MoveKind, MoveResult
+from kvbm.leader import ENGINE_TIER, BlockIndex, Match, Move, MoveKind, MoveResult
 from kvbm.metrics import KvbmMetrics
 from kvbm.policies.admission import DiskAdmissionFilter
 from kvbm.policies.cost import LoadCostPolicy
@@ -43,6 +46,8 @@ class TrackedRequest:
     matched_blocks: int = 0  #: the engine's hit plus the stored run after it, in blocks
     host_blocks: int = 0  #: the engine's hit plus the stored run's G2 part, in blocks
     local_tokens: int = 0  #: the engine's own hit when the load was planned
+    groups: list[TrackedRequest] = field(default_factory=list)  #: a hybrid model's KV cache groups after the first
+    store_first: dict[int, int] = field(default_factory=dict)  #: store move id -> the lowest block index it reads
 
     def hashes_upto(self, num_blocks: int, block_size: int, tokens: Sequence[int]) -> list[int]:
         """Sequence hashes of the first ``num_blocks`` full blocks of ``tokens`` (hashing only new blocks)."""
@@ -92,10 +97,12 @@ class ConnectorLeader:
 
     def __init__(self, tiers: Sequence[TierSpec], config: KvbmConfig, block_size: int, *, num_workers: int = 1,
                  metrics: KvbmMetrics | None = None, disk_filter: DiskAdmissionFilter | None = None,
-                 cost: LoadCostPolicy | None = None, block_bytes: int | None = None) -> None:
+                 cost: LoadCostPolicy | None = None, block_bytes: int | None = None,
+                 groups: Sequence[KVGroup] | None = None) -> None:
         """``cost``: the cost-aware hit rule applied to every lookup and fed the loads' timings; by default the
         ``DYN_KVBM_*`` rule for blocks of ``block_bytes`` (summed over ranks) when that is given, else none (every
-        hit reported)."""
+        hit reported). ``groups``: a hybrid model's KV cache groups, all of ``block_size`` tokens per block (by
+        default one full-attention group)."""
         if not tiers:
             raise ValueError("no offload tier configured: set DYN_KVBM_CPU_CACHE_GB and/or DYN_KVBM_DISK_CACHE_GB "
                              "(or their *_OVERRIDE_NUM_BLOCKS)")
@@ -107,6 +114,11 @@ class ConnectorLeader:
                                 batch_size=config.max_transfer_batch_size,
                                 min_priority=config.host_offload_prefix_min_priority)
         self.block_size = block_size
+        self.groups = tuple(groups) if groups is not None else single_group(block_size)
+        for k, group in enumerate(self.groups):
+            if group.index != k or group.block_size != block_size:
+                raise ValueError(f"group {k}: expected index {k} and {block_size} tokens per block, got {group}")
+        self.hybrid = len(self.groups) > 1
         self.num_workers = num_workers
         self.metrics = metrics
         if cost is None and block_bytes is not None:
@@ -125,8 +137,14 @@ class ConnectorLeader:
         """The state of ``request_id``, created on first sight."""
         state = self.requests.get(request_id)
         if state is None:
-            state = self.requests[request_id] = TrackedRequest(request_id, salt, skip)
+            state = self.requests[request_id] = TrackedRequest(request_id, self.groups[0].salt(salt, self.hybrid), skip)
+            state.groups = [TrackedRequest(request_id, g.salt(salt, True), skip) for g in self.groups[1:]]
         return state
+
+    @staticmethod
+    def group_state(state: TrackedRequest, group: int) -> TrackedRequest:
+        """The hashes, block ids and stored count of one KV cache group of a request (group 0 is ``state``)."""
+        return state if group == 0 else state.groups[group - 1]
 
     def forget(self, request_id: str) -> TrackedRequest | None:
         """Stop tracking a request; its store moves still complete normally."""
@@ -155,8 +173,12 @@ class ConnectorLeader:
             return 0
         key = (attempt, local_blocks)
         if state.match_key != key:
-            hashes = state.hashes_upto(full_blocks, self.block_size, tokens)[local_blocks:]
-            found, host = self.lookup(hashes, whole_prompt=len(tokens) == full_blocks * self.block_size)
+            whole_prompt = len(tokens) == full_blocks * self.block_size
+            if self.hybrid:
+                found, host = self._common_hit(state, tokens, local_blocks, full_blocks, whole_prompt)
+            else:
+                hashes = state.hashes_upto(full_blocks, self.block_size, tokens)[local_blocks:]
+                found, host = self.lookup(hashes, whole_prompt=whole_prompt)
             state.match_key, state.matched_blocks, state.host_blocks = key, local_blocks + found, local_blocks + host
         state.local_tokens = num_computed_tokens
         return max(state.matched_blocks * self.block_size - num_computed_tokens, 0)
@@ -171,6 +193,55 @@ class ConnectorLeader:
         state.loading = True
         return self.plan_load(state.request_id, state.hashes[first:first + num_blocks],
                               block_ids[first:first + num_blocks])
+
+    def _common_hit(self, state: TrackedRequest, tokens: Sequence[int], local_blocks: int, full_blocks: int,
+                    whole_prompt: bool) -> tuple[int, int]:
+        """``(blocks, of which in G2)`` after the engine's hit that every group can restore: the stored run of the
+        first full-attention group (through the cost rule), cut where another full-attention group's run ends,
+        then shortened until every sliding-window group holds the blocks its window reads at the hit point."""
+        hashes = [self.group_state(state, g.index).hashes_upto(full_blocks, self.block_size, tokens)
+                  for g in self.groups]
+        full = [g.index for g in self.groups if g.kind == FULL]
+        found = full_blocks - local_blocks - (1 if whole_prompt else 0)
+        host = 0
+        if full:
+            found, host = self.lookup(hashes[full[0]][local_blocks:], whole_prompt=whole_prompt)
+        for k in full[1:]:
+            run = next((i for i, h in enumerate(hashes[k][local_blocks:local_blocks + found])
+                        if not self.index.holds(h)), found)
+            found = min(found, run)
+        windows = [g for g in self.groups if g.kind != FULL]
+        while found > 0:
+            total = local_blocks + found
+            if all(self.index.holds(h) for g in windows
+                   for h in hashes[g.index][max(local_blocks, g.first_kept_block(total * self.block_size)):total]):
+                break
+            found -= 1
+        return found, min(host, found)
+
+    def plan_matched_group_loads(self, state: TrackedRequest, block_ids: Sequence[Sequence[int]], num_blocks: int,
+                                 null_block: int | None = None) -> list[RequestLoad]:
+        """A hybrid model's `plan_matched_load`: load the first ``num_blocks`` matched blocks after the engine's hit
+        into each group's blocks (``block_ids``: per group, all the request's engine blocks in token order): all of
+        them for full attention, those the window reads at the hit point for a sliding window (engine blocks
+        ``null_block`` are placeholders the engine keeps nothing in, never loaded)."""
+        first = state.local_tokens // self.block_size
+        total = first + num_blocks
+        if len(block_ids) != len(self.groups):
+            raise ValueError(f"request {state.request_id}: block ids of {len(block_ids)} groups, the model has "
+                             f"{len(self.groups)}")
+        if total > state.matched_blocks or any(total > len(ids) for ids in block_ids):
+            raise ValueError(f"request {state.request_id}: {num_blocks} blocks to load after {first} local ones; "
+                             f"{[len(ids) for ids in block_ids]} allocated per group, {state.matched_blocks} matched")
+        state.loading = True
+        loads = []
+        for group, ids in zip(self.groups, block_ids):
+            track = self.group_state(state, group.index)
+            start = max(first, group.first_kept_block(total * self.block_size))
+            wanted = [j for j in range(start, total) if ids[j] != null_block]
+            loads.append(self.plan_load(state.request_id, [track.hashes[j] for j in wanted], [ids[j] for j in wanted],
+                                        engine_tier=group.engine_tier))
+        return loads
 
     def hit_split(self, state: TrackedRequest, num_tokens: int) -> tuple[int, int]:
         """``(G2 tokens, tokens from lower tiers)`` of ``num_tokens`` planned for loading."""
@@ -190,26 +261,43 @@ class ConnectorLeader:
             self.metrics.record_matched_tokens(match.num_blocks * self.block_size)
         return match.num_blocks, host
 
-    def plan_load(self, request_id: str, hashes: Sequence[int], engine_ids: Sequence[int]) -> RequestLoad:
-        """Load ``hashes`` into ``engine_ids`` in this step's plan (blocks gone since the lookup are ``missing``)."""
+    def plan_load(self, request_id: str, hashes: Sequence[int], engine_ids: Sequence[int],
+                  engine_tier: str = ENGINE_TIER) -> RequestLoad:
+        """Load ``hashes`` into ``engine_ids`` of ``engine_tier`` (a group's engine cache) in this step's plan
+        (blocks gone since the lookup are ``missing``)."""
         plan = self.index.plan_load(hashes, engine_ids)
-        load = RequestLoad(request_id, tuple(plan.moves), tuple(engine_ids[i] for i in sorted(plan.missing)))
+        moves = tuple(_retarget(move, engine_tier) for move in plan.moves)
+        load = RequestLoad(request_id, moves, tuple(engine_ids[i] for i in sorted(plan.missing)))
         self._loads.append(load)
         return load
 
-    def plan_stores(self, state: TrackedRequest, tokens: Sequence[int], num_full_blocks: int) -> None:
-        """Store the request's full blocks ``[saved, num_full_blocks)`` (by its block ids) in this step's plan."""
-        num_full_blocks = min(num_full_blocks, len(state.block_ids))
-        if state.skip is not None or num_full_blocks <= state.saved:
+    def plan_stores(self, state: TrackedRequest, tokens: Sequence[int], num_full_blocks: int, *, group: int = 0,
+                    keep_from: int = 0, null_block: int | None = None) -> None:
+        """Store the request's full blocks ``[saved, num_full_blocks)`` of KV cache ``group`` (by its block ids) in
+        this step's plan, leaving out those below block ``keep_from`` (the engine may have freed them) and engine
+        blocks ``null_block`` (placeholders)."""
+        track = self.group_state(state, group)
+        num_full_blocks = min(num_full_blocks, len(track.block_ids))
+        if state.skip is not None or num_full_blocks <= track.saved:
             return
-        hashes = state.hashes_upto(num_full_blocks, self.block_size, tokens)
-        plan = self.index.plan_store(hashes[state.saved:num_full_blocks], state.block_ids[state.saved:num_full_blocks])
-        state.saved = num_full_blocks
+        hashes = track.hashes_upto(num_full_blocks, self.block_size, tokens)
+        blocks = [j for j in range(max(track.saved, keep_from), num_full_blocks) if track.block_ids[j] != null_block]
+        plan = self.index.plan_store([hashes[j] for j in blocks], [track.block_ids[j] for j in blocks])
+        track.saved = num_full_blocks
         if plan.moves:
+            plan.moves = [_retarget(move, self.groups[group].engine_tier) for move in plan.moves]
             for move in plan.moves:
+                if self.hybrid:
+                    track.store_first[move.move_id] = min(blocks[i] for i in plan.positions[move.move_id])
                 self._owner[move.move_id] = state.request_id
                 state.stores.add(move.move_id)
             self._stores.append(RequestStore(state.request_id, tuple(plan.moves)))
+
+    def stores_below(self, state: TrackedRequest, group: int, first_block: int) -> bool:
+        """Whether a store of a hybrid model's ``group`` still unreported reads a block below ``first_block``."""
+        track = self.group_state(state, group)
+        track.store_first = {m: b for m, b in track.store_first.items() if m in state.stores}
+        return any(b < first_block for b in track.store_first.values())
 
     def take_step(self, preempted: frozenset[str] = frozenset(), held: Sequence[str] = ()) -> StepPlan:
         """This step's plan: the loads and stores planned since the last step, and the cascades now due."""
@@ -236,3 +324,12 @@ class ConnectorLeader:
                 owner = self.requests.get(self._owner.pop(move_id, ""))
                 if owner is not None:
                     owner.stores.discard(move_id)
+
+
+def _retarget(move: Move, engine_tier: str) -> Move:
+    """``move`` with its engine side named ``engine_tier`` (a KV cache group's engine cache)."""
+    if engine_tier == ENGINE_TIER:
+        return move
+    if move.src_tier == ENGINE_TIER:
+        return replace(move, src_tier=engine_tier)
+    return replace(move, dst_tier=engine_tier)

@@ -178,6 +178,10 @@ class BlockIndex:
             n -= 1
         return Match(n, tuple(hits))
 
+    def holds(self, seq_hash: int) -> bool:
+        """Whether some tier holds ``seq_hash`` committed (loadable now); marks it recently used there."""
+        return any(tier.pool.lookup(seq_hash) is not None for tier in self._tiers)
+
     # -- plans -------------------------------------------------------------------------------------------------
 
     def plan_store(self, seq_hashes: Sequence[int], engine_ids: Sequence[int], priority: int = 0) -> StorePlan:
