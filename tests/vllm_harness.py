@@ -111,7 +111,7 @@ from vllm.v1.core.kv_cache_utils import (
 )
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.single_type_kv_cache_manager import register_all_kvcache_specs
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec, SlidingWindowSpec
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec, MambaSpec, SlidingWindowSpec
 from vllm.v1.kv_offload.base import (
     CanonicalKVCaches,
     GPULoadStoreSpec,
@@ -152,16 +152,17 @@ class TinyModelSpec:
     head_dim: int = 16
     vocab_size: int = 4096
     dtype: Literal["bfloat16", "float16"] = "bfloat16"
-    #: Per layer "full" (full attention) or "sliding" (sliding-window attention of ``sliding_window`` tokens);
-    #: empty: all full attention.  A hybrid model's KV cache specs are vLLM's own spec classes (see `layer_specs`).
+    #: Per layer "full" (full attention), "sliding" (sliding-window attention of ``sliding_window`` tokens) or
+    #: "mamba" (a recurrent state, vLLM's ``mamba_cache_mode="none"``: one state block per request, which needs
+    #: prefix caching off); empty: all full attention.  The specs are vLLM's own spec classes (`layer_specs`).
     layer_kinds: tuple[str, ...] = ()
     sliding_window: int = 0
 
     def __post_init__(self) -> None:
         if self.layer_kinds:
-            if len(self.layer_kinds) != self.num_layers or set(self.layer_kinds) - {"full", "sliding"}:
-                raise ValueError(f"layer_kinds must give 'full' or 'sliding' for each of the {self.num_layers} "
-                                 f"layers, got {self.layer_kinds!r}")
+            if len(self.layer_kinds) != self.num_layers or set(self.layer_kinds) - {"full", "sliding", "mamba"}:
+                raise ValueError(f"layer_kinds must give 'full', 'sliding' or 'mamba' for each of the "
+                                 f"{self.num_layers} layers, got {self.layer_kinds!r}")
             if "sliding" in self.layer_kinds and self.sliding_window <= 1:
                 raise ValueError(f"sliding layers need sliding_window > 1, got {self.sliding_window}")
         for name in ("num_layers", "num_kv_heads", "num_attention_heads", "head_dim", "vocab_size"):
@@ -191,15 +192,30 @@ class TinyModelSpec:
         """The sliding window of ``layer`` (tokens a position attends to, itself included), None for full."""
         return self.sliding_window if self.layer_kinds and self.layer_kinds[layer] == "sliding" else None
 
-    def layer_specs(self, block_size: int) -> dict[str, KVCacheSpec]:
-        """Each layer's KV cache spec, as vLLM's attention layers declare them (``get_kv_cache_spec``)."""
+    def is_state(self, layer: int) -> bool:
+        """Whether ``layer`` keeps a recurrent state (a Mamba layer) instead of per-token KV."""
+        return bool(self.layer_kinds) and self.layer_kinds[layer] == "mamba"
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of one Mamba layer's state: as many as one attention block of 8 tokens, so it fits a page."""
+        return 8 * self.num_kv_heads * 2 * self.head_dim * self.torch_dtype.itemsize
+
+    def layer_specs(self, block_size: int, max_model_len: int) -> dict[str, KVCacheSpec]:
+        """Each layer's KV cache spec, as vLLM's layers declare them (``get_kv_cache_spec``); a Mamba layer's
+        state page is padded to the attention page, as vLLM does for a hybrid model."""
         specs: dict[str, KVCacheSpec] = {}
         for layer, name in enumerate(self.layer_names()):
             common = dict(block_size=block_size, num_kv_heads=self.num_kv_heads, head_size=self.head_dim,
                           dtype=self.torch_dtype)
             window = self.window(layer)
-            specs[name] = (FullAttentionSpec(**common) if window is None
-                           else SlidingWindowSpec(**common, sliding_window=window))
+            if self.is_state(layer):
+                page = FullAttentionSpec(**common).page_size_bytes
+                specs[name] = MambaSpec(block_size=max_model_len, shapes=((self.state_bytes,),), dtypes=(torch.int8,),
+                                        page_size_padded=page, mamba_cache_mode="none")
+            else:
+                specs[name] = (FullAttentionSpec(**common) if window is None
+                               else SlidingWindowSpec(**common, sliding_window=window))
         return specs
 
 
@@ -397,7 +413,7 @@ def plan_kv_cache(vllm_config: VllmConfig, model: TinyModelSpec, num_gpu_blocks:
     of full and sliding-window attention: vLLM's hybrid KV cache manager puts each kind in its own groups)."""
     register_all_kvcache_specs(vllm_config)
     block_size = vllm_config.cache_config.block_size
-    specs = model.layer_specs(block_size)
+    specs = model.layer_specs(block_size, vllm_config.model_config.max_model_len)
     supported = [layout.name for layout in get_supported_kv_cache_layouts([])]
     resolve_kv_cache_layout(vllm_config, [supported], list(specs.values()))
     groups = get_global_kv_cache_groups(vllm_config, [specs])
@@ -483,6 +499,14 @@ class KVOracle:
         values = bits.astype(np.float32) * np.float32(2.0 ** -23) - np.float32(1.0)
         tensor = torch.from_numpy(values.reshape(n, self.model.num_kv_heads, 2, self.model.head_dim))
         return tensor.to(self.model.torch_dtype)
+
+
+def state_bytes(prefix_hash: int, layer: int, nbytes: int) -> torch.Tensor:
+    """The recurrent state (``nbytes`` int8) of a Mamba ``layer`` after the token whose prefix hash is given."""
+    words = -(-nbytes // 8)
+    key = np.uint64(((layer + 1) * 0x9E6C63D0676A9A99) & _MASK64)
+    values = _mix64_array(np.uint64(prefix_hash) ^ (key + np.arange(words, dtype=np.uint64)))
+    return torch.from_numpy(values.view(np.int8)[:nbytes].copy())
 
 
 def sample_token(seed: int, request_id: str, position: int, vocab_size: int) -> int:
@@ -579,6 +603,7 @@ class WorkerStepReport:
     """Counters of one worker step (for tests)."""
 
     verified_tokens: int = 0
+    verified_states: int = 0
     computed_tokens: int = 0
     poisoned_blocks: int = 0
 
@@ -616,8 +641,13 @@ class WorkerHarness:
         self.kv_caches = allocate_worker_kv_caches(kv_cache_config, vllm_config, config.model, config.kv_format)
         # Per layer, the engine tensor seen as [num_blocks, block_size, kv_heads, 2, head_dim] (no copy).
         self.token_views = {
-            name: canonical_token_view(tensor, config.kv_format, config.model.head_dim)
-            for name, tensor in self.kv_caches.items()
+            name: canonical_token_view(self.kv_caches[name], config.kv_format, config.model.head_dim)
+            for layer, name in enumerate(self.layer_names) if not self.model.is_state(layer)
+        }
+        # Per Mamba layer, its int8 ``[num_blocks, page]`` view: a block's state is its first bytes.
+        self.state_views = {
+            name: self.kv_caches[name].reshape(self.kv_caches[name].shape[0], -1)
+            for layer, name in enumerate(self.layer_names) if self.model.is_state(layer)
         }
         for view in self.token_views.values():
             view.fill_(float("nan"))
@@ -740,6 +770,8 @@ class WorkerHarness:
         index = torch.tensor(sorted(set(block_ids)), dtype=torch.long)
         for view in self.token_views.values():
             view[index] = float("nan")
+        for view in self.state_views.values():
+            view[index] = -91  # 0xA5, a byte pattern the oracle's states do not take block-wide
         self.last_report.poisoned_blocks += len(index)
 
     def expected_kv(self, request_id: str, layer: int, start: int, stop: int) -> torch.Tensor:
@@ -805,6 +837,21 @@ class WorkerHarness:
                 raise KVMismatchError(f"{message}; not reported by get_block_ids_with_load_errors")
             state.needs_verify = True
 
+    def _step_state(self, state: _WorkerRequest, layer: int, start: int, count: int) -> None:
+        """A Mamba layer's step: read the state after ``start`` tokens (checked byte-exactly unless verification is
+        off: every step reads it), write the state after ``start + count``."""
+        table = state.block_ids[self.layer_groups[layer]]
+        if not table or table[0] == 0:
+            raise KVMismatchError(f"request {state.request_id}: Mamba layer {layer} has no state block ({table})")
+        view, nbytes = self.state_views[self.layer_names[layer]], self.model.state_bytes
+        hashes = self._prefix_hashes(state, start + count)
+        if start > 0 and self.config.verify != "off":
+            self.last_report.verified_states += 1
+            if not torch.equal(view[table[0], :nbytes], state_bytes(hashes[start - 1], layer, nbytes)):
+                self._mismatches.append((state, {table[0]}, f"request {state.request_id} Mamba layer {layer}: the "
+                                         f"state after {start} tokens in block {table[0]} is wrong"))
+        view[table[0], :nbytes] = state_bytes(hashes[start + count - 1], layer, nbytes)
+
     def _write_kv(self, state: _WorkerRequest, layer: int, start: int, stop: int) -> None:
         blocks, offsets = self._slots(state, start, stop, self.layer_groups[layer])
         values = self.oracle.kv(self._prefix_hashes(state, stop)[start:stop], layer)
@@ -812,9 +859,10 @@ class WorkerHarness:
 
     def _attn_metadata(self, work: list[tuple[_WorkerRequest, int, int]]) -> dict[str, HarnessAttentionMetadata]:
         per_group = []
+        state_groups = {g for layer, g in enumerate(self.layer_groups) if self.model.is_state(layer)}
         for group in range(self.num_groups):
             slots = []
-            for state, start, count in work:
+            for state, start, count in work if group not in state_groups else ():
                 blocks, offsets = self._slots(state, start, start + count, group)
                 slots.append(blocks * self.block_size + offsets)
             slot_mapping = torch.cat(slots) if slots else torch.empty(0, dtype=torch.long)
@@ -829,6 +877,9 @@ class WorkerHarness:
             if hooks:
                 self._call("wait_for_layer_load", name)
             for state, start, count in work:
+                if self.model.is_state(layer):
+                    self._step_state(state, layer, start, count)
+                    continue
                 if self.config.verify == "every_step" or (self.config.verify == "admission" and state.needs_verify):
                     self._check_admitted_context(state, layer, start)
                 self._write_kv(state, layer, start, start + count)
