@@ -28,8 +28,9 @@ def check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> 
 
 def kv_groups(kv_cache_config: KVCacheConfig) -> tuple[tuple[KVGroup, ...], str | None]:
     """The model's KV cache groups, and why its KV is not offloaded (None when it is): a group holding recurrent
-    state (Mamba, linear attention) is refused, as the state of a hit point is not kept per block here. Raises for
-    groups the connector cannot describe (other attention kinds, groups of unlike block geometry)."""
+    state (vLLM's ``MambaSpec``: Mamba, linear attention) is refused, as kvbm offloads attention KV blocks only and a
+    hit is of no use without the state at its end. Raises for groups the connector cannot describe (other attention
+    kinds, groups of unlike block geometry)."""
     groups = kv_cache_config.kv_cache_groups
     if not groups:
         raise ValueError("DynamoConnector needs at least one KV cache group; the KV cache config has none")
@@ -38,7 +39,8 @@ def kv_groups(kv_cache_config: KVCacheConfig) -> tuple[tuple[KVGroup, ...], str 
         spec = group.kv_cache_spec
         if isinstance(spec, MambaSpec):
             refusal = refusal or (f"KV cache group {k} holds recurrent state ({type(spec).__name__}, "
-                                  f"mamba_cache_mode={spec.mamba_cache_mode!r}, layers {group.layer_names[:2]}...): "
+                                  f"mamba_cache_mode={spec.mamba_cache_mode!r}, {len(group.layer_names)} layers "
+                                  f"from {group.layer_names[0]}): "
                                   f"kvbm offloads attention KV blocks only, so no request of this model is matched "
                                   f"or stored")
             continue
@@ -58,9 +60,9 @@ def kv_groups(kv_cache_config: KVCacheConfig) -> tuple[tuple[KVGroup, ...], str 
         if (spec.block_size, spec.page_size_bytes, len(group.layer_names)) != (
                 base.block_size, base.page_size_bytes, len(first.layer_names)):
             raise ValueError(f"KV cache group {k} has blocks of {spec.block_size} tokens, pages of "
-                             f"{spec.page_size_bytes} bytes and {len(group.layer_names)} layers; group {out[0].index} has "
-                             f"{base.block_size}, {base.page_size_bytes} and {len(first.layer_names)}: DynamoConnector "
-                             f"needs groups of one block geometry")
+                             f"{spec.page_size_bytes} bytes and {len(group.layer_names)} layers; group "
+                             f"{out[0].index} has {base.block_size}, {base.page_size_bytes} and "
+                             f"{len(first.layer_names)}: DynamoConnector needs groups of one block geometry")
     return tuple(out), refusal
 
 
