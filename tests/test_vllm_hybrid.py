@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
 import vllm_harness as H  # first: imports vLLM for the CPU platform, clear of the repo's kernels/ folder
-from test_vllm_connector import CONNECTOR, assert_clean, chat, kvbm_harness, run_counting, worker_of
+from test_vllm_connector import CONNECTOR, assert_clean, chat, kvbm_harness, metric, run_counting, worker_of
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import supports_hma
 from vllm.v1.kv_cache_interface import ChunkedLocalAttentionSpec, KVCacheGroupSpec
@@ -49,14 +50,18 @@ def group_loads(so_plan: Any) -> Counter:
 # --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("runner", ["v1", "v2"])
-def test_sliding_window_chat_onboards_byte_exact(runner: str) -> None:
-    """Multi-turn chats through two KV cache groups: later turns load from G2 into both groups' blocks (the
-    sliding-window group only the blocks its window reads), every attended byte checked, nothing leaked."""
-    with hybrid_harness(runner=runner) as h:
+@pytest.mark.parametrize("disk", [False, True], ids=["host", "host+disk"])
+def test_sliding_window_chat_onboards_byte_exact(tmp_path: Path, runner: str, disk: bool) -> None:
+    """Multi-turn chats through two KV cache groups: later turns load from G2 (and, with a small G2, from G3) into
+    both groups' blocks (the sliding-window group only the blocks its window reads), every attended byte checked,
+    nothing leaked."""
+    tiers: dict[str, Any] = dict(host=24, disk=512, extra={"DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "true"}) if disk \
+        else {}
+    with hybrid_harness(tmp_path=tmp_path, runner=runner, **tiers) as h:
         groups = h.plan.scheduler_config.kv_cache_groups
         assert [type(g.kv_cache_spec).__name__ for g in groups] == ["FullAttentionSpec", "SlidingWindowSpec"]
         assert supports_hma(h.scheduler.connector) and h.scheduler.connector.hybrid
-        assert sorted(worker_of(h).store.caches) == ["G1", "G1.1", "G2"]
+        assert sorted(worker_of(h).store.caches) == ["G1", "G1.1", "G2"] + (["G3"] if disk else [])
         per_tier: Counter = Counter()
         execute = h.worker.execute
 
@@ -71,6 +76,11 @@ def test_sliding_window_chat_onboards_byte_exact(runner: str) -> None:
         # Full attention loads every block of a hit; the window group at most ceil(39 / 16) + 1 blocks of each.
         assert per_tier["G1"] > per_tier["G1.1"] > 0
         assert per_tier["G1.1"] <= counts["load_jobs"] // 2 * (-(-(WINDOW_TOKENS - 1) // 16) + 1)
+        # Both groups' onboards are counted as G2 -> G1 (or G3 -> G1) in the metrics.
+        block_bytes = worker_of(h).engine_cache.geometry.block_bytes
+        from_disk = metric(h, "kvbm_transfer_bytes", "g3_to_g1")
+        assert metric(h, "kvbm_transfer_bytes", "g2_to_g1") + from_disk == counts["loaded_blocks"] * block_bytes
+        assert (from_disk > 0) == disk
         assert_clean(h)
 
 

@@ -47,8 +47,9 @@ class TierConfig:
     admission: AdmissionPolicy | None = None
 
     def __post_init__(self) -> None:
-        if not self.name or self.name == ENGINE_TIER:
-            raise ValueError(f"a tier needs a name other than {ENGINE_TIER!r} (the engine's cache), got {self.name!r}")
+        if not self.name or self.name == ENGINE_TIER or self.name.startswith(ENGINE_TIER + "."):
+            raise ValueError(f"a tier needs a name other than {ENGINE_TIER!r} or {ENGINE_TIER + '.k'!r} (the engine's "
+                             f"caches), got {self.name!r}")
         if isinstance(self.num_blocks, bool) or not isinstance(self.num_blocks, int) or self.num_blocks <= 0:
             raise ValueError(f"tier {self.name}: num_blocks must be a positive int, got {self.num_blocks!r}")
 
