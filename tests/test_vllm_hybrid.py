@@ -21,9 +21,14 @@ from test_vllm_connector import CONNECTOR, assert_clean, chat, kvbm_harness, met
 from vllm.distributed.kv_transfer.kv_connector.v1.base import supports_hma
 from vllm.v1.kv_cache_interface import ChunkedLocalAttentionSpec, KVCacheGroupSpec
 
+from kvbm.config import KvbmConfig
 from kvbm.connectors.groups import FULL, WINDOW, KVGroup
+from kvbm.connectors.leader import ConnectorLeader
+from kvbm.connectors.messages import WorkerReport
 from kvbm.hashing import group_salt, salt_hash, sequence_hashes
 from kvbm.kernels.block_transfer import BlockTransfer
+from kvbm.leader import MoveResult
+from kvbm.tiers import kvbm_tiers
 from kvbm.vllm_integration.connector import DynamoConnector
 from kvbm.vllm_integration.metadata import DynamoConnectorMetadata
 
@@ -210,6 +215,39 @@ def test_group_keys_never_collide() -> None:
     with pytest.raises(ValueError, match="spec_key"):
         group_salt(salt, 1, "")
     assert window.first_kept_block(144) == 6 and window.first_kept_block(30) == 0 and full.first_kept_block(144) == 0
+
+
+def test_leader_hybrid_hit_loads_and_stores() -> None:
+    """The engine-independent leader with a full and a sliding-window group (blocks of 4 tokens, window 6): stores
+    skip placeholders and blocks below ``keep_from``, the common hit shrinks until the window group holds what its
+    window reads, each group loads its own range into its own engine tier, and ``stores_below`` sees unreported
+    window stores."""
+    config = KvbmConfig(cpu_cache_override_num_blocks=64, max_transfer_batch_size=8)
+    groups = (KVGroup(0, FULL, 4, "f"), KVGroup(1, WINDOW, 4, "w", window=5))
+    leader = ConnectorLeader(kvbm_tiers(config, 4096), config, block_size=4, groups=groups)
+    tokens = list(range(10, 42))  # 8 blocks
+    state = leader.track("a", salt=0)
+    state.block_ids, state.groups[0].block_ids = list(range(20, 28)), [0, 0, 32, 33, 34, 35, 36, 37]
+    leader.plan_stores(state, tokens, 8)
+    leader.plan_stores(state, tokens, 8, group=1, keep_from=3, null_block=0)
+    plan = leader.take_step()
+    stored = {m.src_tier: list(m.src_ids) for job in plan.stores for m in job.moves}
+    assert stored == {"G1": list(range(20, 28)), "G1.1": [33, 34, 35, 36, 37]}  # 32 is below keep_from
+    assert leader.stores_below(state, 1, 4) and not leader.stores_below(state, 1, 3)
+    leader.apply(WorkerReport({m.move_id: MoveResult(m.move_id) for job in plan.stores for m in job.moves}))
+    assert not leader.stores_below(state, 1, 8)
+    assert set(state.hashes).isdisjoint(state.groups[0].hashes)
+    leader.forget("a")
+    # Full group: blocks 0..7 stored; window group: blocks 3..7. A hit at 7 blocks (28 tokens; one token must be
+    # computed) needs window blocks from (28 - 5) // 4 = 5: held, so all 7 blocks are a hit.
+    b = leader.track("b", salt=0)
+    assert leader.match(b, tokens, 0) == 28
+    loads = leader.plan_matched_group_loads(b, [list(range(40, 48)), [0] * 5 + [55, 56, 57]], 7, null_block=0)
+    assert [(m.dst_tier, list(m.dst_ids)) for load in loads for m in load.moves] == [
+        ("G1", list(range(40, 47))), ("G1.1", [55, 56])]
+    # A shorter prompt's hit at 3 blocks needs window blocks 0..2, never stored: the hit shrinks to nothing.
+    c = leader.track("c", salt=0)
+    assert leader.match(c, tokens[:13], 0) == 0
 
 
 def test_unsupported_groups_are_refused() -> None:
