@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import vllm_harness as H  # first: imports vLLM for the CPU platform, clear of the repo's kernels/ folder
+import vllm_ranks as R
 from test_vllm_connector import CONNECTOR, assert_clean, chat, kvbm_harness, metric, run_counting, worker_of
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import supports_hma
@@ -197,6 +198,27 @@ def test_sliding_window_failed_load_fails_the_request_for_recompute() -> None:
         # blocks 6..8: 96 tokens (window blocks 3..5).
         assert h.cache_stats.external_hits == 144 + 96
         assert_clean(h)
+
+
+def test_sliding_window_with_tensor_parallelism(tmp_path: Path) -> None:
+    """Two tensor-parallel ranks (``vllm_ranks``), each with its half of the KV heads of both groups and its own
+    G2/G3 shard: later turns load into both groups on both ranks, every attended byte of each rank checked."""
+    model = H.TinyModelSpec(num_layers=4, num_kv_heads=4, num_attention_heads=8, layer_kinds=SLIDING.layer_kinds,
+                            sliding_window=WINDOW_TOKENS)
+    config = {"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": 24, "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS": 512,
+              "DYN_KVBM_DISK_CACHE_DIR": str(tmp_path), "DYN_KVBM_DISK_DISABLE_O_DIRECT": "true",
+              "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "true"}
+    harness = H.HarnessConfig(connector=CONNECTOR, connector_extra_config=config, model=model, num_gpu_blocks=48,
+                              max_model_len=320)
+    with R.RankedVllmHarness(harness, 2, 1) as h:
+        assert h.leader.hybrid and h.leader.num_workers == 2
+        workload = H.MultiTurnChatWorkload(num_users=5, num_rounds=3, system_prompt_tokens=64, seed=5)
+        h.run_workload(workload)
+        assert workload.done and all(len(h.outputs[t.request_id]) == t.max_tokens for t in workload.completed)
+        counts = h.worker.counts
+        assert counts["load_jobs"] > 0 and counts["loaded_blocks"] > 0 and counts["load_errors"] == 0
+        assert counts["verified0"] > 0 and counts["verified1"] > 0 and h.cache_stats.external_hits > 0
+        assert not any(s["leftover"] for s in h.worker.settle())
 
 
 def test_group_keys_never_collide() -> None:

@@ -39,7 +39,7 @@ from vllm.v1.core.kv_cache_utils import (
 )
 from vllm.v1.core.single_type_kv_cache_manager import register_all_kvcache_specs
 from vllm.v1.attention.backends.utils import get_supported_kv_cache_layouts, resolve_kv_cache_layout
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig
+from vllm.v1.kv_cache_interface import KVCacheConfig
 from vllm.v1.outputs import ModelRunnerOutput
 
 from kvbm.leader.plans import MoveKind, MoveResult
@@ -74,6 +74,7 @@ def rank_shard(model: H.TinyModelSpec, tp: int, pp: int, rank: int) -> tuple[Ran
     heads = model.num_kv_heads // tp
     shard = RankModelSpec(num_layers=stop - start, num_kv_heads=heads, num_attention_heads=model.num_attention_heads
                           // tp, head_dim=model.head_dim, vocab_size=model.vocab_size, dtype=model.dtype,
+                          layer_kinds=model.layer_kinds[start:stop], sliding_window=model.sliding_window,
                           first_layer=start)
     return shard, (rank % tp) * heads
 
@@ -110,9 +111,7 @@ def plan_rank_caches(vllm_config: H.VllmConfig, model: H.TinyModelSpec, tp: int,
     specs = []
     for rank in range(tp * pp):
         shard, _ = rank_shard(model, tp, pp, rank)
-        specs.append({name: FullAttentionSpec(block_size=vllm_config.cache_config.block_size,
-                                              num_kv_heads=shard.num_kv_heads, head_size=model.head_dim,
-                                              dtype=model.torch_dtype) for name in shard.layer_names()})
+        specs.append(shard.layer_specs(vllm_config.cache_config.block_size, vllm_config.model_config.max_model_len))
     supported = [layout.name for layout in get_supported_kv_cache_layouts([])]
     resolve_kv_cache_layout(vllm_config, [supported], list(specs[0].values()))
     groups = get_global_kv_cache_groups(vllm_config, specs)
