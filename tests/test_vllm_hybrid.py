@@ -246,7 +246,8 @@ def test_leader_hybrid_hit_loads_and_stores() -> None:
     window stores."""
     config = KvbmConfig(cpu_cache_override_num_blocks=64, max_transfer_batch_size=8)
     groups = (KVGroup(0, FULL, 4, "f"), KVGroup(1, WINDOW, 4, "w", window=5))
-    leader = ConnectorLeader(kvbm_tiers(config, 4096), config, block_size=4, groups=groups)
+    leader = ConnectorLeader(kvbm_tiers(config, 4096), config, block_size=4)
+    leader.use_groups(groups)
     tokens = list(range(10, 42))  # 8 blocks
     state = leader.track("a", salt=0)
     state.block_ids, state.groups[0].block_ids = list(range(20, 28)), [0, 0, 32, 33, 34, 35, 36, 37]

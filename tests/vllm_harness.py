@@ -493,8 +493,7 @@ class KVOracle:
     def kv(self, prefix_hashes: Sequence[int], layer: int) -> torch.Tensor:
         """KV of the given positions in ``layer``: tensor ``[n, kv_heads, 2, head_dim]`` (K, V)."""
         n = len(prefix_hashes)
-        layer_key = np.uint64(((layer + 1) * 0x632BE59BD9B4E019) & _MASK64)
-        base = _mix64_array(np.asarray(prefix_hashes, dtype=np.uint64) ^ layer_key)
+        base = _mix64_array(np.asarray(prefix_hashes, dtype=np.uint64) ^ np.uint64((layer + 1) * 0x632BE59BD9B4E019 & _MASK64))
         bits = _mix64_array(base[:, None] + self._element_offsets[None, :]) >> np.uint64(40)
         values = bits.astype(np.float32) * np.float32(2.0 ** -23) - np.float32(1.0)
         tensor = torch.from_numpy(values.reshape(n, self.model.num_kv_heads, 2, self.model.head_dim))

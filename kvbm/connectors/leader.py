@@ -41,13 +41,13 @@ class TrackedRequest:
     block_ids: list[int] = field(default_factory=list)
     saved: int = 0  #: leading full blocks handed out for storing
     stores: set[int] = field(default_factory=set)  #: store move ids not yet reported by every worker
+    groups: list[TrackedRequest] = field(default_factory=list)  #: a hybrid model's KV cache groups after the first
+    store_first: dict[int, int] = field(default_factory=dict)  #: store move id -> the lowest block index it reads
     loading: bool = False
     match_key: object = None  #: the admission attempt the last lookup answered
     matched_blocks: int = 0  #: the engine's hit plus the stored run after it, in blocks
     host_blocks: int = 0  #: the engine's hit plus the stored run's G2 part, in blocks
     local_tokens: int = 0  #: the engine's own hit when the load was planned
-    groups: list[TrackedRequest] = field(default_factory=list)  #: a hybrid model's KV cache groups after the first
-    store_first: dict[int, int] = field(default_factory=dict)  #: store move id -> the lowest block index it reads
 
     def hashes_upto(self, num_blocks: int, block_size: int, tokens: Sequence[int]) -> list[int]:
         """Sequence hashes of the first ``num_blocks`` full blocks of ``tokens`` (hashing only new blocks)."""
@@ -97,12 +97,10 @@ class ConnectorLeader:
 
     def __init__(self, tiers: Sequence[TierSpec], config: KvbmConfig, block_size: int, *, num_workers: int = 1,
                  metrics: KvbmMetrics | None = None, disk_filter: DiskAdmissionFilter | None = None,
-                 cost: LoadCostPolicy | None = None, block_bytes: int | None = None,
-                 groups: Sequence[KVGroup] | None = None) -> None:
+                 cost: LoadCostPolicy | None = None, block_bytes: int | None = None) -> None:
         """``cost``: the cost-aware hit rule applied to every lookup and fed the loads' timings; by default the
         ``DYN_KVBM_*`` rule for blocks of ``block_bytes`` (summed over ranks) when that is given, else none (every
-        hit reported). ``groups``: a hybrid model's KV cache groups, all of ``block_size`` tokens per block (by
-        default one full-attention group)."""
+        hit reported)."""
         if not tiers:
             raise ValueError("no offload tier configured: set DYN_KVBM_CPU_CACHE_GB and/or DYN_KVBM_DISK_CACHE_GB "
                              "(or their *_OVERRIDE_NUM_BLOCKS)")
@@ -114,11 +112,6 @@ class ConnectorLeader:
                                 batch_size=config.max_transfer_batch_size,
                                 min_priority=config.host_offload_prefix_min_priority)
         self.block_size = block_size
-        self.groups = tuple(groups) if groups is not None else single_group(block_size)
-        for k, group in enumerate(self.groups):
-            if group.index != k or group.block_size != block_size:
-                raise ValueError(f"group {k}: expected index {k} and {block_size} tokens per block, got {group}")
-        self.hybrid = len(self.groups) > 1
         self.num_workers = num_workers
         self.metrics = metrics
         if cost is None and block_bytes is not None:
@@ -130,6 +123,20 @@ class ConnectorLeader:
         self._partial: dict[int, MoveResult] = {}  # results some workers reported
         self._loads: list[RequestLoad] = []
         self._stores: list[RequestStore] = []
+        self.groups: tuple[KVGroup, ...] = single_group(block_size)
+        self.hybrid = False
+
+    def use_groups(self, groups: Sequence[KVGroup]) -> None:
+        """Track a hybrid model's KV cache groups (all of ``block_size`` tokens per block) instead of one
+        full-attention group; before any request is tracked."""
+        if self.requests:
+            raise RuntimeError("use_groups must come before any request is tracked")
+        for k, group in enumerate(groups):
+            if group.index != k or group.block_size != self.block_size:
+                raise ValueError(f"group {k}: expected index {k} and {self.block_size} tokens per block, got {group}")
+        if not groups:
+            raise ValueError("use_groups needs at least one group")
+        self.groups, self.hybrid = tuple(groups), len(groups) > 1
 
     # -- requests ----------------------------------------------------------------------------------------------
 
@@ -239,8 +246,10 @@ class ConnectorLeader:
             track = self.group_state(state, group.index)
             start = max(first, group.first_kept_block(total * self.block_size))
             wanted = [j for j in range(start, total) if ids[j] != null_block]
-            loads.append(self.plan_load(state.request_id, [track.hashes[j] for j in wanted], [ids[j] for j in wanted],
-                                        engine_tier=group.engine_tier))
+            plan = self.index.plan_load([track.hashes[j] for j in wanted], [ids[j] for j in wanted])
+            loads.append(RequestLoad(state.request_id, tuple(_retarget(m, group.engine_tier) for m in plan.moves),
+                                     tuple(ids[wanted[i]] for i in sorted(plan.missing))))
+        self._loads.extend(loads)
         return loads
 
     def hit_split(self, state: TrackedRequest, num_tokens: int) -> tuple[int, int]:
@@ -261,13 +270,10 @@ class ConnectorLeader:
             self.metrics.record_matched_tokens(match.num_blocks * self.block_size)
         return match.num_blocks, host
 
-    def plan_load(self, request_id: str, hashes: Sequence[int], engine_ids: Sequence[int],
-                  engine_tier: str = ENGINE_TIER) -> RequestLoad:
-        """Load ``hashes`` into ``engine_ids`` of ``engine_tier`` (a group's engine cache) in this step's plan
-        (blocks gone since the lookup are ``missing``)."""
+    def plan_load(self, request_id: str, hashes: Sequence[int], engine_ids: Sequence[int]) -> RequestLoad:
+        """Load ``hashes`` into ``engine_ids`` in this step's plan (blocks gone since the lookup are ``missing``)."""
         plan = self.index.plan_load(hashes, engine_ids)
-        moves = tuple(_retarget(move, engine_tier) for move in plan.moves)
-        load = RequestLoad(request_id, moves, tuple(engine_ids[i] for i in sorted(plan.missing)))
+        load = RequestLoad(request_id, tuple(plan.moves), tuple(engine_ids[i] for i in sorted(plan.missing)))
         self._loads.append(load)
         return load
 

@@ -74,10 +74,11 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler_side = SchedulerSide(process_metrics.build_with(self.config, lambda metrics: ConnectorLeader(
                 kvbm_tiers(self.config, self.block_bytes), self.config, self.block_size,
-                num_workers=self.layout.world_size, metrics=metrics, block_bytes=self.block_bytes,
-                groups=self.groups or None)), refusal=self.refusal)
+                num_workers=self.layout.world_size, metrics=metrics, block_bytes=self.block_bytes)))
         elif role != KVConnectorRole.WORKER:
             raise ValueError(f"role must be a KVConnectorRole, got {role!r}")
+        if self.scheduler_side is not None:
+            self.scheduler_side.configure(self.groups, self.refusal)
 
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
@@ -129,9 +130,8 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
             raise ValueError(f"KV tensors hold blocks of {g.block_size} tokens; the KV cache config says "
                              f"{self.block_size}")
         self.layout.check_rank(self.rank, g.block_bytes)
-        log.info("kvbm: rank %d of %d: %d KV cache group(s) of %d layers, %d GPU blocks of %d bytes, layout %s",
-                 self.rank, self.layout.world_size, len(self.groups), g.num_layers, cache.num_blocks, g.block_bytes,
-                 cache.name)
+        log.info("kvbm: rank %d of %d: %d layers, %d GPU blocks of %d bytes, layout %s", self.rank,
+                 self.layout.world_size, g.num_layers, cache.num_blocks, g.block_bytes, cache.name)
         self.worker = process_metrics.build_with(  # as many blocks as the scheduler's index, each of this rank's size
             self.config, lambda metrics: ConnectorWorker(cache, kvbm_tiers(self.config, self.block_bytes), self.config,
                                                          metrics=metrics, group_caches=groups))

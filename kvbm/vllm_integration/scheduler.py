@@ -10,11 +10,12 @@ recurrent state) has no request matched or stored."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from kvbm.connectors.groups import WINDOW
+from kvbm.connectors.groups import WINDOW, KVGroup
 from kvbm.connectors.leader import ConnectorLeader, TrackedRequest
 from kvbm.hashing import salt_hash
 from kvbm.vllm_integration.metadata import DynamoConnectorMetadata, DynamoWorkerMetadata
@@ -36,12 +37,18 @@ NULL_BLOCK_ID = 0
 class SchedulerSide:
     """The connector's scheduler role for one engine (see the module docstring)."""
 
-    def __init__(self, leader: ConnectorLeader, refusal: str | None = None) -> None:
-        """``refusal``: why this model's KV is not offloaded (every request is then left alone), or None."""
+    def __init__(self, leader: ConnectorLeader) -> None:
         self.leader = leader
-        self.refusal = refusal
+        self.refusal: str | None = None
         self._requests: dict[str, Request] = {}
         self._held: list[str] = []
+
+    def configure(self, groups: Sequence[KVGroup], refusal: str | None) -> None:
+        """A hybrid model's KV cache groups (more than one), and why this model's KV is not offloaded (every request
+        then left alone), or None."""
+        if len(groups) > 1:
+            self.leader.use_groups(groups)
+        self.refusal = refusal
 
     def _state(self, request: Request) -> TrackedRequest:
         state = self.leader.requests.get(request.request_id)
