@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import vllm_harness as H  # first: imports vLLM for the CPU platform, clear of the repo's kernels/ folder
 import vllm_ranks as R
-from test_vllm_connector import CONNECTOR, assert_clean, chat, kvbm_harness, metric, run_counting, worker_of
+from test_vllm_connector import CONNECTOR, Gate, assert_clean, chat, kvbm_harness, metric, run_counting, worker_of
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import supports_hma
 from vllm.v1.kv_cache_interface import ChunkedLocalAttentionSpec, KVCacheGroupSpec
@@ -155,6 +156,40 @@ def test_sliding_window_stores_skip_freed_blocks_and_flush_before_reuse(runner: 
         h.run_until_idle()
         assert h.cache_stats.external_hits == 288
         assert_clean(h)
+
+
+def test_store_of_a_freed_window_block_is_finished_before_reuse() -> None:
+    """Window-group stores kept in flight: once vLLM frees the window blocks below the window (the step after the
+    100-token prefill frees blocks 0..2), ``handle_preemptions`` waits for the stores still reading them, before
+    the step's forward may write the blocks again."""
+    prompt = H.MultiTurnChatWorkload(num_users=1, system_prompt_tokens=100, seed=14).system_prompt
+    with hybrid_harness() as h:
+        store = worker_of(h).store
+        gate = Gate(SimpleNamespace(engine_cache=store.cache("G1.1"), store=store), "offload")
+        h.add_request("a", prompt, 4)
+        h.step()
+        assert gate.transfers and h.worker.call_log[-1] == "clear_connector_metadata"
+        with pytest.raises(AssertionError, match="a gated transfer was waited for"):
+            h.step()
+        assert h.worker.call_log[-1] == "handle_preemptions"
+        gate.release()
+
+
+def test_store_of_a_window_block_freed_at_finish_is_finished_before_reuse() -> None:
+    """A 60-token prompt answered in one step: vLLM frees window block 0 as the request finishes (before
+    ``request_finished_all_groups``), while its store is in flight; the next step's ``handle_preemptions`` waits
+    for it."""
+    prompt = H.MultiTurnChatWorkload(num_users=1, system_prompt_tokens=60, seed=15).system_prompt
+    with hybrid_harness() as h:
+        store = worker_of(h).store
+        gate = Gate(SimpleNamespace(engine_cache=store.cache("G1.1"), store=store), "offload")
+        h.add_request("a", prompt, 1)
+        h.step()
+        assert gate.transfers and "a" in h.scheduler.requests  # finished, blocks held for its stores
+        with pytest.raises(AssertionError, match="a gated transfer was waited for"):
+            h.step()
+        assert h.worker.call_log[-1] == "handle_preemptions"
+        gate.release()
 
 
 def test_sliding_window_failed_load_fails_the_request_for_recompute() -> None:

@@ -5,7 +5,7 @@ stored a step later); a finished request's blocks are held while a store of it i
 prompt-embedding requests are neither matched nor stored: their token ids do not identify their KV. A hybrid model
 (several KV cache groups) keeps every group's block ids; a sliding-window group's blocks the engine frees below the
 window are neither stored nor loaded (its null block stands there), and a store still reading one when the engine
-frees it is finished first (as for a preemption). A model whose KV the connector refuses (``refusal``: a group of
+frees it (during the request, or as it finishes) is finished first, as for a preemption. A model whose KV the connector refuses (``refusal``: a group of
 recurrent state) has no request matched or stored."""
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ class SchedulerSide:
         self.refusal: str | None = None
         self._requests: dict[str, Request] = {}
         self._held: list[str] = []
+        self._flush: set[str] = set()  # finished requests whose stores read window blocks vLLM freed
 
     def configure(self, groups: Sequence[KVGroup], refusal: str | None) -> None:
         """A hybrid model's KV cache groups (more than one), and why this model's KV is not offloaded (every request
@@ -117,6 +118,7 @@ class SchedulerSide:
             if self._store_new_blocks(state, cached.num_computed_tokens[i], scheduled[request_id]):
                 flush.add(request_id)
         held, self._held = self._held, []  # requests finished since the last step, held until finished_sending
+        flush, self._flush = flush | self._flush, set()
         return DynamoConnectorMetadata(self.leader.take_step(preempted | flush, held))
 
     def _set_blocks(self, state: TrackedRequest, block_ids: tuple[list[int], ...] | None) -> None:
@@ -164,7 +166,11 @@ class SchedulerSide:
         per_group = block_ids if isinstance(block_ids, tuple) else (block_ids,)
         num_blocks = min(request.num_computed_tokens, request.num_tokens) // self.leader.block_size
         for group in self.leader.groups:
-            self.leader.group_state(state, group.index).block_ids = list(per_group[group.index])
+            ids = self.leader.group_state(state, group.index).block_ids = list(per_group[group.index])
+            if group.kind == WINDOW:  # vLLM freed the window blocks below the first real one just now
+                kept = next((i for i, b in enumerate(ids) if b != NULL_BLOCK_ID), len(ids))
+                if self.leader.stores_below(state, group.index, kept):
+                    self._flush.add(request.request_id)
             self.leader.plan_stores(state, request.all_token_ids, num_blocks, group=group.index,
                                     null_block=NULL_BLOCK_ID if self.leader.hybrid else None)
         busy = self.leader.busy(request.request_id)
