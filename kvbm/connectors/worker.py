@@ -3,8 +3,7 @@
 The worker allocates its shard of every tier (the same number of blocks as the leader's index, of its own block
 size), runs the plan's moves through its `BlockStore`, and reports per request what the engine asks for
 (loads done, held requests whose stores are done, engine blocks whose load failed) and per move what the leader
-needs (`WorkerReport`). A hybrid model's further KV cache groups are further engine caches of the same block
-geometry (``group_caches``), each a tier of its own name that the moves of that group name.
+needs (`WorkerReport`).
 """
 from __future__ import annotations
 
@@ -28,19 +27,12 @@ class ConnectorWorker:
     """One rank's tiers and the requests whose moves it runs (see the module docstring)."""
 
     def __init__(self, engine_cache: PagedKVCache, tiers: Sequence[TierSpec], config: KvbmConfig, *,
-                 metrics: KvbmMetrics | None = None, group_caches: Mapping[str, PagedKVCache] | None = None) -> None:
-        """Allocate the tiers' memory for ``engine_cache``'s geometry (raises before holding anything on failure);
-        ``group_caches``: engine tier name -> the engine cache of a further KV cache group (same block geometry)."""
+                 metrics: KvbmMetrics | None = None) -> None:
+        """Allocate the tiers' memory for ``engine_cache``'s geometry (raises before holding anything on failure)."""
         if not tiers:
             raise ValueError("no offload tier configured")
-        for name, cache in (group_caches or {}).items():
-            if cache.geometry != engine_cache.geometry or cache.dtype != engine_cache.dtype:
-                raise ValueError(f"KV cache group {name}: blocks of {cache.geometry} in {cache.dtype}; the first "
-                                 f"group's are {engine_cache.geometry} in {engine_cache.dtype}: the groups of one "
-                                 f"worker must share the block geometry")
         self.engine_cache = engine_cache
         self.store = BlockStore.open(engine_cache, tiers, config, metrics=metrics)
-        self.store.caches.update(group_caches or {})
         self._moves: dict[int, tuple[Move, str | None]] = {}  # running move id -> (move, request id)
         self._loading: dict[str, set[int]] = {}
         self._storing: dict[str, set[int]] = {}
@@ -101,6 +93,18 @@ class ConnectorWorker:
         """Request id -> why its blocks failed to load, since the last call (for engines that fail requests)."""
         failed, self._failed_loads = self._failed_loads, {}
         return failed
+
+    def add_engine_caches(self, caches: Mapping[str, PagedKVCache]) -> None:
+        """A hybrid model's further KV cache groups: tier name -> that group's engine cache, of the first group's
+        block geometry (the tiers are allocated in it); the moves of a group name its engine cache's tier."""
+        for name, cache in caches.items():
+            if cache.geometry != self.engine_cache.geometry or cache.dtype != self.engine_cache.dtype:
+                raise ValueError(f"KV cache group {name}: blocks of {cache.geometry} in {cache.dtype}; the first "
+                                 f"group's are {self.engine_cache.geometry} in {self.engine_cache.dtype}: the groups "
+                                 f"of one worker must share the block geometry")
+            if name in self.store.caches:
+                raise ValueError(f"this worker already has a tier named {name!r}")
+        self.store.caches.update(caches)
 
     def drop(self, moves: Sequence[Move], reason: str) -> None:
         """Report moves that will never run (their engine blocks were never computed) as failed, so the leader

@@ -134,7 +134,8 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
                  self.layout.world_size, g.num_layers, cache.num_blocks, g.block_bytes, cache.name)
         self.worker = process_metrics.build_with(  # as many blocks as the scheduler's index, each of this rank's size
             self.config, lambda metrics: ConnectorWorker(cache, kvbm_tiers(self.config, self.block_bytes), self.config,
-                                                         metrics=metrics, group_caches=groups))
+                                                         metrics=metrics))
+        self.worker.add_engine_caches(groups)
 
     def _group_caches(self, kv_caches: dict[str, torch.Tensor], group: int) -> dict[str, torch.Tensor]:
         """The tensors of one KV cache group's layers (all of them for a single-group model, in vLLM's order)."""
