@@ -10,6 +10,8 @@ A request's tokens are cut into blocks of ``block_size`` tokens; only full block
 - sequence hash: for the first block its block hash; after that xxh3-64 of the parent's sequence hash and the
   block hash (two little-endian u64), seeded by the salt hash. It names the whole prefix up to that block and is
   the key of every tier's pool and of the registry.
+- group salt (hybrid models only): each KV cache group hashes its blocks with the request's salt hash mixed with the
+  group's index and a text naming its cache spec (`group_salt`), so groups never share keys.
 
 Typical use by the manager: ``salt = salt_hash(req.cache_salt, req.lora_name)`` once per request, then
 ``sequence_hashes(prompt_tokens, block_size, salt)`` for the prefix lookup, and, as the request grows,
@@ -25,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import xxhash
 
-__all__ = ["salt_hash", "block_hash", "sequence_hashes", "U64_MAX", "U32_MAX"]
+__all__ = ["salt_hash", "group_salt", "block_hash", "sequence_hashes", "U64_MAX", "U32_MAX"]
 
 U32_MAX = 2**32 - 1
 U64_MAX = 2**64 - 1
@@ -100,6 +102,17 @@ def salt_hash(cache_salt: str | None = None, lora_name: str | None = None) -> in
     except UnicodeEncodeError as exc:
         raise ValueError(f"cache_salt and lora_name must be valid Unicode text: {exc}") from exc
     return xxhash.xxh3_64_intdigest(data, seed=0)
+
+
+def group_salt(salt: int, group: int, spec_key: str) -> int:
+    """The salt of one KV cache group of a hybrid model: xxh3-64, seeded by ``salt``, of the group index (a
+    little-endian u32) followed by ``spec_key`` (UTF-8), so two groups, or two specs, never share a block hash."""
+    salt = _check_u64("salt", salt)
+    if isinstance(group, bool) or not isinstance(group, int) or not 0 <= group <= U32_MAX:
+        raise ValueError(f"group must be an int in [0, 2**32), got {group!r}")
+    if not isinstance(spec_key, str) or not spec_key:
+        raise ValueError(f"spec_key must be a non-empty str, got {spec_key!r}")
+    return xxhash.xxh3_64_intdigest(struct.pack("<I", group) + spec_key.encode("utf-8"), seed=salt)
 
 
 def block_hash(tokens: Sequence[int], salt: int) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import vllm_harness as H  # first: imports vLLM for the CPU platform, clear of the repo's kernels/ folder
 
+from vllm.v1.kv_cache_interface import MLAAttentionSpec
 from vllm.v1.request import RequestStatus
 
 from kvbm.config import KvbmConfig
@@ -414,8 +415,8 @@ def test_match_starts_after_vllms_own_hit() -> None:
 
 
 def test_unsupported_setups_are_refused() -> None:
-    """Tensor parallelism is accepted (``tests/test_vllm_ranks.py`` runs it); context parallelism and hybrid
-    models are refused."""
+    """Tensor parallelism is accepted (``tests/test_vllm_ranks.py`` runs it); context parallelism and a KV cache
+    group of another attention kind are refused (``tests/test_vllm_hybrid.py`` runs hybrid models)."""
     with kvbm_harness() as h:
         plan = h.plan
         vllm_config = h.vllm_config
@@ -428,10 +429,13 @@ def test_unsupported_setups_are_refused() -> None:
         with pytest.raises(ValueError, match="decode_context_parallel_size=2"):
             DynamoConnector(vllm_config, H.KVConnectorRole.SCHEDULER, plan.scheduler_config)
         vllm_config.parallel_config.decode_context_parallel_size = 1
-        hybrid = plan.scheduler_config.__class__(**{**plan.scheduler_config.__dict__,
-                                                    "kv_cache_groups": plan.scheduler_config.kv_cache_groups * 2})
-        with pytest.raises(ValueError, match="2 groups"):
-            DynamoConnector(vllm_config, H.KVConnectorRole.WORKER, hybrid)
+        group = plan.scheduler_config.kv_cache_groups[0]
+        mla = MLAAttentionSpec(block_size=group.kv_cache_spec.block_size, num_kv_heads=1, head_size=576,
+                                 dtype=group.kv_cache_spec.dtype)
+        other = plan.scheduler_config.__class__(**{**plan.scheduler_config.__dict__, "kv_cache_groups": [
+            group.__class__(group.layer_names, mla)]})
+        with pytest.raises(ValueError, match="MLAAttentionSpec in KV cache group 0"):
+            DynamoConnector(vllm_config, H.KVConnectorRole.WORKER, other)
         with pytest.raises(RuntimeError, match="already called"):
             h.worker.connector.register_kv_caches(dict(h.worker.kv_caches))
 

@@ -188,7 +188,7 @@ def test_harness_kv_placement_matches_flash_attention_reading() -> None:
             key_cache, value_cache = h.worker.kv_caches[name].transpose(1, 2).split(model.head_dim, dim=-1)
             expected = h.worker.expected_kv("r", layer, 0, 40)
             for position in range(40):
-                block, offset = state.block_ids[position // 16], position % 16
+                block, offset = state.block_ids[0][position // 16], position % 16
                 assert torch.equal(key_cache[block, offset].view(torch.int16), expected[position, :, 0].view(torch.int16))
                 assert torch.equal(value_cache[block, offset].view(torch.int16), expected[position, :, 1].view(torch.int16))
 

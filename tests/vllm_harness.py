@@ -111,7 +111,7 @@ from vllm.v1.core.kv_cache_utils import (
 )
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.single_type_kv_cache_manager import register_all_kvcache_specs
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec, MambaSpec, SlidingWindowSpec
 from vllm.v1.kv_offload.base import (
     CanonicalKVCaches,
     GPULoadStoreSpec,
@@ -152,8 +152,19 @@ class TinyModelSpec:
     head_dim: int = 16
     vocab_size: int = 4096
     dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    #: Per layer "full" (full attention), "sliding" (sliding-window attention of ``sliding_window`` tokens) or
+    #: "mamba" (a recurrent state, vLLM's ``mamba_cache_mode="none"``: one state block per request, which needs
+    #: prefix caching off); empty: all full attention.  The specs are vLLM's own spec classes (`layer_specs`).
+    layer_kinds: tuple[str, ...] = ()
+    sliding_window: int = 0
 
     def __post_init__(self) -> None:
+        if self.layer_kinds:
+            if len(self.layer_kinds) != self.num_layers or set(self.layer_kinds) - {"full", "sliding", "mamba"}:
+                raise ValueError(f"layer_kinds must give 'full', 'sliding' or 'mamba' for each of the "
+                                 f"{self.num_layers} layers, got {self.layer_kinds!r}")
+            if "sliding" in self.layer_kinds and self.sliding_window <= 1:
+                raise ValueError(f"sliding layers need sliding_window > 1, got {self.sliding_window}")
         for name in ("num_layers", "num_kv_heads", "num_attention_heads", "head_dim", "vocab_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -176,6 +187,36 @@ class TinyModelSpec:
     def layer_names(self) -> list[str]:
         """Attention layer names in the form vLLM's Llama model registers them."""
         return [f"model.layers.{i}.self_attn.attn" for i in range(self.num_layers)]
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of ``layer`` (tokens a position attends to, itself included), None for full."""
+        return self.sliding_window if self.layer_kinds and self.layer_kinds[layer] == "sliding" else None
+
+    def is_state(self, layer: int) -> bool:
+        """Whether ``layer`` keeps a recurrent state (a Mamba layer) instead of per-token KV."""
+        return bool(self.layer_kinds) and self.layer_kinds[layer] == "mamba"
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of one Mamba layer's state: as many as one attention block of 8 tokens, so it fits a page."""
+        return 8 * self.num_kv_heads * 2 * self.head_dim * self.torch_dtype.itemsize
+
+    def layer_specs(self, block_size: int, max_model_len: int) -> dict[str, KVCacheSpec]:
+        """Each layer's KV cache spec, as vLLM's layers declare them (``get_kv_cache_spec``); a Mamba layer's
+        state page is padded to the attention page, as vLLM does for a hybrid model."""
+        specs: dict[str, KVCacheSpec] = {}
+        for layer, name in enumerate(self.layer_names()):
+            common = dict(block_size=block_size, num_kv_heads=self.num_kv_heads, head_size=self.head_dim,
+                          dtype=self.torch_dtype)
+            window = self.window(layer)
+            if self.is_state(layer):
+                page = FullAttentionSpec(**common).page_size_bytes
+                specs[name] = MambaSpec(block_size=max_model_len, shapes=((self.state_bytes,),), dtypes=(torch.int8,),
+                                        page_size_padded=page, mamba_cache_mode="none")
+            else:
+                specs[name] = (FullAttentionSpec(**common) if window is None
+                               else SlidingWindowSpec(**common, sliding_window=window))
+        return specs
 
 
 def write_tiny_model_config(directory: Path, spec: TinyModelSpec, max_position_embeddings: int) -> Path:
@@ -368,21 +409,16 @@ class PlannedKVCache:
 
 
 def plan_kv_cache(vllm_config: VllmConfig, model: TinyModelSpec, num_gpu_blocks: int) -> PlannedKVCache:
-    """Resolve the layout and plan ``num_gpu_blocks`` blocks of full attention for every layer."""
+    """Resolve the layout and plan ``num_gpu_blocks`` blocks for the model's layers (full attention, or a hybrid
+    of full and sliding-window attention: vLLM's hybrid KV cache manager puts each kind in its own groups)."""
     register_all_kvcache_specs(vllm_config)
     block_size = vllm_config.cache_config.block_size
-    specs = {
-        name: FullAttentionSpec(
-            block_size=block_size,
-            num_kv_heads=model.num_kv_heads,
-            head_size=model.head_dim,
-            dtype=model.torch_dtype,
-        )
-        for name in model.layer_names()
-    }
+    specs = model.layer_specs(block_size, vllm_config.model_config.max_model_len)
     supported = [layout.name for layout in get_supported_kv_cache_layouts([])]
     resolve_kv_cache_layout(vllm_config, [supported], list(specs.values()))
     groups = get_global_kv_cache_groups(vllm_config, [specs])
+    # Memory for the blocks of every layer (a hybrid plan needs less: its groups share tensors); the block count
+    # is num_gpu_blocks_override's either way.
     bytes_per_block = sum(spec.page_size_bytes for spec in specs.values())
     worker_configs = get_kv_cache_configs(vllm_config, [specs], [bytes_per_block * num_gpu_blocks], groups)
     for kv_cache_config in worker_configs:
@@ -462,6 +498,14 @@ class KVOracle:
         values = bits.astype(np.float32) * np.float32(2.0 ** -23) - np.float32(1.0)
         tensor = torch.from_numpy(values.reshape(n, self.model.num_kv_heads, 2, self.model.head_dim))
         return tensor.to(self.model.torch_dtype)
+
+
+def state_bytes(prefix_hash: int, layer: int, nbytes: int) -> torch.Tensor:
+    """The recurrent state (``nbytes`` int8) of a Mamba ``layer`` after the token whose prefix hash is given."""
+    words = -(-nbytes // 8)
+    key = np.uint64(((layer + 1) * 0x9E6C63D0676A9A99) & _MASK64)
+    values = _mix64_array(np.uint64(prefix_hash) ^ (key + np.arange(words, dtype=np.uint64)))
+    return torch.from_numpy(values.view(np.int8)[:nbytes].copy())
 
 
 def sample_token(seed: int, request_id: str, position: int, vocab_size: int) -> int:
@@ -548,7 +592,7 @@ class _WorkerRequest:
     request_id: str
     seed: int
     tokens: list[int]
-    block_ids: list[int]
+    block_ids: list[list[int]]  #: per KV cache group
     prefix_hashes: list[int] = field(default_factory=list)
     needs_verify: bool = True
     num_prompt: int = 0
@@ -559,6 +603,7 @@ class WorkerStepReport:
     """Counters of one worker step (for tests)."""
 
     verified_tokens: int = 0
+    verified_states: int = 0
     computed_tokens: int = 0
     poisoned_blocks: int = 0
 
@@ -586,12 +631,23 @@ class WorkerHarness:
         self.block_size = vllm_config.cache_config.block_size
         self.oracle = KVOracle(config.model)
         self.layer_names = config.model.layer_names()
+        # KV cache group of each layer (a hybrid model's groups each have their own block table).
+        self.layer_groups = [
+            next(k for k, group in enumerate(kv_cache_config.kv_cache_groups) if name in group.layer_names)
+            for name in self.layer_names
+        ]
+        self.num_groups = len(kv_cache_config.kv_cache_groups)
         self._seeds = seeds
         self.kv_caches = allocate_worker_kv_caches(kv_cache_config, vllm_config, config.model, config.kv_format)
         # Per layer, the engine tensor seen as [num_blocks, block_size, kv_heads, 2, head_dim] (no copy).
         self.token_views = {
-            name: canonical_token_view(tensor, config.kv_format, config.model.head_dim)
-            for name, tensor in self.kv_caches.items()
+            name: canonical_token_view(self.kv_caches[name], config.kv_format, config.model.head_dim)
+            for layer, name in enumerate(self.layer_names) if not self.model.is_state(layer)
+        }
+        # Per Mamba layer, its int8 ``[num_blocks, page]`` view: a block's state is its first bytes.
+        self.state_views = {
+            name: self.kv_caches[name].reshape(self.kv_caches[name].shape[0], -1)
+            for layer, name in enumerate(self.layer_names) if self.model.is_state(layer)
         }
         for view in self.token_views.values():
             view.fill_(float("nan"))
@@ -650,7 +706,7 @@ class WorkerHarness:
                 self.requests[new.req_id] = state
             else:
                 self._adopt_tokens(state, tokens)
-            state.block_ids = list(new.block_ids[0])
+            state.block_ids = [list(ids) for ids in new.block_ids]
             state.needs_verify = True
             scheduled.append((state, new.num_computed_tokens, so.num_scheduled_tokens[new.req_id]))
         cached = so.scheduled_cached_reqs
@@ -667,24 +723,38 @@ class WorkerHarness:
             if request_id in cached.resumed_req_ids:
                 if new_blocks is None:
                     raise ValueError(f"resumed request {request_id} came without its block ids")
-                state.block_ids = list(new_blocks[0])
+                state.block_ids = [list(ids) for ids in new_blocks]
                 state.needs_verify = True
             elif new_blocks is not None:
-                state.block_ids.extend(new_blocks[0])
+                for table, ids in zip(state.block_ids, new_blocks):
+                    table.extend(ids)
             scheduled.append((state, cached.num_computed_tokens[i], so.num_scheduled_tokens[request_id]))
         return scheduled
 
-    def _slots(self, state: _WorkerRequest, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(block indices, in-block offsets) of positions ``[start, stop)`` of a request."""
+    def _slots(
+        self, state: _WorkerRequest, start: int, stop: int, group: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block indices, in-block offsets) of positions ``[start, stop)`` of a request in KV cache ``group``."""
+        table_ids = state.block_ids[group]
         last_block = (stop - 1) // self.block_size if stop > start else -1
-        if last_block >= len(state.block_ids):
+        if last_block >= len(table_ids):
             raise ValueError(
-                f"request {state.request_id}: position {stop - 1} needs block #{last_block}, "
-                f"but only {len(state.block_ids)} blocks are assigned"
+                f"request {state.request_id}: position {stop - 1} needs block #{last_block} of group {group}, "
+                f"but only {len(table_ids)} blocks are assigned"
             )
         positions = torch.arange(start, stop)
-        table = torch.tensor(state.block_ids, dtype=torch.long)
-        return table[positions // self.block_size], positions % self.block_size
+        table = torch.tensor(table_ids, dtype=torch.long)
+        blocks = table[positions // self.block_size]
+        if stop > start and bool((blocks == 0).any()):
+            raise KVMismatchError(
+                f"request {state.request_id}: positions [{start}, {stop}) of group {group} fall in vLLM's null block"
+            )
+        return blocks, positions % self.block_size
+
+    def attended_start(self, layer: int, stop: int) -> int:
+        """The first cached position the token at ``stop`` reads in ``layer`` (its window's start)."""
+        window = self.model.window(layer)
+        return 0 if window is None else max(0, stop - window + 1)
 
     def _prefix_hashes(self, state: _WorkerRequest, stop: int) -> list[int]:
         if stop > len(state.tokens):
@@ -704,6 +774,8 @@ class WorkerHarness:
         index = torch.tensor(sorted(set(block_ids)), dtype=torch.long)
         for view in self.token_views.values():
             view[index] = float("nan")
+        for view in self.state_views.values():
+            view[index] = -91  # 0xA5, a byte pattern the oracle's states do not take block-wide
         self.last_report.poisoned_blocks += len(index)
 
     def expected_kv(self, request_id: str, layer: int, start: int, stop: int) -> torch.Tensor:
@@ -714,32 +786,35 @@ class WorkerHarness:
     def read_kv(self, request_id: str, layer: int, start: int, stop: int) -> torch.Tensor:
         """The KV ``[n, H, 2, D]`` the cache holds for positions ``[start, stop)`` of a request."""
         state = self.requests[request_id]
-        blocks, offsets = self._slots(state, start, stop)
+        blocks, offsets = self._slots(state, start, stop, self.layer_groups[layer])
         return self.token_views[self.layer_names[layer]][blocks, offsets]
 
     def mismatched_positions(self, request_id: str, layer: int, stop: int) -> list[int]:
-        """Positions in ``[0, stop)`` of ``layer`` whose cached bytes differ from the oracle's."""
-        if stop <= 0:
+        """Positions of ``[0, stop)`` that the token at ``stop`` attends to in ``layer`` (all of them, or those of
+        its sliding window) whose cached bytes differ from the oracle's."""
+        start = self.attended_start(layer, stop)
+        if stop <= start:
             return []
-        actual = self.read_kv(request_id, layer, 0, stop)
-        expected = self.expected_kv(request_id, layer, 0, stop)
+        actual = self.read_kv(request_id, layer, start, stop)
+        expected = self.expected_kv(request_id, layer, start, stop)
         width = actual.element_size() * actual[0].numel()
         bad = (
-            actual.contiguous().view(torch.uint8).reshape(stop, width)
-            != expected.contiguous().view(torch.uint8).reshape(stop, width)
+            actual.contiguous().view(torch.uint8).reshape(stop - start, width)
+            != expected.contiguous().view(torch.uint8).reshape(stop - start, width)
         ).any(dim=1)
-        return torch.nonzero(bad).flatten().tolist()
+        return (torch.nonzero(bad).flatten() + start).tolist()
 
     def verify_context(self, request_id: str, layer: int, stop: int) -> int:
-        """Check positions ``[0, stop)`` of ``layer`` byte-exactly; raise :class:`KVMismatchError`."""
+        """Check the positions before ``stop`` that ``layer`` attends to byte-exactly (returns how many); raise
+        :class:`KVMismatchError`."""
         positions = self.mismatched_positions(request_id, layer, stop)
         if positions:
             raise KVMismatchError(self._mismatch_message(request_id, layer, stop, positions))
-        return max(stop, 0)
+        return max(stop - self.attended_start(layer, stop), 0)
 
     def _mismatch_message(self, request_id: str, layer: int, stop: int, positions: list[int]) -> str:
         first = positions[0]
-        block = self.requests[request_id].block_ids[first // self.block_size]
+        block = self.requests[request_id].block_ids[self.layer_groups[layer]][first // self.block_size]
         return (
             f"request {request_id} layer {layer}: {len(positions)} of {stop} context positions hold "
             f"wrong KV; first at position {first} (block {block}, offset {first % self.block_size})"
@@ -748,9 +823,9 @@ class WorkerHarness:
     def _check_admitted_context(self, state: _WorkerRequest, layer: int, stop: int) -> None:
         """Verify the context an attention layer reads; keep mismatches for :meth:`_settle_mismatches`."""
         positions = self.mismatched_positions(state.request_id, layer, stop)
-        self.last_report.verified_tokens += max(stop, 0)
+        self.last_report.verified_tokens += max(stop - self.attended_start(layer, stop), 0)
         if positions:
-            blocks = {state.block_ids[p // self.block_size] for p in positions}
+            blocks = {state.block_ids[self.layer_groups[layer]][p // self.block_size] for p in positions}
             message = self._mismatch_message(state.request_id, layer, stop, positions)
             self._mismatches.append((state, blocks, message))
 
@@ -766,19 +841,38 @@ class WorkerHarness:
                 raise KVMismatchError(f"{message}; not reported by get_block_ids_with_load_errors")
             state.needs_verify = True
 
+    def _step_state(self, state: _WorkerRequest, layer: int, start: int, count: int) -> None:
+        """A Mamba layer's step: read the state after ``start`` tokens (checked byte-exactly unless verification is
+        off: every step reads it), write the state after ``start + count``."""
+        table = state.block_ids[self.layer_groups[layer]]
+        if not table or table[0] == 0:
+            raise KVMismatchError(f"request {state.request_id}: Mamba layer {layer} has no state block ({table})")
+        view, nbytes = self.state_views[self.layer_names[layer]], self.model.state_bytes
+        hashes = self._prefix_hashes(state, start + count)
+        if start > 0 and self.config.verify != "off":
+            self.last_report.verified_states += 1
+            if not torch.equal(view[table[0], :nbytes], state_bytes(hashes[start - 1], layer, nbytes)):
+                self._mismatches.append((state, {table[0]}, f"request {state.request_id} Mamba layer {layer}: the "
+                                         f"state after {start} tokens in block {table[0]} is wrong"))
+        view[table[0], :nbytes] = state_bytes(hashes[start + count - 1], layer, nbytes)
+
     def _write_kv(self, state: _WorkerRequest, layer: int, start: int, stop: int) -> None:
-        blocks, offsets = self._slots(state, start, stop)
+        blocks, offsets = self._slots(state, start, stop, self.layer_groups[layer])
         values = self.oracle.kv(self._prefix_hashes(state, stop)[start:stop], layer)
         self.token_views[self.layer_names[layer]][blocks, offsets] = values
 
     def _attn_metadata(self, work: list[tuple[_WorkerRequest, int, int]]) -> dict[str, HarnessAttentionMetadata]:
-        slots = []
-        for state, start, count in work:
-            blocks, offsets = self._slots(state, start, start + count)
-            slots.append(blocks * self.block_size + offsets)
-        slot_mapping = torch.cat(slots) if slots else torch.empty(0, dtype=torch.long)
-        meta = HarnessAttentionMetadata(slot_mapping=slot_mapping, num_actual_tokens=int(slot_mapping.numel()))
-        return {name: meta for name in self.layer_names}
+        per_group = []
+        state_groups = {g for layer, g in enumerate(self.layer_groups) if self.model.is_state(layer)}
+        for group in range(self.num_groups):
+            slots = []
+            for state, start, count in work if group not in state_groups else ():
+                blocks, offsets = self._slots(state, start, start + count, group)
+                slots.append(blocks * self.block_size + offsets)
+            slot_mapping = torch.cat(slots) if slots else torch.empty(0, dtype=torch.long)
+            per_group.append(HarnessAttentionMetadata(slot_mapping=slot_mapping,
+                                                      num_actual_tokens=int(slot_mapping.numel())))
+        return {name: per_group[group] for name, group in zip(self.layer_names, self.layer_groups)}
 
     def _forward(self, work: list[tuple[_WorkerRequest, int, int]], attn: dict[str, HarnessAttentionMetadata]) -> None:
         """Each attention layer: wait_for_layer_load, read (verify) context, write new KV, save_kv_layer."""
@@ -787,6 +881,9 @@ class WorkerHarness:
             if hooks:
                 self._call("wait_for_layer_load", name)
             for state, start, count in work:
+                if self.model.is_state(layer):
+                    self._step_state(state, layer, start, count)
+                    continue
                 if self.config.verify == "every_step" or (self.config.verify == "admission" and state.needs_verify):
                     self._check_admitted_context(state, layer, start)
                 self._write_kv(state, layer, start, start + count)
@@ -807,7 +904,7 @@ class WorkerHarness:
         request_ids, sampled = [], []
         for state, start, count in work:
             request_ids.append(state.request_id)
-            if invalid_block_ids and not invalid_block_ids.isdisjoint(state.block_ids):
+            if invalid_block_ids and any(not invalid_block_ids.isdisjoint(ids) for ids in state.block_ids):
                 sampled.append([])
             elif start + count >= len(state.tokens):
                 token = sample_token(state.seed, state.request_id, len(state.tokens), self.model.vocab_size)

@@ -79,6 +79,7 @@ def rank_shard(model: H.TinyModelSpec, tp: int, pp: int, rank: int, mla: bool = 
     heads = model.num_kv_heads if mla else model.num_kv_heads // tp
     shard = RankModelSpec(num_layers=stop - start, num_kv_heads=heads, num_attention_heads=model.num_attention_heads
                           // tp, head_dim=model.head_dim, vocab_size=model.vocab_size, dtype=model.dtype,
+                          layer_kinds=model.layer_kinds[start:stop], sliding_window=model.sliding_window,
                           first_layer=start)
     return shard, 0 if mla else (rank % tp) * heads
 
@@ -125,7 +126,9 @@ def plan_rank_caches(vllm_config: H.VllmConfig, model: H.TinyModelSpec, tp: int,
     specs = []
     for rank in range(tp * pp):
         shard, _ = rank_shard(model, tp, pp, rank, mla)
-        specs.append({name: kv_spec(vllm_config.cache_config.block_size, shard, mla) for name in shard.layer_names()})
+        block_size = vllm_config.cache_config.block_size
+        specs.append({name: kv_spec(block_size, shard, mla) for name in shard.layer_names()} if mla
+                     else shard.layer_specs(block_size, vllm_config.model_config.max_model_len))
     supported = [layout.name for layout in get_supported_kv_cache_layouts([])]
     resolve_kv_cache_layout(vllm_config, [supported], list(specs[0].values()))
     groups = get_global_kv_cache_groups(vllm_config, specs)

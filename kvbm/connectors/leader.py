@@ -5,7 +5,9 @@ request's full blocks (extended as tokens become known), its engine block ids, h
 handed out for storing, and which of its store moves the workers have not reported yet. The connector adapts
 its engine's calls to `lookup`, `plan_load`, `plan_stores`, `take_step` and `apply`; plans leave as a
 `StepPlan` and results come back as `WorkerReport`s. A move completes once every worker reported it
-(``num_workers``), a block failing on any rank failing for all.
+(``num_workers``), a block failing on any rank failing for all. A hybrid model's KV cache groups (`KVGroup`) are
+tracked side by side in one index: each group has its own hashes and block ids (`TrackedRequest.groups`), a hit is
+one that every group can restore, and a group's moves name its engine tier.
 
 Disaggregated serving (`kvbm.connectors.pd`): a prefill instance pins a finished request's G2 blocks for a reader
 (`keep_for_remote`, with ``endpoints`` from its workers); a decode instance matches a request's `RemotePrefill`
@@ -15,9 +17,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvbm.config import KvbmConfig
+from kvbm.connectors.groups import FULL, KVGroup, single_group
 from kvbm.connectors.messages import RequestLoad, RequestStore, StepPlan, WorkerReport
 from kvbm.connectors.pd import Pins, RemotePrefill
 from kvbm.hashing import sequence_hashes
@@ -44,6 +47,8 @@ class TrackedRequest:
     block_ids: list[int] = field(default_factory=list)
     saved: int = 0  #: leading full blocks handed out for storing
     stores: set[int] = field(default_factory=set)  #: store move ids not yet reported by every worker
+    groups: list[TrackedRequest] = field(default_factory=list)  #: a hybrid model's KV cache groups after the first
+    store_first: dict[int, int] = field(default_factory=dict)  #: store move id -> the lowest block index it reads
     loading: bool = False
     match_key: object = None  #: the admission attempt the last lookup answered
     matched_blocks: int = 0  #: the engine's hit plus the stored run after it, in blocks
@@ -147,6 +152,20 @@ class ConnectorLeader:
         self.engine_id = ""  #: this instance's name in the P/D params it hands out
         self.endpoints: tuple[bytes, ...] | None = None  #: per rank, where other instances read this one's G2
         self.pins = Pins(self.index, tiers[0].name, readers=num_workers, timeout_s=config.pd_pin_timeout_secs)
+        self.groups: tuple[KVGroup, ...] = single_group(block_size)
+        self.hybrid = False
+
+    def use_groups(self, groups: Sequence[KVGroup]) -> None:
+        """Track a hybrid model's KV cache groups (all of ``block_size`` tokens per block) instead of one
+        full-attention group; before any request is tracked."""
+        if self.requests:
+            raise RuntimeError("use_groups must come before any request is tracked")
+        for k, group in enumerate(groups):
+            if group.index != k or group.block_size != self.block_size:
+                raise ValueError(f"group {k}: expected index {k} and {self.block_size} tokens per block, got {group}")
+        if not groups:
+            raise ValueError("use_groups needs at least one group")
+        self.groups, self.hybrid = tuple(groups), len(groups) > 1
 
     # -- requests ----------------------------------------------------------------------------------------------
 
@@ -154,8 +173,14 @@ class ConnectorLeader:
         """The state of ``request_id``, created on first sight."""
         state = self.requests.get(request_id)
         if state is None:
-            state = self.requests[request_id] = TrackedRequest(request_id, salt, skip)
+            state = self.requests[request_id] = TrackedRequest(request_id, self.groups[0].salt(salt, self.hybrid), skip)
+            state.groups = [TrackedRequest(request_id, g.salt(salt, True), skip) for g in self.groups[1:]]
         return state
+
+    @staticmethod
+    def group_state(state: TrackedRequest, group: int) -> TrackedRequest:
+        """The hashes, block ids and stored count of one KV cache group of a request (group 0 is ``state``)."""
+        return state if group == 0 else state.groups[group - 1]
 
     def forget(self, request_id: str) -> TrackedRequest | None:
         """Stop tracking a request; its store moves still complete normally."""
@@ -184,10 +209,14 @@ class ConnectorLeader:
             return 0
         key = (attempt, local_blocks)
         if state.match_key != key:
-            hashes = state.hashes_upto(full_blocks, self.block_size, tokens)[local_blocks:]
-            found, host = self.lookup(hashes, whole_prompt=len(tokens) == full_blocks * self.block_size)
+            whole_prompt = len(tokens) == full_blocks * self.block_size
+            if self.hybrid:
+                found, host = self._common_hit(state, tokens, local_blocks, full_blocks, whole_prompt)
+            else:
+                hashes = state.hashes_upto(full_blocks, self.block_size, tokens)[local_blocks:]
+                found, host = self.lookup(hashes, whole_prompt=whole_prompt)
             state.match_key, state.matched_blocks, state.host_blocks = key, local_blocks + found, local_blocks + host
-            state.layerwise = self.layerwise and found > 0 and host == found
+            state.layerwise = self.layerwise and not self.hybrid and found > 0 and host == found
         state.local_tokens = num_computed_tokens
         return max(state.matched_blocks * self.block_size - num_computed_tokens, 0)
 
@@ -261,6 +290,57 @@ class ConnectorLeader:
         source = RemoteSource(self.engine_id, state.request_id, self.endpoints)
         return RemotePrefill(source, self.block_size, tuple(run), tuple(slots))
 
+    def _common_hit(self, state: TrackedRequest, tokens: Sequence[int], local_blocks: int, full_blocks: int,
+                    whole_prompt: bool) -> tuple[int, int]:
+        """``(blocks, of which in G2)`` after the engine's hit that every group can restore: the stored run of the
+        first full-attention group (through the cost rule), cut where another full-attention group's run ends,
+        then shortened until every sliding-window group holds the blocks its window reads at the hit point."""
+        hashes = [self.group_state(state, g.index).hashes_upto(full_blocks, self.block_size, tokens)
+                  for g in self.groups]
+        full = [g.index for g in self.groups if g.kind == FULL]
+        found = full_blocks - local_blocks - (1 if whole_prompt else 0)
+        host = 0
+        if full:
+            found, host = self.lookup(hashes[full[0]][local_blocks:], whole_prompt=whole_prompt)
+        for k in full[1:]:
+            run = next((i for i, h in enumerate(hashes[k][local_blocks:local_blocks + found])
+                        if not self.index.holds(h)), found)
+            found = min(found, run)
+        windows = [g for g in self.groups if g.kind != FULL]
+        while found > 0:
+            total = local_blocks + found
+            if all(self.index.holds(h) for g in windows
+                   for h in hashes[g.index][max(local_blocks, g.first_kept_block(total * self.block_size)):total]):
+                break
+            found -= 1
+        return found, min(host, found)
+
+    def plan_matched_group_loads(self, state: TrackedRequest, block_ids: Sequence[Sequence[int]], num_blocks: int,
+                                 null_block: int | None = None) -> list[RequestLoad]:
+        """A hybrid model's `plan_matched_load`: load the first ``num_blocks`` matched blocks after the engine's hit
+        into each group's blocks (``block_ids``: per group, all the request's engine blocks in token order): all of
+        them for full attention, those the window reads at the hit point for a sliding window (engine blocks
+        ``null_block`` are placeholders the engine keeps nothing in, never loaded)."""
+        first = state.local_tokens // self.block_size
+        total = first + num_blocks
+        if len(block_ids) != len(self.groups):
+            raise ValueError(f"request {state.request_id}: block ids of {len(block_ids)} groups, the model has "
+                             f"{len(self.groups)}")
+        if total > state.matched_blocks or any(total > len(ids) for ids in block_ids):
+            raise ValueError(f"request {state.request_id}: {num_blocks} blocks to load after {first} local ones; "
+                             f"{[len(ids) for ids in block_ids]} allocated per group, {state.matched_blocks} matched")
+        state.loading = True
+        loads = []
+        for group, ids in zip(self.groups, block_ids):
+            track = self.group_state(state, group.index)
+            start = max(first, group.first_kept_block(total * self.block_size))
+            wanted = [j for j in range(start, total) if ids[j] != null_block]
+            plan = self.index.plan_load([track.hashes[j] for j in wanted], [ids[j] for j in wanted])
+            loads.append(RequestLoad(state.request_id, tuple(_retarget(m, group.engine_tier) for m in plan.moves),
+                                     tuple(ids[wanted[i]] for i in sorted(plan.missing))))
+        self._loads.extend(loads)
+        return loads
+
     def hit_split(self, state: TrackedRequest, num_tokens: int) -> tuple[int, int]:
         """``(G2 tokens, tokens from lower tiers)`` of ``num_tokens`` planned for loading."""
         host = min(max(state.host_blocks * self.block_size - state.local_tokens, 0), num_tokens)
@@ -289,19 +369,33 @@ class ConnectorLeader:
         self._loads.append(load)
         return load
 
-    def plan_stores(self, state: TrackedRequest, tokens: Sequence[int], num_full_blocks: int) -> None:
-        """Store the request's full blocks ``[saved, num_full_blocks)`` (by its block ids) in this step's plan."""
-        num_full_blocks = min(num_full_blocks, len(state.block_ids))
-        if state.skip is not None or num_full_blocks <= state.saved:
+    def plan_stores(self, state: TrackedRequest, tokens: Sequence[int], num_full_blocks: int, *, group: int = 0,
+                    keep_from: int = 0, null_block: int | None = None) -> None:
+        """Store the request's full blocks ``[saved, num_full_blocks)`` of KV cache ``group`` (by its block ids) in
+        this step's plan, leaving out those below block ``keep_from`` (the engine may have freed them) and engine
+        blocks ``null_block`` (placeholders)."""
+        track = self.group_state(state, group)
+        num_full_blocks = min(num_full_blocks, len(track.block_ids))
+        if state.skip is not None or num_full_blocks <= track.saved:
             return
-        hashes = state.hashes_upto(num_full_blocks, self.block_size, tokens)
-        plan = self.index.plan_store(hashes[state.saved:num_full_blocks], state.block_ids[state.saved:num_full_blocks])
-        state.saved = num_full_blocks
+        hashes = track.hashes_upto(num_full_blocks, self.block_size, tokens)
+        blocks = [j for j in range(max(track.saved, keep_from), num_full_blocks) if track.block_ids[j] != null_block]
+        plan = self.index.plan_store([hashes[j] for j in blocks], [track.block_ids[j] for j in blocks])
+        track.saved = num_full_blocks
         if plan.moves:
+            plan.moves = [_retarget(move, self.groups[group].engine_tier) for move in plan.moves]
             for move in plan.moves:
+                if self.hybrid:
+                    track.store_first[move.move_id] = min(blocks[i] for i in plan.positions[move.move_id])
                 self._owner[move.move_id] = state.request_id
                 state.stores.add(move.move_id)
             self._stores.append(RequestStore(state.request_id, tuple(plan.moves)))
+
+    def stores_below(self, state: TrackedRequest, group: int, first_block: int) -> bool:
+        """Whether a store of a hybrid model's ``group`` still unreported reads a block below ``first_block``."""
+        track = self.group_state(state, group)
+        track.store_first = {m: b for m, b in track.store_first.items() if m in state.stores}
+        return any(b < first_block for b in track.store_first.values())
 
     def take_step(self, preempted: frozenset[str] = frozenset(), held: Sequence[str] = ()) -> StepPlan:
         """This step's plan: the loads and stores planned since the last step, and the cascades now due."""
@@ -345,3 +439,12 @@ class ConnectorLeader:
                     owner.stores.discard(move_id)
         for request_id, count in report.released.items():
             self.pins.acknowledge(request_id, count)
+
+
+def _retarget(move: Move, engine_tier: str) -> Move:
+    """``move`` with its engine side named ``engine_tier`` (a KV cache group's engine cache)."""
+    if engine_tier == ENGINE_TIER:
+        return move
+    if move.src_tier == ENGINE_TIER:
+        return replace(move, src_tier=engine_tier)
+    return replace(move, dst_tier=engine_tier)

@@ -37,8 +37,9 @@ class RequestStore:
 @dataclass(slots=True)
 class StepPlan:
     """One scheduler step's work: ``loads`` start before the forward pass, ``stores`` after it, ``cascades``
-    (tier to tier) at any time; ``preempted`` requests' blocks are about to be reused (their stores must finish
-    first); ``held`` finished requests wait for ``finished_sending``."""
+    (tier to tier) at any time; ``preempted`` requests have blocks about to be reused (preempted requests, or
+    requests whose sliding-window blocks the engine freed): their stores must finish first; ``held`` finished
+    requests wait for ``finished_sending``."""
 
     loads: list[RequestLoad] = field(default_factory=list)
     stores: list[RequestStore] = field(default_factory=list)

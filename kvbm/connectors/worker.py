@@ -14,7 +14,7 @@ with no failure, so that the leader's count of one report per rank holds and the
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from kvbm.config import KvbmConfig
@@ -214,6 +214,18 @@ class ConnectorWorker:
         """Request id -> why its blocks failed to load, since the last call (for engines that fail requests)."""
         failed, self._failed_loads = self._failed_loads, {}
         return failed
+
+    def add_engine_caches(self, caches: Mapping[str, PagedKVCache]) -> None:
+        """A hybrid model's further KV cache groups: tier name -> that group's engine cache, of the first group's
+        block geometry (the tiers are allocated in it); the moves of a group name its engine cache's tier."""
+        for name, cache in caches.items():
+            if cache.geometry != self.engine_cache.geometry or cache.dtype != self.engine_cache.dtype:
+                raise ValueError(f"KV cache group {name}: blocks of {cache.geometry} in {cache.dtype}; the first "
+                                 f"group's are {self.engine_cache.geometry} in {self.engine_cache.dtype}: the groups "
+                                 f"of one worker must share the block geometry")
+            if name in self.store.caches:
+                raise ValueError(f"this worker already has a tier named {name!r}")
+        self.store.caches.update(caches)
 
     def drop(self, moves: Sequence[Move], reason: str) -> None:
         """Report moves that will never run (their engine blocks were never computed) as failed, so the leader

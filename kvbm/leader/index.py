@@ -47,8 +47,9 @@ class TierConfig:
     admission: AdmissionPolicy | None = None
 
     def __post_init__(self) -> None:
-        if not self.name or self.name == ENGINE_TIER:
-            raise ValueError(f"a tier needs a name other than {ENGINE_TIER!r} (the engine's cache), got {self.name!r}")
+        if not self.name or self.name == ENGINE_TIER or self.name.startswith(ENGINE_TIER + "."):
+            raise ValueError(f"a tier needs a name other than {ENGINE_TIER!r} or {ENGINE_TIER + '.k'!r} (the engine's "
+                             f"caches), got {self.name!r}")
         if isinstance(self.num_blocks, bool) or not isinstance(self.num_blocks, int) or self.num_blocks <= 0:
             raise ValueError(f"tier {self.name}: num_blocks must be a positive int, got {self.num_blocks!r}")
 
@@ -186,6 +187,10 @@ class BlockIndex:
             hits[max(j for j, h in enumerate(hits) if h)] -= 1
             n -= 1
         return Match(n, tuple(hits))
+
+    def holds(self, seq_hash: int) -> bool:
+        """Whether some tier holds ``seq_hash`` committed (loadable now); marks it recently used there."""
+        return any(tier.pool.lookup(seq_hash) is not None for tier in self._tiers)
 
     # -- plans -------------------------------------------------------------------------------------------------
 

@@ -94,5 +94,10 @@ class MoveResult:
 
 
 def direction(move: Move) -> str:
-    """The move's direction as the metrics name it, e.g. "g1_to_g2"."""
-    return f"{move.src_tier.lower()}_to_{move.dst_tier.lower()}"
+    """The move's direction as the metrics name it, e.g. "g1_to_g2" (a hybrid model's group engine caches, "G1.k",
+    count as G1)."""
+    return f"{_tier_label(move.src_tier)}_to_{_tier_label(move.dst_tier)}"
+
+
+def _tier_label(tier: str) -> str:
+    return ENGINE_TIER.lower() if tier.startswith(ENGINE_TIER + ".") else tier.lower()

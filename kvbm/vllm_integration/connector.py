@@ -8,6 +8,12 @@ it on all; MLA's latent cache, the same on every tensor-parallel rank, is stored
 share. ``DYN_KVBM_*`` entries of the extra config override the
 environment; ``"kv_layout": "HND"`` asks vLLM for LBHNC.
 
+Hybrid models (vLLM's hybrid KV cache manager, ``SupportsHMA``): every full-attention and sliding-window group is
+offloaded, each group's engine cache a tier of the workers' store and its blocks keyed apart; a hit is one every
+group can restore, and a load that fails in any group fails the request's load as a whole (``failed_recving``:
+vLLM recomputes it), as vLLM takes no block ids of a model with several groups. A model with a group of recurrent
+state (Mamba, linear attention) is refused with the reason logged: no request is matched or stored.
+
 Disaggregated prefill -> decode: ``kv_role`` ``kv_producer`` keeps finished requests' blocks in G2 for decode
 instances and hands back ``kv_transfer_params`` naming them; ``kv_consumer`` loads a request's blocks from the
 producer named in its params over NIXL (`kvbm.connectors.pd`); ``kv_both`` offloads only. Each worker's NIXL
@@ -25,6 +31,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
+    SupportsHMA,
 )
 from vllm.v1.kv_cache_interface import MLAAttentionSpec
 
@@ -35,7 +43,7 @@ from kvbm.connectors.worker import ConnectorWorker, G4Options, replica_group
 from kvbm.layouts.vllm_tensors import describe_vllm_kv_caches
 from kvbm.tiers import kvbm_tiers
 from kvbm.vllm_integration.metadata import DynamoConnectorMetadata, DynamoHandshakeMetadata, DynamoWorkerMetadata
-from kvbm.vllm_integration.ranks import check_supported, rank_layout
+from kvbm.vllm_integration.ranks import check_supported, kv_groups, rank_layout
 from kvbm.vllm_integration.scheduler import SchedulerSide
 
 if TYPE_CHECKING:
@@ -52,7 +60,7 @@ __all__ = ["DynamoConnector", "kvbm_config_from"]
 
 log = logging.getLogger(__name__)
 
-class DynamoConnector(KVConnectorBase_V1):
+class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
     """vLLM ``KVConnectorBase_V1`` that offloads full KV blocks to kvbm's tiers and loads prefix hits back."""
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
@@ -60,7 +68,14 @@ class DynamoConnector(KVConnectorBase_V1):
         super().__init__(vllm_config, role, kv_cache_config)
         check_supported(vllm_config, kv_cache_config)
         self.config = kvbm_config_from(self._kv_transfer_config.kv_connector_extra_config)
-        self.block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+        self.groups, self.refusal = kv_groups(kv_cache_config)
+        if self.refusal is not None:
+            log.warning("kvbm: this model's KV is not offloaded: %s", self.refusal)
+            self.groups = ()
+        self.hybrid = len(kv_cache_config.kv_cache_groups) > 1
+        self.group_layers = {g.index: list(kv_cache_config.kv_cache_groups[g.index].layer_names) for g in self.groups}
+        self.block_size = (self.groups[0] if self.groups else kv_cache_config.kv_cache_groups[0].kv_cache_spec
+                           ).block_size
         self.rank = vllm_config.parallel_config.rank if role == KVConnectorRole.WORKER else 0
         self.layout = rank_layout(vllm_config, kv_cache_config, self.rank)
         self.block_bytes = self.layout.total_block_bytes  # summed over ranks: sizes the tiers on both sides
@@ -70,6 +85,7 @@ class DynamoConnector(KVConnectorBase_V1):
                             timeout_s=self.config.pd_load_timeout_secs)
         self.scheduler_side: SchedulerSide | None = None
         self.worker: ConnectorWorker | None = None
+        self._layers: dict[str, int] = {}  # layer name -> layer of the engine cache (group 0), once registered
         if role == KVConnectorRole.SCHEDULER:
             leader = process_metrics.build_with(self.config, lambda metrics: ConnectorLeader(
                 kvbm_tiers(self.config, self.block_bytes, self.layout.host_block_bytes), self.config, self.block_size,
@@ -78,6 +94,8 @@ class DynamoConnector(KVConnectorBase_V1):
             self.scheduler_side = SchedulerSide(leader, producer=self.g4.export, consumer=self.g4.load)
         elif role != KVConnectorRole.WORKER:
             raise ValueError(f"role must be a KVConnectorRole, got {role!r}")
+        if self.scheduler_side is not None:
+            self.scheduler_side.configure(self.groups, self.refusal)
 
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
@@ -94,8 +112,9 @@ class DynamoConnector(KVConnectorBase_V1):
         return False
 
     @property
-    def _worker(self) -> ConnectorWorker:
-        if self.worker is None:
+    def _worker(self) -> ConnectorWorker | None:
+        """The worker's tiers (None when this model's KV is refused)."""
+        if self.worker is None and self.refusal is None:
             raise RuntimeError("register_kv_caches has not been called on this worker: no tiers yet")
         return self.worker
 
@@ -118,13 +137,18 @@ class DynamoConnector(KVConnectorBase_V1):
         """Describe vLLM's KV tensors and allocate this rank's tiers for them."""
         if self.worker is not None:
             raise RuntimeError("register_kv_caches was already called on this worker")
-        cache = describe_vllm_kv_caches(kv_caches, latent=self.latent)
+        if self.refusal is not None:
+            log.info("kvbm: rank %d allocates no tiers: %s", self.rank, self.refusal)
+            return
+        groups = {g.engine_tier: describe_vllm_kv_caches(self._group_caches(kv_caches, g.index), latent=self.latent)
+                  for g in self.groups}
+        cache = groups.pop(self.groups[0].engine_tier)
         g = cache.geometry
         if g.block_size != self.block_size:
             raise ValueError(f"KV tensors hold blocks of {g.block_size} tokens; the KV cache config says "
                              f"{self.block_size}")
         self.layout.check_rank(self.rank, g.block_bytes)
-        self._layers = {name: i for i, name in enumerate(kv_caches)}
+        self._layers = {name: i for i, name in enumerate(self._group_caches(kv_caches, self.groups[0].index))}
         log.info("kvbm: rank %d of %d: %d layers, %d GPU blocks of %d bytes, layout %s", self.rank,
                  self.layout.world_size, g.num_layers, cache.num_blocks, g.block_bytes, cache.name)
         engine_id = f"{self._vllm_config.instance_id}-dp{self._vllm_config.parallel_config.data_parallel_rank}"
@@ -133,6 +157,7 @@ class DynamoConnector(KVConnectorBase_V1):
         self.worker = process_metrics.build_with(  # as many blocks as the scheduler's index, each of this rank's size
             self.config, lambda metrics: ConnectorWorker(cache, tiers, self.config, metrics=metrics, replicas=replicas,
                                                          rank=self.rank, g4=self.g4))
+        self.worker.add_engine_caches(groups)
 
     def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
         """A producer rank's NIXL endpoint (for the scheduler's P/D params); None elsewhere."""
@@ -156,21 +181,33 @@ class DynamoConnector(KVConnectorBase_V1):
                              f"ranks {sorted(endpoints)}")
         self.scheduler_side.leader.endpoints = tuple(endpoints[r].endpoint for r in range(self.layout.world_size))
 
+    def _group_caches(self, kv_caches: dict[str, torch.Tensor], group: int) -> dict[str, torch.Tensor]:
+        """The tensors of one KV cache group's layers (all of them for a single-group model, in vLLM's order)."""
+        if not self.hybrid:
+            return kv_caches
+        missing = [name for name in self.group_layers[group] if name not in kv_caches]
+        if missing:
+            raise ValueError(f"register_kv_caches: KV cache group {group}'s layers {missing} have no tensor")
+        return {name: kv_caches[name] for name in self.group_layers[group]}
+
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         """Finish the stores still reading blocks of requests preempted this step, before vLLM reuses them."""
         preempted = self._plan(kv_connector_metadata).preempted
-        if preempted:
+        if preempted and self._worker is not None:
             self._worker.finish_stores_of(preempted)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         """Start the step's loads (asynchronous: completion comes through ``get_finished``) and cascades."""
-        plan = self._plan()
-        self._worker.start_loads(plan.loads)
-        self._worker.start_cascades(plan.cascades)
+        plan, worker = self._plan(), self._worker
+        if worker is not None:
+            worker.start_loads(plan.loads)
+            worker.start_cascades(plan.cascades)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Order this layer's attention after the layer-wise loads of its layer group (on the GPU's stream)."""
-        self._worker.wait_for_layer(self._layers[layer_name])
+        worker, layer = self._worker, self._layers.get(layer_name)
+        if worker is not None and layer is not None:  # (a hybrid model's other groups have no layer-wise loads)
+            worker.wait_for_layer(layer)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata,
                       **kwargs: Any) -> None:
@@ -179,10 +216,11 @@ class DynamoConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         """Start the stores of the blocks this step computed (without waiting for them); note held requests; take
         the results of this step's layer-wise loads."""
-        plan = self._plan()
-        self._worker.start_stores(plan.stores)
-        self._worker.hold(plan.held)
-        self._worker.finish_layerwise_loads()
+        plan, worker = self._plan(), self._worker
+        if worker is not None:
+            worker.start_stores(plan.stores)
+            worker.hold(plan.held)
+            worker.finish_layerwise_loads()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """``(finished_sending, finished_recving)``: held requests whose stores are done, loaded requests."""
@@ -191,10 +229,26 @@ class DynamoConnector(KVConnectorBase_V1):
         sending, recving = self.worker.poll()
         return sending or None, recving or None
 
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        """Finished stores and loads; for a hybrid model also the requests whose load failed in any group
+        (``failed_recving``: vLLM recomputes them whole)."""
+        results = super().get_transfer_results(finished_req_ids)
+        if self.hybrid and self.worker is not None:
+            failed = self.worker.take_failed_loads()
+            for request_id, reasons in failed.items():
+                log.warning("kvbm: request %s: load failed (%s); vLLM recomputes it", request_id, "; ".join(reasons))
+            results.failed_recving = set(failed)
+        return results
+
     def get_block_ids_with_load_errors(self) -> set[int]:
-        """GPU blocks whose load failed (vLLM recomputes them)."""
-        self._worker.finish_layerwise_loads()
-        return self._worker.take_load_errors()
+        """GPU blocks whose load failed (vLLM recomputes them); none for a hybrid model, whose failed loads go by
+        request (`get_transfer_results`)."""
+        worker = self._worker
+        if worker is None:
+            return set()
+        worker.finish_layerwise_loads()
+        errors = worker.take_load_errors()
+        return set() if self.hybrid else errors
 
     def build_connector_worker_meta(self) -> DynamoWorkerMetadata | None:
         """Move results since the last step, for the scheduler side."""
@@ -241,3 +295,8 @@ class DynamoConnector(KVConnectorBase_V1):
         """Store the remaining full blocks; hold the request's blocks while its stores are in flight; a producer
         returns where a decode instance finds the prompt's blocks (``kv_transfer_params``)."""
         return self._scheduler.request_finished(request, block_ids)
+
+    def request_finished_all_groups(self, request: Request, block_ids: tuple[list[int], ...]
+                                    ) -> tuple[bool, dict[str, Any] | None]:
+        """`request_finished` with every KV cache group's block ids (vLLM's hybrid KV cache manager)."""
+        return self._scheduler.request_finished(request, tuple(block_ids))

@@ -2,7 +2,11 @@
 load asynchronously (WAITING_FOR_REMOTE_KVS until ``finished_recving``); each step stores the newly completed full
 blocks whose tokens are all known (with async scheduling the last sampled token may not be yet: its block is
 stored a step later); a finished request's blocks are held while a store of it is unreported. Multimodal and
-prompt-embedding requests are neither matched nor stored: their token ids do not identify their KV.
+prompt-embedding requests are neither matched nor stored: their token ids do not identify their KV. A hybrid model
+(several KV cache groups) keeps every group's block ids; a sliding-window group's blocks the engine frees below the
+window are neither stored nor loaded (its null block stands there), and a store still reading one when the engine
+frees it (during the request, or as it finishes) is finished first, as for a preemption. A model whose KV the
+connector refuses (``refusal``: a group of recurrent state) has no request matched or stored.
 
 Disaggregated serving (`kvbm.connectors.pd`): on a producer, a request finished with ``do_remote_decode`` in its
 ``kv_transfer_params`` gets its prompt blocks pinned in G2 and their whereabouts as its returned params; on a
@@ -11,11 +15,13 @@ consumer, a request whose params carry ``do_remote_prefill`` loads those blocks 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from vllm.v1.request import RequestStatus
 
+from kvbm.connectors.groups import WINDOW, KVGroup
 from kvbm.connectors.leader import ConnectorLeader, TrackedRequest
 from kvbm.connectors.pd import RemotePrefill, wants_remote_decode
 from kvbm.hashing import salt_hash
@@ -31,6 +37,9 @@ __all__ = ["SchedulerSide"]
 
 log = logging.getLogger(__name__)
 
+#: The block id of vLLM's null block (the block pool's first), which a block table holds where it keeps nothing.
+NULL_BLOCK_ID = 0
+
 
 class SchedulerSide:
     """The connector's scheduler role for one engine (see the module docstring)."""
@@ -39,9 +48,18 @@ class SchedulerSide:
         """``producer``: keep finished requests' blocks for decode instances; ``consumer``: load remote prefills."""
         self.leader = leader
         self.producer, self.consumer = producer, consumer
+        self.refusal: str | None = None
         self._requests: dict[str, Request] = {}
         self._held: list[str] = []
         self._remote_hits: dict[str, int] = {}  # request id -> tokens planned from another instance
+        self._flush: set[str] = set()  # finished requests whose stores read window blocks vLLM freed
+
+    def configure(self, groups: Sequence[KVGroup], refusal: str | None) -> None:
+        """A hybrid model's KV cache groups (more than one), and why this model's KV is not offloaded (every request
+        then left alone), or None."""
+        if len(groups) > 1:
+            self.leader.use_groups(groups)
+        self.refusal = refusal
 
     def _state(self, request: Request) -> TrackedRequest:
         state = self.leader.requests.get(request.request_id)
@@ -51,6 +69,7 @@ class SchedulerSide:
                       if getattr(request, "prompt_embeds", None) is not None else None)  # tokens do not name the KV
             if reason is not None:
                 log.info("kvbm: request %s has %s: its KV is neither offloaded nor matched", request.request_id, reason)
+            reason = reason or self.refusal
             lora = request.lora_request.lora_name if request.lora_request is not None else None
             state = self.leader.track(request.request_id, salt_hash(request.cache_salt, lora), reason)
         return state
@@ -91,8 +110,11 @@ class SchedulerSide:
         state = self._state(request)
         remote = state.remote
         if num_external_tokens > 0:
-            self.leader.plan_matched_load(state, blocks.get_block_ids()[0],
-                                          -(-num_external_tokens // self.leader.block_size))
+            num_blocks = -(-num_external_tokens // self.leader.block_size)
+            if self.leader.hybrid:
+                self.leader.plan_matched_group_loads(state, blocks.get_block_ids(), num_blocks, NULL_BLOCK_ID)
+            else:
+                self.leader.plan_matched_load(state, blocks.get_block_ids()[0], num_blocks)
             if remote is not None:
                 self._remote_hits[request.request_id] = num_external_tokens
         elif remote is not None:  # matched but not loaded: the holder may unpin
@@ -117,13 +139,14 @@ class SchedulerSide:
         for request_id in preempted:
             state = self.leader.requests.get(request_id)
             if state is not None:
-                state.block_ids, state.saved = [], 0
-        scheduled = so.num_scheduled_tokens
+                self._set_blocks(state, None)
+        scheduled, flush = so.num_scheduled_tokens, set()
         for new in so.scheduled_new_reqs:
             state = self.leader.requests.get(new.req_id)
             if state is not None:
-                state.block_ids, state.saved = list(new.block_ids[0]), 0
-                self._store_new_blocks(state, new.num_computed_tokens + scheduled[new.req_id])
+                self._set_blocks(state, new.block_ids)
+                if self._store_new_blocks(state, new.num_computed_tokens, scheduled[new.req_id]):
+                    flush.add(new.req_id)
         cached = so.scheduled_cached_reqs
         for i, request_id in enumerate(cached.req_ids):
             state = self.leader.requests.get(request_id)
@@ -131,19 +154,38 @@ class SchedulerSide:
                 continue
             new_blocks = cached.new_block_ids[i]
             if request_id in cached.resumed_req_ids:
-                state.block_ids, state.saved = list(new_blocks[0]) if new_blocks is not None else [], 0
+                self._set_blocks(state, new_blocks)
             elif new_blocks is not None:
-                state.block_ids.extend(new_blocks[0])
-            self._store_new_blocks(state, cached.num_computed_tokens[i] + scheduled[request_id])
+                for group in self.leader.groups:
+                    self.leader.group_state(state, group.index).block_ids.extend(new_blocks[group.index])
+            if self._store_new_blocks(state, cached.num_computed_tokens[i], scheduled[request_id]):
+                flush.add(request_id)
         held, self._held = self._held, []  # requests finished since the last step, held until finished_sending
-        return DynamoConnectorMetadata(self.leader.take_step(preempted, held))
+        flush, self._flush = flush | self._flush, set()
+        return DynamoConnectorMetadata(self.leader.take_step(preempted | flush, held))
 
-    def _store_new_blocks(self, state: TrackedRequest, computed_tokens: int) -> None:
-        """Plan stores of the request's full blocks that are computed and whose tokens are all known."""
+    def _set_blocks(self, state: TrackedRequest, block_ids: tuple[list[int], ...] | None) -> None:
+        """A request's block table, per group, anew (empty for None); nothing of it stored yet."""
+        for group in self.leader.groups:
+            track = self.leader.group_state(state, group.index)
+            track.block_ids, track.saved = list(block_ids[group.index]) if block_ids is not None else [], 0
+
+    def _store_new_blocks(self, state: TrackedRequest, computed_tokens: int, scheduled_tokens: int) -> bool:
+        """Plan stores of the request's full blocks that are computed after this step and whose tokens are all
+        known; True when a store still unreported reads a sliding-window block the engine may have freed in this
+        step (below the window of the ``computed_tokens`` computed before it): the worker finishes those first."""
         request = self._requests.get(state.request_id)
-        if request is not None:
-            num_blocks = min(computed_tokens, request.num_tokens) // self.leader.block_size
-            self.leader.plan_stores(state, request.all_token_ids, num_blocks)
+        if request is None:
+            return False
+        num_blocks = min(computed_tokens + scheduled_tokens, request.num_tokens) // self.leader.block_size
+        flush = False
+        for group in self.leader.groups:
+            keep_from = group.first_kept_block(computed_tokens)
+            if group.kind == WINDOW:
+                flush |= self.leader.stores_below(state, group.index, keep_from)
+            self.leader.plan_stores(state, request.all_token_ids, num_blocks, group=group.index, keep_from=keep_from,
+                                    null_block=NULL_BLOCK_ID if self.leader.hybrid else None)
+        return flush
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         """Take the workers' move results and finished loads."""
@@ -155,9 +197,10 @@ class SchedulerSide:
             if state is not None:  # a request whose load failed looks up afresh when re-admitted
                 state.loading, state.match_key = False, None
 
-    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        """Store the request's remaining full blocks; True (blocks held until ``finished_sending``) while any
-        store move of the request is unreported."""
+    def request_finished(self, request: Request, block_ids: list[int] | tuple[list[int], ...]
+                         ) -> tuple[bool, dict[str, Any] | None]:
+        """Store the request's remaining full blocks (``block_ids``: of its one group, or a tuple of every group's);
+        True (blocks held until ``finished_sending``) while any store move of the request is unreported."""
         self._requests.pop(request.request_id, None)
         self._remote_hits.pop(request.request_id, None)
         state = self.leader.requests.get(request.request_id)
@@ -167,9 +210,16 @@ class SchedulerSide:
         if state is None or state.loading:
             self.leader.forget(request.request_id)
             return False, None
-        state.block_ids = list(block_ids)
+        per_group = block_ids if isinstance(block_ids, tuple) else (block_ids,)
         num_blocks = min(request.num_computed_tokens, request.num_tokens) // self.leader.block_size
-        self.leader.plan_stores(state, request.all_token_ids, num_blocks)
+        for group in self.leader.groups:
+            ids = self.leader.group_state(state, group.index).block_ids = list(per_group[group.index])
+            if group.kind == WINDOW:  # vLLM freed the window blocks below the first real one just now
+                kept = next((i for i, b in enumerate(ids) if b != NULL_BLOCK_ID), len(ids))
+                if self.leader.stores_below(state, group.index, kept):
+                    self._flush.add(request.request_id)
+            self.leader.plan_stores(state, request.all_token_ids, num_blocks, group=group.index,
+                                    null_block=NULL_BLOCK_ID if self.leader.hybrid else None)
         params = None
         if (self.producer and wants_remote_decode(getattr(request, "kv_transfer_params", None))
                 and request.status == RequestStatus.FINISHED_LENGTH_CAPPED):
