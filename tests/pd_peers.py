@@ -60,14 +60,15 @@ def instance_main(conn, kv_role: str, host_blocks: int, extra: dict[str, Any], t
         if all(m is not None for m in metas.values()):
             scheduler_connector.set_xfer_handshake_metadata_pp_aware(metas)
         returned: dict[str, Any] = {}
-        finish = scheduler_connector.request_finished
+        def recording(finish):  # vLLM calls request_finished_all_groups of a connector supporting HMA
+            def recording_finished(request, block_ids):
+                delay, params = finish(request, block_ids)
+                returned[request.request_id] = params
+                return delay, params
+            return recording_finished
 
-        def recording_finished(request, block_ids):
-            delay, params = finish(request, block_ids)
-            returned[request.request_id] = params
-            return delay, params
-
-        scheduler_connector.request_finished = recording_finished
+        for name in ("request_finished", "request_finished_all_groups"):
+            setattr(scheduler_connector, name, recording(getattr(scheduler_connector, name)))
         conn.send(("ready", os.getpid()))
         leader = scheduler_connector.scheduler_side.leader
         while True:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import vllm_harness as H  # first: imports vLLM for the CPU platform, clear of the repo's kernels/ folder
 
-from vllm.v1.kv_cache_interface import MLAAttentionSpec
+from vllm.v1.kv_cache_interface import ChunkedLocalAttentionSpec
 from vllm.v1.request import RequestStatus
 
 from kvbm.config import KvbmConfig
@@ -430,11 +430,12 @@ def test_unsupported_setups_are_refused() -> None:
             DynamoConnector(vllm_config, H.KVConnectorRole.SCHEDULER, plan.scheduler_config)
         vllm_config.parallel_config.decode_context_parallel_size = 1
         group = plan.scheduler_config.kv_cache_groups[0]
-        mla = MLAAttentionSpec(block_size=group.kv_cache_spec.block_size, num_kv_heads=1, head_size=576,
-                                 dtype=group.kv_cache_spec.dtype)
+        spec = group.kv_cache_spec
+        chunked = ChunkedLocalAttentionSpec(block_size=spec.block_size, num_kv_heads=spec.num_kv_heads,
+                                            head_size=spec.head_size, dtype=spec.dtype, attention_chunk_size=64)
         other = plan.scheduler_config.__class__(**{**plan.scheduler_config.__dict__, "kv_cache_groups": [
-            group.__class__(group.layer_names, mla)]})
-        with pytest.raises(ValueError, match="MLAAttentionSpec in KV cache group 0"):
+            group.__class__(group.layer_names, chunked)]})
+        with pytest.raises(ValueError, match="ChunkedLocalAttentionSpec in KV cache group 0"):
             DynamoConnector(vllm_config, H.KVConnectorRole.WORKER, other)
         with pytest.raises(RuntimeError, match="already called"):
             h.worker.connector.register_kv_caches(dict(h.worker.kv_caches))
