@@ -191,8 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     import torch
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent).stdout.strip()
+    stamp = Path(__file__).resolve().parents[1] / ".kvbm_commit"  # a copy of the checkout names its commit there
+    commit = stamp.read_text().strip() if stamp.is_file() else subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        cwd=Path(__file__).resolve().parent).stdout.strip()
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "gpu": torch.cuda.get_device_name() if result["device"] == "cuda" else None, "commit": commit or None,
             "command": " ".join([Path(sys.executable).name, "bench/remote_bench.py", *(argv or sys.argv[1:])]),

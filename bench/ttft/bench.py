@@ -166,7 +166,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--disk-dir", type=Path, default=None,
                     help="where the G3 files go (default DYN_KVBM_DISK_CACHE_DIR, else /tmp)")
     ap.add_argument("--layer-wait-prefix", type=int, default=16384,
-                    help="prefix whose layer-wise onboard is timed per layer alone and beside a prefill (GPU only; "
+                    help="prefix whose layer-wise onboard is timed per layer group alone and beside a prefill (GPU only; "
                          "must be one of --prefixes; 0 skips)")
     ap.add_argument("--layer-wait-busy", type=int, default=2048, help="tokens of the prefill run beside it")
     ap.add_argument("--device", default=None, help="cuda or cpu (default cuda when available)")
@@ -437,8 +437,8 @@ def run_prefix(args: argparse.Namespace, setup: Setup, prefix: int, scratch: dic
             setup.layer_waits = measure_layer_waits(eng, side, tokens, args.layer_wait_busy, shape.vocab, args.reps)
             w = setup.layer_waits
             log(f"{name} prefix {prefix}: layer-wise onboard beside a {args.layer_wait_busy}-token prefill: "
-                f"layers finish at most {w['max_delay_us']:.0f} us (median {w['median_delay_us']:.0f} us) later "
-                f"than alone; {w['per_layer_alone_us']:.0f} us per layer alone ({time.perf_counter() - t:.1f} s)")
+                f"layer groups finish at most {w['max_delay_us']:.0f} us (median {w['median_delay_us']:.0f} us) later "
+                f"than alone; {w['per_group_alone_us']:.0f} us per layer group alone ({time.perf_counter() - t:.1f} s)")
     return rows
 
 
@@ -596,8 +596,12 @@ def run_model(args: argparse.Namespace, name: str, device: torch.device, dtype: 
 
 
 def git_commit() -> str | None:
-    """The checked-out commit, "+dirty" when tracked files differ (None outside a git checkout)."""
+    """The checked-out commit, "+dirty" when tracked files differ (None outside a git checkout); a copy of the
+    checkout run elsewhere names its commit in ``.kvbm_commit`` (see bench/gpu_session.sh)."""
     root = Path(__file__).resolve().parents[2]
+    stamp = root / ".kvbm_commit"
+    if stamp.is_file():
+        return stamp.read_text().strip() or None
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -615,9 +619,9 @@ def layer_wait_lines(notes: dict[str, Any]) -> str:
         w = model_notes.get("layer_waits") if isinstance(model_notes, dict) else None
         if w and "max_delay_us" in w:
             lines.append(f"- {model}, layer-wise onboard of {w['prefix_tokens']} tokens beside a "
-                         f"{w['busy_prefill_tokens']}-token prefill: layers finish at most {w['max_delay_us']:.0f} us "
-                         f"(median {w['median_delay_us']:.0f} us) later than alone ({w['per_layer_alone_us']:.0f} us "
-                         f"per layer alone)")
+                         f"{w['busy_prefill_tokens']}-token prefill: layer groups finish at most {w['max_delay_us']:.0f} us "
+                         f"(median {w['median_delay_us']:.0f} us) later than alone ({w['per_group_alone_us']:.0f} us "
+                         f"per layer group alone)")
         elif w:
             lines.append(f"- {model}, layer waits: {w.get('note')}")
     return "\n\n" + "\n".join(lines) if lines else ""
@@ -715,8 +719,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.extend(model_rows)
             save()
     notes["layer-wise"] = (f"{G2_LAYERWISE}: the load starts with the request and runs beside its forward, one "
-                           f"transfer per layer, each layer's attention waiting on the GPU for its own layer; its "
-                           f"load ms is the host time to start the load, the rest is in forward ms")
+                           f"transfer per group of layers (DYN_KVBM_ONBOARD_LAYERS_PER_GROUP), each layer's attention "
+                           f"waiting on the GPU for its own group; its load ms is the host time to start the load, "
+                           f"the rest is in forward ms")
     notes["gds"] = GDS_NOTE
     result["total_s"] = time.perf_counter() - _T0
     save()

@@ -2,10 +2,10 @@
 
 The same layer-wise G2 -> G1 load of a stored prefix runs twice: alone, then with a prefill of other tokens queued
 on the engine's stream right after it starts (the model's kernels then hold the SMs while the load's scatter kernels
-want them). A side stream waits for each layer's transfer and records a timing event, so each layer's completion
-time is measured from the load's start. The copy engines' DMA does not need SMs, so a layer finishing later beside
-the prefill waited for SMs (its scatter) or for memory bandwidth: ``delay`` per layer is that difference, an upper
-bound of the scatter's wait.
+want them). A side stream waits for each layer group's transfer and records a timing event, so each group's
+completion time is measured from the load's start. The copy engines' DMA does not need SMs, so a group finishing
+later beside the prefill waited for SMs (its scatter) or for memory bandwidth: ``delay`` per group is that
+difference, an upper bound of the scatter's wait.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def _layer_times(eng: Engine, side: KvbmSide, hashes: Sequence[int], busy_tokens
 
 def measure_layer_waits(eng: Engine, side: KvbmSide, prefix_tokens: Sequence[int], busy_new: int, vocab: int,
                         reps: int) -> dict[str, Any]:
-    """Per-layer completion times of a layer-wise onboard of ``prefix_tokens`` (stored in ``side``'s G2) alone
+    """Per-group completion times of a layer-wise onboard of ``prefix_tokens`` (stored in ``side``'s G2) alone
     and beside a ``busy_new``-token prefill, medians over ``reps``; and the delays."""
     hashes = sequence_hashes(list(prefix_tokens), BLOCK_SIZE, 0)
     found, _ = side.leader.lookup(hashes, whole_prompt=False)
@@ -79,4 +79,4 @@ def measure_layer_waits(eng: Engine, side: KvbmSide, prefix_tokens: Sequence[int
     return {"prefix_tokens": len(prefix_tokens), "busy_prefill_tokens": busy_new, "reps": reps,
             "layers_alone_ms": alone_ms, "layers_beside_prefill_ms": beside_ms, "delay_ms": delays,
             "max_delay_us": max(delays) * 1e3, "median_delay_us": statistics.median(delays) * 1e3,
-            "per_layer_alone_us": alone_ms[-1] / len(alone_ms) * 1e3}
+            "per_group_alone_us": alone_ms[-1] / len(alone_ms) * 1e3}
