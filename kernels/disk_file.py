@@ -536,7 +536,6 @@ class DiskBlockFile:
                         f"slot {s} of {self.path!r} was lost when the file was truncated underneath; rewrite it first",
                     )
         pending = [(s, b) for s, b in zip(slot_list, block_list) if s not in result.errors]
-        sb = self.slot_bytes
         requests: list[list[tuple[int, int]]] = []
         for s, b in sorted(pending):
             last = requests[-1] if requests else None

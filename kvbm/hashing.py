@@ -92,7 +92,8 @@ def salt_hash(cache_salt: str | None = None, lora_name: str | None = None) -> in
         if value is None:
             continue
         if not isinstance(value, str):
-            raise TypeError(f"{'cache_salt' if key == 'salt' else key} must be a str or None, got {type(value).__name__}")
+            name = "cache_salt" if key == "salt" else key
+            raise TypeError(f"{name} must be a str or None, got {type(value).__name__}")
         if value:
             payload[key] = value
     # Compact JSON, non-ASCII written as UTF-8 (not \u escapes), keys in the order salt, lora_name.

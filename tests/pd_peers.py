@@ -37,7 +37,8 @@ def instance_main(conn, kv_role: str, host_blocks: int, extra: dict[str, Any], t
     ("ok", summary): a request carrying a prefill's params, run to its end (with ``kill pid``: SIGKILL that process
     right after this instance's worker started the load from it) (summary: tokens computed here, tokens
     the connector reported as external hits, prompt tokens vLLM's own prefix cache held, output tokens, blocks
-    whose load failed and why); ("fill", request id, prompt) -> ("ok",): a plain request of max_tokens 1 (stored, not kept);
+    whose load failed and why); ("fill", request id, prompt) -> ("ok",): a plain request of max_tokens 1 (stored, not
+    kept);
     ("expire",) -> ("ok", pins expired so far): every pin times out now; ("pins",) -> ("ok", pins held);
     ("pid",) -> ("ok", pid); ("stop",)."""
     os.environ.update(UCX_ENV)

@@ -166,7 +166,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--disk-dir", type=Path, default=None,
                     help="where the G3 files go (default DYN_KVBM_DISK_CACHE_DIR, else /tmp)")
     ap.add_argument("--layer-wait-prefix", type=int, default=16384,
-                    help="prefix whose layer-wise onboard is timed per layer group alone and beside a prefill (GPU only; "
+                    help="prefix whose layer-wise onboard is timed per layer group alone and beside a prefill (GPU "
+                         "only; "
                          "must be one of --prefixes; 0 skips)")
     ap.add_argument("--layer-wait-busy", type=int, default=2048, help="tokens of the prefill run beside it")
     ap.add_argument("--device", default=None, help="cuda or cpu (default cuda when available)")
@@ -619,7 +620,8 @@ def layer_wait_lines(notes: dict[str, Any]) -> str:
         w = model_notes.get("layer_waits") if isinstance(model_notes, dict) else None
         if w and "max_delay_us" in w:
             lines.append(f"- {model}, layer-wise onboard of {w['prefix_tokens']} tokens beside a "
-                         f"{w['busy_prefill_tokens']}-token prefill: layer groups finish at most {w['max_delay_us']:.0f} us "
+                         f"{w['busy_prefill_tokens']}-token prefill: layer groups finish at most "
+                         f"{w['max_delay_us']:.0f} us "
                          f"(median {w['median_delay_us']:.0f} us) later than alone ({w['per_group_alone_us']:.0f} us "
                          f"per layer group alone)")
         elif w:

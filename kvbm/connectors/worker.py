@@ -30,7 +30,7 @@ from kvbm.worker.g4 import G4Endpoint
 from kvbm.worker.layerwise import LayerwiseLoads
 from kvbm.worker.shared_pool import ReplicaGroup, SharedHostPool, SharedPoolError
 from kvbm.worker.store import BlockStore
-from kvbm.worker.tier_memory import allocate_tier, close_tier
+from kvbm.worker.tier_memory import allocate_tier
 
 __all__ = ["ConnectorWorker", "G4Options", "replica_group"]
 
