@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.disk_bench import raw_case, random_mmap
+from bench.disk_bench import random_mmap, raw_case
 from kvbm.kernels.disk_cache import DiskKVCache
 from kvbm.kernels.medium import Medium
 from kvbm.kernels.transfers import Transfers
@@ -223,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
             gpu_rows(args, raw, runs)
         host_rows(args, raw, runs)
     rows = summarize(runs)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    stamp = Path(__file__).resolve().parents[1] / ".kvbm_commit"  # a copy of the checkout names its commit there
+    commit = stamp.read_text().strip() if stamp.is_file() else subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "commit": commit or None,
             "command": " ".join([Path(sys.executable).name, "-m", "bench.g3_bench", *(argv or sys.argv[1:])]),

@@ -661,8 +661,13 @@ def pin_calling_thread(cpu: int | None) -> None:
 
 
 def git_commit() -> str | None:
-    """The checked-out commit, with "+dirty" when tracked files differ from it (None outside a git checkout)."""
+    """The checked-out commit, with "+dirty" when tracked files differ from it (None outside a git checkout); a copy
+    of the checkout run on another machine names its commit in ``.kvbm_commit`` (see bench/gpu_session.sh)."""
     import subprocess
+
+    stamp = Path(__file__).resolve().parents[1] / ".kvbm_commit"
+    if stamp.is_file():
+        return stamp.read_text().strip() or None
 
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
