@@ -9,8 +9,14 @@ import logging
 
 from vllm.config import VllmConfig
 from vllm.distributed.utils import get_pp_indices
-from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig, KVCacheSpec, MambaSpec, MLAAttentionSpec,
-                                         SlidingWindowSpec)
+from vllm.v1.kv_cache_interface import (
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheSpec,
+    MambaSpec,
+    MLAAttentionSpec,
+    SlidingWindowSpec,
+)
 
 from kvbm.connectors.groups import FULL, WINDOW, KVGroup
 from kvbm.connectors.leader import RankLayout
