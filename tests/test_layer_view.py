@@ -114,3 +114,33 @@ def test_layerwise_load_into_a_gpu_cache_orders_each_layer_on_the_stream() -> No
         assert not worker.take_load_errors()
     finally:
         worker.close()
+
+
+def test_layer_wise_results_carry_no_time_for_the_cost_rule() -> None:
+    """A layer-wise load completes only when the forward beside it is done: its result has no ``seconds``, so the
+    cost rule's G2 bandwidth is not learned from it; an ordinary move's result has its time."""
+    from kvbm.config import KvbmConfig
+    from kvbm.connectors.messages import RequestLoad, RequestStore
+    from kvbm.connectors.worker import ConnectorWorker
+    from kvbm.kernels.medium import Medium
+    from kvbm.leader.plans import Move, MoveKind
+    from kvbm.tiers import TierSpec
+
+    g1 = allocate("vllm_flash_attn_nhd", GEOMETRY, 16, dtype=torch.bfloat16)
+    fill_random(g1, torch.Generator().manual_seed(9))
+    worker = ConnectorWorker(g1, [TierSpec("G2", Medium.HOST, 16)], KvbmConfig(onboard_layers_per_group=2))
+    try:
+        worker.start_stores([RequestStore("r", (Move(1, MoveKind.STORE, "G1", "G2", (3, 4), (0, 1), (11, 12)),))])
+        worker.store.wait_all()
+        worker.poll()
+        worker.start_loads([RequestLoad("r", (Move(2, MoveKind.LOAD, "G2", "G1", (0, 1), (8, 9), (11, 12)),),
+                                        layerwise=True)])
+        for layer in range(GEOMETRY.num_layers):
+            worker.wait_for_layer(layer)
+        worker.finish_layerwise_loads()
+        results = worker.take_report().results
+        assert results[1].seconds is not None and results[2].seconds is None and not results[2].failed
+        blocks = to_logical("vllm_flash_attn_nhd", g1)
+        assert torch.equal(blocks[[8, 9]], blocks[[3, 4]])
+    finally:
+        worker.close()

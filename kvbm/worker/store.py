@@ -37,6 +37,7 @@ class _Running:
     move: Move
     transfer: BlockTransfer
     started: float
+    timed: bool = True  #: whether the time to completion is the move's own (not a layer-wise load's forward)
 
 
 class BlockStore:
@@ -127,7 +128,8 @@ class BlockStore:
         """Start ``moves`` now (ahead of the queue) as one transfer per layer group ``[start, stop)`` of ``groups``
         and per pair of tiers (the moves between two tiers join into one transfer, in order, so the first group
         lands first), and return the transfers per group, for waiting on one group of layers. A move's result
-        merges its groups: a block fails where any group failed it."""
+        merges its groups: a block fails where any group failed it. Its result carries no time (``seconds`` None):
+        its completion is seen only after the forward it runs beside, so the cost rule does not learn from it."""
         by_group: list[list[BlockTransfer]] = [[] for _ in groups]
         pairs: dict[tuple[str, str], list[Move]] = {}
         for move in moves:
@@ -148,7 +150,7 @@ class BlockStore:
                     offset += move.num_blocks
         for move in moves:
             move_parts = parts[move.move_id]
-            self._running.append(_Running(move, BlockTransfer.all_of(move_parts, move_parts[0].path), t0))
+            self._running.append(_Running(move, BlockTransfer.all_of(move_parts, move_parts[0].path), t0, timed=False))
         return by_group
 
     def poll(self) -> list[MoveResult]:
@@ -243,7 +245,8 @@ class BlockStore:
             block_bytes = self.cache(move.dst_tier).geometry.block_bytes
             self.metrics.record_transfer(name, blocks_ok=n_ok, blocks_failed=len(failed), num_bytes=n_ok * block_bytes,
                                          seconds=seconds)
-        self._finished.append(MoveResult(move.move_id, failed, frozenset(run.transfer.lost), seconds=seconds))
+        self._finished.append(MoveResult(move.move_id, failed, frozenset(run.transfer.lost),
+                                         seconds=seconds if run.timed else None))
         for tier in (move.src_tier, move.dst_tier) if move.remote is None else (move.dst_tier,):
             renewals = getattr(self.cache(tier), "renewals", 0)
             if renewals > self._renewals.get(tier, 0):
