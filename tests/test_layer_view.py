@@ -9,7 +9,7 @@ import pytest
 import torch
 from layout_oracle import fill_random, to_logical
 
-from kvbm.kernels.block_transfer import BlockTransfer, BlockStatus
+from kvbm.kernels.block_transfer import BlockStatus, BlockTransfer
 from kvbm.kernels.host_runs import schedule
 from kvbm.kernels.paths.gpu_host import blocks_dense, whole_blocks_contiguous
 from kvbm.layouts import KVGeometry, allocate, copy_blocks, presets_for, select_layers
