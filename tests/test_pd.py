@@ -7,6 +7,7 @@ in that instance; a wrong byte fails the test there.
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -44,10 +45,13 @@ class Cluster:
         return _decode(self.procs, self.decodes[k], request_id, prompt, params, max_tokens)
 
     def pins(self, k: int) -> int:
-        """Pins still held by prefill ``k`` once it stepped a while (readers' notifications arrive as it steps)."""
-        for _ in range(200):
+        """Pins still held by prefill ``k`` once it stepped a while (readers' notifications arrive as it steps, and
+        it steps only while no command is waiting: the asks are spaced out, for at most 30 s)."""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
             if self.procs.ask(self.prefills[k], "pins")[1] == 0:
                 return 0
+            time.sleep(0.05)
         return self.procs.ask(self.prefills[k], "pins")[1]
 
 
