@@ -90,6 +90,15 @@ class HashDirectory:
         self._stop = threading.Event()
         self._keeper: threading.Thread | None = None
 
+    def __len__(self) -> int:
+        """Blocks this instance's G2 holds (the mirror)."""
+        return len(self._held)
+
+    @property
+    def synced(self) -> bool:
+        """Whether etcd holds the whole mirror: registered under a live lease and no change left to send."""
+        return self._lease is not None and not self._changed
+
     # -- etcd's JSON gateway -----------------------------------------------------------------------------------
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
