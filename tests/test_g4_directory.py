@@ -182,6 +182,8 @@ def test_leader_extends_its_local_run_with_another_instances_blocks(etcd: EtcdSe
         held = holder.index.pool("G2")
         state = reader.track("req", salt=0)
         assert reader.match(state, tokens, BS) == 7 * BS  # vLLM's hit: 1 block; G2: 2 more; G4: 5 more
+        assert reader.hit_split(state, 7 * BS - reader.g4_tokens(state, 7 * BS)) == (2 * BS, 0)
+        assert reader.g4_tokens(state, 7 * BS) == 5 * BS and reader.g4_tokens(state, 3 * BS) == BS
         load = reader.plan_matched_load(state, list(range(100, 109)), 7)
         *local, remote = load.moves
         assert [m.src_tier for m in local] == ["G2"] and local[0].dst_ids == (101, 102) and not load.missing

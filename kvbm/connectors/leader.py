@@ -65,6 +65,7 @@ class TrackedRequest:
     remote: RemotePrefill | None = None  #: the other instance's prefill the match comes from (decode side)
     g4: tuple[int, DirectoryHit] | None = None  #: (first block, run) of the match another instance holds (G4 tier)
     g4_tried: bool = False  #: a G4 load was planned for the request (a failed one is not retried)
+    g4_from: int | None = None  #: the first matched block another instance holds (the last match's G4 part)
 
     def hashes_upto(self, num_blocks: int, block_size: int, tokens: Sequence[int]) -> list[int]:
         """Sequence hashes of the first ``num_blocks`` full blocks of ``tokens`` (hashing only new blocks)."""
@@ -232,11 +233,12 @@ class ConnectorLeader:
             else:
                 hashes = state.hashes_upto(full_blocks, self.block_size, tokens)[local_blocks:]
                 found, host = self.lookup(hashes, whole_prompt=whole_prompt)
-            state.g4 = None
+            state.g4 = state.g4_from = None
             if self.directory is not None and not self.hybrid and not state.g4_tried:
                 hit = self._g4_lookup(hashes[found:len(hashes) - (1 if whole_prompt else 0)])
                 if hit is not None:
-                    state.g4 = (local_blocks + found, hit)
+                    state.g4_from = local_blocks + found
+                    state.g4 = (state.g4_from, hit)
                     found += len(hit.hashes)
             state.match_key, state.matched_blocks, state.host_blocks = key, local_blocks + found, local_blocks + host
             state.layerwise = self.layerwise and not self.hybrid and found > 0 and host == found
@@ -397,6 +399,12 @@ class ConnectorLeader:
         """``(G2 tokens, tokens from lower tiers)`` of ``num_tokens`` planned for loading."""
         host = min(max(state.host_blocks * self.block_size - state.local_tokens, 0), num_tokens)
         return host, num_tokens - host
+
+    def g4_tokens(self, state: TrackedRequest, num_tokens: int) -> int:
+        """Of ``num_tokens`` planned for loading after the engine's hit, those from another instance's G2 (G4)."""
+        if state.g4_from is None:
+            return 0
+        return min(max(state.local_tokens + num_tokens - state.g4_from * self.block_size, 0), num_tokens)
 
     def lookup(self, hashes: Sequence[int], *, whole_prompt: bool) -> tuple[int, int]:
         """``(blocks matched, of which in G2)`` for the longest stored run of ``hashes`` whose load is expected to be
