@@ -18,8 +18,8 @@ Disaggregated prefill -> decode: ``kv_role`` ``kv_producer`` keeps finished requ
 instances and hands back ``kv_transfer_params`` naming them; ``kv_consumer`` loads a request's blocks from the
 producer named in its params over NIXL (`kvbm.connectors.pd`); ``kv_both`` offloads only. With
 ``DYN_KVBM_G4_ETCD_ENDPOINT`` (the shared G4 tier, `kvbm.connectors.directory`) every rank of any role exports its G2
-and loads prefix blocks other instances hold. Each worker's NIXL endpoint reaches the scheduler through vLLM's handshake metadata (``get_handshake_metadata`` ->
-``set_xfer_handshake_metadata``).
+and loads prefix blocks other instances hold. Each worker's NIXL endpoint reaches the scheduler through vLLM's
+handshake metadata (``get_handshake_metadata`` -> ``set_xfer_handshake_metadata``).
 """
 from __future__ import annotations
 
