@@ -141,14 +141,20 @@ def test_a_lost_lease_is_registered_again_with_everything(etcd: EtcdServer, capl
         a.close()
 
 
-def test_unreachable_etcd_is_a_miss_and_a_warning(caplog) -> None:
-    d = HashDirectory("http://127.0.0.1:9", block_size=BS, timeout_s=0.5)  # the discard port: nothing listens
+def test_unreachable_etcd_is_a_miss_and_a_warning_then_left_alone(caplog) -> None:
+    """Nothing listens: a lookup misses with a warning, and etcd is not tried again for a third of the lease."""
+    d = HashDirectory("http://127.0.0.1:9", block_size=BS, lease_s=1.5, timeout_s=0.5)  # the discard port
     d.endpoints = (b"x",)
     d.committed(5, 1)
     with caplog.at_level(logging.WARNING, "kvbm.connectors.directory"):
         assert d.lookup([5, 6], 1) is None
+        assert "lookup" in caplog.text and d.calls == 1
+        assert d.lookup([5, 6], 1) is None
         d.flush()
-    assert "lookup" in caplog.text and "published again later" in caplog.text
+        assert d.calls == 1 and not d.synced  # left alone
+        time.sleep(0.6)
+        d.flush()
+    assert d.calls == 2 and "published again later" in caplog.text and not d.synced
     with pytest.raises(ValueError, match="127.0.0.1:2379"):
         HashDirectory("127.0.0.1:2379", block_size=BS)
 

@@ -15,6 +15,8 @@ discarded) and sends the changes in `flush`, once per scheduler step: puts and d
 at most `MAX_TXN_OPS` operations. `lookup` reads a run of hashes in one transaction per `MAX_TXN_OPS` hashes (a
 prefix range each), plus one read of the chosen holder's record. A thread keeps the lease alive; when the lease was
 lost (etcd unreachable for longer than the lease), the next `flush` registers anew and publishes the whole mirror.
+After a failed call the directory stays off (lookups miss, nothing is sent) for a third of the lease, so an
+unreachable etcd costs the scheduler one timeout per such period, not one per step or lookup.
 
 A directory entry is a hint, never trusted for bytes: the reader checks each slot's seal (state, hash, checksum)
 at the holder before and after reading (`kvbm.worker.g4`), so a stale entry becomes a failed block, recomputed.
@@ -25,7 +27,7 @@ import base64
 import json
 import logging
 import threading
-import urllib.error
+import time
 import urllib.request
 import uuid
 from collections.abc import Sequence
@@ -89,6 +91,7 @@ class HashDirectory:
         self._lock = threading.Lock()  # the lease id, between the step's flush and the keep-alive thread
         self._stop = threading.Event()
         self._keeper: threading.Thread | None = None
+        self._off_until = 0.0  # monotonic time before which etcd is not tried again (after a failure)
 
     def __len__(self) -> int:
         """Blocks this instance's G2 holds (the mirror)."""
@@ -131,7 +134,7 @@ class HashDirectory:
     def flush(self) -> None:
         """Send the mirror's changes since the last call (everything, after registering, when no lease is held);
         nothing before `endpoints` is set. etcd errors are logged and retried at a later call."""
-        if self.endpoints is None:
+        if self.endpoints is None or time.monotonic() < self._off_until:
             return
         try:
             with self._lock:
@@ -152,6 +155,7 @@ class HashDirectory:
             self._txn(ops)
         except (OSError, ValueError) as e:  # urllib's errors are OSErrors
             log.warning("kvbm G4: etcd at %s failed (%r); the directory is published again later", self.url, e)
+            self._failed()
             with self._lock:
                 self._lease = None  # register anew and send the whole mirror
 
@@ -204,11 +208,18 @@ class HashDirectory:
     def lookup(self, hashes: Sequence[int], num_ranks: int) -> DirectoryHit | None:
         """The longest leading run of ``hashes`` that one other instance (of this block size and ``num_ranks``
         ranks) holds, or None; etcd errors are logged and count as a miss."""
+        if time.monotonic() < self._off_until:
+            return None
         try:
             return self._lookup(hashes, num_ranks)
         except (OSError, ValueError, KeyError) as e:
             log.warning("kvbm G4: directory lookup at %s failed: %r", self.url, e)
+            self._failed()
             return None
+
+    def _failed(self) -> None:
+        """etcd failed a call: leave it alone for a third of the lease."""
+        self._off_until = time.monotonic() + self.lease_s / 3
 
     def _lookup(self, hashes: Sequence[int], num_ranks: int) -> DirectoryHit | None:
         slots: list[dict[str, int]] = []  # per leading hash: instance -> slot, for instances holding the run so far
