@@ -57,6 +57,7 @@ def test_publish_lookup_withdraw(etcd: EtcdServer) -> None:
         for h, s in zip(hashes[:250], slots):
             a.committed(h, s)
         a.flush()
+        assert a.wait_synced(10)
         assert a.calls == 2 + -(-250 // MAX_TXN_OPS)  # lease grant, instance record, the puts in batches
         hit = b.lookup(hashes, 2)
         assert hit is not None and hit.hashes == tuple(hashes[:250]) and hit.slots == tuple(slots[:250])
@@ -72,6 +73,7 @@ def test_publish_lookup_withdraw(etcd: EtcdServer) -> None:
         a.dropped(hashes[249], slots[249])
         calls = a.calls
         a.flush()
+        assert a.wait_synced(10)
         assert a.calls == calls + 1  # the step's changes in one transaction
         assert b.lookup(hashes, 2).hashes == tuple(hashes[:7])
         assert b.lookup(hashes[260:261], 2).slots == (5,)
@@ -79,6 +81,7 @@ def test_publish_lookup_withdraw(etcd: EtcdServer) -> None:
         for h, s in zip(hashes[:20], slots[:20]):  # b holds the first 20 too, a only the first 7 now
             b.committed(h, s + 1)
         b.flush()
+        assert b.wait_synced(10)
         c = _directory(etcd, "c", (b"c0", b"c1"))
         hit = c.lookup(hashes, 2)  # the longest run one instance holds
         assert hit is not None and hit.source.engine_id == b.instance
@@ -97,7 +100,7 @@ def test_a_dead_instance_entries_expire_with_its_lease(etcd: EtcdServer) -> None
     script = (f"import sys, time\nfrom kvbm.connectors.directory import HashDirectory\n"
               f"d = HashDirectory({etcd.url!r}, block_size={BS}, lease_s=2, instance='dead')\n"
               f"d.endpoints = (b'x',)\nfor i, h in enumerate({hashes!r}): d.committed(h, i)\n"
-              f"d.flush()\nprint('published', flush=True)\ntime.sleep(600)\n")
+              f"d.flush()\nassert d.wait_synced(10)\nprint('published', flush=True)\ntime.sleep(600)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "published"
@@ -126,6 +129,7 @@ def test_a_lost_lease_is_registered_again_with_everything(etcd: EtcdServer, capl
         for i, h in enumerate(hashes):
             a.committed(h, i)
         a.flush()
+        assert a.wait_synced(10)
         body = json.dumps({"ID": str(a._lease)}).encode()  # the lease ends (as after a long pause of the process)
         urllib.request.urlopen(urllib.request.Request(etcd.url + "/v3/lease/revoke", data=body), timeout=5).read()
         assert b.lookup(hashes, 1) is None
@@ -134,8 +138,11 @@ def test_a_lost_lease_is_registered_again_with_everything(etcd: EtcdServer, capl
             while "lease expired" not in caplog.text:  # the keep-alive thread notices
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
+        assert a.wait_synced(10)  # registered anew, with everything
+        assert b.lookup(hashes, 1).slots == tuple(range(30))
         a.dropped(hashes[20], 20)
         a.flush()
+        assert a.wait_synced(10)
         assert b.lookup(hashes, 1).slots == tuple(range(20))
     finally:
         a.close()
@@ -151,10 +158,14 @@ def test_unreachable_etcd_is_a_miss_and_a_warning_then_left_alone(caplog) -> Non
         assert "lookup" in caplog.text and d.calls == 1
         assert d.lookup([5, 6], 1) is None
         d.flush()
+        time.sleep(0.2)
         assert d.calls == 1 and not d.synced  # left alone
-        time.sleep(0.6)
-        d.flush()
-    assert d.calls == 2 and "published again later" in caplog.text and not d.synced
+        deadline = time.monotonic() + 5
+        while "published again later" not in caplog.text:  # then the sender tries again
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert d.calls >= 2 and not d.synced
+    d.close()
     with pytest.raises(ValueError, match="127.0.0.1:2379"):
         HashDirectory("127.0.0.1:2379", block_size=BS)
 
@@ -175,7 +186,8 @@ def _store(leader: ConnectorLeader, request_id: str, tokens: list[int], num_bloc
         for _ in range(leader.num_workers):
             leader.apply(WorkerReport({move.move_id: MoveResult(move.move_id)}))
     leader.forget(request_id)
-    leader.take_step()  # sends the commits to etcd
+    leader.take_step()  # hands the commits to the directory's sender
+    assert leader.directory.wait_synced(10)
 
 
 def test_leader_extends_its_local_run_with_another_instances_blocks(etcd: EtcdServer) -> None:

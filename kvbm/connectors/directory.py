@@ -11,12 +11,13 @@ Keys, all under this instance's lease (``<p>`` is ``kvbm/g4/``):
 - ``<p>h/<hash as 16 hex digits>/<instance>``: the G2 slot (decimal) holding that block on every rank.
 
 An instance mirrors its G2 pool (`committed` / `dropped`, called by the pool as blocks are committed and evicted or
-discarded) and sends the changes in `flush`, once per scheduler step: puts and deletes batched in transactions of
-at most `MAX_TXN_OPS` operations. `lookup` reads a run of hashes in one transaction per `MAX_TXN_OPS` hashes (a
-prefix range each), plus one read of the chosen holder's record. A thread keeps the lease alive; when the lease was
-lost (etcd unreachable for longer than the lease), the next `flush` registers anew and publishes the whole mirror.
-After a failed call the directory stays off (lookups miss, nothing is sent) for a third of the lease, so an
-unreachable etcd costs the scheduler one timeout per such period, not one per step or lookup.
+discarded); a sender thread, woken by `flush` once per scheduler step, sends the changes (puts and deletes batched
+in transactions of at most `MAX_TXN_OPS` operations) and keeps the lease alive, so a step never waits for etcd.
+When the lease was lost (etcd unreachable for longer than the lease), the sender registers anew and publishes the
+whole mirror. `lookup` (on the caller's thread: the answer is needed) reads a run of hashes in one transaction per
+`MAX_TXN_OPS` hashes (a prefix range each), plus one read of the chosen holder's record. After a failed call etcd
+is left alone (lookups miss, nothing is sent) for a third of the lease, so an unreachable etcd costs the scheduler
+one timeout per such period, not one per lookup.
 
 A directory entry is a hint, never trusted for bytes: the reader checks each slot's seal (state, hash, checksum)
 at the holder before and after reading (`kvbm.worker.g4`), so a stale entry becomes a failed block, recomputed.
@@ -84,13 +85,15 @@ class HashDirectory:
         self.instance = instance or uuid.uuid4().hex
         self.timeout_s = float(timeout_s)
         self.endpoints: tuple[bytes, ...] | None = None  #: this instance's per-rank endpoints (None: not exporting)
-        self.calls = 0  #: HTTP requests sent to etcd (lookups and flushes; the keep-alive thread's are not counted)
+        self.calls = 0  #: HTTP requests sent to etcd (lookups, grants, puts; keep-alives are not counted)
         self._held: dict[int, int] = {}  # G2 mirror: hash -> slot
-        self._changed: dict[int, int | None] = {}  # since the last flush: hash -> new slot, or None (withdrawn)
+        self._changed: dict[int, int | None] = {}  # not yet handed to etcd: hash -> new slot, or None (withdrawn)
+        self._sending = False  # the sender holds changes it has not sent yet
         self._lease: int | None = None
-        self._lock = threading.Lock()  # the lease id, between the step's flush and the keep-alive thread
+        self._lock = threading.Lock()  # the mirror, the changes and the lease, between the step and the sender
+        self._wake = threading.Event()
         self._stop = threading.Event()
-        self._keeper: threading.Thread | None = None
+        self._sender: threading.Thread | None = None
         self._off_until = 0.0  # monotonic time before which etcd is not tried again (after a failure)
 
     def __len__(self) -> int:
@@ -100,7 +103,17 @@ class HashDirectory:
     @property
     def synced(self) -> bool:
         """Whether etcd holds the whole mirror: registered under a live lease and no change left to send."""
-        return self._lease is not None and not self._changed
+        with self._lock:
+            return self._lease is not None and not self._changed and not self._sending
+
+    def wait_synced(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for `synced`; whether it came."""
+        deadline = time.monotonic() + timeout_s
+        while not self.synced:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
 
     # -- etcd's JSON gateway -----------------------------------------------------------------------------------
 
@@ -122,79 +135,92 @@ class HashDirectory:
     # -- the holder's side -------------------------------------------------------------------------------------
 
     def committed(self, seq_hash: int, slot: int) -> None:
-        """The G2 pool committed ``seq_hash`` into ``slot``: published at the next `flush`."""
-        self._held[seq_hash] = slot
-        self._changed[seq_hash] = slot
+        """The G2 pool committed ``seq_hash`` into ``slot``: published after the next `flush`."""
+        with self._lock:
+            self._held[seq_hash] = slot
+            self._changed[seq_hash] = slot
 
     def dropped(self, seq_hash: int, slot: int) -> None:
-        """The G2 pool evicted or discarded ``seq_hash`` (from ``slot``): withdrawn at the next `flush`."""
-        if self._held.pop(seq_hash, None) is not None:
-            self._changed[seq_hash] = None
+        """The G2 pool evicted or discarded ``seq_hash`` (from ``slot``): withdrawn after the next `flush`."""
+        with self._lock:
+            if self._held.pop(seq_hash, None) is not None:
+                self._changed[seq_hash] = None
 
     def flush(self) -> None:
-        """Send the mirror's changes since the last call (everything, after registering, when no lease is held);
-        nothing before `endpoints` is set. etcd errors are logged and retried at a later call."""
-        if self.endpoints is None or time.monotonic() < self._off_until:
+        """Have the sender thread (started on first use) send the changes so far; it also keeps the lease alive.
+        Nothing is sent before `endpoints` is set. The scheduler's step never waits for etcd."""
+        if self.endpoints is None:
             return
-        try:
-            with self._lock:
-                lease = self._lease
-            if lease is None:
-                lease = self._register()
-                changes: dict[int, int | None] = dict(self._held)
+        if self._sender is None:
+            self._sender = threading.Thread(target=self._send_loop, name="kvbm-g4-directory", daemon=True)
+            self._sender.start()
+        self._wake.set()
+
+    def _send_loop(self) -> None:
+        """The sender thread: changes when woken, a keep-alive every third of the lease, registration (with the
+        whole mirror) whenever no lease is held; etcd errors are logged and the whole mirror is sent again later."""
+        renew_at = 0.0
+        while True:
+            self._wake.wait(self.lease_s / 3)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            if time.monotonic() < self._off_until:
+                continue
+            try:
+                if self._lease is not None and time.monotonic() >= renew_at:
+                    renew_at = time.monotonic() + self.lease_s / 3
+                    if not self._renew():
+                        log.warning("kvbm G4: the etcd lease expired; this instance's blocks are published again")
+                        with self._lock:
+                            self._lease = None
+                self._send()
+            except (OSError, ValueError, KeyError) as e:  # urllib's errors are OSErrors
+                log.warning("kvbm G4: etcd at %s failed (%r); the directory is published again later", self.url, e)
+                self._failed()
+                with self._lock:
+                    self._lease, self._sending = None, False  # register anew and send the whole mirror
+
+    def _renew(self) -> bool:
+        """Keep the lease alive; False when etcd says it ended."""
+        reply = self._post("/v3/lease/keepalive", {"ID": str(self._lease)})
+        return int(reply.get("result", {}).get("TTL", 0)) > 0
+
+    def _send(self) -> None:
+        """Send the changes (everything under a new lease when none is held)."""
+        with self._lock:
+            lease = self._lease
+            changes: dict[int, int | None] = dict(self._held) if lease is None else self._changed
+            self._changed, self._sending = {}, True
+        if lease is None:
+            lease = self._register()
+        ops = []
+        for seq_hash, slot in changes.items():
+            key = _b64(self._hash_key(seq_hash))
+            if slot is None:
+                ops.append({"request_delete_range": {"key": key}})
             else:
-                changes = self._changed
-            self._changed = {}
-            ops = []
-            for seq_hash, slot in changes.items():
-                key = _b64(self._hash_key(seq_hash))
-                if slot is None:
-                    ops.append({"request_delete_range": {"key": key}})
-                else:
-                    ops.append({"request_put": {"key": key, "value": _b64(str(slot)), "lease": str(lease)}})
-            self._txn(ops)
-        except (OSError, ValueError) as e:  # urllib's errors are OSErrors
-            log.warning("kvbm G4: etcd at %s failed (%r); the directory is published again later", self.url, e)
-            self._failed()
-            with self._lock:
-                self._lease = None  # register anew and send the whole mirror
+                ops.append({"request_put": {"key": key, "value": _b64(str(slot)), "lease": str(lease)}})
+        self._txn(ops)
+        with self._lock:
+            self._lease, self._sending = lease, False
 
     def _register(self) -> int:
-        """Grant a lease, put this instance's record under it, start the keep-alive thread; the lease id."""
+        """Grant a lease and put this instance's record under it; the lease id."""
         self.calls += 1
         lease = int(self._post("/v3/lease/grant", {"TTL": max(1, round(self.lease_s))})["ID"])
         record = {"block_size": self.block_size,
                   "endpoints": [base64.b64encode(e).decode() for e in self.endpoints or ()]}
         self._txn([{"request_put": {"key": _b64(self._instance_key(self.instance)), "value": _b64(json.dumps(record)),
                                     "lease": str(lease)}}])
-        with self._lock:
-            self._lease = lease
-        if self._keeper is None:
-            self._keeper = threading.Thread(target=self._keep_alive, name="kvbm-g4-lease", daemon=True)
-            self._keeper.start()
         return lease
 
-    def _keep_alive(self) -> None:
-        while not self._stop.wait(self.lease_s / 3):
-            with self._lock:
-                lease = self._lease
-            if lease is None:
-                continue
-            try:
-                reply = self._post("/v3/lease/keepalive", {"ID": str(lease)})
-                alive = int(reply.get("result", {}).get("TTL", 0)) > 0
-            except (OSError, ValueError) as e:
-                log.warning("kvbm G4: keeping the etcd lease alive failed: %r", e)
-                continue  # a later try may still come in time
-            if not alive:
-                log.warning("kvbm G4: the etcd lease expired; this instance's blocks are published again")
-                with self._lock:
-                    if self._lease == lease:
-                        self._lease = None
-
     def close(self) -> None:
-        """Stop keeping the lease alive and revoke it: this instance's entries vanish now."""
+        """Stop the sender and revoke the lease: this instance's entries vanish now."""
         self._stop.set()
+        self._wake.set()
+        if self._sender is not None:
+            self._sender.join(self.timeout_s * 4)
         with self._lock:
             lease, self._lease = self._lease, None
         if lease is not None:
