@@ -198,6 +198,9 @@ def test_leader_extends_its_local_run_with_another_instances_blocks(etcd: EtcdSe
         _store(holder, "h", tokens, 8)
         _store(reader, "r", tokens, 3)  # the reader holds the first 3 blocks itself
         held = holder.index.pool("G2")
+        reader.endpoints = None  # workers that export nothing (an engine without G4 endpoints) never look up
+        assert reader.match(reader.track("req-no-g4", salt=0), tokens, BS) == 2 * BS
+        reader.endpoints = (b"r0", b"r1")
         state = reader.track("req", salt=0)
         assert reader.match(state, tokens, BS) == 7 * BS  # vLLM's hit: 1 block; G2: 2 more; G4: 5 more
         assert reader.hit_split(state, 7 * BS - reader.g4_tokens(state, 7 * BS)) == (2 * BS, 0)

@@ -17,7 +17,8 @@ Shared G4 tier (``DYN_KVBM_G4_ETCD_ENDPOINT``, `kvbm.connectors.directory`): the
 mirrored into the etcd hash directory (sent once per step, in `take_step`), and a lookup whose stored run stops
 short asks the directory for the blocks that follow; another instance's run is loaded from its G2 like a P/D load
 (the holder's seal table turns a stale entry into a failed block, recomputed). One G4 load per request: a request
-whose G4 load failed is recomputed, not looked up there again.
+whose G4 load failed is recomputed, not looked up there again. Only an instance whose workers export (``endpoints``
+set: their G4 endpoints also load) looks up in G4; hybrid models do not.
 """
 from __future__ import annotations
 
@@ -234,7 +235,7 @@ class ConnectorLeader:
                 hashes = state.hashes_upto(full_blocks, self.block_size, tokens)[local_blocks:]
                 found, host = self.lookup(hashes, whole_prompt=whole_prompt)
             state.g4 = state.g4_from = None
-            if self.directory is not None and not self.hybrid and not state.g4_tried:
+            if self.directory is not None and self.endpoints is not None and not self.hybrid and not state.g4_tried:
                 hit = self._g4_lookup(hashes[found:len(hashes) - (1 if whole_prompt else 0)])
                 if hit is not None:
                     state.g4_from = local_blocks + found
