@@ -6,8 +6,11 @@ the deterministic model. Then A is killed: a load in flight fails (recomputed), 
 nothing of A's any more."""
 from __future__ import annotations
 
+import base64
+import json
 import random
 import time
+import urllib.request
 
 import pytest
 
@@ -33,7 +36,7 @@ def pair():
         a, b = (procs.start(instance_main, "kv_both", 256, extra) for _ in range(2))
         for p in (a, b):
             procs.recv(p, timeout=300)
-        yield procs, a, b
+        yield procs, a, b, etcd
     finally:
         procs.close()
         etcd.close()
@@ -53,8 +56,17 @@ def _published(procs: Processes, instance, at_least: int) -> None:
     raise AssertionError(f"instance published {held} blocks (synced: {synced}), expected {at_least}")
 
 
+def _instances(etcd: EtcdServer) -> int:
+    """Instance records in the directory (read straight from etcd)."""
+    body = {"key": base64.b64encode(b"kvbm/g4/i/").decode(), "range_end": base64.b64encode(b"kvbm/g4/i0").decode(),
+            "count_only": True}
+    request = urllib.request.Request(etcd.url + "/v3/kv/range", data=json.dumps(body).encode())
+    with urllib.request.urlopen(request, timeout=5) as reply:
+        return int(json.loads(reply.read()).get("count", 0))
+
+
 def test_instance_loads_another_instances_prefix_then_forgets_it_when_it_dies(pair) -> None:
-    procs, a, b = pair
+    procs, a, b, etcd = pair
     rng = random.Random(31)
     prompts = [_prompt(rng, n) for n in (150, 231, 90, 170)]
     total = 0
@@ -63,6 +75,7 @@ def test_instance_loads_another_instances_prefix_then_forgets_it_when_it_dies(pa
         assert summary["external"] == 0 and summary["computed"] == len(prompt) + 3, summary
         total += len(prompt) // BLOCK
     _published(procs, a, total)
+    assert _instances(etcd) == 2
 
     for k, prompt in enumerate(prompts[:2]):  # B has none of them: it loads every full block from A's G2
         full = len(prompt) // BLOCK
@@ -83,7 +96,10 @@ def test_instance_loads_another_instances_prefix_then_forgets_it_when_it_dies(pa
     assert not a.is_alive()
     procs.procs.remove(a)
 
-    time.sleep(LEASE_S + 2)  # A's lease ends: the directory names none of A's blocks, nothing is tried
+    deadline = time.monotonic() + LEASE_S + 10  # A's lease ends: the directory names none of A's blocks
+    while _instances(etcd) != 1:
+        assert time.monotonic() < deadline, "the dead instance's record outlived its lease"
+        time.sleep(0.2)
     summary = _serve(procs, b, "b-after", prompts[3])
     assert summary["external"] == 0 and summary["failed_blocks"] == 0, summary
     assert summary["computed"] == len(prompts[3]) + 3 and len(summary["output"]) == 4, summary
