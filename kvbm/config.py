@@ -21,6 +21,10 @@ Disaggregated prefill -> decode (`kvbm.connectors.pd`): ``PD_PIN_TIMEOUT_SECS`` 
 keeps a finished request's blocks for a decode instance that has not read them, ``PD_LOAD_TIMEOUT_SECS`` how long
 a decode instance waits for another instance's blocks (their stores to finish, then each read) before recomputing.
 
+Shared G4 tier (`kvbm.connectors.directory`): ``G4_ETCD_ENDPOINT`` (an etcd client URL, empty: off) makes every
+instance export its G2, publish the blocks it holds to etcd and load prefix blocks other instances hold;
+``G4_LEASE_SECS`` is the etcd lease after which a dead instance's entries vanish.
+
 Sizes: ``*_CACHE_GB`` are in GB of 1e9 bytes (floats allowed); a ``*_OVERRIDE_NUM_BLOCKS`` variable, when set,
 wins over the GB size of its tier. An empty variable counts as unset. Unknown ``DYN_KVBM_*`` names are logged as
 a warning (a typo must not silently drop a setting), not rejected, since other KVBM deployments set variables this
@@ -130,6 +134,8 @@ class KvbmConfig:
     onboard_layers_per_group: int = 4
     pd_pin_timeout_secs: float = 120.0
     pd_load_timeout_secs: float = 30.0
+    g4_etcd_endpoint: str = ""
+    g4_lease_secs: float = 10.0
 
     def __post_init__(self) -> None:
         """Check types and ranges, so a config built directly is held to the same rules as one from the env."""
@@ -141,6 +147,9 @@ class KvbmConfig:
             elif f.name == "metrics_host":
                 if not _valid_host(value):
                     raise _bad(f.name, value, _HOST_EXPECTED)
+            elif f.name == "g4_etcd_endpoint":
+                if not isinstance(value, str) or (value and not re.fullmatch(r"https?://[^/\s]+/?", value)):
+                    raise _bad(f.name, value, "empty (off) or an etcd client URL such as http://127.0.0.1:2379")
             elif f.name == "disk_cache_dir":
                 if not isinstance(value, (str, os.PathLike)) or not str(value):
                     raise _bad(f.name, value, "a directory path")
@@ -304,6 +313,7 @@ _FLOAT_RANGES: dict[str, tuple[float, float, bool, str]] = {
     "cost_probe_secs": (0.0, 1e9, False, "a non-negative, finite number of seconds (0: never probe), at most 1e9"),
     "pd_pin_timeout_secs": (0.0, 1e6, True, "a positive, finite number of seconds, at most 1e6"),
     "pd_load_timeout_secs": (0.0, 1e6, True, "a positive, finite number of seconds, at most 1e6"),
+    "g4_lease_secs": (1.0, 1e6, False, "a finite number of seconds in 1..1e6"),
 }
 
 _INT63, _INT31 = 2**63 - 1, 2**31 - 1
@@ -326,6 +336,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "disk_cache_dir": _parse_path,
     "disk_io": _parse_choice,
     "metrics_host": lambda name, text: text.strip(),
+    "g4_etcd_endpoint": lambda name, text: text.strip(),
     **{name: _parse_bool for name in _BOOL_FIELDS},
     **{name: _parse_int for name in _INT_RANGES},
     **{name: _parse_number for name in _FLOAT_RANGES},

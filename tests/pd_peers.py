@@ -40,6 +40,7 @@ def instance_main(conn, kv_role: str, host_blocks: int, extra: dict[str, Any], t
     whose load failed and why); ("fill", request id, prompt) -> ("ok",): a plain request of max_tokens 1 (stored, not
     kept);
     ("expire",) -> ("ok", pins expired so far): every pin times out now; ("pins",) -> ("ok", pins held);
+    ("g4",) -> ("ok", blocks in the G4 directory's mirror of G2, whether etcd holds them all);
     ("pid",) -> ("ok", pid); ("stop",)."""
     os.environ.update(UCX_ENV)
     try:
@@ -109,6 +110,9 @@ def instance_main(conn, kv_role: str, host_blocks: int, extra: dict[str, Any], t
                 conn.send(("ok", leader.pins.expired))
             elif cmd[0] == "pins":
                 conn.send(("ok", len(leader.pins)))
+            elif cmd[0] == "g4":  # the shared G4 tier's directory: blocks held in G2, all of them in etcd
+                d = leader.directory
+                conn.send(("ok", len(d), d.synced))
             elif cmd[0] == "pid":
                 conn.send(("ok", os.getpid()))
             elif cmd[0] == "stop":

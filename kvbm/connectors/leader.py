@@ -12,6 +12,13 @@ one that every group can restore, and a group's moves name its engine tier.
 Disaggregated serving (`kvbm.connectors.pd`): a prefill instance pins a finished request's G2 blocks for a reader
 (`keep_for_remote`, with ``endpoints`` from its workers); a decode instance matches a request's `RemotePrefill`
 (`match_remote`) and loads it from the other instance's G2 (a move from ``REMOTE_TIER``, outside the index).
+
+Shared G4 tier (``DYN_KVBM_G4_ETCD_ENDPOINT``, `kvbm.connectors.directory`): the G2 pool's commits and evictions are
+mirrored into the etcd hash directory (sent once per step, in `take_step`), and a lookup whose stored run stops
+short asks the directory for the blocks that follow; another instance's run is loaded from its G2 like a P/D load
+(the holder's seal table turns a stale entry into a failed block, recomputed). One G4 load per request: a request
+whose G4 load failed is recomputed, not looked up there again. Only an instance whose workers export (``endpoints``
+set: their G4 endpoints also load) looks up in G4; hybrid models do not.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from kvbm.config import KvbmConfig
+from kvbm.connectors.directory import DirectoryHit, HashDirectory
 from kvbm.connectors.groups import FULL, KVGroup, single_group
 from kvbm.connectors.messages import RequestLoad, RequestStore, StepPlan, WorkerReport
 from kvbm.connectors.pd import Pins, RemotePrefill
@@ -56,6 +64,9 @@ class TrackedRequest:
     local_tokens: int = 0  #: the engine's own hit when the load was planned
     layerwise: bool = False  #: the matched run is loaded layer by layer beside the forward that reads it
     remote: RemotePrefill | None = None  #: the other instance's prefill the match comes from (decode side)
+    g4: tuple[int, DirectoryHit] | None = None  #: (first block, run) of the match another instance holds (G4 tier)
+    g4_tried: bool = False  #: a G4 load was planned for the request (a failed one is not retried)
+    g4_from: int | None = None  #: the first matched block another instance holds (the last match's G4 part)
 
     def hashes_upto(self, num_blocks: int, block_size: int, tokens: Sequence[int]) -> list[int]:
         """Sequence hashes of the first ``num_blocks`` full blocks of ``tokens`` (hashing only new blocks)."""
@@ -154,6 +165,14 @@ class ConnectorLeader:
         self.pins = Pins(self.index, tiers[0].name, readers=num_workers, timeout_s=config.pd_pin_timeout_secs)
         self.groups: tuple[KVGroup, ...] = single_group(block_size)
         self.hybrid = False
+        self.directory: HashDirectory | None = None  #: the shared G4 tier's hash directory (etcd), when configured
+        if config.g4_etcd_endpoint:
+            if tiers[0].name != HOST_TIER:
+                raise ValueError("DYN_KVBM_G4_ETCD_ENDPOINT needs a G2 host tier (DYN_KVBM_CPU_CACHE_GB or "
+                                 "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS): other instances read G2")
+            self.directory = HashDirectory(config.g4_etcd_endpoint, block_size=block_size,
+                                           lease_s=config.g4_lease_secs)
+            self.index.pool(HOST_TIER).watcher = self.directory
 
     def use_groups(self, groups: Sequence[KVGroup]) -> None:
         """Track a hybrid model's KV cache groups (all of ``block_size`` tokens per block) instead of one
@@ -215,10 +234,27 @@ class ConnectorLeader:
             else:
                 hashes = state.hashes_upto(full_blocks, self.block_size, tokens)[local_blocks:]
                 found, host = self.lookup(hashes, whole_prompt=whole_prompt)
+            state.g4 = state.g4_from = None
+            if self.directory is not None and self.endpoints is not None and not self.hybrid and not state.g4_tried:
+                hit = self._g4_lookup(hashes[found:len(hashes) - (1 if whole_prompt else 0)])
+                if hit is not None:
+                    state.g4_from = local_blocks + found
+                    state.g4 = (state.g4_from, hit)
+                    found += len(hit.hashes)
             state.match_key, state.matched_blocks, state.host_blocks = key, local_blocks + found, local_blocks + host
             state.layerwise = self.layerwise and not self.hybrid and found > 0 and host == found
         state.local_tokens = num_computed_tokens
         return max(state.matched_blocks * self.block_size - num_computed_tokens, 0)
+
+    def _g4_lookup(self, hashes: Sequence[int]) -> DirectoryHit | None:
+        """The leading run of ``hashes`` (the blocks right after the local tiers' run) that another instance holds,
+        or None; nothing when the first of them is in a local tier (the cost rule left it out)."""
+        if not hashes or any(self.index.pool(t).find(hashes[0]) is not None for t in self.index.tier_names):
+            return None
+        hit = self.directory.lookup(hashes, self.num_workers)
+        if hit is not None and self.metrics is not None:
+            self.metrics.record_matched_tokens(len(hit.hashes) * self.block_size)
+        return hit
 
     def match_remote(self, state: TrackedRequest, tokens: Sequence[int], num_computed_tokens: int,
                      remote: RemotePrefill) -> int:
@@ -253,12 +289,31 @@ class ConnectorLeader:
                              f"{len(block_ids)} allocated, {state.matched_blocks} matched")
         state.loading = not state.layerwise
         remote, state.remote = state.remote, None
+        g4, state.g4 = state.g4, None
+        if g4 is not None and first + num_blocks > g4[0]:
+            return self._plan_g4_load(state, block_ids, first, first + num_blocks, *g4)
         if remote is not None:  # (another instance's blocks load asynchronously)
             state.loading = True
             return self.plan_remote_load(state.request_id, remote.source, state.hashes[first:first + num_blocks],
                                          remote.slots[first:first + num_blocks], block_ids[first:first + num_blocks])
         return self.plan_load(state.request_id, state.hashes[first:first + num_blocks],
                               block_ids[first:first + num_blocks], layerwise=state.layerwise)
+
+    def _plan_g4_load(self, state: TrackedRequest, block_ids: Sequence[int], first: int, end: int, g4_first: int,
+                      hit: DirectoryHit) -> RequestLoad:
+        """Load blocks ``[first, end)``: those before ``g4_first`` from the local tiers, the rest from the other
+        instance's G2 that ``hit`` names (one asynchronous load)."""
+        state.loading, state.g4_tried = True, True
+        plan = self.index.plan_load(state.hashes[first:g4_first], block_ids[first:g4_first])
+        source = replace(hit.source, request_id=f"g4:{state.request_id}")
+        n = end - g4_first
+        move = Move(self.index.reserve_move_id(), MoveKind.LOAD, REMOTE_TIER, ENGINE_TIER, hit.slots[:n],
+                    tuple(block_ids[g4_first:end]), hit.hashes[:n], source)
+        self._remote_moves.add(move.move_id)
+        load = RequestLoad(state.request_id, (*plan.moves, move), tuple(block_ids[first + i] for i in
+                                                                         sorted(plan.missing)))
+        self._loads.append(load)
+        return load
 
     def plan_remote_load(self, request_id: str, source: RemoteSource, hashes: Sequence[int], slots: Sequence[int],
                          engine_ids: Sequence[int]) -> RequestLoad:
@@ -346,6 +401,12 @@ class ConnectorLeader:
         host = min(max(state.host_blocks * self.block_size - state.local_tokens, 0), num_tokens)
         return host, num_tokens - host
 
+    def g4_tokens(self, state: TrackedRequest, num_tokens: int) -> int:
+        """Of ``num_tokens`` planned for loading after the engine's hit, those from another instance's G2 (G4)."""
+        if state.g4_from is None:
+            return 0
+        return min(max(state.local_tokens + num_tokens - state.g4_from * self.block_size, 0), num_tokens)
+
     def lookup(self, hashes: Sequence[int], *, whole_prompt: bool) -> tuple[int, int]:
         """``(blocks matched, of which in G2)`` for the longest stored run of ``hashes`` whose load is expected to be
         faster than recomputing it (every hit without a cost rule); recorded in the metrics."""
@@ -410,6 +471,9 @@ class ConnectorLeader:
                 self.metrics.record_remote_pin_timeouts(len(expired))
         if self.metrics is not None and self.endpoints is not None:
             self.metrics.set_remote_pins(len(self.pins))
+        if self.directory is not None:
+            self.directory.endpoints = self.endpoints
+            self.directory.flush()
         cascades = self.index.plan_cascades() if self.index.has_cascades() else []
         cascades, self._releases = cascades + self._releases, []
         return StepPlan(loads, stores, cascades, preempted, list(held))

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import bisect
 from collections import OrderedDict
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
-__all__ = ["BlockPool", "Allocation", "PoolInvariantError", "FREE", "PENDING", "COMMITTED"]
+__all__ = ["BlockPool", "Allocation", "PoolInvariantError", "PoolWatcher", "FREE", "PENDING", "COMMITTED"]
 
 FREE, PENDING, COMMITTED = 0, 1, 2
 _STATE_NAMES = ("free", "pending", "committed")
@@ -35,6 +35,16 @@ _STATE_NAMES = ("free", "pending", "committed")
 
 class PoolInvariantError(RuntimeError):
     """The pool's bookkeeping is inconsistent (a bug in the pool or in how it is driven)."""
+
+
+class PoolWatcher(Protocol):
+    """Told which blocks a pool holds committed (``BlockPool.watcher``; e.g. the shared G4 tier's directory)."""
+
+    def committed(self, seq_hash: int, slot: int) -> None:
+        """``seq_hash`` is committed in ``slot``."""
+
+    def dropped(self, seq_hash: int, slot: int) -> None:
+        """The committed ``seq_hash`` left ``slot`` (evicted or discarded)."""
 
 
 class Allocation(NamedTuple):
@@ -68,6 +78,7 @@ class BlockPool:
         # scans over the holes earlier deletions left at its front, which is not O(1).
         self._inactive: dict[int, OrderedDict[int, None]] = {}
         self._priorities: list[int] = []
+        self.watcher: PoolWatcher | None = None  #: told of every commit, eviction and discard of a committed block
 
     # -- queries ---------------------------------------------------------------------------------------------
 
@@ -129,6 +140,8 @@ class BlockPool:
             self._deactivate(slot)
             evicted = self._hash[slot]
             del self._slot_of[evicted]
+            if self.watcher is not None:
+                self.watcher.dropped(evicted, slot)
         else:
             return None
         self._state[slot] = PENDING
@@ -142,6 +155,8 @@ class BlockPool:
         self._expect(slot, PENDING, "commit")
         self._state[slot] = COMMITTED
         self._make_inactive(slot)
+        if self.watcher is not None:
+            self.watcher.committed(self._hash[slot], slot)
 
     def discard(self, slot: int) -> None:
         """Free a PENDING slot whose write failed, or an unheld COMMITTED one whose bytes are known bad;
@@ -156,6 +171,8 @@ class BlockPool:
                     f"{self.name}: cannot discard slot {slot}: it has {self._holds[slot]} hold(s); release first"
                 )
             self._deactivate(slot)
+            if self.watcher is not None:
+                self.watcher.dropped(self._hash[slot], slot)
         del self._slot_of[self._hash[slot]]
         self._state[slot] = FREE
         self._hash[slot] = None

@@ -16,9 +16,10 @@ state (Mamba, linear attention) is refused with the reason logged: no request is
 
 Disaggregated prefill -> decode: ``kv_role`` ``kv_producer`` keeps finished requests' blocks in G2 for decode
 instances and hands back ``kv_transfer_params`` naming them; ``kv_consumer`` loads a request's blocks from the
-producer named in its params over NIXL (`kvbm.connectors.pd`); ``kv_both`` offloads only. Each worker's NIXL
-endpoint reaches the scheduler through vLLM's handshake metadata (``get_handshake_metadata`` ->
-``set_xfer_handshake_metadata``).
+producer named in its params over NIXL (`kvbm.connectors.pd`); ``kv_both`` offloads only. With
+``DYN_KVBM_G4_ETCD_ENDPOINT`` (the shared G4 tier, `kvbm.connectors.directory`) every rank of any role exports its G2
+and loads prefix blocks other instances hold. Each worker's NIXL endpoint reaches the scheduler through vLLM's
+handshake metadata (``get_handshake_metadata`` -> ``set_xfer_handshake_metadata``).
 """
 from __future__ import annotations
 
@@ -81,7 +82,8 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
         self.block_bytes = self.layout.total_block_bytes  # summed over ranks: sizes the tiers on both sides
         self.latent = type(kv_cache_config.kv_cache_groups[0].kv_cache_spec) is MLAAttentionSpec
         kv_role = self._kv_transfer_config.kv_role
-        self.g4 = G4Options(export=kv_role == "kv_producer", load=kv_role == "kv_consumer",
+        shared = bool(self.config.g4_etcd_endpoint)  # the shared G4 tier: every instance exports and loads
+        self.g4 = G4Options(export=kv_role == "kv_producer" or shared, load=kv_role == "kv_consumer" or shared,
                             timeout_s=self.config.pd_load_timeout_secs)
         self.scheduler_side: SchedulerSide | None = None
         self.worker: ConnectorWorker | None = None
@@ -91,7 +93,8 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
                 kvbm_tiers(self.config, self.block_bytes, self.layout.host_block_bytes), self.config, self.block_size,
                 num_workers=self.layout.world_size, metrics=metrics, block_bytes=self.block_bytes, layerwise=True))
             leader.engine_id = str(self._kv_transfer_config.engine_id)
-            self.scheduler_side = SchedulerSide(leader, producer=self.g4.export, consumer=self.g4.load)
+            self.scheduler_side = SchedulerSide(leader, producer=kv_role == "kv_producer",
+                                                consumer=kv_role == "kv_consumer")
         elif role != KVConnectorRole.WORKER:
             raise ValueError(f"role must be a KVConnectorRole, got {role!r}")
         if self.scheduler_side is not None:
@@ -262,6 +265,8 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
             self.worker = None
         elif self.scheduler_side is None:
             return
+        elif self.scheduler_side.leader.directory is not None:
+            self.scheduler_side.leader.directory.close()  # this instance's G4 entries vanish now
         self.scheduler_side = None
         process_metrics.release()
 

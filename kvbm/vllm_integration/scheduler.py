@@ -125,13 +125,16 @@ class SchedulerSide:
             params["do_remote_prefill"] = False  # loaded once; recomputed if that fails
 
     def hit_sources(self, request: Request, num_external_tokens: int) -> dict[CacheHitSource, int]:
-        """The ``num_external_tokens`` planned for loading, by source: G2 (HOST) and G3 (DISK), or another
-        instance's G2 (P2P)."""
+        """The ``num_external_tokens`` planned for loading, by source: G2 (HOST) and G3 (DISK), and another
+        instance's G2 (P2P: a P/D prefill, or the shared G4 tier)."""
         remote = self._remote_hits.get(request.request_id)
         if remote is not None:
             return {CacheHitSource.P2P: remote} if remote else {}
-        host, disk = self.leader.hit_split(self._state(request), max(num_external_tokens, 0))
-        return {source: n for source, n in ((CacheHitSource.HOST, host), (CacheHitSource.DISK, disk)) if n}
+        state, n = self._state(request), max(num_external_tokens, 0)
+        p2p = self.leader.g4_tokens(state, n)
+        host, disk = self.leader.hit_split(state, n - p2p)
+        return {source: k for source, k in ((CacheHitSource.HOST, host), (CacheHitSource.DISK, disk),
+                                            (CacheHitSource.P2P, p2p)) if k}
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> DynamoConnectorMetadata:
         """This step's plan (and reset the per-step queues)."""
