@@ -154,6 +154,9 @@ class KvbmMetrics:
                          "one, their blocks lost (total)")
         self._totals.add("kvbm_remote_pin_timeouts", "Finished requests whose blocks were kept for a decode instance "
                          "and released unread after the timeout (total)")
+        self._totals.add("kvbm_g4_lookups", "Lookups of the shared G4 tier's hash directory (etcd), each for the "
+                         "blocks after a request's local run (total)")
+        self._totals.add("kvbm_g4_hit_blocks", "Blocks those lookups found held by another instance (total)")
         by_direction = [(d,) for d in DIRECTIONS]
         self._totals.add("kvbm_transfer_bytes", "Bytes of blocks moved intact, per direction (total)",
                          ("direction",), by_direction)
@@ -174,6 +177,9 @@ class KvbmMetrics:
                                   ["direction"], buckets=_SECONDS_BUCKETS, registry=self.registry)
         for d in DIRECTIONS:
             self._seconds.labels(d)
+        self._g4_seconds = Histogram("kvbm_g4_lookup_seconds", "Time of one lookup of the shared G4 tier's hash "
+                                     "directory, on the scheduler's thread", buckets=_SECONDS_BUCKETS,
+                                     registry=self.registry)
         self._bandwidth = Gauge("kvbm_load_bandwidth_bytes_per_second",
                                 "Estimated load bandwidth into the engine's cache, per source tier (measured, else "
                                 "configured)", ["tier"], registry=self.registry)
@@ -263,6 +269,15 @@ class KvbmMetrics:
     def record_remote_pin_timeouts(self, count: int) -> None:
         """Add ``count`` kept requests released unread after the timeout."""
         self._totals.inc("kvbm_remote_pin_timeouts", _check_count("count", count))
+
+    def record_g4_lookup(self, hit_blocks: int, seconds: float) -> None:
+        """One lookup of the shared G4 tier's directory: ``hit_blocks`` found at another instance, in ``seconds``."""
+        n = _check_count("hit_blocks", hit_blocks)
+        t = self._check_rate("seconds", seconds)
+        self._totals.inc("kvbm_g4_lookups", 1)
+        if n:
+            self._totals.inc("kvbm_g4_hit_blocks", n)
+        self._g4_seconds.observe(t)
 
     def record_disk_file_renewals(self, count: int) -> None:
         """Add ``count`` disk tier files found deleted and replaced."""

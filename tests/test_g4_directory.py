@@ -24,6 +24,7 @@ from kvbm.connectors.messages import WorkerReport
 from kvbm.kernels.medium import Medium
 from kvbm.leader import MoveResult
 from kvbm.leader.plans import ENGINE_TIER, REMOTE_TIER
+from kvbm.metrics import KvbmMetrics
 from kvbm.tiers import TierSpec
 
 BS = 16
@@ -172,7 +173,7 @@ def test_unreachable_etcd_is_a_miss_and_a_warning_then_left_alone(caplog) -> Non
 
 def _leader(etcd: EtcdServer, endpoints: tuple[bytes, ...], blocks: int = 32) -> ConnectorLeader:
     leader = ConnectorLeader([TierSpec("G2", Medium.HOST, blocks)], KvbmConfig(g4_etcd_endpoint=etcd.url), BS,
-                             num_workers=len(endpoints))
+                             num_workers=len(endpoints), metrics=KvbmMetrics())
     leader.endpoints = endpoints
     return leader
 
@@ -200,9 +201,11 @@ def test_leader_extends_its_local_run_with_another_instances_blocks(etcd: EtcdSe
         held = holder.index.pool("G2")
         reader.endpoints = None  # workers that export nothing (an engine without G4 endpoints) never look up
         assert reader.match(reader.track("req-no-g4", salt=0), tokens, BS) == 2 * BS
+        assert reader.metrics.value("kvbm_g4_lookups") == 0
         reader.endpoints = (b"r0", b"r1")
         state = reader.track("req", salt=0)
         assert reader.match(state, tokens, BS) == 7 * BS  # vLLM's hit: 1 block; G2: 2 more; G4: 5 more
+        assert reader.metrics.value("kvbm_g4_lookups") == 1 and reader.metrics.value("kvbm_g4_hit_blocks") == 5
         assert reader.hit_split(state, 7 * BS - reader.g4_tokens(state, 7 * BS)) == (2 * BS, 0)
         assert reader.g4_tokens(state, 7 * BS) == 5 * BS and reader.g4_tokens(state, 3 * BS) == BS
         load = reader.plan_matched_load(state, list(range(100, 109)), 7)

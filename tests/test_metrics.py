@@ -84,6 +84,16 @@ def test_exact_names_over_http(served) -> None:
     assert m.render().decode().count("\nkvbm_offload_blocks_d2h ") == 1
 
 
+def test_g4_lookups_hit_blocks_and_time() -> None:
+    m = KvbmMetrics()
+    m.record_g4_lookup(0, 0.004)
+    m.record_g4_lookup(16, 0.0002)
+    assert m.value("kvbm_g4_lookups") == 2 and m.value("kvbm_g4_hit_blocks") == 16
+    got = samples(m.render().decode())
+    assert got[("kvbm_g4_lookup_seconds_count", ())] == 2
+    assert got[("kvbm_g4_lookup_seconds_bucket", (("le", "0.0003"),))] == 1
+
+
 def test_failed_blocks_never_counted_as_moved() -> None:
     m = KvbmMetrics()
     m.record_transfer("g3_to_g1", blocks_ok=0, blocks_failed=5, num_bytes=0, seconds=0.01)
@@ -151,6 +161,8 @@ def test_instances_are_independent() -> None:
     (lambda m: m.record_request_lookup(4, 3, 2), ValueError, r"host_hits \+ disk_hits \(3 \+ 2\) exceeds .* \(4\)"),
     (lambda m: m.record_request_lookup(4, -1, 2), ValueError, r"host_hits"),
     (lambda m: m.record_matched_tokens(True), TypeError, r"num_tokens"),
+    (lambda m: m.record_g4_lookup(-1, 0.1), ValueError, r"hit_blocks"),
+    (lambda m: m.record_g4_lookup(1, -0.1), ValueError, r"seconds"),
     (lambda m: m.value("kvbm_nope"), KeyError, r"kvbm_nope"),
     (lambda m: m.value("kvbm_transfer_bytes"), ValueError, r"needs a direction"),
     (lambda m: m.value("kvbm_matched_tokens", "g1_to_g2"), ValueError, r"no direction label"),

@@ -23,6 +23,7 @@ set: their G4 endpoints also load) looks up in G4; hybrid models do not.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -251,9 +252,12 @@ class ConnectorLeader:
         or None; nothing when the first of them is in a local tier (the cost rule left it out)."""
         if not hashes or any(self.index.pool(t).find(hashes[0]) is not None for t in self.index.tier_names):
             return None
+        t0 = time.perf_counter()
         hit = self.directory.lookup(hashes, self.num_workers)
-        if hit is not None and self.metrics is not None:
-            self.metrics.record_matched_tokens(len(hit.hashes) * self.block_size)
+        if self.metrics is not None:
+            self.metrics.record_g4_lookup(len(hit.hashes) if hit is not None else 0, time.perf_counter() - t0)
+            if hit is not None:
+                self.metrics.record_matched_tokens(len(hit.hashes) * self.block_size)
         return hit
 
     def match_remote(self, state: TrackedRequest, tokens: Sequence[int], num_computed_tokens: int,
