@@ -186,7 +186,8 @@ class KvbmMetrics:
         self._pinned = Gauge("kvbm_remote_pinned_requests", "Finished requests whose G2 blocks are kept for a decode "
                              "instance to read", registry=self.registry)
         self._prefill = Gauge("kvbm_prefill_tokens_per_second",
-                              "Estimated prefill rate of the engine (measured, else configured)", registry=self.registry)
+                              "Estimated prefill rate of the engine (measured, else configured)",
+                              registry=self.registry)
         self._gauge_values: dict[tuple[str, str], float] = {}
         self._listeners: list[Callable[[], TransferListener | None]] = []  # weak or strong references
 
