@@ -4,7 +4,7 @@ A copy moves, for each of `n` block pairs and each (layer, kv) piece, a `[token,
 source to the destination. The plan reduces that box to at most three dimensions by merging those that are
 contiguous in both caches (so a piece that is one dense run in both becomes one long row), and widens the element
 to the largest integer unit (up to 8 bytes) that every address, stride and row length allows, so kernels move
-8-byte words and the compiler can issue 16-byte vector accesses. Addresses are kept as unit offsets from one base
+8-byte words and the compiler can emit 16-byte vector accesses. Addresses are kept as unit offsets from one base
 pointer per cache plus a per-piece offset table built once per cache pair (no per-transfer pointer arrays).
 """
 from __future__ import annotations

@@ -33,7 +33,7 @@ TILE_BYTES = 16384
 
 # The ids, offset tables and tile count vary per launch and only feed scalar loads and the loop bound: not specialized
 # on, so one compiled kernel per cache pair serves every launch (see `launch`). The cache bases keep their alignment
-# specialization (fixed per pair; it lets the compiler issue 16-byte accesses).
+# specialization (fixed per pair; it lets the compiler emit 16-byte accesses).
 @triton.jit(do_not_specialize=["total_tiles"],
             do_not_specialize_on_alignment=["src_piece_off", "dst_piece_off", "src_ids", "dst_ids"])
 def copy_blocks_kernel(
@@ -55,7 +55,7 @@ def copy_blocks_kernel(
         j = pair // num_pieces
         p = pair - j * num_pieces
         # Piece offsets come in units of ALIGN and every stride is a multiple of ALIGN (both checked on the host),
-        # so the compiler can prove each row start is ALIGN-aligned and issue 16-byte accesses.
+        # so the compiler can prove each row start is ALIGN-aligned and emit 16-byte accesses.
         src_off = tl.load(src_piece_off + p) * ALIGN + tl.load(src_ids + j) * src_block_stride
         dst_off = tl.load(dst_piece_off + p) * ALIGN + tl.load(dst_ids + j) * dst_block_stride
         row_tile = tile // col_tiles
