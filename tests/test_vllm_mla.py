@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import vllm_ranks as R  # first: imports vLLM for the CPU platform
-from test_vllm_ranks import CONNECTOR, assert_clean, chat, run
+from test_vllm_ranks import assert_clean, chat, ranked, run
 from vllm_ranks import H
 
 from kvbm.config import GB
@@ -22,18 +22,9 @@ MODEL = H.TinyModelSpec(num_layers=3, num_kv_heads=1, num_attention_heads=8, hea
 LATENT_PAGE = 16 * 32 * 2  #: one layer of one block: tokens x latent width x bf16
 
 
-def mla_ranked(tmp_path: Path, tp: int, pp: int = 1, *, host: int | None = 512, disk: int | None = None,
-               extra: dict[str, Any] | None = None, **kw: Any) -> R.RankedVllmHarness:
-    """A harness of ``tp x pp`` ranks of the MLA model with ``host`` G2 and ``disk`` G3 blocks."""
-    config: dict[str, Any] = {}
-    if host is not None:
-        config["DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS"] = host
-    if disk is not None:
-        config.update(DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS=disk, DYN_KVBM_DISK_CACHE_DIR=str(tmp_path),
-                      DYN_KVBM_DISK_DISABLE_O_DIRECT="true", DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER="true")
-    config.update(extra or {})
-    harness = H.HarnessConfig(connector=CONNECTOR, connector_extra_config=config, model=MODEL, num_gpu_blocks=32)
-    return R.RankedVllmHarness(harness, tp, pp, mla=True, **kw)
+def mla_ranked(tmp_path: Path, tp: int, pp: int = 1, **kw: Any) -> R.RankedVllmHarness:
+    """A harness of ``tp x pp`` ranks of the MLA model (``ranked``'s tiers and options)."""
+    return ranked(tmp_path, tp, pp, model=MODEL, mla=True, **kw)
 
 
 def assert_stored_once(settled: list[dict[str, Any]], tp: int) -> None:

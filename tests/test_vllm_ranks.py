@@ -21,8 +21,8 @@ MODEL = H.TinyModelSpec(num_layers=3, num_kv_heads=4, num_attention_heads=8, hea
 
 
 def ranked(tmp_path: Path | None, tp: int, pp: int = 1, *, host: int | None = 512, disk: int | None = None,
-           extra: dict[str, Any] | None = None, **kw: Any) -> R.RankedVllmHarness:
-    """A harness of ``tp x pp`` ranks with ``host`` G2 and ``disk`` G3 blocks."""
+           extra: dict[str, Any] | None = None, model: H.TinyModelSpec = MODEL, **kw: Any) -> R.RankedVllmHarness:
+    """A harness of ``tp x pp`` ranks of ``model`` with ``host`` G2 and ``disk`` G3 blocks."""
     config: dict[str, Any] = {}
     if host is not None:
         config["DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS"] = host
@@ -30,7 +30,7 @@ def ranked(tmp_path: Path | None, tp: int, pp: int = 1, *, host: int | None = 51
         config.update(DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS=disk, DYN_KVBM_DISK_CACHE_DIR=str(tmp_path),
                       DYN_KVBM_DISK_DISABLE_O_DIRECT="true", DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER="true")
     config.update(extra or {})
-    harness = H.HarnessConfig(connector=CONNECTOR, connector_extra_config=config, model=MODEL, num_gpu_blocks=32)
+    harness = H.HarnessConfig(connector=CONNECTOR, connector_extra_config=config, model=model, num_gpu_blocks=32)
     return R.RankedVllmHarness(harness, tp, pp, **kw)
 
 
