@@ -14,10 +14,11 @@ tier stores them):
                    into a random half of a file twice as large: runs of about two slots, gaps between them)
 Without a GPU the G1 rows are left out. Each path (both directions) is warmed up with a one-block transfer first
 (the first read of a process compiles the bounce-to-host copy: timed inside the in-order read, it cut that row to a
-quarter of raw or less; the GPU paths build the transfer engine, whose compiled enqueue takes seconds). Writes are timed until their transfer reports done (then
-fsync), reads until the bytes are in the destination. GB/s are 1e9 bytes/s; "% raw" compares with the raw row of the
-same direction. With --repeat N every case (raw included) runs N times in rounds, so that drift of a shared disk
-touches all cases alike; the table shows medians and the range of the runs.
+quarter of raw or less; the GPU paths build the transfer engine, whose compiled enqueue takes seconds). Writes are
+timed until their transfer reports done (then fsync), reads until the bytes are in the destination. GB/s are 1e9
+bytes/s; "% raw" compares with the raw row of the same direction. With --repeat N every case (raw included) runs
+N times in rounds, so that drift of a shared disk touches all cases alike; the table shows medians and the range
+of the runs.
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ import mmap
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +42,7 @@ from kvbm.kernels.medium import Medium
 from kvbm.kernels.transfers import Transfers
 from kvbm.layouts import KVGeometry, allocate, copy_blocks
 from kvbm.tiers import TierSpec
+from kvbm.tools.checkout import checkout_commit
 from kvbm.worker.tier_memory import allocate_tier, close_tier
 
 MiB = 1 << 20
@@ -223,11 +224,9 @@ def main(argv: list[str] | None = None) -> int:
             gpu_rows(args, raw, runs)
         host_rows(args, raw, runs)
     rows = summarize(runs)
-    stamp = Path(__file__).resolve().parents[1] / ".kvbm_commit"  # a copy of the checkout names its commit there
-    commit = stamp.read_text().strip() if stamp.is_file() else subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "commit": commit or None,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "commit": checkout_commit(Path(__file__).resolve().parents[1]),
             "command": " ".join([Path(sys.executable).name, "-m", "bench.g3_bench", *(argv or sys.argv[1:])]),
             "python": platform.python_version(), "torch": torch.__version__, "dir": args.dir}
     raw = {r["direction"]: r["gbps"] for r in rows if r["case"] == "raw"}

@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from kvbm.tools.checkout import checkout_commit
 
 if not torch.cuda.is_available():  # vLLM (imported lazily below) picks its platform at import
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
@@ -272,14 +273,6 @@ def run_case(path_cls: type, g: Geometry, n: int, device: torch.device, iters: i
     return {d: nbytes / statistics.median(ts) / 1e9 for d, ts in times.items()}
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
-    except Exception:  # noqa: BLE001 - informational only
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark (or its CPU smoke version) and write results.json / results.md."""
     args = parse_args(argv)
@@ -314,7 +307,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  "path": path_cls.name, "gbps": gbps.get(d), "memcpy_gbps": base[d],
                                  "pct_of_memcpy": None if d not in gbps else 100 * gbps[d] / base[d],
                                  "error": error})
-    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": _commit(),
+    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "commit": checkout_commit(Path(__file__).resolve().parents[1]),
               "command": " ".join([sys.executable, "-m", "bench.offloading_bench", *(argv or sys.argv[1:])]),
               "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "smoke": smoke, "iters": iters, "notes": notes, "rows": rows}

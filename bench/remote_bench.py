@@ -26,7 +26,6 @@ import multiprocessing as mp
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -191,12 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     import torch
 
-    stamp = Path(__file__).resolve().parents[1] / ".kvbm_commit"  # a copy of the checkout names its commit there
-    commit = stamp.read_text().strip() if stamp.is_file() else subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-        cwd=Path(__file__).resolve().parent).stdout.strip()
+    from kvbm.tools.checkout import checkout_commit
+
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "gpu": torch.cuda.get_device_name() if result["device"] == "cuda" else None, "commit": commit or None,
+            "gpu": torch.cuda.get_device_name() if result["device"] == "cuda" else None,
+            "commit": checkout_commit(Path(__file__).resolve().parents[1]),
             "command": " ".join([Path(sys.executable).name, "bench/remote_bench.py", *(argv or sys.argv[1:])]),
             "python": platform.python_version(), "torch": torch.__version__,
             "ucx_tls": os.environ.get("UCX_TLS"), "smoke": args.smoke}

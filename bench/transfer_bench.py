@@ -31,6 +31,7 @@ import torch
 from kvbm.kernels.transfers import Transfers
 from kvbm.layouts import KVGeometry, allocate, block_major, copy_blocks
 from kvbm.layouts.presets import STAGING_ORDER
+from kvbm.tools.checkout import checkout_commit
 
 LLAMA8B = KVGeometry(num_layers=32, num_kv=2, block_size=16, num_heads=8, head_dim=128, itemsize=2)
 DEEPSEEK = KVGeometry(num_layers=61, num_kv=1, block_size=64, num_heads=1, head_dim=576, itemsize=2)
@@ -660,24 +661,6 @@ def pin_calling_thread(cpu: int | None) -> None:
         os.sched_setaffinity(0, {cpu})  # pid 0: the calling thread only
 
 
-def git_commit() -> str | None:
-    """The checked-out commit, with "+dirty" when tracked files differ from it (None outside a git checkout); a copy
-    of the checkout run on another machine names its commit in ``.kvbm_commit`` (see bench/gpu_session.sh)."""
-    import subprocess
-
-    stamp = Path(__file__).resolve().parents[1] / ".kvbm_commit"
-    if stamp.is_file():
-        return stamp.read_text().strip() or None
-
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench/results", help="folder for JSON, table and plot")
@@ -706,7 +689,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "python": platform.python_version(), "pinned_thread_cpu": args.pin_thread,
         "command": " ".join([os.path.basename(sys.executable), "-m", "bench.transfer_bench", *(argv or sys.argv[1:])]),
-        "commit": git_commit(),
+        "commit": checkout_commit(Path(__file__).resolve().parents[1]),
     }
     stem = args.stem or ("transfer_h200" if gpu and "H200" in meta["gpu"] else ("transfer_gpu" if gpu else "transfer_cpu"))
 

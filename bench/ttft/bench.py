@@ -20,7 +20,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +29,7 @@ from typing import Any
 
 import torch
 
+from kvbm.tools.checkout import checkout_commit
 from kvbm.tools.workload import ChatWorkload
 
 from .engine import Engine, G1Pool, KvbmSide, Reference, RequestResult, sync
@@ -596,23 +596,6 @@ def run_model(args: argparse.Namespace, name: str, device: torch.device, dtype: 
 # -- output ----------------------------------------------------------------------------------------------------
 
 
-def git_commit() -> str | None:
-    """The checked-out commit, "+dirty" when tracked files differ (None outside a git checkout); a copy of the
-    checkout run elsewhere names its commit in ``.kvbm_commit`` (see bench/gpu_session.sh)."""
-    root = Path(__file__).resolve().parents[2]
-    stamp = root / ".kvbm_commit"
-    if stamp.is_file():
-        return stamp.read_text().strip() or None
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
-
-
 def layer_wait_lines(notes: dict[str, Any]) -> str:
     """The layer-wise onboard's per-layer delay beside a prefill, per model, as text under the table."""
     lines = []
@@ -701,7 +684,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
         "triton": triton_version, "cuda": torch.version.cuda, "python": platform.python_version(),
-        "commit": git_commit(), "command": " ".join([os.path.basename(sys.executable), "-m", "bench.ttft", *argv]),
+        "commit": checkout_commit(Path(__file__).resolve().parents[2]),
+        "command": " ".join([os.path.basename(sys.executable), "-m", "bench.ttft", *argv]),
         "new_tokens": args.new_tokens, "reps": args.reps, "warmup": args.warmup,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
