@@ -28,7 +28,7 @@ class LayerwiseLoads:
     def __init__(self, store: BlockStore, engine_cache: Any, layers_per_group: int) -> None:
         self.store = store
         self.engine_cache = engine_cache
-        num_layers = engine_cache.geometry.num_layers
+        self.num_layers = num_layers = engine_cache.geometry.num_layers
         self.layers_per_group = layers_per_group
         self.groups = [(a, min(a + layers_per_group, num_layers)) for a in range(0, num_layers, layers_per_group)]
         self._waits: list[list[BlockTransfer]] = []
@@ -50,11 +50,13 @@ class LayerwiseLoads:
         whole before the first layer."""
         if self._waits:
             raise RuntimeError("the layer-wise loads of the previous step were not finished")
-        host = [m for m in moves if medium_of(self.store.cache(m.src_tier)) is Medium.HOST]
-        other = [m for m in moves if medium_of(self.store.cache(m.src_tier)) is not Medium.HOST]
+        host: list[Move] = []
+        other: list[Move] = []
+        for move in moves:
+            (host if medium_of(self.store.cache(move.src_tier)) is Medium.HOST else other).append(move)
         self._waits = [[] for _ in self.groups]
         if other:
-            self._waits[0].extend(*self.store.execute_by_layers(other, [(0, self.groups[-1][1])]))
+            self._waits[0].extend(*self.store.execute_by_layers(other, [(0, self.num_layers)]))
         for k, transfers in enumerate(self.store.execute_by_layers(host, self.groups)):
             self._waits[k].extend(transfers)
 
@@ -63,8 +65,8 @@ class LayerwiseLoads:
         on the device, on the CPU the call blocks until they are done."""
         if not self._waits:
             return
-        if not 0 <= layer < self.groups[-1][1]:
-            raise ValueError(f"layer {layer} is not one of the engine cache's {self.groups[-1][1]} layers")
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} is not one of the engine cache's {self.num_layers} layers")
         k = layer // self.layers_per_group
         stream = torch.cuda.current_stream(self.engine_cache.device) if self._gpu else None
         for transfer in self._waits[k]:
