@@ -364,13 +364,18 @@ def gpu_round_trip(transfers, tmp_path, rng, geometry=PADDED, n=7):
     return gpu, disk, slots, back, t
 
 
+def assert_read_back(gpu, back, n: int) -> None:
+    """``gpu_round_trip``'s blocks came back byte-exact: its ``n`` blocks, then block 0 read a second time."""
+    for i in range(n):
+        assert block_bytes(back, i) == block_bytes(gpu, i)
+    assert block_bytes(back, n) == block_bytes(gpu, 0)
+
+
 def test_gpu_disk_posix_through_the_gpu_host_path(stand_in_gpu_paths, transfers, tmp_path, rng):
     gpu, disk, slots, back, t = gpu_round_trip(transfers, tmp_path, rng)
     assert t.ok and t.path == "gpu-disk-posix", t.reasons
     assert transfers.path(Medium.GPU, Medium.DISK).mode == "posix"
-    for i in range(len(slots)):
-        assert block_bytes(back, i) == block_bytes(gpu, i)
-    assert block_bytes(back, len(slots)) == block_bytes(gpu, 0)
+    assert_read_back(gpu, back, len(slots))
     me = threading.current_thread().name
     assert stand_in_gpu_paths.threads and set(stand_in_gpu_paths.threads) == {me}
     assert bounce_pool(transfers, PADDED, DT).num_free() == transfers.bounce_chunks
@@ -469,9 +474,7 @@ def test_auto_uses_gds_when_probe_and_registration_succeed(nvidia_fs, host_stagi
     gpu, disk, slots, back, t = gpu_round_trip(transfers, tmp_path, rng)
     assert t.ok and t.path == "gpu-disk-gds", t.reasons
     assert transfers.path(Medium.GPU, Medium.DISK).mode == "gds"
-    for i in range(len(slots)):
-        assert block_bytes(back, i) == block_bytes(gpu, i)
-    assert block_bytes(back, len(slots)) == block_bytes(gpu, 0)
+    assert_read_back(gpu, back, len(slots))
     sb = disk.slot_bytes
     read = [s for c in cufile.calls if c[0:1] == ("read",) for s in range(c[1] // sb, (c[1] + c[2]) // sb)]
     assert sorted(read) == sorted(int(s) for s in slots)  # each slot once, though slot 0 went to two blocks
