@@ -76,6 +76,11 @@ def test_a_transfer_of_parts_fails_a_block_where_any_part_failed() -> None:
     assert whole.results == [BlockStatus.OK, BlockStatus.FAILED, BlockStatus.OK, BlockStatus.FAILED]
     with pytest.raises(ValueError, match="same blocks"):
         BlockTransfer.all_of([BlockTransfer.completed(2, "a"), BlockTransfer.completed(3, "b")], "x")
+    part = BlockTransfer.part_of(whole, 1, 4)  # blocks 1..3 of the whole, numbered from 0
+    assert part.done() and part.reasons == {0: "layer 1 failed", 2: "read bad"} and part.lost == {2}
+    for bounds in [(0, 0), (2, 5), (-1, 2)]:
+        with pytest.raises(ValueError, match="not a part"):
+            BlockTransfer.part_of(whole, *bounds)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: the stream ordering of layer-wise loads")
