@@ -5,7 +5,9 @@ hot-loop time: the first DMA of a 256-block offload started 0.3-0.6 ms after the
 (measured on the H200 machine). Here one numba function does all of it: uploads the GPU block ids, launches each
 chunk's gather or scatter (the compiled Triton kernel, through ``cuLaunchKernel``), orders the streams with events
 and issues each chunk's batched DMA. The driver's entry points are ctypes functions, which numba calls in nopython
-mode; `build(calls)` also takes stand-ins, so the enqueue logic is tested without a GPU.
+mode; `build(calls)` also takes stand-ins, so the enqueue logic is tested without a GPU. A chunk's pieces of one row
+go in batched copies, those of several rows (a run of a layer view of the host cache, see `host_runs`) one 2-D copy
+each (`copy_2d`).
 
 A kernel is launched directly only when `launch_row` can vouch for its parameters (``cuFuncGetParamInfo``: the
 seven arguments and at most two scratch pointers, no scratch memory, one CTA per program, no special launch); else
@@ -22,6 +24,7 @@ import numba
 import numpy as np
 
 from .batch_memcpy import MAX_PIECES_PER_CALL, batch_entry
+from .copy_2d import COPY_2D, DESCRIPTOR_FIELDS, DEVICE, HOST, copy_2d_entry, describe
 from .cuda_runtime import CudaError, CudaUnavailableError, driver_error_name, driver_function
 from .host_runs import Chunk, _schedule
 from .stream_events import entry_points
@@ -85,14 +88,14 @@ class Lane(enum.IntEnum):
 
 #: Enqueue steps, named in the error of a failed driver call.
 STEPS = ("cuEventRecord", "cuStreamWaitEvent", "cuEventSynchronize(id ring slot)", "cuMemcpyHtoDAsync(block ids)",
-         "cuLaunchKernel(gather/scatter)", "cuMemcpyBatchAsync")
+         "cuLaunchKernel(gather/scatter)", "cuMemcpyBatchAsync", "cuMemcpy2DAsync")
 _RUNTIME_PARAMS = 7  # the kernel's arguments before its compile-time constants
 _SCRATCH_PARAMS_MAX = 2  # pointers Triton appends (global and profile scratch); passed as null
 
 
 class DriverCalls(NamedTuple):
     """The driver entry points the compiled enqueue calls, as ctypes functions of `stream_events.RECORD` /
-    `stream_events.WAIT` and the prototypes above."""
+    `stream_events.WAIT`, the prototypes above and `copy_2d.COPY_2D`."""
 
     record: Any
     wait: Any
@@ -101,6 +104,7 @@ class DriverCalls(NamedTuple):
     launch: Any
     batch: Any
     batch_has_fail_index: bool
+    copy_2d: Any
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,7 +118,8 @@ def driver_calls() -> DriverCalls:
     entry = batch_entry()
     address = ctypes.cast(entry.function, ctypes.c_void_p).value
     batch = (BATCH_WITH_FAIL_INDEX if entry.has_fail_index else BATCH)(address)
-    return DriverCalls(*entry_points(), *found, batch, entry.has_fail_index)
+    return DriverCalls(*entry_points(), *found, batch, entry.has_fail_index, COPY_2D(
+        ctypes.cast(copy_2d_entry(), ctypes.c_void_p).value))
 
 
 @functools.lru_cache(maxsize=None)
@@ -166,6 +171,7 @@ def build(calls: DriverCalls) -> Callable:
     The chunks, their slots and DMA pieces are those of `host_runs.schedule`, which the Python enqueue executes too.
     """
     record, wait, sync, htod, launch_fn, batch_fn = calls[:6]
+    copy_2d = calls.copy_2d
     if calls.batch_has_fail_index:
         @numba.njit(nogil=True)
         def batch_call(dsts, srcs, sizes, count, attrs, attrs_index, stream, fail):  # pragma: no cover (compiled)
@@ -187,23 +193,52 @@ def build(calls: DriverCalls) -> Callable:
         return 0
 
     @numba.njit(nogil=True)
-    def dma(lane, dsts, srcs, sizes, count, after, landed, attrs, attrs_index, min_split, fail):  # pragma: no cover
-        """The pieces once event `after` has happened, split over the two DMA streams from `min_split` pieces on;
-        `landed` recorded on the first once all have landed. (error code, step)."""
+    def dma(lane, dsts, srcs, widths, rows, count, after, landed, attrs, attrs_index, min_split, fail, d2h, pair,
+            desc):  # pragma: no cover (compiled)
+        """The pieces once event `after` has happened; `landed` recorded on the first DMA stream once all have landed.
+        Pieces of one row in batched copies, split over the two DMA streams from `min_split` of them on; each piece
+        of several rows one 2-D copy, on the stream with fewer bytes queued so far. (error code, step)."""
         first, second = lane[Lane.DMA_STREAM], lane[Lane.SECOND_DMA_STREAM]
-        half = (count + 1) // 2 if count >= min_split else count
+        multi = 0
+        for i in range(count):
+            multi += rows[i] > 1
+        singles = count - multi
+        one_d, one_s, one_w = dsts, srcs, widths
+        if multi:  # the one-row pieces, compacted for the batched copies
+            keep = rows[:count] == 1
+            one_d, one_s, one_w = dsts[:count][keep], srcs[:count][keep], widths[:count][keep]
+        half = (singles + 1) // 2 if singles >= min_split else singles
+        two = half < singles or multi > 1
         code = wait(first, after, 0)
-        if code == 0 and half < count:
+        if code == 0 and two:
             code = wait(second, after, 0)
         if code:
             return code, 1
-        code = batch(dsts, srcs, sizes, 0, half, attrs, attrs_index, first, fail)
+        code = batch(one_d, one_s, one_w, 0, half, attrs, attrs_index, first, fail)
         if code:
             return code, 5
-        if half < count:
-            code = batch(dsts, srcs, sizes, half, count - half, attrs, attrs_index, second, fail)
+        if half < singles:
+            code = batch(one_d, one_s, one_w, half, singles - half, attrs, attrs_index, second, fail)
             if code:
                 return code, 5
+        if multi:
+            queued = np.zeros(2, np.uint64)
+            queued[0], queued[1] = one_w[:half].sum(), one_w[half:singles].sum()
+            host_pitch, stage_pitch = pair[Pair.HOST_STRIDE], pair[Pair.BLOCK_BYTES]
+            for i in range(count):
+                if rows[i] > 1:
+                    k = 1 if two and queued[1] < queued[0] else 0
+                    if d2h:
+                        describe(desc, dsts[i], host_pitch, HOST, srcs[i], stage_pitch, DEVICE, widths[i],
+                                 rows[i])
+                    else:
+                        describe(desc, dsts[i], stage_pitch, DEVICE, srcs[i], host_pitch, HOST, widths[i],
+                                 rows[i])
+                    code = copy_2d(desc.ctypes.data, second if k else first)
+                    if code:
+                        return code, 6
+                    queued[k] += widths[i] * rows[i]
+        if two:
             code = record(lane[Lane.SECOND_LANDED], second)
             if code:
                 return code, 0
@@ -257,13 +292,14 @@ def build(calls: DriverCalls) -> Callable:
                 code = wait(lane[Lane.SECOND_DMA_STREAM], lane[Lane.READY], 0)
         if code:
             return code, 1
-        chunks, hosts, stage, sizes = _schedule(
+        chunks, hosts, stage, widths, rows_of = _schedule(
             host_ids, pair[Pair.PER_CHUNK], d2h, pair[Pair.HOST_BASE], pair[Pair.HOST_STRIDE], pair[Pair.BLOCK_BYTES],
             lane[Lane.STAGING], lane[Lane.SLOT_BYTES], state, slot_events.shape[0])
         argv = np.empty(16, np.uint64)
         params = np.empty(16, np.uint64)
         fail = np.zeros(1, np.uint64)
         fail_address = fail.ctypes.data
+        desc = np.empty(DESCRIPTOR_FIELDS, np.uint64)
         ids_device = 0
         for c in range(chunks.shape[0]):
             start, m, slot = chunks[c, Chunk.START], chunks[c, Chunk.COUNT], chunks[c, Chunk.SLOT]
@@ -283,13 +319,13 @@ def build(calls: DriverCalls) -> Callable:
                 code = record(lane[Lane.GATHERED], kernel)
                 if code:
                     return code, 0
-                code, step = dma(lane, hosts[a:b], stage[a:b], sizes[a:b], b - a, lane[Lane.GATHERED], done, attrs,
-                                 attrs_index, min_split, fail_address)
+                code, step = dma(lane, hosts[a:b], stage[a:b], widths[a:b], rows_of[a:b], b - a, lane[Lane.GATHERED],
+                                 done, attrs, attrs_index, min_split, fail_address, True, pair, desc)
                 if code:
                     return code, step
             else:
-                code, step = dma(lane, stage[a:b], hosts[a:b], sizes[a:b], b - a, done, lane[Lane.LANDED], attrs,
-                                 attrs_index, min_split, fail_address)
+                code, step = dma(lane, stage[a:b], hosts[a:b], widths[a:b], rows_of[a:b], b - a, done,
+                                 lane[Lane.LANDED], attrs, attrs_index, min_split, fail_address, False, pair, desc)
                 if code:
                     return code, step
                 if ids_device == 0:  # the first DMA is queued: now the ids its scatter needs

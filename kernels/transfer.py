@@ -4,7 +4,7 @@ Three paths, each enqueued on the engine's own transfer streams and signalled by
 is never blocked):
 
 - "staged": gather the blocks into a bounded device staging buffer with the Triton kernel, then one DMA piece per
-  run of consecutive host blocks, the pieces split between two DMA streams; pipelined in chunks over staging
+  run of consecutive host blocks (one 2-D copy per run of a layer view), the pieces split between two DMA streams; pipelined in chunks over staging
   slots so the gather of chunk i+1 overlaps the DMA of chunk i (H2D: DMA into staging, then scatter). The SM part
   is a short full-speed burst; PCIe is crossed by the copy engine. The default.
 - "zero_copy": the kernel reads or writes pinned host memory directly over UVA. Lowest latency for small
@@ -33,6 +33,7 @@ from kvbm.layouts.conversion import block_id_array, check_caches, check_transfer
 
 from . import host_memory, host_runs, id_check, staged_enqueue, stream_events as events
 from .batch_memcpy import ATTRS_INDEX_ADDRESS, attributes_address, memcpy_batch_unchecked
+from .copy_2d import DEVICE, HOST, memcpy_2d_async
 from .copy_plan import CopyPlan, IdentityMemo, build_plan, memo_on
 from .cuda_runtime import CudaUnavailableError, check, cuda_rt
 from .device_pointer import DevicePointer
@@ -445,23 +446,49 @@ class TransferEngine:
                                np.ascontiguousarray(sizes, dtype=np.uint64), stream, direction=direction,
                                device=self.device.index)
 
-    def _dma_split(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, lane: _Lane, after: int | None,
-                   direction: str, landed: int) -> None:
-        """DMA pieces once event `after` (if any) has happened: with `MIN_PIECES_TO_SPLIT` or more, the first half
-        on the lane's first DMA stream and the rest on its second, else all on the first; records event `landed`
-        (on the first stream) once all have landed."""
+    def _dma_split(self, dsts: np.ndarray, srcs: np.ndarray, widths: np.ndarray, lane: _Lane, after: int | None,
+                   direction: str, landed: int, rows: np.ndarray | None = None, pitches: tuple[int, int] = (0, 0)
+                   ) -> None:
+        """DMA pieces once event `after` (if any) has happened, as the compiled enqueue's `dma` does: pieces of one
+        row batched, with `MIN_PIECES_TO_SPLIT` or more the first half on the lane's first DMA stream and the rest on
+        its second, else all on the first; each piece of several `rows` (host pitch, staging pitch: `pitches`) one
+        2-D copy on the stream with fewer bytes queued so far. Records event `landed` (on the first stream) once all
+        have landed."""
         first, second = lane.dma_handles
-        half = (dsts.size + 1) // 2 if dsts.size >= MIN_PIECES_TO_SPLIT else dsts.size
+        multi = np.flatnonzero(rows > 1) if rows is not None else np.zeros(0, dtype=np.int64)
+        one = rows == 1 if multi.size else slice(None)
+        one_d, one_s, one_w = dsts[one], srcs[one], widths[one]
+        singles = one_d.size
+        half = (singles + 1) // 2 if singles >= MIN_PIECES_TO_SPLIT else singles
+        two = half < singles or multi.size > 1
         if after is not None:
             events.wait(first, after)
-            if half < dsts.size:
+            if two:
                 events.wait(second, after)
-        self._dma_pieces(dsts[:half], srcs[:half], sizes[:half], first, direction)
-        if half < dsts.size:
-            self._dma_pieces(dsts[half:], srcs[half:], sizes[half:], second, direction)
+        if half:
+            self._dma_pieces(one_d[:half], one_s[:half], one_w[:half], first, direction)
+        if half < singles:
+            self._dma_pieces(one_d[half:], one_s[half:], one_w[half:], second, direction)
+        queued = [int(one_w[:half].sum()), int(one_w[half:].sum())]
+        for i in multi.tolist():
+            k = 1 if two and queued[1] < queued[0] else 0
+            self._copy_rows(int(dsts[i]), int(srcs[i]), int(widths[i]), int(rows[i]), pitches, direction,
+                            second if k else first)
+            queued[k] += int(widths[i]) * int(rows[i])
+        if two:
             events.record(lane.second_landed, second)
             events.wait(first, lane.second_landed)
         events.record(landed, first)
+
+    @staticmethod
+    def _copy_rows(dst: int, src: int, width: int, rows: int, pitches: tuple[int, int], direction: str,
+                   stream: int) -> None:
+        """One 2-D copy of a run of a layer view between the host cache and staging (`copy_2d`)."""
+        host_pitch, stage_pitch = pitches
+        if direction == "d2h":
+            memcpy_2d_async(dst, host_pitch, HOST, src, stage_pitch, DEVICE, width, rows, stream)
+        else:
+            memcpy_2d_async(dst, stage_pitch, DEVICE, src, host_pitch, HOST, width, rows, stream)
 
     @staticmethod
     def _finish(stream: torch.cuda.Stream) -> torch.cuda.Event:
@@ -537,10 +564,10 @@ class TransferEngine:
 
         def chunks() -> Iterator[None]:
             gpu_ids = None  # device address of the GPU ids (kernel gather), uploaded when first needed
-            table, hosts, stage, sizes = host_runs.schedule(
-                host_ids, per_chunk, direction, host.first_piece_address(),
-                host.layout.stride["block"] * src.geometry.itemsize, bb, lane.staging_address, lane.slot_bytes,
-                lane.state, len(lane.slot_done))
+            host_stride = host.layout.stride["block"] * src.geometry.itemsize
+            table, hosts, stage, widths, rows = host_runs.schedule(
+                host_ids, per_chunk, direction, host.first_piece_address(), host_stride, bb, lane.staging_address,
+                lane.slot_bytes, lane.state, len(lane.slot_done))
             for chunk in table.tolist():
                 start, n, slot = chunk[Chunk.START], chunk[Chunk.COUNT], chunk[Chunk.SLOT]
                 pieces = slice(chunk[Chunk.FIRST_PIECE], chunk[Chunk.END_PIECE])
@@ -552,9 +579,11 @@ class TransferEngine:
                     events.wait(lane.kernel_handle, done)
                     repack(gpu_ids, start, n, staging)
                     events.record(lane.gathered, lane.kernel_handle)
-                    self._dma_split(hosts[pieces], stage[pieces], sizes[pieces], lane, lane.gathered, "d2h", done)
+                    self._dma_split(hosts[pieces], stage[pieces], widths[pieces], lane, lane.gathered, "d2h", done,
+                                    rows[pieces], (host_stride, bb))
                 else:
-                    self._dma_split(stage[pieces], hosts[pieces], sizes[pieces], lane, done, "h2d", lane.landed)
+                    self._dma_split(stage[pieces], hosts[pieces], widths[pieces], lane, done, "h2d", lane.landed,
+                                    rows[pieces], (host_stride, bb))
                     if kernel_gather and gpu_ids is None:  # the first DMA is queued: now the ids its scatter needs
                         gpu_ids = lane.ids.upload(gpu_host_ids, kernel_stream).data_ptr()
                     events.wait(lane.kernel_handle, lane.landed)

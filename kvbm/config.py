@@ -14,7 +14,7 @@ whose hits are dropped is loaded anyway (one batch) to re-measure it, 0 never; `
 every hit.
 
 Layer-wise onboarding: a prefix hit held entirely in G2 is loaded while the forward that uses it runs, one group of
-``ONBOARD_LAYERS_PER_GROUP`` layers at a time, each layer's attention waiting only for its own group;
+layers at a time (1, 2, 4, ... layers, up to ``ONBOARD_LAYERS_PER_GROUP``), each layer's attention waiting only for its own group;
 ``DISABLE_LAYERWISE_ONBOARD`` loads every hit before the request is scheduled instead (as hits from G3 always are).
 
 Disaggregated prefill -> decode (`kvbm.connectors.pd`): ``PD_PIN_TIMEOUT_SECS`` is how long a prefill instance

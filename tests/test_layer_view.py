@@ -1,6 +1,6 @@
 """Layer views (`select_layers`) and what layer-wise transfers are made of, on the CPU: a copy between the views of
 two caches moves exactly those layers of the chosen blocks (checked against an independent oracle, every other byte
-untouched); the staged schedule of a layer view of a block-major cache keeps one DMA piece per block; a transfer made
+untouched); the staged schedule of a layer view of a block-major cache moves each run of blocks as one 2-D copy; a transfer made
 of per-group parts fails a block where any part failed it."""
 from __future__ import annotations
 
@@ -56,16 +56,30 @@ def test_layer_view_of_block_major_is_dense_per_block_but_not_across_blocks() ->
     assert blocks_dense(view) and not whole_blocks_contiguous(view)
 
 
-def test_schedule_of_a_layer_view_keeps_one_piece_per_block() -> None:
+def test_schedule_of_a_layer_view_is_one_row_per_block_of_each_run() -> None:
     ids = np.array([3, 4, 5, 9], dtype=np.int64)
     state = np.zeros(2, dtype=np.int64)
     block_bytes, stride = 64, 320  # two of five layers of a block-major cache
-    _, hosts, stage, sizes = schedule(ids, 8, "h2d", 1 << 20, stride, block_bytes, 1 << 30, 1 << 16, state, 2)
-    assert hosts.tolist() == [(1 << 20) + i * stride for i in ids.tolist()]
-    assert sizes.tolist() == [block_bytes] * 4
-    assert np.diff(stage).tolist() == [block_bytes] * 3
-    _, hosts, _, sizes = schedule(ids, 8, "h2d", 1 << 20, block_bytes, block_bytes, 1 << 30, 1 << 16, state, 2)
-    assert sizes.tolist() == [3 * block_bytes, block_bytes]  # a whole-block cache merges runs
+    _, hosts, stage, widths, rows = schedule(ids, 8, "h2d", 1 << 20, stride, block_bytes, 1 << 30, 1 << 16, state, 2)
+    assert hosts.tolist() == [(1 << 20) + i * stride for i in (3, 9)]  # run 3..5 (a 2-D copy of 3 rows), then 9
+    assert widths.tolist() == [block_bytes] * 2 and rows.tolist() == [3, 1]
+    assert (stage - stage[0]).tolist() == [0, 3 * block_bytes]
+    _, hosts, _, widths, rows = schedule(ids, 8, "h2d", 1 << 20, block_bytes, block_bytes, 1 << 30, 1 << 16, state, 2)
+    assert widths.tolist() == [3 * block_bytes, block_bytes] and rows.tolist() == [1, 1]  # whole blocks: dense runs
+
+
+@pytest.mark.parametrize("num_layers,per_group,sizes", [
+    (32, 4, [1, 2] + [4] * 7 + [1]), (4, 4, [1, 2, 1]), (4, 1, [1] * 4), (28, 8, [1, 2, 4, 8, 8, 5]), (1, 4, [1]),
+    (6, 2, [1, 2, 2, 1])])
+def test_layer_groups_grow_from_one_layer_to_the_group_size(num_layers: int, per_group: int, sizes: list[int]) -> None:
+    from kvbm.worker.layerwise import layer_groups
+
+    groups = layer_groups(num_layers, per_group)
+    assert [b - a for a, b in groups] == sizes
+    assert groups[0][0] == 0 and groups[-1][1] == num_layers and all(
+        groups[k][1] == groups[k + 1][0] for k in range(len(groups) - 1))
+    with pytest.raises(ValueError, match="layer groups need"):
+        layer_groups(num_layers, 0)
 
 
 def test_a_transfer_of_parts_fails_a_block_where_any_part_failed() -> None:
@@ -84,9 +98,11 @@ def test_a_transfer_of_parts_fails_a_block_where_any_part_failed() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: the stream ordering of layer-wise loads")
-def test_layerwise_load_into_a_gpu_cache_orders_each_layer_on_the_stream() -> None:
+@pytest.mark.parametrize("host_runs", [False, True])
+def test_layerwise_load_into_a_gpu_cache_orders_each_layer_on_the_stream(host_runs: bool) -> None:
     """A layer-wise G2 -> G1 load on the GPU: each layer's reads, queued on the current stream after
-    ``wait_for_layer``, see that layer's loaded bytes (fresh blocks poisoned first); no host wait is needed."""
+    ``wait_for_layer``, see that layer's loaded bytes (fresh blocks poisoned first); no host wait is needed. With
+    runs of consecutive G2 blocks the layer groups move by 2-D copies, else by batched pieces."""
     from kvbm.config import KvbmConfig
     from kvbm.connectors.messages import RequestLoad
     from kvbm.connectors.worker import ConnectorWorker
@@ -102,7 +118,10 @@ def test_layerwise_load_into_a_gpu_cache_orders_each_layer_on_the_stream() -> No
         g2 = worker.store.cache("G2")
         fill_random(g2, gen)
         fill_random(g1, gen)  # poison
-        src, dst = np.random.default_rng(3).choice(64, 40, replace=False), np.arange(10, 50)
+        rng = np.random.default_rng(3)
+        src = np.concatenate([np.arange(2, 19), [40], np.arange(44, 64), [0, 30]]) if host_runs else \
+            rng.choice(64, 40, replace=False)
+        dst = np.arange(10, 50)
         moves = tuple(Move(k, MoveKind.LOAD, "G2", "G1", tuple(int(i) for i in src[k * 20:(k + 1) * 20]),
                            tuple(int(i) for i in dst[k * 20:(k + 1) * 20]), tuple(range(20))) for k in range(2))
         want = to_logical("kvbm_staging", g2)[torch.as_tensor(src)].cuda()

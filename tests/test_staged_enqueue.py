@@ -27,6 +27,8 @@ SLOT_EVENTS, RING_EVENTS = [900, 901, 902], [800, 801, 802, 803]
 RING_IDS = 512
 STAGE_IDS, ATTRS, ATTRS_INDEX = 5 << 30, 42, 43
 HOST_BASE, BLOCK_BYTES = 1 << 36, 4096
+HOST_STRIDE = 3 * BLOCK_BYTES  # the host cache is a layer view: runs of consecutive blocks are 2-D copies
+HOST_MEMORY, DEVICE_MEMORY = 1, 2  # CUmemorytype
 
 
 class FakeDriver:
@@ -48,7 +50,17 @@ class FakeDriver:
         self.calls = se.DriverCalls(
             entry(RECORD, "record"), entry(WAIT, "wait"), entry(se.SYNC, "sync"),
             entry(se.HTOD, "htod", lambda dst, src, n, stream: (stream, dst, _read(src, n // 8))),
-            entry(se.LAUNCH, "launch", self._launch), entry(se.BATCH, "batch", self._batch), False)
+            entry(se.LAUNCH, "launch", self._launch), entry(se.BATCH, "batch", self._batch), False,
+            entry(se.COPY_2D, "copy2d", self._copy_2d))
+
+    @staticmethod
+    def _copy_2d(desc, stream):
+        """(stream, dst, dst pitch, dst type, src, src pitch, src type, width, rows) of a CUDA_MEMCPY2D."""
+        f = _read(desc, 16).tolist()
+        src = f[3] if f[2] == HOST_MEMORY else f[4]
+        dst = f[10] if f[9] == HOST_MEMORY else f[11]
+        assert f[0] == f[1] == f[5] == f[7] == f[8] == f[12] == 0  # no offsets, no arrays
+        return stream, dst, f[13], f[9], src, f[6], f[2], f[14], f[15]
 
     @staticmethod
     def _launch(function, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
@@ -90,7 +102,7 @@ def _tables(per_chunk: int, tiles: int, min_split: int, slot_bytes: int = SLOT_B
     rows = np.stack([_row(se.Launch, FUNCTION=7000 + slot, THREADS=128, SHARED=0, NUM_PARAMS=9, TILES_PER_PAIR=tiles,
                           SRC_BASE=11 + slot, DST_BASE=21 + slot, SRC_OFFSETS=31 + slot, DST_OFFSETS=41 + slot)
                      for slot in range(len(SLOT_EVENTS))])
-    pair = _row(se.Pair, HOST_BASE=HOST_BASE, HOST_STRIDE=3 * BLOCK_BYTES, BLOCK_BYTES=BLOCK_BYTES, PER_CHUNK=per_chunk,
+    pair = _row(se.Pair, HOST_BASE=HOST_BASE, HOST_STRIDE=HOST_STRIDE, BLOCK_BYTES=BLOCK_BYTES, PER_CHUNK=per_chunk,
                 STAGE_IDS=STAGE_IDS, ATTRS=ATTRS, ATTRS_INDEX=ATTRS_INDEX, MIN_PIECES_TO_SPLIT=min_split)
     return lane, rows, pair
 
@@ -130,7 +142,7 @@ def _happens_before(log: list[tuple]) -> tuple[list[tuple[int, tuple, set[int]]]
             recorded[call[1]] = set(past.get(call[2], set()))
         elif kind == "wait":
             past.setdefault(call[1], set()).update(recorded.get(call[2], set()))
-        elif kind in ("htod", "launch", "batch"):
+        elif kind in ("htod", "launch", "batch", "copy2d"):
             stream = call[1]
             ops.append((index, call, set(past.get(stream, set()))))
             past.setdefault(stream, set()).add(index)
@@ -166,21 +178,37 @@ def test_enqueue_pieces_launches_and_order_match_the_python_path(driver, d2h, n,
         assert values == [11 + slot, 21 + slot, 31 + slot, 41 + slot,
                           *((gpu_side, staging_side) if d2h else (staging_side, gpu_side)), m * tiles, 0, 0]
 
-    runs_found = HostRuns(host_ids, starts, HOST_BASE, 3 * BLOCK_BYTES, BLOCK_BYTES)
-    batches = [c for c in log if c[0] == "batch"]
-    got = iter(batches)
+    runs_found = HostRuns(host_ids, starts, HOST_BASE, HOST_STRIDE, BLOCK_BYTES)
+    copies = [c for c in log if c[0] in ("batch", "copy2d")]
+    got = iter(copies)
+    per_chunk_copies = []
     for k, slot in enumerate(slots):
-        hosts, stage, sizes = runs_found.chunk(k, STAGING + slot * SLOT_BYTES)
-        want = (hosts, stage) if d2h else (stage, hosts)
+        hosts, stage, widths, rows = runs_found.chunk(k, STAGING + slot * SLOT_BYTES)
+        one = rows == 1
+        singles = int(one.sum())
+        want = (hosts[one], stage[one]) if d2h else (stage[one], hosts[one])
         count, pieces = 0, []
-        while count < hosts.size:
+        while count < singles:
             b = next(got)
-            assert b[5:] == (ATTRS, ATTRS_INDEX, 1)
+            assert b[0] == "batch" and b[5:] == (ATTRS, ATTRS_INDEX, 1)
             pieces.append(b)
             count += b[2].size
-        assert [p[1] for p in pieces] == ([DMA, DMA2] if hosts.size >= 4 else [DMA])
-        for i, want_array in enumerate((*want, sizes)):
-            assert np.concatenate([p[2 + i] for p in pieces]).astype(np.uint64).tolist() == want_array.tolist()
+        assert [p[1] for p in pieces] == ([DMA, DMA2] if singles >= 4 else [DMA] if singles else [])
+        for i, want_array in enumerate((*want, widths[one])):
+            got_array = np.concatenate([p[2 + i] for p in pieces]) if pieces else np.zeros(0)
+            assert got_array.astype(np.uint64).tolist() == want_array.tolist()
+        two = singles >= 4 or (~one).sum() > 1
+        queued = [int(widths[one][:(singles + 1) // 2].sum()), int(widths[one][(singles + 1) // 2:].sum())] \
+            if singles >= 4 else [int(widths[one].sum()), 0]
+        for h, st, w, r in zip(hosts[~one].tolist(), stage[~one].tolist(), widths[~one].tolist(), rows[~one].tolist()):
+            c = next(got)
+            host_side, stage_side = (h, HOST_STRIDE, HOST_MEMORY), (st, BLOCK_BYTES, DEVICE_MEMORY)
+            k2 = 1 if two and queued[1] < queued[0] else 0  # the stream with fewer bytes queued
+            assert c == ("copy2d", (DMA, DMA2)[k2], *((host_side + stage_side) if d2h else (stage_side + host_side)),
+                         w, r)
+            assert w == BLOCK_BYTES and r > 1
+            queued[k2] += w * r
+        per_chunk_copies.append(len(pieces) + int((~one).sum()))
 
     ops, past = _happens_before(log)
     upload_index = log.index(uploads[0])
@@ -189,11 +217,10 @@ def test_enqueue_pieces_launches_and_order_match_the_python_path(driver, d2h, n,
         if call[0] == "launch":
             assert upload_index in before
     launch_at = [i for i, c, _ in ops if c[0] == "launch"]
-    batch_ops = [(i, b) for i, c, b in ops if c[0] == "batch"]
+    batch_ops = [(i, b) for i, c, b in ops if c[0] in ("batch", "copy2d")]
     chunk_batches, it = [], iter(batch_ops)
     for k in range(len(starts)):
-        pieces = runs_found.chunk(k, 0)[0].size
-        chunk_batches.append([next(it) for _ in range(2 if pieces >= 4 else 1)])
+        chunk_batches.append([next(it) for _ in range(per_chunk_copies[k])])
     for k in range(len(starts)):
         if d2h:  # the chunk's copies after its gather
             assert all(launch_at[k] in b for _, b in chunk_batches[k])
@@ -219,12 +246,14 @@ def test_enqueue_caps_the_grid_at_max_ctas(driver):
     assert grids == [min(7, m * 5) for m in sizes]
 
 
+@pytest.mark.parametrize("runs", [False, True])
 @pytest.mark.parametrize("d2h", [True, False])
-def test_a_failed_driver_call_stops_the_enqueue_and_names_its_step(driver, d2h):
+def test_a_failed_driver_call_stops_the_enqueue_and_names_its_step(driver, d2h, runs):
     fake, _ = driver
-    gpu_ids, host_ids = _ids(np.random.default_rng(9), 30, False)
+    gpu_ids, host_ids = _ids(np.random.default_rng(9), 30, runs)
     _, full, _, _ = _run(driver, d2h, gpu_ids, host_ids)
-    step_of = {"record": 0, "wait": 1, "sync": 2, "htod": 3, "launch": 4, "batch": 5}
+    assert any(c[0] == "copy2d" for c in full) == runs
+    step_of = {"record": 0, "wait": 1, "sync": 2, "htod": 3, "launch": 4, "batch": 5, "copy2d": 6}
     try:
         for fail_at in range(len(full)):
             fake.fail_at = fail_at
@@ -290,6 +319,8 @@ def _normalized(log: list[tuple], tiles: int) -> list[tuple]:
             out.append(("launch", stream, function - 7000, values[4], values[5], values[6] // tiles))
         elif call[0] == "batch":
             out.append(("batch", call[1], *(a.astype(np.uint64).tolist() for a in call[2:5])))
+        elif call[0] == "copy2d":
+            out.append(tuple(call))
     return out
 
 
@@ -333,11 +364,12 @@ def _python_path(monkeypatch, d2h: bool, gpu_ids, host_ids, per_chunk: int, stat
     engine._dma_pieces = lambda dsts, srcs, sizes, stream, direction: log.append(
         ("batch", stream, *(np.asarray(a, dtype=np.uint64).tolist() for a in (dsts, srcs, sizes))))
     engine._finish = lambda stream: ("done", stream)
+    monkeypatch.setattr(transfer, "memcpy_2d_async", lambda *args: log.append(("copy2d", args[-1], *args[:-1])))
 
     g = KVGeometry(num_layers=2, num_kv=2, block_size=4, num_heads=8, head_dim=16, itemsize=2)
     assert g.block_bytes == BLOCK_BYTES
     host = SimpleNamespace(first_piece_address=lambda: HOST_BASE, geometry=g,
-                           layout=SimpleNamespace(stride={"block": 3 * BLOCK_BYTES // g.itemsize}))
+                           layout=SimpleNamespace(stride={"block": HOST_STRIDE // g.itemsize}))
     gpu = allocate("vllm_flash_attn_nhd", g, 1, dtype=torch.float16)
     events_record = transfer.events.record
     events_record(READY, CALLER)  # as `_begin` does before the staged enqueue
@@ -361,4 +393,5 @@ def test_python_and_compiled_enqueues_execute_the_same_schedule(driver, monkeypa
     assert result == (0, -1)
     python_log, python_state = _python_path(monkeypatch, d2h, gpu_ids, host_ids, 8, (2, 1))
     assert python_log == _normalized(log, 3)
+    assert any(c[0] == "copy2d" for c in python_log) == runs  # runs of the layer view go as 2-D copies
     assert python_state.tolist() == state.tolist()

@@ -14,7 +14,7 @@ def test_schedule_is_chunk_starts_slots_in_rotation_and_host_runs(direction, n, 
     rng = np.random.default_rng(n * per_chunk)
     ids = np.sort(rng.choice(3 * n, n, replace=False)).astype(np.int64)
     state = np.array([2, 5], dtype=np.int64)
-    table, hosts, stage, sizes = schedule(ids, per_chunk, direction, 1 << 30, 96, 32, 1 << 40, 1 << 20, state, 3)
+    table, *pieces = schedule(ids, per_chunk, direction, 1 << 30, 96, 32, 1 << 40, 1 << 20, state, 3)
     starts = chunk_starts(n, per_chunk, direction)
     assert table[:, Chunk.START].tolist() == starts
     assert table[:, Chunk.COUNT].tolist() == np.diff(starts + [n]).tolist()
@@ -23,7 +23,7 @@ def test_schedule_is_chunk_starts_slots_in_rotation_and_host_runs(direction, n, 
     runs = HostRuns(ids, starts, 1 << 30, 96, 32)
     for c, row in enumerate(table.tolist()):
         want = runs.chunk(c, (1 << 40) + row[Chunk.SLOT] * (1 << 20))
-        got = [a[row[Chunk.FIRST_PIECE]:row[Chunk.END_PIECE]] for a in (hosts, stage, sizes)]
+        got = [a[row[Chunk.FIRST_PIECE]:row[Chunk.END_PIECE]] for a in pieces]
         assert [w.tolist() for w in want] == [g.tolist() for g in got]
 
 

@@ -25,7 +25,8 @@ def runs(ids, chunk: int | None = None) -> list[tuple[int, int, int]]:
     found = HostRuns(ids, starts, 0, 1, 1)
     out = []
     for c, start in enumerate(starts):
-        hosts, stage, sizes = found.chunk(c, 0)
+        hosts, stage, sizes, rows = found.chunk(c, 0)
+        assert rows.tolist() == [1] * rows.size  # a dense host cache: every run one row
         out += [(start + st, h, z) for h, st, z in zip(hosts.tolist(), stage.tolist(), sizes.tolist())]
     return out
 
@@ -69,24 +70,42 @@ def test_runs_never_cross_a_chunk(n, chunk):
     assert runs(ids, chunk) == scan_runs(ids.tolist(), chunk)
 
 
+@pytest.mark.parametrize("stride_blocks", [1, 5 / 3])  # a block-major host cache, a layer view of one
 @pytest.mark.parametrize("n,per_chunk,direction", [(1, 4, "d2h"), (9, 4, "h2d"), (64, 64, "d2h"), (130, 64, "d2h"),
                                                    (130, 64, "h2d"), (300, 16, "h2d"), (7, 1, "d2h")])
-def test_host_runs_give_each_chunk_its_blocks_in_staging_order(n, per_chunk, direction):
+def test_host_runs_give_each_chunk_its_blocks_in_staging_order(n, per_chunk, direction, stride_blocks):
     """Every block of chunk c lands at staging offset (its position in the chunk) x block bytes, from or to its host
-    block's address; the pieces of a chunk tile its staging bytes exactly."""
+    block's address; the pieces of a chunk tile its staging bytes exactly; a run is one dense row in a block-major
+    cache, one row per block (host pitch = the stride, staging pitch = the block) in a layer view."""
     rng = np.random.default_rng(n)
     ids = np.cumsum(rng.choice([1, 1, 1, 3, -7], size=n)) + 50
-    base, stride, bb, slot = 1 << 40, 4096 * 5, 4096 * 3, 1 << 32
+    base, bb, slot = 1 << 40, 4096 * 3, 1 << 32
+    stride = int(bb * stride_blocks)
     starts = chunk_starts(n, per_chunk, direction)
     found = HostRuns(ids, starts, base, stride, bb)
     for c, (start, end) in enumerate(zip(starts, starts[1:] + [n])):
-        hosts, stage, sizes = found.chunk(c, slot)
-        assert hosts.dtype == stage.dtype == sizes.dtype == np.uint64
+        hosts, stage, widths, rows = found.chunk(c, slot)
+        assert hosts.dtype == stage.dtype == widths.dtype == rows.dtype == np.uint64
         blocks = []
-        for h, st, z in zip(hosts.tolist(), stage.tolist(), sizes.tolist()):
-            assert (st - slot) % bb == 0 and z % bb == 0 and (h - base) % stride == 0
-            blocks += [((st - slot) // bb + k, (h - base) // stride + k) for k in range(z // bb)]
+        for h, st, w, r in zip(hosts.tolist(), stage.tolist(), widths.tolist(), rows.tolist()):
+            assert (st - slot) % bb == 0 and (h - base) % stride == 0
+            per_row = w // bb if stride == bb else 1
+            assert (r == 1 and w % bb == 0) if stride == bb else (w == bb and r >= 1)
+            blocks += [((st - slot) // bb + k, (h - base) // stride + k) for k in range(per_row * r)]
         assert blocks == [(i, int(ids[start + i])) for i in range(end - start)]
+        assert len(hosts) == len(scan_runs(ids[start:end].tolist()))  # one piece per run: no run split
+
+
+def test_layer_view_runs_are_cut_at_max_rows():
+    """A run of a layer view longer than `MAX_ROWS` blocks is cut into pieces of at most that many rows."""
+    from kvbm.kernels import host_runs
+
+    n = host_runs.MAX_ROWS * 2 + 5
+    found = HostRuns(np.arange(n, dtype=np.int64) + 3, [0], 0, 8, 4)
+    hosts, stage, widths, rows = found.chunk(0, 0)
+    assert rows.tolist() == [host_runs.MAX_ROWS, host_runs.MAX_ROWS, 5]
+    assert hosts.tolist() == [24, 24 + 8 * host_runs.MAX_ROWS, 24 + 16 * host_runs.MAX_ROWS]
+    assert stage.tolist() == [0, 4 * host_runs.MAX_ROWS, 8 * host_runs.MAX_ROWS] and set(widths.tolist()) == {4}
 
 
 @pytest.mark.parametrize("bad", [[], [1], [0, 0], [0, 5, 3], [0, 9]])
