@@ -1,7 +1,7 @@
 """Layer views (`select_layers`) and what layer-wise transfers are made of, on the CPU: a copy between the views of
 two caches moves exactly those layers of the chosen blocks (checked against an independent oracle, every other byte
-untouched); the staged schedule of a layer view of a block-major cache moves each run of blocks as one 2-D copy; a transfer made
-of per-group parts fails a block where any part failed it."""
+untouched); the staged schedule of a layer view of a block-major cache moves each run of blocks as one 2-D copy; a
+transfer made of per-group parts fails a block where any part failed it."""
 from __future__ import annotations
 
 import numpy as np
