@@ -11,7 +11,8 @@ than recomputing it. ``*_LOAD_GB_PER_S`` (load bandwidth, GB/s), ``*_LOAD_LATENC
 ``PREFILL_TOKENS_PER_S`` (the engine's prefill rate) are the cold-start values, replaced by online estimates once
 loads (and, where the connector reports them, prefill steps) are measured; ``COST_PROBE_SECS`` is how often a tier
 whose hits are dropped is loaded anyway (one batch) to re-measure it, 0 never; ``DISABLE_COST_AWARE_HITS`` reports
-every hit.
+every hit. The tiers are G2 (``HOST_*``), G3 (``DISK_*``) and the shared G4 tier (``G4_*``: reads of another
+instance's G2 found through the directory).
 
 Layer-wise onboarding: a prefix hit held entirely in G2 is loaded while the forward that uses it runs, one group of
 layers at a time (1, 2, 4, ... layers, up to ``ONBOARD_LAYERS_PER_GROUP``), each layer's attention waiting only for its own group;
@@ -128,6 +129,8 @@ class KvbmConfig:
     disk_load_gb_per_s: float = 1.5
     host_load_latency_ms: float = 0.05
     disk_load_latency_ms: float = 0.2
+    g4_load_gb_per_s: float = 2.5
+    g4_load_latency_ms: float = 1.5
     prefill_tokens_per_s: float = 10_000.0
     cost_probe_secs: float = 60.0
     disable_layerwise_onboard: bool = False
@@ -303,12 +306,17 @@ _BOOL_FIELDS = frozenset(
 #   Erring low makes recompute look slow, so before any measurement hits are reported as they are without the
 #   rule; measured loads then correct the estimate. With these values G3 breaks even at 1.31 GB/s for 8B.
 # - latency 0.05 ms (a host copy's launch and sync) and 0.2 ms (an NVMe read through the disk threads) per load.
+# - G4 2.5 GB/s + 1.5 ms: another instance's G2 read over NIXL/UCX with the seal checks, measured on H100
+#   (bench/results/remote_h100: 16 blocks of 2 MiB in 14.7 ms, 256 in 213.5 ms, a fit of 0.83 ms per block and
+#   1.5 ms per load; both instances on one machine: between hosts the network sets the rate).
 # field -> (minimum, maximum, minimum excluded, what is expected)
 _FLOAT_RANGES: dict[str, tuple[float, float, bool, str]] = {
     "host_load_gb_per_s": (0.0, 1e4, True, "a positive, finite load bandwidth in GB/s (1e9 bytes/s), at most 1e4"),
     "disk_load_gb_per_s": (0.0, 1e4, True, "a positive, finite load bandwidth in GB/s (1e9 bytes/s), at most 1e4"),
     "host_load_latency_ms": (0.0, 1e6, False, "a non-negative, finite latency per load in milliseconds, at most 1e6"),
     "disk_load_latency_ms": (0.0, 1e6, False, "a non-negative, finite latency per load in milliseconds, at most 1e6"),
+    "g4_load_gb_per_s": (0.0, 1e4, True, "a positive, finite load bandwidth in GB/s (1e9 bytes/s), at most 1e4"),
+    "g4_load_latency_ms": (0.0, 1e6, False, "a non-negative, finite latency per load in milliseconds, at most 1e6"),
     "prefill_tokens_per_s": (0.0, 1e9, True, "a positive, finite prefill rate in tokens per second, at most 1e9"),
     "cost_probe_secs": (0.0, 1e9, False, "a non-negative, finite number of seconds (0: never probe), at most 1e9"),
     "pd_pin_timeout_secs": (0.0, 1e6, True, "a positive, finite number of seconds, at most 1e6"),

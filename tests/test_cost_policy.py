@@ -81,6 +81,58 @@ def test_whole_tier_parts_and_more_tiers():
         p.decide((1, 2))
 
 
+def g4_policy(g4_bw: float, *, g4_latency: float = 1.5e-3, **kw) -> LoadCostPolicy:
+    """G2 and G3 as `policy`, then the shared G4 tier (another instance's G2)."""
+    return LoadCostPolicy(["G2", "G3", "G4"], block_bytes=BLOCK, block_tokens=16,
+                          bandwidth={"G2": 20e9, "G3": 2e9, "G4": g4_bw}, latency={"G2": 0.05e-3, "G3": 0.2e-3,
+                                                                                "G4": g4_latency},
+                          prefill_rate=10_000.0, **kw)
+
+
+def test_g4_hits_slower_than_recompute_are_dropped_and_faster_ones_kept():
+    metrics = KvbmMetrics()
+    slow = g4_policy(1e9, metrics=metrics)  # 2.1 ms per G4 block against 1.6 ms of recompute
+    d = slow.decide((2, 3, 10))
+    assert (d.hits, d.dropped, d.probe) == ((2, 3, 0), (0, 0, 10), False)
+    assert slow.decide((0, 0, 10)).num_blocks == 0
+    assert metrics.value("kvbm_cost_dropped_blocks", tier="G4") == 20
+    fast = g4_policy(2.5e9)  # 0.84 ms per block after 1.5 ms per load: 10 blocks save 6.1 ms
+    assert fast.decide((2, 3, 10)).hits == (2, 3, 10)
+    assert fast.decide((0, 0, 10)).hits == (0, 0, 10)
+    assert fast.decide((0, 0, 1)).num_blocks == 0  # one block cannot pay the latency back
+    slow_start = g4_policy(2.5e9, g4_latency=20e-3)  # a far holder: 20 ms per load
+    assert slow_start.decide((0, 0, 20)).num_blocks == 0 and slow_start.decide((0, 0, 40)).hits == (0, 0, 40)
+
+
+def test_g4_run_is_reported_only_after_the_whole_local_run():
+    """G4 blocks follow the local ones: a G3 part slower than its recompute is loaded when the G4 run after it
+    pays for both (recomputing the G3 part would recompute everything after it), and dropped with it otherwise."""
+    p = LoadCostPolicy(["G2", "G3", "G4"], block_bytes=BLOCK, block_tokens=16,
+                       bandwidth={"G2": 20e9, "G3": 1e9, "G4": 5e9}, latency={"G2": 0, "G3": 0, "G4": 0},
+                       prefill_rate=10_000.0)  # G3 2.1 ms a block (0.5 ms lost each), G4 0.42 ms (1.18 ms saved)
+    assert p.decide((2, 3, 10)).hits == (2, 3, 10)
+    assert p.decide((2, 10, 1)).hits == (2, 0, 0)
+    clock = Clock()
+    probing = g4_policy(1e9, probe_seconds=60.0, probe_blocks=4, clock=clock)
+    clock.now += 60
+    d = probing.decide((2, 3, 10))  # a probe of the dropped G4 tier: its first batch, after the local run
+    assert d.probe and d.hits == (2, 3, 4) and d.dropped == (0, 0, 6)
+
+
+def test_g4_estimates_learned_from_completed_loads():
+    p = g4_policy(2.5e9, g4_latency=1e-3)
+    assert p.decide((0, 0, 10)).hits == (0, 0, 10)
+    p.observe_load("G4", num_bytes=10 * BLOCK, seconds=1e-3 + 10 * BLOCK / 0.5e9)  # 0.5 GB/s: 4.2 ms a block
+    assert p.bandwidth("G4") == pytest.approx(0.5e9)
+    assert p.decide((0, 0, 10)).num_blocks == 0
+    for _ in range(30):  # the holder's network recovers: 4 GB/s
+        p.observe_load("G4", num_bytes=10 * BLOCK, seconds=1e-3 + 10 * BLOCK / 4e9)
+    assert p.bandwidth("G4") == pytest.approx(4e9, rel=0.02)
+    assert p.decide((0, 0, 10)).hits == (0, 0, 10)
+    p.observe_load("G4", num_bytes=0, seconds=0.5)  # a load whose every block failed (stale entries): time lost
+    assert p.bandwidth("G4") < 4e9 and p.bandwidth("G2") == 20e9 and p.bandwidth("G3") == 2e9
+
+
 def test_off_switch_reports_every_hit():
     cfg = KvbmConfig.from_env({"DYN_KVBM_DISABLE_COST_AWARE_HITS": "true", "DYN_KVBM_DISK_LOAD_GB_PER_S": "0.001"})
     p = LoadCostPolicy.from_config(cfg, ["G2", "G3"], block_bytes=BLOCK, block_tokens=16)
@@ -162,16 +214,20 @@ def test_a_dropped_tier_is_probed_with_one_batch_per_interval():
 def test_config_defaults_and_variables():
     cfg = KvbmConfig.from_env({})
     assert (cfg.disable_cost_aware_hits, cfg.host_load_gb_per_s, cfg.disk_load_gb_per_s, cfg.host_load_latency_ms,
-            cfg.disk_load_latency_ms, cfg.prefill_tokens_per_s, cfg.cost_probe_secs) == (
-        False, 20.0, 1.5, 0.05, 0.2, 10_000.0, 60.0)
+            cfg.disk_load_latency_ms, cfg.g4_load_gb_per_s, cfg.g4_load_latency_ms, cfg.prefill_tokens_per_s,
+            cfg.cost_probe_secs) == (False, 20.0, 1.5, 0.05, 0.2, 2.5, 1.5, 10_000.0, 60.0)
     cfg = KvbmConfig.from_env({"DYN_KVBM_HOST_LOAD_GB_PER_S": "40", "DYN_KVBM_DISK_LOAD_GB_PER_S": " 2.5 ",
                                "DYN_KVBM_HOST_LOAD_LATENCY_MS": "0", "DYN_KVBM_DISK_LOAD_LATENCY_MS": "1",
+                               "DYN_KVBM_G4_LOAD_GB_PER_S": "0.8", "DYN_KVBM_G4_LOAD_LATENCY_MS": "4",
                                "DYN_KVBM_PREFILL_TOKENS_PER_S": "25000", "DYN_KVBM_COST_PROBE_SECS": "0",
                                "DYN_KVBM_DISABLE_COST_AWARE_HITS": "yes"})
     p = LoadCostPolicy.from_config(cfg, ["G2", "G3"], block_bytes=BLOCK, block_tokens=16)
     assert p.bandwidth("G2") == 40 * GB and p.bandwidth("G3") == 2.5 * GB
     assert p.latency("G2") == 0 and p.latency("G3") == pytest.approx(1e-3)
     assert p.prefill_rate == 25_000 and p.probe_seconds == 0 and not p.enabled
+    shared = LoadCostPolicy.from_config(cfg, ["G2", "G3", "G4"], block_bytes=BLOCK, block_tokens=16)
+    assert shared.bandwidth("G4") == 0.8 * GB and shared.latency("G4") == pytest.approx(4e-3)
+    assert shared.bandwidth("G3") == 2.5 * GB
     only_disk = LoadCostPolicy.from_config(cfg, ["G3"], block_bytes=BLOCK, block_tokens=16)
     assert only_disk.bandwidth("G3") == 2.5 * GB and only_disk.probe_blocks == cfg.max_transfer_batch_size
 
@@ -184,6 +240,10 @@ def test_config_defaults_and_variables():
     ("DYN_KVBM_DISK_LOAD_GB_PER_S", "1e5"),
     ("DYN_KVBM_HOST_LOAD_LATENCY_MS", "-0.1"),
     ("DYN_KVBM_DISK_LOAD_LATENCY_MS", "nan"),
+    ("DYN_KVBM_G4_LOAD_GB_PER_S", "0"),
+    ("DYN_KVBM_G4_LOAD_GB_PER_S", "2 GB/s"),
+    ("DYN_KVBM_G4_LOAD_LATENCY_MS", "-1"),
+    ("DYN_KVBM_G4_LOAD_LATENCY_MS", "1e7"),
     ("DYN_KVBM_PREFILL_TOKENS_PER_S", "0"),
     ("DYN_KVBM_PREFILL_TOKENS_PER_S", "10k"),
     ("DYN_KVBM_COST_PROBE_SECS", "-5"),

@@ -14,10 +14,10 @@ An instance mirrors its G2 pool (`committed` / `dropped`, called by the pool as 
 discarded); a sender thread, woken by `flush` once per scheduler step, sends the changes (puts and deletes batched
 in transactions of at most `MAX_TXN_OPS` operations) and keeps the lease alive, so a step never waits for etcd.
 When the lease was lost (etcd unreachable for longer than the lease), the sender registers anew and publishes the
-whole mirror. `lookup` (on the caller's thread: the answer is needed) reads a run of hashes in one transaction per
-`MAX_TXN_OPS` hashes (a prefix range each), plus one read of the chosen holder's record. After a failed call etcd
-is left alone (lookups miss, nothing is sent) for a third of the lease, so an unreachable etcd costs the scheduler
-one timeout per such period, not one per lookup.
+whole mirror. After a failed call etcd is left alone for a third of the lease.
+
+Readers keep a local copy of the whole directory, followed by an etcd watch (`kvbm.connectors.directory_view`);
+`parse_key` and `decode_record` are the key and record formats they read.
 
 A directory entry is a hint, never trusted for bytes: the reader checks each slot's seal (state, hash, checksum)
 at the holder before and after reading (`kvbm.worker.g4`), so a stale entry becomes a failed block, recomputed.
@@ -31,45 +31,24 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from kvbm.leader.plans import RemoteSource
-
-__all__ = ["MAX_TXN_OPS", "DirectoryHit", "HashDirectory"]
+__all__ = ["MAX_TXN_OPS", "PREFIX", "HASH_MASK", "HashDirectory", "decode_record", "parse_key"]
 
 log = logging.getLogger(__name__)
 
 MAX_TXN_OPS = 128  #: etcd's default ``--max-txn-ops``
-_PREFIX = "kvbm/g4/"
-
-
-@dataclass(frozen=True)
-class DirectoryHit:
-    """A leading run of looked-up blocks another instance holds: ``hashes[i]`` in G2 slot ``slots[i]`` of every rank
-    of ``source`` (whose ``request_id`` is left for the load to name)."""
-
-    source: RemoteSource
-    hashes: tuple[int, ...]
-    slots: tuple[int, ...]
+PREFIX = "kvbm/g4/"  #: every key of the directory starts with it
+HASH_MASK = 2**64 - 1  #: hashes are keyed as unsigned 64-bit numbers
 
 
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
-def _unb64(text: str) -> str:
-    return base64.b64decode(text).decode()
-
-
-def _range_end(prefix: str) -> str:
-    """The key right after every key starting with ``prefix`` (its last byte plus one; prefixes here are ASCII)."""
-    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
-
-
 class HashDirectory:
-    """One instance's view of the shared hash directory (see the module docstring)."""
+    """What one instance publishes in the shared hash directory: its record and its G2 pool's hashes (see the
+    module docstring)."""
 
     def __init__(self, url: str, *, block_size: int, lease_s: float = 10.0, instance: str | None = None,
                  timeout_s: float = 2.0) -> None:
@@ -85,7 +64,7 @@ class HashDirectory:
         self.instance = instance or uuid.uuid4().hex
         self.timeout_s = float(timeout_s)
         self.endpoints: tuple[bytes, ...] | None = None  #: this instance's per-rank endpoints (None: not exporting)
-        self.calls = 0  #: HTTP requests sent to etcd (lookups, grants, puts; keep-alives are not counted)
+        self.calls = 0  #: HTTP requests sent to etcd (grants, puts; keep-alives are not counted)
         self._held: dict[int, int] = {}  # G2 mirror: hash -> slot
         self._changed: dict[int, int | None] = {}  # not yet handed to etcd: hash -> new slot, or None (withdrawn)
         self._sending = False  # the sender holds changes it has not sent yet
@@ -181,6 +160,10 @@ class HashDirectory:
                 with self._lock:
                     self._lease, self._sending = None, False  # register anew and send the whole mirror
 
+    def _failed(self) -> None:
+        """etcd failed a call: leave it alone for a third of the lease."""
+        self._off_until = time.monotonic() + self.lease_s / 3
+
     def _renew(self) -> bool:
         """Keep the lease alive; False when etcd says it ended."""
         reply = self._post("/v3/lease/keepalive", {"ID": str(self._lease)})
@@ -229,69 +212,31 @@ class HashDirectory:
             except (OSError, ValueError) as e:
                 log.warning("kvbm G4: revoking the etcd lease failed (%r); its entries expire with it", e)
 
-    # -- the reader's side -------------------------------------------------------------------------------------
-
-    def lookup(self, hashes: Sequence[int], num_ranks: int) -> DirectoryHit | None:
-        """The longest leading run of ``hashes`` that one other instance (of this block size and ``num_ranks``
-        ranks) holds, or None; etcd errors are logged and count as a miss."""
-        if time.monotonic() < self._off_until:
-            return None
-        try:
-            return self._lookup(hashes, num_ranks)
-        except (OSError, ValueError, KeyError) as e:
-            log.warning("kvbm G4: directory lookup at %s failed: %r", self.url, e)
-            self._failed()
-            return None
-
-    def _failed(self) -> None:
-        """etcd failed a call: leave it alone for a third of the lease."""
-        self._off_until = time.monotonic() + self.lease_s / 3
-
-    def _lookup(self, hashes: Sequence[int], num_ranks: int) -> DirectoryHit | None:
-        slots: list[dict[str, int]] = []  # per leading hash: instance -> slot, for instances holding the run so far
-        alive: set[str] | None = None
-        for start in range(0, len(hashes), MAX_TXN_OPS):
-            chunk = hashes[start:start + MAX_TXN_OPS]
-            ops = [{"request_range": {"key": _b64(p), "range_end": _b64(_range_end(p))}}
-                   for p in (self._hash_key(h, "") for h in chunk)]
-            for reply in self._txn(ops):
-                holders = {}
-                for kv in reply.get("response_range", {}).get("kvs", []):
-                    instance = _unb64(kv["key"]).rsplit("/", 1)[1]
-                    if instance != self.instance and (alive is None or instance in alive):
-                        holders[instance] = int(_unb64(kv["value"]))
-                if not holders:
-                    break
-                alive = set(holders)
-                slots.append(holders)
-            else:
-                continue
-            break
-        for instance in sorted(slots[-1]) if slots else ():  # the instances holding the whole run
-            source = self._source(instance, num_ranks)
-            if source is not None:
-                return DirectoryHit(source, tuple(hashes[:len(slots)]), tuple(s[instance] for s in slots))
-        return None
-
-    def _source(self, instance: str, num_ranks: int) -> RemoteSource | None:
-        """``instance``'s endpoints when it has this block size and ``num_ranks`` ranks (rank r reads rank r)."""
-        reply = self._txn([{"request_range": {"key": _b64(self._instance_key(instance))}}])
-        kvs = reply[0].get("response_range", {}).get("kvs", []) if reply else []
-        if not kvs:
-            return None  # its lease ended between the two reads
-        record = json.loads(_unb64(kvs[0]["value"]))
-        endpoints = tuple(base64.b64decode(e) for e in record["endpoints"])
-        if record["block_size"] != self.block_size or len(endpoints) != num_ranks:
-            log.info("kvbm G4: instance %s has blocks of %s tokens over %d rank(s), this one %d over %d: not read",
-                     instance, record["block_size"], len(endpoints), self.block_size, num_ranks)
-            return None
-        return RemoteSource(instance, "", endpoints)
-
     # -- keys --------------------------------------------------------------------------------------------------
 
-    def _hash_key(self, seq_hash: int, instance: str | None = None) -> str:
-        return f"{_PREFIX}h/{seq_hash & (2**64 - 1):016x}/{self.instance if instance is None else instance}"
+    def _hash_key(self, seq_hash: int) -> str:
+        return f"{PREFIX}h/{seq_hash & HASH_MASK:016x}/{self.instance}"
 
     @staticmethod
     def _instance_key(instance: str) -> str:
-        return f"{_PREFIX}i/{instance}"
+        return f"{PREFIX}i/{instance}"
+
+
+def parse_key(key: str) -> tuple[int | None, str] | None:
+    """``(hash, instance)`` of a hash entry's key, ``(None, instance)`` of an instance record's, None otherwise."""
+    kind, _, rest = key[len(PREFIX):].partition("/") if key.startswith(PREFIX) else ("", "", "")
+    if kind == "i" and rest:
+        return None, rest
+    digits, _, instance = rest.partition("/")
+    if kind == "h" and len(digits) == 16 and instance:
+        try:
+            return int(digits, 16), instance
+        except ValueError:
+            return None
+    return None
+
+
+def decode_record(value: str) -> tuple[int, tuple[bytes, ...]]:
+    """``(block_size, per-rank endpoints)`` of an instance record's value (ValueError or KeyError when malformed)."""
+    record = json.loads(value)
+    return int(record["block_size"]), tuple(base64.b64decode(e) for e in record["endpoints"])

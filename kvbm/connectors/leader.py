@@ -15,10 +15,14 @@ Disaggregated serving (`kvbm.connectors.pd`): a prefill instance pins a finished
 
 Shared G4 tier (``DYN_KVBM_G4_ETCD_ENDPOINT``, `kvbm.connectors.directory`): the G2 pool's commits and evictions are
 mirrored into the etcd hash directory (sent once per step, in `take_step`), and a lookup whose stored run stops
-short asks the directory for the blocks that follow; another instance's run is loaded from its G2 like a P/D load
-(the holder's seal table turns a stale entry into a failed block, recomputed). One G4 load per request: a request
-whose G4 load failed is recomputed, not looked up there again. Only an instance whose workers export (``endpoints``
-set: their G4 endpoints also load) looks up in G4; hybrid models do not.
+short looks up the blocks that follow in the local copy of the directory (`kvbm.connectors.directory_view`, kept
+by an etcd watch: no network on the scheduler's thread; no G4 hits while the copy is out of sync). The cost rule
+judges the local run and the G4 run after it together, G4 as the last tier with its own estimates (fed by the
+completed G4 loads), so a G4 run is reported only where loading it is expected to beat recomputing it. Another
+instance's run is loaded from its G2 like a P/D load (the holder's seal table turns a stale entry into a failed
+block, recomputed). One G4 load per request: a request whose G4 load failed is recomputed, not looked up there
+again. Only an instance whose workers export (``endpoints`` set: their G4 endpoints also load) looks up in G4;
+hybrid models do not.
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from kvbm.config import KvbmConfig
-from kvbm.connectors.directory import DirectoryHit, HashDirectory
+from kvbm.connectors.directory import HashDirectory
+from kvbm.connectors.directory_view import DirectoryHit, DirectoryView
 from kvbm.connectors.groups import FULL, KVGroup, single_group
 from kvbm.connectors.messages import RequestLoad, RequestStore, StepPlan, WorkerReport
 from kvbm.connectors.pd import Pins, RemotePrefill
@@ -132,10 +137,11 @@ class ConnectorLeader:
                  metrics: KvbmMetrics | None = None, disk_filter: DiskAdmissionFilter | None = None,
                  cost: LoadCostPolicy | None = None, block_bytes: int | None = None, layerwise: bool = False
                  ) -> None:
-        """``cost``: the cost-aware hit rule applied to every lookup and fed the loads' timings; by default the
-        ``DYN_KVBM_*`` rule for blocks of ``block_bytes`` (summed over ranks) when that is given, else none (every
-        hit reported). ``layerwise``: the engine's workers can wait per layer, so a match held entirely in G2 is
-        loaded layer by layer beside the forward that reads it (unless ``DYN_KVBM_DISABLE_LAYERWISE_ONBOARD``)."""
+        """``cost``: the cost-aware hit rule applied to every lookup and fed the loads' timings, over the tiers'
+        names and, with the shared G4 tier configured, ``"G4"`` last; by default the ``DYN_KVBM_*`` rule for blocks
+        of ``block_bytes`` (summed over ranks) when that is given, else none (every hit reported).
+        ``layerwise``: the engine's workers can wait per layer, so a match held entirely in G2 is loaded layer by
+        layer beside the forward that reads it (unless ``DYN_KVBM_DISABLE_LAYERWISE_ONBOARD``)."""
         if not tiers:
             raise ValueError("no offload tier configured: set DYN_KVBM_CPU_CACHE_GB and/or DYN_KVBM_DISK_CACHE_GB "
                              "(or their *_OVERRIDE_NUM_BLOCKS)")
@@ -150,10 +156,6 @@ class ConnectorLeader:
         self.num_workers = num_workers
         self.layerwise = layerwise and not config.disable_layerwise_onboard
         self.metrics = metrics
-        if cost is None and block_bytes is not None:
-            cost = LoadCostPolicy.from_config(config, [t.name for t in tiers], block_bytes=block_bytes,
-                                              block_tokens=block_size, metrics=metrics)
-        self.cost = cost
         self.requests: dict[str, TrackedRequest] = {}
         self._owner: dict[int, str] = {}  # store move id -> request id
         self._partial: dict[int, MoveResult] = {}  # results some workers reported
@@ -166,14 +168,37 @@ class ConnectorLeader:
         self.pins = Pins(self.index, tiers[0].name, readers=num_workers, timeout_s=config.pd_pin_timeout_secs)
         self.groups: tuple[KVGroup, ...] = single_group(block_size)
         self.hybrid = False
-        self.directory: HashDirectory | None = None  #: the shared G4 tier's hash directory (etcd), when configured
+        self.directory: HashDirectory | None = None  #: what this instance publishes in the shared G4 tier (etcd)
+        self.directory_view: DirectoryView | None = None  #: the local copy of the others' entries it looks up in
+        cost_tiers = [t.name for t in tiers]
         if config.g4_etcd_endpoint:
             if tiers[0].name != HOST_TIER:
                 raise ValueError("DYN_KVBM_G4_ETCD_ENDPOINT needs a G2 host tier (DYN_KVBM_CPU_CACHE_GB or "
                                  "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS): other instances read G2")
+            cost_tiers.append(REMOTE_TIER)
+        if cost is None and block_bytes is not None:
+            cost = LoadCostPolicy.from_config(config, cost_tiers, block_bytes=block_bytes, block_tokens=block_size,
+                                              metrics=metrics)
+        if cost is not None and list(cost.tiers) != cost_tiers:
+            raise ValueError(f"the cost rule covers tiers {list(cost.tiers)}; this leader looks up {cost_tiers}")
+        self.cost = cost
+        self._g4_loads: dict[int, int] = {}  # open loads of G4 hits: move id -> blocks (timed for the cost rule)
+        if config.g4_etcd_endpoint:
             self.directory = HashDirectory(config.g4_etcd_endpoint, block_size=block_size,
                                            lease_s=config.g4_lease_secs)
             self.index.pool(HOST_TIER).watcher = self.directory
+            self.directory_view = DirectoryView(config.g4_etcd_endpoint, block_size=block_size,
+                                                instance=self.directory.instance, lease_s=config.g4_lease_secs,
+                                                metrics=metrics)
+            self.directory_view.start()
+
+    def close(self) -> None:
+        """Leave the shared G4 tier (when configured): this instance's directory entries are revoked and the watch
+        of the other instances' entries stops."""
+        if self.directory is not None:
+            self.directory.close()
+        if self.directory_view is not None:
+            self.directory_view.close()
 
     def use_groups(self, groups: Sequence[KVGroup]) -> None:
         """Track a hybrid model's KV cache groups (all of ``block_size`` tokens per block) instead of one
@@ -230,18 +255,16 @@ class ConnectorLeader:
         key = (attempt, local_blocks)
         if state.match_key != key:
             whole_prompt = len(tokens) == full_blocks * self.block_size
+            state.g4 = state.g4_from = None
             if self.hybrid:
                 found, host = self._common_hit(state, tokens, local_blocks, full_blocks, whole_prompt)
             else:
                 hashes = state.hashes_upto(full_blocks, self.block_size, tokens)[local_blocks:]
-                found, host = self.lookup(hashes, whole_prompt=whole_prompt)
-            state.g4 = state.g4_from = None
-            if self.directory is not None and self.endpoints is not None and not self.hybrid and not state.g4_tried:
-                hit = self._g4_lookup(hashes[found:len(hashes) - (1 if whole_prompt else 0)])
+                g4 = self.directory_view is not None and self.endpoints is not None and not state.g4_tried
+                found, host, hit = self._lookup(hashes, whole_prompt=whole_prompt, g4=g4)
                 if hit is not None:
-                    state.g4_from = local_blocks + found
+                    state.g4_from = local_blocks + found - len(hit.hashes)
                     state.g4 = (state.g4_from, hit)
-                    found += len(hit.hashes)
             state.match_key, state.matched_blocks, state.host_blocks = key, local_blocks + found, local_blocks + host
             state.layerwise = self.layerwise and not self.hybrid and found > 0 and host == found
         state.local_tokens = num_computed_tokens
@@ -249,15 +272,14 @@ class ConnectorLeader:
 
     def _g4_lookup(self, hashes: Sequence[int]) -> DirectoryHit | None:
         """The leading run of ``hashes`` (the blocks right after the local tiers' run) that another instance holds,
-        or None; nothing when the first of them is in a local tier (the cost rule left it out)."""
+        per the local copy of the directory, or None; nothing when the first of them is in a local tier (held, but
+        out of the tiers' order, or still arriving)."""
         if not hashes or any(self.index.pool(t).find(hashes[0]) is not None for t in self.index.tier_names):
             return None
         t0 = time.perf_counter()
-        hit = self.directory.lookup(hashes, self.num_workers)
+        hit = self.directory_view.lookup(hashes, self.num_workers)
         if self.metrics is not None:
             self.metrics.record_g4_lookup(len(hit.hashes) if hit is not None else 0, time.perf_counter() - t0)
-            if hit is not None:
-                self.metrics.record_matched_tokens(len(hit.hashes) * self.block_size)
         return hit
 
     def match_remote(self, state: TrackedRequest, tokens: Sequence[int], num_computed_tokens: int,
@@ -314,6 +336,7 @@ class ConnectorLeader:
         move = Move(self.index.reserve_move_id(), MoveKind.LOAD, REMOTE_TIER, ENGINE_TIER, hit.slots[:n],
                     tuple(block_ids[g4_first:end]), hit.hashes[:n], source)
         self._remote_moves.add(move.move_id)
+        self._g4_loads[move.move_id] = n
         load = RequestLoad(state.request_id, (*plan.moves, move), tuple(block_ids[first + i] for i in
                                                                          sorted(plan.missing)))
         self._loads.append(load)
@@ -412,17 +435,34 @@ class ConnectorLeader:
         return min(max(state.local_tokens + num_tokens - state.g4_from * self.block_size, 0), num_tokens)
 
     def lookup(self, hashes: Sequence[int], *, whole_prompt: bool) -> tuple[int, int]:
-        """``(blocks matched, of which in G2)`` for the longest stored run of ``hashes`` whose load is expected to be
-        faster than recomputing it (every hit without a cost rule); recorded in the metrics."""
+        """``(blocks matched, of which in G2)`` for the longest run of ``hashes`` stored in this instance's tiers
+        whose load is expected to be faster than recomputing it (every hit without a cost rule); recorded in the
+        metrics."""
+        found, host, _ = self._lookup(hashes, whole_prompt=whole_prompt, g4=False)
+        return found, host
+
+    def _lookup(self, hashes: Sequence[int], *, whole_prompt: bool, g4: bool
+                ) -> tuple[int, int, DirectoryHit | None]:
+        """`lookup`, and with ``g4`` the run another instance holds right after the local run: ``(blocks matched,
+        of which in G2, the G4 part)``. The cost rule judges both runs as one match (G4 its last tier), so it
+        reports a G4 part only after every local block and only where loading it beats recomputing it (a probe
+        may report the first batch of it)."""
         match: Match = self.index.lookup(hashes, whole_prompt=whole_prompt)
+        hit = self._g4_lookup(hashes[match.num_blocks:len(hashes) - (1 if whole_prompt else 0)]) if g4 else None
+        counts = dict(zip(self.index.tier_names, match.hits))
+        if self.directory is not None:
+            counts[REMOTE_TIER] = len(hit.hashes) if hit is not None else 0
         if self.cost is not None:
-            decision = self.cost.decide(match.hits)
-            match = Match(decision.num_blocks, decision.hits)
-        host = dict(zip(self.index.tier_names, match.hits)).get(HOST_TIER, 0)
+            counts = dict(zip(self.cost.tiers, self.cost.decide([counts[t] for t in self.cost.tiers]).hits))
+        local = sum(counts[t] for t in self.index.tier_names)
+        remote = counts.get(REMOTE_TIER, 0)
+        if hit is not None:
+            hit = DirectoryHit(hit.source, hit.hashes[:remote], hit.slots[:remote]) if remote else None
+        host = counts.get(HOST_TIER, 0)
         if self.metrics is not None:
-            self.metrics.record_request_lookup(len(hashes), host, match.num_blocks - host)
-            self.metrics.record_matched_tokens(match.num_blocks * self.block_size)
-        return match.num_blocks, host
+            self.metrics.record_request_lookup(len(hashes), host, local - host)
+            self.metrics.record_matched_tokens((local + remote) * self.block_size)
+        return local + remote, host, hit
 
     def plan_load(self, request_id: str, hashes: Sequence[int], engine_ids: Sequence[int], *,
                   layerwise: bool = False) -> RequestLoad:
@@ -493,6 +533,10 @@ class ConnectorLeader:
                 continue
             if move_id in self._remote_moves:  # not the index's: nothing held here
                 self._remote_moves.discard(move_id)
+                blocks = self._g4_loads.pop(move_id, None)  # a G4 hit's load (P/D loads include waiting for stores)
+                if blocks is not None and self.cost is not None and result.seconds is not None:
+                    self.cost.observe_load(REMOTE_TIER, num_bytes=(blocks - len(result.failed)) * self.cost.block_bytes,
+                                           seconds=result.seconds)
                 continue
             move = self.index.complete(move_id, result.failed, result.lost)
             if move.kind is MoveKind.STORE:

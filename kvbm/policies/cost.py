@@ -1,9 +1,10 @@
 """Cost-aware hits: a tier's prefix hit is reported to the engine only where loading it is expected to be faster
 than recomputing it.
 
-A stored block is not always worth loading: a slow or contended disk can take longer to read a prefix than the
-engine takes to prefill it again. For a match that is a run of ``hits[0]`` blocks in the first tier (G2), then
-``hits[1]`` in the next (G3), ..., the rule models
+A stored block is not always worth loading: a slow or contended disk, or another instance's G2 across a slow
+network, can take longer to read a prefix than the engine takes to prefill it again. For a match that is a run of
+``hits[0]`` blocks in the first tier (G2), then ``hits[1]`` in the next (G3), then those of the shared G4 tier
+(another instance's G2, `kvbm.connectors.directory_view`) ..., the rule models
 
 - loading a prefix: for each tier it uses, ``latency[tier] + blocks * block_bytes / bandwidth[tier]`` (tiers are
   read one after the other; the sum is the conservative bound),
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 MAX_BANDWIDTH = 1e13
 _ENGINE_TIER = "G1"
 _HOST_TIER = "G2"
+_SHARED_TIER = "G4"  # another instance's G2, found through the shared tier's directory
 _LOG_CHANGE = 0.2  # relative change of an estimate that is logged at INFO
 
 
@@ -141,11 +143,13 @@ class LoadCostPolicy:
     def from_config(cls, config: KvbmConfig, tiers: Sequence[str], *, block_bytes: int, block_tokens: int,
                     probe_blocks: int | None = None, metrics: KvbmMetrics | None = None,
                     clock: Callable[[], float] = time.monotonic) -> LoadCostPolicy:
-        """The rule as the ``DYN_KVBM_*`` variables set it: G2 gets the host values, every other tier the disk
-        values; a probe is one batch (``DYN_KVBM_MAX_TRANSFER_BATCH_SIZE`` blocks) unless ``probe_blocks``."""
+        """The rule as the ``DYN_KVBM_*`` variables set it: G2 gets the host values, G4 (the shared tier) the G4
+        values, every other tier the disk values; a probe is one batch (``DYN_KVBM_MAX_TRANSFER_BATCH_SIZE``
+        blocks) unless ``probe_blocks``."""
         host = (config.host_load_gb_per_s * GB, config.host_load_latency_ms / 1e3)
         disk = (config.disk_load_gb_per_s * GB, config.disk_load_latency_ms / 1e3)
-        values = {t: host if t == _HOST_TIER else disk for t in tiers}
+        shared = (config.g4_load_gb_per_s * GB, config.g4_load_latency_ms / 1e3)
+        values = {t: host if t == _HOST_TIER else shared if t == _SHARED_TIER else disk for t in tiers}
         return cls(tiers, block_bytes=block_bytes, block_tokens=block_tokens,
                    bandwidth={t: v[0] for t, v in values.items()}, latency={t: v[1] for t, v in values.items()},
                    prefill_rate=config.prefill_tokens_per_s, enabled=not config.disable_cost_aware_hits,

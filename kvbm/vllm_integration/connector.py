@@ -265,8 +265,8 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
             self.worker = None
         elif self.scheduler_side is None:
             return
-        elif self.scheduler_side.leader.directory is not None:
-            self.scheduler_side.leader.directory.close()  # this instance's G4 entries vanish now
+        else:
+            self.scheduler_side.leader.close()  # this instance's G4 entries vanish now, its watch stops
         self.scheduler_side = None
         process_metrics.release()
 
