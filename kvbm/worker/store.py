@@ -138,19 +138,20 @@ class BlockStore:
         joined = [(Move(ms[0].move_id, ms[0].kind, src_tier, dst_tier, tuple(i for m in ms for i in m.src_ids),
                         tuple(i for m in ms for i in m.dst_ids), tuple(h for m in ms for h in m.hashes)), ms)
                   for (src_tier, dst_tier), ms in pairs.items()]
-        parts: dict[int, list[BlockTransfer]] = {m.move_id: [] for m in moves}
+        per_pair: list[list[BlockTransfer]] = [[] for _ in joined]
         for k, (start, stop) in enumerate(groups):
-            for whole, ms in joined:
+            for (whole, _), transfers in zip(joined, per_pair):
                 transfer = self._submit(whole, self._layer_view(whole.src_tier, start, stop),
                                         self._layer_view(whole.dst_tier, start, stop))
                 by_group[k].append(transfer)
-                offset = 0
-                for move in ms:
-                    parts[move.move_id].append(BlockTransfer.part_of(transfer, offset, offset + move.num_blocks))
-                    offset += move.num_blocks
-        for move in moves:
-            move_parts = parts[move.move_id]
-            self._running.append(_Running(move, BlockTransfer.all_of(move_parts, move_parts[0].path), t0, timed=False))
+                transfers.append(transfer)
+        for (_, ms), transfers in zip(joined, per_pair):  # each move: its blocks of the pair's groups, merged
+            merged = BlockTransfer.all_of(transfers, transfers[0].path)
+            offset = 0
+            for move in ms:
+                part = BlockTransfer.part_of(merged, offset, offset + move.num_blocks)
+                self._running.append(_Running(move, part, t0, timed=False))
+                offset += move.num_blocks
         return by_group
 
     def poll(self) -> list[MoveResult]:
