@@ -439,7 +439,9 @@ def run_prefix(args: argparse.Namespace, setup: Setup, prefix: int, scratch: dic
             w = setup.layer_waits
             log(f"{name} prefix {prefix}: layer-wise onboard beside a {args.layer_wait_busy}-token prefill: "
                 f"layer groups finish at most {w['max_delay_us']:.0f} us (median {w['median_delay_us']:.0f} us) later "
-                f"than alone; {w['per_group_alone_us']:.0f} us per layer group alone ({time.perf_counter() - t:.1f} s)")
+                f"than alone; {w['per_group_alone_us']:.0f} us per layer group alone; each scatter waits at most "
+                f"{w['max_scatter_wait_us']:.0f} us (median {w['median_scatter_wait_us']:.0f} us) longer "
+                f"({time.perf_counter() - t:.1f} s)")
     return rows
 
 
@@ -606,7 +608,9 @@ def layer_wait_lines(notes: dict[str, Any]) -> str:
                          f"{w['busy_prefill_tokens']}-token prefill: layer groups finish at most "
                          f"{w['max_delay_us']:.0f} us "
                          f"(median {w['median_delay_us']:.0f} us) later than alone ({w['per_group_alone_us']:.0f} us "
-                         f"per layer group alone)")
+                         f"per layer group alone); a scatter kernel, from its bytes landing to its end, takes at most "
+                         f"{w['max_scatter_wait_us']:.0f} us (median {w['median_scatter_wait_us']:.0f} us) longer "
+                         f"than alone ({statistics.median(w['scatter_alone_us']):.0f} us alone)")
         elif w:
             lines.append(f"- {model}, layer waits: {w.get('note')}")
     return "\n\n" + "\n".join(lines) if lines else ""

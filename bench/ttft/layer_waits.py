@@ -6,12 +6,20 @@ want them). A side stream waits for each layer group's transfer and records a ti
 completion time is measured from the load's start. The copy engines' DMA does not need SMs, so a group finishing
 later beside the prefill waited for SMs (its scatter) or for memory bandwidth: ``delay`` per group is that
 difference, an upper bound of the scatter's wait.
+
+The scatter's own wait is timed too, in a second pair of runs: staged transfers enqueued by the engine's Python path
+(the same chunks, streams and events as the compiled enqueue), with a timing event recorded on the kernel stream
+just before each scatter launch (it completes once the chunk's bytes have landed and the stream is free) and one
+just after. Beside the prefill, that interval is the scatter's wait for SMs plus its run; ``scatter_wait`` is how
+much longer it is than alone.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -22,6 +30,31 @@ from .engine import Engine, KvbmSide, sync
 from .model import BLOCK_SIZE
 
 __all__ = ["measure_layer_waits"]
+
+
+@contextlib.contextmanager
+def _timed_scatters() -> Iterator[list[tuple[Any, Any]]]:
+    """While open: staged transfers take the engine's Python enqueue, and every kernel launch of it is bracketed by
+    two timing events on its stream, appended to the yielded list as (before, after)."""
+    from kvbm.kernels import transfer
+
+    pairs: list[tuple[Any, Any]] = []
+    real_copy, real_pair = transfer._triton_copy, transfer.TransferEngine._compiled_pair
+    launch = real_copy().launch
+
+    def timed_launch(*args: Any, stream: Any, **kwargs: Any) -> None:
+        before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        before.record(stream)
+        launch(*args, stream=stream, **kwargs)
+        after.record(stream)
+        pairs.append((before, after))
+
+    transfer._triton_copy = lambda: SimpleNamespace(launch=timed_launch)
+    transfer.TransferEngine._compiled_pair = lambda self, *args: None
+    try:
+        yield pairs
+    finally:
+        transfer._triton_copy, transfer.TransferEngine._compiled_pair = real_copy, real_pair
 
 
 def _layer_times(eng: Engine, side: KvbmSide, hashes: Sequence[int], busy_tokens: list[int]) -> list[float]:
@@ -76,7 +109,19 @@ def measure_layer_waits(eng: Engine, side: KvbmSide, prefix_tokens: Sequence[int
     alone_ms = [statistics.median(t[i] for t in alone[1:]) for i in range(len(alone[0]))]
     beside_ms = [statistics.median(t[i] for t in beside[1:]) for i in range(len(beside[0]))]
     delays = [b - a for a, b in zip(alone_ms, beside_ms)]
+    scatters: dict[str, list[list[float]]] = {"alone": [], "beside": []}
+    for _ in range(reps + 1):
+        for name, busy in (("alone", []), ("beside", [rng.randrange(vocab) for _ in range(busy_new)])):
+            with _timed_scatters() as pairs:
+                _layer_times(eng, side, hashes, busy)
+            scatters[name].append([before.elapsed_time(after) * 1e3 for before, after in pairs])
+    scatter_alone = [statistics.median(t[i] for t in scatters["alone"][1:]) for i in range(len(scatters["alone"][0]))]
+    scatter_beside = [statistics.median(t[i] for t in scatters["beside"][1:])
+                      for i in range(len(scatters["beside"][0]))]
+    waits = [b - a for a, b in zip(scatter_alone, scatter_beside)]
     return {"prefix_tokens": len(prefix_tokens), "busy_prefill_tokens": busy_new, "reps": reps,
             "layers_alone_ms": alone_ms, "layers_beside_prefill_ms": beside_ms, "delay_ms": delays,
             "max_delay_us": max(delays) * 1e3, "median_delay_us": statistics.median(delays) * 1e3,
-            "per_group_alone_us": alone_ms[-1] / len(alone_ms) * 1e3}
+            "per_group_alone_us": alone_ms[-1] / len(alone_ms) * 1e3,
+            "scatter_alone_us": scatter_alone, "scatter_beside_prefill_us": scatter_beside, "scatter_wait_us": waits,
+            "max_scatter_wait_us": max(waits), "median_scatter_wait_us": statistics.median(waits)}
