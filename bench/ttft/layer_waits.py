@@ -72,16 +72,16 @@ def _layer_times(eng: Engine, side: KvbmSide, hashes: Sequence[int], busy_tokens
     start.record(stream)
     watcher.wait_event(start)
     side.worker.start_loads(plan.loads)
-    if busy_tokens:
-        eng.model.prefill(torch.tensor(busy_tokens, device=eng.device), eng.caches,
-                          torch.tensor(busy_blocks, device=eng.device), 0)
     marks = []
-    for group in side.worker.layer_transfers:
+    for group in side.worker.layer_transfers:  # (queued before the prefill: its host time must not delay them)
         for transfer in group:
             transfer.order_stream(watcher)
         mark = torch.cuda.Event(enable_timing=True)
         mark.record(watcher)
         marks.append(mark)
+    if busy_tokens:
+        eng.model.prefill(torch.tensor(busy_tokens, device=eng.device), eng.caches,
+                          torch.tensor(busy_blocks, device=eng.device), 0)
     side.worker.finish_layerwise_loads()
     sync(eng.device)
     errors = side.worker.take_load_errors()
