@@ -51,6 +51,7 @@ class LayerwiseLoads:
         self.groups = layer_groups(num_layers, layers_per_group)
         self._group_of = [k for k, (a, b) in enumerate(self.groups) for _ in range(a, b)]
         self._waits: list[list[BlockTransfer]] = []
+        self._ordered: set[tuple[int, Any]] = set()  # (group, stream) already ordered after the group's transfers
         self._gpu = engine_cache.device.type == "cuda"
 
     @property
@@ -81,15 +82,20 @@ class LayerwiseLoads:
 
     def wait_for_layer(self, layer: int) -> None:
         """Order the engine's later work on ``layer`` after its group's transfers: on the GPU the current stream waits
-        on the device, on the CPU the call blocks until they are done."""
+        on the device (once per group and stream: the group's later layers follow on that stream anyway), on the
+        CPU the call blocks until they are done."""
         if not self._waits:
             return
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer} is not one of the engine cache's {self.num_layers} layers")
         k = self._group_of[layer]
         stream = torch.cuda.current_stream(self.engine_cache.device) if self._gpu else None
+        key = (k, stream.cuda_stream if stream is not None else None)
+        if key in self._ordered:
+            return
         for transfer in self._waits[k]:
             transfer.order_stream(stream)
+        self._ordered.add(key)
 
     def finish(self) -> bool:
         """Block until this step's transfers are done; whether there were any."""
@@ -101,4 +107,5 @@ class LayerwiseLoads:
                     transfer.wait()
         finally:
             self._waits = []
+            self._ordered.clear()
         return True
