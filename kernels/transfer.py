@@ -322,15 +322,19 @@ class TransferEngine:
         blocks); the caller must wait on the returned handle before its kernels read the onboarded blocks."""
         return self.submit([TransferSpec("h2d", host, gpu, host_ids, gpu_ids, path, options)])[0]
 
-    def submit(self, transfers: Sequence[TransferSpec]) -> list[TransferHandle]:
+    def submit(self, transfers: Sequence[TransferSpec], *, ids_checked: bool = False) -> list[TransferHandle]:
         """Enqueue several transfers at once and return their handles in order.
+
+        ``ids_checked``: the caller (`kvbm.kernels.transfers.Transfers`, through its GPU <-> host path) has already
+        checked the ids (int64 arrays, in range, no repeated destination) and the host caches' pinning, so they are
+        not checked twice on the transfer's path to its first DMA.
 
         A staged transfer taken by the compiled enqueue (`_staged_compiled`) is enqueued whole in one call; those
         enqueued in Python are interleaved, one chunk of each in turn, so an onboard submitted with an offload starts
         after one chunk of the offload is enqueued, not after all of it. Each transfer is ordered after the work queued so far on the
         caller's current stream, as with `offload` / `onboard`. Every transfer is checked before anything is enqueued:
         bad input raises and enqueues nothing; a failure while enqueueing fails that transfer's handle only."""
-        checked = [self._check(spec) for spec in transfers]
+        checked = [self._check(spec, ids_checked) for spec in transfers]
         handles, steps = [], []
         for spec, (s, d, path) in zip(transfers, checked):
             handle, work = self._begin(spec, s, d, path)
@@ -351,7 +355,7 @@ class TransferEngine:
         return handles
 
     # -- implementation -----------------------------------------------------------------------------------------
-    def _check(self, spec: TransferSpec) -> tuple[np.ndarray, np.ndarray, str]:
+    def _check(self, spec: TransferSpec, ids_checked: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
         """Validate one transfer (raising on bad input): its ids as int64 arrays and the path it will take.
 
         The checks of the two caches are done once per cache pair and kept (`_check_pair`); the ids are checked in
@@ -364,6 +368,9 @@ class TransferEngine:
         if not isinstance(src, PagedKVCache) or not isinstance(dst, PagedKVCache):
             check_caches(src, dst)  # raises the TypeError
         auto = self._check_pair(spec.direction, src, dst)
+        if ids_checked:
+            s, d = (np.ascontiguousarray(ids, dtype=np.int64) for ids in (spec.src_ids, spec.dst_ids))
+            return s, d, auto if spec.path == "auto" else spec.path
         host = dst if spec.direction == "d2h" else src
         if host.__dict__.get("_pinned_while") != host_memory.unregistrations():  # (a buffer closed since: again)
             if not host_memory.cache_is_pinned(host):

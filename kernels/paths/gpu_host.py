@@ -90,9 +90,11 @@ class GpuHostPath:
             kept = self._pairs.keep(key, (host is not None and blocks_dense(host), unregistrations()),
                                     src, dst)
         if kept[0]:
+            from ..transfer import TransferSpec
+
             engine = self._engine(gpu.device)
-            handle = (engine.offload(src, dst, src_ids, dst_ids) if gpu is src
-                      else engine.onboard(src, dst, src_ids, dst_ids))
+            spec = TransferSpec("d2h" if gpu is src else "h2d", src, dst, src_ids, dst_ids)
+            handle = engine.submit([spec], ids_checked=True)[0]  # (the face checked the ids, this path the pinning)
             device_done = handle.event if handle.error is None else None
             return BlockTransfer(src_ids.size, handle.path, _await_handle(handle), device_done=device_done)
         return self._by_kernel(gpu.device, src, dst, src_ids, dst_ids)
