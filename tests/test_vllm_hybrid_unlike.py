@@ -136,22 +136,27 @@ def group_loads(h: H.VllmHarness) -> Counter:
 # Multi-turn chats through the real scheduler
 # --------------------------------------------------------------------------------------------------
 
-CHATS = [pytest.param(name, runner, disk, id=f"{name}-{runner}-{'host+disk' if disk else 'host'}")
-         for name in ("window-blocks-32", "page-bytes") for runner in ("v1", "v2") for disk in (False, True)]
-CHATS += [pytest.param("full-blocks-32", "v1", True, id="full-blocks-32-v1-host+disk"),
-          pytest.param("padded-pages", "v2", True, id="padded-pages-v2-host+disk"),
-          pytest.param("layer-counts", "v1", True, id="layer-counts-v1-host+disk")]
+TIERS: dict[str, dict[str, Any]] = {
+    "host": {},
+    "host+disk": dict(host=24, disk=512, extra={"DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "true"}),
+    "disk": dict(host=None, disk=512),
+}
+CHATS = [pytest.param(name, runner, tiers, id=f"{name}-{runner}-{tiers}")
+         for name in ("window-blocks-32", "page-bytes") for runner in ("v1", "v2") for tiers in ("host", "host+disk")]
+CHATS += [pytest.param("full-blocks-32", "v1", "host+disk", id="full-blocks-32-v1-host+disk"),
+          pytest.param("padded-pages", "v2", "host+disk", id="padded-pages-v2-host+disk"),
+          pytest.param("layer-counts", "v1", "host+disk", id="layer-counts-v1-host+disk"),
+          pytest.param("page-bytes", "v1", "disk", id="page-bytes-v1-disk")]
 
 
-@pytest.mark.parametrize("name, runner, disk", CHATS)
-def test_unlike_groups_chat_onboards_byte_exact(tmp_path: Path, name: str, runner: str, disk: bool) -> None:
-    """Multi-turn chats: later turns load every group's blocks from G2 (and, with a small G2, from G3 after the
-    raw slots cascaded there), each through its own view; every hit ends on a multiple of every group's block
-    size, every attended byte is checked, no load fails and nothing leaks."""
-    tiers: dict[str, Any] = dict(host=24, disk=512, extra={"DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "true"}) if disk \
-        else {}
+@pytest.mark.parametrize("name, runner, tiers", CHATS)
+def test_unlike_groups_chat_onboards_byte_exact(tmp_path: Path, name: str, runner: str, tiers: str) -> None:
+    """Multi-turn chats: later turns load every group's blocks from G2 (with a small G2 also from G3, after the
+    raw slots cascaded there; or from G3 alone), each through its own view; every hit ends on a multiple of every
+    group's block size, every attended byte is checked, no load fails and nothing leaks."""
+    disk = tiers != "host"
     unit = CONFIGS[name][3]
-    with unlike_harness(name, tmp_path, runner=runner, **tiers) as h:
+    with unlike_harness(name, tmp_path, runner=runner, **TIERS[tiers]) as h:
         check_plan(h, name)
         hits, failed, per_tier = record_hits(h), record_failed_loads(h), group_loads(h)
         counts = run_counting(h, chat(num_rounds=3 if name == "layer-counts" else 4))
@@ -175,6 +180,9 @@ def test_unlike_groups_with_tensor_parallelism(tmp_path: Path, name: str) -> Non
                               max_model_len=320, kv_layout=extra.get("kv_layout"))
     with R.RankedVllmHarness(harness, 2, 1) as h:
         assert h.leader.hybrid and h.leader.num_workers == 2 and h.leader.unit == unit
+        halves = [(size, page // 2) for size, page, _ in CONFIGS[name][2]]  # each rank holds half the heads
+        assert [(g.kv_cache_spec.block_size, g.kv_cache_spec.page_size_bytes)
+                for g in h.plan.scheduler_config.kv_cache_groups] == halves
         workload = H.MultiTurnChatWorkload(num_users=5, num_rounds=3, system_prompt_tokens=64, seed=5)
         h.run_workload(workload)
         assert workload.done and all(len(h.outputs[t.request_id]) == t.max_tokens for t in workload.completed)
