@@ -29,11 +29,12 @@ from kvbm.config import KvbmConfig
 from kvbm.connectors.groups import FULL, WINDOW, KVGroup
 from kvbm.connectors.leader import ConnectorLeader
 from kvbm.connectors.messages import RequestLoad, RequestStore, WorkerReport
+from kvbm.connectors.pd import RemotePrefill
 from kvbm.connectors.worker import ConnectorWorker
 from kvbm.kernels.medium import Medium
 from kvbm.layouts import KVGeometry, allocate
 from kvbm.leader import MoveResult
-from kvbm.leader.plans import Move, MoveKind
+from kvbm.leader.plans import Move, MoveKind, RemoteSource
 from kvbm.tiers import TierSpec, kvbm_tiers
 from kvbm.vllm_integration.connector import DynamoConnector
 from kvbm.worker.tier_memory import slot_geometry, tier_view
@@ -288,6 +289,22 @@ def test_leader_hits_in_units_of_every_group_block() -> None:
     # An engine hit that is not a whole unit is never extended (vLLM's are multiples of its scheduler block size).
     d = leader.track("d", salt=0)
     assert leader.match(d, tokens, 4) == 0
+
+
+def test_hybrid_leader_takes_no_part_in_disaggregated_prefill(caplog: pytest.LogCaptureFixture) -> None:
+    """A hybrid model's prompts are computed on each instance: a prefill another instance offers is not matched
+    (logged; vLLM then asks for the local hit), and no finished prompt is pinned for another instance."""
+    config = KvbmConfig(cpu_cache_override_num_blocks=64)
+    leader = ConnectorLeader(kvbm_tiers(config, 4096), config, block_size=4)
+    leader.use_groups((KVGroup(0, FULL, 4, "f"), KVGroup(1, WINDOW, 8, "w", window=5)))
+    leader.endpoints = (b"rank0",)
+    tokens = list(range(10, 42))
+    state = leader.track("a", salt=0)
+    offered = RemotePrefill(RemoteSource("other", "a", (b"rank0",)), 4, tuple(range(8)), tuple(range(8)))
+    with caplog.at_level(logging.WARNING, logger="kvbm.connectors.leader"):
+        assert leader.match_remote(state, tokens, 0, offered) == 0
+    assert "not implemented for a hybrid model (2 KV cache groups)" in caplog.text and state.remote is None
+    assert leader.keep_for_remote(state, tokens) is None and not len(leader.pins)
 
 
 def random_cache(preset: str, geometry: KVGeometry, blocks: int, dtype: torch.dtype, seed: int) -> Any:

@@ -19,7 +19,8 @@ mirrored into the etcd hash directory (sent once per step, in `take_step`), and 
 short asks the directory for the blocks that follow; another instance's run is loaded from its G2 like a P/D load
 (the holder's seal table turns a stale entry into a failed block, recomputed). One G4 load per request: a request
 whose G4 load failed is recomputed, not looked up there again. Only an instance whose workers export (``endpoints``
-set: their G4 endpoints also load) looks up in G4; hybrid models do not.
+set: their G4 endpoints also load) looks up in G4; hybrid models do not, and take no part in disaggregated serving
+(their prompts are computed on each instance).
 """
 from __future__ import annotations
 
@@ -277,23 +278,26 @@ class ConnectorLeader:
         instance with another number of ranks is not read: rank r reads rank r)."""
         if state.skip is not None:
             return 0
-        block_size = self.groups[0].block_size
-        if remote.block_size != block_size or len(remote.source.endpoints) != self.num_workers:
+        if self.hybrid:
+            log.warning("kvbm: request %s: loading another instance's prefill is not implemented for a hybrid model "
+                        "(%d KV cache groups): computing the prompt here", state.request_id, len(self.groups))
+            return 0
+        if remote.block_size != self.block_size or len(remote.source.endpoints) != self.num_workers:
             log.warning("kvbm: request %s: the prefill instance %s has blocks of %d tokens over %d rank(s), this one "
                         "%d tokens over %d: computing the prompt here", state.request_id, remote.source.engine_id,
-                        remote.block_size, len(remote.source.endpoints), block_size, self.num_workers)
+                        remote.block_size, len(remote.source.endpoints), self.block_size, self.num_workers)
             return 0
-        full_blocks = min(len(tokens) // block_size, len(remote.hashes))
-        local_blocks = num_computed_tokens // block_size
-        hashes = state.hashes_upto(full_blocks, block_size, tokens)
+        full_blocks = min(len(tokens) // self.block_size, len(remote.hashes))
+        local_blocks = num_computed_tokens // self.block_size
+        hashes = state.hashes_upto(full_blocks, self.block_size, tokens)
         same = next((i for i in range(full_blocks) if hashes[i] != remote.hashes[i]), full_blocks)
         if same <= local_blocks:
             return 0
         state.remote, state.matched_blocks, state.host_blocks = remote, same, local_blocks
         state.match_key, state.local_tokens = None, num_computed_tokens
         if self.metrics is not None:
-            self.metrics.record_matched_tokens((same - local_blocks) * block_size)
-        return same * block_size - num_computed_tokens
+            self.metrics.record_matched_tokens((same - local_blocks) * self.block_size)
+        return same * self.block_size - num_computed_tokens
 
     def plan_matched_load(self, state: TrackedRequest, block_ids: Sequence[int], num_blocks: int) -> RequestLoad:
         """Load the first ``num_blocks`` matched blocks after the engine's hit into the request's blocks at those
@@ -350,16 +354,16 @@ class ConnectorLeader:
 
     def keep_for_remote(self, state: TrackedRequest, prompt: Sequence[int]) -> RemotePrefill | None:
         """Pin the request's prompt blocks that are in G2 (or on their way) for another instance to read, and say
-        where they are; None without endpoints (no exporting workers) or blocks."""
-        if self.endpoints is None or state.skip is not None:
+        where they are; None without endpoints (no exporting workers) or blocks, and for a hybrid model (no instance
+        loads its prefills: `match_remote`)."""
+        if self.endpoints is None or state.skip is not None or self.hybrid:
             return None
-        block_size = self.groups[0].block_size
-        hashes = state.hashes_upto(len(prompt) // block_size, block_size, prompt)
-        run, slots = self.pins.pin(state.request_id, hashes[:len(prompt) // block_size])
+        hashes = state.hashes_upto(len(prompt) // self.block_size, self.block_size, prompt)
+        run, slots = self.pins.pin(state.request_id, hashes[:len(prompt) // self.block_size])
         if not run:
             return None
         source = RemoteSource(self.engine_id, state.request_id, self.endpoints)
-        return RemotePrefill(source, block_size, tuple(run), tuple(slots))
+        return RemotePrefill(source, self.block_size, tuple(run), tuple(slots))
 
     def _common_hit(self, state: TrackedRequest, tokens: Sequence[int], local_units: int, full_units: int,
                     whole_prompt: bool) -> tuple[int, int]:

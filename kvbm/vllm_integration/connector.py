@@ -86,6 +86,10 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
         self.block_bytes = self.layout.total_block_bytes  # summed over ranks: sizes the tiers on both sides
         self.latent = type(group_spec(kv_cache_config.kv_cache_groups[0].kv_cache_spec)) is MLAAttentionSpec
         kv_role = self._kv_transfer_config.kv_role
+        if self.hybrid and kv_role in ("kv_producer", "kv_consumer") and role == KVConnectorRole.SCHEDULER:
+            log.warning("kvbm: disaggregated prefill is not implemented for a hybrid model (%d KV cache groups): "
+                        "this %s instance computes its prompts itself", len(kv_cache_config.kv_cache_groups),
+                        kv_role)
         shared = bool(self.config.g4_etcd_endpoint)  # the shared G4 tier: every instance exports and loads
         self.g4 = G4Options(export=kv_role == "kv_producer" or shared, load=kv_role == "kv_consumer" or shared,
                             timeout_s=self.config.pd_load_timeout_secs)
