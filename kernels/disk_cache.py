@@ -6,6 +6,10 @@ byte-exact conversion rules hold for its blocks as for a host or GPU cache's. It
 the disk paths (`kvbm.kernels.paths.host_disk`, `gpu_disk`), which call `write_slots` / `read_slots` on the disk
 threads.
 
+Blocks of a smaller geometry can share the file (`DiskKVCache.view`): a view reads and writes its own blocks at
+the start of the same slots, through the same file and checksums (a cache of raw byte blocks holds the blocks of
+several geometries this way).
+
 Integrity: every slot written from host memory gets an xxh3-64 checksum of its block bytes, seeded with a digest
 of the cache's layout and geometry and, when the writer gives one, the block's tag (its sequence hash); the sums
 live in memory and every read is verified against them, so a flipped byte, two swapped slots, a hole punched in
@@ -46,6 +50,13 @@ def same_slot_layout(a: KVLayout, b: KVLayout) -> bool:
             and a.piece_offset == b.piece_offset)
 
 
+def _check_geometry(geometry: KVGeometry, dtype: torch.dtype) -> None:
+    if not isinstance(geometry, KVGeometry):
+        raise TypeError(f"geometry must be a KVGeometry, got {type(geometry).__name__}")
+    if not isinstance(dtype, torch.dtype) or torch.empty((), dtype=dtype).element_size() != geometry.itemsize:
+        raise ValueError(f"dtype {dtype!r} does not have the geometry's element size {geometry.itemsize}")
+
+
 class DiskKVCache:
     """``num_blocks`` blocks of ``geometry`` / ``dtype`` in a new file in ``directory`` (removed by `close`).
 
@@ -56,10 +67,7 @@ class DiskKVCache:
 
     def __init__(self, directory: str | os.PathLike, geometry: KVGeometry, dtype: torch.dtype, num_blocks: int, *,
                  use_o_direct: bool = True, zerofill_fallback: bool = False, name: str = "G3") -> None:
-        if not isinstance(geometry, KVGeometry):
-            raise TypeError(f"geometry must be a KVGeometry, got {type(geometry).__name__}")
-        if not isinstance(dtype, torch.dtype) or torch.empty((), dtype=dtype).element_size() != geometry.itemsize:
-            raise ValueError(f"dtype {dtype!r} does not have the geometry's element size {geometry.itemsize}")
+        _check_geometry(geometry, dtype)
         self.geometry = geometry
         self.dtype = dtype
         self.name = name
@@ -91,6 +99,12 @@ class DiskKVCache:
     def checksum(self, block: memoryview | np.ndarray, tag: int | None = None) -> int:
         """xxh3-64 of one block's bytes (``block_bytes`` of them, the slot's padding excluded) under ``tag``."""
         return xxhash.xxh3_64_intdigest(memoryview(block)[: self.geometry.block_bytes], seed=self._seed(tag))
+
+    def view(self, geometry: KVGeometry, dtype: torch.dtype) -> DiskKVCache:
+        """The same slots holding blocks of ``geometry`` / ``dtype`` (no larger than this cache's blocks, at the
+        start of each slot): one file, one set of checksums (over this cache's block bytes); only this cache closes
+        the file."""
+        return _DiskView(self, geometry, dtype)
 
     def forget(self, slots: Sequence[int], failed: bool = False) -> None:
         """Slots whose bytes changed without a checksum: read unverified (cuFile writes), or, with ``failed``,
@@ -193,6 +207,50 @@ class DiskKVCache:
 
     def __repr__(self) -> str:
         g = self.geometry
-        return (f"DiskKVCache({self.name!r}, blocks={self.num_blocks}, slot_bytes={self.slot_bytes}, "
+        return (f"{type(self).__name__}({self.name!r}, blocks={self.num_blocks}, slot_bytes={self.slot_bytes}, "
                 f"layers={g.num_layers}, kv={g.num_kv}, block_size={g.block_size}, heads={g.num_heads}, "
                 f"head_dim={g.head_dim}, dtype={self.dtype}, file={self.file.path!r})")
+
+
+class _DiskView(DiskKVCache):
+    """A `DiskKVCache`'s slots seen as blocks of another geometry (`DiskKVCache.view`): its own layout, the base's
+    file, checksums and I/O (a block written through one view and read through another fails no checksum: keys
+    keep blocks of different geometries apart, not the disk)."""
+
+    def __init__(self, base: DiskKVCache, geometry: KVGeometry, dtype: torch.dtype) -> None:
+        _check_geometry(geometry, dtype)
+        if geometry.block_bytes > base.geometry.block_bytes or base.slot_bytes % geometry.itemsize:
+            raise ValueError(f"blocks of {geometry.block_bytes} bytes do not fit the {base.geometry.block_bytes}-byte "
+                             f"blocks of {base.name}'s slots")
+        self._base = base
+        self.geometry, self.dtype, self.name = geometry, dtype, base.name
+        self.slot_bytes, self.num_blocks = base.slot_bytes, base.num_blocks
+        meta = torch.empty(self.num_blocks * self.slot_bytes, dtype=torch.uint8, device="meta")
+        self.layout = slot_cache(meta, geometry, dtype, self.num_blocks, self.slot_bytes).layout
+
+    file = property(lambda self: self._base.file)
+    renewals = property(lambda self: self._base.renewals)
+    layout_digest = property(lambda self: self._base.layout_digest)
+
+    def checksum(self, block: memoryview | np.ndarray, tag: int | None = None) -> int:
+        return self._base.checksum(block, tag)
+
+    def forget(self, slots: Sequence[int], failed: bool = False) -> None:
+        self._base.forget(slots, failed)
+
+    def _verify(self, slot: int, block: np.ndarray, tag: int | None) -> str | None:
+        return self._base._verify(slot, block, tag)
+
+    def write_slots(self, slots: Sequence[int], buffer: np.ndarray, buf_blocks: Sequence[int],
+                    tags: Sequence[int] | None = None) -> dict[int, str]:
+        return self._base.write_slots(slots, buffer, buf_blocks, tags)
+
+    def read_slots(self, slots: Sequence[int], buffer: np.ndarray, buf_blocks: Sequence[int],
+                   tags: Sequence[int] | None = None) -> dict[int, str]:
+        return self._base.read_slots(slots, buffer, buf_blocks, tags)
+
+    def view(self, geometry: KVGeometry, dtype: torch.dtype) -> DiskKVCache:
+        return self._base.view(geometry, dtype)
+
+    def close(self) -> None:
+        """Nothing: the base cache owns the file."""

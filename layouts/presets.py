@@ -96,7 +96,9 @@ def vllm_standardized(kv_caches: Sequence[torch.Tensor], order: str = "LBNHC", *
 
     The views are strided into one shared buffer whose physical order is `order` (one of STANDARDIZED_ORDERS);
     K and V sit side by side in the last dimension. With ``latent`` the views are an MLA latent cache
-    `[num_blocks, 1, block_size, width]` (one latent per token, no K/V split). Checks each view's strides (those of
+    `[num_blocks, 1, block_size, width]` (one latent per token, no K/V split). The block stride may exceed the
+    block's own extent (vLLM pads a page to a larger one, or strides a hybrid model's smaller group by the largest
+    group's block); the dimensions outside the block follow from it. Checks each view's strides (those of
     dimensions of size 1 place nothing and are not compared) and its offset in the buffer.
     """
     name = f"vllm_{order.lower()}" if isinstance(order, str) else "vllm_standardized"
@@ -108,8 +110,10 @@ def vllm_standardized(kv_caches: Sequence[torch.Tensor], order: str = "LBNHC", *
     g = cache.geometry
     sizes = {"layer": g.num_layers, "block": cache.num_blocks, "head": g.num_heads, "token": g.block_size,
              "channel": g.num_kv * g.head_dim}
-    dims = [_LETTER[c] for c in order]
-    expected = dict(zip(dims, _contiguous_strides([sizes[d] for d in dims])))
+    expected, extent = {}, 1
+    for d in reversed([_LETTER[c] for c in order]):
+        expected[d] = max(extent, views[0].stride(0)) if d == "block" else extent
+        extent = expected[d] * sizes[d]
     want = (expected["block"], expected["head"], expected["token"], 1)
     base = views[0].data_ptr()
     for layer, v in enumerate(views):

@@ -122,6 +122,31 @@ def test_preset_rejects_wrong_rank_and_width_and_dtype():
         presets.vllm_flash_attn([torch.empty(2, 3, 4, 2, 8), torch.empty(2, 5, 4, 2, 8)])
 
 
+@pytest.mark.parametrize("order", ["LBNHC", "BLNHC"])
+def test_standardized_preset_takes_padded_blocks(order):
+    """vLLM strides a block past its own extent (a page padded to a larger one; a hybrid model's smaller group
+    packed in the largest group's block): the views are described with that block stride, every element where the
+    views hold it; a stride below the extent is refused."""
+    layers, blocks, heads, tokens, width = 2, 3, 2, 4, 16
+    page = heads * tokens * width
+    stride = page + 24 if order == "LBNHC" else layers * page + 40
+    buf = torch.randn(layers * blocks * stride).to(torch.bfloat16)
+    offset = (lambda layer: layer * blocks * stride) if order == "LBNHC" else (lambda layer: layer * page)
+
+    def views(block_stride):
+        return [torch.as_strided(buf, (blocks, heads, tokens, width), (block_stride, width, heads * width, 1),
+                                 offset(layer)) for layer in range(layers)]
+
+    cache = presets.vllm_standardized(views(stride), order)
+    assert cache.geometry == G and cache.layout.stride["block"] == stride
+    for layer, view in enumerate(views(stride)):
+        for kv in range(2):
+            expected = view[..., kv * 8:(kv + 1) * 8].permute(0, 2, 1, 3)  # [block, token, head, channel]
+            assert torch.equal(cache.piece_view(layer, kv), expected)
+    with pytest.raises(LayoutError, match=r"overlap|view expected strides"):
+        presets.vllm_standardized(views(page - width), order)
+
+
 def test_standardized_preset_checks_view_offsets():
     cache = allocate("vllm_lbnhc", G, 3, dtype=torch.bfloat16)
     views = list(cache.tensors)

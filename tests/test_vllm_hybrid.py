@@ -309,7 +309,8 @@ def test_leader_hybrid_hit_loads_and_stores() -> None:
 
 
 def test_unsupported_groups_are_refused() -> None:
-    """Groups of another attention kind, or of unlike block geometry, are refused with the reason."""
+    """Groups of another attention kind, or a hybrid model under pipeline parallelism, are refused with the reason;
+    groups of unlike layer counts are not (their blocks share raw tier slots: `test_vllm_hybrid_unlike`)."""
     with hybrid_harness() as h:
         config = h.plan.scheduler_config
         groups = config.kv_cache_groups
@@ -322,8 +323,9 @@ def test_unsupported_groups_are_refused() -> None:
             DynamoConnector(h.vllm_config, H.KVConnectorRole.SCHEDULER, other)
         fewer = config.__class__(**{**config.__dict__, "kv_cache_groups": [
             groups[0], KVCacheGroupSpec(groups[1].layer_names[:1], spec)]})
-        with pytest.raises(ValueError, match="one block geometry"):
-            DynamoConnector(h.vllm_config, H.KVConnectorRole.SCHEDULER, fewer)
+        accepted = DynamoConnector(h.vllm_config, H.KVConnectorRole.SCHEDULER, fewer)
+        assert [g.kind for g in accepted.groups] == [FULL, WINDOW] and accepted.refusal is None
+        accepted.shutdown()
         h.vllm_config.parallel_config.pipeline_parallel_size = 2
         with pytest.raises(ValueError, match="pipeline_parallel_size=2"):
             DynamoConnector(h.vllm_config, H.KVConnectorRole.SCHEDULER, config)

@@ -157,6 +157,10 @@ class TinyModelSpec:
     #: prefix caching off); empty: all full attention.  The specs are vLLM's own spec classes (`layer_specs`).
     layer_kinds: tuple[str, ...] = ()
     sliding_window: int = 0
+    #: Per layer KV heads (empty: ``num_kv_heads`` in every layer). Layers of unlike page sizes make vLLM plan KV
+    #: cache groups of different block sizes (layer-outer layouts: it scales the smaller page's block size up) or
+    #: of different page bytes (block-outermost layouts; or a padded page where one page does not divide the other).
+    layer_kv_heads: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.layer_kinds:
@@ -165,6 +169,10 @@ class TinyModelSpec:
                                  f"{self.num_layers} layers, got {self.layer_kinds!r}")
             if "sliding" in self.layer_kinds and self.sliding_window <= 1:
                 raise ValueError(f"sliding layers need sliding_window > 1, got {self.sliding_window}")
+        if self.layer_kv_heads and (len(self.layer_kv_heads) != self.num_layers or not all(
+                isinstance(h, int) and h > 0 for h in self.layer_kv_heads)):
+            raise ValueError(f"layer_kv_heads must give a positive int for each of the {self.num_layers} layers, got "
+                             f"{self.layer_kv_heads!r}")
         for name in ("num_layers", "num_kv_heads", "num_attention_heads", "head_dim", "vocab_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -188,6 +196,10 @@ class TinyModelSpec:
         """Attention layer names in the form vLLM's Llama model registers them."""
         return [f"model.layers.{i}.self_attn.attn" for i in range(self.num_layers)]
 
+    def kv_heads(self, layer: int) -> int:
+        """The KV heads of ``layer``."""
+        return self.layer_kv_heads[layer] if self.layer_kv_heads else self.num_kv_heads
+
     def window(self, layer: int) -> int | None:
         """The sliding window of ``layer`` (tokens a position attends to, itself included), None for full."""
         return self.sliding_window if self.layer_kinds and self.layer_kinds[layer] == "sliding" else None
@@ -206,7 +218,7 @@ class TinyModelSpec:
         state page is padded to the attention page, as vLLM does for a hybrid model."""
         specs: dict[str, KVCacheSpec] = {}
         for layer, name in enumerate(self.layer_names()):
-            common = dict(block_size=block_size, num_kv_heads=self.num_kv_heads, head_size=self.head_dim,
+            common = dict(block_size=block_size, num_kv_heads=self.kv_heads(layer), head_size=self.head_dim,
                           dtype=self.torch_dtype)
             window = self.window(layer)
             if self.is_state(layer):
@@ -479,8 +491,8 @@ class KVOracle:
 
     def __init__(self, model: TinyModelSpec) -> None:
         self.model = model
-        self._elements = model.num_kv_heads * 2 * model.head_dim
-        self._element_offsets = np.arange(self._elements, dtype=np.uint64) * np.uint64(0xD1B54A32D192ED03)
+        heads = max([model.num_kv_heads, *model.layer_kv_heads])
+        self._element_offsets = np.arange(heads * 2 * model.head_dim, dtype=np.uint64) * np.uint64(0xD1B54A32D192ED03)
 
     @staticmethod
     def extend_prefix_hashes(hashes: list[int], seed: int, tokens: Sequence[int]) -> None:
@@ -491,12 +503,13 @@ class KVOracle:
             hashes.append(state)
 
     def kv(self, prefix_hashes: Sequence[int], layer: int) -> torch.Tensor:
-        """KV of the given positions in ``layer``: tensor ``[n, kv_heads, 2, head_dim]`` (K, V)."""
-        n = len(prefix_hashes)
+        """KV of the given positions in ``layer``: tensor ``[n, the layer's kv_heads, 2, head_dim]`` (K, V)."""
+        n, heads = len(prefix_hashes), self.model.kv_heads(layer)
+        offsets = self._element_offsets[: heads * 2 * self.model.head_dim]
         base = _mix64_array(np.asarray(prefix_hashes, dtype=np.uint64) ^ np.uint64((layer + 1) * 0x632BE59BD9B4E019 & _MASK64))
-        bits = _mix64_array(base[:, None] + self._element_offsets[None, :]) >> np.uint64(40)
+        bits = _mix64_array(base[:, None] + offsets[None, :]) >> np.uint64(40)
         values = bits.astype(np.float32) * np.float32(2.0 ** -23) - np.float32(1.0)
-        tensor = torch.from_numpy(values.reshape(n, self.model.num_kv_heads, 2, self.model.head_dim))
+        tensor = torch.from_numpy(values.reshape(n, heads, 2, self.model.head_dim))
         return tensor.to(self.model.torch_dtype)
 
 
@@ -551,6 +564,8 @@ def allocate_worker_kv_caches(
     if kv_format == "views":
         layout = vllm_config.cache_config.get_resolved_kv_cache_layout()
         return allocate_kv_cache(kv_cache_config, torch.device("cpu"), layout)
+    if model.layer_kv_heads:
+        raise ValueError(f"kv_format {kv_format!r} allocates one shape for every layer; layer_kv_heads needs 'views'")
     blocks, tokens = kv_cache_config.num_blocks, vllm_config.cache_config.block_size
     heads, dim = model.num_kv_heads, model.head_dim
     shape = (2, blocks, tokens, heads, dim) if kv_format == "flash5d" else (blocks, 2, tokens, heads, dim)
@@ -637,6 +652,8 @@ class WorkerHarness:
             for name in self.layer_names
         ]
         self.num_groups = len(kv_cache_config.kv_cache_groups)
+        # Tokens per block of each KV cache group (vLLM scales a group's block size up to even out page sizes).
+        self.group_block_sizes = [group.kv_cache_spec.block_size for group in kv_cache_config.kv_cache_groups]
         self._seeds = seeds
         self.kv_caches = allocate_worker_kv_caches(kv_cache_config, vllm_config, config.model, config.kv_format)
         # Per layer, the engine tensor seen as [num_blocks, block_size, kv_heads, 2, head_dim] (no copy).
@@ -735,8 +752,8 @@ class WorkerHarness:
         self, state: _WorkerRequest, start: int, stop: int, group: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(block indices, in-block offsets) of positions ``[start, stop)`` of a request in KV cache ``group``."""
-        table_ids = state.block_ids[group]
-        last_block = (stop - 1) // self.block_size if stop > start else -1
+        table_ids, block_size = state.block_ids[group], self.group_block_sizes[group]
+        last_block = (stop - 1) // block_size if stop > start else -1
         if last_block >= len(table_ids):
             raise ValueError(
                 f"request {state.request_id}: position {stop - 1} needs block #{last_block} of group {group}, "
@@ -744,12 +761,12 @@ class WorkerHarness:
             )
         positions = torch.arange(start, stop)
         table = torch.tensor(table_ids, dtype=torch.long)
-        blocks = table[positions // self.block_size]
+        blocks = table[positions // block_size]
         if stop > start and bool((blocks == 0).any()):
             raise KVMismatchError(
                 f"request {state.request_id}: positions [{start}, {stop}) of group {group} fall in vLLM's null block"
             )
-        return blocks, positions % self.block_size
+        return blocks, positions % block_size
 
     def attended_start(self, layer: int, stop: int) -> int:
         """The first cached position the token at ``stop`` reads in ``layer`` (its window's start)."""
@@ -813,11 +830,12 @@ class WorkerHarness:
         return max(stop - self.attended_start(layer, stop), 0)
 
     def _mismatch_message(self, request_id: str, layer: int, stop: int, positions: list[int]) -> str:
-        first = positions[0]
-        block = self.requests[request_id].block_ids[self.layer_groups[layer]][first // self.block_size]
+        first, group = positions[0], self.layer_groups[layer]
+        block_size = self.group_block_sizes[group]
+        block = self.requests[request_id].block_ids[group][first // block_size]
         return (
             f"request {request_id} layer {layer}: {len(positions)} of {stop} context positions hold "
-            f"wrong KV; first at position {first} (block {block}, offset {first % self.block_size})"
+            f"wrong KV; first at position {first} (block {block}, offset {first % block_size})"
         )
 
     def _check_admitted_context(self, state: _WorkerRequest, layer: int, stop: int) -> None:
@@ -825,7 +843,8 @@ class WorkerHarness:
         positions = self.mismatched_positions(state.request_id, layer, stop)
         self.last_report.verified_tokens += max(stop - self.attended_start(layer, stop), 0)
         if positions:
-            blocks = {state.block_ids[self.layer_groups[layer]][p // self.block_size] for p in positions}
+            group = self.layer_groups[layer]
+            blocks = {state.block_ids[group][p // self.group_block_sizes[group]] for p in positions}
             message = self._mismatch_message(state.request_id, layer, stop, positions)
             self._mismatches.append((state, blocks, message))
 
@@ -868,7 +887,7 @@ class WorkerHarness:
             slots = []
             for state, start, count in work if group not in state_groups else ():
                 blocks, offsets = self._slots(state, start, start + count, group)
-                slots.append(blocks * self.block_size + offsets)
+                slots.append(blocks * self.group_block_sizes[group] + offsets)
             slot_mapping = torch.cat(slots) if slots else torch.empty(0, dtype=torch.long)
             per_group.append(HarnessAttentionMetadata(slot_mapping=slot_mapping,
                                                       num_actual_tokens=int(slot_mapping.numel())))

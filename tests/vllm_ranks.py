@@ -71,8 +71,10 @@ class RankModelSpec(H.TinyModelSpec):
 def rank_shard(model: H.TinyModelSpec, tp: int, pp: int, rank: int, mla: bool = False) -> tuple[RankModelSpec, int]:
     """``(rank's model shard, its first KV head)``: vLLM numbers ranks stage-major (``rank // tp`` is the stage);
     MLA's single latent "head" is whole on every rank."""
-    if (model.num_kv_heads % tp and not mla) or model.num_attention_heads % tp:
-        raise ValueError(f"{model.num_kv_heads} KV heads / {model.num_attention_heads} heads do not split over tp={tp}")
+    if ((model.num_kv_heads % tp or any(h % tp for h in model.layer_kv_heads)) and not mla) \
+            or model.num_attention_heads % tp:
+        raise ValueError(f"{model.num_kv_heads} KV heads (per layer {model.layer_kv_heads}) / "
+                         f"{model.num_attention_heads} heads do not split over tp={tp}")
     if mla and model.num_kv_heads != 1:
         raise ValueError(f"an MLA model has one latent per token (num_kv_heads=1), got {model.num_kv_heads}")
     start, stop = get_pp_indices(model.num_layers, rank // tp, pp)
@@ -80,12 +82,13 @@ def rank_shard(model: H.TinyModelSpec, tp: int, pp: int, rank: int, mla: bool = 
     shard = RankModelSpec(num_layers=stop - start, num_kv_heads=heads, num_attention_heads=model.num_attention_heads
                           // tp, head_dim=model.head_dim, vocab_size=model.vocab_size, dtype=model.dtype,
                           layer_kinds=model.layer_kinds[start:stop], sliding_window=model.sliding_window,
-                          first_layer=start)
+                          layer_kv_heads=tuple(h // tp for h in model.layer_kv_heads[start:stop]), first_layer=start)
     return shard, 0 if mla else (rank % tp) * heads
 
 
 class RankOracle(H.KVOracle):
-    """The full model's KV restricted to one rank's heads and layers."""
+    """The full model's KV restricted to one rank's heads and layers (``first_head``: the rank's first head of a
+    layer of ``shard.num_kv_heads`` heads; a layer of other heads starts at the same share of them)."""
 
     def __init__(self, model: H.TinyModelSpec, shard: RankModelSpec, first_head: int) -> None:
         super().__init__(model)
@@ -95,10 +98,13 @@ class RankOracle(H.KVOracle):
         """KV ``[n, rank's heads, 2, head_dim]`` of the rank's ``layer``."""
         layer_key = np.uint64(((self.shard.first_layer + layer + 1) * 0x632BE59BD9B4E019) & H._MASK64)
         base = H._mix64_array(np.asarray(prefix_hashes, dtype=np.uint64) ^ layer_key)  # as KVOracle, any layer
-        bits = H._mix64_array(base[:, None] + self._element_offsets[None, :]) >> np.uint64(40)
+        all_heads, shard_heads = self.model.kv_heads(self.shard.first_layer + layer), self.shard.kv_heads(layer)
+        offsets = self._element_offsets[: all_heads * 2 * self.model.head_dim]
+        bits = H._mix64_array(base[:, None] + offsets[None, :]) >> np.uint64(40)
         values = bits.astype(np.float32) * np.float32(2.0 ** -23) - np.float32(1.0)
-        full = torch.from_numpy(values.reshape(len(prefix_hashes), self.model.num_kv_heads, 2, self.model.head_dim))
-        heads = full[:, self.first_head:self.first_head + self.shard.num_kv_heads]
+        full = torch.from_numpy(values.reshape(len(prefix_hashes), all_heads, 2, self.model.head_dim))
+        first = self.first_head // self.shard.num_kv_heads * shard_heads
+        heads = full[:, first:first + shard_heads]
         return heads.to(self.model.torch_dtype).contiguous()
 
 

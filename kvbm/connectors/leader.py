@@ -6,8 +6,9 @@ handed out for storing, and which of its store moves the workers have not report
 its engine's calls to `lookup`, `plan_load`, `plan_stores`, `take_step` and `apply`; plans leave as a
 `StepPlan` and results come back as `WorkerReport`s. A move completes once every worker reported it
 (``num_workers``), a block failing on any rank failing for all. A hybrid model's KV cache groups (`KVGroup`) are
-tracked side by side in one index: each group has its own hashes and block ids (`TrackedRequest.groups`), a hit is
-one that every group can restore, and a group's moves name its engine tier.
+tracked side by side in one index: each group has its own hashes (at its own block size) and block ids
+(`TrackedRequest.groups`), a hit is one that every group can restore and ends on a multiple of every group's block
+size (``unit``: vLLM's scheduler block size), and a group's moves name its engine tier.
 
 Disaggregated serving (`kvbm.connectors.pd`): a prefill instance pins a finished request's G2 blocks for a reader
 (`keep_for_remote`, with ``endpoints`` from its workers); a decode instance matches a request's `RemotePrefill`
@@ -22,11 +23,12 @@ completed G4 loads), so a G4 run is reported only where loading it is expected t
 instance's run is loaded from its G2 like a P/D load (the holder's seal table turns a stale entry into a failed
 block, recomputed). One G4 load per request: a request whose G4 load failed is recomputed, not looked up there
 again. Only an instance whose workers export (``endpoints`` set: their G4 endpoints also load) looks up in G4;
-hybrid models do not.
+hybrid models do not, and take no part in disaggregated serving (their prompts are computed on each instance).
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -153,6 +155,8 @@ class ConnectorLeader:
                                 batch_size=config.max_transfer_batch_size,
                                 min_priority=config.host_offload_prefix_min_priority)
         self.block_size = block_size
+        #: tokens a hit is a multiple of: ``block_size``, or for a hybrid model every group's block size's lcm
+        self.unit = block_size
         self.num_workers = num_workers
         self.layerwise = layerwise and not config.disable_layerwise_onboard
         self.metrics = metrics
@@ -201,16 +205,22 @@ class ConnectorLeader:
             self.directory_view.close()
 
     def use_groups(self, groups: Sequence[KVGroup]) -> None:
-        """Track a hybrid model's KV cache groups (all of ``block_size`` tokens per block) instead of one
-        full-attention group; before any request is tracked."""
+        """Track a hybrid model's KV cache groups instead of one full-attention group; before any request is
+        tracked. Groups may have blocks of different sizes; the first full-attention group's must be
+        ``block_size`` (the lookup and the cost rule go by its blocks)."""
         if self.requests:
             raise RuntimeError("use_groups must come before any request is tracked")
-        for k, group in enumerate(groups):
-            if group.index != k or group.block_size != self.block_size:
-                raise ValueError(f"group {k}: expected index {k} and {self.block_size} tokens per block, got {group}")
         if not groups:
             raise ValueError("use_groups needs at least one group")
+        for k, group in enumerate(groups):
+            if group.index != k:
+                raise ValueError(f"group {k}: expected index {k}, got {group}")
+        lookup = next((g for g in groups if g.kind == FULL), None)
+        if lookup is not None and lookup.block_size != self.block_size:
+            raise ValueError(f"the first full-attention group has blocks of {lookup.block_size} tokens; this leader "
+                             f"looks up blocks of {self.block_size}")
         self.groups, self.hybrid = tuple(groups), len(groups) > 1
+        self.unit = math.lcm(*(g.block_size for g in groups))
 
     # -- requests ----------------------------------------------------------------------------------------------
 
@@ -246,15 +256,15 @@ class ConnectorLeader:
         in the engine, which may have left G2, do not cut the match short) and runs once per admission
         ``attempt`` and engine hit; a retry reuses the answer.
         """
-        if state.skip is not None:
-            return 0
-        full_blocks = len(tokens) // self.block_size
-        local_blocks = num_computed_tokens // self.block_size
+        if state.skip is not None or (self.hybrid and num_computed_tokens % self.unit):
+            return 0  # (a hybrid model's loads start on a unit: vLLM's hits are multiples of its scheduler block)
+        full_blocks = len(tokens) // self.unit  # (in units for a hybrid model, else blocks)
+        local_blocks = num_computed_tokens // self.unit
         if full_blocks <= local_blocks:
             return 0
         key = (attempt, local_blocks)
         if state.match_key != key:
-            whole_prompt = len(tokens) == full_blocks * self.block_size
+            whole_prompt = len(tokens) == full_blocks * self.unit
             state.g4 = state.g4_from = None
             if self.hybrid:
                 found, host = self._common_hit(state, tokens, local_blocks, full_blocks, whole_prompt)
@@ -268,7 +278,7 @@ class ConnectorLeader:
             state.match_key, state.matched_blocks, state.host_blocks = key, local_blocks + found, local_blocks + host
             state.layerwise = self.layerwise and not self.hybrid and found > 0 and host == found
         state.local_tokens = num_computed_tokens
-        return max(state.matched_blocks * self.block_size - num_computed_tokens, 0)
+        return max(state.matched_blocks * self.unit - num_computed_tokens, 0)
 
     def _g4_lookup(self, hashes: Sequence[int]) -> DirectoryHit | None:
         """The leading run of ``hashes`` (the blocks right after the local tiers' run) that another instance holds,
@@ -288,6 +298,10 @@ class ConnectorLeader:
         hashes equal this instance's hashes of ``tokens`` (another prompt, salt or block size matches nothing; an
         instance with another number of ranks is not read: rank r reads rank r)."""
         if state.skip is not None:
+            return 0
+        if self.hybrid:
+            log.warning("kvbm: request %s: loading another instance's prefill is not implemented for a hybrid model "
+                        "(%d KV cache groups): computing the prompt here", state.request_id, len(self.groups))
             return 0
         if remote.block_size != self.block_size or len(remote.source.endpoints) != self.num_workers:
             log.warning("kvbm: request %s: the prefill instance %s has blocks of %d tokens over %d rank(s), this one "
@@ -362,8 +376,9 @@ class ConnectorLeader:
 
     def keep_for_remote(self, state: TrackedRequest, prompt: Sequence[int]) -> RemotePrefill | None:
         """Pin the request's prompt blocks that are in G2 (or on their way) for another instance to read, and say
-        where they are; None without endpoints (no exporting workers) or blocks."""
-        if self.endpoints is None or state.skip is not None:
+        where they are; None without endpoints (no exporting workers) or blocks, and for a hybrid model (no instance
+        loads its prefills: `match_remote`)."""
+        if self.endpoints is None or state.skip is not None or self.hybrid:
             return None
         hashes = state.hashes_upto(len(prompt) // self.block_size, self.block_size, prompt)
         run, slots = self.pins.pin(state.request_id, hashes[:len(prompt) // self.block_size])
@@ -372,51 +387,56 @@ class ConnectorLeader:
         source = RemoteSource(self.engine_id, state.request_id, self.endpoints)
         return RemotePrefill(source, self.block_size, tuple(run), tuple(slots))
 
-    def _common_hit(self, state: TrackedRequest, tokens: Sequence[int], local_blocks: int, full_blocks: int,
+    def _common_hit(self, state: TrackedRequest, tokens: Sequence[int], local_units: int, full_units: int,
                     whole_prompt: bool) -> tuple[int, int]:
-        """``(blocks, of which in G2)`` after the engine's hit that every group can restore: the stored run of the
-        first full-attention group (through the cost rule), cut where another full-attention group's run ends,
-        then shortened until every sliding-window group holds the blocks its window reads at the hit point."""
-        hashes = [self.group_state(state, g.index).hashes_upto(full_blocks, self.block_size, tokens)
+        """``(units, of which in G2)`` after the engine's hit (``unit`` tokens each) that every group can restore:
+        the stored run of the first full-attention group (through the cost rule), cut where another
+        full-attention group's run ends and to a whole unit, then shortened by units until every sliding-window
+        group holds the blocks its window reads at the hit point. Each group's blocks are its own size."""
+        unit, start = self.unit, local_units * self.unit
+        hashes = [self.group_state(state, g.index).hashes_upto(full_units * unit // g.block_size, g.block_size, tokens)
                   for g in self.groups]
-        full = [g.index for g in self.groups if g.kind == FULL]
-        found = full_blocks - local_blocks - (1 if whole_prompt else 0)
+        full = [g for g in self.groups if g.kind == FULL]
+        found = (full_units - (1 if whole_prompt else 0)) * unit  # tokens up to which the hit may reach
         host = 0
         if full:
-            found, host = self.lookup(hashes[full[0]][local_blocks:], whole_prompt=whole_prompt)
-        for k in full[1:]:
-            run = next((i for i, h in enumerate(hashes[k][local_blocks:local_blocks + found])
-                        if not self.index.holds(h)), found)
-            found = min(found, run)
+            b = full[0].block_size
+            n, in_host = self.lookup(hashes[full[0].index][start // b:], whole_prompt=whole_prompt)
+            found, host = min(found, start + n * b), start + in_host * b
+        for g in full[1:]:
+            b, run = g.block_size, hashes[g.index][start // g.block_size:found // g.block_size]
+            found = min(found, start + b * next((i for i, h in enumerate(run) if not self.index.holds(h)), len(run)))
+        found -= (found - start) % unit
         windows = [g for g in self.groups if g.kind != FULL]
-        while found > 0:
-            total = local_blocks + found
-            if all(self.index.holds(h) for g in windows
-                   for h in hashes[g.index][max(local_blocks, g.first_kept_block(total * self.block_size)):total]):
-                break
-            found -= 1
-        return found, min(host, found)
+        while found > start and not all(
+                self.index.holds(h) for g in windows
+                for h in hashes[g.index][max(start // g.block_size, g.first_kept_block(found)):found // g.block_size]):
+            found -= unit
+        return (found - start) // unit, (max(min(host, found), start) - start) // unit
 
-    def plan_matched_group_loads(self, state: TrackedRequest, block_ids: Sequence[Sequence[int]], num_blocks: int,
+    def plan_matched_group_loads(self, state: TrackedRequest, block_ids: Sequence[Sequence[int]], num_units: int,
                                  null_block: int | None = None) -> list[RequestLoad]:
-        """A hybrid model's `plan_matched_load`: load the first ``num_blocks`` matched blocks after the engine's hit
-        into each group's blocks (``block_ids``: per group, all the request's engine blocks in token order): all of
-        them for full attention, those the window reads at the hit point for a sliding window (engine blocks
-        ``null_block`` are placeholders the engine keeps nothing in, never loaded)."""
-        first = state.local_tokens // self.block_size
-        total = first + num_blocks
+        """A hybrid model's `plan_matched_load`: load the first ``num_units`` matched units (``unit`` tokens each)
+        after the engine's hit into each group's blocks (``block_ids``: per group, all the request's engine blocks
+        in token order, of the group's own size): all of them for full attention, those the window reads at the hit
+        point for a sliding window (engine blocks ``null_block`` are placeholders the engine keeps nothing in, never
+        loaded)."""
+        first = state.local_tokens // self.unit
+        total = first + num_units
+        end = total * self.unit  # the hit point, in tokens
         if len(block_ids) != len(self.groups):
             raise ValueError(f"request {state.request_id}: block ids of {len(block_ids)} groups, the model has "
                              f"{len(self.groups)}")
-        if total > state.matched_blocks or any(total > len(ids) for ids in block_ids):
-            raise ValueError(f"request {state.request_id}: {num_blocks} blocks to load after {first} local ones; "
-                             f"{[len(ids) for ids in block_ids]} allocated per group, {state.matched_blocks} matched")
+        if total > state.matched_blocks or any(end > len(ids) * g.block_size for g, ids in zip(self.groups, block_ids)):
+            raise ValueError(f"request {state.request_id}: {num_units} units of {self.unit} tokens to load after "
+                             f"{first} local ones; {[len(ids) for ids in block_ids]} blocks allocated per group, "
+                             f"{state.matched_blocks} units matched")
         state.loading = True
         loads = []
         for group, ids in zip(self.groups, block_ids):
-            track = self.group_state(state, group.index)
-            start = max(first, group.first_kept_block(total * self.block_size))
-            wanted = [j for j in range(start, total) if ids[j] != null_block]
+            track, b = self.group_state(state, group.index), group.block_size
+            start = max(first * self.unit // b, group.first_kept_block(end))
+            wanted = [j for j in range(start, end // b) if ids[j] != null_block]
             plan = self.index.plan_load([track.hashes[j] for j in wanted], [ids[j] for j in wanted])
             loads.append(RequestLoad(state.request_id, tuple(_retarget(m, group.engine_tier) for m in plan.moves),
                                      tuple(ids[wanted[i]] for i in sorted(plan.missing))))
@@ -425,7 +445,7 @@ class ConnectorLeader:
 
     def hit_split(self, state: TrackedRequest, num_tokens: int) -> tuple[int, int]:
         """``(G2 tokens, tokens from lower tiers)`` of ``num_tokens`` planned for loading."""
-        host = min(max(state.host_blocks * self.block_size - state.local_tokens, 0), num_tokens)
+        host = min(max(state.host_blocks * self.unit - state.local_tokens, 0), num_tokens)
         return host, num_tokens - host
 
     def g4_tokens(self, state: TrackedRequest, num_tokens: int) -> int:
@@ -476,14 +496,14 @@ class ConnectorLeader:
 
     def plan_stores(self, state: TrackedRequest, tokens: Sequence[int], num_full_blocks: int, *, group: int = 0,
                     keep_from: int = 0, null_block: int | None = None) -> None:
-        """Store the request's full blocks ``[saved, num_full_blocks)`` of KV cache ``group`` (by its block ids) in
-        this step's plan, leaving out those below block ``keep_from`` (the engine may have freed them) and engine
-        blocks ``null_block`` (placeholders)."""
+        """Store the request's full blocks ``[saved, num_full_blocks)`` of KV cache ``group`` (by its block ids, of
+        its block size) in this step's plan, leaving out those below block ``keep_from`` (the engine may have freed
+        them) and engine blocks ``null_block`` (placeholders)."""
         track = self.group_state(state, group)
         num_full_blocks = min(num_full_blocks, len(track.block_ids))
         if state.skip is not None or num_full_blocks <= track.saved:
             return
-        hashes = track.hashes_upto(num_full_blocks, self.block_size, tokens)
+        hashes = track.hashes_upto(num_full_blocks, self.groups[group].block_size, tokens)
         blocks = [j for j in range(max(track.saved, keep_from), num_full_blocks) if track.block_ids[j] != null_block]
         plan = self.index.plan_store([hashes[j] for j in blocks], [track.block_ids[j] for j in blocks])
         track.saved = num_full_blocks

@@ -6,6 +6,11 @@ size), runs the plan's moves through its `BlockStore`, and reports per request w
 needs (`WorkerReport`). With P/D (``g4``), a `G4Endpoint` exports the rank's G2 to other instances and/or loads
 from theirs; which of this instance's requests readers are done with goes back in the report (``released``).
 
+A hybrid model's further KV cache groups (``groups``) are engine caches of their own tier names. Groups of one
+block geometry share tiers in it (Dynamo KVBM's block-major layout); groups of unlike geometries (block sizes, page
+bytes, layer counts, dtypes) share tiers of raw slots as wide as the largest group's block, each group moving its
+blocks through its own view of them (`kvbm.worker.tier_memory`), so one index and one slot count serve every group.
+
 Ranks holding identical KV (MLA's latent cache under tensor parallelism, a `ReplicaGroup`) share one host pool
 (`kvbm.worker.shared_pool`): the group's writer runs the moves into it (stores), every rank runs the others (loads
 into its own engine cache, copies to its own disk tier), and a rank that does not run a move reports it at once
@@ -17,22 +22,24 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import torch
+
 from kvbm.config import KvbmConfig
 from kvbm.connectors.leader import RankLayout
 from kvbm.connectors.messages import RequestLoad, RequestStore, WorkerReport
 from kvbm.kernels.block_transfer import BlockTransfer
 from kvbm.kernels.medium import Medium
-from kvbm.layouts import PagedKVCache
-from kvbm.leader.plans import Move, MoveKind, MoveResult
+from kvbm.layouts import KVGeometry, PagedKVCache
+from kvbm.leader.plans import ENGINE_TIER, Move, MoveKind, MoveResult
 from kvbm.metrics import KvbmMetrics
 from kvbm.tiers import HOST_TIER, TierSpec
 from kvbm.worker.g4 import G4Endpoint
 from kvbm.worker.layerwise import LayerwiseLoads
 from kvbm.worker.shared_pool import ReplicaGroup, SharedHostPool, SharedPoolError
 from kvbm.worker.store import BlockStore
-from kvbm.worker.tier_memory import allocate_tier
+from kvbm.worker.tier_memory import allocate_tier, slot_geometry
 
-__all__ = ["ConnectorWorker", "G4Options", "replica_group"]
+__all__ = ["ConnectorWorker", "G4Options", "replica_group", "tier_geometry"]
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +59,35 @@ class ConnectorWorker:
 
     def __init__(self, engine_cache: PagedKVCache, tiers: Sequence[TierSpec], config: KvbmConfig, *,
                  metrics: KvbmMetrics | None = None, replicas: ReplicaGroup | None = None, rank: int = 0,
-                 g4: G4Options | None = None) -> None:
-        """Allocate the tiers' memory for ``engine_cache``'s geometry (raises before holding anything on failure);
-        with ``replicas`` the host tier is the group's shared pool when it can be (else this rank's own); ``g4``:
-        this rank (``rank``) exports its G2 and/or loads from other instances'."""
+                 g4: G4Options | None = None, groups: Mapping[str, PagedKVCache] | None = None) -> None:
+        """Allocate the tiers' memory for ``engine_cache``'s geometry, or raw slots of the largest block when
+        ``groups`` (a hybrid model's further KV cache groups: tier name -> engine cache) have other geometries
+        (raises before holding anything on failure); with ``replicas`` the host tier is the group's shared pool
+        when it can be (else this rank's own); ``g4``: this rank (``rank``) exports its G2 and/or loads from other
+        instances'."""
         if not tiers:
             raise ValueError("no offload tier configured")
+        groups = dict(groups or {})
+        if ENGINE_TIER in groups:
+            raise ValueError(f"groups name the first group's tier {ENGINE_TIER!r}")
         self.engine_cache = engine_cache
+        self.tier_geometry, self.tier_dtype = tier_geometry([engine_cache, *groups.values()])
         #: Tiers this rank shares with its replica group but does not write (moves into them are the writer's).
         self.shared_read_only: frozenset[str] = frozenset()
         self._pool: SharedHostPool | None = None
         allocated = self._share_host_tier(tiers, replicas) if replicas is not None else {}
         try:
-            self.store = BlockStore.open(engine_cache, tiers, config, metrics=metrics, allocated=allocated)
+            self.store = BlockStore.open(engine_cache, tiers, config, metrics=metrics, allocated=allocated,
+                                         geometry=self.tier_geometry, dtype=self.tier_dtype)
         except BaseException:
+            if self._pool is not None:
+                self._pool.close()
+            raise
+        try:
+            for name, cache in groups.items():
+                self.store.add_engine_cache(name, cache)
+        except BaseException:
+            self.store.close()
             if self._pool is not None:
                 self._pool.close()
             raise
@@ -97,7 +119,7 @@ class ConnectorWorker:
         host = next((t for t in tiers if t.medium is Medium.HOST), None)
         if host is None:
             return {}
-        g, dtype = self.engine_cache.geometry, self.engine_cache.dtype
+        g, dtype = self.tier_geometry, self.tier_dtype
         nbytes = host.num_blocks * g.block_bytes
         if group.writer:  # mapped before it is handed out: no reader sees memory the writer does not use
             pool = SharedHostPool.create(group, nbytes)
@@ -215,18 +237,6 @@ class ConnectorWorker:
         failed, self._failed_loads = self._failed_loads, {}
         return failed
 
-    def add_engine_caches(self, caches: Mapping[str, PagedKVCache]) -> None:
-        """A hybrid model's further KV cache groups: tier name -> that group's engine cache, of the first group's
-        block geometry (the tiers are allocated in it); the moves of a group name its engine cache's tier."""
-        for name, cache in caches.items():
-            if cache.geometry != self.engine_cache.geometry or cache.dtype != self.engine_cache.dtype:
-                raise ValueError(f"KV cache group {name}: blocks of {cache.geometry} in {cache.dtype}; the first "
-                                 f"group's are {self.engine_cache.geometry} in {self.engine_cache.dtype}: the groups "
-                                 f"of one worker must share the block geometry")
-            if name in self.store.caches:
-                raise ValueError(f"this worker already has a tier named {name!r}")
-        self.store.caches.update(caches)
-
     def drop(self, moves: Sequence[Move], reason: str) -> None:
         """Report moves that will never run (their engine blocks were never computed) as failed, so the leader
         discards their slots."""
@@ -287,6 +297,15 @@ class ConnectorWorker:
                 self._loading.get(request_id, set()).discard(result.move_id)
             elif move.kind is MoveKind.STORE:
                 self._storing.get(request_id, set()).discard(result.move_id)
+
+
+def tier_geometry(caches: Sequence[PagedKVCache]) -> tuple[KVGeometry, torch.dtype]:
+    """The geometry and dtype the tiers are allocated in for engine caches ``caches``: theirs when they all share
+    one, else raw slots as wide as the largest block (`slot_geometry`)."""
+    kinds = {(c.geometry, c.dtype) for c in caches}
+    if len(kinds) == 1:
+        return next(iter(kinds))
+    return slot_geometry(max(c.geometry.block_bytes for c in caches)), torch.uint8
 
 
 def replica_group(layout: RankLayout, rank: int, engine_id: str, timeout_s: float = 60.0) -> ReplicaGroup | None:

@@ -9,10 +9,12 @@ share. ``DYN_KVBM_*`` entries of the extra config override the
 environment; ``"kv_layout": "HND"`` asks vLLM for LBHNC.
 
 Hybrid models (vLLM's hybrid KV cache manager, ``SupportsHMA``): every full-attention and sliding-window group is
-offloaded, each group's engine cache a tier of the workers' store and its blocks keyed apart; a hit is one every
-group can restore, and a load that fails in any group fails the request's load as a whole (``failed_recving``:
-vLLM recomputes it), as vLLM takes no block ids of a model with several groups. A model with a group of recurrent
-state (Mamba, linear attention) is refused with the reason logged: no request is matched or stored.
+offloaded, each group's engine cache a tier of the workers' store and its blocks keyed apart at its own block size
+(groups may differ in block size, page bytes and layer count: the tiers' slots then hold one block of any group);
+a hit is one every group can restore, ending on a multiple of every group's block size, and a load that fails in
+any group fails the request's load as a whole (``failed_recving``: vLLM recomputes it), as vLLM takes no block ids
+of a model with several groups. A model with a group of recurrent state (Mamba, linear attention) or a group whose
+layers have unlike specs is refused with the reason logged: no request is matched or stored.
 
 Disaggregated prefill -> decode: ``kv_role`` ``kv_producer`` keeps finished requests' blocks in G2 for decode
 instances and hands back ``kv_transfer_params`` naming them; ``kv_consumer`` loads a request's blocks from the
@@ -38,13 +40,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.kv_cache_interface import MLAAttentionSpec
 
 from kvbm.connectors import kvbm_config_from, process_metrics
+from kvbm.connectors.groups import FULL
 from kvbm.connectors.leader import ConnectorLeader
 from kvbm.connectors.messages import StepPlan
 from kvbm.connectors.worker import ConnectorWorker, G4Options, replica_group
 from kvbm.layouts.vllm_tensors import describe_vllm_kv_caches
 from kvbm.tiers import kvbm_tiers
 from kvbm.vllm_integration.metadata import DynamoConnectorMetadata, DynamoHandshakeMetadata, DynamoWorkerMetadata
-from kvbm.vllm_integration.ranks import check_supported, kv_groups, rank_layout
+from kvbm.vllm_integration.ranks import check_supported, group_spec, kv_groups, rank_layout
 from kvbm.vllm_integration.scheduler import SchedulerSide
 
 if TYPE_CHECKING:
@@ -75,13 +78,18 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
             self.groups = ()
         self.hybrid = len(kv_cache_config.kv_cache_groups) > 1
         self.group_layers = {g.index: list(kv_cache_config.kv_cache_groups[g.index].layer_names) for g in self.groups}
-        self.block_size = (self.groups[0] if self.groups else kv_cache_config.kv_cache_groups[0].kv_cache_spec
-                           ).block_size
+        first = (self.groups[0] if self.groups else kv_cache_config.kv_cache_groups[0].kv_cache_spec).block_size
+        #: the blocks the leader looks up: the first full-attention group's (a hybrid model's groups may differ)
+        self.block_size = next((g.block_size for g in self.groups if g.kind == FULL), first)
         self.rank = vllm_config.parallel_config.rank if role == KVConnectorRole.WORKER else 0
         self.layout = rank_layout(vllm_config, kv_cache_config, self.rank)
         self.block_bytes = self.layout.total_block_bytes  # summed over ranks: sizes the tiers on both sides
-        self.latent = type(kv_cache_config.kv_cache_groups[0].kv_cache_spec) is MLAAttentionSpec
+        self.latent = type(group_spec(kv_cache_config.kv_cache_groups[0].kv_cache_spec)) is MLAAttentionSpec
         kv_role = self._kv_transfer_config.kv_role
+        if self.hybrid and kv_role in ("kv_producer", "kv_consumer") and role == KVConnectorRole.SCHEDULER:
+            log.warning("kvbm: disaggregated prefill is not implemented for a hybrid model (%d KV cache groups): "
+                        "this %s instance computes its prompts itself", len(kv_cache_config.kv_cache_groups),
+                        kv_role)
         shared = bool(self.config.g4_etcd_endpoint)  # the shared G4 tier: every instance exports and loads
         self.g4 = G4Options(export=kv_role == "kv_producer" or shared, load=kv_role == "kv_consumer" or shared,
                             timeout_s=self.config.pd_load_timeout_secs)
@@ -145,22 +153,26 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
             return
         groups = {g.engine_tier: describe_vllm_kv_caches(self._group_caches(kv_caches, g.index), latent=self.latent)
                   for g in self.groups}
+        for group in self.groups:
+            g, cache = groups[group.engine_tier].geometry, groups[group.engine_tier]
+            if g.block_size != group.block_size:
+                raise ValueError(f"KV tensors of KV cache group {group.index} hold blocks of {g.block_size} tokens; "
+                                 f"the KV cache config says {group.block_size}")
+            log.info("kvbm: rank %d of %d: KV cache group %d: %d layers, %d GPU blocks of %d tokens and %d bytes, "
+                     "layout %s", self.rank, self.layout.world_size, group.index, g.num_layers, cache.num_blocks,
+                     g.block_size, g.block_bytes, cache.name)
+        self.layout.check_rank(self.rank, max(c.geometry.block_bytes for c in groups.values()))
         cache = groups.pop(self.groups[0].engine_tier)
-        g = cache.geometry
-        if g.block_size != self.block_size:
-            raise ValueError(f"KV tensors hold blocks of {g.block_size} tokens; the KV cache config says "
-                             f"{self.block_size}")
-        self.layout.check_rank(self.rank, g.block_bytes)
         self._layers = {name: i for i, name in enumerate(self._group_caches(kv_caches, self.groups[0].index))}
-        log.info("kvbm: rank %d of %d: %d layers, %d GPU blocks of %d bytes, layout %s", self.rank,
-                 self.layout.world_size, g.num_layers, cache.num_blocks, g.block_bytes, cache.name)
         engine_id = f"{self._vllm_config.instance_id}-dp{self._vllm_config.parallel_config.data_parallel_rank}"
         replicas = replica_group(self.layout, self.rank, engine_id)
         tiers = kvbm_tiers(self.config, self.block_bytes, self.layout.host_block_bytes)
         self.worker = process_metrics.build_with(  # as many blocks as the scheduler's index, each of this rank's size
             self.config, lambda metrics: ConnectorWorker(cache, tiers, self.config, metrics=metrics, replicas=replicas,
-                                                         rank=self.rank, g4=self.g4))
-        self.worker.add_engine_caches(groups)
+                                                         rank=self.rank, g4=self.g4, groups=groups))
+        if self.worker.tier_geometry != cache.geometry:
+            log.info("kvbm: rank %d: KV cache groups of unlike blocks share the tiers' %d-byte slots",
+                     self.rank, self.worker.tier_geometry.block_bytes)
 
     def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
         """A producer rank's NIXL endpoint (for the scheduler's P/D params); None elsewhere."""

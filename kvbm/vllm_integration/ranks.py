@@ -10,18 +10,21 @@ import logging
 from vllm.config import VllmConfig
 from vllm.distributed.utils import get_pp_indices
 from vllm.v1.kv_cache_interface import (
+    AttentionSpec,
     FullAttentionSpec,
     KVCacheConfig,
+    KVCacheGroupSpec,
     KVCacheSpec,
     MambaSpec,
     MLAAttentionSpec,
     SlidingWindowSpec,
+    UniformTypeKVCacheSpecs,
 )
 
 from kvbm.connectors.groups import FULL, WINDOW, KVGroup
 from kvbm.connectors.leader import RankLayout
 
-__all__ = ["check_supported", "kv_groups", "rank_layout"]
+__all__ = ["check_supported", "group_block_bytes", "group_spec", "kv_groups", "rank_layout"]
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +45,23 @@ def check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> 
 def kv_groups(kv_cache_config: KVCacheConfig) -> tuple[tuple[KVGroup, ...], str | None]:
     """The model's KV cache groups, and why its KV is not offloaded (None when it is): a group holding recurrent
     state (vLLM's ``MambaSpec``: Mamba, linear attention) is refused, as kvbm offloads attention KV blocks only and a
-    hit is of no use without the state at its end. Raises for groups the connector cannot describe (other attention
-    kinds, groups of unlike block geometry)."""
+    hit is of no use without the state at its end; so is a group whose layers have unlike specs (vLLM's
+    ``UniformTypeKVCacheSpecs`` of several page sizes), whose blocks no one geometry describes. Groups may differ
+    in block size, page bytes, layer count and dtype. Raises for groups the connector cannot handle (other
+    attention kinds)."""
     groups = kv_cache_config.kv_cache_groups
     if not groups:
         raise ValueError("DynamoConnector needs at least one KV cache group; the KV cache config has none")
-    out, refusal, first = [], None, None
+    out, refusal = [], None
     for k, group in enumerate(groups):
-        spec = group.kv_cache_spec
+        spec = group_spec(group.kv_cache_spec)
+        if spec is None:
+            kinds = sorted({f"{type(s).__name__} of {s.page_size_bytes}-byte pages"
+                            for s in group.kv_cache_spec.kv_cache_specs.values()})
+            refusal = refusal or (f"KV cache group {k} ({len(group.layer_names)} layers from {group.layer_names[0]}) "
+                                  f"mixes layers of unlike specs ({', '.join(kinds)}): kvbm describes a group's "
+                                  f"blocks with one geometry, so no request of this model is matched or stored")
+            continue
         if isinstance(spec, MambaSpec):
             refusal = refusal or (f"KV cache group {k} holds recurrent state ({type(spec).__name__}, "
                                   f"mamba_cache_mode={spec.mamba_cache_mode!r}, {len(group.layer_names)} layers "
@@ -68,15 +80,24 @@ def kv_groups(kv_cache_config: KVCacheConfig) -> tuple[tuple[KVGroup, ...], str 
         else:
             raise ValueError(f"DynamoConnector supports full-attention, MLA and sliding-window KV caches, got "
                              f"{type(spec).__name__} in KV cache group {k}")
-        first = first or group
-        base = first.kv_cache_spec
-        if (spec.block_size, spec.page_size_bytes, len(group.layer_names)) != (
-                base.block_size, base.page_size_bytes, len(first.layer_names)):
-            raise ValueError(f"KV cache group {k} has blocks of {spec.block_size} tokens, pages of "
-                             f"{spec.page_size_bytes} bytes and {len(group.layer_names)} layers; group "
-                             f"{out[0].index} has {base.block_size}, {base.page_size_bytes} and "
-                             f"{len(first.layer_names)}: DynamoConnector needs groups of one block geometry")
     return tuple(out), refusal
+
+
+def group_spec(spec: KVCacheSpec) -> KVCacheSpec | None:
+    """The one spec of a KV cache group's layers (vLLM wraps a group of block-outermost packing in
+    ``UniformTypeKVCacheSpecs``), None when its layers' specs differ."""
+    if not isinstance(spec, UniformTypeKVCacheSpecs):
+        return spec
+    specs = set(spec.kv_cache_specs.values())
+    return specs.pop() if len(specs) == 1 else None
+
+
+def group_block_bytes(group: KVCacheGroupSpec) -> int:
+    """One block of a KV cache group over its layers, in the bytes its KV takes (a padded page's padding left
+    out: vLLM pads pages to one size, the blocks kvbm moves are the KV only)."""
+    spec = group_spec(group.kv_cache_spec)
+    page = spec.real_page_size_bytes if isinstance(spec, AttentionSpec) else spec.page_size_bytes
+    return page * len(group.layer_names)
 
 
 def _spec_key(spec: KVCacheSpec) -> str:
@@ -87,10 +108,15 @@ def _spec_key(spec: KVCacheSpec) -> str:
 
 def rank_layout(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, rank: int) -> RankLayout:
     """The split, from ``rank``'s KV cache config (the scheduler side has rank 0's) and vLLM's layer partition; a
-    hybrid model's blocks are those of one attention group (all alike)."""
+    hybrid model's blocks are those of its attention group of the largest blocks (the tiers' slots hold one block
+    of any group)."""
     tp, pp = vllm_config.parallel_config.tensor_parallel_size, vllm_config.parallel_config.pipeline_parallel_size
     groups = kv_cache_config.kv_cache_groups
-    group = next((g for g in groups if not isinstance(g.kv_cache_spec, MambaSpec)), groups[0])
+    group, page = groups[0], groups[0].kv_cache_spec.page_size_bytes
+    attention = [g for g in groups if isinstance(group_spec(g.kv_cache_spec), AttentionSpec)]
+    if len(groups) > 1 and attention:  # a hybrid model: its largest blocks, their pages without padding
+        group = max(attention, key=group_block_bytes)
+        page = group_block_bytes(group) // len(group.layer_names)
     layers = (len(group.layer_names),)
     if pp > 1:
         total, stage = vllm_config.model_config.get_total_num_hidden_layers(), (rank // tp) % pp
@@ -103,4 +129,4 @@ def rank_layout(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, rank: i
         log.info("kvbm: %d tensor-parallel ranks hold identical KV, but the engine spans %d hosts: every rank "
                  "stores its own copy", replicas, vllm_config.parallel_config.nnodes_within_dp)
         replicas = 1
-    return RankLayout(tp, group.kv_cache_spec.page_size_bytes, layers, replicas)
+    return RankLayout(tp, page, layers, replicas)

@@ -3,7 +3,9 @@ load asynchronously (WAITING_FOR_REMOTE_KVS until ``finished_recving``); each st
 blocks whose tokens are all known (with async scheduling the last sampled token may not be yet: its block is
 stored a step later); a finished request's blocks are held while a store of it is unreported. Multimodal and
 prompt-embedding requests are neither matched nor stored: their token ids do not identify their KV. A hybrid model
-(several KV cache groups) keeps every group's block ids; a sliding-window group's blocks the engine frees below the
+(several KV cache groups) keeps every group's block ids and stores each group's full blocks at its own block size;
+its hits are whole units of every group's blocks (`ConnectorLeader.unit`); a sliding-window group's blocks the
+engine frees below the
 window are neither stored nor loaded (its null block stands there), and a store still reading one when the engine
 frees it (during the request, or as it finishes) is finished first, as for a preemption. A model whose KV the
 connector refuses (``refusal``: a group of recurrent state) has no request matched or stored.
@@ -110,7 +112,7 @@ class SchedulerSide:
         state = self._state(request)
         remote = state.remote
         if num_external_tokens > 0:
-            num_blocks = -(-num_external_tokens // self.leader.block_size)
+            num_blocks = -(-num_external_tokens // self.leader.unit)  # (units of every group's blocks if hybrid)
             if self.leader.hybrid:
                 self.leader.plan_matched_group_loads(state, blocks.get_block_ids(), num_blocks, NULL_BLOCK_ID)
             else:
@@ -180,14 +182,14 @@ class SchedulerSide:
         request = self._requests.get(state.request_id)
         if request is None:
             return False
-        num_blocks = min(computed_tokens + scheduled_tokens, request.num_tokens) // self.leader.block_size
+        num_tokens = min(computed_tokens + scheduled_tokens, request.num_tokens)
         flush = False
         for group in self.leader.groups:
             keep_from = group.first_kept_block(computed_tokens)
             if group.kind == WINDOW:
                 flush |= self.leader.stores_below(state, group.index, keep_from)
-            self.leader.plan_stores(state, request.all_token_ids, num_blocks, group=group.index, keep_from=keep_from,
-                                    null_block=NULL_BLOCK_ID if self.leader.hybrid else None)
+            self.leader.plan_stores(state, request.all_token_ids, num_tokens // group.block_size, group=group.index,
+                                    keep_from=keep_from, null_block=NULL_BLOCK_ID if self.leader.hybrid else None)
         return flush
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
@@ -214,14 +216,14 @@ class SchedulerSide:
             self.leader.forget(request.request_id)
             return False, None
         per_group = block_ids if isinstance(block_ids, tuple) else (block_ids,)
-        num_blocks = min(request.num_computed_tokens, request.num_tokens) // self.leader.block_size
+        num_tokens = min(request.num_computed_tokens, request.num_tokens)
         for group in self.leader.groups:
             ids = self.leader.group_state(state, group.index).block_ids = list(per_group[group.index])
             if group.kind == WINDOW:  # vLLM freed the window blocks below the first real one just now
                 kept = next((i for i, b in enumerate(ids) if b != NULL_BLOCK_ID), len(ids))
                 if self.leader.stores_below(state, group.index, kept):
                     self._flush.add(request.request_id)
-            self.leader.plan_stores(state, request.all_token_ids, num_blocks, group=group.index,
+            self.leader.plan_stores(state, request.all_token_ids, num_tokens // group.block_size, group=group.index,
                                     null_block=NULL_BLOCK_ID if self.leader.hybrid else None)
         params = None
         if (self.producer and wants_remote_decode(getattr(request, "kv_transfer_params", None))

@@ -6,6 +6,11 @@ it returns a `MoveResult` for every move finished since the last call. A move wh
 every block with the error as reason: its stored slots are discarded, and a load is reported failed (the engine
 recomputes), so nothing is served wrong. With a `G4Endpoint` (``g4``), loads from another instance (``move.remote``)
 run through it, and the stores into the exported tier unseal their slots before and seal them after.
+
+Engine caches of other block geometries than the tiers' (a hybrid model's KV cache groups of unlike blocks, the
+tiers then allocated in raw slots: `kvbm.worker.tier_memory`) each see every tier through a view in their own
+geometry (`add_engine_cache`): a move between an engine cache and a tier uses that engine cache's view of the tier,
+a move between two tiers their whole slots.
 """
 from __future__ import annotations
 
@@ -16,16 +21,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from kvbm.config import KvbmConfig
 from kvbm.kernels.block_transfer import BlockTransfer
 from kvbm.kernels.medium import Medium, medium_of
 from kvbm.kernels.transfers import Transfers
-from kvbm.layouts import select_layers
+from kvbm.layouts import KVGeometry, select_layers
 from kvbm.leader.plans import ENGINE_TIER, Move, MoveResult, direction
 from kvbm.metrics import DIRECTIONS, KvbmMetrics
 from kvbm.tiers import TierSpec
 from kvbm.worker.g4 import G4Endpoint
-from kvbm.worker.tier_memory import allocate_tier, close_tier
+from kvbm.worker.tier_memory import allocate_tier, close_tier, tier_view
 
 __all__ = ["BlockStore"]
 
@@ -57,7 +64,9 @@ class BlockStore:
         self._queue: deque[Move] = deque()
         self._running: list[_Running] = []
         self._finished: list[MoveResult] = []
-        self._layer_views: dict[tuple[str, int, int], Any] = {}
+        self._layer_views: dict[tuple[str, str, int, int], Any] = {}
+        #: (engine tier, tier) -> the tier as blocks of that engine cache's geometry, where it differs
+        self.views: dict[tuple[str, str], Any] = {}
         self.g4: G4Endpoint | None = None  #: this rank's NIXL endpoint (P/D), set by the owner
         self.g4_tier: str | None = None  #: the tier the endpoint exports (its slots are sealed)
         self.rank = 0  #: this worker's rank (a remote load reads the holder's rank of the same number)
@@ -65,12 +74,16 @@ class BlockStore:
     @classmethod
     def open(cls, engine_cache: Any, tiers: Sequence[TierSpec], config: KvbmConfig, *,
              metrics: KvbmMetrics | None = None, transfers: Transfers | None = None,
-             allocated: Mapping[str, Any] | None = None) -> BlockStore:
-        """A store over the engine's cache (tier "G1") and the ``tiers`` allocated now in its geometry, with the
+             allocated: Mapping[str, Any] | None = None, geometry: KVGeometry | None = None,
+             dtype: torch.dtype | None = None) -> BlockStore:
+        """A store over the engine's cache (tier "G1") and the ``tiers`` allocated now in its geometry (or in
+        ``geometry`` / ``dtype`` when given: the engine cache then moves through its views of them), with the
         transfer library's options from ``config``; nothing is held if a tier cannot be allocated, and ``close``
         releases the tiers. ``allocated``: caches of some of ``tiers`` the caller allocated (a shared pool), owned
         by the store from now on."""
         allocated = dict(allocated or {})
+        geometry = engine_cache.geometry if geometry is None else geometry
+        dtype = engine_cache.dtype if dtype is None else dtype
         if transfers is None:
             transfers = Transfers(device=engine_cache.device if engine_cache.device.type == "cuda" else None,
                                   disk_io=config.disk_io, bounce_blocks=config.max_transfer_batch_size,
@@ -79,8 +92,7 @@ class BlockStore:
         try:
             for spec in tiers:
                 given = allocated.pop(spec.name, None)
-                caches[spec.name] = given if given is not None else allocate_tier(spec, engine_cache.geometry,
-                                                                                  engine_cache.dtype)
+                caches[spec.name] = given if given is not None else allocate_tier(spec, geometry, dtype)
             if allocated:
                 raise ValueError(f"allocated caches {sorted(allocated)} are not among the tiers")
         except BaseException:
@@ -90,7 +102,20 @@ class BlockStore:
             raise
         store = cls(caches, transfers, max_in_flight=config.max_concurrent_transfers, metrics=metrics)
         store._owned = [spec.name for spec in tiers]
+        try:
+            store.add_engine_cache(ENGINE_TIER, engine_cache)
+        except BaseException:
+            store.close()
+            raise
         return store
+
+    def add_engine_cache(self, name: str, cache: Any) -> None:
+        """An engine cache (a KV cache group's, tier ``name``), with its views of the tiers `open` allocated where
+        their geometry or dtype differs from its own (raises if its blocks do not fit their slots)."""
+        views = {(name, tier): tier_view(self.caches[tier], cache.geometry, cache.dtype) for tier in self._owned
+                 if (self.caches[tier].geometry, self.caches[tier].dtype) != (cache.geometry, cache.dtype)}
+        self.caches[name] = cache
+        self.views.update(views)
 
     def cache(self, tier: str) -> Any:
         """The cache of tier ``tier``."""
@@ -98,6 +123,12 @@ class BlockStore:
             return self.caches[tier]
         except KeyError:
             raise KeyError(f"this worker has no tier {tier!r}; tiers: {sorted(self.caches)}") from None
+
+    def end(self, tier: str, other: str) -> Any:
+        """The cache of ``tier`` as a move between it and ``other`` sees it: the view of ``tier`` in the geometry of
+        the engine cache ``other`` where there is one, else ``tier``'s cache."""
+        view = self.views.get((other, tier))
+        return self.cache(tier) if view is None else view
 
     @property
     def busy(self) -> bool:
@@ -116,10 +147,10 @@ class BlockStore:
         """Queue moves in order and start as many as ``max_in_flight`` allows."""
         for move in moves:
             if move.remote is None:
-                self.cache(move.src_tier)
+                self.end(move.src_tier, move.dst_tier)
             elif self.g4 is None:
                 raise ValueError(f"move {move.move_id} loads from another instance; this worker has no G4 endpoint")
-            self.cache(move.dst_tier)
+            self.end(move.dst_tier, move.src_tier)
             self._queue.append(move)
         self._start_queued()
 
@@ -141,8 +172,8 @@ class BlockStore:
         per_pair: list[list[BlockTransfer]] = [[] for _ in joined]
         for k, (start, stop) in enumerate(groups):
             for (whole, _), transfers in zip(joined, per_pair):
-                transfer = self._submit(whole, self._layer_view(whole.src_tier, start, stop),
-                                        self._layer_view(whole.dst_tier, start, stop))
+                transfer = self._submit(whole, self._layer_view(whole.src_tier, whole.dst_tier, start, stop),
+                                        self._layer_view(whole.dst_tier, whole.src_tier, start, stop))
                 by_group[k].append(transfer)
                 transfers.append(transfer)
         for (_, ms), transfers in zip(joined, per_pair):  # each move: its blocks of the pair's groups, merged
@@ -202,8 +233,8 @@ class BlockStore:
         while self._queue and len(self._running) < self.max_in_flight:
             move = self._queue.popleft()
             t0 = time.perf_counter()
-            src = self.cache(move.src_tier) if move.remote is None else None
-            transfer = self._submit(move, src, self.cache(move.dst_tier))
+            src = self.end(move.src_tier, move.dst_tier) if move.remote is None else None
+            transfer = self._submit(move, src, self.end(move.dst_tier, move.src_tier))
             self._running.append(_Running(move, transfer, t0))
             started = True
         return started
@@ -224,12 +255,13 @@ class BlockStore:
                         move.num_blocks, e)
             return BlockTransfer.failed(move.num_blocks, "none", f"transfer failed: {e!r}")
 
-    def _layer_view(self, tier: str, start: int, stop: int) -> Any:
-        """Layers ``[start, stop)`` of a tier's cache, kept (the transfer library keeps its plans per cache)."""
-        key = (tier, start, stop)
+    def _layer_view(self, tier: str, other: str, start: int, stop: int) -> Any:
+        """Layers ``[start, stop)`` of a tier's cache as seen from ``other`` (`end`), kept (the transfer library
+        keeps its plans per cache)."""
+        key = (tier, other, start, stop)
         view = self._layer_views.get(key)
         if view is None:
-            view = self._layer_views[key] = select_layers(self.cache(tier), start, stop)
+            view = self._layer_views[key] = select_layers(self.end(tier, other), start, stop)
         return view
 
     def _finish(self, run: _Running) -> None:
@@ -243,7 +275,7 @@ class BlockStore:
         name, seconds = direction(move), time.perf_counter() - run.started
         if self.metrics is not None and name in DIRECTIONS:
             n_ok = move.num_blocks - len(failed)
-            block_bytes = self.cache(move.dst_tier).geometry.block_bytes
+            block_bytes = self.end(move.dst_tier, move.src_tier).geometry.block_bytes
             self.metrics.record_transfer(name, blocks_ok=n_ok, blocks_failed=len(failed), num_bytes=n_ok * block_bytes,
                                          seconds=seconds)
         self._finished.append(MoveResult(move.move_id, failed, frozenset(run.transfer.lost),

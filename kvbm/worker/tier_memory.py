@@ -4,6 +4,10 @@ A host tier is a dense block-major cache (KVBM's staging order) in pinned memory
 runs of its blocks move with one DMA; a disk tier is a `DiskKVCache`: block-major blocks at 4 KiB-aligned slots of
 one preallocated file. A host tier may live in a pool shared with other ranks (``shared_fd``). Adding a medium
 means one more branch in `allocate_tier` (and a path for it in `kvbm.kernels.paths`).
+
+Engine caches of unlike block geometries (a hybrid model's KV cache groups) share tiers of raw slots
+(`slot_geometry`, as wide as the largest block): tier-to-tier copies move whole slots, and each engine cache moves
+its blocks through a view of the tier in its own geometry (`tier_view`), its block at the start of each slot.
 """
 from __future__ import annotations
 
@@ -11,12 +15,13 @@ from typing import Any
 
 import torch
 
+from kvbm.kernels.bounce import slot_cache
 from kvbm.kernels.host_memory import PinnedHostBuffer
-from kvbm.kernels.medium import Medium
+from kvbm.kernels.medium import Medium, medium_of
 from kvbm.layouts import KVGeometry, PagedKVCache, block_major
 from kvbm.tiers import TierSpec
 
-__all__ = ["allocate_tier", "close_tier"]
+__all__ = ["allocate_tier", "close_tier", "slot_geometry", "tier_view"]
 
 
 def _host_cache(geometry: KVGeometry, dtype: torch.dtype, num_blocks: int, shared_fd: int | None,
@@ -46,6 +51,26 @@ def allocate_tier(memory: TierSpec, geometry: KVGeometry, dtype: torch.dtype, *,
         return DiskKVCache(memory.directory, geometry, dtype, memory.num_blocks, use_o_direct=memory.use_o_direct,
                            zerofill_fallback=memory.zerofill_fallback)
     raise ValueError(f"tier {memory.name}: no allocator for medium {memory.medium.value}")
+
+
+def slot_geometry(slot_bytes: int) -> KVGeometry:
+    """A block of ``slot_bytes`` raw bytes (allocated as ``torch.uint8``): the geometry of tiers whose slots hold
+    blocks of several geometries, each seen through `tier_view`."""
+    return KVGeometry(num_layers=1, num_kv=1, block_size=1, num_heads=1, head_dim=slot_bytes, itemsize=1)
+
+
+def tier_view(cache: Any, geometry: KVGeometry, dtype: torch.dtype) -> Any:
+    """The slots of a tier allocated in `slot_geometry` (host or disk) as a cache of blocks of ``geometry`` /
+    ``dtype``, each at the start of its slot: the same memory, never closed on its own."""
+    slot = cache.geometry.block_bytes
+    if geometry.block_bytes > slot:
+        raise ValueError(f"blocks of {geometry.block_bytes} bytes do not fit the tier's {slot}-byte slots")
+    if medium_of(cache) is Medium.DISK:
+        return cache.view(geometry, dtype)
+    if medium_of(cache) is not Medium.HOST or cache.dtype != torch.uint8 or len(cache.tensors) != 1:
+        raise ValueError(f"tier {cache.name}: no view of a {medium_of(cache).value} cache in {cache.dtype}")
+    storage = cache.tensors[0].reshape(-1)
+    return slot_cache(storage, geometry, dtype, cache.num_blocks, slot)
 
 
 def close_tier(cache: Any) -> None:
