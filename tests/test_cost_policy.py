@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,12 +13,15 @@ import pytest
 from kvbm.config import GB, KvbmConfig, KvbmConfigError
 from kvbm.connectors.leader import ConnectorLeader
 from kvbm.connectors.messages import WorkerReport
+from kvbm.kernels.block_transfer import BlockTransfer
 from kvbm.kernels.medium import Medium
 from kvbm.leader import MoveResult
+from kvbm.leader.plans import Move, MoveKind
 from kvbm.manager import BlockManager, BlockResult, Match
 from kvbm.metrics import KvbmMetrics
 from kvbm.policies.cost import LoadCostPolicy
 from kvbm.tiers import TierSpec
+from kvbm.worker.store import BlockStore
 from manager_testkit import GEOM, config, make_gpu
 
 MIB = 2**20
@@ -207,6 +211,59 @@ def test_a_dropped_tier_is_probed_with_one_batch_per_interval():
     never = policy(g3_bw=1e9, probe_seconds=0.0, clock=clock)
     clock.now += 1e6
     assert never.decide((2, 10)).hits == (2, 0)
+
+
+
+class _HostCache:
+    """A stand-in cache the store can address (only its medium is read)."""
+    medium = Medium.HOST
+
+
+class _HeldTransfers:
+    """Transfers that finish only when the test says so: one future per submit."""
+
+    def __init__(self) -> None:
+        self.futures: list[Future] = []
+
+    def submit(self, src, dst, src_ids, dst_ids, **kw) -> BlockTransfer:
+        future = Future()
+        self.futures.append(future)
+
+        def steps():
+            while not future.done():
+                yield future
+            return {}
+        return BlockTransfer(len(src_ids), "held", steps())
+
+    def close(self) -> None:
+        pass
+
+
+def test_overlapping_loads_are_charged_shares_of_their_wall_time():
+    """Four loads of one path started together and finishing one after another (a disk serving them in turn) took
+    4 s of wall time for 4 moves' bytes: their seconds add up to 4 (not 1 + 2 + 3 + 4), so the rule learns the
+    path's bandwidth, not a quarter of it; a move of another path is charged only its own time."""
+    clock = Clock()
+    transfers = _HeldTransfers()
+    store = BlockStore({"G1": _HostCache(), "G3": _HostCache(), "G2": _HostCache()}, transfers, max_in_flight=8,
+                       clock=clock)
+    moves = [Move(k, MoveKind.LOAD, "G3", "G1", (k,), (k,), (100 + k,)) for k in range(4)]
+    moves.append(Move(9, MoveKind.LOAD, "G2", "G1", (0,), (9,), (109,)))
+    store.execute(moves)
+    seconds = {}
+    for k in (0, 1, 2, 3):
+        clock.now += 1.0
+        transfers.futures[k].set_result(None)
+        if k == 1:
+            transfers.futures[4].set_result(None)
+        seconds |= {r.move_id: r.seconds for r in store.poll()}
+    assert seconds[0] == pytest.approx(0.25) and seconds[3] == pytest.approx(0.25 + 1 / 3 + 0.5 + 1)
+    assert sum(seconds[k] for k in range(4)) == pytest.approx(4.0)
+    assert seconds[9] == pytest.approx(2.0)
+    p = policy(g3_latency=0.0)
+    for k in range(4):
+        p.observe_load("G3", num_bytes=BLOCK, seconds=seconds[k])
+    assert 0.7 * BLOCK < p.bandwidth("G3") < 1.5 * BLOCK  # about one block/s (wall times: 0.36)
 
 
 # -- configuration ---------------------------------------------------------------------------------------------

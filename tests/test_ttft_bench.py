@@ -2,11 +2,13 @@
 split at any point against one whole prefill, the G1 pool and the byte check, and the --smoke run end to end."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -140,12 +142,25 @@ def test_smoke_run_writes_every_row_with_bytes_checked(tmp_path):
             assert row["loaded_tokens"] == 3 * prefix
         assert modes["G3 hit, gds"]["ttft_ms"] is None and "unavailable" in modes["G3 hit, gds"]["note"]
         assert modes["recompute"]["computed_tokens"] == 3 * (prefix + 32)
+        auto = modes["G3 hit, cost rule"]  # loaded or recomputed, as the rule decided (a CPU's timings)
+        loads = auto["rule"]["loads"]
+        assert auto["ttft_ms"] > 0 and loads + auto["rule"]["recomputes"] == 3 and auto["rule"]["enabled"]
+        assert auto["loaded_tokens"] == loads * prefix and auto["checked_blocks"] == loads * prefix // 16
+        assert auto["computed_tokens"] == 3 * 32 + (3 - loads) * prefix
+        assert auto["bytes_ok"] is (True if loads else None) and auto["note"].startswith("rule: ")
+        assert auto["rule"]["prefill_tokens_per_s"] > 0 and auto["rule"]["bandwidth_gb_per_s"] > 0
+    probes = [r["note"] for r in rows if r["mode"] == "G3 hit, cost rule" and "probe before warm-up" in r["note"]]
+    assert len(probes) == 1  # the first prefix's: the rule keeps what it learned
     assert result["notes"]["tiny"]["layer_waits"] == {"note": "needs a GPU (CUDA events time each layer)"}
     qa = {r["mode"]: r for r in rows if r["workload"].startswith("QA")}
     assert qa["recompute"]["requests"] == 6 and qa["recompute"]["loaded_tokens"] == 0
     for mode in ("G2 hit, bulk onboard", "G2 hit, layer-wise", "G3 hit, posix"):
         assert qa[mode]["bytes_ok"] is True and qa[mode]["loaded_tokens"] > 0
         assert qa[mode]["checked_blocks"] == qa[mode]["loaded_tokens"] // 16
+    auto = qa["G3 hit, cost rule"]
+    assert auto["requests"] == 6 and auto["rule"]["loads"] + auto["rule"]["recomputes"] > 0
+    assert auto["checked_blocks"] == auto["loaded_tokens"] // 16 and auto["bytes_ok"] is not False
+    assert (auto["loaded_tokens"] > 0) == (auto["rule"]["loads"] > 0)
 
 
 def test_a_kvbm_mode_that_raises_is_reported_and_dropped(ttft, tmp_path, monkeypatch):
@@ -172,3 +187,90 @@ def test_a_kvbm_mode_that_raises_is_reported_and_dropped(ttft, tmp_path, monkeyp
         finally:
             for side in setup.sides.values():
                 side.close()
+
+
+def _cost_rule_rows(b, tmp_path, monkeypatch, slow_down):
+    """The recompute and cost-rule rows of a 128-token prefix (2 timed requests after 1 warm-up) on the tiny model,
+    after ``slow_down(setup)``; and the rule."""
+    for key in [k for k in os.environ if k.startswith("DYN_KVBM_")]:
+        monkeypatch.delenv(key)
+    args = b.parse_args(["--smoke", "--workloads", "prefix", "--modes", "recompute,g3-auto", "--prefixes", "128",
+                         "--reps", "2", "--warmup", "1", "--disk-dir", str(tmp_path)])
+    with torch.inference_mode():
+        setup = b.build(args, "tiny", torch.device("cpu"), torch.float32)
+        try:
+            slow_down(setup)
+            rows = {r.mode: r for r in b.run_prefix(args, setup, 128, {})}
+        finally:
+            for side in setup.sides.values():
+                side.close()
+    return rows[b.RECOMPUTE], rows[b.G3_AUTO], setup.rule
+
+
+def test_cost_rule_recomputes_from_a_slow_disk(ttft, tmp_path, monkeypatch):
+    """A disk taking a second per read (8 blocks of 32 KiB: 0.26 MB/s) loses to recomputing 128 tokens even on a
+    busy CPU: after the probe (one untimed load with the rule off) the rule recomputes, and the row's TTFT is about
+    recompute's."""
+    b = ttft["bench"]
+
+    def slow_disk(setup):
+        disk = setup.sides[b.G3_AUTO].worker.store.cache("G3").file
+        read = disk.read_slots
+
+        def slow_read(*args, **kwargs):
+            time.sleep(1.0)
+            return read(*args, **kwargs)
+        monkeypatch.setattr(disk, "read_slots", slow_read)
+    recompute, auto, rule = _cost_rule_rows(b, tmp_path, monkeypatch, slow_disk)
+    assert rule.measured and rule.policy.bandwidth("G3") < 8 * rule.policy.block_bytes / 1.0
+    assert auto.rule["recomputes"] == 2 and auto.rule["loads"] == 0 and auto.rule["probes"] == 0
+    assert auto.note.startswith("rule: recompute 2/2 (G3 est. ")
+    assert "probe before warm-up: 128 tokens loaded" in auto.note
+    assert auto.loaded_tokens == 0 and auto.computed_tokens == recompute.computed_tokens == 2 * (128 + 32)
+    assert auto.bytes_ok is None and auto.checked_blocks == 0  # nothing loaded, nothing to check
+    # about recompute's: within noise (a shared CPU), well below the second a load would add
+    assert auto.ttft_ms < recompute.ttft_ms + 500 and auto.load_ms < 500
+
+
+def test_cost_rule_loads_when_prefill_is_slow(ttft, tmp_path, monkeypatch):
+    """With the prefill slowed to under 1k tokens/s (1 ms per token, learned from the engine's steps), loading 128
+    tokens' blocks from disk beats recomputing them: the rule loads, every loaded block checked byte for byte."""
+    b = ttft["bench"]
+
+    def slow_prefill(setup):
+        model = setup.engine.model
+        prefill = model.prefill
+
+        def slow(tokens, *args, **kwargs):
+            time.sleep(1e-3 * tokens.numel())
+            return prefill(tokens, *args, **kwargs)
+        monkeypatch.setattr(model, "prefill", slow)
+    recompute, auto, rule = _cost_rule_rows(b, tmp_path, monkeypatch, slow_prefill)
+    assert rule.policy.prefill_rate < 1000  # the steps the engine passed in
+    assert auto.rule["loads"] == 2 and auto.rule["recomputes"] == 0 and auto.note.startswith("rule: load 2/2")
+    assert auto.loaded_tokens == 2 * 128 and auto.bytes_ok is True and auto.checked_blocks == 2 * 128 // 16
+    assert auto.computed_tokens == 2 * 32 and recompute.computed_tokens == 2 * (128 + 32)
+
+
+def test_plot_rings_the_cost_rules_recomputes(ttft, tmp_path, monkeypatch):
+    """The plot draws every mode's line and the cost rule's decisions (a ring where it recomputed, the QA counts)."""
+    pytest.importorskip("matplotlib", reason="the plot needs matplotlib (the bench extra)")
+    import matplotlib.axes
+    b = ttft["bench"]
+    rows = []
+    for prefix, ms in ((64, 3.0), (128, 5.0)):
+        rows.append(b.Row("tiny", "prefix", b.RECOMPUTE, prefix, 32, ttft_ms=ms))
+        rows.append(b.Row("tiny", "prefix", b.G3_AUTO, prefix, 32, ttft_ms=ms + 0.1,
+                          rule={"loads": 0, "recomputes": 3} if prefix == 64 else {"loads": 3, "recomputes": 0}))
+    rows.append(b.Row("tiny", "QA", b.G3_AUTO, ttft_ms=4.0, rule={"loads": 2, "recomputes": 1}))
+    result = {"rows": [dataclasses.asdict(r) for r in rows], "meta": {"new_tokens": 32}}
+    rings, notes = [], []
+    scatter, annotate = matplotlib.axes.Axes.scatter, matplotlib.axes.Axes.annotate
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter",
+                        lambda self, *a, **k: rings.append((a, k["label"])) or scatter(self, *a, **k))
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate",
+                        lambda self, text, *a, **k: notes.append(text) or annotate(self, text, *a, **k))
+    assert b.plot(result, tmp_path / "ttft.png") is None
+    assert (tmp_path / "ttft.png").stat().st_size > 0
+    assert rings == [(((64,), (3.1,)), "G3 hit, cost rule: rule recomputed")]
+    assert notes == ["load 2\nrecompute 1"]

@@ -38,7 +38,7 @@ class HeldLayers:
         held = self
 
         def held_submit(move: Any, src: Any, dst: Any) -> BlockTransfer:
-            group = next((start for (_, start, _stop), view in views.items() if view is src), None)
+            group = next((start for (_, _, start, _stop), view in views.items() if view is src), None)
             if move.kind is not MoveKind.LOAD or group is None:
                 return submit(move, src, dst)
 

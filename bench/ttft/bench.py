@@ -3,10 +3,11 @@
 Workloads: (a) one request with a cached prefix of each ``--prefixes`` length and ``--new-tokens`` new tokens
 (the prefix is first run once, its blocks stored, then evicted from G1, so the timed request loads it from G2 or
 G3); (b) LMBenchmark-style multi-round QA (users x rounds, a shared system prompt, long questions, short answers,
-G1 smaller than the working set), average TTFT. Modes: recompute (no kvbm), G2 hit with bulk onboard, G3 hit
-(disk tier only; POSIX and GPUDirect Storage), and for (a) the lower bound: the PCIe time of the prefix bytes (a
-pinned memcpy of the same bytes) plus the new tokens' compute with the prefix already in G1. Every loaded block is
-compared byte for byte with the bytes its first computation wrote.
+G1 smaller than the working set), average TTFT. Modes: recompute (no kvbm), G2 hit with bulk onboard or layer-wise,
+G3 hit (disk tier only; POSIX and GPUDirect Storage), G3 through kvbm's cost-aware hit rule (loaded only where the
+rule, learning online, expects loading to beat recomputing), and for (a) the lower bound: the PCIe time of the
+prefix bytes (a pinned memcpy of the same bytes) plus the new tokens' compute with the prefix already in G1. Every
+loaded block is compared byte for byte with the bytes its first computation wrote.
 
 Run: ``python -m bench.ttft`` (see bench/ttft/README.md); ``--smoke`` runs a tiny model on the CPU in seconds.
 """
@@ -32,18 +33,20 @@ import torch
 from kvbm.tools.checkout import checkout_commit
 from kvbm.tools.workload import ChatWorkload
 
+from .cost_rule import CostRule, RuleDecision, rule_note
 from .engine import Engine, G1Pool, KvbmSide, Reference, RequestResult, sync
 from .layer_waits import measure_layer_waits
 from .model import BLOCK_SIZE, SHAPES, DecoderModel, ModelShape, allocate_kv_caches
 
 __all__ = ["MODES", "Row", "main", "run_model"]
 
-RECOMPUTE, G1_HIT, G2, G2_LAYERWISE, G3_POSIX, G3_GDS, LOWER_BOUND = (
+RECOMPUTE, G1_HIT, G2, G2_LAYERWISE, G3_POSIX, G3_AUTO, G3_GDS, LOWER_BOUND = (
     "recompute", "G1 hit (prefix on GPU)", "G2 hit, bulk onboard", "G2 hit, layer-wise", "G3 hit, posix",
-    "G3 hit, gds", "lower bound (PCIe + compute)")
+    "G3 hit, cost rule", "G3 hit, gds", "lower bound (PCIe + compute)")
 #: --modes names -> row mode
-MODES = {"recompute": RECOMPUTE, "g2": G2, "g2-layerwise": G2_LAYERWISE, "g3-posix": G3_POSIX, "g3-gds": G3_GDS}
-KVBM_MODES = (G2, G2_LAYERWISE, G3_POSIX, G3_GDS)
+MODES = {"recompute": RECOMPUTE, "g2": G2, "g2-layerwise": G2_LAYERWISE, "g3-posix": G3_POSIX, "g3-auto": G3_AUTO,
+         "g3-gds": G3_GDS}
+KVBM_MODES = (G2, G2_LAYERWISE, G3_POSIX, G3_AUTO, G3_GDS)
 
 
 def side_mode(mode: str) -> str:
@@ -84,6 +87,7 @@ class Row:
     load_errors: int = 0
     bytes_ok: bool | None = None
     note: str = ""
+    rule: dict[str, Any] | None = None  #: G3 hit, cost rule: how the rule decided (`cost_rule.rule_note`)
 
 
 def median_ms(values: Sequence[float]) -> float:
@@ -92,7 +96,7 @@ def median_ms(values: Sequence[float]) -> float:
 
 
 def _row_from(model: str, workload: str, mode: str, results: Sequence[RequestResult], *, prefix: int | None,
-              new: int | None, mean: bool = False, expect_loaded: int | None = None) -> Row:
+              new: int | None, mean: bool = False, expect_loaded: tuple[int, ...] | None = None) -> Row:
     ttfts = [r.ttft_s for r in results]
     row = Row(model, workload, mode, prefix, new,
               ttft_ms=(statistics.fmean(ttfts) * 1e3 if mean else median_ms(ttfts)),
@@ -105,10 +109,11 @@ def _row_from(model: str, workload: str, mode: str, results: Sequence[RequestRes
     if mode in KVBM_MODES:
         unchecked = sum(r.unchecked_blocks for r in results)
         ok = row.bad_blocks == 0 and row.load_errors == 0 and unchecked == 0
-        if expect_loaded is not None and any(r.loaded_tokens != expect_loaded for r in results):
+        if expect_loaded is not None and any(r.loaded_tokens not in expect_loaded for r in results):
             ok = False
-            row.note = f"expected {expect_loaded} loaded tokens per request, got {[r.loaded_tokens for r in results]}"
-        row.bytes_ok = ok
+            row.note = (f"expected {' or '.join(map(str, expect_loaded))} loaded tokens per request, got "
+                        f"{[r.loaded_tokens for r in results]}")
+        row.bytes_ok = ok if ok is False or row.loaded_tokens else None  # None: nothing loaded, nothing to check
     return row
 
 
@@ -277,6 +282,7 @@ class Setup:
     block_bytes: int
     calibration: Calibration | None = None
     layer_waits: dict[str, Any] | None = None
+    rule: CostRule | None = None  #: the cost rule on the G3_AUTO side (kept across parts, as it learns)
 
 
 def _probe(engine: Engine, side: KvbmSide, vocab: int) -> str | None:
@@ -330,7 +336,7 @@ def build(args: argparse.Namespace, name: str, device: torch.device, dtype: torc
         try:
             if mode == G2:
                 side = KvbmSide.create(mode, caches, host_blocks=tier_blocks)
-            else:
+            else:  # G3_AUTO: a G3 posix side of its own (its own file, its own rule)
                 side = KvbmSide.create(mode, caches, disk_blocks=tier_blocks, disk_dir=args.disk_dir,
                                        disk_io="gds" if mode == G3_GDS else "posix")
         except Exception as exc:  # noqa: BLE001 - any failure: the mode is reported with its reason
@@ -346,7 +352,12 @@ def build(args: argparse.Namespace, name: str, device: torch.device, dtype: torc
             continue
         sides[mode] = side
         log(f"{shape.name}: {mode} ready ({side.tier}, {tier_blocks} blocks) in {time.perf_counter() - t:.1f} s")
-    return Setup(shape, engine, caches, sides, unavailable, block_bytes)
+    rule = CostRule(sides[G3_AUTO]) if G3_AUTO in sides else None  # attached after the probe: nothing learned yet
+    return Setup(shape, engine, caches, sides, unavailable, block_bytes, rule=rule)
+
+
+def _bytes_word(ok: bool | None) -> str:
+    return {None: "not checked (nothing loaded)", True: "ok", False: "WRONG"}[ok]
 
 
 def _timed(reps: int, warmup: int, run: Callable[[], RequestResult]) -> list[RequestResult]:
@@ -410,17 +421,37 @@ def run_prefix(args: argparse.Namespace, setup: Setup, prefix: int, scratch: dic
             eng.evict_all()
             return eng.run_request(tokens + fresh(), [side], reference=reference, layerwise=layerwise)
         t = time.perf_counter()
+        rule = setup.rule if mode == G3_AUTO else None
+        decisions: list[RuleDecision] = []
+        probe_note = ""
         try:
-            timed = _timed(args.reps, args.warmup, hit)
+            if rule is not None:
+                if not rule.measured and rule.enabled:  # untimed: the rule's first measurement of the disk
+                    result, _ = rule.run(hit)
+                    probe_note = (f"probe before warm-up: {result.loaded_tokens} tokens loaded with the rule off in "
+                                  f"{result.load_wait_s * 1e3:.1f} ms")
+
+                def through_rule(hit: Callable[[], RequestResult] = hit) -> RequestResult:
+                    result, decision = rule.run(hit)
+                    decisions.append(decision)
+                    return result
+                timed = _timed(args.reps, args.warmup, through_rule)
+                decisions = decisions[args.warmup:]
+            else:
+                timed = _timed(args.reps, args.warmup, hit)
         except Exception as exc:  # noqa: BLE001 - any failure: the mode is reported with its reason
             rows.append(_failed(setup, side_mode(mode), exc, Row(name, "prefix", mode, prefix, new)))
             continue
-        rows.append(_row_from(name, "prefix", mode, timed, prefix=prefix, new=new, expect_loaded=prefix))
+        rows.append(_row_from(name, "prefix", mode, timed, prefix=prefix, new=new,
+                              expect_loaded=(prefix,) if rule is None else (0, prefix)))
         r = rows[-1]
-        r.note = "; ".join(n for n in (r.note, side.disk_note) if n)
+        rule_text = ""
+        if rule is not None:
+            rule_text, r.rule = rule_note(rule, decisions)
+        r.note = "; ".join(n for n in (r.note, rule_text, probe_note, side.disk_note) if n)
         log(f"{name} prefix {prefix}: {mode} median {r.ttft_ms:.1f} ms (load {r.load_ms:.1f} ms), "
-            f"{r.checked_blocks} blocks checked, bytes {'ok' if r.bytes_ok else 'WRONG'} "
-            f"({time.perf_counter() - t:.1f} s)")
+            f"{r.checked_blocks} blocks checked, bytes {_bytes_word(r.bytes_ok)} ({time.perf_counter() - t:.1f} s)"
+            + (f"; {rule_text}" if rule_text else ""))
     eng.evict_all()
     pcie_s, nbytes = measure_pcie(reference, prefix // BLOCK_SIZE, setup.engine.device, args.reps, scratch,
                                   max(args.prefixes) // BLOCK_SIZE * setup.block_bytes)
@@ -500,12 +531,21 @@ def run_qa(args: argparse.Namespace, setup: Setup) -> list[Row]:
             log(f"{shape.name} QA: {mode}: {qa.num_requests} requests")
             t = time.perf_counter()
             results = []
+            rule = setup.rule if mode == G3_AUTO else None
+            decisions: list[RuleDecision] = []
             try:
                 for req in qa.requests():
-                    results.append(eng.run_request(req.prompt, [side] if side else [], answer=req.answer,
-                                                   reference=reference, record=reference,
-                                                   request_id=f"qa-{req.user}-{req.round}",
-                                                   layerwise=mode == G2_LAYERWISE))
+                    def request(req: Any = req, side: KvbmSide | None = side) -> RequestResult:
+                        return eng.run_request(req.prompt, [side] if side else [], answer=req.answer,
+                                               reference=reference, record=reference,
+                                               request_id=f"qa-{req.user}-{req.round}",
+                                               layerwise=mode == G2_LAYERWISE)
+                    if rule is None:
+                        results.append(request())
+                    else:
+                        result, decision = rule.run(request)
+                        results.append(result)
+                        decisions.append(decision)
                 eng.finish_held()
             except Exception as exc:  # any failure: the mode is reported with its reason
                 if side is None:
@@ -513,12 +553,15 @@ def run_qa(args: argparse.Namespace, setup: Setup) -> list[Row]:
                 rows.append(_failed(setup, side_mode(mode), exc, Row(shape.name, label, mode)))
                 continue
             row = _row_from(shape.name, label, mode, results, prefix=None, new=None, mean=True)
-            row.note = side.disk_note if side is not None else ""
+            rule_text = ""
+            if rule is not None:
+                rule_text, row.rule = rule_note(rule, decisions)
+            row.note = "; ".join(n for n in (rule_text, side.disk_note if side is not None else "") if n)
             rows.append(row)
             log(f"{shape.name} QA: {mode} mean TTFT {row.ttft_ms:.1f} ms over {row.requests} requests; tokens from "
                 f"G1 {row.g1_hit_tokens}, loaded {row.loaded_tokens}, computed {row.computed_tokens}"
-                + (f", bytes {'ok' if row.bytes_ok else 'WRONG'}" if row.bytes_ok is not None else "")
-                + f" ({time.perf_counter() - t:.1f} s)")
+                + (f", bytes {_bytes_word(row.bytes_ok)}" if side is not None else "")
+                + (f"; {rule_text}" if rule_text else "") + f" ({time.perf_counter() - t:.1f} s)")
     finally:
         eng.finish_held()
         eng.pool = full_pool
@@ -633,7 +676,8 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> str | None:
-    """TTFT against prefix length per mode (one panel per model), and the QA mean TTFT; why not drawn, or None."""
+    """TTFT against prefix length per mode (one panel per model; where the cost rule recomputed, its point is
+    ringed), and the QA mean TTFT (the cost rule's bar says how it decided); why not drawn, or None."""
     try:
         import matplotlib
     except ImportError:
@@ -651,7 +695,12 @@ def plot(result: dict[str, Any], path: Path) -> str | None:
         prefix_rows = [r for r in rows if r["model"] == model and r["workload"] == "prefix"]
         for mode in dict.fromkeys(r["mode"] for r in prefix_rows):
             pts = sorted((r["prefix_tokens"], r["ttft_ms"]) for r in prefix_rows if r["mode"] == mode)
-            ax.plot(*zip(*pts), marker="o", label=mode, linestyle="--" if mode == LOWER_BOUND else "-")
+            line, = ax.plot(*zip(*pts), marker="o", label=mode, linestyle="--" if mode == LOWER_BOUND else "-")
+            recomputed = [(r["prefix_tokens"], r["ttft_ms"]) for r in prefix_rows
+                          if r["mode"] == mode and (r.get("rule") or {}).get("recomputes")]
+            if recomputed:  # the cost rule's points where it chose to recompute: ringed
+                ax.scatter(*zip(*recomputed), s=110, facecolors="none", edgecolors=line.get_color(),
+                           label=f"{mode}: rule recomputed")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("cached prefix tokens")
@@ -660,7 +709,12 @@ def plot(result: dict[str, Any], path: Path) -> str | None:
         ax.legend(fontsize=7)
         ax = axes[1][j]
         qa_rows = [r for r in rows if r["model"] == model and r["workload"] != "prefix"]
-        ax.bar([r["mode"] for r in qa_rows], [r["ttft_ms"] for r in qa_rows], color="tab:blue")
+        bars = ax.bar([r["mode"] for r in qa_rows], [r["ttft_ms"] for r in qa_rows], color="tab:blue")
+        for bar, r in zip(bars, qa_rows):
+            if r.get("rule"):  # how the cost rule decided the requests that found G3 blocks
+                ax.annotate(f"load {r['rule']['loads']}\nrecompute {r['rule']['recomputes']}",
+                            (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                            fontsize=6)
         ax.set_ylabel("mean TTFT ms")
         ax.set_title(f"{model}: multi-round QA" if qa_rows else f"{model}: no QA run", fontsize=9)
         ax.tick_params(axis="x", labelsize=7, rotation=15)

@@ -5,9 +5,10 @@ kvbm (`ConnectorLeader.lookup`); allocate G1 blocks; plan the load into them (`p
 (`ConnectorWorker.start_loads`) and poll until the request's load is done (``poll``, ``take_report`` -> ``apply``
 each step); plan the stores of the blocks the forward completes (`plan_stores`, `take_step`); run the forward;
 start the stores (`start_stores`, as vLLM's ``wait_for_save`` after the forward); sample the first token. TTFT
-ends there. Then, untimed: the answer's tokens run through one teacher-forced forward (their KV exists, as after
-decoding), the finished request stores its remaining full blocks and its G1 blocks are released (registered in the
-prefix cache) once its stores are done.
+ends there. A side whose scheduler side has kvbm's cost rule is given that step's prefilled tokens and seconds (the
+forward through the sampled token), from which the rule learns the prefill rate. Then, untimed: the answer's tokens
+run through one teacher-forced forward (their KV exists, as after decoding), the finished request stores its
+remaining full blocks and its G1 blocks are released (registered in the prefix cache) once its stores are done.
 """
 from __future__ import annotations
 
@@ -361,6 +362,9 @@ class Engine:
             self._release_sent(side, side.step()[0])
         int(logits.argmax())
         t1 = time.perf_counter()
+        for s in sides:  # as a served connector times each engine step that prefills, for the cost rule
+            if s.leader.cost is not None:
+                s.leader.cost.observe_prefill(n - num_cached, t1 - t_loaded)
         result = RequestResult(rid, n, t1 - t0, load_wait_s=t_loaded - t0, forward_s=t1 - t_loaded,
                                g1_hit_tokens=first * BLOCK_SIZE, loaded_tokens=(valid - first) * BLOCK_SIZE,
                                computed_tokens=n - num_cached, load_errors=len(load_errors),

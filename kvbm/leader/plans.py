@@ -76,7 +76,9 @@ class Move:
 class MoveResult:
     """A worker's outcome of one move: ``failed`` maps block index (into the move's lists) to the reason; ``lost``
     are the failed blocks whose source copy is known bad (to be dropped); ``reports`` counts the ranks merged in;
-    ``seconds`` is the time from the move's start to when its worker saw it finished (the slowest rank's)."""
+    ``seconds`` is the move's share of the time its worker ran moves between the same two tiers, from its start to
+    when the worker saw it finished: time in which N such moves ran counts 1/N to each (`kvbm.worker.store`), so
+    bytes over seconds is that path's bandwidth however many moves overlapped (the slowest rank's share)."""
 
     move_id: int
     failed: dict[int, str] = field(default_factory=dict)

@@ -176,7 +176,8 @@ class LoadCostPolicy:
 
     def observe_load(self, tier: str, *, num_bytes: int, seconds: float) -> None:
         """Account one completed load from ``tier`` into the engine's cache: ``num_bytes`` arrived intact (failed
-        blocks count as time spent for nothing) in ``seconds`` from start to completion."""
+        blocks count as time spent for nothing) in ``seconds`` (its share of the time when loads overlapped: see
+        `kvbm.leader.MoveResult`)."""
         if tier not in self._bw:
             log.debug("load from %s not measured: not a tier of this rule (%s)", tier, ", ".join(self.tiers))
             return

@@ -11,13 +11,18 @@ Engine caches of other block geometries than the tiers' (a hybrid model's KV cac
 tiers then allocated in raw slots: `kvbm.worker.tier_memory`) each see every tier through a view in their own
 geometry (`add_engine_cache`): a move between an engine cache and a tier uses that engine cache's view of the tier,
 a move between two tiers their whole slots.
+
+A result's ``seconds`` is the move's share of the time moves of its direction (source and destination tier) ran:
+while N of them ran at once, each was charged 1/N of that time. The shares of moves that ran together add up to
+their wall time, so bytes over seconds is the direction's bandwidth whatever the concurrency (the cost rule learns
+tier bandwidths from them; with wall times, four loads in flight would read as a quarter of the disk's bandwidth).
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,20 +50,24 @@ class _Running:
     transfer: BlockTransfer
     started: float
     timed: bool = True  #: whether the time to completion is the move's own (not a layer-wise load's forward)
+    share: float = 0.0  #: seconds charged to the move so far (see the module docstring)
 
 
 class BlockStore:
     """Executes moves between the caches of one rank (see the module docstring)."""
 
     def __init__(self, caches: Mapping[str, Any], transfers: Transfers, *, max_in_flight: int = 4,
-                 metrics: KvbmMetrics | None = None) -> None:
-        """``caches`` maps tier names ("G1" for the engine's cache) to paged caches on their mediums."""
+                 metrics: KvbmMetrics | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
+        """``caches`` maps tier names ("G1" for the engine's cache) to paged caches on their mediums; ``clock``:
+        seconds, for the moves' times (injectable for tests)."""
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight <= 0:
             raise ValueError(f"max_in_flight must be a positive int, got {max_in_flight!r}")
         self.caches = dict(caches)
         self.transfers = transfers
         self.max_in_flight = max_in_flight
         self.metrics = metrics
+        self._clock = clock
+        self._charged: dict[str, float] = {}  # direction -> when its running moves' shares were last charged
         self._owned: list[str] = []  # tiers allocated by `open`, released by `close`
         self._renewals: dict[str, int] = {}  # disk tier -> file renewals already counted
         self._queue: deque[Move] = deque()
@@ -232,7 +241,7 @@ class BlockStore:
         started = False
         while self._queue and len(self._running) < self.max_in_flight:
             move = self._queue.popleft()
-            t0 = time.perf_counter()
+            t0 = self._charge(direction(move))
             src = self.end(move.src_tier, move.dst_tier) if move.remote is None else None
             transfer = self._submit(move, src, self.end(move.dst_tier, move.src_tier))
             self._running.append(_Running(move, transfer, t0))
@@ -264,22 +273,35 @@ class BlockStore:
             view = self._layer_views[key] = select_layers(self.end(tier, other), start, stop)
         return view
 
+    def _charge(self, name: str) -> float:
+        """Charge the time since the last charge of direction ``name`` to its running timed moves, in equal shares;
+        the time now."""
+        now = self._clock()
+        runs = [r for r in self._running if r.timed and direction(r.move) == name]
+        if runs:
+            share = (now - self._charged[name]) / len(runs)
+            for r in runs:
+                r.share += share
+        self._charged[name] = now
+        return now
+
     def _finish(self, run: _Running) -> None:
+        move = run.move
+        name = direction(move)
+        seconds = self._charge(name) - run.started
         self._running.remove(run)
         failed = run.transfer.reasons
-        move = run.move
         for i, reason in failed.items():
-            log.debug("%s of block %#x failed: %s", direction(move), move.hashes[i], reason)
+            log.debug("%s of block %#x failed: %s", name, move.hashes[i], reason)
         if move.dst_tier == self.g4_tier:
             self.g4.seal(move.dst_ids, move.hashes, list(failed))
-        name, seconds = direction(move), time.perf_counter() - run.started
         if self.metrics is not None and name in DIRECTIONS:
             n_ok = move.num_blocks - len(failed)
             block_bytes = self.end(move.dst_tier, move.src_tier).geometry.block_bytes
             self.metrics.record_transfer(name, blocks_ok=n_ok, blocks_failed=len(failed), num_bytes=n_ok * block_bytes,
                                          seconds=seconds)
         self._finished.append(MoveResult(move.move_id, failed, frozenset(run.transfer.lost),
-                                         seconds=seconds if run.timed else None))
+                                         seconds=run.share if run.timed else None))
         for tier in (move.src_tier, move.dst_tier) if move.remote is None else (move.dst_tier,):
             renewals = getattr(self.cache(tier), "renewals", 0)
             if renewals > self._renewals.get(tier, 0):
