@@ -163,7 +163,6 @@ class BlockManager:
         self.cost = cost if cost is not None else LoadCostPolicy.from_config(
             config, self.index.tier_names, block_bytes=self.block_bytes, block_tokens=self.geometry.block_size,
             metrics=self.metrics)
-        self.metrics.add_transfer_listener(self.cost.observe_transfer)
         self.store = BlockStore.open(gpu_cache, tiers, config, metrics=self.metrics)
         try:
             if self._serving:
@@ -332,6 +331,9 @@ class BlockManager:
             move = self.index.complete(result.move_id, result.failed, result.lost)
             if move.dst_tier == ENGINE_TIER:
                 self._loading.subtract(move.dst_ids)
+                if result.seconds is not None:  # (the move's share of the time its direction's moves ran)
+                    self.cost.observe_load(move.src_tier, num_bytes=(move.num_blocks - len(result.failed))
+                                           * self.block_bytes, seconds=result.seconds)
             entry = self._tickets.pop(result.move_id, None)
             if entry is None:
                 continue  # a cascade: no ticket

@@ -11,8 +11,7 @@ process. The manager calls:
 - ``record_matched_tokens(num_tokens)`` with the tokens reported to the engine as already computed.
 - from the cost-aware hit rule (`kvbm.policies.cost`): ``set_load_bandwidth(tier, bytes_per_second)`` and
   ``set_prefill_rate(tokens_per_second)`` with its current estimates, ``record_cost_dropped(tier, num_blocks)``
-  with the hits it did not report. ``add_transfer_listener(fn)`` has ``fn`` called with every batch passed to
-  ``record_transfer`` (how the rule learns load bandwidths in a process that runs the transfers).
+  with the hits it did not report.
 
 ``start_server(port)`` serves the exposition over HTTP (``DYN_KVBM_METRICS_PORT``, on ``DYN_KVBM_METRICS_HOST``,
 127.0.0.1 by default) and ``render()`` returns it.
@@ -41,9 +40,8 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import weakref
 from collections import deque
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest, start_http_server
@@ -52,7 +50,7 @@ from prometheus_client.registry import Collector
 
 from .config import metrics_host_from_env
 
-__all__ = ["KvbmMetrics", "DIRECTIONS", "KVBM_BLOCK_COUNTERS", "COST_TIERS", "TransferListener"]
+__all__ = ["KvbmMetrics", "DIRECTIONS", "KVBM_BLOCK_COUNTERS", "COST_TIERS"]
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +58,6 @@ log = logging.getLogger(__name__)
 COST_TIERS: tuple[str, ...] = ("G2", "G3")
 
 #: Called as ``fn(direction, blocks_ok=..., blocks_failed=..., num_bytes=..., seconds=...)`` per finished batch.
-TransferListener = Callable[..., None]
 
 # Tier pairs a batch can move blocks between. The direction label uses these rather than KVBM's d2h/h2d words,
 # which are ambiguous ("h2d" is both G2->G3 offload and G2->G1 onboard in KVBM's counter names).
@@ -198,7 +195,6 @@ class KvbmMetrics:
                               "Estimated prefill rate of the engine (measured, else configured)",
                               registry=self.registry)
         self._gauge_values: dict[tuple[str, str], float] = {}
-        self._listeners: list[Callable[[], TransferListener | None]] = []  # weak or strong references
 
         self._window: deque[tuple[int, int, int]] = deque()
         self._window_len = window
@@ -228,25 +224,6 @@ class KvbmMetrics:
         if blocks_failed:
             self._totals.inc("kvbm_transfer_failed_blocks", blocks_failed, (direction,))
         self._seconds.labels(direction).observe(seconds)
-        for ref in list(self._listeners):
-            fn = ref()
-            if fn is None:
-                self._listeners.remove(ref)
-                continue
-            try:
-                fn(direction, blocks_ok=blocks_ok, blocks_failed=blocks_failed, num_bytes=num_bytes, seconds=seconds)
-            except Exception:  # noqa: BLE001 - a listener must not fail the transfer's accounting
-                log.exception("transfer listener %r failed", fn)
-
-    def add_transfer_listener(self, fn: TransferListener) -> None:
-        """Call ``fn`` with every batch ``record_transfer`` accounts; held weakly for bound methods (a listener's
-        owner going away removes it)."""
-        if not callable(fn):
-            raise TypeError(f"a transfer listener must be callable, got {type(fn).__name__}")
-        if hasattr(fn, "__self__") and hasattr(fn, "__func__"):
-            self._listeners.append(weakref.WeakMethod(fn))
-        else:
-            self._listeners.append(lambda fn=fn: fn)
 
     def set_load_bandwidth(self, tier: str, bytes_per_second: float) -> None:
         """Publish the current load bandwidth estimate of ``tier`` (bytes/s)."""

@@ -401,3 +401,18 @@ def test_bad_calls_name_what_is_wrong(rng):
     meta = block_major(torch.empty(4, 2, 2, 4, 2, 64, dtype=torch.bfloat16, device="meta"))
     with pytest.raises(ValueError, match="cannot tell the medium"):
         BlockManager(meta, config(host=4))
+
+
+def test_the_cost_rule_learns_a_tier_bandwidth_from_the_loads_it_runs(rng):
+    """Each finished load into G1 feeds the cost rule its bytes and its share of the time loads ran: the G2
+    estimate leaves its configured value and is published as a gauge."""
+    gpu = make_gpu(32, rng)
+    with BlockManager(gpu, config(host=16)) as mgr:
+        configured = mgr.cost.bandwidth("G2")
+        hashes = mgr.sequence_hashes(tokens(rng, 9))
+        mgr.wait(mgr.offload(hashes, list(range(9))))
+        assert mgr.cost.bandwidth("G2") == configured  # stores teach it nothing
+        mgr.wait(mgr.onboard(hashes[:8], list(range(16, 24))))
+        learned = mgr.cost.bandwidth("G2")
+        assert learned != configured and learned > 0
+        assert mgr.metrics.value("kvbm_load_bandwidth_bytes_per_second", tier="G2") == pytest.approx(learned)

@@ -17,9 +17,9 @@ recompute is never reported, and a G2 prefix that pays for itself is kept when t
 
 Inputs are cold-start values (``DYN_KVBM_*``, see `kvbm.config`) replaced by online estimates:
 
-- per-tier load bandwidth from completed loads into the engine's cache (``observe_load``, or ``observe_transfer``
-  as a `kvbm.metrics.KvbmMetrics` transfer listener): an exponentially weighted average of bytes and of seconds
-  (the tier's latency taken off each move), whose ratio is the estimate, so large moves weigh more;
+- per-tier load bandwidth from completed loads into the engine's cache (``observe_load``, with each move's share
+  of the time its direction's moves ran, see `kvbm.worker.store`): an exponentially weighted average of bytes and
+  of seconds (the tier's latency taken off each move), whose ratio is the estimate, so large moves weigh more;
 - the prefill rate from step timings the connector passes in (``observe_prefill``), the same way.
 
 A tier whose hits are dropped is no longer loaded, so its estimate would never recover from a bad period: every
@@ -189,13 +189,6 @@ class LoadCostPolicy:
             self._last_seen[tier] = self._clock()
             bw = self.bandwidth(tier)
         self._publish(f"{tier} load bandwidth", bw, "B/s", tier)
-
-    def observe_transfer(self, direction: str, *, blocks_ok: int, blocks_failed: int = 0, num_bytes: int,
-                         seconds: float) -> None:
-        """`kvbm.metrics.KvbmMetrics` transfer listener: batches into G1 (``"g3_to_g1"`` ...) are loads."""
-        src, _, dst = direction.partition("_to_")
-        if dst.upper() == _ENGINE_TIER:
-            self.observe_load(src.upper(), num_bytes=num_bytes, seconds=seconds)
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         """Account one engine step that prefilled ``tokens`` tokens in ``seconds`` (steps with no prefill are not
