@@ -651,9 +651,9 @@ def layer_wait_lines(notes: dict[str, Any]) -> str:
                          f"{w['busy_prefill_tokens']}-token prefill: layer groups finish at most "
                          f"{w['max_delay_us']:.0f} us "
                          f"(median {w['median_delay_us']:.0f} us) later than alone ({w['per_group_alone_us']:.0f} us "
-                         f"per layer group alone); a scatter kernel, from its bytes landing to its end, takes at most "
-                         f"{w['max_scatter_wait_us']:.0f} us (median {w['median_scatter_wait_us']:.0f} us) longer "
-                         f"than alone ({statistics.median(w['scatter_alone_us']):.0f} us alone)")
+                         f"per layer group alone); {w['scatter_kernels']} scatter kernels, each from its bytes "
+                         f"landing to its end at most {w['max_scatter_wait_us']:.0f} us (median "
+                         f"{w['median_scatter_wait_us']:.0f} us) longer than alone")
         elif w:
             lines.append(f"- {model}, layer waits: {w.get('note')}")
     return "\n\n" + "\n".join(lines) if lines else ""

@@ -118,10 +118,11 @@ def measure_layer_waits(eng: Engine, side: KvbmSide, prefix_tokens: Sequence[int
     scatter_alone = [statistics.median(t[i] for t in scatters["alone"][1:]) for i in range(len(scatters["alone"][0]))]
     scatter_beside = [statistics.median(t[i] for t in scatters["beside"][1:])
                       for i in range(len(scatters["beside"][0]))]
-    waits = [b - a for a, b in zip(scatter_alone, scatter_beside)]
+    waits = [b - a for a, b in zip(scatter_alone, scatter_beside)] or [0.0]  # (none: no block needed a scatter)
     return {"prefix_tokens": len(prefix_tokens), "busy_prefill_tokens": busy_new, "reps": reps,
             "layers_alone_ms": alone_ms, "layers_beside_prefill_ms": beside_ms, "delay_ms": delays,
             "max_delay_us": max(delays) * 1e3, "median_delay_us": statistics.median(delays) * 1e3,
             "per_group_alone_us": alone_ms[-1] / len(alone_ms) * 1e3,
+            "scatter_kernels": len(scatter_alone),
             "scatter_alone_us": scatter_alone, "scatter_beside_prefill_us": scatter_beside, "scatter_wait_us": waits,
             "max_scatter_wait_us": max(waits), "median_scatter_wait_us": statistics.median(waits)}
