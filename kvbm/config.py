@@ -9,10 +9,10 @@ blocks G1 -> G3 directly). Every error names the variable, the bad value and wha
 Cost-aware hits (`kvbm.policies.cost`): a tier's prefix hit is reported only where loading it is expected to be faster
 than recomputing it. ``*_LOAD_GB_PER_S`` (load bandwidth, GB/s), ``*_LOAD_LATENCY_MS`` (fixed time per load) and
 ``PREFILL_TOKENS_PER_S`` (the engine's prefill rate) are the cold-start values, replaced by online estimates once
-loads (and, where the connector reports them, prefill steps) are measured; ``COST_PROBE_SECS`` is how often a tier
-whose hits are dropped is loaded anyway (one batch) to re-measure it, 0 never; ``DISABLE_COST_AWARE_HITS`` reports
-every hit. The tiers are G2 (``HOST_*``), G3 (``DISK_*``) and the shared G4 tier (``G4_*``: reads of another
-instance's G2 found through the directory).
+loads (and, where the connector times them, prefill-dominated forward steps: vLLM) are measured; ``COST_PROBE_SECS``
+is how often a tier whose hits are dropped is loaded anyway (one batch) to re-measure it, 0 never;
+``DISABLE_COST_AWARE_HITS`` reports every hit. The tiers are G2 (``HOST_*``), G3 (``DISK_*``) and the shared G4
+tier (``G4_*``: reads of another instance's G2 found through the directory).
 
 Layer-wise onboarding: a prefix hit held entirely in G2 is loaded while the forward that uses it runs, one group of
 layers at a time (1, 2, 4, ... layers, up to ``ONBOARD_LAYERS_PER_GROUP``), each layer's attention waiting only for its own group;
@@ -21,6 +21,10 @@ layers at a time (1, 2, 4, ... layers, up to ``ONBOARD_LAYERS_PER_GROUP``), each
 Disaggregated prefill -> decode (`kvbm.connectors.pd`): ``PD_PIN_TIMEOUT_SECS`` is how long a prefill instance
 keeps a finished request's blocks for a decode instance that has not read them, ``PD_LOAD_TIMEOUT_SECS`` how long
 a decode instance waits for another instance's blocks (their stores to finish, then each read) before recomputing.
+
+Workers (`kvbm.connectors.registration`): ``LEADER_WORKER_INIT_TIMEOUT_SECS`` is how long the scheduler side waits
+for every worker rank to register (vLLM: the start-up handshake or a rank's first report; TensorRT-LLM: the worker's
+KV cache registration) before it is an error naming the missing ranks; until then nothing is matched or stored.
 
 Shared G4 tier (`kvbm.connectors.directory`): ``G4_ETCD_ENDPOINT`` (an etcd client URL, empty: off) makes every
 instance export its G2, publish the blocks it holds to etcd and load prefix blocks other instances hold;

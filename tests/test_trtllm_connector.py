@@ -624,7 +624,7 @@ def test_bad_setup_is_refused(trt):
         trt.DynamoKVBMConnectorWorker(llm_args(), config=config(host=4)).register_kv_caches(pool.transpose(3, 4))
     leader = trt.DynamoKVBMConnectorLeader(llm_args())
     with pytest.raises(RuntimeError, match="register_kv_caches"):
-        leader.get_num_new_matched_tokens(Request(1, [1, 2, 3, 4, 5]), 0)
+        leader.leader  # noqa: B018 - no worker registered yet
     w1 = trt.DynamoKVBMConnectorWorker(llm_args(), config=config(host=4))
     w1.register_kv_caches(pool)
     try:
@@ -640,6 +640,34 @@ def test_bad_setup_is_refused(trt):
     w3 = trt.DynamoKVBMConnectorWorker(llm_args(), config=config(host=4))
     w3.register_kv_caches(pool)  # the closed worker's registration is gone
     w3.close()
+
+
+def test_leader_waits_for_its_worker_up_to_the_timeout(trt):
+    """Before the worker registers, the leader matches and stores nothing (an empty plan each step, the engine keeps
+    no block); registered within DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS it serves as usual; a worker still missing
+    after that is an error naming rank 0."""
+    from kvbm.connectors.registration import WorkersMissingError
+
+    cfg = config(host=8, leader_worker_init_timeout_secs=1)
+    leader = trt.DynamoKVBMConnectorLeader(llm_args(), config=cfg)
+    assert leader.get_num_new_matched_tokens(Request(1, list(range(1, 10))), 0) == (0, False)
+    meta = leader.build_connector_meta(standin.SchedulerOutput())
+    assert meta.plan.is_empty() and leader.request_finished(Request(1, list(range(1, 10))), [0, 1, 2]) is False
+    worker = trt.DynamoKVBMConnectorWorker(llm_args(), config=cfg)
+    worker.register_kv_caches(allocate("trtllm_pool", GEOM, 4, dtype=torch.bfloat16).tensors[0])
+    try:
+        assert leader.get_num_new_matched_tokens(Request(2, list(range(1, 10))), 0) == (0, False)
+        assert leader.workers.missing == [] and leader.leader.index.pool("G2").num_blocks == 8
+        time.sleep(max(leader.workers.deadline - time.monotonic(), 0) + 0.05)
+        assert leader.build_connector_meta(standin.SchedulerOutput()).plan.step == 1  # registered: no timeout
+    finally:
+        worker.close()
+    late = trt.DynamoKVBMConnectorLeader(llm_args(), config=cfg)
+    assert late.workers.timeout_s == 1
+    time.sleep(max(late.workers.deadline - time.monotonic(), 0) + 0.05)
+    with pytest.raises(WorkersMissingError, match=r"worker rank\(s\) 0 of 1 did not register .* "
+                                                  r"DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS=1 s"):
+        late.get_num_new_matched_tokens(Request(3, list(range(1, 10))), 0)
 
 
 def test_import_without_tensorrt_llm_says_what_is_missing(tmp_path):

@@ -11,7 +11,10 @@ On CPU the host copies complete synchronously; tests that need a transfer in fli
 from __future__ import annotations
 
 import os
+import random
+import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -28,6 +31,7 @@ from kvbm.connectors.messages import RequestLoad, StepPlan
 from kvbm.kernels.block_transfer import BlockTransfer
 from kvbm.layouts.vllm_tensors import describe_vllm_kv_caches
 from kvbm.leader import Move, MoveKind
+from kvbm.policies.cost import LoadCostPolicy
 from kvbm.tiers import kvbm_tiers
 from kvbm.vllm_integration.connector import DynamoConnector, kvbm_config_from
 from kvbm.vllm_integration.metadata import DynamoConnectorMetadata
@@ -375,6 +379,150 @@ def test_salt_and_lora_enter_the_hash() -> None:
             h.run_until_idle()
             hits[request_id] = h.cache_stats.external_hits - before
         assert hits == {"salt": 0, "lora": 0, "same": 64}
+        assert_clean(h)
+
+
+# --------------------------------------------------------------------------------------------------
+# The cost rule learns the engine's prefill rate from the timed forward of prefill steps
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerStep:
+    """One step on the worker: the tokens its plan marks for timing, the tokens it computes, and the wall time of
+    the harness's forward (inside the timed span) and of the whole step (around it)."""
+
+    timed: int
+    scheduled: int
+    forward_s: float
+    step_s: float
+
+
+class StepClock:
+    """Times the harness's forward and whole steps, and records what reaches the cost rule's ``observe_prefill``."""
+
+    def __init__(self, h: H.VllmHarness) -> None:
+        self.steps: list[WorkerStep] = []
+        self.observed: list[tuple[int, float]] = []
+        worker, forward_s = h.worker, [0.0]
+        execute, forward = worker.execute, worker._forward
+
+        def timed_forward(work, attn):
+            start = time.perf_counter()
+            forward(work, attn)
+            forward_s[0] += time.perf_counter() - start
+
+        def timed_execute(so, new_blocks):
+            forward_s[0] = 0.0
+            start = time.perf_counter()
+            out = execute(so, new_blocks)
+            self.steps.append(WorkerStep(so.kv_connector_metadata.plan.timed_tokens, so.total_num_scheduled_tokens,
+                                         forward_s[0], time.perf_counter() - start))
+            return out
+
+        worker._forward, worker.execute = timed_forward, timed_execute
+        cost = leader_of(h).cost
+        observe = cost.observe_prefill
+
+        def recording_observe(tokens: int, seconds: float) -> None:
+            self.observed.append((tokens, seconds))
+            observe(tokens, seconds)
+
+        cost.observe_prefill = recording_observe
+
+    @property
+    def timed(self) -> list[WorkerStep]:
+        return [s for s in self.steps if s.timed]
+
+
+def leader_of(h: H.VllmHarness) -> ConnectorLeader:
+    return h.scheduler.connector.scheduler_side.leader
+
+
+def tokens(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(H.FIRST_REGULAR_TOKEN, 4000) for _ in range(n)]
+
+
+@pytest.mark.parametrize("runner", ["v1", "v2"])
+def test_prefill_rate_is_learned_from_the_timed_forward(runner: str) -> None:
+    """From a cold start of 50 tokens/s, the estimate moves to the rate the workers measure: every prefill step's
+    forward is timed (from ``bind_connector_metadata`` to the end of the forward in the runner's call order), each
+    timing lies between the harness's own forward time and its whole step time, and reaches the rule once."""
+    rng = random.Random(11)
+    with kvbm_harness(runner=runner, extra={"DYN_KVBM_PREFILL_TOKENS_PER_S": "50"}) as h:
+        clock, cost = StepClock(h), leader_of(h).cost
+        assert cost.prefill_rate == 50
+        for i in range(4):  # 90-200 prompt tokens each, 256 per step: chunked, mixed with a few decodes
+            h.add_request(f"p{i}", tokens(rng, rng.randrange(90, 200)), 2)
+        h.run_until_idle()
+        assert len(clock.timed) >= 2 and len(clock.observed) == len(clock.timed)
+        for (n, seconds), step in zip(clock.observed, clock.timed):
+            assert n == step.timed == step.scheduled
+            assert step.forward_s <= seconds <= step.step_s
+        rates = [n / seconds for n, seconds in clock.observed]
+        assert min(rates) <= cost.prefill_rate <= max(rates)
+        assert cost.prefill_rate > 20 * 50
+        assert metric(h, "kvbm_prefill_tokens_per_second") == cost.prefill_rate
+        assert_clean(h)
+
+
+def test_decode_only_and_decode_heavy_steps_leave_the_prefill_rate_alone() -> None:
+    """Six requests prefill in one step (timed); then they decode, and a short prompt joins them in a step of 12
+    prompt tokens and 6 decode tokens (below the 3/4 prompt share): no timing, the estimate does not move."""
+    rng = random.Random(12)
+    with kvbm_harness(extra={"DYN_KVBM_PREFILL_TOKENS_PER_S": "50"}) as h:
+        clock, cost = StepClock(h), leader_of(h).cost
+        for i in range(6):
+            h.add_request(f"d{i}", tokens(rng, 8), 12)
+        h.step()
+        assert [(s.timed, s.scheduled) for s in clock.steps] == [(48, 48)] and len(clock.observed) == 1
+        learned = cost.prefill_rate
+        assert learned > 50
+        for _ in range(3):
+            h.step()
+        h.add_request("late", tokens(rng, 12), 4)
+        h.step()
+        assert clock.steps[-1].scheduled == 18
+        h.run_until_idle()
+        assert len(clock.steps) > 12 and not any(s.timed for s in clock.steps[1:])
+        assert len(clock.observed) == 1 and cost.prefill_rate == learned
+        assert_clean(h)
+
+
+def test_learned_prefill_rate_drops_a_slow_disk_hit(tmp_path: Path) -> None:
+    """Disk-only; G3 configured at 10 kB/s and the prefill rate's cold start at 5 tokens/s. At those values a
+    6-block G3 hit is worth loading (0.4 s a block against 3.2 s of recompute). Once the first request's prefill
+    has been timed (the harness computes hundreds of tokens/s or more), the same hit is dropped and the request
+    computed: the learned rate flips the decision."""
+    extra = {"DYN_KVBM_DISABLE_COST_AWARE_HITS": "false", "DYN_KVBM_DISK_LOAD_GB_PER_S": "0.00001",
+             "DYN_KVBM_PREFILL_TOKENS_PER_S": "5", "DYN_KVBM_COST_PROBE_SECS": "0",
+             "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "true"}
+    prompt = tokens(random.Random(13), 100)  # 6 full blocks
+    with kvbm_harness(tmp_path, host=None, disk=64, extra=extra) as h:
+        leader = leader_of(h)
+        cold = LoadCostPolicy.from_config(h.scheduler.connector.config, ["G3"], block_bytes=leader.cost.block_bytes,
+                                          block_tokens=16)
+        assert cold.decide((6,)).hits == (6,)  # the cold-start rule would load the hit
+        counts: Counter = Counter()
+        matched = h.scheduler.connector.get_num_new_matched_tokens
+
+        def recording_match(request, num_computed_tokens):
+            n, is_async = matched(request, num_computed_tokens)
+            counts[request.request_id] = max(counts[request.request_id], n or 0)
+            return n, is_async
+
+        h.scheduler.connector.get_num_new_matched_tokens = recording_match
+        h.add_request("first", prompt, 2)
+        h.run_until_idle()
+        assert metric(h, "kvbm_offload_blocks_d2d") == 6  # G1 -> G3
+        assert leader.cost.prefill_rate > 100 * 5
+        assert h.scheduler.reset_prefix_cache()
+        h.add_request("again", prompt, 2)
+        h.run_until_idle()
+        assert counts["again"] == 0 and h.cache_stats.external_hits == 0
+        assert leader.metrics.value("kvbm_cost_dropped_blocks", tier="G3") == 6
+        assert metric(h, "kvbm_onboard_blocks_d2d") == 0
+        assert len(h.outputs["again"]) == 2
         assert_clean(h)
 
 

@@ -5,6 +5,8 @@ reads checked against the deterministic model for its heads and layers. Outputs 
 """
 from __future__ import annotations
 
+import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import vllm_ranks as R  # first: imports vLLM for the CPU platform
 from vllm_ranks import H
 
 from kvbm.config import GB
+from kvbm.connectors.registration import WorkersMissingError
 from kvbm.vllm_integration.connector import DynamoConnector
 
 CONNECTOR = "kvbm.vllm_integration.connector:DynamoConnector"
@@ -21,8 +24,10 @@ MODEL = H.TinyModelSpec(num_layers=3, num_kv_heads=4, num_attention_heads=8, hea
 
 
 def ranked(tmp_path: Path | None, tp: int, pp: int = 1, *, host: int | None = 512, disk: int | None = None,
-           extra: dict[str, Any] | None = None, model: H.TinyModelSpec = MODEL, **kw: Any) -> R.RankedVllmHarness:
-    """A harness of ``tp x pp`` ranks of ``model`` with ``host`` G2 and ``disk`` G3 blocks."""
+           extra: dict[str, Any] | None = None, model: H.TinyModelSpec = MODEL, handshake: bool = True,
+           **kw: Any) -> R.RankedVllmHarness:
+    """A harness of ``tp x pp`` ranks of ``model`` with ``host`` G2 and ``disk`` G3 blocks; ``handshake``: the
+    scheduler side gets the ranks' handshake metadata at start, as vLLM's engine core hands it over."""
     config: dict[str, Any] = {}
     if host is not None:
         config["DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS"] = host
@@ -30,7 +35,8 @@ def ranked(tmp_path: Path | None, tp: int, pp: int = 1, *, host: int | None = 51
         config.update(DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS=disk, DYN_KVBM_DISK_CACHE_DIR=str(tmp_path),
                       DYN_KVBM_DISK_DISABLE_O_DIRECT="true", DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER="true")
     config.update(extra or {})
-    harness = H.HarnessConfig(connector=CONNECTOR, connector_extra_config=config, model=model, num_gpu_blocks=32)
+    harness = H.HarnessConfig(connector=CONNECTOR, connector_extra_config=config, model=model, num_gpu_blocks=32,
+                              handshake=handshake)
     return R.RankedVllmHarness(harness, tp, pp, **kw)
 
 
@@ -120,3 +126,109 @@ def test_two_rank_processes(tmp_path: Path) -> None:
         assert_clean(h)
         processes = [rank.process for rank in h.worker.ranks]
     assert not any(p.is_alive() for p in processes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker registration (DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS) and the ranks' prefill timings
+# --------------------------------------------------------------------------------------------------
+
+
+def prompt_of(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(H.FIRST_REGULAR_TOKEN, 4000) for _ in range(n)]
+
+
+def test_ranks_register_through_the_handshake_at_start(tmp_path: Path) -> None:
+    """As vLLM's engine core hands over the workers' handshake metadata, every rank is registered before the first
+    step, with the configured timeout."""
+    with ranked(tmp_path, 2, 2, extra={"DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS": "7"}) as h:
+        assert h.leader.workers.missing == [] and h.leader.workers.timeout_s == 7
+        assert h.leader.ready()
+
+
+def test_ranks_register_through_their_first_report(tmp_path: Path) -> None:
+    """Without the handshake, nothing is planned in the first step, which computes a whole prompt; the ranks'
+    first reports register them, the prompt's blocks are stored in the next step, and a later request loads them
+    on both ranks."""
+    prompt = prompt_of(64, 21)
+    with ranked(tmp_path, 2, handshake=False) as h:
+        assert h.leader.workers.missing == [0, 1]
+        h.add_request("a", prompt, 3)
+        first = h.step()
+        assert first.scheduled_tokens == 64
+        plan = first.scheduler_output.kv_connector_metadata.plan
+        assert not plan.stores and plan.timed_tokens == 0
+        assert h.leader.workers.missing == []
+        second = h.step().scheduler_output.kv_connector_metadata.plan
+        assert sum(m.num_blocks for store in second.stores for m in store.moves) == 4 and second.timed_tokens == 0
+        h.run_until_idle()
+        assert h.scheduler.reset_prefix_cache()
+        h.add_request("b", prompt + [5], 2)
+        h.run_until_idle()
+        assert h.cache_stats.external_hits == 64 and h.worker.counts["load_errors"] == 0
+        assert all(h.worker.counts[f"verified{r}"] > 0 for r in range(2))
+        assert_clean(h)
+
+
+def test_a_rank_that_never_registers_is_named_after_the_timeout(tmp_path: Path) -> None:
+    """Rank 1's messages never reach the scheduler side: until DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS (3 s) have
+    passed the engine runs with nothing matched or stored (every request computed); the first step after that
+    raises, naming rank 1."""
+    prompt = prompt_of(64, 22)
+    with ranked(tmp_path, 2, silent=[1], extra={"DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS": "3"}) as h:
+        workers = h.leader.workers
+        assert workers.missing == [1]
+        for i in range(2):
+            assert time.monotonic() < workers.deadline - 0.5, "the harness took too long to start"
+            h.add_request(f"r{i}", prompt, 2)
+            h.run_until_idle()
+            assert h.scheduler.reset_prefix_cache()
+        assert h.cache_stats.external_hits == 0 and h.worker.counts["load_jobs"] == 0
+        assert not any(r["executed"] for r in h.worker.settle())  # no move ran on any rank
+        time.sleep(max(workers.deadline - time.monotonic(), 0) + 0.05)
+        h.add_request("late", prompt, 2)
+        with pytest.raises(WorkersMissingError, match=r"worker rank\(s\) 1 of 2 did not register .* DYN_KVBM_LEADER_"
+                                                      r"WORKER_INIT_TIMEOUT_SECS=3 s \(registered: 0\)"):
+            h.step()
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (2, 2)], ids=["tp2", "tp2-pp2"])
+def test_a_step_time_is_its_slowest_rank_per_stage_summed_over_stages(tmp_path: Path, tp: int, pp: int) -> None:
+    """Every rank times each prefill step; the cost rule gets one time per step: the slowest tensor-parallel rank of
+    each pipeline stage (rank 1 is made slower), the stages added up."""
+    with ranked(tmp_path, tp, pp) as h:
+        slow = h.worker.ranks[1].local.harness
+        forward = slow._forward
+
+        def slower_forward(work, attn):
+            time.sleep(0.15)
+            forward(work, attn)
+
+        slow._forward = slower_forward
+        timings: dict[int, list] = {}
+        observed: list[tuple[int, float]] = []
+        apply, observe = h.leader.apply, h.leader.cost.observe_prefill
+
+        def recording_apply(report):
+            for t in report.timings:
+                timings.setdefault(t.step, []).append(t)
+            apply(report)
+
+        def recording_observe(tokens: int, seconds: float) -> None:
+            observed.append((tokens, seconds))
+            observe(tokens, seconds)
+
+        h.leader.apply, h.leader.cost.observe_prefill = recording_apply, recording_observe
+        for i in range(3):
+            h.add_request(f"r{i}", prompt_of(80 + 30 * i, 23 + i), 2)
+        h.run_until_idle()
+        assert timings and all(sorted(t.rank for t in ts) == list(range(tp * pp)) for ts in timings.values())
+        expected = []
+        for step in sorted(timings):
+            ts = timings[step]
+            assert {t.stage for t in ts} == set(range(pp)) and len({t.tokens for t in ts}) == 1
+            stages = [max(t.seconds for t in ts if t.stage == s) for s in range(pp)]
+            assert stages[0] == next(t.seconds for t in ts if t.rank == 1) >= 0.15  # rank 1, stage 0's slowest
+            expected.append((ts[0].tokens, sum(stages)))
+        assert observed == expected
+        assert_clean(h)

@@ -314,6 +314,9 @@ class HarnessConfig:
     kv_format: KVFormat = "views"
     verify: VerifyMode = "admission"
     run_worker_connector: bool = True
+    #: Hand the workers' handshake metadata to the scheduler-side connector once they are built, as vLLM's
+    #: ``EngineCore`` does after KV cache registration (``_set_kv_connector_handshake_metadata``).
+    handshake: bool = True
 
     def __post_init__(self) -> None:
         if self.runner not in ("v1", "v2"):
@@ -1032,6 +1035,12 @@ class WorkerHarness:
         with set_forward_context(None, self.vllm_config):
             self._call("start_load_kv", get_forward_context(), **load_kwargs)
 
+    def handshake_metadata(self) -> list[dict[tuple[int, int], Any] | None]:
+        """What ``Executor.get_kv_connector_handshake_metadata`` returns: per worker, ``{(pipeline rank, tensor
+        rank): metadata}`` or None (``Worker.get_kv_connector_handshake_metadata``)."""
+        meta = self.connector.get_handshake_metadata() if self.connector is not None else None
+        return [{(0, 0): meta} if meta is not None else None]
+
     def shutdown(self) -> None:
         """Shut the worker-side connector down and drop the layers from the forward context."""
         if self.connector is not None:
@@ -1277,12 +1286,27 @@ class VllmHarness:
             return blocks
 
         pool.get_new_blocks = recording_get_new_blocks
+        if config.handshake:
+            self._set_handshake_metadata()
         self.timer = ConnectorTimer(self.scheduler.connector) if self.scheduler.connector is not None else None
         self._queue: deque[tuple[SchedulerOutput, ModelRunnerOutput]] = deque()
         self.outputs: dict[str, list[int]] = {}
         self.finish_reasons: dict[str, str] = {}
         self.cache_stats = CacheHitCounter()
         self.steps = 0
+
+    def _set_handshake_metadata(self) -> None:
+        """``EngineCore._set_kv_connector_handshake_metadata``: the workers' metadata, merged, to the scheduler's
+        connector (called whenever the executor answered, even when every worker said None)."""
+        connector = self.scheduler.connector
+        gathered = self.worker.handshake_metadata()
+        if connector is None or not gathered:
+            return
+        content: dict[tuple[int, int], Any] = {}
+        for worker_dict in gathered:
+            if worker_dict is not None:
+                content.update(worker_dict)
+        connector.set_xfer_handshake_metadata_pp_aware(content)
 
     # -- requests -----------------------------------------------------------------------------------
 

@@ -238,6 +238,12 @@ class Rank:
                 "invalid": set(kv.invalid_block_ids) if kv is not None else set()}
         return pickle.dumps((output, info))
 
+    def handshake_metadata(self) -> dict[tuple[int, int], Any] | None:
+        """The rank's handshake metadata keyed ``(pipeline rank, tensor rank)``, as its vLLM worker returns it."""
+        meta = self.harness.connector.get_handshake_metadata()
+        tp = self.harness.vllm_config.parallel_config.tensor_parallel_size
+        return {(self.rank // tp, self.rank % tp): meta} if meta is not None else None
+
     def settle(self) -> dict[str, Any]:
         """Wait for the rank's transfers; what is left on it and how its tiers are sized."""
         worker = self.worker
@@ -363,8 +369,11 @@ class InlineRank:
 class RankGroup:
     """The engine's worker ranks behind the ``WorkerHarness`` interface the ``VllmHarness`` steps."""
 
-    def __init__(self, ranks: list[InlineRank | RankProcess], tp: int, seeds: dict[str, int]) -> None:
-        self.ranks, self.tp, self._seeds = ranks, tp, seeds
+    def __init__(self, ranks: list[InlineRank | RankProcess], tp: int, seeds: dict[str, int],
+                 silent: frozenset[int] = frozenset()) -> None:
+        """``silent``: ranks whose connector never reaches the scheduler side (no handshake metadata, no worker
+        metadata), as a rank whose messages are lost."""
+        self.ranks, self.tp, self._seeds, self.silent = ranks, tp, seeds, silent
         self.aggregator = KVOutputAggregator(expected_finished_count=len(ranks))
         self.counts: Counter = Counter()
         self.rank_invalid: list[set[int]] = [set() for _ in ranks]
@@ -378,6 +387,8 @@ class RankGroup:
         outputs = []
         for rank in self.ranks:
             output, info = pickle.loads(rank._answer(CALL_TIMEOUT_S))
+            if rank.rank in self.silent and output.kv_connector_output is not None:
+                output.kv_connector_output.kv_connector_worker_meta = None
             outputs.append(output)
             self.counts[f"verified{rank.rank}"] += info["verified"]
             self.rank_invalid[rank.rank] |= info["invalid"]
@@ -387,6 +398,10 @@ class RankGroup:
         output = self.aggregator.aggregate(outputs, output_rank=len(self.ranks) - self.tp)
         self.counts["load_errors"] += len(output.kv_connector_output.invalid_block_ids)
         return output
+
+    def handshake_metadata(self) -> list[dict[tuple[int, int], Any] | None]:
+        """Every rank's handshake metadata (None for a silent rank), as the executor gathers it."""
+        return [None if rank.rank in self.silent else rank.call("handshake_metadata") for rank in self.ranks]
 
     def settle(self) -> list[dict[str, Any]]:
         """Every rank's ``Rank.settle``."""
@@ -415,11 +430,13 @@ class RankedVllmHarness(H.VllmHarness):
     """``VllmHarness`` with a ``RankGroup`` of ``tp x pp`` ranks as its worker (``worker``)."""
 
     def __init__(self, config: H.HarnessConfig, tp: int, pp: int = 1, ranks: RankMode = "inline",
-                 faults: dict[int, int] | None = None, mla: bool = False) -> None:
-        """``faults``: rank -> fail every n-th load move on that rank; ``mla``: the model's KV is MLA's latent."""
+                 faults: dict[int, int] | None = None, mla: bool = False, silent: Sequence[int] = ()) -> None:
+        """``faults``: rank -> fail every n-th load move on that rank; ``mla``: the model's KV is MLA's latent;
+        ``silent``: ranks whose connector never reaches the scheduler side (`RankGroup`)."""
         if config.runner != "v1" or config.use_async_scheduling:
             raise ValueError("the multi-rank harness steps the V1 runner with synchronous scheduling")
         self.tp, self.pp, self.rank_mode, self.faults, self.mla = tp, pp, ranks, dict(faults or {}), mla
+        self.silent = frozenset(silent)
         self.rank_configs: list[KVCacheConfig] = []
         super().__init__(config)
 
@@ -444,7 +461,7 @@ class RankedVllmHarness(H.VllmHarness):
             except BaseException:
                 RankGroup(ranks, self.tp, seeds).shutdown()
                 raise
-            return RankGroup(ranks, self.tp, seeds)
+            return RankGroup(ranks, self.tp, seeds, self.silent)
 
         with _patched(H, plan_kv_cache=plan, WorkerHarness=workers):
             super()._build(config)

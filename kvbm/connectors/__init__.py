@@ -1,6 +1,8 @@
 """What every engine connector shares: the scheduler-side request tracking over the leader's index
 (`leader.ConnectorLeader`), the worker-side execution of step plans (`worker.ConnectorWorker`), the messages
-between them (`messages`) and the process's metrics (`process_metrics`). The engine packages only adapt calls."""
+between them (`messages`), the workers' registration (`registration`), the timing of prefill steps
+(`forward_timer` on the workers, `prefill` on the scheduler side) and the process's metrics (`process_metrics`). The
+engine packages only adapt calls."""
 
 import os
 from collections.abc import Mapping

@@ -5,10 +5,12 @@ request's full blocks (extended as tokens become known), its engine block ids, h
 handed out for storing, and which of its store moves the workers have not reported yet. The connector adapts
 its engine's calls to `lookup`, `plan_load`, `plan_stores`, `take_step` and `apply`; plans leave as a
 `StepPlan` and results come back as `WorkerReport`s. A move completes once every worker reported it
-(``num_workers``), a block failing on any rank failing for all. A hybrid model's KV cache groups (`KVGroup`) are
-tracked side by side in one index: each group has its own hashes (at its own block size) and block ids
-(`TrackedRequest.groups`), a hit is one that every group can restore and ends on a multiple of every group's block
-size (``unit``: vLLM's scheduler block size), and a group's moves name its engine tier.
+(``num_workers``), a block failing on any rank failing for all. With ``worker_init_timeout_s`` nothing is planned
+before every rank registered (`kvbm.connectors.registration`). The steps' timings the workers report feed the cost
+rule's prefill rate (`kvbm.connectors.prefill`). A hybrid model's KV cache groups (`KVGroup`) are tracked side by
+side in one index: each group has its own hashes (at its own block size) and block ids (`TrackedRequest.groups`), a
+hit is one that every group can restore and ends on a multiple of every group's block size (``unit``: vLLM's
+scheduler block size), and a group's moves name its engine tier.
 
 Disaggregated serving (`kvbm.connectors.pd`): a prefill instance pins a finished request's G2 blocks for a reader
 (`keep_for_remote`, with ``endpoints`` from its workers); a decode instance matches a request's `RemotePrefill`
@@ -30,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from kvbm.config import KvbmConfig
@@ -39,6 +41,8 @@ from kvbm.connectors.directory_view import DirectoryHit, DirectoryView
 from kvbm.connectors.groups import FULL, KVGroup, single_group
 from kvbm.connectors.messages import RequestLoad, RequestStore, StepPlan, WorkerReport
 from kvbm.connectors.pd import Pins, RemotePrefill
+from kvbm.connectors.prefill import StepTimes, timed_tokens
+from kvbm.connectors.registration import WorkerRegistry
 from kvbm.hashing import sequence_hashes
 from kvbm.leader import ENGINE_TIER, BlockIndex, Match, Move, MoveKind, MoveResult
 from kvbm.leader.plans import REMOTE_TIER, RemoteSource
@@ -137,13 +141,17 @@ class ConnectorLeader:
 
     def __init__(self, tiers: Sequence[TierSpec], config: KvbmConfig, block_size: int, *, num_workers: int = 1,
                  metrics: KvbmMetrics | None = None, disk_filter: DiskAdmissionFilter | None = None,
-                 cost: LoadCostPolicy | None = None, block_bytes: int | None = None, layerwise: bool = False
-                 ) -> None:
+                 cost: LoadCostPolicy | None = None, block_bytes: int | None = None, layerwise: bool = False,
+                 worker_init_timeout_s: float | None = None) -> None:
         """``cost``: the cost-aware hit rule applied to every lookup and fed the loads' timings, over the tiers'
         names and, with the shared G4 tier configured, ``"G4"`` last; by default the ``DYN_KVBM_*`` rule for blocks
         of ``block_bytes`` (summed over ranks) when that is given, else none (every hit reported).
         ``layerwise``: the engine's workers can wait per layer, so a match held entirely in G2 is loaded layer by
-        layer beside the forward that reads it (unless ``DYN_KVBM_DISABLE_LAYERWISE_ONBOARD``)."""
+        layer beside the forward that reads it (unless ``DYN_KVBM_DISABLE_LAYERWISE_ONBOARD``).
+        ``worker_init_timeout_s``: no hit is reported and nothing stored until every one of the ``num_workers`` ranks
+        registered (`register_workers`, or its first report), and a rank missing this many seconds after construction
+        raises `kvbm.connectors.registration.WorkersMissingError` from the next call that plans; None: the workers
+        are up already."""
         if not tiers:
             raise ValueError("no offload tier configured: set DYN_KVBM_CPU_CACHE_GB and/or DYN_KVBM_DISK_CACHE_GB "
                              "(or their *_OVERRIDE_NUM_BLOCKS)")
@@ -167,6 +175,9 @@ class ConnectorLeader:
         self._stores: list[RequestStore] = []
         self._remote_moves: set[int] = set()  # open loads from other instances (not in the index)
         self._releases: list[Move] = []  # no-block moves telling other instances a prefill will not be read
+        self.workers = WorkerRegistry(num_workers, worker_init_timeout_s) if worker_init_timeout_s is not None else None
+        self._step = 0  # plans handed out
+        self._step_times = StepTimes(num_workers)
         self.engine_id = ""  #: this instance's name in the P/D params it hands out
         self.endpoints: tuple[bytes, ...] | None = None  #: per rank, where other instances read this one's G2
         self.pins = Pins(self.index, tiers[0].name, readers=num_workers, timeout_s=config.pd_pin_timeout_secs)
@@ -246,6 +257,19 @@ class ConnectorLeader:
         state = self.requests.get(request_id)
         return state is not None and bool(state.stores)
 
+    # -- workers -----------------------------------------------------------------------------------------------
+
+    def register_workers(self, ranks: Iterable[int]) -> None:
+        """Ranks whose tiers are allocated and that run plans (from the engine's start-up handshake, or their first
+        report)."""
+        if self.workers is not None:
+            self.workers.register(ranks)
+
+    def ready(self) -> bool:
+        """Whether every worker rank registered (always, without a registry); raises
+        `kvbm.connectors.registration.WorkersMissingError` once ranks are missing past the timeout."""
+        return self.workers is None or self.workers.ready()
+
     # -- lookups and plans -------------------------------------------------------------------------------------
 
     def match(self, state: TrackedRequest, tokens: Sequence[int], num_computed_tokens: int, attempt: object = 0
@@ -254,9 +278,9 @@ class ConnectorLeader:
 
         The lookup starts at the first block the engine lacks (sequence hashes name whole prefixes, so blocks hot
         in the engine, which may have left G2, do not cut the match short) and runs once per admission
-        ``attempt`` and engine hit; a retry reuses the answer.
+        ``attempt`` and engine hit; a retry reuses the answer. Nothing matches before every worker registered.
         """
-        if state.skip is not None or (self.hybrid and num_computed_tokens % self.unit):
+        if state.skip is not None or not self.ready() or (self.hybrid and num_computed_tokens % self.unit):
             return 0  # (a hybrid model's loads start on a unit: vLLM's hits are multiples of its scheduler block)
         full_blocks = len(tokens) // self.unit  # (in units for a hybrid model, else blocks)
         local_blocks = num_computed_tokens // self.unit
@@ -296,8 +320,9 @@ class ConnectorLeader:
                      remote: RemotePrefill) -> int:
         """Tokens of another instance's prefill ``remote`` right after the engine's hit: the leading blocks whose
         hashes equal this instance's hashes of ``tokens`` (another prompt, salt or block size matches nothing; an
-        instance with another number of ranks is not read: rank r reads rank r)."""
-        if state.skip is not None:
+        instance with another number of ranks is not read: rank r reads rank r; nothing before every worker
+        registered)."""
+        if state.skip is not None or not self.ready():
             return 0
         if self.hybrid:
             log.warning("kvbm: request %s: loading another instance's prefill is not implemented for a hybrid model "
@@ -498,10 +523,11 @@ class ConnectorLeader:
                     keep_from: int = 0, null_block: int | None = None) -> None:
         """Store the request's full blocks ``[saved, num_full_blocks)`` of KV cache ``group`` (by its block ids, of
         its block size) in this step's plan, leaving out those below block ``keep_from`` (the engine may have freed
-        them) and engine blocks ``null_block`` (placeholders)."""
+        them) and engine blocks ``null_block`` (placeholders); nothing (left for a later call) before every worker
+        registered."""
         track = self.group_state(state, group)
         num_full_blocks = min(num_full_blocks, len(track.block_ids))
-        if state.skip is not None or num_full_blocks <= track.saved:
+        if state.skip is not None or num_full_blocks <= track.saved or not self.ready():
             return
         hashes = track.hashes_upto(num_full_blocks, self.groups[group].block_size, tokens)
         blocks = [j for j in range(max(track.saved, keep_from), num_full_blocks) if track.block_ids[j] != null_block]
@@ -522,8 +548,13 @@ class ConnectorLeader:
         track.store_first = {m: b for m, b in track.store_first.items() if m in state.stores}
         return any(b < first_block for b in track.store_first.values())
 
-    def take_step(self, preempted: frozenset[str] = frozenset(), held: Sequence[str] = ()) -> StepPlan:
-        """This step's plan: the loads and stores planned since the last step, and the cascades now due."""
+    def take_step(self, preempted: frozenset[str] = frozenset(), held: Sequence[str] = (), *, prompt_tokens: int = 0,
+                  step_tokens: int = 0) -> StepPlan:
+        """This step's plan: the loads and stores planned since the last step, and the cascades now due. The step's
+        forward computes ``step_tokens`` tokens, ``prompt_tokens`` of them prompt positions: a prefill-dominated
+        step is timed for the cost rule (`kvbm.connectors.prefill.timed_tokens`)."""
+        ready = self.ready()
+        self._step += 1
         loads, self._loads = self._loads, []
         stores, self._stores = self._stores, []
         if len(self.pins):
@@ -540,11 +571,18 @@ class ConnectorLeader:
             self.directory.flush()
         cascades = self.index.plan_cascades() if self.index.has_cascades() else []
         cascades, self._releases = cascades + self._releases, []
-        return StepPlan(loads, stores, cascades, preempted, list(held))
+        timed = timed_tokens(prompt_tokens, step_tokens, loads) if self.cost is not None and ready else 0
+        return StepPlan(loads, stores, cascades, preempted, list(held), self._step, timed)
 
     def apply(self, report: WorkerReport) -> None:
         """Take workers' results: a move completes once ``num_workers`` reported it; a completed load's timing
-        (``MoveResult.seconds``, where workers report it) feeds the cost rule."""
+        (``MoveResult.seconds``, where workers report it) and a step's timing, once every rank timed it, feed the
+        cost rule; ranks that name themselves register."""
+        self.register_workers(report.registered)
+        for timing in report.timings:
+            step = self._step_times.add(timing)
+            if step is not None and self.cost is not None:
+                self.cost.observe_prefill(*step)
         for move_id, result in report.results.items():
             if move_id in self._partial:
                 result = self._partial.pop(move_id).merged(result)

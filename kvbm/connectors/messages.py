@@ -1,8 +1,8 @@
 """What an engine connector's scheduler side sends its workers each step, and what comes back: plain data.
 
 `StepPlan` rides in the engine's per-step connector metadata; `WorkerReport` in the worker output the engine
-hands back to its scheduler. Both hold only request ids, moves and engine block ids, so they pickle cheaply across
-the engine's processes.
+hands back to its scheduler. Both hold only request ids, moves, engine block ids and a few numbers, so they pickle
+cheaply across the engine's processes.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from kvbm.leader.plans import Move, MoveResult
 
-__all__ = ["RequestLoad", "RequestStore", "StepPlan", "WorkerReport"]
+__all__ = ["RequestLoad", "RequestStore", "StepPlan", "StepTiming", "WorkerReport"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,26 +39,46 @@ class StepPlan:
     """One scheduler step's work: ``loads`` start before the forward pass, ``stores`` after it, ``cascades``
     (tier to tier) at any time; ``preempted`` requests have blocks about to be reused (preempted requests, or
     requests whose sliding-window blocks the engine freed): their stores must finish first; ``held`` finished
-    requests wait for ``finished_sending``."""
+    requests wait for ``finished_sending``. ``step`` numbers the leader's plans (1, 2, ...; 0: unnumbered);
+    ``timed_tokens``: the tokens this step's forward computes when it is to be timed for the cost rule's prefill
+    rate (a prefill-dominated step, `kvbm.connectors.prefill`), else 0."""
 
     loads: list[RequestLoad] = field(default_factory=list)
     stores: list[RequestStore] = field(default_factory=list)
     cascades: list[Move] = field(default_factory=list)
     preempted: frozenset[str] = frozenset()
     held: list[str] = field(default_factory=list)
+    step: int = 0
+    timed_tokens: int = 0
 
     def is_empty(self) -> bool:
-        """Whether the step carries no work."""
-        return not (self.loads or self.stores or self.cascades or self.preempted or self.held)
+        """Whether the step carries no work (no moves, nothing to time)."""
+        return not (self.loads or self.stores or self.cascades or self.preempted or self.held or self.timed_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class StepTiming:
+    """How long one rank's forward of plan ``step`` took to compute its ``tokens`` (the plan's ``timed_tokens``):
+    ``seconds`` of device time on a GPU, of wall time on CPU; ``stage`` is the rank's pipeline stage."""
+
+    step: int
+    tokens: int
+    seconds: float
+    rank: int
+    stage: int = 0
 
 
 @dataclass(slots=True)
 class WorkerReport:
     """Results of the moves a worker finished since its last report, by move id; ``released``: requests of this
-    instance whose pinned blocks another instance finished reading, with how many reading ranks said so."""
+    instance whose pinned blocks another instance finished reading, with how many reading ranks said so;
+    ``timings``: forward steps timed since the last report; ``registered``: ranks whose tiers are allocated and
+    running plans (each rank names itself in its first report)."""
 
     results: dict[int, MoveResult] = field(default_factory=dict)
     released: dict[str, int] = field(default_factory=dict)
+    timings: tuple[StepTiming, ...] = ()
+    registered: frozenset[int] = frozenset()
 
     def merged(self, other: WorkerReport) -> WorkerReport:
         """Two reports in one (of two ranks, or of two steps): results of the same move are merged."""
@@ -68,4 +88,4 @@ class WorkerReport:
         released = dict(self.released)
         for request_id, count in other.released.items():
             released[request_id] = released.get(request_id, 0) + count
-        return WorkerReport(out, released)
+        return WorkerReport(out, released, self.timings + other.timings, self.registered | other.registered)

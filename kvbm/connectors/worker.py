@@ -4,7 +4,10 @@ The worker allocates its shard of every tier (the same number of blocks as the l
 size), runs the plan's moves through its `BlockStore`, and reports per request what the engine asks for
 (loads done, held requests whose stores are done, engine blocks whose load failed) and per move what the leader
 needs (`WorkerReport`). With P/D (``g4``), a `G4Endpoint` exports the rank's G2 to other instances and/or loads
-from theirs; which of this instance's requests readers are done with goes back in the report (``released``).
+from theirs; which of this instance's requests readers are done with goes back in the report (``released``). Its
+first report names its rank (``registered``: the leader plans nothing before every rank is up), and the engine's
+forward steps the plans mark are timed (``timer``, `kvbm.connectors.forward_timer`) and reported (``timings``) for
+the cost rule's prefill rate.
 
 A hybrid model's further KV cache groups (``groups``) are engine caches of their own tier names. Groups of one
 block geometry share tiers in it (Dynamo KVBM's block-major layout); groups of unlike geometries (block sizes, page
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbm.config import KvbmConfig
+from kvbm.connectors.forward_timer import ForwardTimer
 from kvbm.connectors.leader import RankLayout
 from kvbm.connectors.messages import RequestLoad, RequestStore, WorkerReport
 from kvbm.kernels.block_transfer import BlockTransfer
@@ -59,12 +63,13 @@ class ConnectorWorker:
 
     def __init__(self, engine_cache: PagedKVCache, tiers: Sequence[TierSpec], config: KvbmConfig, *,
                  metrics: KvbmMetrics | None = None, replicas: ReplicaGroup | None = None, rank: int = 0,
-                 g4: G4Options | None = None, groups: Mapping[str, PagedKVCache] | None = None) -> None:
+                 stage: int = 0, g4: G4Options | None = None, groups: Mapping[str, PagedKVCache] | None = None
+                 ) -> None:
         """Allocate the tiers' memory for ``engine_cache``'s geometry, or raw slots of the largest block when
         ``groups`` (a hybrid model's further KV cache groups: tier name -> engine cache) have other geometries
         (raises before holding anything on failure); with ``replicas`` the host tier is the group's shared pool
-        when it can be (else this rank's own); ``g4``: this rank (``rank``) exports its G2 and/or loads from other
-        instances'."""
+        when it can be (else this rank's own); ``g4``: this rank (``rank``, of pipeline stage ``stage``) exports its
+        G2 and/or loads from other instances'."""
         if not tiers:
             raise ValueError("no offload tier configured")
         groups = dict(groups or {})
@@ -111,6 +116,9 @@ class ConnectorWorker:
         self._report: dict[int, MoveResult] = {}
         self._layers = LayerwiseLoads(self.store, engine_cache, config.onboard_layers_per_group)
         self._released: dict[str, int] = {}
+        self.rank = rank
+        self.timer = ForwardTimer(engine_cache.device, rank=rank, stage=stage)
+        self._announced = False  # whether a report named this rank yet
         self._closed = False
 
     def _share_host_tier(self, tiers: Sequence[TierSpec], group: ReplicaGroup) -> dict[str, PagedKVCache]:
@@ -244,11 +252,14 @@ class ConnectorWorker:
             self._report[move.move_id] = MoveResult(move.move_id, {i: reason for i in range(move.num_blocks)})
 
     def take_report(self) -> WorkerReport | None:
-        """Results of the moves finished since the last report, for the leader (None when there are none)."""
-        if not self._report and not self._released:
+        """Results of the moves finished since the last report and the forward steps timed, for the leader; the
+        first report names this rank (None when there is nothing to say)."""
+        timings = self.timer.take()
+        if not self._report and not self._released and not timings and self._announced:
             return None
-        report = WorkerReport(self._report, self._released)
-        self._report, self._released = {}, {}
+        registered = frozenset() if self._announced else frozenset({self.rank})
+        report = WorkerReport(self._report, self._released, timings, registered)
+        self._report, self._released, self._announced = {}, {}, True
         return report
 
     def idle(self) -> bool:

@@ -20,7 +20,8 @@ Inputs are cold-start values (``DYN_KVBM_*``, see `kvbm.config`) replaced by onl
 - per-tier load bandwidth from completed loads into the engine's cache (``observe_load``, with each move's share
   of the time its direction's moves ran, see `kvbm.worker.store`): an exponentially weighted average of bytes and
   of seconds (the tier's latency taken off each move), whose ratio is the estimate, so large moves weigh more;
-- the prefill rate from step timings the connector passes in (``observe_prefill``), the same way.
+- the prefill rate from step timings the connector passes in (``observe_prefill``), the same way (the vLLM
+  connector times its prefill-dominated forward steps on the workers, `kvbm.connectors.prefill`).
 
 A tier whose hits are dropped is no longer loaded, so its estimate would never recover from a bad period: every
 ``probe_seconds`` without a measurement of it, one batch of its hits (``probe_blocks``) is reported anyway.

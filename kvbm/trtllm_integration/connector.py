@@ -15,6 +15,10 @@ layer's ``save_kv_layer``, else in ``wait_for_save`` (on a GPU ordered after the
 those of a step whose forward pass never ran are reported failed: nothing is stored under their hashes.
 ``request_finished`` is True (the engine keeps the blocks) while the request has moves not reported to the leader.
 A failed load raises ``KvbmLoadError`` from ``get_finished``: TensorRT-LLM cannot recompute, it fails the request.
+The leader is built once the worker has registered its KV cache; until then it matches and stores nothing (the
+requests admitted meanwhile are computed and not stored), and a worker still missing
+``DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS`` after the leader's construction is an error naming rank 0
+(`kvbm.connectors.registration`).
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from kvbm.config import KvbmConfig
 from kvbm.connectors import process_metrics
 from kvbm.connectors.leader import ConnectorLeader
 from kvbm.connectors.messages import StepPlan
+from kvbm.connectors.registration import WorkerRegistry
 from kvbm.connectors.worker import ConnectorWorker
 from kvbm.hashing import salt_hash
 from kvbm.layouts.presets import trtllm_pool
@@ -69,10 +74,11 @@ class DynamoKVBMConnectorLeader(KvCacheConnectorScheduler):
     """Scheduler side: prefix lookups and move plans on the block index, one `StepPlan` per step."""
 
     def __init__(self, llm_args: Any, *, config: KvbmConfig | None = None) -> None:
-        """``config`` defaults to ``KvbmConfig.from_env()``, read when the index is built (see ``leader``)."""
+        """``config`` defaults to ``KvbmConfig.from_env()``; the wait for the worker starts now."""
         super().__init__(llm_args)
         self.block_size = _tokens_per_block(llm_args)
-        self._config = config
+        self._config = config if config is not None else KvbmConfig.from_env()
+        self.workers = WorkerRegistry(1, self._config.leader_worker_init_timeout_secs)
         self._leader: ConnectorLeader | None = None
         self._progress: dict[str, RequestProgress] = {}
         self._loads: dict[str, tuple[int, list[int], list[int] | None]] = {}  # (first block, hashes, engine ids)
@@ -81,20 +87,38 @@ class DynamoKVBMConnectorLeader(KvCacheConnectorScheduler):
 
     @property
     def leader(self) -> ConnectorLeader:
-        """The block index and request tracking, built on first use with tiers sized for the worker's blocks."""
-        if self._leader is None:
-            block_size, block_bytes = reports.geometry()
-            if block_size != self.block_size:
-                raise ValueError(f"the worker's KV cache has {block_size} tokens per block, "
-                                 f"llm_args.kv_cache_config.tokens_per_block is {self.block_size}")
-            config = self._config if self._config is not None else KvbmConfig.from_env()
-            metrics = process_metrics.acquire(config)
-            weakref.finalize(self, process_metrics.release)
-            self._leader = ConnectorLeader(kvbm_tiers(config, block_bytes), config, block_size, metrics=metrics)
+        """The block index and request tracking, with tiers sized for the worker's blocks (RuntimeError while no
+        worker has registered)."""
+        leader = self._ready_leader()
+        if leader is None:
+            raise RuntimeError("no kvbm worker in this process yet: DynamoKVBMConnectorWorker.register_kv_caches "
+                               "must run (TensorRT-LLM calls it when it allocates the KV cache)")
+        return leader
+
+    def _ready_leader(self) -> ConnectorLeader | None:
+        """The leader, built once the worker registered; None while waiting for it (`WorkerRegistry`: an error
+        naming rank 0 once the timeout has passed)."""
+        if self._leader is not None:
+            return self._leader
+        geometry = reports.geometry()
+        if geometry is None:
+            self.workers.ready()
+            return None
+        block_size, block_bytes = geometry
+        if block_size != self.block_size:
+            raise ValueError(f"the worker's KV cache has {block_size} tokens per block, "
+                             f"llm_args.kv_cache_config.tokens_per_block is {self.block_size}")
+        self.workers.register([0])
+        metrics = process_metrics.acquire(self._config)
+        weakref.finalize(self, process_metrics.release)
+        self._leader = ConnectorLeader(kvbm_tiers(self._config, block_bytes), self._config, block_size,
+                                       metrics=metrics)
         return self._leader
 
-    def _take_reports(self) -> ConnectorLeader:
-        leader = self.leader
+    def _take_reports(self) -> ConnectorLeader | None:
+        leader = self._ready_leader()
+        if leader is None:
+            return None
         for report in reports.drain():
             leader.apply(report)
             for move_id in report.results:
@@ -102,8 +126,11 @@ class DynamoKVBMConnectorLeader(KvCacheConnectorScheduler):
         return leader
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
-        """``(n, True)`` when n tokens after the engine's match are stored (to load asynchronously), else (0, False)."""
-        leader, rid = self.leader, str(request.request_id)
+        """``(n, True)`` when n tokens after the engine's match are stored (to load asynchronously), else (0, False)
+        (always while no worker has registered)."""
+        leader, rid = self._ready_leader(), str(request.request_id)
+        if leader is None:
+            return 0, False
         computed = non_negative_int("num_computed_tokens", num_computed_tokens)
         self._loads.pop(rid, None)  # asked again: an earlier plan is void
         self._progress.pop(rid, None)
@@ -140,9 +167,12 @@ class DynamoKVBMConnectorLeader(KvCacheConnectorScheduler):
         self._progress[rid].loaded = tuple(ids)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> ConnectorMetadata:
-        """Take the worker's reports; plan the loads, the stores of the blocks the forward pass completes, cascades."""
+        """Take the worker's reports; plan the loads, the stores of the blocks the forward pass completes, cascades
+        (an empty plan while no worker has registered)."""
         leader = self._take_reports()
         self._step += 1
+        if leader is None:
+            return ConnectorMetadata(self._step, StepPlan())
         for rid, (_, hashes, ids) in list(self._loads.items()):
             if ids is not None:
                 del self._loads[rid]
@@ -161,6 +191,8 @@ class DynamoKVBMConnectorLeader(KvCacheConnectorScheduler):
         self._loads.pop(rid, None)  # not planned yet: nothing to wait for
         self._progress.pop(rid, None)
         leader = self._take_reports()
+        if leader is None:
+            return False
         busy = leader.busy(rid) or rid in self._loading.values()
         leader.forget(rid)
         return busy

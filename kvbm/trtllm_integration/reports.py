@@ -28,11 +28,8 @@ def attach(geometry: tuple[int, int] | None) -> None:
         _state.update(geometry=geometry, reports=[])
 
 
-def geometry() -> tuple[int, int]:
-    """``(tokens, bytes)`` per block of the registered worker; RuntimeError when there is none."""
-    if _state["geometry"] is None:
-        raise RuntimeError("no kvbm worker in this process: DynamoKVBMConnectorWorker.register_kv_caches must run "
-                           "(TensorRT-LLM calls it when it allocates the KV cache) before the leader is used")
+def geometry() -> tuple[int, int] | None:
+    """``(tokens, bytes)`` per block of the registered worker; None while there is none."""
     return _state["geometry"]
 
 

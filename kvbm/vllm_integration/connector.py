@@ -22,6 +22,17 @@ producer named in its params over NIXL (`kvbm.connectors.pd`); ``kv_both`` offlo
 ``DYN_KVBM_G4_ETCD_ENDPOINT`` (the shared G4 tier, `kvbm.connectors.directory`) every rank of any role exports its G2
 and loads prefix blocks other instances hold. Each worker's NIXL endpoint reaches the scheduler through vLLM's
 handshake metadata (``get_handshake_metadata`` -> ``set_xfer_handshake_metadata``).
+
+Workers register with the scheduler side through the same handshake (every rank whose tiers are allocated), or
+through their first per-step report: until every rank has, no hit is reported and nothing stored, and a rank
+missing ``DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS`` after the scheduler side started is an error naming it
+(`kvbm.connectors.registration`).
+
+The cost rule learns the engine's prefill rate: the scheduler side marks prefill-dominated steps in the plan
+(`kvbm.connectors.prefill`); each rank times their forward from ``bind_connector_metadata`` (both model runners
+call it right before the forward is queued) to the first of ``finish_forward`` (V2 runner), ``start_load_kv``
+called after the forward (V1 runner, a step without layer-wise loads, the only steps timed) and ``wait_for_save``,
+on a GPU with CUDA events (`kvbm.connectors.forward_timer`), and reports it with its move results.
 """
 from __future__ import annotations
 
@@ -97,9 +108,11 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
         self.worker: ConnectorWorker | None = None
         self._layers: dict[str, int] = {}  # layer name -> layer of the engine cache (group 0), once registered
         if role == KVConnectorRole.SCHEDULER:
+            wait = self.config.leader_worker_init_timeout_secs if self.refusal is None else None  # (else no work)
             leader = process_metrics.build_with(self.config, lambda metrics: ConnectorLeader(
                 kvbm_tiers(self.config, self.block_bytes, self.layout.host_block_bytes), self.config, self.block_size,
-                num_workers=self.layout.world_size, metrics=metrics, block_bytes=self.block_bytes, layerwise=True))
+                num_workers=self.layout.world_size, metrics=metrics, block_bytes=self.block_bytes, layerwise=True,
+                worker_init_timeout_s=wait))
             leader.engine_id = str(self._kv_transfer_config.engine_id)
             self.scheduler_side = SchedulerSide(leader, producer=kv_role == "kv_producer",
                                                 consumer=kv_role == "kv_consumer")
@@ -167,34 +180,42 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
         engine_id = f"{self._vllm_config.instance_id}-dp{self._vllm_config.parallel_config.data_parallel_rank}"
         replicas = replica_group(self.layout, self.rank, engine_id)
         tiers = kvbm_tiers(self.config, self.block_bytes, self.layout.host_block_bytes)
+        stage = (self.rank // self.layout.tensor_parallel) % len(self.layout.stage_layers)
         self.worker = process_metrics.build_with(  # as many blocks as the scheduler's index, each of this rank's size
             self.config, lambda metrics: ConnectorWorker(cache, tiers, self.config, metrics=metrics, replicas=replicas,
-                                                         rank=self.rank, g4=self.g4, groups=groups))
+                                                         rank=self.rank, stage=stage, g4=self.g4, groups=groups))
         if self.worker.tier_geometry != cache.geometry:
             log.info("kvbm: rank %d: KV cache groups of unlike blocks share the tiers' %d-byte slots",
                      self.rank, self.worker.tier_geometry.block_bytes)
 
     def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
-        """A producer rank's NIXL endpoint (for the scheduler's P/D params); None elsewhere."""
-        endpoint = self.worker.endpoint() if self.worker is not None else None
-        return DynamoHandshakeMetadata(self.rank, endpoint) if endpoint is not None else None
+        """This rank's registration (its tiers are allocated) with its NIXL endpoint when it exports its G2 (for the
+        scheduler's P/D params); None without tiers."""
+        if self.worker is None:
+            return None
+        return DynamoHandshakeMetadata(self.rank, self.worker.endpoint())
 
     def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
-        """Every rank's endpoint (tensor parallel ranks of one stage), from the workers' handshake metadata."""
+        """Every rank's registration and endpoint (tensor parallel ranks of one stage), from the workers' handshake
+        metadata."""
         self.set_xfer_handshake_metadata_pp_aware({(0, tp): meta for tp, meta in metadata.items()})
 
     def set_xfer_handshake_metadata_pp_aware(
             self, metadata: dict[tuple[int, int], KVConnectorHandshakeMetadata]) -> None:
-        """Every rank's endpoint, keyed ``(pipeline rank, tensor rank)`` as vLLM gathers them."""
-        if self.scheduler_side is None or not self.g4.export:
+        """Every rank's registration and endpoint, keyed ``(pipeline rank, tensor rank)`` as vLLM gathers them."""
+        if self.scheduler_side is None:
+            return
+        leader = self.scheduler_side.leader
+        leader.register_workers(m.rank for m in metadata.values() if isinstance(m, DynamoHandshakeMetadata))
+        if not self.g4.export:
             return
         tp = self.layout.tensor_parallel
         endpoints = {pp * tp + rank: meta for (pp, rank), meta in metadata.items()}
         if sorted(endpoints) != list(range(self.layout.world_size)) or not all(
-                isinstance(m, DynamoHandshakeMetadata) for m in endpoints.values()):
+                isinstance(m, DynamoHandshakeMetadata) and m.endpoint is not None for m in endpoints.values()):
             raise ValueError(f"kvbm P/D: expected an endpoint from each of {self.layout.world_size} ranks, got "
-                             f"ranks {sorted(endpoints)}")
-        self.scheduler_side.leader.endpoints = tuple(endpoints[r].endpoint for r in range(self.layout.world_size))
+                             f"ranks {sorted(r for r, m in endpoints.items() if getattr(m, 'endpoint', None))}")
+        leader.endpoints = tuple(endpoints[r].endpoint for r in range(self.layout.world_size))
 
     def _group_caches(self, kv_caches: dict[str, torch.Tensor], group: int) -> dict[str, torch.Tensor]:
         """The tensors of one KV cache group's layers (all of them for a single-group model, in vLLM's order)."""
@@ -211,10 +232,27 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
         if preempted and self._worker is not None:
             self._worker.finish_stores_of(preempted)
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        """Take the step's plan; on a worker, start timing the forward when the plan marks the step (both runners
+        bind right before they queue the forward)."""
+        super().bind_connector_metadata(connector_metadata)
+        if self.worker is not None:
+            plan = self._plan(connector_metadata)
+            if plan.timed_tokens:
+                self.worker.timer.start(plan.step, plan.timed_tokens)
+
+    def finish_forward(self) -> None:
+        """The V2 runner has queued the forward: the step's timing ends here."""
+        if self.worker is not None:
+            self.worker.timer.stop()
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        """Start the step's loads (asynchronous: completion comes through ``get_finished``) and cascades."""
+        """Start the step's loads (asynchronous: completion comes through ``get_finished``) and cascades. Without
+        layer-wise loads the V1 runner calls this after queueing the forward: the step's timing ends first."""
         plan, worker = self._plan(), self._worker
         if worker is not None:
+            if not any(load.layerwise for load in plan.loads):
+                worker.timer.stop()
             worker.start_loads(plan.loads)
             worker.start_cascades(plan.cascades)
 
@@ -233,6 +271,7 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
         the results of this step's layer-wise loads."""
         plan, worker = self._plan(), self._worker
         if worker is not None:
+            worker.timer.stop()  # (stopped already unless the runner called neither finish_forward nor start_load_kv)
             worker.start_stores(plan.stores)
             worker.hold(plan.held)
             worker.finish_layerwise_loads()

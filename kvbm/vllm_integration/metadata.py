@@ -18,10 +18,11 @@ __all__ = ["DynamoConnectorMetadata", "DynamoHandshakeMetadata", "DynamoWorkerMe
 
 @dataclass(slots=True)
 class DynamoHandshakeMetadata(KVConnectorHandshakeMetadata):
-    """A producer rank's NIXL endpoint (`kvbm.worker.g4.G4Endpoint.endpoint`), gathered by vLLM once at start."""
+    """A worker rank whose tiers are allocated (it registers with the scheduler side), and its NIXL endpoint
+    (`kvbm.worker.g4.G4Endpoint.endpoint`) when it exports its G2; gathered by vLLM once at start."""
 
     rank: int
-    endpoint: bytes
+    endpoint: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -33,7 +34,7 @@ class DynamoConnectorMetadata(KVConnectorMetadata):
 
 @dataclass(slots=True)
 class DynamoWorkerMetadata(KVConnectorWorkerMetadata):
-    """Move results a worker finished since its last report."""
+    """What a worker reports since its last report (move results, timed steps, its registration)."""
 
     report: WorkerReport = field(default_factory=WorkerReport)
 

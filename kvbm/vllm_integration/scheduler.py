@@ -8,7 +8,9 @@ its hits are whole units of every group's blocks (`ConnectorLeader.unit`); a sli
 engine frees below the
 window are neither stored nor loaded (its null block stands there), and a store still reading one when the engine
 frees it (during the request, or as it finishes) is finished first, as for a preemption. A model whose KV the
-connector refuses (``refusal``: a group of recurrent state) has no request matched or stored.
+connector refuses (``refusal``: a group of recurrent state) has no request matched or stored. Each step's plan says
+how many of its tokens are prompt tokens, so that a prefill-dominated step is timed by the workers for the cost
+rule's prefill rate (`kvbm.connectors.prefill`).
 
 Disaggregated serving (`kvbm.connectors.pd`): on a producer, a request finished with ``do_remote_decode`` in its
 ``kv_transfer_params`` gets its prompt blocks pinned in G2 and their whereabouts as its returned params; on a
@@ -139,14 +141,17 @@ class SchedulerSide:
                                             (CacheHitSource.P2P, p2p)) if k}
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> DynamoConnectorMetadata:
-        """This step's plan (and reset the per-step queues)."""
+        """This step's plan (and reset the per-step queues); a step whose tokens are mostly prompt tokens is timed
+        by the workers for the cost rule's prefill rate."""
         so, preempted = scheduler_output, frozenset(scheduler_output.preempted_req_ids or ())
         for request_id in preempted:
             state = self.leader.requests.get(request_id)
             if state is not None:
                 self._set_blocks(state, None)
         scheduled, flush = so.num_scheduled_tokens, set()
+        prompt_tokens = 0
         for new in so.scheduled_new_reqs:
+            prompt_tokens += self._prompt_tokens(new.req_id, new.num_computed_tokens, scheduled[new.req_id])
             state = self.leader.requests.get(new.req_id)
             if state is not None:
                 self._set_blocks(state, new.block_ids)
@@ -154,6 +159,7 @@ class SchedulerSide:
                     flush.add(new.req_id)
         cached = so.scheduled_cached_reqs
         for i, request_id in enumerate(cached.req_ids):
+            prompt_tokens += self._prompt_tokens(request_id, cached.num_computed_tokens[i], scheduled[request_id])
             state = self.leader.requests.get(request_id)
             if state is None:
                 continue
@@ -167,7 +173,16 @@ class SchedulerSide:
                 flush.add(request_id)
         held, self._held = self._held, []  # requests finished since the last step, held until finished_sending
         flush, self._flush = flush | self._flush, set()
-        return DynamoConnectorMetadata(self.leader.take_step(preempted | flush, held))
+        return DynamoConnectorMetadata(self.leader.take_step(preempted | flush, held, prompt_tokens=prompt_tokens,
+                                                             step_tokens=so.total_num_scheduled_tokens))
+
+    def _prompt_tokens(self, request_id: str, computed_tokens: int, scheduled_tokens: int) -> int:
+        """Of the ``scheduled_tokens`` a request computes after its first ``computed_tokens``, those at prompt
+        positions (its prefill; 0 for a request not tracked)."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return 0
+        return max(min(computed_tokens + scheduled_tokens, request.num_prompt_tokens) - computed_tokens, 0)
 
     def _set_blocks(self, state: TrackedRequest, block_ids: tuple[list[int], ...] | None) -> None:
         """A request's block table, per group, anew (empty for None); nothing of it stored yet."""
