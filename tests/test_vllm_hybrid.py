@@ -91,25 +91,31 @@ def test_sliding_window_chat_onboards_byte_exact(tmp_path: Path, runner: str, di
         assert_clean(h)
 
 
+def store_then_ask_again(h: H.VllmHarness) -> tuple[list[Any], int]:
+    """A 150-token prompt stored, vLLM's cache reset, the prompt (two other tokens appended) asked again: the
+    second request's load moves and the tokens its attention layers read on admission."""
+    prompt = H.MultiTurnChatWorkload(num_users=1, system_prompt_tokens=150, seed=11).system_prompt
+    h.add_request("first", prompt, 3)
+    h.run_until_idle()
+    assert h.scheduler.reset_prefix_cache()
+    plans: list[Any] = []
+    execute = h.worker.execute
+    h.worker.execute = lambda so, nb: (plans.append(so.kv_connector_metadata.plan), execute(so, nb))[1]
+    h.add_request("second", prompt + [7, 8], 2)
+    verified = 0
+    while h.busy():
+        h.step()
+        verified += h.worker.last_report.verified_tokens
+    return [m for plan in plans for job in plan.loads for m in job.moves], verified
+
+
 @pytest.mark.parametrize("runner", ["v1", "v2"])
 def test_sliding_window_loads_exactly_the_window(runner: str) -> None:
     """One prompt stored, vLLM's cache reset, the prompt asked again: the full group loads every block of the
     hit, the window group exactly the blocks holding the 39 tokens before the hit point (vLLM holds its null block
     below them), and the second request reads the right bytes in both."""
-    prompt = H.MultiTurnChatWorkload(num_users=1, system_prompt_tokens=150, seed=11).system_prompt
     with hybrid_harness(runner=runner) as h:
-        h.add_request("first", prompt, 3)
-        h.run_until_idle()
-        assert h.scheduler.reset_prefix_cache()
-        plans: list[Any] = []
-        execute = h.worker.execute
-        h.worker.execute = lambda so, nb: (plans.append(so.kv_connector_metadata.plan), execute(so, nb))[1]
-        h.add_request("second", prompt + [7, 8], 2)
-        verified = 0
-        while h.busy():
-            h.step()
-            verified += h.worker.last_report.verified_tokens
-        loads = [m for plan in plans for job in plan.loads for m in job.moves]
+        loads, verified = store_then_ask_again(h)
         hit = 144  # 9 full blocks of the 152-token prompt (150 + 2)
         assert h.cache_stats.external_hits == hit
         full = sorted(b for m in loads if m.dst_tier == "G1" for b in m.dst_ids)

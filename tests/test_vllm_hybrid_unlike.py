@@ -22,6 +22,7 @@ import torch
 import vllm_harness as H  # first: imports vLLM for the CPU platform, clear of the repo's kernels/ folder
 import vllm_ranks as R
 from test_vllm_connector import CONNECTOR, assert_clean, chat, kvbm_harness, metric, run_counting, worker_of
+from test_vllm_hybrid import store_then_ask_again
 
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec, UniformTypeKVCacheSpecs
 
@@ -196,24 +197,6 @@ def test_unlike_groups_with_tensor_parallelism(tmp_path: Path, name: str) -> Non
 # --------------------------------------------------------------------------------------------------
 # Exactly which blocks one hit loads; the negative control
 # --------------------------------------------------------------------------------------------------
-
-def store_then_ask_again(h: H.VllmHarness) -> tuple[list[Move], int]:
-    """A 150-token prompt stored, vLLM's cache reset, the prompt (two other tokens appended) asked again: the
-    second request's load moves and the tokens its attention layers read on admission."""
-    prompt = H.MultiTurnChatWorkload(num_users=1, system_prompt_tokens=150, seed=11).system_prompt
-    h.add_request("first", prompt, 3)
-    h.run_until_idle()
-    assert h.scheduler.reset_prefix_cache()
-    plans: list[Any] = []
-    execute = h.worker.execute
-    h.worker.execute = lambda so, nb: (plans.append(so.kv_connector_metadata.plan), execute(so, nb))[1]
-    h.add_request("second", prompt + [7, 8], 2)
-    verified = 0
-    while h.busy():
-        h.step()
-        verified += h.worker.last_report.verified_tokens
-    return [m for plan in plans for job in plan.loads for m in job.moves], verified
-
 
 @pytest.mark.parametrize("runner", ["v1", "v2"])
 def test_hit_is_whole_units_and_window_loads_its_blocks(runner: str) -> None:

@@ -33,7 +33,7 @@ import urllib.request
 import uuid
 from typing import Any
 
-__all__ = ["MAX_TXN_OPS", "PREFIX", "HASH_MASK", "HashDirectory", "decode_record", "parse_key"]
+__all__ = ["MAX_TXN_OPS", "PREFIX", "HASH_MASK", "HashDirectory", "decode_record", "parse_key", "wait_until"]
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +87,7 @@ class HashDirectory:
 
     def wait_synced(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for `synced`; whether it came."""
-        deadline = time.monotonic() + timeout_s
-        while not self.synced:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
+        return wait_until(lambda: self.synced, timeout_s)
 
     # -- etcd's JSON gateway -----------------------------------------------------------------------------------
 
@@ -220,6 +215,16 @@ class HashDirectory:
     @staticmethod
     def _instance_key(instance: str) -> str:
         return f"{PREFIX}i/{instance}"
+
+
+def wait_until(condition: Any, timeout_s: float) -> bool:
+    """Poll ``condition()`` every 5 ms for up to ``timeout_s``; whether it became true."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def parse_key(key: str) -> tuple[int | None, str] | None:

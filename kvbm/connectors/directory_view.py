@@ -31,14 +31,13 @@ import json
 import logging
 import socket
 import threading
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kvbm.connectors.directory import HASH_MASK, PREFIX, decode_record, parse_key
+from kvbm.connectors.directory import HASH_MASK, PREFIX, decode_record, parse_key, wait_until
 from kvbm.leader.plans import RemoteSource
 from kvbm.metrics import KvbmMetrics
 
@@ -125,12 +124,7 @@ class DirectoryView:
 
     def wait_in_sync(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for `in_sync`; whether it came."""
-        deadline = time.monotonic() + timeout_s
-        while not self._in_sync:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
+        return wait_until(lambda: self._in_sync, timeout_s)
 
     def start(self) -> None:
         """Start the watch thread (once)."""
