@@ -13,10 +13,8 @@ is never blocked):
   block in one dense run, as cross-layer layouts do; no SM time at all), split between the two DMA streams.
 
 "auto" takes "dma" when every block is one dense run of at least `DMA_MIN_PIECE_BYTES` in both caches, else
-"staged"; with a layer view of the host cache (a layer-wise load), runs of blocks consecutive in both caches move
-by the copy engines alone, one 2-D copy per row of a block (`direct_runs`), and only the other blocks are staged.
-A staged transfer is enqueued by one compiled call (`staged_enqueue`) when its kernels can be launched directly,
-else in Python (`_staged`). Measured on the H200 (bench/results/): staged moves 97-99% of the PCIe ceiling
+"staged". A staged transfer is enqueued by one compiled call (`staged_enqueue`) when its kernels can be launched
+directly, else in Python (`_staged`). Measured on the H200 (bench/results/): staged moves 97-99% of the PCIe ceiling
 at 16 blocks (back-to-back transfers), 97-100% at 256 and 98-100% at 1024 (single transfers, start-up included);
 batched DMA of the engines' small pieces far less.
 """
@@ -36,7 +34,6 @@ from kvbm.layouts.conversion import block_id_array, check_caches, check_transfer
 from . import host_memory, host_runs, id_check, staged_enqueue, stream_events as events
 from .batch_memcpy import ATTRS_INDEX_ADDRESS, attributes_address, memcpy_batch_unchecked
 from .copy_2d import DEVICE, HOST, memcpy_2d_async
-from .direct_runs import RowCopies, row_copies, split_runs
 from .copy_plan import CopyPlan, IdentityMemo, build_plan, memo_on
 from .cuda_runtime import CudaUnavailableError, check, cuda_rt
 from .device_pointer import DevicePointer
@@ -409,77 +406,19 @@ class TransferEngine:
             return handle, None
         lane = self.lanes[spec.direction]
         caller = events.current_stream(self.device.index)  # ordered after the caller's work on G1 so far
-        d2h = spec.direction == "d2h"
         try:
-            direct, split = None, self._direct_split(spec, s, d, path)
-            if split is not None:  # runs by the copy engines alone, the other blocks staged
-                rows, starts, lengths, rest = split
-                events.record(lane.ready, caller)
-                direct = self._direct(rows, s, d, starts, lengths, lane, spec.direction)
-                handle.path = "direct" if rest.size == 0 else "direct+staged"
-                if rest.size == 0:
-                    handle.event = direct
-                    return handle, None
-                s, d = s[rest], d[rest]
             tables = self._compiled_pair(spec, s.size, lane) if path == "staged" else None
             if tables is not None:
-                handle.event = self._staged_compiled(spec, s, d, lane, caller, tables, also=direct, **spec.options)
+                handle.event = self._staged_compiled(spec, s, d, lane, caller, tables, **spec.options)
                 return handle, None
             events.record(lane.ready, caller)
             if path == "staged":
-                work = self._staged(spec.src, spec.dst, s, d, lane, spec.direction, **spec.options)
-                final = lane.dma_streams[0] if d2h else lane.kernel_stream
-                return handle, (work if direct is None else self._then_wait(work, direct, final))
+                return handle, self._staged(spec.src, spec.dst, s, d, lane, spec.direction, **spec.options)
             run = self._zero_copy if path == "zero_copy" else self._dma
             handle.event = run(spec.src, spec.dst, s, d, lane, spec.direction, **spec.options)
         except Exception as e:  # enqueue failed: the whole transfer is failed, the caller is told per block
             handle.error = e
         return handle, None
-
-    def _direct_split(self, spec: TransferSpec, s: np.ndarray, d: np.ndarray, path: str
-                      ) -> tuple[RowCopies, np.ndarray, np.ndarray, np.ndarray] | None:
-        """(row copies, run starts, run lengths, the other positions) when an "auto" staged transfer with a layer
-        view of its host cache has runs for `direct_runs`, else None."""
-        if path != "staged" or spec.path != "auto" or spec.options:
-            return None
-        key = (spec.direction, id(spec.dst))
-        kept = memo_on(spec.src, "_transfer_engine_rows")
-        found = kept.find(key, spec.dst, spec.dst.layout, spec.src.layout)
-        if found is None:
-            host = spec.dst if spec.direction == "d2h" else spec.src
-            view = host.layout.stride["block"] * host.geometry.itemsize != host.geometry.block_bytes
-            found = kept.keep(key, (row_copies(build_plan(spec.src, spec.dst)) if view else None,), spec.dst,
-                              spec.dst.layout, spec.src.layout)
-        rows = found[0]
-        if rows is None:
-            return None
-        starts, lengths, rest = split_runs(s, d)
-        return (rows, starts, lengths, rest) if starts.size else None
-
-    def _direct(self, rows: RowCopies, s: np.ndarray, d: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
-                lane: _Lane, direction: str) -> torch.cuda.Event:
-        """The runs' 2-D copies once `lane.ready` has happened, spread over the lane's two DMA streams by bytes; the
-        event of their completion."""
-        first, second = lane.dma_handles
-        events.wait(first, lane.ready)
-        events.wait(second, lane.ready)
-        src_type, dst_type = (DEVICE, HOST) if direction == "d2h" else (HOST, DEVICE)
-        queued = [0, 0]
-        for src, dst, m in rows.runs(s, d, starts, lengths):
-            k = 0 if queued[0] <= queued[1] else 1
-            memcpy_2d_async(dst, rows.dst_pitch, dst_type, src, rows.src_pitch, src_type, rows.width, m,
-                            (first, second)[k])
-            queued[k] += rows.width * m
-        events.record(lane.second_landed, second)
-        events.wait(first, lane.second_landed)
-        return self._finish(lane.dma_streams[0])
-
-    def _then_wait(self, work: Iterator[None], also: torch.cuda.Event, final: torch.cuda.Stream
-                   ) -> Iterator[None]:
-        """The steps of `work`, then its completion made to wait for `also` too."""
-        yield from work
-        final.wait_event(also)
-        return self._finish(final)
 
     def _compiled_pair(self, spec: TransferSpec, n: int, lane: _Lane) -> tuple[np.ndarray, np.ndarray] | None:
         """The tables of `_staged_compiled` when it can enqueue this staged transfer, else None (the Python path
@@ -496,19 +435,16 @@ class TransferEngine:
 
     def _staged_compiled(self, spec: TransferSpec, s: np.ndarray, d: np.ndarray, lane: _Lane, caller: int,
                          tables: tuple[np.ndarray, np.ndarray], max_ctas: int | None = None,
-                         gather: str = "kernel", also: torch.cuda.Event | None = None) -> torch.cuda.Event:
+                         gather: str = "kernel") -> torch.cuda.Event:
         """The staged transfer enqueued by one compiled call (`staged_enqueue`): the chunks, slots, streams and events
-        of `_staged`, with every driver call made from compiled code; its completion waits for `also` too."""
+        of `_staged`, with every driver call made from compiled code."""
         d2h = spec.direction == "d2h"
         code, step = self._enqueue(
             d2h, s if d2h else d, d if d2h else s, caller, lane.row, lane.slot_done, lane.ids.event_handles,
             lane.ids.host_array, lane.state, *tables, -1 if max_ctas is None else max_ctas)
         if code:
             staged_enqueue.raise_failure(code, step)
-        final = lane.dma_streams[0] if d2h else lane.kernel_stream
-        if also is not None:
-            final.wait_event(also)
-        return self._finish(final)
+        return self._finish(lane.dma_streams[0] if d2h else lane.kernel_stream)
 
     def _dma_pieces(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: int, direction: str) -> None:
         """Batched DMA on raw stream `stream` of pieces this engine built from validated caches and ids (no

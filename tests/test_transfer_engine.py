@@ -347,40 +347,6 @@ def test_layer_views_round_trip_by_2d_copies_byte_exact(preset, enqueue, engine_
         assert rows and max(rows) > 1  # the runs went as 2-D copies
 
 
-@pytest.mark.parametrize("direction", ["h2d", "d2h"])
-@pytest.mark.parametrize("scattered", [0, 9])
-def test_runs_of_a_layer_view_move_by_the_copy_engines_alone_byte_exact(direction, scattered, engine_factory):
-    """"auto" with a layer view of the host cache: runs of 16+ blocks consecutive in both caches go by 2-D copies
-    of their rows (no staging, no kernel), the other blocks staged; byte-exact over the whole caches."""
-    from kvbm.kernels.host_memory import PinnedHostBuffer
-    from kvbm.layouts import select_layers
-
-    g = KVGeometry(num_layers=4, num_kv=2, block_size=16, num_heads=4, head_dim=128, itemsize=2)  # 16 KiB rows
-    rng = np.random.default_rng(51 + scattered)
-    gpu = allocate("vllm_flash_attn_nhd", g, 96, dtype=torch.bfloat16, device="cuda")
-    random_fill(gpu.tensors, 52)
-    with PinnedHostBuffer(64 * g.block_bytes) as buf:
-        host = host_cache(buf, g, STAGING_ORDER, blocks=64)
-        random_fill(host.tensors, 53)
-        gv, hv = select_layers(gpu, 1, 3), select_layers(host, 1, 3)
-        engine = engine_factory(gv.geometry, 2, blocks_per_slot=8)
-        host_ids = np.concatenate([np.arange(4, 24), np.arange(30, 47),
-                                   rng.choice(np.r_[0:4, 24:30, 47:64], scattered, replace=False)]).astype(np.int64)
-        gpu_ids = np.concatenate([np.arange(50, 70), np.arange(10, 27),
-                                  rng.choice(np.r_[0:10, 27:50], scattered, replace=False)]).astype(np.int64)
-        if direction == "h2d":
-            poison_gpu_blocks(gpu, gpu_ids)
-            want, after = reference_copy(hv, gv, host_ids, gpu_ids), lambda: bytes_of(gpu)
-            handle = engine.onboard(hv, gv, host_ids, gpu_ids)
-        else:
-            host.tensors[0].view(torch.uint8)[torch.as_tensor(host_ids)] = POISON
-            want, after = reference_copy(gv, hv, gpu_ids, host_ids), lambda: bytes_of(host)
-            handle = engine.offload(gv, hv, gpu_ids, host_ids)
-        handle.wait()
-        assert handle.ok and handle.path == ("direct+staged" if scattered else "direct")
-        assert all(torch.equal(a, b) for a, b in zip(after(), want))
-
-
 def test_cache_pair_checks_are_kept_per_pair(engine_factory):
     """After a transfer between two caches (its pair checks kept), the same GPU cache with another host cache is
     still checked: a pageable one is refused, a bad id still gets its precise error, a good transfer still runs."""
