@@ -11,7 +11,7 @@ The scatter's own wait is timed too, in a second pair of runs: staged transfers 
 (the same chunks, streams and events as the compiled enqueue), with a timing event recorded on the kernel stream
 just before each scatter launch (it completes once the chunk's bytes have landed and the stream is free) and one
 just after. Beside the prefill, that interval is the scatter's wait for SMs plus its run; ``scatter_wait`` is how
-much longer it is than alone.
+much longer each is than the median scatter alone.
 """
 from __future__ import annotations
 
@@ -115,10 +115,13 @@ def measure_layer_waits(eng: Engine, side: KvbmSide, prefix_tokens: Sequence[int
             with _timed_scatters() as pairs:
                 _layer_times(eng, side, hashes, busy)
             scatters[name].append([before.elapsed_time(after) * 1e3 for before, after in pairs])
-    scatter_alone = [statistics.median(t[i] for t in scatters["alone"][1:]) for i in range(len(scatters["alone"][0]))]
-    scatter_beside = [statistics.median(t[i] for t in scatters["beside"][1:])
-                      for i in range(len(scatters["beside"][0]))]
-    waits = [b - a for a, b in zip(scatter_alone, scatter_beside)] or [0.0]  # (none: no block needed a scatter)
+    scatter_alone = [t for rep in scatters["alone"][1:] for t in rep]  # (every kernel of the timed repetitions)
+    scatter_beside = [t for rep in scatters["beside"][1:] for t in rep]
+    # each kernel against the same kernel (same chunk of the same group) of the repetition alone
+    waits = [b - a for alone, beside in zip(scatters["alone"][1:], scatters["beside"][1:]) if len(alone) == len(beside)
+             for a, b in zip(alone, beside)]
+    if not waits:
+        raise RuntimeError("the scatter kernels of the runs alone and beside the prefill do not pair up")
     return {"prefix_tokens": len(prefix_tokens), "busy_prefill_tokens": busy_new, "reps": reps,
             "layers_alone_ms": alone_ms, "layers_beside_prefill_ms": beside_ms, "delay_ms": delays,
             "max_delay_us": max(delays) * 1e3, "median_delay_us": statistics.median(delays) * 1e3,
