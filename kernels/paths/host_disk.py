@@ -2,16 +2,21 @@
 
 The reads and writes run on the disk threads of the `Transfers` object (`disk_executor`), never the caller's.
 A host cache whose blocks are whole dense runs at exactly the slot stride, in the disk's inner order and from a
-4 KiB-aligned base (G2 when ``block_bytes`` is a multiple of 4096) is written straight from its own memory.
-Everything else goes through a chunk of the shared pinned bounce pool (`kvbm.kernels.bounce`): the layout
-conversion between the cache and the chunk is a `Transfers.submit` issued from the steps, i.e. on the thread that
-polls the transfer (never a disk thread: a numba parallel copy on a disk thread while the caller runs its own aborts
-the process where numba has no thread-safe threading layer), and the disk threads only move the chunk's bytes.
+4 KiB-aligned base (G2 when ``block_bytes`` is a multiple of 4096) is written straight from its own memory and read
+straight into it (O_DIRECT into the destination blocks, no copy). Everything else goes through a chunk of the
+shared pinned bounce pool (`kvbm.kernels.bounce`).
 
-Reads always land in a bounce chunk first, are verified there (I/O result and checksum) and only the blocks read
-intact are copied on, so a failed read never writes a byte into the destination. Reading one slot into several
-destination blocks reads it once and fans out. `bounced_write_steps` / `bounced_read_steps` also serve the GPU's
-POSIX path (`gpu_disk`): the copy to or from the chunk is then a GPU <-> host transfer.
+Writes through a chunk: the layout conversion from the cache into the chunk is a parallel numba copy issued from
+the steps, i.e. on the thread that polls the transfer (a numba parallel copy on a disk thread while the caller runs
+its own aborts the process where numba has no thread-safe threading layer); the disk threads then write the
+chunk's bytes. Reads through a chunk: each I/O request of a batch, on its I/O thread, reads its slots into the
+chunk, verifies them (I/O result and checksum) and copies the blocks read intact on into the destination with a
+single-threaded numba copy (no parallel region), so the copies of several requests run at once and beside the
+other requests' reads, and a block that failed is never copied: the destination stays untouched. Read straight
+into a host cache, a failed block's destination bytes are unspecified (the block is reported failed, never
+served). Reading one slot into several destination blocks reads it once and fans out. `bounced_write_steps` /
+`bounced_read_steps` also serve the GPU's POSIX path (`gpu_disk`): the copy to or from the chunk is then a GPU <->
+host transfer issued from the polling thread.
 """
 from __future__ import annotations
 
