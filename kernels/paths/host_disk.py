@@ -365,7 +365,8 @@ def host_read_steps(transfers: Transfers, disk: DiskKVCache, dst: Any, src_ids: 
     source = dst if direct is not None else pool.cache
     buffer = direct if direct is not None else pool.array
     sb = disk.slot_bytes
-    copy = block_copier(source, dst)
+    copies = direct is None or reads.slots.size < src_ids.size  # through a chunk, or a slot read into several
+    copy = block_copier(source, dst) if copies else None
     in_flight: list[_Batch] = []
 
     def start(uniq: np.ndarray) -> bool:
@@ -396,7 +397,7 @@ def host_read_steps(transfers: Transfers, disk: DiskKVCache, dst: Any, src_ids: 
                     copy(np.array(froms, dtype=np.int64), np.array(tos, dtype=np.int64))
                 except Exception as e:  # noqa: BLE001 - the copy failed: its blocks fail, the slots are intact
                     with lock:
-                        _fail(errors, fed, f"copy from the bounce buffer failed: {e!r}")
+                        _fail(errors, fed, f"copy of the blocks read failed: {e!r}")
             if bad:
                 with lock:
                     for p, reason in bad:
