@@ -16,14 +16,15 @@ live in memory and every read is verified against them, so a flipped byte, two s
 the file or a block read under another tag fails that block ("checksum mismatch") instead of handing over wrong
 bytes. A slot written by cuFile straight from GPU memory has no checksum (its bytes never pass through the host)
 and is read unverified. Checksums are computed and verified per I/O request on the file's I/O threads (just before
-a request's write, right after its read), in parallel with the batch's other requests.
+a request's write, right after its read), in parallel with the batch's other requests; a reader's ``on_verified``
+hook then takes a request's intact blocks on from the same thread (the host path copies them to their destination).
 """
 from __future__ import annotations
 
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -173,20 +174,34 @@ class DiskKVCache:
         return errors
 
     def read_slots(self, slots: Sequence[int], buffer: np.ndarray, buf_blocks: Sequence[int],
-                   tags: Sequence[int] | None = None) -> dict[int, str]:
+                   tags: Sequence[int] | None = None,
+                   on_verified: Callable[[list[tuple[int, int]]], None] | None = None) -> dict[int, str]:
         """Read ``slots`` into blocks ``buf_blocks`` of the flat uint8 ``buffer`` and verify their checksums (under
-        ``tags`` when given, else the writer's); return {position: reason} of the blocks not read intact."""
+        ``tags`` when given, else the writer's); return {position: reason} of the blocks not read intact.
+
+        ``on_verified``, if given, is called on the I/O thread of each request, right after the request's read and
+        checks, with the (position, buffer block) pairs of its blocks read intact (e.g. to copy them on while the
+        other requests are in flight); if it raises, those blocks fail."""
         self._renew_if_deleted()
         rows = self._blocks(buffer)
         position = {int(s): k for k, s in enumerate(slots)}
         errors: dict[int, str] = {}
 
         def verify_request(run: list[tuple[int, int]]) -> None:  # on the request's I/O thread, after its read
+            intact = []
             for s, b in run:
                 k = position[s]
                 bad = self._verify(s, rows[b], None if tags is None else tags[k])
-                if bad is not None:
+                if bad is None:
+                    intact.append((k, b))
+                else:
                     errors[k] = f"disk read failed: {bad}"
+            if on_verified is not None and intact:
+                try:
+                    on_verified(intact)
+                except Exception as e:  # noqa: BLE001 - the caller's failure fails the blocks it was given
+                    for k, _ in intact:
+                        errors[k] = f"handling the blocks read failed: {e!r}"
 
         result = self.file.read_slots(slots, buffer, buf_blocks=buf_blocks, on_read=verify_request)
         for s, e in result.errors.items():

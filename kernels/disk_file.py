@@ -4,9 +4,10 @@
 doubles the memory use nor hides the disk's speed) and moves batches of slots between the file and host buffers
 with ``os.preadv`` / ``os.pwritev``. Runs of consecutive slot ids become one call (vectored over the scattered
 buffer blocks, split at ``max_io_bytes``); the calls of a batch run on a small thread pool (the ``os`` calls release
-the GIL), so several requests are in flight at once. A caller's per-request hook (``on_read``: verify what was just
-read; ``before_write``: checksum what is about to be written) runs on the thread of the request, so that work
-proceeds in parallel with the other requests' I/O instead of after the whole batch.
+the GIL), each thread taking the batch's next request until none is left (one task per thread, not per request:
+small requests cost less Python), so several requests are in flight at once. A caller's per-request hook
+(``on_read``: verify what was just read; ``before_write``: checksum what is about to be written) runs on the thread
+of the request, so that work proceeds in parallel with the other requests' I/O instead of after the whole batch.
 
 I/O errors are data, not exceptions: every batch returns a `SlotIOResult` that says, per slot, whether the bytes
 were moved, and carries the ``OSError`` of each failed slot (disk full, EIO, a short read of a truncated file, a
@@ -32,6 +33,7 @@ import shutil
 import stat
 import threading
 import weakref
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -311,6 +313,7 @@ class DiskBlockFile:
             raise
         self._fd = fd
         self._finalizer = weakref.finalize(self, _release, fd, dir_fd, name, True)
+        self._io_threads = io_threads
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="kvbm-disk")
         logger.info(
             "disk block file in %s (%s): %d slots x %d B (%d B), O_DIRECT %s, preallocated by %s",
@@ -546,7 +549,19 @@ class DiskBlockFile:
         if len(requests) <= 1:
             outcomes = [self._run_request(reading, mv, r, hook) for r in requests]
         else:
-            outcomes = list(self._pool.map(lambda r: self._run_request(reading, mv, r, hook), requests))
+            queue = deque(requests)
+
+            def drain() -> list[dict[int, OSError]]:  # one worker: requests of the batch until none is left
+                done = []
+                while True:
+                    try:
+                        run = queue.popleft()
+                    except IndexError:
+                        return done
+                    done.append(self._run_request(reading, mv, run, hook))
+
+            workers = [self._pool.submit(drain) for _ in range(min(self._io_threads, len(requests)))]
+            outcomes = [errors for w in workers for errors in w.result()]
         for errors in outcomes:
             result.errors.update(errors)
         if not reading:

@@ -78,11 +78,15 @@ def config(tmp_path=None, *, host: int | None = None, disk: int | None = None, *
 
 def patch_copies(monkeypatch, mgr, make) -> None:
     """Route every layout copy the transfer paths make through ``make(real_copy)`` (same argument order: src, dst,
-    ids, ids): ``copy_blocks`` in each path module (CPU G1, the disk bounce buffers) and, on a GPU, the transfer
-    engine's offload and onboard."""
+    ids, ids): ``copy_blocks`` in each path module (CPU G1, the disk bounce buffers), the copies of disk reads on
+    the I/O threads (``host_disk.block_copier``) and, on a GPU, the transfer engine's offload and onboard."""
     for module in (paths.host_host, paths.host_disk, paths.gpu_host, paths.gpu_disk):
         if hasattr(module, "copy_blocks"):
             monkeypatch.setattr(module, "copy_blocks", make(module.copy_blocks))
+    real_copier = paths.host_disk.block_copier
+    copy = make(lambda src, dst, src_ids, dst_ids: real_copier(src, dst)(src_ids, dst_ids))
+    monkeypatch.setattr(paths.host_disk, "block_copier",
+                        lambda src, dst: lambda src_ids, dst_ids: copy(src, dst, src_ids, dst_ids))
     if mgr.gpu.device.type == "cuda":
         from kvbm.kernels.transfer import TransferEngine
 

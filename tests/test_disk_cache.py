@@ -165,6 +165,53 @@ def test_a_bad_slot_inside_a_coalesced_run_fails_only_its_block(tmp_path, rng, m
         assert any(name.startswith("kvbm-disk") for name in verified_on)
 
 
+def test_on_verified_gets_each_requests_intact_blocks_on_its_io_thread(tmp_path, rng):
+    """``on_verified`` runs per request, on the request's I/O thread, after its checks: it sees every intact block
+    once (position and buffer block) and never a corrupted one; a hook that raises fails exactly the blocks it was
+    given, the other requests' blocks stay intact."""
+    n = 40
+    with DiskKVCache(tmp_path, PADDED, torch.bfloat16, n) as disk:
+        sb, bb = disk.slot_bytes, PADDED.block_bytes
+        disk.file._slots_per_request = 4
+        slots = [int(s) for s in rng.permutation(n)]
+        src = random_slots(rng, n, sb)
+        assert disk.write_slots(slots, src, list(range(n))) == {}
+        bad = int(rng.integers(0, n))
+        flip_byte(disk.file.path, slots[bad] * sb + int(rng.integers(0, bb)))
+        calls: list[tuple[str, list[tuple[int, int]], list[bytes]]] = []
+        lock = threading.Lock()
+        dst = poisoned(n, sb)
+        blocks = [int(b) for b in rng.permutation(n)]
+
+        def hook(run):
+            with lock:  # the bytes as the hook sees them: already read and checked
+                rows = [dst[b * sb:b * sb + bb].tobytes() for _, b in run]
+                calls.append((threading.current_thread().name, run, rows))
+
+        errors = disk.read_slots(slots, dst, blocks, on_verified=hook)
+        assert list(errors) == [bad] and "checksum mismatch" in errors[bad]
+        seen = sorted(k for _, run, _ in calls for k, _ in run)
+        assert seen == [k for k in range(n) if k != bad]
+        assert len(calls) >= n // 4 and all(len(run) <= 4 for _, run, _ in calls)
+        assert any(name.startswith("kvbm-disk") for name, _, _ in calls)
+        for _, run, seen_bytes in calls:
+            for (k, b), got in zip(run, seen_bytes):
+                assert b == blocks[k] and got == src[k * sb:k * sb + bb].tobytes()
+
+        doomed: list[int] = []
+        trigger = (bad + 1) % n
+
+        def failing(run):
+            if any(k == trigger for k, _ in run):
+                doomed.extend(k for k, _ in run)
+                raise RuntimeError("injected")
+
+        errors = disk.read_slots(slots, poisoned(n, sb), blocks, on_verified=failing)
+        want = set(doomed) | {bad}
+        assert trigger in doomed and len(doomed) <= 4 and set(errors) == want
+        assert all("injected" in errors[k] for k in doomed if k != bad)
+
+
 def test_tags_bind_the_checksum_to_the_block(disk, rng):
     sb, bb = disk.slot_bytes, PADDED.block_bytes
     tags = [2**63 + 5, -7, 0]

@@ -205,6 +205,36 @@ def test_requests_of_one_batch_run_in_parallel(tmp_path, rng, monkeypatch):
             assert block(dst, i, 4096) == block(src, s, 4096)
 
 
+def test_a_batch_of_many_requests_is_one_task_per_io_thread(tmp_path, rng, monkeypatch):
+    """Each I/O thread takes the batch's next request until none is left: a batch of 20 requests on 3 threads is
+    3 pool tasks, every request done once and byte-exact, and a slow request does not hold up the others."""
+    with DiskBlockFile(tmp_path, 40, 4096, io_threads=3) as f:
+        src = random_buffer(rng, 40 * 4096)
+        assert f.write_slots(range(40), src).all_ok
+        tasks = []
+        real_submit = f._pool.submit
+        monkeypatch.setattr(f._pool, "submit", lambda *a: tasks.append(a) or real_submit(*a))
+        real_preadv = os.preadv
+        done_by: dict[int, str] = {}
+        release = threading.Event()
+
+        def preadv(fd, bufs, offset):
+            if offset == 0:  # the first request waits until the others are done
+                assert release.wait(10)
+            n = real_preadv(fd, bufs, offset)
+            done_by[offset // 4096] = threading.current_thread().name
+            if len(done_by) == 19:
+                release.set()
+            return n
+
+        monkeypatch.setattr(os, "preadv", preadv)
+        slots = list(range(0, 40, 2))  # 20 separate runs
+        dst = poisoned_buffer(20 * 4096)
+        assert f.read_slots(slots, dst).all_ok
+        assert len(tasks) == 3 and sorted(done_by) == slots
+        assert all(block(dst, i, 4096) == block(src, s, 4096) for i, s in enumerate(slots))
+
+
 def test_o_direct_refused_falls_back_with_warning(tmp_path, rng, monkeypatch, caplog):
     real_fcntl = fcntl.fcntl
 

@@ -8,6 +8,7 @@ import ctypes
 import errno
 import logging
 import os
+import subprocess
 import sys
 import threading
 import types
@@ -102,8 +103,33 @@ def round_trip(transfers, tmp_path, rng, preset, geometry, n=11, **submit):
     return src, disk, slots
 
 
+def spy_copies(monkeypatch) -> list[tuple[str, str]]:
+    """(what, thread) of every block copy of the host paths: to a bounce chunk (`copy_blocks`, writes), from one
+    or between destination blocks (`block_copier`, reads)."""
+    seen: list[tuple[str, str]] = []
+    real_copy, real_copier = host_disk.copy_blocks, host_disk.block_copier
+
+    def copy(src, dst, *args, **kwargs):
+        seen.append(("to bounce" if dst.name == SLOT_LAYOUT else "from bounce", threading.current_thread().name))
+        return real_copy(src, dst, *args, **kwargs)
+
+    def copier(src, dst):
+        inner = real_copier(src, dst)
+
+        def run(src_ids, dst_ids):
+            what = "from bounce" if src.name == SLOT_LAYOUT else "fan-out"
+            seen.append((what, threading.current_thread().name))
+            inner(src_ids, dst_ids)
+
+        return run
+
+    monkeypatch.setattr(host_disk, "copy_blocks", copy)
+    monkeypatch.setattr(host_disk, "block_copier", copier)
+    return seen
+
+
 @pytest.mark.parametrize("preset,geometry,direct", [
-    ("g2", ALIGNED, True),  # G2 at a 4096-multiple block size: written from its own memory
+    ("g2", ALIGNED, True),  # G2 at a 4096-multiple block size: written from and read into its own memory
     ("g2", PADDED, False),  # slot stride != block stride: bounce
     ("kvbm_staging", ALIGNED, False),  # the same layout, but torch's allocation is not 4 KiB aligned
     ("block_major_head_first", ALIGNED, False),  # another inner order: bounce + conversion
@@ -111,29 +137,20 @@ def round_trip(transfers, tmp_path, rng, preset, geometry, n=11, **submit):
     ("vllm_flashinfer_hnd", PADDED, False),
 ])
 def test_host_disk_round_trip(transfers, tmp_path, rng, preset, geometry, direct, monkeypatch):
-    staged: list[str] = []
-    real = host_disk.copy_blocks
-
-    def spy(src, dst, *args, **kwargs):
-        staged.append("to bounce" if dst.name == SLOT_LAYOUT else "from bounce")
-        return real(src, dst, *args, **kwargs)
-
-    monkeypatch.setattr(host_disk, "copy_blocks", spy)
+    staged = spy_copies(monkeypatch)
     src, disk, _ = round_trip(transfers, tmp_path, rng, preset, geometry)
     assert (direct_array(src, disk) is not None) is direct
-    assert ("to bounce" not in staged) is direct and "from bounce" in staged  # reads always verify in a chunk
+    whats = {what for what, _ in staged}
+    assert whats == (set() if direct else {"to bounce", "from bounce"})
     pool = bounce_pool(transfers, geometry, DT, disk.slot_bytes)
     assert pool.num_free() == transfers.bounce_chunks
     disk.close()
 
 
-def test_io_on_disk_threads_and_conversion_on_the_polling_thread(transfers, tmp_path, rng, monkeypatch):
-    seen: dict[str, set[str]] = {"copy": set(), "write": set(), "read": set()}
-    real_copy, real_w, real_r = host_disk.copy_blocks, DiskKVCache.write_slots, DiskKVCache.read_slots
-
-    def copy(*a, **k):
-        seen["copy"].add(threading.current_thread().name)
-        return real_copy(*a, **k)
+def test_io_on_disk_threads_and_conversions_from_the_bounce_chunk_too(transfers, tmp_path, rng, monkeypatch):
+    seen: dict[str, set[str]] = {"write": set(), "read": set()}
+    staged = spy_copies(monkeypatch)
+    real_w, real_r = DiskKVCache.write_slots, DiskKVCache.read_slots
 
     def write(self, *a, **k):
         seen["write"].add(threading.current_thread().name)
@@ -143,14 +160,219 @@ def test_io_on_disk_threads_and_conversion_on_the_polling_thread(transfers, tmp_
         seen["read"].add(threading.current_thread().name)
         return real_r(self, *a, **k)
 
-    monkeypatch.setattr(host_disk, "copy_blocks", copy)
     monkeypatch.setattr(DiskKVCache, "write_slots", write)
     monkeypatch.setattr(DiskKVCache, "read_slots", read)
     _, disk, _ = round_trip(transfers, tmp_path, rng, "vllm_flash_attn_nhd", PADDED)
     me = threading.current_thread().name
-    assert seen["copy"] == {me}
+    assert {t for what, t in staged if what == "to bounce"} == {me}  # numba's parallel copy: the caller's thread
+    from_bounce = {t for what, t in staged if what == "from bounce"}  # the serial copy, per request
+    assert from_bounce and all(t.startswith("kvbm-disk") for t in from_bounce)
     assert seen["write"] and seen["read"] and all(n.startswith("kvbm-disk") for n in seen["write"] | seen["read"])
     disk.close()
+
+
+def write_shuffled(transfers, tmp_path, rng, preset, n, spare=8, tags=None):
+    """n random blocks of a ``preset`` cache written into shuffled slots of a disk with ``spare`` more slots."""
+    src = make_cache(preset, ALIGNED, n)
+    fill(src, rng)
+    disk = DiskKVCache(tmp_path, ALIGNED, DT, n + spare)
+    slots = rng.permutation(n + spare)[:n]
+    t = transfers.submit(src, disk, np.arange(n), slots, tags=tags)
+    t.wait()
+    assert t.ok, t.reasons
+    return src, disk, slots
+
+
+def copies_of_reads(monkeypatch) -> list[tuple[str, list[int]]]:
+    """(thread, destination blocks) of every copy `block_copier`'s copies make."""
+    calls: list[tuple[str, list[int]]] = []
+    lock = threading.Lock()
+    real = host_disk.block_copier
+
+    def copier(src, dst):
+        inner = real(src, dst)
+
+        def run(src_ids, dst_ids):
+            with lock:
+                calls.append((threading.current_thread().name, dst_ids.tolist()))
+            inner(src_ids, dst_ids)
+
+        return run
+
+    monkeypatch.setattr(host_disk, "block_copier", copier)
+    return calls
+
+
+def test_bounced_reads_copy_each_request_on_its_io_thread(tmp_path, rng, monkeypatch):
+    """Through a chunk, every I/O request's blocks are copied into their destination by that request's thread right
+    after its read and checks (one copy per request, several per chunk); bytes exact, blocks not read untouched."""
+    n = 40
+    calls = copies_of_reads(monkeypatch)
+    with Transfers(disk_io="posix", bounce_blocks=16, bounce_chunks=2) as transfers:
+        src, disk, slots = write_shuffled(transfers, tmp_path, rng, "vllm_flash_attn_nhd", n)
+        disk.file._slots_per_request = 4
+        dst = make_cache("vllm_flash_attn_nhd", ALIGNED, n + 5)
+        poison(dst)
+        back = rng.permutation(n + 5)[:n]
+        t = transfers.submit(disk, dst, slots, back)
+        t.wait()
+        assert t.ok and t.results == [BlockStatus.OK] * n, t.reasons
+        for k in range(n):
+            assert block_bytes(dst, int(back[k])) == block_bytes(src, k)
+        for b in sorted(set(range(n + 5)) - set(back.tolist())):
+            assert block_bytes(dst, b) == poison_bytes(ALIGNED)
+        assert sorted(b for _, blocks in calls for b in blocks) == sorted(back.tolist())  # each block copied once
+        assert len(calls) >= n // 4 and all(len(blocks) <= 4 for _, blocks in calls)
+        assert all(name.startswith("kvbm-disk") for name, _ in calls)
+        assert bounce_pool(transfers, ALIGNED, DT).num_free() == 2
+        disk.close()
+
+
+def test_a_checksum_mismatch_in_a_request_copied_on_an_io_thread_fails_only_its_block(tmp_path, rng, monkeypatch):
+    """A corrupted slot inside a request whose copy runs on the I/O thread: its block FAILED and lost, never
+    copied (the destination untouched); the other blocks of the same request copied byte-exact."""
+    n = 24
+    calls = copies_of_reads(monkeypatch)
+    with Transfers(disk_io="posix", bounce_blocks=8, bounce_chunks=2) as transfers:
+        tags = [int(x) for x in rng.integers(1, 2**62, n)]
+        src, disk, slots = write_shuffled(transfers, tmp_path, rng, "vllm_flash_attn_nhd", n, spare=0, tags=tags)
+        disk.file._slots_per_request = 4
+        order = np.argsort(slots)  # read in slot order: requests of 4 consecutive slots
+        bad = int(order[5])  # the second slot of the second request
+        flip_byte(disk.file.path, int(slots[bad]) * disk.slot_bytes + int(rng.integers(0, ALIGNED.block_bytes)))
+        dst = make_cache("vllm_flash_attn_nhd", ALIGNED, n)
+        poison(dst)
+        t = transfers.submit(disk, dst, slots, np.arange(n), tags=tags)
+        t.wait()
+        assert [k for k, r in enumerate(t.results) if r is not BlockStatus.OK] == [bad]
+        assert "checksum mismatch" in t.reasons[bad] and t.lost == {bad}
+        assert block_bytes(dst, bad) == poison_bytes(ALIGNED)
+        assert all(block_bytes(dst, k) == block_bytes(src, k) for k in range(n) if k != bad)
+        copied = [blocks for _, blocks in calls]
+        assert bad not in {b for blocks in copied for b in blocks}
+        neighbours = {int(order[4]), int(order[6]), int(order[7])}
+        assert any(neighbours <= set(blocks) for blocks in copied)  # its request's other blocks: one copy
+        disk.close()
+
+
+def test_a_failing_copy_fails_only_its_requests_blocks(tmp_path, rng, monkeypatch):
+    """A copy that raises on an I/O thread fails the blocks of its request (not lost: the slots are intact); the
+    other requests' blocks are copied byte-exact."""
+    n = 24
+    victim: list[int] = []
+    real = host_disk.block_copier
+
+    def copier(src, dst):
+        inner = real(src, dst)
+
+        def run(src_ids, dst_ids):
+            if 7 in dst_ids.tolist():
+                victim.extend(dst_ids.tolist())
+                raise RuntimeError("injected copy failure")
+            inner(src_ids, dst_ids)
+
+        return run
+
+    monkeypatch.setattr(host_disk, "block_copier", copier)
+    with Transfers(disk_io="posix", bounce_blocks=8, bounce_chunks=2) as transfers:
+        src, disk, slots = write_shuffled(transfers, tmp_path, rng, "block_major_head_first", n)
+        disk.file._slots_per_request = 4
+        dst = make_cache("block_major_head_first", ALIGNED, n)
+        poison(dst)
+        t = transfers.submit(disk, dst, slots, np.arange(n))
+        t.wait()
+        assert 7 in victim and len(victim) <= 4
+        assert sorted(k for k, r in enumerate(t.results) if r is not BlockStatus.OK) == sorted(victim)
+        assert all("injected copy failure" in t.reasons[k] for k in victim) and t.lost == set()
+        assert all(block_bytes(dst, k) == block_bytes(src, k) for k in range(n) if k not in victim)
+        disk.close()
+
+
+def test_direct_reads_land_in_g2_without_a_chunk_or_a_copy(tmp_path, rng, monkeypatch):
+    """A dense, 4 KiB-aligned G2 is read straight into: no bounce chunk, no copy except to the other blocks a slot
+    is read into; a slot asked for under another tag, a corrupted slot and an unreadable one fail only their blocks
+    (never OK), every other block is byte-exact and blocks not read stay untouched."""
+    n = 32
+    calls = copies_of_reads(monkeypatch)
+    with Transfers(disk_io="posix", bounce_blocks=8, bounce_chunks=2) as transfers:
+        tags = [int(x) for x in rng.integers(1, 2**62, n)]
+        src, disk, slots = write_shuffled(transfers, tmp_path, rng, "g2", n, tags=tags)
+        dst = make_cache("g2", ALIGNED, n + 8)
+        assert direct_array(dst, disk) is not None
+        poison(dst)
+        pool = bounce_pool(transfers, ALIGNED, DT, disk.slot_bytes)
+        monkeypatch.setattr(pool, "acquire", lambda: pytest.fail("a direct read took a bounce chunk"))
+        flipped, unreadable = 3, 9
+        flip_byte(disk.file.path, int(slots[flipped]) * disk.slot_bytes + 11)
+        bad_offset = int(slots[unreadable]) * disk.slot_bytes
+        real_preadv = os.preadv
+
+        def preadv(fd, bufs, offset):
+            if offset <= bad_offset < offset + sum(len(b) for b in bufs):
+                raise OSError(errno.EIO, "Input/output error")
+            return real_preadv(fd, bufs, offset)
+
+        monkeypatch.setattr(os, "preadv", preadv)
+        # every block once, then block 0 into two more blocks: under its tag, and under another one
+        ids = np.concatenate([np.arange(n), [0, 0]])
+        back = rng.permutation(n + 8)[:n + 2]
+        read_tags = tags + [tags[0], tags[0] ^ 1]
+        t = transfers.submit(disk, dst, slots[ids], back, tags=read_tags)
+        t.wait()
+        failed = {k for k, r in enumerate(t.results) if r is not BlockStatus.OK}
+        assert failed == {flipped, unreadable, n + 1} and t.lost == failed
+        assert "checksum mismatch" in t.reasons[flipped] and "Input/output error" in t.reasons[unreadable]
+        assert "checksum mismatch" in t.reasons[n + 1] and "tag" in t.reasons[n + 1]
+        for k in set(range(n + 2)) - failed:
+            assert block_bytes(dst, int(back[k])) == block_bytes(src, int(ids[k]))
+        assert block_bytes(dst, int(back[n + 1])) == poison_bytes(ALIGNED)  # a failed fan-out copies nothing
+        for b in sorted(set(range(n + 8)) - set(back.tolist())):
+            assert block_bytes(dst, b) == poison_bytes(ALIGNED)
+        assert [blocks for _, blocks in calls] == [[int(back[n])]]  # the one fan-out copy
+        disk.close()
+
+
+def test_copies_on_io_threads_never_run_a_parallel_region_beside_the_callers(tmp_path):
+    """numba's workqueue threading layer aborts the process when two parallel regions run at once: bounced reads
+    (a layout conversion per request on the I/O threads) while the caller runs parallel copies must not; the same
+    run with the parallel copy on the I/O threads does abort (the check can fail)."""
+    script = f"""
+import sys, numpy as np, torch
+from kvbm.kernels import numba_copy
+from kvbm.kernels.disk_cache import DiskKVCache
+from kvbm.kernels.paths import host_disk
+from kvbm.kernels.transfers import Transfers
+from kvbm.layouts import KVGeometry, allocate, copy_blocks
+g, n = KVGeometry(2, 2, 16, 2, 64, 2), 64
+if sys.argv[1] == "parallel":
+    host_disk.block_copier = lambda s, d: lambda a, b: copy_blocks(s, d, a, b)
+src = allocate("vllm_flash_attn_nhd", g, n, dtype=torch.bfloat16)
+for t in src.tensors:
+    t.view(torch.int16).copy_(torch.from_numpy(np.random.default_rng(1).integers(1, 30000, tuple(t.shape),
+                                                                              dtype=np.int16)))
+other = allocate("vllm_flash_attn_nhd", g, n, dtype=torch.bfloat16)
+ids = np.arange(n)
+with Transfers(disk_io="posix", bounce_blocks=32, bounce_chunks=2, disk_threads=2) as transfers, \
+        DiskKVCache({str(tmp_path)!r}, g, torch.bfloat16, n) as disk:
+    transfers.submit(src, disk, ids, ids).wait()
+    disk.file._slots_per_request = 2
+    for _ in range(30):
+        dst = allocate("vllm_flash_attn_nhd", g, n, dtype=torch.bfloat16)
+        t = transfers.submit(disk, dst, ids, ids)
+        while not t.done():
+            copy_blocks(src, other, ids, ids)  # a parallel region on the caller's thread
+        assert t.ok, t.reasons
+        assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(src.tensors, dst.tensors))
+import numba
+print("layer", numba.threading_layer())
+"""
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
+    ok = subprocess.run([sys.executable, "-c", script, "serial"], env=env, capture_output=True, text=True,
+                        timeout=300)
+    assert ok.returncode == 0 and "layer workqueue" in ok.stdout, ok.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-c", script, "parallel"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode != 0 and "workqueue" in bad.stderr, (bad.returncode, bad.stderr[-2000:])
 
 
 def test_read_of_one_slot_into_several_blocks_reads_it_once(transfers, tmp_path, rng, monkeypatch):
@@ -245,9 +467,11 @@ def test_shuffled_ids_coalesce_and_a_bad_slot_in_a_run_fails_only_its_block(tmp_
         t.wait()
         assert sorted(t.reasons) == sorted(bad) and t.lost == set(bad)
         assert all("checksum mismatch" in t.reasons[k] for k in bad)
-        for k in range(n):
-            want = poison_bytes(ALIGNED) if k in bad else block_bytes(src, int(ids[k]))
-            assert block_bytes(dst, int(back[k])) == want
+        for k in range(n):  # read straight into G2, a failed block's bytes are unspecified (and never served)
+            if k not in bad:
+                assert block_bytes(dst, int(back[k])) == block_bytes(src, int(ids[k]))
+            elif preset != "g2":  # through a chunk: the destination untouched
+                assert block_bytes(dst, int(back[k])) == poison_bytes(ALIGNED)
         disk.close()
 
 

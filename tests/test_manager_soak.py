@@ -45,17 +45,27 @@ class Faults:
         return copy
 
     def wrap_reads(self, mgr: BlockManager) -> None:
+        """Disk reads failing at random, slot by slot: a doomed slot's bytes are garbage and its request's checks
+        and copies (the per-request hook, on the I/O thread) never see it, as for a slot the disk could not read."""
         real_read = mgr.store.cache("G3").file.read_slots
         sb = mgr.store.cache("G3").slot_bytes
 
-        def read_slots(slots, dst, buf_blocks=None, **hooks):
-            result = real_read(slots, dst, buf_blocks, **hooks)
-            for s, b in zip(slots, buf_blocks):
-                if self.rng.random() < self.rate:
-                    self.injected += 1
-                    dst[b * sb:(b + 1) * sb] = self.rng.integers(0, 256, sb, dtype=np.uint8)
-                    result.errors[s] = OSError(errno.EIO, "injected read failure")
-            return SlotIOResult(result.slots, result.errors)
+        def read_slots(slots, dst, buf_blocks=None, on_read=None):
+            garbage = {s: self.rng.integers(0, 256, sb, dtype=np.uint8) for s in slots
+                       if self.rng.random() < self.rate}  # drawn here, in order: the seeded soak stays repeatable
+
+            def hook(run):
+                for s, b in run:
+                    if s in garbage:
+                        dst[b * sb:(b + 1) * sb] = garbage[s]
+                rest = [(s, b) for s, b in run if s not in garbage]
+                if rest and on_read is not None:
+                    on_read(rest)
+
+            result = real_read(slots, dst, buf_blocks, on_read=hook)
+            self.injected += len(garbage)
+            errors = {**result.errors, **{s: OSError(errno.EIO, "injected read failure") for s in garbage}}
+            return SlotIOResult(result.slots, errors)
 
         mgr.store.cache("G3").file.read_slots = read_slots
 

@@ -2,16 +2,21 @@
 
 The reads and writes run on the disk threads of the `Transfers` object (`disk_executor`), never the caller's.
 A host cache whose blocks are whole dense runs at exactly the slot stride, in the disk's inner order and from a
-4 KiB-aligned base (G2 when ``block_bytes`` is a multiple of 4096) is written straight from its own memory.
-Everything else goes through a chunk of the shared pinned bounce pool (`kvbm.kernels.bounce`): the layout
-conversion between the cache and the chunk is a `Transfers.submit` issued from the steps, i.e. on the thread that
-polls the transfer (never a disk thread: a numba parallel copy on a disk thread while the caller runs its own aborts
-the process where numba has no thread-safe threading layer), and the disk threads only move the chunk's bytes.
+4 KiB-aligned base (G2 when ``block_bytes`` is a multiple of 4096) is written straight from its own memory and read
+straight into it (O_DIRECT into the destination blocks, no copy). Everything else goes through a chunk of the
+shared pinned bounce pool (`kvbm.kernels.bounce`).
 
-Reads always land in a bounce chunk first, are verified there (I/O result and checksum) and only the blocks read
-intact are copied on, so a failed read never writes a byte into the destination. Reading one slot into several
-destination blocks reads it once and fans out. `bounced_write_steps` / `bounced_read_steps` also serve the GPU's
-POSIX path (`gpu_disk`): the copy to or from the chunk is then a GPU <-> host transfer.
+Writes through a chunk: the layout conversion from the cache into the chunk is a parallel numba copy issued from
+the steps, i.e. on the thread that polls the transfer (a numba parallel copy on a disk thread while the caller runs
+its own aborts the process where numba has no thread-safe threading layer); the disk threads then write the
+chunk's bytes. Reads through a chunk: each I/O request of a batch, on its I/O thread, reads its slots into the
+chunk, verifies them (I/O result and checksum) and copies the blocks read intact on into the destination with a
+single-threaded numba copy (no parallel region), so the copies of several requests run at once and beside the
+other requests' reads, and a block that failed is never copied: the destination stays untouched. Read straight
+into a host cache, a failed block's destination bytes are unspecified (the block is reported failed, never
+served). Reading one slot into several destination blocks reads it once and fans out. `bounced_write_steps` /
+`bounced_read_steps` also serve the GPU's POSIX path (`gpu_disk`): the copy to or from the chunk is then a GPU <->
+host transfer issued from the polling thread.
 """
 from __future__ import annotations
 
@@ -76,7 +81,7 @@ class _Batch:
         self.chunk = chunk
         self.stage: BlockTransfer | None = None
         self.io: Future | None = None
-        self.local: np.ndarray | None = None  # reads: chunk block of each destination position
+        self.targets: list[list[int]] = []  # host reads: the positions each slot of the batch feeds
 
     def waiting_on(self) -> Any:
         return self.io if self.io is not None else self.stage
@@ -244,12 +249,45 @@ def bounced_write_steps(transfers: Transfers, src: Any, disk: DiskKVCache, src_i
     return errors
 
 
+class _Reads:
+    """The distinct slots of a read (each is read once, checked under its first block's tag) and, per batch of
+    them, the destination positions each one feeds (the slot's first position first)."""
+
+    def __init__(self, src_ids: np.ndarray, tags: list[int] | None, size: int) -> None:
+        self.src_ids, self.tags = src_ids, tags
+        self.slots, self.first, self.inverse = np.unique(src_ids, return_index=True, return_inverse=True)
+        n = self.slots.size
+        self.batches = deque(np.arange(i, min(i + size, n)) for i in range(0, n, size))
+
+    def read_tags(self, uniq: np.ndarray) -> list[int] | None:
+        """The tags the slots of a batch are checked under."""
+        return None if self.tags is None else [self.tags[f] for f in self.first[uniq].tolist()]
+
+    def targets(self, uniq: np.ndarray) -> list[list[int]]:
+        """Per slot of a batch (``uniq``: consecutive distinct-slot indices), the positions it feeds."""
+        if self.slots.size == self.src_ids.size:  # no slot read twice
+            return [[p] for p in self.first[uniq].tolist()]
+        out: list[list[int]] = [[] for _ in range(uniq.size)]
+        lo = int(uniq[0])
+        for p in np.flatnonzero((self.inverse >= lo) & (self.inverse <= int(uniq[-1]))).tolist():
+            out[int(self.inverse[p]) - lo].append(p)
+        return out
+
+    def recheck(self, disk: DiskKVCache, u: int, p: int, row: np.ndarray) -> str | None:
+        """Why position ``p``, fed by slot ``u`` read and checked under its first position's tag, fails under its
+        own tag (a block asked for under another tag than the one it was written under); None if it does not."""
+        if self.tags is None or self.tags[p] == self.tags[int(self.first[u])]:
+            return None
+        reason = disk._verify(int(self.slots[u]), row, self.tags[p])
+        return None if reason is None else f"disk read failed: {reason}"
+
+
 def bounced_read_steps(transfers: Transfers, disk: DiskKVCache, dst: Any, src_ids: np.ndarray,
                        dst_ids: np.ndarray, tags: list[int] | None, pool: BouncePool,
                        stage: StageFn | None = None, io: IoFn | None = None, me: list | None = None) -> Steps:
-    """Steps of reading slots ``src_ids`` into blocks ``dst_ids`` of ``dst``: per chunk of distinct slots,
-    ``io(slots, chunk blocks, tags)`` on a disk thread (default: `DiskKVCache.read_slots` into the pool's bytes,
-    checksums verified), then chunk -> ``dst`` of the blocks read intact by ``stage`` (default
+    """Steps of reading slots ``src_ids`` into blocks ``dst_ids`` of ``dst`` (a GPU cache): per chunk of
+    distinct slots, ``io(slots, chunk blocks, tags)`` on a disk thread (default: `DiskKVCache.read_slots` into the
+    pool's bytes, checksums verified), then chunk -> ``dst`` of the blocks read intact by ``stage`` (default
     ``transfers.submit``) on the polling thread. A slot asked for by several blocks is read once. Returns
     ``(failed, lost)``: ``lost`` the failed blocks whose slot could not be read intact."""
     executor = transfers.disk_executor()
@@ -257,9 +295,7 @@ def bounced_read_steps(transfers: Transfers, disk: DiskKVCache, dst: Any, src_id
     io = io or (lambda s, bb, t: disk.read_slots(s, pool.array, bb, t))
     errors: dict[int, str] = {}
     lost: set[int] = set()  # failed because the slot's bytes are bad (read error, checksum), not the copy
-    slots, first, inverse = np.unique(src_ids, return_index=True, return_inverse=True)
-    size = transfers.bounce_blocks
-    pending = deque(np.arange(i, min(i + size, slots.size)) for i in range(0, slots.size, size))
+    reads = _Reads(src_ids, tags, transfers.bounce_blocks)
     in_flight: list[_Batch] = []
 
     def start(uniq: np.ndarray) -> bool:
@@ -268,8 +304,7 @@ def bounced_read_steps(transfers: Transfers, disk: DiskKVCache, dst: Any, src_id
             return False
         b = _Batch(uniq, chunk)
         in_flight.append(b)
-        read_tags = None if tags is None else [tags[first[u]] for u in uniq]
-        b.io = executor.submit(io, slots[uniq].tolist(), chunk.ids[: uniq.size].tolist(), read_tags)
+        b.io = executor.submit(io, reads.slots[uniq].tolist(), chunk.ids[: uniq.size].tolist(), reads.read_tags(uniq))
         return True
 
     def advance(b: _Batch) -> bool:
@@ -281,38 +316,128 @@ def bounced_read_steps(transfers: Transfers, disk: DiskKVCache, dst: Any, src_id
             except Exception as e:  # noqa: BLE001 - the read as a whole failed
                 bad = {k: f"disk read failed: {e!r}" for k in range(b.positions.size)}
             b.io = None
-            local = {int(u): k for k, u in enumerate(b.positions)}  # unique slot index -> chunk position
-            targets = np.flatnonzero(np.isin(inverse, b.positions))
             good = []
-            for p in targets.tolist():
-                k = local[int(inverse[p])]
-                reason = bad.get(k)
-                if (reason is None and tags is not None and pool.array is not None
-                        and tags[p] != tags[first[inverse[p]]]):
-                    row = pool.array[b.chunk.ids[k] * pool.slot_bytes:(b.chunk.ids[k] + 1) * pool.slot_bytes]
-                    reason = disk._verify(int(src_ids[p]), row, tags[p])
-                    reason = None if reason is None else f"disk read failed: {reason}"
-                if reason is None:
-                    good.append((p, k))
-                else:
-                    errors.setdefault(p, reason)
-                    lost.add(p)
+            for k, positions in enumerate(reads.targets(b.positions)):
+                block = int(b.chunk.ids[k])
+                for p in positions:
+                    reason = bad.get(k)
+                    if reason is None and pool.array is not None:
+                        row = pool.array[block * pool.slot_bytes:(block + 1) * pool.slot_bytes]
+                        reason = reads.recheck(disk, int(b.positions[k]), p, row)
+                    if reason is None:
+                        good.append((p, block))
+                    else:
+                        errors.setdefault(p, reason)
+                        lost.add(p)
             b.positions = np.array([p for p, _ in good], dtype=np.int64)
             if not good:
                 b.stage = BlockTransfer.completed(0, "none")
                 return True
             try:
-                b.stage = stage(pool.cache, dst, b.chunk.ids[[k for _, k in good]], dst_ids[b.positions])
+                b.stage = stage(pool.cache, dst, np.array([c for _, c in good], dtype=np.int64), dst_ids[b.positions])
             except Exception as e:  # noqa: BLE001 - the copy could not start: this batch's blocks fail
                 _fail(errors, b.positions, f"copy from the bounce buffer failed: {e!r}")
                 b.stage = BlockTransfer.completed(0, "none")
                 b.positions = b.positions[:0]
-            settle_copy(b, errors, in_flight)  # a copy done at once (host) gives its chunk back now
+            settle_copy(b, errors, in_flight)  # a copy done at once gives its chunk back now
             return True
         return settle_copy(b, errors, in_flight)
 
-    yield from run_batches(pending, start, advance, in_flight, pool, [] if me is None else me)
+    yield from run_batches(reads.batches, start, advance, in_flight, pool, [] if me is None else me)
     return errors, lost & set(errors)
+
+
+def host_read_steps(transfers: Transfers, disk: DiskKVCache, dst: Any, src_ids: np.ndarray, dst_ids: np.ndarray,
+                    tags: list[int] | None, pool: BouncePool, direct: np.ndarray | None,
+                    me: list | None = None) -> Steps:
+    """Steps of reading slots ``src_ids`` into blocks ``dst_ids`` of the host cache ``dst``, every byte moved on
+    the disk threads: per batch of distinct slots, `DiskKVCache.read_slots` on a disk thread, straight into the
+    destination blocks with ``direct`` (``dst``'s bytes, see `direct_array`), else into a bounce chunk. Right after
+    each I/O request's read and checks, its I/O thread copies the request's intact blocks on (`block_copier`: a
+    single-threaded copy, so copies of several requests run at once and beside the other requests' reads): from
+    the chunk into their destination blocks, or, read straight, into the other blocks that asked for the same
+    slot. A slot asked for by several blocks is read once. Returns ``(failed, lost)`` as `bounced_read_steps`."""
+    executor = transfers.disk_executor()
+    errors: dict[int, str] = {}
+    lost: set[int] = set()
+    lock = threading.Lock()  # the I/O threads of several requests report into errors and lost
+    reads = _Reads(src_ids, tags, transfers.bounce_blocks)
+    source = dst if direct is not None else pool.cache
+    buffer = direct if direct is not None else pool.array
+    sb = disk.slot_bytes
+    copies = direct is None or reads.slots.size < src_ids.size  # through a chunk, or a slot read into several
+    copy = block_copier(source, dst) if copies else None
+    in_flight: list[_Batch] = []
+
+    def start(uniq: np.ndarray) -> bool:
+        chunk = None
+        if direct is None:
+            chunk = pool.acquire()
+            if chunk is None:
+                return False
+        b = _Batch(uniq, chunk)
+        b.targets = targets = reads.targets(uniq)
+        into = reads.first[uniq] if chunk is None else None
+        blocks = dst_ids[into] if chunk is None else chunk.ids[: uniq.size]
+
+        def land(run: list[tuple[int, int]]) -> None:  # a request's intact slots, on its I/O thread
+            froms, tos, fed, bad = [], [], [], []
+            for k, block in run:
+                row = buffer[block * sb:(block + 1) * sb]
+                for p in targets[k]:
+                    reason = reads.recheck(disk, int(uniq[k]), p, row)
+                    if reason is not None:
+                        bad.append((p, reason))
+                    elif chunk is not None or p != into[k]:  # read straight: the first block already holds it
+                        froms.append(block)
+                        tos.append(int(dst_ids[p]))
+                        fed.append(p)
+            if fed:
+                try:
+                    copy(np.array(froms, dtype=np.int64), np.array(tos, dtype=np.int64))
+                except Exception as e:  # noqa: BLE001 - the copy failed: its blocks fail, the slots are intact
+                    with lock:
+                        _fail(errors, fed, f"copy of the blocks read failed: {e!r}")
+            if bad:
+                with lock:
+                    for p, reason in bad:
+                        errors.setdefault(p, reason)
+                        lost.add(p)
+
+        b.io = executor.submit(disk.read_slots, reads.slots[uniq].tolist(), buffer, blocks.tolist(),
+                               reads.read_tags(uniq), land)
+        in_flight.append(b)
+        return True
+
+    def advance(b: _Batch) -> bool:
+        if not b.io.done():
+            return False
+        try:
+            bad = b.io.result()
+        except Exception as e:  # noqa: BLE001 - the read as a whole failed
+            bad = {k: f"disk read failed: {e!r}" for k in range(b.positions.size)}
+        with lock:
+            for k, reason in bad.items():
+                for p in b.targets[k]:
+                    errors.setdefault(p, reason)
+                    lost.add(p)
+        in_flight.remove(b)
+        b.io = None
+        if b.chunk is not None:
+            b.chunk.release()
+            b.chunk = None
+        return True
+
+    yield from run_batches(reads.batches, start, advance, in_flight, pool, [] if me is None else me)
+    return errors, lost & set(errors)
+
+
+def block_copier(src: Any, dst: Any) -> Callable[[np.ndarray, np.ndarray], None]:
+    """Copies of blocks between two host caches on a disk thread (`numba_copy.serial_copier`: never a numba
+    parallel region off the caller's thread)."""
+    from ..numba_copy import serial_copier
+
+    return serial_copier(src, dst)
 
 
 def start_transfer(num_blocks: int, name: str, steps: Steps, pool: BouncePool, me: list) -> BlockTransfer:
@@ -357,11 +482,10 @@ class HostDiskPath:
         tag_list = check_tags(tags, src_ids.size)
         pool = bounce_pool(self._transfers, disk.geometry, disk.dtype, disk.slot_bytes)
         me: list = []
+        direct = direct_array(host, disk)
         if reading:
-            steps = bounced_read_steps(self._transfers, disk, host, src_ids, dst_ids, tag_list, pool,
-                                       stage=_copy_stage, me=me)
+            steps = host_read_steps(self._transfers, disk, host, src_ids, dst_ids, tag_list, pool, direct, me=me)
         else:
-            direct = direct_array(host, disk)
             steps = bounced_write_steps(self._transfers, host, disk, src_ids, dst_ids, tag_list, pool, direct,
                                         stage=_copy_stage, me=me)
         return start_transfer(src_ids.size, self.name, steps, pool, me)
