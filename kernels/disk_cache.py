@@ -261,8 +261,9 @@ class _DiskView(DiskKVCache):
         return self._base.write_slots(slots, buffer, buf_blocks, tags)
 
     def read_slots(self, slots: Sequence[int], buffer: np.ndarray, buf_blocks: Sequence[int],
-                   tags: Sequence[int] | None = None) -> dict[int, str]:
-        return self._base.read_slots(slots, buffer, buf_blocks, tags)
+                   tags: Sequence[int] | None = None,
+                   on_verified: Callable[[list[tuple[int, int]]], None] | None = None) -> dict[int, str]:
+        return self._base.read_slots(slots, buffer, buf_blocks, tags, on_verified)
 
     def view(self, geometry: KVGeometry, dtype: torch.dtype) -> DiskKVCache:
         return self._base.view(geometry, dtype)

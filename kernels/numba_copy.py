@@ -89,3 +89,13 @@ def serial_copier(src: PagedKVCache, dst: PagedKVCache) -> Callable[[np.ndarray,
 def numba_copy(src: PagedKVCache, dst: PagedKVCache, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
     """Conversion backend for two CPU caches (ids already validated on the host)."""
     run_plan(build_plan(src, dst), src, dst, src_ids.numpy(), dst_ids.numpy())
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the copies for every unit size, so a first transfer (whose time the
+    cost rule learns from) does not pay for it."""
+    ids = np.zeros(1, dtype=np.int64)
+    for unit in _NP_UNIT.values():
+        memory = np.zeros(2, dtype=unit)
+        for kernel in (_copy_pieces, _copy_pieces_serial):
+            kernel(memory, memory.copy(), ids, ids, ids, ids, 1, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1)

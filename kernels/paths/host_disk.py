@@ -467,7 +467,10 @@ class HostDiskPath:
     name = "host-disk"
 
     def __init__(self, transfers: Transfers) -> None:
+        from ..numba_copy import warm_up
+
         self._transfers = transfers
+        warm_up()  # the layout conversions compile now, not inside a first (timed) read
 
     def submit(self, src: Any, dst: Any, src_ids: np.ndarray, dst_ids: np.ndarray, *,
                tags: Sequence[int] | None = None) -> BlockTransfer:
