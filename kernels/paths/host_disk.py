@@ -87,6 +87,15 @@ class _Batch:
         return self.io if self.io is not None else self.stage
 
 
+def _read_failures(b: _Batch) -> dict[int, str]:
+    """The failed blocks of a batch's finished disk read ({index in the batch: reason}); every block when the read
+    as a whole raised."""
+    try:
+        return b.io.result()
+    except Exception as e:  # noqa: BLE001 - the read as a whole failed
+        return {k: f"disk read failed: {e!r}" for k in range(b.positions.size)}
+
+
 def _fail(errors: dict[int, str], positions: Sequence[int], reason: str) -> None:
     for p in positions:
         errors.setdefault(int(p), reason)
@@ -311,10 +320,7 @@ def bounced_read_steps(transfers: Transfers, disk: DiskKVCache, dst: Any, src_id
         if b.stage is None:
             if not b.io.done():
                 return False
-            try:
-                bad = b.io.result()
-            except Exception as e:  # noqa: BLE001 - the read as a whole failed
-                bad = {k: f"disk read failed: {e!r}" for k in range(b.positions.size)}
+            bad = _read_failures(b)
             b.io = None
             good = []
             for k, positions in enumerate(reads.targets(b.positions)):
@@ -412,10 +418,7 @@ def host_read_steps(transfers: Transfers, disk: DiskKVCache, dst: Any, src_ids: 
     def advance(b: _Batch) -> bool:
         if not b.io.done():
             return False
-        try:
-            bad = b.io.result()
-        except Exception as e:  # noqa: BLE001 - the read as a whole failed
-            bad = {k: f"disk read failed: {e!r}" for k in range(b.positions.size)}
+        bad = _read_failures(b)
         with lock:
             for k, reason in bad.items():
                 for p in b.targets[k]:

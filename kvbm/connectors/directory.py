@@ -33,7 +33,8 @@ import urllib.request
 import uuid
 from typing import Any
 
-__all__ = ["MAX_TXN_OPS", "PREFIX", "HASH_MASK", "HashDirectory", "decode_record", "parse_key", "wait_until"]
+__all__ = ["MAX_TXN_OPS", "PREFIX", "HASH_MASK", "HashDirectory", "check_endpoint", "decode_record", "parse_key",
+           "wait_until"]
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,7 @@ class HashDirectory:
                  timeout_s: float = 2.0) -> None:
         """``url``: etcd's client URL (``http://host:2379``); ``block_size``: tokens per block (instances with
         another block size are never matched); ``lease_s``: how long entries outlive their instance."""
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"etcd endpoint must be an http(s) URL such as http://127.0.0.1:2379, got {url!r}")
-        if not lease_s >= 1:
-            raise ValueError(f"lease_s must be at least 1 second, got {lease_s!r}")
+        check_endpoint(url, lease_s)
         self.url = url.rstrip("/")
         self.block_size = int(block_size)
         self.lease_s = float(lease_s)
@@ -215,6 +213,14 @@ class HashDirectory:
     @staticmethod
     def _instance_key(instance: str) -> str:
         return f"{PREFIX}i/{instance}"
+
+
+def check_endpoint(url: str, lease_s: float) -> None:
+    """Raise ValueError unless ``url`` is an http(s) URL and ``lease_s`` at least 1 second."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"etcd endpoint must be an http(s) URL such as http://127.0.0.1:2379, got {url!r}")
+    if not lease_s >= 1:
+        raise ValueError(f"lease_s must be at least 1 second, got {lease_s!r}")
 
 
 def wait_until(condition: Any, timeout_s: float) -> bool:

@@ -37,7 +37,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kvbm.connectors.directory import HASH_MASK, PREFIX, decode_record, parse_key, wait_until
+from kvbm.connectors.directory import HASH_MASK, PREFIX, check_endpoint, decode_record, parse_key, wait_until
 from kvbm.leader.plans import RemoteSource
 from kvbm.metrics import KvbmMetrics
 
@@ -90,10 +90,7 @@ class DirectoryView:
         ``instance``: this instance's name in the directory (its own entries are not kept); ``lease_s``: the
         directory's lease, which paces the keep-alive probes; ``timeout_s``: per range read, and for a watch to be
         established."""
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"etcd endpoint must be an http(s) URL such as http://127.0.0.1:2379, got {url!r}")
-        if not lease_s >= 1:
-            raise ValueError(f"lease_s must be at least 1 second, got {lease_s!r}")
+        check_endpoint(url, lease_s)
         self.url = url.rstrip("/")
         self.block_size = int(block_size)
         self.instance = instance
