@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -33,6 +34,11 @@ def policy(g3_bw: float = 2e9, *, g2_bw: float = 20e9, g3_latency: float = 0.2e-
     """16-token blocks of 2 MiB: recompute 1.6 ms per block at 10k tokens/s."""
     return LoadCostPolicy(["G2", "G3"], block_bytes=BLOCK, block_tokens=16, bandwidth={"G2": g2_bw, "G3": g3_bw},
                           latency={"G2": 0.05e-3, "G3": g3_latency}, prefill_rate=prefill, **kw)
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(request.node.name.encode()))
 
 
 class Clock:
@@ -181,6 +187,75 @@ def test_prefill_rate_learned_from_steps():
     assert p.decide((4, 8)).hits == (4, 8)
     with pytest.raises(ValueError, match="seconds"):
         p.observe_prefill(10, 0.0)
+
+
+# An H100 step of a Llama-3.1-8B-shaped model, modelled: 12 ms of fixed cost, then 38k tokens/s at the margin.
+FIXED_S, MARGINAL = 12e-3, 38_000.0
+
+
+def step_seconds(tokens: int, rng: np.random.Generator, noise: float = 0.03) -> float:
+    return (FIXED_S + tokens / MARGINAL) * float(rng.uniform(1 - noise, 1 + noise))
+
+
+def test_prefill_rate_is_the_marginal_rate_and_flips_a_decision(rng):
+    """Mostly short steps: their average rate (13.7k tokens/s for 256 tokens, 31k for 2048) overrates recomputing.
+    G3 loads a block in 0.47 ms: faster than recomputing it at any step's average rate (0.51 ms at the fastest),
+    slower than at the marginal rate (0.42 ms), so the G3 part is dropped; G2 (0.1 ms a block) is kept."""
+    p = policy(g3_bw=4.5e9, g3_latency=0.0)
+    averages = []
+    for i in range(40):
+        tokens = 2048 if i % 4 == 3 else 256
+        seconds = step_seconds(tokens, rng)
+        averages.append(tokens / seconds)
+        p.observe_prefill(tokens, seconds)
+    d = p.decide((4, 8))
+    assert (d.hits, d.dropped) == ((4, 0), (0, 8)) and d.load_seconds < d.recompute_seconds
+    assert p.prefill_rate == pytest.approx(MARGINAL, rel=0.04)
+    assert max(averages) < 0.85 * MARGINAL
+    assert 16 / MARGINAL < p.load_seconds((0, 1)) < 16 / max(averages)
+
+
+def test_steps_of_one_size_keep_the_average_rate(rng):
+    """No slope to fit: steps all of 1024 tokens, then sizes within 20% of each other, give the average rate."""
+    p = policy()
+    for _ in range(40):
+        p.observe_prefill(1024, step_seconds(1024, rng, noise=0.0))
+    assert p.prefill_rate == pytest.approx(1024 / (FIXED_S + 1024 / MARGINAL))
+    q = policy()
+    tokens = [int(t) for t in rng.integers(1000, 1200, size=40)]
+    for n in tokens:
+        q.observe_prefill(n, step_seconds(n, rng, noise=0.0))
+    assert q.prefill_rate == pytest.approx(1100 / (FIXED_S + 1100 / MARGINAL), rel=0.02)
+    assert q.prefill_rate < 0.75 * MARGINAL
+
+
+def test_a_few_outlying_steps_do_not_move_the_marginal_rate(rng):
+    """Steps of 128-4096 tokens; among the last 32, three short ones were held up (0.3 s) and one long one timed
+    short (5 ms). A least-squares line through them slopes down; the fit stays within 10% of the marginal rate."""
+    p = policy()
+    steps = [(n, step_seconds(n, rng)) for n in (int(t) for t in rng.integers(128, 4097, size=40))]
+    steps[20], steps[27], steps[33] = (128, 0.3), (130, 0.3), (140, 0.3)
+    steps[38] = (4096, 5e-3)
+    for n, seconds in steps:
+        p.observe_prefill(n, seconds)
+    window = np.array(steps[-32:], dtype=np.float64)
+    assert np.polyfit(window[:, 0], window[:, 1], 1)[0] < 0
+    assert p.prefill_rate == pytest.approx(MARGINAL, rel=0.1)
+
+
+def test_marginal_rate_is_exported_and_logged(rng, caplog):
+    metrics = KvbmMetrics()
+    p = policy(prefill=5000.0, metrics=metrics)
+    caplog.set_level(logging.INFO, logger="kvbm.policies.cost")
+    for i in range(12):
+        tokens = 128 * (1 + i % 8)
+        p.observe_prefill(tokens, step_seconds(tokens, rng))
+    assert p.prefill_rate == pytest.approx(MARGINAL, rel=0.05)
+    assert metrics.value("kvbm_prefill_tokens_per_second") == p.prefill_rate
+    logged = [float(r.getMessage().split(" now ")[1].split()[0]) for r in caplog.records
+              if r.levelno == logging.INFO and "prefill rate now" in r.getMessage()]
+    assert logged[-1] == pytest.approx(p.prefill_rate, rel=0.2)  # logged when the fit took over from the average
+    assert max(logged[:-1]) < 0.5 * MARGINAL
 
 
 def test_a_dropped_tier_is_probed_with_one_batch_per_interval():
