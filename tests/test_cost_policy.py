@@ -21,6 +21,7 @@ from kvbm.leader.plans import Move, MoveKind
 from kvbm.manager import BlockManager, BlockResult, Match
 from kvbm.metrics import KvbmMetrics
 from kvbm.policies.cost import LoadCostPolicy
+from kvbm.policies.step_fit import MIN_PAIRS, WINDOW, StepFit
 from kvbm.tiers import TierSpec
 from kvbm.worker.store import BlockStore
 from manager_testkit import GEOM, config, make_gpu
@@ -227,6 +228,28 @@ def test_steps_of_one_size_keep_the_average_rate(rng):
         q.observe_prefill(n, step_seconds(n, rng, noise=0.0))
     assert q.prefill_rate == pytest.approx(1100 / (FIXED_S + 1100 / MARGINAL), rel=0.02)
     assert q.prefill_rate < 0.75 * MARGINAL
+
+
+def test_the_fit_needs_enough_pairs_of_steps_of_different_sizes(rng):
+    """Pairs count only where sizes differ by a quarter or more; the fit starts at MIN_PAIRS of them, and only the
+    last WINDOW steps count: once they are all of one size again, the average rate is back."""
+    fit = StepFit()
+    fit.add(1000, step_seconds(1000, rng))
+    for _ in range(WINDOW - 1):
+        fit.add(1240, step_seconds(1240, rng))  # within a quarter of 1000: no pair counts
+    assert fit.per_token is None
+    fit = StepFit()
+    fit.add(1000, step_seconds(1000, rng))
+    for k in range(1, MIN_PAIRS + 1):  # k steps of 2000 tokens: k pairs with the one of 1000
+        assert fit.per_token is None
+        fit.add(2000, step_seconds(2000, rng))
+    assert fit.per_token == pytest.approx(1 / MARGINAL, rel=0.15)
+    for _ in range(WINDOW):
+        fit.add(2000, step_seconds(2000, rng))
+    assert fit.per_token is None
+    for _ in range(MIN_PAIRS):
+        fit.add(4000, 1e-3)  # bigger steps timed faster: no positive slope
+    assert fit.per_token is None
 
 
 def test_a_few_outlying_steps_do_not_move_the_marginal_rate(rng):
