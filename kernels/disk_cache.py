@@ -16,8 +16,10 @@ live in memory and every read is verified against them, so a flipped byte, two s
 the file or a block read under another tag fails that block ("checksum mismatch") instead of handing over wrong
 bytes. A slot written by cuFile straight from GPU memory has no checksum (its bytes never pass through the host)
 and is read unverified. Checksums are computed and verified per I/O request on the file's I/O threads (just before
-a request's write, right after its read), in parallel with the batch's other requests; a reader's ``on_verified``
-hook then takes a request's intact blocks on from the same thread (the host path copies them to their destination).
+a request's write, right after its read), in parallel with the batch's other requests; a writer's ``prepare`` hook
+fills a request's blocks on the same thread just before (the host path converts them into a bounce chunk), a
+reader's ``on_verified`` hook takes a request's intact blocks on from it (the host path copies them to their
+destination).
 """
 from __future__ import annotations
 
@@ -148,15 +150,22 @@ class DiskKVCache:
                        self.name, old.path, self.file.path)
 
     def write_slots(self, slots: Sequence[int], buffer: np.ndarray, buf_blocks: Sequence[int],
-                    tags: Sequence[int] | None = None) -> dict[int, str]:
+                    tags: Sequence[int] | None = None,
+                    prepare: Callable[[list[tuple[int, int]]], None] | None = None) -> dict[int, str]:
         """Write blocks ``buf_blocks`` of the flat uint8 ``buffer`` (one block per ``slot_bytes``) into ``slots``
-        and record their checksums; return {position: reason} of the writes that failed. Slots must be distinct."""
+        and record their checksums; return {position: reason} of the writes that failed. Slots must be distinct.
+
+        ``prepare``, if given, is called on the I/O thread of each request, before its checksums and its write,
+        with the request's (position, buffer block) pairs (e.g. to fill those blocks from a cache of another
+        layout while the other requests are in flight); if it raises, the request's blocks fail."""
         self._renew_if_deleted()
         rows = self._blocks(buffer)
         position = {int(s): k for k, s in enumerate(slots)}
         sums = [0] * len(position)
 
         def checksum_request(run: list[tuple[int, int]]) -> None:  # on the request's I/O thread, before its write
+            if prepare is not None:
+                prepare([(position[s], b) for s, b in run])
             for s, b in run:
                 k = position[s]
                 sums[k] = self.checksum(rows[b], None if tags is None else tags[k])
@@ -257,8 +266,9 @@ class _DiskView(DiskKVCache):
         return self._base._verify(slot, block, tag)
 
     def write_slots(self, slots: Sequence[int], buffer: np.ndarray, buf_blocks: Sequence[int],
-                    tags: Sequence[int] | None = None) -> dict[int, str]:
-        return self._base.write_slots(slots, buffer, buf_blocks, tags)
+                    tags: Sequence[int] | None = None,
+                    prepare: Callable[[list[tuple[int, int]]], None] | None = None) -> dict[int, str]:
+        return self._base.write_slots(slots, buffer, buf_blocks, tags, prepare)
 
     def read_slots(self, slots: Sequence[int], buffer: np.ndarray, buf_blocks: Sequence[int],
                    tags: Sequence[int] | None = None,

@@ -78,8 +78,9 @@ def config(tmp_path=None, *, host: int | None = None, disk: int | None = None, *
 
 def patch_copies(monkeypatch, mgr, make) -> None:
     """Route every layout copy the transfer paths make through ``make(real_copy)`` (same argument order: src, dst,
-    ids, ids): ``copy_blocks`` in each path module (CPU G1, the disk bounce buffers), the copies of disk reads on
-    the I/O threads (``host_disk.block_copier``) and, on a GPU, the transfer engine's offload and onboard."""
+    ids, ids): ``copy_blocks`` in each path module (CPU G1, the GPU's disk bounce buffers), the copies of disk
+    writes and reads on the I/O threads (``host_disk.block_copier``) and, on a GPU, the transfer engine's offload
+    and onboard."""
     for module in (paths.host_host, paths.host_disk, paths.gpu_host, paths.gpu_disk):
         if hasattr(module, "copy_blocks"):
             monkeypatch.setattr(module, "copy_blocks", make(module.copy_blocks))

@@ -212,6 +212,52 @@ def test_on_verified_gets_each_requests_intact_blocks_on_its_io_thread(tmp_path,
         assert all("injected" in errors[k] for k in doomed if k != bad)
 
 
+def test_prepare_fills_each_requests_blocks_on_its_io_thread_before_the_checksums(tmp_path, rng):
+    """``prepare`` runs per request, on the request's I/O thread, before its checksums and write: what it puts in
+    the buffer is what is written and summed (reads back verified under the tags); a hook that raises fails
+    exactly its request's blocks, whose slots then read back failed, never served."""
+    n = 40
+    with DiskKVCache(tmp_path, PADDED, torch.bfloat16, n) as disk:
+        sb, bb = disk.slot_bytes, PADDED.block_bytes
+        disk.file._slots_per_request = 4
+        slots = [int(s) for s in rng.permutation(n)]
+        blocks = [int(b) for b in rng.permutation(n)]
+        tags = [int(t) for t in rng.integers(1, 2**62, n)]
+        want = random_slots(rng, n, sb)  # block k's bytes, filled into the buffer only by the hook
+        buffer = poisoned(n, sb)
+        calls: list[tuple[str, list[tuple[int, int]]]] = []
+        lock = threading.Lock()
+
+        def fill(run):
+            with lock:
+                calls.append((threading.current_thread().name, run))
+            for k, b in run:
+                assert b == blocks[k]
+                buffer[b * sb:(b + 1) * sb] = want[k * sb:(k + 1) * sb]
+
+        assert disk.write_slots(slots, buffer, blocks, tags, prepare=fill) == {}
+        assert sorted(k for _, run in calls for k, _ in run) == list(range(n))
+        assert len(calls) >= n // 4 and all(len(run) <= 4 for _, run in calls)
+        assert all(name.startswith("kvbm-disk") for name, _ in calls)
+        dst = poisoned(n, sb)
+        assert disk.read_slots(slots, dst, list(range(n)), tags) == {}
+        assert all(dst[k * sb:k * sb + bb].tobytes() == want[k * sb:k * sb + bb].tobytes() for k in range(n))
+
+        doomed: list[int] = []
+        trigger = int(rng.integers(0, n))
+
+        def failing(run):
+            if any(k == trigger for k, _ in run):
+                doomed.extend(k for k, _ in run)
+                raise RuntimeError("injected")
+
+        errors = disk.write_slots(slots, random_slots(rng, n, sb), blocks, tags, prepare=failing)
+        assert trigger in doomed and len(doomed) <= 4 and set(errors) == set(doomed)
+        assert all("injected" in errors[k] for k in doomed)
+        read = disk.read_slots(slots, poisoned(n, sb), list(range(n)), tags)
+        assert set(read) == set(doomed) and all("last write failed" in read[k] for k in doomed)
+
+
 def test_tags_bind_the_checksum_to_the_block(disk, rng):
     sb, bb = disk.slot_bytes, PADDED.block_bytes
     tags = [2**63 + 5, -7, 0]

@@ -104,26 +104,21 @@ def round_trip(transfers, tmp_path, rng, preset, geometry, n=11, **submit):
 
 
 def spy_copies(monkeypatch) -> list[tuple[str, str]]:
-    """(what, thread) of every block copy of the host paths: to a bounce chunk (`copy_blocks`, writes), from one
-    or between destination blocks (`block_copier`, reads)."""
+    """(what, thread) of every block copy of the host paths (`block_copier`): to a bounce chunk (writes), from one
+    or between destination blocks (reads)."""
     seen: list[tuple[str, str]] = []
-    real_copy, real_copier = host_disk.copy_blocks, host_disk.block_copier
-
-    def copy(src, dst, *args, **kwargs):
-        seen.append(("to bounce" if dst.name == SLOT_LAYOUT else "from bounce", threading.current_thread().name))
-        return real_copy(src, dst, *args, **kwargs)
+    real_copier = host_disk.block_copier
 
     def copier(src, dst):
         inner = real_copier(src, dst)
 
         def run(src_ids, dst_ids):
-            what = "from bounce" if src.name == SLOT_LAYOUT else "fan-out"
+            what = "from bounce" if src.name == SLOT_LAYOUT else "to bounce" if dst.name == SLOT_LAYOUT else "fan-out"
             seen.append((what, threading.current_thread().name))
             inner(src_ids, dst_ids)
 
         return run
 
-    monkeypatch.setattr(host_disk, "copy_blocks", copy)
     monkeypatch.setattr(host_disk, "block_copier", copier)
     return seen
 
@@ -147,7 +142,7 @@ def test_host_disk_round_trip(transfers, tmp_path, rng, preset, geometry, direct
     disk.close()
 
 
-def test_io_on_disk_threads_and_conversions_from_the_bounce_chunk_too(transfers, tmp_path, rng, monkeypatch):
+def test_io_and_conversions_to_and_from_the_bounce_chunk_on_disk_threads(transfers, tmp_path, rng, monkeypatch):
     seen: dict[str, set[str]] = {"write": set(), "read": set()}
     staged = spy_copies(monkeypatch)
     real_w, real_r = DiskKVCache.write_slots, DiskKVCache.read_slots
@@ -163,10 +158,9 @@ def test_io_on_disk_threads_and_conversions_from_the_bounce_chunk_too(transfers,
     monkeypatch.setattr(DiskKVCache, "write_slots", write)
     monkeypatch.setattr(DiskKVCache, "read_slots", read)
     _, disk, _ = round_trip(transfers, tmp_path, rng, "vllm_flash_attn_nhd", PADDED)
-    me = threading.current_thread().name
-    assert {t for what, t in staged if what == "to bounce"} == {me}  # numba's parallel copy: the caller's thread
-    from_bounce = {t for what, t in staged if what == "from bounce"}  # the serial copy, per request
-    assert from_bounce and all(t.startswith("kvbm-disk") for t in from_bounce)
+    for what in ("to bounce", "from bounce"):  # the serial copy, per request
+        threads = {t for w, t in staged if w == what}
+        assert threads and all(t.startswith("kvbm-disk") for t in threads), (what, threads)
     assert seen["write"] and seen["read"] and all(n.startswith("kvbm-disk") for n in seen["write"] | seen["read"])
     disk.close()
 
@@ -184,7 +178,8 @@ def write_shuffled(transfers, tmp_path, rng, preset, n, spare=8, tags=None):
 
 
 def copies_of_reads(monkeypatch) -> list[tuple[str, list[int]]]:
-    """(thread, destination blocks) of every copy `block_copier`'s copies make."""
+    """(thread, destination blocks) of every copy of reads `block_copier`'s copies make (not those of writes, into
+    a bounce chunk)."""
     calls: list[tuple[str, list[int]]] = []
     lock = threading.Lock()
     real = host_disk.block_copier
@@ -193,8 +188,9 @@ def copies_of_reads(monkeypatch) -> list[tuple[str, list[int]]]:
         inner = real(src, dst)
 
         def run(src_ids, dst_ids):
-            with lock:
-                calls.append((threading.current_thread().name, dst_ids.tolist()))
+            if dst.name != SLOT_LAYOUT:
+                with lock:
+                    calls.append((threading.current_thread().name, dst_ids.tolist()))
             inner(src_ids, dst_ids)
 
         return run
@@ -266,7 +262,7 @@ def test_a_failing_copy_fails_only_its_requests_blocks(tmp_path, rng, monkeypatc
         inner = real(src, dst)
 
         def run(src_ids, dst_ids):
-            if 7 in dst_ids.tolist():
+            if src.name == SLOT_LAYOUT and 7 in dst_ids.tolist():  # a read's copy out of the chunk
                 victim.extend(dst_ids.tolist())
                 raise RuntimeError("injected copy failure")
             inner(src_ids, dst_ids)
@@ -332,10 +328,161 @@ def test_direct_reads_land_in_g2_without_a_chunk_or_a_copy(tmp_path, rng, monkey
         disk.close()
 
 
+def copies_of_writes(monkeypatch) -> list[tuple[str, list[int]]]:
+    """(thread, source blocks) of every copy `block_copier`'s copies make into a bounce chunk."""
+    calls: list[tuple[str, list[int]]] = []
+    lock = threading.Lock()
+    real = host_disk.block_copier
+
+    def copier(src, dst):
+        inner = real(src, dst)
+
+        def run(src_ids, dst_ids):
+            if dst.name == SLOT_LAYOUT:
+                with lock:
+                    calls.append((threading.current_thread().name, src_ids.tolist()))
+            inner(src_ids, dst_ids)
+
+        return run
+
+    monkeypatch.setattr(host_disk, "block_copier", copier)
+    return calls
+
+
+def read_back(transfers, disk, slots, preset, n, tags=None) -> tuple[BlockTransfer, PagedKVCache]:
+    """Slots read into blocks 0..len(slots)-1 of a poisoned ``preset`` cache of n blocks."""
+    dst = make_cache(preset, disk.geometry, n)
+    poison(dst)
+    t = transfers.submit(disk, dst, slots, np.arange(len(slots)), tags=tags)
+    t.wait()
+    return t, dst
+
+
+def test_direct_writes_from_scattered_g2_blocks_without_a_chunk_or_a_copy(tmp_path, rng, monkeypatch):
+    """Scattered blocks of a dense, 4 KiB-aligned G2 are written straight from its memory: no bounce chunk, no
+    copy, one iovec per stretch of source blocks adjacent in both the source and the file; bytes exact on disk and
+    read back under their tags; an unwritable slot fails only its block, which is then never served."""
+    n, size = 24, 96
+    calls = copies_of_writes(monkeypatch)
+    with Transfers(disk_io="posix", bounce_blocks=8, bounce_chunks=2) as transfers:
+        src = make_cache("g2", ALIGNED, size)
+        fill(src, rng)
+        disk = DiskKVCache(tmp_path, ALIGNED, DT, n + 8)
+        assert direct_array(src, disk) is not None
+        pool = bounce_pool(transfers, ALIGNED, DT, disk.slot_bytes)
+        monkeypatch.setattr(pool, "acquire", lambda: pytest.fail("a direct write took a bounce chunk"))
+        gaps = rng.integers(1, 4, n)  # scattered source blocks, some of them adjacent (gap 1)
+        gaps[9:12] = 1  # and a stretch of four for sure
+        ids = np.cumsum(gaps)
+        slots = np.arange(n)  # batches of 8 consecutive slots: one request each
+        tags = [int(x) for x in rng.integers(1, 2**62, n)]
+        unwritable = n - 3
+        bad_offset = int(slots[unwritable]) * disk.slot_bytes
+        writes: dict[int, list[int]] = {}
+        real_pwritev = os.pwritev
+
+        def pwritev(fd, bufs, offset):
+            writes.setdefault(offset, [len(b) for b in bufs])
+            if offset <= bad_offset < offset + sum(len(b) for b in bufs):
+                raise OSError(errno.EIO, "Input/output error")
+            return real_pwritev(fd, bufs, offset)
+
+        monkeypatch.setattr(os, "pwritev", pwritev)
+        t = transfers.submit(src, disk, ids, slots, tags=tags)
+        t.wait()
+        assert [k for k, r in enumerate(t.results) if r is not BlockStatus.OK] == [unwritable]
+        assert "Input/output error" in t.reasons[unwritable] and t.lost == set()
+        assert calls == []
+        for first in (0, 8, 16):  # one iovec per stretch of adjacent source blocks
+            cuts = np.flatnonzero(np.diff(ids[first:first + 8]) != 1) + 1
+            stretches = np.diff(np.concatenate([[0], cuts, [8]]))
+            assert writes[first * disk.slot_bytes] == (stretches * disk.slot_bytes).tolist()
+        assert len(writes[8 * disk.slot_bytes]) < 8  # the stretch of four is one iovec
+        with open(disk.file.path, "rb") as f:
+            for k in range(n):
+                if k != unwritable:
+                    f.seek(int(slots[k]) * disk.slot_bytes)
+                    assert f.read(ALIGNED.block_bytes) == block_bytes(src, int(ids[k]))
+        monkeypatch.setattr(os, "pwritev", real_pwritev)
+        back, dst = read_back(transfers, disk, slots, "g2", n, tags)
+        assert [k for k, r in enumerate(back.results) if r is not BlockStatus.OK] == [unwritable]
+        assert "last write failed" in back.reasons[unwritable]
+        for k in set(range(n)) - {unwritable}:  # read straight into G2: a failed block's bytes are unspecified
+            assert block_bytes(dst, k) == block_bytes(src, int(ids[k]))
+        disk.close()
+
+
+def test_bounced_writes_convert_each_request_on_its_io_thread(tmp_path, rng, monkeypatch):
+    """Another layout goes through a chunk that each I/O request fills with its own blocks on its I/O thread (one
+    copy per request, several per chunk), then checksums and writes; bytes exact on disk and read back."""
+    n = 40
+    calls = copies_of_writes(monkeypatch)
+    with Transfers(disk_io="posix", bounce_blocks=16, bounce_chunks=2) as transfers:
+        src = make_cache("vllm_flash_attn_nhd", ALIGNED, n + 9)
+        fill(src, rng)
+        disk = DiskKVCache(tmp_path, ALIGNED, DT, n + 8)
+        disk.file._slots_per_request = 4
+        ids = rng.permutation(n + 9)[:n]  # scattered source blocks into scattered slots
+        slots = rng.permutation(n + 8)[:n]
+        tags = [int(x) for x in rng.integers(1, 2**62, n)]
+        t = transfers.submit(src, disk, ids, slots, tags=tags)
+        t.wait()
+        assert t.ok and t.results == [BlockStatus.OK] * n, t.reasons
+        assert sorted(b for _, blocks in calls for b in blocks) == sorted(ids.tolist())  # each block copied once
+        assert len(calls) >= n // 4 and all(len(blocks) <= 4 for _, blocks in calls)
+        assert all(name.startswith("kvbm-disk") for name, _ in calls)
+        assert bounce_pool(transfers, ALIGNED, DT).num_free() == 2
+        with open(disk.file.path, "rb") as f:
+            for k in range(n):
+                f.seek(int(slots[k]) * disk.slot_bytes)
+                assert f.read(ALIGNED.block_bytes) == block_bytes(src, int(ids[k]))
+        back, dst = read_back(transfers, disk, slots, "vllm_flash_attn_nhd", n, tags)
+        assert back.ok, back.reasons
+        assert all(block_bytes(dst, k) == block_bytes(src, int(ids[k])) for k in range(n))
+        disk.close()
+
+
+def test_a_failing_write_conversion_fails_only_its_requests_blocks(tmp_path, rng, monkeypatch):
+    """A copy into the chunk that raises on an I/O thread fails the blocks of its request (nothing of them is
+    written; their slots read back FAILED, never served, even where they held a block before); the other requests'
+    blocks are written byte-exact."""
+    n = 24
+    victim: list[int] = []
+    real = host_disk.block_copier
+
+    def copier(src, dst):
+        inner = real(src, dst)
+
+        def run(src_ids, dst_ids):
+            if dst.name == SLOT_LAYOUT and 7 in src_ids.tolist():
+                victim.extend(src_ids.tolist())
+                raise RuntimeError("injected copy failure")
+            inner(src_ids, dst_ids)
+
+        return run
+
+    with Transfers(disk_io="posix", bounce_blocks=8, bounce_chunks=2) as transfers:
+        _, disk, slots = write_shuffled(transfers, tmp_path, rng, "block_major_head_first", n)  # earlier blocks
+        disk.file._slots_per_request = 4
+        monkeypatch.setattr(host_disk, "block_copier", copier)
+        src = make_cache("block_major_head_first", ALIGNED, n)
+        fill(src, rng)
+        t = transfers.submit(src, disk, np.arange(n), slots)
+        t.wait()
+        assert 7 in victim and len(victim) <= 4
+        assert sorted(k for k, r in enumerate(t.results) if r is not BlockStatus.OK) == sorted(victim)
+        assert all("injected copy failure" in t.reasons[k] for k in victim) and t.lost == set()
+        back, dst = read_back(transfers, disk, slots, "block_major_head_first", n)
+        assert sorted(k for k, r in enumerate(back.results) if r is not BlockStatus.OK) == sorted(victim)
+        for k in range(n):
+            assert block_bytes(dst, k) == (poison_bytes(ALIGNED) if k in victim else block_bytes(src, k))
+        disk.close()
+
+
 def test_copies_on_io_threads_never_run_a_parallel_region_beside_the_callers(tmp_path):
-    """numba's workqueue threading layer aborts the process when two parallel regions run at once: bounced reads
-    (a layout conversion per request on the I/O threads) while the caller runs parallel copies must not; the same
-    run with the parallel copy on the I/O threads does abort (the check can fail)."""
+    """numba's workqueue threading layer aborts the process when two parallel regions run at once: bounced writes
+    and reads (a layout conversion per request on the I/O threads) while the caller runs parallel copies must not;
+    the same run with the parallel copy on the I/O threads does abort (the check can fail)."""
     script = f"""
 import sys, numpy as np, torch
 from kvbm.kernels import numba_copy
@@ -354,9 +501,12 @@ other = allocate("vllm_flash_attn_nhd", g, n, dtype=torch.bfloat16)
 ids = np.arange(n)
 with Transfers(disk_io="posix", bounce_blocks=32, bounce_chunks=2, disk_threads=2) as transfers, \
         DiskKVCache({str(tmp_path)!r}, g, torch.bfloat16, n) as disk:
-    transfers.submit(src, disk, ids, ids).wait()
     disk.file._slots_per_request = 2
     for _ in range(30):
+        t = transfers.submit(src, disk, ids, ids)
+        while not t.done():
+            copy_blocks(src, other, ids, ids)  # a parallel region on the caller's thread
+        assert t.ok, t.reasons
         dst = allocate("vllm_flash_attn_nhd", g, n, dtype=torch.bfloat16)
         t = transfers.submit(disk, dst, ids, ids)
         while not t.done():

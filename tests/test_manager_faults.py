@@ -172,8 +172,9 @@ def test_copy_error_fails_offload_and_onboard_then_recovers(tmp_path, rng, monke
         monkeypatch.undo()
         check_onboard(mgr, gpu, hashes[:8], range(16, 24), want, [True] * 8)
         if geometry is GEOM_PADDED:
-            # the padded G2 -> G3 path copies through the bounce buffer: a failure there keeps blocks out of G3
-            monkeypatch.setattr(paths.host_disk, "copy_blocks", raising_copy)
+            # the padded G2 -> G3 path copies into the bounce buffer on the I/O threads: a failure there keeps
+            # blocks out of G3
+            monkeypatch.setattr(paths.host_disk, "block_copier", lambda src, dst: raising_copy)
             offload_all(mgr, hashes[8:10], range(8, 10))
             assert not any(mgr.index.pool("G3").contains(h) for h in hashes[8:10])
             assert mgr.metrics.value("kvbm_transfer_failed_blocks", "g2_to_g3") == 2

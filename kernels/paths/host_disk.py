@@ -1,26 +1,28 @@
 """Host <-> disk: blocks between a CPU cache (G2, an engine's cache on a CPU platform) and a `DiskKVCache` (G3).
 
-The reads and writes run on the disk threads of the `Transfers` object (`disk_executor`), never the caller's.
-A host cache whose blocks are whole dense runs at exactly the slot stride, in the disk's inner order and from a
-4 KiB-aligned base (G2 when ``block_bytes`` is a multiple of 4096) is written straight from its own memory and read
-straight into it (O_DIRECT into the destination blocks, no copy). Everything else goes through a chunk of the
-shared pinned bounce pool (`kvbm.kernels.bounce`).
+The reads and writes run on the disk threads of the `Transfers` object (`disk_executor`), never the caller's, and
+so does every copy between the host cache and a chunk. A host cache whose blocks are whole dense runs at exactly
+the slot stride, in the disk's inner order and from a 4 KiB-aligned base (G2 when ``block_bytes`` is a multiple of
+4096) is written straight from its own memory and read straight into it (O_DIRECT from or into its blocks, one
+iovec per stretch of adjacent blocks, no chunk, no copy). Everything else goes through a chunk of the shared pinned
+bounce pool (`kvbm.kernels.bounce`), converted per I/O request on that request's I/O thread with a single-threaded
+numba copy (`block_copier`: no parallel region, which would abort the process beside the caller's own where numba
+has no thread-safe threading layer), so the copies of several requests run at once and beside the other requests'
+I/O.
 
-Writes through a chunk: the layout conversion from the cache into the chunk is a parallel numba copy issued from
-the steps, i.e. on the thread that polls the transfer (a numba parallel copy on a disk thread while the caller runs
-its own aborts the process where numba has no thread-safe threading layer); the disk threads then write the
-chunk's bytes. Reads through a chunk: each I/O request of a batch, on its I/O thread, reads its slots into the
-chunk, verifies them (I/O result and checksum) and copies the blocks read intact on into the destination with a
-single-threaded numba copy (no parallel region), so the copies of several requests run at once and beside the
-other requests' reads, and a block that failed is never copied: the destination stays untouched. Read straight
-into a host cache, a failed block's destination bytes are unspecified (the block is reported failed, never
-served). Reading one slot into several destination blocks reads it once and fans out. `bounced_write_steps` /
-`bounced_read_steps` also serve the GPU's POSIX path (`gpu_disk`): the copy to or from the chunk is then a GPU <->
-host transfer issued from the polling thread.
+Writes through a chunk: each request converts its blocks from the cache into the chunk, checksums them and writes
+them; a copy that fails fails its request's blocks. Reads through a chunk: each request reads its slots into the
+chunk, verifies them (I/O result and checksum) and copies the blocks read intact on into the destination, and a
+block that failed is never copied: the destination stays untouched. Read straight into a host cache, a failed
+block's destination bytes are unspecified (the block is reported failed, never served). Reading one slot into
+several destination blocks reads it once and fans out. `bounced_write_steps` / `bounced_read_steps` serve the GPU's
+POSIX path (`gpu_disk`): the copy to or from the chunk is then a GPU <-> host transfer issued from the polling
+thread.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -28,8 +30,6 @@ from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
-
-from kvbm.layouts import copy_blocks
 
 from ..block_transfer import BlockTransfer, Steps
 from ..bounce import BounceChunk, BouncePool, bounce_pool
@@ -188,14 +188,12 @@ def run_batches(pending: deque, start: Any, advance: Any, in_flight: list, pool:
 
 
 def bounced_write_steps(transfers: Transfers, src: Any, disk: DiskKVCache, src_ids: np.ndarray,
-                        dst_ids: np.ndarray, tags: list[int] | None, pool: BouncePool | None,
-                        direct: np.ndarray | None = None, stage: StageFn | None = None,
-                        io: IoFn | None = None, me: list | None = None) -> Steps:
-    """Steps of writing blocks ``src_ids`` of ``src`` into slots ``dst_ids``: per chunk, ``src`` -> chunk by
-    ``stage`` (default ``transfers.submit``; on the polling thread), then ``io(slots, chunk blocks, tags)`` on a
-    disk thread (default: `DiskKVCache.write_slots` from the pool's bytes). With ``direct`` (the host cache's
-    bytes, see `direct_array`) the disk threads write straight from it, without a chunk. ``me`` holds the
-    `BlockTransfer` these steps run in once it exists (see `start_transfer`)."""
+                        dst_ids: np.ndarray, tags: list[int] | None, pool: BouncePool,
+                        stage: StageFn | None = None, io: IoFn | None = None, me: list | None = None) -> Steps:
+    """Steps of writing blocks ``src_ids`` of ``src`` (a GPU cache) into slots ``dst_ids``: per chunk, ``src`` ->
+    chunk by ``stage`` (default ``transfers.submit``; on the polling thread), then ``io(slots, chunk blocks, tags)``
+    on a disk thread (default: `DiskKVCache.write_slots` from the pool's bytes). ``me`` holds the `BlockTransfer`
+    these steps run in once it exists (see `start_transfer`)."""
     executor = transfers.disk_executor()
     stage = stage or transfers.submit
     errors: dict[int, str] = {}
@@ -204,20 +202,9 @@ def bounced_write_steps(transfers: Transfers, src: Any, disk: DiskKVCache, src_i
     pending = deque(order[i:i + size] for i in range(0, order.size, size))
     in_flight: list[_Batch] = []
 
-    def write(b: _Batch, good: np.ndarray, buffer: np.ndarray | None, buf_blocks: np.ndarray) -> None:
-        b.positions = good
-        args = (dst_ids[good].tolist(), buf_blocks.tolist(), None if tags is None else [tags[p] for p in good])
-        if io is not None:
-            b.io = executor.submit(io, *args)
-        else:
-            b.io = executor.submit(lambda s, bb, t: disk.write_slots(s, buffer, bb, t), *args)
+    io = io or (lambda s, bb, t: disk.write_slots(s, pool.array, bb, t))
 
     def start(pos: np.ndarray) -> bool:
-        if direct is not None:
-            b = _Batch(pos, None)
-            write(b, pos, direct, src_ids[pos])
-            in_flight.append(b)
-            return True
         chunk = pool.acquire()
         if chunk is None:
             return False
@@ -240,7 +227,9 @@ def bounced_write_steps(transfers: Transfers, src: Any, disk: DiskKVCache, src_i
                 errors.setdefault(int(b.positions[k]), reason)
             keep = np.array([k for k in range(b.positions.size) if k not in bad], dtype=np.int64)
             b.stage = None
-            write(b, b.positions[keep], pool.array, b.chunk.ids[keep])
+            b.positions = good = b.positions[keep]
+            b.io = executor.submit(io, dst_ids[good].tolist(), b.chunk.ids[keep].tolist(),
+                                   None if tags is None else [tags[p] for p in good])
             return True
         if not b.io.done():
             return False
@@ -250,8 +239,62 @@ def bounced_write_steps(transfers: Transfers, src: Any, disk: DiskKVCache, src_i
         except Exception as e:  # noqa: BLE001 - the write as a whole failed
             _fail(errors, b.positions, f"disk write failed: {e!r}")
         in_flight.remove(b)
+        b.chunk.release()
+        return True
+
+    yield from run_batches(pending, start, advance, in_flight, pool, [] if me is None else me)
+    return errors
+
+
+def host_write_steps(transfers: Transfers, src: Any, disk: DiskKVCache, src_ids: np.ndarray, dst_ids: np.ndarray,
+                     tags: list[int] | None, pool: BouncePool, direct: np.ndarray | None,
+                     me: list | None = None) -> Steps:
+    """Steps of writing blocks ``src_ids`` of the host cache ``src`` into slots ``dst_ids``, every byte moved on
+    the disk threads: per batch of blocks (in slot order: consecutive slots make one request),
+    `DiskKVCache.write_slots` on a disk thread, straight from the source blocks with ``direct`` (``src``'s bytes,
+    see `direct_array`), else from a bounce chunk that each I/O request fills with its own blocks on its I/O thread
+    just before their checksums and write (`block_copier`). Returns {position: reason} of the blocks not
+    written."""
+    executor = transfers.disk_executor()
+    errors: dict[int, str] = {}
+    order = np.argsort(dst_ids, kind="stable")
+    size = transfers.bounce_blocks
+    pending = deque(order[i:i + size] for i in range(0, order.size, size))
+    copy = block_copier(src, pool.cache) if direct is None else None
+    in_flight: list[_Batch] = []
+
+    def fill(pos: np.ndarray, run: list[tuple[int, int]]) -> None:  # a request's blocks into the chunk, on its thread
+        copy(src_ids[pos[[k for k, _ in run]]], np.array([c for _, c in run], dtype=np.int64))
+
+    def start(pos: np.ndarray) -> bool:
+        chunk = None
+        if direct is None:
+            chunk = pool.acquire()
+            if chunk is None:
+                return False
+        b = _Batch(pos, chunk)
+        if chunk is None:
+            buffer, blocks, prepare = direct, src_ids[pos], None
+        else:
+            buffer, blocks, prepare = pool.array, chunk.ids[: pos.size], functools.partial(fill, pos)
+        b.io = executor.submit(disk.write_slots, dst_ids[pos].tolist(), buffer, blocks.tolist(),
+                               None if tags is None else [tags[p] for p in pos.tolist()], prepare)
+        in_flight.append(b)
+        return True
+
+    def advance(b: _Batch) -> bool:
+        if not b.io.done():
+            return False
+        try:
+            for k, reason in b.io.result().items():
+                errors.setdefault(int(b.positions[k]), reason)
+        except Exception as e:  # noqa: BLE001 - the write as a whole failed
+            _fail(errors, b.positions, f"disk write failed: {e!r}")
+        in_flight.remove(b)
+        b.io = None
         if b.chunk is not None:
             b.chunk.release()
+            b.chunk = None
         return True
 
     yield from run_batches(pending, start, advance, in_flight, pool, [] if me is None else me)
@@ -436,8 +479,8 @@ def host_read_steps(transfers: Transfers, disk: DiskKVCache, dst: Any, src_ids: 
 
 
 def block_copier(src: Any, dst: Any) -> Callable[[np.ndarray, np.ndarray], None]:
-    """Copies of blocks between two host caches on a disk thread (`numba_copy.serial_copier`: never a numba
-    parallel region off the caller's thread)."""
+    """Copies of blocks between two host caches (a cache and a chunk) on a disk thread
+    (`numba_copy.serial_copier`: never a numba parallel region off the caller's thread)."""
     from ..numba_copy import serial_copier
 
     return serial_copier(src, dst)
@@ -450,12 +493,6 @@ def start_transfer(num_blocks: int, name: str, steps: Steps, pool: BouncePool, m
     if not transfer.done():
         pool.holders.add(transfer)
     return transfer
-
-
-def _copy_stage(src: Any, dst: Any, src_ids: np.ndarray, dst_ids: np.ndarray) -> BlockTransfer:
-    """Host cache <-> bounce chunk: `copy_blocks` on the polling thread, finished when it returns."""
-    copy_blocks(src, dst, src_ids, dst_ids)
-    return BlockTransfer.completed(src_ids.size, "host-copy")
 
 
 def _done_future(value: Any) -> Future:
@@ -492,8 +529,7 @@ class HostDiskPath:
         if reading:
             steps = host_read_steps(self._transfers, disk, host, src_ids, dst_ids, tag_list, pool, direct, me=me)
         else:
-            steps = bounced_write_steps(self._transfers, host, disk, src_ids, dst_ids, tag_list, pool, direct,
-                                        stage=_copy_stage, me=me)
+            steps = host_write_steps(self._transfers, host, disk, src_ids, dst_ids, tag_list, pool, direct, me=me)
         return start_transfer(src_ids.size, self.name, steps, pool, me)
 
     def close(self) -> None:
