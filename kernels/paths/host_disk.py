@@ -96,6 +96,16 @@ def _read_failures(b: _Batch) -> dict[int, str]:
         return {k: f"disk read failed: {e!r}" for k in range(b.positions.size)}
 
 
+def _take_write_failures(b: _Batch, errors: dict[int, str]) -> None:
+    """Add the failed blocks of a batch's finished disk write to ``errors`` (by position in the transfer); every
+    block when the write as a whole raised."""
+    try:
+        for k, reason in b.io.result().items():
+            errors.setdefault(int(b.positions[k]), reason)
+    except Exception as e:  # noqa: BLE001 - the write as a whole failed
+        _fail(errors, b.positions, f"disk write failed: {e!r}")
+
+
 def _fail(errors: dict[int, str], positions: Sequence[int], reason: str) -> None:
     for p in positions:
         errors.setdefault(int(p), reason)
@@ -233,11 +243,7 @@ def bounced_write_steps(transfers: Transfers, src: Any, disk: DiskKVCache, src_i
             return True
         if not b.io.done():
             return False
-        try:
-            for k, reason in b.io.result().items():
-                errors.setdefault(int(b.positions[k]), reason)
-        except Exception as e:  # noqa: BLE001 - the write as a whole failed
-            _fail(errors, b.positions, f"disk write failed: {e!r}")
+        _take_write_failures(b, errors)
         in_flight.remove(b)
         b.chunk.release()
         return True
@@ -285,11 +291,7 @@ def host_write_steps(transfers: Transfers, src: Any, disk: DiskKVCache, src_ids:
     def advance(b: _Batch) -> bool:
         if not b.io.done():
             return False
-        try:
-            for k, reason in b.io.result().items():
-                errors.setdefault(int(b.positions[k]), reason)
-        except Exception as e:  # noqa: BLE001 - the write as a whole failed
-            _fail(errors, b.positions, f"disk write failed: {e!r}")
+        _take_write_failures(b, errors)
         in_flight.remove(b)
         b.io = None
         if b.chunk is not None:
