@@ -177,9 +177,9 @@ def write_shuffled(transfers, tmp_path, rng, preset, n, spare=8, tags=None):
     return src, disk, slots
 
 
-def copies_of_reads(monkeypatch) -> list[tuple[str, list[int]]]:
-    """(thread, destination blocks) of every copy of reads `block_copier`'s copies make (not those of writes, into
-    a bounce chunk)."""
+def _spy_copies(monkeypatch, writes: bool) -> list[tuple[str, list[int]]]:
+    """(thread, blocks) of every copy `block_copier`'s copies make: with ``writes`` those into a bounce chunk (the
+    source blocks), else the others (the destination blocks of reads)."""
     calls: list[tuple[str, list[int]]] = []
     lock = threading.Lock()
     real = host_disk.block_copier
@@ -188,15 +188,21 @@ def copies_of_reads(monkeypatch) -> list[tuple[str, list[int]]]:
         inner = real(src, dst)
 
         def run(src_ids, dst_ids):
-            if dst.name != SLOT_LAYOUT:
+            if (dst.name == SLOT_LAYOUT) == writes:
                 with lock:
-                    calls.append((threading.current_thread().name, dst_ids.tolist()))
+                    calls.append((threading.current_thread().name, (src_ids if writes else dst_ids).tolist()))
             inner(src_ids, dst_ids)
 
         return run
 
     monkeypatch.setattr(host_disk, "block_copier", copier)
     return calls
+
+
+def copies_of_reads(monkeypatch) -> list[tuple[str, list[int]]]:
+    """(thread, destination blocks) of every copy of reads `block_copier`'s copies make (not those of writes, into
+    a bounce chunk)."""
+    return _spy_copies(monkeypatch, writes=False)
 
 
 def test_bounced_reads_copy_each_request_on_its_io_thread(tmp_path, rng, monkeypatch):
@@ -330,23 +336,7 @@ def test_direct_reads_land_in_g2_without_a_chunk_or_a_copy(tmp_path, rng, monkey
 
 def copies_of_writes(monkeypatch) -> list[tuple[str, list[int]]]:
     """(thread, source blocks) of every copy `block_copier`'s copies make into a bounce chunk."""
-    calls: list[tuple[str, list[int]]] = []
-    lock = threading.Lock()
-    real = host_disk.block_copier
-
-    def copier(src, dst):
-        inner = real(src, dst)
-
-        def run(src_ids, dst_ids):
-            if dst.name == SLOT_LAYOUT:
-                with lock:
-                    calls.append((threading.current_thread().name, src_ids.tolist()))
-            inner(src_ids, dst_ids)
-
-        return run
-
-    monkeypatch.setattr(host_disk, "block_copier", copier)
-    return calls
+    return _spy_copies(monkeypatch, writes=True)
 
 
 def read_back(transfers, disk, slots, preset, n, tags=None) -> tuple[BlockTransfer, PagedKVCache]:
