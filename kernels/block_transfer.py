@@ -93,6 +93,7 @@ class BlockTransfer:
         self.num_blocks = num_blocks
         self.path = path
         self.device_done = device_done
+        self.synchronous = steps is None  #: finished before it was returned (a copy done on the caller's thread)
         self._steps = steps
         self._waiting: Any = None
         self._errors: dict[int, str] | None = None

@@ -351,6 +351,32 @@ def test_overlapping_loads_are_charged_shares_of_their_wall_time():
     assert 0.7 * BLOCK < p.bandwidth("G3") < 1.5 * BLOCK  # about one block/s (wall times: 0.36)
 
 
+def test_a_synchronous_move_reports_its_own_time_not_the_time_until_a_poll():
+    """A copy done inside its submit (a CPU copy) took 0.01 s; the poll that collects it comes 2 s later: its
+    seconds are 0.01, and it takes no share of the time an asynchronous move of its direction runs."""
+    clock = Clock()
+    held = _HeldTransfers()
+
+    class Synchronous:
+        def submit(self, src, dst, src_ids, dst_ids, **kw) -> BlockTransfer:
+            if src_ids[0] == 7:
+                return held.submit(src, dst, src_ids, dst_ids)
+            clock.now += 0.01
+            return BlockTransfer.completed(len(src_ids), "sync")
+
+        def close(self) -> None:
+            pass
+
+    store = BlockStore({"G1": _HostCache(), "G2": _HostCache()}, Synchronous(), clock=clock)
+    store.execute([Move(1, MoveKind.LOAD, "G2", "G1", (7,), (0,), (107,)),
+                   Move(2, MoveKind.LOAD, "G2", "G1", (3,), (1,), (103,))])
+    clock.now += 2.0
+    held.futures[0].set_result(None)
+    seconds = {r.move_id: r.seconds for r in store.poll()}
+    assert seconds[2] == pytest.approx(0.01)
+    assert seconds[1] == pytest.approx(2.01)  # the held move ran alone: the synchronous one took no share
+
+
 # -- configuration ---------------------------------------------------------------------------------------------
 
 def test_config_defaults_and_variables():

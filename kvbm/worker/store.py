@@ -16,6 +16,8 @@ A result's ``seconds`` is the move's share of the time moves of its direction (s
 while N of them ran at once, each was charged 1/N of that time. The shares of moves that ran together add up to
 their wall time, so bytes over seconds is the direction's bandwidth whatever the concurrency (the cost rule learns
 tier bandwidths from them; with wall times, four loads in flight would read as a quarter of the disk's bandwidth).
+A move whose copy ran inside its submit (a synchronous CPU copy) reports that time, not the time until a poll saw
+it finish (a caller that polls rarely would otherwise teach the rule a fraction of the copy's speed).
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ class _Running:
     started: float
     timed: bool = True  #: whether the time to completion is the move's own (not a layer-wise load's forward)
     share: float = 0.0  #: seconds charged to the move so far (see the module docstring)
+    settled: float | None = None  #: a synchronous move's own time (its copy ran inside the submit)
 
 
 class BlockStore:
@@ -244,7 +247,10 @@ class BlockStore:
             t0 = self._charge(direction(move))
             src = self.end(move.src_tier, move.dst_tier) if move.remote is None else None
             transfer = self._submit(move, src, self.end(move.dst_tier, move.src_tier))
-            self._running.append(_Running(move, transfer, t0))
+            run = _Running(move, transfer, t0)
+            if transfer.synchronous:  # its time is known now: not the time until a poll sees it
+                run.settled = self._clock() - t0
+            self._running.append(run)
             started = True
         return started
 
@@ -277,7 +283,7 @@ class BlockStore:
         """Charge the time since the last charge of direction ``name`` to its running timed moves, in equal shares;
         the time now."""
         now = self._clock()
-        runs = [r for r in self._running if r.timed and direction(r.move) == name]
+        runs = [r for r in self._running if r.timed and r.settled is None and direction(r.move) == name]
         if runs:
             share = (now - self._charged[name]) / len(runs)
             for r in runs:
@@ -301,7 +307,8 @@ class BlockStore:
             self.metrics.record_transfer(name, blocks_ok=n_ok, blocks_failed=len(failed), num_bytes=n_ok * block_bytes,
                                          seconds=seconds)
         self._finished.append(MoveResult(move.move_id, failed, frozenset(run.transfer.lost),
-                                         seconds=run.share if run.timed else None))
+                                         seconds=None if not run.timed else
+                                         run.settled if run.settled is not None else run.share))
         for tier in (move.src_tier, move.dst_tier) if move.remote is None else (move.dst_tier,):
             renewals = getattr(self.cache(tier), "renewals", 0)
             if renewals > self._renewals.get(tier, 0):
