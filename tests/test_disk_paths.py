@@ -39,13 +39,19 @@ POISON = 0x5A5A
 
 
 def make_cache(preset: str, geometry: KVGeometry, n: int) -> PagedKVCache:
-    """A cache as an engine allocates it, or ("g2") KVBM's dense block-major host pool in page-aligned memory."""
-    if preset != "g2":
+    """A cache as an engine allocates it, ("g2") KVBM's dense block-major host pool in page-aligned memory, or
+    ("misaligned") the same layout 64 bytes past a 4 KiB boundary."""
+    if preset not in ("g2", "misaligned"):
         return allocate(preset, geometry, n, dtype=DT)
     from kvbm.kernels.host_memory import PinnedHostBuffer
 
     g = geometry
-    storage = PinnedHostBuffer(n * g.block_bytes).tensor(torch.uint8)
+    if preset == "g2":
+        storage = PinnedHostBuffer(n * g.block_bytes).tensor(torch.uint8)
+    else:
+        raw = torch.empty(n * g.block_bytes + 8192, dtype=torch.uint8)
+        start = (64 - raw.data_ptr()) % 4096
+        storage = raw[start:start + n * g.block_bytes]
     return block_major(storage.view(DT).view(n, g.num_layers, g.num_kv, g.block_size, g.num_heads, g.head_dim))
 
 
@@ -126,7 +132,7 @@ def spy_copies(monkeypatch) -> list[tuple[str, str]]:
 @pytest.mark.parametrize("preset,geometry,direct", [
     ("g2", ALIGNED, True),  # G2 at a 4096-multiple block size: written from and read into its own memory
     ("g2", PADDED, False),  # slot stride != block stride: bounce
-    ("kvbm_staging", ALIGNED, False),  # the same layout, but torch's allocation is not 4 KiB aligned
+    ("misaligned", ALIGNED, False),  # the same layout, but not 4 KiB aligned: bounce
     ("block_major_head_first", ALIGNED, False),  # another inner order: bounce + conversion
     ("vllm_flash_attn_nhd", ALIGNED, False),
     ("vllm_flashinfer_hnd", PADDED, False),
@@ -574,7 +580,7 @@ def test_io_error_fails_exactly_its_block(transfers, tmp_path, rng, monkeypatch,
 def test_corrupted_slot_fails_its_block_and_leaves_the_destination_untouched(transfers, tmp_path, rng):
     src, disk, slots = round_trip(transfers, tmp_path, rng, "g2", ALIGNED, n=5)
     flip_byte(disk.file.path, int(slots[3]) * disk.slot_bytes + 100)
-    dst = allocate("kvbm_staging", ALIGNED, 5, dtype=DT)
+    dst = make_cache("misaligned", ALIGNED, 5)  # (through a bounce chunk: a direct read leaves a failed block's bytes)
     poison(dst)
     t = transfers.submit(disk, dst, slots, range(5))
     t.wait()
