@@ -24,7 +24,7 @@ import numba
 import numpy as np
 
 from .batch_memcpy import MAX_PIECES_PER_CALL, batch_entry
-from .copy_2d import COPY_2D, DESCRIPTOR_FIELDS, DEVICE, HOST, copy_2d_entry, describe
+from .copy_2d import DESCRIPTOR_FIELDS, DEVICE, HOST, copy_2d_entry, describe
 from .cuda_runtime import CudaError, CudaUnavailableError, driver_error_name, driver_function
 from .host_runs import Chunk, _schedule
 from .stream_events import entry_points
@@ -118,8 +118,7 @@ def driver_calls() -> DriverCalls:
     entry = batch_entry()
     address = ctypes.cast(entry.function, ctypes.c_void_p).value
     batch = (BATCH_WITH_FAIL_INDEX if entry.has_fail_index else BATCH)(address)
-    return DriverCalls(*entry_points(), *found, batch, entry.has_fail_index, COPY_2D(
-        ctypes.cast(copy_2d_entry(), ctypes.c_void_p).value))
+    return DriverCalls(*entry_points(), *found, batch, entry.has_fail_index, copy_2d_entry())
 
 
 @functools.lru_cache(maxsize=None)

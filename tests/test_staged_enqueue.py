@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from kvbm.kernels import staged_enqueue as se
+from kvbm.kernels.copy_2d import COPY_2D
 from kvbm.kernels.stream_events import RECORD, WAIT
 from kvbm.kernels.host_runs import HostRuns, chunk_starts
 
@@ -51,7 +52,7 @@ class FakeDriver:
             entry(RECORD, "record"), entry(WAIT, "wait"), entry(se.SYNC, "sync"),
             entry(se.HTOD, "htod", lambda dst, src, n, stream: (stream, dst, _read(src, n // 8))),
             entry(se.LAUNCH, "launch", self._launch), entry(se.BATCH, "batch", self._batch), False,
-            entry(se.COPY_2D, "copy2d", self._copy_2d))
+            entry(COPY_2D, "copy2d", self._copy_2d))
 
     @staticmethod
     def _copy_2d(desc, stream):

@@ -1,7 +1,7 @@
 """One rank's timing of the engine's forward steps, for the cost rule's prefill rate (`kvbm.connectors.prefill`).
 
 On a GPU the host only queues the forward, so its wall time says little: `ForwardTimer` records a CUDA event on
-the current stream where the forward starts and one where it ends, and reads their elapsed device time once the
+the current stream where the forward starts and one where it ends, and reads their elapsed GPU time once the
 end event has completed (`take` polls, never waits). On CPU the forward runs while it is called: wall time. Nothing
 is recorded while the stream is being captured into a CUDA graph.
 """

@@ -59,7 +59,7 @@ class StepPlan:
 @dataclass(frozen=True, slots=True)
 class StepTiming:
     """How long one rank's forward of plan ``step`` took to compute its ``tokens`` (the plan's ``timed_tokens``):
-    ``seconds`` of device time on a GPU, of wall time on CPU; ``stage`` is the rank's pipeline stage."""
+    ``seconds`` of GPU time on a GPU, of wall time on CPU; ``stage`` is the rank's pipeline stage."""
 
     step: int
     tokens: int

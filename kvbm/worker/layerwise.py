@@ -47,7 +47,6 @@ class LayerwiseLoads:
         self.store = store
         self.engine_cache = engine_cache
         self.num_layers = num_layers = engine_cache.geometry.num_layers
-        self.layers_per_group = layers_per_group
         self.groups = layer_groups(num_layers, layers_per_group)
         self._group_of = [k for k, (a, b) in enumerate(self.groups) for _ in range(a, b)]
         self._waits: list[list[BlockTransfer]] = []
