@@ -205,6 +205,29 @@ def _spy_copies(monkeypatch, writes: bool) -> list[tuple[str, list[int]]]:
     return calls
 
 
+def fail_copies_of_block(monkeypatch, block: int, writes: bool) -> list[int]:
+    """Make `block_copier`'s copies raise for the request holding transfer block ``block``: with ``writes`` a copy
+    into a bounce chunk (the source blocks), else a read's copy out of one (the destination blocks); returns the
+    list the failed copy's blocks are added to."""
+    victim: list[int] = []
+    real = host_disk.block_copier
+
+    def copier(src, dst):
+        inner = real(src, dst)
+
+        def run(src_ids, dst_ids):
+            ids = (src_ids if writes else dst_ids).tolist()
+            if (dst if writes else src).name == SLOT_LAYOUT and block in ids:
+                victim.extend(ids)
+                raise RuntimeError("injected copy failure")
+            inner(src_ids, dst_ids)
+
+        return run
+
+    monkeypatch.setattr(host_disk, "block_copier", copier)
+    return victim
+
+
 def copies_of_reads(monkeypatch) -> list[tuple[str, list[int]]]:
     """(thread, destination blocks) of every copy of reads `block_copier`'s copies make (not those of writes, into
     a bounce chunk)."""
@@ -267,21 +290,7 @@ def test_a_failing_copy_fails_only_its_requests_blocks(tmp_path, rng, monkeypatc
     """A copy that raises on an I/O thread fails the blocks of its request (not lost: the slots are intact); the
     other requests' blocks are copied byte-exact."""
     n = 24
-    victim: list[int] = []
-    real = host_disk.block_copier
-
-    def copier(src, dst):
-        inner = real(src, dst)
-
-        def run(src_ids, dst_ids):
-            if src.name == SLOT_LAYOUT and 7 in dst_ids.tolist():  # a read's copy out of the chunk
-                victim.extend(dst_ids.tolist())
-                raise RuntimeError("injected copy failure")
-            inner(src_ids, dst_ids)
-
-        return run
-
-    monkeypatch.setattr(host_disk, "block_copier", copier)
+    victim = fail_copies_of_block(monkeypatch, 7, writes=False)
     with Transfers(disk_io="posix", bounce_blocks=8, bounce_chunks=2) as transfers:
         src, disk, slots = write_shuffled(transfers, tmp_path, rng, "block_major_head_first", n)
         disk.file._slots_per_request = 4
@@ -443,24 +452,10 @@ def test_a_failing_write_conversion_fails_only_its_requests_blocks(tmp_path, rng
     written; their slots read back FAILED, never served, even where they held a block before); the other requests'
     blocks are written byte-exact."""
     n = 24
-    victim: list[int] = []
-    real = host_disk.block_copier
-
-    def copier(src, dst):
-        inner = real(src, dst)
-
-        def run(src_ids, dst_ids):
-            if dst.name == SLOT_LAYOUT and 7 in src_ids.tolist():
-                victim.extend(src_ids.tolist())
-                raise RuntimeError("injected copy failure")
-            inner(src_ids, dst_ids)
-
-        return run
-
     with Transfers(disk_io="posix", bounce_blocks=8, bounce_chunks=2) as transfers:
         _, disk, slots = write_shuffled(transfers, tmp_path, rng, "block_major_head_first", n)  # earlier blocks
         disk.file._slots_per_request = 4
-        monkeypatch.setattr(host_disk, "block_copier", copier)
+        victim = fail_copies_of_block(monkeypatch, 7, writes=True)
         src = make_cache("block_major_head_first", ALIGNED, n)
         fill(src, rng)
         t = transfers.submit(src, disk, np.arange(n), slots)
