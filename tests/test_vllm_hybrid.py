@@ -91,6 +91,18 @@ def test_sliding_window_chat_onboards_byte_exact(tmp_path: Path, runner: str, di
         assert_clean(h)
 
 
+def chat_on_two_ranks(h: Any) -> None:
+    """A multi-round chat on a two-rank harness: every request finishes, both ranks load and verify blocks, no load
+    fails, nothing is left held."""
+    workload = H.MultiTurnChatWorkload(num_users=5, num_rounds=3, system_prompt_tokens=64, seed=5)
+    h.run_workload(workload)
+    assert workload.done and all(len(h.outputs[t.request_id]) == t.max_tokens for t in workload.completed)
+    counts = h.worker.counts
+    assert counts["load_jobs"] > 0 and counts["loaded_blocks"] > 0 and counts["load_errors"] == 0
+    assert counts["verified0"] > 0 and counts["verified1"] > 0 and h.cache_stats.external_hits > 0
+    assert not any(s["leftover"] for s in h.worker.settle())
+
+
 def store_then_ask_again(h: H.VllmHarness) -> tuple[list[Any], int]:
     """A 150-token prompt stored, vLLM's cache reset, the prompt (two other tokens appended) asked again: the
     second request's load moves and the tokens its attention layers read on admission."""
@@ -253,13 +265,7 @@ def test_sliding_window_with_tensor_parallelism(tmp_path: Path) -> None:
                               max_model_len=320)
     with R.RankedVllmHarness(harness, 2, 1) as h:
         assert h.leader.hybrid and h.leader.num_workers == 2
-        workload = H.MultiTurnChatWorkload(num_users=5, num_rounds=3, system_prompt_tokens=64, seed=5)
-        h.run_workload(workload)
-        assert workload.done and all(len(h.outputs[t.request_id]) == t.max_tokens for t in workload.completed)
-        counts = h.worker.counts
-        assert counts["load_jobs"] > 0 and counts["loaded_blocks"] > 0 and counts["load_errors"] == 0
-        assert counts["verified0"] > 0 and counts["verified1"] > 0 and h.cache_stats.external_hits > 0
-        assert not any(s["leftover"] for s in h.worker.settle())
+        chat_on_two_ranks(h)
 
 
 def test_group_keys_never_collide() -> None:

@@ -22,7 +22,7 @@ import torch
 import vllm_harness as H  # first: imports vLLM for the CPU platform, clear of the repo's kernels/ folder
 import vllm_ranks as R
 from test_vllm_connector import CONNECTOR, assert_clean, chat, kvbm_harness, metric, run_counting, worker_of
-from test_vllm_hybrid import store_then_ask_again
+from test_vllm_hybrid import chat_on_two_ranks, store_then_ask_again
 
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec, UniformTypeKVCacheSpecs
 
@@ -185,13 +185,7 @@ def test_unlike_groups_with_tensor_parallelism(tmp_path: Path, name: str) -> Non
         halves = [(size, page // 2) for size, page, _ in CONFIGS[name][2]]  # each rank holds half the heads
         assert [(g.kv_cache_spec.block_size, g.kv_cache_spec.page_size_bytes)
                 for g in h.plan.scheduler_config.kv_cache_groups] == halves
-        workload = H.MultiTurnChatWorkload(num_users=5, num_rounds=3, system_prompt_tokens=64, seed=5)
-        h.run_workload(workload)
-        assert workload.done and all(len(h.outputs[t.request_id]) == t.max_tokens for t in workload.completed)
-        counts = h.worker.counts
-        assert counts["load_jobs"] > 0 and counts["loaded_blocks"] > 0 and counts["load_errors"] == 0
-        assert counts["verified0"] > 0 and counts["verified1"] > 0 and h.cache_stats.external_hits > 0
-        assert not any(s["leftover"] for s in h.worker.settle())
+        chat_on_two_ranks(h)
 
 
 # --------------------------------------------------------------------------------------------------
