@@ -114,6 +114,22 @@ def test_reference_check_finds_a_changed_byte(ttft):
     assert ref.check([1, 2, 3], [5, 6, 7]) == (2, 0)
 
 
+def test_reference_holds_more_blocks_than_the_cache(ttft):
+    """A QA working set outgrows G1: the reference keeps every block first computed, whatever G1's size."""
+    m, e = ttft["model"], ttft["engine"]
+    shape = m.SHAPES["tiny"]
+    caches = [torch.randn(2, 4, m.BLOCK_SIZE, shape.num_kv_heads, shape.head_dim) for _ in range(2)]
+    ref = e.Reference(caches, 10)
+    ref.record([1, 2, 3, 4], [0, 1, 2, 3])
+    for c in caches:  # G1 blocks reused for other hashes
+        c.copy_(torch.randn_like(c))
+    ref.record([5, 6, 7, 8], [0, 1, 2, 3])
+    assert ref.check([5, 6, 7, 8], [0, 1, 2, 3]) == (4, 0)
+    assert ref.check([1, 2], [0, 1]) == (0, 0)  # recorded, and G1 now holds other bytes
+    with pytest.raises(RuntimeError, match="full"):
+        ref.record([9, 10, 11], [0, 1, 2])
+
+
 def test_smoke_run_writes_every_row_with_bytes_checked(tmp_path):
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYN_KVBM_")}

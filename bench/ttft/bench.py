@@ -513,21 +513,19 @@ def run_qa(args: argparse.Namespace, setup: Setup) -> list[Row]:
     rows = []
     full_pool = eng.pool
     eng.evict_all()
-    # one reference per kvbm side (its tier keeps a block's first computed bytes, which a later mode may load);
-    # the G2 side serves two modes
-    references: dict[str, Reference] = {}
+    # each mode hashes its blocks with a salt of its own: its tier starts cold, as the recompute row's G1 does,
+    # whatever an earlier mode on the same side stored (the G2 side serves two modes)
     try:
         eng.pool = G1Pool(range(g1_blocks))
-        for mode in [MODES[m] for m in args.modes]:
+        for salt, mode in enumerate((MODES[m] for m in args.modes), start=1):
             side = setup.sides.get(side_mode(mode))
             if mode in KVBM_MODES and side is None:
                 rows.append(Row(shape.name, label, mode, note=f"unavailable: {setup.unavailable.get(side_mode(mode))}"))
                 continue
             eng.pool.reset()
             eng.poison()
-            reference = references.get(side_mode(mode)) if side is not None else None
-            if side is not None and reference is None:
-                reference = references[side_mode(mode)] = Reference(setup.caches, qa_unique_blocks(qa) + 16)
+            reference = None  # the previous mode's is freed before this one's is allocated
+            reference = Reference(setup.caches, qa_unique_blocks(qa) + 16) if side is not None else None
             log(f"{shape.name} QA: {mode}: {qa.num_requests} requests")
             t = time.perf_counter()
             results = []
@@ -539,7 +537,7 @@ def run_qa(args: argparse.Namespace, setup: Setup) -> list[Row]:
                         return eng.run_request(req.prompt, [side] if side else [], answer=req.answer,
                                                reference=reference, record=reference,
                                                request_id=f"qa-{req.user}-{req.round}",
-                                               layerwise=mode == G2_LAYERWISE)
+                                               layerwise=mode == G2_LAYERWISE, salt=salt)
                     if rule is None:
                         results.append(request())
                     else:

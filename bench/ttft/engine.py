@@ -170,7 +170,8 @@ class Reference:
 
     def __init__(self, kv_caches: Sequence[torch.Tensor], capacity: int) -> None:
         self.caches = kv_caches
-        self.store = [torch.empty_like(t[:, :capacity]) for t in kv_caches]
+        # the working set can outgrow G1: each store has room for ``capacity`` blocks, however many G1 holds
+        self.store = [t.new_empty((t.shape[0], capacity, *t.shape[2:])) for t in kv_caches]
         self.slot_of: dict[int, int] = {}
         self.capacity = capacity
 
@@ -297,11 +298,12 @@ class Engine:
     @torch.inference_mode()
     def run_request(self, prompt: Sequence[int], sides: Sequence[KvbmSide] = (), *, answer: Sequence[int] = (),
                     reference: Reference | None = None, record: Reference | None = None,
-                    request_id: str | None = None, layerwise: bool = False) -> RequestResult:
+                    request_id: str | None = None, layerwise: bool = False, salt: int = 0) -> RequestResult:
         """Serve one request (see the module docstring); loads come from ``sides[0]`` only, stores go to every
         side; ``layerwise``: the load runs beside the forward, each layer's attention waiting for its own layers
-        (as vLLM's ``wait_for_layer_load``). After TTFT, loaded blocks are checked against ``reference`` and the
-        request's full blocks not yet in ``record`` are recorded there."""
+        (as vLLM's ``wait_for_layer_load``). ``salt`` seeds the block hashes (as a request's cache salt does), so
+        requests of different salts share no block. After TTFT, loaded blocks are checked against ``reference`` and
+        the request's full blocks not yet in ``record`` are recorded there."""
         self._count += 1
         rid = request_id or f"req-{self._count}"
         n = len(prompt)
@@ -309,8 +311,8 @@ class Engine:
         sync(self.device)
         t0 = time.perf_counter()
         full = n // BLOCK_SIZE
-        hashes = sequence_hashes(prompt[:full * BLOCK_SIZE], BLOCK_SIZE, 0)
-        states = [side.leader.track(rid, 0) for side in sides]
+        hashes = sequence_hashes(prompt[:full * BLOCK_SIZE], BLOCK_SIZE, salt)
+        states = [side.leader.track(rid, salt) for side in sides]
         for state in states:
             state.hashes = list(hashes)
         local = self.pool.match(hashes[:(n - 1) // BLOCK_SIZE])
@@ -380,7 +382,7 @@ class Engine:
             blocks += self._allocate(more, sides)
             table = self._table(blocks)
             self.model.prefill(self._tokens(list(answer)), self.caches, table, n)
-        all_hashes = sequence_hashes(tokens[:len(tokens) // BLOCK_SIZE * BLOCK_SIZE], BLOCK_SIZE, 0)
+        all_hashes = sequence_hashes(tokens[:len(tokens) // BLOCK_SIZE * BLOCK_SIZE], BLOCK_SIZE, salt)
         self.pool.register(blocks, all_hashes)
         if record is not None:
             sync(self.device)
