@@ -15,8 +15,12 @@ is how often a tier whose hits are dropped is loaded anyway (one batch) to re-me
 tier (``G4_*``: reads of another instance's G2 found through the directory).
 
 Layer-wise onboarding: a prefix hit held entirely in G2 is loaded while the forward that uses it runs, one group of
-layers at a time (1, 2, 4, ... layers, up to ``ONBOARD_LAYERS_PER_GROUP``), each layer's attention waiting only for its own group;
-``DISABLE_LAYERWISE_ONBOARD`` loads every hit before the request is scheduled instead (as hits from G3 always are).
+layers at a time (1, 2, 4, ... layers, up to ``ONBOARD_LAYERS_PER_GROUP``), each layer's attention waiting only for
+its own group; ``DISABLE_LAYERWISE_ONBOARD`` loads every hit before the request is scheduled instead (as hits from
+G3 always are).
+
+Stores (`kvbm.policies.store_backlog`): ``MAX_STORE_BACKLOG_MS`` bounds the writes queued by stores from the engine
+into the first tier, at that tier's measured write rate; blocks beyond it are not stored (0: no bound).
 
 Disaggregated prefill -> decode (`kvbm.connectors.pd`): ``PD_PIN_TIMEOUT_SECS`` is how long a prefill instance
 keeps a finished request's blocks for a decode instance that has not read them, ``PD_LOAD_TIMEOUT_SECS`` how long
@@ -137,6 +141,7 @@ class KvbmConfig:
     g4_load_latency_ms: float = 1.5
     prefill_tokens_per_s: float = 10_000.0
     cost_probe_secs: float = 60.0
+    max_store_backlog_ms: float = 200.0
     disable_layerwise_onboard: bool = False
     onboard_layers_per_group: int = 4
     pd_pin_timeout_secs: float = 120.0
@@ -323,6 +328,8 @@ _FLOAT_RANGES: dict[str, tuple[float, float, bool, str]] = {
     "g4_load_latency_ms": (0.0, 1e6, False, "a non-negative, finite latency per load in milliseconds, at most 1e6"),
     "prefill_tokens_per_s": (0.0, 1e9, True, "a positive, finite prefill rate in tokens per second, at most 1e9"),
     "cost_probe_secs": (0.0, 1e9, False, "a non-negative, finite number of seconds (0: never probe), at most 1e9"),
+    "max_store_backlog_ms": (0.0, 1e9, False, "a non-negative, finite number of milliseconds (0: no limit), at most "
+                             "1e9"),
     "pd_pin_timeout_secs": (0.0, 1e6, True, "a positive, finite number of seconds, at most 1e6"),
     "pd_load_timeout_secs": (0.0, 1e6, True, "a positive, finite number of seconds, at most 1e6"),
     "g4_lease_secs": (1.0, 1e6, False, "a finite number of seconds in 1..1e6"),

@@ -26,6 +26,9 @@ Exposed names:
 - the cost-aware hit rule's gauges ``kvbm_load_bandwidth_bytes_per_second`` (per ``tier``) and
   ``kvbm_prefill_tokens_per_second``, and its total ``kvbm_cost_dropped_blocks`` (per ``tier``: blocks found but
   not reported, recomputing them being expected faster than loading them);
+- ``kvbm_store_dropped_blocks`` (per ``tier``, total; ``record_store_dropped``): engine blocks left unstored
+  because the first tier's queue of stores already held ``DYN_KVBM_MAX_STORE_BACKLOG_MS`` of writes
+  (`kvbm.policies.store_backlog`);
 - disaggregated prefill -> decode: direction ``g4_to_g1`` of the transfer series (a decode instance's loads from a
   prefill instance's G2 over NIXL), the gauge ``kvbm_remote_pinned_requests`` (a prefill instance's finished
   requests whose G2 blocks are kept for a decode instance) and the total ``kvbm_remote_pin_timeouts`` (such
@@ -163,6 +166,9 @@ class KvbmMetrics:
                          ("direction",), by_direction)
         self._totals.add("kvbm_transfer_failed_blocks", "Blocks whose transfer failed, per direction (total)",
                          ("direction",), by_direction)
+        self._totals.add("kvbm_store_dropped_blocks", "Engine blocks not stored because the first tier's queue of "
+                         "stores held DYN_KVBM_MAX_STORE_BACKLOG_MS of writes, per tier (total)",
+                         ("tier",), [(t,) for t in COST_TIERS])
         self._totals.add("kvbm_cost_dropped_blocks", "Blocks found in a tier but not reported to the engine, "
                          "recomputing them being expected faster than loading them, per tier (total)",
                          ("tier",), [(t,) for t in COST_TIERS])
@@ -242,6 +248,12 @@ class KvbmMetrics:
         n = _check_count("num_blocks", num_blocks)
         if n:
             self._totals.inc("kvbm_cost_dropped_blocks", n, (tier,))
+
+    def record_store_dropped(self, tier: str, num_blocks: int) -> None:
+        """Add ``num_blocks`` engine blocks left unstored in ``tier`` because its queue of stores was full."""
+        n = _check_count("num_blocks", num_blocks)
+        if n:
+            self._totals.inc("kvbm_store_dropped_blocks", n, (tier,))
 
     @staticmethod
     def _check_rate(name: str, value: object) -> float:

@@ -49,6 +49,7 @@ from kvbm.leader.plans import REMOTE_TIER, RemoteSource
 from kvbm.metrics import KvbmMetrics
 from kvbm.policies.admission import DiskAdmissionFilter
 from kvbm.policies.cost import LoadCostPolicy
+from kvbm.policies.store_backlog import StoreBacklog
 from kvbm.tiers import HOST_TIER, TierSpec
 
 __all__ = ["ConnectorLeader", "RankLayout", "TrackedRequest"]
@@ -197,6 +198,8 @@ class ConnectorLeader:
         if cost is not None and list(cost.tiers) != cost_tiers:
             raise ValueError(f"the cost rule covers tiers {list(cost.tiers)}; this leader looks up {cost_tiers}")
         self.cost = cost
+        #: stores into the first tier hold engine blocks: bounded to what it writes in DYN_KVBM_MAX_STORE_BACKLOG_MS
+        self.backlog = StoreBacklog(config.max_store_backlog_ms / 1e3, config.max_transfer_batch_size)
         self._g4_loads: dict[int, int] = {}  # open loads of G4 hits: move id -> blocks (timed for the cost rule)
         if config.g4_etcd_endpoint:
             self.directory = HashDirectory(config.g4_etcd_endpoint, block_size=block_size,
@@ -531,8 +534,16 @@ class ConnectorLeader:
             return
         hashes = track.hashes_upto(num_full_blocks, self.groups[group].block_size, tokens)
         blocks = [j for j in range(max(track.saved, keep_from), num_full_blocks) if track.block_ids[j] != null_block]
-        plan = self.index.plan_store([hashes[j] for j in blocks], [track.block_ids[j] for j in blocks])
+        tier = self.index.tier_names[0]
+        plan = self.index.plan_store([hashes[j] for j in blocks], [track.block_ids[j] for j in blocks],
+                                     max_blocks=self.backlog.room(tier))
         track.saved = num_full_blocks
+        if plan.over_limit:
+            self.backlog.dropped(tier, len(plan.over_limit))
+            if self.metrics is not None:
+                self.metrics.record_store_dropped(tier, len(plan.over_limit))
+        for move in plan.moves:
+            self.backlog.started(move.move_id, tier, move.num_blocks)
         if plan.moves:
             plan.moves = [_retarget(move, self.groups[group].engine_tier) for move in plan.moves]
             for move in plan.moves:
@@ -604,6 +615,7 @@ class ConnectorLeader:
                 self.cost.observe_load(move.src_tier, num_bytes=(move.num_blocks - len(result.failed))
                                        * self.cost.block_bytes, seconds=seconds)
             if move.kind is MoveKind.STORE:
+                self.backlog.finished(move_id, seconds)
                 owner = self.requests.get(self._owner.pop(move_id, ""))
                 if owner is not None:
                     owner.stores.discard(move_id)

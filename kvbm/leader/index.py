@@ -75,12 +75,14 @@ class Match:
 
 @dataclass
 class StorePlan:
-    """What ``plan_store`` decided per block: ``moves`` to execute, ``skipped`` positions with reasons, and
-    ``busy`` positions for which every slot of the tier was pending or held (retry once moves complete)."""
+    """What ``plan_store`` decided per block: ``moves`` to execute, ``skipped`` positions with reasons, ``busy``
+    positions for which every slot of the tier was pending or held (retry once moves complete), and ``over_limit``
+    positions past the call's ``max_blocks``."""
 
     moves: list[Move] = field(default_factory=list)
     skipped: dict[int, str] = field(default_factory=dict)
     busy: list[int] = field(default_factory=list)
+    over_limit: list[int] = field(default_factory=list)
     positions: dict[int, list[int]] = field(default_factory=dict)  #: move id -> positions in the call
 
 
@@ -194,10 +196,12 @@ class BlockIndex:
 
     # -- plans -------------------------------------------------------------------------------------------------
 
-    def plan_store(self, seq_hashes: Sequence[int], engine_ids: Sequence[int], priority: int = 0) -> StorePlan:
+    def plan_store(self, seq_hashes: Sequence[int], engine_ids: Sequence[int], priority: int = 0,
+                   max_blocks: int | None = None) -> StorePlan:
         """Moves copying engine blocks ``engine_ids`` (holding ``seq_hashes``) into pending slots of the first
-        tier. Blocks already there (or on their way), repeated, below ``min_priority`` are skipped; blocks that
-        find every slot pending or held are ``busy``."""
+        tier. Blocks already there (or on their way), repeated, below ``min_priority`` are skipped; those past the
+        first ``max_blocks`` to store are ``over_limit`` (None: no limit); blocks that find every slot pending or held
+        are ``busy``."""
         hashes = as_hashes(seq_hashes)
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise TypeError(f"priority must be an int, got {type(priority).__name__} {priority!r}")
@@ -212,6 +216,8 @@ class BlockIndex:
                                    f"{self.min_priority}")
             elif h in seen or tier.pool.contains(h):
                 plan.skipped[i] = f"already stored in {tier.name}"
+            elif max_blocks is not None and len(part) >= max_blocks:
+                plan.over_limit.append(i)
             else:
                 alloc = tier.pool.allocate(h, priority)
                 if alloc is None:
