@@ -23,7 +23,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -285,6 +285,19 @@ class Setup:
     rule: CostRule | None = None  #: the cost rule on the G3_AUTO side (kept across parts, as it learns)
 
 
+@contextlib.contextmanager
+def whole_stores(sides: Sequence[KvbmSide]) -> Iterator[None]:
+    """Within: the sides' store backlog rule is off (``DYN_KVBM_MAX_STORE_BACKLOG_MS`` 0), so a store is never cut."""
+    saved = [s.leader.backlog.max_seconds for s in sides]
+    for s in sides:
+        s.leader.backlog.max_seconds = 0.0
+    try:
+        yield
+    finally:
+        for s, seconds in zip(sides, saved):
+            s.leader.backlog.max_seconds = seconds
+
+
 def _probe(engine: Engine, side: KvbmSide, vocab: int) -> str | None:
     """Store two blocks through ``side`` and load them back; why that failed, or None."""
     rng = random.Random(7)
@@ -397,8 +410,9 @@ def run_prefix(args: argparse.Namespace, setup: Setup, prefix: int, scratch: dic
     reference = Reference(setup.caches, prefix // BLOCK_SIZE)
     eng.evict_all()
     t = time.perf_counter()
-    first = eng.run_request(tokens, sides, record=reference)
-    eng.drain(sides)
+    with whole_stores(sides):  # every row loads the whole prefix, so it is stored whole however slow the tier
+        first = eng.run_request(tokens, sides, record=reference)
+        eng.drain(sides)
     log(f"{name} prefix {prefix}: first run (prefill {first.ttft_s * 1e3:.1f} ms, stored to "
         f"{', '.join(s.name for s in sides) or 'nothing'}) in {time.perf_counter() - t:.1f} s")
     t = time.perf_counter()
