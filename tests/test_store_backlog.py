@@ -107,3 +107,18 @@ def test_leader_drops_stores_past_a_slow_tiers_queue_and_counts_them():
     assert tuple(stored) == tuple(state_b.hashes[:10])
     fourth, _ = store("d", 12)
     assert sum(m.num_blocks for m in fourth) == 10
+
+
+def test_a_host_first_tier_is_never_bounded():
+    """Stores into pinned host memory take milliseconds: however slow its stores were timed, nothing is dropped."""
+    config = KvbmConfig(cpu_cache_override_num_blocks=256, max_transfer_batch_size=4, max_store_backlog_ms=100)
+    leader = ConnectorLeader(kvbm_tiers(config, 4096), config, block_size=4)
+    rng = random.Random(8)
+    for k in range(3):
+        state = leader.track(f"r{k}", salt=0)
+        state.block_ids = rng.sample(range(1000), 20)
+        leader.plan_stores(state, [rng.randrange(32000) for _ in range(80)], 20)
+        moves = [m for s in leader.take_step().stores for m in s.moves]
+        assert sum(m.num_blocks for m in moves) == 20
+        leader.apply(WorkerReport({m.move_id: MoveResult(m.move_id, {}, seconds=5.0) for m in moves[:1]}))
+    assert leader.backlog.total_dropped("G2") == 0

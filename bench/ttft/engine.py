@@ -308,6 +308,8 @@ class Engine:
         rid = request_id or f"req-{self._count}"
         n = len(prompt)
         prompt = list(prompt)
+        for side in sides:  # the previous step's connector output, as vLLM's runner reports it after every step
+            self._release_sent(side, side.step()[0])
         sync(self.device)
         t0 = time.perf_counter()
         full = n // BLOCK_SIZE

@@ -44,6 +44,7 @@ from kvbm.connectors.pd import Pins, RemotePrefill
 from kvbm.connectors.prefill import StepTimes, timed_tokens
 from kvbm.connectors.registration import WorkerRegistry
 from kvbm.hashing import sequence_hashes
+from kvbm.kernels.medium import Medium
 from kvbm.leader import ENGINE_TIER, BlockIndex, Match, Move, MoveKind, MoveResult
 from kvbm.leader.plans import REMOTE_TIER, RemoteSource
 from kvbm.metrics import KvbmMetrics
@@ -198,8 +199,11 @@ class ConnectorLeader:
         if cost is not None and list(cost.tiers) != cost_tiers:
             raise ValueError(f"the cost rule covers tiers {list(cost.tiers)}; this leader looks up {cost_tiers}")
         self.cost = cost
-        #: stores into the first tier hold engine blocks: bounded to what it writes in DYN_KVBM_MAX_STORE_BACKLOG_MS
-        self.backlog = StoreBacklog(config.max_store_backlog_ms / 1e3, config.max_transfer_batch_size)
+        #: stores into a first tier on disk (disk-only mode) hold engine blocks while the disk writes: bounded to
+        #: DYN_KVBM_MAX_STORE_BACKLOG_MS of its writes (host memory takes a store in milliseconds: no bound)
+        on_disk = tiers[0].medium is Medium.DISK
+        self.backlog = StoreBacklog(config.max_store_backlog_ms / 1e3 if on_disk else 0.0,
+                                    config.max_transfer_batch_size)
         self._g4_loads: dict[int, int] = {}  # open loads of G4 hits: move id -> blocks (timed for the cost rule)
         if config.g4_etcd_endpoint:
             self.directory = HashDirectory(config.g4_etcd_endpoint, block_size=block_size,
