@@ -130,6 +130,20 @@ def test_reference_holds_more_blocks_than_the_cache(ttft):
         ref.record([9, 10, 11], [0, 1, 2])
 
 
+def test_reference_replaces_a_block_stored_again(ttft):
+    """A hash stored again from another computation: without ``replace`` the first bytes stay, with it the new."""
+    m, e = ttft["model"], ttft["engine"]
+    shape = m.SHAPES["tiny"]
+    caches = [torch.randn(2, 4, m.BLOCK_SIZE, shape.num_kv_heads, shape.head_dim) for _ in range(2)]
+    ref = e.Reference(caches, 4)
+    ref.record([1, 2], [0, 1])
+    caches[0][:, 2] = torch.randn_like(caches[0][:, 2])
+    ref.record([1], [2])
+    assert ref.check([1], [2]) == (0, 0) and ref.check([1], [0]) == (1, 0)
+    ref.record([1, 3], [2, 3], replace=True)
+    assert ref.check([1, 3], [2, 3]) == (2, 0) and ref.check([2], [1]) == (1, 0) and len(ref.slot_of) == 3
+
+
 def test_smoke_run_writes_every_row_with_bytes_checked(tmp_path):
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYN_KVBM_")}

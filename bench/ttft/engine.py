@@ -24,6 +24,7 @@ import torch
 
 from kvbm.config import KvbmConfig
 from kvbm.connectors.leader import ConnectorLeader
+from kvbm.connectors.messages import StepPlan
 from kvbm.connectors.worker import ConnectorWorker
 from kvbm.hashing import sequence_hashes
 from kvbm.layouts.vllm_tensors import describe_vllm_kv_caches
@@ -40,6 +41,11 @@ def sync(device: torch.device) -> None:
     """Wait for the device's queued work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _stored_pairs(plan: StepPlan) -> list[tuple[int, int]]:
+    """``(hash, G1 block)`` of every block a step's plan stores from the engine."""
+    return [pair for store in plan.stores for move in store.moves for pair in zip(move.hashes, move.src_ids)]
 
 
 class G1Pool:
@@ -166,7 +172,7 @@ class KvbmSide:
 
 
 class Reference:
-    """Bytes of blocks as first computed, by sequence hash, to check loaded blocks against (byte-exact)."""
+    """Bytes of blocks as stored, by sequence hash, to check loaded blocks against (byte-exact)."""
 
     def __init__(self, kv_caches: Sequence[torch.Tensor], capacity: int) -> None:
         self.caches = kv_caches
@@ -175,18 +181,21 @@ class Reference:
         self.slot_of: dict[int, int] = {}
         self.capacity = capacity
 
-    def record(self, hashes: Sequence[int], blocks: Sequence[int]) -> None:
-        """Keep the bytes of ``blocks`` (holding ``hashes``) not recorded yet."""
-        new = [(h, b) for h, b in zip(hashes, blocks) if h not in self.slot_of]
+    def record(self, hashes: Sequence[int], blocks: Sequence[int], *, replace: bool = False) -> None:
+        """Keep the bytes of ``blocks`` (holding ``hashes``) not recorded yet; with ``replace``, also of those
+        recorded already (a block stored again holds its new computation's bytes: a prefill of another shape
+        rounds differently)."""
+        pairs = dict(zip(hashes, blocks))  # (a hash twice: one block's bytes)
+        new = [(h, b) for h, b in pairs.items() if replace or h not in self.slot_of]
         if not new:
             return
-        if len(self.slot_of) + len(new) > self.capacity:
+        fresh = [h for h, _ in new if h not in self.slot_of]
+        if len(self.slot_of) + len(fresh) > self.capacity:
             raise RuntimeError(f"reference store full ({self.capacity} blocks)")
-        slots = list(range(len(self.slot_of), len(self.slot_of) + len(new)))
-        for (h, _), s in zip(new, slots):
-            self.slot_of[h] = s
+        for h in fresh:
+            self.slot_of[h] = len(self.slot_of)
         src = torch.tensor([b for _, b in new], device=self.caches[0].device)
-        dst = torch.tensor(slots, device=self.caches[0].device)
+        dst = torch.tensor([self.slot_of[h] for h, _ in new], device=self.caches[0].device)
         for ref, cache in zip(self.store, self.caches):
             ref[:, dst] = cache[:, src]
 
@@ -302,8 +311,8 @@ class Engine:
         """Serve one request (see the module docstring); loads come from ``sides[0]`` only, stores go to every
         side; ``layerwise``: the load runs beside the forward, each layer's attention waiting for its own layers
         (as vLLM's ``wait_for_layer_load``). ``salt`` seeds the block hashes (as a request's cache salt does), so
-        requests of different salts share no block. After TTFT, loaded blocks are checked against ``reference`` and
-        the request's full blocks not yet in ``record`` are recorded there."""
+        requests of different salts share no block. After TTFT, loaded blocks are checked against ``reference``, and
+        the bytes of every block the request stored are recorded in ``record``."""
         self._count += 1
         rid = request_id or f"req-{self._count}"
         n = len(prompt)
@@ -354,6 +363,7 @@ class Engine:
             state.block_ids, state.saved = list(blocks), 0
             s.leader.plan_stores(state, prompt, full)
             plans.append(s.leader.take_step())
+        stored = [pair for plan in plans for pair in _stored_pairs(plan)]
         table = self._table(blocks)
         logits = self.model.prefill(self._tokens(prompt[num_cached:]), self.caches, table, num_cached,
                                     before_attention)
@@ -386,29 +396,31 @@ class Engine:
             self.model.prefill(self._tokens(list(answer)), self.caches, table, n)
         all_hashes = sequence_hashes(tokens[:len(tokens) // BLOCK_SIZE * BLOCK_SIZE], BLOCK_SIZE, salt)
         self.pool.register(blocks, all_hashes)
-        if record is not None:
+        stored += self._finish(rid, sides, states, tokens, blocks)
+        if record is not None:  # (the blocks released by _finish are not reused before the next request)
             sync(self.device)
-            record.record(all_hashes, blocks)
-        self._finish(rid, sides, states, tokens, blocks)
+            record.record([h for h, _ in stored], [b for _, b in stored], replace=True)
         return result
 
     def _finish(self, rid: str, sides: Sequence[KvbmSide], states: list, tokens: list[int],
-                blocks: list[int]) -> None:
-        """vLLM's ``request_finished``: store the remaining full blocks, hold the G1 blocks while stores run."""
-        busy_sides = []
+                blocks: list[int]) -> list[tuple[int, int]]:
+        """vLLM's ``request_finished``: store the remaining full blocks, hold the G1 blocks while stores run; the
+        ``(hash, G1 block)`` pairs it stored."""
+        busy_sides, stored = [], []
         for s, state in zip(sides, states):
             state.block_ids = list(blocks)
             s.leader.plan_stores(state, tokens, len(tokens) // BLOCK_SIZE)
             busy = s.leader.busy(rid)
             s.leader.forget(rid)
             plan = s.leader.take_step(held=[rid] if busy else [])
+            stored += _stored_pairs(plan)
             s.worker.start_stores(plan.stores)
             s.worker.hold(plan.held)
             if busy:
                 busy_sides.append(s)
         if not busy_sides:
             self.pool.release(blocks)
-            return
+            return stored
         for s in busy_sides[1:]:  # the G1 blocks wait for every side's stores: all but one are waited for here
             while True:
                 sending = s.step()[0]
@@ -417,3 +429,4 @@ class Engine:
                     break
                 time.sleep(POLL_SLEEP_S)
         self._held[rid] = (busy_sides[0], blocks)
+        return stored
