@@ -39,7 +39,8 @@ from kvbm.metrics import KvbmMetrics
 from kvbm.tiers import HOST_TIER, TierSpec
 from kvbm.worker.g4 import G4Endpoint
 from kvbm.worker.layerwise import LayerwiseLoads
-from kvbm.worker.shared_pool import ReplicaGroup, SharedHostPool, SharedPoolError
+from kvbm.worker.replica_group import ReplicaGroup, ShareError
+from kvbm.worker.shared_pool import SharedHostPool
 from kvbm.worker.store import BlockStore
 from kvbm.worker.tier_memory import allocate_tier, slot_geometry
 
@@ -139,12 +140,12 @@ class ConnectorWorker:
             self._pool = pool
             try:
                 pool.serve()
-            except SharedPoolError as e:
+            except ShareError as e:
                 log.warning("kvbm: replica group %s: %s; the other ranks store their own copy", group.name, e)
             return {host.name: cache}
         try:
             pool = SharedHostPool.attach(group, nbytes)
-        except SharedPoolError as e:
+        except ShareError as e:
             log.warning("kvbm: replica group %s: %s; this rank stores its own copy", group.name, e)
             return {}
         try:
