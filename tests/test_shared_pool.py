@@ -76,7 +76,7 @@ def test_a_taken_name_and_a_missing_writer_are_reported() -> None:
 
 def test_replica_groups_follow_the_layout() -> None:
     shared = RankLayout(4, 1024, (2, 1), replicas=4)
-    assert shared.host_block_bytes == 3 * 1024 and shared.total_block_bytes == 4 * 3 * 1024
+    assert shared.stored_block_bytes == 3 * 1024 and shared.total_block_bytes == 4 * 3 * 1024
     groups = [replica_group(shared, r, "e") for r in range(8)]
     assert [g.writer for g in groups] == [True, False, False, False] * 2
     assert {g.name for g in groups[:4]} == {"e-stage0"} and {g.name for g in groups[4:]} == {"e-stage1"}

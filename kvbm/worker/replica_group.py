@@ -98,11 +98,19 @@ def _peer_uid(sock: socket.socket) -> int:
 
 
 class DescriptorServer:
-    """Hands ``message`` and copies of ``fds`` to the group's readers of the same user, from a background thread,
-    until all of them took them or ``timeout_s`` passed (`start`); ``served`` counts the readers served."""
+    """Hands ``message`` and copies of ``fds`` (taken now: the caller may close its own) to the group's readers of
+    the same user, from a background thread, until all of them took them or ``timeout_s`` passed (`start`);
+    ``served`` counts the readers served."""
 
     def __init__(self, group: ReplicaGroup, tier: str, message: bytes, fds: Sequence[int]) -> None:
-        self.group, self.tier, self.message, self.fds = group, tier, message, list(fds)
+        self.group, self.tier, self.message = group, tier, message
+        self._fds: list[int] = []
+        try:
+            for fd in fds:
+                self._fds.append(os.dup(fd))
+        except OSError:
+            self._close_fds()
+            raise
         self.served = 0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -124,7 +132,7 @@ class DescriptorServer:
             listener.close()
             raise ShareError(f"cannot listen on {address[1:]!r}: {e}") from None
         listener.settimeout(_RETRY_S)
-        fds = [os.dup(fd) for fd in self.fds]  # the thread's own: the caller may close its descriptors at once
+        fds, self._fds = self._fds, []  # the thread's from now on
         self._thread = threading.Thread(target=self._serve, args=(listener, fds), daemon=True,
                                         name=f"kvbm-{self.tier}-{self.group.name}")
         self._thread.start()
@@ -157,11 +165,17 @@ class DescriptorServer:
                 os.close(fd)
 
     def close(self) -> None:
-        """Stop serving (idempotent); descriptors already handed out stay valid."""
+        """Stop serving and close the copies (idempotent); descriptors already handed out stay valid."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
 
 
 def receive_descriptors(group: ReplicaGroup, tier: str, message_bytes: int, num_fds: int) -> tuple[bytes, list[int]]:

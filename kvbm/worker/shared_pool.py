@@ -36,12 +36,12 @@ class SharedHostPool:
 
     def __init__(self, fd: int, nbytes: int, group: ReplicaGroup) -> None:
         self.fd, self.nbytes, self.group = fd, nbytes, group
-        self._server = DescriptorServer(group, _TIER, _HEADER.pack(_MAGIC, nbytes), [fd])
+        self._server: DescriptorServer | None = None
 
     @property
     def served(self) -> int:
         """Readers the pool was handed to."""
-        return self._server.served
+        return 0 if self._server is None else self._server.served
 
     @classmethod
     def create(cls, group: ReplicaGroup, nbytes: int) -> SharedHostPool:
@@ -51,6 +51,7 @@ class SharedHostPool:
     def serve(self) -> None:
         """Hand the pool to the group's readers from a background thread, until all attached or ``timeout_s``
         passed. Raises `ShareError` if the name is taken (the readers then keep their own pools)."""
+        self._server = DescriptorServer(self.group, _TIER, _HEADER.pack(_MAGIC, self.nbytes), [self.fd])
         self._server.start()
 
     @classmethod
@@ -67,7 +68,8 @@ class SharedHostPool:
 
     def close(self) -> None:
         """Stop handing the pool out and close this process's descriptor (mappings stay valid); idempotent."""
-        self._server.close()
+        if self._server is not None:
+            self._server.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
