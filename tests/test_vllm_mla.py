@@ -96,17 +96,19 @@ def test_mla_shared_host_pool_with_disk_tier(tmp_path: Path, tp: int, pp: int, k
         assert_clean(h)
 
 
-def test_mla_host_tier_sized_by_one_copy(tmp_path: Path) -> None:
-    """``DYN_KVBM_CPU_CACHE_GB`` counts one copy of the replicated latent (each stage's layers once), not one per
-    rank; G3 still counts every rank's copy."""
+def test_mla_tiers_sized_by_one_copy(tmp_path: Path) -> None:
+    """``DYN_KVBM_CPU_CACHE_GB`` and ``DYN_KVBM_DISK_CACHE_GB`` count one copy of the replicated latent (each
+    stage's layers once, on disk in 4 KiB-aligned slots), not one per rank."""
     copy_bytes = 3 * LATENT_PAGE
-    gb = 300 * copy_bytes / GB + 1e-9
-    with mla_ranked(tmp_path, 2, 2, host=None, extra={"DYN_KVBM_CPU_CACHE_GB": gb}) as h:
+    extra = {"DYN_KVBM_CPU_CACHE_GB": 300 * copy_bytes / GB + 1e-9, "DYN_KVBM_DISK_CACHE_GB": 200 * 4096 / GB + 1e-9,
+             "DYN_KVBM_DISK_CACHE_DIR": str(tmp_path), "DYN_KVBM_DISK_DISABLE_O_DIRECT": "true"}
+    with mla_ranked(tmp_path, 2, 2, host=None, disk=None, extra=extra) as h:
         settled = h.worker.settle()
         assert [s["block_bytes"] for s in settled] == [2 * LATENT_PAGE] * 2 + [LATENT_PAGE] * 2
-        assert all(s["blocks"]["G2"] == 300 for s in settled)
+        assert all(s["blocks"]["G2"] == 300 and s["blocks"]["G3"] == 200 for s in settled)
         assert sum({s["host_mapping"]["inode"]: s["host_mapping"]["bytes"] for s in settled}.values()) \
             == 300 * copy_bytes
+        assert sum({s["disk_file"]["inode"]: s["disk_file"]["bytes"] for s in settled}.values()) == 2 * 200 * 4096
         assert_clean(h)
 
 
