@@ -216,29 +216,40 @@ def test_a_reader_without_a_writer_keeps_its_own_file(tmp_path: Path, caplog: py
     assert os.listdir(tmp_path) == []
 
 
-def test_a_reader_attached_to_g3_alone_loads_it_into_its_own_pool(tmp_path: Path) -> None:
-    """The writer shares only its disk tier (the host pool's name is taken): the reader keeps its own G2, fills it
-    from the shared G3 itself (G3 -> G1 and G2 -> G3 stay the writer's)."""
+@pytest.mark.parametrize("taken", ["pool", "g3"])
+def test_a_reader_shares_the_tiers_it_can_attach_to(tmp_path: Path, taken: str,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """One shared tier's name is taken: the writer shares the other alone, the reader keeps its own copy of the
+    first (each logged) and runs the moves into it itself, from or into the shared tier; every rank loads every
+    byte as stored."""
     name = uuid.uuid4().hex
+    own = {"pool": "G2", "g3": "G3"}[taken]
     squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    squatter.bind(group(True, name).address("pool"))
+    squatter.bind(group(True, name).address(taken))
     engines = [poisoned_engine() for _ in range(2)]
     values = random_blocks(1, seed=5)
-    engines[0][[2]] = values
-    writer = ConnectorWorker(block_major(engines[0]), tiers(tmp_path), KvbmConfig(), replicas=group(True, name))
-    reader = ConnectorWorker(block_major(engines[1]), tiers(tmp_path), KvbmConfig(),
-                             replicas=group(False, name, timeout_s=0.5))
+    for engine in engines:  # identical KV on every rank
+        engine[[2]] = values
+    with caplog.at_level(logging.WARNING):
+        writer = ConnectorWorker(block_major(engines[0]), tiers(tmp_path), KvbmConfig(), replicas=group(True, name))
+        reader = ConnectorWorker(block_major(engines[1]), tiers(tmp_path), KvbmConfig(),
+                                 replicas=group(False, name, timeout_s=0.5))
     squatter.close()
-    assert reader.shared_read_only == {"G3"}
-    assert run(writer, [Move(1, MoveKind.STORE, "G1", "G2", (2,), (1,), (9,)),
-                        Move(2, MoveKind.CASCADE, "G2", "G3", (1,), (6,), (9,))]) == {1: {}, 2: {}}
-    assert run(reader, [Move(2, MoveKind.CASCADE, "G2", "G3", (1,), (6,), (9,))]) == {2: {}}
-    assert reader.store.num_running() == 0
-    assert run(reader, [Move(3, MoveKind.CASCADE, "G3", "G2", (6,), (0,), (9,))]) == {3: {}}
-    assert run(reader, [Move(4, MoveKind.LOAD, "G2", "G1", (0,), (5,), (9,))]) == {4: {}}
-    assert torch.equal(engines[1][[5]].view(torch.int16), values.view(torch.int16))
+    assert reader.shared_read_only == {"G2", "G3"} - {own}
+    assert [r.getMessage().split(": ")[2] for r in caplog.records] == [f"tier {own}"] * 2  # writer, reader
+    for move in (Move(1, MoveKind.STORE, "G1", "G2", (2,), (1,), (9,)),
+                 Move(2, MoveKind.CASCADE, "G2", "G3", (1,), (6,), (9,))):
+        assert run(writer, [move]) == {move.move_id: {}}
+        reader.start_cascades([move])
+        assert reader.store.num_running() + reader.store.num_queued() == (move.dst_tier == own)
+        assert run(reader, []) == {move.move_id: {}}
+    loads = [Move(3, MoveKind.LOAD, "G3", "G1", (6,), (5,), (9,)), Move(4, MoveKind.LOAD, "G2", "G1", (1,), (4,), (9,))]
+    for worker, engine in zip((writer, reader), engines):
+        assert run(worker, loads) == {3: {}, 4: {}}
+        assert torch.equal(engine[[5, 4]].view(torch.int16), values.expand(2, *values.shape[1:]).view(torch.int16))
     reader.close()
     writer.close()
+    assert os.listdir(tmp_path) == []
 
 
 def test_attach_refuses_a_tier_that_does_not_fit(tmp_path: Path) -> None:

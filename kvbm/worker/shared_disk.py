@@ -44,9 +44,13 @@ _HEADER = struct.Struct("<16sQQ8s")  # magic, slots, slot bytes, layout digest
 
 
 def _reopen_read_only(fd: int, direct: bool) -> int:
-    """A new read-only descriptor of the file open as ``fd`` in this process (O_DIRECT where ``direct``)."""
+    """A new read-only descriptor of the file open as ``fd`` in this process (O_DIRECT where ``direct``); raises
+    `ShareError` saying why not."""
     flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
-    new = os.open(f"/proc/self/fd/{fd}", flags)
+    try:
+        new = os.open(f"/proc/self/fd/{fd}", flags)
+    except OSError as e:
+        raise ShareError(f"cannot reopen descriptor {fd} read-only: {e}") from None
     mine, there = os.fstat(fd), os.fstat(new)
     if (mine.st_dev, mine.st_ino) != (there.st_dev, there.st_ino):
         os.close(new)
