@@ -22,7 +22,6 @@ of one report per rank holds and the writer's result decides.
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -45,8 +44,6 @@ from kvbm.worker.store import BlockStore
 from kvbm.worker.tier_memory import slot_geometry
 
 __all__ = ["ConnectorWorker", "G4Options", "replica_group", "tier_geometry"]
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

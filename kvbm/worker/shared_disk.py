@@ -112,6 +112,8 @@ class SharedDiskTier:
 def attach_disk_tier(group: ReplicaGroup, spec: TierSpec, geometry: KVGeometry, dtype: torch.dtype) -> DiskKVCache:
     """The writer's tier of ``spec`` as a read-only cache of blocks of ``geometry`` / ``dtype``, checked; raises
     `ShareError` saying why not."""
+    if spec.directory is None:
+        raise ValueError(f"disk tier {spec.name} needs a directory")
     message, (file_fd, table_fd) = receive_descriptors(group, _TIER, _HEADER.size, 2)
     n, nbytes = spec.num_blocks, SlotTable.nbytes(spec.num_blocks)
     try:
@@ -121,16 +123,20 @@ def attach_disk_tier(group: ReplicaGroup, spec: TierSpec, geometry: KVGeometry, 
                if slot_bytes != align_up(geometry.block_bytes) else sealed_size_error(table_fd, nbytes))
         if why is not None:
             raise ShareError(f"the writer rank's disk tier does not fit: {why}")
-        table = SlotTable(n, mmap.mmap(table_fd, page_bytes(nbytes), prot=mmap.PROT_READ))
+        try:
+            records = mmap.mmap(table_fd, page_bytes(nbytes), prot=mmap.PROT_READ)
+        except OSError as e:
+            raise ShareError(f"mapping the writer rank's slot records failed: {e}") from None
+        table = SlotTable(n, records)
     except BaseException:
         os.close(file_fd)
         raise
     finally:
         os.close(table_fd)  # the mapping keeps the records
     try:
-        file = DiskBlockFile.adopt(file_fd, spec.directory or "", n, slot_bytes, use_o_direct=spec.use_o_direct,
+        file = DiskBlockFile.adopt(file_fd, spec.directory, n, slot_bytes, use_o_direct=spec.use_o_direct,
                                    lost=table.lost)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise ShareError(str(e)) from None
     try:
         cache = DiskKVCache.attach(file, geometry, dtype, table)
