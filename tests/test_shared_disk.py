@@ -269,3 +269,21 @@ def test_attach_refuses_a_tier_that_does_not_fit(tmp_path: Path) -> None:
     with pytest.raises(ShareError, match="no writer rank answered .* within 0 s"):
         attach_disk_tier(group(False, uuid.uuid4().hex, timeout_s=0.2), spec, GEOMETRY, torch.bfloat16)
     assert os.listdir(tmp_path) == []
+
+
+def test_only_the_first_host_and_disk_tiers_are_shared(tmp_path: Path) -> None:
+    """A further host tier (between G2 and G3) is each rank's own: the reader's stays untouched by the writer's
+    stores into its own."""
+    name = uuid.uuid4().hex
+    specs = [TierSpec("G2", Medium.HOST, 4), TierSpec("G2b", Medium.HOST, 4),
+             TierSpec("G3", Medium.DISK, 8, tmp_path, use_o_direct=False)]
+    engines = [poisoned_engine() for _ in range(2)]
+    engines[0][[1]] = random_blocks(1, seed=6)
+    writer = ConnectorWorker(block_major(engines[0]), specs, KvbmConfig(), replicas=group(True, name))
+    reader = ConnectorWorker(block_major(engines[1]), specs, KvbmConfig(), replicas=group(False, name))
+    assert reader.shared_read_only == {"G2", "G3"}
+    assert run(writer, [Move(1, MoveKind.STORE, "G1", "G2b", (1,), (0,), (3,))]) == {1: {}}
+    assert torch.equal(writer.store.cache("G2b").tensors[0][0].view(torch.int16), engines[0][1].view(torch.int16))
+    assert not reader.store.cache("G2b").tensors[0].view(torch.int16).any()  # zeroed, its own
+    reader.close()
+    writer.close()

@@ -47,16 +47,17 @@ class SharedTiers:
 
 def share_tiers(tiers: Sequence[TierSpec], group: ReplicaGroup, geometry: KVGeometry,
                 dtype: torch.dtype) -> SharedTiers:
-    """The host and disk tiers of ``tiers`` (in blocks of ``geometry`` / ``dtype``) in the group's memory: created
-    and handed out by the writer, attached to by a reader where it can. Raises, holding nothing, where the writer
-    cannot allocate a tier."""
+    """The first host and the first disk tier of ``tiers`` (in blocks of ``geometry`` / ``dtype``; G2 and G3) in
+    the group's memory: created and handed out by the writer, attached to by a reader where it can (one socket per
+    medium: any further tier is each rank's own). Raises, holding nothing, where the writer cannot allocate a
+    tier."""
     shared = SharedTiers()
+    ways = {Medium.HOST: _host_writer if group.writer else _host_reader,
+            Medium.DISK: _disk_writer if group.writer else _disk_reader}
     try:
         for spec in tiers:
-            if spec.medium is Medium.HOST:
-                _share(shared, spec, group, _host_writer if group.writer else _host_reader, geometry, dtype)
-            elif spec.medium is Medium.DISK:
-                _share(shared, spec, group, _disk_writer if group.writer else _disk_reader, geometry, dtype)
+            if (how := ways.pop(spec.medium, None)) is not None:
+                _share(shared, spec, group, how, geometry, dtype)
     except BaseException:
         shared.close()
         for cache in shared.caches.values():
