@@ -20,6 +20,11 @@ a request's write, right after its read), in parallel with the batch's other req
 fills a request's blocks on the same thread just before (the host path converts them into a bounce chunk), a
 reader's ``on_verified`` hook takes a request's intact blocks on from it (the host path copies them to their
 destination).
+
+The checksums and slot states are a `SlotTable`, in memory of the cache's own or in memory other processes map:
+ranks holding identical KV share one file that one of them writes (`kvbm.worker.shared_disk`), and every other
+rank reads it as a cache of its own (`DiskKVCache.attach`: the file adopted from a descriptor, the writer's
+records mapped read-only), verifying every read against the writer's checksums; such a cache never writes.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ from kvbm.layouts import KVGeometry, KVLayout
 from .bounce import slot_cache
 from .disk_file import DiskBlockFile, align_up
 from .medium import Medium
+from .slot_table import SlotTable
 
 __all__ = ["DiskKVCache", "same_slot_layout"]
 
@@ -63,20 +69,46 @@ def _check_geometry(geometry: KVGeometry, dtype: torch.dtype) -> None:
 class DiskKVCache:
     """``num_blocks`` blocks of ``geometry`` / ``dtype`` in a new file in ``directory`` (removed by `close`).
 
-    ``use_o_direct`` and ``zerofill_fallback`` are passed to `DiskBlockFile`. Raises what `DiskBlockFile` raises
-    for a bad directory or a file that does not fit."""
+    ``use_o_direct`` and ``zerofill_fallback`` are passed to `DiskBlockFile`; ``table`` holds the slots' records
+    (zeroed, e.g. in memory shared with the file's readers), else the cache's own. Raises what `DiskBlockFile`
+    raises for a bad directory or a file that does not fit."""
 
     medium = Medium.DISK
 
     def __init__(self, directory: str | os.PathLike, geometry: KVGeometry, dtype: torch.dtype, num_blocks: int, *,
-                 use_o_direct: bool = True, zerofill_fallback: bool = False, name: str = "G3") -> None:
+                 use_o_direct: bool = True, zerofill_fallback: bool = False, name: str = "G3",
+                 table: SlotTable | None = None) -> None:
         _check_geometry(geometry, dtype)
+        table = SlotTable(num_blocks) if table is None else table
+        if table.num_slots != num_blocks or table.read_only:
+            raise ValueError(f"the slot table holds {table.num_slots} {'read-only ' * table.read_only}records, "
+                             f"the cache writes {num_blocks}")
+        self._file_options = {"use_o_direct": use_o_direct, "zerofill_fallback": zerofill_fallback}
+        file = DiskBlockFile(directory, num_blocks, align_up(geometry.block_bytes), lost=table.lost,
+                             **self._file_options)
+        self._setup(file, geometry, dtype, name, table)
+
+    @classmethod
+    def attach(cls, file: DiskBlockFile, geometry: KVGeometry, dtype: torch.dtype, table: SlotTable, *,
+               name: str = "G3") -> DiskKVCache:
+        """A reader of the cache another process writes: its ``file`` (adopted: `DiskBlockFile.adopt`) and its
+        records ``table`` (mapped read-only). The cache reads and verifies, never writes; `close` closes the file
+        (the writer removes it). Raises ValueError if the file's slots or the table do not fit ``geometry``."""
+        _check_geometry(geometry, dtype)
+        if not file.read_only or file.slot_bytes != align_up(geometry.block_bytes) or table.num_slots != file.num_slots:
+            raise ValueError(f"{file!r} with {table.num_slots} records cannot be read as blocks of {geometry}")
+        self = cls.__new__(cls)
+        self._file_options = {}
+        self._setup(file, geometry, dtype, name, table)
+        return self
+
+    def _setup(self, file: DiskBlockFile, geometry: KVGeometry, dtype: torch.dtype, name: str,
+               table: SlotTable) -> None:
         self.geometry = geometry
         self.dtype = dtype
         self.name = name
-        self.slot_bytes = align_up(geometry.block_bytes)
-        self._file_options = {"use_o_direct": use_o_direct, "zerofill_fallback": zerofill_fallback}
-        self.file = DiskBlockFile(directory, num_blocks, self.slot_bytes, **self._file_options)
+        self.slot_bytes = file.slot_bytes
+        self.file = file
         #: Times the file was replaced after being deleted underneath.
         self.renewals = 0
         self._retired: list[DiskBlockFile] = []  # replaced files, closed with this cache (no descriptor reuse)
@@ -86,11 +118,18 @@ class DiskKVCache:
         self.layout_digest: bytes = xxhash.xxh3_64_digest(repr((
             "kvbm-g3", geometry, str(dtype), self.slot_bytes, self.layout.strides, self.layout.piece_tensor,
             self.layout.piece_offset)).encode())
-        self._sums = np.zeros(self.num_blocks, dtype=np.uint64)
-        self._tags = np.zeros(self.num_blocks, dtype=np.uint64)
-        self._tagged = np.zeros(self.num_blocks, dtype=bool)
-        self._state = np.zeros(self.num_blocks, dtype=np.uint8)
+        self._table = table
+        self._sums, self._tags, self._tagged, self._state = table.sums, table.tags, table.tagged, table.state
         self._lock = threading.Lock()
+
+    @property
+    def read_only(self) -> bool:
+        """Whether this cache reads a file another process writes (`attach`)."""
+        return self.file.read_only
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ValueError(f"{self.name}: the disk cache file is another process's, read only here")
 
     # ------------------------------------------------------------------ integrity
 
@@ -111,7 +150,8 @@ class DiskKVCache:
 
     def forget(self, slots: Sequence[int], failed: bool = False) -> None:
         """Slots whose bytes changed without a checksum: read unverified (cuFile writes), or, with ``failed``,
-        refused until rewritten (a write that failed may have left any bytes)."""
+        refused until rewritten (a write that failed may have left any bytes). Raises ValueError on a reader."""
+        self._check_writable()
         with self._lock:
             self._state[np.asarray(slots, dtype=np.int64)] = _WRITE_FAILED if failed else _UNVERIFIED
 
@@ -135,15 +175,18 @@ class DiskKVCache:
 
     def _renew_if_deleted(self) -> None:
         """A file deleted underneath loses every block: start a new one in the same directory, every slot
-        unreadable until rewritten (reads fail, so the index drops the blocks; writes fill the new file)."""
-        if not self.file.deleted():
+        unreadable until rewritten (reads fail, so the index drops the blocks; writes fill the new file). A reader
+        keeps failing every read of the deleted file: the writer's new file is not handed to it."""
+        if self.read_only or not self.file.deleted():
             return
         with self._lock:
             if not self.file.deleted():
                 return
             old = self.file
-            self.file = DiskBlockFile(old.directory, self.num_blocks, self.slot_bytes, **self._file_options)
             self._state[:] = _WRITE_FAILED
+            self._table.lost[:] = 0
+            self.file = DiskBlockFile(old.directory, self.num_blocks, self.slot_bytes, lost=self._table.lost,
+                                      **self._file_options)
             self._retired.append(old)
             self.renewals += 1
         logger.warning("%s: disk cache file %s was deleted; its blocks are lost, continuing in a new file %s",
@@ -157,7 +200,9 @@ class DiskKVCache:
 
         ``prepare``, if given, is called on the I/O thread of each request, before its checksums and its write,
         with the request's (position, buffer block) pairs (e.g. to fill those blocks from a cache of another
-        layout while the other requests are in flight); if it raises, the request's blocks fail."""
+        layout while the other requests are in flight); if it raises, the request's blocks fail. Raises ValueError
+        on a reader."""
+        self._check_writable()
         self._renew_if_deleted()
         rows = self._blocks(buffer)
         position = {int(s): k for k, s in enumerate(slots)}

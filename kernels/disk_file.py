@@ -20,6 +20,10 @@ left behind even by ``kill -9``; else created with O_EXCL | O_NOFOLLOW under ``k
 checked with fstat and locked (flock) for its lifetime, and files of that pattern whose owner is gone are
 reclaimed when the next file is made. O_DIRECT is set on the same descriptor with fcntl. A world-writable
 directory without the sticky bit is refused.
+
+A file another process created and writes is read through `DiskBlockFile.adopt` (a disk tier shared by ranks
+holding identical KV): a read-only descriptor received from its writer, never a name; it reads and never writes,
+and the slots a truncation lost are the writer's to mark, in the ``lost`` flags both processes map.
 """
 from __future__ import annotations
 
@@ -259,8 +263,12 @@ class DiskBlockFile:
         max_io_bytes: largest single request; longer runs of consecutive slots are split into requests this big
             (several mid-sized requests keep the device's queue full and let per-request hooks overlap the I/O).
 
+        lost: the per-slot flags of slots lost to a truncation (a uint8 array of ``num_slots``, e.g. in memory
+            other processes map: `kvbm.kernels.slot_table`); zeroed flags of its own when None.
+
     Attributes: ``path``, ``num_slots``, ``slot_bytes`` (aligned), ``requested_slot_bytes``, ``file_bytes``,
-    ``o_direct`` (whether the file really is open with O_DIRECT), ``preallocated_by`` ("fallocate"/"zerofill").
+    ``o_direct`` (whether the file really is open with O_DIRECT), ``preallocated_by`` ("fallocate"/"zerofill"),
+    ``read_only`` (an adopted file: see `adopt`).
 
     Raises FileNotFoundError / NotADirectoryError / PermissionError for a bad directory, OSError(ENOSPC) when the
     file does not fit, OSError(EOPNOTSUPP) when it cannot be preallocated and zero-filling is not allowed.
@@ -276,27 +284,15 @@ class DiskBlockFile:
         zerofill_fallback: bool = False,
         io_threads: int = 16,
         max_io_bytes: int = 4 << 20,
+        lost: np.ndarray | None = None,
     ) -> None:
-        self.num_slots = _check_count("num_slots", num_slots)
-        self.requested_slot_bytes = _check_count("slot_bytes", slot_bytes)
-        self.slot_bytes = align_up(self.requested_slot_bytes)
-        io_threads = _check_count("io_threads", io_threads)
-        max_io_bytes = _check_count("max_io_bytes", max_io_bytes)
-        self.file_bytes = self.num_slots * self.slot_bytes
-        self._require_alignment = bool(use_o_direct)
-        self._slots_per_request = max(1, min(_IOV_MAX, max_io_bytes // self.slot_bytes))
-        self._lost = bytearray(self.num_slots)  # 1 = contents lost to a truncation, until rewritten
-        # A truncation check (file size seen, slots marked lost) is one step against the clearing of slots that a
-        # concurrent batch has just rewritten: else a size seen before that batch's writes re-marks them lost.
-        self._lost_lock = threading.Lock()
-
+        self._setup(num_slots, slot_bytes, use_o_direct, io_threads, max_io_bytes, lost, read_only=False)
         directory = os.fspath(directory)
         if not os.path.exists(directory):
             raise FileNotFoundError(f"disk cache directory {directory!r} does not exist")
         if not os.path.isdir(directory):
             raise NotADirectoryError(f"disk cache path {directory!r} is not a directory")
         self.directory = directory
-        self._deleted_logged = False
         dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         fd, name = -1, None
         try:
@@ -311,15 +307,71 @@ class DiskBlockFile:
         except BaseException:
             _release(fd, dir_fd, name, True)
             raise
-        self._fd = fd
-        self._finalizer = weakref.finalize(self, _release, fd, dir_fd, name, True)
-        self._io_threads = io_threads
-        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="kvbm-disk")
+        self._named = name is not None
+        self._start(fd, dir_fd, name)
         logger.info(
             "disk block file in %s (%s): %d slots x %d B (%d B), O_DIRECT %s, preallocated by %s",
             directory, name or "unnamed, O_TMPFILE", self.num_slots, self.slot_bytes, self.file_bytes,
             "on" if self.o_direct else "off", self.preallocated_by,
         )
+
+    @classmethod
+    def adopt(cls, fd: int, directory: str | os.PathLike, num_slots: int, slot_bytes: int, *,
+              use_o_direct: bool = True, io_threads: int = 16, max_io_bytes: int = 4 << 20,
+              lost: np.ndarray | None = None) -> "DiskBlockFile":
+        """A reader of the file another process created and writes, from ``fd``: a read-only descriptor of it
+        (owned from now on: `close` closes it, never removes the file), a regular file of this user holding
+        ``num_slots`` slots of ``slot_bytes``; ``directory`` is where the writer made it (for messages). ``lost``:
+        the writer's per-slot flags of slots lost to a truncation (this reader only reads them). Raises
+        ValueError, closing ``fd``, when the descriptor is not such a file."""
+        self = cls.__new__(cls)
+        try:
+            self._setup(num_slots, slot_bytes, use_o_direct, io_threads, max_io_bytes, lost, read_only=True)
+            st = os.fstat(fd)
+            access = fcntl.fcntl(fd, fcntl.F_GETFL)
+            why = ("not a regular file" if not stat.S_ISREG(st.st_mode) else
+                   f"owned by uid {st.st_uid}" if st.st_uid != os.geteuid() else
+                   f"{st.st_size} bytes, not {self.file_bytes}" if st.st_size != self.file_bytes else
+                   "not opened read-only" if access & os.O_ACCMODE != os.O_RDONLY else None)
+            if why is not None:
+                raise ValueError(f"the disk cache file handed over is {why}")
+        except BaseException:
+            os.close(fd)
+            raise
+        self.directory = os.fspath(directory)
+        self.name, self.path = None, f"/proc/self/fd/{fd}"
+        self.preallocated_by = "its writer"
+        self.o_direct = bool(access & os.O_DIRECT)
+        self._named = st.st_nlink > 0  # an unnamed (O_TMPFILE) file has no name to lose
+        self._start(fd, -1, None)
+        return self
+
+    def _setup(self, num_slots: int, slot_bytes: int, use_o_direct: bool, io_threads: int, max_io_bytes: int,
+               lost: np.ndarray | None, read_only: bool) -> None:
+        """The sizes and flags both ways of opening a file share (checked)."""
+        self.num_slots = _check_count("num_slots", num_slots)
+        self.requested_slot_bytes = _check_count("slot_bytes", slot_bytes)
+        self.slot_bytes = align_up(self.requested_slot_bytes)
+        self._io_threads = _check_count("io_threads", io_threads)
+        max_io_bytes = _check_count("max_io_bytes", max_io_bytes)
+        self.file_bytes = self.num_slots * self.slot_bytes
+        self.read_only = read_only
+        self._require_alignment = bool(use_o_direct)
+        self._slots_per_request = max(1, min(_IOV_MAX, max_io_bytes // self.slot_bytes))
+        if lost is not None and (lost.dtype != np.uint8 or lost.shape != (self.num_slots,)):
+            raise ValueError(f"lost must be a uint8 array of {self.num_slots} flags, got {lost.dtype} {lost.shape}")
+        #: 1 = contents lost to a truncation, until rewritten
+        self._lost = np.zeros(self.num_slots, dtype=np.uint8) if lost is None else lost
+        # A truncation check (file size seen, slots marked lost) is one step against the clearing of slots that a
+        # concurrent batch has just rewritten: else a size seen before that batch's writes re-marks them lost.
+        self._lost_lock = threading.Lock()
+        self._deleted_logged = False
+
+    def _start(self, fd: int, dir_fd: int, name: str | None) -> None:
+        """Own the open file (released with `close` or when collected) and start the I/O threads."""
+        self._fd = fd
+        self._finalizer = weakref.finalize(self, _release, fd, dir_fd, name, True)
+        self._pool = ThreadPoolExecutor(max_workers=self._io_threads, thread_name_prefix="kvbm-disk")
 
     def _preallocate(self, fd: int, directory: str, zerofill_fallback: bool) -> str:
         """Reserve the file's blocks so later writes cannot run out of space; return how it was done."""
@@ -379,7 +431,10 @@ class DiskBlockFile:
         ``slots[i]`` receives buffer block ``buf_blocks[i]`` (default ``i``). Slot ids must be distinct.
         ``before_write``, if given, is called on the thread of each request, just before it is issued, with the
         request's (slot, buffer block) pairs (e.g. to checksum them); if it raises, the request's slots fail.
+        Raises ValueError on an adopted (read-only) file.
         """
+        if self.read_only:
+            raise ValueError(f"{self.path!r} is another process's file, adopted to be read only")
         return self._transfer(slots, src, buf_blocks, reading=False, hook=before_write)
 
     def read_slots(
@@ -411,6 +466,8 @@ class DiskBlockFile:
 
     def mark_written(self, slots: Sequence[int]) -> None:
         """For I/O done outside this object (cuFile): ``slots`` were written completely."""
+        if self.read_only:
+            raise ValueError(f"{self.path!r} is another process's file, adopted to be read only")
         with self._lost_lock:
             for s in slots:
                 self._lost[s] = 0
@@ -419,7 +476,7 @@ class DiskBlockFile:
 
     def deleted(self) -> bool:
         """Whether the file's name was removed underneath (an unnamed file has none to lose)."""
-        return not self.closed and self.name is not None and os.fstat(self._fd).st_nlink == 0
+        return not self.closed and self._named and os.fstat(self._fd).st_nlink == 0
 
     def fileno(self) -> int:
         """The open descriptor (for fsync or fadvise by a caller)."""
@@ -437,7 +494,7 @@ class DiskBlockFile:
             return
         self._pool.shutdown(wait=True)
         _, dir_fd, name, _ = self._finalizer.detach()[2]
-        if not remove and name is None:  # keep an unnamed file: give it a name
+        if not remove and name is None and dir_fd >= 0:  # keep an unnamed file of ours: give it a name
             name = f"{FILE_PREFIX}{os.getpid()}-{secrets.token_hex(6)}{FILE_SUFFIX}"
             try:
                 os.link(f"/proc/self/fd/{self._fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
@@ -579,20 +636,22 @@ class DiskBlockFile:
         """
         with self._lost_lock:
             st = os.fstat(self._fd)
-            if st.st_nlink == 0 and self.name is not None:
+            if st.st_nlink == 0 and self._named:
                 if not self._deleted_logged:
                     self._deleted_logged = True
                     logger.warning("disk cache file %s was deleted: its blocks are lost and every read and write "
                                    "of it fails", self.path)
                 raise OSError(errno.ENOENT, f"disk cache file {self.path!r} was deleted")
-            if st.st_size < self.file_bytes:
+            # a reader only reads the flags: its reads past the end fail, and the writer marks the lost slots before its
+            # writes extend the file again
+            if st.st_size < self.file_bytes and not self.read_only:
                 first = st.st_size // self.slot_bytes
-                if not all(self._lost[first:]):
+                if not self._lost[first:].all():
                     logger.warning(
                         "disk cache file %s was truncated to %d bytes underneath: slots %d.. are lost",
                         self.path, st.st_size, first,
                     )
-                    self._lost[first:] = b"\x01" * (self.num_slots - first)
+                    self._lost[first:] = 1
 
     def _run_request(self, reading: bool, mv: memoryview, run: list[tuple[int, int]],
                      hook: SlotHook | None) -> dict[int, OSError]:

@@ -3,8 +3,8 @@
 `kvbm_tiers` turns the ``DYN_KVBM_*`` sizes into an ordered list of `TierSpec`; the leader builds its index from
 the names and sizes (`TierSpec.index_config`), each worker allocates the memory (`kvbm.worker.tier_memory`). Sizes
 in GB count a block's bytes summed over all ranks, and every rank gets the same number of blocks of its own size,
-as in Dynamo KVBM; a host pool shared by ranks holding identical KV (MLA) counts one copy. Plain data, no torch:
-the scheduler side imports it.
+as in Dynamo KVBM; tiers shared by ranks holding identical KV (MLA: one host pool, one disk file) count one copy.
+Plain data, no torch: the scheduler side imports it.
 """
 from __future__ import annotations
 
@@ -37,12 +37,12 @@ class TierSpec:
         return TierConfig(self.name, self.num_blocks, admission)
 
 
-def kvbm_tiers(config: KvbmConfig, block_bytes: int, host_block_bytes: int | None = None) -> list[TierSpec]:
-    """G2 and/or G3 as ``config`` sizes them for blocks of ``block_bytes`` (summed over ranks), G2 for blocks of
-    ``host_block_bytes`` when given (ranks sharing one host pool count one copy); empty when neither is
+def kvbm_tiers(config: KvbmConfig, block_bytes: int, stored_block_bytes: int | None = None) -> list[TierSpec]:
+    """G2 and/or G3 as ``config`` sizes them for blocks of ``block_bytes`` (summed over ranks), or of
+    ``stored_block_bytes`` when given (ranks sharing their tiers count one copy); empty when neither is
     configured."""
-    host_blocks, disk_blocks = config.resolve_num_blocks(block_bytes if host_block_bytes is None else host_block_bytes,
-                                                         disk_bytes_per_block=align_up(block_bytes))
+    stored = block_bytes if stored_block_bytes is None else stored_block_bytes
+    host_blocks, disk_blocks = config.resolve_num_blocks(stored, disk_bytes_per_block=align_up(stored))
     tiers = []
     if host_blocks:
         tiers.append(TierSpec(HOST_TIER, Medium.HOST, host_blocks))

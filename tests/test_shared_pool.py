@@ -17,7 +17,8 @@ from kvbm.kernels.medium import Medium
 from kvbm.layouts import KVGeometry, block_major
 from kvbm.leader.plans import Move, MoveKind
 from kvbm.tiers import TierSpec
-from kvbm.worker.shared_pool import ReplicaGroup, SharedHostPool, SharedPoolError
+from kvbm.worker.replica_group import ReplicaGroup, ShareError
+from kvbm.worker.shared_pool import SharedHostPool
 from kvbm.worker.tier_memory import allocate_tier, close_tier
 
 GEOMETRY = KVGeometry(num_layers=2, num_kv=1, block_size=4, num_heads=1, head_dim=24, itemsize=2)
@@ -54,7 +55,7 @@ def test_a_pool_of_another_size_is_refused() -> None:
     name = uuid.uuid4().hex
     writer = SharedHostPool.create(group(True, name), 4096)
     writer.serve()
-    with pytest.raises(SharedPoolError, match="pool of 4096 bytes, this rank needs 8192"):
+    with pytest.raises(ShareError, match="pool of 4096 bytes, this rank needs 8192"):
         SharedHostPool.attach(group(False, name), 8192)
     writer.close()
 
@@ -63,11 +64,11 @@ def test_a_taken_name_and_a_missing_writer_are_reported() -> None:
     name = uuid.uuid4().hex
     first, second = (SharedHostPool.create(group(True, name), 4096) for _ in range(2))
     first.serve()
-    with pytest.raises(SharedPoolError, match="cannot listen"):
+    with pytest.raises(ShareError, match="cannot listen"):
         second.serve()
     first.close()
     second.close()
-    with pytest.raises(SharedPoolError, match="no writer rank answered .* within 0 s"):
+    with pytest.raises(ShareError, match="no writer rank answered .* within 0 s"):
         SharedHostPool.attach(group(False, uuid.uuid4().hex, timeout_s=0.2), 4096)
     with pytest.raises(ValueError, match="num_readers"):
         ReplicaGroup("x", writer=True, num_readers=-1)
@@ -75,7 +76,7 @@ def test_a_taken_name_and_a_missing_writer_are_reported() -> None:
 
 def test_replica_groups_follow_the_layout() -> None:
     shared = RankLayout(4, 1024, (2, 1), replicas=4)
-    assert shared.host_block_bytes == 3 * 1024 and shared.total_block_bytes == 4 * 3 * 1024
+    assert shared.stored_block_bytes == 3 * 1024 and shared.total_block_bytes == 4 * 3 * 1024
     groups = [replica_group(shared, r, "e") for r in range(8)]
     assert [g.writer for g in groups] == [True, False, False, False] * 2
     assert {g.name for g in groups[:4]} == {"e-stage0"} and {g.name for g in groups[4:]} == {"e-stage1"}

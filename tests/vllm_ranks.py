@@ -20,6 +20,7 @@ import vllm_harness as H  # first: imports vLLM for the CPU platform, clear of t
 import contextlib
 import dataclasses
 import multiprocessing
+import os
 import pickle
 import traceback
 from collections import Counter
@@ -203,25 +204,30 @@ class Rank:
         config = dataclasses.replace(setup.config, model=shard)
         self.harness = _WorkerHarness(config, self.vllm_config, setup.kv_cache_config, self.seeds)
         self.harness.oracle = RankOracle(setup.config.model, shard, first_head)
-        self.executed: Counter = Counter()  # moves the rank's store ran, by kind
+        self.executed: Counter = Counter()  # moves the rank's store ran, by kind and by "source->destination"
         execute = self.worker.store.execute
 
         def counting_execute(moves: Sequence[Any]) -> None:
             moves = list(moves)
-            self.executed.update(move.kind.name for move in moves)
+            self.count(moves)
             execute(moves)
 
         execute_by_layers = self.worker.store.execute_by_layers
 
         def counting_by_layers(moves: Sequence[Any], groups: Any) -> Any:
             moves = list(moves)
-            self.executed.update(move.kind.name for move in moves)
+            self.count(moves)
             return execute_by_layers(moves, groups)
 
         self.worker.store.execute = counting_execute
         self.worker.store.execute_by_layers = counting_by_layers
         if setup.fail_every_nth_load:
             fail_every_nth_load(self.worker, setup.fail_every_nth_load)
+
+    def count(self, moves: Sequence[Any]) -> None:
+        """Note moves the rank's store runs."""
+        self.executed.update(move.kind.name for move in moves)
+        self.executed.update(f"{move.src_tier}->{move.dst_tier}" for move in moves)
 
     @property
     def worker(self) -> Any:
@@ -253,7 +259,8 @@ class Rank:
                                  or worker.store.busy),
                 "blocks": {name: cache.num_blocks for name, cache in worker.store.caches.items()},
                 "block_bytes": worker.engine_cache.geometry.block_bytes,
-                "executed": dict(self.executed), "host_mapping": host_mapping(worker.store.caches.get("G2"))}
+                "executed": dict(self.executed), "host_mapping": host_mapping(worker.store.caches.get("G2")),
+                "disk_file": disk_file(worker.store.caches.get("G3"))}
 
     def close(self) -> None:
         """Shut the rank's connector down."""
@@ -273,6 +280,14 @@ def host_mapping(cache: Any) -> dict[str, Any] | None:
             return {"path": fields[5] if len(fields) > 5 else "", "inode": int(fields[4]), "shared": "s" in fields[1],
                     "bytes": hi - lo}
     raise AssertionError(f"no mapping holds the host tier at {buffer.host_ptr:#x}")
+
+
+def disk_file(cache: Any) -> dict[str, Any] | None:
+    """The file behind a disk tier: ``{inode, bytes, read_only}`` (the device and inode identify it)."""
+    if cache is None:
+        return None
+    st = os.fstat(cache.file.fileno())
+    return {"inode": (st.st_dev, st.st_ino), "bytes": st.st_size, "read_only": cache.read_only}
 
 
 def _rank_process(conn: Any, setup: RankSetup) -> None:

@@ -98,8 +98,8 @@ class RankLayout:
     by heads; ``page_bytes`` is one layer of one block on one rank, ``stage_layers`` the layers of each stage (ranks
     are numbered stage-major). As in Dynamo KVBM, tier sizes in GB count a block's bytes summed over all ranks and
     every rank holds the same number of blocks, of its own size. ``replicas`` consecutive tensor-parallel ranks
-    hold identical KV (MLA's latent cache: all of them); when all do, each stage's ranks share one host pool
-    (`shares_host_pool`), sized by one copy."""
+    hold identical KV (MLA's latent cache: all of them); when all do, each stage's ranks share one host pool and
+    one disk file (`shares_tiers`), sized by one copy."""
 
     tensor_parallel: int
     page_bytes: int
@@ -107,14 +107,14 @@ class RankLayout:
     replicas: int = 1
 
     @property
-    def shares_host_pool(self) -> bool:
-        """Whether each pipeline stage's ranks hold identical KV, stored once in a host pool they share."""
+    def shares_tiers(self) -> bool:
+        """Whether each pipeline stage's ranks hold identical KV, stored once in tiers they share."""
         return self.tensor_parallel > 1 and self.replicas == self.tensor_parallel
 
     @property
-    def host_block_bytes(self) -> int:
-        """One block's bytes in the host tier: one copy per stage when shared, else `total_block_bytes`."""
-        return self.page_bytes * sum(self.stage_layers) if self.shares_host_pool else self.total_block_bytes
+    def stored_block_bytes(self) -> int:
+        """One block's bytes as the tiers store it: one copy per stage when shared, else `total_block_bytes`."""
+        return self.page_bytes * sum(self.stage_layers) if self.shares_tiers else self.total_block_bytes
 
     @property
     def world_size(self) -> int:

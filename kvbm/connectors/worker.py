@@ -15,13 +15,13 @@ bytes, layer counts, dtypes) share tiers of raw slots as wide as the largest gro
 blocks through its own view of them (`kvbm.worker.tier_memory`), so one index and one slot count serve every group.
 
 Ranks holding identical KV (MLA's latent cache under tensor parallelism, a `ReplicaGroup`) share one host pool
-(`kvbm.worker.shared_pool`): the group's writer runs the moves into it (stores), every rank runs the others (loads
-into its own engine cache, copies to its own disk tier), and a rank that does not run a move reports it at once
-with no failure, so that the leader's count of one report per rank holds and the writer's result decides.
+and one disk file (`kvbm.worker.replica_tiers`): the group's writer runs the moves into them (stores, cascades),
+every rank runs the others (loads into its own engine cache, and copies into a tier it holds alone: one it could
+not attach to), and a rank that does not run a move reports it at once with no failure, so that the leader's count
+of one report per rank holds and the writer's result decides.
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -32,20 +32,18 @@ from kvbm.connectors.forward_timer import ForwardTimer
 from kvbm.connectors.leader import RankLayout
 from kvbm.connectors.messages import RequestLoad, RequestStore, WorkerReport
 from kvbm.kernels.block_transfer import BlockTransfer
-from kvbm.kernels.medium import Medium
 from kvbm.layouts import KVGeometry, PagedKVCache
 from kvbm.leader.plans import ENGINE_TIER, Move, MoveKind, MoveResult
 from kvbm.metrics import KvbmMetrics
 from kvbm.tiers import HOST_TIER, TierSpec
 from kvbm.worker.g4 import G4Endpoint
 from kvbm.worker.layerwise import LayerwiseLoads
-from kvbm.worker.shared_pool import ReplicaGroup, SharedHostPool, SharedPoolError
+from kvbm.worker.replica_group import ReplicaGroup
+from kvbm.worker.replica_tiers import SharedTiers, share_tiers
 from kvbm.worker.store import BlockStore
-from kvbm.worker.tier_memory import allocate_tier, slot_geometry
+from kvbm.worker.tier_memory import slot_geometry
 
 __all__ = ["ConnectorWorker", "G4Options", "replica_group", "tier_geometry"]
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,9 +65,9 @@ class ConnectorWorker:
                  ) -> None:
         """Allocate the tiers' memory for ``engine_cache``'s geometry, or raw slots of the largest block when
         ``groups`` (a hybrid model's further KV cache groups: tier name -> engine cache) have other geometries
-        (raises before holding anything on failure); with ``replicas`` the host tier is the group's shared pool
-        when it can be (else this rank's own); ``g4``: this rank (``rank``, of pipeline stage ``stage``) exports its
-        G2 and/or loads from other instances'."""
+        (raises before holding anything on failure); with ``replicas`` the host and disk tiers are the group's
+        shared ones where they can be (else this rank's own); ``g4``: this rank (``rank``, of pipeline stage
+        ``stage``) exports its G2 and/or loads from other instances'."""
         if not tiers:
             raise ValueError("no offload tier configured")
         groups = dict(groups or {})
@@ -77,24 +75,22 @@ class ConnectorWorker:
             raise ValueError(f"groups name the first group's tier {ENGINE_TIER!r}")
         self.engine_cache = engine_cache
         self.tier_geometry, self.tier_dtype = tier_geometry([engine_cache, *groups.values()])
+        self._shared = (share_tiers(tiers, replicas, self.tier_geometry, self.tier_dtype) if replicas is not None
+                        else SharedTiers())
         #: Tiers this rank shares with its replica group but does not write (moves into them are the writer's).
-        self.shared_read_only: frozenset[str] = frozenset()
-        self._pool: SharedHostPool | None = None
-        allocated = self._share_host_tier(tiers, replicas) if replicas is not None else {}
+        self.shared_read_only: frozenset[str] = self._shared.read_only
         try:
-            self.store = BlockStore.open(engine_cache, tiers, config, metrics=metrics, allocated=allocated,
+            self.store = BlockStore.open(engine_cache, tiers, config, metrics=metrics, allocated=self._shared.caches,
                                          geometry=self.tier_geometry, dtype=self.tier_dtype)
         except BaseException:
-            if self._pool is not None:
-                self._pool.close()
+            self._shared.close()
             raise
         try:
             for name, cache in groups.items():
                 self.store.add_engine_cache(name, cache)
         except BaseException:
             self.store.close()
-            if self._pool is not None:
-                self._pool.close()
+            self._shared.close()
             raise
         self.store.rank = rank
         if g4 is not None and (g4.export or g4.load):
@@ -103,8 +99,7 @@ class ConnectorWorker:
                                            timeout_s=g4.timeout_s)
             except BaseException:
                 self.store.close()
-                if self._pool is not None:
-                    self._pool.close()
+                self._shared.close()
                 raise
             self.store.g4_tier = HOST_TIER if g4.export else None
         self._moves: dict[int, tuple[Move, str | None]] = {}  # running move id -> (move, request id)
@@ -120,45 +115,6 @@ class ConnectorWorker:
         self.timer = ForwardTimer(engine_cache.device, rank=rank, stage=stage)
         self._announced = False  # whether a report named this rank yet
         self._closed = False
-
-    def _share_host_tier(self, tiers: Sequence[TierSpec], group: ReplicaGroup) -> dict[str, PagedKVCache]:
-        """The host tier in the group's pool: created, mapped, then handed out (writer) or received and mapped
-        (reader). A reader that cannot attach keeps its own pool (``{}``), logging why."""
-        host = next((t for t in tiers if t.medium is Medium.HOST), None)
-        if host is None:
-            return {}
-        g, dtype = self.tier_geometry, self.tier_dtype
-        nbytes = host.num_blocks * g.block_bytes
-        if group.writer:  # mapped before it is handed out: no reader sees memory the writer does not use
-            pool = SharedHostPool.create(group, nbytes)
-            try:
-                cache = allocate_tier(host, g, dtype, shared_fd=pool.fd)
-            except BaseException:
-                pool.close()
-                raise
-            self._pool = pool
-            try:
-                pool.serve()
-            except SharedPoolError as e:
-                log.warning("kvbm: replica group %s: %s; the other ranks store their own copy", group.name, e)
-            return {host.name: cache}
-        try:
-            pool = SharedHostPool.attach(group, nbytes)
-        except SharedPoolError as e:
-            log.warning("kvbm: replica group %s: %s; this rank stores its own copy", group.name, e)
-            return {}
-        try:
-            cache = allocate_tier(host, g, dtype, shared_fd=pool.fd, first_touch=False)
-        except Exception as e:  # noqa: BLE001 - this rank keeps its own pool, always correct
-            log.warning("kvbm: replica group %s: mapping the shared pool failed (%r); this rank stores its own copy",
-                        group.name, e)
-            return {}
-        finally:
-            pool.close()
-        self.shared_read_only = frozenset({host.name})
-        log.info("kvbm: replica group %s: host tier %s shared with the writer rank (%d bytes)", group.name,
-                 host.name, nbytes)
-        return {host.name: cache}
 
     def endpoint(self) -> bytes | None:
         """What another instance's rank needs to load from this rank's G2 (None without an exporting endpoint)."""
@@ -276,8 +232,7 @@ class ConnectorWorker:
             self._layers.finish()
             self.store.close()
         finally:
-            if self._pool is not None:
-                self._pool.close()
+            self._shared.close()
 
     # -- internals ---------------------------------------------------------------------------------------------
 
@@ -320,10 +275,9 @@ def tier_geometry(caches: Sequence[PagedKVCache]) -> tuple[KVGeometry, torch.dty
 
 
 def replica_group(layout: RankLayout, rank: int, engine_id: str, timeout_s: float = 60.0) -> ReplicaGroup | None:
-    """The group of ``rank`` sharing a host pool (its pipeline stage's tensor-parallel ranks, the first of them
-    the writer), or None when ``layout`` does not share one; ``engine_id`` names the engine uniquely on its
-    host."""
-    if not layout.shares_host_pool:
+    """The group of ``rank`` sharing tiers (its pipeline stage's tensor-parallel ranks, the first of them the
+    writer), or None when ``layout`` shares none; ``engine_id`` names the engine uniquely on its host."""
+    if not layout.shares_tiers:
         return None
     tp = layout.tensor_parallel
     return ReplicaGroup(f"{engine_id}-stage{rank // tp}", writer=rank % tp == 0, num_readers=tp - 1,

@@ -4,8 +4,8 @@ The scheduler role holds the block index (`scheduler`), each worker rank (tensor
 shard of the tiers; they talk only through vLLM's per-step metadata (`metadata`), and a move completes once every
 rank reported it. Blocks are stored after the forward that computed them; hits held in G2 are loaded layer by layer
 beside the forward that reads them, others asynchronously; a load failed on any rank is reported so vLLM recomputes
-it on all; MLA's latent cache, the same on every tensor-parallel rank, is stored once in a host pool the ranks
-share. ``DYN_KVBM_*`` entries of the extra config override the
+it on all; MLA's latent cache, the same on every tensor-parallel rank, is stored once in a host pool and a disk
+file the ranks share. ``DYN_KVBM_*`` entries of the extra config override the
 environment; ``"kv_layout": "HND"`` asks vLLM for LBHNC.
 
 Hybrid models (vLLM's hybrid KV cache manager, ``SupportsHMA``): every full-attention and sliding-window group is
@@ -110,7 +110,7 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
         if role == KVConnectorRole.SCHEDULER:
             wait = self.config.leader_worker_init_timeout_secs if self.refusal is None else None  # (else no work)
             leader = process_metrics.build_with(self.config, lambda metrics: ConnectorLeader(
-                kvbm_tiers(self.config, self.block_bytes, self.layout.host_block_bytes), self.config, self.block_size,
+                kvbm_tiers(self.config, self.block_bytes, self.layout.stored_block_bytes), self.config, self.block_size,
                 num_workers=self.layout.world_size, metrics=metrics, block_bytes=self.block_bytes, layerwise=True,
                 worker_init_timeout_s=wait))
             leader.engine_id = str(self._kv_transfer_config.engine_id)
@@ -179,7 +179,7 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
         self._layers = {name: i for i, name in enumerate(self._group_caches(kv_caches, self.groups[0].index))}
         engine_id = f"{self._vllm_config.instance_id}-dp{self._vllm_config.parallel_config.data_parallel_rank}"
         replicas = replica_group(self.layout, self.rank, engine_id)
-        tiers = kvbm_tiers(self.config, self.block_bytes, self.layout.host_block_bytes)
+        tiers = kvbm_tiers(self.config, self.block_bytes, self.layout.stored_block_bytes)
         stage = (self.rank // self.layout.tensor_parallel) % len(self.layout.stage_layers)
         self.worker = process_metrics.build_with(  # as many blocks as the scheduler's index, each of this rank's size
             self.config, lambda metrics: ConnectorWorker(cache, tiers, self.config, metrics=metrics, replicas=replicas,

@@ -1,8 +1,8 @@
 """The engine's split over worker ranks (`RankLayout`) from vLLM's config, alike on both connector sides: tensor
 parallelism gives each rank its KV heads of every layer, pipeline parallelism each stage its layers (vLLM's
 partition); MLA's latent cache is the same on every tensor-parallel rank (vLLM's ``kv_tp_replicas``), stored once
-in a host pool the ranks of one host share; a hybrid model's KV cache groups (`kv_groups`); which setups the
-connector refuses."""
+in a host pool and a disk file the ranks of one host share; a hybrid model's KV cache groups (`kv_groups`); which
+setups the connector refuses."""
 from __future__ import annotations
 
 import logging

@@ -2,7 +2,8 @@
 
 A host tier is a dense block-major cache (KVBM's staging order) in pinned memory (plain mmap without a GPU), so
 runs of its blocks move with one DMA; a disk tier is a `DiskKVCache`: block-major blocks at 4 KiB-aligned slots of
-one preallocated file. A host tier may live in a pool shared with other ranks (``shared_fd``). Adding a medium
+one preallocated file. A host tier may live in a pool shared with other ranks (``shared_fd``), a disk tier's slot
+records in memory its readers map (``table``: `kvbm.worker.shared_disk`). Adding a medium
 means one more branch in `allocate_tier` (and a path for it in `kvbm.kernels.paths`).
 
 Engine caches of unlike block geometries (a hybrid model's KV cache groups) share tiers of raw slots
@@ -18,6 +19,7 @@ import torch
 from kvbm.kernels.bounce import slot_cache
 from kvbm.kernels.host_memory import PinnedHostBuffer
 from kvbm.kernels.medium import Medium, medium_of
+from kvbm.kernels.slot_table import SlotTable
 from kvbm.layouts import KVGeometry, PagedKVCache, block_major
 from kvbm.tiers import TierSpec
 
@@ -35,21 +37,24 @@ def _host_cache(geometry: KVGeometry, dtype: torch.dtype, num_blocks: int, share
 
 
 def allocate_tier(memory: TierSpec, geometry: KVGeometry, dtype: torch.dtype, *, shared_fd: int | None = None,
-                  first_touch: bool = True) -> Any:
+                  first_touch: bool = True, table: SlotTable | None = None) -> Any:
     """A cache of ``memory.num_blocks`` blocks of ``geometry`` on the tier's medium; a host tier in the memory of
     ``shared_fd`` when given (a pool other ranks map too: see `kvbm.worker.shared_pool`), zeroed first unless
-    ``first_touch`` is False (a rank attaching to a pool its writer filled)."""
+    ``first_touch`` is False (a rank attaching to a pool its writer filled); a disk tier with its slot records in
+    ``table`` when given."""
+    if table is not None and memory.medium is not Medium.DISK:
+        raise ValueError(f"tier {memory.name}: only disk tiers take a slot table, not {memory.medium.value}")
     if memory.medium is Medium.HOST:
         return _host_cache(geometry, dtype, memory.num_blocks, shared_fd, first_touch)
     if shared_fd is not None:
-        raise ValueError(f"tier {memory.name}: only host tiers can be shared, not {memory.medium.value}")
+        raise ValueError(f"tier {memory.name}: only host tiers take a shared pool, not {memory.medium.value}")
     if memory.medium is Medium.DISK:
         from kvbm.kernels.disk_cache import DiskKVCache
 
         if memory.directory is None:
             raise ValueError(f"disk tier {memory.name} needs a directory")
         return DiskKVCache(memory.directory, geometry, dtype, memory.num_blocks, use_o_direct=memory.use_o_direct,
-                           zerofill_fallback=memory.zerofill_fallback)
+                           zerofill_fallback=memory.zerofill_fallback, table=table)
     raise ValueError(f"tier {memory.name}: no allocator for medium {memory.medium.value}")
 
 
