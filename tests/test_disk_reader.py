@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from disk_faults import flip_byte, rng  # noqa: F401  (rng is a fixture)
+from test_disk_cache import POISON, poisoned, random_slots
 
 from kvbm.kernels import disk_file
 from kvbm.kernels.disk_cache import DiskKVCache
@@ -22,21 +23,7 @@ from kvbm.layouts import KVGeometry
 
 PADDED = KVGeometry(3, 2, 4, 2, 40, 2)  # 3840-byte blocks in 4096-byte slots
 OTHER = KVGeometry(3, 2, 4, 2, 36, 2)  # 3456-byte blocks: the same slots, another layout
-POISON = 0xA5
 SLOTS = 8
-
-
-def slots_of(rng, n: int, slot_bytes: int) -> np.ndarray:
-    """A page-aligned buffer of ``n`` slots of random non-zero bytes."""
-    buf = np.frombuffer(mmap.mmap(-1, n * slot_bytes), dtype=np.uint8)
-    buf[:] = rng.integers(1, 256, buf.size, dtype=np.uint8)
-    return buf
-
-
-def poisoned(n: int, slot_bytes: int) -> np.ndarray:
-    buf = np.frombuffer(mmap.mmap(-1, n * slot_bytes), dtype=np.uint8)
-    buf[:] = POISON
-    return buf
 
 
 class Pair:
@@ -57,7 +44,7 @@ class Pair:
         self.bb, self.sb = geometry.block_bytes, self.writer.slot_bytes
 
     def write(self, rng, slots: list[int], tags: list[int] | None = None) -> np.ndarray:
-        src = slots_of(rng, len(slots), self.sb)
+        src = random_slots(rng, len(slots), self.sb)
         assert self.writer.write_slots(slots, src, list(range(len(slots))), tags) == {}
         return src
 
@@ -105,11 +92,11 @@ def test_a_corrupted_slot_fails_on_the_writer_and_the_reader(pair, rng):
 def test_the_reader_never_writes(pair, rng):
     pair.write(rng, [1])
     with pytest.raises(ValueError, match="read only"):
-        pair.reader.write_slots([2], slots_of(rng, 1, pair.sb), [0])
+        pair.reader.write_slots([2], random_slots(rng, 1, pair.sb), [0])
     with pytest.raises(ValueError, match="read only"):
         pair.reader.forget([1])
     with pytest.raises(ValueError, match="read only"):
-        pair.reader.file.write_slots([2], slots_of(rng, 1, pair.sb))
+        pair.reader.file.write_slots([2], random_slots(rng, 1, pair.sb))
     with pytest.raises(ValueError, match="read-only"):
         pair.reader._sums[1] = 0
     with pytest.raises(OSError) as e:
@@ -127,7 +114,7 @@ def test_failed_and_rewritten_slots_as_the_writer_records_them(pair, rng, monkey
         return real(fd, bufs, offset)
 
     monkeypatch.setattr(os, "pwritev", failing)
-    assert 0 in pair.writer.write_slots([2], slots_of(rng, 1, pair.sb), [0])
+    assert 0 in pair.writer.write_slots([2], random_slots(rng, 1, pair.sb), [0])
     monkeypatch.undo()
     errors, _ = pair.read(pair.reader, [2])
     assert "last write failed" in errors[0]
