@@ -91,6 +91,7 @@ from vllm.forward_context import (
     set_forward_context,
 )
 from vllm.lora.request import LoRARequest
+from vllm.model_executor.layers.mamba.checkpoint import compute_mamba_prefill_checkpoints
 from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import get_hash_fn_by_name
 from vllm.v1.attention.backend import AttentionMetadata
@@ -161,6 +162,11 @@ class TinyModelSpec:
     #: caching off) or "align" (prefix caching of the state: blocks of the attention block size, block ``i`` of a
     #: request holding the state after ``(i + 1) * block_size`` tokens once they are computed).
     mamba_cache_mode: Literal["none", "align"] = "none"
+    #: Align mode only: the Mamba backend exports the state at a prefill's last block boundary from inside the chunk
+    #: that runs past it, into a block reserved one column before the chunk's last (vLLM's
+    #: ``num_prefill_checkpoint_blocks=1``, ``prefill_checkpoint_alignment=1``, as ``MambaMixer2`` declares), so
+    #: the scheduler need not end a chunk there.
+    mamba_checkpoints: bool = False
     #: Per layer KV heads (empty: ``num_kv_heads`` in every layer). Layers of unlike page sizes make vLLM plan KV
     #: cache groups of different block sizes (layer-outer layouts: it scales the smaller page's block size up) or
     #: of different page bytes (block-outermost layouts; or a padded page where one page does not divide the other).
@@ -175,6 +181,8 @@ class TinyModelSpec:
                 raise ValueError(f"sliding layers need sliding_window > 1, got {self.sliding_window}")
         if self.mamba_cache_mode not in ("none", "align"):
             raise ValueError(f"mamba_cache_mode must be 'none' or 'align', got {self.mamba_cache_mode!r}")
+        if self.mamba_checkpoints and self.mamba_cache_mode != "align":
+            raise ValueError("mamba_checkpoints needs mamba_cache_mode='align'")
         if self.layer_kv_heads and (len(self.layer_kv_heads) != self.num_layers or not all(
                 isinstance(h, int) and h > 0 for h in self.layer_kv_heads)):
             raise ValueError(f"layer_kv_heads must give a positive int for each of the {self.num_layers} layers, got "
@@ -236,8 +244,10 @@ class TinyModelSpec:
             if self.is_state(layer):
                 page = FullAttentionSpec(**common).page_size_bytes
                 tokens = block_size if self.mamba_cache_mode == "align" else max_model_len
+                checkpoints = dict(num_prefill_checkpoint_blocks=1, prefill_checkpoint_alignment=1) \
+                    if self.mamba_checkpoints else {}
                 specs[name] = MambaSpec(block_size=tokens, shapes=((self.state_bytes,),), dtypes=(torch.int8,),
-                                        page_size_padded=page, mamba_cache_mode=self.mamba_cache_mode)
+                                        page_size_padded=page, mamba_cache_mode=self.mamba_cache_mode, **checkpoints)
             else:
                 specs[name] = (FullAttentionSpec(**common) if window is None
                                else SlidingWindowSpec(**common, sliding_window=window))
@@ -899,9 +909,30 @@ class WorkerHarness:
                                   f"column {dst} of its state blocks {table} (0 is vLLM's null block)")
         return table[src], table[dst]
 
+    def checkpoint_block(self, state: _WorkerRequest, layer: int, start: int, count: int) -> tuple[int, int] | None:
+        """``(tokens, block)``: where a Mamba backend with prefill checkpoints (``mamba_checkpoints``) exports the
+        state after ``tokens`` in a step computing ``count`` tokens after ``start``, or None; the rule is vLLM's
+        own (``compute_mamba_prefill_checkpoints``, which backends call to decline in lockstep with the
+        scheduler). The block is whatever the table holds at the checkpoint's column: vLLM's null block (0) where
+        the scheduler reserved none (it reserves one only in a prefill's last chunk, unless its prefix cache keeps
+        every state), as the backend's gather of the block table gives."""
+        if not self.model.mamba_checkpoints:
+            return None
+        group = self.layer_groups[layer]
+        block_size, spec = self.group_block_sizes[group], self.kv_cache_config.kv_cache_groups[group].kv_cache_spec
+        offsets, columns = compute_mamba_prefill_checkpoints(
+            [start + count], [count], hash_block_size=self.kv_cache_config.hash_block_size,
+            mamba_block_size=block_size, checkpoint_alignment=spec.prefill_checkpoint_alignment,
+            drop_eagle_block=False, cache_hit_alignment_tokens=self.kv_cache_config.cache_hit_alignment_tokens)
+        if offsets[0] <= 0:
+            return None
+        table = state.block_ids[group]
+        return start + offsets[0], table[columns[0]] if columns[0] < len(table) else 0
+
     def _step_state(self, state: _WorkerRequest, layer: int, start: int, count: int) -> None:
         """A Mamba layer's step: read the state after ``start`` tokens (checked byte-exactly unless verification is
-        off: every step reads it), write the state after ``start + count`` (`state_blocks` says where)."""
+        off: every step reads it), write the state after ``start + count`` (`state_blocks` says where) and, with
+        prefill checkpoints, the state at the checkpoint (`checkpoint_block`)."""
         src, dst = self.state_blocks(state, layer, start, count)
         view, nbytes = self.state_views[self.layer_names[layer]], self.model.state_bytes
         hashes = self._prefix_hashes(state, start + count)
@@ -910,6 +941,10 @@ class WorkerHarness:
             if not torch.equal(view[src, :nbytes], state_bytes(hashes[start - 1], layer, nbytes)):
                 self._mismatches.append((state, {src}, f"request {state.request_id} Mamba layer {layer}: the "
                                          f"state after {start} tokens in block {src} is wrong"))
+        checkpoint = self.checkpoint_block(state, layer, start, count)
+        if checkpoint is not None:
+            tokens, block = checkpoint
+            view[block, :nbytes] = state_bytes(hashes[tokens - 1], layer, nbytes)
         view[dst, :nbytes] = state_bytes(hashes[start + count - 1], layer, nbytes)
 
     def _write_kv(self, state: _WorkerRequest, layer: int, start: int, stop: int) -> None:
