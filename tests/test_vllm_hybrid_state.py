@@ -3,13 +3,15 @@
 
 In align mode vLLM keeps a request's state at block boundaries: block ``i`` of the state group's block table holds
 the state after the first ``(i + 1) * block_size`` tokens once a chunk (prefill chunks end on block boundaries) or
-a decode step reaches that boundary, the blocks between chunk ends are its null block, and the blocks below the
-one holding the state of the last computed token are freed. An external hit of ``T`` tokens gets one real state
-block, at column ``T / block_size - 1``, and the first step after it reads the state there. kvbm stores every real
-state block once its boundary is computed, keyed like a KV block of its group, and loads the one block a hit
-needs. The worker harness runs the state the way both of vLLM's model runners place it (read from column
-``(start - 1) // block_size``, written to ``cdiv(end, block_size) - 1``) and checks the state it reads at every
-step byte-exactly, as well as every attention context, with freshly allocated blocks poisoned first.
+a decode step reaches that boundary, or once a backend with prefill checkpoints (Mamba2's) exported it from inside
+a chunk into the block reserved at that column; the blocks between chunk ends are its null block, and the blocks
+below the one holding the state of the last computed token are freed. An external hit of ``T`` tokens gets one
+real state block, at column ``T / block_size - 1``, and the first step after it reads the state there. kvbm stores
+every real state block once its boundary is computed, keyed like a KV block of its group, and loads the one block a
+hit needs. The worker harness runs the state the way both of vLLM's model runners place it (read from column
+``(start - 1) // block_size``, written to ``cdiv(end, block_size) - 1``; checkpoints where vLLM's own
+``compute_mamba_prefill_checkpoints`` puts them) and checks the state it reads at every step byte-exactly, as well
+as every attention context, with freshly allocated blocks poisoned first.
 """
 from __future__ import annotations
 
@@ -37,15 +39,19 @@ from kvbm.vllm_integration.ranks import kv_groups
 
 KINDS = ("full", "mamba", "full", "mamba")
 MAMBA_ALIGN = H.TinyModelSpec(num_layers=4, layer_kinds=KINDS, mamba_cache_mode="align")
+#: The same with prefill checkpoints (as ``MambaMixer2``, i.e. Mamba2 hybrids, declares them): a prefill's last
+#: chunk runs past its last block boundary, the backend exporting the state there into a block reserved at its column.
+MAMBA2_ALIGN = dataclasses.replace(MAMBA_ALIGN, mamba_checkpoints=True)
+MODELS = {"mamba": MAMBA_ALIGN, "mamba2": MAMBA2_ALIGN}
 STATE_TIER = "G1.1"
 
 
-def state_harness(tmp_path: Path | None = None, **overrides: Any) -> H.VllmHarness:
+def state_harness(tmp_path: Path | None = None, model: str = "mamba", **overrides: Any) -> H.VllmHarness:
     """Full attention (layers 0, 2) and Mamba state (layers 1, 3) with prefix caching on: vLLM plans a full group
     and a state group of 16-token blocks; 48 GPU blocks shared by both."""
     overrides.setdefault("num_gpu_blocks", 48)
     overrides.setdefault("max_model_len", 320)
-    return kvbm_harness(tmp_path, model=MAMBA_ALIGN, **overrides)
+    return kvbm_harness(tmp_path, model=MODELS[model], **overrides)
 
 
 def record_plans(h: H.VllmHarness) -> list[Any]:
@@ -85,19 +91,45 @@ def state_moves(plans: list[Any], kind: str) -> list[Any]:
 # Multi-turn chats through the real scheduler
 # --------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("model", MODELS)
+def test_harness_places_states_where_vllm_prefix_cache_finds_them(model: str) -> None:
+    """The harness's placement of states (and of prefill checkpoints) agrees with vLLM's scheduler: without a
+    connector, vLLM's own prefix-cache hits in align mode resume from the state blocks it cached, and every state a
+    step reads, over a chat with hits, chunked prefills and preemptions, is byte-exact."""
+    harness = H.HarnessConfig(model=MODELS[model], num_gpu_blocks=32, max_model_len=320, max_num_batched_tokens=64,
+                              verify="every_step")
+    with H.VllmHarness(harness) as h:
+        states = count_states(h)
+        preempted = 0
+        execute = h.worker.execute
+
+        def counting(so: Any, new_blocks: Any) -> Any:
+            nonlocal preempted
+            preempted += len(so.preempted_req_ids or ())
+            return execute(so, new_blocks)
+
+        h.worker.execute = counting
+        workload = chat(num_users=6, num_rounds=3)
+        h.run_workload(workload)
+        assert workload.done and h.cache_stats.gpu_hits > 0 and states["states"] > 0 and preempted > 0
+
+
 TIERS: dict[str, dict[str, Any]] = {
     "host": {},
     "host+disk": dict(host=24, disk=512, extra={"DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "true"}),
 }
 
 
-@pytest.mark.parametrize("runner", ["v1", "v2"])
-@pytest.mark.parametrize("tiers", ["host", "host+disk"])
-def test_state_group_chat_onboards_byte_exact(tmp_path: Path, runner: str, tiers: str) -> None:
+CHATS = [pytest.param(model, runner, tiers, id=f"{model}-{runner}-{tiers}")
+         for model in MODELS for runner in ("v1", "v2") for tiers in TIERS]
+
+
+@pytest.mark.parametrize("model, runner, tiers", CHATS)
+def test_state_group_chat_onboards_byte_exact(tmp_path: Path, model: str, runner: str, tiers: str) -> None:
     """Multi-turn chats: later turns load their attention blocks and the one state block at the hit point from G2
     (with a small G2 also from G3), every hit a whole number of blocks; the state read at every step (the loaded
     one at the first step after a hit) and every attended byte are checked, no load fails and nothing leaks."""
-    with state_harness(tmp_path, runner=runner, **TIERS[tiers]) as h:
+    with state_harness(tmp_path, model, runner=runner, **TIERS[tiers]) as h:
         groups = h.plan.scheduler_config.kv_cache_groups
         assert [type(g.kv_cache_spec).__name__ for g in groups] == ["FullAttentionSpec", "MambaSpec"]
         assert [g.kv_cache_spec.block_size for g in groups] == [16, 16] and h.plan.hash_block_size == 16
@@ -137,13 +169,15 @@ def test_state_group_with_tensor_parallelism(tmp_path: Path) -> None:
 # Exactly which blocks one hit loads, and which are stored
 # --------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("runner", ["v1", "v2"])
-def test_hit_loads_the_one_state_block_at_its_end(runner: str) -> None:
+def test_hit_loads_the_one_state_block_at_its_end(model: str, runner: str) -> None:
     """A 150-token prompt is computed in chunks ending at 144 (vLLM stops a chunk at the last block boundary before
-    the prompt's end) and 150; asked again (two tokens appended) after vLLM's cache is reset, it hits 144 tokens:
-    the full group loads its 9 blocks, the state group the one block holding the state after 144 tokens, into
-    column 8 of the request's state blocks, where the first step reads it (checked)."""
-    with state_harness(runner=runner) as h:
+    the prompt's end) and 150, or in one chunk whose backend exports the state after 144 tokens into column 8
+    (prefill checkpoints); asked again (two tokens appended) after vLLM's cache is reset, it hits 144 tokens: the
+    full group loads its 9 blocks, the state group the one block holding the state after 144 tokens, into column 8
+    of the request's state blocks, where the first step reads it (checked)."""
+    with state_harness(model=model, runner=runner) as h:
         states = count_states(h)
         tables: dict[str, list[int]] = {}
         execute = h.worker.execute
@@ -167,8 +201,9 @@ def test_hit_loads_the_one_state_block_at_its_end(runner: str) -> None:
         assert_clean(h)
 
 
+@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("retention", [None, 0], ids=["dense", "sparse"])
-def test_state_stores_are_the_boundary_states_vllm_hands_over(retention: int | None) -> None:
+def test_state_stores_are_the_boundary_states_vllm_hands_over(model: str, retention: int | None) -> None:
     """kvbm finds a request's state blocks by their place in the group's block table; vLLM also hands a connector
     each state block it caches, with the boundary its state follows (``boundary_state_offloads``). Over a chat with
     chunked prefills, preemptions and decodes, every block vLLM hands over sits in kvbm's table at column
@@ -176,7 +211,8 @@ def test_state_stores_are_the_boundary_states_vllm_hands_over(retention: int | N
     state block kvbm stores is one vLLM handed over for that request; with vLLM's default sparse retention (the
     prompt's last boundary only) kvbm stores more: the states at chunk ends and decode boundaries, which vLLM
     computed as well (their bytes are checked wherever a later hit loads them)."""
-    with state_harness(max_num_batched_tokens=64, prefix_cache_retention_interval=retention, num_gpu_blocks=32) as h:
+    with state_harness(model=model, max_num_batched_tokens=64, prefix_cache_retention_interval=retention,
+                       num_gpu_blocks=28) as h:
         side = h.scheduler.connector.scheduler_side
         offered: set[tuple[str, int]] = set()
         stored: set[tuple[str, int]] = set()
@@ -210,35 +246,38 @@ def test_state_stores_are_the_boundary_states_vllm_hands_over(retention: int | N
 # Stores of freed state blocks, failed loads, the negative control
 # --------------------------------------------------------------------------------------------------
 
-def test_store_of_a_freed_state_block_is_finished_before_reuse() -> None:
+@pytest.mark.parametrize("model, steps", [("mamba", 2), ("mamba2", 1)])
+def test_store_of_a_freed_state_block_is_finished_before_reuse(model: str, steps: int) -> None:
     """State-group stores kept in flight: a 100-token prompt is computed in chunks ending at 96 (its state in
-    column 5) and 100; the next step, vLLM frees the state block of 96 (the request's state is in column 6 now),
-    and ``handle_preemptions`` waits for its store before the step's forward may write the block again."""
+    column 5) and 100, or in one chunk exporting the state after 96 tokens into column 5 (prefill checkpoints);
+    the step after the prompt, vLLM frees the state block of 96 (the request's state is in column 6 now), and
+    ``handle_preemptions`` waits for its store before the step's forward may write the block again."""
     prompt = H.MultiTurnChatWorkload(num_users=1, system_prompt_tokens=100, seed=14).system_prompt
-    with state_harness() as h:
+    with state_harness(model=model) as h:
         store = worker_of(h).store
         gate = Gate(SimpleNamespace(engine_cache=store.cache(STATE_TIER), store=store), "offload")
         h.add_request("a", prompt, 4)
-        h.step()
+        for _ in range(steps):
+            h.step()
         assert gate.transfers and h.worker.call_log[-1] == "clear_connector_metadata"
-        h.step()
         with pytest.raises(AssertionError, match="a gated transfer was waited for"):
             h.step()
         assert h.worker.call_log[-1] == "handle_preemptions"
         gate.release()
 
 
-def test_store_of_a_state_block_freed_at_finish_is_finished_before_reuse() -> None:
-    """A 60-token prompt (chunks ending at 48 and 60) answered with one token: vLLM frees the state block of 48 as
-    the request finishes (before ``request_finished_all_groups``), while its store is in flight; the next step's
-    ``handle_preemptions`` waits for it."""
+@pytest.mark.parametrize("model, steps", [("mamba", 2), ("mamba2", 1)])
+def test_store_of_a_state_block_freed_at_finish_is_finished_before_reuse(model: str, steps: int) -> None:
+    """A 60-token prompt (chunks ending at 48 and 60, or one exporting the state after 48 tokens) answered with one
+    token: vLLM frees the state block of 48 as the request finishes (before ``request_finished_all_groups``), while
+    its store is in flight; the next step's ``handle_preemptions`` waits for it."""
     prompt = H.MultiTurnChatWorkload(num_users=1, system_prompt_tokens=60, seed=15).system_prompt
-    with state_harness() as h:
+    with state_harness(model=model) as h:
         store = worker_of(h).store
         gate = Gate(SimpleNamespace(engine_cache=store.cache(STATE_TIER), store=store), "offload")
         h.add_request("a", prompt, 1)
-        h.step()
-        h.step()
+        for _ in range(steps):
+            h.step()
         assert gate.transfers and "a" in h.scheduler.requests  # finished, blocks held for its stores
         with pytest.raises(AssertionError, match="a gated transfer was waited for"):
             h.step()
@@ -340,9 +379,10 @@ def test_leader_state_group_hits_where_a_state_is_stored() -> None:
 
 def test_state_groups_vllm_keeps_otherwise_are_refused() -> None:
     """A state group is offloaded only where its block table's places name the boundaries of its states: with
-    speculative blocks (relocated within the table), prefill checkpoint blocks, or hits inside a state block
-    (sub-block hits) it is refused with the reason, as is a model of state groups only; the align config itself
-    is accepted, its state group keyed by its state's shapes and dtypes."""
+    speculative blocks (relocated within the table) or hits inside a state block (sub-block hits) it is refused
+    with the reason, as is a model of state groups only, and a state kept without prefix caching; the align config
+    is accepted, with or without prefill checkpoint blocks, its state group keyed by its state's shapes and
+    dtypes."""
     with state_harness() as h:
         config = h.plan.scheduler_config
         full, mamba = config.kv_cache_groups
@@ -354,8 +394,8 @@ def test_state_groups_vllm_keeps_otherwise_are_refused() -> None:
             spec = dataclasses.replace(mamba.kv_cache_spec, **changes)
             return dataclasses.replace(config, kv_cache_groups=[full, dataclasses.replace(mamba, kv_cache_spec=spec)])
 
+        assert kv_groups(with_state(num_prefill_checkpoint_blocks=1, prefill_checkpoint_alignment=1))[1] is None
         cases = [(with_state(num_speculative_blocks=1), "speculative decoding (1 speculative state blocks)"),
-                 (with_state(num_prefill_checkpoint_blocks=1), "writes prefill checkpoints into 1 reserved"),
                  (dataclasses.replace(config, cache_hit_alignment_tokens=8), "hits land every 8 tokens"),
                  (with_state(mamba_cache_mode="none"), "one running state"),
                  (dataclasses.replace(config, kv_cache_groups=[mamba]), "every KV cache group holds recurrent")]

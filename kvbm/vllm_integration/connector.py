@@ -16,7 +16,7 @@ differ in block size, page bytes and layer count: the tiers' slots then hold one
 every group can restore, ending on a multiple of every group's block size (a state group: the one state block
 ending there), and a load that fails in any group fails the request's load as a whole (``failed_recving``: vLLM
 recomputes it), as vLLM takes no block ids of a model with several groups. A model with a state group vLLM keeps
-otherwise (``mamba_cache_mode="none"``, speculative or checkpoint blocks, sub-block hits: `ranks.state_refusal`),
+otherwise (``mamba_cache_mode="none"``, speculative state blocks, sub-block hits: `ranks.state_refusal`),
 of state groups only, or with a group whose layers have unlike specs is refused with the reason logged: no request
 is matched or stored.
 

@@ -94,18 +94,16 @@ def kv_groups(kv_cache_config: KVCacheConfig) -> tuple[tuple[KVGroup, ...], str 
 def state_refusal(spec: MambaSpec, kv_cache_config: KVCacheConfig) -> str | None:
     """Why a group of recurrent state cannot be offloaded, or None. kvbm finds a state block by its place in the
     group's block table (block ``i``: the state after ``(i + 1) * block_size`` tokens), which holds in vLLM's
-    ``mamba_cache_mode="align"`` unless speculative blocks are relocated in the table, a backend writes prefill
-    checkpoints into reserved blocks, or hits may end inside a state block (sub-block prefix-cache hits, which vLLM
-    serves from copies of partial states); a page must be one state of one head, as vLLM's Mamba layers bind it."""
+    ``mamba_cache_mode="align"`` (a prefill checkpoint a backend exports from inside a chunk goes to the column of
+    its boundary too) unless speculative blocks are relocated in the table or hits may end inside a state block
+    (sub-block prefix-cache hits, which vLLM serves from copies of partial states); a page must be one state of one
+    head, as vLLM's Mamba layers bind it."""
     if spec.mamba_cache_mode != "align":
         return ("without prefix caching of the state (vLLM's mamba_cache_mode='align') a request keeps one running "
                 "state, never the state at a block boundary that a later request could load")
     if spec.num_speculative_blocks:
         return (f"speculative decoding ({spec.num_speculative_blocks} speculative state blocks) moves state blocks "
                 f"within the block table, so a block's place does not name the tokens its state follows")
-    if spec.num_prefill_checkpoint_blocks:
-        return (f"the Mamba backend writes prefill checkpoints into {spec.num_prefill_checkpoint_blocks} reserved "
-                f"blocks, so a block's place does not name the tokens its state follows")
     alignment = kv_cache_config.cache_hit_alignment_tokens
     if alignment is not None and alignment < spec.block_size:
         return (f"prefix-cache hits land every {alignment} tokens, inside the {spec.block_size}-token state blocks "
