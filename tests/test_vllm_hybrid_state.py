@@ -120,16 +120,20 @@ TIERS: dict[str, dict[str, Any]] = {
 }
 
 
-CHATS = [pytest.param(model, runner, tiers, id=f"{model}-{runner}-{tiers}")
+CHATS = [pytest.param(model, runner, tiers, None, id=f"{model}-{runner}-{tiers}")
          for model in MODELS for runner in ("v1", "v2") for tiers in TIERS]
+CHATS += [pytest.param("mamba", "v1", "host", "BLNHC", id="mamba-v1-host-BLNHC"),
+          pytest.param("mamba2", "v2", "host+disk", "BLNHC", id="mamba2-v2-host+disk-BLNHC")]
 
 
-@pytest.mark.parametrize("model, runner, tiers", CHATS)
-def test_state_group_chat_onboards_byte_exact(tmp_path: Path, model: str, runner: str, tiers: str) -> None:
+@pytest.mark.parametrize("model, runner, tiers, layout", CHATS)
+def test_state_group_chat_onboards_byte_exact(tmp_path: Path, model: str, runner: str, tiers: str,
+                                              layout: str | None) -> None:
     """Multi-turn chats: later turns load their attention blocks and the one state block at the hit point from G2
     (with a small G2 also from G3), every hit a whole number of blocks; the state read at every step (the loaded
-    one at the first step after a hit) and every attended byte are checked, no load fails and nothing leaks."""
-    with state_harness(tmp_path, model, runner=runner, **TIERS[tiers]) as h:
+    one at the first step after a hit) and every attended byte are checked, no load fails and nothing leaks. In a
+    block-outermost layout (BLNHC) vLLM pads each layer's state page inside the block."""
+    with state_harness(tmp_path, model, runner=runner, kv_layout=layout, **TIERS[tiers]) as h:
         groups = h.plan.scheduler_config.kv_cache_groups
         assert [type(g.kv_cache_spec).__name__ for g in groups] == ["FullAttentionSpec", "MambaSpec"]
         assert [g.kv_cache_spec.block_size for g in groups] == [16, 16] and h.plan.hash_block_size == 16
