@@ -96,10 +96,12 @@ def vllm_standardized(kv_caches: Sequence[torch.Tensor], order: str = "LBNHC", *
 
     The views are strided into one shared buffer whose physical order is `order` (one of STANDARDIZED_ORDERS);
     K and V sit side by side in the last dimension. With ``latent`` the views are an MLA latent cache
-    `[num_blocks, 1, block_size, width]` (one latent per token, no K/V split). The block stride may exceed the
-    block's own extent (vLLM pads a page to a larger one, or strides a hybrid model's smaller group by the largest
-    group's block); the dimensions outside the block follow from it. Checks each view's strides (those of
-    dimensions of size 1 place nothing and are not compared) and its offset in the buffer.
+    `[num_blocks, 1, block_size, width]` (one latent per token, no K/V split; also a page of recurrent state,
+    `[num_blocks, 1, 1, bytes]`). The block stride may exceed the block's own extent (vLLM pads a page to a larger
+    one, or strides a hybrid model's smaller group by the largest group's block); so may the layer stride where
+    layers lie inside a block (block-outermost orders: vLLM pads each layer's page there); the dimensions outside
+    follow from them. Checks each view's strides (those of dimensions of size 1 place nothing and are not
+    compared) and its offset in the buffer.
     """
     name = f"vllm_{order.lower()}" if isinstance(order, str) else "vllm_standardized"
     if order not in STANDARDIZED_ORDERS:
@@ -111,8 +113,14 @@ def vllm_standardized(kv_caches: Sequence[torch.Tensor], order: str = "LBNHC", *
     sizes = {"layer": g.num_layers, "block": cache.num_blocks, "head": g.num_heads, "token": g.block_size,
              "channel": g.num_kv * g.head_dim}
     expected, extent = {}, 1
+    layer_offset = (views[1].data_ptr() - views[0].data_ptr()) // views[0].element_size() if len(views) > 1 else 0
     for d in reversed([_LETTER[c] for c in order]):
-        expected[d] = max(extent, views[0].stride(0)) if d == "block" else extent
+        if d == "block":
+            expected[d] = max(extent, views[0].stride(0))
+        elif d == "layer" and order.index("L") > order.index("B"):  # (a layer's page, padded, inside the block)
+            expected[d] = max(extent, layer_offset)
+        else:
+            expected[d] = extent
         extent = expected[d] * sizes[d]
     want = (expected["block"], expected["head"], expected["token"], 1)
     base = views[0].data_ptr()

@@ -2,8 +2,9 @@
 
 vLLM 0.33's per-layer 4-D views ``[num_blocks, kv_heads, block_size, 2 * head_dim]`` strided into one buffer, in
 any standardized order (found from the strides and layer offsets), MLA's latent views
-``[num_blocks, 1, block_size, width]`` in the same orders, or the classic 5-D per-layer tensors of FlashAttention
-``[2, B, N, H, D]`` and FlashInfer ``[B, 2, N, H, D]``, NHD or HND.
+``[num_blocks, 1, block_size, width]`` and Mamba's state pages ``[num_blocks, 1, 1, state bytes]`` in the same
+orders, or the classic 5-D per-layer tensors of FlashAttention ``[2, B, N, H, D]`` and FlashInfer
+``[B, 2, N, H, D]``, NHD or HND.
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ def _standardized_order(views: list[torch.Tensor]) -> str:
 
 def describe_vllm_kv_caches(kv_caches: dict[str, torch.Tensor], *, latent: bool = False) -> PagedKVCache:
     """Describe the tensors vLLM hands ``register_kv_caches`` (layer order as given) as a ``PagedKVCache``;
-    ``latent``: an MLA cache (``MLAAttentionSpec``), 4-D views ``[num_blocks, 1, block_size, latent width]``."""
+    ``latent``: 4-D views of one vector per position without a K/V split, an MLA cache (``MLAAttentionSpec``,
+    ``[num_blocks, 1, block_size, latent width]``) or a page of recurrent state (``MambaSpec``,
+    ``[num_blocks, 1, 1, state bytes]`` in int8: one "position" per block)."""
     if not isinstance(kv_caches, dict) or not kv_caches:
         raise TypeError(f"kv_caches must be a non-empty dict of layer name -> tensor, got {kv_caches!r:.80}")
     tensors = list(kv_caches.values())

@@ -147,6 +147,28 @@ def test_standardized_preset_takes_padded_blocks(order):
         presets.vllm_standardized(views(page - width), order)
 
 
+def test_standardized_preset_takes_padded_layer_pages():
+    """In a block-outermost order vLLM pads each layer's page inside the block (a Mamba state page padded to the
+    attention page): the views are described with that layer stride, every element where the views hold it; a
+    layer stride below the page is refused."""
+    layers, blocks, heads, tokens, width = 2, 3, 2, 4, 16
+    page = heads * tokens * width
+    padded = page + 40
+    buf = torch.randn(blocks * layers * padded).to(torch.bfloat16)
+
+    def views(layer_stride):
+        return [torch.as_strided(buf, (blocks, heads, tokens, width), (layers * padded, width, heads * width, 1),
+                                 layer * layer_stride) for layer in range(layers)]
+
+    cache = presets.vllm_standardized(views(padded), "BLNHC")
+    assert cache.geometry == G and cache.layout.stride["block"] == layers * padded
+    for layer, view in enumerate(views(padded)):
+        for kv in range(2):
+            assert torch.equal(cache.piece_view(layer, kv), view[..., kv * 8:(kv + 1) * 8].permute(0, 2, 1, 3))
+    with pytest.raises(LayoutError, match=r"share memory"):
+        presets.vllm_standardized(views(page - width), "BLNHC")
+
+
 def test_standardized_preset_checks_view_offsets():
     cache = allocate("vllm_lbnhc", G, 3, dtype=torch.bfloat16)
     views = list(cache.tensors)

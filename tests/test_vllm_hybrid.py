@@ -351,15 +351,17 @@ def test_unsupported_groups_are_refused() -> None:
 @pytest.mark.parametrize("runner", ["v1", "v2"])
 def test_mamba_state_group_is_refused_and_nothing_served_wrong(runner: str,
                                                               caplog: pytest.LogCaptureFixture) -> None:
-    """A full-attention + Mamba model (``mamba_cache_mode="none"``, prefix caching off, as vLLM requires for it):
-    the connector logs why it refuses the state group, claims no hit, stores nothing and allocates no tiers; the
-    engine runs as without it, every attention context and every step's state checked."""
+    """A full-attention + Mamba model without prefix caching (vLLM then keeps its state in
+    ``mamba_cache_mode="none"``: one running state per request): the connector logs why it refuses the state
+    group, claims no hit, stores nothing and allocates no tiers; the engine runs as without it, every attention
+    context and every step's state checked. (Align mode: `test_vllm_hybrid_state`.)"""
     with caplog.at_level(logging.WARNING, logger="kvbm.vllm_integration.connector"):
         h = hybrid_harness(MAMBA, runner=runner, enable_prefix_caching=False, verify="every_step")
     with h:
         groups = h.plan.scheduler_config.kv_cache_groups
         assert [type(g.kv_cache_spec).__name__ for g in groups] == ["FullAttentionSpec", "MambaSpec"]
-        assert "KV cache group 1 holds recurrent state (MambaSpec" in caplog.text
+        assert "KV cache group 1 holds recurrent state (MambaSpec, mamba_cache_mode='none'" in caplog.text
+        assert "one running state, never the state at a block boundary" in caplog.text
         assert h.worker.connector.worker is None
         states = 0
         execute = h.worker.execute

@@ -91,6 +91,7 @@ from vllm.forward_context import (
     set_forward_context,
 )
 from vllm.lora.request import LoRARequest
+from vllm.model_executor.layers.mamba.checkpoint import compute_mamba_prefill_checkpoints
 from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import get_hash_fn_by_name
 from vllm.v1.attention.backend import AttentionMetadata
@@ -153,10 +154,19 @@ class TinyModelSpec:
     vocab_size: int = 4096
     dtype: Literal["bfloat16", "float16"] = "bfloat16"
     #: Per layer "full" (full attention), "sliding" (sliding-window attention of ``sliding_window`` tokens) or
-    #: "mamba" (a recurrent state, vLLM's ``mamba_cache_mode="none"``: one state block per request, which needs
-    #: prefix caching off); empty: all full attention.  The specs are vLLM's own spec classes (`layer_specs`).
+    #: "mamba" (a recurrent state); empty: all full attention.  The specs are vLLM's own spec classes
+    #: (`layer_specs`).
     layer_kinds: tuple[str, ...] = ()
     sliding_window: int = 0
+    #: vLLM's ``mamba_cache_mode`` of the Mamba layers: "none" (one state block per request, which needs prefix
+    #: caching off) or "align" (prefix caching of the state: blocks of the attention block size, block ``i`` of a
+    #: request holding the state after ``(i + 1) * block_size`` tokens once they are computed).
+    mamba_cache_mode: Literal["none", "align"] = "none"
+    #: Align mode only: the Mamba backend exports the state at a prefill's last block boundary from inside the chunk
+    #: that runs past it, into a block reserved one column before the chunk's last (vLLM's
+    #: ``num_prefill_checkpoint_blocks=1``, ``prefill_checkpoint_alignment=1``, as ``MambaMixer2`` declares), so
+    #: the scheduler need not end a chunk there.
+    mamba_checkpoints: bool = False
     #: Per layer KV heads (empty: ``num_kv_heads`` in every layer). Layers of unlike page sizes make vLLM plan KV
     #: cache groups of different block sizes (layer-outer layouts: it scales the smaller page's block size up) or
     #: of different page bytes (block-outermost layouts; or a padded page where one page does not divide the other).
@@ -169,6 +179,10 @@ class TinyModelSpec:
                                  f"{self.num_layers} layers, got {self.layer_kinds!r}")
             if "sliding" in self.layer_kinds and self.sliding_window <= 1:
                 raise ValueError(f"sliding layers need sliding_window > 1, got {self.sliding_window}")
+        if self.mamba_cache_mode not in ("none", "align"):
+            raise ValueError(f"mamba_cache_mode must be 'none' or 'align', got {self.mamba_cache_mode!r}")
+        if self.mamba_checkpoints and self.mamba_cache_mode != "align":
+            raise ValueError("mamba_checkpoints needs mamba_cache_mode='align'")
         if self.layer_kv_heads and (len(self.layer_kv_heads) != self.num_layers or not all(
                 isinstance(h, int) and h > 0 for h in self.layer_kv_heads)):
             raise ValueError(f"layer_kv_heads must give a positive int for each of the {self.num_layers} layers, got "
@@ -213,9 +227,15 @@ class TinyModelSpec:
         """Bytes of one Mamba layer's state: as many as one attention block of 8 tokens, so it fits a page."""
         return 8 * self.num_kv_heads * 2 * self.head_dim * self.torch_dtype.itemsize
 
+    @property
+    def state_align(self) -> bool:
+        """Whether the model has Mamba layers in vLLM's ``mamba_cache_mode="align"``."""
+        return self.mamba_cache_mode == "align" and "mamba" in self.layer_kinds
+
     def layer_specs(self, block_size: int, max_model_len: int) -> dict[str, KVCacheSpec]:
         """Each layer's KV cache spec, as vLLM's layers declare them (``get_kv_cache_spec``); a Mamba layer's
-        state page is padded to the attention page, as vLLM does for a hybrid model."""
+        state page is padded to the attention page, as vLLM does for a hybrid model, and its blocks are of the
+        attention block size in align mode (vLLM's ``mamba_block_size``), of ``max_model_len`` tokens without."""
         specs: dict[str, KVCacheSpec] = {}
         for layer, name in enumerate(self.layer_names()):
             common = dict(block_size=block_size, num_kv_heads=self.kv_heads(layer), head_size=self.head_dim,
@@ -223,8 +243,11 @@ class TinyModelSpec:
             window = self.window(layer)
             if self.is_state(layer):
                 page = FullAttentionSpec(**common).page_size_bytes
-                specs[name] = MambaSpec(block_size=max_model_len, shapes=((self.state_bytes,),), dtypes=(torch.int8,),
-                                        page_size_padded=page, mamba_cache_mode="none")
+                tokens = block_size if self.mamba_cache_mode == "align" else max_model_len
+                checkpoints = dict(num_prefill_checkpoint_blocks=1, prefill_checkpoint_alignment=1) \
+                    if self.mamba_checkpoints else {}
+                specs[name] = MambaSpec(block_size=tokens, shapes=((self.state_bytes,),), dtypes=(torch.int8,),
+                                        page_size_padded=page, mamba_cache_mode=self.mamba_cache_mode, **checkpoints)
             else:
                 specs[name] = (FullAttentionSpec(**common) if window is None
                                else SlidingWindowSpec(**common, sliding_window=window))
@@ -308,6 +331,9 @@ class HarnessConfig:
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 256
     enable_prefix_caching: bool = True
+    #: vLLM's ``prefix_cache_retention_interval``: which sliding-window and Mamba blocks its prefix cache keeps
+    #: (0, vLLM's default: the prompt's replay boundary and junctions only; None: every block).
+    prefix_cache_retention_interval: int | None = 0
     runner: RunnerKind = "v1"
     async_scheduling: bool | None = None
     kv_layout: str | None = None
@@ -384,9 +410,12 @@ def build_vllm_config(config: HarnessConfig, model_dir: Path) -> VllmConfig:
         max_model_len=max_model_len,
         is_encoder_decoder=False,
     )
+    align = dict(mamba_cache_mode="align", mamba_block_size=config.block_size) if config.model.state_align else {}
     cache_config = CacheConfig(
         block_size=config.block_size,
         enable_prefix_caching=config.enable_prefix_caching,
+        prefix_cache_retention_interval=config.prefix_cache_retention_interval,
+        **align,
     )
     cache_config.num_gpu_blocks_override = config.num_gpu_blocks
     kv_transfer_config = None
@@ -863,20 +892,60 @@ class WorkerHarness:
                 raise KVMismatchError(f"{message}; not reported by get_block_ids_with_load_errors")
             state.needs_verify = True
 
+    def state_blocks(self, state: _WorkerRequest, layer: int, start: int, count: int) -> tuple[int, int]:
+        """(block read, block written) by a Mamba ``layer`` in a step computing ``count`` tokens after ``start``:
+        block 0 of the table without prefix caching; in align mode, as both of vLLM's model runners place it
+        (``preprocess_mamba``, the V2 ``MambaHybridModelState``), the state after ``start`` tokens is in column
+        ``(start - 1) // block_size`` and the step's state goes to column ``cdiv(start + count, block_size) - 1``
+        (copied there first when the columns differ)."""
+        group = self.layer_groups[layer]
+        table, block_size = state.block_ids[group], self.group_block_sizes[group]
+        if self.model.mamba_cache_mode != "align":
+            src = dst = 0
+        else:
+            src, dst = max(start - 1, 0) // block_size, -(-(start + count) // block_size) - 1
+        if max(src, dst) >= len(table) or table[dst] == 0 or (start > 0 and table[src] == 0):
+            raise KVMismatchError(f"request {state.request_id}: Mamba layer {layer} reads column {src} and writes "
+                                  f"column {dst} of its state blocks {table} (0 is vLLM's null block)")
+        return table[src], table[dst]
+
+    def checkpoint_block(self, state: _WorkerRequest, layer: int, start: int, count: int) -> tuple[int, int] | None:
+        """``(tokens, block)``: where a Mamba backend with prefill checkpoints (``mamba_checkpoints``) exports the
+        state after ``tokens`` in a step computing ``count`` tokens after ``start``, or None; the rule is vLLM's
+        own (``compute_mamba_prefill_checkpoints``, which backends call to decline in lockstep with the
+        scheduler). The block is whatever the table holds at the checkpoint's column: vLLM's null block (0) where
+        the scheduler reserved none (it reserves one only in a prefill's last chunk, unless its prefix cache keeps
+        every state), as the backend's gather of the block table gives."""
+        if not self.model.mamba_checkpoints:
+            return None
+        group = self.layer_groups[layer]
+        block_size, spec = self.group_block_sizes[group], self.kv_cache_config.kv_cache_groups[group].kv_cache_spec
+        offsets, columns = compute_mamba_prefill_checkpoints(
+            [start + count], [count], hash_block_size=self.kv_cache_config.hash_block_size,
+            mamba_block_size=block_size, checkpoint_alignment=spec.prefill_checkpoint_alignment,
+            drop_eagle_block=False, cache_hit_alignment_tokens=self.kv_cache_config.cache_hit_alignment_tokens)
+        if offsets[0] <= 0:
+            return None
+        table = state.block_ids[group]
+        return start + offsets[0], table[columns[0]] if columns[0] < len(table) else 0
+
     def _step_state(self, state: _WorkerRequest, layer: int, start: int, count: int) -> None:
         """A Mamba layer's step: read the state after ``start`` tokens (checked byte-exactly unless verification is
-        off: every step reads it), write the state after ``start + count``."""
-        table = state.block_ids[self.layer_groups[layer]]
-        if not table or table[0] == 0:
-            raise KVMismatchError(f"request {state.request_id}: Mamba layer {layer} has no state block ({table})")
+        off: every step reads it), write the state after ``start + count`` (`state_blocks` says where) and, with
+        prefill checkpoints, the state at the checkpoint (`checkpoint_block`)."""
+        src, dst = self.state_blocks(state, layer, start, count)
         view, nbytes = self.state_views[self.layer_names[layer]], self.model.state_bytes
         hashes = self._prefix_hashes(state, start + count)
         if start > 0 and self.config.verify != "off":
             self.last_report.verified_states += 1
-            if not torch.equal(view[table[0], :nbytes], state_bytes(hashes[start - 1], layer, nbytes)):
-                self._mismatches.append((state, {table[0]}, f"request {state.request_id} Mamba layer {layer}: the "
-                                         f"state after {start} tokens in block {table[0]} is wrong"))
-        view[table[0], :nbytes] = state_bytes(hashes[start + count - 1], layer, nbytes)
+            if not torch.equal(view[src, :nbytes], state_bytes(hashes[start - 1], layer, nbytes)):
+                self._mismatches.append((state, {src}, f"request {state.request_id} Mamba layer {layer}: the "
+                                         f"state after {start} tokens in block {src} is wrong"))
+        checkpoint = self.checkpoint_block(state, layer, start, count)
+        if checkpoint is not None:
+            tokens, block = checkpoint
+            view[block, :nbytes] = state_bytes(hashes[tokens - 1], layer, nbytes)
+        view[dst, :nbytes] = state_bytes(hashes[start + count - 1], layer, nbytes)
 
     def _write_kv(self, state: _WorkerRequest, layer: int, start: int, stop: int) -> None:
         blocks, offsets = self._slots(state, start, stop, self.layer_groups[layer])

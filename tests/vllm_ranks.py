@@ -83,6 +83,7 @@ def rank_shard(model: H.TinyModelSpec, tp: int, pp: int, rank: int, mla: bool = 
     shard = RankModelSpec(num_layers=stop - start, num_kv_heads=heads, num_attention_heads=model.num_attention_heads
                           // tp, head_dim=model.head_dim, vocab_size=model.vocab_size, dtype=model.dtype,
                           layer_kinds=model.layer_kinds[start:stop], sliding_window=model.sliding_window,
+                          mamba_cache_mode=model.mamba_cache_mode,
                           layer_kv_heads=tuple(h // tp for h in model.layer_kv_heads[start:stop]), first_layer=start)
     return shard, 0 if mla else (rank % tp) * heads
 

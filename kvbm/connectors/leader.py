@@ -424,7 +424,8 @@ class ConnectorLeader:
         """``(units, of which in G2)`` after the engine's hit (``unit`` tokens each) that every group can restore:
         the stored run of the first full-attention group (through the cost rule), cut where another
         full-attention group's run ends and to a whole unit, then shortened by units until every sliding-window
-        group holds the blocks its window reads at the hit point. Each group's blocks are its own size."""
+        group holds the blocks its window reads at the hit point and every state group the state block ending there.
+        Each group's blocks are its own size."""
         unit, start = self.unit, local_units * self.unit
         hashes = [self.group_state(state, g.index).hashes_upto(full_units * unit // g.block_size, g.block_size, tokens)
                   for g in self.groups]
@@ -451,8 +452,8 @@ class ConnectorLeader:
         """A hybrid model's `plan_matched_load`: load the first ``num_units`` matched units (``unit`` tokens each)
         after the engine's hit into each group's blocks (``block_ids``: per group, all the request's engine blocks
         in token order, of the group's own size): all of them for full attention, those the window reads at the hit
-        point for a sliding window (engine blocks ``null_block`` are placeholders the engine keeps nothing in, never
-        loaded)."""
+        point for a sliding window, the one holding the state at the hit point for a state group (engine blocks
+        ``null_block`` are placeholders the engine keeps nothing in, never loaded)."""
         first = state.local_tokens // self.unit
         total = first + num_units
         end = total * self.unit  # the hit point, in tokens

@@ -9,12 +9,16 @@ file the ranks share. ``DYN_KVBM_*`` entries of the extra config override the
 environment; ``"kv_layout": "HND"`` asks vLLM for LBHNC.
 
 Hybrid models (vLLM's hybrid KV cache manager, ``SupportsHMA``): every full-attention and sliding-window group is
-offloaded, each group's engine cache a tier of the workers' store and its blocks keyed apart at its own block size
-(groups may differ in block size, page bytes and layer count: the tiers' slots then hold one block of any group);
-a hit is one every group can restore, ending on a multiple of every group's block size, and a load that fails in
-any group fails the request's load as a whole (``failed_recving``: vLLM recomputes it), as vLLM takes no block ids
-of a model with several groups. A model with a group of recurrent state (Mamba, linear attention) or a group whose
-layers have unlike specs is refused with the reason logged: no request is matched or stored.
+offloaded, and every group of recurrent state (Mamba, linear attention) whose states vLLM keeps at block boundaries
+(``mamba_cache_mode="align"``: block ``i`` of a request holds the state after ``(i + 1) * block_size`` tokens), each
+group's engine cache a tier of the workers' store and its blocks keyed apart at its own block size (groups may
+differ in block size, page bytes and layer count: the tiers' slots then hold one block of any group); a hit is one
+every group can restore, ending on a multiple of every group's block size (a state group: the one state block
+ending there), and a load that fails in any group fails the request's load as a whole (``failed_recving``: vLLM
+recomputes it), as vLLM takes no block ids of a model with several groups. A model with a state group vLLM keeps
+otherwise (``mamba_cache_mode="none"``, speculative state blocks, sub-block hits: `ranks.state_refusal`),
+of state groups only, or with a group whose layers have unlike specs is refused with the reason logged: no request
+is matched or stored.
 
 Disaggregated prefill -> decode: ``kv_role`` ``kv_producer`` keeps finished requests' blocks in G2 for decode
 instances and hands back ``kv_transfer_params`` naming them; ``kv_consumer`` loads a request's blocks from the
@@ -51,7 +55,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.kv_cache_interface import MLAAttentionSpec
 
 from kvbm.connectors import kvbm_config_from, process_metrics
-from kvbm.connectors.groups import FULL
+from kvbm.connectors.groups import FULL, STATE
 from kvbm.connectors.leader import ConnectorLeader
 from kvbm.connectors.messages import StepPlan
 from kvbm.connectors.worker import ConnectorWorker, G4Options, replica_group
@@ -164,10 +168,19 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
         if self.refusal is not None:
             log.info("kvbm: rank %d allocates no tiers: %s", self.rank, self.refusal)
             return
-        groups = {g.engine_tier: describe_vllm_kv_caches(self._group_caches(kv_caches, g.index), latent=self.latent)
+        groups = {g.engine_tier: describe_vllm_kv_caches(self._group_caches(kv_caches, g.index),
+                                                         latent=self.latent or g.kind == STATE)
                   for g in self.groups}
         for group in self.groups:
             g, cache = groups[group.engine_tier].geometry, groups[group.engine_tier]
+            if group.kind == STATE:  # (per layer a page of state bytes: [blocks, 1, 1, bytes], as Mamba binds it)
+                if g.block_size != 1:
+                    raise ValueError(f"state tensors of KV cache group {group.index} hold {g.block_size} states per "
+                                     f"block; kvbm moves one")
+                log.info("kvbm: rank %d of %d: KV cache group %d: %d layers of recurrent state, %d GPU blocks of %d "
+                         "bytes (the state after every %d tokens)", self.rank, self.layout.world_size, group.index,
+                         g.num_layers, cache.num_blocks, g.block_bytes, group.block_size)
+                continue
             if g.block_size != group.block_size:
                 raise ValueError(f"KV tensors of KV cache group {group.index} hold blocks of {g.block_size} tokens; "
                                  f"the KV cache config says {group.block_size}")

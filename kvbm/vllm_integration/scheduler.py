@@ -4,11 +4,11 @@ blocks whose tokens are all known (with async scheduling the last sampled token 
 stored a step later); a finished request's blocks are held while a store of it is unreported. Multimodal and
 prompt-embedding requests are neither matched nor stored: their token ids do not identify their KV. A hybrid model
 (several KV cache groups) keeps every group's block ids and stores each group's full blocks at its own block size;
-its hits are whole units of every group's blocks (`ConnectorLeader.unit`); a sliding-window group's blocks the
-engine frees below the
-window are neither stored nor loaded (its null block stands there), and a store still reading one when the engine
-frees it (during the request, or as it finishes) is finished first, as for a preemption. A model whose KV the
-connector refuses (``refusal``: a group of recurrent state) has no request matched or stored. Each step's plan says
+its hits are whole units of every group's blocks (`ConnectorLeader.unit`); the blocks the engine frees below a
+sliding window, or below the state block of a request's last computed token in a state group, are neither stored
+nor loaded (its null block stands there, as it does between a state group's chunk ends), and a store still reading
+one when the engine frees it (during the request, or as it finishes) is finished first, as for a preemption. A
+model whose KV the connector refuses (``refusal``) has no request matched or stored. Each step's plan says
 how many of its tokens are prompt tokens, so that a prefill-dominated step is timed by the workers for the cost
 rule's prefill rate (`kvbm.connectors.prefill`).
 
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from vllm.v1.request import RequestStatus
 
-from kvbm.connectors.groups import WINDOW, KVGroup
+from kvbm.connectors.groups import FULL, KVGroup
 from kvbm.connectors.leader import ConnectorLeader, TrackedRequest
 from kvbm.connectors.pd import RemotePrefill, wants_remote_decode
 from kvbm.hashing import salt_hash
@@ -193,7 +193,8 @@ class SchedulerSide:
     def _store_new_blocks(self, state: TrackedRequest, computed_tokens: int, scheduled_tokens: int) -> bool:
         """Plan stores of the request's full blocks that are computed after this step and whose tokens are all
         known; True when a store still unreported reads a sliding-window block the engine may have freed in this
-        step (below the window of the ``computed_tokens`` computed before it): the worker finishes those first."""
+        step (below the window, or the state block, of the ``computed_tokens`` computed before it): the worker
+        finishes those first."""
         request = self._requests.get(state.request_id)
         if request is None:
             return False
@@ -201,7 +202,7 @@ class SchedulerSide:
         flush = False
         for group in self.leader.groups:
             keep_from = group.first_kept_block(computed_tokens)
-            if group.kind == WINDOW:
+            if group.kind != FULL:
                 flush |= self.leader.stores_below(state, group.index, keep_from)
             self.leader.plan_stores(state, request.all_token_ids, num_tokens // group.block_size, group=group.index,
                                     keep_from=keep_from, null_block=NULL_BLOCK_ID if self.leader.hybrid else None)
@@ -234,7 +235,7 @@ class SchedulerSide:
         num_tokens = min(request.num_computed_tokens, request.num_tokens)
         for group in self.leader.groups:
             ids = self.leader.group_state(state, group.index).block_ids = list(per_group[group.index])
-            if group.kind == WINDOW:  # vLLM freed the window blocks below the first real one just now
+            if group.kind != FULL:  # vLLM freed the window or state blocks below the first real one just now
                 kept = next((i for i, b in enumerate(ids) if b != NULL_BLOCK_ID), len(ids))
                 if self.leader.stores_below(state, group.index, kept):
                     self._flush.add(request.request_id)
