@@ -19,7 +19,8 @@ layers at a time (1, 2, 4, ... layers, up to ``ONBOARD_LAYERS_PER_GROUP``), each
 its own group; ``DISABLE_LAYERWISE_ONBOARD`` loads every hit before the request is scheduled instead (as hits from
 G3 always are).
 
-Stores (`kvbm.policies.store_backlog`): ``MAX_STORE_BACKLOG_MS`` bounds the writes queued by stores from the engine
+Stores: ``LAYERWISE_STORE`` starts a step's stores into host memory per group of layers as the forward saves them
+(`kvbm.worker.layerwise_stores`). ``MAX_STORE_BACKLOG_MS`` (`kvbm.policies.store_backlog`) bounds the writes queued by stores from the engine
 into the first tier, at that tier's measured write rate; blocks beyond it are not stored (0: no bound).
 
 Disaggregated prefill -> decode (`kvbm.connectors.pd`): ``PD_PIN_TIMEOUT_SECS`` is how long a prefill instance
@@ -143,6 +144,7 @@ class KvbmConfig:
     cost_probe_secs: float = 60.0
     max_store_backlog_ms: float = 200.0
     disable_layerwise_onboard: bool = False
+    layerwise_store: bool = False
     onboard_layers_per_group: int = 4
     pd_pin_timeout_secs: float = 120.0
     pd_load_timeout_secs: float = 30.0
@@ -303,7 +305,7 @@ def _parse_choice(name: str, text: str) -> str:
 
 _BOOL_FIELDS = frozenset(
     {"disable_disk_offload_filter", "disk_zerofill_fallback", "disk_disable_o_direct", "metrics",
-     "disable_cost_aware_hits", "disable_layerwise_onboard"}
+     "disable_cost_aware_hits", "disable_layerwise_onboard", "layerwise_store"}
 )
 
 # Cold-start values of the cost-aware hit rule (`kvbm.policies.cost`), chosen for an 8B model (Llama-3-8B:

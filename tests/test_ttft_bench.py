@@ -152,7 +152,8 @@ def test_smoke_run_writes_every_row_with_bytes_checked(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     last = proc.stdout.rstrip().splitlines()
-    assert last[-3].startswith("| tiny-2l") and last[-1].startswith("- tiny, layer waits")  # the table comes last
+    assert last[-4].startswith("| tiny-2l") and last[-2].startswith("- tiny, layer waits")  # the table comes last
+    assert last[-1].startswith("- tiny, stores of a 128-token prefill into G2: started after the forward: TTFT")
     result = json.loads((out / "ttft.json").read_text())
     assert (out / "ttft.md").is_file() and (out / "ttft.png").stat().st_size > 0
     meta = result["meta"]

@@ -153,3 +153,31 @@ def test_disk_hits_stay_asynchronous(tmp_path) -> None:
         assert workload.done and counts["load_jobs"] > 0 and counts["layerwise_jobs"] == 0
         assert counts["verified"] > 0 and counts["load_errors"] == 0
         assert_clean(h)
+
+
+@pytest.mark.parametrize("runner", ["v1", "v2"])
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync-sched", "async-sched"])
+def test_layerwise_stores_run_as_vllm_saves_each_layer(runner: str, async_scheduling: bool) -> None:
+    """``DYN_KVBM_LAYERWISE_STORE``: each step's stores into G2 start one layer group at a time from
+    ``save_kv_layer``, right after the harness wrote that layer's KV (on the CPU the copy runs at once, so a group
+    started early would store the poison of fresh blocks); every byte later loaded is checked by the harness."""
+    workload = chat(num_users=6, num_rounds=3)
+    extra = {"DYN_KVBM_LAYERWISE_STORE": "1", "DYN_KVBM_ONBOARD_LAYERS_PER_GROUP": 2}
+    with kvbm_harness(runner=runner, num_gpu_blocks=32, model=MODEL, async_scheduling=async_scheduling,
+                      extra=extra) as h:
+        worker = worker_of(h)
+        groups: Counter = Counter()
+        layered = worker.store.layered
+
+        def counting(moves: Any) -> Any:
+            moves_obj = layered(moves)
+            submit = moves_obj.submit
+            moves_obj.submit = lambda start, stop: (groups.update([(start, stop)]), submit(start, stop))[1]
+            return moves_obj
+
+        worker.store.layered = counting
+        counts = run_counting(h, workload)
+        assert workload.done and all(len(h.outputs[t.request_id]) == t.max_tokens for t in workload.completed)
+        assert counts["verified"] > 0 and counts["load_errors"] == 0
+        assert set(groups) >= {(0, 2), (2, 4)} and groups[(0, 2)] == groups[(2, 4)]  # stores split by layers
+        assert_clean(h)

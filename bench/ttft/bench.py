@@ -35,6 +35,7 @@ from kvbm.tools.workload import ChatWorkload
 
 from .cost_rule import CostRule, RuleDecision, rule_note
 from .engine import Engine, G1Pool, KvbmSide, Reference, RequestResult, sync
+from .layer_stores import measure_layer_stores
 from .layer_waits import measure_layer_waits
 from .model import BLOCK_SIZE, SHAPES, DecoderModel, ModelShape, allocate_kv_caches
 
@@ -174,6 +175,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="prefix whose layer-wise onboard is timed per layer group alone and beside a prefill (GPU "
                          "only; "
                          "must be one of --prefixes; 0 skips)")
+    ap.add_argument("--layer-store-tokens", type=int, default=16384,
+                    help="prompt tokens of the measurement of stores started after the forward against per layer "
+                         "group (at most the longest prefix; 0 skips)")
     ap.add_argument("--layer-wait-busy", type=int, default=2048, help="tokens of the prefill run beside it")
     ap.add_argument("--device", default=None, help="cuda or cpu (default cuda when available)")
     ap.add_argument("--smoke", action="store_true",
@@ -195,6 +199,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.layers = 2
     if smoke and args.layer_wait_prefix == 16384:
         args.layer_wait_prefix = 128
+    if smoke and args.layer_store_tokens == 16384:
+        args.layer_store_tokens = 128
     if any(p % BLOCK_SIZE for p in args.prefixes):
         ap.error(f"--prefixes must be multiples of {BLOCK_SIZE} (whole blocks)")
     if args.reps < 1 or args.warmup < 0 or args.new_tokens < 1:
@@ -283,6 +289,7 @@ class Setup:
     calibration: Calibration | None = None
     layer_waits: dict[str, Any] | None = None
     rule: CostRule | None = None  #: the cost rule on the G3_AUTO side (kept across parts, as it learns)
+    layer_stores: dict[str, Any] | None = None  #: stores after the forward against per layer group
 
 
 @contextlib.contextmanager
@@ -633,6 +640,14 @@ def run_model(args: argparse.Namespace, name: str, device: torch.device, dtype: 
                 t = time.perf_counter()
                 rows += run_prefix(args, setup, prefix, scratch)
                 part_times[f"{setup.shape.name} prefix {prefix}"] = time.perf_counter() - t
+            side = setup.sides.get(G2)
+            if args.layer_store_tokens and side is not None:
+                tokens = min(args.layer_store_tokens, max(args.prefixes))  # (G1 and G2 are sized for the prefixes)
+                t = time.perf_counter()
+                setup.layer_stores = measure_layer_stores(setup.engine, side, tokens, setup.shape.vocab, args.reps)
+                log(f"{setup.shape.name}: stores of a {tokens}-token prefill" + "".join(
+                    f"; {mode}: TTFT {v['ttft_ms']:.1f} ms, done {v['tail_ms']:.1f} ms after the first token"
+                    for mode, v in setup.layer_stores.items()) + f" ({time.perf_counter() - t:.1f} s)")
         scratch.clear()
         if "qa" in args.workloads:
             log(f"{setup.shape.name} QA: start (estimate ~{est['qa']:.0f} s)")
@@ -640,6 +655,7 @@ def run_model(args: argparse.Namespace, name: str, device: torch.device, dtype: 
             rows += run_qa(args, setup)
             part_times[f"{setup.shape.name} qa"] = time.perf_counter() - t
         notes = {"unavailable": dict(setup.unavailable), "estimates_s": est, "layer_waits": setup.layer_waits,
+                 "layer_stores": setup.layer_stores,
                  "block_bytes": setup.block_bytes, "shape": asdict(setup.shape)}
     finally:
         for side in setup.sides.values():
@@ -668,6 +684,12 @@ def layer_wait_lines(notes: dict[str, Any]) -> str:
                          f"{w['median_scatter_wait_us']:.0f} us) longer than alone")
         elif w:
             lines.append(f"- {model}, layer waits: {w.get('note')}")
+        stores = model_notes.get("layer_stores") if isinstance(model_notes, dict) else None
+        if stores:
+            blocks = next(iter(stores.values()))["blocks"]
+            lines.append(f"- {model}, stores of a {blocks * BLOCK_SIZE}-token prefill into G2: " + "; ".join(
+                f"started {mode}: TTFT {v['ttft_ms']:.1f} ms, done {v['tail_ms']:.1f} ms after the first token"
+                for mode, v in stores.items()))
     return "\n\n" + "\n".join(lines) if lines else ""
 
 

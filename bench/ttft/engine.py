@@ -129,10 +129,12 @@ class KvbmSide:
     @classmethod
     def create(cls, name: str, kv_caches: Sequence[torch.Tensor], *, host_blocks: int = 0, disk_blocks: int = 0,
                disk_io: str = "posix", disk_dir: Path | None = None) -> KvbmSide:
-        """A G2-only (``host_blocks``) or G3-only (``disk_blocks``) instance; other settings from ``DYN_KVBM_*``."""
+        """A G2-only (``host_blocks``) or G3-only (``disk_blocks``) instance; other settings from ``DYN_KVBM_*``,
+        with layer-wise stores available (used by requests run with ``layer_stores``)."""
         base = KvbmConfig.from_env()
         config = dataclasses.replace(
-            base, cpu_cache_gb=None, disk_cache_gb=None, cpu_cache_override_num_blocks=host_blocks or None,
+            base, layerwise_store=True, cpu_cache_gb=None, disk_cache_gb=None,
+            cpu_cache_override_num_blocks=host_blocks or None,
             disk_cache_override_num_blocks=disk_blocks or None, disk_io=disk_io,
             disk_cache_dir=Path(tempfile.mkdtemp(prefix="kvbm-ttft-", dir=disk_dir)) if disk_blocks else
             base.disk_cache_dir)
@@ -307,10 +309,13 @@ class Engine:
     @torch.inference_mode()
     def run_request(self, prompt: Sequence[int], sides: Sequence[KvbmSide] = (), *, answer: Sequence[int] = (),
                     reference: Reference | None = None, record: Reference | None = None,
-                    request_id: str | None = None, layerwise: bool = False, salt: int = 0) -> RequestResult:
+                    request_id: str | None = None, layerwise: bool = False, salt: int = 0,
+                    layer_stores: bool = False) -> RequestResult:
         """Serve one request (see the module docstring); loads come from ``sides[0]`` only, stores go to every
         side; ``layerwise``: the load runs beside the forward, each layer's attention waiting for its own layers
-        (as vLLM's ``wait_for_layer_load``). ``salt`` seeds the block hashes (as a request's cache salt does), so
+        (as vLLM's ``wait_for_layer_load``); ``layer_stores``: the stores of the prompt's blocks start per group of
+        layers as the forward saves each layer (as vLLM's ``save_kv_layer``, for sides with
+        ``DYN_KVBM_LAYERWISE_STORE``). ``salt`` seeds the block hashes (as a request's cache salt does), so
         requests of different salts share no block. After TTFT, loaded blocks are checked against ``reference``, and
         the bytes of every block the request stored are recorded in ``record``."""
         self._count += 1
@@ -365,8 +370,16 @@ class Engine:
             plans.append(s.leader.take_step())
         stored = [pair for plan in plans for pair in _stored_pairs(plan)]
         table = self._table(blocks)
+        after_attention = None
+        if layer_stores:
+            for s, plan in zip(sides, plans):
+                s.worker.begin_layer_stores(plan.stores)
+
+            def after_attention(layer: int) -> None:
+                for s in sides:
+                    s.worker.save_layer(layer)
         logits = self.model.prefill(self._tokens(prompt[num_cached:]), self.caches, table, num_cached,
-                                    before_attention)
+                                    before_attention, after_attention)
         for s, plan in zip(sides, plans):
             s.worker.start_stores(plan.stores)
         if before_attention is not None:  # (as vLLM's get_block_ids_with_load_errors after the forward)

@@ -185,11 +185,12 @@ class DecoderModel:
         return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
 
     def prefill(self, tokens: torch.Tensor, kv_caches: list[torch.Tensor], block_table: torch.Tensor,
-                num_cached: int, before_attention: Callable[[int], None] | None = None) -> torch.Tensor:
+                num_cached: int, before_attention: Callable[[int], None] | None = None,
+                after_attention: Callable[[int], None] | None = None) -> torch.Tensor:
         """Run ``tokens`` (positions ``num_cached ..``) writing their K/V into ``block_table``'s blocks; the first
         ``num_cached`` positions' K/V must be there by each layer's attention (``before_attention(layer)`` is called
-        just before it, as vLLM calls a connector's ``wait_for_layer_load``). Returns the last token's logits
-        (fp32)."""
+        just before it, as vLLM calls a connector's ``wait_for_layer_load``; ``after_attention(layer)`` once the
+        layer's K/V is written, as vLLM calls ``save_kv_layer``). Returns the last token's logits (fp32)."""
         s = self.shape
         num_new = tokens.shape[0]
         cos, sin = self.rope_tables(num_cached, num_new)
@@ -208,6 +209,8 @@ class DecoderModel:
             if before_attention is not None:
                 before_attention(index)
             attn = paged_attention(q, k, v, cache, block_table, num_cached, mask)
+            if after_attention is not None:
+                after_attention(index)
             x = x + attn.reshape(num_new, q_out) @ layer["o"].T
             h = _rms_norm(x, layer["ln2"], s.eps)
             gate, up = (h @ layer["gate_up"].T).chunk(2, dim=-1)

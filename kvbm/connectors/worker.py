@@ -38,6 +38,7 @@ from kvbm.metrics import KvbmMetrics
 from kvbm.tiers import HOST_TIER, TierSpec
 from kvbm.worker.g4 import G4Endpoint
 from kvbm.worker.layerwise import LayerwiseLoads
+from kvbm.worker.layerwise_stores import LayerwiseStores
 from kvbm.worker.replica_group import ReplicaGroup
 from kvbm.worker.replica_tiers import SharedTiers, share_tiers
 from kvbm.worker.store import BlockStore
@@ -110,6 +111,10 @@ class ConnectorWorker:
         self._failed_loads: dict[str, list[str]] = {}
         self._report: dict[int, MoveResult] = {}
         self._layers = LayerwiseLoads(self.store, engine_cache, config.onboard_layers_per_group)
+        #: stores into host memory started per group of layers as the forward saves them (one KV cache group only)
+        self._layer_stores = (LayerwiseStores(self.store, engine_cache, config.onboard_layers_per_group)
+                              if config.layerwise_store and not groups else None)
+        self._taken: set[int] = set()  # this step's store moves the layer-wise stores run
         self._released: dict[str, int] = {}
         self.rank = rank
         self.timer = ForwardTimer(engine_cache.device, rank=rank, stage=stage)
@@ -156,10 +161,39 @@ class ConnectorWorker:
         if self._layers.finish():
             self._collect(self.store.poll())
 
-    def start_stores(self, stores: Iterable[RequestStore]) -> None:
-        """Start storing requests' newly computed blocks (ordered after the work queued on the current stream)."""
+    def begin_layer_stores(self, stores: Iterable[RequestStore]) -> None:
+        """With ``DYN_KVBM_LAYERWISE_STORE``: take this step's stores into host memory, to be started per group of
+        layers by `save_layer` as the forward computes them (the others wait for `start_stores`); once per step,
+        before the forward's first ``save_layer``."""
+        if self._layer_stores is None or self._layer_stores.active:
+            return
+        taken = []
         for store in stores:
-            self._execute(store.moves, store.request_id, self._storing.setdefault(store.request_id, set()))
+            for move in store.moves:
+                if move.dst_tier in self.shared_read_only or not self._layer_stores.takes(move):
+                    continue
+                taken.append(move)
+                self._taken.add(move.move_id)
+                self._moves[move.move_id] = (move, store.request_id)
+                self._storing.setdefault(store.request_id, set()).add(move.move_id)
+        if taken:
+            self._layer_stores.begin(taken)
+
+    def save_layer(self, layer: int) -> None:
+        """The forward has queued ``layer`` (vLLM's ``save_kv_layer``): start the layer-wise stores of every group
+        of layers that ends there (ordered after the work queued on the current stream)."""
+        if self._layer_stores is not None:
+            self._layer_stores.save_layer(layer)
+
+    def start_stores(self, stores: Iterable[RequestStore]) -> None:
+        """Start storing requests' newly computed blocks (ordered after the work queued on the current stream); the
+        groups of layer-wise stores not started yet start now."""
+        if self._layer_stores is not None:
+            self._layer_stores.finish()
+        for store in stores:
+            moves = [m for m in store.moves if m.move_id not in self._taken]
+            self._execute(moves, store.request_id, self._storing.setdefault(store.request_id, set()))
+        self._taken.clear()
 
     def start_cascades(self, moves: Sequence[Move]) -> None:
         """Start tier-to-tier copies."""

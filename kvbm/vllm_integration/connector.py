@@ -277,7 +277,13 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata,
                       **kwargs: Any) -> None:
-        """Nothing per layer: whole blocks are stored after the forward."""
+        """With ``DYN_KVBM_LAYERWISE_STORE``, start the step's stores into host memory for the group of layers
+        ending at this layer (the first call takes the step's stores); else nothing: whole blocks are stored after
+        the forward."""
+        worker, layer = self._worker, self._layers.get(layer_name)
+        if worker is not None and layer is not None:
+            worker.begin_layer_stores(self._plan().stores)
+            worker.save_layer(layer)
 
     def wait_for_save(self) -> None:
         """Start the stores of the blocks this step computed (without waiting for them); note held requests; take

@@ -173,29 +173,14 @@ class BlockStore:
         lands first), and return the transfers per group, for waiting on one group of layers. A move's result
         merges its groups: a block fails where any group failed it. Its result carries no time (``seconds`` None):
         its completion is seen only after the forward it runs beside, so the cost rule does not learn from it."""
-        by_group: list[list[BlockTransfer]] = [[] for _ in groups]
-        pairs: dict[tuple[str, str], list[Move]] = {}
-        for move in moves:
-            pairs.setdefault((move.src_tier, move.dst_tier), []).append(move)
-        t0 = time.perf_counter()
-        joined = [(Move(ms[0].move_id, ms[0].kind, src_tier, dst_tier, tuple(i for m in ms for i in m.src_ids),
-                        tuple(i for m in ms for i in m.dst_ids), tuple(h for m in ms for h in m.hashes)), ms)
-                  for (src_tier, dst_tier), ms in pairs.items()]
-        per_pair: list[list[BlockTransfer]] = [[] for _ in joined]
-        for k, (start, stop) in enumerate(groups):
-            for (whole, _), transfers in zip(joined, per_pair):
-                transfer = self._submit(whole, self._layer_view(whole.src_tier, whole.dst_tier, start, stop),
-                                        self._layer_view(whole.dst_tier, whole.src_tier, start, stop))
-                by_group[k].append(transfer)
-                transfers.append(transfer)
-        for (_, ms), transfers in zip(joined, per_pair):  # each move: its blocks of the pair's groups, merged
-            merged = BlockTransfer.all_of(transfers, transfers[0].path)
-            offset = 0
-            for move in ms:
-                part = BlockTransfer.part_of(merged, offset, offset + move.num_blocks)
-                self._running.append(_Running(move, part, t0, timed=False))
-                offset += move.num_blocks
+        layered = self.layered(moves)
+        by_group = [layered.submit(start, stop) for start, stop in groups]
+        layered.track()
         return by_group
+
+    def layered(self, moves: Sequence[Move]) -> LayeredMoves:
+        """``moves`` to run by groups of layers submitted when the caller says (`LayeredMoves`)."""
+        return LayeredMoves(self, moves)
 
     def poll(self) -> list[MoveResult]:
         """Results of the moves finished since the last call; starts queued moves in freed slots; never blocks."""
@@ -315,3 +300,40 @@ class BlockStore:
                 if self.metrics is not None:
                     self.metrics.record_disk_file_renewals(renewals - self._renewals.get(tier, 0))
                 self._renewals[tier] = renewals
+
+
+class LayeredMoves:
+    """Moves run as one transfer per pair of tiers and group of layers, each group submitted when the caller asks
+    (`submit`), so that it is ordered after the work queued on the caller's stream by then; `track` then hands the
+    moves to the store, each move's result merging its groups. Submitted ahead of the store's queue."""
+
+    def __init__(self, store: BlockStore, moves: Sequence[Move]) -> None:
+        pairs: dict[tuple[str, str], list[Move]] = {}
+        for move in moves:
+            pairs.setdefault((move.src_tier, move.dst_tier), []).append(move)
+        self._store = store
+        self._joined = [(Move(ms[0].move_id, ms[0].kind, src_tier, dst_tier, tuple(i for m in ms for i in m.src_ids),
+                              tuple(i for m in ms for i in m.dst_ids), tuple(h for m in ms for h in m.hashes)), ms)
+                        for (src_tier, dst_tier), ms in pairs.items()]
+        self._per_pair: list[list[BlockTransfer]] = [[] for _ in self._joined]
+        self._t0 = time.perf_counter()
+
+    def submit(self, start: int, stop: int) -> list[BlockTransfer]:
+        """Start layers ``[start, stop)`` of every pair's moves now; their transfers."""
+        store, out = self._store, []
+        for (whole, _), transfers in zip(self._joined, self._per_pair):
+            transfer = store._submit(whole, store._layer_view(whole.src_tier, whole.dst_tier, start, stop),
+                                     store._layer_view(whole.dst_tier, whole.src_tier, start, stop))
+            out.append(transfer)
+            transfers.append(transfer)
+        return out
+
+    def track(self) -> None:
+        """Hand each move to the store as its part of its pair's submitted groups (call once, after the last)."""
+        for (_, ms), transfers in zip(self._joined, self._per_pair):
+            merged = BlockTransfer.all_of(transfers, transfers[0].path)
+            offset = 0
+            for move in ms:
+                part = BlockTransfer.part_of(merged, offset, offset + move.num_blocks)
+                self._store._running.append(_Running(move, part, self._t0, timed=False))
+                offset += move.num_blocks

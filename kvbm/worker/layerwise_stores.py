@@ -1,0 +1,78 @@
+"""One step's stores from the engine's cache into host memory, one transfer per group of layers, each started as soon
+as the forward has queued the last layer of its group (vLLM's ``save_kv_layer``), so the copies of the first layers
+run beside the compute of the later ones and the stores end a group's transfer after the forward instead of a whole
+store after it.
+
+Only stores into a host tier are taken (a disk tier writes whole blocks: its stores start after the forward, as
+before). Each group's transfer is ordered after the work queued on the caller's stream when it is started, so it
+copies the bytes the layers of its group were just given. Groups not started by the end of the forward (an engine
+that calls ``save_layer`` for some layers only) are started by `finish`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from kvbm.kernels.medium import Medium, medium_of
+from kvbm.leader.plans import ENGINE_TIER, Move, MoveKind
+from kvbm.worker.store import BlockStore, LayeredMoves
+
+__all__ = ["LayerwiseStores", "even_groups"]
+
+
+def even_groups(num_layers: int, layers_per_group: int) -> list[tuple[int, int]]:
+    """[start, stop) of groups of ``layers_per_group`` layers, the last one cut at ``num_layers``."""
+    if num_layers < 1 or layers_per_group < 1:
+        raise ValueError(f"layer groups need num_layers and layers_per_group >= 1, got {num_layers}, "
+                         f"{layers_per_group}")
+    return [(a, min(a + layers_per_group, num_layers)) for a in range(0, num_layers, layers_per_group)]
+
+
+class LayerwiseStores:
+    """The layer-wise stores of the current step (see the module docstring)."""
+
+    def __init__(self, store: BlockStore, engine_cache: Any, layers_per_group: int) -> None:
+        self.store = store
+        self.num_layers = engine_cache.geometry.num_layers
+        self.groups = even_groups(self.num_layers, layers_per_group)
+        self._layered: LayeredMoves | None = None
+        self._next = 0  # the first group not started
+
+    @property
+    def active(self) -> bool:
+        """Whether this step's stores were taken and not yet finished."""
+        return self._layered is not None
+
+    def takes(self, move: Move) -> bool:
+        """Whether ``move`` is a store this object runs by layers: from the engine's cache into a host tier."""
+        return (move.kind is MoveKind.STORE and move.src_tier == ENGINE_TIER
+                and medium_of(self.store.cache(move.dst_tier)) is Medium.HOST)
+
+    def begin(self, moves: Sequence[Move]) -> None:
+        """Take this step's ``moves`` (all of them `takes`); nothing is started before `save_layer`."""
+        if self._layered is not None:
+            raise RuntimeError("the layer-wise stores of the previous step were not finished")
+        if any(not self.takes(m) for m in moves):
+            raise ValueError("layer-wise stores take stores from the engine's cache into host memory only")
+        self._layered, self._next = self.store.layered(moves), 0
+
+    def save_layer(self, layer: int) -> None:
+        """The forward has queued ``layer``: start every group that ends at or before it."""
+        if self._layered is None:
+            return
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} is not one of the engine cache's {self.num_layers} layers")
+        while self._next < len(self.groups) and self.groups[self._next][1] <= layer + 1:
+            self._layered.submit(*self.groups[self._next])
+            self._next += 1
+
+    def finish(self) -> bool:
+        """Start the groups not started yet and hand the moves to the store (their results come through its
+        ``poll``); whether there were any."""
+        if self._layered is None:
+            return False
+        layered, self._layered = self._layered, None
+        for start, stop in self.groups[self._next:]:
+            layered.submit(start, stop)
+        layered.track()
+        return True

@@ -1,0 +1,123 @@
+"""Layer-wise stores (`DYN_KVBM_LAYERWISE_STORE`): a step's stores into host memory start one group of layers at a
+time, as the forward saves the group's last layer. On the CPU each copy runs inside its submit, so a group started
+before its layers were written would store the poison they held before; every stored byte is checked against the
+bytes the layers were given, through a load back into fresh (poisoned) engine blocks."""
+from __future__ import annotations
+
+import pytest
+import torch
+from layout_oracle import fill_random, to_logical
+
+from kvbm.config import KvbmConfig
+from kvbm.connectors.messages import RequestLoad, RequestStore
+from kvbm.connectors.worker import ConnectorWorker
+from kvbm.kernels.medium import Medium
+from kvbm.layouts import KVGeometry, allocate
+from kvbm.leader.plans import Move, MoveKind
+from kvbm.tiers import TierSpec
+from kvbm.worker.layerwise_stores import even_groups
+
+GEOMETRY = KVGeometry(num_layers=5, num_kv=2, block_size=4, num_heads=2, head_dim=8, itemsize=2)
+PRESET = "vllm_flash_attn_nhd"
+POISON = -7.0
+
+
+def test_even_groups() -> None:
+    assert even_groups(5, 2) == [(0, 2), (2, 4), (4, 5)]
+    assert even_groups(4, 4) == [(0, 4)] and even_groups(3, 8) == [(0, 3)]
+    with pytest.raises(ValueError):
+        even_groups(0, 2)
+
+
+def worker_for(g1, *, layerwise_store: bool, per_group: int = 2, disk_dir=None) -> ConnectorWorker:
+    tiers = [TierSpec("G2", Medium.HOST, 16)]
+    if disk_dir is not None:
+        tiers.append(TierSpec("G3", Medium.DISK, 16, directory=disk_dir))
+    return ConnectorWorker(g1, tiers, KvbmConfig(onboard_layers_per_group=per_group, layerwise_store=layerwise_store))
+
+
+@pytest.mark.parametrize("per_group", [1, 2, 5])
+def test_each_group_is_stored_once_its_last_layer_is_saved(per_group: int) -> None:
+    g1 = allocate(PRESET, GEOMETRY, 16, dtype=torch.bfloat16)
+    for t in g1.tensors:
+        t.fill_(POISON)
+    gen = torch.Generator().manual_seed(per_group)
+    worker = worker_for(g1, layerwise_store=True, per_group=per_group)
+    try:
+        submitted: list[tuple[int, int]] = []
+        layered = worker.store.layered
+
+        def spy(moves):
+            moves_obj = layered(moves)
+            real = moves_obj.submit
+            moves_obj.submit = lambda a, b: (submitted.append((a, b)), real(a, b))[1]
+            return moves_obj
+
+        worker.store.layered = spy
+        store = RequestStore("r", (Move(1, MoveKind.STORE, "G1", "G2", (3, 7, 5), (0, 1, 2), (11, 12, 13)),))
+        worker.begin_layer_stores([store])
+        want = []
+        for layer, t in enumerate(g1.tensors):  # the forward writes layer by layer, then saves it
+            t.copy_(torch.randn(t.shape, generator=gen).to(t.dtype))
+            want.append(t.clone())
+            worker.save_layer(layer)
+            started = [g for g in even_groups(GEOMETRY.num_layers, per_group) if g[1] <= layer + 1]
+            assert submitted == started
+        worker.start_stores([store])  # nothing left to start, and the move is not run twice
+        assert submitted == even_groups(GEOMETRY.num_layers, per_group)
+        worker.store.wait_all()
+        worker.poll()
+        results = worker.take_report().results
+        assert set(results) == {1} and not results[1].failed
+        for t in g1.tensors:  # load back into poisoned blocks
+            t[:, [8, 9, 10]] = POISON
+        worker.start_loads([RequestLoad("r", (Move(2, MoveKind.LOAD, "G2", "G1", (0, 1, 2), (8, 9, 10),
+                                                   (11, 12, 13)),))])
+        worker.store.wait_all()
+        worker.poll()
+        for layer, t in enumerate(g1.tensors):
+            assert torch.equal(t[:, [8, 9, 10]], want[layer][:, [3, 7, 5]]), f"layer {layer}"
+    finally:
+        worker.close()
+
+
+def test_groups_not_saved_start_with_the_stores_and_disk_stores_wait_for_them(tmp_path) -> None:
+    """An engine that saves no layer: every group starts in ``start_stores``; a store into the disk tier is never
+    taken by the layer-wise stores (it starts in ``start_stores``, after the forward)."""
+    g1 = allocate(PRESET, GEOMETRY, 16, dtype=torch.bfloat16)
+    fill_random(g1, torch.Generator().manual_seed(3))
+    worker = worker_for(g1, layerwise_store=True, disk_dir=tmp_path)
+    try:
+        host = Move(1, MoveKind.STORE, "G1", "G2", (3, 4), (0, 1), (11, 12))
+        disk = Move(2, MoveKind.STORE, "G1", "G3", (5,), (0,), (13,))
+        stores = [RequestStore("r", (host, disk))]
+        worker.begin_layer_stores(stores)
+        assert worker._layer_stores.active and worker._taken == {1}
+        worker.start_stores(stores)
+        worker.store.wait_all()
+        worker.poll()
+        results = worker.take_report().results
+        assert set(results) == {1, 2} and not results[1].failed and not results[2].failed
+        assert not worker._layer_stores.active
+        blocks = to_logical(PRESET, g1)
+        for t in g1.tensors:
+            t[:, [8, 9, 10]] = POISON
+        worker.start_loads([RequestLoad("r", (Move(3, MoveKind.LOAD, "G2", "G1", (0, 1), (8, 9), (11, 12)),
+                                              Move(4, MoveKind.LOAD, "G3", "G1", (0,), (10,), (13,))))])
+        worker.store.wait_all()
+        worker.poll()
+        assert torch.equal(to_logical(PRESET, g1)[[8, 9, 10]], blocks[[3, 4, 5]])
+    finally:
+        worker.close()
+
+
+def test_off_by_default_nothing_is_taken() -> None:
+    g1 = allocate(PRESET, GEOMETRY, 16, dtype=torch.bfloat16)
+    worker = worker_for(g1, layerwise_store=False)
+    try:
+        worker.begin_layer_stores([RequestStore("r", (Move(1, MoveKind.STORE, "G1", "G2", (3,), (0,), (11,)),))])
+        worker.save_layer(0)
+        assert worker._layer_stores is None and not worker._taken
+        assert KvbmConfig.from_env({"DYN_KVBM_LAYERWISE_STORE": "1"}).layerwise_store
+    finally:
+        worker.close()
