@@ -9,8 +9,10 @@ layers, the state of Mamba layers (every step), byte-exactly, with freshly alloc
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -90,6 +92,27 @@ def test_sliding_window_chat_onboards_byte_exact(tmp_path: Path, runner: str, di
         assert (from_disk > 0) == disk
         assert_clean(h)
 
+
+@contextlib.contextmanager
+def first_load_fails(worker: Any, tier: str) -> Iterator[list[int]]:
+    """While open: the worker's first transfer into the engine cache ``tier`` fails every block as lost (a failed
+    read); yields the engine block ids it was to fill."""
+    cache, transfers = worker.store.cache(tier), worker.store.transfers
+    real = transfers.submit
+    failed: list[int] = []
+
+    def failing(src: Any, dst: Any, src_ids: Any, dst_ids: Any, *args: Any, **kwargs: Any) -> BlockTransfer:
+        if dst is not cache or failed:
+            return real(src, dst, src_ids, dst_ids, *args, **kwargs)
+        failed.extend(dst_ids)
+        n = len(dst_ids)
+        return BlockTransfer(n, "injected", errors={i: "injected read error" for i in range(n)}, lost=set(range(n)))
+
+    transfers.submit = failing
+    try:
+        yield failed
+    finally:
+        transfers.submit = real
 
 def chat_on_two_ranks(h: Any) -> None:
     """A multi-round chat on a two-rank harness: every request finishes, both ranks load and verify blocks, no load
@@ -220,19 +243,6 @@ def test_sliding_window_failed_load_fails_the_request_for_recompute() -> None:
         h.add_request("first", prompt, 3)
         h.run_until_idle()
         assert h.scheduler.reset_prefix_cache()
-        worker = worker_of(h)
-        window_cache, transfers = worker.store.cache("G1.1"), worker.store.transfers
-        real = transfers.submit
-        failed: list[int] = []
-
-        def failing(src: Any, dst: Any, src_ids: Any, dst_ids: Any, *args: Any, **kwargs: Any) -> BlockTransfer:
-            if dst is not window_cache or failed:  # the first load into the window group fails
-                return real(src, dst, src_ids, dst_ids, *args, **kwargs)
-            failed.extend(dst_ids)
-            n = len(dst_ids)
-            return BlockTransfer(n, "injected", errors={i: "injected read error" for i in range(n)}, lost=set(range(n)))
-
-        transfers.submit = failing
         results: list[Any] = []
         get_results = h.worker.connector.get_transfer_results
 
@@ -242,9 +252,9 @@ def test_sliding_window_failed_load_fails_the_request_for_recompute() -> None:
             return out
 
         h.worker.connector.get_transfer_results = recording
-        h.add_request("second", prompt + [7, 8], 2)
-        h.run_until_idle()
-        transfers.submit = real
+        with first_load_fails(worker_of(h), "G1.1") as failed:  # the window group's
+            h.add_request("second", prompt + [7, 8], 2)
+            h.run_until_idle()
         assert len(failed) == 3 and [r for r in results if "second" in r.failed_recving]
         assert len(h.outputs["second"]) == 2
         # The first admission hit 144 tokens; the retry's hit ends where the window no longer reads the lost

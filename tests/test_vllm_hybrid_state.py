@@ -25,14 +25,13 @@ import pytest
 import vllm_harness as H  # first: imports vLLM for the CPU platform, clear of the repo's kernels/ folder
 import vllm_ranks as R
 from test_vllm_connector import CONNECTOR, Gate, assert_clean, chat, kvbm_harness, metric, run_counting, worker_of
-from test_vllm_hybrid import chat_on_two_ranks, store_then_ask_again
+from test_vllm_hybrid import chat_on_two_ranks, first_load_fails, store_then_ask_again
 from test_vllm_hybrid_unlike import record_failed_loads, record_hits
 
 from kvbm.config import KvbmConfig
 from kvbm.connectors.groups import FULL, STATE, KVGroup
 from kvbm.connectors.leader import ConnectorLeader
 from kvbm.connectors.messages import WorkerReport
-from kvbm.kernels.block_transfer import BlockTransfer
 from kvbm.leader import MoveResult
 from kvbm.tiers import kvbm_tiers
 from kvbm.vllm_integration.ranks import kv_groups
@@ -299,23 +298,10 @@ def test_failed_state_load_fails_the_request_for_recompute() -> None:
         h.add_request("first", prompt, 3)
         h.run_until_idle()
         assert h.scheduler.reset_prefix_cache()
-        worker = worker_of(h)
-        state_cache, transfers = worker.store.cache(STATE_TIER), worker.store.transfers
-        real = transfers.submit
-        failed: list[int] = []
-
-        def failing(src: Any, dst: Any, src_ids: Any, dst_ids: Any, *args: Any, **kwargs: Any) -> BlockTransfer:
-            if dst is not state_cache or failed:  # the first load into the state group fails
-                return real(src, dst, src_ids, dst_ids, *args, **kwargs)
-            failed.extend(dst_ids)
-            n = len(dst_ids)
-            return BlockTransfer(n, "injected", errors={i: "injected read error" for i in range(n)}, lost=set(range(n)))
-
-        transfers.submit = failing
         failed_requests, states = record_failed_loads(h), count_states(h)
-        h.add_request("second", prompt + [7, 8], 2)
-        h.run_until_idle()
-        transfers.submit = real
+        with first_load_fails(worker_of(h), STATE_TIER) as failed:  # the state group's
+            h.add_request("second", prompt + [7, 8], 2)
+            h.run_until_idle()
         assert len(failed) == 1 and failed_requests == ["second"] and len(h.outputs["second"]) == 2
         assert h.cache_stats.external_hits == 144 and states["states"] > 0
         assert_clean(h)
