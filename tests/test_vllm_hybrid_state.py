@@ -15,8 +15,10 @@ as every attention context, with freshly allocated blocks poisoned first.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -249,24 +251,33 @@ def test_state_stores_are_the_boundary_states_vllm_hands_over(model: str, retent
 # Stores of freed state blocks, failed loads, the negative control
 # --------------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def gated_state_store(model: str, *, prompt_tokens: int, seed: int, max_tokens: int, steps: int
+                      ) -> Iterator[tuple[Any, Gate]]:
+    """One request's state-group stores held in flight (`Gate`) after ``steps`` engine steps; yields the harness and
+    the gate, then checks that the next step waits for them in ``handle_preemptions`` (before its forward)."""
+    prompt = H.MultiTurnChatWorkload(num_users=1, system_prompt_tokens=prompt_tokens, seed=seed).system_prompt
+    with state_harness(model=model) as h:
+        store = worker_of(h).store
+        gate = Gate(SimpleNamespace(engine_cache=store.cache(STATE_TIER), store=store), "offload")
+        h.add_request("a", prompt, max_tokens)
+        for _ in range(steps):
+            h.step()
+        yield h, gate
+        with pytest.raises(AssertionError, match="a gated transfer was waited for"):
+            h.step()
+        assert h.worker.call_log[-1] == "handle_preemptions"
+        gate.release()
+
+
 @pytest.mark.parametrize("model, steps", [("mamba", 2), ("mamba2", 1)])
 def test_store_of_a_freed_state_block_is_finished_before_reuse(model: str, steps: int) -> None:
     """State-group stores kept in flight: a 100-token prompt is computed in chunks ending at 96 (its state in
     column 5) and 100, or in one chunk exporting the state after 96 tokens into column 5 (prefill checkpoints);
     the step after the prompt, vLLM frees the state block of 96 (the request's state is in column 6 now), and
     ``handle_preemptions`` waits for its store before the step's forward may write the block again."""
-    prompt = H.MultiTurnChatWorkload(num_users=1, system_prompt_tokens=100, seed=14).system_prompt
-    with state_harness(model=model) as h:
-        store = worker_of(h).store
-        gate = Gate(SimpleNamespace(engine_cache=store.cache(STATE_TIER), store=store), "offload")
-        h.add_request("a", prompt, 4)
-        for _ in range(steps):
-            h.step()
+    with gated_state_store(model, prompt_tokens=100, seed=14, max_tokens=4, steps=steps) as (h, gate):
         assert gate.transfers and h.worker.call_log[-1] == "clear_connector_metadata"
-        with pytest.raises(AssertionError, match="a gated transfer was waited for"):
-            h.step()
-        assert h.worker.call_log[-1] == "handle_preemptions"
-        gate.release()
 
 
 @pytest.mark.parametrize("model, steps", [("mamba", 2), ("mamba2", 1)])
@@ -274,18 +285,8 @@ def test_store_of_a_state_block_freed_at_finish_is_finished_before_reuse(model: 
     """A 60-token prompt (chunks ending at 48 and 60, or one exporting the state after 48 tokens) answered with one
     token: vLLM frees the state block of 48 as the request finishes (before ``request_finished_all_groups``), while
     its store is in flight; the next step's ``handle_preemptions`` waits for it."""
-    prompt = H.MultiTurnChatWorkload(num_users=1, system_prompt_tokens=60, seed=15).system_prompt
-    with state_harness(model=model) as h:
-        store = worker_of(h).store
-        gate = Gate(SimpleNamespace(engine_cache=store.cache(STATE_TIER), store=store), "offload")
-        h.add_request("a", prompt, 1)
-        for _ in range(steps):
-            h.step()
+    with gated_state_store(model, prompt_tokens=60, seed=15, max_tokens=1, steps=steps) as (h, gate):
         assert gate.transfers and "a" in h.scheduler.requests  # finished, blocks held for its stores
-        with pytest.raises(AssertionError, match="a gated transfer was waited for"):
-            h.step()
-        assert h.worker.call_log[-1] == "handle_preemptions"
-        gate.release()
 
 
 def test_failed_state_load_fails_the_request_for_recompute() -> None:
