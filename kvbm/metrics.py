@@ -12,6 +12,16 @@ process. The manager calls:
 - from the cost-aware hit rule (`kvbm.policies.cost`): ``set_load_bandwidth(tier, bytes_per_second)`` and
   ``set_prefill_rate(tokens_per_second)`` with its current estimates, ``record_cost_dropped(tier, num_blocks)``
   with the hits it did not report.
+- from an engine connector's scheduler side (`kvbm.connectors.leader`): ``set_workers(expected, registered)``
+  and ``record_worker_failed_blocks(rank, num_blocks)`` with what each rank's reports said failed.
+
+Sides. A block manager in one process records both sides into one ``KvbmMetrics`` (``sides="both"``, the
+default). An engine whose worker ranks run in processes of their own (`kvbm.connectors.process_metrics`) keeps
+one per side: the scheduler side's (``sides="scheduler"``) and one per worker rank (``sides="worker"`` with
+``rank``), each exposing only its side's series (``WORKER_SERIES`` are the worker side's, the rest the
+scheduler side's), so that no port serves a transfer counter stuck at 0. A ``KvbmMetrics`` built with ``rank``
+adds the label ``rank`` to its worker-side series: a Prometheus server scraping every rank's port sums them or
+splits them by rank. Recording a series of the side it does not hold raises (a wiring error).
 
 ``start_server(port)`` serves the exposition over HTTP (``DYN_KVBM_METRICS_PORT``, on ``DYN_KVBM_METRICS_HOST``,
 127.0.0.1 by default) and ``render()`` returns it.
@@ -23,6 +33,7 @@ Exposed names:
 - ``kvbm_host_cache_hit_rate``, ``kvbm_disk_cache_hit_rate`` (gauges, 0..1);
 - per direction: ``kvbm_transfer_bytes``, ``kvbm_transfer_failed_blocks`` (totals, same convention) and the
   histogram ``kvbm_transfer_seconds`` (``_bucket`` / ``_sum`` / ``_count``) of the time per batch;
+- ``kvbm_disk_file_renewals`` (total: disk tier files found deleted underneath and replaced);
 - the cost-aware hit rule's gauges ``kvbm_load_bandwidth_bytes_per_second`` (per ``tier``) and
   ``kvbm_prefill_tokens_per_second``, and its total ``kvbm_cost_dropped_blocks`` (per ``tier``: blocks found but
   not reported, recomputing them being expected faster than loading them);
@@ -36,7 +47,11 @@ Exposed names:
 - the shared G4 tier: the totals ``kvbm_g4_lookups`` and ``kvbm_g4_hit_blocks``, the histogram
   ``kvbm_g4_lookup_seconds`` (``record_g4_lookup``), and the gauges ``kvbm_g4_directory_in_sync`` (1 while the
   local copy of the directory follows etcd; 0: lookups report no G4 hits) and ``kvbm_g4_directory_entries``
-  (``set_g4_directory``).
+  (``set_g4_directory``);
+- an engine connector's worker ranks, on the scheduler side: the gauges ``kvbm_workers_expected`` and
+  ``kvbm_workers_registered`` (exposed once set: a block manager without ranks has neither) and the total
+  ``kvbm_worker_failed_blocks`` (per ``rank``: blocks of completed moves that failed on that rank; a block failing
+  on any rank fails for all, so this says which rank fails).
 """
 from __future__ import annotations
 
@@ -53,7 +68,7 @@ from prometheus_client.registry import Collector
 
 from .config import metrics_host_from_env
 
-__all__ = ["KvbmMetrics", "DIRECTIONS", "KVBM_BLOCK_COUNTERS", "COST_TIERS"]
+__all__ = ["KvbmMetrics", "DIRECTIONS", "KVBM_BLOCK_COUNTERS", "COST_TIERS", "SIDES", "WORKER_SERIES"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +97,13 @@ _BLOCK_COUNTER_DOCS = {
     "g3_to_g1": "Blocks onboarded from disk (G3) to device (G1)",
 }
 
+#: Which series a ``KvbmMetrics`` holds (see the module docstring).
+SIDES: tuple[str, ...] = ("both", "scheduler", "worker")
+
+#: The worker side's families (``record_transfer``, ``record_disk_file_renewals``); all others are the scheduler's.
+WORKER_SERIES: tuple[str, ...] = (*KVBM_BLOCK_COUNTERS.values(), "kvbm_transfer_bytes", "kvbm_transfer_failed_blocks",
+                                  "kvbm_transfer_seconds", "kvbm_disk_file_renewals")
+
 # Per-batch transfer times run from tens of microseconds (a few host blocks) to seconds (a large disk batch).
 _SECONDS_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
 
@@ -106,6 +128,13 @@ class _Totals(Collector):
         """Declare a total, with every label combination that should be exposed from the start (at 0)."""
         self._docs[name] = (documentation, labelnames)
         self._values[name] = {tuple(v): 0 for v in label_values}
+
+    def declare(self, name: str, label_values: Iterable[tuple[str, ...]]) -> None:
+        """Expose more label combinations of a declared total (at 0 where they have no value yet)."""
+        with self._lock:
+            series = self._values[name]
+            for labels in label_values:
+                series.setdefault(tuple(labels), 0)
 
     def inc(self, name: str, amount: int, labels: tuple[str, ...] = ()) -> None:
         """Add ``amount`` (>= 0, checked by the caller) to one series."""
@@ -134,6 +163,25 @@ class _Totals(Collector):
             yield family
 
 
+class _LateGauges(Collector):
+    """Gauges without labels, exposed from their first value on (series that only some set-ups have)."""
+
+    def __init__(self, docs: dict[str, str]) -> None:
+        self._docs = dict(docs)
+        self._values: dict[str, float] = {}
+
+    def set(self, name: str, value: float) -> None:
+        """Set one gauge (a name given at construction)."""
+        if name not in self._docs:
+            raise KeyError(name)
+        self._values[name] = value
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the gauges set so far."""
+        for name, value in list(self._values.items()):
+            yield GaugeMetricFamily(name, self._docs[name], value=value)
+
+
 def _check_count(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be a non-negative integer, got {type(value).__name__} {value!r}")
@@ -142,48 +190,90 @@ def _check_count(name: str, value: object) -> int:
     return value
 
 
-class KvbmMetrics:
-    """The kvbm_* metrics of one block manager, on a private registry (see the module docstring)."""
+# Gauge families the scheduler side holds -> the label ``value`` takes for them (None: no label).
+_SCHEDULER_GAUGES: dict[str, str | None] = {
+    "kvbm_host_cache_hit_rate": None, "kvbm_disk_cache_hit_rate": None,
+    "kvbm_load_bandwidth_bytes_per_second": "tier", "kvbm_prefill_tokens_per_second": None,
+    "kvbm_g4_directory_in_sync": None, "kvbm_g4_directory_entries": None,
+    "kvbm_workers_expected": None, "kvbm_workers_registered": None,
+}
 
-    def __init__(self, window: int = 1000) -> None:
-        """``window``: number of most recent requests the hit-rate gauges are computed over."""
+
+class KvbmMetrics:
+    """The kvbm_* metrics of one block manager, or of one side of an engine connector, on a private registry (see
+    the module docstring)."""
+
+    def __init__(self, window: int = 1000, *, sides: str = "both", rank: int | None = None) -> None:
+        """``window``: number of most recent requests the hit-rate gauges are computed over; ``sides``: the series
+        held, one of ``SIDES``; ``rank``: the worker rank whose series these are (adds the ``rank`` label to the
+        worker-side series; not with ``sides="scheduler"``)."""
         if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
             raise ValueError(f"window must be a positive integer number of requests, got {window!r}")
+        if sides not in SIDES:
+            raise ValueError(f"sides must be one of {', '.join(SIDES)}; got {sides!r}")
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
+            raise ValueError(f"rank must be a non-negative int or None, got {rank!r}")
+        if rank is not None and sides == "scheduler":
+            raise ValueError("the scheduler side's series are not per rank: rank needs sides 'worker' or 'both'")
+        self.sides = sides
+        self.rank = rank
+        self._rank_label: tuple[str, ...] = (str(rank),) if rank is not None else ()  # of the worker-side series
         self.registry = CollectorRegistry(auto_describe=True)
         self._totals = _Totals()
+        self._gauge_values: dict[tuple[str, str], float] = {}
+        self._server: WSGIServer | None = None
+        self._server_thread: threading.Thread | None = None
+        if sides != "scheduler":
+            self._add_worker_series()
+        if sides != "worker":
+            self._add_scheduler_series(window)
+        self.registry.register(self._totals)
+
+    def _add_worker_series(self) -> None:
+        ranked = ("rank",) if self.rank is not None else ()
+        one = [self._rank_label]
         for direction, name in KVBM_BLOCK_COUNTERS.items():
-            self._totals.add(name, _BLOCK_COUNTER_DOCS[direction] + " (total)")
-        self._totals.add("kvbm_matched_tokens", "Tokens reported to the engine as found in the offload tiers (total)")
+            self._totals.add(name, _BLOCK_COUNTER_DOCS[direction] + " (total)", ranked, one)
         self._totals.add("kvbm_disk_file_renewals", "Disk tier files found deleted underneath and replaced by a new "
-                         "one, their blocks lost (total)")
+                         "one, their blocks lost (total)", ranked, one)
+        by_direction = [(d, *self._rank_label) for d in DIRECTIONS]
+        self._totals.add("kvbm_transfer_bytes", "Bytes of blocks moved intact, per direction (total)",
+                         ("direction", *ranked), by_direction)
+        self._totals.add("kvbm_transfer_failed_blocks", "Blocks whose transfer failed, per direction (total)",
+                         ("direction", *ranked), by_direction)
+        self._seconds = Histogram("kvbm_transfer_seconds", "Time from submit to completion of one transfer batch",
+                                  ["direction", *ranked], buckets=_SECONDS_BUCKETS, registry=self.registry)
+        for labels in by_direction:
+            self._seconds.labels(*labels)
+
+    def _add_scheduler_series(self, window: int) -> None:
+        self._totals.add("kvbm_matched_tokens", "Tokens reported to the engine as found in the offload tiers (total)")
         self._totals.add("kvbm_remote_pin_timeouts", "Finished requests whose blocks were kept for a decode instance "
                          "and released unread after the timeout (total)")
         self._totals.add("kvbm_g4_lookups", "Lookups of the shared G4 tier's hash directory (etcd), each for the "
                          "blocks after a request's local run (total)")
         self._totals.add("kvbm_g4_hit_blocks", "Blocks those lookups found held by another instance (total)")
-        by_direction = [(d,) for d in DIRECTIONS]
-        self._totals.add("kvbm_transfer_bytes", "Bytes of blocks moved intact, per direction (total)",
-                         ("direction",), by_direction)
-        self._totals.add("kvbm_transfer_failed_blocks", "Blocks whose transfer failed, per direction (total)",
-                         ("direction",), by_direction)
         self._totals.add("kvbm_store_dropped_blocks", "Engine blocks not stored because the first tier's queue of "
                          "stores held DYN_KVBM_MAX_STORE_BACKLOG_MS of writes, per tier (total)",
                          ("tier",), [(t,) for t in COST_TIERS])
         self._totals.add("kvbm_cost_dropped_blocks", "Blocks found in a tier but not reported to the engine, "
                          "recomputing them being expected faster than loading them, per tier (total)",
                          ("tier",), [(t,) for t in COST_TIERS])
-        self.registry.register(self._totals)
-
+        self._totals.add("kvbm_worker_failed_blocks", "Blocks of completed moves that failed on this worker rank, "
+                         "as its reports told the scheduler side; a block failing on any rank fails for all (total)",
+                         ("rank",), [])
+        self._late = _LateGauges({
+            "kvbm_workers_expected": "Worker ranks the scheduler side waits for (the engine's tensor x pipeline "
+                                     "parallel ranks)",
+            "kvbm_workers_registered": "Worker ranks registered with the scheduler side; until all are, nothing is "
+                                       "matched or stored"})
+        self.registry.register(self._late)
         self._host_rate = Gauge("kvbm_host_cache_hit_rate",
                                 f"Share of looked-up blocks found in the host tier (G2), last {window} requests",
                                 registry=self.registry)
         self._disk_rate = Gauge("kvbm_disk_cache_hit_rate",
                                 f"Share of looked-up blocks found in the disk tier (G3), last {window} requests",
                                 registry=self.registry)
-        self._seconds = Histogram("kvbm_transfer_seconds", "Time from submit to completion of one transfer batch",
-                                  ["direction"], buckets=_SECONDS_BUCKETS, registry=self.registry)
-        for d in DIRECTIONS:
-            self._seconds.labels(d)
         self._g4_seconds = Histogram("kvbm_g4_lookup_seconds", "Time of one lookup of the shared G4 tier's hash "
                                      "directory, on the scheduler's thread", buckets=_SECONDS_BUCKETS,
                                      registry=self.registry)
@@ -200,20 +290,22 @@ class KvbmMetrics:
         self._prefill = Gauge("kvbm_prefill_tokens_per_second",
                               "Estimated prefill rate of the engine (measured, else configured)",
                               registry=self.registry)
-        self._gauge_values: dict[tuple[str, str], float] = {}
-
         self._window: deque[tuple[int, int, int]] = deque()
         self._window_len = window
         self._sums = [0, 0, 0]  # requested, host hits, disk hits over the window
-        self._rates = (0.0, 0.0)  # host, disk: what the gauges were last set to
         self._window_lock = threading.Lock()
-        self._server: WSGIServer | None = None
-        self._server_thread: threading.Thread | None = None
+
+    def _side(self, side: str, call: str) -> None:
+        """Raise unless this object holds ``side``'s series (``call`` names the recording method)."""
+        if self.sides != "both" and self.sides != side:
+            raise RuntimeError(f"KvbmMetrics.{call} records a {side}-side series; this KvbmMetrics holds the "
+                               f"{self.sides} side's only")
 
     def record_transfer(self, direction: str, *, blocks_ok: int, blocks_failed: int = 0, num_bytes: int,
                         seconds: float) -> None:
         """Account one finished batch: ``blocks_ok`` blocks and ``num_bytes`` bytes arrived intact,
         ``blocks_failed`` did not (never counted as moved), and the batch took ``seconds``."""
+        self._side("worker", "record_transfer")
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}; got {direction!r}")
         _check_count("blocks_ok", blocks_ok)
@@ -224,33 +316,38 @@ class KvbmMetrics:
             raise ValueError(f"seconds must be a finite, non-negative number, got {seconds!r}")
         counter = KVBM_BLOCK_COUNTERS.get(direction)
         if counter is not None and blocks_ok:
-            self._totals.inc(counter, blocks_ok)
+            self._totals.inc(counter, blocks_ok, self._rank_label)
+        labels = (direction, *self._rank_label)
         if num_bytes:
-            self._totals.inc("kvbm_transfer_bytes", num_bytes, (direction,))
+            self._totals.inc("kvbm_transfer_bytes", num_bytes, labels)
         if blocks_failed:
-            self._totals.inc("kvbm_transfer_failed_blocks", blocks_failed, (direction,))
-        self._seconds.labels(direction).observe(seconds)
+            self._totals.inc("kvbm_transfer_failed_blocks", blocks_failed, labels)
+        self._seconds.labels(*labels).observe(seconds)
 
     def set_load_bandwidth(self, tier: str, bytes_per_second: float) -> None:
         """Publish the current load bandwidth estimate of ``tier`` (bytes/s)."""
+        self._side("scheduler", "set_load_bandwidth")
         self._gauge_values[("kvbm_load_bandwidth_bytes_per_second", tier)] = self._check_rate(
             "bytes_per_second", bytes_per_second)
         self._bandwidth.labels(tier).set(bytes_per_second)
 
     def set_prefill_rate(self, tokens_per_second: float) -> None:
         """Publish the current prefill rate estimate (tokens/s)."""
+        self._side("scheduler", "set_prefill_rate")
         self._gauge_values[("kvbm_prefill_tokens_per_second", "")] = self._check_rate(
             "tokens_per_second", tokens_per_second)
         self._prefill.set(tokens_per_second)
 
     def record_cost_dropped(self, tier: str, num_blocks: int) -> None:
         """Add ``num_blocks`` hits of ``tier`` that were not reported because recomputing them was cheaper."""
+        self._side("scheduler", "record_cost_dropped")
         n = _check_count("num_blocks", num_blocks)
         if n:
             self._totals.inc("kvbm_cost_dropped_blocks", n, (tier,))
 
     def record_store_dropped(self, tier: str, num_blocks: int) -> None:
         """Add ``num_blocks`` engine blocks left unstored in ``tier`` because its queue of stores was full."""
+        self._side("scheduler", "record_store_dropped")
         n = _check_count("num_blocks", num_blocks)
         if n:
             self._totals.inc("kvbm_store_dropped_blocks", n, (tier,))
@@ -263,14 +360,17 @@ class KvbmMetrics:
 
     def set_remote_pins(self, num_requests: int) -> None:
         """Publish how many finished requests' blocks are kept for decode instances now."""
+        self._side("scheduler", "set_remote_pins")
         self._pinned.set(_check_count("num_requests", num_requests))
 
     def record_remote_pin_timeouts(self, count: int) -> None:
         """Add ``count`` kept requests released unread after the timeout."""
+        self._side("scheduler", "record_remote_pin_timeouts")
         self._totals.inc("kvbm_remote_pin_timeouts", _check_count("count", count))
 
     def record_g4_lookup(self, hit_blocks: int, seconds: float) -> None:
         """One lookup of the shared G4 tier's directory: ``hit_blocks`` found at another instance, in ``seconds``."""
+        self._side("scheduler", "record_g4_lookup")
         n = _check_count("hit_blocks", hit_blocks)
         t = self._check_rate("seconds", seconds)
         self._totals.inc("kvbm_g4_lookups", 1)
@@ -281,23 +381,48 @@ class KvbmMetrics:
     def set_g4_directory(self, in_sync: bool, entries: int) -> None:
         """Publish the state of the local copy of the shared G4 tier's directory: whether it follows etcd, and how
         many block entries of other instances it holds."""
+        self._side("scheduler", "set_g4_directory")
         n = _check_count("entries", entries)
         self._gauge_values[("kvbm_g4_directory_in_sync", "")] = 1.0 if in_sync else 0.0
         self._gauge_values[("kvbm_g4_directory_entries", "")] = float(n)
         self._g4_in_sync.set(1 if in_sync else 0)
         self._g4_entries.set(n)
 
+    def set_workers(self, expected: int, registered: int) -> None:
+        """Publish how many worker ranks the scheduler side waits for and how many registered; every expected rank's
+        ``kvbm_worker_failed_blocks`` is exposed from now on (at 0 until a block fails there)."""
+        self._side("scheduler", "set_workers")
+        n = _check_count("expected", expected)
+        r = _check_count("registered", registered)
+        if r > n:
+            raise ValueError(f"registered ({r}) exceeds expected ({n}) worker ranks")
+        self._totals.declare("kvbm_worker_failed_blocks", [(str(rank),) for rank in range(n)])
+        for name, value in (("kvbm_workers_expected", n), ("kvbm_workers_registered", r)):
+            self._gauge_values[(name, "")] = float(value)
+            self._late.set(name, value)
+
+    def record_worker_failed_blocks(self, rank: int, num_blocks: int) -> None:
+        """Add ``num_blocks`` blocks whose move failed on worker ``rank``, as that rank reported."""
+        self._side("scheduler", "record_worker_failed_blocks")
+        _check_count("rank", rank)
+        n = _check_count("num_blocks", num_blocks)
+        if n:
+            self._totals.inc("kvbm_worker_failed_blocks", n, (str(rank),))
+
     def record_disk_file_renewals(self, count: int) -> None:
         """Add ``count`` disk tier files found deleted and replaced."""
-        self._totals.inc("kvbm_disk_file_renewals", _check_count("count", count))
+        self._side("worker", "record_disk_file_renewals")
+        self._totals.inc("kvbm_disk_file_renewals", _check_count("count", count), self._rank_label)
 
     def record_matched_tokens(self, num_tokens: int) -> None:
         """Add the tokens of one lookup that the engine was told are available from the offload tiers."""
+        self._side("scheduler", "record_matched_tokens")
         self._totals.inc("kvbm_matched_tokens", _check_count("num_tokens", num_tokens))
 
     def record_request_lookup(self, num_blocks_requested: int, host_hits: int, disk_hits: int) -> None:
         """Add one request's prefix lookup to the hit-rate window: of ``num_blocks_requested`` full blocks,
         ``host_hits`` were found in G2 and ``disk_hits`` in G3."""
+        self._side("scheduler", "record_request_lookup")
         req = _check_count("num_blocks_requested", num_blocks_requested)
         host = _check_count("host_hits", host_hits)
         disk = _check_count("disk_hits", disk_hits)
@@ -313,36 +438,44 @@ class KvbmMetrics:
                 for i in range(3):
                     self._sums[i] -= old[i]
             total, host_sum, disk_sum = self._sums
-            self._rates = (host_sum / total, disk_sum / total) if total else (0.0, 0.0)
-            self._host_rate.set(self._rates[0])
-            self._disk_rate.set(self._rates[1])
+            rates = (host_sum / total, disk_sum / total) if total else (0.0, 0.0)
+            self._gauge_values[("kvbm_host_cache_hit_rate", "")] = rates[0]
+            self._gauge_values[("kvbm_disk_cache_hit_rate", "")] = rates[1]
+            self._host_rate.set(rates[0])
+            self._disk_rate.set(rates[1])
 
-    def value(self, name: str, direction: str | None = None, *, tier: str | None = None) -> float:
-        """Current value of a kvbm_* total or gauge by its exposed name (``direction`` for the per-direction
-        totals, ``tier`` for the per-tier ones); for reports such as the replay's."""
-        if name in ("kvbm_load_bandwidth_bytes_per_second", "kvbm_cost_dropped_blocks") and tier is None:
-            raise ValueError(f"{name} needs a tier, e.g. tier='G3'")
-        if name == "kvbm_load_bandwidth_bytes_per_second":
-            return self._gauge_values.get((name, tier), 0.0)
-        if name in ("kvbm_prefill_tokens_per_second", "kvbm_g4_directory_in_sync", "kvbm_g4_directory_entries"):
-            return self._gauge_values.get((name, ""), 0.0)
-        if name == "kvbm_cost_dropped_blocks":
-            return float(self._totals.get(name, (tier,)))
-        if tier is not None:
-            raise ValueError(f"{name} has no tier label; got tier={tier!r}")
-        if name == "kvbm_host_cache_hit_rate":
-            return self._rates[0]
-        if name == "kvbm_disk_cache_hit_rate":
-            return self._rates[1]
-        try:
-            labelnames = self._totals.labelnames(name)
-        except KeyError:
-            raise KeyError(f"no kvbm total or hit rate named {name!r}") from None
-        if labelnames and direction not in DIRECTIONS:
+    def value(self, name: str, direction: str | None = None, *, tier: str | None = None,
+              rank: int | None = None) -> float:
+        """Current value of a kvbm_* total or gauge this object holds, by its exposed name, with the labels it has
+        (``direction``, ``tier``, or ``rank`` for ``kvbm_worker_failed_blocks``; the ``rank`` of a ranked
+        object's own series is implied); for reports such as the replay's."""
+        given = {label: value for label, value in (("direction", direction), ("tier", tier), ("rank", rank))
+                 if value is not None}
+        if name in _SCHEDULER_GAUGES and self.sides != "worker":
+            needed: tuple[str, ...] = (_SCHEDULER_GAUGES[name],) if _SCHEDULER_GAUGES[name] else ()
+        else:
+            try:
+                needed = self._totals.labelnames(name)
+            except KeyError:
+                raise KeyError(f"no kvbm total or gauge named {name!r} among the {self.sides} side's series"
+                               ) from None
+            if name in WORKER_SERIES and self.rank is not None:
+                needed = needed[:-1]  # this object's own rank
+        for label in needed:
+            if label not in given:
+                example = {"direction": "direction='g1_to_g2'", "tier": "tier='G3'", "rank": "rank=0"}[label]
+                raise ValueError(f"{name} needs a {label}, e.g. {example}")
+        for label, value in given.items():
+            if label not in needed:
+                raise ValueError(f"{name} has no {label} label; got {label}={value!r}")
+        if "direction" in given and direction not in DIRECTIONS:
             raise ValueError(f"{name} needs a direction, one of {', '.join(DIRECTIONS)}; got {direction!r}")
-        if not labelnames and direction is not None:
-            raise ValueError(f"{name} has no direction label; got direction={direction!r}")
-        return float(self._totals.get(name, (direction,) if labelnames else ()))
+        if name in _SCHEDULER_GAUGES and self.sides != "worker":
+            return self._gauge_values.get((name, tier or ""), 0.0)
+        labels = tuple(str(given[label]) for label in needed)
+        if name in WORKER_SERIES:
+            labels += self._rank_label
+        return float(self._totals.get(name, labels))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of all metrics, as served over HTTP."""
