@@ -178,6 +178,7 @@ class ConnectorLeader:
         self._remote_moves: set[int] = set()  # open loads from other instances (not in the index)
         self._releases: list[Move] = []  # no-block moves telling other instances a prefill will not be read
         self.workers = WorkerRegistry(num_workers, worker_init_timeout_s) if worker_init_timeout_s is not None else None
+        self._publish_workers()
         self._step = 0  # plans handed out
         self._step_times = StepTimes(num_workers)
         self.engine_id = ""  #: this instance's name in the P/D params it hands out
@@ -270,7 +271,16 @@ class ConnectorLeader:
         """Ranks whose tiers are allocated and that run plans (from the engine's start-up handshake, or their first
         report)."""
         if self.workers is not None:
-            self.workers.register(ranks)
+            ranks = tuple(ranks)
+            if ranks:
+                self.workers.register(ranks)
+                self._publish_workers()
+
+    def _publish_workers(self) -> None:
+        """The ranks expected and registered, to the metrics (all registered without a registry)."""
+        if self.metrics is not None:
+            missing = len(self.workers.missing) if self.workers is not None else 0
+            self.metrics.set_workers(self.num_workers, self.num_workers - missing)
 
     def ready(self) -> bool:
         """Whether every worker rank registered (always, without a registry); raises
@@ -593,8 +603,11 @@ class ConnectorLeader:
     def apply(self, report: WorkerReport) -> None:
         """Take workers' results: a move completes once ``num_workers`` reported it; a completed load's timing
         (``MoveResult.seconds``, where workers report it) and a step's timing, once every rank timed it, feed the
-        cost rule; ranks that name themselves register."""
+        cost rule; ranks that name themselves register; the blocks each rank failed are counted per rank."""
         self.register_workers(report.registered)
+        if self.metrics is not None:
+            for rank, count in report.failed_blocks.items():
+                self.metrics.record_worker_failed_blocks(rank, count)
         for timing in report.timings:
             step = self._step_times.add(timing)
             if step is not None and self.cost is not None:

@@ -73,12 +73,14 @@ class WorkerReport:
     """Results of the moves a worker finished since its last report, by move id; ``released``: requests of this
     instance whose pinned blocks another instance finished reading, with how many reading ranks said so;
     ``timings``: forward steps timed since the last report; ``registered``: ranks whose tiers are allocated and
-    running plans (each rank names itself in its first report)."""
+    running plans (each rank names itself in its first report); ``failed_blocks``: per rank, the blocks of these
+    results that failed there (the merged results no longer say which rank failed a block)."""
 
     results: dict[int, MoveResult] = field(default_factory=dict)
     released: dict[str, int] = field(default_factory=dict)
     timings: tuple[StepTiming, ...] = ()
     registered: frozenset[int] = frozenset()
+    failed_blocks: dict[int, int] = field(default_factory=dict)
 
     def merged(self, other: WorkerReport) -> WorkerReport:
         """Two reports in one (of two ranks, or of two steps): results of the same move are merged."""
@@ -88,4 +90,7 @@ class WorkerReport:
         released = dict(self.released)
         for request_id, count in other.released.items():
             released[request_id] = released.get(request_id, 0) + count
-        return WorkerReport(out, released, self.timings + other.timings, self.registered | other.registered)
+        failed = dict(self.failed_blocks)
+        for rank, count in other.failed_blocks.items():
+            failed[rank] = failed.get(rank, 0) + count
+        return WorkerReport(out, released, self.timings + other.timings, self.registered | other.registered, failed)

@@ -248,7 +248,8 @@ class ConnectorWorker:
         if not self._report and not self._released and not timings and self._announced:
             return None
         registered = frozenset() if self._announced else frozenset({self.rank})
-        report = WorkerReport(self._report, self._released, timings, registered)
+        failed = sum(len(result.failed) for result in self._report.values())
+        report = WorkerReport(self._report, self._released, timings, registered, {self.rank: failed} if failed else {})
         self._report, self._released, self._announced = {}, {}, True
         return report
 
