@@ -5,7 +5,9 @@ SGLang loads it through its storage backend factory (``--hicache-storage-backend
 its own backend over its own shard of the KV (its heads): its own block index and tiers, sized from
 ``DYN_KVBM_*`` (environment, overridden by such entries of the extra config) for a block's bytes summed over
 the TP x PP ranks, as kvbm sizes tiers for every engine. ``batch_exists`` answers for this rank only; SGLang
-reduces the answers of all ranks with a minimum, so every rank loads the same prefix.
+reduces the answers of all ranks with a minimum, so every rank loads the same prefix. With ``DYN_KVBM_METRICS``
+each rank of a multi-rank engine serves its own metrics on ``DYN_KVBM_METRICS_PORT + 1 + rank`` (rank = pp rank x
+tp size + tp rank; its transfer series labelled ``rank``), a single-rank engine on ``DYN_KVBM_METRICS_PORT``.
 
 Keys are SGLang's page hashes (hex strings chained from a seed of the request's extra key and cache salt, so two
 salts never share a key); each maps to a 64-bit kvbm sequence hash, and the full key is kept beside it so that
@@ -102,6 +104,13 @@ class KvbmStorage(HiCacheStorage):
         c = self.storage_config
         return (1 if c.is_mla_model else c.tp_size) * c.pp_size
 
+    @property
+    def metrics_rank(self) -> int | None:
+        """This rank's number among the engine's TP x PP rank processes, whose metrics it serves on a port of its
+        own (`kvbm.connectors.process_metrics`); None for a single-rank engine (one port, no rank label)."""
+        c = self.storage_config
+        return None if c.tp_size * c.pp_size == 1 else c.pp_rank * c.tp_size + c.tp_rank
+
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
         """Describe SGLang's host pool as the engine cache and allocate the tiers for its page size."""
         with self._lock:
@@ -118,11 +127,11 @@ class KvbmStorage(HiCacheStorage):
             index = BlockIndex([t.index_config(admission if k else None) for k, t in enumerate(tiers)],
                                batch_size=self.config.max_transfer_batch_size,
                                min_priority=self.config.host_offload_prefix_min_priority)
-            self._metrics = process_metrics.acquire(self.config)
+            self._metrics = process_metrics.acquire(self.config, rank=self.metrics_rank)
             try:
                 self._store = BlockStore.open(host, tiers, self.config, metrics=self._metrics)
             except BaseException:
-                process_metrics.release()
+                process_metrics.release(self.metrics_rank)
                 raise
             self._index, self._host, self._tiers = index, host, tiers
             log.info("kvbm storage backend (tp rank %d/%d): %s, host pool %s, pages of %d tokens (%d bytes)",
@@ -246,7 +255,7 @@ class KvbmStorage(HiCacheStorage):
                 self._apply(self._store.poll())
             finally:
                 self._store.close()
-                process_metrics.release()
+                process_metrics.release(self.metrics_rank)
 
     def check_invariants(self) -> None:
         """Verify the index (O(n), for tests)."""

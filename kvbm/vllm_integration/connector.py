@@ -62,7 +62,7 @@ from kvbm.connectors.worker import ConnectorWorker, G4Options, replica_group
 from kvbm.layouts.vllm_tensors import describe_vllm_kv_caches
 from kvbm.tiers import kvbm_tiers
 from kvbm.vllm_integration.metadata import DynamoConnectorMetadata, DynamoHandshakeMetadata, DynamoWorkerMetadata
-from kvbm.vllm_integration.ranks import check_supported, group_spec, kv_groups, rank_layout
+from kvbm.vllm_integration.ranks import check_supported, group_spec, kv_groups, rank_layout, ranks_apart
 from kvbm.vllm_integration.scheduler import SchedulerSide
 
 if TYPE_CHECKING:
@@ -100,6 +100,10 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
         self.layout = rank_layout(vllm_config, kv_cache_config, self.rank)
         self.block_bytes = self.layout.total_block_bytes  # summed over ranks: sizes the tiers on both sides
         self.latent = type(group_spec(kv_cache_config.kv_cache_groups[0].kv_cache_spec)) is MLAAttentionSpec
+        #: whose metrics this side records into (`process_metrics`): its rank's own when the ranks run apart from the
+        #: scheduler (a worker's, on the port after the scheduler's), else the process's (None)
+        self.apart = ranks_apart(vllm_config)
+        self.metrics_rank = self.rank if self.apart and role == KVConnectorRole.WORKER else None
         kv_role = self._kv_transfer_config.kv_role
         if self.hybrid and kv_role in ("kv_producer", "kv_consumer") and role == KVConnectorRole.SCHEDULER:
             log.warning("kvbm: disaggregated prefill is not implemented for a hybrid model (%d KV cache groups): "
@@ -116,7 +120,7 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
             leader = process_metrics.build_with(self.config, lambda metrics: ConnectorLeader(
                 kvbm_tiers(self.config, self.block_bytes, self.layout.stored_block_bytes), self.config, self.block_size,
                 num_workers=self.layout.world_size, metrics=metrics, block_bytes=self.block_bytes, layerwise=True,
-                worker_init_timeout_s=wait))
+                worker_init_timeout_s=wait), sides="scheduler" if self.apart else "both")
             leader.engine_id = str(self._kv_transfer_config.engine_id)
             self.scheduler_side = SchedulerSide(leader, producer=kv_role == "kv_producer",
                                                 consumer=kv_role == "kv_consumer")
@@ -196,7 +200,8 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
         stage = (self.rank // self.layout.tensor_parallel) % len(self.layout.stage_layers)
         self.worker = process_metrics.build_with(  # as many blocks as the scheduler's index, each of this rank's size
             self.config, lambda metrics: ConnectorWorker(cache, tiers, self.config, metrics=metrics, replicas=replicas,
-                                                         rank=self.rank, stage=stage, g4=self.g4, groups=groups))
+                                                         rank=self.rank, stage=stage, g4=self.g4, groups=groups),
+            rank=self.metrics_rank, sides="worker" if self.apart else "both")
         if self.worker.tier_geometry != cache.geometry:
             log.info("kvbm: rank %d: KV cache groups of unlike blocks share the tiers' %d-byte slots",
                      self.rank, self.worker.tier_geometry.block_bytes)
@@ -338,7 +343,7 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
         else:
             self.scheduler_side.leader.close()  # this instance's G4 entries vanish now, its watch stops
         self.scheduler_side = None
-        process_metrics.release()
+        process_metrics.release(self.metrics_rank)
 
     # -- scheduler side --------------------------------------------------------------------------------------
 

@@ -25,7 +25,8 @@ from vllm.v1.kv_cache_interface import (
 from kvbm.connectors.groups import FULL, STATE, WINDOW, KVGroup
 from kvbm.connectors.leader import RankLayout
 
-__all__ = ["check_supported", "group_block_bytes", "group_spec", "kv_groups", "rank_layout", "state_refusal"]
+__all__ = ["check_supported", "group_block_bytes", "group_spec", "kv_groups", "rank_layout", "ranks_apart",
+           "state_refusal"]
 
 log = logging.getLogger(__name__)
 
@@ -165,3 +166,11 @@ def rank_layout(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, rank: i
                  "stores its own copy", replicas, vllm_config.parallel_config.nnodes_within_dp)
         replicas = 1
     return RankLayout(tp, page, layers, replicas)
+
+
+def ranks_apart(vllm_config: VllmConfig) -> bool:
+    """Whether the worker ranks run apart from the scheduler side, each then serving its own metrics
+    (`kvbm.connectors.process_metrics`): more than one rank, or one that vLLM's executor runs in a process of its own
+    (every executor but ``uni`` and ``external_launcher``, which run the worker in the engine core's process)."""
+    parallel = vllm_config.parallel_config
+    return parallel.world_size > 1 or parallel.distributed_executor_backend not in (None, "uni", "external_launcher")
