@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvbm.metrics import DIRECTIONS, KVBM_BLOCK_COUNTERS, KvbmMetrics
+from kvbm.metrics import DIRECTIONS, KVBM_BLOCK_COUNTERS, WORKER_SERIES, KvbmMetrics
 
 KVBM_NAMES = [
     "kvbm_offload_blocks_d2h", "kvbm_offload_blocks_h2d", "kvbm_offload_blocks_d2d",
@@ -209,6 +209,7 @@ def test_dashboard_covers_every_metric() -> None:
     referenced = {name for e in exprs for name in re.findall(r"\bkvbm_[a-z0-9_]+", e)}
     metrics = KvbmMetrics()
     metrics.set_load_bandwidth("G2", 1.0)  # a family labelled by tier is exposed once a tier has a value
+    metrics.set_workers(2, 1)  # the worker ranks' series are exposed once an engine connector's leader sets them
     exposed = {name for name, _ in samples(metrics.render().decode())}
     # Every name the dashboard queries is exposed (no typos), and every exposed family is on a panel.
     assert referenced <= exposed, referenced - exposed
@@ -250,3 +251,129 @@ def test_server_host_from_env_or_argument(monkeypatch: pytest.MonkeyPatch) -> No
     from kvbm.config import KvbmConfigError
     with pytest.raises(KvbmConfigError, match=r"DYN_KVBM_METRICS_HOST='no such host!' is invalid"):
         m.start_server(0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sides and ranks: an engine whose worker ranks run apart from its scheduler
+# --------------------------------------------------------------------------------------------------
+
+
+def families(m: KvbmMetrics) -> set[str]:
+    """The metric families a ``KvbmMetrics`` exposes (with at least one sample)."""
+    return {f.name for f in text_string_to_metric_families(m.render().decode())
+            if f.samples and not f.name.endswith("_created")}
+
+
+def test_sides_split_the_series_and_a_rank_labels_the_workers() -> None:
+    """One side's series plus the other's are exactly both sides' series; a worker rank's carry ``rank`` and no
+    scheduler-side series, the scheduler's none of the worker's; the unranked names stay as KVBM names them."""
+    both, scheduler, worker = KvbmMetrics(), KvbmMetrics(sides="scheduler"), KvbmMetrics(sides="worker", rank=3)
+    for m in (both, scheduler):
+        m.set_workers(2, 2)
+    assert families(worker) == set(WORKER_SERIES)
+    assert not families(scheduler) & set(WORKER_SERIES)
+    assert families(scheduler) | families(worker) == families(both)
+    text = worker.render().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not sample.name.endswith("_created"):
+                assert sample.labels.get("rank") == "3", sample
+    text = both.render().decode()
+    ranked = {f.name for f in text_string_to_metric_families(text) for s in f.samples if "rank" in s.labels}
+    assert ranked == {"kvbm_worker_failed_blocks"}  # the scheduler side's count per rank; no worker series ranked
+    assert "\nkvbm_offload_blocks_d2h 0.0" in text
+
+
+def test_ranked_worker_series_over_http() -> None:
+    """A worker rank's transfers read back from its HTTP endpoint under its rank label, values exact."""
+    rng = random.Random(23)
+    m = KvbmMetrics(sides="worker", rank=1)
+    port = m.start_server(0, host="127.0.0.1")
+    try:
+        blocks = {name: 0 for name in KVBM_BLOCK_COUNTERS.values()}
+        nbytes = {d: 0 for d in DIRECTIONS}
+        failed = {d: 0 for d in DIRECTIONS}
+        for _ in range(150):
+            d = rng.choice(DIRECTIONS)
+            ok, bad, size = rng.randrange(0, 17), rng.randrange(0, 3), rng.randrange(1, 1 << 16)
+            m.record_transfer(d, blocks_ok=ok, blocks_failed=bad, num_bytes=ok * size, seconds=rng.uniform(0, 0.01))
+            if d in KVBM_BLOCK_COUNTERS:
+                blocks[KVBM_BLOCK_COUNTERS[d]] += ok
+            nbytes[d] += ok * size
+            failed[d] += bad
+        m.record_disk_file_renewals(2)
+        got = samples(scrape(port))
+    finally:
+        m.stop_server()
+    for name, value in blocks.items():
+        assert got[(name, (("rank", "1"),))] == value == m.value(name)
+    for d in DIRECTIONS:
+        assert got[("kvbm_transfer_bytes", (("direction", d), ("rank", "1")))] == nbytes[d]
+        assert got[("kvbm_transfer_failed_blocks", (("direction", d), ("rank", "1")))] == failed[d]
+        assert m.value("kvbm_transfer_failed_blocks", d) == failed[d]
+    assert got[("kvbm_disk_file_renewals", (("rank", "1"),))] == 2
+    assert sum(got[("kvbm_transfer_seconds_count", (("direction", d), ("rank", "1")))] for d in DIRECTIONS) == 150
+
+
+@pytest.mark.parametrize("sides, call", [
+    ("worker", lambda m: m.record_matched_tokens(3)),
+    ("worker", lambda m: m.record_request_lookup(4, 1, 1)),
+    ("worker", lambda m: m.set_workers(2, 1)),
+    ("worker", lambda m: m.set_load_bandwidth("G2", 1.0)),
+    ("scheduler", lambda m: m.record_transfer("g1_to_g2", blocks_ok=1, num_bytes=1, seconds=0)),
+    ("scheduler", lambda m: m.record_disk_file_renewals(1)),
+])
+def test_recording_the_other_side_raises(sides: str, call) -> None:
+    m = KvbmMetrics(sides=sides, rank=0 if sides == "worker" else None)
+    before = m.render()
+    with pytest.raises(RuntimeError, match=rf"holds the {sides} side's only"):
+        call(m)
+    assert m.render() == before
+
+
+def test_workers_expected_registered_and_failed_blocks_per_rank() -> None:
+    """Absent until an engine connector's leader sets them; then every expected rank's failed blocks from 0."""
+    m = KvbmMetrics(sides="scheduler")
+    assert not families(m) & {"kvbm_workers_expected", "kvbm_workers_registered", "kvbm_worker_failed_blocks"}
+    m.set_workers(4, 1)
+    m.set_workers(4, 3)
+    rng = random.Random(5)
+    expected = [0] * 4
+    for _ in range(50):
+        rank, n = rng.randrange(4), rng.randrange(0, 9)
+        m.record_worker_failed_blocks(rank, n)
+        expected[rank] += n
+    got = samples(m.render().decode())
+    assert got[("kvbm_workers_expected", ())] == 4 and got[("kvbm_workers_registered", ())] == 3
+    assert m.value("kvbm_workers_expected") == 4 and m.value("kvbm_workers_registered") == 3
+    for rank in range(4):
+        assert got[("kvbm_worker_failed_blocks", (("rank", str(rank)),))] == expected[rank]
+        assert m.value("kvbm_worker_failed_blocks", rank=rank) == expected[rank]
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda m: m.set_workers(2, 3), ValueError, r"registered \(3\) exceeds expected \(2\)"),
+    (lambda m: m.set_workers(-1, 0), ValueError, r"expected"),
+    (lambda m: m.record_worker_failed_blocks(-1, 1), ValueError, r"rank"),
+    (lambda m: m.record_worker_failed_blocks(0, 1.0), TypeError, r"num_blocks"),
+    (lambda m: m.value("kvbm_worker_failed_blocks"), ValueError, r"needs a rank"),
+    (lambda m: m.value("kvbm_matched_tokens", rank=0), ValueError, r"no rank label"),
+    (lambda m: m.value("kvbm_offload_blocks_d2h"), KeyError, r"scheduler side's series"),
+])
+def test_bad_scheduler_side_input(call, exc, match) -> None:
+    m = KvbmMetrics(sides="scheduler")
+    before = m.render()
+    with pytest.raises(exc, match=match):
+        call(m)
+    assert m.render() == before
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"sides": "leader"}, r"sides must be one of both, scheduler, worker"),
+    ({"sides": "worker", "rank": -1}, r"rank must be a non-negative int"),
+    ({"sides": "worker", "rank": True}, r"rank must be a non-negative int"),
+    ({"sides": "scheduler", "rank": 0}, r"not per rank"),
+])
+def test_bad_sides_or_rank(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        KvbmMetrics(**kwargs)
