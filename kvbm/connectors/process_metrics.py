@@ -68,8 +68,8 @@ def acquire(config: KvbmConfig, *, rank: int | None = None, sides: str = "both")
                 log.info("kvbm metrics%s served on %s:%d", "" if rank is None else f" of rank {rank}",
                          config.metrics_host, port)
             except (OSError, ValueError) as e:
-                log.warning("kvbm metrics%s not served from this process: %s", "" if rank is None else
-                            f" of rank {rank}", e)
+                log.warning("kvbm metrics%s not served from this process (they are recorded only): %s",
+                            "" if rank is None else f" of rank {rank} (DYN_KVBM_METRICS_PORT + 1 + {rank})", e)
         return entry.metrics
 
 
