@@ -16,6 +16,7 @@ from kvbm.connectors.messages import RequestLoad, StepTiming, WorkerReport
 from kvbm.connectors.prefill import KEEP_STEPS, PREFILL_SHARE, StepTimes, timed_tokens
 from kvbm.connectors.registration import WorkerRegistry, WorkersMissingError
 from kvbm.connectors.worker import ConnectorWorker
+from kvbm.metrics import KvbmMetrics
 from kvbm.tiers import kvbm_tiers
 from manager_testkit import make_gpu
 
@@ -90,6 +91,36 @@ def test_leader_plans_nothing_until_every_rank_registered() -> None:
     with pytest.raises(WorkersMissingError, match=r"rank\(s\) 0, 1 of 2"):
         late.take_step()
     assert ConnectorLeader(kvbm_tiers(config, 4096), config, block_size=4).ready()  # no registry: workers are up
+
+
+def test_leader_publishes_the_ranks_registered_and_counts_failed_blocks_per_rank() -> None:
+    """kvbm_workers_expected / _registered follow the registrations; the blocks each rank's report says failed there
+    are counted under that rank, summed over merged reports (vLLM merges the ranks' reports of a step)."""
+    config = KvbmConfig(cpu_cache_override_num_blocks=8)
+    metrics = KvbmMetrics(sides="scheduler")
+    leader = ConnectorLeader(kvbm_tiers(config, 4096), config, block_size=4, num_workers=3, metrics=metrics,
+                             worker_init_timeout_s=60)
+
+    def registered() -> tuple[float, float]:
+        return metrics.value("kvbm_workers_expected"), metrics.value("kvbm_workers_registered")
+
+    assert registered() == (3, 0)
+    leader.apply(WorkerReport(registered=frozenset({2})).merged(WorkerReport(registered=frozenset({0}))))
+    assert registered() == (3, 2)
+    leader.apply(WorkerReport(registered=frozenset({1})))
+    assert registered() == (3, 3)
+    rng = np.random.default_rng(4)
+    expected = [0, 0, 0]
+    for _ in range(20):
+        reports = [WorkerReport(failed_blocks={r: int(n)} if n else {}) for r, n in enumerate(rng.integers(0, 4, 3))]
+        for r, report in enumerate(reports):
+            expected[r] += report.failed_blocks.get(r, 0)
+        leader.apply(reports[0].merged(reports[1]).merged(reports[2]))
+    assert sum(expected) > 0
+    assert [metrics.value("kvbm_worker_failed_blocks", rank=r) for r in range(3)] == expected
+    up = KvbmMetrics(sides="scheduler")
+    ConnectorLeader(kvbm_tiers(config, 4096), config, block_size=4, num_workers=2, metrics=up)  # no registry
+    assert (up.value("kvbm_workers_expected"), up.value("kvbm_workers_registered")) == (2, 2)
 
 
 # -- which steps are timed ---------------------------------------------------------------------------------------
