@@ -462,7 +462,7 @@ def test_prefill_rate_is_learned_from_the_timed_forward(runner: str) -> None:
         rates = [n / seconds for n, seconds in clock.observed]
         assert min(rates) <= cost.prefill_rate <= max(rates)
         assert cost.prefill_rate > 20 * 50
-        assert metric(h, "kvbm_prefill_tokens_per_second") == cost.prefill_rate
+        assert cost.metrics.value("kvbm_prefill_tokens_per_second") == cost.prefill_rate  # the scheduler side's
         assert_clean(h)
 
 
@@ -589,24 +589,40 @@ def test_unsupported_setups_are_refused() -> None:
             h.worker.connector.register_kv_caches(dict(h.worker.kv_caches))
 
 
-def test_hnd_layout_on_request_and_metrics_server() -> None:
-    """``kv_layout: HND`` makes vLLM allocate LBHNC; ``DYN_KVBM_METRICS`` serves the counters while running."""
-    import socket
+@pytest.mark.parametrize("executor", ["uni", "mp"])
+def test_hnd_layout_on_request_and_metrics_server(monkeypatch: pytest.MonkeyPatch, executor: str) -> None:
+    """``kv_layout: HND`` makes vLLM allocate LBHNC; ``DYN_KVBM_METRICS`` serves the counters while running. With
+    vLLM's in-process executor (``uni``) the single-rank engine serves both sides on one port under KVBM's names,
+    no rank label; with the multiprocessing executor (vLLM's choice on CPU) the worker runs in a process of its own
+    and serves its series on the next port, labelled ``rank="0"``."""
     import urllib.request
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    from test_process_metrics import free_ports, scrape, served
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if executor == "uni" else "1")
+    port = free_ports(2)
     prompt = H.MultiTurnChatWorkload(num_users=1, system_prompt_tokens=48, seed=17).system_prompt
     with kvbm_harness(extra={"kv_layout": "HND", "DYN_KVBM_METRICS": "1", "DYN_KVBM_METRICS_PORT": port}) as h:
+        assert h.vllm_config.parallel_config.distributed_executor_backend == executor
         assert h.vllm_config.cache_config.kv_cache_layout == "LBHNC"
         assert worker_of(h).engine_cache.name == "vllm_lbhnc"
         h.add_request("a", prompt + [5], 2)
         h.run_until_idle()
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        assert "kvbm_offload_blocks_d2h 3.0" in text
+        assert "\nkvbm_workers_expected 1.0" in text and "\nkvbm_workers_registered 1.0" in text
+        assert "\nkvbm_matched_tokens 0.0" in text
+        assert text.count("rank=") == 1  # kvbm_worker_failed_blocks{rank="0"}, the scheduler side's count
+        if executor == "uni":
+            assert "\nkvbm_offload_blocks_d2h 3.0" in text
+            assert not served(port + 1)
+        else:
+            assert "kvbm_offload_blocks_d2h" not in text
+            worker = scrape(port + 1)
+            assert worker[("kvbm_offload_blocks_d2h", (("rank", "0"),))] == 3
+            assert not any(name.startswith("kvbm_matched") for name, _ in worker)
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)  # stopped at shutdown
+    assert not served(port + 1)
     with pytest.raises(ValueError, match="'NHD' or 'HND'"):
         kvbm_harness(extra={"kv_layout": "LBHNC"})
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,9 @@ from vllm_ranks import H
 
 from kvbm.config import GB
 from kvbm.connectors.registration import WorkersMissingError
+from kvbm.leader.plans import direction
 from kvbm.vllm_integration.connector import DynamoConnector
+from test_process_metrics import free_ports, scrape
 
 CONNECTOR = "kvbm.vllm_integration.connector:DynamoConnector"
 #: 3 layers (uneven over 2 pipeline stages: 2 + 1), 4 KV heads (2 per rank at tp=2).
@@ -117,13 +120,47 @@ def test_a_rank_with_other_blocks_than_assumed_is_refused(tmp_path: Path) -> Non
 
 def test_two_rank_processes(tmp_path: Path) -> None:
     """The ranks as spawned OS processes receiving pickled scheduler outputs: multi-turn loads byte-exact on both,
-    a load failing on rank 1 only recomputed on both, nothing leaked, processes stopped."""
-    with ranked(tmp_path, 2, ranks="process", faults={1: 2}) as h:
+    a load failing on rank 1 only recomputed on both, nothing leaked, processes stopped. With DYN_KVBM_METRICS each
+    rank serves its transfers on DYN_KVBM_METRICS_PORT + 1 + rank (labelled by rank), equal to the blocks the plans
+    moved, and the scheduler side (this process) serves the lookups, the ranks registered and the blocks each rank
+    failed on DYN_KVBM_METRICS_PORT."""
+    base = free_ports(3)
+    metrics = {"DYN_KVBM_METRICS": "1", "DYN_KVBM_METRICS_PORT": base, "DYN_KVBM_METRICS_HOST": "127.0.0.1"}
+    with ranked(tmp_path, 2, ranks="process", faults={1: 2}, extra=metrics) as h:
+        planned: Counter = Counter()  # blocks the plans moved, by direction (every rank runs every move)
+        execute = h.worker.execute
+
+        def tallying_execute(so: Any, new_block_ids: Any) -> Any:
+            plan = so.kv_connector_metadata.plan
+            for move in [*(m for load in plan.loads for m in load.moves),
+                         *(m for store in plan.stores for m in store.moves), *plan.cascades]:
+                planned[direction(move)] += move.num_blocks
+            return execute(so, new_block_ids)
+
+        h.worker.execute = tallying_execute
         run(h, chat())
         counts = h.worker.counts
         assert counts["load_jobs"] > 0 and counts["load_errors"] > 0 and not h.worker.rank_invalid[0]
         assert counts["verified0"] > 0 and counts["verified1"] > 0
+        block_bytes = [s["block_bytes"] for s in h.worker.settle()]
         assert_clean(h)
+        assert set(planned) == {"g1_to_g2", "g2_to_g1"} and min(planned.values()) > 0
+        failed = []
+        for r in range(2):
+            got, rank = scrape(base + 1 + r), ("rank", str(r))
+            stored, loaded = got[("kvbm_offload_blocks_d2h", (rank,))], got[("kvbm_onboard_blocks_h2d", (rank,))]
+            assert stored == planned["g1_to_g2"]
+            assert got[("kvbm_transfer_bytes", (("direction", "g1_to_g2"), rank))] == stored * block_bytes[r]
+            assert got[("kvbm_transfer_failed_blocks", (("direction", "g1_to_g2"), rank))] == 0
+            failed.append(got[("kvbm_transfer_failed_blocks", (("direction", "g2_to_g1"), rank))])
+            assert loaded + failed[r] == planned["g2_to_g1"]
+            assert not any(name.startswith(("kvbm_matched", "kvbm_host_cache", "kvbm_workers")) for name, _ in got)
+        assert failed[0] == 0 < failed[1]
+        got = scrape(base)
+        assert got[("kvbm_workers_expected", ())] == 2 == got[("kvbm_workers_registered", ())]
+        assert [got[("kvbm_worker_failed_blocks", (("rank", str(r)),))] for r in range(2)] == failed
+        assert got[("kvbm_matched_tokens", ())] > 0
+        assert not any(name.startswith(("kvbm_offload", "kvbm_onboard", "kvbm_transfer")) for name, _ in got)
         processes = [rank.process for rank in h.worker.ranks]
     assert not any(p.is_alive() for p in processes)
 
