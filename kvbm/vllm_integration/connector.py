@@ -32,6 +32,11 @@ through their first per-step report: until every rank has, no hit is reported an
 missing ``DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS`` after the scheduler side started is an error naming it
 (`kvbm.connectors.registration`).
 
+Metrics (``DYN_KVBM_METRICS``, `kvbm.connectors.process_metrics`): the scheduler side serves on
+``DYN_KVBM_METRICS_PORT``; a worker rank that runs apart from it (more than one rank, or vLLM's multiprocessing
+executor) serves its transfer series, labelled ``rank``, on ``DYN_KVBM_METRICS_PORT + 1 + rank``; under vLLM's
+in-process executor both sides share one port and KVBM's unlabelled series.
+
 The cost rule learns the engine's prefill rate: the scheduler side marks prefill-dominated steps in the plan
 (`kvbm.connectors.prefill`); each rank times their forward from ``bind_connector_metadata`` (both model runners
 call it right before the forward is queued) to the first of ``finish_forward`` (V2 runner), ``start_load_kv``
