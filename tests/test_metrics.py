@@ -377,3 +377,13 @@ def test_bad_scheduler_side_input(call, exc, match) -> None:
 def test_bad_sides_or_rank(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         KvbmMetrics(**kwargs)
+
+
+def test_module_docstring_names_every_exposed_family() -> None:
+    import kvbm.metrics
+
+    m = KvbmMetrics()
+    m.set_workers(2, 1)
+    m.set_load_bandwidth("G2", 1.0)
+    missing = sorted(name for name in families(m) if f"``{name}``" not in kvbm.metrics.__doc__)
+    assert not missing, f"kvbm/metrics.py's docstring does not name {missing}"
