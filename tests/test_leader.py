@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from kvbm.config import KvbmConfig
@@ -57,6 +58,18 @@ def test_stores_are_invisible_until_committed_and_discarded_on_failure():
     with pytest.raises(KeyError, match="not open"):
         index.complete(plan.moves[0].move_id, {})
     index.check_invariants()
+
+
+@pytest.mark.parametrize("bad, error", [([1, True], TypeError), ([1, 2**64], ValueError), ([-1], ValueError),
+                                        ([1.0], TypeError), (["1"], TypeError)])
+def test_hashes_must_be_64_bit_ints(bad, error):
+    index = BlockIndex([TierConfig("G2", 4)], batch_size=2)
+    with pytest.raises(error, match="seq_hashes"):
+        index.lookup(bad, whole_prompt=False)
+    with pytest.raises(error, match="seq_hashes"):
+        index.plan_load(bad, list(range(len(bad))))
+    # numpy's integers are hashes too (taken by value)
+    assert index.lookup([np.uint64(2**64 - 1), np.int64(5)], whole_prompt=False).num_blocks == 0
 
 
 def test_loads_hold_their_slots_and_only_lost_blocks_are_dropped():

@@ -66,6 +66,21 @@ def test_held_and_pending_blocks_are_not_evicted() -> None:
     pool.check_invariants()
 
 
+def test_lookup_hold_is_a_lookup_then_a_hold() -> None:
+    pool = BlockPool(3, "G2")
+    a, b = filled(pool, [1, 2])
+    pending = pool.allocate(3)
+    assert pool.lookup_hold(3) is None and pool.lookup_hold(9) is None  # pending, absent: nothing held
+    assert pool.lookup_hold(1) == a and pool.lookup_hold(1) == a
+    assert pool.allocate(4).evicted == 2  # a is held (twice): b goes
+    pool.release(a)
+    assert pool.allocate(5) is None  # still held once; the third slot pending
+    pool.release(a)
+    assert pool.allocate(5) == (a, 1)
+    assert pool.hash_of(pending.slot) == 3
+    pool.check_invariants()
+
+
 def test_release_makes_block_most_recently_used() -> None:
     pool = BlockPool(2, "G2")
     a, b = filled(pool, [1, 2])

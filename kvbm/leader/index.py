@@ -106,8 +106,14 @@ class _Tier:
         return self.config.name
 
 
+_HASH_END = 2**64
+
+
 def as_hashes(seq_hashes: Sequence[int]) -> list[int]:
     """Sequence hashes checked to be ints (not bools) in [0, 2**64)."""
+    hashes = list(seq_hashes)
+    if all(type(h) is int and 0 <= h < _HASH_END for h in hashes):  # the common case, checked at a fraction of the cost
+        return hashes
     out = []
     for h in seq_hashes:
         if isinstance(h, bool):
@@ -174,16 +180,18 @@ class BlockIndex:
         tier count as sightings for the next tier's admission. With ``whole_prompt`` (the prompt ends at the last
         full block), a match of every block leaves the last one out: the engine must compute one token."""
         hashes = as_hashes(seq_hashes)
-        hits = [0] * len(self._tiers)
+        tiers = self._tiers
+        hits = [0] * len(tiers)
         k = n = 0
-        while n < len(hashes) and k < len(self._tiers):
-            found = next((j for j in range(k, len(self._tiers)) if self._tiers[j].pool.lookup(hashes[n]) is not None),
-                         None)
-            if found is None:
+        for h in hashes:
+            j = k  # tiers are walked in order and never back up
+            while j < len(tiers) and tiers[j].pool.lookup(h) is None:
+                j += 1
+            if j == len(tiers):
                 break
-            k = found
+            k = j
             hits[k] += 1
-            self._hit(k, hashes[n])
+            self._hit(k, h)
             n += 1
         if n and n == len(hashes) and whole_prompt:
             hits[max(j for j, h in enumerate(hits) if h)] -= 1
@@ -242,9 +250,8 @@ class BlockIndex:
         per_tier: dict[int, list[tuple[int, int]]] = {}
         for i, h in enumerate(hashes):
             for k, tier in enumerate(self._tiers):
-                slot = tier.pool.lookup(h)
+                slot = tier.pool.lookup_hold(h)
                 if slot is not None:
-                    tier.pool.hold(slot)
                     per_tier.setdefault(k, []).append((i, slot))
                     break
             else:
