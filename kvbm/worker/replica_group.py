@@ -21,8 +21,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["DescriptorServer", "ReplicaGroup", "ShareError", "page_bytes", "receive_descriptors", "sealed_memfd",
-           "sealed_size_error"]
+__all__ = ["DescriptorServer", "ReplicaGroup", "ShareError", "page_bytes", "peer_uid", "receive_descriptors",
+           "sealed_memfd", "sealed_size_error"]
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ def sealed_size_error(fd: int, nbytes: int) -> str | None:
     return "size not sealed" if seals & _SIZE_SEALS != _SIZE_SEALS else None
 
 
-def _peer_uid(sock: socket.socket) -> int:
+def peer_uid(sock: socket.socket) -> int:
+    """The user id of the process at the other end of a connected unix socket (``SO_PEERCRED``)."""
     return _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[1]
 
 
@@ -146,7 +147,7 @@ class DescriptorServer:
                 except TimeoutError:
                     continue
                 with conn:
-                    uid = _peer_uid(conn)
+                    uid = peer_uid(conn)
                     if uid != os.getuid():
                         log.warning("kvbm: %s: refused a peer running as uid %d", self.label, uid)
                         continue
@@ -195,7 +196,7 @@ def receive_descriptors(group: ReplicaGroup, tier: str, message_bytes: int, num_
                                  f"({e.strerror}): is it on another host?") from None
             time.sleep(_RETRY_S)
     with sock:
-        if (uid := _peer_uid(sock)) != os.getuid():
+        if (uid := peer_uid(sock)) != os.getuid():
             raise ShareError(f"the process serving {address[1:]!r} runs as uid {uid}, not ours")
         sock.settimeout(max(deadline - time.monotonic(), _RETRY_S))
         try:
