@@ -6,8 +6,10 @@ real module path ``tensorrt_llm._torch.pyexecutor.kv_cache_connector`` before im
 against: the abstract methods of ``KvCacheConnectorScheduler`` and ``KvCacheConnectorWorker`` with their names
 and parameters, ``bind_connector_meta`` / ``get_connector_meta`` and the optional
 ``register_forward_pass_callable`` on the worker base, and the ``RequestData`` / ``SchedulerOutput`` dataclasses
-with their field names. Nothing here runs TensorRT-LLM's executor; the tests drive the connector pair in the
-executor's call order themselves. Written for this project from the interface's description, not copied.
+with their field names; and ``tensorrt_llm._utils.mpi_rank`` (the process's rank: `set_rank`). Nothing here runs
+TensorRT-LLM's executor; the tests drive the connector pair in the executor's call order themselves (for several
+ranks, `trtllm_ranks` plays the MPI broadcast of the metadata and the all-gather of finished ids).
+Written for this project from the interface's description, not copied.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Any, Callable
 
 #: The module path the connector imports its bases from.
 MODULE = "tensorrt_llm._torch.pyexecutor.kv_cache_connector"
+UTILS = "tensorrt_llm._utils"
 _PARENTS = ("tensorrt_llm", "tensorrt_llm._torch", "tensorrt_llm._torch.pyexecutor")
 
 
@@ -102,6 +105,19 @@ class KvCacheConnectorScheduler(ABC):
     def update_state_after_alloc(self, request: Any, block_ids: list[int]) -> None: ...
 
 
+_rank = [0]
+
+
+def set_rank(rank: int) -> None:
+    """The rank ``mpi_rank()`` returns in this process (TensorRT-LLM: the MPI world rank)."""
+    _rank[0] = rank
+
+
+def mpi_rank() -> int:
+    """This process's rank."""
+    return _rank[0]
+
+
 def install() -> types.ModuleType:
     """Put the stand-in (and empty parent packages) into ``sys.modules``; returns the stand-in module."""
     for name in _PARENTS:
@@ -113,10 +129,13 @@ def install() -> types.ModuleType:
     for obj in (RequestData, SchedulerOutput, KvCacheConnectorWorker, KvCacheConnectorScheduler):
         setattr(mod, obj.__name__, obj)
     sys.modules[MODULE] = mod
+    utils = types.ModuleType(UTILS)
+    utils.mpi_rank = mpi_rank
+    sys.modules[UTILS] = utils
     return mod
 
 
 def uninstall() -> None:
     """Remove the stand-in and its parent packages from ``sys.modules``."""
-    for name in (MODULE, *reversed(_PARENTS)):
+    for name in (MODULE, UTILS, *reversed(_PARENTS)):
         sys.modules.pop(name, None)

@@ -8,16 +8,24 @@ from typing import Sequence
 
 from kvbm.connectors.leader import TrackedRequest
 from kvbm.connectors.messages import StepPlan
+from kvbm.tiers import TierSpec
 
 __all__ = ["ConnectorMetadata", "RequestProgress", "non_negative_int"]
 
 
 @dataclass(frozen=True)
 class ConnectorMetadata:
-    """One step's plan: loads start in ``start_load_kv``, stores after the forward pass, cascades any time."""
+    """One step's plan: loads start in ``start_load_kv``, stores after the forward pass, cascades any time. With
+    more than one rank also: ``channel``, where ranks other than 0 send their registration and reports
+    (`kvbm.trtllm_integration.rank_channel`); ``tiers``, once every rank registered (each rank allocates them, of
+    its own block size, before running a plan); ``loads_done``, the loads every rank has reported since the last
+    step, by request: why blocks failed (on any rank), empty when every block loaded everywhere."""
 
     step: int
     plan: StepPlan = field(default_factory=StepPlan)
+    channel: bytes | None = None
+    tiers: tuple[TierSpec, ...] = ()
+    loads_done: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def non_negative_int(name: str, value: object) -> int:
