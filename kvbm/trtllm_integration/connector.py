@@ -266,18 +266,18 @@ class _Resources:
         self.worker: ConnectorWorker | None = None
         self.sender: RankSender | None = None
         self.attached = False
-        self.metrics = False
+        self.metrics: tuple[int | None] | None = None  # (the rank of) the process metrics acquired
 
     def close(self) -> None:
         if self.sender is not None:
             self.sender.close()
         if self.attached:
             reports.attach(None)
-        if self.metrics:
-            process_metrics.release()
+        if self.metrics is not None:
+            process_metrics.release(*self.metrics)
         if self.worker is not None:
             self.worker.close()
-        self.sender, self.attached, self.metrics, self.worker = None, False, False, None
+        self.sender, self.attached, self.metrics, self.worker = None, False, None, None
 
 
 class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
@@ -334,9 +334,14 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
         return self._config
 
     def _allocate(self, tiers: Sequence[TierSpec]) -> None:
+        """This rank's tiers; rank 0 records into the leader's process metrics, another rank (a process of its own)
+        serves its transfer series on DYN_KVBM_METRICS_PORT + 1 + rank."""
         config = self._settings()
-        metrics = process_metrics.acquire(config)
-        self._held.metrics = True
+        if self.rank == 0:
+            metrics, self._held.metrics = process_metrics.acquire(config), (None,)
+        else:
+            metrics = process_metrics.acquire(config, rank=self.rank, sides="worker")
+            self._held.metrics = (self.rank,)
         self._held.worker = ConnectorWorker(self._cache, tiers, config, metrics=metrics, rank=self.rank)
 
     def register_forward_pass_callable(self) -> Callable[[], None]:
