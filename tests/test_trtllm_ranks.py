@@ -169,3 +169,37 @@ def test_missing_rank_is_named_after_the_timeout():
             rank0.close()
     finally:
         standin.uninstall()
+
+
+def test_rank_channel_takes_ranks_messages_and_drops_bad_ones():
+    """Registrations and reports of ranks 1..N-1 arrive in order; a connection sending another rank's number or an
+    unknown message is dropped (its later messages are not taken); an address nobody listens on is an error."""
+    from kvbm.connectors.messages import WorkerReport
+    from kvbm.leader.plans import MoveResult
+    from kvbm.trtllm_integration.rank_channel import RankInbox, RankSender
+
+    def until(condition) -> None:
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+
+    inbox = RankInbox(3)
+    try:
+        good, bad = RankSender(inbox.address, 2), RankSender(inbox.address, 3)
+        bad.register(4, 1)
+        bad._send("register", (4, 1))
+        good.register(4, 4096)
+        reports = [WorkerReport({7: MoveResult(7, {0: "x"})}), WorkerReport({8: MoveResult(8)})]
+        for report in reports:
+            good.report(report)
+        got = []
+        until(lambda: got.extend(inbox.drain()) or len(got) == 2)
+        assert got == [(2, reports[0]), (2, reports[1])]
+        assert inbox.geometries() == {2: (4, 4096)}
+        with pytest.raises(RuntimeError, match="rank 1 cannot reach the leader's channel .* rank 0's host"):
+            RankSender(b"\0kvbm-no-such-channel", 1)
+        good.close()
+        bad.close()
+    finally:
+        inbox.close()
