@@ -102,21 +102,11 @@ class Executor:
 
     def add(self, req: Request, num_computed_tokens: int = 0) -> tuple[int, bool]:
         """Admit a request: ask the leader, allocate blocks for the prompt, tell the leader the block ids."""
-        matched, is_async = self.leader.get_num_new_matched_tokens(req, num_computed_tokens)
-        assert not (matched == 0 and is_async), "(0, True) is an error in TensorRT-LLM"
-        need = -(-len(req.prompt) // GEOM.block_size)
-        self.blocks[req.request_id] = ids = [self.free.pop() for _ in range(need)]
-        for b in ids[num_computed_tokens // GEOM.block_size:]:
+        return standin.admit(self, req, num_computed_tokens, GEOM.block_size, self._poison)
+
+    def _poison(self, blocks: list[int]) -> None:
+        for b in blocks:
             self.pool[b].view(torch.uint8).fill_(POISON)
-        self.leader.update_state_after_alloc(req, list(ids))
-        self.position[req.request_id] = num_computed_tokens + matched
-        if is_async:
-            self.loading[req.request_id] = req
-            self.new_loading.append(req.request_id)
-        else:
-            self.external[req.request_id] = matched
-            self.running[req.request_id] = req
-        return matched, is_async
 
     def _request_data(self, req: Request):
         rid = req.request_id

@@ -228,23 +228,13 @@ class RankedExecutor:
         sys.modules.pop("kvbm.trtllm_integration.connector", None)
 
     def add(self, req, num_computed_tokens: int = 0) -> tuple[int, bool]:
-        matched, is_async = self.leader.get_num_new_matched_tokens(req, num_computed_tokens)
-        assert not (matched == 0 and is_async)
-        need = -(-len(req.prompt) // BLOCK_SIZE)
-        self.blocks[req.request_id] = ids = [self.free.pop() for _ in range(need)]
-        fresh = ids[num_computed_tokens // BLOCK_SIZE:]
-        self.local.poison(fresh)
+        """Admit a request (`trtllm_standin.admit`), its fresh blocks poisoned on every rank."""
+        return standin.admit(self, req, num_computed_tokens, BLOCK_SIZE, self._poison)
+
+    def _poison(self, blocks: list[int]) -> None:
+        self.local.poison(blocks)
         for remote in self.remotes:
-            remote.call("poison", fresh)
-        self.leader.update_state_after_alloc(req, list(ids))
-        self.position[req.request_id] = num_computed_tokens + matched
-        if is_async:
-            self.loading[req.request_id] = req
-            self.new_loading.append(req.request_id)
-        else:
-            self.external[req.request_id] = matched
-            self.running[req.request_id] = req
-        return matched, is_async
+            remote.call("poison", blocks)
 
     def step(self) -> tuple[list[int], list[int], dict[int, str]]:
         """One step on every rank: (done saving, done loading) by all ranks, and the errors ranks raised (rank ->

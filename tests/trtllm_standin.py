@@ -108,6 +108,28 @@ class KvCacheConnectorScheduler(ABC):
 _rank = [0]
 
 
+def admit(engine: Any, req: Any, num_computed_tokens: int, block_size: int,
+          poison: Callable[[list[int]], None]) -> tuple[int, bool]:
+    """A request admitted as TensorRT-LLM's scheduler drives the connector: the leader's external match, blocks for
+    the prompt (the fresh ones poisoned by ``poison``), the block ids told to the leader; the request then waits for
+    its asynchronous load or runs. ``engine`` keeps ``leader``, ``free``, ``blocks``, ``position``, ``loading``,
+    ``new_loading``, ``external`` and ``running``."""
+    matched, is_async = engine.leader.get_num_new_matched_tokens(req, num_computed_tokens)
+    assert not (matched == 0 and is_async), "(0, True) is an error in TensorRT-LLM"
+    need = -(-len(req.prompt) // block_size)
+    engine.blocks[req.request_id] = ids = [engine.free.pop() for _ in range(need)]
+    poison(ids[num_computed_tokens // block_size:])
+    engine.leader.update_state_after_alloc(req, list(ids))
+    engine.position[req.request_id] = num_computed_tokens + matched
+    if is_async:
+        engine.loading[req.request_id] = req
+        engine.new_loading.append(req.request_id)
+    else:
+        engine.external[req.request_id] = matched
+        engine.running[req.request_id] = req
+    return matched, is_async
+
+
 def set_rank(rank: int) -> None:
     """The rank ``mpi_rank()`` returns in this process (TensorRT-LLM: the MPI world rank)."""
     _rank[0] = rank

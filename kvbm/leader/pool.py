@@ -84,26 +84,28 @@ class BlockPool:
 
     def lookup(self, seq_hash: int) -> int | None:
         """Slot of a committed block, marked most recently used; None when absent or still pending."""
-        slot = self._slot_of.get(seq_hash)
-        if slot is None or self._state[slot] != COMMITTED:
-            return None
-        self._tick += 1
-        self._last_use[slot] = self._tick
-        if self._holds[slot] == 0:
+        slot = self._used(seq_hash)
+        if slot is not None and self._holds[slot] == 0:
             self._inactive[self._priority[slot]].move_to_end(slot)
         return slot
 
     def lookup_hold(self, seq_hash: int) -> int | None:
         """``lookup`` and ``hold`` in one step (a load of the block): the slot of a committed block, held until
         released; None when absent or still pending."""
+        slot = self._used(seq_hash)
+        if slot is not None:
+            if self._holds[slot] == 0:
+                self._deactivate(slot)
+            self._holds[slot] += 1
+        return slot
+
+    def _used(self, seq_hash: int) -> int | None:
+        """Slot of a committed block, its last use now; None when absent or still pending."""
         slot = self._slot_of.get(seq_hash)
         if slot is None or self._state[slot] != COMMITTED:
             return None
         self._tick += 1
         self._last_use[slot] = self._tick
-        if self._holds[slot] == 0:
-            self._deactivate(slot)
-        self._holds[slot] += 1
         return slot
 
     def contains(self, seq_hash: int) -> bool:
