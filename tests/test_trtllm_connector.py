@@ -153,7 +153,7 @@ class Executor:
             self.running[rid] = self.loading.pop(rid)
         for rid in done_saving:
             self.saving.discard(rid)
-            self._free(rid)
+            standin.free(self, rid)
         return done_saving, done_loading
 
     def serve(self, req: Request) -> None:
@@ -188,20 +188,10 @@ class Executor:
 
     def finish(self, req: Request) -> bool:
         """The request is done: ask the leader whether its blocks must be kept; free them if not."""
-        rid = req.request_id
-        self.running.pop(rid, None)
-        keep = self.leader.request_finished(req, list(self.blocks[rid]))
+        keep = standin.finish(self, req)
         if keep:
-            self.saving.add(rid)
-            self.new_saving.append(rid)
-        else:
-            self._free(rid)
+            self.saving.add(req.request_id)
         return keep
-
-    def _free(self, rid: int) -> None:
-        self.free += self.blocks.pop(rid)
-        self.position.pop(rid)
-        self.reported.pop(rid, None)
 
     def block_bytes(self, block: int) -> bytes:
         return self.pool[block].cpu().contiguous().view(torch.uint8).numpy().tobytes()

@@ -299,23 +299,12 @@ class RankedExecutor:
         for rid in done_loading:
             self.running[rid] = self.loading.pop(rid)
         for rid in done_saving:
-            self._free(rid)
+            standin.free(self, rid)
         return sorted(done_saving), sorted(done_loading), errors
 
     def finish(self, req) -> bool:
-        rid = req.request_id
-        self.running.pop(rid, None)
-        keep = self.leader.request_finished(req, list(self.blocks[rid]))
-        if keep:
-            self.new_saving.append(rid)
-        else:
-            self._free(rid)
-        return keep
-
-    def _free(self, rid: int) -> None:
-        self.free += self.blocks.pop(rid)
-        self.position.pop(rid)
-        self.reported.pop(rid, None)
+        """The request is done (`trtllm_standin.finish`)."""
+        return standin.finish(self, req)
 
     def rank_block(self, rank: int, block: int) -> bytes:
         return self.local.block(block) if rank == 0 else self.remotes[rank - 1].call("block", block)

@@ -130,6 +130,26 @@ def admit(engine: Any, req: Any, num_computed_tokens: int, block_size: int,
     return matched, is_async
 
 
+def finish(engine: Any, req: Any) -> bool:
+    """The request is done: the leader says whether its blocks must be kept (their saves still running, in
+    ``engine.new_saving``); freed if not."""
+    rid = req.request_id
+    engine.running.pop(rid, None)
+    keep = engine.leader.request_finished(req, list(engine.blocks[rid]))
+    if keep:
+        engine.new_saving.append(rid)
+    else:
+        free(engine, rid)
+    return keep
+
+
+def free(engine: Any, rid: Any) -> None:
+    """Give a request's blocks back to ``engine.free`` and forget its progress."""
+    engine.free += engine.blocks.pop(rid)
+    engine.position.pop(rid)
+    engine.reported.pop(rid, None)
+
+
 def set_rank(rank: int) -> None:
     """The rank ``mpi_rank()`` returns in this process (TensorRT-LLM: the MPI world rank)."""
     _rank[0] = rank
