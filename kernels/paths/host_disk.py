@@ -83,6 +83,22 @@ class _Batch:
         self.io: Future | None = None
         self.targets: list[list[int]] = []  # host reads: the positions each slot of the batch feeds
 
+    @classmethod
+    def taking_chunk(cls, positions: np.ndarray, pool: BouncePool, needs_chunk: bool) -> _Batch | None:
+        """A batch of ``positions``, with a chunk of ``pool`` when ``needs_chunk`` (None: every chunk is taken)."""
+        chunk = pool.acquire() if needs_chunk else None
+        if needs_chunk and chunk is None:
+            return None
+        return cls(positions, chunk)
+
+    def retire(self, in_flight: list[_Batch]) -> None:
+        """The batch is done: out of ``in_flight``, its chunk (if any) given back."""
+        in_flight.remove(self)
+        self.io = None
+        if self.chunk is not None:
+            self.chunk.release()
+            self.chunk = None
+
     def waiting_on(self) -> Any:
         return self.io if self.io is not None else self.stage
 
@@ -215,10 +231,10 @@ def bounced_write_steps(transfers: Transfers, src: Any, disk: DiskKVCache, src_i
     io = io or (lambda s, bb, t: disk.write_slots(s, pool.array, bb, t))
 
     def start(pos: np.ndarray) -> bool:
-        chunk = pool.acquire()
-        if chunk is None:
+        b = _Batch.taking_chunk(pos, pool, True)
+        if b is None:
             return False
-        b = _Batch(pos, chunk)
+        chunk = b.chunk
         in_flight.append(b)
         try:
             b.stage = stage(src, chunk.cache, src_ids[pos], chunk.ids[: pos.size])
@@ -244,8 +260,7 @@ def bounced_write_steps(transfers: Transfers, src: Any, disk: DiskKVCache, src_i
         if not b.io.done():
             return False
         _take_write_failures(b, errors)
-        in_flight.remove(b)
-        b.chunk.release()
+        b.retire(in_flight)
         return True
 
     yield from run_batches(pending, start, advance, in_flight, pool, [] if me is None else me)
@@ -273,12 +288,10 @@ def host_write_steps(transfers: Transfers, src: Any, disk: DiskKVCache, src_ids:
         copy(src_ids[pos[[k for k, _ in run]]], np.array([c for _, c in run], dtype=np.int64))
 
     def start(pos: np.ndarray) -> bool:
-        chunk = None
-        if direct is None:
-            chunk = pool.acquire()
-            if chunk is None:
-                return False
-        b = _Batch(pos, chunk)
+        b = _Batch.taking_chunk(pos, pool, direct is None)
+        if b is None:
+            return False
+        chunk = b.chunk
         if chunk is None:
             buffer, blocks, prepare = direct, src_ids[pos], None
         else:
@@ -292,11 +305,7 @@ def host_write_steps(transfers: Transfers, src: Any, disk: DiskKVCache, src_ids:
         if not b.io.done():
             return False
         _take_write_failures(b, errors)
-        in_flight.remove(b)
-        b.io = None
-        if b.chunk is not None:
-            b.chunk.release()
-            b.chunk = None
+        b.retire(in_flight)
         return True
 
     yield from run_batches(pending, start, advance, in_flight, pool, [] if me is None else me)
@@ -353,10 +362,10 @@ def bounced_read_steps(transfers: Transfers, disk: DiskKVCache, dst: Any, src_id
     in_flight: list[_Batch] = []
 
     def start(uniq: np.ndarray) -> bool:
-        chunk = pool.acquire()
-        if chunk is None:
+        b = _Batch.taking_chunk(uniq, pool, True)
+        if b is None:
             return False
-        b = _Batch(uniq, chunk)
+        chunk = b.chunk
         in_flight.append(b)
         b.io = executor.submit(io, reads.slots[uniq].tolist(), chunk.ids[: uniq.size].tolist(), reads.read_tags(uniq))
         return True
@@ -421,12 +430,10 @@ def host_read_steps(transfers: Transfers, disk: DiskKVCache, dst: Any, src_ids: 
     in_flight: list[_Batch] = []
 
     def start(uniq: np.ndarray) -> bool:
-        chunk = None
-        if direct is None:
-            chunk = pool.acquire()
-            if chunk is None:
-                return False
-        b = _Batch(uniq, chunk)
+        b = _Batch.taking_chunk(uniq, pool, direct is None)
+        if b is None:
+            return False
+        chunk = b.chunk
         b.targets = targets = reads.targets(uniq)
         into = reads.first[uniq] if chunk is None else None
         blocks = dst_ids[into] if chunk is None else chunk.ids[: uniq.size]
@@ -469,11 +476,7 @@ def host_read_steps(transfers: Transfers, disk: DiskKVCache, dst: Any, src_ids: 
                 for p in b.targets[k]:
                     errors.setdefault(p, reason)
                     lost.add(p)
-        in_flight.remove(b)
-        b.io = None
-        if b.chunk is not None:
-            b.chunk.release()
-            b.chunk = None
+        b.retire(in_flight)
         return True
 
     yield from run_batches(reads.batches, start, advance, in_flight, pool, [] if me is None else me)
