@@ -121,3 +121,29 @@ def test_off_by_default_nothing_is_taken() -> None:
         assert KvbmConfig.from_env({"DYN_KVBM_LAYERWISE_STORE": "1"}).layerwise_store
     finally:
         worker.close()
+
+
+def test_stores_are_looked_over_once_per_step(tmp_path) -> None:
+    """vLLM's connector calls ``begin_layer_stores`` from every layer's ``save_kv_layer``: a step whose stores all go
+    to disk (none taken) is looked over at its first call only, and again in the next step."""
+    g1 = allocate(PRESET, GEOMETRY, 16, dtype=torch.bfloat16)
+    fill_random(g1, torch.Generator().manual_seed(4))
+    worker = worker_for(g1, layerwise_store=True, disk_dir=tmp_path)
+    try:
+        asked: list[int] = []
+        takes = worker._layer_stores.takes
+        worker._layer_stores.takes = lambda move: (asked.append(move.move_id), takes(move))[1]
+        for step, move_id in enumerate((1, 2)):
+            stores = [RequestStore("r", (Move(move_id, MoveKind.STORE, "G1", "G3", (5,), (step,), (13 + step,)),))]
+            for layer in range(GEOMETRY.num_layers):
+                worker.begin_layer_stores(stores)
+                worker.save_layer(layer)
+            assert not worker._layer_stores.active and not worker._taken
+            worker.start_stores(stores)
+        assert asked == [1, 2]
+        worker.store.wait_all()
+        worker.poll()
+        results = worker.take_report().results
+        assert set(results) == {1, 2} and not results[1].failed and not results[2].failed
+    finally:
+        worker.close()

@@ -115,6 +115,7 @@ class ConnectorWorker:
         self._layer_stores = (LayerwiseStores(self.store, engine_cache, config.onboard_layers_per_group)
                               if config.layerwise_store and not groups else None)
         self._taken: set[int] = set()  # this step's store moves the layer-wise stores run
+        self._stores_begun = False  # begin_layer_stores ran this step (it is called from every layer's save)
         self._released: dict[str, int] = {}
         self.rank = rank
         self.timer = ForwardTimer(engine_cache.device, rank=rank, stage=stage)
@@ -165,8 +166,9 @@ class ConnectorWorker:
         """With ``DYN_KVBM_LAYERWISE_STORE``: take this step's stores into host memory, to be started per group of
         layers by `save_layer` as the forward computes them (the others wait for `start_stores`); once per step,
         before the forward's first ``save_layer``."""
-        if self._layer_stores is None or self._layer_stores.active:
+        if self._layer_stores is None or self._stores_begun:
             return
+        self._stores_begun = True
         taken = []
         for store in stores:
             for move in store.moves:
@@ -194,6 +196,7 @@ class ConnectorWorker:
             moves = [m for m in store.moves if m.move_id not in self._taken]
             self._execute(moves, store.request_id, self._storing.setdefault(store.request_id, set()))
         self._taken.clear()
+        self._stores_begun = False
 
     def start_cascades(self, moves: Sequence[Move]) -> None:
         """Start tier-to-tier copies."""
