@@ -202,6 +202,7 @@ class ConnectorLeader:
         self.cost = cost
         #: stores into a first tier on disk (disk-only mode) hold engine blocks while the disk writes: bounded to
         #: DYN_KVBM_MAX_STORE_BACKLOG_MS of its writes (host memory takes a store in milliseconds: no bound)
+        self._store_tier = tiers[0].name  # where the engine's blocks are stored
         on_disk = tiers[0].medium is Medium.DISK
         self.backlog = StoreBacklog(config.max_store_backlog_ms / 1e3 if on_disk else 0.0,
                                     config.max_transfer_batch_size)
@@ -549,7 +550,7 @@ class ConnectorLeader:
             return
         hashes = track.hashes_upto(num_full_blocks, self.groups[group].block_size, tokens)
         blocks = [j for j in range(max(track.saved, keep_from), num_full_blocks) if track.block_ids[j] != null_block]
-        tier = self.index.tier_names[0]
+        tier = self._store_tier
         plan = self.index.plan_store([hashes[j] for j in blocks], [track.block_ids[j] for j in blocks],
                                      max_blocks=self.backlog.room(tier))
         track.saved = num_full_blocks
