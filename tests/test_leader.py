@@ -68,8 +68,9 @@ def test_hashes_must_be_64_bit_ints(bad, error):
         index.lookup(bad, whole_prompt=False)
     with pytest.raises(error, match="seq_hashes"):
         index.plan_load(bad, list(range(len(bad))))
-    # numpy's integers are hashes too (taken by value)
+    # numpy's integers are hashes too (taken by value), from any iterable
     assert index.lookup([np.uint64(2**64 - 1), np.int64(5)], whole_prompt=False).num_blocks == 0
+    assert index.plan_load((np.int64(h) for h in (5, 6)), [0, 1]).missing.keys() == {0, 1}
 
 
 def test_loads_hold_their_slots_and_only_lost_blocks_are_dropped():

@@ -115,14 +115,14 @@ def as_hashes(seq_hashes: Sequence[int]) -> list[int]:
     if all(type(h) is int and 0 <= h < _HASH_END for h in hashes):  # the common case, checked at a fraction of the cost
         return hashes
     out = []
-    for h in seq_hashes:
+    for h in hashes:
         if isinstance(h, bool):
             raise TypeError(f"seq_hashes must hold int hashes, got the bool {h!r}")
         try:
             h = operator.index(h)
         except TypeError:
             raise TypeError(f"seq_hashes must hold int hashes, got {type(h).__name__} {h!r}") from None
-        if not 0 <= h < 2**64:
+        if not 0 <= h < _HASH_END:
             raise ValueError(f"seq_hashes must be in [0, 2**64), got {h}")
         out.append(h)
     return out
