@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from kvbm.kernels import stream_events
 from kvbm.kernels.block_transfer import BlockTransfer
 from kvbm.kernels.medium import Medium, medium_of
 from kvbm.leader.plans import Move
@@ -50,8 +51,11 @@ class LayerwiseLoads:
         self.groups = layer_groups(num_layers, layers_per_group)
         self._group_of = [k for k, (a, b) in enumerate(self.groups) for _ in range(a, b)]
         self._waits: list[list[BlockTransfer]] = []
-        self._ordered: set[tuple[int, Any]] = set()  # (group, stream) already ordered after the group's transfers
-        self._gpu = engine_cache.device.type == "cuda"
+        self._ordered: set[tuple[int, int | None]] = set()  # (group, raw stream) ordered after the group's transfers
+        device = engine_cache.device
+        self._gpu = device.type == "cuda"
+        self._device_index = (device.index if device.index is not None else torch.cuda.current_device()) \
+            if self._gpu else -1
 
     @property
     def active(self) -> bool:
@@ -82,18 +86,26 @@ class LayerwiseLoads:
     def wait_for_layer(self, layer: int) -> None:
         """Order the engine's later work on ``layer`` after its group's transfers: on the GPU the current stream waits
         on the device (once per group and stream: the group's later layers follow on that stream anyway), on the
-        CPU the call blocks until they are done."""
+        CPU the call blocks until they are done.
+
+        On the GPU this runs once per layer of every forward, so it takes raw handles (the current stream's, each
+        transfer's completion event) and the driver's wait directly, without polling the transfers: a wait on an
+        event that has completed costs the device nothing."""
         if not self._waits:
             return
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer} is not one of the engine cache's {self.num_layers} layers")
         k = self._group_of[layer]
-        stream = torch.cuda.current_stream(self.engine_cache.device) if self._gpu else None
-        key = (k, stream.cuda_stream if stream is not None else None)
+        raw_stream = stream_events.current_stream(self._device_index) if self._gpu else None
+        key = (k, raw_stream)
         if key in self._ordered:
             return
         for transfer in self._waits[k]:
-            transfer.order_stream(stream)
+            event = int(transfer.device_done.cuda_event) if self._gpu and transfer.device_done is not None else 0
+            if event:  # (0: never recorded)
+                stream_events.wait(raw_stream, event)
+            else:
+                transfer.order_stream(torch.cuda.current_stream(self._device_index) if self._gpu else None)
         self._ordered.add(key)
 
     def finish(self) -> bool:
