@@ -122,6 +122,66 @@ def raw_case(directory: str, data: mmap.mmap, dst: mmap.mmap, total: int, reques
         os.unlink(path)
 
 
+def slot_runs(slots: np.ndarray, slot_bytes: int, max_request: int, batch: int) -> list[tuple[int, int, int]]:
+    """The requests the disk tier makes of distinct ``slots``: sorted, cut into batches of ``batch`` slots, and
+    consecutive slots of a batch joined up to ``max_request`` bytes; each (first slot, slot count, index of the
+    first in sorted order)."""
+    per_request = max(1, max_request // slot_bytes)
+    runs: list[tuple[int, int, int]] = []
+    for k, s in enumerate(np.sort(slots).tolist()):
+        if runs and runs[-1][0] + runs[-1][1] == s and runs[-1][1] < per_request and k % batch:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1, runs[-1][2])
+        else:
+            runs.append((s, 1, k))
+    return runs
+
+
+def raw_pattern_case(directory: str, data: mmap.mmap, dst: mmap.mmap, slot_bytes: int, file_slots: int,
+                     runs: list[tuple[int, int, int]], threads: int) -> tuple[float, float, bool]:
+    """O_DIRECT pwrite then preadv of ``runs`` (from `slot_runs`) on a preallocated file of ``file_slots`` slots,
+    ``threads`` requests in flight, no checksums: the disk's own bandwidth for the tier's access pattern. Run ``k``
+    moves the bytes at sorted index ``k`` of ``data`` / ``dst``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fd0, path = tempfile.mkstemp(prefix="kvbm-bench-pattern-", dir=directory)
+    os.close(fd0)
+    src, out = memoryview(data), memoryview(dst)
+    total = sum(n for _, n, _ in runs) * slot_bytes
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+        try:
+            os.posix_fallocate(fd, 0, file_slots * slot_bytes)
+
+            def each(move) -> None:
+                with ThreadPoolExecutor(max_workers=threads) as pool:
+                    for done in pool.map(move, runs):
+                        if done is not None:
+                            raise OSError(done)
+
+            def write_run(run) -> str | None:
+                s, n, k = run
+                size = n * slot_bytes
+                if os.pwrite(fd, src[k * slot_bytes : k * slot_bytes + size], s * slot_bytes) != size:
+                    return f"short write at slot {s}"
+                return None
+
+            def read_run(run) -> str | None:
+                s, n, k = run
+                size = n * slot_bytes
+                if os.preadv(fd, [out[k * slot_bytes : k * slot_bytes + size]], s * slot_bytes) != size:
+                    return f"short read at slot {s}"
+                return None
+
+            tw = timed(lambda: (each(write_run), os.fsync(fd)))
+            poison(dst)
+            tr = timed(lambda: each(read_run))
+        finally:
+            os.close(fd)
+        return tw, tr, same_bytes(data, dst, total)
+    finally:
+        os.unlink(path)
+
+
 def dd_case(directory: str, data: mmap.mmap, total: int, request: int) -> tuple[float, float, bool] | str:
     """dd oflag=direct from a /dev/shm copy of the data, then dd iflag=direct to /dev/null; or why it was skipped."""
     if shutil.which("dd") is None:

@@ -12,6 +12,9 @@ tier stores them):
                    cascade's path): "in order" (block i in slot i), "shuffled" (a permutation of the host blocks
                    into a permutation of the slots: sorted by slot, the I/O is still one run), "scatter" (the same
                    into a random half of a file twice as large: runs of about two slots, gaps between them)
+  raw in/sh/sc     beside each of those: the disk's own bandwidth for the same requests (the slots sorted per
+                   batch, consecutive slots joined up to the tier's 4 MiB requests, 32 in flight; O_DIRECT
+                   pwrite / preadv, no checksums, no copies): what the tier's pattern allows on this disk
 Without a GPU the G1 rows use a CPU cache of the same layout (path "cpu": the host <-> disk path through bounce
 chunks, with a layout conversion per I/O request). Each path (both directions) is warmed up with a one-block
 transfer first (the first read of a process compiles the bounce-to-host copy: timed inside the in-order read, it
@@ -37,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.disk_bench import random_mmap, raw_case
+from bench.disk_bench import random_mmap, raw_case, raw_pattern_case, slot_runs
 from kvbm.kernels.disk_cache import DiskKVCache
 from kvbm.kernels.medium import Medium
 from kvbm.kernels.transfers import Transfers
@@ -47,6 +50,11 @@ from kvbm.tools.checkout import checkout_commit
 from kvbm.worker.tier_memory import allocate_tier, close_tier
 
 MiB = 1 << 20
+#: The disk tier's defaults: the largest request (`DiskBlockFile`), and the most requests in flight (2 disk threads
+#: of `Transfers`, each running a batch 16 requests at a time).
+MAX_IO_BYTES, IN_FLIGHT = 4 * MiB, 2 * 16
+#: Blocks per batch of the host <-> disk rows (the bounce chunk's size: a batch's slots are sorted into requests).
+HOST_BATCH = 256
 #: Llama-3.1-8B: 32 layers x K/V x 16 tokens x 8 heads x 128 channels x bf16 = 2 MiB per block.
 LLAMA8B = KVGeometry(num_layers=32, num_kv=2, block_size=16, num_heads=8, head_dim=128, itemsize=2)
 
@@ -178,7 +186,7 @@ def host_rows(args, raw: dict, rows: list) -> None:
         fill_random(host, 5)
         try:
             for order in ("in order", "shuffled", "scatter"):
-                with Transfers(bounce_blocks=256, bounce_chunks=8) as transfers:
+                with Transfers(bounce_blocks=HOST_BATCH, bounce_chunks=8) as transfers:
                     disk = DiskKVCache(args.dir, g, torch.bfloat16, 2 * n if order == "scatter" else n)
                     try:
                         transfers.submit(host, disk, [0], [0], tags=[1]).wait()  # warm-up: threads, bounce pool,
@@ -193,11 +201,28 @@ def host_rows(args, raw: dict, rows: list) -> None:
                         sec, failed = timed_transfer(transfers, disk, back, slots, ids, tags, None)
                         ok = not failed and same_blocks(host, ids, back, ids)
                         rows.append(row(f"G3->G2 {kib}K", order[:6], "read", n * g.block_bytes, sec, ok, raw))
+                        pattern_rows(args.dir, g.block_bytes, disk.num_blocks, slots, order, kib, raw, rows)
                     finally:
                         disk.close()
         finally:
             close_tier(host)
             close_tier(back)
+
+
+def pattern_rows(directory: str, slot_bytes: int, file_slots: int, slots: np.ndarray, order: str, kib: int,
+                 raw: dict, rows: list) -> None:
+    """The disk's own bandwidth for the slots' access pattern (`raw_pattern_case`: the tier's requests, no
+    checksums, no host copies), as rows of path "raw" beside the tier's."""
+    runs = slot_runs(slots, slot_bytes, MAX_IO_BYTES, HOST_BATCH)
+    total = slots.size * slot_bytes
+    data, dst = random_mmap(total, np.random.default_rng(7)), mmap.mmap(-1, total)
+    try:
+        tw, tr, ok = raw_pattern_case(directory, data, dst, slot_bytes, file_slots, runs, IN_FLIGHT)
+    finally:
+        del data, dst
+    note = f"{len(runs)} requests of {total / len(runs) / 1024:.0f} KiB on average, {IN_FLIGHT} in flight"
+    rows.append(row(f"G2->G3 {kib}K", f"raw {order[:2]}", "write", total, tw, ok, raw, note))
+    rows.append(row(f"G3->G2 {kib}K", f"raw {order[:2]}", "read", total, tr, ok, raw, note))
 
 
 def main(argv: list[str] | None = None) -> int:
