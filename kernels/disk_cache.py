@@ -16,7 +16,8 @@ live in memory and every read is verified against them, so a flipped byte, two s
 the file or a block read under another tag fails that block ("checksum mismatch") instead of handing over wrong
 bytes. A slot written by cuFile straight from GPU memory has no checksum (its bytes never pass through the host)
 and is read unverified. Checksums are computed and verified per I/O request on the file's I/O threads (just before
-a request's write, right after its read), in parallel with the batch's other requests; a writer's ``prepare`` hook
+a request's write, right after its read), in one call per request that releases the GIL (`block_checksums`), so in
+parallel with the batch's other requests; a writer's ``prepare`` hook
 fills a request's blocks on the same thread just before (the host path converts them into a bounce chunk), a
 reader's ``on_verified`` hook takes a request's intact blocks on from it (the host path copies them to their
 destination).
@@ -39,6 +40,7 @@ import xxhash
 
 from kvbm.layouts import KVGeometry, KVLayout
 
+from .block_checksums import checksums, warm_up
 from .bounce import slot_cache
 from .disk_file import DiskBlockFile, align_up
 from .medium import Medium
@@ -121,6 +123,7 @@ class DiskKVCache:
         self._table = table
         self._sums, self._tags, self._tagged, self._state = table.sums, table.tags, table.tagged, table.state
         self._lock = threading.Lock()
+        warm_up()  # the checksum loop compiles (or loads) now, not inside a first write
 
     @property
     def read_only(self) -> bool:
@@ -138,9 +141,14 @@ class DiskKVCache:
         suffix = b"\x00" * 9 if tag is None else b"\x01" + (int(tag) & _MASK64).to_bytes(8, "little")
         return xxhash.xxh3_64_intdigest(self.layout_digest + suffix)
 
+    def _checksums(self, rows: np.ndarray, index: Sequence[int], tags: Sequence[int | None]) -> list[int]:
+        """The checksums of blocks ``rows[index[i]]`` under ``tags[i]``: xxh3-64 of each block's ``block_bytes``
+        (the slot's padding excluded), seeded by `_seed`. The one way a slot's checksum is computed."""
+        return checksums(rows, self.geometry.block_bytes, [self._seed(t) for t in tags], index).tolist()
+
     def checksum(self, block: memoryview | np.ndarray, tag: int | None = None) -> int:
         """xxh3-64 of one block's bytes (``block_bytes`` of them, the slot's padding excluded) under ``tag``."""
-        return xxhash.xxh3_64_intdigest(memoryview(block)[: self.geometry.block_bytes], seed=self._seed(tag))
+        return self._checksums(np.frombuffer(block, dtype=np.uint8)[None], [0], [tag])[0]
 
     def view(self, geometry: KVGeometry, dtype: torch.dtype) -> DiskKVCache:
         """The same slots holding blocks of ``geometry`` / ``dtype`` (no larger than this cache's blocks, at the
@@ -155,18 +163,27 @@ class DiskKVCache:
         with self._lock:
             self._state[np.asarray(slots, dtype=np.int64)] = _WRITE_FAILED if failed else _UNVERIFIED
 
-    def _verify(self, slot: int, block: np.ndarray, tag: int | None) -> str | None:
-        state = int(self._state[slot])
-        if state == _WRITE_FAILED:
-            return f"slot {slot} of {self.name} is not readable: its last write failed"
-        if state == _UNVERIFIED:
-            return None
-        stored_tag = int(self._tags[slot]) if self._tagged[slot] else None
-        want_tag = stored_tag if tag is None else int(tag) & _MASK64
-        if self.checksum(block, want_tag) == int(self._sums[slot]):
-            return None
-        why = "" if want_tag == stored_tag else f" (written under tag {stored_tag}, read under tag {want_tag})"
-        return f"checksum mismatch in slot {slot} of {self.name}{why}: the bytes on disk are not the block written"
+    def _verify(self, slots: Sequence[int], rows: np.ndarray, index: Sequence[int],
+                tags: Sequence[int | None]) -> list[str | None]:
+        """Per slot ``slots[i]``, read into ``rows[index[i]]`` and asked for under ``tags[i]`` (None: the writer's
+        tag), why its bytes are not the block written there; None where they are (or the slot is unverified)."""
+        reasons: list[str | None] = [None] * len(slots)
+        summed: list[tuple[int, int | None, int | None]] = []  # (i, stored tag, wanted tag)
+        for i, (slot, tag) in enumerate(zip(slots, tags)):
+            state = int(self._state[slot])
+            if state == _WRITE_FAILED:
+                reasons[i] = f"slot {slot} of {self.name} is not readable: its last write failed"
+            elif state != _UNVERIFIED:
+                stored_tag = int(self._tags[slot]) if self._tagged[slot] else None
+                summed.append((i, stored_tag, stored_tag if tag is None else int(tag) & _MASK64))
+        sums = self._checksums(rows, [index[i] for i, _, _ in summed], [want for _, _, want in summed])
+        for (i, stored_tag, want_tag), got in zip(summed, sums):
+            slot = slots[i]
+            if got != int(self._sums[slot]):
+                why = "" if want_tag == stored_tag else f" (written under tag {stored_tag}, read under tag {want_tag})"
+                reasons[i] = (f"checksum mismatch in slot {slot} of {self.name}{why}: the bytes on disk are not the "
+                              f"block written")
+        return reasons
 
     # ------------------------------------------------------------------ I/O (disk threads)
 
@@ -211,9 +228,10 @@ class DiskKVCache:
         def checksum_request(run: list[tuple[int, int]]) -> None:  # on the request's I/O thread, before its write
             if prepare is not None:
                 prepare([(position[s], b) for s, b in run])
-            for s, b in run:
-                k = position[s]
-                sums[k] = self.checksum(rows[b], None if tags is None else tags[k])
+            ks = [position[s] for s, _ in run]
+            run_sums = self._checksums(rows, [b for _, b in run], [None if tags is None else tags[k] for k in ks])
+            for k, value in zip(ks, run_sums):
+                sums[k] = value
 
         self.forget(slots, failed=True)  # until the write is known good
         result = self.file.write_slots(slots, buffer, buf_blocks=buf_blocks, before_write=checksum_request)
@@ -243,9 +261,10 @@ class DiskKVCache:
 
         def verify_request(run: list[tuple[int, int]]) -> None:  # on the request's I/O thread, after its read
             intact = []
-            for s, b in run:
-                k = position[s]
-                bad = self._verify(s, rows[b], None if tags is None else tags[k])
+            ks = [position[s] for s, _ in run]
+            reasons = self._verify([s for s, _ in run], rows, [b for _, b in run],
+                                   [None if tags is None else tags[k] for k in ks])
+            for k, (_, b), bad in zip(ks, run, reasons):
                 if bad is None:
                     intact.append((k, b))
                 else:
@@ -301,14 +320,15 @@ class _DiskView(DiskKVCache):
     renewals = property(lambda self: self._base.renewals)
     layout_digest = property(lambda self: self._base.layout_digest)
 
-    def checksum(self, block: memoryview | np.ndarray, tag: int | None = None) -> int:
-        return self._base.checksum(block, tag)
+    def _checksums(self, rows: np.ndarray, index: Sequence[int], tags: Sequence[int | None]) -> list[int]:
+        return self._base._checksums(rows, index, tags)
 
     def forget(self, slots: Sequence[int], failed: bool = False) -> None:
         self._base.forget(slots, failed)
 
-    def _verify(self, slot: int, block: np.ndarray, tag: int | None) -> str | None:
-        return self._base._verify(slot, block, tag)
+    def _verify(self, slots: Sequence[int], rows: np.ndarray, index: Sequence[int],
+                tags: Sequence[int | None]) -> list[str | None]:
+        return self._base._verify(slots, rows, index, tags)
 
     def write_slots(self, slots: Sequence[int], buffer: np.ndarray, buf_blocks: Sequence[int],
                     tags: Sequence[int] | None = None,

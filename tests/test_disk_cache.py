@@ -11,9 +11,11 @@ import threading
 import numpy as np
 import pytest
 import torch
+import xxhash
 
 from disk_faults import flip_byte, punch_hole, rng, swap_ranges  # noqa: F401  (rng is a fixture)
 
+from kvbm.kernels import block_checksums
 from kvbm.kernels.bounce import BouncePool, slot_cache
 from kvbm.kernels.disk_cache import DiskKVCache, same_slot_layout
 from kvbm.kernels.medium import Medium, medium_of
@@ -271,6 +273,34 @@ def test_tags_bind_the_checksum_to_the_block(disk, rng):
     # the same bytes written without a tag are not the block of a tag
     write_some(disk, rng, [4])
     assert "checksum mismatch" in disk.read_slots([4], dst, [0], [1])[0]
+
+
+@pytest.mark.parametrize("written_by", ["compiled", "fallback"])
+def test_recorded_sums_are_xxh3_of_the_block_bytes_however_computed(disk, rng, monkeypatch, written_by):
+    """A slot's recorded sum is python-xxhash's xxh3-64 of its block bytes (padding excluded) under its tag's seed,
+    whether the compiled loop or the fallback computed it: either one verifies the other's writes."""
+    sb, bb = disk.slot_bytes, PADDED.block_bytes
+    slots = [5, 0, 9, 3]
+    tags = [int(t) for t in rng.integers(1, 2**63, 4)]
+    tags[1] |= 1 << 63
+    no_library = lambda: None  # noqa: E731
+    if written_by == "fallback":
+        monkeypatch.setattr(block_checksums, "_library_hash", no_library)
+    src = random_slots(rng, 4, sb)
+    assert disk.write_slots(slots, src, [0, 1, 2, 3], tags) == {}
+    for k, s in enumerate(slots):
+        block = src[k * sb:(k + 1) * sb]
+        assert int(disk._sums[s]) == xxhash.xxh3_64_intdigest(block[:bb].tobytes(), seed=disk._seed(tags[k]))
+        assert disk.checksum(block, tags[k]) == int(disk._sums[s])
+    monkeypatch.undo()
+    if written_by == "compiled":
+        monkeypatch.setattr(block_checksums, "_library_hash", no_library)
+    flip_byte(disk.file.path, 9 * sb + int(rng.integers(0, bb)))
+    dst = poisoned(4, sb)
+    errors = disk.read_slots(slots, dst, [0, 1, 2, 3], tags)
+    assert list(errors) == [2] and "checksum mismatch in slot 9" in errors[2]
+    for k in (0, 1, 3):
+        assert dst[k * sb:k * sb + bb].tobytes() == src[k * sb:k * sb + bb].tobytes()
 
 
 def test_failed_write_makes_the_slot_unreadable_until_rewritten(disk, rng, monkeypatch):

@@ -341,7 +341,7 @@ class _Reads:
         own tag (a block asked for under another tag than the one it was written under); None if it does not."""
         if self.tags is None or self.tags[p] == self.tags[int(self.first[u])]:
             return None
-        reason = disk._verify(int(self.slots[u]), row, self.tags[p])
+        reason = disk._verify([int(self.slots[u])], row[None], [0], [self.tags[p]])[0]
         return None if reason is None else f"disk read failed: {reason}"
 
 
