@@ -1,10 +1,11 @@
 """Seeded XXH3-64 of many blocks in one call, with the GIL released for the whole batch.
 
 The disk tier checksums every slot it writes and reads on its I/O threads. python-xxhash holds the GIL while it
-hashes, so those threads hashed one block at a time. Here one compiled loop (numba, ``nogil``) calls the xxhash
-library that python-xxhash is built with (its extension module exports ``XXH3_64bits_withSeed``) once per row:
-the same sums as ``xxhash.xxh3_64_intdigest(row[:nbytes], seed=seed)``. Where the symbol is not exported (another
-xxhash build), the rows are hashed one by one with python-xxhash, which gives the same sums.
+hashes inputs of up to 64 KiB, so those threads hashed such blocks one at a time. Here one compiled loop (numba,
+``nogil``) calls the xxhash library that python-xxhash is built with (its extension module exports
+``XXH3_64bits_withSeed``) once per row, at the address found at run time (so the loop stays in numba's on-disk
+cache): the same sums as ``xxhash.xxh3_64_intdigest(row[:nbytes], seed=seed)``. Where the symbol is not exported
+(another xxhash build), the rows are hashed one by one with python-xxhash, which gives the same sums.
 """
 from __future__ import annotations
 
@@ -12,25 +13,25 @@ import ctypes
 import functools
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import numba
 import numpy as np
 import xxhash
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 __all__ = ["checksums", "warm_up"]
 
 logger = logging.getLogger(__name__)
 
-#: ``XXH64_hash_t XXH3_64bits_withSeed(const void *data, size_t len, XXH64_hash_t seed)``.
-_PROTOTYPE = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint64)
 #: Entry points tried in order: the CPU-dispatching one (AVX2 / AVX-512 where the CPU has them), then the plain one.
 _SYMBOLS = ("XXH3_64bits_withSeed_dispatch", "XXH3_64bits_withSeed")
 
 
 @functools.lru_cache(maxsize=None)
-def _library_hash() -> Any | None:
-    """The xxhash library's seeded XXH3-64 as a ctypes function, or None where it cannot be found."""
+def _library_hash() -> int | None:
+    """The address of the xxhash library's seeded XXH3-64, or None where it cannot be found."""
     try:
         library = ctypes.CDLL(xxhash._xxhash.__file__)
     except (AttributeError, OSError) as e:
@@ -39,16 +40,33 @@ def _library_hash() -> Any | None:
     for symbol in _SYMBOLS:
         entry = getattr(library, symbol, None)
         if entry is not None:
-            return _PROTOTYPE(ctypes.cast(entry, ctypes.c_void_p).value)
+            return ctypes.cast(entry, ctypes.c_void_p).value
     logger.debug("%s exports none of %s: checksums are computed one block at a time", xxhash._xxhash.__file__,
                  _SYMBOLS)
     return None
 
 
+@intrinsic
+def _call_xxh3(typingctx, function, data, length, seed):  # pragma: no cover (compiled)
+    """``XXH64_hash_t XXH3_64bits_withSeed(const void *data, size_t len, XXH64_hash_t seed)`` at ``function``."""
+    def codegen(context, builder, signature, args):
+        word, byte_pointer = ir.IntType(64), ir.IntType(8).as_pointer()
+        prototype = ir.FunctionType(word, [byte_pointer, word, word])
+        entry = builder.inttoptr(args[0], prototype.as_pointer())
+        return builder.call(entry, [builder.inttoptr(args[1], byte_pointer), args[2], args[3]])
+    return types.uint64(types.intp, types.intp, types.intp, types.uint64), codegen
+
+
 @numba.njit(cache=True, nogil=True)
-def _hash_rows(hash_fn, base, stride, index, nbytes, seeds, out):  # pragma: no cover (compiled)
+def _hash_rows(function, rows, index, nbytes, seeds, out):  # pragma: no cover (compiled)
+    """Rows ``index`` of ``rows`` into ``out``; False (nothing hashed) if an index is out of range."""
     for i in range(index.shape[0]):
-        out[i] = hash_fn(base + index[i] * stride, nbytes, seeds[i])
+        if index[i] < 0 or index[i] >= rows.shape[0]:
+            return False
+    base, stride = rows.ctypes.data, rows.strides[0]
+    for i in range(index.shape[0]):
+        out[i] = _call_xxh3(function, base + index[i] * stride, nbytes, seeds[i])
+    return True
 
 
 def checksums(rows: np.ndarray, nbytes: int, seeds: np.ndarray | Sequence[int],
@@ -70,15 +88,16 @@ def checksums(rows: np.ndarray, nbytes: int, seeds: np.ndarray | Sequence[int],
     seeds = np.ascontiguousarray(seeds, dtype=np.uint64)
     if index.ndim != 1 or seeds.shape != index.shape:
         raise ValueError(f"{seeds.shape} seeds for {index.shape} rows")
-    if index.size and (int(index.min()) < 0 or int(index.max()) >= rows.shape[0]):
-        raise ValueError(f"row index out of range for {rows.shape[0]} rows")
     out = np.empty(index.size, dtype=np.uint64)
-    hash_fn = _library_hash()
-    if hash_fn is None:
-        for i, (r, seed) in enumerate(zip(index.tolist(), seeds.tolist())):
-            out[i] = xxhash.xxh3_64_intdigest(rows[r, :nbytes], seed=seed)
-    elif index.size:
-        _hash_rows(hash_fn, rows.ctypes.data, rows.strides[0], index, int(nbytes), seeds, out)
+    function = _library_hash()
+    if function is not None:
+        if not _hash_rows(function, rows, index, int(nbytes), seeds, out):
+            raise ValueError(f"row index out of range for {rows.shape[0]} rows")
+        return out
+    for i, r in enumerate(index.tolist()):
+        if not 0 <= r < rows.shape[0]:
+            raise ValueError(f"row index {r} out of range for {rows.shape[0]} rows")
+        out[i] = xxhash.xxh3_64_intdigest(rows[r, :nbytes], seed=int(seeds[i]))
     return out
 
 

@@ -73,11 +73,12 @@ def test_rows_picked_from_a_flat_buffer_by_index(path, rng):
         reference(rows, 3000, seeds, index)
 
 
-@pytest.mark.parametrize("view", ["every_third", "reversed", "column_offset", "fortran_column"])
+@pytest.mark.parametrize("view", ["every_third", "reversed", "column_offset", "fortran_column", "read_only"])
 def test_strided_row_views(path, rng, view):
     base = random_rows(rng, 30, 2048)
     rows = {"every_third": base[1::3], "reversed": base[::-1], "column_offset": base[:, 7:],
-            "fortran_column": np.asfortranarray(base)[:, :1]}[view]
+            "fortran_column": np.asfortranarray(base)[:, :1],
+            "read_only": np.frombuffer(base.tobytes(), dtype=np.uint8).reshape(30, 2048)}[view]
     nbytes = rows.shape[1] - 5 if rows.shape[1] > 5 else rows.shape[1]
     seeds = random_seeds(rng, rows.shape[0])
     index = rng.permutation(rows.shape[0])
