@@ -17,10 +17,9 @@ the file or a block read under another tag fails that block ("checksum mismatch"
 bytes. A slot written by cuFile straight from GPU memory has no checksum (its bytes never pass through the host)
 and is read unverified. Checksums are computed and verified per I/O request on the file's I/O threads (just before
 a request's write, right after its read), in one call per request that releases the GIL (`block_checksums`), so in
-parallel with the batch's other requests; a writer's ``prepare`` hook
-fills a request's blocks on the same thread just before (the host path converts them into a bounce chunk), a
-reader's ``on_verified`` hook takes a request's intact blocks on from it (the host path copies them to their
-destination).
+parallel with the batch's other requests; a writer's ``prepare`` hook fills a request's blocks on the same thread
+just before (the host path converts them into a bounce chunk), a reader's ``on_verified`` hook takes a request's
+intact blocks on from it (the host path copies them to their destination).
 
 The checksums and slot states are a `SlotTable`, in memory of the cache's own or in memory other processes map:
 ranks holding identical KV share one file that one of them writes (`kvbm.worker.shared_disk`), and every other
