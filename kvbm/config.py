@@ -19,8 +19,8 @@ layers at a time (1, 2, 4, ... layers, up to ``ONBOARD_LAYERS_PER_GROUP``), each
 its own group; ``DISABLE_LAYERWISE_ONBOARD`` loads every hit before the request is scheduled instead (as hits from
 G3 always are).
 
-Stores: ``LAYERWISE_STORE`` starts a step's stores into host memory per group of layers as the forward saves them
-(`kvbm.worker.layerwise_stores`). ``MAX_STORE_BACKLOG_MS`` (`kvbm.policies.store_backlog`) bounds the writes queued by stores from the engine
+Stores: ``LAYERWISE_STORE`` (on by default) starts a step's stores into host memory per group of layers as the
+forward saves them (`kvbm.worker.layerwise_stores`); off, they start after the forward. ``MAX_STORE_BACKLOG_MS`` (`kvbm.policies.store_backlog`) bounds the writes queued by stores from the engine
 into the first tier, at that tier's measured write rate; blocks beyond it are not stored (0: no bound).
 
 Disaggregated prefill -> decode (`kvbm.connectors.pd`): ``PD_PIN_TIMEOUT_SECS`` is how long a prefill instance
@@ -142,9 +142,9 @@ class KvbmConfig:
     g4_load_latency_ms: float = 1.5
     prefill_tokens_per_s: float = 10_000.0
     cost_probe_secs: float = 60.0
-    max_store_backlog_ms: float = 200.0
+    max_store_backlog_ms: float = 100.0
     disable_layerwise_onboard: bool = False
-    layerwise_store: bool = False
+    layerwise_store: bool = True
     onboard_layers_per_group: int = 4
     pd_pin_timeout_secs: float = 120.0
     pd_load_timeout_secs: float = 30.0

@@ -111,14 +111,15 @@ def test_groups_not_saved_start_with_the_stores_and_disk_stores_wait_for_them(tm
         worker.close()
 
 
-def test_off_by_default_nothing_is_taken() -> None:
+def test_on_by_default_and_when_off_nothing_is_taken() -> None:
     g1 = allocate(PRESET, GEOMETRY, 16, dtype=torch.bfloat16)
     worker = worker_for(g1, layerwise_store=False)
     try:
         worker.begin_layer_stores([RequestStore("r", (Move(1, MoveKind.STORE, "G1", "G2", (3,), (0,), (11,)),))])
         worker.save_layer(0)
         assert worker._layer_stores is None and not worker._taken
-        assert KvbmConfig.from_env({"DYN_KVBM_LAYERWISE_STORE": "1"}).layerwise_store
+        assert KvbmConfig.from_env({}).layerwise_store
+        assert not KvbmConfig.from_env({"DYN_KVBM_LAYERWISE_STORE": "0"}).layerwise_store
     finally:
         worker.close()
 

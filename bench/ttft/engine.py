@@ -123,6 +123,9 @@ class KvbmSide:
         self.block_bytes = cache.geometry.block_bytes
         self.tiers = kvbm_tiers(config, self.block_bytes)
         self.config = config
+        #: Whether requests store per layer group when not told (``DYN_KVBM_LAYERWISE_STORE``, as the library's
+        #: vLLM connector does); the side's own config has layer-wise stores available either way.
+        self.layer_stores_by_default = KvbmConfig.from_env().layerwise_store
         self.leader = ConnectorLeader(self.tiers, config, BLOCK_SIZE)
         self.worker = ConnectorWorker(cache, self.tiers, config)
 
@@ -310,12 +313,12 @@ class Engine:
     def run_request(self, prompt: Sequence[int], sides: Sequence[KvbmSide] = (), *, answer: Sequence[int] = (),
                     reference: Reference | None = None, record: Reference | None = None,
                     request_id: str | None = None, layerwise: bool = False, salt: int = 0,
-                    layer_stores: bool = False) -> RequestResult:
+                    layer_stores: bool | None = None) -> RequestResult:
         """Serve one request (see the module docstring); loads come from ``sides[0]`` only, stores go to every
         side; ``layerwise``: the load runs beside the forward, each layer's attention waiting for its own layers
         (as vLLM's ``wait_for_layer_load``); ``layer_stores``: the stores of the prompt's blocks start per group of
         layers as the forward saves each layer (as vLLM's ``save_kv_layer``, for sides with
-        ``DYN_KVBM_LAYERWISE_STORE``). ``salt`` seeds the block hashes (as a request's cache salt does), so
+        ``DYN_KVBM_LAYERWISE_STORE``; None: as that variable says for every side). ``salt`` seeds the block hashes (as a request's cache salt does), so
         requests of different salts share no block. After TTFT, loaded blocks are checked against ``reference``, and
         the bytes of every block the request stored are recorded in ``record``."""
         self._count += 1
@@ -371,6 +374,8 @@ class Engine:
         stored = [pair for plan in plans for pair in _stored_pairs(plan)]
         table = self._table(blocks)
         after_attention = None
+        if layer_stores is None:
+            layer_stores = bool(sides) and all(s.layer_stores_by_default for s in sides)
         if layer_stores:
             for s, plan in zip(sides, plans):
                 s.worker.begin_layer_stores(plan.stores)
