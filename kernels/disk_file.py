@@ -484,6 +484,11 @@ class DiskBlockFile:
         return self._fd
 
     @property
+    def full_batch_slots(self) -> int:
+        """Consecutive slots a batch needs to keep every I/O thread busy with a full-size request."""
+        return self._io_threads * self._slots_per_request
+
+    @property
     def closed(self) -> bool:
         """True after `close`."""
         return not self._finalizer.alive

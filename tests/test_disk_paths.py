@@ -379,7 +379,7 @@ def test_direct_writes_from_scattered_g2_blocks_without_a_chunk_or_a_copy(tmp_pa
         gaps = rng.integers(1, 4, n)  # scattered source blocks, some of them adjacent (gap 1)
         gaps[9:12] = 1  # and a stretch of four for sure
         ids = np.cumsum(gaps)
-        slots = np.arange(n)  # batches of 8 consecutive slots: one request each
+        slots = np.arange(n)  # consecutive slots: one request (a direct batch is not cut at a chunk's size)
         tags = [int(x) for x in rng.integers(1, 2**62, n)]
         unwritable = n - 3
         bad_offset = int(slots[unwritable]) * disk.slot_bytes
@@ -398,11 +398,10 @@ def test_direct_writes_from_scattered_g2_blocks_without_a_chunk_or_a_copy(tmp_pa
         assert [k for k, r in enumerate(t.results) if r is not BlockStatus.OK] == [unwritable]
         assert "Input/output error" in t.reasons[unwritable] and t.lost == set()
         assert calls == []
-        for first in (0, 8, 16):  # one iovec per stretch of adjacent source blocks
-            cuts = np.flatnonzero(np.diff(ids[first:first + 8]) != 1) + 1
-            stretches = np.diff(np.concatenate([[0], cuts, [8]]))
-            assert writes[first * disk.slot_bytes] == (stretches * disk.slot_bytes).tolist()
-        assert len(writes[8 * disk.slot_bytes]) < 8  # the stretch of four is one iovec
+        cuts = np.flatnonzero(np.diff(ids) != 1) + 1  # one iovec per stretch of adjacent source blocks
+        stretches = np.diff(np.concatenate([[0], cuts, [n]]))
+        assert writes[0] == (stretches * disk.slot_bytes).tolist()
+        assert len(writes[0]) < n  # (the stretch of four is one iovec)
         with open(disk.file.path, "rb") as f:
             for k in range(n):
                 if k != unwritable:
@@ -414,6 +413,39 @@ def test_direct_writes_from_scattered_g2_blocks_without_a_chunk_or_a_copy(tmp_pa
         assert "last write failed" in back.reasons[unwritable]
         for k in set(range(n)) - {unwritable}:  # read straight into G2: a failed block's bytes are unspecified
             assert block_bytes(dst, k) == block_bytes(src, int(ids[k]))
+        disk.close()
+
+
+def test_direct_batches_keep_every_io_thread_busy_and_chunked_ones_fit_a_chunk(tmp_path, rng, monkeypatch):
+    """Moved straight between G2 and the disk, a batch holds enough consecutive slots for a full-size request on
+    every I/O thread (a chunk's worth would leave most of them idle); through a chunk it holds a chunk's worth. Both
+    ways every byte arrives."""
+    n = 96
+    with Transfers(disk_io="posix", bounce_blocks=8, bounce_chunks=2) as transfers:
+        disk = DiskKVCache(tmp_path, ALIGNED, DT, n)
+        disk.file._slots_per_request, disk.file._io_threads = 4, 6  # a full batch: 24 slots
+        batches: list[int] = []
+        for name in ("write_slots", "read_slots"):
+            real = getattr(disk, name)
+            monkeypatch.setattr(disk, name, lambda slots, *a, _real=real, **k: batches.append(len(slots))
+                                or _real(slots, *a, **k))
+        for preset, want in (("g2", [24] * 4), ("vllm_flash_attn_nhd", [8] * 12)):
+            src, dst = make_cache(preset, ALIGNED, n), make_cache(preset, ALIGNED, n)
+            fill(src, rng)
+            fill(dst, rng)  # (poison: random bytes unlike the source's)
+            assert (direct_array(src, disk) is not None) == (preset == "g2")
+            ids, slots = rng.permutation(n), np.arange(n)
+            tags = [int(x) for x in rng.integers(1, 2**62, n)]
+            batches.clear()
+            wrote = transfers.submit(src, disk, ids, slots, tags=tags)
+            wrote.wait()
+            assert wrote.ok and batches == want, (preset, batches)
+            batches.clear()
+            read = transfers.submit(disk, dst, slots, ids, tags=tags)
+            read.wait()
+            assert read.ok and batches == want, (preset, batches)
+            for k in range(n):
+                assert block_bytes(dst, int(ids[k])) == block_bytes(src, int(ids[k]))
         disk.close()
 
 

@@ -59,6 +59,15 @@ def check_tags(tags: Sequence[int] | None, n: int) -> list[int] | None:
     return out
 
 
+def batch_blocks(transfers: Transfers, disk: DiskKVCache, direct: np.ndarray | None) -> int:
+    """Blocks per batch: a bounce chunk's through a chunk; moved straight, no fewer than keep every I/O thread of
+    the disk busy with full-size requests where the slots are consecutive (a batch's requests are cut from its
+    slots alone, and the disk threads run two batches at a time)."""
+    if direct is None:
+        return transfers.bounce_blocks
+    return max(transfers.bounce_blocks, disk.file.full_batch_slots)
+
+
 def direct_array(host: Any, disk: DiskKVCache) -> np.ndarray | None:
     """The host cache's bytes as a flat uint8 array of ``num_blocks * slot_bytes`` when its blocks can be moved to
     and from the disk's slots as they are (same layout, dense blocks at the slot stride, 4 KiB-aligned base);
@@ -279,7 +288,7 @@ def host_write_steps(transfers: Transfers, src: Any, disk: DiskKVCache, src_ids:
     executor = transfers.disk_executor()
     errors: dict[int, str] = {}
     order = np.argsort(dst_ids, kind="stable")
-    size = transfers.bounce_blocks
+    size = batch_blocks(transfers, disk, direct)
     pending = deque(order[i:i + size] for i in range(0, order.size, size))
     copy = block_copier(src, pool.cache) if direct is None else None
     in_flight: list[_Batch] = []
@@ -421,7 +430,7 @@ def host_read_steps(transfers: Transfers, disk: DiskKVCache, dst: Any, src_ids: 
     errors: dict[int, str] = {}
     lost: set[int] = set()
     lock = threading.Lock()  # the I/O threads of several requests report into errors and lost
-    reads = _Reads(src_ids, tags, transfers.bounce_blocks)
+    reads = _Reads(src_ids, tags, batch_blocks(transfers, disk, direct))
     source = dst if direct is not None else pool.cache
     buffer = direct if direct is not None else pool.array
     sb = disk.slot_bytes
