@@ -318,9 +318,10 @@ class Engine:
         side; ``layerwise``: the load runs beside the forward, each layer's attention waiting for its own layers
         (as vLLM's ``wait_for_layer_load``); ``layer_stores``: the stores of the prompt's blocks start per group of
         layers as the forward saves each layer (as vLLM's ``save_kv_layer``, for sides with
-        ``DYN_KVBM_LAYERWISE_STORE``; None: as that variable says for every side). ``salt`` seeds the block hashes (as a request's cache salt does), so
-        requests of different salts share no block. After TTFT, loaded blocks are checked against ``reference``, and
-        the bytes of every block the request stored are recorded in ``record``."""
+        ``DYN_KVBM_LAYERWISE_STORE``; None: as that variable says for every side). ``salt`` seeds the block hashes
+        (as a request's cache salt does), so requests of different salts share no block. After TTFT, loaded blocks
+        are checked against ``reference``, and the bytes of every block the request stored are recorded in
+        ``record``."""
         self._count += 1
         rid = request_id or f"req-{self._count}"
         n = len(prompt)
