@@ -213,15 +213,15 @@ class Rank:
             self.count(moves)
             execute(moves)
 
-        execute_by_layers = self.worker.store.execute_by_layers
+        layered = self.worker.store.layered
 
-        def counting_by_layers(moves: Sequence[Any], groups: Any) -> Any:
+        def counting_layered(moves: Sequence[Any]) -> Any:  # (layer-wise loads and stores both come this way)
             moves = list(moves)
             self.count(moves)
-            return execute_by_layers(moves, groups)
+            return layered(moves)
 
         self.worker.store.execute = counting_execute
-        self.worker.store.execute_by_layers = counting_by_layers
+        self.worker.store.layered = counting_layered
         if setup.fail_every_nth_load:
             fail_every_nth_load(self.worker, setup.fail_every_nth_load)
 
