@@ -272,8 +272,9 @@ def test_a_step_time_is_its_slowest_rank_per_stage_summed_over_stages(tmp_path: 
 
 
 #: Hybrid models over 2 pipeline stages: one layer of each group per stage; all full-attention layers on stage 0
-#: and all sliding-window ones on stage 1; full attention + Mamba state, split likewise (align mode, and the state
-#: kept otherwise, which is refused for its own reason on one stage).
+#: and all sliding-window ones on stage 1; full attention + Mamba state, split likewise (align mode, and vLLM's
+#: "none" mode, whose state group stage 0 holds no layer of: refused for pipeline parallelism before its own refusal
+#: names the group's first layer).
 HYBRID_STAGES = {
     "alike": (H.TinyModelSpec(num_layers=4, layer_kinds=("full", "sliding", "full", "sliding"), sliding_window=40),
               [[1, 1], [1, 1]]),
