@@ -269,3 +269,49 @@ def test_a_step_time_is_its_slowest_rank_per_stage_summed_over_stages(tmp_path: 
             expected.append((ts[0].tokens, sum(stages)))
         assert observed == expected
         assert_clean(h)
+
+
+#: Hybrid models over 2 pipeline stages: one layer of each group per stage; all full-attention layers on stage 0
+#: and all sliding-window ones on stage 1; full attention + Mamba state, split likewise (align mode, and vLLM's
+#: "none" mode, whose state group stage 0 holds no layer of: refused for pipeline parallelism before its own refusal
+#: names the group's first layer).
+HYBRID_STAGES = {
+    "alike": (H.TinyModelSpec(num_layers=4, layer_kinds=("full", "sliding", "full", "sliding"), sliding_window=40),
+              [[1, 1], [1, 1]]),
+    "apart": (H.TinyModelSpec(num_layers=4, layer_kinds=("full", "full", "sliding", "sliding"), sliding_window=40),
+              [[2, 0], [0, 2]]),
+    "state": (H.TinyModelSpec(num_layers=4, layer_kinds=("full", "full", "mamba", "mamba"),
+                              mamba_cache_mode="align"), [[2, 0], [0, 2]]),
+    "unkept state": (H.TinyModelSpec(num_layers=4, layer_kinds=("full", "full", "mamba", "mamba")), [[2, 0], [0, 2]]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HYBRID_STAGES))
+def test_a_hybrid_model_under_pipeline_parallelism_is_refused_on_every_side(tmp_path: Path, name: str) -> None:
+    """vLLM's own plan for a hybrid model over 2 pipeline stages gives every stage the model's KV cache groups with
+    only its own layers (a stage may hold none of a group), the same block count, and the scheduler a copy of stage
+    0's groups: no side sees the other stage's block bytes the tiers are sized by (summed over ranks), so the
+    scheduler side and each stage's worker refuse the model, saying why."""
+    model, per_stage = HYBRID_STAGES[name]
+    config = H.HarnessConfig(connector=CONNECTOR, model=model, num_gpu_blocks=64, max_model_len=320,
+                             enable_prefix_caching=model.state_align or "mamba" not in model.layer_kinds)
+    model_dir = H.write_tiny_model_config(tmp_path / "model", model, config.resolved_max_model_len)
+    vllm_config = H.build_vllm_config(config, model_dir)
+    R.set_parallel(vllm_config, 1, 2)
+    planned, stages = R.plan_rank_caches(vllm_config, model, 1, 2, config.num_gpu_blocks)
+    names = [[g.layer_names for g in c.kv_cache_groups] for c in stages]
+    assert [[len(layers) for layers in groups] for groups in names] == per_stage
+    assert [[type(g.kv_cache_spec) for g in c.kv_cache_groups] for c in stages] == \
+        [[type(g.kv_cache_spec) for g in planned.scheduler_config.kv_cache_groups]] * 2
+    assert [g.layer_names for g in planned.scheduler_config.kv_cache_groups] == names[0]
+    assert {c.num_blocks for c in stages} == {planned.scheduler_config.num_blocks}
+    reason = ("does not support a hybrid model \\(2 KV cache groups\\) with pipeline parallelism "
+              "\\(pipeline_parallel_size=2\\): vLLM gives each stage's workers the model's groups with only that "
+              "stage's layers \\(this config: \\[{}, {}\\] layers per group; .* the scheduler a copy of stage 0's, so "
+              "no rank and not the scheduler knows the other stages' block bytes")
+    with pytest.raises(ValueError, match=reason.format(*per_stage[0])):
+        DynamoConnector(vllm_config, H.KVConnectorRole.SCHEDULER, planned.scheduler_config)
+    for stage, kv_config in enumerate(stages):
+        R.set_parallel(vllm_config, 1, 2, rank=stage)
+        with pytest.raises(ValueError, match=reason.format(*per_stage[stage])):
+            DynamoConnector(vllm_config, H.KVConnectorRole.WORKER, kv_config)

@@ -36,12 +36,16 @@ def check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> 
     for name in ("prefill_context_parallel_size", "decode_context_parallel_size"):
         if (size := getattr(vllm_config.parallel_config, name, 1)) > 1:
             raise ValueError(f"DynamoConnector does not support context parallelism; got {name}={size}")
+    groups, pp = kv_cache_config.kv_cache_groups, vllm_config.parallel_config.pipeline_parallel_size
+    if len(groups) > 1 and pp > 1:
+        raise ValueError(
+            f"DynamoConnector does not support a hybrid model ({len(groups)} KV cache groups) with pipeline "
+            f"parallelism (pipeline_parallel_size={pp}): vLLM gives each stage's workers the model's groups with only "
+            f"that stage's layers (this config: {[len(g.layer_names) for g in groups]} layers per group; a stage may "
+            f"hold none of a group) and the scheduler a copy of stage 0's, so no rank and not the scheduler knows "
+            f"the other stages' block bytes, while kvbm sizes the tiers of every rank, alike on both sides, by one "
+            f"block's bytes summed over all ranks")
     kv_groups(kv_cache_config)
-    groups = kv_cache_config.kv_cache_groups
-    if len(groups) > 1 and vllm_config.parallel_config.pipeline_parallel_size > 1:
-        raise ValueError(f"DynamoConnector does not support a hybrid model ({len(groups)} KV cache groups) with "
-                         f"pipeline parallelism (pipeline_parallel_size="
-                         f"{vllm_config.parallel_config.pipeline_parallel_size})")
 
 
 def kv_groups(kv_cache_config: KVCacheConfig) -> tuple[tuple[KVGroup, ...], str | None]:
