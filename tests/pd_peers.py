@@ -89,7 +89,7 @@ def instance_main(conn, kv_role: str, host_blocks: int, extra: dict[str, Any], t
             elif cmd[0] == "decode":
                 _, request_id, prompt, params, max_tokens, kill_pid = cmd
                 if kill_pid is not None:
-                    _kill_after_remote_load_starts(ranks[0].connector.worker.store, kill_pid)
+                    _kill_when_remote_load_starts(ranks[0].connector.worker.store, kill_pid)
                 computed, reasons = 0, []
                 before, local = h.cache_stats.external_hits, h.cache_stats.gpu_hits
                 h.add_request(request_id, prompt, max_tokens, kv_transfer_params=params)
@@ -135,15 +135,32 @@ def instance_main(conn, kv_role: str, host_blocks: int, extra: dict[str, Any], t
         conn.send(("error", traceback.format_exc()))
 
 
-def _kill_after_remote_load_starts(store, pid: int) -> None:
-    """SIGKILL ``pid`` as soon as ``store`` has submitted a load from another instance (the read is in flight)."""
+def _kill_when_remote_load_starts(store, pid: int) -> None:
+    """SIGKILL ``pid`` when ``store`` is handed a load from another instance, and let the store start the read only
+    once ``pid`` is dead: the load was planned while its peer lived, its read finds the peer gone. (Killed just
+    after the read is posted instead, a small read could finish first: UCX reads a peer's memory one-sided.)"""
     execute = store.execute
 
     def killing_execute(moves):
         moves = list(moves)
-        execute(moves)
         if any(m.remote is not None for m in moves) and store.execute is killing_execute:
             store.execute = execute
             os.kill(pid, signal.SIGKILL)
+            _wait_dead(pid)
+        execute(moves)
 
     store.execute = killing_execute
+
+
+def _wait_dead(pid: int, timeout_s: float = 10.0) -> None:
+    """Until process ``pid`` (another process's child) has exited: gone, or a zombie its parent has not reaped."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.002)
+    raise TimeoutError(f"process {pid} still runs {timeout_s} s after SIGKILL")

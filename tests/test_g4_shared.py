@@ -116,7 +116,7 @@ def test_instance_loads_another_instances_prefix_then_forgets_it_when_it_dies(pa
     summary = _serve(procs, a, "a-doomed", doomed)
     assert summary["external"] == 0 and summary["computed"] == len(doomed) + 3, summary
     _copied(procs, b, _published(procs, a, HOST_BLOCKS))
-    pid = procs.ask(a, "pid")[1]  # A dies while B reads that prompt: its blocks fail, B recomputes them
+    pid = procs.ask(a, "pid")[1]  # A dies once B's worker is handed that prompt's load: its blocks fail, B recomputes
     summary = _serve(procs, b, "b-killed", doomed, kill_pid=pid)
     assert summary["failed_blocks"] == len(doomed) // BLOCK, summary
     assert summary["computed"] == len(doomed) + 3 and len(summary["output"]) == 4, summary

@@ -149,9 +149,10 @@ def test_slots_reused_after_the_pin_timed_out_are_not_served(cluster: Cluster) -
 
 
 def test_prefill_instance_killed_decode_recomputes(cluster: Cluster) -> None:
-    """(Last: it kills the second P.) P1 hands out params for two requests and is SIGKILLed while D's load of the
-    first is in flight; the second load finds it dead. Both fail (no byte served from P1), D recomputes the whole
-    prompts byte-exact, and still loads from P0."""
+    """(Last: it kills the second P.) P1 hands out params for two requests and is SIGKILLed once D's worker is
+    handed the load of the first (planned while P1 lived), before the read starts; the second load is planned with
+    P1 dead. Both fail (no byte served from P1), D recomputes the whole prompts byte-exact, and still loads from
+    P0."""
     rng = random.Random(5)
     procs, victim = cluster.procs, cluster.prefills[1]
     prompts = [_prompt(rng, 150), _prompt(rng, 200)]
