@@ -14,7 +14,8 @@ tier stores them):
                    into a random half of a file twice as large: runs of about two slots, gaps between them)
   raw in/sh/sc     beside each of those: the disk's own bandwidth for the same requests (the slots sorted per
                    batch, consecutive slots joined up to the tier's 4 MiB requests, 32 in flight; O_DIRECT
-                   pwrite / preadv, no checksums, no copies): what the tier's pattern allows on this disk
+                   pwrite / preadv, no checksums, no copies): what the tier's pattern allows on this disk. Each
+                   tier row's "% of the same requests raw" divides by the raw row timed right after it
 Without a GPU the G1 rows use a CPU cache of the same layout (path "cpu": the host <-> disk path through bounce
 chunks, with a layout conversion per I/O request). Each path (both directions) is warmed up with a one-block
 transfer first (the first read of a process compiles the bounce-to-host copy: timed inside the in-order read, it
@@ -112,8 +113,9 @@ def row(kind: str, path: str, direction: str, nbytes: int, seconds: float | None
 
 
 def summarize(runs: list[dict]) -> list[dict]:
-    """Rows of the rounds merged per (case, path, direction): median GB/s against the median raw figure of the direction, the
-    range of the runs, and bytes ok only if every run's were."""
+    """Rows of the rounds merged per (case, path, direction): median GB/s against the median raw figure of the
+    direction, the median of the rounds' percentages of the same requests raw (host <-> disk rows), the range of the
+    runs, and bytes ok only if every run's were."""
     merged: dict[tuple[str, str, str], list[dict]] = {}
     for r in runs:
         merged.setdefault((r["case"], r["path"], r["direction"]), []).append(r)
@@ -128,9 +130,11 @@ def summarize(runs: list[dict]) -> list[dict]:
         if len(speeds) > 1:
             note = f"runs {min(speeds):.2f}-{max(speeds):.2f}" + (f"; {note}" if note else "")
         oks = [r["bytes_ok"] for r in rs if r["bytes_ok"] is not None]
+        same = [r["pct_of_same_requests"] for r in rs if "pct_of_same_requests" in r]
         out.append({"case": case, "path": path, "direction": rs[0]["direction"], "bytes": rs[0]["bytes"],
                     "runs": len(rs), "gbps": gbps, "gbps_runs": speeds,
                     "pct_of_raw": 100 * gbps / ceiling if gbps and ceiling else None,
+                    "pct_of_same_requests": statistics.median(same) if same else None,
                     "bytes_ok": all(oks) if oks else None, "note": note})
     return out
 
@@ -154,7 +158,7 @@ def gpu_rows(args, raw: dict, rows: list) -> None:
             ids = rng.permutation(2 * n)[:n]
             slots = rng.permutation(n)
             tags = [int(x) for x in rng.integers(1, 2**62, n)]
-            try:  # warm-up first: the first GPU transfer builds the transfer engine (its compiled enqueue takes seconds)
+            try:  # warm-up first: the first GPU transfer builds the transfer engine (its compiled enqueue: seconds)
                 transfers.submit(g1, disk, [0], [0], tags=[1]).wait()
                 transfers.submit(disk, g1, [0], [1], tags=[1]).wait()
                 sec, failed = timed_transfer(transfers, g1, disk, ids, slots, tags, disk.file.fileno())
@@ -195,13 +199,16 @@ def host_rows(args, raw: dict, rows: list) -> None:
                         slots = np.arange(n) if order == "in order" else rng.permutation(disk.num_blocks)[:n]
                         tags = [int(x) for x in rng.integers(1, 2**62, n)]
                         sec, failed = timed_transfer(transfers, host, disk, ids, slots, tags, disk.file.fileno())
-                        rows.append(row(f"G2->G3 {kib}K", order[:6], "write", n * g.block_bytes, sec, not failed,
-                                        raw))
+                        wrote = row(f"G2->G3 {kib}K", order[:6], "write", n * g.block_bytes, sec, not failed, raw)
                         fill_random(back, 6)
                         sec, failed = timed_transfer(transfers, disk, back, slots, ids, tags, None)
                         ok = not failed and same_blocks(host, ids, back, ids)
-                        rows.append(row(f"G3->G2 {kib}K", order[:6], "read", n * g.block_bytes, sec, ok, raw))
-                        pattern_rows(args.dir, g.block_bytes, disk.num_blocks, slots, order, kib, raw, rows)
+                        read = row(f"G3->G2 {kib}K", order[:6], "read", n * g.block_bytes, sec, ok, raw)
+                        rows += [wrote, read]
+                        pattern = pattern_rows(args.dir, g.block_bytes, disk.num_blocks, slots, order, kib, raw, rows)
+                        for r in (wrote, read):  # against the same requests raw, right after, in the same round
+                            if r["gbps"] and pattern[r["direction"]]:
+                                r["pct_of_same_requests"] = 100 * r["gbps"] / pattern[r["direction"]]
                     finally:
                         disk.close()
         finally:
@@ -210,9 +217,9 @@ def host_rows(args, raw: dict, rows: list) -> None:
 
 
 def pattern_rows(directory: str, slot_bytes: int, file_slots: int, slots: np.ndarray, order: str, kib: int,
-                 raw: dict, rows: list) -> None:
+                 raw: dict, rows: list) -> dict[str, float | None]:
     """The disk's own bandwidth for the slots' access pattern (`raw_pattern_case`: the tier's requests, no
-    checksums, no host copies), as rows of path "raw" beside the tier's."""
+    checksums, no host copies), as rows of path "raw" beside the tier's; returns their GB/s by direction."""
     runs = slot_runs(slots, slot_bytes, MAX_IO_BYTES, HOST_BATCH)
     total = slots.size * slot_bytes
     data, dst = random_mmap(total, np.random.default_rng(7)), mmap.mmap(-1, total)
@@ -221,8 +228,10 @@ def pattern_rows(directory: str, slot_bytes: int, file_slots: int, slots: np.nda
     finally:
         del data, dst
     note = f"{len(runs)} requests of {total / len(runs) / 1024:.0f} KiB on average, {IN_FLIGHT} in flight"
-    rows.append(row(f"G2->G3 {kib}K", f"raw {order[:2]}", "write", total, tw, ok, raw, note))
-    rows.append(row(f"G3->G2 {kib}K", f"raw {order[:2]}", "read", total, tr, ok, raw, note))
+    wrote = row(f"G2->G3 {kib}K", f"raw {order[:2]}", "write", total, tw, ok, raw, note)
+    read = row(f"G3->G2 {kib}K", f"raw {order[:2]}", "read", total, tr, ok, raw, note)
+    rows += [wrote, read]
+    return {"write": wrote["gbps"], "read": read["gbps"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,11 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     raw = {r["direction"]: r["gbps"] for r in rows if r["case"] == "raw"}
     (out / "results.json").write_text(json.dumps({"meta": meta, "raw_gbps": raw, "rows": rows, "runs": runs},
                                                  indent=1))
-    lines = ["| case | path | GB/s | % of raw O_DIRECT | bytes ok | note |", "|---|---|---|---|---|---|"]
+    lines = ["| case | path | GB/s | % of raw O_DIRECT | % of the same requests raw | bytes ok | note |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['path']} | {r['gbps']:.2f} | {r['pct_of_raw']:.1f} | "
+        same = "" if r["pct_of_same_requests"] is None else f"{r['pct_of_same_requests']:.1f}"
+        lines.append(f"| {r['case']} | {r['path']} | {r['gbps']:.2f} | {r['pct_of_raw']:.1f} | {same} | "
                      f"{'yes' if r['bytes_ok'] else 'NO'} | {r['note']} |" if r["gbps"] else
-                     f"| {r['case']} | {r['path']} | n/a | n/a | - | {r['note']} |")
+                     f"| {r['case']} | {r['path']} | n/a | n/a | | - | {r['note']} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if all(r["bytes_ok"] in (True, None) for r in rows) else 1
