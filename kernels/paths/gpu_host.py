@@ -11,12 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from kvbm.layouts import copy_blocks
 
 from ..block_transfer import BlockTransfer, Steps
 from ..copy_plan import IdentityMemo
+from ..host_memory import cache_is_pinned, unregistrations
 from ..medium import Medium, medium_of
+from ..transfer import TransferEngine, TransferSpec
 from ..transfers import Transfers, register_path
 
 __all__ = ["GpuHostPath", "blocks_dense", "whole_blocks_contiguous"]
@@ -63,21 +66,20 @@ class GpuHostPath:
     def __init__(self, transfers: Transfers) -> None:
         self._transfers = transfers
         self._pairs = IdentityMemo()  # (src, dst) -> (by the engine?, host unregistrations when checked)
+        self._engines: dict[Any, TransferEngine] = {}  # (each submit takes its device's engine from here)
 
-    def _engine(self, device: Any) -> Any:
-        from ..transfer import TransferEngine
-
-        return self._transfers.shared(f"transfer_engine:{device}", lambda: TransferEngine(device))
+    def _engine(self, device: Any) -> TransferEngine:
+        engine = self._engines.get(device)
+        if engine is None:
+            engine = self._engines[device] = self._transfers.shared(f"transfer_engine:{device}",
+                                                                    lambda: TransferEngine(device))
+        return engine
 
     def _side_stream(self, device: Any) -> Any:
-        import torch
-
         return self._transfers.shared(f"side_stream:{device}", lambda: torch.cuda.Stream(device, priority=-1))
 
     def submit(self, src: Any, dst: Any, src_ids: np.ndarray, dst_ids: np.ndarray) -> BlockTransfer:
         """Enqueue the copy; raises ValueError for an unpinned host cache or a GPU other than ``src``'s."""
-        from ..host_memory import cache_is_pinned, unregistrations
-
         kinds = medium_of(src), medium_of(dst)
         gpu = src if kinds[0] is Medium.GPU else dst
         key = (id(src), id(dst))
@@ -90,8 +92,6 @@ class GpuHostPath:
             kept = self._pairs.keep(key, (host is not None and blocks_dense(host), unregistrations()),
                                     src, dst)
         if kept[0]:
-            from ..transfer import TransferSpec
-
             engine = self._engine(gpu.device)
             spec = TransferSpec("d2h" if gpu is src else "h2d", src, dst, src_ids, dst_ids)
             handle = engine.submit([spec], ids_checked=True)[0]  # (the face checked the ids, this path the pinning)
@@ -101,8 +101,6 @@ class GpuHostPath:
 
     def _by_kernel(self, device: Any, src: Any, dst: Any, src_ids: np.ndarray, dst_ids: np.ndarray) -> BlockTransfer:
         """The copy kernel on the side stream (over UVA for a host side), after the caller's queued work."""
-        import torch
-
         stream = self._side_stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
