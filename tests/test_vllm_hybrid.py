@@ -296,22 +296,31 @@ def test_group_keys_never_collide() -> None:
     assert window.first_kept_block(144) == 6 and window.first_kept_block(30) == 0 and full.first_kept_block(144) == 0
 
 
+def leader_with_stores(second: KVGroup, tokens: list[int], group_ids: list[int], keep_from: int
+                       ) -> tuple[ConnectorLeader, Any, Any, dict[str, list[int]]]:
+    """The engine-independent leader of a full group and ``second`` (blocks of 4 tokens, G2 only) after request "a"
+    of ``tokens`` planned the stores of its first 8 blocks (engine blocks 20..27 in the full group, ``group_ids``
+    in the second, block 0 the null placeholder), the second group's from block ``keep_from``: (leader, the
+    request's state, the step's plan, the source block ids stored per engine tier)."""
+    config = KvbmConfig(cpu_cache_override_num_blocks=64, max_transfer_batch_size=8)
+    leader = ConnectorLeader(kvbm_tiers(config, 4096), config, block_size=4)
+    leader.use_groups((KVGroup(0, FULL, 4, "f"), second))
+    state = leader.track("a", salt=0)
+    state.block_ids, state.groups[0].block_ids = list(range(20, 28)), group_ids
+    leader.plan_stores(state, tokens, 8)
+    leader.plan_stores(state, tokens, 8, group=1, keep_from=keep_from, null_block=0)
+    plan = leader.take_step()
+    return leader, state, plan, {m.src_tier: list(m.src_ids) for job in plan.stores for m in job.moves}
+
+
 def test_leader_hybrid_hit_loads_and_stores() -> None:
     """The engine-independent leader with a full and a sliding-window group (blocks of 4 tokens, window 6): stores
     skip placeholders and blocks below ``keep_from``, the common hit shrinks until the window group holds what its
     window reads, each group loads its own range into its own engine tier, and ``stores_below`` sees unreported
     window stores."""
-    config = KvbmConfig(cpu_cache_override_num_blocks=64, max_transfer_batch_size=8)
-    groups = (KVGroup(0, FULL, 4, "f"), KVGroup(1, WINDOW, 4, "w", window=5))
-    leader = ConnectorLeader(kvbm_tiers(config, 4096), config, block_size=4)
-    leader.use_groups(groups)
     tokens = list(range(10, 42))  # 8 blocks
-    state = leader.track("a", salt=0)
-    state.block_ids, state.groups[0].block_ids = list(range(20, 28)), [0, 0, 32, 33, 34, 35, 36, 37]
-    leader.plan_stores(state, tokens, 8)
-    leader.plan_stores(state, tokens, 8, group=1, keep_from=3, null_block=0)
-    plan = leader.take_step()
-    stored = {m.src_tier: list(m.src_ids) for job in plan.stores for m in job.moves}
+    leader, state, plan, stored = leader_with_stores(KVGroup(1, WINDOW, 4, "w", window=5), tokens,
+                                                     [0, 0, 32, 33, 34, 35, 36, 37], keep_from=3)
     assert stored == {"G1": list(range(20, 28)), "G1.1": [33, 34, 35, 36, 37]}  # 32 is below keep_from
     assert leader.stores_below(state, 1, 4) and not leader.stores_below(state, 1, 3)
     leader.apply(WorkerReport({m.move_id: MoveResult(m.move_id) for job in plan.stores for m in job.moves}))

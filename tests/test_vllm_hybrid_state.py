@@ -27,15 +27,12 @@ import pytest
 import vllm_harness as H  # first: imports vLLM for the CPU platform, clear of the repo's kernels/ folder
 import vllm_ranks as R
 from test_vllm_connector import CONNECTOR, Gate, assert_clean, chat, kvbm_harness, metric, run_counting, worker_of
-from test_vllm_hybrid import chat_on_two_ranks, first_load_fails, store_then_ask_again
+from test_vllm_hybrid import chat_on_two_ranks, first_load_fails, leader_with_stores, store_then_ask_again
 from test_vllm_hybrid_unlike import record_failed_loads, record_hits
 
-from kvbm.config import KvbmConfig
 from kvbm.connectors.groups import FULL, STATE, KVGroup
-from kvbm.connectors.leader import ConnectorLeader
 from kvbm.connectors.messages import WorkerReport
 from kvbm.leader import MoveResult
-from kvbm.tiers import kvbm_tiers
 from kvbm.vllm_integration.ranks import kv_groups
 
 KINDS = ("full", "mamba", "full", "mamba")
@@ -336,17 +333,10 @@ def test_leader_state_group_hits_where_a_state_is_stored() -> None:
     """A full group and a state group, blocks of 4 tokens: the state group stores its real blocks (not the null
     placeholders between chunk ends, nor those below ``keep_from``); a hit ends where the full group's run holds
     and a state is stored, and loads the full blocks after the engine's hit and the one state block at its end."""
-    config = KvbmConfig(cpu_cache_override_num_blocks=64, max_transfer_batch_size=8)
-    leader = ConnectorLeader(kvbm_tiers(config, 4096), config, block_size=4)
-    leader.use_groups((KVGroup(0, FULL, 4, "f"), KVGroup(1, STATE, 4, "s")))
     tokens = list(range(10, 46))  # 9 blocks
-    state = leader.track("a", salt=0)
     # chunks ended at 8 and 24 tokens, decode reached 32: states in columns 1, 5 and 7
-    state.block_ids, state.groups[0].block_ids = list(range(20, 28)), [0, 31, 0, 0, 0, 35, 0, 37]
-    leader.plan_stores(state, tokens, 8)
-    leader.plan_stores(state, tokens, 8, group=1, keep_from=2, null_block=0)
-    plan = leader.take_step()
-    stored = {m.src_tier: list(m.src_ids) for job in plan.stores for m in job.moves}
+    leader, state, plan, stored = leader_with_stores(KVGroup(1, STATE, 4, "s"), tokens,
+                                                     [0, 31, 0, 0, 0, 35, 0, 37], keep_from=2)
     assert stored == {"G1": list(range(20, 28)), "G1.1": [35, 37]}  # 31 is below keep_from
     assert leader.stores_below(state, 1, 6) and not leader.stores_below(state, 1, 5)
     leader.apply(WorkerReport({m.move_id: MoveResult(m.move_id) for job in plan.stores for m in job.moves}))
