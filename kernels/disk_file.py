@@ -433,8 +433,7 @@ class DiskBlockFile:
         request's (slot, buffer block) pairs (e.g. to checksum them); if it raises, the request's slots fail.
         Raises ValueError on an adopted (read-only) file.
         """
-        if self.read_only:
-            raise ValueError(f"{self.path!r} is another process's file, adopted to be read only")
+        self._check_writable()
         return self._transfer(slots, src, buf_blocks, reading=False, hook=before_write)
 
     def read_slots(
@@ -451,6 +450,10 @@ class DiskBlockFile:
         """
         return self._transfer(slots, dst, buf_blocks, reading=True, hook=on_read)
 
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ValueError(f"{self.path!r} is another process's file, adopted to be read only")
+
     def precheck(self, slots: Sequence[int], reading: bool) -> dict[int, OSError]:
         """For I/O done outside this object (cuFile): the errors `read_slots` / `write_slots` would report before
         moving a byte (the file deleted; slots lost to a truncation, for reads), by slot id."""
@@ -465,9 +468,9 @@ class DiskBlockFile:
                                 "underneath; rewrite it first") for s in slots if self._lost[s]}
 
     def mark_written(self, slots: Sequence[int]) -> None:
-        """For I/O done outside this object (cuFile): ``slots`` were written completely."""
-        if self.read_only:
-            raise ValueError(f"{self.path!r} is another process's file, adopted to be read only")
+        """For I/O done outside this object (cuFile): ``slots`` were written completely. Raises ValueError on an
+        adopted (read-only) file."""
+        self._check_writable()
         with self._lost_lock:
             for s in slots:
                 self._lost[s] = 0
