@@ -4,9 +4,9 @@ A path describes its work as a generator of steps: it yields what it is waiting 
 `TransferHandle`, a `concurrent.futures.Future`, or None for "a resource is busy, ask again later") and returns
 the failed blocks as ``{index: reason}`` (indices into the transfer's block lists), or ``(failed, lost)`` where
 ``lost`` are the failed blocks whose source bytes are known bad (a failed disk read, a checksum mismatch): the
-index drops those, while a block that failed for another reason (a copy that raised) keeps its stored copy. `done()` advances the steps
-without blocking; `wait()` blocks on what the current step waits for. A path that finishes at once returns
-`BlockTransfer.completed(...)`.
+index drops those, while a block that failed for another reason (a copy that raised) keeps its stored copy.
+`done()` advances the steps without blocking; `wait()` blocks on what the current step waits for. A path that
+finishes at once returns `BlockTransfer.completed(...)`.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from collections.abc import Generator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from typing import Any
+
+from . import stream_events
 
 __all__ = ["BlockStatus", "BlockTransfer", "Steps"]
 
@@ -133,6 +135,17 @@ class BlockTransfer:
             return
         if self.device_done is not None and stream is not None:
             stream.wait_event(self.device_done)
+        else:
+            self.wait()
+
+    def order_raw_stream(self, stream: int) -> None:
+        """`order_stream` for a raw CUDA stream handle, for callers on a per-layer path: with a recorded
+        ``device_done`` event the stream waits for it through the driver, without polling the transfer (a wait on an
+        event that has completed costs the device nothing); without one the call blocks until the transfer is
+        done."""
+        event = int(self.device_done.cuda_event) if self.device_done is not None else 0  # (0: never recorded)
+        if event:
+            stream_events.wait(stream, event)
         else:
             self.wait()
 

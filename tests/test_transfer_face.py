@@ -2,6 +2,7 @@
 `BlockTransfer` handle that completes per block."""
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future
 
 import numpy as np
@@ -160,6 +161,22 @@ def test_block_transfer_steps_wait_and_fail_per_block():
 
     odd = BlockTransfer(2, "test", out_of_range())
     assert odd.done() and odd.results == [BlockStatus.FAILED] * 2
+
+
+def test_ordering_a_raw_stream_after_a_transfer_without_a_device_event_waits_for_it():
+    """A transfer whose work is not all on the device (no ``device_done``) cannot be waited for by a stream: ordering
+    a raw stream after it blocks until it is done."""
+    gate: Future = Future()
+
+    def steps():
+        yield gate
+        return {}, set()
+
+    transfer = BlockTransfer(2, "test", steps())
+    threading.Timer(0.05, gate.set_result, (None,)).start()
+    assert not transfer.done()
+    transfer.order_raw_stream(0)
+    assert transfer.done() and transfer.ok
 
 
 def test_random_layouts_round_trip_through_a_host_tier():

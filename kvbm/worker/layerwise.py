@@ -88,9 +88,8 @@ class LayerwiseLoads:
         on the device (once per group and stream: the group's later layers follow on that stream anyway), on the
         CPU the call blocks until they are done.
 
-        On the GPU this runs once per layer of every forward, so it takes raw handles (the current stream's, each
-        transfer's completion event) and the driver's wait directly, without polling the transfers: a wait on an
-        event that has completed costs the device nothing."""
+        On the GPU this runs once per layer of every forward, so it takes the current stream's raw handle and
+        orders it without polling the transfers (`BlockTransfer.order_raw_stream`)."""
         if not self._waits:
             return
         if not 0 <= layer < self.num_layers:
@@ -101,11 +100,10 @@ class LayerwiseLoads:
         if key in self._ordered:
             return
         for transfer in self._waits[k]:
-            event = int(transfer.device_done.cuda_event) if self._gpu and transfer.device_done is not None else 0
-            if event:  # (0: never recorded)
-                stream_events.wait(raw_stream, event)
+            if raw_stream is None:
+                transfer.order_stream(None)
             else:
-                transfer.order_stream(torch.cuda.current_stream(self._device_index) if self._gpu else None)
+                transfer.order_raw_stream(raw_stream)
         self._ordered.add(key)
 
     def finish(self) -> bool:
