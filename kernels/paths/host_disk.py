@@ -36,6 +36,7 @@ from ..bounce import BounceChunk, BouncePool, bounce_pool
 from ..disk_cache import DiskKVCache, same_slot_layout
 from ..medium import Medium, medium_of
 from ..transfers import Transfers, register_path
+from .gpu_host import whole_blocks_contiguous
 
 __all__ = ["HostDiskPath", "bounced_read_steps", "bounced_write_steps", "check_tags", "direct_array", "start_transfer"]
 
@@ -72,8 +73,6 @@ def direct_array(host: Any, disk: DiskKVCache) -> np.ndarray | None:
     """The host cache's bytes as a flat uint8 array of ``num_blocks * slot_bytes`` when its blocks can be moved to
     and from the disk's slots as they are (same layout, dense blocks at the slot stride, 4 KiB-aligned base);
     None otherwise."""
-    from .gpu_host import whole_blocks_contiguous
-
     if not same_slot_layout(host.layout, disk.layout) or not whole_blocks_contiguous(host):
         return None
     base, nbytes = host.first_piece_address(), host.num_blocks * disk.slot_bytes
