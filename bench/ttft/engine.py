@@ -117,7 +117,8 @@ class G1Pool:
 class KvbmSide:
     """One kvbm instance over the engine's G1 caches: the scheduler side (``leader``) and one rank's worker side."""
 
-    def __init__(self, name: str, config: KvbmConfig, kv_caches: Sequence[torch.Tensor]) -> None:
+    def __init__(self, name: str, config: KvbmConfig, kv_caches: Sequence[torch.Tensor], *,
+                 layer_stores_by_default: bool) -> None:
         self.name = name
         cache = describe_vllm_kv_caches({f"model.layers.{i}.self_attn": t for i, t in enumerate(kv_caches)})
         self.block_bytes = cache.geometry.block_bytes
@@ -125,7 +126,7 @@ class KvbmSide:
         self.config = config
         #: Whether requests store per layer group when not told (``DYN_KVBM_LAYERWISE_STORE``, as the library's
         #: vLLM connector does); the side's own config has layer-wise stores available either way.
-        self.layer_stores_by_default = KvbmConfig.from_env().layerwise_store
+        self.layer_stores_by_default = layer_stores_by_default
         self.leader = ConnectorLeader(self.tiers, config, BLOCK_SIZE)
         self.worker = ConnectorWorker(cache, self.tiers, config)
 
@@ -141,7 +142,7 @@ class KvbmSide:
             disk_cache_override_num_blocks=disk_blocks or None, disk_io=disk_io,
             disk_cache_dir=Path(tempfile.mkdtemp(prefix="kvbm-ttft-", dir=disk_dir)) if disk_blocks else
             base.disk_cache_dir)
-        return cls(name, config, kv_caches)
+        return cls(name, config, kv_caches, layer_stores_by_default=base.layerwise_store)
 
     @property
     def tier(self) -> str:
