@@ -27,10 +27,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from kvbm.kernels.disk_file import DiskBlockFile
+from kvbm.kernels.disk_file import DiskBlockFile, plan_requests, slots_per_request
 from kvbm.kernels.gds import probe_gds
 
 MiB = 1 << 20
@@ -123,17 +124,14 @@ def raw_case(directory: str, data: mmap.mmap, dst: mmap.mmap, total: int, reques
 
 
 def slot_runs(slots: np.ndarray, slot_bytes: int, max_request: int, batch: int) -> list[tuple[int, int, int]]:
-    """The requests the disk tier makes of distinct ``slots``: sorted, cut into batches of ``batch`` slots, and
-    consecutive slots of a batch joined up to ``max_request`` bytes; each (first slot, slot count, index of the
-    first in sorted order)."""
-    per_request = max(1, max_request // slot_bytes)
-    runs: list[tuple[int, int, int]] = []
-    for k, s in enumerate(np.sort(slots).tolist()):
-        if runs and runs[-1][0] + runs[-1][1] == s and runs[-1][1] < per_request and k % batch:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1, runs[-1][2])
-        else:
-            runs.append((s, 1, k))
-    return runs
+    """The requests the disk tier makes of distinct ``slots``: sorted, cut into batches of ``batch`` slots, each
+    batch planned as the tier plans it (`plan_requests`: consecutive slots joined up to ``max_request`` bytes); each
+    (first slot, slot count, index of the first in sorted order)."""
+    per_request = slots_per_request(slot_bytes, max_request)
+    ordered = np.sort(slots).tolist()
+    return [(run[0][0], len(run), run[0][1])
+            for lo in range(0, len(ordered), batch)
+            for run in plan_requests([(s, lo + i) for i, s in enumerate(ordered[lo:lo + batch])], per_request)]
 
 
 def raw_pattern_case(directory: str, data: mmap.mmap, dst: mmap.mmap, slot_bytes: int, file_slots: int,
@@ -141,8 +139,6 @@ def raw_pattern_case(directory: str, data: mmap.mmap, dst: mmap.mmap, slot_bytes
     """O_DIRECT pwrite then preadv of ``runs`` (from `slot_runs`) on a preallocated file of ``file_slots`` slots,
     ``threads`` requests in flight, no checksums: the disk's own bandwidth for the tier's access pattern. Run ``k``
     moves the bytes at sorted index ``k`` of ``data`` / ``dst``."""
-    from concurrent.futures import ThreadPoolExecutor
-
     fd0, path = tempfile.mkstemp(prefix="kvbm-bench-pattern-", dir=directory)
     os.close(fd0)
     src, out = memoryview(data), memoryview(dst)

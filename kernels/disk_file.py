@@ -40,7 +40,7 @@ import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -246,6 +246,24 @@ def _remaining(bufs: list[memoryview], done: int) -> list[memoryview]:
     return out
 
 
+def slots_per_request(slot_bytes: int, max_io_bytes: int) -> int:
+    """The most slots one request moves: ``max_io_bytes`` of them, within the system's iovec limit, at least one."""
+    return max(1, min(_IOV_MAX, max_io_bytes // slot_bytes))
+
+
+def plan_requests(pairs: Iterable[tuple[int, int]], per_request: int) -> list[list[tuple[int, int]]]:
+    """(slot, buffer block) pairs as the requests that move them: sorted by slot, runs of consecutive slots joined
+    into one request of at most ``per_request`` slots."""
+    requests: list[list[tuple[int, int]]] = []
+    for s, b in sorted(pairs):
+        last = requests[-1] if requests else None
+        if last and last[-1][0] == s - 1 and len(last) < per_request:
+            last.append((s, b))
+        else:
+            requests.append([(s, b)])
+    return requests
+
+
 class DiskBlockFile:
     """A preallocated file of ``num_slots`` slots of ``slot_bytes`` (rounded up to 4 KiB) on one disk.
 
@@ -357,7 +375,7 @@ class DiskBlockFile:
         self.file_bytes = self.num_slots * self.slot_bytes
         self.read_only = read_only
         self._require_alignment = bool(use_o_direct)
-        self._slots_per_request = max(1, min(_IOV_MAX, max_io_bytes // self.slot_bytes))
+        self._slots_per_request = slots_per_request(self.slot_bytes, max_io_bytes)
         if lost is not None and (lost.dtype != np.uint8 or lost.shape != (self.num_slots,)):
             raise ValueError(f"lost must be a uint8 array of {self.num_slots} flags, got {lost.dtype} {lost.shape}")
         #: 1 = contents lost to a truncation, until rewritten
@@ -604,13 +622,7 @@ class DiskBlockFile:
                         f"slot {s} of {self.path!r} was lost when the file was truncated underneath; rewrite it first",
                     )
         pending = [(s, b) for s, b in zip(slot_list, block_list) if s not in result.errors]
-        requests: list[list[tuple[int, int]]] = []
-        for s, b in sorted(pending):
-            last = requests[-1] if requests else None
-            if last and last[-1][0] == s - 1 and len(last) < self._slots_per_request:
-                last.append((s, b))
-            else:
-                requests.append([(s, b)])
+        requests = plan_requests(pending, self._slots_per_request)
         if len(requests) <= 1:
             outcomes = [self._run_request(reading, mv, r, hook) for r in requests]
         else:
