@@ -44,6 +44,7 @@ import torch
 from bench.disk_bench import random_mmap, raw_case, raw_pattern_case, slot_runs
 from kvbm.kernels.disk_cache import DiskKVCache
 from kvbm.kernels.medium import Medium
+from kvbm.kernels.paths.host_disk import batch_blocks, direct_array
 from kvbm.kernels.transfers import Transfers
 from kvbm.layouts import KVGeometry, allocate, copy_blocks
 from kvbm.tiers import TierSpec
@@ -54,7 +55,7 @@ MiB = 1 << 20
 #: The disk tier's defaults: the largest request (`DiskBlockFile`), and the most requests in flight (2 disk threads
 #: of `Transfers`, each running a batch 16 requests at a time).
 MAX_IO_BYTES, IN_FLIGHT = 4 * MiB, 2 * 16
-#: Blocks per batch of the host <-> disk rows (the bounce chunk's size: a batch's slots are sorted into requests).
+#: Blocks of a bounce chunk in the host <-> disk rows.
 HOST_BATCH = 256
 #: Llama-3.1-8B: 32 layers x K/V x 16 tokens x 8 heads x 128 channels x bf16 = 2 MiB per block.
 LLAMA8B = KVGeometry(num_layers=32, num_kv=2, block_size=16, num_heads=8, head_dim=128, itemsize=2)
@@ -205,7 +206,9 @@ def host_rows(args, raw: dict, rows: list) -> None:
                         ok = not failed and same_blocks(host, ids, back, ids)
                         read = row(f"G3->G2 {kib}K", order[:6], "read", n * g.block_bytes, sec, ok, raw)
                         rows += [wrote, read]
-                        pattern = pattern_rows(args.dir, g.block_bytes, disk.num_blocks, slots, order, kib, raw, rows)
+                        batch = batch_blocks(transfers, disk, direct_array(host, disk))  # (the tier's batches)
+                        pattern = pattern_rows(args.dir, g.block_bytes, disk.num_blocks, slots, batch, order, kib,
+                                               raw, rows)
                         for r in (wrote, read):  # against the same requests raw, right after, in the same round
                             if r["gbps"] and pattern[r["direction"]]:
                                 r["pct_of_same_requests"] = 100 * r["gbps"] / pattern[r["direction"]]
@@ -216,11 +219,12 @@ def host_rows(args, raw: dict, rows: list) -> None:
             close_tier(back)
 
 
-def pattern_rows(directory: str, slot_bytes: int, file_slots: int, slots: np.ndarray, order: str, kib: int,
-                 raw: dict, rows: list) -> dict[str, float | None]:
-    """The disk's own bandwidth for the slots' access pattern (`raw_pattern_case`: the tier's requests, no
-    checksums, no host copies), as rows of path "raw" beside the tier's; returns their GB/s by direction."""
-    runs = slot_runs(slots, slot_bytes, MAX_IO_BYTES, HOST_BATCH)
+def pattern_rows(directory: str, slot_bytes: int, file_slots: int, slots: np.ndarray, batch: int, order: str,
+                 kib: int, raw: dict, rows: list) -> dict[str, float | None]:
+    """The disk's own bandwidth for the slots' access pattern (`raw_pattern_case`: the tier's requests of batches of
+    ``batch`` slots, no checksums, no host copies), as rows of path "raw" beside the tier's; returns their GB/s by
+    direction."""
+    runs = slot_runs(slots, slot_bytes, MAX_IO_BYTES, batch)
     total = slots.size * slot_bytes
     data, dst = random_mmap(total, np.random.default_rng(7)), mmap.mmap(-1, total)
     try:
