@@ -247,13 +247,18 @@ def _remaining(bufs: list[memoryview], done: int) -> list[memoryview]:
 
 
 def slots_per_request(slot_bytes: int, max_io_bytes: int) -> int:
-    """The most slots one request moves: ``max_io_bytes`` of them, within the system's iovec limit, at least one."""
+    """The most slots one request moves: ``max_io_bytes`` of them, within the system's iovec limit, at least one.
+    Raises ValueError unless both sizes are at least 1."""
+    if slot_bytes < 1 or max_io_bytes < 1:
+        raise ValueError(f"slot_bytes and max_io_bytes must be >= 1, got {slot_bytes}, {max_io_bytes}")
     return max(1, min(_IOV_MAX, max_io_bytes // slot_bytes))
 
 
 def plan_requests(pairs: Iterable[tuple[int, int]], per_request: int) -> list[list[tuple[int, int]]]:
     """(slot, buffer block) pairs as the requests that move them: sorted by slot, runs of consecutive slots joined
-    into one request of at most ``per_request`` slots."""
+    into one request of at most ``per_request`` slots. Raises ValueError for ``per_request`` below 1."""
+    if per_request < 1:
+        raise ValueError(f"per_request must be >= 1, got {per_request}")
     requests: list[list[tuple[int, int]]] = []
     for s, b in sorted(pairs):
         last = requests[-1] if requests else None

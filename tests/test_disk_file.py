@@ -22,7 +22,7 @@ import pytest
 from disk_faults import fill_filesystem, rng, tiny_fs  # noqa: F401  (rng and tiny_fs are fixtures)
 
 from kvbm.kernels import disk_file
-from kvbm.kernels.disk_file import ALIGNMENT, DiskBlockFile, SlotIOResult, align_up
+from kvbm.kernels.disk_file import ALIGNMENT, DiskBlockFile, SlotIOResult, align_up, plan_requests, slots_per_request
 
 POISON = 0xA5
 
@@ -101,6 +101,20 @@ def test_consecutive_slots_are_coalesced_and_split(tmp_path, rng, monkeypatch):
         assert f.read_slots(slots, dst).all_ok
         assert sorted(calls) == [("r", 3 * 4096, 3), ("r", 6 * 4096, 1), ("r", 10 * 4096, 2), ("r", 20 * 4096, 1)]
         assert dst[:] == src[:]
+
+
+def test_requests_are_planned_from_sorted_consecutive_slots_and_bad_sizes_are_refused():
+    """Pairs in any order become requests of consecutive slots, each at most ``per_request`` long, buffer blocks
+    kept with their slots."""
+    pairs = [(9, 0), (3, 1), (4, 2), (5, 3), (11, 4), (10, 5), (6, 6)]
+    assert plan_requests(pairs, 3) == [[(3, 1), (4, 2), (5, 3)], [(6, 6)], [(9, 0), (10, 5), (11, 4)]]
+    assert plan_requests(pairs, 1) == [[p] for p in sorted(pairs)] and plan_requests([], 4) == []
+    assert slots_per_request(4096, 4 << 20) == 1024 and slots_per_request(8 << 20, 4 << 20) == 1
+    for bad in ((0, 4096), (4096, 0)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            slots_per_request(*bad)
+    with pytest.raises(ValueError, match="per_request must be >= 1"):
+        plan_requests(pairs, 0)
 
 
 def test_adjacent_buffer_blocks_of_a_run_are_one_buffer(tmp_path, rng, monkeypatch):
