@@ -37,10 +37,10 @@ class HeldLayers:
         views = store._layer_views
         held = self
 
-        def held_submit(move: Any, src: Any, dst: Any) -> BlockTransfer:
+        def held_submit(move: Any, src: Any, dst: Any, ids: Any = None) -> BlockTransfer:
             group = next((start for (_, _, start, _stop), view in views.items() if view is src), None)
             if move.kind is not MoveKind.LOAD or group is None:
-                return submit(move, src, dst)
+                return submit(move, src, dst, ids)
 
             outcome: dict[str, Any] = {}
 
@@ -55,7 +55,7 @@ class HeldLayers:
                             held.failed["blocks"] += move.num_blocks
                             outcome["failed"] = {i: "injected layer failure" for i in range(move.num_blocks)}
                         else:
-                            inner = submit(move, src, dst)
+                            inner = submit(move, src, dst, ids)
                             inner.wait()
                             outcome["failed"] = inner.reasons
 

@@ -164,14 +164,14 @@ def fail_every_nth_load(worker: Any, every: int) -> None:
     store, chosen, seen = worker.store, {}, Counter()
     submit = store._submit
 
-    def failing_submit(move: Any, src: Any, dst: Any) -> BlockTransfer:
+    def failing_submit(move: Any, src: Any, dst: Any, ids: Any = None) -> BlockTransfer:
         if move.kind is MoveKind.LOAD:
             if move.move_id not in chosen:  # (a layer-wise move is submitted once per layer group)
                 seen["loads"] += 1
                 chosen[move.move_id] = seen["loads"] % every == 0
             if chosen[move.move_id]:
                 return BlockTransfer.failed(move.num_blocks, "injected", "injected failure")
-        return submit(move, src, dst)
+        return submit(move, src, dst, ids)
 
     store._submit = failing_submit
 
