@@ -103,7 +103,7 @@ class BlockTransfer:
         if steps is None:
             self._finish((dict(errors or {}), set(lost or ())))
         if steps is not None:
-            self._advance()
+            self._advance(poll=False)  # (to the first wait: a transfer just enqueued is seldom done, done() polls)
 
     @classmethod
     def completed(cls, num_blocks: int, path: str, errors: dict[int, str] | None = None,
@@ -154,12 +154,12 @@ class BlockTransfer:
         """A transfer whose every block failed for one reason."""
         return cls(num_blocks, path, None, {i: reason for i in range(num_blocks)})
 
-    def _advance(self) -> None:
-        """Run the steps until they wait on something unfinished, or return."""
+    def _advance(self, poll: bool = True) -> None:
+        """Run the steps until they wait on something unfinished (``poll`` False: on anything), or return."""
         try:
             while True:
                 self._waiting = self._steps.send(None)
-                if not _ready(self._waiting):
+                if not poll or not _ready(self._waiting):
                     return
         except StopIteration as end:
             self._finish(end.value or {})
