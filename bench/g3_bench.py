@@ -13,9 +13,10 @@ tier stores them):
                    into a permutation of the slots: sorted by slot, the I/O is still one run), "scatter" (the same
                    into a random half of a file twice as large: runs of about two slots, gaps between them)
   raw in/sh/sc     beside each of those: the disk's own bandwidth for the same requests (the slots sorted per
-                   batch, consecutive slots joined up to the tier's 4 MiB requests, 32 in flight; O_DIRECT
-                   pwrite / preadv, no checksums, no copies): what the tier's pattern allows on this disk. Each
-                   tier row's "% of the same requests raw" divides by the raw row timed right after it
+                   batch, consecutive slots joined up to the tier's 4 MiB requests, as many in flight as the tier's
+                   file runs at once (its I/O threads, 16); O_DIRECT pwrite / preadv, no checksums, no copies): what
+                   the tier's pattern allows on this disk. Each tier row's "% of the same requests raw" divides by
+                   the raw row timed right after it
 Without a GPU the G1 rows use a CPU cache of the same layout (path "cpu": the host <-> disk path through bounce
 chunks, with a layout conversion per I/O request). Each path (both directions) is warmed up with a one-block
 transfer first (the first read of a process compiles the bounce-to-host copy: timed inside the in-order read, it
@@ -52,9 +53,8 @@ from kvbm.tools.checkout import checkout_commit
 from kvbm.worker.tier_memory import allocate_tier, close_tier
 
 MiB = 1 << 20
-#: The disk tier's defaults: the largest request (`DiskBlockFile`), and the most requests in flight (2 disk threads
-#: of `Transfers`, each running a batch 16 requests at a time).
-MAX_IO_BYTES, IN_FLIGHT = 4 * MiB, 2 * 16
+#: The disk tier's largest request (`DiskBlockFile`).
+MAX_IO_BYTES = 4 * MiB
 #: Blocks of a bounce chunk in the host <-> disk rows.
 HOST_BATCH = 256
 #: Llama-3.1-8B: 32 layers x K/V x 16 tokens x 8 heads x 128 channels x bf16 = 2 MiB per block.
@@ -208,7 +208,7 @@ def host_rows(args, raw: dict, rows: list) -> None:
                         rows += [wrote, read]
                         batch = batch_blocks(transfers, disk, direct_array(host, disk))  # (the tier's batches)
                         pattern = pattern_rows(args.dir, g.block_bytes, disk.num_blocks, slots, batch, order, kib,
-                                               raw, rows)
+                                               raw, rows, disk.file.io_threads)
                         for r in (wrote, read):  # against the same requests raw, right after, in the same round
                             if r["gbps"] and pattern[r["direction"]]:
                                 r["pct_of_same_requests"] = 100 * r["gbps"] / pattern[r["direction"]]
@@ -220,18 +220,18 @@ def host_rows(args, raw: dict, rows: list) -> None:
 
 
 def pattern_rows(directory: str, slot_bytes: int, file_slots: int, slots: np.ndarray, batch: int, order: str,
-                 kib: int, raw: dict, rows: list) -> dict[str, float | None]:
+                 kib: int, raw: dict, rows: list, in_flight: int) -> dict[str, float | None]:
     """The disk's own bandwidth for the slots' access pattern (`raw_pattern_case`: the tier's requests of batches of
-    ``batch`` slots, no checksums, no host copies), as rows of path "raw" beside the tier's; returns their GB/s by
-    direction."""
+    ``batch`` slots, ``in_flight`` at once as the tier's file runs them, no checksums, no host copies), as rows of
+    path "raw" beside the tier's; returns their GB/s by direction."""
     runs = slot_runs(slots, slot_bytes, MAX_IO_BYTES, batch)
     total = slots.size * slot_bytes
     data, dst = random_mmap(total, np.random.default_rng(7)), mmap.mmap(-1, total)
     try:
-        tw, tr, ok = raw_pattern_case(directory, data, dst, slot_bytes, file_slots, runs, IN_FLIGHT)
+        tw, tr, ok = raw_pattern_case(directory, data, dst, slot_bytes, file_slots, runs, in_flight)
     finally:
         del data, dst
-    note = f"{len(runs)} requests of {total / len(runs) / 1024:.0f} KiB on average, {IN_FLIGHT} in flight"
+    note = f"{len(runs)} requests of {total / len(runs) / 1024:.0f} KiB on average, {in_flight} in flight"
     wrote = row(f"G2->G3 {kib}K", f"raw {order[:2]}", "write", total, tw, ok, raw, note)
     read = row(f"G3->G2 {kib}K", f"raw {order[:2]}", "read", total, tr, ok, raw, note)
     rows += [wrote, read]

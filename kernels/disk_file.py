@@ -510,6 +510,11 @@ class DiskBlockFile:
         return self._fd
 
     @property
+    def io_threads(self) -> int:
+        """The most I/O requests of this file in flight at once (its I/O threads, shared by concurrent batches)."""
+        return self._io_threads
+
+    @property
     def full_batch_slots(self) -> int:
         """Consecutive slots a batch needs to keep every I/O thread busy with a full-size request."""
         return self._io_threads * self._slots_per_request

@@ -15,6 +15,8 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -247,6 +249,39 @@ def test_a_batch_of_many_requests_is_one_task_per_io_thread(tmp_path, rng, monke
         assert f.read_slots(slots, dst).all_ok
         assert len(tasks) == 3 and sorted(done_by) == slots
         assert all(block(dst, i, 4096) == block(src, s, 4096) for i, s in enumerate(slots))
+
+
+def test_concurrent_batches_share_the_files_io_threads(tmp_path, rng, monkeypatch):
+    """Two batches read at once from two threads run at most ``io_threads`` requests at a time between them (the
+    raw rows of the G3 bench keep as many in flight), every byte right."""
+    with DiskBlockFile(tmp_path, 64, 4096, io_threads=3) as f:
+        assert f.io_threads == 3
+        src = random_buffer(rng, 64 * 4096)
+        assert f.write_slots(range(64), src).all_ok
+        real_preadv = os.preadv
+        lock = threading.Lock()
+        now, most = [0], [0]
+
+        def preadv(fd, bufs, offset):
+            with lock:
+                now[0] += 1
+                most[0] = max(most[0], now[0])
+            try:
+                time.sleep(0.002)  # long enough for the other batch's requests to pile up if they could
+                return real_preadv(fd, bufs, offset)
+            finally:
+                with lock:
+                    now[0] -= 1
+
+        monkeypatch.setattr(os, "preadv", preadv)
+        halves = [list(range(0, 64, 4)), list(range(2, 64, 4))]  # 16 separate runs each
+        dsts = [poisoned_buffer(16 * 4096) for _ in halves]
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(lambda k: f.read_slots(halves[k], dsts[k]), range(2)))
+        assert all(r.all_ok for r in results)
+        assert most[0] == 3
+        for slots, dst in zip(halves, dsts):
+            assert all(block(dst, i, 4096) == block(src, s, 4096) for i, s in enumerate(slots))
 
 
 def test_o_direct_refused_falls_back_with_warning(tmp_path, rng, monkeypatch, caplog):
