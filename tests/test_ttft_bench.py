@@ -171,6 +171,9 @@ def test_smoke_run_writes_every_row_with_bytes_checked(tmp_path):
             assert row["bytes_ok"] is True and row["bad_blocks"] == 0
             assert row["checked_blocks"] == 3 * prefix // 16  # every loaded block of every timed request
             assert row["loaded_tokens"] == 3 * prefix
+        bulk, layerwise = modes["G2 hit, bulk onboard"], modes["G2 hit, layer-wise"]
+        share = (bulk["ttft_ms"] - layerwise["ttft_ms"]) / bulk["load_ms"]
+        assert f"hides {100 * share:.0f}% of the bulk load ({bulk['load_ms']:.1f} ms)" in layerwise["note"]
         assert modes["G3 hit, gds"]["ttft_ms"] is None and "unavailable" in modes["G3 hit, gds"]["note"]
         assert modes["recompute"]["computed_tokens"] == 3 * (prefix + 32)
         auto = modes["G3 hit, cost rule"]  # loaded or recomputed, as the rule decided (a CPU's timings)
@@ -192,6 +195,16 @@ def test_smoke_run_writes_every_row_with_bytes_checked(tmp_path):
     assert auto["requests"] == 6 and auto["rule"]["loads"] + auto["rule"]["recomputes"] > 0
     assert auto["checked_blocks"] == auto["loaded_tokens"] // 16 and auto["bytes_ok"] is not False
     assert (auto["loaded_tokens"] > 0) == (auto["rule"]["loads"] > 0)
+
+
+def test_hidden_share_of_the_bulk_load(ttft):
+    """(bulk TTFT - layer-wise TTFT) / bulk load ms; no share without timed requests or a load to hide."""
+    row = ttft["bench"].Row
+    bulk = row("m", "prefix", "G2 hit, bulk onboard", 2048, 256, ttft_ms=28.0, load_ms=5.0, requests=3)
+    assert ttft["bench"].hidden_share(bulk, row("m", "prefix", "G2 hit, layer-wise", 2048, 256, ttft_ms=24.0,
+                                             requests=3)) == pytest.approx(0.8)
+    assert ttft["bench"].hidden_share(bulk, row("m", "prefix", "G2 hit, layer-wise", 2048, 256)) is None
+    assert ttft["bench"].hidden_share(dataclasses.replace(bulk, load_ms=0.0), bulk) is None
 
 
 def test_a_kvbm_mode_that_raises_is_reported_and_dropped(ttft, tmp_path, monkeypatch):
