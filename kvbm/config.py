@@ -20,8 +20,9 @@ its own group; ``DISABLE_LAYERWISE_ONBOARD`` loads every hit before the request 
 G3 always are).
 
 Stores: ``LAYERWISE_STORE`` (on by default) starts a step's stores into host memory per group of layers as the
-forward saves them (`kvbm.worker.layerwise_stores`); off, they start after the forward. ``MAX_STORE_BACKLOG_MS`` (`kvbm.policies.store_backlog`) bounds the writes queued by stores from the engine
-into the first tier, at that tier's measured write rate; blocks beyond it are not stored (0: no bound).
+forward saves them (`kvbm.worker.layerwise_stores`); off, they start after the forward. ``MAX_STORE_BACKLOG_MS``
+(`kvbm.policies.store_backlog`) bounds the writes queued by stores from the engine into the first tier, at that
+tier's measured write rate; blocks beyond it are not stored (0: no bound).
 
 Disaggregated prefill -> decode (`kvbm.connectors.pd`): ``PD_PIN_TIMEOUT_SECS`` is how long a prefill instance
 keeps a finished request's blocks for a decode instance that has not read them, ``PD_LOAD_TIMEOUT_SECS`` how long

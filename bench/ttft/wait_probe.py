@@ -27,7 +27,8 @@ VARIANTS = ("as is", "no attention", "carve-out 16", "cuBLASLt", "cuBLASLt carve
 
 
 def _setting(name: str) -> None:
-    """Apply variant ``name``'s matmul library and SM carve-out (None: torch's defaults)."""
+    """Apply variant ``name``'s matmul library (cuBLASLt, else cuBLAS, torch's default) and SM carve-out (none
+    unless the name gives one)."""
     torch.backends.cuda.preferred_blas_library("cublaslt" if "cuBLASLt" in name else "cublas")
     torch._C._set_sm_carveout_experimental(int(name.split()[-1]) if "carve-out" in name else None)
 
@@ -37,6 +38,7 @@ def _longest_kernels(run: Any, top: int = 6) -> list[str]:
     profiler trace)."""
     import json
     import tempfile
+    from pathlib import Path
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -45,7 +47,7 @@ def _longest_kernels(run: Any, top: int = 6) -> list[str]:
         torch.cuda.synchronize()
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        trace = json.load(open(f.name))
+        trace = json.loads(Path(f.name).read_text())
     totals: dict[tuple[str, str, str], list[float]] = {}
     for event in trace.get("traceEvents", []):
         if event.get("cat") == "kernel":
