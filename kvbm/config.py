@@ -16,8 +16,9 @@ tier (``G4_*``: reads of another instance's G2 found through the directory).
 
 Layer-wise onboarding: a prefix hit held entirely in G2 is loaded while the forward that uses it runs, one group of
 layers at a time (1, 2, 4, ... layers, up to ``ONBOARD_LAYERS_PER_GROUP``), each layer's attention waiting only for
-its own group; ``DISABLE_LAYERWISE_ONBOARD`` loads every hit before the request is scheduled instead (as hits from
-G3 always are).
+its own group; where the cost rule's estimates say the step's forward outlasts the load, later groups grow larger
+(`kvbm.worker.layerwise.layer_groups`), unless ``DISABLE_COST_LAYER_GROUPS``; ``DISABLE_LAYERWISE_ONBOARD`` loads
+every hit before the request is scheduled instead (as hits from G3 always are).
 
 Stores: ``LAYERWISE_STORE`` (on by default) starts a step's stores into host memory per group of layers as the
 forward saves them (`kvbm.worker.layerwise_stores`); off, they start after the forward. ``MAX_STORE_BACKLOG_MS``
@@ -145,6 +146,7 @@ class KvbmConfig:
     cost_probe_secs: float = 60.0
     max_store_backlog_ms: float = 100.0
     disable_layerwise_onboard: bool = False
+    disable_cost_layer_groups: bool = False
     layerwise_store: bool = True
     onboard_layers_per_group: int = 4
     pd_pin_timeout_secs: float = 120.0
@@ -306,7 +308,7 @@ def _parse_choice(name: str, text: str) -> str:
 
 _BOOL_FIELDS = frozenset(
     {"disable_disk_offload_filter", "disk_zerofill_fallback", "disk_disable_o_direct", "metrics",
-     "disable_cost_aware_hits", "disable_layerwise_onboard", "layerwise_store"}
+     "disable_cost_aware_hits", "disable_layerwise_onboard", "disable_cost_layer_groups", "layerwise_store"}
 )
 
 # Cold-start values of the cost-aware hit rule (`kvbm.policies.cost`), chosen for an 8B model (Llama-3-8B:

@@ -507,6 +507,60 @@ def test_connector_leader_lookup_reports_only_hits_worth_loading():
     assert no_rule.cost is None
 
 
+def test_step_seconds_from_the_fit_else_the_average_else_the_configured_rate(rng):
+    """A whole step's expected time: configured rate first, the average rate while steps give no slope, then the
+    fit's fixed part plus its per-token part (within 5% of the model the steps were drawn from)."""
+    p = policy(prefill=8000.0)
+    assert p.step_seconds(256) == pytest.approx(256 / 8000.0)
+    for _ in range(4):
+        p.observe_prefill(1024, step_seconds(1024, rng, noise=0.0))
+    assert p.step_seconds(256) == pytest.approx(256 / (1024 / (FIXED_S + 1024 / MARGINAL)))
+    for n in (int(t) for t in rng.integers(128, 4097, size=40)):
+        p.observe_prefill(n, step_seconds(n, rng))
+    for n in (0, 256, 2048):
+        assert p.step_seconds(n) == pytest.approx(FIXED_S + n / MARGINAL, rel=0.05)
+    with pytest.raises(ValueError, match="tokens must be"):
+        p.step_seconds(-1)
+
+
+def test_the_fit_keeps_the_steps_fixed_part(rng):
+    fit = StepFit()
+    assert fit.seconds(100) is None and fit.fixed is None
+    for n in (int(t) for t in rng.integers(128, 4097, size=WINDOW)):
+        fit.add(n, FIXED_S + n / MARGINAL)
+    assert fit.fixed == pytest.approx(FIXED_S, rel=1e-6) and fit.seconds(1000) == pytest.approx(
+        FIXED_S + 1000 / MARGINAL, rel=1e-6)
+    for _ in range(WINDOW):
+        fit.add(2000, 0.5)  # one size again: no slope, no fixed part
+    assert fit.fixed is None and fit.seconds(1000) is None
+
+
+def test_the_step_plan_carries_the_forward_over_the_layerwise_transfer():
+    """``layer_ratio``: the step's expected forward time over its layer-wise loads' expected transfer time; 0 for a
+    step without layer-wise loads or tokens, without a rule, or with DYN_KVBM_DISABLE_COST_LAYER_GROUPS."""
+    tiers = [TierSpec("G2", Medium.HOST, 64)]
+    hashes = list(range(1, 33))
+
+    def leader_with_blocks(cfg: KvbmConfig, **kw) -> ConnectorLeader:
+        leader = ConnectorLeader(tiers, cfg, 16, **kw)
+        _settle(leader, leader.index.plan_store(hashes, list(range(32))).moves)
+        return leader
+
+    cfg = KvbmConfig(prefill_tokens_per_s=20_000.0, host_load_gb_per_s=40.0, host_load_latency_ms=0.0)
+    leader = leader_with_blocks(cfg, block_bytes=BLOCK)
+    leader.plan_load("r", hashes, list(range(100, 132)), layerwise=True)
+    transfer = 32 * BLOCK / 40e9
+    assert leader.take_step(step_tokens=512).layer_ratio == pytest.approx(512 / 20_000.0 / transfer)
+    leader.plan_load("r", hashes[:8], list(range(100, 108)))
+    assert leader.take_step(step_tokens=512).layer_ratio == 0.0  # no layer-wise load
+    leader.plan_load("r", hashes[:8], list(range(100, 108)), layerwise=True)
+    assert leader.take_step().layer_ratio == 0.0  # no tokens named
+    for off in (leader_with_blocks(cfg), leader_with_blocks(KvbmConfig(disable_cost_layer_groups=True),
+                                                            block_bytes=BLOCK)):
+        off.plan_load("r", hashes, list(range(100, 132)), layerwise=True)
+        assert off.take_step(step_tokens=512).layer_ratio == 0.0
+
+
 # -- end to end: BlockManager on CPU with a slow disk ----------------------------------------------------------
 
 def test_manager_stops_reporting_g3_hits_once_the_disk_is_slow(tmp_path):

@@ -82,6 +82,25 @@ def test_layer_groups_grow_from_one_layer_to_the_group_size(num_layers: int, per
         layer_groups(num_layers, 0)
 
 
+@pytest.mark.parametrize("ratio,sizes", [
+    (0.0, [1, 2] + [4] * 7 + [1]), (1.0, [1, 2] + [4] * 7 + [1]), (3.0, [1, 2, 4, 9, 16]), (4.0, [1, 3, 9, 19]),
+    (100.0, [1, 31])])
+def test_layer_groups_grow_faster_where_the_forward_outlasts_the_transfer(ratio: float, sizes: list[int]) -> None:
+    """A group [a, b) is never longer than the larger of its default size and what the transfer delivers while the
+    forward, started after layer 0, computes layers [0, a) (at COMPUTE_MARGIN of the ratio)."""
+    from kvbm.worker.layerwise import COMPUTE_MARGIN, layer_groups
+
+    groups = layer_groups(32, 4, ratio)
+    assert [b - a for a, b in groups] == sizes
+    default = layer_groups(32, 4)
+    for k, (a, b) in enumerate(groups):
+        assert b - a <= max(default[min(k, len(default) - 1)][1] - default[min(k, len(default) - 1)][0],
+                            1 + a * ratio * COMPUTE_MARGIN - a)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="compute_ratio"):
+            layer_groups(32, 4, bad)
+
+
 def test_a_transfer_of_parts_fails_a_block_where_any_part_failed() -> None:
     parts = [BlockTransfer.completed(4, "a"), BlockTransfer.completed(4, "b", {1: "layer 1 failed"}),
              BlockTransfer.completed(4, "c", {1: "later", 3: "read bad"}, lost={3})]

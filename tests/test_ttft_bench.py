@@ -218,7 +218,7 @@ def test_a_kvbm_mode_that_raises_is_reported_and_dropped(ttft, tmp_path, monkeyp
         try:
             g3 = setup.sides[b.G3_POSIX]
 
-            def broken(loads):
+            def broken(loads, layer_ratio=0.0):
                 raise OSError("disk gone")
             monkeypatch.setattr(g3.worker, "start_loads", broken)
             rows = {r.mode: r for r in b.run_prefix(args, setup, 64, {})}

@@ -21,7 +21,7 @@ from kvbm.worker.layerwise import layer_groups
 
 LAYERS = 4
 MODEL = H.TinyModelSpec(num_layers=LAYERS)
-PER_LAYER = {"DYN_KVBM_ONBOARD_LAYERS_PER_GROUP": 1}
+PER_LAYER = {"DYN_KVBM_ONBOARD_LAYERS_PER_GROUP": 1, "DYN_KVBM_DISABLE_COST_LAYER_GROUPS": 1}
 
 
 class HeldLayers:
@@ -124,12 +124,42 @@ def test_layer_groups(group: int) -> None:
     """``DYN_KVBM_ONBOARD_LAYERS_PER_GROUP``: one transfer per group of layers (1, 2, 4, ... up to the setting; the
     last may be shorter)."""
     workload = chat(num_users=6, num_rounds=3)
-    extra = {"DYN_KVBM_ONBOARD_LAYERS_PER_GROUP": group}
+    extra = {"DYN_KVBM_ONBOARD_LAYERS_PER_GROUP": group, "DYN_KVBM_DISABLE_COST_LAYER_GROUPS": 1}
     with kvbm_harness(num_gpu_blocks=32, model=MODEL, extra=extra) as h:
         held = HeldLayers(worker_of(h))
         counts = run_counting(h, workload)
         assert counts["layerwise_jobs"] > 0 and counts["verified"] > 0 and counts["load_errors"] == 0
         assert set(held.ran) == {start for start, _ in layer_groups(LAYERS, group)}
+        assert_clean(h)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync-sched", "async-sched"])
+def test_layer_groups_follow_the_cost_rules_estimates(async_scheduling: bool) -> None:
+    """By default each step's groups are `layer_groups` of the plan's layer ratio (the step's expected forward time
+    over its loads' expected transfer time). The tiny model's blocks load far faster than its forward runs, so
+    steps start fewer groups than the default 1, 2, 1 layers; each layer's wait still runs only its own group and
+    every byte attention reads is checked."""
+    workload = chat(num_users=6, num_rounds=3)
+    with kvbm_harness(num_gpu_blocks=32, model=MODEL, async_scheduling=async_scheduling) as h:
+        worker = worker_of(h)
+        held = HeldLayers(worker)
+        seen = watch_layer_waits(h, held)
+        loads = worker._layers
+        start = loads.start
+        started: list[tuple[float, list[tuple[int, int]]]] = []
+
+        def recording(moves: Any, ratio: float = 0.0) -> None:
+            start(moves, ratio)
+            started.append((ratio, list(loads.groups)))
+
+        loads.start = recording
+        counts = run_counting(h, workload)
+        assert workload.done and counts["layerwise_jobs"] > 0 and counts["verified"] > 0
+        assert counts["load_errors"] == 0 and seen["waits_that_loaded"] > 0
+        assert started and all(groups == layer_groups(LAYERS, 4, ratio) for ratio, groups in started)
+        assert all(ratio > 0 for ratio, _ in started)
+        assert any(len(groups) < len(layer_groups(LAYERS, 4)) for _, groups in started)
+        assert set(held.ran) == {first for _, groups in started for first, _ in groups}
         assert_clean(h)
 
 

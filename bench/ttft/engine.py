@@ -127,7 +127,11 @@ class KvbmSide:
         #: Whether requests store per layer group when not told (``DYN_KVBM_LAYERWISE_STORE``, as the library's
         #: vLLM connector does); the side's own config has layer-wise stores available either way.
         self.layer_stores_by_default = layer_stores_by_default
-        self.leader = ConnectorLeader(self.tiers, config, BLOCK_SIZE)
+        # With the block's bytes the leader keeps the cost rule's estimates, as the library's connectors do; they
+        # size the layer groups of layer-wise loads. Its hit decisions are off here: the cost-rule rows turn a rule
+        # on (`bench.ttft.cost_rule`), every other row loads what it finds.
+        self.leader = ConnectorLeader(self.tiers, config, BLOCK_SIZE, block_bytes=self.block_bytes)
+        self.leader.cost.enabled = False
         self.worker = ConnectorWorker(cache, self.tiers, config)
 
     @classmethod
@@ -348,8 +352,8 @@ class Engine:
         if found:
             side.leader.plan_load(rid, hashes[first:first + found], blocks[first:first + found], layerwise=layerwise)
             states[0].loading = not layerwise
-            plan = side.leader.take_step()
-            side.worker.start_loads(plan.loads)
+            plan = side.leader.take_step(step_tokens=n - (first + found) * BLOCK_SIZE if layerwise else 0)
+            side.worker.start_loads(plan.loads, plan.layer_ratio)
             side.worker.start_cascades(plan.cascades)
             if layerwise:
                 before_attention = side.worker.wait_for_layer

@@ -71,7 +71,7 @@ def _layer_times(eng: Engine, side: KvbmSide, hashes: Sequence[int], busy_tokens
     sync(eng.device)
     start.record(stream)
     watcher.wait_event(start)
-    side.worker.start_loads(plan.loads)
+    side.worker.start_loads(plan.loads, plan.layer_ratio)
     marks = []
     for group in side.worker.layer_transfers:  # (queued before the prefill: its host time must not delay them)
         for transfer in group:

@@ -169,6 +169,7 @@ class ConnectorLeader:
         self.unit = block_size
         self.num_workers = num_workers
         self.layerwise = layerwise and not config.disable_layerwise_onboard
+        self.cost_layer_groups = not config.disable_cost_layer_groups
         self.metrics = metrics
         self.requests: dict[str, TrackedRequest] = {}
         self._owner: dict[int, str] = {}  # store move id -> request id
@@ -599,7 +600,22 @@ class ConnectorLeader:
         cascades = self.index.plan_cascades() if self.index.has_cascades() else []
         cascades, self._releases = cascades + self._releases, []
         timed = timed_tokens(prompt_tokens, step_tokens, loads) if self.cost is not None and ready else 0
-        return StepPlan(loads, stores, cascades, preempted, list(held), self._step, timed)
+        return StepPlan(loads, stores, cascades, preempted, list(held), self._step, timed,
+                        self._layer_ratio(loads, step_tokens))
+
+    def _layer_ratio(self, loads: Sequence[RequestLoad], step_tokens: int) -> float:
+        """The forward's expected seconds for ``step_tokens`` tokens over the expected seconds of the layer-wise
+        loads among ``loads``, by the cost rule's estimates; 0 without a rule, tokens or layer-wise loads, or with
+        ``DYN_KVBM_DISABLE_COST_LAYER_GROUPS``."""
+        if self.cost is None or step_tokens <= 0 or not self.cost_layer_groups:
+            return 0.0
+        blocks: dict[str, int] = {}
+        for load in loads:
+            if load.layerwise:
+                for move in load.moves:
+                    blocks[move.src_tier] = blocks.get(move.src_tier, 0) + move.num_blocks
+        transfer = self.cost.load_seconds([blocks.get(t, 0) for t in self.cost.tiers]) if blocks else 0.0
+        return self.cost.step_seconds(step_tokens) / transfer if transfer > 0 else 0.0
 
     def apply(self, report: WorkerReport) -> None:
         """Take workers' results: a move completes once ``num_workers`` reported it; a completed load's timing

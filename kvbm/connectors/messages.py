@@ -41,7 +41,9 @@ class StepPlan:
     requests whose sliding-window blocks the engine freed): their stores must finish first; ``held`` finished
     requests wait for ``finished_sending``. ``step`` numbers the leader's plans (1, 2, ...; 0: unnumbered);
     ``timed_tokens``: the tokens this step's forward computes when it is to be timed for the cost rule's prefill
-    rate (a prefill-dominated step, `kvbm.connectors.prefill`), else 0."""
+    rate (a prefill-dominated step, `kvbm.connectors.prefill`), else 0; ``layer_ratio``: the forward's expected
+    time over the expected transfer time of the step's layer-wise loads, which sizes their layer groups
+    (`kvbm.worker.layerwise.layer_groups`; 0 when not known)."""
 
     loads: list[RequestLoad] = field(default_factory=list)
     stores: list[RequestStore] = field(default_factory=list)
@@ -50,6 +52,7 @@ class StepPlan:
     held: list[str] = field(default_factory=list)
     step: int = 0
     timed_tokens: int = 0
+    layer_ratio: float = 0.0
 
     def is_empty(self) -> bool:
         """Whether the step carries no work (no moves, nothing to time)."""

@@ -127,10 +127,11 @@ class ConnectorWorker:
         g4 = self.store.g4
         return g4.endpoint() if g4 is not None and g4.seals is not None else None
 
-    def start_loads(self, loads: Iterable[RequestLoad]) -> None:
+    def start_loads(self, loads: Iterable[RequestLoad], layer_ratio: float = 0.0) -> None:
         """Start loading requests' blocks; blocks missing at planning time are load errors at once. Layer-wise
-        loads start at once, one transfer per group of layers (``wait_for_layer`` waits for one group); the others
-        are asynchronous (``poll`` reports their requests once done)."""
+        loads start at once, one transfer per group of layers (``wait_for_layer`` waits for one group), groups sized
+        by ``layer_ratio`` (the step plan's, see `kvbm.worker.layerwise.layer_groups`); the others are asynchronous
+        (``poll`` reports their requests once done)."""
         by_layers: list[Move] = []
         for load in loads:
             self._load_errors.update(load.missing)
@@ -144,7 +145,7 @@ class ConnectorWorker:
             else:
                 self._execute(load.moves, load.request_id, self._loading.setdefault(load.request_id, set()))
         if by_layers:
-            self._layers.start(by_layers)
+            self._layers.start(by_layers, layer_ratio)
 
     def wait_for_layer(self, layer: int) -> None:
         """Order the engine's later work on ``layer`` after the layer-wise loads of its group: on the GPU the

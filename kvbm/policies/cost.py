@@ -189,6 +189,18 @@ class LoadCostPolicy:
         rate = self._prefill.rate(math.inf)
         return self._default_prefill if rate is None else rate
 
+    def step_seconds(self, tokens: int) -> float:
+        """Expected seconds of a forward step that computes ``tokens`` tokens: the fit's fixed and per-token cost
+        where the steps seen give one, else the tokens at the average (else configured) prefill rate."""
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"tokens must be a non-negative int, got {tokens!r}")
+        with self._lock:
+            fitted = self._prefill_fit.seconds(tokens)
+            rate = self._prefill.rate(math.inf)
+        if fitted is not None:
+            return fitted
+        return tokens / (self._default_prefill if rate is None else rate)
+
     def observe_load(self, tier: str, *, num_bytes: int, seconds: float) -> None:
         """Account one completed load from ``tier`` into the engine's cache: ``num_bytes`` arrived intact (failed
         blocks count as time spent for nothing) in ``seconds`` (its share of the time when loads overlapped: see

@@ -8,7 +8,8 @@ upper one of an even count) of the slopes between pairs of steps, which a few ou
 contended step) cannot move far, where a least-squares fit follows them. Only pairs whose sizes differ by at least a
 quarter of the smaller one count: a slope between steps of about the same size is mostly noise. Until ``MIN_PAIRS``
 such pairs are in the window, or while their median slope is not positive, there is no fit (``per_token`` is None)
-and the caller keeps its average rate.
+and the caller keeps its average rate. With a fit, ``fixed`` is the median over the window's steps of what the slope
+leaves of each (at least 0), so `seconds` gives a whole step's expected time.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ class StepFit:
         self._count = 0
         #: Fitted seconds per token (positive), or None while the steps seen do not give a slope.
         self.per_token: float | None = None
+        #: Fitted seconds every step pays (at least 0), or None without a fit.
+        self.fixed: float | None = None
 
     def add(self, tokens: int, seconds: float) -> None:
         """Account one step of ``tokens`` tokens that took ``seconds``, and refit."""
@@ -40,6 +43,17 @@ class StepFit:
         self._tokens[slot], self._seconds[slot] = tokens, seconds
         self._count += 1
         self.per_token = self._fit()
+        if self.per_token is None:
+            self.fixed = None
+        else:
+            n = min(self._count, WINDOW)
+            self.fixed = max(float(np.median(self._seconds[:n] - self.per_token * self._tokens[:n])), 0.0)
+
+    def seconds(self, tokens: int) -> float | None:
+        """Expected seconds of a step of ``tokens`` tokens (``fixed + per_token * tokens``), or None without a fit."""
+        if self.per_token is None or self.fixed is None:
+            return None
+        return self.fixed + self.per_token * tokens
 
     def _fit(self) -> float | None:
         x, y = self._tokens, self._seconds

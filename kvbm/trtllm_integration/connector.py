@@ -393,7 +393,7 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
         if self._waiting_for_tiers(plan):
             return
         worker = self._require_worker()
-        worker.start_loads(plan.loads)
+        worker.start_loads(plan.loads, plan.layer_ratio)
         worker.start_cascades(plan.cascades)
         plan.loads, plan.cascades = [], []
 

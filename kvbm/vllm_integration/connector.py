@@ -276,7 +276,7 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
         if worker is not None:
             if not any(load.layerwise for load in plan.loads):
                 worker.timer.stop()
-            worker.start_loads(plan.loads)
+            worker.start_loads(plan.loads, plan.layer_ratio)
             worker.start_cascades(plan.cascades)
 
     def wait_for_layer_load(self, layer_name: str) -> None:

@@ -5,7 +5,8 @@ the wait blocks until the group's copy is done).
 
 Groups grow from one layer, doubling up to the configured size (`layer_groups`): the first layer's attention waits
 for the first group's whole transfer, so a small first group starts the forward sooner, and the later, larger groups
-stay ahead of the layers that read them.
+stay ahead of the layers that read them. Where the leader expects the forward to outlast the transfer (the step
+plan's ``layer_ratio``, from the cost rule's estimates), later groups grow faster, so fewer transfers are started.
 
 The groups are enqueued in the caller's thread, before the forward. Enqueueing them from a thread of their own, so
 that the forward is queued meanwhile, was measured slower on an H100 (Llama-3.1-8B shape, 16k-token prefix: 73 ms
@@ -27,17 +28,32 @@ from kvbm.worker.store import BlockStore
 __all__ = ["LayerwiseLoads", "layer_groups"]
 
 
-def layer_groups(num_layers: int, layers_per_group: int) -> list[tuple[int, int]]:
+#: Share of the forward's expected time a group's size is planned on (the estimate covers the whole step, and a
+#: group that arrives late holds the layers after it back).
+COMPUTE_MARGIN = 0.75
+
+
+def layer_groups(num_layers: int, layers_per_group: int, compute_ratio: float = 0.0) -> list[tuple[int, int]]:
     """[start, stop) of each layer group: 1, 2, 4, ... layers, doubling up to `layers_per_group`, the last group
-    cut at `num_layers`."""
+    cut at `num_layers`.
+
+    ``compute_ratio`` r (the forward's expected time over the transfer's, 0 when not known) lets later groups grow
+    faster: at steady rates the transfer of layers ``[a, b)`` is done by the time the forward, started once layer
+    0 landed, reaches layer ``a`` when ``b <= 1 + a * r``; a group ends at the larger of that bound (with r taken
+    at `COMPUTE_MARGIN`) and its default end. A compute-bound load then starts in a few groups (r = 3 over 32
+    layers: 1, 2, 4, 9, 16 layers) instead of ten, each a transfer less to start and to wait for."""
     if num_layers < 1 or layers_per_group < 1:
         raise ValueError(f"layer groups need num_layers and layers_per_group >= 1, got {num_layers}, "
                          f"{layers_per_group}")
+    if not compute_ratio >= 0 or compute_ratio == float("inf"):
+        raise ValueError(f"compute_ratio must be a finite number >= 0, got {compute_ratio!r}")
+    ratio = compute_ratio * COMPUTE_MARGIN
     groups, start, size = [], 0, 1
     while start < num_layers:
         size = min(size, layers_per_group)
-        groups.append((start, min(start + size, num_layers)))
-        start, size = start + size, 2 * size
+        stop = max(start + size, int(1 + start * ratio))
+        groups.append((start, min(stop, num_layers)))
+        start, size = stop, 2 * size
     return groups
 
 
@@ -47,9 +63,12 @@ class LayerwiseLoads:
     def __init__(self, store: BlockStore, engine_cache: Any, layers_per_group: int) -> None:
         self.store = store
         self.engine_cache = engine_cache
-        self.num_layers = num_layers = engine_cache.geometry.num_layers
-        self.groups = layer_groups(num_layers, layers_per_group)
-        self._group_of = [k for k, (a, b) in enumerate(self.groups) for _ in range(a, b)]
+        self.num_layers = engine_cache.geometry.num_layers
+        self.layers_per_group = layers_per_group
+        layer_groups(self.num_layers, layers_per_group)  # (checks the values at start-up)
+        #: [start, stop) of each layer group of the current step's loads.
+        self.groups: list[tuple[int, int]] = []
+        self._group_of: list[int] = []
         self._waits: list[list[BlockTransfer]] = []
         self._ordered: set[tuple[int, int | None]] = set()  # (group, raw stream) ordered after the group's transfers
         device = engine_cache.device
@@ -67,12 +86,15 @@ class LayerwiseLoads:
         """This step's transfers per layer group (empty once finished)."""
         return tuple(tuple(group) for group in self._waits)
 
-    def start(self, moves: Sequence[Move]) -> None:
+    def start(self, moves: Sequence[Move], compute_ratio: float = 0.0) -> None:
         """Start this step's layer-wise moves (all at once: the moves of one pair of tiers join into one transfer per
-        group). A move from another medium than host memory (a block that left G2 since the lookup) is waited for
-        whole before the first layer."""
+        group), in groups sized by ``compute_ratio`` (the forward's expected time over the transfer's, 0 when not
+        known; see `layer_groups`). A move from another medium than host memory (a block that left G2 since the
+        lookup) is waited for whole before the first layer."""
         if self._waits:
             raise RuntimeError("the layer-wise loads of the previous step were not finished")
+        self.groups = layer_groups(self.num_layers, self.layers_per_group, compute_ratio)
+        self._group_of = [k for k, (a, b) in enumerate(self.groups) for _ in range(a, b)]
         host: list[Move] = []
         other: list[Move] = []
         for move in moves:
