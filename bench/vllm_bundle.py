@@ -63,7 +63,7 @@ ENV_SH = """\
 # Source on the GPU machine: vLLM's Python for bench.offloading_bench (written by bench/vllm_bundle.py)
 BUNDLE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 if compgen -G "$BUNDLE/wheels/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/vllm_site "$BUNDLE"/wheels/*.whl
+    python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/vllm_site "$BUNDLE"/wheels/*.whl
 fi
 export PYTHONPATH="$BUNDLE/site:/tmp/vllm_site${PYTHONPATH:+:$PYTHONPATH}"
 """
