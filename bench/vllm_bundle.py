@@ -136,12 +136,13 @@ def _report_imports(platform: str, out: str) -> None:
 
 def _run_listing(platform: str, boot: str, isolated: bool = False) -> dict[str, Any]:
     """Run :func:`_report_imports` under ``platform`` in a fresh interpreter after the ``boot`` code set up its path;
-    ``isolated``: without the site module and PYTHONPATH, so ``boot`` alone decides what is importable."""
+    ``isolated``: without the site module and PYTHONPATH, so ``boot`` alone decides what is importable, and without
+    writing bytecode into the bundle."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VLLM_TARGET_DEVICE")} if isolated else None
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "imports.json"
         code = f"{boot}\nfrom bench.vllm_bundle import _report_imports\n_report_imports({platform!r}, {str(out)!r})"
-        proc = subprocess.run([sys.executable, *(["-S"] if isolated else []), "-c", code], cwd=tmp, env=env,
+        proc = subprocess.run([sys.executable, *(["-S", "-B"] if isolated else []), "-c", code], cwd=tmp, env=env,
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"importing the bench's vLLM modules ({platform} platform) failed:\n"
