@@ -228,16 +228,18 @@ def memcpy_batch_async(
 
 
 def memcpy_batch_unchecked(dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream_handle: int, *,
-                           direction: Direction, device: int) -> None:
-    """:func:`memcpy_batch_async` without its checks, for the transfer engine's hot path.
+                           direction: Direction | None, device: int,
+                           src_access_order: SrcAccessOrder = "stream") -> None:
+    """:func:`memcpy_batch_async` without its checks, for hot paths (the transfer engine's).
 
     Only for pieces built by the caller from validated layouts and ids: contiguous uint64 arrays of one length,
     no overlaps, a raw stream handle of ``device``, called on a thread whose CUDA context is current (any CUDA
     runtime call on the thread makes it so). Saves the per-call validation, which costs more host time than the
-    copy of a few blocks takes on the GPU.
+    copy of a few blocks takes on the GPU. ``direction`` and ``src_access_order`` as in :func:`memcpy_batch_async`.
     """
     if dsts.size:
-        _enqueue(batch_entry(), dsts, srcs, sizes, attributes_address(direction, device, False), stream_handle)
+        attrs = attributes_address(direction, device, False, src_access_order)
+        _enqueue(batch_entry(), dsts, srcs, sizes, attrs, stream_handle)
 
 
 @functools.lru_cache(maxsize=None)  # few keys (direction x device x flags); entries must stay alive

@@ -218,6 +218,15 @@ def test_batch_source_access_order_any(fake_driver):
     assert recorder.calls[2]["attrs"] == [1, 0, 0, 0, 0, 0]  # the default order is unchanged by an earlier ANY
 
 
+def test_unchecked_batch_takes_the_source_access_order(fake_driver):
+    recorder = fake_driver(has_fail_index=False)
+    pieces = [np.array([v], dtype=np.uint64) for v in (BASE, 2 * BASE, 64)]
+    batch_memcpy.memcpy_batch_unchecked(*pieces, 0x1230, direction=None, device=0, src_access_order="any")
+    batch_memcpy.memcpy_batch_unchecked(*pieces, 0x1230, direction="d2h", device=3)
+    assert [c["attrs"] for c in recorder.calls] == [[3, 0, 0, 0, 0, 0], [1, 1, 3, 2, 0, 0]]
+    assert all(c["dsts"] == [BASE] and c["srcs"] == [2 * BASE] and c["sizes"] == [64] for c in recorder.calls)
+
+
 def test_source_access_order_attributes_and_validation():
     orders = cuda_driver.CUmemcpySrcAccessOrder
     assert batch_memcpy._attributes(None, 0, False, "any").srcAccessOrder == orders.CU_MEMCPY_SRC_ACCESS_ORDER_ANY

@@ -107,10 +107,16 @@ def test_one_driver_call_with_exact_pieces_and_order(stand_in, monkeypatch):
     current stream; ANY only when asked for."""
     recorder = RecordingBatchCopy(has_fail_index=False)
     monkeypatch.setattr(batch_memcpy, "batch_entry", lambda: recorder.entry)
-    monkeypatch.setattr(batch_memcpy, "ensure_stream_context", lambda handle: None)
+    contexts = []
+    monkeypatch.setattr(stand_in, "ensure_stream_context", contexts.append)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: types.SimpleNamespace(cuda_stream=0xBEEF0))
+    stream = types.SimpleNamespace(cuda_stream=0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
     stand_in.register_stand_in()
+    one = torch.tensor([1 << 40])
+    with pytest.raises(ValueError, match="legacy default stream"):
+        torch.ops._C_cache_ops.swap_blocks_batch(one, one + (1 << 41), torch.tensor([64]))
+    stream.cuda_stream = 0xBEEF0
     rng = np.random.default_rng(7)
     n = 300
     src = torch.from_numpy((1 << 40) + rng.permutation(n).astype(np.int64) * 65536)
@@ -118,7 +124,7 @@ def test_one_driver_call_with_exact_pieces_and_order(stand_in, monkeypatch):
     sizes = torch.from_numpy(rng.integers(1, 65536, size=n))
     torch.ops._C_cache_ops.swap_blocks_batch(src, dst, sizes, True)
     torch.ops._C_cache_ops.swap_blocks_batch(src, dst, sizes)
-    assert len(recorder.calls) == 2
+    assert len(recorder.calls) == 2 and contexts == [0xBEEF0, 0xBEEF0]
     for call, order in zip(recorder.calls, (3, 1)):  # CU_MEMCPY_SRC_ACCESS_ORDER_ANY = 3, STREAM = 1
         assert call["count"] == n and call["stream"] == 0xBEEF0
         assert call["srcs"] == src.tolist() and call["dsts"] == dst.tolist() and call["sizes"] == sizes.tolist()
