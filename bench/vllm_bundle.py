@@ -118,7 +118,9 @@ def _report_imports(platform: str, out: str) -> None:
                              f"{exc.name!r} ({exc})") from exc
     read = {Path(m.__file__) for m in list(sys.modules.values()) if getattr(m, "__file__", None)}
     read = {f for f in read | {Path(p) for p in opened} if root in f.parents and "__pycache__" not in f.parts}
-    files = sorted(str(f.relative_to(root.parent)) for f in read if f.is_file() and f.suffix not in (".so", ".pyd"))
+    files = sorted(str(f.relative_to(root.parent)) for f in read if f.is_file())
+    extensions = [f for f in files if f.endswith((".so", ".pyd"))]
+    files = [f for f in files if f not in extensions]
     dists: dict[str, str] = {}
     origins: dict[str, str | None] = {}
     known = importlib.metadata.packages_distributions()
@@ -128,9 +130,10 @@ def _report_imports(platform: str, out: str) -> None:
         origins[top] = getattr(sys.modules.get(top), "__file__", None)
         for dist in known.get(top, []):
             dists[dist] = importlib.metadata.version(dist)
-    dists.pop("vllm", None)
+    for own in ("vllm", "kvbm"):
+        dists.pop(own, None)
     result = {"platform": type(platforms.current_platform).__name__, "files": files, "dists": dists,
-              "origins": origins, "extensions": sorted(str(f) for f in read if f.suffix in (".so", ".pyd"))}
+              "origins": origins, "extensions": extensions}
     Path(out).write_text(json.dumps(result))
 
 
@@ -188,6 +191,7 @@ def bundle(out: Path, python_version: str = "3.12", wheels: tuple[str, ...] = ("
     """Write the bundle (see the module docstring) to ``out``; returns its manifest. Raises if it outweighs 40 MiB."""
     listings = {platform: imported_files(platform) for platform in PLATFORMS}
     files = sorted(set().union(*(set(listing["files"]) for listing in listings.values())))
+    extensions = sorted(set().union(*(set(listing["extensions"]) for listing in listings.values())))
     dists: dict[str, str] = {}
     for listing in listings.values():
         dists.update(listing["dists"])
@@ -212,6 +216,7 @@ def bundle(out: Path, python_version: str = "3.12", wheels: tuple[str, ...] = ("
         "files": len(files), "site_bytes": _size(out / "site"), "python_version": python_version,
         "wheels": [w.name for w in got], "wheel_bytes": sum(w.stat().st_size for w in got),
         "third_party": {d: v for d, v in sorted(dists.items())},
+        "extensions_left_out": extensions,  # vLLM's compiled modules that loaded while listing (none without CUDA)
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     manifest["total_bytes"] = _size(out)

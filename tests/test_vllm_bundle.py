@@ -38,7 +38,9 @@ def test_listing_under_the_cuda_platform(vb):
     site = vllm_site()
     assert all(f.startswith("vllm/") and (site / f).is_file() for f in files)
     assert not any(f.endswith((".so", ".pyd")) for f in files)
-    assert {"msgspec", "pyzmq", "torch"} <= set(listing["dists"]) and "vllm" not in listing["dists"]
+    assert all(f.endswith((".so", ".pyd")) for f in listing["extensions"])  # none load without CUDA
+    assert {"msgspec", "pyzmq", "torch"} <= set(listing["dists"]) and not {"vllm", "kvbm"} & set(listing["dists"])
+    assert listing["origins"]["vllm"].startswith(str(vllm_site()))
     with pytest.raises(ValueError, match="platform must be one of"):
         vb.imported_files("tpu")
 
@@ -48,7 +50,8 @@ def test_bundle_copies_the_listed_files(vb, tmp_path, monkeypatch):
     listed = {"cpu": ["vllm/__init__.py", "vllm/v1/kv_offload/base.py"],
               "cuda": ["vllm/__init__.py", "vllm/platforms/cuda.py"]}
     monkeypatch.setattr(vb, "imported_files", lambda platform: {
-        "platform": f"{platform}Platform", "files": listed[platform], "dists": {"msgspec": "0.23.0"}})
+        "platform": f"{platform}Platform", "files": listed[platform], "dists": {"msgspec": "0.23.0"},
+        "extensions": ["vllm/_moe_C_stable_libtorch.abi3.so"] if platform == "cuda" else []})
     stale = tmp_path / "site" / "vllm" / "old.py"
     stale.parent.mkdir(parents=True)
     stale.write_text("left from an earlier bundle")
@@ -64,6 +67,8 @@ def test_bundle_copies_the_listed_files(vb, tmp_path, monkeypatch):
     assert "--target /tmp/vllm_site" in (tmp_path / "env.sh").read_text()
     written = json.loads((tmp_path / "manifest.json").read_text())
     assert written["platforms"] == {"cpu": "cpuPlatform", "cuda": "cudaPlatform"} and written["wheels"] == []
+    assert written["extensions_left_out"] == ["vllm/_moe_C_stable_libtorch.abi3.so"]
+    assert not (tmp_path / "site" / "vllm" / "_moe_C_stable_libtorch.abi3.so").exists()
     assert manifest["total_bytes"] >= manifest["site_bytes"] > 0
     with pytest.raises(RuntimeError, match="pyzmq: not imported"):
         vb.bundle(tmp_path, wheels=("msgspec", "pyzmq"))
