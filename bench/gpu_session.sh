@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine without network: install kvbm from this checkout into a private folder (no dependencies: the
 # machine's torch, triton, numba, cuda-bindings, xxhash and prometheus_client are used), then run the parts named.
-# Usage: OUT=dir bash bench/gpu_session.sh PART...   parts: tests, manager, transfers, pieces, g3, ttft
+# Usage: OUT=dir bash bench/gpu_session.sh PART...   parts: tests, manager, transfers, pieces, g3, ttft, offloading
+# (offloading: bench.offloading_bench, with vLLM's Python from bench/runs/vllm_lite when bench/vllm_bundle.py wrote it)
 # Each part writes its log (and results) under $OUT; a part that fails is reported and the next one runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +53,8 @@ for part in "$@"; do
         g3) mkdir -p /tmp/kvbm_g3 && run_part g3 timeout 300 python3 -m bench.g3_bench --dir /tmp/kvbm_g3 --gib 1 \
             --out "$OUT/g3" ;;
         ttft) run_part ttft timeout 500 python3 -m bench.ttft --out "$OUT/ttft" ;;
+        offloading) if [ -f "$REPO/bench/runs/vllm_lite/env.sh" ]; then source "$REPO/bench/runs/vllm_lite/env.sh"; fi
+            run_part offloading timeout 500 python3 -m bench.offloading_bench --out "$OUT/offloading" ;;
         *) echo "unknown part $part" ;;
     esac
 done

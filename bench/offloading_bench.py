@@ -1,6 +1,6 @@
 """Copy path of kvbm's vLLM offloading spec against vLLM's own CPU spec, on the same vLLM 0.33 KV layout.
 
-    python -m bench.offloading_bench [--out DIR] [--blocks 16 256] [--iters 20] [--smoke]
+    python -m bench.offloading_bench [--out DIR] [--blocks 16 256] [--iters 20] [--vllm-ops auto] [--smoke]
 
 On a GPU, for each geometry (``llama8b``: 32 layers x 8 KV heads x 128 head_dim x 16 tokens bf16, 32 KiB K or V
 pieces; ``small``: 2 KV heads x 64 head_dim, 4 KiB pieces), block count and direction (D2H store, H2D load) it
@@ -12,6 +12,10 @@ host copy of each block against the GPU source (D2H), and the GPU blocks loaded 
 ``results.json`` and ``results.md`` to ``--out`` (default: an untracked ``bench/runs/offloading-<time>/``).
 Without CUDA (or with ``--smoke``) it runs a tiny smoke version of kvbm's path on the CPU and says vLLM's path
 needs a GPU.
+
+``--vllm-ops`` picks vLLM's compiled copy op: ``compiled`` (vLLM's extension), ``stand-in`` (kvbm's same driver call,
+``bench/vllm_stand_in.py``) or ``auto`` (the extension if it imports, else the stand-in: on a GPU machine without
+vLLM's extension, with vLLM's Python from ``bench/vllm_bundle.py``). The results say which ran (``vllm_ops``).
 """
 from __future__ import annotations
 
@@ -76,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=20, help="timed jobs per case (median reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of kvbm's path (automatic without CUDA)")
+    p.add_argument("--vllm-ops", choices=["auto", "compiled", "stand-in"], default="auto",
+                   help="vLLM's compiled swap_blocks_batch, kvbm's stand-in for it, or auto: compiled if importable")
     args = p.parse_args(argv)
     if any(n <= 0 for n in args.blocks) or args.iters <= 0 or args.warmup < 0:
         p.error("--blocks and --iters must be positive, --warmup non-negative")
@@ -288,9 +294,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     paths: list[type] = [KvbmPath] + ([] if smoke else [VllmCpuPath])
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
+    vllm_ops = None
     if smoke:
         notes.append("smoke run on the CPU: kvbm's path only (host <-> host); vLLM's CPU spec worker needs CUDA "
                      "streams, and the GPU numbers need a GPU (run without --smoke on a CUDA machine)")
+    else:
+        from bench.vllm_stand_in import use_vllm_ops  # before anything imports vLLM's platform
+
+        vllm_ops = use_vllm_ops(args.vllm_ops)
+        if vllm_ops == "stand-in":
+            notes.append("vLLM's compiled extension was not loaded: vLLM's CPU spec ran as vLLM's own Python with "
+                         "kvbm's stand-in for its one compiled op, swap_blocks_batch (bench/vllm_stand_in.py: one "
+                         "cuMemcpyBatchAsync per call, the call the compiled op makes on CUDA 12.8+)")
     for g in geometries:
         for n in blocks:
             base = memcpy_baseline(n * g.block_bytes, device, iters)
@@ -311,7 +326,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "commit": checkout_commit(Path(__file__).resolve().parents[1]),
               "command": " ".join([sys.executable, "-m", "bench.offloading_bench", *(argv or sys.argv[1:])]),
               "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-              "torch": torch.__version__, "smoke": smoke, "iters": iters, "notes": notes, "rows": rows}
+              "torch": torch.__version__, "smoke": smoke, "vllm_ops": vllm_ops, "iters": iters, "notes": notes,
+              "rows": rows}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "results.md").write_text(markdown(result))
     print(markdown(result))
@@ -321,7 +337,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     """The results as a markdown table (GB/s and percent of the same run's pinned memcpy)."""
-    lines = [f"Offloading copy path: {result['device']}, commit {result['commit']}, {result['date']}", ""]
+    ops = f", vLLM ops: {result['vllm_ops']}" if result.get("vllm_ops") else ""
+    lines = [f"Offloading copy path: {result['device']}, commit {result['commit']}, {result['date']}{ops}", ""]
     lines += [f"> {note}" for note in result["notes"]] + ([""] if result["notes"] else [])
     lines += ["| geometry | piece | blocks | dir | path | GB/s | memcpy GB/s | % of memcpy |",
               "|---|---|---|---|---|---|---|---|"]

@@ -1,11 +1,12 @@
 """Copy-engine (DMA) helpers: many (dst, src, size) pieces on one CUDA stream, batched or one call per piece.
 
 - :func:`memcpy_batch_async` enqueues all pieces with ``cuMemcpyBatchAsync`` (CUDA 12.8+): one driver call per up
-  to :data:`MAX_PIECES_PER_CALL` pieces, source accessed in stream order. It is called through the driver entry
-  point (``cudaGetDriverEntryPointByVersion``) with numpy ``uint64`` arrays, because cuda-python's own binding
-  (``cudaMemcpyBatchAsync(dsts, srcs, sizes, count, attrs, attrsIdxs, numAttrs, stream)`` in cuda-bindings 13)
-  accepts only Python lists/tuples for ``sizes`` and converts every element in Python: measured ~0.7 us per piece,
-  i.e. ~46 ms of host time for the 65536 pieces of 1024 blocks of a 32-layer K/V cache, as long as the DMA itself.
+  to :data:`MAX_PIECES_PER_CALL` pieces, source accessed in stream order unless asked otherwise. It is called
+  through the driver entry point (``cudaGetDriverEntryPointByVersion``) with numpy ``uint64`` arrays, because
+  cuda-python's own binding (``cudaMemcpyBatchAsync(dsts, srcs, sizes, count, attrs, attrsIdxs, numAttrs, stream)``
+  in cuda-bindings 13) accepts only Python lists/tuples for ``sizes`` and converts every element in Python: measured
+  ~0.7 us per piece, i.e. ~46 ms of host time for the 65536 pieces of 1024 blocks of a 32-layer K/V cache, as long
+  as the DMA itself.
   The ABI is chosen by the version asked for: 13.0 (no ``failIdx``) or, on 12.8/12.9 drivers, 12.8 (with one).
 - :func:`memcpy_loop_async` issues one ``cudaMemcpyAsync`` per piece: the per-piece method of vLLM's
   ``swap_blocks``, kept as a baseline for the benchmarks.
@@ -36,6 +37,7 @@ __all__ = ["MAX_PIECES_PER_CALL", "memcpy_batch_async", "memcpy_loop_async", "pr
 MAX_PIECES_PER_CALL = 1 << 16
 
 Direction = Literal["d2h", "h2d", "d2d", "h2h"]
+SrcAccessOrder = Literal["stream", "any"]
 _LEGACY_STREAM_HANDLES = (0, 1)  # NULL and cudaStreamLegacy: rejected by cuMemcpyBatchAsync
 _UINT64_MAX = np.uint64(np.iinfo(np.uint64).max)
 _ATTRS_INDEX = np.zeros(1, dtype=np.uint64)  # one attribute set, applying from piece 0 on
@@ -154,11 +156,14 @@ def batch_entry() -> _BatchEntry:
     )
 
 
-@functools.lru_cache(maxsize=None)  # few keys (direction x device x flag); entries must stay alive
-def _attributes(direction: Direction | None, device: int, prefer_overlap: bool) -> Any:
-    """The (cached, kept alive) CUmemcpyAttributes for a batch: stream-ordered source, location hints, flags."""
+@functools.lru_cache(maxsize=None)  # few keys (direction x device x flags); entries must stay alive
+def _attributes(direction: Direction | None, device: int, prefer_overlap: bool,
+                src_access_order: SrcAccessOrder = "stream") -> Any:
+    """The (cached, kept alive) CUmemcpyAttributes for a batch: source access order, location hints, flags."""
     attrs = cuda_driver.CUmemcpyAttributes()
-    attrs.srcAccessOrder = cuda_driver.CUmemcpySrcAccessOrder.CU_MEMCPY_SRC_ACCESS_ORDER_STREAM
+    orders = cuda_driver.CUmemcpySrcAccessOrder
+    attrs.srcAccessOrder = (orders.CU_MEMCPY_SRC_ACCESS_ORDER_ANY if src_access_order == "any"
+                            else orders.CU_MEMCPY_SRC_ACCESS_ORDER_STREAM)
     if direction is not None:
         kinds = {"d": cuda_driver.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE,
                  "h": cuda_driver.CUmemLocationType.CU_MEM_LOCATION_TYPE_HOST}
@@ -179,6 +184,7 @@ def memcpy_batch_async(
     direction: Direction | None = None,
     prefer_overlap_with_compute: bool = False,
     check_overlap: bool = True,
+    src_access_order: SrcAccessOrder = "stream",
 ) -> None:
     """Enqueue ``sizes[i]`` bytes from ``srcs[i]`` to ``dsts[i]`` for every i with batched DMA on ``stream``.
 
@@ -190,14 +196,20 @@ def memcpy_batch_async(
         prefer_overlap_with_compute: ask the driver to prefer overlapping these copies with kernels (a hint).
         check_overlap: verify that no destination overlaps another piece's destination or source (pieces of one
             batch run in no order). Costs O(n log n) host time; turn off only for pieces built from disjoint layouts.
+        src_access_order: ``"stream"`` (the default, ``CU_MEMCPY_SRC_ACCESS_ORDER_STREAM``): the source is read in
+            stream order, so prior work on ``stream`` (e.g. a gather kernel) is seen. ``"any"``
+            (``CU_MEMCPY_SRC_ACCESS_ORDER_ANY``): the driver may read the source out of stream order, before earlier
+            work on ``stream`` and even after this call returns; only for sources nothing writes until the copy is
+            done (e.g. host pages being loaded), where it lets the driver start reading early.
 
-    The source is read in stream order (``CU_MEMCPY_SRC_ACCESS_ORDER_STREAM``), so prior work on ``stream``
-    (e.g. a gather kernel) is seen. Raises ValueError/TypeError on bad pieces (before anything is enqueued),
+    Raises ValueError/TypeError on bad pieces (before anything is enqueued),
     :class:`CudaUnavailableError` without a GPU or CUDA 12.8+ driver, :class:`CudaError` if the driver refuses
     a call (earlier chunks of a very large batch may already be enqueued then).
     """
     if direction is not None and direction not in ("d2h", "h2d", "d2d", "h2h"):
         raise ValueError(f"direction must be one of 'd2h', 'h2d', 'd2d', 'h2h' or None, got {direction!r}")
+    if src_access_order not in ("stream", "any"):
+        raise ValueError(f"src_access_order must be 'stream' or 'any', got {src_access_order!r}")
     dst, src, size = prepare_pieces(dsts, srcs, sizes, check_overlap=check_overlap)
     handle = stream_handle(stream)
     if handle in _LEGACY_STREAM_HANDLES:
@@ -211,27 +223,30 @@ def memcpy_batch_async(
     device = 0
     if direction is not None and "d" in direction:
         device = check(cuda_rt.cudaStreamGetDevice(handle), f"cudaStreamGetDevice({handle:#x})")
-    _enqueue(entry, dst, src, size, attributes_address(direction, int(device), bool(prefer_overlap_with_compute)),
-             handle)
+    attrs = attributes_address(direction, int(device), bool(prefer_overlap_with_compute), src_access_order)
+    _enqueue(entry, dst, src, size, attrs, handle)
 
 
 def memcpy_batch_unchecked(dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream_handle: int, *,
-                           direction: Direction, device: int) -> None:
-    """:func:`memcpy_batch_async` without its checks, for the transfer engine's hot path.
+                           direction: Direction | None, device: int,
+                           src_access_order: SrcAccessOrder = "stream") -> None:
+    """:func:`memcpy_batch_async` without its checks, for hot paths (the transfer engine's).
 
     Only for pieces built by the caller from validated layouts and ids: contiguous uint64 arrays of one length,
     no overlaps, a raw stream handle of ``device``, called on a thread whose CUDA context is current (any CUDA
     runtime call on the thread makes it so). Saves the per-call validation, which costs more host time than the
-    copy of a few blocks takes on the GPU.
+    copy of a few blocks takes on the GPU. ``direction`` and ``src_access_order`` as in :func:`memcpy_batch_async`.
     """
     if dsts.size:
-        _enqueue(batch_entry(), dsts, srcs, sizes, attributes_address(direction, device, False), stream_handle)
+        attrs = attributes_address(direction, device, False, src_access_order)
+        _enqueue(batch_entry(), dsts, srcs, sizes, attrs, stream_handle)
 
 
-@functools.lru_cache(maxsize=None)  # few keys (direction x device x flag); entries must stay alive
-def attributes_address(direction: Direction | None, device: int, prefer_overlap: bool = False) -> int:
+@functools.lru_cache(maxsize=None)  # few keys (direction x device x flags); entries must stay alive
+def attributes_address(direction: Direction | None, device: int, prefer_overlap: bool = False,
+                       src_access_order: SrcAccessOrder = "stream") -> int:
     """The address of the (cached, kept alive) attributes of `_attributes`: looked up once, not per call."""
-    return int(_attributes(direction, device, prefer_overlap).getPtr())
+    return int(_attributes(direction, device, prefer_overlap, src_access_order).getPtr())
 
 
 def _address(array: np.ndarray) -> int:

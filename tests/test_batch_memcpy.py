@@ -207,6 +207,36 @@ def test_batch_sets_location_hints_and_overlap_flag(fake_driver):
     assert recorder.calls[1]["attrs"] == [1, 2, 0, 1, 3, 0]
 
 
+def test_batch_source_access_order_any(fake_driver):
+    recorder = fake_driver(has_fail_index=False)
+    memcpy_batch_async([BASE], [2 * BASE], [64], 0x1230, src_access_order="any")
+    memcpy_batch_async([BASE], [2 * BASE], [64], 0x1230, direction="h2d", src_access_order="any")
+    memcpy_batch_async([BASE], [2 * BASE], [64], 0x1230, src_access_order="stream")
+    # [srcAccessOrder, srcLoc.type, srcLoc.id, dstLoc.type, dstLoc.id, flags]; STREAM=1, ANY=3
+    assert recorder.calls[0]["attrs"] == [3, 0, 0, 0, 0, 0]
+    assert recorder.calls[1]["attrs"] == [3, 2, 0, 1, 3, 0]
+    assert recorder.calls[2]["attrs"] == [1, 0, 0, 0, 0, 0]  # the default order is unchanged by an earlier ANY
+
+
+def test_unchecked_batch_takes_the_source_access_order(fake_driver):
+    recorder = fake_driver(has_fail_index=False)
+    pieces = [np.array([v], dtype=np.uint64) for v in (BASE, 2 * BASE, 64)]
+    batch_memcpy.memcpy_batch_unchecked(*pieces, 0x1230, direction=None, device=0, src_access_order="any")
+    batch_memcpy.memcpy_batch_unchecked(*pieces, 0x1230, direction="d2h", device=3)
+    assert [c["attrs"] for c in recorder.calls] == [[3, 0, 0, 0, 0, 0], [1, 1, 3, 2, 0, 0]]
+    assert all(c["dsts"] == [BASE] and c["srcs"] == [2 * BASE] and c["sizes"] == [64] for c in recorder.calls)
+
+
+def test_source_access_order_attributes_and_validation():
+    orders = cuda_driver.CUmemcpySrcAccessOrder
+    assert batch_memcpy._attributes(None, 0, False, "any").srcAccessOrder == orders.CU_MEMCPY_SRC_ACCESS_ORDER_ANY
+    assert batch_memcpy._attributes(None, 0, False).srcAccessOrder == orders.CU_MEMCPY_SRC_ACCESS_ORDER_STREAM
+    assert batch_memcpy.attributes_address(None, 0, False, "any") != batch_memcpy.attributes_address(None, 0, False)
+    for bad in ("ANY", "during_api_call", None, 3):
+        with pytest.raises(ValueError, match="src_access_order must be 'stream' or 'any'"):
+            memcpy_batch_async([BASE], [2 * BASE], [8], 0x1230, src_access_order=bad)
+
+
 @pytest.mark.parametrize("has_fail_index", [False, True], ids=["cuda13-abi", "cuda12.8-abi"])
 def test_batch_driver_error_is_raised_with_name(fake_driver, has_fail_index):
     fake_driver(has_fail_index=has_fail_index, result=1, fail_at=2)
@@ -340,10 +370,11 @@ def test_gpu_copies_are_byte_exact(copy, direction):
 
 
 @needs_gpu
-def test_gpu_batch_in_chunks_with_hints(monkeypatch):
+def test_gpu_batch_in_chunks_with_hints_and_any_order(monkeypatch):
     monkeypatch.setattr(batch_memcpy, "MAX_PIECES_PER_CALL", 7)
     run_copy(memcpy_batch_async, "d2h", n=50, seed=200, direction="d2h", prefer_overlap_with_compute=True)
     run_copy(memcpy_batch_async, "h2d", n=50, seed=300, direction="h2d")
+    run_copy(memcpy_batch_async, "h2d", n=50, seed=310, src_access_order="any")
 
 
 @needs_gpu

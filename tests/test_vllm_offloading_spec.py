@@ -89,7 +89,8 @@ def test_multi_turn_loads_from_kvbm(runner: str, connector: str) -> None:
         manager, worker = parts(h)
         assert counts["load_jobs"] > 0 and counts["store_jobs"] > 0 and counts["verified"] > 0
         assert h.cache_stats.external_hits > 0
-        assert manager.index.tier_names == ["G2"] and worker.engine_cache.geometry.num_layers == H.TinyModelSpec().num_layers
+        assert manager.index.tier_names == ["G2"]
+        assert worker.engine_cache.geometry.num_layers == H.TinyModelSpec().num_layers
         check_done(h, workload)
 
 
@@ -217,13 +218,15 @@ def test_bench_arguments_and_smoke_run(tmp_path: Path, monkeypatch: pytest.Monke
 
     args = bench.parse_args([])
     assert args.blocks == [16, 256] and args.geometries == ["llama8b", "small"] and args.out is None
+    assert args.vllm_ops == "auto" and bench.parse_args(["--vllm-ops", "stand-in"]).vllm_ops == "stand-in"
     assert bench.GEOMETRIES["llama8b"].piece_bytes == 32 << 10 and bench.GEOMETRIES["small"].piece_bytes == 4 << 10
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--blocks", "0"])
+    for bad in (["--blocks", "0"], ["--vllm-ops", "stub"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
     if torch.cuda.is_available():
         pytest.skip("the smoke run is the no-GPU mode; on a GPU run the bench itself")
     result = bench.main(["--smoke", "--out", str(tmp_path)])
-    assert result["smoke"] and result["notes"]
+    assert result["smoke"] and result["notes"] and result["vllm_ops"] is None  # vLLM's path is not run
     assert {(r["path"], r["direction"]) for r in result["rows"]} == {("kvbm spec", "d2h"), ("kvbm spec", "h2d")}
     assert all(r["gbps"] and r["gbps"] > 0 and r["error"] is None for r in result["rows"])
     assert (tmp_path / "results.json").exists() and "kvbm spec" in (tmp_path / "results.md").read_text()
