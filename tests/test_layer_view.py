@@ -82,20 +82,24 @@ def test_layer_groups_grow_from_one_layer_to_the_group_size(num_layers: int, per
         layer_groups(num_layers, 0)
 
 
-@pytest.mark.parametrize("ratio,sizes", [
-    (0.0, [1, 2] + [4] * 7 + [1]), (1.0, [1, 2] + [4] * 7 + [1]), (3.0, [1, 2, 4, 9, 16]), (4.0, [1, 3, 9, 19]),
-    (100.0, [1, 31])])
-def test_layer_groups_grow_faster_where_the_forward_outlasts_the_transfer(ratio: float, sizes: list[int]) -> None:
-    """A group [a, b) is never longer than the larger of its default size and what the transfer delivers while the
-    forward, started after layer 0, computes layers [0, a) (at COMPUTE_MARGIN of the ratio)."""
+@pytest.mark.parametrize("num_layers,ratio,sizes", [
+    (32, 0.0, [1, 2] + [4] * 7 + [1]), (32, 1.0, [1, 2] + [4] * 7 + [1]), (32, 2.0, [1, 2, 4, 4, 4, 8, 8, 1]),
+    (32, 3.0, [1, 2, 4, 8, 16, 1]), (32, 100.0, [1, 2, 4, 8, 16, 1]), (28, 3.0, [1, 2, 4, 8, 8, 4, 1]),
+    (80, 5.0, [1, 2, 4, 8, 16, 32, 16, 1])])
+def test_layer_groups_keep_doubling_where_the_forward_outlasts_the_transfer(num_layers: int, ratio: float,
+                                                                            sizes: list[int]) -> None:
+    """With a ratio, groups are powers of two (one compiled copy kernel per size), at most double the one before,
+    and no longer than the default size or what the transfer delivers while the forward, started after layer 0,
+    computes layers [0, a) (at COMPUTE_MARGIN of the ratio)."""
     from kvbm.worker.layerwise import COMPUTE_MARGIN, layer_groups
 
-    groups = layer_groups(32, 4, ratio)
+    groups = layer_groups(num_layers, 4, ratio)
     assert [b - a for a, b in groups] == sizes
-    default = layer_groups(32, 4)
+    assert groups[0][0] == 0 and groups[-1][1] == num_layers
     for k, (a, b) in enumerate(groups):
-        assert b - a <= max(default[min(k, len(default) - 1)][1] - default[min(k, len(default) - 1)][0],
-                            1 + a * ratio * COMPUTE_MARGIN - a)
+        assert b - a <= max(min(2 ** k, 4), 1 + a * ratio * COMPUTE_MARGIN - a) and b - a <= 2 ** k
+        if ratio:
+            assert (b - a) & (b - a - 1) == 0
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="compute_ratio"):
             layer_groups(32, 4, bad)

@@ -137,10 +137,11 @@ def test_layer_groups(group: int) -> None:
 def test_layer_groups_follow_the_cost_rules_estimates(async_scheduling: bool) -> None:
     """By default each step's groups are `layer_groups` of the plan's layer ratio (the step's expected forward time
     over its loads' expected transfer time). The tiny model's blocks load far faster than its forward runs, so
-    steps start fewer groups than the default 1, 2, 1 layers; each layer's wait still runs only its own group and
-    every byte attention reads is checked."""
+    steps double their groups past ``DYN_KVBM_ONBOARD_LAYERS_PER_GROUP`` (1 here): 1, 2, 1 layers instead of four
+    groups of one; each layer's wait still runs only its own group and every byte attention reads is checked."""
     workload = chat(num_users=6, num_rounds=3)
-    with kvbm_harness(num_gpu_blocks=32, model=MODEL, async_scheduling=async_scheduling) as h:
+    extra = {"DYN_KVBM_ONBOARD_LAYERS_PER_GROUP": 1}
+    with kvbm_harness(num_gpu_blocks=32, model=MODEL, async_scheduling=async_scheduling, extra=extra) as h:
         worker = worker_of(h)
         held = HeldLayers(worker)
         seen = watch_layer_waits(h, held)
@@ -156,9 +157,9 @@ def test_layer_groups_follow_the_cost_rules_estimates(async_scheduling: bool) ->
         counts = run_counting(h, workload)
         assert workload.done and counts["layerwise_jobs"] > 0 and counts["verified"] > 0
         assert counts["load_errors"] == 0 and seen["waits_that_loaded"] > 0
-        assert started and all(groups == layer_groups(LAYERS, 4, ratio) for ratio, groups in started)
+        assert started and all(groups == layer_groups(LAYERS, 1, ratio) for ratio, groups in started)
         assert all(ratio > 0 for ratio, _ in started)
-        assert any(len(groups) < len(layer_groups(LAYERS, 4)) for _, groups in started)
+        assert any(len(groups) < LAYERS for _, groups in started)
         assert set(held.ran) == {first for _, groups in started for first, _ in groups}
         assert_clean(h)
 
