@@ -4,7 +4,8 @@
 
 On a GPU, for each geometry (``llama8b``: 32 layers x 8 KV heads x 128 head_dim x 16 tokens bf16, 32 KiB K or V
 pieces; ``small``: 2 KV heads x 64 head_dim, 4 KiB pieces), block count and direction (D2H store, H2D load) it
-times one job through ``KvbmOffloadingWorker`` (the kvbm transfer library, slots planned by
+times one job's worker side (submit until done; the scheduler side's planning, which vLLM runs in another process,
+is not timed) through ``KvbmOffloadingWorker`` (the kvbm transfer library, slots planned by
 ``KvbmOffloadingManager``) and through vLLM's ``CPUOffloadingWorker``, both handed the same ``CanonicalKVCaches``
 built the way vLLM's offloading connector builds them from LBHNC per-layer views; each is paired with a plain
 pinned ``copy_`` of the same bytes in the same run (GB/s and percent of it). Every transfer is byte-checked: the
@@ -133,27 +134,34 @@ class KvbmPath:
 
         return ReqContext(req_id="bench")
 
-    def store(self, job: int, gpu_ids: list[int]) -> list[int]:
-        """D2H job; returns the host slots written, in block order."""
-        from vllm.v1.kv_offload.base import GPULoadStoreSpec
-
+    def plan_store(self, gpu_ids: list[int]) -> list[int]:
+        """The scheduler side's part of a D2H job (not timed: vLLM runs it in the scheduler's process); returns
+        the host slots it will write, in block order."""
         self.manager.reset_cache()
         self._round += 1
         self._keys = [f"{self._round}:{i}".encode().ljust(32, b"\0") for i in range(len(gpu_ids))]
         out = self.manager.prepare_store(self._keys, self._context())
         assert out is not None and out.keys_to_store == self._keys
         self._spec = out.store_spec
-        self.worker.submit_store(job, GPULoadStoreSpec(gpu_ids, [len(gpu_ids)], [0]), out.store_spec)
         return [slot for _, slot in out.store_spec.slot_ids]
+
+    def store(self, job: int, gpu_ids: list[int]) -> None:
+        """The worker's part of the D2H job planned last."""
+        from vllm.v1.kv_offload.base import GPULoadStoreSpec
+
+        self.worker.submit_store(job, GPULoadStoreSpec(gpu_ids, [len(gpu_ids)], [0]), self._spec)
 
     def finish_store(self) -> None:
         self.manager.complete_store(self._keys, self._context())
 
+    def plan_load(self) -> None:
+        """The scheduler side's part of an H2D job of the blocks stored last (not timed)."""
+        self._load_spec = self.manager.prepare_load(self._keys, self._context())
+
     def load(self, job: int, gpu_ids: list[int]) -> None:
         from vllm.v1.kv_offload.base import GPULoadStoreSpec
 
-        spec = self.manager.prepare_load(self._keys, self._context())
-        self.worker.submit_load(job, spec, GPULoadStoreSpec(gpu_ids, [len(gpu_ids)], [0]))
+        self.worker.submit_load(job, self._load_spec, GPULoadStoreSpec(gpu_ids, [len(gpu_ids)], [0]))
 
     def finish_load(self) -> None:
         self.manager.complete_load(self._keys, self._context())
@@ -182,13 +190,18 @@ class VllmCpuPath:
         self.worker = CPUOffloadingWorker(kv_caches=kv_caches, blocks_per_chunk=1, num_cpu_chunks=host_blocks)
         self._cpu = self.worker._store_handler.dst_tensors  # its per-layer host tensors, for the byte check
 
-    def store(self, job: int, gpu_ids: list[int]) -> list[int]:
+    def plan_store(self, gpu_ids: list[int]) -> list[int]:
+        self._slots = list(range(len(gpu_ids)))
+        return self._slots
+
+    def store(self, job: int, gpu_ids: list[int]) -> None:
         from vllm.v1.kv_offload.base import GPULoadStoreSpec
         from vllm.v1.kv_offload.cpu.common import CPULoadStoreSpec
 
-        self._slots = list(range(len(gpu_ids)))
         self.worker.submit_store(job, GPULoadStoreSpec(gpu_ids, [len(gpu_ids)], [0]), CPULoadStoreSpec(self._slots))
-        return self._slots
+
+    def plan_load(self) -> None:
+        pass
 
     def finish_store(self) -> None:
         pass
@@ -257,8 +270,8 @@ def run_case(path_cls: type, g: Geometry, n: int, device: torch.device, iters: i
     try:
         for it in range(warmup + iters):
             job += 1
-            slots: list[int] = []
-            t = _timed(device, lambda: (slots.extend(path.store(job, src_ids)), path.wait(job)))
+            slots = path.plan_store(src_ids)
+            t = _timed(device, lambda: (path.store(job, src_ids), path.wait(job)))
             path.finish_store()
             for layer in (0, g.layers - 1):  # D2H check: host copy of each block == GPU source
                 for b, s in zip(src_ids, slots):
@@ -266,6 +279,7 @@ def run_case(path_cls: type, g: Geometry, n: int, device: torch.device, iters: i
                         raise AssertionError(f"{path.name}: D2H block {b} layer {layer} differs in host slot {s}")
             raw[:, dst_ids].zero_()
             job += 1
+            path.plan_load()
             t2 = _timed(device, lambda: (path.load(job, dst_ids), path.wait(job)))
             path.finish_load()
             if not torch.equal(raw[:, dst_ids], raw[:, src_ids]):

@@ -196,6 +196,25 @@ def test_offloaded_block_of_two_gpu_blocks(runner: str) -> None:
         check_done(h, workload)
 
 
+def test_a_job_moves_as_one_transfer_per_pair_of_tiers() -> None:
+    """A store job of more blocks than ``DYN_KVBM_MAX_TRANSFER_BATCH_SIZE`` is one move (vLLM's job is the batch),
+    and so is its load."""
+    from vllm.v1.kv_offload.base import ReqContext
+
+    from kvbm.config import KvbmConfig
+    from kvbm.kernels.medium import Medium
+    from kvbm.tiers import TierSpec
+
+    config = KvbmConfig(max_transfer_batch_size=4, cpu_cache_override_num_blocks=64)
+    manager = KvbmOffloadingManager([TierSpec("G2", Medium.HOST, 64)], config, 1)
+    keys = [f"k{i}".encode().ljust(32, b"\0") for i in range(40)]
+    ctx = ReqContext(req_id="r")
+    out = manager.prepare_store(keys, ctx)
+    assert out is not None and [m.num_blocks for m in out.store_spec.moves] == [40]
+    manager.complete_store(keys, ctx)
+    assert [m.num_blocks for m in manager.prepare_load(keys, ctx).moves] == [40]
+
+
 def test_no_tier_configured_is_refused() -> None:
     """Without a G2 or G3 size the spec refuses to start, naming the settings."""
     with pytest.raises(ValueError, match="DYN_KVBM_CPU_CACHE_GB"):

@@ -35,9 +35,12 @@ from kvbm.tiers import TierSpec
 
 from .specs import KvbmLoadStoreSpec
 
-__all__ = ["KvbmOffloadingManager", "sub_hashes"]
+__all__ = ["JOB_MOVE_BLOCKS", "KvbmOffloadingManager", "sub_hashes"]
 
 log = logging.getLogger(__name__)
+
+#: Most blocks of one planned move (a job's blocks between two tiers, in practice all of them).
+JOB_MOVE_BLOCKS = 1 << 20
 
 
 def sub_hashes(key: bytes, blocks_per_chunk: int) -> list[int]:
@@ -75,8 +78,11 @@ class KvbmOffloadingManager(OffloadingManager):
     def _reset(self) -> None:
         admission = self._disk_filter if self._disk_filter is not None else DiskAdmissionFilter(
             enabled=not self.config.disable_disk_offload_filter)
+        # A job's blocks move as one transfer per pair of tiers: vLLM's job is already the batch, and transfers of a
+        # few blocks each (``DYN_KVBM_MAX_TRANSFER_BATCH_SIZE``, the Dynamo connector's batches) would leave the
+        # link idle between them while the worker's host side starts the next.
         self.index = BlockIndex([t.index_config(admission if k else None) for k, t in enumerate(self.tiers)],
-                                batch_size=self.config.max_transfer_batch_size,
+                                batch_size=JOB_MOVE_BLOCKS,
                                 min_priority=self.config.host_offload_prefix_min_priority)
         self._names = self.index.tier_names
         self._stores: dict[OffloadKey, _Job] = {}  # key -> its pending store job
