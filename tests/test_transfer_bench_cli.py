@@ -2,21 +2,13 @@
 the paired-ratio arithmetic of its percentages (no benchmark is run)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "transfer_bench.py"
+from bench_module import load_bench_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    # loaded from its file: the repo root is not on the test path (see tests/run.sh)
-    spec = importlib.util.spec_from_file_location("transfer_bench_under_test", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_module("transfer_bench.py", "transfer_bench_under_test")
 
 
 def test_block_counts_parse(bench):

@@ -9,17 +9,14 @@ import json
 from pathlib import Path
 
 import pytest
+from bench_module import load_bench_module
 
-PATH = Path(__file__).resolve().parents[1] / "bench" / "vllm_bundle.py"
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM installed")
 
 
 @pytest.fixture(scope="module")
 def vb():
-    spec = importlib.util.spec_from_file_location("vllm_bundle_under_test", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_module("vllm_bundle.py", "vllm_bundle_under_test")
 
 
 def vllm_site() -> Path:

@@ -6,10 +6,8 @@ op hands the driver, called positionally as vLLM's ``_custom_ops.swap_blocks_bat
 """
 from __future__ import annotations
 
-import importlib.util
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,9 +15,9 @@ import torch
 
 from kvbm.kernels import batch_memcpy
 from kvbm.kernels.cuda_runtime import CudaUnavailableError, cuda_available
+from bench_module import load_bench_module
 from test_batch_memcpy import RecordingBatchCopy
 
-PATH = Path(__file__).resolve().parents[1] / "bench" / "vllm_stand_in.py"
 cpu_only = pytest.mark.skipif(cuda_available(), reason="checks the no-GPU error, which a GPU machine never raises")
 
 
@@ -27,9 +25,7 @@ cpu_only = pytest.mark.skipif(cuda_available(), reason="checks the no-GPU error,
 def stand_in():
     """The module, loaded from its file (the repo root is not on the test path); whatever it registered in this
     process is removed afterwards."""
-    spec = importlib.util.spec_from_file_location("vllm_stand_in_under_test", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench_module("vllm_stand_in.py", "vllm_stand_in_under_test")
     if module.EXTENSION in sys.modules or hasattr(torch.ops._C_cache_ops, "swap_blocks_batch"):
         pytest.skip("vLLM's compiled ops (or a stand-in) are already loaded in this process")
     yield module
