@@ -11,6 +11,7 @@ found them bad). Cascades due at planning time ride on the next job's spec and c
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Collection, Iterable, Sequence
@@ -47,6 +48,13 @@ def sub_hashes(key: bytes, blocks_per_chunk: int) -> list[int]:
     """kvbm sequence hashes of the ``blocks_per_chunk`` GPU blocks of offloaded block ``key``."""
     return [int.from_bytes(hashlib.blake2b(key + j.to_bytes(4, "little"), digest_size=8).digest(), "little")
             for j in range(blocks_per_chunk)]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _cached_sub_hashes(key: bytes, blocks_per_chunk: int) -> tuple[int, ...]:
+    """`sub_hashes`, kept for the latest keys: a job's keys are hashed again by every call that names them (lookup,
+    prepare, complete), each a blake2b per GPU block."""
+    return tuple(sub_hashes(key, blocks_per_chunk))
 
 
 @dataclass
@@ -95,8 +103,8 @@ class KvbmOffloadingManager(OffloadingManager):
 
     # -- helpers -----------------------------------------------------------------------------------------------
 
-    def _hashes(self, key: OffloadKey) -> list[int]:
-        return sub_hashes(key, self.blocks_per_chunk)
+    def _hashes(self, key: OffloadKey) -> tuple[int, ...]:
+        return _cached_sub_hashes(key, self.blocks_per_chunk)
 
     def _state(self, h: int) -> int:
         """2: committed in some tier, 1: only pending, 0: absent."""
