@@ -59,6 +59,8 @@ BENCH_MODULES = (
     "vllm.platforms.cuda",
 )
 WHEEL_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+#: Distributions the bench's vLLM imports pull that the GPU machine lacks.
+DEFAULT_WHEELS = ("msgspec", "pyzmq")
 ENV_SH = """\
 # Source on the GPU machine: vLLM's Python for bench.offloading_bench (written by bench/vllm_bundle.py)
 BUNDLE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -176,18 +178,23 @@ def _download_wheels(names: list[str], python_version: str, dest: Path) -> list[
     if proc.returncode != 0:
         raise RuntimeError(f"pip download {' '.join(pins)} failed:\n{proc.stderr.strip()[-2000:]}")
     wheels = sorted(dest.glob("*.whl"))
-    got = {w.name.split("-")[0].lower().replace("_", "-") for w in wheels}
-    missing = [p for p, n in zip(pins, names) if n.lower().replace("_", "-") not in got]
+    got = {_normalized(w.name.split("-")[0]) for w in wheels}
+    missing = [p for p, n in zip(pins, names) if _normalized(n) not in got]
     if missing:
         raise RuntimeError(f"pip download left no wheel for {', '.join(missing)} in {dest}")
     return wheels
+
+
+def _normalized(name: str) -> str:
+    """A distribution name as wheel files and metadata compare it (case and ``_`` / ``-`` folded)."""
+    return name.lower().replace("_", "-")
 
 
 def _size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def bundle(out: Path, python_version: str = "3.12", wheels: tuple[str, ...] = ("msgspec", "pyzmq")) -> dict:
+def bundle(out: Path, python_version: str = "3.12", wheels: tuple[str, ...] = DEFAULT_WHEELS) -> dict:
     """Write the bundle (see the module docstring) to ``out``; returns its manifest. Raises if it outweighs 40 MiB."""
     listings = {platform: imported_files(platform) for platform in PLATFORMS}
     files = sorted(set().union(*(set(listing["files"]) for listing in listings.values())))
@@ -195,8 +202,8 @@ def bundle(out: Path, python_version: str = "3.12", wheels: tuple[str, ...] = ("
     dists: dict[str, str] = {}
     for listing in listings.values():
         dists.update(listing["dists"])
-    imported = {d.lower().replace("_", "-") for d in dists}
-    unknown = [w for w in wheels if w.lower().replace("_", "-") not in imported]
+    imported = {_normalized(d) for d in dists}
+    unknown = [w for w in wheels if _normalized(w) not in imported]
     if unknown:
         raise RuntimeError(f"{', '.join(unknown)}: not imported by the bench's vLLM modules; nothing to bundle")
     vllm = importlib.metadata.distribution("vllm")
@@ -232,10 +239,10 @@ def bundle(out: Path, python_version: str = "3.12", wheels: tuple[str, ...] = ("
 def _hidden_entries(site: Path, dists: list[str]) -> set[str]:
     """The top-level names in ``site`` (packages, modules, .dist-info folders, .pth files) that belong to ``dists``
     and to no other installed distribution."""
-    hide = {name.lower().replace("_", "-") for name in dists}
+    hide = {_normalized(name) for name in dists}
     owners: dict[str, set[bool]] = {}
     for dist in importlib.metadata.distributions():
-        hidden = dist.metadata["Name"].lower().replace("_", "-") in hide
+        hidden = _normalized(dist.metadata["Name"]) in hide
         for file in dist.files or []:
             owners.setdefault(Path(file).parts[0], set()).add(hidden)
     return {top for top, hidden in owners.items() if hidden == {True} and top != ".." and (site / top).exists()}
@@ -247,7 +254,7 @@ def check(out: Path, without: tuple[str, ...] = ()) -> dict[str, Any]:
     manifest = json.loads((out / "manifest.json").read_text())
     wheels = [w.split("-")[0] for w in manifest["wheels"]]
     site = Path(sysconfig.get_paths()["purelib"])
-    hidden = _hidden_entries(site, ["vllm", *[w.replace("_", "-") for w in wheels], *without])
+    hidden = _hidden_entries(site, ["vllm", *wheels, *without])
     here = f"{sys.version_info.major}.{sys.version_info.minor}"
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -290,8 +297,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"bundle folder (default {DEFAULT_OUT})")
     p.add_argument("--python-version", default="3.12", help="Python of the wheels (the GPU machine's; default 3.12)")
-    p.add_argument("--wheels", nargs="+", default=["msgspec", "pyzmq"],
-                   help="distributions the import pulls and the GPU machine lacks (default: msgspec pyzmq)")
+    p.add_argument("--wheels", nargs="+", default=list(DEFAULT_WHEELS),
+                   help="distributions the import pulls and the GPU machine lacks (default: "
+                        f"{' '.join(DEFAULT_WHEELS)})")
     p.add_argument("--check", action="store_true", help="then import the bench's vLLM modules from the bundle")
     p.add_argument("--without", nargs="*", default=[],
                    help="with --check: more distributions to hide, e.g. all that the GPU machine lacks")

@@ -16,9 +16,9 @@ tier (``G4_*``: reads of another instance's G2 found through the directory).
 
 Layer-wise onboarding: a prefix hit held entirely in G2 is loaded while the forward that uses it runs, one group of
 layers at a time (1, 2, 4, ... layers, up to ``ONBOARD_LAYERS_PER_GROUP``), each layer's attention waiting only for
-its own group; where the cost rule's estimates say the step's forward outlasts the load, later groups grow larger
-(`kvbm.worker.layerwise.layer_groups`), unless ``DISABLE_COST_LAYER_GROUPS``; ``DISABLE_LAYERWISE_ONBOARD`` loads
-every hit before the request is scheduled instead (as hits from G3 always are).
+its own group; where the cost rule's estimates say the step's forward outlasts the load, groups keep doubling past
+that size (`kvbm.worker.layerwise.layer_groups`), unless ``DISABLE_COST_LAYER_GROUPS``;
+``DISABLE_LAYERWISE_ONBOARD`` loads every hit before the request is scheduled instead (as hits from G3 always are).
 
 Stores: ``LAYERWISE_STORE`` (on by default) starts a step's stores into host memory per group of layers as the
 forward saves them (`kvbm.worker.layerwise_stores`); off, they start after the forward. ``MAX_STORE_BACKLOG_MS``
