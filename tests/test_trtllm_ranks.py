@@ -3,6 +3,7 @@ driven in TensorRT-LLM's call order (`trtllm_ranks`): every rank's bytes checked
 rank failing on all, a missing rank named once the registration timeout has passed."""
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -188,7 +189,8 @@ def test_rank_channel_takes_ranks_messages_and_drops_bad_ones():
     try:
         good, bad = RankSender(inbox.address, 2), RankSender(inbox.address, 3)
         bad.register(4, 1)
-        bad._send("register", (4, 1))
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # (the inbox may have closed it already)
+            bad._send("register", (4, 1))
         good.register(4, 4096)
         reports = [WorkerReport({7: MoveResult(7, {0: "x"})}), WorkerReport({8: MoveResult(8)})]
         for report in reports:
