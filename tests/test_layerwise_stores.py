@@ -15,7 +15,8 @@ from kvbm.kernels.medium import Medium
 from kvbm.layouts import KVGeometry, allocate
 from kvbm.leader.plans import Move, MoveKind
 from kvbm.tiers import TierSpec
-from kvbm.worker.layerwise_stores import even_groups
+from kvbm.worker import layerwise_stores
+from kvbm.worker.layerwise_stores import even_groups, store_groups
 
 GEOMETRY = KVGeometry(num_layers=5, num_kv=2, block_size=4, num_heads=2, head_dim=8, itemsize=2)
 PRESET = "vllm_flash_attn_nhd"
@@ -29,6 +30,51 @@ def test_even_groups() -> None:
         even_groups(0, 2)
 
 
+def test_store_groups_double_until_a_group_moves_the_minimum() -> None:
+    assert store_groups(32, 4, 64 << 20, 16 << 20) == even_groups(32, 4)  # large steps: the configured size
+    assert store_groups(32, 4, 1 << 20, 16 << 20) == even_groups(32, 16)  # 1 MiB a layer: 16 layers a group
+    assert store_groups(32, 4, 3 << 20, 16 << 20) == even_groups(32, 8)
+    assert store_groups(5, 2, 1, 16 << 20) == [(0, 5)]  # never past every layer
+    assert store_groups(5, 2, 1, 0) == even_groups(5, 2)
+    with pytest.raises(ValueError):
+        store_groups(5, 2, -1)
+
+
+@pytest.fixture
+def no_minimum(monkeypatch) -> None:
+    """Groups of the configured size whatever the step's bytes (this file's caches are a few KiB)."""
+    monkeypatch.setattr(layerwise_stores, "MIN_GROUP_BYTES", 0)
+
+
+def test_a_small_step_is_stored_in_fewer_groups() -> None:
+    """With the default minimum, a step of a few KiB is one group, started when the last layer is saved."""
+    g1 = allocate(PRESET, GEOMETRY, 16, dtype=torch.bfloat16)
+    fill_random(g1, torch.Generator().manual_seed(5))
+    worker = worker_for(g1, layerwise_store=True, per_group=1)
+    try:
+        store = RequestStore("r", (Move(1, MoveKind.STORE, "G1", "G2", (3, 7), (0, 1), (11, 12)),))
+        worker.begin_layer_stores([store])
+        assert worker._layer_stores.groups == [(0, GEOMETRY.num_layers)]
+        for layer in range(GEOMETRY.num_layers - 1):
+            worker.save_layer(layer)
+            assert worker._layer_stores._next == 0
+        worker.save_layer(GEOMETRY.num_layers - 1)
+        assert worker._layer_stores._next == 1
+        worker.start_stores([store])
+        worker.store.wait_all()
+        worker.poll()
+        assert not worker.take_report().results[1].failed
+        blocks = to_logical(PRESET, g1)
+        for t in g1.tensors:
+            t[:, [8, 9]] = POISON
+        worker.start_loads([RequestLoad("r", (Move(2, MoveKind.LOAD, "G2", "G1", (0, 1), (8, 9), (11, 12)),))])
+        worker.store.wait_all()
+        worker.poll()
+        assert torch.equal(to_logical(PRESET, g1)[[8, 9]], blocks[[3, 7]])
+    finally:
+        worker.close()
+
+
 def worker_for(g1, *, layerwise_store: bool, per_group: int = 2, disk_dir=None) -> ConnectorWorker:
     tiers = [TierSpec("G2", Medium.HOST, 16)]
     if disk_dir is not None:
@@ -37,7 +83,7 @@ def worker_for(g1, *, layerwise_store: bool, per_group: int = 2, disk_dir=None) 
 
 
 @pytest.mark.parametrize("per_group", [1, 2, 5])
-def test_each_group_is_stored_once_its_last_layer_is_saved(per_group: int) -> None:
+def test_each_group_is_stored_once_its_last_layer_is_saved(per_group: int, no_minimum: None) -> None:
     g1 = allocate(PRESET, GEOMETRY, 16, dtype=torch.bfloat16)
     for t in g1.tensors:
         t.fill_(POISON)

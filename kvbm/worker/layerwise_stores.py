@@ -7,6 +7,10 @@ Only stores into a host tier are taken (a disk tier writes whole blocks: its sto
 before). Each group's transfer is ordered after the work queued on the caller's stream when it is started, so it
 copies the bytes the layers of its group were just given. Groups not started by the end of the forward (an engine
 that calls ``save_layer`` for some layers only) are started by `finish`.
+
+A group moves at least `MIN_GROUP_BYTES` where the step's stores allow (`store_groups`): each group's submit costs
+host time inside the forward, and a step storing few blocks (a 256-token step of Llama-3.1-8B's shape stores 1 MiB
+a layer) gains nothing from starting its copies a few layers sooner.
 """
 from __future__ import annotations
 
@@ -17,7 +21,11 @@ from kvbm.kernels.medium import Medium, medium_of
 from kvbm.leader.plans import ENGINE_TIER, Move, MoveKind
 from kvbm.worker.store import BlockStore, LayeredMoves
 
-__all__ = ["LayerwiseStores", "even_groups"]
+__all__ = ["LayerwiseStores", "even_groups", "store_groups"]
+
+#: Fewest bytes a group of layer-wise stores is sized to move: groups double from the configured size until they
+#: do (or hold every layer).
+MIN_GROUP_BYTES = 16 << 20
 
 
 def even_groups(num_layers: int, layers_per_group: int) -> list[tuple[int, int]]:
@@ -28,12 +36,28 @@ def even_groups(num_layers: int, layers_per_group: int) -> list[tuple[int, int]]
     return [(a, min(a + layers_per_group, num_layers)) for a in range(0, num_layers, layers_per_group)]
 
 
+def store_groups(num_layers: int, layers_per_group: int, layer_bytes: int,
+                 min_group_bytes: int = MIN_GROUP_BYTES) -> list[tuple[int, int]]:
+    """`even_groups` of ``layers_per_group`` layers, doubled until a group of ``layer_bytes`` a layer moves at least
+    ``min_group_bytes`` or holds every layer (sizes stay the configured one times a power of two: the copy kernels
+    are compiled per number of layers they move)."""
+    if layer_bytes < 0 or min_group_bytes < 0:
+        raise ValueError(f"layer_bytes and min_group_bytes must be >= 0, got {layer_bytes}, {min_group_bytes}")
+    size = layers_per_group
+    while size < num_layers and size * layer_bytes < min_group_bytes:
+        size *= 2
+    return even_groups(num_layers, size)
+
+
 class LayerwiseStores:
     """The layer-wise stores of the current step (see the module docstring)."""
 
     def __init__(self, store: BlockStore, engine_cache: Any, layers_per_group: int) -> None:
         self.store = store
         self.num_layers = engine_cache.geometry.num_layers
+        self.layers_per_group = layers_per_group
+        self._block_bytes = engine_cache.geometry.block_bytes
+        #: [start, stop) of each group of the current step (`store_groups` of its stores' bytes).
         self.groups = even_groups(self.num_layers, layers_per_group)
         self._layered: LayeredMoves | None = None
         self._next = 0  # the first group not started
@@ -54,6 +78,8 @@ class LayerwiseStores:
             raise RuntimeError("the layer-wise stores of the previous step were not finished")
         if any(not self.takes(m) for m in moves):
             raise ValueError("layer-wise stores take stores from the engine's cache into host memory only")
+        layer_bytes = sum(m.num_blocks for m in moves) * self._block_bytes // self.num_layers
+        self.groups = store_groups(self.num_layers, self.layers_per_group, layer_bytes, MIN_GROUP_BYTES)
         self._layered, self._next = self.store.layered(moves), 0
 
     def save_layer(self, layer: int) -> None:
