@@ -207,6 +207,24 @@ def test_hidden_share_of_the_bulk_load(ttft):
     assert ttft["bench"].hidden_share(dataclasses.replace(bulk, load_ms=0.0), bulk) is None
 
 
+def test_rows_run_in_turns_warm_ups_dropped_and_a_raising_row_dropped(ttft):
+    """One request of each row in turn (so the host's drift is shared by the rows compared); the warm-ups are not
+    returned; a row that raises is reported with its exception and not run again."""
+    calls = []
+
+    def run(name, fail_at=None):
+        def one():
+            calls.append(name)
+            if len(calls) == fail_at:
+                raise OSError(f"{name} broke")
+            return f"{name}{calls.count(name)}"
+        return one
+    results, raised = ttft["bench"]._timed_in_turns(3, 1, {"a": run("a"), "b": run("b", fail_at=5), "c": run("c")})
+    assert calls == ["a", "b", "c", "a", "b", "c", "a", "c", "a", "c"]
+    assert results == {"a": ["a2", "a3", "a4"], "c": ["c2", "c3", "c4"]}
+    assert set(raised) == {"b"} and "b broke" in str(raised["b"])
+
+
 def test_a_kvbm_mode_that_raises_is_reported_and_dropped(ttft, tmp_path, monkeypatch):
     b = ttft["bench"]
     for key in [k for k in os.environ if k.startswith("DYN_KVBM_")]:

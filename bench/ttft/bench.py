@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import platform
@@ -404,6 +405,24 @@ def _timed(reps: int, warmup: int, run: Callable[[], RequestResult]) -> list[Req
     return results[warmup:]
 
 
+def _timed_in_turns(reps: int, warmup: int, runs: dict[str, Callable[[], RequestResult]]
+                    ) -> tuple[dict[str, list[RequestResult]], dict[str, Exception]]:
+    """Run every one of ``runs`` ``warmup`` times, then ``reps`` times, one request of each in turn, so that a drift
+    of the host's speed during the run (the eager-mode runner is host-bound at short prompts) is shared by every row
+    compared; the results after the warm-ups by name, and the exception of each run that raised (not run again)."""
+    results: dict[str, list[RequestResult]] = {name: [] for name in runs}
+    raised: dict[str, Exception] = {}
+    for _ in range(warmup + reps):
+        for name, run in runs.items():
+            if name in raised:
+                continue
+            try:
+                results[name].append(run())
+            except Exception as exc:  # noqa: BLE001 - reported by the caller as that row's failure
+                raised[name] = exc
+    return {name: r[warmup:] for name, r in results.items() if name not in raised}, raised
+
+
 def _failed(setup: Setup, mode: str, exc: Exception, row: Row) -> Row:
     """A kvbm mode that raised: drop its side (the engine starts from an empty G1) and say why in ``row``."""
     side = setup.sides.pop(mode)
@@ -441,13 +460,26 @@ def run_prefix(args: argparse.Namespace, setup: Setup, prefix: int, scratch: dic
         eng.drain(sides)
     log(f"{name} prefix {prefix}: first run (prefill {first.ttft_s * 1e3:.1f} ms, stored to "
         f"{', '.join(s.name for s in sides) or 'nothing'}) in {time.perf_counter() - t:.1f} s")
+
+    def hit(side: KvbmSide, layerwise: bool) -> RequestResult:
+        eng.evict_all()
+        return eng.run_request(tokens + fresh(), [side], reference=reference, layerwise=layerwise)
+    # the G1 hit and the modes without a rule run in turns (a kvbm hit leaves the prefix in G1 for the next G1 hit)
+    plain: dict[str, Callable[[], RequestResult]] = {G1_HIT: lambda: eng.run_request(tokens + fresh())}
+    for mode in modes:
+        if mode in KVBM_MODES and mode != G3_AUTO and setup.sides.get(side_mode(mode)) is not None:
+            plain[mode] = functools.partial(hit, setup.sides[side_mode(mode)], mode == G2_LAYERWISE)
     t = time.perf_counter()
-    g1 = _timed(args.reps, args.warmup, lambda: eng.run_request(tokens + fresh()))
+    in_turns, raised = _timed_in_turns(args.reps, args.warmup, plain)
+    if G1_HIT in raised:
+        raise raised[G1_HIT]
+    g1 = in_turns[G1_HIT]
     g1_row = _row_from(name, "prefix", G1_HIT, g1, prefix=prefix, new=new)
     if any(r.g1_hit_tokens != prefix for r in g1):
         g1_row.note = f"G1 hits {[r.g1_hit_tokens for r in g1]} tokens, expected {prefix}"
     rows.append(g1_row)
-    log(f"{name} prefix {prefix}: {G1_HIT} median {g1_row.ttft_ms:.1f} ms ({time.perf_counter() - t:.1f} s)")
+    log(f"{name} prefix {prefix}: {', '.join(plain)} in turns ({time.perf_counter() - t:.1f} s); "
+        f"{G1_HIT} median {g1_row.ttft_ms:.1f} ms")
     for mode in modes:
         if mode not in KVBM_MODES:
             continue
@@ -456,29 +488,28 @@ def run_prefix(args: argparse.Namespace, setup: Setup, prefix: int, scratch: dic
             rows.append(Row(name, "prefix", mode, prefix, new, note=f"unavailable: "
                             f"{setup.unavailable.get(side_mode(mode))}" + (f"; {GDS_NOTE}" if mode == G3_GDS else "")))
             continue
-
-        def hit(side: KvbmSide = side, layerwise: bool = mode == G2_LAYERWISE) -> RequestResult:
-            eng.evict_all()
-            return eng.run_request(tokens + fresh(), [side], reference=reference, layerwise=layerwise)
         t = time.perf_counter()
         rule = setup.rule if mode == G3_AUTO else None
         decisions: list[RuleDecision] = []
         probe_note = ""
         try:
+            if mode in raised:
+                raise raised[mode]
             if rule is not None:
+                hit_rule = functools.partial(hit, side, False)
                 if not rule.measured and rule.enabled:  # untimed: the rule's first measurement of the disk
-                    result, _ = rule.run(hit)
+                    result, _ = rule.run(hit_rule)
                     probe_note = (f"probe before warm-up: {result.loaded_tokens} tokens loaded with the rule off in "
                                   f"{result.load_wait_s * 1e3:.1f} ms")
 
-                def through_rule(hit: Callable[[], RequestResult] = hit) -> RequestResult:
-                    result, decision = rule.run(hit)
+                def through_rule() -> RequestResult:
+                    result, decision = rule.run(hit_rule)
                     decisions.append(decision)
                     return result
                 timed = _timed(args.reps, args.warmup, through_rule)
                 decisions = decisions[args.warmup:]
             else:
-                timed = _timed(args.reps, args.warmup, hit)
+                timed = in_turns[mode]
         except Exception as exc:  # noqa: BLE001 - any failure: the mode is reported with its reason
             rows.append(_failed(setup, side_mode(mode), exc, Row(name, "prefix", mode, prefix, new)))
             continue
@@ -490,8 +521,8 @@ def run_prefix(args: argparse.Namespace, setup: Setup, prefix: int, scratch: dic
             rule_text, r.rule = rule_note(rule, decisions)
         r.note = "; ".join(n for n in (r.note, rule_text, probe_note, side.disk_note) if n)
         log(f"{name} prefix {prefix}: {mode} median {r.ttft_ms:.1f} ms (load {r.load_ms:.1f} ms), "
-            f"{r.checked_blocks} blocks checked, bytes {_bytes_word(r.bytes_ok)} ({time.perf_counter() - t:.1f} s)"
-            + (f"; {rule_text}" if rule_text else ""))
+            f"{r.checked_blocks} blocks checked, bytes {_bytes_word(r.bytes_ok)}"
+            + (f" ({time.perf_counter() - t:.1f} s); {rule_text}" if rule is not None else ""))
     _note_hidden_share(rows, name, prefix)
     eng.evict_all()
     pcie_s, nbytes = measure_pcie(reference, prefix // BLOCK_SIZE, setup.engine.device, args.reps, scratch,
