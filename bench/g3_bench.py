@@ -249,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error(f"--repeat must be >= 1, got {args.repeat}")
+    if not Path(args.dir).is_dir():
+        p.error(f"--dir {args.dir} is not a directory (the bench writes its files there)")
     out = Path(args.out or f"bench/runs/g3-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
     total = max(1, int(args.gib * (1 << 30)) // (16 * MiB)) * 16 * MiB  # whole 16 MiB requests
