@@ -24,7 +24,8 @@ from kvbm.worker.store import BlockStore, LayeredMoves
 __all__ = ["LayerwiseStores", "even_groups", "store_groups"]
 
 #: Fewest bytes a group of layer-wise stores is sized to move: groups double from the configured size until they
-#: do (or hold every layer).
+#: do (or hold every layer). On an H100 (Llama-3.1-8B shape, 256 new tokens after a 2k prefix) the stores added
+#: 3.5-3.9 ms to the forward in 4-layer groups and 0.8-1.6 ms in the 16-layer groups this gives.
 MIN_GROUP_BYTES = 16 << 20
 
 
