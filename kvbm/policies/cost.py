@@ -196,10 +196,7 @@ class LoadCostPolicy:
             raise ValueError(f"tokens must be a non-negative int, got {tokens!r}")
         with self._lock:
             fitted = self._prefill_fit.seconds(tokens)
-            rate = self._prefill.rate(math.inf)
-        if fitted is not None:
-            return fitted
-        return tokens / (self._default_prefill if rate is None else rate)
+            return fitted if fitted is not None else tokens / self.prefill_rate
 
     def observe_load(self, tier: str, *, num_bytes: int, seconds: float) -> None:
         """Account one completed load from ``tier`` into the engine's cache: ``num_bytes`` arrived intact (failed

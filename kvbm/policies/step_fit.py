@@ -51,7 +51,7 @@ class StepFit:
 
     def seconds(self, tokens: int) -> float | None:
         """Expected seconds of a step of ``tokens`` tokens (``fixed + per_token * tokens``), or None without a fit."""
-        if self.per_token is None or self.fixed is None:
+        if self.fixed is None:  # (None exactly when per_token is)
             return None
         return self.fixed + self.per_token * tokens
 
