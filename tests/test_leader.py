@@ -114,6 +114,55 @@ def test_lookup_walks_tiers_in_order_and_never_goes_back_up():
     assert index.lookup([1, 3], whole_prompt=False).hits == (0, 2)  # 1 from G3, then 3 from G3 too
 
 
+def _holder(index: BlockIndex, h: int, tiers) -> int | None:
+    """The first of ``tiers`` (indices) holding ``h`` committed, looked up without side effects."""
+    return next((k for k in tiers if (index.pool(index.tier_names[k]).find(h) or (0, False))[1]), None)
+
+
+def test_lookup_and_load_plans_match_the_block_by_block_rule_on_random_states():
+    """Lookups and load plans (runs per tier) against the per-block rule on random tiers: a lookup's run moves to a
+    later tier only, a load takes each block from the first tier holding it, in moves of at most ``batch_size``."""
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        index = BlockIndex([TierConfig(name, 12) for name in ("A", "B", "C")], batch_size=int(rng.integers(1, 5)))
+        universe = [int(h) for h in rng.choice(2**62, 24, replace=False)]
+        for k, name in enumerate(index.tier_names):  # each tier holds a random subset, some blocks pending
+            held = [h for h in universe if rng.random() < 0.5][:12]
+            pool = index.pool(name)
+            for h in held:
+                slot = pool.allocate(h).slot
+                if rng.random() < 0.85:
+                    pool.commit(slot)
+        hashes = [universe[i] for i in rng.integers(0, len(universe), int(rng.integers(0, 16)))]
+        hashes = list(dict.fromkeys(hashes))  # a prompt's block hashes are distinct
+        expected_hits, k = [0, 0, 0], 0
+        for h in hashes:
+            k = _holder(index, h, range(k, 3))
+            if k is None:
+                break
+            expected_hits[k] += 1
+        assert index.lookup(hashes, whole_prompt=False).hits == tuple(expected_hits), trial
+        engine_ids = [1000 + i for i in range(len(hashes))]
+        holders = [_holder(index, h, range(3)) for h in hashes]
+        plan = index.plan_load(hashes, engine_ids)
+        assert sorted(plan.missing) == [i for i, k in enumerate(holders) if k is None]
+        for k, name in enumerate(index.tier_names):
+            mine = [i for i, t in enumerate(holders) if t == k]
+            moves = [m for m in plan.moves if m.src_tier == name]
+            assert [i for m in moves for i in plan.positions[m.move_id]] == mine
+            assert all(0 < m.num_blocks <= index.batch_size for m in moves)
+            for m in moves:
+                positions = plan.positions[m.move_id]
+                assert m.hashes == tuple(hashes[i] for i in positions)
+                assert m.dst_ids == tuple(engine_ids[i] for i in positions)
+                assert m.src_ids == tuple(index.pool(name).find(hashes[i])[0] for i in positions)
+                assert all(index.pool(name).holds(slot) == 1 for slot in m.src_ids)
+        index.check_invariants()
+        complete_all(index, plan.moves)
+        index.check_invariants()
+        assert all(index.pool(name).holds(slot) == 0 for name in index.tier_names for slot in range(12))
+
+
 def test_connector_leader_completes_a_move_once_every_worker_reported():
     config = KvbmConfig(cpu_cache_override_num_blocks=8, max_transfer_batch_size=4)
     leader = ConnectorLeader(kvbm_tiers(config, 4096), config, block_size=4, num_workers=2)

@@ -1,4 +1,5 @@
-"""BlockPool: unit tests, corruption detection, a randomized run against a simple model, and eviction cost."""
+"""BlockPool: unit tests, corruption detection, a randomized run against a simple model (single-block calls and
+the run calls a prefix lookup and a load use), and eviction cost."""
 from __future__ import annotations
 
 import random
@@ -144,6 +145,12 @@ def test_bad_arguments() -> None:
         BlockPool(0, "G2")
     with pytest.raises(TypeError, match=r"num_blocks must be an integer"):
         BlockPool(2.0, "G2")  # type: ignore[arg-type]
+    pool.hold(0)
+    for slots, error, match in (([0, -1], IndexError, "slot -1 out of range"), ([0, 1.5], TypeError, "got float"),
+                                ([0, 0], ValueError, r"cannot release slot 0 2 time\(s\): it has 1 hold")):
+        with pytest.raises(error, match=match):
+            pool.release_all(slots)
+        assert pool.holds(0) == 1  # nothing released
     pool.check_invariants()
 
 
@@ -251,12 +258,39 @@ def test_randomized_against_model() -> None:
                 else:
                     with pytest.raises(ValueError):
                         pool.release(s)
-            else:  # lookup
+            elif op < 0.86:  # lookup
                 s = model.slot_of(h)
                 expected = s if s is not None and model.slots[s]["state"] == COMMITTED else None
                 assert pool.lookup(h) == expected
                 if expected is not None:
                     model.touch(expected)
+            elif op < 0.96:  # a run looked up, or looked up and held (a prefix lookup, a load)
+                run = [rng.choice(hashes) for _ in range(rng.randrange(6))]
+                start = rng.randrange(len(run) + 1)
+                expected = []
+                for x in run[start:]:
+                    s = model.slot_of(x)
+                    if s is None or model.slots[s]["state"] != COMMITTED:
+                        break
+                    expected.append(s)
+                hold = op >= 0.91
+                assert (pool.hold_run if hold else pool.lookup_run)(run, start) == expected
+                for s in expected:
+                    model.touch(s)
+                    model.slots[s]["holds"] += hold
+            elif used:  # release several (a move's slots; all or nothing)
+                slots = [rng.choice(used) for _ in range(rng.randrange(1, 4))]
+                valid = all(model.slots[s]["state"] == COMMITTED and model.slots[s]["holds"] >= slots.count(s)
+                            for s in slots)
+                if valid:
+                    pool.release_all(slots)
+                    for s in slots:
+                        model.slots[s]["holds"] -= 1
+                        if not model.slots[s]["holds"]:
+                            model.touch(s)
+                else:
+                    with pytest.raises(ValueError, match="cannot release"):
+                        pool.release_all(slots)
             pool.check_invariants()
             assert pool.num_free() == n - len(model.slots)
             assert pool.num_evictable() == sum(

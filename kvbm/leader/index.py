@@ -112,8 +112,8 @@ _HASH_END = 2**64
 def as_hashes(seq_hashes: Sequence[int]) -> list[int]:
     """Sequence hashes checked to be ints (not bools) in [0, 2**64)."""
     hashes = list(seq_hashes)
-    if all(type(h) is int and 0 <= h < _HASH_END for h in hashes):  # the common case, checked at a fraction of the cost
-        return hashes
+    if not hashes or (set(map(type, hashes)) == {int} and min(hashes) >= 0 and max(hashes) < _HASH_END):
+        return hashes  # the common case, checked in C
     out = []
     for h in hashes:
         if isinstance(h, bool):
@@ -183,16 +183,16 @@ class BlockIndex:
         tiers = self._tiers
         hits = [0] * len(tiers)
         k = n = 0
-        for h in hashes:
-            j = k  # tiers are walked in order and never back up
-            while j < len(tiers) and tiers[j].pool.lookup(h) is None:
-                j += 1
-            if j == len(tiers):
-                break
-            k = j
-            hits[k] += 1
-            self._hit(k, h)
-            n += 1
+        while k < len(tiers) and n < len(hashes):  # a run in tier k, then the next tier holding the block after it
+            run = len(tiers[k].pool.lookup_run(hashes, n))
+            if not run:
+                k += 1
+                continue
+            if k + 1 < len(tiers) and tiers[k + 1].config.admission is not None:
+                for h in hashes[n:n + run]:
+                    self._hit(k, h)
+            hits[k] += run
+            n += run
         if n and n == len(hashes) and whole_prompt:
             hits[max(j for j, h in enumerate(hits) if h)] -= 1
             n -= 1
@@ -247,23 +247,37 @@ class BlockIndex:
         hashes = as_hashes(seq_hashes)
         _same_length(hashes, engine_ids)
         plan = LoadPlan()
-        per_tier: dict[int, list[tuple[int, int]]] = {}
-        for i, h in enumerate(hashes):
-            for k, tier in enumerate(self._tiers):
-                slot = tier.pool.lookup_hold(h)
+        per_tier: dict[int, tuple[list[int], list[int]]] = {}  # tier -> (positions, slots)
+        first, i = self._tiers[0].pool, 0
+        while i < len(hashes):  # runs held in the first tier; a block it lacks from the next tier holding it
+            run = first.hold_run(hashes, i)
+            if run:
+                positions, slots = per_tier.setdefault(0, ([], []))
+                positions.extend(range(i, i + len(run)))
+                slots.extend(run)
+                i += len(run)
+                continue
+            for k in range(1, len(self._tiers)):
+                slot = self._tiers[k].pool.lookup_hold(hashes[i])
                 if slot is not None:
-                    per_tier.setdefault(k, []).append((i, slot))
+                    positions, slots = per_tier.setdefault(k, ([], []))
+                    positions.append(i)
+                    slots.append(slot)
                     break
             else:
                 plan.missing[i] = "block is in no tier (never stored, or evicted)"
+            i += 1
+        size = self.batch_size
         for k in sorted(per_tier):
-            blocks = per_tier[k]
-            for start in range(0, len(blocks), self.batch_size):
-                chunk = blocks[start:start + self.batch_size]
-                move = self._move(MoveKind.LOAD, self._tiers[k].name, ENGINE_TIER, [s for _, s in chunk],
-                                  [engine_ids[i] for i, _ in chunk], [hashes[i] for i, _ in chunk])
+            positions, slots = per_tier[k]
+            engine = [engine_ids[i] for i in positions]
+            held = [hashes[i] for i in positions]
+            for start in range(0, len(positions), size):
+                end = start + size
+                move = self._move(MoveKind.LOAD, self._tiers[k].name, ENGINE_TIER, slots[start:end],
+                                  engine[start:end], held[start:end])
                 plan.moves.append(move)
-                plan.positions[move.move_id] = [i for i, _ in chunk]
+                plan.positions[move.move_id] = positions[start:end]
         return plan
 
     def plan_cascades(self) -> list[Move]:
@@ -305,9 +319,7 @@ class BlockIndex:
                 if i in lost:
                     self._tiers[k].bad.add(slot)
         if move.kind is MoveKind.LOAD:
-            k = self._tier_index(move.src_tier)
-            for slot in move.src_ids:
-                self._release(k, slot)
+            self._release_all(self._tier_index(move.src_tier), move.src_ids)
             return move
         k = self._tier_index(move.dst_tier)
         pool = self._tiers[k].pool
@@ -318,9 +330,7 @@ class BlockIndex:
                 pool.commit(slot)
                 self._registered(k, move.hashes[i])
         if move.kind is MoveKind.CASCADE:
-            src = self._tier_index(move.src_tier)
-            for slot in move.src_ids:
-                self._release(src, slot)
+            self._release_all(self._tier_index(move.src_tier), move.src_ids)
         return move
 
     def check_invariants(self) -> None:
@@ -379,6 +389,15 @@ class BlockIndex:
         if slot is not None:
             self._tiers[k].pool.hold(slot)
             self._admitted[seq_hash] = (k, slot)
+
+    def _release_all(self, k: int, slots: Sequence[int]) -> None:
+        """`_release` of each of ``slots`` (a move's), in one pass over the pool."""
+        tier = self._tiers[k]
+        tier.pool.release_all(slots)
+        for slot in tier.bad.intersection(slots) if tier.bad else ():
+            if not tier.pool.holds(slot):
+                tier.bad.discard(slot)
+                tier.pool.discard(slot)
 
     def _release(self, k: int, slot: int) -> None:
         """Drop a hold; a slot that failed a load is dropped once nothing holds it."""

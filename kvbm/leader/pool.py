@@ -24,7 +24,8 @@ from ``check_invariants`` (O(n), for tests). Not thread-safe: the manager calls 
 from __future__ import annotations
 
 import bisect
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 __all__ = ["BlockPool", "Allocation", "PoolInvariantError", "PoolWatcher", "FREE", "PENDING", "COMMITTED"]
@@ -98,6 +99,60 @@ class BlockPool:
                 self._deactivate(slot)
             self._holds[slot] += 1
         return slot
+
+    def lookup_run(self, seq_hashes: Sequence[int], start: int = 0) -> list[int]:
+        """Slots of ``seq_hashes[start:]`` up to the first that is absent or pending, each marked most recently
+        used, in order (``lookup`` of each: a prefix lookup over a long prompt in one loop)."""
+        slot_of, state, holds, last_use = self._slot_of.get, self._state, self._holds, self._last_use
+        inactive, priority = self._inactive, self._priority
+        slots: list[int] = []
+        tick = self._tick
+        for i in range(start, len(seq_hashes)):
+            slot = slot_of(seq_hashes[i])
+            if slot is None or state[slot] != COMMITTED:
+                break
+            tick += 1
+            last_use[slot] = tick
+            if holds[slot] == 0:
+                inactive[priority[slot]].move_to_end(slot)
+            slots.append(slot)
+        self._tick = tick
+        return slots
+
+    def hold_run(self, seq_hashes: Sequence[int], start: int = 0) -> list[int]:
+        """``lookup_run`` that also holds each slot it returns (``lookup_hold`` of each: a load's blocks)."""
+        slot_of, state, holds, last_use = self._slot_of.get, self._state, self._holds, self._last_use
+        inactive, priority = self._inactive, self._priority
+        slots: list[int] = []
+        tick = self._tick
+        for i in range(start, len(seq_hashes)):
+            slot = slot_of(seq_hashes[i])
+            if slot is None or state[slot] != COMMITTED:
+                break
+            tick += 1
+            last_use[slot] = tick
+            if holds[slot] == 0:  # out of the eviction order (`_deactivate`, its common case inline)
+                bucket = inactive[priority[slot]]
+                del bucket[slot]
+                if not bucket:
+                    self._drop_priority(priority[slot])
+            holds[slot] += 1
+            slots.append(slot)
+        self._tick = tick
+        return slots
+
+    def release_all(self, slots: Sequence[int]) -> None:
+        """``release`` each of ``slots`` (a load's blocks), all checked first: nothing is released when one is not a
+        committed slot holding as many holds as it is listed."""
+        holds, state, num_blocks = self._holds, self._state, self.num_blocks
+        for slot, n in Counter(slots).items():
+            if type(slot) is not int or not 0 <= slot < num_blocks or state[slot] != COMMITTED or holds[slot] < n:
+                self._expect(slot, COMMITTED, "release")
+                raise ValueError(f"{self.name}: cannot release slot {slot} {n} time(s): it has {holds[slot]} hold(s)")
+        for slot in slots:
+            holds[slot] -= 1
+            if holds[slot] == 0:
+                self._make_inactive(slot)
 
     def _used(self, seq_hash: int) -> int | None:
         """Slot of a committed block, its last use now; None when absent or still pending."""
@@ -310,5 +365,9 @@ class BlockPool:
         bucket = self._inactive[prio]
         del bucket[slot]
         if not bucket:
-            del self._inactive[prio]
-            del self._priorities[bisect.bisect_left(self._priorities, prio)]
+            self._drop_priority(prio)
+
+    def _drop_priority(self, prio: int) -> None:
+        """Forget a priority whose last inactive slot left."""
+        del self._inactive[prio]
+        del self._priorities[bisect.bisect_left(self._priorities, prio)]
