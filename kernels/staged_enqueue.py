@@ -162,12 +162,16 @@ def launch_row(kernel: Any, tiles_per_pair: int, pointers: tuple[int, int, int, 
 def build(calls: DriverCalls) -> Callable:
     """The compiled enqueue over `calls` (driver entry points, or stand-ins with the same prototypes):
 
-    ``enqueue(d2h, gpu_ids, host_ids, caller, lane, slot_events, ring_events, ring_host, state, rows, pair,
-    max_ctas)`` enqueues a staged transfer of validated int64 ids (at most a ring slot of them) after the work on
-    stream `caller`; `lane` and `pair` are rows of `Lane` and `Pair` columns, `rows` a `Launch` row per staging slot,
-    `max_ctas` -1 for a full grid. Returns (0, -1), or (driver error code, index in `STEPS`) at the first failed call
-    (nothing after it enqueued). `state` holds the lane's next staging slot and next id-ring slot, and is advanced.
-    The chunks, their slots and DMA pieces are those of `host_runs.schedule`, which the Python enqueue executes too.
+    ``enqueue(d2h, gpu_ids, host_ids, caller, lane, slot_events, ring_events, ring_host, state, rows, pairs,
+    group_events, max_ctas)`` enqueues staged transfers of validated int64 ids (at most a ring slot of them) after the
+    work on stream `caller`: one per row of `pairs` (`Pair` columns), in order, each with its `Launch` row per staging
+    slot in `rows` (row ``g * slots + k`` for transfer g and slot k) and, where ``group_events[g]`` is not 0, that
+    event recorded once transfer g is done. Several rows are layer groups of one set of blocks (the same ids, each
+    group's own host view and kernels: `TransferEngine.onboard_layers`): the ids are uploaded once and the caller's
+    stream recorded once. `lane` is a row of `Lane` columns, `max_ctas` -1 for a full grid. Returns (0, -1), or
+    (driver error code, index in `STEPS`) at the first failed call (nothing after it enqueued). `state` holds the
+    lane's next staging slot and next id-ring slot, and is advanced. The chunks, their slots and DMA pieces are
+    those of `host_runs.schedule`, which the Python enqueue executes too.
     """
     record, wait, sync, htod, launch_fn, batch_fn = calls[:6]
     copy_2d = calls.copy_2d
@@ -269,18 +273,73 @@ def build(calls: DriverCalls) -> Callable:
         total = n * row[Launch.TILES_PER_PAIR]
         grid = total if max_ctas < 0 else max(1, min(total, max_ctas))
         argv[:] = 0
-        argv[0], argv[1], argv[2], argv[3] = row[Launch.SRC_BASE], row[Launch.DST_BASE], row[Launch.SRC_OFFSETS], row[Launch.DST_OFFSETS]
+        argv[0], argv[1] = row[Launch.SRC_BASE], row[Launch.DST_BASE]
+        argv[2], argv[3] = row[Launch.SRC_OFFSETS], row[Launch.DST_OFFSETS]
         argv[4], argv[5], argv[6] = src_ids, dst_ids, total  # the int32 tile count: the low half of its slot
         for i in range(row[Launch.NUM_PARAMS]):
             params[i] = argv.ctypes.data + 8 * i
-        return launch_fn(row[Launch.FUNCTION], grid, 1, 1, row[Launch.THREADS], 1, 1, row[Launch.SHARED], stream, params.ctypes.data, 0)
+        return launch_fn(row[Launch.FUNCTION], grid, 1, 1, row[Launch.THREADS], 1, 1, row[Launch.SHARED], stream,
+                         params.ctypes.data, 0)
 
     @numba.njit(nogil=True)
-    def enqueue(d2h, gpu_ids, host_ids, caller, lane, slot_events, ring_events, ring_host, state, rows, pair,
-                max_ctas):  # pragma: no cover (compiled)
+    def chunks(d2h, gpu_ids, host_ids, lane, slot_events, ring_events, ring_host, state, rows, pair, max_ctas,
+               ids_device, scratch):  # pragma: no cover (compiled)
+        """One transfer's chunks (its streams already ordered after the caller): (code, step, ids' device address,
+        uploaded by the first chunk that needs them unless `ids_device` is given)."""
+        argv, params, fail, desc = scratch
         kernel = lane[Lane.KERNEL_STREAM]
         stage_ids, attrs, attrs_index = pair[Pair.STAGE_IDS], pair[Pair.ATTRS], pair[Pair.ATTRS_INDEX]
         min_split = pair[Pair.MIN_PIECES_TO_SPLIT]
+        table, hosts, stage, widths, rows_of = _schedule(
+            host_ids, pair[Pair.PER_CHUNK], d2h, pair[Pair.HOST_BASE], pair[Pair.HOST_STRIDE], pair[Pair.BLOCK_BYTES],
+            lane[Lane.STAGING], lane[Lane.SLOT_BYTES], state, slot_events.shape[0])
+        fail_address = fail.ctypes.data
+        for c in range(table.shape[0]):
+            start, m, slot = table[c, Chunk.START], table[c, Chunk.COUNT], table[c, Chunk.SLOT]
+            a, b = table[c, Chunk.FIRST_PIECE], table[c, Chunk.END_PIECE]
+            done = slot_events[slot]  # the slot is free once the chunk that last used it recorded this
+            if d2h:
+                if ids_device == 0:
+                    ids_device, code, step = upload(lane, gpu_ids, ring_events, ring_host, state)
+                    if code:
+                        return code, step, ids_device
+                code = wait(kernel, done, 0)
+                if code:
+                    return code, 1, ids_device
+                code = launch(rows[slot], ids_device + 8 * start, stage_ids, m, max_ctas, kernel, argv, params)
+                if code:
+                    return code, 4, ids_device
+                code = record(lane[Lane.GATHERED], kernel)
+                if code:
+                    return code, 0, ids_device
+                code, step = dma(lane, hosts[a:b], stage[a:b], widths[a:b], rows_of[a:b], b - a, lane[Lane.GATHERED],
+                                 done, attrs, attrs_index, min_split, fail_address, True, pair, desc)
+                if code:
+                    return code, step, ids_device
+            else:
+                code, step = dma(lane, stage[a:b], hosts[a:b], widths[a:b], rows_of[a:b], b - a, done,
+                                 lane[Lane.LANDED], attrs, attrs_index, min_split, fail_address, False, pair, desc)
+                if code:
+                    return code, step, ids_device
+                if ids_device == 0:  # the first DMA is queued: now the ids its scatter needs
+                    ids_device, code, step = upload(lane, gpu_ids, ring_events, ring_host, state)
+                    if code:
+                        return code, step, ids_device
+                code = wait(kernel, lane[Lane.LANDED], 0)
+                if code:
+                    return code, 1, ids_device
+                code = launch(rows[slot], stage_ids, ids_device + 8 * start, m, max_ctas, kernel, argv, params)
+                if code:
+                    return code, 4, ids_device
+                code = record(done, kernel)
+                if code:
+                    return code, 0, ids_device
+        return 0, -1, ids_device
+
+    @numba.njit(nogil=True)
+    def enqueue(d2h, gpu_ids, host_ids, caller, lane, slot_events, ring_events, ring_host, state, rows, pairs,
+                group_events, max_ctas):  # pragma: no cover (compiled)
+        kernel = lane[Lane.KERNEL_STREAM]
         code = record(lane[Lane.READY], caller)  # the caller's work on the GPU cache so far
         if code:
             return code, 0
@@ -291,53 +350,18 @@ def build(calls: DriverCalls) -> Callable:
                 code = wait(lane[Lane.SECOND_DMA_STREAM], lane[Lane.READY], 0)
         if code:
             return code, 1
-        chunks, hosts, stage, widths, rows_of = _schedule(
-            host_ids, pair[Pair.PER_CHUNK], d2h, pair[Pair.HOST_BASE], pair[Pair.HOST_STRIDE], pair[Pair.BLOCK_BYTES],
-            lane[Lane.STAGING], lane[Lane.SLOT_BYTES], state, slot_events.shape[0])
-        argv = np.empty(16, np.uint64)
-        params = np.empty(16, np.uint64)
-        fail = np.zeros(1, np.uint64)
-        fail_address = fail.ctypes.data
-        desc = np.empty(DESCRIPTOR_FIELDS, np.uint64)
+        scratch = (np.empty(16, np.uint64), np.empty(16, np.uint64), np.zeros(1, np.uint64),
+                   np.empty(DESCRIPTOR_FIELDS, np.uint64))
+        slots = slot_events.shape[0]
+        done_on = lane[Lane.DMA_STREAM] if d2h else kernel  # where a transfer's last operation is ordered
         ids_device = 0
-        for c in range(chunks.shape[0]):
-            start, m, slot = chunks[c, Chunk.START], chunks[c, Chunk.COUNT], chunks[c, Chunk.SLOT]
-            a, b = chunks[c, Chunk.FIRST_PIECE], chunks[c, Chunk.END_PIECE]
-            done = slot_events[slot]  # the slot is free once the chunk that last used it recorded this
-            if d2h:
-                if ids_device == 0:
-                    ids_device, code, step = upload(lane, gpu_ids, ring_events, ring_host, state)
-                    if code:
-                        return code, step
-                code = wait(kernel, done, 0)
-                if code:
-                    return code, 1
-                code = launch(rows[slot], ids_device + 8 * start, stage_ids, m, max_ctas, kernel, argv, params)
-                if code:
-                    return code, 4
-                code = record(lane[Lane.GATHERED], kernel)
-                if code:
-                    return code, 0
-                code, step = dma(lane, hosts[a:b], stage[a:b], widths[a:b], rows_of[a:b], b - a, lane[Lane.GATHERED],
-                                 done, attrs, attrs_index, min_split, fail_address, True, pair, desc)
-                if code:
-                    return code, step
-            else:
-                code, step = dma(lane, stage[a:b], hosts[a:b], widths[a:b], rows_of[a:b], b - a, done,
-                                 lane[Lane.LANDED], attrs, attrs_index, min_split, fail_address, False, pair, desc)
-                if code:
-                    return code, step
-                if ids_device == 0:  # the first DMA is queued: now the ids its scatter needs
-                    ids_device, code, step = upload(lane, gpu_ids, ring_events, ring_host, state)
-                    if code:
-                        return code, step
-                code = wait(kernel, lane[Lane.LANDED], 0)
-                if code:
-                    return code, 1
-                code = launch(rows[slot], stage_ids, ids_device + 8 * start, m, max_ctas, kernel, argv, params)
-                if code:
-                    return code, 4
-                code = record(done, kernel)
+        for g in range(pairs.shape[0]):  # the groups' transfers in order, the ids uploaded once
+            code, step, ids_device = chunks(d2h, gpu_ids, host_ids, lane, slot_events, ring_events, ring_host, state,
+                                            rows[g * slots:(g + 1) * slots], pairs[g], max_ctas, ids_device, scratch)
+            if code:
+                return code, step
+            if group_events[g]:
+                code = record(group_events[g], done_on)
                 if code:
                     return code, 0
         return 0, -1
@@ -348,7 +372,7 @@ def build(calls: DriverCalls) -> Callable:
 _ARRAY, _MATRIX = numba.types.int64[::1], numba.types.int64[:, ::1]
 #: The types `enqueue` is compiled for (ids and tables are C-contiguous int64 arrays, every scalar an int).
 SIGNATURE = (numba.types.boolean, _ARRAY, _ARRAY, numba.types.int64, _ARRAY, _ARRAY, _ARRAY, _MATRIX, _ARRAY,
-             _MATRIX, _ARRAY, numba.types.int64)
+             _MATRIX, _MATRIX, _ARRAY, numba.types.int64)
 
 
 @functools.lru_cache(maxsize=None)

@@ -30,7 +30,10 @@ log = logging.getLogger(__name__)
 
 
 class TransferPath(Protocol):
-    """Moves blocks between caches of one (source medium, destination medium) pair."""
+    """Moves blocks between caches of one (source medium, destination medium) pair.
+
+    A path may also define ``submit_groups(pairs, src_ids, dst_ids) -> list[BlockTransfer]``: the same ids for
+    several cache pairs at once (`Transfers.submit_groups`; without it, each pair is submitted alone)."""
 
     name: str
 
@@ -129,13 +132,7 @@ class Transfers:
         ``tags`` (one int per block, e.g. the blocks' sequence hashes) bind what a disk tier stores to what is
         read back: a slot written under one tag and read under another fails its block. Only paths to or from a
         disk take them."""
-        if self._closed:
-            raise ValueError("this Transfers object is closed")
-        key = (id(src), id(dst))
-        path = self._pairs.find(key, src, dst)  # the pair's checks and path, kept while both caches live
-        if path is None:
-            checked_ids(src, dst, (), ())
-            path = self._pairs.keep(key, self.path(medium_of(src), medium_of(dst)), src, dst)
+        path = self._path_of(src, dst)
         s, d = _id_array(src_ids, "src_ids"), _id_array(dst_ids, "dst_ids")
         if not id_check.ids_valid(s, d, src.num_blocks, dst.num_blocks):
             checked_ids(src, dst, s, d)  # raises the precise error
@@ -144,6 +141,37 @@ class Transfers:
         transfer = path.submit(src, dst, s, d) if tags is None else path.submit(src, dst, s, d, tags=tags)
         self._live.add(transfer)
         return transfer
+
+    def submit_groups(self, pairs: Sequence[tuple[Any, Any]], src_ids: Any, dst_ids: Any) -> list[BlockTransfer]:
+        """``submit`` of blocks ``src_ids`` into ``dst_ids`` for each (src, dst) cache pair of ``pairs``, in order,
+        one transfer each: the layer groups of a layer-wise load (`kvbm.layouts.select_layers` views of one source
+        and one destination cache), each waited for on its own. Where the pairs share a path that moves such groups
+        in one call (GPU <-> host), it gets them all. Bad input raises before anything moves."""
+        paths = [self._path_of(src, dst) for src, dst in pairs]
+        s, d = _id_array(src_ids, "src_ids"), _id_array(dst_ids, "dst_ids")
+        for num_blocks in {(src.num_blocks, dst.num_blocks) for src, dst in pairs}:  # (layer views share theirs)
+            if not id_check.ids_valid(s, d, *num_blocks):
+                checked_ids(*next((a, b) for a, b in pairs if (a.num_blocks, b.num_blocks) == num_blocks), s, d)
+        if s.size == 0 or not paths:
+            return [BlockTransfer.completed(0, path.name) for path in paths]
+        group_path = getattr(paths[0], "submit_groups", None)
+        if group_path is not None and all(path is paths[0] for path in paths):
+            transfers = group_path(pairs, s, d)
+        else:
+            transfers = [path.submit(src, dst, s, d) for path, (src, dst) in zip(paths, pairs)]
+        self._live.update(transfers)
+        return transfers
+
+    def _path_of(self, src: Any, dst: Any) -> TransferPath:
+        """The path of ``src`` -> ``dst``, the pair's checks done and kept while both caches live."""
+        if self._closed:
+            raise ValueError("this Transfers object is closed")
+        key = (id(src), id(dst))
+        path = self._pairs.find(key, src, dst)
+        if path is None:
+            checked_ids(src, dst, (), ())
+            path = self._pairs.keep(key, self.path(medium_of(src), medium_of(dst)), src, dst)
+        return path
 
     def path(self, src: Medium, dst: Medium) -> TransferPath:
         """The path object for ``src`` -> ``dst`` (built on first use); ValueError when none is registered."""

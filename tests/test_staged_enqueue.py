@@ -116,7 +116,8 @@ def _run(driver, d2h: bool, gpu_ids, host_ids, per_chunk=8, tiles=3, min_split=4
     state = np.array(state, dtype=np.int64)
     ring_host = np.zeros((len(RING_EVENTS), RING_IDS), dtype=np.int64)
     result = enqueue(d2h, gpu_ids, host_ids, CALLER, lane, np.array(SLOT_EVENTS, dtype=np.int64),
-                     np.array(RING_EVENTS, dtype=np.int64), ring_host, state, rows, pair, max_ctas)
+                     np.array(RING_EVENTS, dtype=np.int64), ring_host, state, rows, pair[None, :],
+                     np.zeros(1, dtype=np.int64), max_ctas)
     return tuple(result), list(fake.log), rows, state
 
 
@@ -396,3 +397,99 @@ def test_python_and_compiled_enqueues_execute_the_same_schedule(driver, monkeypa
     assert python_log == _normalized(log, 3)
     assert any(c[0] == "copy2d" for c in python_log) == runs  # runs of the layer view go as 2-D copies
     assert python_state.tolist() == state.tolist()
+
+
+@pytest.mark.parametrize("d2h", [False, True])
+@pytest.mark.parametrize("runs", [False, True])
+def test_groups_are_the_single_transfers_in_order_with_one_upload_and_an_event_each(driver, d2h, runs):
+    """Several transfers of the same ids (a layer-wise load's layer groups: each group its own host view, kernels
+    and chunking) in one call: each group's chunks, pieces and launches are those of that group enqueued alone, in
+    order; the caller's stream is recorded and the ids uploaded once; group g's event is recorded after all of
+    group g's operations (and the earlier groups'), and before any of the next group's."""
+    fake, enqueue = driver
+    gpu_ids, host_ids = _ids(np.random.default_rng(11 + runs), 21, runs)
+    groups = [(8, 3, 0), (4, 5, 1 << 20), (2, 2, 2 << 20)]  # (blocks per chunk, tiles per block, host offset)
+    lane = None
+    rows, pairs = [], []
+    for g, (per_chunk, tiles, offset) in enumerate(groups):
+        lane, group_rows, pair = _tables(per_chunk, tiles, 4)
+        group_rows[:, se.Launch.FUNCTION] += 100 * g
+        pair[se.Pair.HOST_BASE] += offset
+        rows.append(group_rows)
+        pairs.append(pair)
+    marks = np.array([600, 601, 602], dtype=np.int64)
+    state = np.array((1, 2), dtype=np.int64)
+    ring_host = np.zeros((len(RING_EVENTS), RING_IDS), dtype=np.int64)
+    fake.log.clear()
+    result = enqueue(d2h, gpu_ids, host_ids, CALLER, lane, np.array(SLOT_EVENTS, dtype=np.int64),
+                     np.array(RING_EVENTS, dtype=np.int64), ring_host, state, np.concatenate(rows), np.stack(pairs),
+                     marks, -1)
+    assert tuple(result) == (0, -1)
+    log = list(fake.log)
+    assert [c for c in log if c[0] == "record" and c[2] == CALLER] == [("record", READY, CALLER)]
+    uploads = [c for c in log if c[0] == "htod"]
+    assert len(uploads) == 1 and uploads[0][3].tolist() == gpu_ids.tolist()
+
+    # each group as the single-transfer enqueue of its tables makes it, from the state the earlier groups left
+    expected_state, expected_ops = (1, 2), []
+    for g, (per_chunk, tiles, offset) in enumerate(groups):
+        alone_lane, alone_rows, alone_pair = _tables(per_chunk, tiles, 4)
+        alone_rows[:, se.Launch.FUNCTION] += 100 * g
+        alone_pair[se.Pair.HOST_BASE] += offset
+        fake.log.clear()
+        alone_state = np.array(expected_state, dtype=np.int64)
+        enqueue(d2h, gpu_ids, host_ids, CALLER, alone_lane, np.array(SLOT_EVENTS, dtype=np.int64),
+                np.array(RING_EVENTS, dtype=np.int64), np.zeros_like(ring_host), alone_state, alone_rows,
+                alone_pair[None, :], np.zeros(1, dtype=np.int64), -1)
+        ops = [c for c in fake.log if c[0] in ("launch", "batch", "copy2d")]
+        expected_ops.append([_comparable(c, uploads[0][2], ids_address=_upload_address(fake.log)) for c in ops])
+        expected_state = (int(alone_state[0]), 2)
+    assert int(state[0]) == expected_state[0] and int(state[1]) == 3  # one id-ring slot taken
+    ops = [(i, c) for i, c in enumerate(log) if c[0] in ("launch", "batch", "copy2d")]
+    got = [_comparable(c, uploads[0][2]) for _, c in ops]
+    assert got == [op for group in expected_ops for op in group]
+
+    # group events: recorded in order on the completion stream, after their group's operations
+    mark_records = [i for i, c in enumerate(log) if c[0] == "record" and c[1] in marks.tolist()]
+    assert [log[i][1:] for i in mark_records] == [(m, DMA if d2h else KERNEL) for m in marks.tolist()]
+    recorded_past = _record_pasts(log)
+    counts = [len(group) for group in expected_ops]
+    assert all(counts)
+    bounds = np.cumsum([0] + counts)
+    for g, at in enumerate(mark_records):
+        mine = [i for i, _ in ops[bounds[g]:bounds[g + 1]]]
+        earlier = [i for i, _ in ops[:bounds[g]]]
+        assert set(mine + earlier) <= recorded_past[at], f"group {g}'s event before its work"
+        assert all(i > at for i, _ in ops[bounds[g + 1]:]), f"group {g + 1} enqueued before group {g}'s event"
+
+
+def _upload_address(log: list[tuple]) -> int:
+    return next(c[2] for c in log if c[0] == "htod")
+
+
+def _comparable(call: tuple, upload_address: int, ids_address: int | None = None) -> tuple:
+    """A launch, batch or 2-D copy with the uploaded ids' address made relative (each enqueue uploads to its own
+    ring slot)."""
+    if call[0] == "launch":
+        _, stream, function, grid, block, shared, values, extra = call
+        base = upload_address if ids_address is None else ids_address
+        values = [v - base if k in (4, 5) and v != STAGE_IDS else v for k, v in enumerate(values)]
+        return ("launch", stream, function, grid, block, shared, tuple(values))
+    if call[0] == "batch":
+        return ("batch", call[1], *(a.tolist() for a in call[2:5]), *call[5:])
+    return tuple(call)
+
+
+def _record_pasts(log: list[tuple]) -> dict[int, set[int]]:
+    """For each record call (by log index), the operations its event captured (`_happens_before`'s model)."""
+    past: dict[int, set[int]] = {CALLER: {-1}}
+    recorded: dict[int, set[int]] = {}
+    captured: dict[int, set[int]] = {}
+    for index, call in enumerate(log):
+        if call[0] == "record":
+            recorded[call[1]] = captured[index] = set(past.get(call[2], set()))
+        elif call[0] == "wait":
+            past.setdefault(call[1], set()).update(recorded.get(call[2], set()))
+        elif call[0] in ("htod", "launch", "batch", "copy2d"):
+            past.setdefault(call[1], set()).add(index)
+    return captured

@@ -347,6 +347,50 @@ def test_layer_views_round_trip_by_2d_copies_byte_exact(preset, enqueue, engine_
         assert rows and max(rows) > 1  # the runs went as 2-D copies
 
 
+@pytest.mark.parametrize("enqueue", ["compiled", "python"])
+@pytest.mark.parametrize("preset,host_runs", [("vllm_flash_attn_nhd", True), ("vllm_flash_attn_hnd", False),
+                                              ("vllm_flashinfer_nhd", True)])
+def test_layer_groups_onboard_in_one_call_each_group_complete_on_its_event(preset, host_runs, enqueue,
+                                                                         engine_factory):
+    """`onboard_groups` of layer groups (1, 2, 4 and 1 layers of eight) of the same blocks: one handle per group,
+    and once group g's event is done its layers hold the host bytes (checked before waiting for the later groups,
+    after a wait on that event alone); in the end every byte of the GPU cache is the torch reference's, so layers
+    and blocks not named keep theirs (fresh blocks poisoned). Several chunks per group; the same bytes when the
+    compiled enqueue is unavailable (one `submit`)."""
+    from kvbm.kernels.host_memory import PinnedHostBuffer
+    from kvbm.layouts import select_layers
+
+    g = KVGeometry(num_layers=8, num_kv=2, block_size=4, num_heads=2, head_dim=64, itemsize=2)
+    rng = np.random.default_rng(zlib.crc32(f"{preset}/{host_runs}/{enqueue}".encode()))
+    gpu = allocate(preset, g, 64, dtype=torch.bfloat16, device="cuda")
+    random_fill(gpu.tensors, 7)
+    groups = [(0, 1), (1, 3), (3, 7), (7, 8)]
+    with PinnedHostBuffer(40 * g.block_bytes) as buf:
+        host = host_cache(buf, g, STAGING_ORDER, blocks=40)
+        random_fill(host.tensors, 8)
+        engine = engine_factory(select_layers(gpu, 3, 7).geometry, 2, blocks_per_slot=5)
+        if enqueue == "python":
+            engine._enqueue = None
+        host_ids = np.array([*range(3, 14), 20, *range(25, 33)], dtype=np.int64) if host_runs else \
+            rng.choice(40, 20, replace=False).astype(np.int64)
+        gpu_ids = rng.choice(64, host_ids.size, replace=False).astype(np.int64)
+        poison_gpu_blocks(gpu, gpu_ids)
+        reference = type(gpu)([t.clone() for t in gpu.tensors], gpu.layout)
+        copy_blocks(host, reference, host_ids, gpu_ids, backend="torch")
+        pairs = [(select_layers(host, a, b), select_layers(gpu, a, b)) for a, b in groups]
+        handles = engine.onboard_groups(pairs, host_ids, gpu_ids)
+        assert len(handles) == len(groups) and all(h.ok and h.num_blocks == host_ids.size for h in handles)
+        ids = torch.as_tensor(gpu_ids, device="cuda")
+        for (a, b), handle in zip(groups, handles):
+            handle.event.synchronize()  # this group's layers are in, whatever the later groups' state
+            for layer in range(a, b):
+                for kv in range(g.num_kv):
+                    assert torch.equal(gpu.piece_view(layer, kv, torch.int16)[ids],
+                                       reference.piece_view(layer, kv, torch.int16)[ids]), (layer, kv)
+        torch.cuda.synchronize()
+        assert all(torch.equal(x, y) for x, y in zip(bytes_of(gpu), bytes_of(reference)))
+
+
 def test_cache_pair_checks_are_kept_per_pair(engine_factory):
     """After a transfer between two caches (its pair checks kept), the same GPU cache with another host cache is
     still checked: a pageable one is refused, a bad id still gets its precise error, a good transfer still runs."""

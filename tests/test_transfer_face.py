@@ -132,6 +132,53 @@ def test_a_new_path_is_one_registration(monkeypatch):
     del transfers_module._PATHS[(Medium.HOST, Medium.REMOTE)]
 
 
+def test_layer_groups_are_one_transfer_each_and_reach_a_path_in_one_call(monkeypatch):
+    """`submit_groups`: the same ids for several (src, dst) layer views, one transfer per view in order, byte-exact
+    and only those layers; a path with ``submit_groups`` gets every pair in one call; bad ids raise before anything
+    moves."""
+    from kvbm.kernels.paths.host_host import HostHostPath
+    from kvbm.layouts import select_layers
+
+    geometry = KVGeometry(num_layers=5, num_kv=2, block_size=4, num_heads=2, head_dim=8, itemsize=2)
+    gen = torch.Generator().manual_seed(21)
+    src = allocate("vllm_flash_attn_nhd", geometry, num_blocks=9, dtype=torch.bfloat16)
+    dst = allocate("kvbm_staging", geometry, num_blocks=7, dtype=torch.bfloat16)
+    for t in (*src.tensors, *dst.tensors):  # random bytes everywhere: dst's act as poison
+        t.view(torch.int16).copy_(torch.randint(-2**15, 2**15, t.shape, dtype=torch.int16, generator=gen))
+    groups = [(0, 1), (1, 3), (4, 5)]  # layer 3 left out
+    pairs = [(select_layers(src, a, b), select_layers(dst, a, b)) for a, b in groups]
+    def pieces(cache):
+        return {(layer, kv): cache.piece_view(layer, kv, torch.int16).clone()
+                for layer in range(geometry.num_layers) for kv in range(2)}
+
+    before, want = pieces(dst), pieces(src)
+    calls = []
+
+    def submit_groups(self, pairs, src_ids, dst_ids):
+        calls.append(len(pairs))
+        return [self.submit(a, b, src_ids, dst_ids) for a, b in pairs]
+
+    assert not hasattr(HostHostPath, "submit_groups")  # (the face's own fallback is the test above's submit)
+    monkeypatch.setattr(HostHostPath, "submit_groups", submit_groups, raising=False)
+    with Transfers() as transfers:
+        for bad, error in (([0, 9], IndexError), ([1, 1], ValueError)):
+            with pytest.raises(error):
+                transfers.submit_groups(pairs, [3, 4], bad)
+        assert calls == [] and all(torch.equal(before[k], v) for k, v in pieces(dst).items())
+        assert transfers.submit_groups([], [1], [2]) == []
+        moved = transfers.submit_groups(pairs, [8, 0, 5], [2, 6, 0])
+        assert calls == [3] and len(moved) == 3
+        for transfer in moved:
+            transfer.wait()
+            assert transfer.ok and transfer.num_blocks == 3
+    after = pieces(dst)
+    for (layer, kv), got in after.items():
+        for s_id, d_id in ((8, 2), (0, 6), (5, 0)):
+            expected = want[layer, kv][s_id] if layer != 3 else before[layer, kv][d_id]
+            assert torch.equal(got[d_id], expected), (layer, kv, s_id)
+        assert all(torch.equal(got[b], before[layer, kv][b]) for b in (1, 3, 4, 5))
+
+
 def test_block_transfer_steps_wait_and_fail_per_block():
     gate: Future = Future()
 

@@ -67,6 +67,8 @@ class HeldLayers:
             return BlockTransfer(move.num_blocks, "held", steps())
 
         store._submit = held_submit
+        # a load's layer groups reach the transfer library in one call: each group held as one transfer here
+        store._submit_groups = lambda move, views, ids: [held_submit(move, src, dst, ids) for src, dst in views]
 
 
 def watch_layer_waits(h: H.VllmHarness, held: HeldLayers) -> Counter:

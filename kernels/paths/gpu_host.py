@@ -8,6 +8,7 @@ ordered after the work queued so far on the caller's current stream and complete
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,12 @@ def _await_handle(handle: Any) -> Steps:
     return {}
 
 
+def _block_transfer(handle: Any) -> BlockTransfer:
+    """The `BlockTransfer` of an engine's `TransferHandle`."""
+    device_done = handle.event if handle.error is None else None
+    return BlockTransfer(handle.num_blocks, handle.path, _await_handle(handle), device_done=device_done)
+
+
 def _await_event(event: Any) -> Steps:
     yield event
     return {}
@@ -80,24 +87,42 @@ class GpuHostPath:
 
     def submit(self, src: Any, dst: Any, src_ids: np.ndarray, dst_ids: np.ndarray) -> BlockTransfer:
         """Enqueue the copy; raises ValueError for an unpinned host cache or a GPU other than ``src``'s."""
-        kinds = medium_of(src), medium_of(dst)
-        gpu = src if kinds[0] is Medium.GPU else dst
+        gpu = self._gpu_side(src, dst)
+        if self._by_engine(src, dst):
+            spec = TransferSpec("d2h" if gpu is src else "h2d", src, dst, src_ids, dst_ids)
+            handle = self._engine(gpu.device).submit([spec], ids_checked=True)[0]  # (ids checked by the face)
+            return _block_transfer(handle)
+        return self._by_kernel(gpu.device, src, dst, src_ids, dst_ids)
+
+    def submit_groups(self, pairs: Sequence[tuple[Any, Any]], src_ids: np.ndarray, dst_ids: np.ndarray
+                      ) -> list[BlockTransfer]:
+        """``submit`` of the same ids for each (src, dst) pair, in order: onboards of engine-moved host caches into
+        one GPU's caches (a layer-wise load's layer groups) in one call (`TransferEngine.onboard_groups`), any other
+        pairs one by one."""
+        src, dst = pairs[0]
+        if medium_of(src) is Medium.HOST and medium_of(dst) is Medium.GPU and \
+                all(medium_of(g) is Medium.GPU and g.device == dst.device and self._by_engine(h, g) for h, g in pairs):
+            handles = self._engine(dst.device).onboard_groups(pairs, src_ids, dst_ids, ids_checked=True)
+            return [_block_transfer(handle) for handle in handles]
+        return [self.submit(src, dst, src_ids, dst_ids) for src, dst in pairs]
+
+    @staticmethod
+    def _gpu_side(src: Any, dst: Any) -> Any:
+        return src if medium_of(src) is Medium.GPU else dst
+
+    def _by_engine(self, src: Any, dst: Any) -> bool:
+        """Whether the transfer engine moves ``src`` -> ``dst`` (a host side whose blocks are dense runs); raises
+        ValueError for a host side not in pinned memory. Kept per cache pair until a host buffer is closed."""
         key = (id(src), id(dst))
         kept = self._pairs.find(key, src, dst)
         if kept is None or kept[1] != unregistrations():  # (a host buffer closed since: check pinning again)
-            host = None if kinds == (Medium.GPU, Medium.GPU) else (dst if gpu is src else src)
+            kinds = medium_of(src), medium_of(dst)
+            host = None if kinds == (Medium.GPU, Medium.GPU) else (src if kinds[0] is Medium.HOST else dst)
             if host is not None and not cache_is_pinned(host):
                 raise ValueError(f"host cache {host.name} must be in pinned memory to be moved to or from the GPU "
                                  f"(see kvbm.kernels.host_memory.PinnedHostBuffer)")
-            kept = self._pairs.keep(key, (host is not None and blocks_dense(host), unregistrations()),
-                                    src, dst)
-        if kept[0]:
-            engine = self._engine(gpu.device)
-            spec = TransferSpec("d2h" if gpu is src else "h2d", src, dst, src_ids, dst_ids)
-            handle = engine.submit([spec], ids_checked=True)[0]  # (the face checked the ids, this path the pinning)
-            device_done = handle.event if handle.error is None else None
-            return BlockTransfer(src_ids.size, handle.path, _await_handle(handle), device_done=device_done)
-        return self._by_kernel(gpu.device, src, dst, src_ids, dst_ids)
+            kept = self._pairs.keep(key, (host is not None and blocks_dense(host), unregistrations()), src, dst)
+        return kept[0]
 
     def _by_kernel(self, device: Any, src: Any, dst: Any, src_ids: np.ndarray, dst_ids: np.ndarray) -> BlockTransfer:
         """The copy kernel on the side stream (over UVA for a host side), after the caller's queued work."""

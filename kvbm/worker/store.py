@@ -175,7 +175,7 @@ class BlockStore:
         merges its groups: a block fails where any group failed it. Its result carries no time (``seconds`` None):
         its completion is seen only after the forward it runs beside, so the cost rule does not learn from it."""
         layered = self.layered(moves)
-        by_group = [layered.submit(start, stop) for start, stop in groups]
+        by_group = layered.submit_groups(groups)
         layered.track()
         return by_group
 
@@ -255,9 +255,19 @@ class BlockStore:
                 return self.transfers.submit(src, dst, *ids, tags=move.hashes)
             return self.transfers.submit(src, dst, *ids)
         except Exception as e:  # noqa: BLE001 - reported per block: the leader drops what cannot be proven
-            log.warning("move %d (%s, %d blocks) could not start: %r", move.move_id, direction(move),
-                        move.num_blocks, e)
-            return BlockTransfer.failed(move.num_blocks, "none", f"transfer failed: {e!r}")
+            return _not_started(move, e, 1)[0]
+
+    def _submit_groups(self, move: Move, views: Sequence[tuple[Any, Any]], ids: tuple[np.ndarray, np.ndarray]
+                       ) -> list[BlockTransfer]:
+        """`_submit` of one move for each (source view, destination view) of ``views`` (its layer groups), in one
+        call to the transfer library where the move is a plain copy between two local caches."""
+        if move.remote is not None or move.dst_tier == self.g4_tier or \
+                Medium.DISK in (medium_of(views[0][0]), medium_of(views[0][1])):
+            return [self._submit(move, src, dst, ids) for src, dst in views]
+        try:
+            return self.transfers.submit_groups(views, *ids)
+        except Exception as e:  # noqa: BLE001 - reported per block: the leader drops what cannot be proven
+            return _not_started(move, e, len(views))
 
     def _layer_view(self, tier: str, other: str, start: int, stop: int) -> Any:
         """Layers ``[start, stop)`` of a tier's cache as seen from ``other`` (`end`), kept (the transfer library
@@ -306,6 +316,12 @@ class BlockStore:
                 self._renewals[tier] = renewals
 
 
+def _not_started(move: Move, error: Exception, count: int) -> list[BlockTransfer]:
+    """``count`` transfers of a move that could not start (its layer groups): every block failed; logged once."""
+    log.warning("move %d (%s, %d blocks) could not start: %r", move.move_id, direction(move), move.num_blocks, error)
+    return [BlockTransfer.failed(move.num_blocks, "none", f"transfer failed: {error!r}") for _ in range(count)]
+
+
 class LayeredMoves:
     """Moves run as one transfer per pair of tiers and group of layers, each group submitted when the caller asks
     (`submit`), so that it is ordered after the work queued on the caller's stream by then; `track` then hands the
@@ -334,6 +350,20 @@ class LayeredMoves:
             out.append(transfer)
             transfers.append(transfer)
         return out
+
+    def submit_groups(self, groups: Sequence[tuple[int, int]]) -> list[list[BlockTransfer]]:
+        """``submit`` of each group of layers ``[start, stop)`` of ``groups`` now, in order; the moves of one pair of
+        tiers go to the transfer library in one call (`Transfers.submit_groups`). The transfers per group."""
+        if len(self._joined) != 1:  # several pairs of tiers: group by group, so each pair's first group is first
+            return [self.submit(start, stop) for start, stop in groups]
+        store, by_group = self._store, [[] for _ in groups]
+        for (whole, _), ids, transfers in zip(self._joined, self._ids, self._per_pair):
+            views = [(store._layer_view(whole.src_tier, whole.dst_tier, start, stop),
+                      store._layer_view(whole.dst_tier, whole.src_tier, start, stop)) for start, stop in groups]
+            for group, transfer in zip(by_group, store._submit_groups(whole, views, ids)):
+                group.append(transfer)
+                transfers.append(transfer)
+        return by_group
 
     def track(self) -> None:
         """Hand each move to the store as its part of its pair's submitted groups (call once, after the last)."""
