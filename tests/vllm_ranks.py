@@ -162,18 +162,27 @@ def fail_every_nth_load(worker: Any, every: int) -> None:
     """Make a ``ConnectorWorker`` fail every ``every``-th load move it runs (asynchronous or layer-wise): the move's
     transfers are not submitted (its engine blocks keep their poison) and all its blocks are reported failed."""
     store, chosen, seen = worker.store, {}, Counter()
-    submit = store._submit
+    submit, submit_groups = store._submit, store._submit_groups
+
+    def fails(move: Any) -> bool:
+        if move.kind is not MoveKind.LOAD:
+            return False
+        if move.move_id not in chosen:  # (a layer-wise move may be submitted once per layer group)
+            seen["loads"] += 1
+            chosen[move.move_id] = seen["loads"] % every == 0
+        return chosen[move.move_id]
 
     def failing_submit(move: Any, src: Any, dst: Any, ids: Any = None) -> BlockTransfer:
-        if move.kind is MoveKind.LOAD:
-            if move.move_id not in chosen:  # (a layer-wise move is submitted once per layer group)
-                seen["loads"] += 1
-                chosen[move.move_id] = seen["loads"] % every == 0
-            if chosen[move.move_id]:
-                return BlockTransfer.failed(move.num_blocks, "injected", "injected failure")
+        if fails(move):
+            return BlockTransfer.failed(move.num_blocks, "injected", "injected failure")
         return submit(move, src, dst, ids)
 
-    store._submit = failing_submit
+    def failing_submit_groups(move: Any, views: Any, ids: Any) -> list[BlockTransfer]:  # a layer-wise load's groups
+        if fails(move):
+            return [BlockTransfer.failed(move.num_blocks, "injected", "injected failure") for _ in views]
+        return submit_groups(move, views, ids)
+
+    store._submit, store._submit_groups = failing_submit, failing_submit_groups
 
 
 @dataclass
