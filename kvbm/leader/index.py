@@ -313,7 +313,7 @@ class BlockIndex:
         if move is None:
             raise KeyError(f"move {move_id} is not open (completed twice, or never planned here)")
         lost = set(lost)
-        if move.kind is not MoveKind.STORE:
+        if lost and move.kind is not MoveKind.STORE:
             k = self._tier_index(move.src_tier)
             for i, slot in enumerate(move.src_ids):
                 if i in lost:

@@ -149,10 +149,17 @@ class BlockPool:
             if type(slot) is not int or not 0 <= slot < num_blocks or state[slot] != COMMITTED or holds[slot] < n:
                 self._expect(slot, COMMITTED, "release")
                 raise ValueError(f"{self.name}: cannot release slot {slot} {n} time(s): it has {holds[slot]} hold(s)")
+        inactive, priority, last_use, tick = self._inactive, self._priority, self._last_use, self._tick
         for slot in slots:
             holds[slot] -= 1
-            if holds[slot] == 0:
-                self._make_inactive(slot)
+            if holds[slot] == 0:  # filed as most recently used (`_make_inactive`, inline)
+                tick += 1
+                last_use[slot] = tick
+                bucket = inactive.get(priority[slot])
+                if bucket is None:
+                    bucket = self._add_priority(priority[slot])
+                bucket[slot] = None
+        self._tick = tick
 
     def _used(self, seq_hash: int) -> int | None:
         """Slot of a committed block, its last use now; None when absent or still pending."""
@@ -355,9 +362,14 @@ class BlockPool:
         prio = self._priority[slot]
         bucket = self._inactive.get(prio)
         if bucket is None:
-            bucket = self._inactive[prio] = OrderedDict()
-            bisect.insort(self._priorities, prio)
+            bucket = self._add_priority(prio)
         bucket[slot] = None
+
+    def _add_priority(self, prio: int) -> OrderedDict[int, None]:
+        """The (new, empty) eviction order of a priority no inactive slot had."""
+        bucket = self._inactive[prio] = OrderedDict()
+        bisect.insort(self._priorities, prio)
+        return bucket
 
     def _deactivate(self, slot: int) -> None:
         """Take a slot out of the eviction order (it is being held, evicted, re-filed or discarded)."""
