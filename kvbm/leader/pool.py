@@ -103,24 +103,13 @@ class BlockPool:
     def lookup_run(self, seq_hashes: Sequence[int], start: int = 0) -> list[int]:
         """Slots of ``seq_hashes[start:]`` up to the first that is absent or pending, each marked most recently
         used, in order (``lookup`` of each: a prefix lookup over a long prompt in one loop)."""
-        slot_of, state, holds, last_use = self._slot_of.get, self._state, self._holds, self._last_use
-        inactive, priority = self._inactive, self._priority
-        slots: list[int] = []
-        tick = self._tick
-        for i in range(start, len(seq_hashes)):
-            slot = slot_of(seq_hashes[i])
-            if slot is None or state[slot] != COMMITTED:
-                break
-            tick += 1
-            last_use[slot] = tick
-            if holds[slot] == 0:
-                inactive[priority[slot]].move_to_end(slot)
-            slots.append(slot)
-        self._tick = tick
-        return slots
+        return self._run(seq_hashes, start, hold=False)
 
     def hold_run(self, seq_hashes: Sequence[int], start: int = 0) -> list[int]:
         """``lookup_run`` that also holds each slot it returns (``lookup_hold`` of each: a load's blocks)."""
+        return self._run(seq_hashes, start, hold=True)
+
+    def _run(self, seq_hashes: Sequence[int], start: int, hold: bool) -> list[int]:
         slot_of, state, holds, last_use = self._slot_of.get, self._state, self._holds, self._last_use
         inactive, priority = self._inactive, self._priority
         slots: list[int] = []
@@ -131,12 +120,16 @@ class BlockPool:
                 break
             tick += 1
             last_use[slot] = tick
-            if holds[slot] == 0:  # out of the eviction order (`_deactivate`, its common case inline)
-                bucket = inactive[priority[slot]]
-                del bucket[slot]
-                if not bucket:
-                    self._drop_priority(priority[slot])
-            holds[slot] += 1
+            if not hold:
+                if holds[slot] == 0:
+                    inactive[priority[slot]].move_to_end(slot)
+            else:
+                if holds[slot] == 0:  # out of the eviction order (`_deactivate`, its common case inline)
+                    bucket = inactive[priority[slot]]
+                    del bucket[slot]
+                    if not bucket:
+                        self._drop_priority(priority[slot])
+                holds[slot] += 1
             slots.append(slot)
         self._tick = tick
         return slots
