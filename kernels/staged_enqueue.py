@@ -167,7 +167,7 @@ def build(calls: DriverCalls) -> Callable:
     work on stream `caller`: one per row of `pairs` (`Pair` columns), in order, each with its `Launch` row per staging
     slot in `rows` (row ``g * slots + k`` for transfer g and slot k) and, where ``group_events[g]`` is not 0, that
     event recorded once transfer g is done. Several rows are layer groups of one set of blocks (the same ids, each
-    group's own host view and kernels: `TransferEngine.onboard_layers`): the ids are uploaded once and the caller's
+    group's own host view and kernels: `TransferEngine.onboard_groups`): the ids are uploaded once and the caller's
     stream recorded once. `lane` is a row of `Lane` columns, `max_ctas` -1 for a full grid. Returns (0, -1), or
     (driver error code, index in `STEPS`) at the first failed call (nothing after it enqueued). `state` holds the
     lane's next staging slot and next id-ring slot, and is advanced. The chunks, their slots and DMA pieces are

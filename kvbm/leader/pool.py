@@ -18,8 +18,10 @@ Life of a block, as the manager drives it::
 
 Eviction takes the inactive (committed, unheld) block of lowest priority, least recently used first, in O(1)
 (one insertion-ordered dict per priority, plus a sorted list of the priorities present; that list is as short
-as the number of distinct priorities in use, e.g. at most 101 for KVBM's 0..100). Every operation is O(1) apart
-from ``check_invariants`` (O(n), for tests). Not thread-safe: the manager calls it from one thread.
+as the number of distinct priorities in use, e.g. at most 101 for KVBM's 0..100). Every operation is O(1) per
+block apart from ``check_invariants`` (O(n), for tests); the run calls (``lookup_run``, ``hold_run``,
+``release_all``) do a prompt's or a move's blocks in one loop. Not thread-safe: the manager calls it from one
+thread.
 """
 from __future__ import annotations
 
