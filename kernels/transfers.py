@@ -149,9 +149,12 @@ class Transfers:
         in one call (GPU <-> host), it gets them all. Bad input raises before anything moves."""
         paths = [self._path_of(src, dst) for src, dst in pairs]
         s, d = _id_array(src_ids, "src_ids"), _id_array(dst_ids, "dst_ids")
-        for num_blocks in {(src.num_blocks, dst.num_blocks) for src, dst in pairs}:  # (layer views share theirs)
-            if not id_check.ids_valid(s, d, *num_blocks):
-                checked_ids(*next((a, b) for a, b in pairs if (a.num_blocks, b.num_blocks) == num_blocks), s, d)
+        valid: set[tuple[int, int]] = set()  # block counts the ids were checked against (layer views share theirs)
+        for src, dst in pairs:
+            counts = (src.num_blocks, dst.num_blocks)
+            if counts not in valid and not id_check.ids_valid(s, d, *counts):
+                checked_ids(src, dst, s, d)  # raises the precise error
+            valid.add(counts)
         if s.size == 0 or not paths:
             return [BlockTransfer.completed(0, path.name) for path in paths]
         group_path = getattr(paths[0], "submit_groups", None)

@@ -145,6 +145,10 @@ def test_bad_arguments() -> None:
         BlockPool(0, "G2")
     with pytest.raises(TypeError, match=r"num_blocks must be an integer"):
         BlockPool(2.0, "G2")  # type: ignore[arg-type]
+    for bad_start in (-1, 2, 0.5):  # a run starts inside the hashes given
+        for run in (pool.lookup_run, pool.hold_run):
+            with pytest.raises(ValueError, match="start must be an int in"):
+                run([5], bad_start)
     pool.hold(0)
     for slots, error, match in (([0, -1], IndexError, "slot -1 out of range"), ([0, 1.5], TypeError, "got float"),
                                 ([0, 0], ValueError, r"cannot release slot 0 2 time\(s\): it has 1 hold")):

@@ -87,7 +87,7 @@ class GpuHostPath:
 
     def submit(self, src: Any, dst: Any, src_ids: np.ndarray, dst_ids: np.ndarray) -> BlockTransfer:
         """Enqueue the copy; raises ValueError for an unpinned host cache or a GPU other than ``src``'s."""
-        gpu = self._gpu_side(src, dst)
+        gpu = src if medium_of(src) is Medium.GPU else dst
         if self._by_engine(src, dst):
             spec = TransferSpec("d2h" if gpu is src else "h2d", src, dst, src_ids, dst_ids)
             handle = self._engine(gpu.device).submit([spec], ids_checked=True)[0]  # (ids checked by the face)
@@ -105,10 +105,6 @@ class GpuHostPath:
             handles = self._engine(dst.device).onboard_groups(pairs, src_ids, dst_ids, ids_checked=True)
             return [_block_transfer(handle) for handle in handles]
         return [self.submit(src, dst, src_ids, dst_ids) for src, dst in pairs]
-
-    @staticmethod
-    def _gpu_side(src: Any, dst: Any) -> Any:
-        return src if medium_of(src) is Medium.GPU else dst
 
     def _by_engine(self, src: Any, dst: Any) -> bool:
         """Whether the transfer engine moves ``src`` -> ``dst`` (a host side whose blocks are dense runs); raises

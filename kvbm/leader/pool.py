@@ -112,6 +112,8 @@ class BlockPool:
         return self._run(seq_hashes, start, hold=True)
 
     def _run(self, seq_hashes: Sequence[int], start: int, hold: bool) -> list[int]:
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= len(seq_hashes):
+            raise ValueError(f"{self.name}: start must be an int in [0, {len(seq_hashes)}], got {start!r}")
         slot_of, state, holds, last_use = self._slot_of.get, self._state, self._holds, self._last_use
         inactive, priority = self._inactive, self._priority
         slots: list[int] = []

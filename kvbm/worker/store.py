@@ -356,14 +356,12 @@ class LayeredMoves:
         tiers go to the transfer library in one call (`Transfers.submit_groups`). The transfers per group."""
         if len(self._joined) != 1:  # several pairs of tiers: group by group, so each pair's first group is first
             return [self.submit(start, stop) for start, stop in groups]
-        store, by_group = self._store, [[] for _ in groups]
-        for (whole, _), ids, transfers in zip(self._joined, self._ids, self._per_pair):
-            views = [(store._layer_view(whole.src_tier, whole.dst_tier, start, stop),
-                      store._layer_view(whole.dst_tier, whole.src_tier, start, stop)) for start, stop in groups]
-            for group, transfer in zip(by_group, store._submit_groups(whole, views, ids)):
-                group.append(transfer)
-                transfers.append(transfer)
-        return by_group
+        store, (whole, _) = self._store, self._joined[0]
+        views = [(store._layer_view(whole.src_tier, whole.dst_tier, start, stop),
+                  store._layer_view(whole.dst_tier, whole.src_tier, start, stop)) for start, stop in groups]
+        submitted = store._submit_groups(whole, views, self._ids[0])
+        self._per_pair[0].extend(submitted)
+        return [[transfer] for transfer in submitted]
 
     def track(self) -> None:
         """Hand each move to the store as its part of its pair's submitted groups (call once, after the last)."""
