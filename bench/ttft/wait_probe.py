@@ -77,7 +77,7 @@ def _variants(eng: Any, side: Any, tokens: Any, busy: int, vocab: int, reps: int
               f"{w['median_delay_us']:5.0f} us", flush=True)
         first = first or w
     prompt = torch.randint(0, vocab, (busy,), device=eng.device)
-    for name in ("as is", "carve-out 16", "cuBLASLt", "cuBLASLt carve-out 16"):
+    for name in (v for v in VARIANTS if v not in ("no attention", "as is again")):
         _setting(name)
         blocks = eng.pool.allocate(-(-busy // model.BLOCK_SIZE))
         block_ids = torch.tensor(blocks, device=eng.device)
