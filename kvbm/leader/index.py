@@ -165,7 +165,7 @@ class BlockIndex:
     def release_slot(self, name: str, slot: int) -> None:
         """Drop a hold taken on a slot of tier ``name`` outside a move (``pool(name).hold``); a slot a read found
         bad is dropped once nothing holds it."""
-        self._release(self._tier_index(name), slot)
+        self._release_all(self._tier_index(name), (slot,))
 
     def reserve_move_id(self) -> int:
         """A fresh move id for a move planned outside the index (a remote load); ``complete`` does not know it."""
@@ -188,9 +188,7 @@ class BlockIndex:
             if not run:
                 k += 1
                 continue
-            if k + 1 < len(tiers) and tiers[k + 1].config.admission is not None:
-                for h in hashes[n:n + run]:
-                    self._hit(k, h)
+            self._hits(k, hashes[n:n + run])
             hits[k] += run
             n += run
         if n and n == len(hashes) and whole_prompt:
@@ -291,7 +289,7 @@ class BlockIndex:
             if alloc is None:
                 if not lower.pool.contains(h):
                     log.debug("%s full (every block busy): block %#x not copied down", lower.name, h)
-                self._release(k, slot)
+                self._release_all(k, (slot,))
                 continue
             groups.setdefault(k, []).append((h, slot, alloc.slot))
         moves = []
@@ -372,14 +370,15 @@ class BlockIndex:
             if admission is None or admission.admit(seq_hash):
                 self._admit(k, seq_hash)
 
-    def _hit(self, k: int, seq_hash: int) -> None:
-        """A lookup found a block in tier k: a hit for the tier below's admission."""
-        if k + 1 < len(self._tiers):
-            admission = self._tiers[k + 1].config.admission
-            if admission is not None:
-                admission.record_hit(seq_hash)
-                if admission.admit(seq_hash):
-                    self._admit(k, seq_hash)
+    def _hits(self, k: int, seq_hashes: Sequence[int]) -> None:
+        """A lookup found a run of blocks in tier k: hits for the tier below's admission (none without one)."""
+        admission = self._tiers[k + 1].config.admission if k + 1 < len(self._tiers) else None
+        if admission is None:
+            return
+        for seq_hash in seq_hashes:
+            admission.record_hit(seq_hash)
+            if admission.admit(seq_hash):
+                self._admit(k, seq_hash)
 
     def _admit(self, k: int, seq_hash: int) -> None:
         """Hold a tier-k block for its copy one tier down (unless it is there or queued already)."""
@@ -391,21 +390,14 @@ class BlockIndex:
             self._admitted[seq_hash] = (k, slot)
 
     def _release_all(self, k: int, slots: Sequence[int]) -> None:
-        """`_release` of each of ``slots`` (a move's), in one pass over the pool."""
+        """Drop a hold on each of ``slots`` (a move's, or one slot), in one pass over the pool; a slot that failed a
+        load is dropped once nothing holds it."""
         tier = self._tiers[k]
         tier.pool.release_all(slots)
         for slot in tier.bad.intersection(slots) if tier.bad else ():
             if not tier.pool.holds(slot):
                 tier.bad.discard(slot)
                 tier.pool.discard(slot)
-
-    def _release(self, k: int, slot: int) -> None:
-        """Drop a hold; a slot that failed a load is dropped once nothing holds it."""
-        tier = self._tiers[k]
-        tier.pool.release(slot)
-        if slot in tier.bad and not tier.pool.holds(slot):
-            tier.bad.discard(slot)
-            tier.pool.discard(slot)
 
 
 def _same_length(hashes: list[int], engine_ids: Sequence[int]) -> None:
