@@ -314,6 +314,36 @@ def test_cost_rule_loads_when_prefill_is_slow(ttft, tmp_path, monkeypatch):
     assert auto.computed_tokens == 2 * 32 and recompute.computed_tokens == 2 * (128 + 32)
 
 
+def test_every_side_learns_from_every_step_the_engine_runs(ttft, tmp_path, monkeypatch):
+    """As a served connector times every step of its engine: a recompute request (no kvbm side) and a request
+    through the G2 side are both steps the G3 side's rule learns from, once the sides are the engine's; a side the
+    engine no longer serves (dropped after a failure) learns nothing more."""
+    b = ttft["bench"]
+    for key in [k for k in os.environ if k.startswith("DYN_KVBM_")]:
+        monkeypatch.delenv(key)
+    args = b.parse_args(["--smoke", "--workloads", "prefix", "--modes", "g2,g3-auto", "--disk-dir", str(tmp_path)])
+    seen: dict[str, list[int]] = {}
+    with torch.inference_mode():
+        setup = b.build(args, "tiny", torch.device("cpu"), torch.float32)
+        try:
+            assert setup.engine.sides == list(setup.sides.values())
+            for mode, side in setup.sides.items():
+                observe = side.leader.cost.observe_prefill
+                monkeypatch.setattr(side.leader.cost, "observe_prefill",
+                                    lambda tokens, seconds, mode=mode, observe=observe:
+                                    (seen.setdefault(mode, []).append(tokens), observe(tokens, seconds)))
+            setup.engine.evict_all()
+            setup.engine.run_request(list(range(40)))  # recompute: no side takes part
+            setup.engine.run_request(list(range(100, 150)), [setup.sides[b.G2]])
+            assert seen == {b.G2: [40, 50], b.G3_AUTO: [40, 50]}
+            setup.engine.abandon(setup.sides[b.G3_AUTO])
+            setup.engine.run_request(list(range(200, 230)))
+            assert seen == {b.G2: [40, 50, 30], b.G3_AUTO: [40, 50]}
+        finally:
+            for side in setup.sides.values():
+                side.close()
+
+
 def test_plot_rings_the_cost_rules_recomputes(ttft, tmp_path, monkeypatch):
     """The plot draws every mode's line and the cost rule's decisions (a ring where it recomputed, the QA counts)."""
     pytest.importorskip("matplotlib", reason="the plot needs matplotlib (the bench extra)")

@@ -393,6 +393,7 @@ def build(args: argparse.Namespace, name: str, device: torch.device, dtype: torc
         sides[mode] = side
         log(f"{shape.name}: {mode} ready ({side.tier}, {tier_blocks} blocks) in {time.perf_counter() - t:.1f} s")
     rule = CostRule(sides[G3_AUTO]) if G3_AUTO in sides else None  # attached after the probe: nothing learned yet
+    engine.sides = list(sides.values())  # from now on each side's rule learns from every step the engine runs
     return Setup(shape, engine, caches, sides, unavailable, block_bytes, rule=rule)
 
 

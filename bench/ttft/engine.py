@@ -5,8 +5,10 @@ kvbm (`ConnectorLeader.lookup`); allocate G1 blocks; plan the load into them (`p
 (`ConnectorWorker.start_loads`) and poll until the request's load is done (``poll``, ``take_report`` -> ``apply``
 each step); plan the stores of the blocks the forward completes (`plan_stores`, `take_step`); run the forward;
 start the stores (`start_stores`, as vLLM's ``wait_for_save`` after the forward); sample the first token. TTFT
-ends there. A side whose scheduler side has kvbm's cost rule is given that step's prefilled tokens and seconds (the
-forward through the sampled token), from which the rule learns the prefill rate. Then, untimed: the answer's tokens
+ends there. Every side the engine serves (`Engine.sides`) whose scheduler side has kvbm's cost rule is given that
+step's prefilled tokens and seconds (the forward through the sampled token), from which the rule learns the prefill
+rate: a served connector times every step of its engine, whichever requests the step serves (those without kvbm
+hits, and those of the benchmark's other modes, included). Then, untimed: the answer's tokens
 run through one teacher-forced forward (their KV exists, as after decoding), the finished request stores its
 remaining full blocks and its G1 blocks are released (registered in the prefix cache) once its stores are done.
 """
@@ -255,6 +257,8 @@ class Engine:
         self.device = model.device
         self._held: dict[str, tuple[KvbmSide, list[int]]] = {}
         self._count = 0
+        #: The kvbm sides whose cost rules learn from every prefill step the engine runs (see the module docstring).
+        self.sides: list[KvbmSide] = []
 
     def poison(self) -> None:
         """Overwrite every free G1 block (NaN), so a block the load did not write cannot pass the byte check."""
@@ -272,6 +276,7 @@ class Engine:
 
     def abandon(self, side: KvbmSide) -> None:
         """Forget ``side`` after it failed mid-request: drop what it holds and start from an empty G1 pool."""
+        self.sides = [s for s in self.sides if s is not side]
         self._held = {rid: held for rid, held in self._held.items() if held[0] is not side}
         if self._held:
             self.finish_held()
@@ -400,7 +405,7 @@ class Engine:
             self._release_sent(side, side.step()[0])
         int(logits.argmax())
         t1 = time.perf_counter()
-        for s in sides:  # as a served connector times each engine step that prefills, for the cost rule
+        for s in dict.fromkeys([*sides, *self.sides]):  # as a served connector times each step that prefills
             if s.leader.cost is not None:
                 s.leader.cost.observe_prefill(n - num_cached, t1 - t_loaded)
         result = RequestResult(rid, n, t1 - t0, load_wait_s=t_loaded - t0, forward_s=t1 - t_loaded,
