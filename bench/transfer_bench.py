@@ -171,15 +171,11 @@ def peer_methods(env: Env, engine, direction: str, src_ids, dst_ids) -> dict:
     return methods
 
 
-def measure(env: Env, name: str, fn, direction: str, s_ids, d_ids, reps: int, ceiling_copy,
-            sized_copy=None) -> dict:
+def measure(env: Env, name: str, fn, direction: str, s_ids, d_ids, reps: int, ceiling_copy) -> dict:
     """Time one method, each repetition right after one ceiling copy (`ceiling_copy()`, a plain pinned memcpy of
     CEILING_BYTES in the same direction), check its bytes, and make a result row. The percentage of the ceiling is
     the median of the paired ratios: PCIe throughput drifts by a few percent within a run, and pairing keeps that
-    drift out of the comparison. Where the method is timed over a burst of transfers and ``sized_copy(nbytes)``
-    gives a plain pinned memcpy of ``nbytes`` in the same direction, the burst is also paired with a burst of as
-    many such copies of each transfer's bytes (``pct_of_same_size_copies``): what back-to-back copies of that size
-    reach on this link, per-copy costs included."""
+    drift out of the comparison."""
     if direction == "h2d":
         fill(env.host, len(s_ids) + reps)  # fresh random source bytes for each method
     n = len(s_ids)
@@ -193,18 +189,12 @@ def measure(env: Env, name: str, fn, direction: str, s_ids, d_ids, reps: int, ce
     sec = statistics.median(t)
     gbps = n * env.g.block_bytes / sec / 1e9
     pct = paired_percent(t, c, n * env.g.block_bytes, CEILING_BYTES)
-    same_size = None
-    if sized_copy is not None and burst > 1:
-        copy = sized_copy(n * env.g.block_bytes)
-        t2, c2 = paired_times(lambda: [fn() for _ in range(burst)], lambda: [copy() for _ in range(burst)], reps)
-        same_size = paired_percent(t2, c2, 1, 1)
-    versus = "" if same_size is None else f" ({same_size:5.1f}% of same-size copies)"
-    log(f"  {direction} n={n:5d} {name:24s} {gbps:7.2f} GB/s {pct:6.1f}%{versus}{'' if ok else '  BYTES WRONG'}")
+    log(f"  {direction} n={n:5d} {name:24s} {gbps:7.2f} GB/s {pct:6.1f}%{'' if ok else '  BYTES WRONG'}")
     return {"method": name, "layout": env.preset, "geometry": env.gname, "direction": direction, "blocks": n,
             "bytes": n * env.g.block_bytes, "burst": burst, "reps": reps, "seconds_median": sec, "seconds_min": min(t),
             "seconds_max": max(t), "gbps": gbps,
             "ceiling_gbps_paired_median": CEILING_BYTES / statistics.median(c) / 1e9, "pct_of_ceiling": pct,
-            "pct_of_same_size_copies": same_size, "bytes_ok": ok}
+            "bytes_ok": ok}
 
 
 def paired_times(fn, ceiling_fn, reps: int) -> tuple[list[float], list[float]]:
@@ -248,15 +238,6 @@ def run_gpu(args, save=lambda partial: None) -> dict:
     big_d2 = torch.empty_like(big_d)
     ceiling_copy = {"d2h": lambda: big_h.copy_(big_d, non_blocking=True),
                     "h2d": lambda: big_d.copy_(big_h, non_blocking=True)}
-
-    def sized_copy(direction: str):
-        """Plain pinned memcpys of the first ``nbytes`` of the ceiling's buffers, in ``direction``."""
-        def make(nbytes: int):
-            h, d = big_h[:nbytes], big_d[:nbytes]
-            return (lambda: h.copy_(d, non_blocking=True)) if direction == "d2h" else \
-                (lambda: d.copy_(h, non_blocking=True))
-        return make
-
     d2h = statistics.median(timed(ceiling_copy["d2h"], 10))
     h2d = statistics.median(timed(ceiling_copy["h2d"], 10))
     d2d = statistics.median(timed(lambda: big_d2.copy_(big_d), 20))
@@ -293,12 +274,10 @@ def run_gpu(args, save=lambda partial: None) -> dict:
                     if name == "kvbm_staged_copy_engine" and not copy_engine_ok(env):
                         continue
                     fn = lambda path=path, options=options: move(src, dst, s_ids, d_ids, path=path, **options)  # noqa
-                    rows.append(measure(env, name, fn, direction, s_ids, d_ids, reps, ceiling_copy[direction],
-                                         sized_copy(direction)))
+                    rows.append(measure(env, name, fn, direction, s_ids, d_ids, reps, ceiling_copy[direction]))
                 # the library's one face: Transfers.submit routes by medium to the same staged path
                 fn = lambda: transfers.submit(src, dst, s_ids, d_ids)  # noqa: E731
-                rows.append(measure(env, "kvbm_submit", fn, direction, s_ids, d_ids, reps, ceiling_copy[direction],
-                                     sized_copy(direction)))
+                rows.append(measure(env, "kvbm_submit", fn, direction, s_ids, d_ids, reps, ceiling_copy[direction]))
                 for name, (fn, written) in peer_methods(env, engine, direction, s_ids, d_ids).items():
                     rows.append(measure(env, name, fn, direction, s_ids, written, reps, ceiling_copy[direction]))
             # the gather kernel alone: GPU cache -> device staging, bytes read + written, timed with CUDA events
@@ -315,12 +294,12 @@ def run_gpu(args, save=lambda partial: None) -> dict:
         env.close()
         save({"rows": rows, **extra})  # keep what is measured so far if a later layout is cut short
     if "pieces" in args.sections:
-        rows += piece_sweep(engine, transfers, ceiling_copy, sized_copy, rng)
+        rows += piece_sweep(engine, transfers, ceiling_copy, rng)
         save({"rows": rows, **extra})
     return {"rows": rows, **extra}
 
 
-def piece_sweep(engine, transfers, ceiling_copy, sized_copy, rng) -> list[dict]:
+def piece_sweep(engine, transfers, ceiling_copy, rng) -> list[dict]:
     """The staged path and the one face over piece sizes of 2-128 KiB (`PIECE_SWEEP`): one transfer of 256 blocks
     and bursts of 16-block transfers, both directions, each paired with the same run's pinned memcpy."""
     rows = []
@@ -336,8 +315,7 @@ def piece_sweep(engine, transfers, ceiling_copy, sized_copy, rng) -> list[dict]:
                 src, dst = (env.gpu, env.host) if direction == "d2h" else (env.host, env.gpu)
                 for name, fn in (("kvbm_staged", lambda: move(src, dst, s_ids, d_ids, path="staged")),
                                  ("kvbm_submit", lambda: transfers.submit(src, dst, s_ids, d_ids))):
-                    rows.append(measure(env, name, fn, direction, s_ids, d_ids, 7, ceiling_copy[direction],
-                                        sized_copy(direction)))
+                    rows.append(measure(env, name, fn, direction, s_ids, d_ids, 7, ceiling_copy[direction]))
         env.close()
     return rows
 
@@ -598,14 +576,13 @@ def run_cpu(args) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = ["| layout | dir | blocks | method | GB/s | ms min / median / max | % of ceiling | % of same-size copies "
-             "| bytes ok |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| layout | dir | blocks | method | GB/s | ms min / median / max | % of ceiling | bytes ok |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         pct = "" if r["pct_of_ceiling"] is None else f"{r['pct_of_ceiling']:.1f}"
-        same = "" if r.get("pct_of_same_size_copies") is None else f"{r['pct_of_same_size_copies']:.1f}"
         spread = " / ".join(f"{1e3 * r[k]:.3f}" for k in ("seconds_min", "seconds_median", "seconds_max") if k in r)
         lines.append(f"| {r['layout']} | {r['direction']} | {r['blocks']} | {r['method']} | {r['gbps']:.2f} | "
-                     f"{spread} | {pct} | {same} | {'yes' if r['bytes_ok'] else 'NO'} |")
+                     f"{spread} | {pct} | {'yes' if r['bytes_ok'] else 'NO'} |")
     return "\n".join(lines)
 
 
