@@ -324,6 +324,17 @@ class TransferEngine:
         blocks); the caller must wait on the returned handle before its kernels read the onboarded blocks."""
         return self.submit([TransferSpec("h2d", host, gpu, host_ids, gpu_ids, path, options)])[0]
 
+    def prepare(self, direction: str, src: PagedKVCache, dst: PagedKVCache) -> None:
+        """Check ``src`` -> ``dst`` in ``direction`` ("d2h" or "h2d") and build what a staged transfer between them
+        needs (copy plans, kernels compiled for their number of layers, the compiled enqueue's tables) now, moving
+        nothing: the first transfer between them then starts without that cost (a kernel of a layer count not
+        compiled yet took about 150 ms inside the load that first needed it on an H100). Raises as `submit` does for
+        caches it cannot move between."""
+        empty = np.zeros(0, dtype=np.int64)
+        spec = TransferSpec(direction, src, dst, empty, empty)
+        if self._check(spec)[2] == "staged":
+            self._compiled_pair(spec, 0, self.lanes[direction])
+
     def onboard_groups(self, pairs: Sequence[tuple[PagedKVCache, PagedKVCache]], host_ids, gpu_ids, *,
                        ids_checked: bool = False) -> list[TransferHandle]:
         """Host to device: blocks `host_ids` into blocks `gpu_ids` of each (host, GPU) cache pair of `pairs`, in order,

@@ -33,7 +33,9 @@ class TransferPath(Protocol):
     """Moves blocks between caches of one (source medium, destination medium) pair.
 
     A path may also define ``submit_groups(pairs, src_ids, dst_ids) -> list[BlockTransfer]``: the same ids for
-    several cache pairs at once (`Transfers.submit_groups`; without it, each pair is submitted alone)."""
+    several cache pairs at once (`Transfers.submit_groups`; without it, each pair is submitted alone), and
+    ``prepare(src, dst)``: build what moving blocks between two caches needs before the first transfer
+    (`Transfers.prepare`; without it, nothing is built ahead)."""
 
     name: str
 
@@ -164,6 +166,15 @@ class Transfers:
             transfers = [path.submit(src, dst, s, d) for path, (src, dst) in zip(paths, pairs)]
         self._live.update(transfers)
         return transfers
+
+    def prepare(self, src: Any, dst: Any) -> None:
+        """Check ``src`` -> ``dst`` and build what their path needs to move blocks between them (on the GPU <-> host
+        path: the copy plans and compiled kernels), moving nothing, so that the first transfer does not pay for it.
+        Bad pairs raise as `submit` does; paths with nothing to build do nothing more."""
+        path = self._path_of(src, dst)
+        prepare = getattr(path, "prepare", None)
+        if prepare is not None:
+            prepare(src, dst)
 
     def _path_of(self, src: Any, dst: Any) -> TransferPath:
         """The path of ``src`` -> ``dst``, the pair's checks done and kept while both caches live."""

@@ -391,6 +391,38 @@ def test_layer_groups_onboard_in_one_call_each_group_complete_on_its_event(prese
         assert all(torch.equal(x, y) for x, y in zip(bytes_of(gpu), bytes_of(reference)))
 
 
+def test_prepare_builds_a_pairs_tables_ahead_and_moves_nothing(engine_factory):
+    """`prepare` of a layer group's host -> GPU views builds the compiled enqueue's tables of the pair (kept for the
+    later onboards), writes no byte, and refuses a pair the engine cannot move; an onboard of those views
+    afterwards is byte-exact."""
+    from kvbm.kernels.host_memory import PinnedHostBuffer
+    from kvbm.layouts import select_layers
+
+    g = KVGeometry(num_layers=8, num_kv=2, block_size=4, num_heads=2, head_dim=64, itemsize=2)
+    gpu = allocate("vllm_flash_attn_nhd", g, 32, dtype=torch.bfloat16, device="cuda")
+    random_fill(gpu.tensors, 11)
+    with PinnedHostBuffer(16 * g.block_bytes) as buf:
+        host = host_cache(buf, g, STAGING_ORDER, blocks=16)
+        random_fill(host.tensors, 12)
+        engine = engine_factory(select_layers(gpu, 2, 6).geometry, 2, blocks_per_slot=4)
+        hv, gv = select_layers(host, 2, 6), select_layers(gpu, 2, 6)
+        before = bytes_of(gpu)
+        engine.prepare("h2d", hv, gv)
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(bytes_of(gpu), before))
+        if engine._enqueue is not None:  # the pair's tables are kept from now on (`_Lane.compiled_pair`)
+            kept = engine.lanes["h2d"]._compiled_pairs.find((id(gv), id(hv)), gv, gv.layout, hv, hv.layout)
+            assert kept is not None and kept[0] is not None
+        with pytest.raises((TypeError, ValueError)):
+            engine.prepare("h2d", hv, select_layers(gpu, 0, 3))  # 4 layers into 3
+        host_ids, gpu_ids = np.array([1, 5, 9], dtype=np.int64), np.array([20, 3, 11], dtype=np.int64)
+        poison_gpu_blocks(gpu, gpu_ids)
+        want = reference_copy(hv, gv, host_ids, gpu_ids)
+        handle = engine.onboard(hv, gv, host_ids, gpu_ids, path="staged")
+        handle.wait()
+        assert handle.ok and all(torch.equal(a, b) for a, b in zip(bytes_of(gpu), want))
+
+
 def test_cache_pair_checks_are_kept_per_pair(engine_factory):
     """After a transfer between two caches (its pair checks kept), the same GPU cache with another host cache is
     still checked: a pageable one is refused, a bad id still gets its precise error, a good transfer still runs."""

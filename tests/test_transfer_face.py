@@ -179,6 +179,29 @@ def test_layer_groups_are_one_transfer_each_and_reach_a_path_in_one_call(monkeyp
         assert all(torch.equal(got[b], before[layer, kv][b]) for b in (1, 3, 4, 5))
 
 
+def test_prepare_checks_the_pair_and_reaches_a_path_that_builds_ahead(monkeypatch):
+    """`Transfers.prepare`: a pair no path can move is refused as `submit` refuses it; a path without ``prepare``
+    (host <-> host builds nothing ahead) leaves the bytes alone; a path with one gets the pair."""
+    from kvbm.kernels.paths.host_host import HostHostPath
+
+    src = random_cache("vllm_flash_attn_nhd", 4, 9)
+    dst = random_cache("vllm_flash_attn_nhd", 4, 10)
+    other = allocate("kvbm_staging", KVGeometry(num_layers=1, num_kv=2, block_size=4, num_heads=2, head_dim=8,
+                                                itemsize=2), num_blocks=4, dtype=torch.bfloat16, device="cpu")
+    before = [block_bytes(dst, b) for b in range(4)]
+    calls = []
+    with Transfers() as transfers:
+        with pytest.raises(ValueError, match="geometry"):
+            transfers.prepare(src, other)
+        with pytest.raises(ValueError, match="no transfer path from host to remote"):
+            transfers.prepare(src, _RemoteCache(src))
+        transfers.prepare(src, dst)
+        assert [block_bytes(dst, b) for b in range(4)] == before
+        monkeypatch.setattr(HostHostPath, "prepare", lambda self, a, b: calls.append((a, b)), raising=False)
+        transfers.prepare(src, dst)
+    assert calls == [(src, dst)]
+
+
 def test_block_transfer_steps_wait_and_fail_per_block():
     gate: Future = Future()
 

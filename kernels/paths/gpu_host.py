@@ -106,6 +106,13 @@ class GpuHostPath:
             return [_block_transfer(handle) for handle in handles]
         return [self.submit(src, dst, src_ids, dst_ids) for src, dst in pairs]
 
+    def prepare(self, src: Any, dst: Any) -> None:
+        """Build the transfer engine's plans and kernels for ``src`` -> ``dst`` now where the engine moves them
+        (`TransferEngine.prepare`); the copy kernel's other pairs compile on first use."""
+        if medium_of(src) is not medium_of(dst) and self._by_engine(src, dst):
+            gpu = src if medium_of(src) is Medium.GPU else dst
+            self._engine(gpu.device).prepare("d2h" if gpu is src else "h2d", src, dst)
+
     def _by_engine(self, src: Any, dst: Any) -> bool:
         """Whether the transfer engine moves ``src`` -> ``dst`` (a host side whose blocks are dense runs); raises
         ValueError for a host side not in pinned memory. Kept per cache pair until a host buffer is closed."""
