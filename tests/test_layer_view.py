@@ -191,3 +191,95 @@ def test_layer_wise_results_carry_no_time_for_the_cost_rule() -> None:
         assert torch.equal(blocks[[8, 9]], blocks[[3, 4]])
     finally:
         worker.close()
+
+
+@pytest.mark.parametrize("num_layers,per_group", [(1, 4), (5, 2), (28, 4), (32, 4), (32, 8), (61, 4)])
+def test_layer_group_ranges_are_every_group_any_ratio_gives(num_layers: int, per_group: int) -> None:
+    """The ranges built ahead are exactly the union of `layer_groups` over ratios sampled finely up to 3x the
+    layer count (past which the layout no longer changes); without cost-sized groups, the ratio-0 layout alone."""
+    from kvbm.worker.layerwise import layer_group_ranges, layer_groups
+
+    sampled = set(layer_groups(num_layers, per_group))
+    for ratio in np.arange(0.0, 3.0 * num_layers, 0.002):
+        sampled.update(layer_groups(num_layers, per_group, float(ratio)))
+    assert set(layer_group_ranges(num_layers, per_group)) == sampled
+    assert list(layer_group_ranges(num_layers, per_group)) == sorted(sampled)
+    assert set(layer_group_ranges(num_layers, per_group, False)) == set(layer_groups(num_layers, per_group))
+    with pytest.raises(ValueError, match="layer groups need"):
+        layer_group_ranges(num_layers, 0)
+
+
+def test_warm_up_prepares_each_layer_group_of_each_host_tier(monkeypatch) -> None:
+    """`LayerwiseLoads.warm_up` hands every range of `layer_group_ranges` from each host tier (not the disk tier)
+    into the engine cache to the transfer library's `prepare`, as the layer views the loads use; on the CPU the
+    worker's `prepare_layerwise_loads` builds nothing (its paths compile nothing ahead), and layer-wise loads run
+    as before."""
+    from kvbm.config import KvbmConfig
+    from kvbm.connectors.messages import RequestLoad, RequestStore
+    from kvbm.connectors.worker import ConnectorWorker
+    from kvbm.kernels.medium import Medium
+    from kvbm.leader.plans import Move, MoveKind
+    from kvbm.tiers import TierSpec
+    from kvbm.worker.layerwise import layer_group_ranges
+
+    g1 = allocate("vllm_flash_attn_nhd", GEOMETRY, 16, dtype=torch.bfloat16)
+    fill_random(g1, torch.Generator().manual_seed(5))
+    worker = ConnectorWorker(g1, [TierSpec("G2", Medium.HOST, 16)], KvbmConfig(onboard_layers_per_group=2))
+    try:
+        prepared = []
+        transfers = worker.store.transfers
+        monkeypatch.setattr(transfers, "prepare", lambda src, dst: prepared.append((src, dst)))
+        worker.prepare_layerwise_loads()
+        assert prepared == []  # a CPU engine cache: nothing to build ahead
+        worker._layers.warm_up()
+        ranges = layer_group_ranges(GEOMETRY.num_layers, 2)
+        assert [(s.geometry.num_layers, d.geometry.num_layers) for s, d in prepared] == [(b - a, b - a)
+                                                                                         for a, b in ranges]
+        assert all(s is worker.store._layer_view("G2", "G1", a, b) and d is worker.store._layer_view("G1", "G2", a, b)
+                   for (s, d), (a, b) in zip(prepared, ranges))
+        prepared.clear()
+        worker._layers.warm_up(cost_sized=False)
+        assert len(prepared) == len(layer_group_ranges(GEOMETRY.num_layers, 2, False))
+        monkeypatch.undo()
+        worker.start_stores([RequestStore("r", (Move(1, MoveKind.STORE, "G1", "G2", (3, 4), (0, 1), (11, 12)),))])
+        worker.store.wait_all()
+        worker.poll()
+        worker.start_loads([RequestLoad("r", (Move(2, MoveKind.LOAD, "G2", "G1", (0, 1), (8, 9), (11, 12)),),
+                                        layerwise=True)])
+        for layer in range(GEOMETRY.num_layers):
+            worker.wait_for_layer(layer)
+        worker.finish_layerwise_loads()
+        blocks = to_logical("vllm_flash_attn_nhd", g1)
+        assert torch.equal(blocks[[8, 9]], blocks[[3, 4]]) and not worker.take_load_errors()
+    finally:
+        worker.close()
+
+
+def test_a_failed_warm_up_is_logged_and_the_loads_go_on(monkeypatch, caplog) -> None:
+    """`prepare_layerwise_loads` on a GPU engine cache whose warm-up raises: a warning, no exception (the loads
+    build their plans on first use); with DYN_KVBM_DISABLE_LAYERWISE_ONBOARD nothing is built."""
+    from kvbm.config import KvbmConfig
+    from kvbm.connectors.worker import ConnectorWorker
+    from kvbm.kernels.medium import Medium
+    from kvbm.tiers import TierSpec
+
+    g1 = allocate("vllm_flash_attn_nhd", GEOMETRY, 16, dtype=torch.bfloat16)
+    for disabled in (False, True):
+        worker = ConnectorWorker(g1, [TierSpec("G2", Medium.HOST, 16)],
+                                 KvbmConfig(onboard_layers_per_group=2, disable_layerwise_onboard=disabled))
+        try:
+            calls = []
+
+            def broken(cost_sized: bool = True) -> None:
+                calls.append(cost_sized)
+                raise RuntimeError("no kernel for you")
+            monkeypatch.setattr(worker._layers, "warm_up", broken)
+            monkeypatch.setattr(type(g1), "device", property(lambda self: torch.device("cuda", 0)), raising=False)
+            with caplog.at_level("WARNING", logger="kvbm.connectors.worker"):
+                worker.prepare_layerwise_loads()
+            monkeypatch.undo()
+            assert calls == ([] if disabled else [True])
+            assert ("no kernel for you" in caplog.text) is not disabled
+            caplog.clear()
+        finally:
+            worker.close()

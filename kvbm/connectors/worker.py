@@ -22,6 +22,8 @@ of one report per rank holds and the writer's result decides.
 """
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -43,6 +45,8 @@ from kvbm.worker.replica_group import ReplicaGroup
 from kvbm.worker.replica_tiers import SharedTiers, share_tiers
 from kvbm.worker.store import BlockStore
 from kvbm.worker.tier_memory import slot_geometry
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ConnectorWorker", "G4Options", "replica_group", "tier_geometry"]
 
@@ -111,6 +115,8 @@ class ConnectorWorker:
         self._failed_loads: dict[str, list[str]] = {}
         self._report: dict[int, MoveResult] = {}
         self._layers = LayerwiseLoads(self.store, engine_cache, config.onboard_layers_per_group)
+        self._layerwise_onboard, self._cost_layer_groups = (not config.disable_layerwise_onboard,
+                                                           not config.disable_cost_layer_groups)
         #: stores into host memory started per group of layers as the forward saves them (one KV cache group only)
         self._layer_stores = (LayerwiseStores(self.store, engine_cache, config.onboard_layers_per_group)
                               if config.layerwise_store and not groups else None)
@@ -146,6 +152,23 @@ class ConnectorWorker:
                 self._execute(load.moves, load.request_id, self._loading.setdefault(load.request_id, set()))
         if by_layers:
             self._layers.start(by_layers, layer_ratio)
+
+    def prepare_layerwise_loads(self) -> None:
+        """Build now, once the engine's caches are registered, the transfer plans and kernels of every layer group a
+        layer-wise load can use (`LayerwiseLoads.warm_up`), so that no load builds or compiles them inside its step;
+        for engines whose scheduler side plans layer-wise loads. Nothing without a GPU engine cache or with
+        ``DYN_KVBM_DISABLE_LAYERWISE_ONBOARD``. A failure is logged, not raised: the loads then build them on first
+        use, as without this call."""
+        if not self._layerwise_onboard or self.engine_cache.device.type != "cuda":
+            return
+        t0 = time.perf_counter()
+        try:
+            self._layers.warm_up(cost_sized=self._cost_layer_groups)
+        except Exception as e:  # noqa: BLE001 - an optimisation: the loads build what they need on first use
+            log.warning("kvbm: rank %d: layer-wise load plans not built ahead (%r); the first loads build them",
+                        self.rank, e)
+            return
+        log.info("kvbm: rank %d: layer-wise load plans built in %.2f s", self.rank, time.perf_counter() - t0)
 
     def wait_for_layer(self, layer: int) -> None:
         """Order the engine's later work on ``layer`` after the layer-wise loads of its group: on the GPU the

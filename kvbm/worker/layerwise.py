@@ -9,12 +9,17 @@ stay ahead of the layers that read them. Where the leader expects the forward to
 plan's ``layer_ratio``, from the cost rule's estimates), groups keep doubling past that size, so fewer transfers
 are started.
 
+The transfer plans and kernels of every group a load can use (`layer_group_ranges`: every layout any ratio gives)
+are built at start-up (`warm_up`, which the worker's `prepare_layerwise_loads` runs), not in the step that first
+uses a group: a ratio that moves as the cost rule learns changes the layout between steps.
+
 The groups are enqueued in the caller's thread, before the forward. Enqueueing them from a thread of their own, so
 that the forward is queued meanwhile, was measured slower on an H100 (Llama-3.1-8B shape, 16k-token prefix: 73 ms
 TTFT against 48 ms): the enqueue's Python steps and the forward's launches then take turns on the GIL.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,10 +28,10 @@ import torch
 from kvbm.kernels import stream_events
 from kvbm.kernels.block_transfer import BlockTransfer
 from kvbm.kernels.medium import Medium, medium_of
-from kvbm.leader.plans import Move
+from kvbm.leader.plans import ENGINE_TIER, Move
 from kvbm.worker.store import BlockStore
 
-__all__ = ["LayerwiseLoads", "layer_groups"]
+__all__ = ["LayerwiseLoads", "layer_group_ranges", "layer_groups"]
 
 
 #: Share of the forward's expected time a group's size is planned on (the estimate covers the whole step, and a
@@ -63,6 +68,25 @@ def layer_groups(num_layers: int, layers_per_group: int, compute_ratio: float = 
     return groups
 
 
+@functools.lru_cache(maxsize=None)
+def layer_group_ranges(num_layers: int, layers_per_group: int, cost_sized: bool = True) -> tuple[tuple[int, int], ...]:
+    """Every ``[start, stop)`` that `layer_groups` can return for these sizes, over every compute ratio (only the
+    ratio 0 with ``cost_sized`` False), sorted: the groups whose plans and kernels `LayerwiseLoads.warm_up` builds.
+
+    A ratio r acts only through ``int(1 + start * r * COMPUTE_MARGIN)`` for the starts below ``num_layers``, and
+    below 1 (after the margin) only as "r > 0"; so the ratios between consecutive steps ``(k - 1) / start`` (k up to
+    ``start + num_layers``) give every layout, and one ratio in each interval between them is tried."""
+    layer_groups(num_layers, layers_per_group)  # (checks the values)
+    ranges = set(layer_groups(num_layers, layers_per_group))
+    if cost_sized:
+        steps = sorted({(k - 1) / start for start in range(1, num_layers)
+                        for k in range(start + 1, start + num_layers + 1)} | {0.0})
+        probes = [(a + b) / 2 for a, b in zip(steps, steps[1:])] + [steps[-1] + 1.0]
+        for ratio in probes:
+            ranges.update(layer_groups(num_layers, layers_per_group, ratio / COMPUTE_MARGIN))
+    return tuple(sorted(ranges))
+
+
 def _power_of_two_below(n: int) -> int:
     """The largest power of two <= ``n`` (``n`` >= 1)."""
     return 1 << (n.bit_length() - 1)
@@ -86,6 +110,16 @@ class LayerwiseLoads:
         self._gpu = device.type == "cuda"
         self._device_index = (device.index if device.index is not None else torch.cuda.current_device()) \
             if self._gpu else -1
+
+    def warm_up(self, cost_sized: bool = True) -> None:
+        """Build now what the loads of every layer group they can use need, from each host tier into the engine cache
+        (`layer_group_ranges`, `BlockStore.prepare_layers`): on the GPU the copy plans and the kernels compiled per
+        number of layers, which a load would otherwise build inside the step that first uses a group (a group size
+        not seen before cost about 150 ms of compilation in the load it started, measured on an H100)."""
+        ranges = layer_group_ranges(self.num_layers, self.layers_per_group, cost_sized)
+        for tier, cache in self.store.caches.items():
+            if tier != ENGINE_TIER and medium_of(cache) is Medium.HOST:
+                self.store.prepare_layers(tier, ENGINE_TIER, ranges)
 
     @property
     def active(self) -> bool:

@@ -179,6 +179,14 @@ class BlockStore:
         layered.track()
         return by_group
 
+    def prepare_layers(self, src_tier: str, dst_tier: str, groups: Iterable[tuple[int, int]]) -> None:
+        """Build, moving nothing, what moves from ``src_tier`` to ``dst_tier`` by each group of layers ``[start,
+        stop)`` of ``groups`` need (`Transfers.prepare` of the groups' layer views: on the GPU, their copy plans and
+        kernels), so that a layer-wise move's first use of a group does not pay for it."""
+        for start, stop in groups:
+            self.transfers.prepare(self._layer_view(src_tier, dst_tier, start, stop),
+                                   self._layer_view(dst_tier, src_tier, start, stop))
+
     def layered(self, moves: Sequence[Move]) -> LayeredMoves:
         """``moves`` to run by groups of layers submitted when the caller says (`LayeredMoves`)."""
         return LayeredMoves(self, moves)
