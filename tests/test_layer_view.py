@@ -163,28 +163,35 @@ def test_layerwise_load_into_a_gpu_cache_orders_each_layer_on_the_stream(host_ru
         worker.close()
 
 
+def _store_then_load_layerwise(worker) -> None:
+    """Store G1 blocks 3, 4 into G2 slots 0, 1 (a move timed as usual), then load them layer-wise into G1 blocks 8, 9
+    (every layer waited for, the loads finished)."""
+    from kvbm.connectors.messages import RequestLoad, RequestStore
+    from kvbm.leader.plans import Move, MoveKind
+
+    worker.start_stores([RequestStore("r", (Move(1, MoveKind.STORE, "G1", "G2", (3, 4), (0, 1), (11, 12)),))])
+    worker.store.wait_all()
+    worker.poll()
+    worker.start_loads([RequestLoad("r", (Move(2, MoveKind.LOAD, "G2", "G1", (0, 1), (8, 9), (11, 12)),),
+                                    layerwise=True)])
+    for layer in range(GEOMETRY.num_layers):
+        worker.wait_for_layer(layer)
+    worker.finish_layerwise_loads()
+
+
 def test_layer_wise_results_carry_no_time_for_the_cost_rule() -> None:
     """A layer-wise load completes only when the forward beside it is done: its result has no ``seconds``, so the
     cost rule's G2 bandwidth is not learned from it; an ordinary move's result has its time."""
     from kvbm.config import KvbmConfig
-    from kvbm.connectors.messages import RequestLoad, RequestStore
     from kvbm.connectors.worker import ConnectorWorker
     from kvbm.kernels.medium import Medium
-    from kvbm.leader.plans import Move, MoveKind
     from kvbm.tiers import TierSpec
 
     g1 = allocate("vllm_flash_attn_nhd", GEOMETRY, 16, dtype=torch.bfloat16)
     fill_random(g1, torch.Generator().manual_seed(9))
     worker = ConnectorWorker(g1, [TierSpec("G2", Medium.HOST, 16)], KvbmConfig(onboard_layers_per_group=2))
     try:
-        worker.start_stores([RequestStore("r", (Move(1, MoveKind.STORE, "G1", "G2", (3, 4), (0, 1), (11, 12)),))])
-        worker.store.wait_all()
-        worker.poll()
-        worker.start_loads([RequestLoad("r", (Move(2, MoveKind.LOAD, "G2", "G1", (0, 1), (8, 9), (11, 12)),),
-                                        layerwise=True)])
-        for layer in range(GEOMETRY.num_layers):
-            worker.wait_for_layer(layer)
-        worker.finish_layerwise_loads()
+        _store_then_load_layerwise(worker)
         results = worker.take_report().results
         assert results[1].seconds is not None and results[2].seconds is None and not results[2].failed
         blocks = to_logical("vllm_flash_attn_nhd", g1)
@@ -215,10 +222,8 @@ def test_warm_up_prepares_each_layer_group_of_each_host_tier(monkeypatch) -> Non
     worker's `prepare_layerwise_loads` builds nothing (its paths compile nothing ahead), and layer-wise loads run
     as before."""
     from kvbm.config import KvbmConfig
-    from kvbm.connectors.messages import RequestLoad, RequestStore
     from kvbm.connectors.worker import ConnectorWorker
     from kvbm.kernels.medium import Medium
-    from kvbm.leader.plans import Move, MoveKind
     from kvbm.tiers import TierSpec
     from kvbm.worker.layerwise import layer_group_ranges
 
@@ -241,14 +246,7 @@ def test_warm_up_prepares_each_layer_group_of_each_host_tier(monkeypatch) -> Non
         worker._layers.warm_up(cost_sized=False)
         assert len(prepared) == len(layer_group_ranges(GEOMETRY.num_layers, 2, False))
         monkeypatch.undo()
-        worker.start_stores([RequestStore("r", (Move(1, MoveKind.STORE, "G1", "G2", (3, 4), (0, 1), (11, 12)),))])
-        worker.store.wait_all()
-        worker.poll()
-        worker.start_loads([RequestLoad("r", (Move(2, MoveKind.LOAD, "G2", "G1", (0, 1), (8, 9), (11, 12)),),
-                                        layerwise=True)])
-        for layer in range(GEOMETRY.num_layers):
-            worker.wait_for_layer(layer)
-        worker.finish_layerwise_loads()
+        _store_then_load_layerwise(worker)
         blocks = to_logical("vllm_flash_attn_nhd", g1)
         assert torch.equal(blocks[[8, 9]], blocks[[3, 4]]) and not worker.take_load_errors()
     finally:
