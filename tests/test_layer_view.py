@@ -219,7 +219,7 @@ def test_layer_group_ranges_are_every_group_any_ratio_gives(num_layers: int, per
 def test_warm_up_prepares_each_layer_group_of_each_host_tier(monkeypatch) -> None:
     """`LayerwiseLoads.warm_up` hands every range of `layer_group_ranges` from each host tier (not the disk tier)
     into the engine cache to the transfer library's `prepare`, as the layer views the loads use; on the CPU the
-    worker's `prepare_layerwise_loads` builds nothing (its paths compile nothing ahead), and layer-wise loads run
+    worker's `prepare_layer_groups` builds nothing (its paths compile nothing ahead), and layer-wise loads run
     as before."""
     from kvbm.config import KvbmConfig
     from kvbm.connectors.worker import ConnectorWorker
@@ -234,7 +234,7 @@ def test_warm_up_prepares_each_layer_group_of_each_host_tier(monkeypatch) -> Non
         prepared = []
         transfers = worker.store.transfers
         monkeypatch.setattr(transfers, "prepare", lambda src, dst: prepared.append((src, dst)))
-        worker.prepare_layerwise_loads()
+        worker.prepare_layer_groups()
         assert prepared == []  # a CPU engine cache: nothing to build ahead
         worker._layers.warm_up()
         ranges = layer_group_ranges(GEOMETRY.num_layers, 2)
@@ -254,8 +254,8 @@ def test_warm_up_prepares_each_layer_group_of_each_host_tier(monkeypatch) -> Non
 
 
 def test_a_failed_warm_up_is_logged_and_the_loads_go_on(monkeypatch, caplog) -> None:
-    """`prepare_layerwise_loads` on a GPU engine cache whose warm-up raises: a warning, no exception (the loads
-    build their plans on first use); with DYN_KVBM_DISABLE_LAYERWISE_ONBOARD nothing is built."""
+    """`prepare_layer_groups` on a GPU engine cache whose warm-up raises: a warning, no exception (the loads
+    build their plans on first use); with DYN_KVBM_DISABLE_LAYERWISE_ONBOARD the loads' groups are not built."""
     from kvbm.config import KvbmConfig
     from kvbm.connectors.worker import ConnectorWorker
     from kvbm.kernels.medium import Medium
@@ -264,7 +264,8 @@ def test_a_failed_warm_up_is_logged_and_the_loads_go_on(monkeypatch, caplog) -> 
     g1 = allocate("vllm_flash_attn_nhd", GEOMETRY, 16, dtype=torch.bfloat16)
     for disabled in (False, True):
         worker = ConnectorWorker(g1, [TierSpec("G2", Medium.HOST, 16)],
-                                 KvbmConfig(onboard_layers_per_group=2, disable_layerwise_onboard=disabled))
+                                 KvbmConfig(onboard_layers_per_group=2, disable_layerwise_onboard=disabled,
+                                            layerwise_store=False))
         try:
             calls = []
 
@@ -272,12 +273,53 @@ def test_a_failed_warm_up_is_logged_and_the_loads_go_on(monkeypatch, caplog) -> 
                 calls.append(cost_sized)
                 raise RuntimeError("no kernel for you")
             monkeypatch.setattr(worker._layers, "warm_up", broken)
-            monkeypatch.setattr(type(g1), "device", property(lambda self: torch.device("cuda", 0)), raising=False)
+            monkeypatch.setattr(worker, "_gpu_cache", True)  # as for a GPU engine cache
             with caplog.at_level("WARNING", logger="kvbm.connectors.worker"):
-                worker.prepare_layerwise_loads()
+                worker.prepare_layer_groups()
             monkeypatch.undo()
             assert calls == ([] if disabled else [True])
             assert ("no kernel for you" in caplog.text) is not disabled
             caplog.clear()
         finally:
             worker.close()
+
+
+@pytest.mark.parametrize("num_layers,per_group", [(1, 4), (7, 2), (28, 4), (32, 4), (61, 8)])
+def test_store_group_ranges_are_every_group_any_step_gives(num_layers: int, per_group: int) -> None:
+    """The layer-wise stores' ranges built ahead are the union of `store_groups` over every step size."""
+    from kvbm.worker.layerwise_stores import MIN_GROUP_BYTES, store_group_ranges, store_groups
+
+    sampled = set()
+    for layer_bytes in [0, 1, *(MIN_GROUP_BYTES // 2**k for k in range(12)), MIN_GROUP_BYTES * 4]:
+        sampled.update(store_groups(num_layers, per_group, layer_bytes))
+    assert store_group_ranges(num_layers, per_group) == tuple(sorted(sampled))
+
+
+def test_layer_groups_of_stores_are_prepared_with_the_loads(monkeypatch) -> None:
+    """With layer-wise stores, `prepare_layer_groups` on a GPU engine cache builds the stores' groups from the
+    engine cache into the host tier as well as the loads' groups the other way (the worker told its cache is on a
+    GPU; the transfer library's `prepare` recorded, not run)."""
+    from kvbm.config import KvbmConfig
+    from kvbm.connectors.worker import ConnectorWorker
+    from kvbm.kernels.medium import Medium
+    from kvbm.tiers import TierSpec
+    from kvbm.worker.layerwise import layer_group_ranges
+    from kvbm.worker.layerwise_stores import store_group_ranges
+
+    g1 = allocate("vllm_flash_attn_nhd", GEOMETRY, 16, dtype=torch.bfloat16)
+    worker = ConnectorWorker(g1, [TierSpec("G2", Medium.HOST, 16)],
+                             KvbmConfig(onboard_layers_per_group=2, layerwise_store=True))
+    try:
+        prepared = []
+        monkeypatch.setattr(worker.store.transfers, "prepare", lambda src, dst: prepared.append((src, dst)))
+        monkeypatch.setattr(worker, "_gpu_cache", True)  # as for a GPU engine cache
+        worker.prepare_layer_groups()
+        monkeypatch.undo()
+        loads = [(worker.store._layer_view("G2", "G1", a, b), worker.store._layer_view("G1", "G2", a, b))
+                 for a, b in layer_group_ranges(GEOMETRY.num_layers, 2)]
+        stores = [(worker.store._layer_view("G1", "G2", a, b), worker.store._layer_view("G2", "G1", a, b))
+                  for a, b in store_group_ranges(GEOMETRY.num_layers, 2)]
+        assert len(prepared) == len(loads) + len(stores)
+        assert all(s is s2 and d is d2 for (s, d), (s2, d2) in zip(prepared, loads + stores))
+    finally:
+        worker.close()

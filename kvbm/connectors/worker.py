@@ -117,6 +117,7 @@ class ConnectorWorker:
         self._layers = LayerwiseLoads(self.store, engine_cache, config.onboard_layers_per_group)
         self._layerwise_onboard, self._cost_layer_groups = (not config.disable_layerwise_onboard,
                                                            not config.disable_cost_layer_groups)
+        self._gpu_cache = engine_cache.device.type == "cuda"  # (layer groups are built ahead only for a GPU cache)
         #: stores into host memory started per group of layers as the forward saves them (one KV cache group only)
         self._layer_stores = (LayerwiseStores(self.store, engine_cache, config.onboard_layers_per_group)
                               if config.layerwise_store and not groups else None)
@@ -153,22 +154,26 @@ class ConnectorWorker:
         if by_layers:
             self._layers.start(by_layers, layer_ratio)
 
-    def prepare_layerwise_loads(self) -> None:
+    def prepare_layer_groups(self) -> None:
         """Build now, once the engine's caches are registered, the transfer plans and kernels of every layer group a
-        layer-wise load can use (`LayerwiseLoads.warm_up`), so that no load builds or compiles them inside its step;
-        for engines whose scheduler side plans layer-wise loads. Nothing without a GPU engine cache or with
-        ``DYN_KVBM_DISABLE_LAYERWISE_ONBOARD``. A failure is logged, not raised: the loads then build them on first
-        use, as without this call."""
-        if not self._layerwise_onboard or self.engine_cache.device.type != "cuda":
+        layer-wise load (`LayerwiseLoads.warm_up`) or a layer-wise store (`LayerwiseStores.warm_up`) can use, so that
+        no step builds or compiles them; for engines whose scheduler side plans layer-wise loads. Nothing without a
+        GPU engine cache; loads not with ``DYN_KVBM_DISABLE_LAYERWISE_ONBOARD``, stores only with
+        ``DYN_KVBM_LAYERWISE_STORE``. A failure is logged, not raised: the steps then build them on first use, as
+        without this call."""
+        if not self._gpu_cache:
             return
         t0 = time.perf_counter()
         try:
-            self._layers.warm_up(cost_sized=self._cost_layer_groups)
-        except Exception as e:  # noqa: BLE001 - an optimisation: the loads build what they need on first use
-            log.warning("kvbm: rank %d: layer-wise load plans not built ahead (%r); the first loads build them",
+            if self._layerwise_onboard:
+                self._layers.warm_up(cost_sized=self._cost_layer_groups)
+            if self._layer_stores is not None:
+                self._layer_stores.warm_up()
+        except Exception as e:  # noqa: BLE001 - an optimisation: the steps build what they need on first use
+            log.warning("kvbm: rank %d: layer group plans not built ahead (%r); the first steps build them",
                         self.rank, e)
             return
-        log.info("kvbm: rank %d: layer-wise load plans built in %.2f s", self.rank, time.perf_counter() - t0)
+        log.info("kvbm: rank %d: layer group plans built in %.2f s", self.rank, time.perf_counter() - t0)
 
     def wait_for_layer(self, layer: int) -> None:
         """Order the engine's later work on ``layer`` after the layer-wise loads of its group: on the GPU the

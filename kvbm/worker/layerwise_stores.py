@@ -21,7 +21,7 @@ from kvbm.kernels.medium import Medium, medium_of
 from kvbm.leader.plans import ENGINE_TIER, Move, MoveKind
 from kvbm.worker.store import BlockStore, LayeredMoves
 
-__all__ = ["LayerwiseStores", "even_groups", "store_groups"]
+__all__ = ["LayerwiseStores", "even_groups", "store_group_ranges", "store_groups"]
 
 #: Fewest bytes a group of layer-wise stores is sized to move: groups double from the configured size until they
 #: do (or hold every layer). On an H100 (Llama-3.1-8B shape, 256 new tokens after a 2k prefix) the stores added
@@ -50,6 +50,16 @@ def store_groups(num_layers: int, layers_per_group: int, layer_bytes: int,
     return even_groups(num_layers, size)
 
 
+def store_group_ranges(num_layers: int, layers_per_group: int) -> tuple[tuple[int, int], ...]:
+    """Every ``[start, stop)`` that `store_groups` can return for these sizes, whatever the step's bytes, sorted: the
+    groups whose plans and kernels `LayerwiseStores.warm_up` builds."""
+    ranges, size = set(even_groups(num_layers, layers_per_group)), layers_per_group
+    while size < num_layers:
+        size *= 2
+        ranges.update(even_groups(num_layers, size))
+    return tuple(sorted(ranges))
+
+
 class LayerwiseStores:
     """The layer-wise stores of the current step (see the module docstring)."""
 
@@ -62,6 +72,15 @@ class LayerwiseStores:
         self.groups = even_groups(self.num_layers, layers_per_group)
         self._layered: LayeredMoves | None = None
         self._next = 0  # the first group not started
+
+    def warm_up(self) -> None:
+        """Build now what the stores of every group they can use need, from the engine cache into each host tier
+        (`store_group_ranges`, `BlockStore.prepare_layers`): on the GPU the copy plans and the kernels compiled per
+        number of layers, which would otherwise be built inside the forward that first starts such a group."""
+        ranges = store_group_ranges(self.num_layers, self.layers_per_group)
+        for tier, cache in self.store.caches.items():
+            if tier != ENGINE_TIER and medium_of(cache) is Medium.HOST:
+                self.store.prepare_layers(ENGINE_TIER, tier, ranges)
 
     @property
     def active(self) -> bool:
