@@ -216,7 +216,7 @@ def test_layer_group_ranges_are_every_group_any_ratio_gives(num_layers: int, per
         layer_group_ranges(num_layers, 0)
 
 
-def test_warm_up_prepares_each_layer_group_of_each_host_tier(monkeypatch) -> None:
+def test_warm_up_prepares_each_layer_group_of_each_host_tier(monkeypatch, tmp_path) -> None:
     """`LayerwiseLoads.warm_up` hands every range of `layer_group_ranges` from each host tier (not the disk tier)
     into the engine cache to the transfer library's `prepare`, as the layer views the loads use; on the CPU the
     worker's `prepare_layer_groups` builds nothing (its paths compile nothing ahead), and layer-wise loads run
@@ -229,8 +229,10 @@ def test_warm_up_prepares_each_layer_group_of_each_host_tier(monkeypatch) -> Non
 
     g1 = allocate("vllm_flash_attn_nhd", GEOMETRY, 16, dtype=torch.bfloat16)
     fill_random(g1, torch.Generator().manual_seed(5))
-    worker = ConnectorWorker(g1, [TierSpec("G2", Medium.HOST, 16)], KvbmConfig(onboard_layers_per_group=2))
+    tiers = [TierSpec("G2", Medium.HOST, 16), TierSpec("G3", Medium.DISK, 8, tmp_path, use_o_direct=False)]
+    worker = ConnectorWorker(g1, tiers, KvbmConfig(onboard_layers_per_group=2))
     try:
+        assert worker.store.host_tiers == ["G2"]
         prepared = []
         transfers = worker.store.transfers
         monkeypatch.setattr(transfers, "prepare", lambda src, dst: prepared.append((src, dst)))

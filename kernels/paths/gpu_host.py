@@ -109,7 +109,7 @@ class GpuHostPath:
     def prepare(self, src: Any, dst: Any) -> None:
         """Build the transfer engine's plans and kernels for ``src`` -> ``dst`` now where the engine moves them
         (`TransferEngine.prepare`); the copy kernel's other pairs compile on first use."""
-        if medium_of(src) is not medium_of(dst) and self._by_engine(src, dst):
+        if self._by_engine(src, dst):  # (never GPU -> GPU: the kernel's pairs)
             gpu = src if medium_of(src) is Medium.GPU else dst
             self._engine(gpu.device).prepare("d2h" if gpu is src else "h2d", src, dst)
 

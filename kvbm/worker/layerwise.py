@@ -117,9 +117,8 @@ class LayerwiseLoads:
         number of layers, which a load would otherwise build inside the step that first uses a group (a group size
         not seen before cost about 150 ms of compilation in the load it started, measured on an H100)."""
         ranges = layer_group_ranges(self.num_layers, self.layers_per_group, cost_sized)
-        for tier, cache in self.store.caches.items():
-            if tier != ENGINE_TIER and medium_of(cache) is Medium.HOST:
-                self.store.prepare_layers(tier, ENGINE_TIER, ranges)
+        for tier in self.store.host_tiers:
+            self.store.prepare_layers(tier, ENGINE_TIER, ranges)
 
     @property
     def active(self) -> bool:

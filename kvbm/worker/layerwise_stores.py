@@ -78,9 +78,8 @@ class LayerwiseStores:
         (`store_group_ranges`, `BlockStore.prepare_layers`): on the GPU the copy plans and the kernels compiled per
         number of layers, which would otherwise be built inside the forward that first starts such a group."""
         ranges = store_group_ranges(self.num_layers, self.layers_per_group)
-        for tier, cache in self.store.caches.items():
-            if tier != ENGINE_TIER and medium_of(cache) is Medium.HOST:
-                self.store.prepare_layers(ENGINE_TIER, tier, ranges)
+        for tier in self.store.host_tiers:
+            self.store.prepare_layers(ENGINE_TIER, tier, ranges)
 
     @property
     def active(self) -> bool:

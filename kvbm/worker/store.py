@@ -130,6 +130,11 @@ class BlockStore:
         self.caches[name] = cache
         self.views.update(views)
 
+    @property
+    def host_tiers(self) -> list[str]:
+        """The offload tiers `open` allocated that are in host memory (the engine's caches are not among them)."""
+        return [tier for tier in self._owned if medium_of(self.caches[tier]) is Medium.HOST]
+
     def cache(self, tier: str) -> Any:
         """The cache of tier ``tier``."""
         try:
