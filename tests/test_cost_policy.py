@@ -523,6 +523,40 @@ def test_step_seconds_from_the_fit_else_the_average_else_the_configured_rate(rng
         p.step_seconds(-1)
 
 
+def _reference_fit(steps: list[tuple[int, float]]) -> tuple[float, float] | None:
+    """Theil-Sen in plain numpy over the last WINDOW ``(tokens, seconds)`` steps: the upper median of the slopes
+    between pairs whose sizes differ by a fifth of the larger, at least MIN_PAIRS of them and positive; and the
+    median of what it leaves of each step (at least 0)."""
+    x, y = (np.array(v, dtype=np.float64) for v in zip(*steps[-WINDOW:]))
+    i, j = np.triu_indices(len(x), 1)
+    dx = x[j] - x[i]
+    keep = (dx != 0) & (np.abs(dx) >= 0.2 * np.maximum(x[i], x[j]))
+    slopes = np.sort((y[j] - y[i])[keep] / dx[keep])
+    if len(slopes) < MIN_PAIRS or not slopes[len(slopes) // 2] > 0:
+        return None
+    slope = slopes[len(slopes) // 2]
+    return slope, max(float(np.median(y - slope * x)), 0.0)
+
+
+def test_the_compiled_fit_matches_a_plain_numpy_theil_sen(rng):
+    """After every step of random runs (step sizes from one size to a wide spread, noisy and outlying timings,
+    more steps than the window), the fit equals the reference's exactly, or both have none."""
+    for case in range(40):
+        fit, steps = StepFit(), []
+        low = int(rng.integers(1, 2048))
+        high = low + int(rng.integers(0, 4096)) if case % 4 else low + 1
+        for _ in range(int(rng.integers(1, 3 * WINDOW))):
+            n = int(rng.integers(low, high + 1))
+            seconds = float(rng.choice([step_seconds(n, rng), rng.uniform(1e-4, 0.5)], p=[0.8, 0.2]))
+            steps.append((n, seconds))
+            fit.add(n, seconds)
+            expected = _reference_fit(steps)
+            if expected is None:
+                assert fit.per_token is None and fit.fixed is None
+            else:
+                assert (fit.per_token, fit.fixed) == expected
+
+
 def test_the_fit_keeps_the_steps_fixed_part(rng):
     fit = StepFit()
     assert fit.seconds(100) is None and fit.fixed is None
