@@ -538,9 +538,10 @@ def _reference_fit(steps: list[tuple[int, float]]) -> tuple[float, float] | None
     return slope, max(float(np.median(y - slope * x)), 0.0)
 
 
-def test_the_compiled_fit_matches_a_plain_numpy_theil_sen(rng):
+def test_the_incremental_fit_matches_a_plain_numpy_theil_sen(rng):
     """After every step of random runs (step sizes from one size to a wide spread, noisy and outlying timings,
-    more steps than the window), the fit equals the reference's exactly, or both have none."""
+    more steps than the window, so the ring's slopes are overwritten), the fit equals the reference's exactly, or
+    both have none."""
     for case in range(40):
         fit, steps = StepFit(), []
         low = int(rng.integers(1, 2048))
