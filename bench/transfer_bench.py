@@ -301,7 +301,8 @@ def run_gpu(args, save=lambda partial: None) -> dict:
 
 def piece_sweep(engine, transfers, ceiling_copy, rng) -> list[dict]:
     """The staged path and the one face over piece sizes of 2-128 KiB (`PIECE_SWEEP`): one transfer of 256 blocks
-    and bursts of 16-block transfers, both directions, each paired with the same run's pinned memcpy."""
+    and bursts of 16-block transfers (those also through the zero-copy kernel), both directions, each paired with
+    the same run's pinned memcpy."""
     rows = []
     for gname in PIECE_SWEEP:
         env = Env("vllm_flash_attn_nhd", gname, host_blocks=256, gpu_blocks=1024)
@@ -313,8 +314,11 @@ def piece_sweep(engine, transfers, ceiling_copy, rng) -> list[dict]:
                 s_ids, d_ids = (gpu_ids, host_ids) if direction == "d2h" else (host_ids, gpu_ids)
                 move = engine.offload if direction == "d2h" else engine.onboard
                 src, dst = (env.gpu, env.host) if direction == "d2h" else (env.host, env.gpu)
-                for name, fn in (("kvbm_staged", lambda: move(src, dst, s_ids, d_ids, path="staged")),
-                                 ("kvbm_submit", lambda: transfers.submit(src, dst, s_ids, d_ids))):
+                methods = [("kvbm_staged", lambda: move(src, dst, s_ids, d_ids, path="staged")),
+                           ("kvbm_submit", lambda: transfers.submit(src, dst, s_ids, d_ids))]
+                if n == 16:  # the kernel over UVA, no DMA: do bursts of small pieces do better without the copy engine?
+                    methods.append(("kvbm_zero_copy", lambda: move(src, dst, s_ids, d_ids, path="zero_copy")))
+                for name, fn in methods:
                     rows.append(measure(env, name, fn, direction, s_ids, d_ids, 7, ceiling_copy[direction]))
         env.close()
     return rows
