@@ -27,7 +27,7 @@ def ttft():
     sys.modules[name] = package
     spec.loader.exec_module(package)
     modules = {}
-    for sub in ("model", "engine", "bench"):
+    for sub in ("model", "engine", "bench", "call_times"):
         sub_spec = importlib.util.spec_from_file_location(f"{name}.{sub}", PKG / f"{sub}.py")
         module = importlib.util.module_from_spec(sub_spec)
         sys.modules[f"{name}.{sub}"] = module
@@ -368,3 +368,33 @@ def test_plot_rings_the_cost_rules_recomputes(ttft, tmp_path, monkeypatch):
     assert (tmp_path / "ttft.png").stat().st_size > 0
     assert rings == [(((64,), (3.1,)), "G3 hit, cost rule: rule recomputed")]
     assert notes == ["load 2\nrecompute 1"]
+
+
+def test_call_times_names_the_groups_and_times_each_call_of_a_layerwise_hit(ttft, tmp_path, monkeypatch):
+    """`bench.ttft.call_times` over a CPU run of the tiny model (4 layers): one record per request through a kvbm
+    side; a layer-wise hit's names layer groups that cover every layer once and times its lookup, load plan and
+    start, the start no shorter than the groups' submit inside it nor than the time before the forward allows; the
+    timed classes are restored afterwards."""
+    ct, engine = ttft["call_times"], ttft["engine"]
+    for key in [k for k in os.environ if k.startswith("DYN_KVBM_")]:
+        monkeypatch.delenv(key)
+    originals = (engine.Engine.run_request, ct.ConnectorLeader.lookup, ct.layerwise.LayerwiseLoads.start)
+    with ct.recording() as requests:
+        code = ttft["bench"].main(["--smoke", "--models", "tiny", "--layers", "4", "--workloads", "prefix",
+                                   "--modes", "g2,g2-layerwise", "--prefixes", "64", "--reps", "2", "--warmup", "0",
+                                   "--layer-wait-prefix", "0", "--layer-store-tokens", "0", "--device", "cpu",
+                                   "--out", str(tmp_path)])
+    assert code == 0
+    assert (engine.Engine.run_request, ct.ConnectorLeader.lookup, ct.layerwise.LayerwiseLoads.start) == originals
+    hits = [r for r in requests if r.layerwise]
+    assert len(hits) == 2 and any(not r.layerwise for r in requests)
+    for hit in hits:
+        assert hit.ratio is not None and [a for a, _ in hit.groups] == [0] + [b for _, b in hit.groups[:-1]]
+        assert hit.groups[0][0] == 0 and hit.groups[-1][1] == 4
+        seconds = dict(hit.calls)  # (the last of each name)
+        for name in ("ConnectorLeader.lookup", "ConnectorLeader.plan_load", "ConnectorWorker.start_loads",
+                     "LayeredMoves.submit_groups", "Transfers.submit_groups"):
+            assert seconds[name] > 0, name
+        assert seconds["ConnectorWorker.start_loads"] >= seconds["LayeredMoves.submit_groups"]
+        assert hit.load_wait_ms / 1e3 >= seconds["ConnectorWorker.start_loads"] and hit.ttft_ms > hit.forward_ms > 0
+        assert hit.line().startswith("req lw=True n=") and f"groups={len(hit.groups)}" in hit.line()
