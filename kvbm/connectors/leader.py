@@ -550,10 +550,15 @@ class ConnectorLeader:
         if state.skip is not None or num_full_blocks <= track.saved or not self.ready():
             return
         hashes = track.hashes_upto(num_full_blocks, self.groups[group].block_size, tokens)
-        blocks = [j for j in range(max(track.saved, keep_from), num_full_blocks) if track.block_ids[j] != null_block]
+        first = max(track.saved, keep_from)
+        if null_block is None:  # every block of the range (slices: a long prompt's are thousands)
+            blocks: Sequence[int] = range(first, num_full_blocks)
+            block_hashes, block_ids = hashes[first:num_full_blocks], track.block_ids[first:num_full_blocks]
+        else:
+            blocks = [j for j in range(first, num_full_blocks) if track.block_ids[j] != null_block]
+            block_hashes, block_ids = [hashes[j] for j in blocks], [track.block_ids[j] for j in blocks]
         tier = self._store_tier
-        plan = self.index.plan_store([hashes[j] for j in blocks], [track.block_ids[j] for j in blocks],
-                                     max_blocks=self.backlog.room(tier))
+        plan = self.index.plan_store(block_hashes, block_ids, max_blocks=self.backlog.room(tier))
         track.saved = num_full_blocks
         if plan.over_limit:
             self.backlog.dropped(tier, len(plan.over_limit))

@@ -214,14 +214,18 @@ class BlockIndex:
         _same_length(hashes, engine_ids)
         tier = self._tiers[0]
         plan = StorePlan()
+        if priority < self.min_priority:
+            low = f"priority {priority} is below DYN_KVBM_HOST_OFFLOAD_PREFIX_MIN_PRIORITY={self.min_priority}"
+            plan.skipped = dict.fromkeys(range(len(hashes)), low)
+            return plan
+        # one pass per block; a long prompt's stored prefix (2048 blocks at 32k tokens) is mostly skips, so the
+        # loop's lookups and its one reason string are bound outside it
         part: list[tuple[int, int]] = []
         seen: set[int] = set()
+        contains, skipped, stored = tier.pool.contains, plan.skipped, f"already stored in {tier.name}"
         for i, h in enumerate(hashes):
-            if priority < self.min_priority:
-                plan.skipped[i] = (f"priority {priority} is below DYN_KVBM_HOST_OFFLOAD_PREFIX_MIN_PRIORITY="
-                                   f"{self.min_priority}")
-            elif h in seen or tier.pool.contains(h):
-                plan.skipped[i] = f"already stored in {tier.name}"
+            if h in seen or contains(h):
+                skipped[i] = stored
             elif max_blocks is not None and len(part) >= max_blocks:
                 plan.over_limit.append(i)
             else:
