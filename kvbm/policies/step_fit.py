@@ -14,8 +14,8 @@ leaves of each (at least 0), so `seconds` gives a whole step's expected time.
 The fit runs in the scheduler after every timed prefill step, so it is kept incrementally: the slopes of every pair
 are held in a matrix, and a new step recomputes only its own row (one vectorised pass over 31 steps) before the
 median is taken. On the 2-core CPU machine, in `bench/sched_bench.py`'s run with kvbm's connector, the cost rule's
-``observe_prefill`` took 94-98 us per timed step (median of two runs each) when every slope was recomputed, 63 us
-this way; in a loop of fits alone, 25 against 18 us.
+``observe_prefill`` took 93-148 us per timed step (median; three runs alternating) when every slope was recomputed,
+67-76 us this way; in a loop of fits alone, 25 against 18 us.
 """
 from __future__ import annotations
 
@@ -38,7 +38,6 @@ class StepFit:
         self._tokens = np.zeros(WINDOW)  # a ring of the last steps
         self._seconds = np.zeros(WINDOW)
         self._slopes = np.full((WINDOW, WINDOW), np.nan)  # of each pair of slots; NaN: the pair does not count
-        self._row = np.empty(WINDOW)
         self._count = 0
         #: Fitted seconds per token (positive), or None while the steps seen do not give a slope.
         self.per_token: float | None = None
@@ -54,9 +53,7 @@ class StepFit:
         n = min(self._count, WINDOW)  # slots not yet filled keep NaN slopes: never paired
         dx = x[:n] - tokens
         counts = (dx != 0) & (np.abs(dx) >= _SPREAD * np.maximum(x[:n], tokens))  # (dx is 0 at its own slot)
-        row = self._row[:n]
-        row.fill(np.nan)
-        np.divide(y[:n] - seconds, dx, out=row, where=counts)
+        row = np.divide(y[:n] - seconds, dx, out=np.full(n, np.nan), where=counts)
         self._slopes[slot, :n] = row
         self._slopes[:n, slot] = row
         slopes = self._slopes[_I, _J]
