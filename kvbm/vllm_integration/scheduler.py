@@ -201,12 +201,8 @@ class SchedulerSide:
         num_tokens = min(computed_tokens + scheduled_tokens, request.num_tokens)
         flush = False
         for group in self.leader.groups:
-            if group.kind == FULL:
-                keep_from = 0
-                if num_tokens // group.block_size <= self.leader.group_state(state, group.index).saved:
-                    continue  # no new full block (most decode steps): nothing to plan
-            else:
-                keep_from = group.first_kept_block(computed_tokens)
+            keep_from = group.first_kept_block(computed_tokens)
+            if group.kind != FULL:
                 flush |= self.leader.stores_below(state, group.index, keep_from)
             self.leader.plan_stores(state, request.all_token_ids, num_tokens // group.block_size, group=group.index,
                                     keep_from=keep_from, null_block=NULL_BLOCK_ID if self.leader.hybrid else None)
