@@ -266,6 +266,46 @@ def test_a_few_outlying_steps_do_not_move_the_marginal_rate(rng):
     assert p.prefill_rate == pytest.approx(MARGINAL, rel=0.1)
 
 
+def test_a_host_bound_engines_noisy_short_steps_do_not_make_a_slow_disk_worth_loading(rng):
+    """Steps as an H100 showed them for Qwen3-0.6B, whose prefill is host-bound at these sizes: short steps of 32-48
+    tokens in 19-22 ms, 256-token steps in 20-37 ms (host noise), a 2304-token step in 20.8 ms. Their slopes are
+    noise, and the fit's median is far too steep; the recompute time of a 2048-token prefix still stays at most
+    the 2304-token step's time, so a G3 prefix read at 1.8 GB/s (235 MB, 130 ms) is dropped, and G2 (20 GB/s) kept."""
+    block = 1_835_008  # Qwen3-0.6B: 28 layers x 2 x 8 KV heads x 128 x 16 tokens x 2 bytes
+    p = LoadCostPolicy(["G2", "G3"], block_bytes=block, block_tokens=16, bandwidth={"G2": 20e9, "G3": 1.8e9},
+                       latency={"G2": 0.05e-3, "G3": 0.2e-3}, prefill_rate=100_000.0)
+    steps = [(32, 0.019), (48, 0.021), (32, 0.020), (48, 0.022), (2304, 0.0208)]
+    steps += [(256, float(rng.uniform(0.020, 0.037))) for _ in range(12)]
+    steps += [(32, float(rng.uniform(0.019, 0.022))) for _ in range(4)]
+    steps[-1] = (48, 0.019)
+    for n, seconds in steps:
+        p.observe_prefill(n, seconds)
+    assert p.prefill_rate < 30_000  # the fit: 128 blocks' tokens would take over 68 ms at this rate
+    assert p.recompute_seconds(128) <= 0.0208
+    assert p.load_seconds((0, 128)) > 0.13
+    d = p.decide((0, 128))
+    assert (d.num_blocks, d.dropped) == (0, (0, 128))
+    d = p.decide((128, 0))
+    assert d.hits == (128, 0) and d.load_seconds < d.recompute_seconds
+
+
+def test_the_marginal_bound_is_the_least_any_step_allows(rng):
+    """``marginal_bound(n)``: the least of ``s * max(1, n / t)`` over the window's steps; never below the true
+    marginal cost of steps that follow ``fixed + per_token * t``; None before a step of at least one token."""
+    fit = StepFit()
+    assert fit.marginal_bound(100) is None
+    fit.add(0, 0.01)
+    assert fit.marginal_bound(100) is None
+    steps = [(int(n), step_seconds(int(n), rng, noise=0.0)) for n in rng.integers(1, 8192, size=3 * WINDOW)]
+    for n, seconds in steps:
+        fit.add(n, seconds)
+    window = steps[-WINDOW:]
+    for tokens in (1, 100, 2048, 8191, 65536):
+        expected = min(s * max(1.0, tokens / t) for t, s in window)
+        assert fit.marginal_bound(tokens) == pytest.approx(expected, rel=1e-12)
+        assert fit.marginal_bound(tokens) >= tokens / MARGINAL
+
+
 def test_marginal_rate_is_exported_and_logged(rng, caplog):
     metrics = KvbmMetrics()
     p = policy(prefill=5000.0, metrics=metrics)

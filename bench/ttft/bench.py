@@ -444,9 +444,15 @@ def run_prefix(args: argparse.Namespace, setup: Setup, prefix: int, scratch: dic
     fresh = lambda: _random_tokens(rng, new, shape.vocab)  # new tokens differ per repetition
     name, rows = shape.name, []
     modes = [MODES[m] for m in args.modes]
+
+    def quiet() -> None:
+        """Every side's moves done (the last request's stores, cascades to disk), so that no request is timed beside
+        another row's background work."""
+        eng.drain(eng.sides)
     if RECOMPUTE in modes:
         def recompute() -> RequestResult:
             eng.evict_all()
+            quiet()
             return eng.run_request(tokens + fresh())
         t = time.perf_counter()
         rows.append(_row_from(name, "prefix", RECOMPUTE, _timed(args.reps, args.warmup, recompute),
@@ -464,9 +470,14 @@ def run_prefix(args: argparse.Namespace, setup: Setup, prefix: int, scratch: dic
 
     def hit(side: KvbmSide, layerwise: bool) -> RequestResult:
         eng.evict_all()
+        quiet()
         return eng.run_request(tokens + fresh(), [side], reference=reference, layerwise=layerwise)
+
+    def g1_hit() -> RequestResult:
+        quiet()
+        return eng.run_request(tokens + fresh())
     # the G1 hit and the modes without a rule run in turns (a kvbm hit leaves the prefix in G1 for the next G1 hit)
-    plain: dict[str, Callable[[], RequestResult]] = {G1_HIT: lambda: eng.run_request(tokens + fresh())}
+    plain: dict[str, Callable[[], RequestResult]] = {G1_HIT: g1_hit}
     for mode in modes:
         if mode in KVBM_MODES and mode != G3_AUTO and setup.sides.get(side_mode(mode)) is not None:
             plain[mode] = functools.partial(hit, setup.sides[side_mode(mode)], mode == G2_LAYERWISE)

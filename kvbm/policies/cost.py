@@ -29,7 +29,9 @@ Inputs are cold-start values (``DYN_KVBM_*``, see `kvbm.config`) replaced by onl
   size), it is the average rate instead: an exponentially weighted average of tokens and of seconds, whose ratio
   is the estimate. A step's fixed cost counts as per-token cost there, so the average rate is lower than the
   marginal one: measured on an H100 (Llama-3.1-8B shape), a 256-token step after a 2k cached prefix took 18 ms
-  (14k tokens/s), while recomputing the 2k prefix added 54 ms (38k tokens/s).
+  (14k tokens/s), while recomputing the 2k prefix added 54 ms (38k tokens/s). Either way, a prefix's recompute time
+  is capped by what the steps seen allow (a step of ``t`` tokens that took ``s`` seconds: ``n`` tokens add at most
+  ``s * max(1, n / t)``), so a fit thrown off by noisy short steps cannot make a slow tier look worth loading.
 
 A tier whose hits are dropped is no longer loaded, so its estimate would never recover from a bad period: every
 ``probe_seconds`` without a measurement of it, one batch of its hits (``probe_blocks``) is reported anyway.
@@ -233,8 +235,12 @@ class LoadCostPolicy:
         return sum(self._latency[t] + n * self._block_seconds(t) for t, n in zip(self.tiers, hits) if n)
 
     def recompute_seconds(self, num_blocks: int) -> float:
-        """Expected seconds to prefill ``num_blocks`` blocks' tokens again."""
-        return num_blocks * self.block_tokens / self.prefill_rate
+        """Expected seconds to prefill ``num_blocks`` blocks' tokens again: at the prefill rate, but never more than
+        the steps seen bound it to (`StepFit.marginal_bound`: a prefix costs at most what a step of its size took)."""
+        tokens = num_blocks * self.block_tokens
+        estimate = tokens / self.prefill_rate
+        bound = self._prefill_fit.marginal_bound(tokens)
+        return estimate if bound is None else min(estimate, bound)
 
     def decide(self, hits: Sequence[int]) -> CostDecision:
         """The leading blocks of a match (``hits[k]`` blocks of tier k, in order) worth reporting."""

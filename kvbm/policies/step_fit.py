@@ -11,6 +11,13 @@ such pairs are in the window, or while their median slope is not positive, there
 and the caller keeps its average rate. With a fit, ``fixed`` is the median over the window's steps of what the slope
 leaves of each (at least 0), so `seconds` gives a whole step's expected time.
 
+Whatever the fit says, the steps seen also bound the marginal cost directly (`marginal_bound`): with a fixed part of
+at least 0, ``per_token * n`` is at most ``s * max(1, n / t)`` for every step of ``t`` tokens that took ``s``
+seconds. Short steps of a host-bound engine take about the same time whatever their size, so their slopes are noise
+of either sign, and a few of them can give a median slope far too steep (measured on an H100: 8.9k tokens/s fitted
+for Qwen3-0.6B, whose 2304-token prefill took 20.8 ms); the bound keeps such a fit from claiming that a prefix costs
+more to recompute than a step of its size was seen to take.
+
 The fit runs in the scheduler after every timed prefill step, so it is kept incrementally: the slopes of every pair
 are held in a matrix, and a new step recomputes only its own row (one vectorised pass over 31 steps) before the
 median is taken. On the 2-core CPU machine, in `bench/sched_bench.py`'s run with kvbm's connector, the cost rule's
@@ -66,6 +73,16 @@ class StepFit:
             self.fixed = max(left[n // 2] if n % 2 else (left[n // 2 - 1] + left[n // 2]) / 2, 0.0)
         else:
             self.per_token = self.fixed = None
+
+    def marginal_bound(self, tokens: int) -> float | None:
+        """The most ``tokens`` tokens can add to a step, by the steps in the window: the least of ``s * max(1,
+        tokens / t)`` over steps of ``t > 0`` tokens that took ``s`` seconds; None before such a step."""
+        n = min(self._count, WINDOW)
+        x, y = self._tokens[:n], self._seconds[:n]
+        seen = x > 0
+        if not seen.any():
+            return None
+        return float(np.min(y[seen] * np.maximum(1.0, tokens / x[seen])))
 
     def seconds(self, tokens: int) -> float | None:
         """Expected seconds of a step of ``tokens`` tokens (``fixed + per_token * tokens``), or None without a fit."""
