@@ -45,10 +45,15 @@ PATHS: tuple[str, ...] = ("auto", "staged", "zero_copy", "dma")
 DMA_MIN_PIECE_BYTES = 1 << 20
 #: Default device staging size, split into two halves for the pipeline.
 DEFAULT_STAGING_BYTES = 256 << 20
-#: Fewest DMA pieces a chunk must have to be split over the lane's two DMA streams: a split costs a second batched
-#: call and two event operations on the host, on the path to the first DMA when the chunk is an offload's short
-#: first one; the copy engine ran the two streams' batches one after the other anyway (measured on the H200).
-MIN_PIECES_TO_SPLIT = 16
+#: Fewest DMA pieces a chunk must have to be split over the lane's two DMA streams. Below it one stream moves small
+#: pieces faster: on the H100, 16 scattered 128 KiB pieces per transfer, queued behind a GPU sleep, moved at 93.2%
+#: (H2D) / 94.7% (D2H) of one large copy on one stream against 87.4 / 90.4% split over two (`bench/dma_streams.py`),
+#: and in the piece sweep (two runs of each setting, alternating) bursts of 16-block transfers of 2 KiB pieces moved
+#: 92.6 / 92.7% H2D and 75.0 / 94.8% D2H staged with this threshold, 92.6 / 92.8% and 95.0 / 94.1% never split,
+#: against 86.4 / 60.5% and 89.7 / 59.9% split from 16 pieces (the 60-75% runs: host stalls that hit other rows of
+#: the same runs too); 256-block transfers of 2 KiB pieces (chunks of 256 pieces) moved 93.7-94.9% H2D split against
+#: 93.2-93.4% on one stream. A split also costs a second batched call and two event operations on the host.
+MIN_PIECES_TO_SPLIT = 64
 #: Slots of a lane's id ring (uploads whose kernels may still be queued) and ids per slot. The ids are copied to the
 #: device: read by the kernels straight from pinned host memory instead, they made the gather 2-3x slower (measured
 #: on the H200: 8 blocks 13 -> 41 us, 64 blocks 74 -> 154 us).
@@ -183,8 +188,9 @@ class _Lane:
 
     def __init__(self, device: torch.device, staging_bytes: int, kernel_priority: int = -1, slots: int = 2):
         self.kernel_stream = torch.cuda.Stream(device, priority=kernel_priority)
-        # A chunk's DMA pieces are split between two streams: with one, the copy engine idles between pieces (measured
-        # on the H200, 256 random 2 MiB pieces against one large copy: 95.9-98.3% on one stream, 97.4-99.0% on two).
+        # A chunk of many DMA pieces is split between two streams (`MIN_PIECES_TO_SPLIT`): with one, the copy engine
+        # idles between pieces (measured on the H200, 256 random 2 MiB pieces against one large copy: 95.9-98.3% on
+        # one stream, 97.4-99.0% on two).
         self.dma_streams = (torch.cuda.Stream(device, priority=-1), torch.cuda.Stream(device, priority=-1))
         self.kernel_handle = self.kernel_stream.cuda_stream
         self.dma_handles = tuple(s.cuda_stream for s in self.dma_streams)

@@ -288,7 +288,7 @@ def test_chunks_of_many_pieces_split_over_both_dma_streams_byte_exact(direction,
     rng = np.random.default_rng(31 if direction == "d2h" else 32)
     gpu = allocate("vllm_flash_attn_nhd", g, 2 * n, dtype=torch.bfloat16, device="cuda")
     random_fill(gpu.tensors, 33)
-    engine = engine_factory(g, 2, blocks_per_slot=MIN_PIECES_TO_SPLIT + 8)  # chunks of 3, 24, 24, 1 blocks (d2h)
+    engine = engine_factory(g, 2, blocks_per_slot=MIN_PIECES_TO_SPLIT + 8)  # chunks above and below the threshold
     with PinnedHostBuffer(2 * n * g.block_bytes) as buf:
         host = host_cache(buf, g, STAGING_ORDER, blocks=2 * n)
         random_fill(host.tensors, 34)
