@@ -21,7 +21,7 @@ from kvbm.leader.plans import Move, MoveKind
 from kvbm.manager import BlockManager, BlockResult, Match
 from kvbm.metrics import KvbmMetrics
 from kvbm.policies.cost import LoadCostPolicy
-from kvbm.policies.step_fit import MIN_PAIRS, WINDOW, StepFit
+from kvbm.policies.step_fit import KEEP, MIN_PAIRS, WINDOW, StepFit
 from kvbm.tiers import TierSpec
 from kvbm.worker.store import BlockStore
 from manager_testkit import GEOM, config, make_gpu
@@ -289,21 +289,42 @@ def test_a_host_bound_engines_noisy_short_steps_do_not_make_a_slow_disk_worth_lo
     assert d.hits == (128, 0) and d.load_seconds < d.recompute_seconds
 
 
-def test_the_marginal_bound_is_the_least_any_step_allows(rng):
-    """``marginal_bound(n)``: the least of ``s * max(1, n / t)`` over the window's steps; never below the true
-    marginal cost of steps that follow ``fixed + per_token * t``; None before a step of at least one token."""
+def test_the_marginal_bound_is_the_least_any_kept_step_allows(rng):
+    """``marginal_bound(n)``: the least of ``s * max(1, n / t)`` over the last KEEP steps of each size class (token
+    counts within a power of two); never below the true marginal cost of steps that follow ``fixed + per_token *
+    t``; None before a step of at least one token."""
     fit = StepFit()
     assert fit.marginal_bound(100) is None
     fit.add(0, 0.01)
     assert fit.marginal_bound(100) is None
-    steps = [(int(n), step_seconds(int(n), rng, noise=0.0)) for n in rng.integers(1, 8192, size=3 * WINDOW)]
+    steps = [(int(n), step_seconds(int(n), rng, noise=0.0)) for n in rng.integers(1, 1 << 16, size=10 * WINDOW)]
     for n, seconds in steps:
         fit.add(n, seconds)
-    window = steps[-WINDOW:]
-    for tokens in (1, 100, 2048, 8191, 65536):
-        expected = min(s * max(1.0, tokens / t) for t, s in window)
+    kept: dict[int, list[tuple[int, float]]] = {}
+    for n, seconds in steps:
+        kept.setdefault(n.bit_length(), []).append((n, seconds))
+    kept_steps = [step for group in kept.values() for step in group[-KEEP:]]
+    for tokens in (1, 100, 2048, 8191, 65536, 1 << 20):
+        expected = min(s * max(1.0, tokens / t) for t, s in kept_steps)
         assert fit.marginal_bound(tokens) == pytest.approx(expected, rel=1e-12)
         assert fit.marginal_bound(tokens) >= tokens / MARGINAL
+
+
+def test_a_long_step_bounds_a_prefix_after_a_window_of_short_ones():
+    """As in the TTFT bench on an H100 (Qwen3-0.6B): ten 2304-token steps in 38.5 ms, then 40 steps of 256 tokens
+    in 34 ms (a host-bound forward): the window holds only the short ones, whose average rate (7.5k tokens/s) would
+    put a 2048-token prefix at 272 ms, above a G3 read of it at 1.04 GB/s (226 ms); the long steps, kept past the
+    window, bound it to 38.5 ms, so G3 is dropped."""
+    block = 1_835_008
+    p = LoadCostPolicy(["G3"], block_bytes=block, block_tokens=16, bandwidth={"G3": 1.04e9}, latency={"G3": 0.2e-3},
+                       prefill_rate=100_000.0)
+    for _ in range(10):
+        p.observe_prefill(2304, 0.0385)
+    for _ in range(40):
+        p.observe_prefill(256, 0.034)
+    assert p.prefill_rate == pytest.approx(256 / 0.034, rel=1e-2)
+    assert p.recompute_seconds(128) == pytest.approx(0.0385)
+    assert p.decide((128,)).num_blocks == 0
 
 
 def test_marginal_rate_is_exported_and_logged(rng, caplog):

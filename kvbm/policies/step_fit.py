@@ -15,8 +15,11 @@ Whatever the fit says, the steps seen also bound the marginal cost directly (`ma
 at least 0, ``per_token * n`` is at most ``s * max(1, n / t)`` for every step of ``t`` tokens that took ``s``
 seconds. Short steps of a host-bound engine take about the same time whatever their size, so their slopes are noise
 of either sign, and a few of them can give a median slope far too steep (measured on an H100: 8.9k tokens/s fitted
-for Qwen3-0.6B, whose 2304-token prefill took 20.8 ms); the bound keeps such a fit from claiming that a prefix costs
-more to recompute than a step of its size was seen to take.
+for Qwen3-0.6B, whose 2304-token prefill took 20.8 ms); and a window of short steps alone gives no slope, so the
+caller's average rate charges their fixed cost to every token. The bound keeps either from claiming that a prefix
+costs more to recompute than a step of its size was seen to take. It looks beyond the window: the last ``KEEP``
+steps of each size class (token counts within a power of two) are kept, so one long step still bounds a prefix's
+cost after many short ones.
 
 The fit runs in the scheduler after every timed prefill step, so it is kept incrementally: the slopes of every pair
 are held in a matrix, and a new step recomputes only its own row (one vectorised pass over 31 steps) before the
@@ -28,12 +31,15 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["MIN_PAIRS", "StepFit", "WINDOW"]
+__all__ = ["KEEP", "MIN_PAIRS", "StepFit", "WINDOW"]
 
 #: Steps the fit looks at (the latest ones).
 WINDOW = 32
 #: Pairs of steps of different enough sizes needed for a fit.
 MIN_PAIRS = 8
+#: Steps of each size class (tokens within a power of two) kept for `StepFit.marginal_bound`.
+KEEP = 4
+_CLASSES = 24  # size classes 1..2**23 tokens; longer steps share the last
 _SPREAD = 0.2  # a pair counts when its sizes differ by a fifth of the larger (the larger is 1.25x the smaller)
 _I, _J = np.triu_indices(WINDOW, 1)  # every pair of slots
 
@@ -50,6 +56,9 @@ class StepFit:
         self.per_token: float | None = None
         #: Fitted seconds every step pays (at least 0), or None without a fit.
         self.fixed: float | None = None
+        self._class_tokens = np.ones((_CLASSES, KEEP))  # the last KEEP steps of each size class, for the bound
+        self._class_seconds = np.full((_CLASSES, KEEP), np.inf)  # (inf: no step yet, bounds nothing)
+        self._class_count = np.zeros(_CLASSES, dtype=np.int64)
 
     def add(self, tokens: int, seconds: float) -> None:
         """Account one step of ``tokens`` tokens that took ``seconds``, and refit."""
@@ -57,6 +66,11 @@ class StepFit:
         x, y = self._tokens, self._seconds
         x[slot], y[slot] = tokens, seconds
         self._count += 1
+        if tokens > 0:
+            k = min(int(tokens).bit_length(), _CLASSES) - 1
+            j = self._class_count[k] % KEEP
+            self._class_tokens[k, j], self._class_seconds[k, j] = tokens, seconds
+            self._class_count[k] += 1
         n = min(self._count, WINDOW)  # slots not yet filled keep NaN slopes: never paired
         dx = x[:n] - tokens
         counts = (dx != 0) & (np.abs(dx) >= _SPREAD * np.maximum(x[:n], tokens))  # (dx is 0 at its own slot)
@@ -75,14 +89,12 @@ class StepFit:
             self.per_token = self.fixed = None
 
     def marginal_bound(self, tokens: int) -> float | None:
-        """The most ``tokens`` tokens can add to a step, by the steps in the window: the least of ``s * max(1,
-        tokens / t)`` over steps of ``t > 0`` tokens that took ``s`` seconds; None before such a step."""
-        n = min(self._count, WINDOW)
-        x, y = self._tokens[:n], self._seconds[:n]
-        seen = x > 0
-        if not seen.any():
+        """The most ``tokens`` tokens can add to a step, by the steps kept (the last ``KEEP`` of each size class):
+        the least of ``s * max(1, tokens / t)`` over steps of ``t > 0`` tokens that took ``s`` seconds; None before
+        such a step."""
+        if not self._class_count.any():
             return None
-        return float(np.min(y[seen] * np.maximum(1.0, tokens / x[seen])))
+        return float(np.min(self._class_seconds * np.maximum(1.0, tokens / self._class_tokens)))
 
     def seconds(self, tokens: int) -> float | None:
         """Expected seconds of a step of ``tokens`` tokens (``fixed + per_token * tokens``), or None without a fit."""
