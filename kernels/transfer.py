@@ -50,9 +50,9 @@ DEFAULT_STAGING_BYTES = 256 << 20
 #: (H2D) / 94.7% (D2H) of one large copy on one stream against 87.4 / 90.4% split over two (`bench/dma_streams.py`),
 #: and in the piece sweep (two runs of each setting, alternating) bursts of 16-block transfers of 2 KiB pieces moved
 #: 92.6 / 92.7% H2D and 75.0 / 94.8% D2H staged with this threshold, 92.6 / 92.8% and 95.0 / 94.1% never split,
-#: against 86.4 / 60.5% and 89.7 / 59.9% split from 16 pieces (the 60-75% runs: host stalls that hit other rows of
-#: the same runs too); 256-block transfers of 2 KiB pieces (chunks of 256 pieces) moved 93.7-94.9% H2D split against
-#: 93.2-93.4% on one stream. A split also costs a second batched call and two event operations on the host.
+#: against 86.4 / 60.5% and 89.7 / 59.9% split from 16 pieces (`bench/results/pieces_split_h100_b.log`); 256-block
+#: transfers of 2 KiB pieces (chunks of 256 pieces) moved 93.7-94.9% H2D split against 93.2-93.4% on one stream.
+#: A split also costs a second batched call and two event operations on the host.
 MIN_PIECES_TO_SPLIT = 64
 #: Slots of a lane's id ring (uploads whose kernels may still be queued) and ids per slot. The ids are copied to the
 #: device: read by the kernels straight from pinned host memory instead, they made the gather 2-3x slower (measured
