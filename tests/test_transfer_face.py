@@ -45,6 +45,10 @@ def test_host_to_host_submit_is_byte_exact_and_leaves_other_blocks_alone():
 @pytest.mark.parametrize(("src_ids", "dst_ids", "error", "match"), [
     ([0, 1], [0], ValueError, "differ in length"),
     ([0, 9], [0, 1], IndexError, "src_ids holds 9"),
+    ([-1, 0], [0, 1], IndexError, "src_ids holds -1"),
+    ([0, 1], [0, -3], IndexError, "dst_ids holds -3"),
+    ([0, 1], [1, 4], IndexError, "dst_ids holds 4"),
+    (np.array([0, 2**63], dtype=np.uint64), [0, 1], IndexError, "src_ids holds -9223372036854775808"),
     ([0, 1], [2, 2], ValueError, "duplicates"),
     ([True, False], [0, 1], TypeError, "ints"),
     ([0.5], [0], TypeError, "ints"),
