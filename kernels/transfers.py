@@ -88,10 +88,10 @@ def checked_ids(src: Any, dst: Any, src_ids: Any, dst_ids: Any) -> tuple[np.ndar
     if s.size != d.size:
         raise ValueError(f"src_ids and dst_ids differ in length: {s.size} vs {d.size}")
     for what, ids, n in (("src_ids", s, src.num_blocks), ("dst_ids", d, dst.num_blocks)):
-        if ids.size and ids.view(np.uint64).max() >= n:  # (one reduction: a negative id reads as a huge one)
-            bad = ids[(ids < 0) | (ids >= n)]
+        bad = ids[(ids < 0) | (ids >= n)]
+        if bad.size:
             raise IndexError(f"{what} holds {int(bad[0])}, out of range for a cache of {n} blocks [0, {n})")
-    if d.size > 1 and len(set(d.tolist())) != d.size:  # (a set: 0.4 against 2.6 us for 16 ids, np.unique's time)
+    if d.size > 1 and np.unique(d).size != d.size:
         raise ValueError("dst_ids holds duplicates: two source blocks would be written into one destination block")
     return s, d
 
