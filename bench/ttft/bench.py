@@ -157,7 +157,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="prefix: single requests with a cached prefix; qa: multi-round QA (default both)")
     ap.add_argument("--modes", type=_choices(list(MODES)), default=list(MODES),
                     help="comma-separated: " + ", ".join(MODES) + " (default all)")
-    ap.add_argument("--reps", type=int, default=3, help="timed repetitions per row (median reported)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per row, median reported (default 5)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed repetitions before each row")
     ap.add_argument("--qa-users", type=int, default=None)
     ap.add_argument("--qa-rounds", type=int, default=None)
@@ -188,7 +188,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     defaults = {
         "models": ["tiny"] if smoke else ["llama-3.1-8b", "qwen3-0.6b"],
         "prefixes": [64, 128] if smoke else [2048, 8192, 16384, 32768],
-        "new_tokens": 32 if smoke else 256,
+        "new_tokens": 32 if smoke else 256, "reps": 3 if smoke else 5,
         "qa_users": 3 if smoke else 8, "qa_rounds": 2 if smoke else 4, "qa_system": 64 if smoke else 2000,
         "qa_question": 48 if smoke else 1000, "qa_answer": 16 if smoke else 100, "qa_active": 3 if smoke else 8,
         "device": "cpu" if smoke else ("cuda" if torch.cuda.is_available() else "cpu"),
