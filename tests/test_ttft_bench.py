@@ -172,7 +172,8 @@ def test_smoke_run_writes_every_row_with_bytes_checked(tmp_path):
             assert row["checked_blocks"] == 3 * prefix // 16  # every loaded block of every timed request
             assert row["loaded_tokens"] == 3 * prefix
         bulk, layerwise = modes["G2 hit, bulk onboard"], modes["G2 hit, layer-wise"]
-        share = (bulk["ttft_ms"] - layerwise["ttft_ms"]) / bulk["load_ms"]
+        turns = [b - w for b, w in zip(bulk["ttft_all_ms"], layerwise["ttft_all_ms"])]
+        share = sorted(turns)[1] / bulk["load_ms"]  # the median of three turns
         assert f"hides {100 * share:.0f}% of the bulk load ({bulk['load_ms']:.1f} ms)" in layerwise["note"]
         assert modes["G3 hit, gds"]["ttft_ms"] is None and "unavailable" in modes["G3 hit, gds"]["note"]
         assert modes["recompute"]["computed_tokens"] == 3 * (prefix + 32)
@@ -198,11 +199,15 @@ def test_smoke_run_writes_every_row_with_bytes_checked(tmp_path):
 
 
 def test_hidden_share_of_the_bulk_load(ttft):
-    """(bulk TTFT - layer-wise TTFT) / bulk load ms; no share without timed requests or a load to hide."""
+    """The median over turns of (bulk TTFT - layer-wise TTFT) / bulk load ms: a drift between turns moves the rows'
+    medians apart (here the layer-wise median is above the bulk one) but not the turns' differences; no share
+    without timed requests or a load to hide."""
     row = ttft["bench"].Row
-    bulk = row("m", "prefix", "G2 hit, bulk onboard", 2048, 256, ttft_ms=28.0, load_ms=5.0, requests=3)
-    assert ttft["bench"].hidden_share(bulk, row("m", "prefix", "G2 hit, layer-wise", 2048, 256, ttft_ms=24.0,
-                                             requests=3)) == pytest.approx(0.8)
+    bulk = row("m", "prefix", "G2 hit, bulk onboard", 2048, 256, ttft_ms=40.0, load_ms=5.0, requests=3,
+               ttft_all_ms=[30.0, 50.0, 40.0])
+    layerwise = row("m", "prefix", "G2 hit, layer-wise", 2048, 256, ttft_ms=44.0, requests=3,
+                    ttft_all_ms=[26.0, 46.0, 44.0])
+    assert ttft["bench"].hidden_share(bulk, layerwise) == pytest.approx(0.8)
     assert ttft["bench"].hidden_share(bulk, row("m", "prefix", "G2 hit, layer-wise", 2048, 256)) is None
     assert ttft["bench"].hidden_share(dataclasses.replace(bulk, load_ms=0.0), bulk) is None
 
