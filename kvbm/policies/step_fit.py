@@ -29,6 +29,9 @@ median is taken. On the 2-core CPU machine, in `bench/sched_bench.py`'s run with
 """
 from __future__ import annotations
 
+import bisect
+import math
+
 import numpy as np
 
 __all__ = ["KEEP", "MIN_PAIRS", "StepFit", "WINDOW"]
@@ -59,6 +62,9 @@ class StepFit:
         self._class_tokens = np.ones((_CLASSES, KEEP))  # the last KEEP steps of each size class, for the bound
         self._class_seconds = np.full((_CLASSES, KEEP), np.inf)  # (inf: no step yet, bounds nothing)
         self._class_count = np.zeros(_CLASSES, dtype=np.int64)
+        # the kept steps by tokens: (tokens ascending, least seconds from each on, least seconds per token up to
+        # each), rebuilt on the first bound after a step was added; None until then
+        self._bound_table: tuple[list[float], list[float], list[float]] | None = None
 
     def add(self, tokens: int, seconds: float) -> None:
         """Account one step of ``tokens`` tokens that took ``seconds``, and refit."""
@@ -71,6 +77,7 @@ class StepFit:
             j = self._class_count[k] % KEEP
             self._class_tokens[k, j], self._class_seconds[k, j] = tokens, seconds
             self._class_count[k] += 1
+            self._bound_table = None
         n = min(self._count, WINDOW)  # slots not yet filled keep NaN slopes: never paired
         dx = x[:n] - tokens
         counts = (dx != 0) & (np.abs(dx) >= _SPREAD * np.maximum(x[:n], tokens))  # (dx is 0 at its own slot)
@@ -92,9 +99,19 @@ class StepFit:
         """The most ``tokens`` tokens can add to a step, by the steps kept (the last ``KEEP`` of each size class):
         the least of ``s * max(1, tokens / t)`` over steps of ``t > 0`` tokens that took ``s`` seconds; None before
         such a step."""
-        if not self._class_count.any():
-            return None
-        return float(np.min(self._class_seconds * np.maximum(1.0, tokens / self._class_tokens)))
+        if self._bound_table is None:
+            kept = np.isfinite(self._class_seconds)
+            if not kept.any():
+                return None
+            t, s = self._class_tokens[kept], self._class_seconds[kept]
+            order = np.argsort(t, kind="stable")
+            t, s = t[order], s[order]
+            self._bound_table = (t.tolist(), np.minimum.accumulate(s[::-1])[::-1].tolist(),
+                                 np.minimum.accumulate(s / t).tolist())
+        steps, seconds_from, per_token_upto = self._bound_table
+        i = bisect.bisect_left(steps, tokens)  # steps[i:] have at least `tokens` tokens: each bounds them by its s
+        bound = seconds_from[i] if i < len(steps) else math.inf
+        return min(bound, tokens * per_token_upto[i - 1]) if i else bound  # shorter ones by s * tokens / t
 
     def seconds(self, tokens: int) -> float | None:
         """Expected seconds of a step of ``tokens`` tokens (``fixed + per_token * tokens``), or None without a fit."""
