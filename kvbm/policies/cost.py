@@ -237,6 +237,11 @@ class LoadCostPolicy:
     def recompute_seconds(self, num_blocks: int) -> float:
         """Expected seconds to prefill ``num_blocks`` blocks' tokens again: at the prefill rate, but never more than
         the steps seen bound it to (`StepFit.marginal_bound`: a prefix costs at most what a step of its size took)."""
+        with self._lock:
+            return self._recompute_seconds(num_blocks)
+
+    def _recompute_seconds(self, num_blocks: int) -> float:
+        """`recompute_seconds`, the lock held."""
         tokens = num_blocks * self.block_tokens
         estimate = tokens / self.prefill_rate
         bound = self._prefill_fit.marginal_bound(tokens)
@@ -260,7 +265,7 @@ class LoadCostPolicy:
                 if not n:
                     continue
                 load += self._latency[t] + n * self._block_seconds(t)
-                saving = self.recompute_seconds(sum(hits[:k])) - load
+                saving = self._recompute_seconds(sum(hits[:k])) - load
                 if saving > best_saving:
                     best_k, best_saving = k, saving
             kept = list(hits[:best_k]) + [0] * (len(hits) - best_k)
