@@ -4,13 +4,15 @@ Three paths, each enqueued on the engine's own transfer streams and signalled by
 is never blocked):
 
 - "staged": gather the blocks into a bounded device staging buffer with the Triton kernel, then one DMA piece per
-  run of consecutive host blocks (one 2-D copy per run of a layer view), the pieces split between two DMA streams;
+  run of consecutive host blocks (one 2-D copy per run of a layer view), the pieces of a chunk of many split
+  between two DMA streams (`MIN_PIECES_TO_SPLIT`);
   pipelined in chunks over staging slots so the gather of chunk i+1 overlaps the DMA of chunk i (H2D: DMA into
   staging, then scatter). The SM part is a short full-speed burst; PCIe is crossed by the copy engine. The default.
 - "zero_copy": the kernel reads or writes pinned host memory directly over UVA. Lowest latency for small
   transfers on an idle GPU, but it holds SMs for the whole PCIe transfer: never the default beside a model.
 - "dma": `cudaMemcpyBatchAsync` over the pieces that are dense in both caches (whole blocks when both caches keep a
-  block in one dense run, as cross-layer layouts do; no SM time at all), split between the two DMA streams.
+  block in one dense run, as cross-layer layouts do; no SM time at all), split between the two DMA streams in the
+  same way.
 
 "auto" takes "dma" when every block is one dense run of at least `DMA_MIN_PIECE_BYTES` in both caches, else
 "staged". A staged transfer is enqueued by one compiled call (`staged_enqueue`) when its kernels can be launched
