@@ -52,7 +52,8 @@ def _pool(geometry: dict, num_blocks: int, seed: int):
 
     cache = allocate_tier(TierSpec("G2", Medium.HOST, num_blocks), KVGeometry(**geometry), torch.bfloat16)
     flat = cache.tensors[0].view(-1).view(torch.int16)
-    flat.copy_(torch.randint(-2**15, 2**15, flat.shape, dtype=torch.int16, generator=torch.Generator().manual_seed(seed)))
+    generator = torch.Generator().manual_seed(seed)
+    flat.copy_(torch.randint(-2**15, 2**15, flat.shape, dtype=torch.int16, generator=generator))
     return cache
 
 

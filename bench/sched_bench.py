@@ -162,7 +162,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"'package.module:ClassName' or a vLLM connector name; repeatable (default {OFFLOADING})")
     parser.add_argument("--extra", type=json.loads, default={}, help="JSON merged into kv_connector_extra_config")
     parser.add_argument("--runner", choices=["v1", "v2"], action="append", default=None,
-                        help="worker call order / engine loop: v1 (sync) or v2 (async scheduling); repeatable (default v1)")
+                        help="worker call order / engine loop: v1 (sync) or v2 (async scheduling); repeatable "
+                             "(default v1)")
     parser.add_argument("--users", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--system-tokens", type=int, default=128)
@@ -173,7 +174,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--max-batched-tokens", type=int, default=512)
-    parser.add_argument("--cpu-bytes", type=int, default=64 << 20, help="host tier bytes: OffloadingConnector cpu_bytes_to_use, DynamoConnector G2")
+    parser.add_argument("--cpu-bytes", type=int, default=64 << 20,
+                        help="host tier bytes: OffloadingConnector cpu_bytes_to_use, DynamoConnector G2")
     parser.add_argument("--verify", choices=["admission", "every_step", "off"], default="admission",
                         help="KV byte checks in the emulated worker (not timed)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per configuration; the median is reported")

@@ -512,8 +512,8 @@ def interference(env: Env, engine, args) -> dict:
                       "pct_of_gemm_beside_plain_dma": 100 * statistics.median(tf) / plain,
                       "transfer_gbps_median": statistics.median(results[k]["transfer_gbps"]), "runs": tf}
         log(f"interference {k:10s}: GEMM {summary[k]['tflops_median']:.0f} TFLOP/s "
-            f"({summary[k]['pct_of_gemm_beside_plain_dma']:.1f}% of beside plain DMA; spread {min(tf):.0f}-{max(tf):.0f})"
-            f", transfer {summary[k]['transfer_gbps_median']:.1f} GB/s")
+            f"({summary[k]['pct_of_gemm_beside_plain_dma']:.1f}% of beside plain DMA; "
+            f"spread {min(tf):.0f}-{max(tf):.0f}), transfer {summary[k]['transfer_gbps_median']:.1f} GB/s")
     return summary
 
 
@@ -695,7 +695,8 @@ def main(argv=None) -> int:
         "command": " ".join([os.path.basename(sys.executable), "-m", "bench.transfer_bench", *(argv or sys.argv[1:])]),
         "commit": checkout_commit(Path(__file__).resolve().parents[1]),
     }
-    stem = args.stem or ("transfer_h200" if gpu and "H200" in meta["gpu"] else ("transfer_gpu" if gpu else "transfer_cpu"))
+    default_stem = "transfer_h200" if gpu and "H200" in meta["gpu"] else ("transfer_gpu" if gpu else "transfer_cpu")
+    stem = args.stem or default_stem
 
     def save(partial: dict) -> None:
         (out / f"{stem}.json").write_text(json.dumps({**partial, "meta": meta}, indent=1))

@@ -190,7 +190,8 @@ def copy_blocks(
     elif backend in _BACKENDS:
         chosen = _BACKENDS[backend]
         if not chosen.supports(src, dst, s.numel()):
-            raise ValueError(f"backend {backend!r} cannot copy {src.name} on {src.device} to {dst.name} on {dst.device}")
+            raise ValueError(f"backend {backend!r} cannot copy {src.name} on {src.device} to {dst.name} on "
+                             f"{dst.device}")
     else:
         raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {available_backends()}")
     chosen.copy(src, dst, s, d)

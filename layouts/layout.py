@@ -146,7 +146,8 @@ class PagedKVCache:
             self._storage_ranges = np.array(sorted(rows), dtype=np.int64).reshape(-1, 2)
         return self._storage_ranges
 
-    def block_byte_ranges(self, ids: np.ndarray, max_ranges: int = 1 << 23) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def block_byte_ranges(self, ids: np.ndarray, max_ranges: int = 1 << 23
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The bytes blocks `ids` occupy, as ranges: `(starts, ends, owner)`, `owner[i]` the position in `ids` of the
         block range i belongs to.
 
@@ -334,7 +335,8 @@ def describe(
     t0 = tensors[0]
     groups = _parse_dims(dims)
     if len(groups) != t0.dim():
-        raise LayoutError(f"dims {dims!r} name {len(groups)} dimensions, but the tensors have {t0.dim()} (shape {tuple(t0.shape)})")
+        raise LayoutError(f"dims {dims!r} name {len(groups)} dimensions, but the tensors have {t0.dim()} "
+                          f"(shape {tuple(t0.shape)})")
     outer = tensor_dims.split()
     names = [n for g in groups for n in g] + outer
     for n in names:
@@ -362,7 +364,8 @@ def describe(
         unknown = [n for n in group if n not in sizes]
         known = math.prod(sizes[n] for n in group if n in sizes)
         if len(unknown) > 1:
-            raise LayoutError(f"{label}: sizes of {unknown} are unknown; pass block_size / num_kv or name them elsewhere")
+            raise LayoutError(f"{label}: sizes of {unknown} are unknown; pass block_size / num_kv or name them "
+                              f"elsewhere")
         if unknown:
             if known == 0 or total % known:
                 raise LayoutError(f"{label}: size {total} is not divisible by the known part {known}")
@@ -385,7 +388,8 @@ def describe(
 
     num_layers, kv_count = sizes.get("layer", 1), sizes.get("kv", 1)
     try:
-        geometry = KVGeometry(num_layers, kv_count, sizes["token"], sizes.get("head", 1), sizes["channel"], t0.element_size())
+        geometry = KVGeometry(num_layers, kv_count, sizes["token"], sizes.get("head", 1), sizes["channel"],
+                              t0.element_size())
     except ValueError as e:
         raise LayoutError(str(e)) from None
     piece_tensor, piece_offset = [], []

@@ -55,7 +55,8 @@ def _as_list(tensors: Sequence[torch.Tensor] | dict | torch.Tensor, preset: str)
     if isinstance(tensors, dict):
         return list(tensors.values())
     if isinstance(tensors, torch.Tensor):
-        raise LayoutError(f"{preset}: expected a list of per-layer tensors, got one tensor of shape {tuple(tensors.shape)}")
+        raise LayoutError(f"{preset}: expected a list of per-layer tensors, got one tensor of shape "
+                          f"{tuple(tensors.shape)}")
     return list(tensors)
 
 
@@ -164,7 +165,8 @@ def sglang_mha(k_buffers: Sequence[torch.Tensor], v_buffers: Sequence[torch.Tens
     """SGLang MHA token pools: per layer a K and a V buffer `[num_pages * page_size, heads, head_dim]`."""
     tensors = _as_list(k_buffers, "sglang_mha") + _as_list(v_buffers, "sglang_mha")
     if len(k_buffers) != len(v_buffers):
-        raise LayoutError(f"sglang_mha: expected as many V buffers as K buffers ({len(k_buffers)}), got {len(v_buffers)}")
+        raise LayoutError(f"sglang_mha: expected as many V buffers as K buffers ({len(k_buffers)}), got "
+                          f"{len(v_buffers)}")
     _expect_physical_order(tensors, (0, 1, 2), "sglang_mha")
     return describe(tensors, "(block token) head channel", tensor_dims="kv layer", block_size=page_size,
                     name="sglang_mha")
@@ -175,7 +177,8 @@ def block_major(tensor: torch.Tensor, inner_order: Sequence[str] = STAGING_ORDER
     contiguous `[block, layer, kv, token, head, channel]`. Another inner order lets a staging buffer match its
     destination's order so a copy between them needs no permutation."""
     if sorted(inner_order) != sorted(STAGING_ORDER):
-        raise LayoutError(f"block_major: inner_order expected a permutation of {STAGING_ORDER}, got {tuple(inner_order)}")
+        raise LayoutError(f"block_major: inner_order expected a permutation of {STAGING_ORDER}, got "
+                          f"{tuple(inner_order)}")
     _expect_physical_order([tensor], range(6), "block_major")
     name = "kvbm_staging" if tuple(inner_order) == STAGING_ORDER else "block_major_" + "_".join(inner_order)
     return describe([tensor], "block " + " ".join(inner_order), name=name)

@@ -141,7 +141,8 @@ class GpuDiskPath:
                     try:
                         self._cufile_move(handle, pool, reading, [item])
                     except Exception as e:  # noqa: BLE001
-                        errors[item[2]] = f"disk {verb} failed: cuFile {verb} of slot {item[0]}: {gds.describe_error(e)}"
+                        errors[item[2]] = (f"disk {verb} failed: cuFile {verb} of slot {item[0]}: "
+                                           f"{gds.describe_error(e)}")
         if not reading:
             ok = [s for k, s in enumerate(slots) if k not in errors]
             disk.forget(ok)

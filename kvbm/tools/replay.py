@@ -246,8 +246,9 @@ def format_report(report: ReplayReport, geometry: KVGeometry) -> str:
         "(hits are split as the lookup counts them: G2's leading run, then G3 from there; a block after that run "
         "that G2 also holds loads from G2, so G2 -> G1 can move more blocks than the G2 hits)",
         f"manager CPU time per request (on CPU it includes the synchronous copies; on a GPU the first request "
-        f"compiles the copy kernels): median {cpu[len(cpu) // 2] * 1e3:.2f} ms, p90 {cpu[int(len(cpu) * 0.9)] * 1e3:.2f} ms,"
-        f" max {cpu[-1] * 1e3:.2f} ms" if cpu else "manager CPU time per request: no requests",
+        f"compiles the copy kernels): median {cpu[len(cpu) // 2] * 1e3:.2f} ms, "
+        f"p90 {cpu[int(len(cpu) * 0.9)] * 1e3:.2f} ms, max {cpu[-1] * 1e3:.2f} ms"
+        if cpu else "manager CPU time per request: no requests",
         "batch-seconds: summed lifetimes of the transfer batches, from start to the poll that saw them finish "
         "(batches overlap and wait for the next poll, so GB per batch-second is not a link bandwidth)",
         "| direction | blocks moved | GB moved | batch-seconds | GB per batch-second | failed blocks |",
