@@ -64,7 +64,7 @@ def _block_on(waitable: Any) -> None:
 
 def _all_of(parts: Sequence[BlockTransfer]) -> Steps:
     for part in parts:
-        while not part.done():
+        while not part.over:  # (not `done()`: the caller's poll of the part it waits on advances it)
             yield part
     errors: dict[int, str] = {}
     lost: set[int] = set()
@@ -76,7 +76,7 @@ def _all_of(parts: Sequence[BlockTransfer]) -> Steps:
 
 
 def _part_of(whole: BlockTransfer, start: int, stop: int) -> Steps:
-    while not whole.done():
+    while not whole.over:
         yield whole
     errors = {i - start: reason for i, reason in whole.reasons.items() if start <= i < stop}
     return errors, {i - start for i in whole.lost if start <= i < stop}
@@ -176,6 +176,12 @@ class BlockTransfer:
         self._lost = set(lost)
         self._steps = None
         self._waiting = None
+
+    @property
+    def over(self) -> bool:
+        """Whether every block has its result, as last seen: unlike `done`, it does not poll or advance the steps
+        (so that making a transfer of others' parts costs no poll of them)."""
+        return self._errors is not None
 
     def done(self) -> bool:
         """True once every block has its result; advances the transfer's steps, never blocks."""

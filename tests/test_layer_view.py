@@ -120,6 +120,41 @@ def test_a_transfer_of_parts_fails_a_block_where_any_part_failed() -> None:
             BlockTransfer.part_of(whole, *bounds)
 
 
+class _Flag:
+    """A waitable a test sets done, counting the polls it answers (as a CUDA event's ``query``)."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self.polls = 0
+
+    def query(self) -> bool:
+        self.polls += 1
+        return self.set
+
+
+def _waiting_on(flag: _Flag, errors: dict[int, str]):
+    yield flag
+    return errors
+
+
+def test_parts_of_pending_transfers_poll_nothing_until_asked_and_finish_with_them() -> None:
+    """Making the transfer of a layer-wise load's groups (`all_of`) and each move's part of it (`part_of`) polls
+    none of the groups (a step makes tens of parts); asked, the parts finish once every group has, with the
+    failures of their own blocks."""
+    flags = [_Flag() for _ in range(3)]
+    groups = [BlockTransfer(4, "layers", _waiting_on(f, {2: "group failed"} if k == 1 else {}))
+              for k, f in enumerate(flags)]
+    whole = BlockTransfer.all_of(groups, "layers")
+    parts = [BlockTransfer.part_of(whole, 0, 2), BlockTransfer.part_of(whole, 2, 4)]
+    assert [f.polls for f in flags] == [0, 0, 0]
+    assert not any(p.over for p in parts) and not any(p.done() for p in parts)
+    flags[0].set = flags[2].set = True
+    assert not any(p.done() for p in parts) and not whole.over
+    flags[1].set = True
+    assert all(p.done() for p in parts) and whole.over
+    assert parts[0].ok and parts[1].reasons == {0: "group failed"}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: the stream ordering of layer-wise loads")
 @pytest.mark.parametrize("host_runs", [False, True])
 def test_layerwise_load_into_a_gpu_cache_orders_each_layer_on_the_stream(host_runs: bool) -> None:
