@@ -21,6 +21,7 @@ it finish (a caller that polls rarely would otherwise teach the rule a fraction 
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
@@ -306,7 +307,9 @@ class BlockStore:
     def _finish(self, run: _Running) -> None:
         move = run.move
         name = direction(move)
-        seconds = self._charge(name) - run.started
+        # (an untimed run, a layer-wise load's, has no share to settle; the timed runs are charged as they start
+        # and finish, so skipping the charge here leaves their shares as they were)
+        seconds = (self._charge(name) if run.timed else self._clock()) - run.started
         self._running.remove(run)
         failed = run.transfer.reasons
         for i, reason in failed.items():
@@ -329,6 +332,16 @@ class BlockStore:
                 self._renewals[tier] = renewals
 
 
+def _joined(moves: Sequence[Move]) -> Move:
+    """The moves (between one pair of tiers) as one move, their blocks in order, under the first one's id."""
+    if len(moves) == 1:
+        return moves[0]
+    first = moves[0]
+    join = itertools.chain.from_iterable
+    return Move(first.move_id, first.kind, first.src_tier, first.dst_tier, tuple(join(m.src_ids for m in moves)),
+                tuple(join(m.dst_ids for m in moves)), tuple(join(m.hashes for m in moves)))
+
+
 def _not_started(move: Move, error: Exception, count: int) -> list[BlockTransfer]:
     """``count`` transfers of a move that could not start (its layer groups): every block failed; logged once."""
     log.warning("move %d (%s, %d blocks) could not start: %r", move.move_id, direction(move), move.num_blocks, error)
@@ -345,9 +358,7 @@ class LayeredMoves:
         for move in moves:
             pairs.setdefault((move.src_tier, move.dst_tier), []).append(move)
         self._store = store
-        self._joined = [(Move(ms[0].move_id, ms[0].kind, src_tier, dst_tier, tuple(i for m in ms for i in m.src_ids),
-                              tuple(i for m in ms for i in m.dst_ids), tuple(h for m in ms for h in m.hashes)), ms)
-                        for (src_tier, dst_tier), ms in pairs.items()]
+        self._joined = [(_joined(ms), ms) for ms in pairs.values()]
         # each pair's ids converted once for all its groups (1024 ids: ~30 us a conversion)
         self._ids = [(np.asarray(whole.src_ids, dtype=np.int64), np.asarray(whole.dst_ids, dtype=np.int64))
                      for whole, _ in self._joined]
