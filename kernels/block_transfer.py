@@ -75,13 +75,6 @@ def _all_of(parts: Sequence[BlockTransfer]) -> Steps:
     return errors, lost
 
 
-def _part_of(whole: BlockTransfer, start: int, stop: int) -> Steps:
-    while not whole.over:
-        yield whole
-    errors = {i - start: reason for i, reason in whole.reasons.items() if start <= i < stop}
-    return errors, {i - start for i in whole.lost if start <= i < stop}
-
-
 class BlockTransfer:
     """Completion of one ``submit(src, dst, src_ids, dst_ids)``: ``done()`` polls, ``wait()`` blocks, then
     ``results`` / ``reasons`` say per block whether it was moved byte-exact."""
@@ -119,14 +112,6 @@ class BlockTransfer:
         if len(sizes) != 1:
             raise ValueError(f"parts of one transfer must move the same blocks, got block counts {sorted(sizes)}")
         return cls(sizes.pop(), path, _all_of(parts))
-
-    @classmethod
-    def part_of(cls, whole: BlockTransfer, start: int, stop: int) -> BlockTransfer:
-        """Blocks ``[start, stop)`` of ``whole`` as a transfer of their own (one transfer moving the blocks of
-        several callers), done when ``whole`` is."""
-        if not 0 <= start < stop <= whole.num_blocks:
-            raise ValueError(f"blocks [{start}, {stop}) are not a part of a transfer of {whole.num_blocks} blocks")
-        return cls(stop - start, whole.path, _part_of(whole, start, stop), device_done=whole.device_done)
 
     def order_stream(self, stream: Any) -> None:
         """Make ``stream``'s later work wait for this transfer: on the device (the host goes on) when all that is
@@ -180,7 +165,7 @@ class BlockTransfer:
     @property
     def over(self) -> bool:
         """Whether every block has its result, as last seen: unlike `done`, it does not poll or advance the steps
-        (so that making a transfer of others' parts costs no poll of them)."""
+        (so that making a transfer of parts costs no poll of them)."""
         return self._errors is not None
 
     def done(self) -> bool:

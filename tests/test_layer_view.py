@@ -1,7 +1,8 @@
 """Layer views (`select_layers`) and what layer-wise transfers are made of, on the CPU: a copy between the views of
 two caches moves exactly those layers of the chosen blocks (checked against an independent oracle, every other byte
 untouched); the staged schedule of a layer view of a block-major cache moves each run of blocks as one 2-D copy; a
-transfer made of per-group parts fails a block where any part failed it."""
+transfer made of per-group parts fails a block where any part failed it, and each move of a layer-wise load is
+reported by its own blocks."""
 from __future__ import annotations
 
 import numpy as np
@@ -113,11 +114,6 @@ def test_a_transfer_of_parts_fails_a_block_where_any_part_failed() -> None:
     assert whole.results == [BlockStatus.OK, BlockStatus.FAILED, BlockStatus.OK, BlockStatus.FAILED]
     with pytest.raises(ValueError, match="same blocks"):
         BlockTransfer.all_of([BlockTransfer.completed(2, "a"), BlockTransfer.completed(3, "b")], "x")
-    part = BlockTransfer.part_of(whole, 1, 4)  # blocks 1..3 of the whole, numbered from 0
-    assert part.done() and part.reasons == {0: "layer 1 failed", 2: "read bad"} and part.lost == {2}
-    for bounds in [(0, 0), (2, 5), (-1, 2)]:
-        with pytest.raises(ValueError, match="not a part"):
-            BlockTransfer.part_of(whole, *bounds)
 
 
 class _Flag:
@@ -137,22 +133,68 @@ def _waiting_on(flag: _Flag, errors: dict[int, str]):
     return errors
 
 
-def test_parts_of_pending_transfers_poll_nothing_until_asked_and_finish_with_them() -> None:
-    """Making the transfer of a layer-wise load's groups (`all_of`) and each move's part of it (`part_of`) polls
-    none of the groups (a step makes tens of parts); asked, the parts finish once every group has, with the
-    failures of their own blocks."""
+def test_a_transfer_of_pending_parts_polls_nothing_until_asked_and_finishes_with_them() -> None:
+    """Making the transfer of a layer-wise load's groups (`all_of`) polls none of them; asked, it finishes once
+    every group has, with their failures."""
     flags = [_Flag() for _ in range(3)]
     groups = [BlockTransfer(4, "layers", _waiting_on(f, {2: "group failed"} if k == 1 else {}))
               for k, f in enumerate(flags)]
     whole = BlockTransfer.all_of(groups, "layers")
-    parts = [BlockTransfer.part_of(whole, 0, 2), BlockTransfer.part_of(whole, 2, 4)]
-    assert [f.polls for f in flags] == [0, 0, 0]
-    assert not any(p.over for p in parts) and not any(p.done() for p in parts)
+    assert [f.polls for f in flags] == [0, 0, 0] and not whole.over
     flags[0].set = flags[2].set = True
-    assert not any(p.done() for p in parts) and not whole.over
+    assert not whole.done()
     flags[1].set = True
-    assert all(p.done() for p in parts) and whole.over
-    assert parts[0].ok and parts[1].reasons == {0: "group failed"}
+    assert whole.done() and whole.over and whole.reasons == {2: "group failed"}
+
+
+def test_a_layerwise_load_of_several_moves_reports_each_moves_own_blocks() -> None:
+    """The moves of one layer-wise load run as one transfer per layer group; each move's result names the failed
+    (and lost) blocks by its own indices, and the blocks of the moves that did not fail arrive byte-exact."""
+    from kvbm.config import KvbmConfig
+    from kvbm.connectors.messages import RequestLoad, RequestStore
+    from kvbm.connectors.worker import ConnectorWorker
+    from kvbm.kernels.medium import Medium
+    from kvbm.leader.plans import Move, MoveKind
+    from kvbm.tiers import TierSpec
+
+    g1 = allocate("vllm_flash_attn_nhd", GEOMETRY, 24, dtype=torch.bfloat16)
+    fill_random(g1, torch.Generator().manual_seed(5))
+    worker = ConnectorWorker(g1, [TierSpec("G2", Medium.HOST, 16)], KvbmConfig(onboard_layers_per_group=2))
+    try:
+        stored = tuple(range(1, 8))
+        worker.start_stores([RequestStore("r", (Move(1, MoveKind.STORE, "G1", "G2", stored, tuple(range(7)),
+                                                     tuple(range(101, 108))),))])
+        worker.store.wait_all()
+        worker.poll()
+        worker.take_report()
+        submit_groups = worker.store.transfers.submit_groups
+
+        def second_group_fails_two_blocks(pairs, src_ids, dst_ids):
+            transfers = submit_groups(pairs, src_ids, dst_ids)
+            for t in transfers:
+                t.wait()
+            bad = BlockTransfer.completed(len(src_ids), "test", {3: "group 1 failed", 5: "read bad"}, lost={5})
+            return [transfers[0], bad, *transfers[2:]]
+
+        worker.store.transfers.submit_groups = second_group_fails_two_blocks
+        targets = [(10, 11), (12, 13, 14), (15, 16)]
+        moves, start = [], 0
+        for k, dst in enumerate(targets):
+            moves.append(Move(2 + k, MoveKind.LOAD, "G2", "G1", tuple(range(start, start + len(dst))), dst,
+                              tuple(range(101 + start, 101 + start + len(dst)))))
+            start += len(dst)
+        worker.start_loads([RequestLoad("r", tuple(moves), layerwise=True)])
+        for layer in range(GEOMETRY.num_layers):
+            worker.wait_for_layer(layer)
+        worker.finish_layerwise_loads()
+        results = worker.take_report().results
+        assert not results[2].failed and not results[2].lost
+        assert results[3].failed == {1: "group 1 failed"} and not results[3].lost
+        assert results[4].failed == {0: "read bad"} and results[4].lost == frozenset({0})
+        blocks = to_logical("vllm_flash_attn_nhd", g1)
+        assert torch.equal(blocks[[10, 11, 12, 14, 16]], blocks[[1, 2, 3, 5, 7]])
+    finally:
+        worker.close()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: the stream ordering of layer-wise loads")

@@ -56,6 +56,8 @@ class _Running:
     timed: bool = True  #: whether the time to completion is the move's own (not a layer-wise load's forward)
     share: float = 0.0  #: seconds charged to the move so far (see the module docstring)
     settled: float | None = None  #: a synchronous move's own time (its copy ran inside the submit)
+    #: the moves ``move`` joins (their blocks in order), each reported on its own; empty: ``move`` alone
+    parts: tuple[Move, ...] = ()
 
 
 class BlockStore:
@@ -309,7 +311,7 @@ class BlockStore:
         name = direction(move)
         # (an untimed run, a layer-wise load's, has no share to settle; the timed runs are charged as they start
         # and finish, so skipping the charge here leaves their shares as they were)
-        seconds = (self._charge(name) if run.timed else self._clock()) - run.started
+        wall = (self._charge(name) if run.timed else self._clock()) - run.started
         self._running.remove(run)
         failed = run.transfer.reasons
         for i, reason in failed.items():
@@ -320,10 +322,15 @@ class BlockStore:
             n_ok = move.num_blocks - len(failed)
             block_bytes = self.end(move.dst_tier, move.src_tier).geometry.block_bytes
             self.metrics.record_transfer(name, blocks_ok=n_ok, blocks_failed=len(failed), num_bytes=n_ok * block_bytes,
-                                         seconds=seconds)
-        self._finished.append(MoveResult(move.move_id, failed, frozenset(run.transfer.lost),
-                                         seconds=None if not run.timed else
-                                         run.settled if run.settled is not None else run.share))
+                                         seconds=wall)
+        seconds = None if not run.timed else run.settled if run.settled is not None else run.share
+        lost, start = run.transfer.lost, 0
+        for part in run.parts or (move,):  # (a joined move's blocks are its parts' blocks, in order)
+            stop = start + part.num_blocks
+            part_failed = {i - start: reason for i, reason in failed.items() if start <= i < stop}
+            part_lost = frozenset(i - start for i in lost if start <= i < stop)
+            self._finished.append(MoveResult(part.move_id, part_failed, part_lost, seconds=seconds))
+            start = stop
         for tier in (move.src_tier, move.dst_tier) if move.remote is None else (move.dst_tier,):
             renewals = getattr(self.cache(tier), "renewals", 0)
             if renewals > self._renewals.get(tier, 0):
@@ -350,8 +357,9 @@ def _not_started(move: Move, error: Exception, count: int) -> list[BlockTransfer
 
 class LayeredMoves:
     """Moves run as one transfer per pair of tiers and group of layers, each group submitted when the caller asks
-    (`submit`), so that it is ordered after the work queued on the caller's stream by then; `track` then hands the
-    moves to the store, each move's result merging its groups. Submitted ahead of the store's queue."""
+    (`submit`), so that it is ordered after the work queued on the caller's stream by then; `track` then hands each
+    pair's joined move to the store as one running move, whose result is reported per move it joins, each merging
+    its groups. Submitted ahead of the store's queue."""
 
     def __init__(self, store: BlockStore, moves: Sequence[Move]) -> None:
         pairs: dict[tuple[str, str], list[Move]] = {}
@@ -388,11 +396,8 @@ class LayeredMoves:
         return [[transfer] for transfer in submitted]
 
     def track(self) -> None:
-        """Hand each move to the store as its part of its pair's submitted groups (call once, after the last)."""
-        for (_, ms), transfers in zip(self._joined, self._per_pair):
+        """Hand each pair's joined move to the store as one running move over its submitted groups, reported per
+        move it joins (call once, after the last group)."""
+        for (whole, ms), transfers in zip(self._joined, self._per_pair):
             merged = BlockTransfer.all_of(transfers, transfers[0].path)
-            offset = 0
-            for move in ms:
-                part = BlockTransfer.part_of(merged, offset, offset + move.num_blocks)
-                self._store._running.append(_Running(move, part, self._t0, timed=False))
-                offset += move.num_blocks
+            self._store._running.append(_Running(whole, merged, self._t0, timed=False, parts=tuple(ms)))
