@@ -23,7 +23,8 @@ that size (`kvbm.worker.layerwise.layer_groups`), unless ``DISABLE_COST_LAYER_GR
 Stores: ``LAYERWISE_STORE`` (on by default) starts a step's stores into host memory per group of layers as the
 forward saves them (`kvbm.worker.layerwise_stores`); off, they start after the forward. ``MAX_STORE_BACKLOG_MS``
 (`kvbm.policies.store_backlog`) bounds the writes queued by stores from the engine into the first tier, at that
-tier's measured write rate; blocks beyond it are not stored (0: no bound).
+tier's measured write rate; blocks beyond it are not stored (0: no bound); blocks the cost rule would not load
+back from that tier take one batch, only while nothing is queued.
 
 Disaggregated prefill -> decode (`kvbm.connectors.pd`): ``PD_PIN_TIMEOUT_SECS`` is how long a prefill instance
 keeps a finished request's blocks for a decode instance that has not read them, ``PD_LOAD_TIMEOUT_SECS`` how long

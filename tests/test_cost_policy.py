@@ -74,6 +74,25 @@ def test_g3_prefix_worth_loading_is_kept():
     assert slow_start.decide((0, 20)).hits == (0, 20)
 
 
+def test_pays_off_is_the_rules_comparison_for_one_tier_without_probes():
+    """`pays_off` answers whether loading n blocks of a tier beats recomputing them, as `decide` would for a hit of
+    that tier alone, never consuming a probe; True while the rule is disabled; bad input raises."""
+    clock = Clock()
+    p = policy(g3_bw=1e9, g3_latency=5e-3, clock=clock, probe_seconds=1.0)  # 2.1 ms a block against 1.6 ms
+    clock.now += 10.0  # a probe is due
+    assert not p.pays_off("G3", 1000) and p.decide((0, 1000)).probe  # the probe is still there for `decide`
+    fast = policy(g3_bw=2e9, g3_latency=5e-3)  # 1.05 ms a block: 20 blocks pay back the latency, 2 do not
+    assert fast.pays_off("G3", 20) and not fast.pays_off("G3", 2)
+    assert all(fast.pays_off("G3", n) == bool(fast.decide((0, n)).num_blocks) for n in (1, 2, 5, 9, 10, 20, 200))
+    off = policy(g3_bw=1e6, enabled=False)
+    assert off.pays_off("G3", 1)
+    with pytest.raises(ValueError, match="no tier"):
+        p.pays_off("G4", 1)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="num_blocks"):
+            p.pays_off("G3", bad)
+
+
 def test_g2_is_dropped_only_when_it_cannot_pay_its_latency():
     p = LoadCostPolicy(["G2", "G3"], block_bytes=BLOCK, block_tokens=16, bandwidth={"G2": 20e9, "G3": 2e9},
                        latency={"G2": 2e-3, "G3": 0.2e-3}, prefill_rate=10_000.0)

@@ -1,5 +1,6 @@
 """The store backlog rule: stores from the engine into the first tier queue at most ``max_seconds`` of writes at the
-tier's learned rate; blocks beyond are not stored and counted, never planned half-way."""
+tier's learned rate; blocks beyond are not stored and counted, never planned half-way; blocks the cost rule would not
+load back take one batch, only while nothing is queued."""
 from __future__ import annotations
 
 import random
@@ -61,6 +62,54 @@ def test_zero_turns_the_rule_off_and_bad_arguments_are_refused():
     with pytest.raises(KvbmConfigError, match="DYN_KVBM_MAX_STORE_BACKLOG_MS"):
         KvbmConfig.from_env({"DYN_KVBM_MAX_STORE_BACKLOG_MS": "-5"})
     assert KvbmConfig.from_env({"DYN_KVBM_MAX_STORE_BACKLOG_MS": "50"}).max_store_backlog_ms == 50.0
+
+
+def test_blocks_not_worth_loading_take_one_batch_while_nothing_is_queued():
+    b = StoreBacklog(0.5, batch_size=4)
+    assert b.room("G3", worth_loading=False) == 4  # unmeasured, nothing queued
+    b.started(1, "G3", 4)
+    assert b.room("G3", worth_loading=False) == 0 and b.room("G3") is None
+    b.finished(1, 0.01)  # 400 blocks/s
+    assert b.room("G3", worth_loading=False) == 4 and b.room("G3") == 200
+    unbounded = StoreBacklog(0.0, batch_size=4)  # no bound configured: none for these either
+    unbounded.started(1, "G3", 50)
+    assert unbounded.room("G3", worth_loading=False) is None and not unbounded.bounds and b.bounds
+
+
+def test_leader_stores_blocks_the_cost_rule_would_not_load_one_batch_at_a_time():
+    """Disk-only tier with the cost rule on: while it expects a load from the disk to be slower than recomputing
+    the request's whole prompt, a store takes one batch while nothing is queued and none while one is (the rest
+    counted as dropped); once loads pay off, stores take the backlog's room again."""
+    config = KvbmConfig(disk_cache_override_num_blocks=256, max_transfer_batch_size=4, max_store_backlog_ms=100,
+                        disable_disk_offload_filter=True)
+    leader = ConnectorLeader(kvbm_tiers(config, 4096), config, block_size=4, block_bytes=4096)
+    cost = leader.cost
+    assert cost is not None and "G3" in cost.tiers
+    rng = random.Random(9)
+
+    def store(rid: str, n: int):
+        state = leader.track(rid, salt=0)
+        state.block_ids = rng.sample(range(1000), n)
+        leader.plan_stores(state, [rng.randrange(32000) for _ in range(4 * n)], n)
+        return [m for s in leader.take_step().stores for m in s.moves]
+
+    for _ in range(8):  # 1 MB/s from the disk (4 ms a block) against 400k tokens/s of prefill (10 us a block)
+        cost.observe_load("G3", num_bytes=4096 * 16, seconds=16 * 4096 / 1e6 + cost.latency("G3"))
+        cost.observe_prefill(4000, 0.01)
+        cost.observe_prefill(8000, 0.02)
+    assert not cost.pays_off("G3", 30)
+    first = store("a", 30)
+    assert sum(m.num_blocks for m in first) == 4
+    assert store("b", 30) == []  # one batch queued: nothing more
+    leader.apply(WorkerReport({m.move_id: MoveResult(m.move_id, {}, seconds=0.001) for m in first}))
+    assert sum(m.num_blocks for m in store("c", 30)) == 4
+    assert leader.backlog.total_dropped("G3") == 26 + 30 + 26
+    for _ in range(40):  # the disk now reads at 10 GB/s
+        cost.observe_load("G3", num_bytes=4096 * 1000, seconds=4096 * 1000 / 10e9 + cost.latency("G3"))
+    assert cost.pays_off("G3", 30)
+    pending = leader.backlog.pending("G3")
+    room = int(leader.backlog.rate("G3") * 0.1) - pending
+    assert sum(m.num_blocks for m in store("d", 30)) == min(30, room)
 
 
 def test_index_stops_allocating_after_max_blocks():

@@ -558,7 +558,11 @@ class ConnectorLeader:
             blocks = [j for j in range(first, num_full_blocks) if track.block_ids[j] != null_block]
             block_hashes, block_ids = [hashes[j] for j in blocks], [track.block_ids[j] for j in blocks]
         tier = self._store_tier
-        plan = self.index.plan_store(block_hashes, block_ids, max_blocks=self.backlog.room(tier))
+        room = None
+        if self.backlog.bounds:  # (a store into a disk is bounded; loads it would not be worth, more so)
+            worth = self.cost is None or tier not in self.cost.tiers or self.cost.pays_off(tier, num_full_blocks)
+            room = self.backlog.room(tier, worth_loading=worth)
+        plan = self.index.plan_store(block_hashes, block_ids, max_blocks=room)
         track.saved = num_full_blocks
         if plan.over_limit:
             self.backlog.dropped(tier, len(plan.over_limit))

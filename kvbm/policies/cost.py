@@ -247,6 +247,19 @@ class LoadCostPolicy:
         bound = self._prefill_fit.marginal_bound(tokens)
         return estimate if bound is None else min(estimate, bound)
 
+    def pays_off(self, tier: str, num_blocks: int) -> bool:
+        """Whether loading ``num_blocks`` blocks from ``tier`` is expected to beat recomputing them: the rule's own
+        comparison, without its probes (True while the rule is disabled)."""
+        if tier not in self._bw:
+            raise ValueError(f"no tier {tier!r} in this rule (tiers {', '.join(self.tiers)})")
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
+        if not self.enabled:
+            return True
+        with self._lock:
+            load = self._latency[tier] + num_blocks * self._block_seconds(tier)
+            return load < self._recompute_seconds(num_blocks)
+
     def decide(self, hits: Sequence[int]) -> CostDecision:
         """The leading blocks of a match (``hits[k]`` blocks of tier k, in order) worth reporting."""
         hits = tuple(hits)
