@@ -121,7 +121,8 @@ def _holder(index: BlockIndex, h: int, tiers) -> int | None:
 
 def test_lookup_and_load_plans_match_the_block_by_block_rule_on_random_states():
     """Lookups and load plans (runs per tier) against the per-block rule on random tiers: a lookup's run moves to a
-    later tier only, a load takes each block from the first tier holding it, in moves of at most ``batch_size``."""
+    later tier only, a load takes each block from the first tier holding it, in moves of at most ``batch_size``, or
+    in one move per tier for a layer-wise load (``whole``)."""
     rng = np.random.default_rng(3)
     for trial in range(60):
         index = BlockIndex([TierConfig(name, 12) for name in ("A", "B", "C")], batch_size=int(rng.integers(1, 5)))
@@ -144,13 +145,15 @@ def test_lookup_and_load_plans_match_the_block_by_block_rule_on_random_states():
         assert index.lookup(hashes, whole_prompt=False).hits == tuple(expected_hits), trial
         engine_ids = [1000 + i for i in range(len(hashes))]
         holders = [_holder(index, h, range(3)) for h in hashes]
-        plan = index.plan_load(hashes, engine_ids)
+        whole = trial % 2 == 1
+        plan = index.plan_load(hashes, engine_ids, whole=whole)
         assert sorted(plan.missing) == [i for i, k in enumerate(holders) if k is None]
         for k, name in enumerate(index.tier_names):
             mine = [i for i, t in enumerate(holders) if t == k]
             moves = [m for m in plan.moves if m.src_tier == name]
             assert [i for m in moves for i in plan.positions[m.move_id]] == mine
-            assert all(0 < m.num_blocks <= index.batch_size for m in moves)
+            assert all(0 < m.num_blocks <= index.batch_size for m in moves) or whole
+            assert len(moves) == (1 if mine else 0) or not whole
             for m in moves:
                 positions = plan.positions[m.move_id]
                 assert m.hashes == tuple(hashes[i] for i in positions)

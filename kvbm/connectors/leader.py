@@ -532,8 +532,8 @@ class ConnectorLeader:
     def plan_load(self, request_id: str, hashes: Sequence[int], engine_ids: Sequence[int], *,
                   layerwise: bool = False) -> RequestLoad:
         """Load ``hashes`` into ``engine_ids`` in this step's plan (blocks gone since the lookup are ``missing``),
-        layer by layer beside this step's forward when ``layerwise``."""
-        plan = self.index.plan_load(hashes, engine_ids)
+        layer by layer beside this step's forward when ``layerwise`` (then in one move per tier)."""
+        plan = self.index.plan_load(hashes, engine_ids, whole=layerwise)
         load = RequestLoad(request_id, tuple(plan.moves), tuple(engine_ids[i] for i in sorted(plan.missing)),
                            layerwise)
         self._loads.append(load)

@@ -243,9 +243,11 @@ class BlockIndex:
             plan.positions[move.move_id] = [i for i, _ in chunk]
         return plan
 
-    def plan_load(self, seq_hashes: Sequence[int], engine_ids: Sequence[int]) -> LoadPlan:
+    def plan_load(self, seq_hashes: Sequence[int], engine_ids: Sequence[int], *, whole: bool = False) -> LoadPlan:
         """Moves copying the stored blocks ``seq_hashes`` into engine blocks ``engine_ids``, each from the first
-        tier that holds it; their slots are held until the moves complete."""
+        tier that holds it; their slots are held until the moves complete. A tier's blocks go in moves of at most
+        ``batch_size`` blocks, or in one move with ``whole`` (a layer-wise load, which runs as one transfer per
+        layer group whatever its moves)."""
         hashes = as_hashes(seq_hashes)
         _same_length(hashes, engine_ids)
         plan = LoadPlan()
@@ -269,7 +271,7 @@ class BlockIndex:
             else:
                 plan.missing[i] = "block is in no tier (never stored, or evicted)"
             i += 1
-        size = self.batch_size
+        size = max(len(hashes), 1) if whole else self.batch_size
         for k in sorted(per_tier):
             positions, slots = per_tier[k]
             engine = [engine_ids[i] for i in positions]
