@@ -559,7 +559,7 @@ class ConnectorLeader:
             block_hashes, block_ids = [hashes[j] for j in blocks], [track.block_ids[j] for j in blocks]
         tier = self._store_tier
         room = None
-        if self.backlog.bounds:  # (a store into a disk is bounded; loads it would not be worth, more so)
+        if self.backlog.bounds:  # (stores into a disk are bounded; more tightly where the rule would not load them)
             worth = self.cost is None or tier not in self.cost.tiers or self.cost.pays_off(tier, num_full_blocks)
             room = self.backlog.room(tier, worth_loading=worth)
         plan = self.index.plan_store(block_hashes, block_ids, max_blocks=room)
