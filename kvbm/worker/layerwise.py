@@ -141,12 +141,8 @@ class LayerwiseLoads:
         self._group_of = [k for k, (a, b) in enumerate(self.groups) for _ in range(a, b)]
         host: list[Move] = []
         other: list[Move] = []
-        from_host: dict[str, bool] = {}  # source tier -> whether it is in host memory (a step's moves share a few)
         for move in moves:
-            in_host = from_host.get(move.src_tier)
-            if in_host is None:
-                in_host = from_host[move.src_tier] = medium_of(self.store.cache(move.src_tier)) is Medium.HOST
-            (host if in_host else other).append(move)
+            (host if medium_of(self.store.cache(move.src_tier)) is Medium.HOST else other).append(move)
         self._waits = [[] for _ in self.groups]
         if other:
             self._waits[0].extend(*self.store.execute_by_layers(other, [(0, self.num_layers)]))

@@ -309,9 +309,7 @@ class BlockStore:
     def _finish(self, run: _Running) -> None:
         move = run.move
         name = direction(move)
-        # (an untimed run, a layer-wise load's, has no share to settle; the timed runs are charged as they start
-        # and finish, so skipping the charge here leaves their shares as they were)
-        wall = (self._charge(name) if run.timed else self._clock()) - run.started
+        wall = self._charge(name) - run.started
         self._running.remove(run)
         failed = run.transfer.reasons
         for i, reason in failed.items():
