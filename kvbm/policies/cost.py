@@ -232,7 +232,7 @@ class LoadCostPolicy:
 
     def load_seconds(self, hits: Sequence[int]) -> float:
         """Expected seconds to load a prefix of ``hits[k]`` blocks from tier k."""
-        return sum(self._latency[t] + n * self._block_seconds(t) for t, n in zip(self.tiers, hits) if n)
+        return sum(self._tier_seconds(t, n) for t, n in zip(self.tiers, hits) if n)
 
     def recompute_seconds(self, num_blocks: int) -> float:
         """Expected seconds to prefill ``num_blocks`` blocks' tokens again: at the prefill rate, but never more than
@@ -257,8 +257,7 @@ class LoadCostPolicy:
         if not self.enabled:
             return True
         with self._lock:
-            load = self._latency[tier] + num_blocks * self._block_seconds(tier)
-            return load < self._recompute_seconds(num_blocks)
+            return self._tier_seconds(tier, num_blocks) < self._recompute_seconds(num_blocks)
 
     def decide(self, hits: Sequence[int]) -> CostDecision:
         """The leading blocks of a match (``hits[k]`` blocks of tier k, in order) worth reporting."""
@@ -277,7 +276,7 @@ class LoadCostPolicy:
             for k, (t, n) in enumerate(zip(self.tiers, hits), start=1):
                 if not n:
                     continue
-                load += self._latency[t] + n * self._block_seconds(t)
+                load += self._tier_seconds(t, n)
                 saving = self._recompute_seconds(sum(hits[:k])) - load
                 if saving > best_saving:
                     best_k, best_saving = k, saving
@@ -309,6 +308,10 @@ class LoadCostPolicy:
         return decision
 
     # -- internals ---------------------------------------------------------------------------------------------
+
+    def _tier_seconds(self, tier: str, num_blocks: int) -> float:
+        """Expected seconds to load ``num_blocks`` blocks from ``tier``: its latency, then each block."""
+        return self._latency[tier] + num_blocks * self._block_seconds(tier)
 
     def _block_seconds(self, tier: str) -> float:
         """Expected seconds to load one block from ``tier`` past its latency (infinite after only failed loads)."""
