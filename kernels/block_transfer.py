@@ -7,6 +7,10 @@ the failed blocks as ``{index: reason}`` (indices into the transfer's block list
 index drops those, while a block that failed for another reason (a copy that raised) keeps its stored copy.
 `done()` advances the steps without blocking; `wait()` blocks on what the current step waits for. A path that
 finishes at once returns `BlockTransfer.completed(...)`.
+
+A path whose source is read before the transfer ends (a disk write that copies its blocks into a bounce buffer, then
+writes them) yields `SOURCE_READ` once it no longer reads the source; `source_read` is then True, so the source's
+blocks may be reused while the write goes on (the engine frees a stored request's blocks sooner).
 """
 from __future__ import annotations
 
@@ -19,12 +23,23 @@ from typing import Any
 
 from . import stream_events
 
-__all__ = ["BlockStatus", "BlockTransfer", "Steps"]
+__all__ = ["BlockStatus", "BlockTransfer", "SOURCE_READ", "Steps"]
 
 #: What a path's steps yield while they wait, and return once finished: failed block index -> reason, optionally
 #: with the set of failed blocks whose source is known bad.
 Steps = Generator[Any, None, "dict[int, str] | tuple[dict[int, str], set[int]]"]
 _IDLE_WAIT_S = 0.0002
+
+
+class _SourceRead:
+    """The type of `SOURCE_READ`."""
+
+    def __repr__(self) -> str:
+        return "SOURCE_READ"
+
+
+#: Yielded by a path's steps once the transfer no longer reads its source (see the module docstring).
+SOURCE_READ = _SourceRead()
 
 
 class BlockStatus(enum.Enum):
@@ -91,6 +106,7 @@ class BlockTransfer:
         self.synchronous = steps is None  #: finished before it was returned (a copy done on the caller's thread)
         self._steps = steps
         self._waiting: Any = None
+        self._source_read = False
         self._errors: dict[int, str] | None = None
         self._lost: set[int] = set()
         if steps is None:
@@ -144,6 +160,9 @@ class BlockTransfer:
         try:
             while True:
                 self._waiting = self._steps.send(None)
+                if self._waiting is SOURCE_READ:
+                    self._source_read = True
+                    continue
                 if not poll or not _ready(self._waiting):
                     return
         except StopIteration as end:
@@ -167,6 +186,12 @@ class BlockTransfer:
         """Whether every block has its result, as last seen: unlike `done`, it does not poll or advance the steps
         (so that making a transfer of parts costs no poll of them)."""
         return self._errors is not None
+
+    @property
+    def source_read(self) -> bool:
+        """Whether the transfer no longer reads its source, as last seen (its steps said so, or it is over); like
+        `over`, it does not poll."""
+        return self._source_read or self._errors is not None
 
     def done(self) -> bool:
         """True once every block has its result; advances the transfer's steps, never blocks."""

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..block_transfer import BlockTransfer, Steps
+from ..block_transfer import SOURCE_READ, BlockTransfer, Steps
 from ..bounce import BounceChunk, BouncePool, bounce_pool
 from ..disk_cache import DiskKVCache, same_slot_layout
 from ..medium import Medium, medium_of
@@ -182,7 +182,7 @@ def settle_copy(b: Any, errors: dict[int, str], in_flight: list) -> bool:
 
 def run_batches(pending: deque, start: Any, advance: Any, in_flight: list, pool: BouncePool | None, me: list, *,
                 wait_on: Callable[[list], Any] | None = None, starved: Callable[[], bool] | None = None,
-                drain: Callable[[list], None] = _drain) -> Steps:
+                drain: Callable[[list], None] = _drain, source_read: Callable[[], bool] | None = None) -> Steps:
     """The scheduling loop of a chunked transfer (disk reads and writes, remote reads): start batches while
     ``start`` can (it returns False when no chunk is free), advance each without blocking (starting more batches
     as soon as one that advanced may have given its chunk back, so the disk never waits on the copies of the other
@@ -190,7 +190,9 @@ def run_batches(pending: deque, start: Any, advance: Any, in_flight: list, pool:
     wait on ``wait_on(in_flight)`` (default: the oldest batch's `waiting_on`). A transfer with no chunk at all
     stops if ``starved()`` says no chunk will come back, else advances the other holders of the pool before asking
     again: a chunk another transfer holds may wait for a step only a poll runs. ``drain`` settles the batches
-    left in flight when the steps end early."""
+    left in flight when the steps end early. ``source_read`` (checked after each pass) says when the batches no
+    longer read the transfer's source: the steps then yield `SOURCE_READ`, once."""
+    told = source_read is None
     def start_all() -> bool:
         started = False
         while pending and start(pending[0]):
@@ -205,6 +207,9 @@ def run_batches(pending: deque, start: Any, advance: Any, in_flight: list, pool:
                 if advance(b):  # a chunk it gave back starts the next batch before the next one's copy
                     moved = True
                     start_all()
+            if not told and source_read():
+                told = True
+                yield SOURCE_READ
             if moved:
                 continue
             if in_flight:
@@ -226,8 +231,9 @@ def bounced_write_steps(transfers: Transfers, src: Any, disk: DiskKVCache, src_i
                         stage: StageFn | None = None, io: IoFn | None = None, me: list | None = None) -> Steps:
     """Steps of writing blocks ``src_ids`` of ``src`` (a GPU cache) into slots ``dst_ids``: per chunk, ``src`` ->
     chunk by ``stage`` (default ``transfers.submit``; on the polling thread), then ``io(slots, chunk blocks, tags)``
-    on a disk thread (default: `DiskKVCache.write_slots` from the pool's bytes). ``me`` holds the `BlockTransfer`
-    these steps run in once it exists (see `start_transfer`)."""
+    on a disk thread (default: `DiskKVCache.write_slots` from the pool's bytes). Once every chunk holds its blocks
+    the steps yield `SOURCE_READ`: ``src``'s blocks may be reused while the writes go on. ``me`` holds the
+    `BlockTransfer` these steps run in once it exists (see `start_transfer`)."""
     executor = transfers.disk_executor()
     stage = stage or transfers.submit
     errors: dict[int, str] = {}
@@ -271,7 +277,11 @@ def bounced_write_steps(transfers: Transfers, src: Any, disk: DiskKVCache, src_i
         b.retire(in_flight)
         return True
 
-    yield from run_batches(pending, start, advance, in_flight, pool, [] if me is None else me)
+    def source_read() -> bool:  # every batch copied into its chunk (or failed before): the writes go on alone
+        return not pending and all(b.stage is None for b in in_flight)
+
+    yield from run_batches(pending, start, advance, in_flight, pool, [] if me is None else me,
+                           source_read=source_read)
     return errors
 
 
