@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import types
 from concurrent.futures import Future
 
@@ -20,6 +21,9 @@ import torch
 
 from disk_faults import flip_byte, rng  # noqa: F401  (rng is a fixture)
 
+from kvbm.config import KvbmConfig
+from kvbm.connectors.messages import RequestLoad, RequestStore
+from kvbm.connectors.worker import ConnectorWorker
 from kvbm.kernels import gds
 from kvbm.kernels import transfers as transfers_module
 from kvbm.kernels.block_transfer import BlockStatus, BlockTransfer
@@ -31,6 +35,8 @@ from kvbm.kernels.paths.gpu_disk import GpuDiskPath
 from kvbm.kernels.paths.host_disk import HostDiskPath, direct_array
 from kvbm.kernels.transfers import Transfers
 from kvbm.layouts import KVGeometry, PagedKVCache, allocate, block_major, copy_blocks
+from kvbm.leader.plans import Move, MoveKind
+from kvbm.tiers import TierSpec
 
 ALIGNED = KVGeometry(2, 2, 4, 2, 64, 2)  # 4096-byte blocks: slot = block
 PADDED = KVGeometry(3, 2, 4, 2, 40, 2)  # 3840-byte blocks in 4096-byte slots
@@ -792,6 +798,102 @@ def test_gpu_disk_posix_read_failure_never_reaches_the_gpu(stand_in_gpu_paths, t
     assert [r is BlockStatus.OK for r in t.results] == [True, True, False, True]
     assert "checksum mismatch" in t.reasons[2] and block_bytes(back, 2) == poison_bytes(ALIGNED)
     disk.close()
+
+
+def _gated_writes(disk: DiskKVCache, monkeypatch) -> threading.Event:
+    """Hold ``disk``'s slot writes on their disk threads until the returned event is set."""
+    gate = threading.Event()
+    write = disk.write_slots
+
+    def held(*args, **kwargs):
+        assert gate.wait(30), "the test never opened the gate"
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(disk, "write_slots", held)
+    return gate
+
+
+def _poll_until(check, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return check()
+
+
+def test_a_gpu_write_frees_its_source_once_every_block_is_in_a_chunk(stand_in_gpu_paths, transfers, tmp_path, rng,
+                                                                      monkeypatch):
+    n = 5  # two chunks of the fixture's pool: both copied before either write runs
+    gpu = gpu_stand_in("vllm_flash_attn_hnd", PADDED, n)
+    fill(gpu, rng)
+    want = [block_bytes(gpu, i) for i in range(n)]
+    disk = DiskKVCache(tmp_path, PADDED, DT, n + 3)
+    gate = _gated_writes(disk, monkeypatch)
+    slots = rng.permutation(n + 3)[:n]
+    t = transfers.submit(gpu, disk, np.arange(n), slots)
+    assert not t.source_read  # (the stand-in copy completes 2 ms later)
+    assert _poll_until(lambda: t.done() or t.source_read)
+    assert t.source_read and not t.done()  # every write is held at the gate
+    poison(gpu)  # the engine reuses the blocks while the writes go on
+    gate.set()
+    t.wait()
+    assert t.ok, t.reasons
+    back = gpu_stand_in("vllm_flash_attn_hnd", PADDED, n)
+    poison(back)
+    r = transfers.submit(disk, back, slots, np.arange(n))
+    r.wait()
+    assert r.ok, r.reasons
+    assert [block_bytes(back, i) for i in range(n)] == want
+    disk.close()
+
+
+def test_a_gpu_write_longer_than_the_pool_reads_its_source_until_its_last_chunk_is_copied(
+        stand_in_gpu_paths, transfers, tmp_path, rng, monkeypatch):
+    n = 8  # the fixture's pool holds 6: the last chunk's copy waits for a write to give a chunk back
+    gpu = gpu_stand_in("vllm_flash_attn_nhd", ALIGNED, n)
+    fill(gpu, rng)
+    disk = DiskKVCache(tmp_path, ALIGNED, DT, n)
+    gate = _gated_writes(disk, monkeypatch)
+    t = transfers.submit(gpu, disk, np.arange(n), np.arange(n))
+    assert not _poll_until(lambda: t.done() or t.source_read, 0.2)
+    gate.set()
+    t.wait()
+    assert t.ok and t.source_read, t.reasons
+    disk.close()
+
+
+def test_a_worker_frees_a_stored_requests_engine_blocks_before_its_disk_write_ends(stand_in_gpu_paths, tmp_path, rng,
+                                                                                   monkeypatch):
+    """The engine gets a held request's blocks back once the store has them in its bounce buffers; the write's
+    result reaches the leader when it ends, and the blocks load back byte-exact after the engine overwrote them."""
+    n = 4
+    engine = gpu_stand_in("vllm_flash_attn_hnd", PADDED, 6)
+    fill(engine, rng)
+    want = [block_bytes(engine, i) for i in range(n)]
+    worker = ConnectorWorker(engine, [TierSpec("G3", Medium.DISK, 8, tmp_path, use_o_direct=False)], KvbmConfig())
+    gate = _gated_writes(worker.store.cache("G3"), monkeypatch)
+    slots, hashes = (5, 2, 7, 0), tuple(int(h) for h in rng.integers(1, 2**62, n))
+    worker.start_stores([RequestStore("req", (Move(1, MoveKind.STORE, "G1", "G3", tuple(range(n)), slots, hashes),))])
+    worker.hold(["req"])
+    freed: set[str] = set()
+    assert _poll_until(lambda: bool(freed.update(worker.poll()[0])) or "req" in freed)
+    report = worker.take_report()
+    assert report is None or 1 not in report.results  # the write goes on
+    poison(engine)  # the engine reuses the blocks
+    gate.set()
+    results: dict = {}
+
+    def reported() -> bool:
+        worker.poll()
+        report = worker.take_report()
+        results.update({} if report is None else report.results)
+        return 1 in results
+
+    assert _poll_until(reported) and results[1].failed == {}
+    worker.start_loads([RequestLoad("back", (Move(2, MoveKind.LOAD, "G3", "G1", slots, tuple(range(n)), hashes),))])
+    worker.store.wait_all()
+    assert worker.poll()[1] == {"back"} and worker.take_load_errors() == set()
+    assert [block_bytes(engine, i) for i in range(n)] == want
+    worker.close()
 
 
 # ---------------------------------------------------------------------- cuFile, with a stand-in module

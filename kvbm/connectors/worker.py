@@ -243,7 +243,9 @@ class ConnectorWorker:
             self._collect(self.store.poll())
 
     def poll(self) -> tuple[set[str], set[str]]:
-        """``(held requests whose stores are done, requests whose loads are done)``; never blocks."""
+        """``(held requests whose stores no longer read their engine blocks, requests whose loads are done)``; never
+        blocks. A store into a disk tier stops reading the engine's blocks once they are all in its bounce buffers:
+        the engine may free them then, while the write (and its result for the leader) goes on."""
         self._collect(self.store.poll())
         if self.store.g4 is not None:
             for request_id in self.store.g4.take_released():
@@ -319,6 +321,7 @@ class ConnectorWorker:
         return set().union(*self._storing.values()) if self._storing else set()
 
     def _collect(self, results: list[MoveResult]) -> None:
+        """Take the store's finished moves, then mark the stores that no longer read their engine blocks."""
         for result in results:
             move, request_id = self._moves.pop(result.move_id)
             self._report[result.move_id] = result
@@ -330,6 +333,10 @@ class ConnectorWorker:
                 self._loading.get(request_id, set()).discard(result.move_id)
             elif move.kind is MoveKind.STORE:
                 self._storing.get(request_id, set()).discard(result.move_id)
+        for move_id in self.store.take_sources_read():
+            move, request_id = self._moves[move_id]
+            if move.kind is MoveKind.STORE:
+                self._storing.get(request_id, set()).discard(move_id)
 
 
 def tier_geometry(caches: Sequence[PagedKVCache]) -> tuple[KVGeometry, torch.dtype]:

@@ -2,7 +2,9 @@
 
 Moves run through the transfer library's one face (`Transfers.submit`), whatever their tiers' mediums; at most
 ``max_in_flight`` at once (``DYN_KVBM_MAX_CONCURRENT_TRANSFERS``), the rest queued in order. ``poll`` never blocks:
-it returns a `MoveResult` for every move finished since the last call. A move whose submit raises is failed for
+it returns a `MoveResult` for every move finished since the last call; `take_sources_read` names the running moves
+that no longer read their source (a write into a disk tier whose blocks are all in its bounce buffers), so the
+engine may reuse a store's blocks before the write ends. A move whose submit raises is failed for
 every block with the error as reason: its stored slots are discarded, and a load is reported failed (the engine
 recomputes), so nothing is served wrong. With a `G4Endpoint` (``g4``), loads from another instance (``move.remote``)
 run through it, and the stores into the exported tier unseal their slots before and seal them after.
@@ -80,6 +82,7 @@ class BlockStore:
         self._queue: deque[Move] = deque()
         self._running: list[_Running] = []
         self._finished: list[MoveResult] = []
+        self._sources_told: set[int] = set()  # running moves `take_sources_read` named
         self._layer_views: dict[tuple[str, str, int, int], Any] = {}
         #: (engine tier, tier) -> the tier as blocks of that engine cache's geometry, where it differs
         self.views: dict[tuple[str, str], Any] = {}
@@ -211,6 +214,14 @@ class BlockStore:
         finished, self._finished = self._finished, []
         return finished
 
+    def take_sources_read(self) -> list[int]:
+        """Ids of the running moves that no longer read their source, not named by an earlier call (a move that
+        finished is not named: its result says as much); as last polled, never polls."""
+        read = [r.move.move_id for r in self._running
+                if r.transfer.source_read and r.move.move_id not in self._sources_told]
+        self._sources_told.update(read)
+        return read
+
     def wait_oldest(self) -> None:
         """Block until the oldest running move finishes (starting queued ones as slots free up)."""
         if self._running:
@@ -311,6 +322,7 @@ class BlockStore:
         name = direction(move)
         wall = self._charge(name) - run.started
         self._running.remove(run)
+        self._sources_told.discard(move.move_id)
         failed = run.transfer.reasons
         for i, reason in failed.items():
             log.debug("%s of block %#x failed: %s", name, move.hashes[i], reason)
