@@ -218,7 +218,7 @@ class BlockStore:
         """Ids of the running moves that no longer read their source, not named by an earlier call (a move that
         finished is not named: its result says as much); as last polled, never polls."""
         read = [r.move.move_id for r in self._running
-                if r.transfer.source_read and r.move.move_id not in self._sources_told]
+                if r.transfer.source_read and not r.transfer.over and r.move.move_id not in self._sources_told]
         self._sources_told.update(read)
         return read
 
