@@ -2,9 +2,10 @@
 
 The worker allocates its shard of every tier (the same number of blocks as the leader's index, of its own block
 size), runs the plan's moves through its `BlockStore`, and reports per request what the engine asks for
-(loads done, held requests whose stores are done, engine blocks whose load failed) and per move what the leader
-needs (`WorkerReport`). With P/D (``g4``), a `G4Endpoint` exports the rank's G2 to other instances and/or loads
-from theirs; which of this instance's requests readers are done with goes back in the report (``released``). Its
+(loads done, held requests whose stores no longer read their blocks, engine blocks whose load failed) and per move
+what the leader needs (`WorkerReport`). With P/D (``g4``), a `G4Endpoint` exports the rank's G2 to other instances
+and/or loads from theirs; which of this instance's requests readers are done with goes back in the report
+(``released``). Its
 first report names its rank (``registered``: the leader plans nothing before every rank is up), and the engine's
 forward steps the plans mark are timed (``timer``, `kvbm.connectors.forward_timer`) and reported (``timings``) for
 the cost rule's prefill rate.
@@ -232,7 +233,7 @@ class ConnectorWorker:
         self._execute(moves, None, None)
 
     def hold(self, request_ids: Iterable[str]) -> None:
-        """Requests whose blocks the engine keeps until their stores are done (``poll`` reports them)."""
+        """Requests whose blocks the engine keeps until their stores no longer read them (``poll`` reports them)."""
         self._held.update(request_ids)
 
     def finish_stores_of(self, request_ids: Iterable[str]) -> None:

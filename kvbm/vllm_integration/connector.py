@@ -307,7 +307,8 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
             worker.finish_layerwise_loads()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        """``(finished_sending, finished_recving)``: held requests whose stores are done, loaded requests."""
+        """``(finished_sending, finished_recving)``: held requests whose stores no longer read their blocks, loaded
+        requests."""
         if self.worker is None:
             return None, None
         sending, recving = self.worker.poll()
