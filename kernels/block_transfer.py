@@ -199,6 +199,11 @@ class BlockTransfer:
             self._advance()  # (None: the steps wait for a resource and ask again at each poll)
         return self._errors is not None
 
+    def wait_source_read(self) -> None:
+        """Block until the transfer no longer reads its source (`source_read`)."""
+        while not (self.done() or self.source_read):  # (done() advances the steps, which may mark the source read)
+            _block_on(self._waiting)
+
     def wait(self) -> None:
         """Block until the transfer is over (it never raises for failed blocks: read ``results``)."""
         while not self.done():

@@ -896,6 +896,36 @@ def test_a_worker_frees_a_stored_requests_engine_blocks_before_its_disk_write_en
     worker.close()
 
 
+def test_finishing_a_preempted_requests_stores_waits_for_its_bounce_copies_not_its_disk_writes(
+        stand_in_gpu_paths, tmp_path, rng, monkeypatch):
+    n = 4
+    engine = gpu_stand_in("vllm_flash_attn_nhd", ALIGNED, 6)
+    fill(engine, rng)
+    want = [block_bytes(engine, i) for i in range(n)]
+    worker = ConnectorWorker(engine, [TierSpec("G3", Medium.DISK, 8, tmp_path, use_o_direct=False)], KvbmConfig())
+    gate = _gated_writes(worker.store.cache("G3"), monkeypatch)
+    hashes = tuple(int(h) for h in rng.integers(1, 2**62, n))
+    worker.start_stores([RequestStore("req", (Move(1, MoveKind.STORE, "G1", "G3", tuple(range(n)), tuple(range(n)),
+                                                   hashes),))])
+    finishing = threading.Thread(target=worker.finish_stores_of, args=(["req"],), daemon=True)
+    finishing.start()
+    finishing.join(10)
+    returned = not finishing.is_alive()
+    poison(engine)  # the engine reuses the preempted request's blocks
+    gate.set()
+    finishing.join(10)
+    assert returned  # while every write was held
+    worker.store.wait_all()
+    worker.poll()
+    assert worker.take_report().results[1].failed == {}
+    worker.start_loads([RequestLoad("back", (Move(2, MoveKind.LOAD, "G3", "G1", tuple(range(n)), tuple(range(n)),
+                                                  hashes),))])
+    worker.store.wait_all()
+    assert worker.poll()[1] == {"back"} and worker.take_load_errors() == set()
+    assert [block_bytes(engine, i) for i in range(n)] == want
+    worker.close()
+
+
 # ---------------------------------------------------------------------- cuFile, with a stand-in module
 
 

@@ -237,10 +237,11 @@ class ConnectorWorker:
         self._held.update(request_ids)
 
     def finish_stores_of(self, request_ids: Iterable[str]) -> None:
-        """Block until the stores still reading these requests' engine blocks are done (before their reuse)."""
+        """Block until these requests' stores no longer read their engine blocks (before their reuse; a write into
+        a disk may go on)."""
         waiting = set().union(*(self._storing.get(r, set()) for r in request_ids))
-        while waiting & self._storing_ids():
-            self.store.wait_oldest()
+        while reading := waiting & self._storing_ids():
+            self.store.wait_source_read(reading)
             self._collect(self.store.poll())
 
     def poll(self) -> tuple[set[str], set[str]]:

@@ -27,7 +27,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -221,6 +221,16 @@ class BlockStore:
                 if r.transfer.source_read and not r.transfer.over and r.move.move_id not in self._sources_told]
         self._sources_told.update(read)
         return read
+
+    def wait_source_read(self, move_ids: Collection[int]) -> None:
+        """Block until the oldest running move of ``move_ids`` no longer reads its source (until the oldest running
+        move finishes when none of them runs yet: they are queued); results kept for ``poll``."""
+        run = next((r for r in self._running if r.move.move_id in move_ids), None)
+        if run is None:
+            self.wait_oldest()
+            return
+        run.transfer.wait_source_read()
+        self.poll_into_buffer()
 
     def wait_oldest(self) -> None:
         """Block until the oldest running move finishes (starting queued ones as slots free up)."""
