@@ -297,7 +297,7 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
         self._awaiting: set[str] = set()  # handed over by started_loading_req_ids, not reported yet
         self._loaded: set[str] = set()  # loads done (or failed), not reported yet
         self._failed: dict[str, list[str]] = {}  # request -> why its load failed
-        self._sent: set[str] = set()  # finished requests whose stores are done, not reported yet
+        self._sent: set[str] = set()  # finished requests whose stores no longer read their blocks, not reported
         self._use_callable = False
         self._finalizer = weakref.finalize(self, self._held.close)
 
