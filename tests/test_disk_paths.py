@@ -861,69 +861,72 @@ def test_a_gpu_write_longer_than_the_pool_reads_its_source_until_its_last_chunk_
     disk.close()
 
 
+class _StoringWorker:
+    """A worker over a stand-in GPU cache of random blocks and a disk G3 whose writes wait at ``gate``, storing its
+    first ``len(slots)`` blocks into ``slots`` for request "req" (move 1)."""
+
+    def __init__(self, tmp_path, rng, monkeypatch, slots: tuple[int, ...]) -> None:
+        self.engine = gpu_stand_in("vllm_flash_attn_hnd", PADDED, 6)
+        fill(self.engine, rng)
+        self.slots, n = slots, len(slots)
+        self.want = [block_bytes(self.engine, i) for i in range(n)]
+        self.worker = ConnectorWorker(self.engine, [TierSpec("G3", Medium.DISK, 8, tmp_path, use_o_direct=False)],
+                                      KvbmConfig())
+        self.gate = _gated_writes(self.worker.store.cache("G3"), monkeypatch)
+        self.hashes = tuple(int(h) for h in rng.integers(1, 2**62, n))
+        self.worker.start_stores([RequestStore("req", (Move(1, MoveKind.STORE, "G1", "G3", tuple(range(n)), slots,
+                                                            self.hashes),))])
+
+    def assert_loads_back(self) -> None:
+        """The stored blocks load back into the engine's blocks byte-exact (after it overwrote them)."""
+        n = len(self.slots)
+        self.worker.start_loads([RequestLoad("back", (Move(2, MoveKind.LOAD, "G3", "G1", self.slots, tuple(range(n)),
+                                                           self.hashes),))])
+        self.worker.store.wait_all()
+        assert self.worker.poll()[1] == {"back"} and self.worker.take_load_errors() == set()
+        assert [block_bytes(self.engine, i) for i in range(n)] == self.want
+        self.worker.close()
+
+
 def test_a_worker_frees_a_stored_requests_engine_blocks_before_its_disk_write_ends(stand_in_gpu_paths, tmp_path, rng,
                                                                                    monkeypatch):
     """The engine gets a held request's blocks back once the store has them in its bounce buffers; the write's
     result reaches the leader when it ends, and the blocks load back byte-exact after the engine overwrote them."""
-    n = 4
-    engine = gpu_stand_in("vllm_flash_attn_hnd", PADDED, 6)
-    fill(engine, rng)
-    want = [block_bytes(engine, i) for i in range(n)]
-    worker = ConnectorWorker(engine, [TierSpec("G3", Medium.DISK, 8, tmp_path, use_o_direct=False)], KvbmConfig())
-    gate = _gated_writes(worker.store.cache("G3"), monkeypatch)
-    slots, hashes = (5, 2, 7, 0), tuple(int(h) for h in rng.integers(1, 2**62, n))
-    worker.start_stores([RequestStore("req", (Move(1, MoveKind.STORE, "G1", "G3", tuple(range(n)), slots, hashes),))])
-    worker.hold(["req"])
+    s = _StoringWorker(tmp_path, rng, monkeypatch, (5, 2, 7, 0))
+    s.worker.hold(["req"])
     freed: set[str] = set()
-    assert _poll_until(lambda: bool(freed.update(worker.poll()[0])) or "req" in freed)
-    report = worker.take_report()
+    assert _poll_until(lambda: bool(freed.update(s.worker.poll()[0])) or "req" in freed)
+    report = s.worker.take_report()
     assert report is None or 1 not in report.results  # the write goes on
-    poison(engine)  # the engine reuses the blocks
-    gate.set()
+    poison(s.engine)  # the engine reuses the blocks
+    s.gate.set()
     results: dict = {}
 
     def reported() -> bool:
-        worker.poll()
-        report = worker.take_report()
+        s.worker.poll()
+        report = s.worker.take_report()
         results.update({} if report is None else report.results)
         return 1 in results
 
     assert _poll_until(reported) and results[1].failed == {}
-    worker.start_loads([RequestLoad("back", (Move(2, MoveKind.LOAD, "G3", "G1", slots, tuple(range(n)), hashes),))])
-    worker.store.wait_all()
-    assert worker.poll()[1] == {"back"} and worker.take_load_errors() == set()
-    assert [block_bytes(engine, i) for i in range(n)] == want
-    worker.close()
+    s.assert_loads_back()
 
 
 def test_finishing_a_preempted_requests_stores_waits_for_its_bounce_copies_not_its_disk_writes(
         stand_in_gpu_paths, tmp_path, rng, monkeypatch):
-    n = 4
-    engine = gpu_stand_in("vllm_flash_attn_nhd", ALIGNED, 6)
-    fill(engine, rng)
-    want = [block_bytes(engine, i) for i in range(n)]
-    worker = ConnectorWorker(engine, [TierSpec("G3", Medium.DISK, 8, tmp_path, use_o_direct=False)], KvbmConfig())
-    gate = _gated_writes(worker.store.cache("G3"), monkeypatch)
-    hashes = tuple(int(h) for h in rng.integers(1, 2**62, n))
-    worker.start_stores([RequestStore("req", (Move(1, MoveKind.STORE, "G1", "G3", tuple(range(n)), tuple(range(n)),
-                                                   hashes),))])
-    finishing = threading.Thread(target=worker.finish_stores_of, args=(["req"],), daemon=True)
+    s = _StoringWorker(tmp_path, rng, monkeypatch, (0, 1, 2, 3))
+    finishing = threading.Thread(target=s.worker.finish_stores_of, args=(["req"],), daemon=True)
     finishing.start()
     finishing.join(10)
     returned = not finishing.is_alive()
-    poison(engine)  # the engine reuses the preempted request's blocks
-    gate.set()
+    poison(s.engine)  # the engine reuses the preempted request's blocks
+    s.gate.set()
     finishing.join(10)
     assert returned  # while every write was held
-    worker.store.wait_all()
-    worker.poll()
-    assert worker.take_report().results[1].failed == {}
-    worker.start_loads([RequestLoad("back", (Move(2, MoveKind.LOAD, "G3", "G1", tuple(range(n)), tuple(range(n)),
-                                                  hashes),))])
-    worker.store.wait_all()
-    assert worker.poll()[1] == {"back"} and worker.take_load_errors() == set()
-    assert [block_bytes(engine, i) for i in range(n)] == want
-    worker.close()
+    s.worker.store.wait_all()
+    s.worker.poll()
+    assert s.worker.take_report().results[1].failed == {}
+    s.assert_loads_back()
 
 
 # ---------------------------------------------------------------------- cuFile, with a stand-in module
