@@ -274,6 +274,36 @@ def _cost_rule_rows(b, tmp_path, monkeypatch, slow_down):
     return rows[b.RECOMPUTE], rows[b.G3_AUTO], setup.rule
 
 
+def test_qa_rows_report_the_wait_for_g1_blocks_that_stores_still_read(ttft, tmp_path, monkeypatch):
+    """Writes into G3 held for 50 ms each keep the stored requests' G1 blocks (a CPU engine's blocks are written
+    straight from G1): in the QA workload, whose G1 holds a quarter of its working set, later requests wait for
+    them, and the G3 row says how long; the recompute row, with no store, never waits."""
+    b = ttft["bench"]
+    for key in [k for k in os.environ if k.startswith("DYN_KVBM_")]:
+        monkeypatch.delenv(key)
+    args = b.parse_args(["--smoke", "--workloads", "qa", "--modes", "recompute,g3-posix", "--disk-dir",
+                         str(tmp_path)])
+    with torch.inference_mode():
+        setup = b.build(args, "tiny", torch.device("cpu"), torch.float32)
+        try:
+            disk = setup.sides[b.G3_POSIX].worker.store.cache("G3")
+            write = disk.write_slots
+
+            def slow_write(*a, **kw):
+                time.sleep(0.05)
+                return write(*a, **kw)
+            monkeypatch.setattr(disk, "write_slots", slow_write)
+            rows = {r.mode: r for r in b.run_qa(args, setup)}
+        finally:
+            for side in setup.sides.values():
+                side.close()
+    recompute, g3 = rows[b.RECOMPUTE], rows[b.G3_POSIX]
+    assert recompute.block_wait_ms == 0 and "waited" not in recompute.note
+    assert g3.block_wait_ms >= 5  # at least one request waited for a whole held write (6 requests)
+    assert f"waited {g3.block_wait_ms:.1f} ms a request for G1 blocks stores still read" in g3.note
+    assert g3.bytes_ok is True
+
+
 def test_cost_rule_recomputes_from_a_slow_disk(ttft, tmp_path, monkeypatch):
     """A disk taking a second per read (8 blocks of 32 KiB: 0.26 MB/s) loses to recomputing 128 tokens even on a
     busy CPU: after the probe (one untimed load with the rule off) the rule recomputes, and the row's TTFT is about

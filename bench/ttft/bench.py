@@ -80,6 +80,7 @@ class Row:
     ttft_all_ms: list[float] = field(default_factory=list)
     load_ms: float | None = None
     forward_ms: float | None = None
+    block_wait_ms: float = 0.0  #: mean per request: waiting for free G1 blocks that stores still read
     requests: int = 0
     g1_hit_tokens: int = 0
     loaded_tokens: int = 0
@@ -103,7 +104,9 @@ def _row_from(model: str, workload: str, mode: str, results: Sequence[RequestRes
     row = Row(model, workload, mode, prefix, new,
               ttft_ms=(statistics.fmean(ttfts) * 1e3 if mean else median_ms(ttfts)),
               ttft_all_ms=[round(t * 1e3, 3) for t in ttfts], load_ms=median_ms([r.load_wait_s for r in results]),
-              forward_ms=median_ms([r.forward_s for r in results]), requests=len(results),
+              forward_ms=median_ms([r.forward_s for r in results]),
+              block_wait_ms=statistics.fmean(r.block_wait_s for r in results) * 1e3,
+              requests=len(results),
               g1_hit_tokens=sum(r.g1_hit_tokens for r in results), loaded_tokens=sum(r.loaded_tokens for r in results),
               computed_tokens=sum(r.computed_tokens for r in results),
               checked_blocks=sum(r.checked_blocks for r in results), bad_blocks=sum(r.bad_blocks for r in results),
@@ -643,7 +646,9 @@ def run_qa(args: argparse.Namespace, setup: Setup) -> list[Row]:
             rule_text = ""
             if rule is not None:
                 rule_text, row.rule = rule_note(rule, decisions)
-            row.note = "; ".join(n for n in (rule_text, side.disk_note if side is not None else "") if n)
+            waits = (f"waited {row.block_wait_ms:.1f} ms a request for G1 blocks stores still read"
+                     if row.block_wait_ms >= 0.05 else "")
+            row.note = "; ".join(n for n in (rule_text, waits, side.disk_note if side is not None else "") if n)
             rows.append(row)
             log(f"{shape.name} QA: {mode} mean TTFT {row.ttft_ms:.1f} ms over {row.requests} requests; tokens from "
                 f"G1 {row.g1_hit_tokens}, loaded {row.loaded_tokens}, computed {row.computed_tokens}"

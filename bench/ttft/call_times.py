@@ -2,14 +2,14 @@
 
 Runs `bench.ttft` (same arguments) with the calls a request makes into kvbm timed: the scheduler side's
 ``lookup``, ``plan_load``, ``take_step`` and ``plan_stores``; the worker side's ``start_loads``,
-``finish_layerwise_loads``, ``poll`` and ``take_report``; inside a start, the layered moves (``LayeredMoves``:
-made, submitted by groups, tracked), the face's ``Transfers.submit_groups``, the engine's ``onboard_groups`` and
-the building of its compiled-enqueue tables for a cache pair (``TransferEngine._compiled_pair``). After the run it
-prints one line per request that went through a kvbm side: whether it loaded layer by layer, the layer groups of its
-load and the compute ratio that sized them, each call's microseconds in the order the calls returned (a call made
-inside another comes before it), then its TTFT, its time
-before the forward and its forward (ms). The bench's own rows give only the totals; this shows which call keeps a
-layer-wise hit's forward waiting.
+``finish_layerwise_loads``, ``start_stores``, ``poll`` and ``take_report``; inside a start, the layered moves
+(``LayeredMoves``: made, submitted by groups, tracked), the face's ``Transfers.submit_groups``, the engine's
+``onboard_groups`` and the building of its compiled-enqueue tables for a cache pair
+(``TransferEngine._compiled_pair``). After the run it prints one line per request that went through a kvbm side:
+whether it loaded layer by layer, the layer groups of its load and the compute ratio that sized them, each call's
+microseconds in the order the calls returned (a call made inside another comes before it), then its TTFT, its time
+before the forward (and of that, any wait for G1 blocks that stores still read) and its forward (ms). The bench's
+own rows give only the totals; this shows which call keeps a request's forward waiting.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from .engine import Engine
 #: (class, method names) of the calls timed.
 TIMED: tuple[tuple[type, tuple[str, ...]], ...] = (
     (ConnectorLeader, ("lookup", "plan_load", "take_step", "plan_stores")),
-    (ConnectorWorker, ("start_loads", "finish_layerwise_loads", "poll", "take_report")),
+    (ConnectorWorker, ("start_loads", "finish_layerwise_loads", "start_stores", "poll", "take_report")),
     (LayeredMoves, ("__init__", "submit_groups", "track")),
     (Transfers, ("submit_groups",)),
     (TransferEngine, ("onboard_groups", "_compiled_pair")),
@@ -51,6 +51,7 @@ class RequestCalls:
     ratio: float | None = None  #: the compute ratio that sized them
     ttft_ms: float = 0.0
     load_wait_ms: float = 0.0
+    block_wait_ms: float = 0.0  #: of ``load_wait_ms``: waiting for free G1 blocks that stores still read
     forward_ms: float = 0.0
 
     def line(self) -> str:
@@ -60,6 +61,8 @@ class RequestCalls:
             parts.append(f"ratio={self.ratio:.2f} groups={len(self.groups)} {self.groups}")
         parts += [f"{name}={seconds * 1e6:.0f}" for name, seconds in self.calls]
         parts.append(f"| TTFT {self.ttft_ms:.2f} load {self.load_wait_ms:.2f} fwd {self.forward_ms:.2f}")
+        if self.block_wait_ms:
+            parts.append(f"(of the load, {self.block_wait_ms:.2f} waiting for G1 blocks stores still read)")
         return " ".join(parts)
 
 
@@ -104,7 +107,7 @@ def recording() -> Iterator[list[RequestCalls]]:
             calls, current[0] = current[0], None
         if calls is not None:
             calls.ttft_ms, calls.load_wait_ms = result.ttft_s * 1e3, result.load_wait_s * 1e3
-            calls.forward_ms = result.forward_s * 1e3
+            calls.forward_ms, calls.block_wait_ms = result.forward_s * 1e3, result.block_wait_s * 1e3
             requests.append(calls)
         return result
 

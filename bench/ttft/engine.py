@@ -236,6 +236,7 @@ class RequestResult:
     prompt_tokens: int
     ttft_s: float
     load_wait_s: float = 0.0
+    block_wait_s: float = 0.0  #: of ``load_wait_s``: waiting for free G1 blocks that stores still read
     forward_s: float = 0.0
     g1_hit_tokens: int = 0
     loaded_tokens: int = 0
@@ -308,11 +309,15 @@ class Engine:
                 self._release_sent(side, side.step()[0])
             time.sleep(POLL_SLEEP_S)
 
-    def _allocate(self, n: int, sides: Sequence[KvbmSide]) -> list[int]:
+    def _allocate(self, n: int, sides: Sequence[KvbmSide]) -> tuple[list[int], float]:
+        """``n`` free G1 blocks, and the seconds spent waiting for blocks that stores still read to come back."""
+        t0 = time.perf_counter()
+        waited = False
         while self.pool.num_free < n and self._held:
+            waited = True
             self._step_held({id(s): s for s, _ in self._held.values()}.values())
             time.sleep(POLL_SLEEP_S)
-        return self.pool.allocate(n)
+        return self.pool.allocate(n), (time.perf_counter() - t0 if waited else 0.0)
 
     def _table(self, blocks: Sequence[int]) -> torch.Tensor:
         return torch.tensor(blocks, dtype=torch.long, device=self.device)
@@ -351,7 +356,8 @@ class Engine:
         side = sides[0] if sides else None
         if side is not None and full > len(local):
             found, _ = side.leader.lookup(hashes[len(local):full], whole_prompt=n == full * BLOCK_SIZE)
-        blocks = local + self._allocate(-(-n // BLOCK_SIZE) - len(local), sides)
+        fresh, block_wait_s = self._allocate(-(-n // BLOCK_SIZE) - len(local), sides)
+        blocks = local + fresh
         first, valid = len(local), len(local)
         load_errors: set[int] = set()
         before_attention = None
@@ -409,7 +415,8 @@ class Engine:
         for s in dict.fromkeys([*sides, *self.sides]):  # as a served connector times each step that prefills
             if s.leader.cost is not None:
                 s.leader.cost.observe_prefill(n - num_cached, t1 - t_loaded)
-        result = RequestResult(rid, n, t1 - t0, load_wait_s=t_loaded - t0, forward_s=t1 - t_loaded,
+        result = RequestResult(rid, n, t1 - t0, load_wait_s=t_loaded - t0, block_wait_s=block_wait_s,
+                               forward_s=t1 - t_loaded,
                                g1_hit_tokens=first * BLOCK_SIZE, loaded_tokens=(valid - first) * BLOCK_SIZE,
                                computed_tokens=n - num_cached, load_errors=len(load_errors),
                                tier=side.tier if found else None)
@@ -421,7 +428,7 @@ class Engine:
         tokens = prompt + list(answer)
         if answer:
             more = -(-len(tokens) // BLOCK_SIZE) - len(blocks)
-            blocks += self._allocate(more, sides)
+            blocks += self._allocate(more, sides)[0]
             table = self._table(blocks)
             self.model.prefill(self._tokens(list(answer)), self.caches, table, n)
         all_hashes = sequence_hashes(tokens[:len(tokens) // BLOCK_SIZE * BLOCK_SIZE], BLOCK_SIZE, salt)
