@@ -5,10 +5,9 @@ size), runs the plan's moves through its `BlockStore`, and reports per request w
 (loads done, held requests whose stores no longer read their blocks, engine blocks whose load failed) and per move
 what the leader needs (`WorkerReport`). With P/D (``g4``), a `G4Endpoint` exports the rank's G2 to other instances
 and/or loads from theirs; which of this instance's requests readers are done with goes back in the report
-(``released``). Its
-first report names its rank (``registered``: the leader plans nothing before every rank is up), and the engine's
-forward steps the plans mark are timed (``timer``, `kvbm.connectors.forward_timer`) and reported (``timings``) for
-the cost rule's prefill rate.
+(``released``). Its first report names its rank (``registered``: the leader plans nothing before every rank is
+up), and the engine's forward steps the plans mark are timed (``timer``, `kvbm.connectors.forward_timer`) and
+reported (``timings``) for the cost rule's prefill rate.
 
 A hybrid model's further KV cache groups (``groups``) are engine caches of their own tier names. Groups of one
 block geometry share tiers in it (Dynamo KVBM's block-major layout); groups of unlike geometries (block sizes, page

@@ -60,6 +60,7 @@ class _Running:
     settled: float | None = None  #: a synchronous move's own time (its copy ran inside the submit)
     #: the moves ``move`` joins (their blocks in order), each reported on its own; empty: ``move`` alone
     parts: tuple[Move, ...] = ()
+    source_told: bool = False  #: `BlockStore.take_sources_read` named the move
 
 
 class BlockStore:
@@ -82,7 +83,6 @@ class BlockStore:
         self._queue: deque[Move] = deque()
         self._running: list[_Running] = []
         self._finished: list[MoveResult] = []
-        self._sources_told: set[int] = set()  # running moves `take_sources_read` named
         self._layer_views: dict[tuple[str, str, int, int], Any] = {}
         #: (engine tier, tier) -> the tier as blocks of that engine cache's geometry, where it differs
         self.views: dict[tuple[str, str], Any] = {}
@@ -217,10 +217,10 @@ class BlockStore:
     def take_sources_read(self) -> list[int]:
         """Ids of the running moves that no longer read their source, not named by an earlier call (a move that
         finished is not named: its result says as much); as last polled, never polls."""
-        read = [r.move.move_id for r in self._running
-                if r.transfer.source_read and not r.transfer.over and r.move.move_id not in self._sources_told]
-        self._sources_told.update(read)
-        return read
+        read = [r for r in self._running if not r.source_told and r.transfer.source_read and not r.transfer.over]
+        for r in read:
+            r.source_told = True
+        return [r.move.move_id for r in read]
 
     def wait_source_read(self, move_ids: Collection[int]) -> None:
         """Block until the oldest running move of ``move_ids`` no longer reads its source (until the oldest running
@@ -332,7 +332,6 @@ class BlockStore:
         name = direction(move)
         wall = self._charge(name) - run.started
         self._running.remove(run)
-        self._sources_told.discard(move.move_id)
         failed = run.transfer.reasons
         for i, reason in failed.items():
             log.debug("%s of block %#x failed: %s", name, move.hashes[i], reason)
