@@ -194,3 +194,41 @@ def test_stores_are_looked_over_once_per_step(tmp_path) -> None:
         assert set(results) == {1, 2} and not results[1].failed and not results[2].failed
     finally:
         worker.close()
+
+
+def test_waiting_for_stores_not_started_yet_raises_rather_than_spins() -> None:
+    """A preempted request's stores taken for this step's layer-wise groups but not started cannot end a wait:
+    ``finish_stores_of`` says so. Once started they are waited for, and a request with no stores returns at once."""
+    g1 = allocate(PRESET, GEOMETRY, 16, dtype=torch.bfloat16)
+    fill_random(g1, torch.Generator().manual_seed(6))
+    worker = worker_for(g1, layerwise_store=True)
+    try:
+        stores = [RequestStore("r", (Move(1, MoveKind.STORE, "G1", "G2", (3,), (0,), (11,)),))]
+        worker.begin_layer_stores(stores)
+        with pytest.raises(RuntimeError, match=r"stores \[1\] of requests \['r'\] are neither running nor queued"):
+            worker.finish_stores_of(["r"])
+        worker.finish_stores_of(["other"])
+        worker.start_stores(stores)
+        worker.finish_stores_of(iter(["r"]))
+        assert not worker._storing.get("r")
+        worker.store.wait_all()
+        worker.poll()
+        assert not worker.take_report().results[1].failed
+    finally:
+        worker.close()
+
+
+def test_a_step_with_a_move_the_store_cannot_run_queues_and_tracks_none_of_its_moves() -> None:
+    g1 = allocate(PRESET, GEOMETRY, 16, dtype=torch.bfloat16)
+    fill_random(g1, torch.Generator().manual_seed(7))
+    worker = worker_for(g1, layerwise_store=False)
+    try:
+        good = Move(1, MoveKind.STORE, "G1", "G2", (3,), (0,), (11,))
+        bad = Move(2, MoveKind.STORE, "G1", "G9", (4,), (0,), (12,))
+        with pytest.raises((KeyError, ValueError), match="G9"):
+            worker.start_stores([RequestStore("r", (good, bad))])
+        assert not worker.store.busy and worker.store.num_queued() == 0
+        worker.finish_stores_of(["r"])
+        assert worker.poll() == (set(), set()) and worker.idle()
+    finally:
+        worker.close()

@@ -238,8 +238,13 @@ class ConnectorWorker:
     def finish_stores_of(self, request_ids: Iterable[str]) -> None:
         """Block until these requests' stores no longer read their engine blocks (before their reuse; a write into
         a disk may go on)."""
+        request_ids = list(request_ids)
         waiting = set().union(*(self._storing.get(r, set()) for r in request_ids))
+        self._collect(self.store.poll())
         while reading := waiting & self._storing_ids():
+            if not self.store.busy:
+                raise RuntimeError(f"stores {sorted(reading)} of requests {sorted(request_ids)} are neither running "
+                                   "nor queued in the store (layer-wise stores not started yet?): nothing to wait for")
             self.store.wait_source_read(reading)
             self._collect(self.store.poll())
 
@@ -307,16 +312,16 @@ class ConnectorWorker:
     # -- internals ---------------------------------------------------------------------------------------------
 
     def _execute(self, moves: Sequence[Move], request_id: str | None, pending: set[int] | None) -> None:
-        run = []
+        """Hand ``moves`` to the store, then track them (a move the store refuses leaves nothing to wait for)."""
+        run = [m for m in moves if m.dst_tier not in self.shared_read_only]
+        self.store.execute(run)
         for move in moves:
             if move.dst_tier in self.shared_read_only:  # the writer's move: reported done by this rank at once
                 self._report[move.move_id] = MoveResult(move.move_id, {})
-                continue
-            run.append(move)
+        for move in run:
             self._moves[move.move_id] = (move, request_id)
             if pending is not None:
                 pending.add(move.move_id)
-        self.store.execute(run)
 
     def _storing_ids(self) -> set[int]:
         return set().union(*self._storing.values()) if self._storing else set()

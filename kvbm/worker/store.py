@@ -168,14 +168,16 @@ class BlockStore:
         return len(self._running)
 
     def execute(self, moves: Iterable[Move]) -> None:
-        """Queue moves in order and start as many as ``max_in_flight`` allows."""
+        """Queue moves in order and start as many as ``max_in_flight`` allows; all are checked first, so a move
+        this store cannot run queues none of them."""
+        moves = list(moves)
         for move in moves:
             if move.remote is None:
                 self.end(move.src_tier, move.dst_tier)
             elif self.g4 is None:
                 raise ValueError(f"move {move.move_id} loads from another instance; this worker has no G4 endpoint")
             self.end(move.dst_tier, move.src_tier)
-            self._queue.append(move)
+        self._queue.extend(moves)
         self._start_queued()
 
     def execute_by_layers(self, moves: Sequence[Move], groups: Sequence[tuple[int, int]]
