@@ -237,7 +237,8 @@ class ConnectorWorker:
 
     def finish_stores_of(self, request_ids: Iterable[str]) -> None:
         """Block until these requests' stores no longer read their engine blocks (before their reuse; a write into
-        a disk may go on)."""
+        a disk may go on). Raises RuntimeError where such a store is neither running nor queued (this step's
+        layer-wise stores before their groups start): nothing could end the wait."""
         request_ids = list(request_ids)
         waiting = set().union(*(self._storing.get(r, set()) for r in request_ids))
         self._collect(self.store.poll())
