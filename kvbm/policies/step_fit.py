@@ -30,6 +30,7 @@ median is taken. On the 2-core CPU machine, in `bench/sched_bench.py`'s run with
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 
 import numpy as np
@@ -59,9 +60,9 @@ class StepFit:
         self.per_token: float | None = None
         #: Fitted seconds every step pays (at least 0), or None without a fit.
         self.fixed: float | None = None
-        self._class_tokens = np.ones((_CLASSES, KEEP))  # the last KEEP steps of each size class, for the bound
-        self._class_seconds = np.full((_CLASSES, KEEP), np.inf)  # (inf: no step yet, bounds nothing)
-        self._class_count = np.zeros(_CLASSES, dtype=np.int64)
+        # the last KEEP steps of each size class as (tokens, seconds), for the bound; each class's count of steps
+        self._class_steps: list[list[tuple[float, float]]] = [[] for _ in range(_CLASSES)]
+        self._class_count = [0] * _CLASSES
         # the kept steps by tokens: (tokens ascending, least seconds from each on, least seconds per token up to
         # each), rebuilt on the first bound after a step was added; None until then
         self._bound_table: tuple[list[float], list[float], list[float]] | None = None
@@ -74,8 +75,11 @@ class StepFit:
         self._count += 1
         if tokens > 0:
             k = min(int(tokens).bit_length(), _CLASSES) - 1
-            j = self._class_count[k] % KEEP
-            self._class_tokens[k, j], self._class_seconds[k, j] = tokens, seconds
+            kept, j = self._class_steps[k], self._class_count[k] % KEEP
+            if j < len(kept):
+                kept[j] = (float(tokens), float(seconds))
+            else:
+                kept.append((float(tokens), float(seconds)))
             self._class_count[k] += 1
             self._bound_table = None
         n = min(self._count, WINDOW)  # slots not yet filled keep NaN slopes: never paired
@@ -99,15 +103,15 @@ class StepFit:
         """The most ``tokens`` tokens can add to a step, by the steps kept (the last ``KEEP`` of each size class):
         the least of ``s * max(1, tokens / t)`` over steps of ``t > 0`` tokens that took ``s`` seconds; None before
         such a step."""
-        if self._bound_table is None:
-            kept = np.isfinite(self._class_seconds)
-            if not kept.any():
+        if self._bound_table is None:  # (plain lists: a few dozen steps, where numpy's per-call cost dominates)
+            kept = sorted(step for steps in self._class_steps for step in steps)
+            if not kept:
                 return None
-            t, s = self._class_tokens[kept], self._class_seconds[kept]
-            order = np.argsort(t, kind="stable")
-            t, s = t[order], s[order]
-            self._bound_table = (t.tolist(), np.minimum.accumulate(s[::-1])[::-1].tolist(),
-                                 np.minimum.accumulate(s / t).tolist())
+            seconds_from = [s for _, s in kept]
+            for i in range(len(seconds_from) - 2, -1, -1):
+                seconds_from[i] = min(seconds_from[i], seconds_from[i + 1])
+            per_token_upto = list(itertools.accumulate((s / t for t, s in kept), min))
+            self._bound_table = ([t for t, _ in kept], seconds_from, per_token_upto)
         steps, seconds_from, per_token_upto = self._bound_table
         i = bisect.bisect_left(steps, tokens)  # steps[i:] have at least `tokens` tokens: each bounds them by its s
         bound = seconds_from[i] if i < len(steps) else math.inf
