@@ -219,6 +219,8 @@ def test_waiting_for_stores_not_started_yet_raises_rather_than_spins() -> None:
 
 
 def test_a_step_with_a_move_the_store_cannot_run_queues_and_tracks_none_of_its_moves() -> None:
+    """A store into a tier the worker lacks fails the whole call before anything runs: no move is queued, none is
+    waited for, and the worker is left idle."""
     g1 = allocate(PRESET, GEOMETRY, 16, dtype=torch.bfloat16)
     fill_random(g1, torch.Generator().manual_seed(7))
     worker = worker_for(g1, layerwise_store=False)
