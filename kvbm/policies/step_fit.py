@@ -32,6 +32,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+from collections import deque
 
 import numpy as np
 
@@ -60,9 +61,8 @@ class StepFit:
         self.per_token: float | None = None
         #: Fitted seconds every step pays (at least 0), or None without a fit.
         self.fixed: float | None = None
-        # the last KEEP steps of each size class as (tokens, seconds), for the bound; each class's count of steps
-        self._class_steps: list[list[tuple[float, float]]] = [[] for _ in range(_CLASSES)]
-        self._class_count = [0] * _CLASSES
+        # the last KEEP steps of each size class as (tokens, seconds), for the bound
+        self._class_steps: list[deque[tuple[float, float]]] = [deque(maxlen=KEEP) for _ in range(_CLASSES)]
         # the kept steps by tokens: (tokens ascending, least seconds from each on, least seconds per token up to
         # each), rebuilt on the first bound after a step was added; None until then
         self._bound_table: tuple[list[float], list[float], list[float]] | None = None
@@ -74,13 +74,7 @@ class StepFit:
         x[slot], y[slot] = tokens, seconds
         self._count += 1
         if tokens > 0:
-            k = min(int(tokens).bit_length(), _CLASSES) - 1
-            kept, j = self._class_steps[k], self._class_count[k] % KEEP
-            if j < len(kept):
-                kept[j] = (float(tokens), float(seconds))
-            else:
-                kept.append((float(tokens), float(seconds)))
-            self._class_count[k] += 1
+            self._class_steps[min(int(tokens).bit_length(), _CLASSES) - 1].append((float(tokens), float(seconds)))
             self._bound_table = None
         n = min(self._count, WINDOW)  # slots not yet filled keep NaN slopes: never paired
         dx = x[:n] - tokens
