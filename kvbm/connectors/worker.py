@@ -241,13 +241,15 @@ class ConnectorWorker:
         layer-wise stores before their groups start): nothing could end the wait."""
         request_ids = list(request_ids)
         waiting = set().union(*(self._storing.get(r, set()) for r in request_ids))
-        self._collect(self.store.poll())
-        while reading := waiting & self._storing_ids():
+        while True:
+            self._collect(self.store.poll())
+            reading = waiting & self._storing_ids()
+            if not reading:
+                return
             if not self.store.busy:
                 raise RuntimeError(f"stores {sorted(reading)} of requests {sorted(request_ids)} are neither running "
                                    "nor queued in the store (layer-wise stores not started yet?): nothing to wait for")
             self.store.wait_source_read(reading)
-            self._collect(self.store.poll())
 
     def poll(self) -> tuple[set[str], set[str]]:
         """``(held requests whose stores no longer read their engine blocks, requests whose loads are done)``; never
