@@ -296,8 +296,8 @@ def test_layer_group_ranges_are_every_group_any_ratio_gives(num_layers: int, per
 def test_warm_up_prepares_each_layer_group_of_each_host_tier(monkeypatch, tmp_path) -> None:
     """`LayerwiseLoads.warm_up` hands every range of `layer_group_ranges` from each host tier (not the disk tier)
     into the engine cache to the transfer library's `prepare`, as the layer views the loads use; on the CPU the
-    worker's `prepare_layer_groups` builds nothing (its paths compile nothing ahead), and layer-wise loads run
-    as before."""
+    worker's `prepare_transfers` builds nothing (its paths compile nothing ahead), and layer-wise loads run as
+    before."""
     from kvbm.config import KvbmConfig
     from kvbm.connectors.worker import ConnectorWorker
     from kvbm.kernels.medium import Medium
@@ -313,7 +313,7 @@ def test_warm_up_prepares_each_layer_group_of_each_host_tier(monkeypatch, tmp_pa
         prepared = []
         transfers = worker.store.transfers
         monkeypatch.setattr(transfers, "prepare", lambda src, dst: prepared.append((src, dst)))
-        worker.prepare_layer_groups()
+        worker.prepare_transfers()
         assert prepared == []  # a CPU engine cache: nothing to build ahead
         worker._layers.warm_up()
         ranges = layer_group_ranges(GEOMETRY.num_layers, 2)
@@ -333,7 +333,7 @@ def test_warm_up_prepares_each_layer_group_of_each_host_tier(monkeypatch, tmp_pa
 
 
 def test_a_failed_warm_up_is_logged_and_the_loads_go_on(monkeypatch, caplog) -> None:
-    """`prepare_layer_groups` on a GPU engine cache whose warm-up raises: a warning, no exception (the loads
+    """`prepare_transfers` on a GPU engine cache whose warm-up raises: a warning, no exception (the loads
     build their plans on first use); with DYN_KVBM_DISABLE_LAYERWISE_ONBOARD the loads' groups are not built."""
     from kvbm.config import KvbmConfig
     from kvbm.connectors.worker import ConnectorWorker
@@ -354,7 +354,7 @@ def test_a_failed_warm_up_is_logged_and_the_loads_go_on(monkeypatch, caplog) -> 
             monkeypatch.setattr(worker._layers, "warm_up", broken)
             monkeypatch.setattr(worker, "_gpu_cache", True)  # as for a GPU engine cache
             with caplog.at_level("WARNING", logger="kvbm.connectors.worker"):
-                worker.prepare_layer_groups()
+                worker.prepare_transfers()
             monkeypatch.undo()
             assert calls == ([] if disabled else [True])
             assert ("no kernel for you" in caplog.text) is not disabled
@@ -375,9 +375,9 @@ def test_store_group_ranges_are_every_group_any_step_gives(num_layers: int, per_
 
 
 def test_layer_groups_of_stores_are_prepared_with_the_loads(monkeypatch) -> None:
-    """With layer-wise stores, `prepare_layer_groups` on a GPU engine cache builds the stores' groups from the
-    engine cache into the host tier as well as the loads' groups the other way (the worker told its cache is on a
-    GPU; the transfer library's `prepare` recorded, not run)."""
+    """With layer-wise stores, `prepare_transfers` on a GPU engine cache builds the whole-block pairs of both ways
+    first, then the loads' groups from the host tier and the stores' groups into it (the worker told its cache is
+    on a GPU; the transfer library's `prepare` recorded, not run)."""
     from kvbm.config import KvbmConfig
     from kvbm.connectors.worker import ConnectorWorker
     from kvbm.kernels.medium import Medium
@@ -392,13 +392,66 @@ def test_layer_groups_of_stores_are_prepared_with_the_loads(monkeypatch) -> None
         prepared = []
         monkeypatch.setattr(worker.store.transfers, "prepare", lambda src, dst: prepared.append((src, dst)))
         monkeypatch.setattr(worker, "_gpu_cache", True)  # as for a GPU engine cache
-        worker.prepare_layer_groups()
+        worker.prepare_transfers()
         monkeypatch.undo()
-        loads = [(worker.store._layer_view("G2", "G1", a, b), worker.store._layer_view("G1", "G2", a, b))
+        store = worker.store
+        whole = [(store.end("G2", "G1"), store.end("G1", "G2")), (store.end("G1", "G2"), store.end("G2", "G1"))]
+        loads = [(store._layer_view("G2", "G1", a, b), store._layer_view("G1", "G2", a, b))
                  for a, b in layer_group_ranges(GEOMETRY.num_layers, 2)]
-        stores = [(worker.store._layer_view("G1", "G2", a, b), worker.store._layer_view("G2", "G1", a, b))
+        stores = [(store._layer_view("G1", "G2", a, b), store._layer_view("G2", "G1", a, b))
                   for a, b in store_group_ranges(GEOMETRY.num_layers, 2)]
-        assert len(prepared) == len(loads) + len(stores)
-        assert all(s is s2 and d is d2 for (s, d), (s2, d2) in zip(prepared, loads + stores))
+        assert len(prepared) == len(whole) + len(loads) + len(stores)
+        assert all(s is s2 and d is d2 for (s, d), (s2, d2) in zip(prepared, whole + loads + stores))
+    finally:
+        worker.close()
+
+
+def test_whole_block_pairs_are_prepared_as_the_moves_use_them(monkeypatch, tmp_path) -> None:
+    """`prepare_transfers(layer_groups=False)` on a GPU engine cache with a second KV cache group of unlike
+    geometry: the transfer library prepares, for each engine cache and each host tier (not the disk tier), both
+    ways, the very cache objects a bulk load and a store between them then submit (each group's view of the raw
+    slots), and no layer group; the moves' bytes arrive."""
+    from kvbm.config import KvbmConfig
+    from kvbm.connectors.worker import ConnectorWorker
+    from kvbm.kernels.medium import Medium
+    from kvbm.leader.plans import Move, MoveKind
+    from kvbm.tiers import TierSpec
+
+    big = allocate("vllm_flash_attn_nhd", GEOMETRY, 8, dtype=torch.bfloat16)
+    small = allocate("vllm_flash_attn_nhd", KVGeometry(2, 2, 8, 1, 8, 2), 8, dtype=torch.float16)
+    for cache, seed in ((big, 1), (small, 2)):
+        fill_random(cache, torch.Generator().manual_seed(seed))
+    tiers = [TierSpec("G2", Medium.HOST, 8), TierSpec("G3", Medium.DISK, 8, tmp_path, use_o_direct=False)]
+    worker = ConnectorWorker(big, tiers, KvbmConfig(onboard_layers_per_group=2, layerwise_store=True),
+                             groups={"G1.1": small})
+    try:
+        transfers = worker.store.transfers
+        prepared, submitted = [], []
+        monkeypatch.setattr(transfers, "prepare", lambda src, dst: prepared.append((src, dst)))
+        monkeypatch.setattr(worker, "_gpu_cache", True)  # as for a GPU engine cache
+        worker.prepare_transfers(layer_groups=False)
+        monkeypatch.undo()
+        assert len(prepared) == 4 and all(src.geometry.num_layers == dst.geometry.num_layers for src, dst in prepared)
+        submit = transfers.submit
+
+        def recorded(src, dst, *args, **kwargs):
+            submitted.append((src, dst))
+            return submit(src, dst, *args, **kwargs)
+        monkeypatch.setattr(transfers, "submit", recorded)
+        ids = iter(range(1, 100))
+        for engine, tier_blocks in (("G1", (0, 1)), ("G1.1", (2, 3))):
+            store = Move(next(ids), MoveKind.STORE, engine, "G2", (4, 5), tier_blocks, (11, 12))
+            load = Move(next(ids), MoveKind.LOAD, "G2", engine, tier_blocks, (6, 7), (11, 12))
+            for move in (store, load):
+                worker.store.execute([move])
+                worker.store.wait_all()
+        results = worker.store.poll()
+        monkeypatch.undo()
+        assert len(results) == 4 and not any(r.failed for r in results)
+        assert len(submitted) == 4
+        assert all(any(s is p and d is q for p, q in prepared) for s, d in submitted)
+        for cache in (big, small):
+            blocks = to_logical("vllm_flash_attn_nhd", cache)
+            assert torch.equal(blocks[[6, 7]], blocks[[4, 5]])
     finally:
         worker.close()

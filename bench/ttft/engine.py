@@ -135,7 +135,7 @@ class KvbmSide:
         self.leader = ConnectorLeader(self.tiers, config, BLOCK_SIZE, block_bytes=self.block_bytes)
         self.leader.cost.enabled = False
         self.worker = ConnectorWorker(cache, self.tiers, config)
-        self.worker.prepare_layer_groups()  # as the library's vLLM connector does once the caches are registered
+        self.worker.prepare_transfers()  # as the library's vLLM connector does once the caches are registered
 
     @classmethod
     def create(cls, name: str, kv_caches: Sequence[torch.Tensor], *, host_blocks: int = 0, disk_blocks: int = 0,

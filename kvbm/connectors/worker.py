@@ -154,26 +154,28 @@ class ConnectorWorker:
         if by_layers:
             self._layers.start(by_layers, layer_ratio)
 
-    def prepare_layer_groups(self) -> None:
-        """Build now, once the engine's caches are registered, the transfer plans and kernels of every layer group a
-        layer-wise load (`LayerwiseLoads.warm_up`) or a layer-wise store (`LayerwiseStores.warm_up`) can use, so that
-        no step builds or compiles them; for engines whose scheduler side plans layer-wise loads. Nothing without a
-        GPU engine cache; loads not with ``DYN_KVBM_DISABLE_LAYERWISE_ONBOARD``, stores only with
-        ``DYN_KVBM_LAYERWISE_STORE``. A failure is logged, not raised: the steps then build them on first use, as
-        without this call."""
+    def prepare_transfers(self, layer_groups: bool = True) -> None:
+        """Build now, once the engine's caches are registered, what this rank's transfers between the engine caches
+        and the host tiers use, so that no step builds or compiles it: the whole-block moves of both ways
+        (`BlockStore.prepare_engine_pairs`) and, with ``layer_groups`` (engines whose scheduler side plans
+        layer-wise loads), every layer group a layer-wise load (`LayerwiseLoads.warm_up`) or a layer-wise store
+        (`LayerwiseStores.warm_up`) can use. Nothing without a GPU engine cache; the loads' groups not with
+        ``DYN_KVBM_DISABLE_LAYERWISE_ONBOARD``, the stores' only with ``DYN_KVBM_LAYERWISE_STORE``. A failure is
+        logged, not raised: the steps then build what they need on first use, as without this call."""
         if not self._gpu_cache:
             return
         t0 = time.perf_counter()
         try:
-            if self._layerwise_onboard:
+            self.store.prepare_engine_pairs()
+            if layer_groups and self._layerwise_onboard:
                 self._layers.warm_up(cost_sized=self._cost_layer_groups)
-            if self._layer_stores is not None:
+            if layer_groups and self._layer_stores is not None:
                 self._layer_stores.warm_up()
         except Exception as e:  # noqa: BLE001 - an optimisation: the steps build what they need on first use
-            log.warning("kvbm: rank %d: layer group plans not built ahead (%r); the first steps build them",
+            log.warning("kvbm: rank %d: transfer plans not built ahead (%r); the first steps build them",
                         self.rank, e)
             return
-        log.info("kvbm: rank %d: layer group plans built in %.2f s", self.rank, time.perf_counter() - t0)
+        log.info("kvbm: rank %d: transfer plans built in %.2f s", self.rank, time.perf_counter() - t0)
 
     def wait_for_layer(self, layer: int) -> None:
         """Order the engine's later work on ``layer`` after the layer-wise loads of its group: on the GPU the

@@ -343,6 +343,7 @@ class DynamoKVBMConnectorWorker(KvCacheConnectorWorker):
             metrics = process_metrics.acquire(config, rank=self.rank, sides="worker")
             self._held.metrics = (self.rank,)
         self._held.worker = ConnectorWorker(self._cache, tiers, config, metrics=metrics, rank=self.rank)
+        self._held.worker.prepare_transfers(layer_groups=False)  # this scheduler side plans no layer-wise loads
 
     def register_forward_pass_callable(self) -> Callable[[], None]:
         """The callable the executor runs at the end of each forward pass: it starts the step's stores."""

@@ -210,7 +210,7 @@ class DynamoConnector(KVConnectorBase_V1, SupportsHMA):
         if self.worker.tier_geometry != cache.geometry:
             log.info("kvbm: rank %d: KV cache groups of unlike blocks share the tiers' %d-byte slots",
                      self.rank, self.worker.tier_geometry.block_bytes)
-        self.worker.prepare_layer_groups()  # this connector's scheduler side plans layer-wise loads
+        self.worker.prepare_transfers(layer_groups=True)  # this connector's scheduler side plans layer-wise loads
 
     def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
         """This rank's registration (its tiers are allocated) with its NIXL endpoint when it exports its G2 (for the

@@ -100,13 +100,19 @@ class KvbmOffloadingWorker(OffloadingWorker):
 
     def __init__(self, kv_caches: CanonicalKVCaches, tiers: Sequence[TierSpec], config: KvbmConfig,
                  blocks_per_chunk: int, *, transfers: Transfers | None = None) -> None:
-        """Describe the engine cache and allocate this rank's tiers in its geometry (nothing held on failure)."""
+        """Describe the engine cache and allocate this rank's tiers in its geometry (nothing held on failure); on a
+        GPU, build what the transfers between them use (`BlockStore.prepare_engine_pairs`)."""
         if not tiers:
             raise ValueError("no offload tier configured")
         engine = describe_canonical_kv_caches(kv_caches)
         self.engine_cache = engine
         self.blocks_per_chunk = blocks_per_chunk
         self.store = BlockStore.open(engine, tiers, config, transfers=transfers)
+        if engine.device.type == "cuda":
+            try:  # the first job would otherwise build the copy plans and kernels of its pair
+                self.store.prepare_engine_pairs()
+            except Exception as e:  # noqa: BLE001 - an optimisation: the first jobs build what they need
+                log.warning("kvbm: transfer plans not built ahead (%r); the first jobs build them", e)
         self.failure_reports = False
         # Moves run under ids of this worker (vLLM jobs issued before a cache reset may still run): run id ->
         # (indices of the planned move's blocks it copies, the planned move, blocks failed before running, job id).

@@ -10,7 +10,7 @@ plan's ``layer_ratio``, from the cost rule's estimates), groups keep doubling pa
 are started.
 
 The transfer plans and kernels of every group a load can use (`layer_group_ranges`: every layout any ratio gives)
-are built at start-up (`warm_up`, which the worker's `prepare_layer_groups` runs), not in the step that first
+are built at start-up (`warm_up`, which the worker's `prepare_transfers` runs), not in the step that first
 uses a group: a ratio that moves as the cost rule learns changes the layout between steps.
 
 The groups are enqueued in the caller's thread, before the forward. Enqueueing them from a thread of their own, so
