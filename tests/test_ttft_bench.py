@@ -304,6 +304,48 @@ def test_qa_rows_report_the_wait_for_g1_blocks_that_stores_still_read(ttft, tmp_
     assert g3.bytes_ok is True
 
 
+def test_qa_passes_run_the_modes_in_turn_each_from_cold_tiers(ttft, tmp_path, monkeypatch):
+    """``--qa-passes 2``: recompute's requests, then G2's, then recompute's again and G2's again, each pass under a
+    salt of its own (its tier cold: the second G2 pass loads as much as the first, every block checked); a row is
+    over both passes' requests, its mean their mean, and lists each pass's mean."""
+    b = ttft["bench"]
+    for key in [k for k in os.environ if k.startswith("DYN_KVBM_")]:
+        monkeypatch.delenv(key)
+    with pytest.raises(SystemExit):
+        b.parse_args(["--smoke", "--qa-passes", "0"])
+    args = b.parse_args(["--smoke", "--workloads", "qa", "--modes", "recompute,g2", "--qa-passes", "2",
+                         "--disk-dir", str(tmp_path)])
+    with torch.inference_mode():
+        setup = b.build(args, "tiny", torch.device("cpu"), torch.float32)
+        try:
+            calls = []
+            run_request = setup.engine.run_request
+
+            def recorded(prompt, sides=(), **kw):
+                result = run_request(prompt, sides, **kw)
+                calls.append((bool(sides), kw["salt"], result.loaded_tokens))
+                return result
+            monkeypatch.setattr(setup.engine, "run_request", recorded)
+            rows = {r.mode: r for r in b.run_qa(args, setup)}
+        finally:
+            for side in setup.sides.values():
+                side.close()
+    per_pass = 6  # 3 users x 2 rounds
+    assert [(kv, salt) for kv, salt, _ in calls[::per_pass]] == [(False, 1), (True, 2), (False, 3), (True, 4)]
+    assert all(calls[i][:2] == calls[i - i % per_pass][:2] for i in range(len(calls)))
+    loaded = [sum(n for _, _, n in calls[k * per_pass:(k + 1) * per_pass]) for k in range(4)]
+    assert loaded[0] == loaded[2] == 0 and loaded[1] == loaded[3] > 0
+    for mode in (b.RECOMPUTE, b.G2):
+        row = rows[mode]
+        assert row.requests == 2 * per_pass and len(row.pass_means_ms) == 2
+        assert row.ttft_ms == pytest.approx(sum(row.ttft_all_ms) / len(row.ttft_all_ms), abs=1e-2)
+        assert row.pass_means_ms == pytest.approx([sum(row.ttft_all_ms[:per_pass]) / per_pass,
+                                                   sum(row.ttft_all_ms[per_pass:]) / per_pass], abs=1e-2)
+        assert "pass means " + " / ".join(f"{m:.1f}" for m in row.pass_means_ms) in row.note
+    assert rows[b.G2].loaded_tokens == loaded[1] + loaded[3] and rows[b.G2].bytes_ok is True
+    assert rows[b.G2].checked_blocks == rows[b.G2].loaded_tokens // 16
+
+
 def test_cost_rule_recomputes_from_a_slow_disk(ttft, tmp_path, monkeypatch):
     """A disk taking a second per read (8 blocks of 32 KiB: 0.26 MB/s) loses to recomputing 128 tokens even on a
     busy CPU: after the probe (one untimed load with the rule off) the rule recomputes, and the row's TTFT is about

@@ -91,6 +91,7 @@ class Row:
     bytes_ok: bool | None = None
     note: str = ""
     rule: dict[str, Any] | None = None  #: G3 hit, cost rule: how the rule decided (`cost_rule.rule_note`)
+    pass_means_ms: list[float] = field(default_factory=list)  #: multi-round workload: each pass's mean TTFT
 
 
 def median_ms(values: Sequence[float]) -> float:
@@ -170,6 +171,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--qa-active", type=int, default=None,
                     help="users taking turns at a time (default all: a user's next round comes after every other "
                          "user's)")
+    ap.add_argument("--qa-passes", type=int, default=1,
+                    help="passes of the QA modes, run in turn, each from cold tiers (default 1)")
     ap.add_argument("--qa-g1-tokens", type=int, default=None,
                     help="G1 size for the QA workload in tokens (default: a quarter of the working set, at least "
                          "the largest request)")
@@ -207,8 +210,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.layer_store_tokens = 128
     if any(p % BLOCK_SIZE for p in args.prefixes):
         ap.error(f"--prefixes must be multiples of {BLOCK_SIZE} (whole blocks)")
-    if args.reps < 1 or args.warmup < 0 or args.new_tokens < 1:
-        ap.error("--reps and --new-tokens must be positive, --warmup not negative")
+    if args.reps < 1 or args.warmup < 0 or args.new_tokens < 1 or args.qa_passes < 1:
+        ap.error("--reps, --new-tokens and --qa-passes must be positive, --warmup not negative")
     if args.disk_dir is None:
         args.disk_dir = Path(os.environ.get("DYN_KVBM_DISK_CACHE_DIR") or "/tmp")
     return args
@@ -595,69 +598,96 @@ def qa_g1_blocks(args: argparse.Namespace, qa: ChatWorkload) -> int:
 
 
 def run_qa(args: argparse.Namespace, setup: Setup) -> list[Row]:
-    """Workload (b): every request of the multi-round QA in arrival order, per mode; mean TTFT."""
+    """Workload (b): every request of the multi-round QA in arrival order, per mode; mean TTFT. With ``--qa-passes``
+    N the modes run N times in turn (a pass of each, then the next), each pass from cold tiers, so that a drift of
+    the machine between passes touches every mode; a row is over all passes' requests and lists each pass's mean."""
     eng, shape = setup.engine, setup.shape
     qa = qa_workload(args, shape.vocab)
     g1_blocks = qa_g1_blocks(args, qa)
     label = (f"QA {qa.num_users}u x {qa.num_rounds}r, sys {qa.system_prompt_tokens}, q {qa.question_tokens}, "
              f"a {qa.answer_tokens}, G1 {g1_blocks * BLOCK_SIZE} tok / working set "
              f"{qa_unique_blocks(qa) * BLOCK_SIZE} tok")
-    rows = []
+    modes = [MODES[m] for m in args.modes]
+    results: dict[str, list[RequestResult]] = {mode: [] for mode in modes}
+    pass_means: dict[str, list[float]] = {mode: [] for mode in modes}
+    decisions: dict[str, list[RuleDecision]] = {mode: [] for mode in modes}
+    seconds = dict.fromkeys(modes, 0.0)
+    failed: dict[str, Row] = {}
     full_pool = eng.pool
     eng.evict_all()
-    # each mode hashes its blocks with a salt of its own: its tier starts cold, as the recompute row's G1 does,
-    # whatever an earlier mode on the same side stored (the G2 side serves two modes)
+    # each pass of each mode hashes its blocks with a salt of its own: its tier starts cold, as the recompute row's
+    # G1 does, whatever an earlier pass or mode on the same side stored (the G2 side serves two modes)
     try:
         eng.pool = G1Pool(range(g1_blocks))
-        for salt, mode in enumerate((MODES[m] for m in args.modes), start=1):
-            side = setup.sides.get(side_mode(mode))
-            if mode in KVBM_MODES and side is None:
-                rows.append(Row(shape.name, label, mode, note=f"unavailable: {setup.unavailable.get(side_mode(mode))}"))
-                continue
-            eng.pool.reset()
-            eng.poison()
-            reference = None  # the previous mode's is freed before this one's is allocated
-            reference = Reference(setup.caches, qa_unique_blocks(qa) + 16) if side is not None else None
-            log(f"{shape.name} QA: {mode}: {qa.num_requests} requests")
-            t = time.perf_counter()
-            results = []
-            rule = setup.rule if mode == G3_AUTO else None
-            decisions: list[RuleDecision] = []
-            try:
-                for req in qa.requests():
-                    def request(req: Any = req, side: KvbmSide | None = side) -> RequestResult:
-                        return eng.run_request(req.prompt, [side] if side else [], answer=req.answer,
-                                               reference=reference, record=reference,
-                                               request_id=f"qa-{req.user}-{req.round}",
-                                               layerwise=mode == G2_LAYERWISE, salt=salt)
-                    if rule is None:
-                        results.append(request())
-                    else:
-                        result, decision = rule.run(request)
-                        results.append(result)
-                        decisions.append(decision)
-                eng.finish_held()
-            except Exception as exc:  # any failure: the mode is reported with its reason
-                if side is None:
-                    raise
-                rows.append(_failed(setup, side_mode(mode), exc, Row(shape.name, label, mode)))
-                continue
-            row = _row_from(shape.name, label, mode, results, prefix=None, new=None, mean=True)
-            rule_text = ""
-            if rule is not None:
-                rule_text, row.rule = rule_note(rule, decisions)
-            waits = (f"waited {row.block_wait_ms:.1f} ms a request for G1 blocks stores still read"
-                     if row.block_wait_ms >= 0.05 else "")
-            row.note = "; ".join(n for n in (rule_text, waits, side.disk_note if side is not None else "") if n)
-            rows.append(row)
-            log(f"{shape.name} QA: {mode} mean TTFT {row.ttft_ms:.1f} ms over {row.requests} requests; tokens from "
-                f"G1 {row.g1_hit_tokens}, loaded {row.loaded_tokens}, computed {row.computed_tokens}"
-                + (f", bytes {_bytes_word(row.bytes_ok)}" if side is not None else "")
-                + (f"; {rule_text}" if rule_text else "") + f" ({time.perf_counter() - t:.1f} s)")
+        for qa_pass in range(args.qa_passes):
+            for k, mode in enumerate(modes):
+                side = setup.sides.get(side_mode(mode))
+                if mode in failed or (mode in KVBM_MODES and side is None):
+                    continue
+                salt = qa_pass * len(modes) + k + 1
+                eng.pool.reset()
+                eng.poison()
+                reference = None  # the previous mode's is freed before this one's is allocated
+                reference = Reference(setup.caches, qa_unique_blocks(qa) + 16) if side is not None else None
+                passes = f" (pass {qa_pass + 1} of {args.qa_passes})" if args.qa_passes > 1 else ""
+                log(f"{shape.name} QA: {mode}{passes}: {qa.num_requests} requests")
+                rule = setup.rule if mode == G3_AUTO else None
+                mine: list[RequestResult] = []
+                t = time.perf_counter()
+                try:
+                    for req in qa.requests():
+                        def request(req: Any = req, side: KvbmSide | None = side) -> RequestResult:
+                            return eng.run_request(req.prompt, [side] if side else [], answer=req.answer,
+                                                   reference=reference, record=reference,
+                                                   request_id=f"qa-{req.user}-{req.round}",
+                                                   layerwise=mode == G2_LAYERWISE, salt=salt)
+                        if rule is None:
+                            mine.append(request())
+                        else:
+                            result, decision = rule.run(request)
+                            mine.append(result)
+                            decisions[mode].append(decision)
+                    eng.finish_held()
+                except Exception as exc:  # any failure: the mode is reported with its reason
+                    if side is None:
+                        raise
+                    failed[mode] = _failed(setup, side_mode(mode), exc, Row(shape.name, label, mode))
+                    continue
+                results[mode] += mine
+                pass_means[mode].append(statistics.fmean(r.ttft_s for r in mine) * 1e3)
+                seconds[mode] += time.perf_counter() - t
+                if passes:
+                    log(f"{shape.name} QA: {mode}{passes} mean TTFT {pass_means[mode][-1]:.1f} ms")
     finally:
         eng.finish_held()
         eng.pool = full_pool
         eng.evict_all()
+    rows = []
+    for mode in modes:
+        side = setup.sides.get(side_mode(mode))
+        if mode in failed:
+            rows.append(failed[mode])
+            continue
+        if not results[mode]:
+            rows.append(Row(shape.name, label, mode, note=f"unavailable: {setup.unavailable.get(side_mode(mode))}"))
+            continue
+        row = _row_from(shape.name, label, mode, results[mode], prefix=None, new=None, mean=True)
+        row.pass_means_ms = [round(m, 3) for m in pass_means[mode]]
+        rule_text = ""
+        if mode == G3_AUTO and setup.rule is not None:
+            rule_text, row.rule = rule_note(setup.rule, decisions[mode])
+        waits = (f"waited {row.block_wait_ms:.1f} ms a request for G1 blocks stores still read"
+                 if row.block_wait_ms >= 0.05 else "")
+        per_pass = ("pass means " + " / ".join(f"{m:.1f}" for m in pass_means[mode]) + " ms"
+                    if len(pass_means[mode]) > 1 else "")
+        row.note = "; ".join(n for n in (rule_text, waits, per_pass, side.disk_note if side is not None else "")
+                             if n)
+        rows.append(row)
+        log(f"{shape.name} QA: {mode} mean TTFT {row.ttft_ms:.1f} ms over {row.requests} requests; tokens from "
+            f"G1 {row.g1_hit_tokens}, loaded {row.loaded_tokens}, computed {row.computed_tokens}"
+            + (f", bytes {_bytes_word(row.bytes_ok)}" if side is not None else "")
+            + (f"; {rule_text}" if rule_text else "") + (f"; {per_pass}" if per_pass else "")
+            + f" ({seconds[mode]:.1f} s)")
     return rows
 
 
@@ -689,6 +719,7 @@ def estimate(args: argparse.Namespace, setup: Setup) -> dict[str, float]:
                 rate = EST_HOST_RATE if side_mode(mode) == G2 else EST_DISK_RATE
                 moved = sum(len(r.prompt) for r in qa.requests()) // BLOCK_SIZE * bb * 2
                 est["qa"] += fresh + moved / rate
+        est["qa"] *= args.qa_passes
     return est
 
 
