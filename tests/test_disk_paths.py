@@ -785,6 +785,47 @@ def test_gpu_disk_posix_through_the_gpu_host_path(stand_in_gpu_paths, transfers,
     disk.close()
 
 
+def test_gpu_disk_prepare_builds_the_copies_a_transfer_then_uses(stand_in_gpu_paths, transfers, tmp_path, rng,
+                                                                  monkeypatch):
+    """`Transfers.prepare` of a GPU cache and a disk cache, both ways, under POSIX I/O: the GPU <-> host path is asked
+    to prepare the very pairs (the GPU cache, the bounce pool's cache) that the round trip then submits, one each
+    way; nothing is moved by the preparing (the GPU -> host path's submit is not called); caches the path cannot
+    move raise as for a submit."""
+    prepared, submitted = [], []
+    monkeypatch.setattr(stand_in_gpu_paths, "prepare", lambda self, src, dst: prepared.append((src, dst)),
+                        raising=False)
+    submit = stand_in_gpu_paths.submit
+
+    def recorded(self, src, dst, src_ids, dst_ids):
+        submitted.append((src, dst))
+        return submit(self, src, dst, src_ids, dst_ids)
+    monkeypatch.setattr(stand_in_gpu_paths, "submit", recorded)
+    gpu = gpu_stand_in("vllm_flash_attn_hnd", PADDED, 7)
+    fill(gpu, rng)
+    disk = DiskKVCache(tmp_path, PADDED, DT, 9)
+    transfers.prepare(gpu, disk)
+    transfers.prepare(disk, gpu)
+    pool = bounce_pool(transfers, PADDED, DT, disk.slot_bytes)
+    assert len(prepared) == 2 and not submitted
+    assert prepared[0][0] is gpu and prepared[0][1] is pool.cache
+    assert prepared[1][0] is pool.cache and prepared[1][1] is gpu
+    slots = rng.permutation(9)[:7]
+    t = transfers.submit(gpu, disk, np.arange(7), slots)
+    t.wait()
+    back = gpu_stand_in("vllm_flash_attn_hnd", PADDED, 7)
+    poison(back)
+    r = transfers.submit(disk, back, slots, np.arange(7))
+    r.wait()
+    assert t.ok and r.ok, (t.reasons, r.reasons)
+    for i in range(7):
+        assert block_bytes(back, i) == block_bytes(gpu, i)
+    assert submitted[0][0] is gpu and submitted[0][1] is pool.cache
+    assert submitted[-1][0] is pool.cache and submitted[-1][1] is back
+    with pytest.raises(ValueError, match="moves blocks between a GPU cache and a DiskKVCache"):
+        transfers.path(Medium.GPU, Medium.DISK).prepare(gpu, allocate("vllm_flash_attn_hnd", PADDED, 2, dtype=DT))
+    disk.close()
+
+
 def test_gpu_disk_posix_read_failure_never_reaches_the_gpu(stand_in_gpu_paths, transfers, tmp_path, rng):
     gpu = gpu_stand_in("vllm_flash_attn_nhd", ALIGNED, 4)
     fill(gpu, rng)

@@ -408,9 +408,9 @@ def test_layer_groups_of_stores_are_prepared_with_the_loads(monkeypatch) -> None
 
 def test_whole_block_pairs_are_prepared_as_the_moves_use_them(monkeypatch, tmp_path) -> None:
     """`prepare_transfers(layer_groups=False)` on a GPU engine cache with a second KV cache group of unlike
-    geometry: the transfer library prepares, for each engine cache and each host tier (not the disk tier), both
-    ways, the very cache objects a bulk load and a store between them then submit (each group's view of the raw
-    slots), and no layer group; the moves' bytes arrive."""
+    geometry: the transfer library prepares, for each engine cache and each offload tier (host and disk), both ways,
+    the very cache objects the bulk loads and stores between them then submit (each group's view of the raw slots),
+    and no layer group; the moves' bytes arrive."""
     from kvbm.config import KvbmConfig
     from kvbm.connectors.worker import ConnectorWorker
     from kvbm.kernels.medium import Medium
@@ -431,7 +431,7 @@ def test_whole_block_pairs_are_prepared_as_the_moves_use_them(monkeypatch, tmp_p
         monkeypatch.setattr(worker, "_gpu_cache", True)  # as for a GPU engine cache
         worker.prepare_transfers(layer_groups=False)
         monkeypatch.undo()
-        assert len(prepared) == 4 and all(src.geometry.num_layers == dst.geometry.num_layers for src, dst in prepared)
+        assert len(prepared) == 8 and all(src.geometry.num_layers == dst.geometry.num_layers for src, dst in prepared)
         submit = transfers.submit
 
         def recorded(src, dst, *args, **kwargs):
@@ -440,18 +440,21 @@ def test_whole_block_pairs_are_prepared_as_the_moves_use_them(monkeypatch, tmp_p
         monkeypatch.setattr(transfers, "submit", recorded)
         ids = iter(range(1, 100))
         for engine, tier_blocks in (("G1", (0, 1)), ("G1.1", (2, 3))):
-            store = Move(next(ids), MoveKind.STORE, engine, "G2", (4, 5), tier_blocks, (11, 12))
-            load = Move(next(ids), MoveKind.LOAD, "G2", engine, tier_blocks, (6, 7), (11, 12))
-            for move in (store, load):
-                worker.store.execute([move])
-                worker.store.wait_all()
+            for tier, into in (("G2", [6, 7]), ("G3", [2, 3])):  # (random bytes there before: the poison)
+                hashes = (next(ids), next(ids))
+                store = Move(next(ids), MoveKind.STORE, engine, tier, (4, 5), tier_blocks, hashes)
+                load = Move(next(ids), MoveKind.LOAD, tier, engine, tier_blocks, tuple(into), hashes)
+                blocks = to_logical("vllm_flash_attn_nhd", big if engine == "G1" else small)
+                assert not torch.equal(blocks[into], blocks[[4, 5]])
+                for move in (store, load):
+                    worker.store.execute([move])
+                    worker.store.wait_all()
+                blocks = to_logical("vllm_flash_attn_nhd", big if engine == "G1" else small)
+                assert torch.equal(blocks[into], blocks[[4, 5]])
         results = worker.store.poll()
         monkeypatch.undo()
-        assert len(results) == 4 and not any(r.failed for r in results)
-        assert len(submitted) == 4
+        assert len(results) == 8 and not any(r.failed for r in results)
+        assert len(submitted) == 8
         assert all(any(s is p and d is q for p, q in prepared) for s, d in submitted)
-        for cache in (big, small):
-            blocks = to_logical("vllm_flash_attn_nhd", cache)
-            assert torch.equal(blocks[[6, 7]], blocks[[4, 5]])
     finally:
         worker.close()

@@ -161,15 +161,34 @@ class GpuDiskPath:
 
     # ------------------------------------------------------------------ submit
 
-    def submit(self, src: Any, dst: Any, src_ids: np.ndarray, dst_ids: np.ndarray, *,
-               tags: Sequence[int] | None = None) -> BlockTransfer:
-        """Start the transfer (see `HostDiskPath.submit` for ``tags``); raises ValueError for caches this path
-        cannot move, or (DYN_KVBM_DISK_IO=gds) a file cuFile refuses."""
+    def _sides(self, src: Any, dst: Any) -> tuple[bool, DiskKVCache, Any]:
+        """(reading from the disk?, the disk cache, the GPU cache); ValueError for caches this path cannot move."""
         reading = medium_of(src) is Medium.DISK
         disk, gpu = (src, dst) if reading else (dst, src)
         if not isinstance(disk, DiskKVCache) or medium_of(gpu) is not Medium.GPU:
             raise ValueError(f"{self.name} moves blocks between a GPU cache and a DiskKVCache, got "
                              f"{type(src).__name__} -> {type(dst).__name__}")
+        return reading, disk, gpu
+
+    def prepare(self, src: Any, dst: Any) -> None:
+        """Build now what the copies between the GPU cache and the disk's pinned bounce buffers need (POSIX I/O:
+        the bounce pool, and `Transfers.prepare` of the pool's cache, which builds the transfer engine and the
+        pair's plans and kernels), so that the first store or load does not; under cuFile, the file's registration.
+        Raises as `submit` does for caches this path cannot move."""
+        reading, disk, gpu = self._sides(src, dst)
+        if self._handle(disk) is not None:
+            return
+        pool = bounce_pool(self._transfers, disk.geometry, disk.dtype, disk.slot_bytes)
+        if reading:
+            self._transfers.prepare(pool.cache, gpu)
+        else:
+            self._transfers.prepare(gpu, pool.cache)
+
+    def submit(self, src: Any, dst: Any, src_ids: np.ndarray, dst_ids: np.ndarray, *,
+               tags: Sequence[int] | None = None) -> BlockTransfer:
+        """Start the transfer (see `HostDiskPath.submit` for ``tags``); raises ValueError for caches this path
+        cannot move, or (DYN_KVBM_DISK_IO=gds) a file cuFile refuses."""
+        reading, disk, gpu = self._sides(src, dst)
         tag_list = check_tags(tags, src_ids.size)
         handle = self._handle(disk)
         t = self._transfers

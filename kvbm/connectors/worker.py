@@ -156,7 +156,7 @@ class ConnectorWorker:
 
     def prepare_transfers(self, layer_groups: bool = True) -> None:
         """Build now, once the engine's caches are registered, what this rank's transfers between the engine caches
-        and the host tiers use, so that no step builds or compiles it: the whole-block moves of both ways
+        and the offload tiers use, so that no step builds or compiles it: the whole-block moves of both ways
         (`BlockStore.prepare_engine_pairs`) and, with ``layer_groups`` (engines whose scheduler side plans
         layer-wise loads), every layer group a layer-wise load (`LayerwiseLoads.warm_up`) or a layer-wise store
         (`LayerwiseStores.warm_up`) can use. Nothing without a GPU engine cache; the loads' groups not with
