@@ -375,9 +375,9 @@ def test_store_group_ranges_are_every_group_any_step_gives(num_layers: int, per_
 
 
 def test_layer_groups_of_stores_are_prepared_with_the_loads(monkeypatch) -> None:
-    """With layer-wise stores, `prepare_transfers` on a GPU engine cache builds the whole-block pairs of both ways
-    first, then the loads' groups from the host tier and the stores' groups into it (the worker told its cache is
-    on a GPU; the transfer library's `prepare` recorded, not run)."""
+    """With layer-wise stores, `prepare_transfers` on a GPU engine cache builds the loads' groups from the host tier
+    and the stores' groups into it, then the whole-block pairs of both ways (the worker told its cache is on a GPU;
+    the transfer library's `prepare` recorded, not run)."""
     from kvbm.config import KvbmConfig
     from kvbm.connectors.worker import ConnectorWorker
     from kvbm.kernels.medium import Medium
@@ -401,7 +401,7 @@ def test_layer_groups_of_stores_are_prepared_with_the_loads(monkeypatch) -> None
         stores = [(store._layer_view("G1", "G2", a, b), store._layer_view("G2", "G1", a, b))
                   for a, b in store_group_ranges(GEOMETRY.num_layers, 2)]
         assert len(prepared) == len(whole) + len(loads) + len(stores)
-        assert all(s is s2 and d is d2 for (s, d), (s2, d2) in zip(prepared, whole + loads + stores))
+        assert all(s is s2 and d is d2 for (s, d), (s2, d2) in zip(prepared, loads + stores + whole))
     finally:
         worker.close()
 
@@ -456,5 +456,38 @@ def test_whole_block_pairs_are_prepared_as_the_moves_use_them(monkeypatch, tmp_p
         assert len(results) == 8 and not any(r.failed for r in results)
         assert len(submitted) == 8
         assert all(any(s is p and d is q for p, q in prepared) for s, d in submitted)
+    finally:
+        worker.close()
+
+
+def test_a_disk_tier_that_refuses_its_pairs_leaves_the_rest_prepared(monkeypatch, caplog, tmp_path) -> None:
+    """`prepare_transfers` where the disk tier's preparing raises (a file cuFile refuses under
+    DYN_KVBM_DISK_IO=gds): the layer groups and the host tier's whole-block pairs are built first, and the failure
+    is logged, not raised."""
+    from kvbm.config import KvbmConfig
+    from kvbm.connectors.worker import ConnectorWorker
+    from kvbm.kernels.medium import Medium, medium_of
+    from kvbm.tiers import TierSpec
+    from kvbm.worker.layerwise import layer_group_ranges
+
+    g1 = allocate("vllm_flash_attn_nhd", GEOMETRY, 8, dtype=torch.bfloat16)
+    tiers = [TierSpec("G2", Medium.HOST, 8), TierSpec("G3", Medium.DISK, 8, tmp_path, use_o_direct=False)]
+    worker = ConnectorWorker(g1, tiers, KvbmConfig(onboard_layers_per_group=2, layerwise_store=False))
+    try:
+        prepared = []
+
+        def prepare(src, dst):
+            if Medium.DISK in (medium_of(src), medium_of(dst)):
+                raise ValueError("cuFileHandleRegister failed")
+            prepared.append((src, dst))
+        monkeypatch.setattr(worker.store.transfers, "prepare", prepare)
+        monkeypatch.setattr(worker, "_gpu_cache", True)  # as for a GPU engine cache
+        with caplog.at_level("WARNING", logger="kvbm.connectors.worker"):
+            worker.prepare_transfers()
+        monkeypatch.undo()
+        store = worker.store
+        assert len(prepared) == len(layer_group_ranges(GEOMETRY.num_layers, 2)) + 2
+        assert prepared[-2][0] is store.end("G2", "G1") and prepared[-1][1] is store.end("G2", "G1")
+        assert "cuFileHandleRegister failed" in caplog.text and "not built ahead" in caplog.text
     finally:
         worker.close()

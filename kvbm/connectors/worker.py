@@ -156,21 +156,21 @@ class ConnectorWorker:
 
     def prepare_transfers(self, layer_groups: bool = True) -> None:
         """Build now, once the engine's caches are registered, what this rank's transfers between the engine caches
-        and the offload tiers use, so that no step builds or compiles it: the whole-block moves of both ways
-        (`BlockStore.prepare_engine_pairs`) and, with ``layer_groups`` (engines whose scheduler side plans
-        layer-wise loads), every layer group a layer-wise load (`LayerwiseLoads.warm_up`) or a layer-wise store
-        (`LayerwiseStores.warm_up`) can use. Nothing without a GPU engine cache; the loads' groups not with
+        and the offload tiers use, so that no step builds or compiles it: with ``layer_groups`` (engines whose
+        scheduler side plans layer-wise loads), every layer group a layer-wise load (`LayerwiseLoads.warm_up`) or a
+        layer-wise store (`LayerwiseStores.warm_up`) can use, then the whole-block moves of both ways
+        (`BlockStore.prepare_engine_pairs`). Nothing without a GPU engine cache; the loads' groups not with
         ``DYN_KVBM_DISABLE_LAYERWISE_ONBOARD``, the stores' only with ``DYN_KVBM_LAYERWISE_STORE``. A failure is
         logged, not raised: the steps then build what they need on first use, as without this call."""
         if not self._gpu_cache:
             return
         t0 = time.perf_counter()
         try:
-            self.store.prepare_engine_pairs()
             if layer_groups and self._layerwise_onboard:
                 self._layers.warm_up(cost_sized=self._cost_layer_groups)
             if layer_groups and self._layer_stores is not None:
                 self._layer_stores.warm_up()
+            self.store.prepare_engine_pairs()  # (last: a disk file cuFile refuses raises here)
         except Exception as e:  # noqa: BLE001 - an optimisation: the steps build what they need on first use
             log.warning("kvbm: rank %d: transfer plans not built ahead (%r); the first steps build them",
                         self.rank, e)

@@ -201,8 +201,9 @@ class BlockStore:
         does not pay for it (on an H100 the first bulk load of a process spent 3.1-5.5 ms building them, and the
         cost rule then learned that time as the load's; a disk-only tier's first store built the whole transfer
         engine, 21.6 s)."""
-        for engine in self.engine_tiers:
-            for tier in self._owned:
+        host = self.host_tiers
+        for tier in host + [t for t in self._owned if t not in host]:  # (host tiers first: a disk may refuse)
+            for engine in self.engine_tiers:
                 self.transfers.prepare(self.end(tier, engine), self.end(engine, tier))
                 self.transfers.prepare(self.end(engine, tier), self.end(tier, engine))
 
