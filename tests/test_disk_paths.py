@@ -724,6 +724,7 @@ class StandInGpuHostPath:
 
     name = "stand-in-gpu-host"
     threads: list[str] = []
+    held: list[Future] | None = None  #: when a list, each copy's completion is appended here for the test to set
 
     def __init__(self, transfers) -> None:
         pass
@@ -732,7 +733,10 @@ class StandInGpuHostPath:
         StandInGpuHostPath.threads.append(threading.current_thread().name)
         copy_blocks(src, dst, src_ids, dst_ids, backend="torch")
         done: Future = Future()
-        threading.Timer(0.002, done.set_result, [None]).start()
+        if StandInGpuHostPath.held is not None:
+            StandInGpuHostPath.held.append(done)
+        else:
+            threading.Timer(0.002, done.set_result, [None]).start()
 
         def steps():
             yield done
@@ -746,7 +750,7 @@ class StandInGpuHostPath:
 
 @pytest.fixture
 def stand_in_gpu_paths(monkeypatch):
-    StandInGpuHostPath.threads = []
+    StandInGpuHostPath.threads, StandInGpuHostPath.held = [], None
     monkeypatch.setitem(transfers_module._PATHS, (Medium.GPU, Medium.HOST), StandInGpuHostPath)
     monkeypatch.setitem(transfers_module._PATHS, (Medium.HOST, Medium.GPU), StandInGpuHostPath)
     return StandInGpuHostPath
@@ -863,15 +867,21 @@ def _poll_until(check, seconds: float = 10.0) -> bool:
 
 def test_a_gpu_write_frees_its_source_once_every_block_is_in_a_chunk(stand_in_gpu_paths, transfers, tmp_path, rng,
                                                                       monkeypatch):
-    n = 5  # two chunks of the fixture's pool: both copied before either write runs
+    """The two chunks' copies end one after the other: the first chunk's write starts (and is held) before the
+    second copy ends, and the source is reported read once that copy ends, not once the held write does."""
+    n = 5  # two chunks of the fixture's pool: both copied before either write ends
     gpu = gpu_stand_in("vllm_flash_attn_hnd", PADDED, n)
     fill(gpu, rng)
     want = [block_bytes(gpu, i) for i in range(n)]
     disk = DiskKVCache(tmp_path, PADDED, DT, n + 3)
     gate = _gated_writes(disk, monkeypatch)
     slots = rng.permutation(n + 3)[:n]
+    stand_in_gpu_paths.held = copies = []
     t = transfers.submit(gpu, disk, np.arange(n), slots)
-    assert not t.source_read  # (the stand-in copy completes 2 ms later)
+    assert len(copies) == 2 and not t.source_read and not t.done()
+    copies[0].set_result(None)
+    assert not _poll_until(lambda: t.done() or t.source_read, seconds=0.05)  # the first write runs, held
+    copies[1].set_result(None)
     assert _poll_until(lambda: t.done() or t.source_read)
     assert t.source_read and not t.done()  # every write is held at the gate
     poison(gpu)  # the engine reuses the blocks while the writes go on
@@ -880,6 +890,7 @@ def test_a_gpu_write_frees_its_source_once_every_block_is_in_a_chunk(stand_in_gp
     assert t.ok, t.reasons
     back = gpu_stand_in("vllm_flash_attn_hnd", PADDED, n)
     poison(back)
+    stand_in_gpu_paths.held = None  # the read's copies complete on their own
     r = transfers.submit(disk, back, slots, np.arange(n))
     r.wait()
     assert r.ok, r.reasons
