@@ -1208,3 +1208,40 @@ def test_gpu_disk_round_trip_on_the_gpu(tmp_path, rng, disk_io, preset, geometry
             assert t.results[i] is BlockStatus.OK and block_bytes(host_back, i) == want, t.reasons
     transfers.close()
     disk.close()
+
+
+@needs_cuda
+def test_gpu_disk_prepare_builds_the_bounce_copies_on_the_gpu(tmp_path, rng, monkeypatch):
+    """After `Transfers.prepare` of a GPU cache and a disk cache both ways (POSIX I/O), a round trip through the
+    bounce buffers builds no compiled-enqueue launch row (their pairs were built by the preparing), and every block
+    comes back byte for byte."""
+    from kvbm.kernels import staged_enqueue
+
+    transfers = Transfers(disk_io="posix", bounce_blocks=4, bounce_chunks=2)
+    n = 9
+    cpu = allocate("vllm_flash_attn_nhd", PADDED, n, dtype=DT)
+    fill(cpu, rng)
+    gpu = allocate("vllm_flash_attn_nhd", PADDED, n, dtype=DT, device="cuda")
+    for a, b in zip(gpu.tensors, cpu.tensors):
+        a.copy_(b)
+    disk = DiskKVCache(tmp_path, PADDED, DT, 2 * n)
+    transfers.prepare(gpu, disk)
+    transfers.prepare(disk, gpu)
+    built = []
+    launch_row = staged_enqueue.launch_row
+    monkeypatch.setattr(staged_enqueue, "launch_row", lambda *a: built.append(a) or launch_row(*a))
+    slots = rng.permutation(2 * n)[:n]
+    t = transfers.submit(gpu, disk, np.arange(n), slots)
+    t.wait()
+    back = allocate("vllm_flash_attn_nhd", PADDED, n, dtype=DT, device="cuda")
+    for x in back.tensors:
+        x.view(torch.int16).fill_(POISON)
+    r = transfers.submit(disk, back, slots, np.arange(n))
+    r.wait()
+    torch.cuda.synchronize()
+    assert t.ok and r.ok, (t.reasons, r.reasons)
+    host_back = PagedKVCache([x.cpu() for x in back.tensors], back.layout)
+    assert all(block_bytes(host_back, i) == block_bytes(cpu, i) for i in range(n))
+    assert built == []
+    transfers.close()
+    disk.close()
