@@ -1233,14 +1233,13 @@ def test_gpu_disk_prepare_builds_the_bounce_copies_on_the_gpu(tmp_path, rng, mon
     slots = rng.permutation(2 * n)[:n]
     t = transfers.submit(gpu, disk, np.arange(n), slots)
     t.wait()
-    back = allocate("vllm_flash_attn_nhd", PADDED, n, dtype=DT, device="cuda")
-    for x in back.tensors:
+    for x in gpu.tensors:  # read back into the prepared cache, poisoned
         x.view(torch.int16).fill_(POISON)
-    r = transfers.submit(disk, back, slots, np.arange(n))
+    r = transfers.submit(disk, gpu, slots, np.arange(n))
     r.wait()
     torch.cuda.synchronize()
     assert t.ok and r.ok, (t.reasons, r.reasons)
-    host_back = PagedKVCache([x.cpu() for x in back.tensors], back.layout)
+    host_back = PagedKVCache([x.cpu() for x in gpu.tensors], gpu.layout)
     assert all(block_bytes(host_back, i) == block_bytes(cpu, i) for i in range(n))
     assert built == []
     transfers.close()
