@@ -280,8 +280,10 @@ def bounced_write_steps(transfers: Transfers, src: Any, disk: DiskKVCache, src_i
     def source_read() -> bool:  # every batch copied into its chunk (or failed before): the writes go on alone
         return not pending and all(b.stage is None for b in in_flight)
 
-    def wait_on(batches: list[_Batch]) -> Any:  # a copy still running before the oldest write: the source is read
-        return next((b.stage for b in batches if b.stage is not None), batches[0].waiting_on())  # once it ends
+    def wait_on(batches: list[_Batch]) -> Any:
+        """A copy still running before the oldest batch's write: the source is read once the copies end, however
+        long an earlier chunk's write takes."""
+        return next((b.stage for b in batches if b.stage is not None), batches[0].waiting_on())
 
     yield from run_batches(pending, start, advance, in_flight, pool, [] if me is None else me, wait_on=wait_on,
                            source_read=source_read)
