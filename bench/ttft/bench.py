@@ -608,9 +608,8 @@ def run_qa(args: argparse.Namespace, setup: Setup) -> list[Row]:
              f"a {qa.answer_tokens}, G1 {g1_blocks * BLOCK_SIZE} tok / working set "
              f"{qa_unique_blocks(qa) * BLOCK_SIZE} tok")
     modes = [MODES[m] for m in args.modes]
-    results: dict[str, list[RequestResult]] = {mode: [] for mode in modes}
-    pass_means: dict[str, list[float]] = {mode: [] for mode in modes}
-    decisions: dict[str, list[RuleDecision]] = {mode: [] for mode in modes}
+    results: dict[str, list[RequestResult]] = {mode: [] for mode in modes}  # each pass's requests in turn
+    decisions: list[RuleDecision] = []  # the cost rule's, over its mode's passes
     seconds = dict.fromkeys(modes, 0.0)
     failed: dict[str, Row] = {}
     full_pool = eng.pool
@@ -646,7 +645,7 @@ def run_qa(args: argparse.Namespace, setup: Setup) -> list[Row]:
                         else:
                             result, decision = rule.run(request)
                             mine.append(result)
-                            decisions[mode].append(decision)
+                            decisions.append(decision)
                     eng.finish_held()
                 except Exception as exc:  # any failure: the mode is reported with its reason
                     if side is None:
@@ -654,10 +653,10 @@ def run_qa(args: argparse.Namespace, setup: Setup) -> list[Row]:
                     failed[mode] = _failed(setup, side_mode(mode), exc, Row(shape.name, label, mode))
                     continue
                 results[mode] += mine
-                pass_means[mode].append(statistics.fmean(r.ttft_s for r in mine) * 1e3)
                 seconds[mode] += time.perf_counter() - t
-                if passes:
-                    log(f"{shape.name} QA: {mode}{passes} mean TTFT {pass_means[mode][-1]:.1f} ms")
+                if args.qa_passes > 1:
+                    mean_ms = statistics.fmean(r.ttft_s for r in mine) * 1e3
+                    log(f"{shape.name} QA: {mode}{passes} mean TTFT {mean_ms:.1f} ms")
     finally:
         eng.finish_held()
         eng.pool = full_pool
@@ -672,14 +671,16 @@ def run_qa(args: argparse.Namespace, setup: Setup) -> list[Row]:
             rows.append(Row(shape.name, label, mode, note=f"unavailable: {setup.unavailable.get(side_mode(mode))}"))
             continue
         row = _row_from(shape.name, label, mode, results[mode], prefix=None, new=None, mean=True)
-        row.pass_means_ms = [round(m, 3) for m in pass_means[mode]]
+        per_pass_requests = qa.num_requests
+        row.pass_means_ms = [round(statistics.fmean(r.ttft_s for r in results[mode][i:i + per_pass_requests]) * 1e3, 3)
+                             for i in range(0, len(results[mode]), per_pass_requests)]
         rule_text = ""
         if mode == G3_AUTO and setup.rule is not None:
-            rule_text, row.rule = rule_note(setup.rule, decisions[mode])
+            rule_text, row.rule = rule_note(setup.rule, decisions)
         waits = (f"waited {row.block_wait_ms:.1f} ms a request for G1 blocks stores still read"
                  if row.block_wait_ms >= 0.05 else "")
-        per_pass = ("pass means " + " / ".join(f"{m:.1f}" for m in pass_means[mode]) + " ms"
-                    if len(pass_means[mode]) > 1 else "")
+        per_pass = ("pass means " + " / ".join(f"{m:.1f}" for m in row.pass_means_ms) + " ms"
+                    if len(row.pass_means_ms) > 1 else "")
         row.note = "; ".join(n for n in (rule_text, waits, per_pass, side.disk_note if side is not None else "")
                              if n)
         rows.append(row)
