@@ -55,9 +55,12 @@ def _await_handle(handle: Any) -> Steps:
 
 
 def _block_transfer(handle: Any) -> BlockTransfer:
-    """The `BlockTransfer` of an engine's `TransferHandle`."""
+    """The `BlockTransfer` of an engine's `TransferHandle` (whose event a stream waits for only once its gate, if
+    any, has passed: the event is recorded then)."""
     device_done = handle.event if handle.error is None else None
-    return BlockTransfer(handle.num_blocks, handle.path, _await_handle(handle), device_done=device_done)
+    recorded = handle.gate.wait if handle.gate is not None else None
+    return BlockTransfer(handle.num_blocks, handle.path, _await_handle(handle), device_done=device_done,
+                         recorded=recorded)
 
 
 def _await_event(event: Any) -> Steps:
