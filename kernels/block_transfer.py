@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Generator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from typing import Any
@@ -72,7 +72,9 @@ def _block_on(waitable: Any) -> None:
     elif isinstance(waitable, BlockTransfer):
         waitable.wait()
     else:  # a TransferHandle: its event, unless enqueueing failed
-        waitable.settle()
+        event = getattr(waitable, "event", None)
+        if event is not None and getattr(waitable, "error", None) is None:
+            event.synchronize()
 
 
 def _all_of(parts: Sequence[BlockTransfer]) -> Steps:
@@ -94,16 +96,13 @@ class BlockTransfer:
 
     def __init__(self, num_blocks: int, path: str, steps: Steps | None = None,
                  errors: dict[int, str] | None = None, lost: set[int] | None = None, *,
-                 device_done: Any = None, recorded: Callable[[], None] | None = None) -> None:
+                 device_done: Any = None) -> None:
         """A transfer of ``num_blocks`` blocks by ``path``, finished when ``steps`` returns (at once when None,
         with ``errors`` and ``lost``). ``device_done``: a CUDA event after which the transfer has no work left but
-        reporting (a path whose copies are all enqueued on the device), so a stream can wait for it on the device;
-        ``recorded`` blocks until that event is recorded, where another thread enqueues the copies (a `Gate`'s
-        wait)."""
+        reporting (a path whose copies are all enqueued on the device), so a stream can wait for it on the device."""
         self.num_blocks = num_blocks
         self.path = path
         self.device_done = device_done
-        self._recorded = recorded
         self.synchronous = steps is None  #: finished before it was returned (a copy done on the caller's thread)
         self._steps = steps
         self._waiting: Any = None
@@ -136,8 +135,6 @@ class BlockTransfer:
         if self.done():
             return
         if self.device_done is not None and stream is not None:
-            if self._recorded is not None:
-                self._recorded()
             stream.wait_event(self.device_done)
         else:
             self.wait()
@@ -147,8 +144,6 @@ class BlockTransfer:
         ``device_done`` event the stream waits for it through the driver, without polling the transfer (a wait on an
         event that has completed costs the device nothing); without one the call blocks until the transfer is
         done."""
-        if self._recorded is not None:
-            self._recorded()
         event = int(self.device_done.cuda_event) if self.device_done is not None else 0  # (0: never recorded)
         if event:
             stream_events.wait(stream, event)

@@ -163,18 +163,15 @@ def build(calls: DriverCalls) -> Callable:
     """The compiled enqueue over `calls` (driver entry points, or stand-ins with the same prototypes):
 
     ``enqueue(d2h, gpu_ids, host_ids, caller, lane, slot_events, ring_events, ring_host, state, rows, pairs,
-    group_events, max_ctas, enqueued)`` enqueues staged transfers of validated int64 ids (at most a ring slot of them)
-    after the work on stream `caller`: one per row of `pairs` (`Pair` columns), in order, each with its `Launch` row
-    per staging slot in `rows` (row ``g * slots + k`` for transfer g and slot k) and, where ``group_events[g]`` is not
-    0, that event recorded once transfer g is done; ``enqueued[0]`` is set to g + 1 once transfer g (and its event)
-    is enqueued, so another thread can tell which events are recorded. Several rows are layer groups of one set of
-    blocks (the same ids, each group's own host view and kernels: `TransferEngine.onboard_groups`): the ids are
-    uploaded once and the caller's stream recorded once. A negative `caller` means the lane's ready event already
-    holds the work to wait for (recorded by the thread that handed this enqueue over). `lane` is a row of `Lane`
-    columns, `max_ctas` -1 for a full grid. Returns (0, -1), or (driver error code, index in `STEPS`) at the first
-    failed call (nothing after it enqueued). `state` holds the lane's next staging slot and next id-ring slot, and is
-    advanced. The chunks, their slots and DMA pieces are those of `host_runs.schedule`, which the Python enqueue
-    executes too.
+    group_events, max_ctas)`` enqueues staged transfers of validated int64 ids (at most a ring slot of them) after the
+    work on stream `caller`: one per row of `pairs` (`Pair` columns), in order, each with its `Launch` row per staging
+    slot in `rows` (row ``g * slots + k`` for transfer g and slot k) and, where ``group_events[g]`` is not 0, that
+    event recorded once transfer g is done. Several rows are layer groups of one set of blocks (the same ids, each
+    group's own host view and kernels: `TransferEngine.onboard_groups`): the ids are uploaded once and the caller's
+    stream recorded once. `lane` is a row of `Lane` columns, `max_ctas` -1 for a full grid. Returns (0, -1), or
+    (driver error code, index in `STEPS`) at the first failed call (nothing after it enqueued). `state` holds the
+    lane's next staging slot and next id-ring slot, and is advanced. The chunks, their slots and DMA pieces are
+    those of `host_runs.schedule`, which the Python enqueue executes too.
     """
     record, wait, sync, htod, launch_fn, batch_fn = calls[:6]
     copy_2d = calls.copy_2d
@@ -341,12 +338,11 @@ def build(calls: DriverCalls) -> Callable:
 
     @numba.njit(nogil=True)
     def enqueue(d2h, gpu_ids, host_ids, caller, lane, slot_events, ring_events, ring_host, state, rows, pairs,
-                group_events, max_ctas, enqueued):  # pragma: no cover (compiled)
+                group_events, max_ctas):  # pragma: no cover (compiled)
         kernel = lane[Lane.KERNEL_STREAM]
-        if caller >= 0:
-            code = record(lane[Lane.READY], caller)  # the caller's work on the GPU cache so far
-            if code:
-                return code, 0
+        code = record(lane[Lane.READY], caller)  # the caller's work on the GPU cache so far
+        if code:
+            return code, 0
         code = wait(kernel, lane[Lane.READY], 0)
         if code == 0 and not d2h:  # an offload's DMAs wait for its gathers instead
             code = wait(lane[Lane.DMA_STREAM], lane[Lane.READY], 0)
@@ -368,7 +364,6 @@ def build(calls: DriverCalls) -> Callable:
                 code = record(group_events[g], done_on)
                 if code:
                     return code, 0
-            enqueued[0] = g + 1
         return 0, -1
 
     return enqueue
@@ -377,7 +372,7 @@ def build(calls: DriverCalls) -> Callable:
 _ARRAY, _MATRIX = numba.types.int64[::1], numba.types.int64[:, ::1]
 #: The types `enqueue` is compiled for (ids and tables are C-contiguous int64 arrays, every scalar an int).
 SIGNATURE = (numba.types.boolean, _ARRAY, _ARRAY, numba.types.int64, _ARRAY, _ARRAY, _ARRAY, _MATRIX, _ARRAY,
-             _MATRIX, _MATRIX, _ARRAY, numba.types.int64, _ARRAY)
+             _MATRIX, _MATRIX, _ARRAY, numba.types.int64)
 
 
 @functools.lru_cache(maxsize=None)

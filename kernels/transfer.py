@@ -22,9 +22,7 @@ batched DMA of the engines' small pieces far less.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -36,11 +34,10 @@ from kvbm.layouts import PagedKVCache, block_major
 from kvbm.layouts.conversion import block_id_array, check_caches, check_transfer
 
 from . import host_memory, host_runs, id_check, staged_enqueue, stream_events as events
-from .background_enqueue import EnqueueProgress, EnqueueThread, Gate
 from .batch_memcpy import ATTRS_INDEX_ADDRESS, attributes_address, memcpy_batch_unchecked
 from .copy_2d import DEVICE, HOST, memcpy_2d_async
 from .copy_plan import CopyPlan, IdentityMemo, build_plan, memo_on
-from .cuda_runtime import CudaUnavailableError, check, cuda_rt, ensure_stream_context
+from .cuda_runtime import CudaUnavailableError, check, cuda_rt
 from .device_pointer import DevicePointer
 from .host_runs import Chunk, chunk_starts  # noqa: F401 (chunk_starts: re-exported)
 
@@ -64,7 +61,6 @@ MIN_PIECES_TO_SPLIT = 64
 #: on the H200: 8 blocks 13 -> 41 us, 64 blocks 74 -> 154 us).
 ID_RING_SLOTS, ID_RING_SLOT_IDS = 16, 16384
 _NO_GROUP_EVENT = np.zeros(1, dtype=np.int64)  # a single transfer's enqueue records no event: its caller does
-_READY_RECORDED = -1  # the compiled enqueue's caller stream when the lane's ready event is recorded already
 _HOST_TO_DEVICE = cuda_rt.cudaMemcpyKind.cudaMemcpyHostToDevice if cuda_rt is not None else None  # looked up once
 
 
@@ -73,8 +69,7 @@ class TransferHandle:
     """Completion of one enqueued transfer: `done()` polls its CUDA event without blocking; `wait()` blocks.
 
     `num_blocks` blocks were moved by `path`. `error` is set when enqueueing failed part-way (nothing after the
-    failure was enqueued and the transfer counts as failed for every block). `gate`: set when the transfer is
-    enqueued on the engine's enqueue thread; `event` is recorded (and `error` known) only once it has passed.
+    failure was enqueued and the transfer counts as failed for every block).
     """
 
     path: str
@@ -82,24 +77,15 @@ class TransferHandle:
     nbytes: int
     event: torch.cuda.Event | None = None
     error: BaseException | None = None
-    gate: Gate | None = None
 
     def done(self) -> bool:
         """True once the transfer has finished (successfully or not); never blocks."""
-        if self.gate is not None and not self.gate.passed():
-            return False
         return self.error is not None or self.event is None or self.event.query()
-
-    def settle(self) -> None:
-        """Block the calling thread until the transfer finishes, successfully or not (never raises)."""
-        if self.gate is not None:
-            self.gate.wait()
-        if self.event is not None and self.error is None:
-            self.event.synchronize()
 
     def wait(self) -> None:
         """Block the calling thread until the transfer finishes; raise if it failed."""
-        self.settle()
+        if self.event is not None and self.error is None:
+            self.event.synchronize()
         if self.error is not None:
             raise self.error
 
@@ -229,10 +215,6 @@ class _Lane:
         self.row[[L.STAGING, L.SLOT_BYTES, L.RING_DEVICE, L.RING_SLOT_BYTES]] = (
             self.staging_address, self.slot_bytes, self.ids.dev_address, self.ids.slot_bytes)
         self._caches = IdentityMemo()  # staging caches by host layout and slot
-        #: Held while a transfer is enqueued on this lane (its state, ready event, staging slots and id ring are
-        #: shared): from the call that starts the enqueue until it ends, on the engine's enqueue thread for the later
-        #: groups of `TransferEngine.onboard_groups` (a plain lock: the thread that finishes releases it).
-        self.lock = threading.Lock()
         self._compiled_pairs = IdentityMemo()  # compiled enqueue tables by cache pair
         self._stage_ids = [torch.empty(0, dtype=torch.int64, device=device)]  # all kept: pair rows hold addresses
 
@@ -332,7 +314,6 @@ class TransferEngine:
             self._enqueue = staged_enqueue.compiled()
         except CudaUnavailableError:  # a driver without an entry point it calls: staged transfers enqueue in Python
             self._enqueue = None
-        self._enqueue_thread: EnqueueThread | None = None  # started by the first `onboard_groups` of several groups
 
     # -- public API ---------------------------------------------------------------------------------------------
     def offload(self, gpu: PagedKVCache, host: PagedKVCache, gpu_ids, host_ids, path: Path = "auto",
@@ -369,11 +350,10 @@ class TransferEngine:
         host cache and one GPU cache), each waited for by the layers that read it. Ordered after the caller's
         stream, as `onboard`.
 
-        Where the compiled enqueue takes every pair (staged transfers, see `_compiled_pair`), the first group is
-        enqueued in this call (its DMA starts at once) and the later ones in one call on the engine's enqueue thread,
-        so that the caller goes on queueing its forward meanwhile: their handles carry a `Gate`, which every wait on
-        them passes first. (One call for all groups took 208 us of host time for six groups of 128 blocks on an H100
-        machine, where a submit per group took about 97 us each.) Otherwise they go through `submit`.
+        Where the compiled enqueue takes every pair (staged transfers, see `_compiled_pair`), all are enqueued in one
+        call: the caller's stream is recorded and the GPU ids uploaded once, each group's completion recorded as its
+        last scatter is queued (measured on H100 machines, six groups of 128 blocks: 208 us of host time for the
+        whole start, where a submit per group took about 97 us each). Otherwise they go through `submit`.
         ``ids_checked`` as for `submit`."""
         specs = [TransferSpec("h2d", host, gpu, host_ids, gpu_ids) for host, gpu in pairs]
         if not specs:
@@ -390,61 +370,19 @@ class TransferEngine:
         marks = np.array([events.handle(e, lane.kernel_stream) for e in done], dtype=np.int64)
         rows = np.concatenate([t[0] for t in tables])
         pair_rows = np.concatenate([t[1] for t in tables])
-        slots = len(lane.slot_done)
-        lane.lock.acquire()
-        handed_over = False
         try:
-            try:
-                self._enqueue_groups(lane, d, s, events.current_stream(self.device.index), rows[:slots],
-                                     pair_rows[:1], marks[:1], np.zeros(1, dtype=np.int64))
-            except Exception as e:  # enqueue failed: every group is failed, the caller is told per block
-                for handle in handles:
-                    handle.error = e
-                return handles
-            handles[0].event = done[0]
-            if len(specs) > 1:
-                later = EnqueueProgress(len(specs) - 1)
-                for k, (handle, event) in enumerate(zip(handles[1:], done[1:])):
-                    handle.event, handle.gate = event, later.gate(k)
-                self._enqueue_thread_started().run(functools.partial(
-                    self._enqueue_later_groups, lane, d, s, rows[slots:], pair_rows[1:], marks[1:], handles[1:],
-                    later))
-                handed_over = True
-        finally:
-            if not handed_over:
-                lane.lock.release()
+            code, step = self._enqueue(False, d, s, events.current_stream(self.device.index), lane.row,
+                                       lane.slot_done, lane.ids.event_handles, lane.ids.host_array, lane.state, rows,
+                                       pair_rows, marks, -1)
+            if code:
+                staged_enqueue.raise_failure(code, step)
+        except Exception as e:  # enqueue failed: every group is failed, the caller is told per block
+            for handle in handles:
+                handle.error = e
+            return handles
+        for handle, event in zip(handles, done):
+            handle.event = event
         return handles
-
-    def _enqueue_groups(self, lane: _Lane, gpu_ids: np.ndarray, host_ids: np.ndarray, caller: int, rows: np.ndarray,
-                        pair_rows: np.ndarray, marks: np.ndarray, enqueued: np.ndarray) -> None:
-        """The compiled enqueue of onboard groups (`staged_enqueue`), raising the `CudaError` of a failed call."""
-        code, step = self._enqueue(False, gpu_ids, host_ids, caller, lane.row, lane.slot_done, lane.ids.event_handles,
-                                   lane.ids.host_array, lane.state, rows, pair_rows, marks, -1, enqueued)
-        if code:
-            staged_enqueue.raise_failure(code, step)
-
-    def _enqueue_later_groups(self, lane: _Lane, gpu_ids: np.ndarray, host_ids: np.ndarray, rows: np.ndarray,
-                              pair_rows: np.ndarray, marks: np.ndarray, handles: Sequence[TransferHandle],
-                              progress: EnqueueProgress) -> None:
-        """On the enqueue thread: the groups after the first of an `onboard_groups`, after the lane's ready event
-        (recorded by the first group's enqueue), as one compiled call. A group not enqueued when a call failed is
-        failed; then the lane is free again and every gate passed."""
-        try:
-            self._enqueue_groups(lane, gpu_ids, host_ids, _READY_RECORDED, rows, pair_rows, marks, progress.enqueued)
-        except Exception as e:  # noqa: BLE001 - the groups not enqueued fail, their caller is told per block
-            for k, handle in enumerate(handles):
-                if not progress.passed(k):
-                    handle.error = e
-        finally:
-            lane.lock.release()
-            progress.finish()
-
-    def _enqueue_thread_started(self) -> EnqueueThread:
-        """The engine's enqueue thread (started on first use, with the device's context current there)."""
-        if self._enqueue_thread is None:
-            stream = self.lanes["h2d"].kernel_handle
-            self._enqueue_thread = EnqueueThread(f"kvbm-enqueue-{self.device}", lambda: ensure_stream_context(stream))
-        return self._enqueue_thread
 
     def submit(self, transfers: Sequence[TransferSpec], *, ids_checked: bool = False) -> list[TransferHandle]:
         """Enqueue several transfers at once and return their handles in order.
@@ -461,32 +399,23 @@ class TransferEngine:
         handle only."""
         checked = [self._check(spec, ids_checked) for spec in transfers]
         handles, steps = [], []
-        with self._lanes_held({spec.direction for spec in transfers}):
-            for spec, (s, d, path) in zip(transfers, checked):
-                handle, work = self._begin(spec, s, d, path)
-                handles.append(handle)
-                if work is not None:
-                    steps.append((handle, work))
-            while steps:  # round robin: one chunk of each unfinished transfer per round
-                unfinished = []
-                for handle, work in steps:
-                    try:
-                        next(work)
-                        unfinished.append((handle, work))
-                    except StopIteration as finished:
-                        handle.event = finished.value
-                    except Exception as e:  # enqueue failed: the whole transfer is failed, the caller is told per block
-                        handle.error = e
-                steps = unfinished
+        for spec, (s, d, path) in zip(transfers, checked):
+            handle, work = self._begin(spec, s, d, path)
+            handles.append(handle)
+            if work is not None:
+                steps.append((handle, work))
+        while steps:  # round robin: one chunk of each unfinished transfer per round
+            unfinished = []
+            for handle, work in steps:
+                try:
+                    next(work)
+                    unfinished.append((handle, work))
+                except StopIteration as finished:
+                    handle.event = finished.value
+                except Exception as e:  # enqueue failed: the whole transfer is failed, the caller is told per block
+                    handle.error = e
+            steps = unfinished
         return handles
-
-    @contextlib.contextmanager
-    def _lanes_held(self, directions: set[str]) -> Iterator[None]:
-        """Hold the locks of the lanes of ``directions`` (in one order: two callers never wait on each other)."""
-        with contextlib.ExitStack() as held:
-            for direction in sorted(directions):
-                held.enter_context(self.lanes[direction].lock)
-            yield
 
     # -- implementation -----------------------------------------------------------------------------------------
     def _check(self, spec: TransferSpec, ids_checked: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
@@ -575,8 +504,7 @@ class TransferEngine:
         d2h = spec.direction == "d2h"
         code, step = self._enqueue(
             d2h, s if d2h else d, d if d2h else s, caller, lane.row, lane.slot_done, lane.ids.event_handles,
-            lane.ids.host_array, lane.state, *tables, _NO_GROUP_EVENT, -1 if max_ctas is None else max_ctas,
-            np.zeros(1, dtype=np.int64))
+            lane.ids.host_array, lane.state, *tables, _NO_GROUP_EVENT, -1 if max_ctas is None else max_ctas)
         if code:
             staged_enqueue.raise_failure(code, step)
         return self._finish(lane.dma_streams[0] if d2h else lane.kernel_stream)

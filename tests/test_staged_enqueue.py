@@ -117,7 +117,7 @@ def _run(driver, d2h: bool, gpu_ids, host_ids, per_chunk=8, tiles=3, min_split=4
     ring_host = np.zeros((len(RING_EVENTS), RING_IDS), dtype=np.int64)
     result = enqueue(d2h, gpu_ids, host_ids, CALLER, lane, np.array(SLOT_EVENTS, dtype=np.int64),
                      np.array(RING_EVENTS, dtype=np.int64), ring_host, state, rows, pair[None, :],
-                     np.zeros(1, dtype=np.int64), max_ctas, np.zeros(1, dtype=np.int64))
+                     np.zeros(1, dtype=np.int64), max_ctas)
     return tuple(result), list(fake.log), rows, state
 
 
@@ -408,11 +408,24 @@ def test_groups_are_the_single_transfers_in_order_with_one_upload_and_an_event_e
     group g's operations (and the earlier groups'), and before any of the next group's."""
     fake, enqueue = driver
     gpu_ids, host_ids = _ids(np.random.default_rng(11 + runs), 21, runs)
+    groups = [(8, 3, 0), (4, 5, 1 << 20), (2, 2, 2 << 20)]  # (blocks per chunk, tiles per block, host offset)
+    lane = None
+    rows, pairs = [], []
+    for g, (per_chunk, tiles, offset) in enumerate(groups):
+        lane, group_rows, pair = _tables(per_chunk, tiles, 4)
+        group_rows[:, se.Launch.FUNCTION] += 100 * g
+        pair[se.Pair.HOST_BASE] += offset
+        rows.append(group_rows)
+        pairs.append(pair)
+    marks = np.array([600, 601, 602], dtype=np.int64)
     state = np.array((1, 2), dtype=np.int64)
     ring_host = np.zeros((len(RING_EVENTS), RING_IDS), dtype=np.int64)
-    result, enqueued, log = _enqueue_groups(driver, d2h, gpu_ids, host_ids, CALLER, state, ring_host)
-    assert tuple(result) == (0, -1) and int(enqueued[0]) == len(GROUPS)
-    groups, marks = GROUPS, np.array(GROUP_MARKS, dtype=np.int64)
+    fake.log.clear()
+    result = enqueue(d2h, gpu_ids, host_ids, CALLER, lane, np.array(SLOT_EVENTS, dtype=np.int64),
+                     np.array(RING_EVENTS, dtype=np.int64), ring_host, state, np.concatenate(rows), np.stack(pairs),
+                     marks, -1)
+    assert tuple(result) == (0, -1)
+    log = list(fake.log)
     assert [c for c in log if c[0] == "record" and c[2] == CALLER] == [("record", READY, CALLER)]
     uploads = [c for c in log if c[0] == "htod"]
     assert len(uploads) == 1 and uploads[0][3].tolist() == gpu_ids.tolist()
@@ -427,7 +440,7 @@ def test_groups_are_the_single_transfers_in_order_with_one_upload_and_an_event_e
         alone_state = np.array(expected_state, dtype=np.int64)
         enqueue(d2h, gpu_ids, host_ids, CALLER, alone_lane, np.array(SLOT_EVENTS, dtype=np.int64),
                 np.array(RING_EVENTS, dtype=np.int64), np.zeros_like(ring_host), alone_state, alone_rows,
-                alone_pair[None, :], np.zeros(1, dtype=np.int64), -1, np.zeros(1, dtype=np.int64))
+                alone_pair[None, :], np.zeros(1, dtype=np.int64), -1)
         ops = [c for c in fake.log if c[0] in ("launch", "batch", "copy2d")]
         expected_ops.append([_comparable(c, uploads[0][2], ids_address=_upload_address(fake.log)) for c in ops])
         expected_state = (int(alone_state[0]), 2)
@@ -448,56 +461,6 @@ def test_groups_are_the_single_transfers_in_order_with_one_upload_and_an_event_e
         earlier = [i for i, _ in ops[:bounds[g]]]
         assert set(mine + earlier) <= recorded_past[at], f"group {g}'s event before its work"
         assert all(i > at for i, _ in ops[bounds[g + 1]:]), f"group {g + 1} enqueued before group {g}'s event"
-
-
-GROUPS = [(8, 3, 0), (4, 5, 1 << 20), (2, 2, 2 << 20)]  # (blocks per chunk, tiles per block, host offset)
-GROUP_MARKS = [600, 601, 602]
-
-
-def _enqueue_groups(driver, d2h: bool, gpu_ids, host_ids, caller: int, state, ring_host):
-    """((code, step), enqueued, log) of one enqueue of the three `GROUPS` with their `GROUP_MARKS` events."""
-    fake, enqueue = driver
-    lane = None
-    rows, pairs = [], []
-    for g, (per_chunk, tiles, offset) in enumerate(GROUPS):
-        lane, group_rows, pair = _tables(per_chunk, tiles, 4)
-        group_rows[:, se.Launch.FUNCTION] += 100 * g
-        pair[se.Pair.HOST_BASE] += offset
-        rows.append(group_rows)
-        pairs.append(pair)
-    fake.log.clear()
-    enqueued = np.zeros(1, dtype=np.int64)
-    result = enqueue(d2h, gpu_ids, host_ids, caller, lane, np.array(SLOT_EVENTS, dtype=np.int64),
-                     np.array(RING_EVENTS, dtype=np.int64), ring_host, state, np.concatenate(rows), np.stack(pairs),
-                     np.array(GROUP_MARKS, dtype=np.int64), -1, enqueued)
-    return tuple(result), enqueued, list(fake.log)
-
-
-def test_groups_handed_over_wait_on_the_ready_event_recorded_before_and_count_what_is_enqueued(driver):
-    """Later layer groups enqueued on another thread (caller -1): the lane's ready event is not recorded again
-    (the thread that handed them over recorded it) but every stream the transfers start on still waits for it; the
-    enqueued count is each group's as its event is recorded, and where a driver call fails it counts only the groups
-    whose events were recorded before."""
-    fake, _ = driver
-    gpu_ids, host_ids = _ids(np.random.default_rng(5), 21, True)
-    ring_host = np.zeros((len(RING_EVENTS), RING_IDS), dtype=np.int64)
-    result, enqueued, log = _enqueue_groups(driver, False, gpu_ids, host_ids, -1, np.array((0, 0)), ring_host)
-    assert result == (0, -1) and int(enqueued[0]) == len(GROUPS)
-    assert not [c for c in log if c[0] == "record" and c[1] == READY]
-    assert {c[1] for c in log if c[0] == "wait" and c[2] == READY} == {KERNEL, DMA, DMA2}
-    first_wait = next(i for i, c in enumerate(log) if c[0] == "wait")
-    assert all(c[0] != "batch" and c[0] != "copy2d" and c[0] != "launch" for c in log[:first_wait])
-    marks_at = [i for i, c in enumerate(log) if c[0] == "record" and c[1] in GROUP_MARKS]
-    assert len(marks_at) == len(GROUPS)
-    try:
-        for fail_at in (marks_at[0] - 1, marks_at[0] + 1, marks_at[2]):
-            fake.fail_at = fail_at
-            result, enqueued, _ = _enqueue_groups(driver, False, gpu_ids, host_ids, -1, np.array((0, 0)),
-                                                  ring_host)
-            assert result[0] == 700
-            assert int(enqueued[0]) == sum(at < fail_at for at in marks_at), fail_at
-    finally:
-        fake.fail_at = None
 
 
 def _upload_address(log: list[tuple]) -> int:

@@ -382,62 +382,13 @@ def test_layer_groups_onboard_in_one_call_each_group_complete_on_its_event(prese
         assert len(handles) == len(groups) and all(h.ok and h.num_blocks == host_ids.size for h in handles)
         ids = torch.as_tensor(gpu_ids, device="cuda")
         for (a, b), handle in zip(groups, handles):
-            handle.settle()  # this group's layers are in, whatever the later groups' state
+            handle.event.synchronize()  # this group's layers are in, whatever the later groups' state
             for layer in range(a, b):
                 for kv in range(g.num_kv):
                     assert torch.equal(gpu.piece_view(layer, kv, torch.int16)[ids],
                                        reference.piece_view(layer, kv, torch.int16)[ids]), (layer, kv)
         torch.cuda.synchronize()
         assert all(torch.equal(x, y) for x, y in zip(bytes_of(gpu), bytes_of(reference)))
-
-
-def test_a_stream_ordered_on_a_group_enqueued_late_by_the_thread_reads_its_bytes(engine_factory, monkeypatch):
-    """The later layer groups of `onboard_groups` are enqueued on the engine's enqueue thread, here held back 50 ms:
-    a stream ordered on each group at once (as each layer's wait does, `BlockTransfer.order_raw_stream`) waits for
-    the group's event only once the thread has recorded it, so what it reads of the group's layers right after is
-    the host's bytes (a wait on the event before its record would have ordered nothing: the poison)."""
-    import time
-
-    from kvbm.kernels import stream_events
-    from kvbm.kernels.host_memory import PinnedHostBuffer
-    from kvbm.kernels.paths.gpu_host import _block_transfer
-    from kvbm.layouts import select_layers
-
-    g = KVGeometry(num_layers=6, num_kv=2, block_size=4, num_heads=2, head_dim=64, itemsize=2)
-    gpu = allocate("vllm_flash_attn_nhd", g, 48, dtype=torch.bfloat16, device="cuda")
-    random_fill(gpu.tensors, 21)
-    groups = [(0, 1), (1, 3), (3, 6)]
-    with PinnedHostBuffer(32 * g.block_bytes) as buf:
-        host = host_cache(buf, g, STAGING_ORDER, blocks=32)
-        random_fill(host.tensors, 22)
-        engine = engine_factory(g, 2, blocks_per_slot=8)
-        if engine._enqueue is None:
-            pytest.skip("this driver lacks an entry point of the compiled enqueue: groups are submitted in Python")
-        later = engine._enqueue_later_groups
-        monkeypatch.setattr(engine, "_enqueue_later_groups", lambda *a: (time.sleep(0.05), later(*a)))
-        host_ids = np.arange(4, 24, dtype=np.int64)
-        gpu_ids = np.random.default_rng(23).choice(48, host_ids.size, replace=False).astype(np.int64)
-        poison_gpu_blocks(gpu, gpu_ids)
-        reference = type(gpu)([t.clone() for t in gpu.tensors], gpu.layout)
-        copy_blocks(host, reference, host_ids, gpu_ids, backend="torch")
-        reader = torch.cuda.Stream()
-        ids = torch.as_tensor(gpu_ids, device="cuda")
-        torch.cuda.synchronize()
-        handles = engine.onboard_groups([(select_layers(host, a, b), select_layers(gpu, a, b)) for a, b in groups],
-                                        host_ids, gpu_ids)
-        assert handles[0].gate is None and all(h.gate is not None for h in handles[1:])
-        assert not handles[-1].gate.passed()  # (the thread sleeps)
-        read = {}
-        with torch.cuda.stream(reader):
-            for (a, b), handle in zip(groups, handles):
-                _block_transfer(handle).order_raw_stream(stream_events.current_stream(torch.cuda.current_device()))
-                for layer in range(a, b):
-                    read[layer] = [gpu.piece_view(layer, kv, torch.int16)[ids].clone() for kv in range(g.num_kv)]
-        reader.synchronize()
-        for layer, pieces in read.items():
-            for kv, got in enumerate(pieces):
-                assert torch.equal(got, reference.piece_view(layer, kv, torch.int16)[ids]), (layer, kv)
-        assert all(h.ok for h in handles)
 
 
 def test_prepare_builds_a_pairs_tables_ahead_and_moves_nothing(engine_factory):

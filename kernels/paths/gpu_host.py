@@ -55,12 +55,9 @@ def _await_handle(handle: Any) -> Steps:
 
 
 def _block_transfer(handle: Any) -> BlockTransfer:
-    """The `BlockTransfer` of an engine's `TransferHandle` (whose event a stream waits for only once its gate, if
-    any, has passed: the event is recorded then)."""
+    """The `BlockTransfer` of an engine's `TransferHandle`."""
     device_done = handle.event if handle.error is None else None
-    recorded = handle.gate.wait if handle.gate is not None else None
-    return BlockTransfer(handle.num_blocks, handle.path, _await_handle(handle), device_done=device_done,
-                         recorded=recorded)
+    return BlockTransfer(handle.num_blocks, handle.path, _await_handle(handle), device_done=device_done)
 
 
 def _await_event(event: Any) -> Steps:
