@@ -1,9 +1,10 @@
 """The store backlog rule: stores from the engine into the first tier queue at most ``max_seconds`` of writes at the
 tier's learned rate; blocks beyond are not stored and counted, never planned half-way; blocks the cost rule would not
-load back take one batch, only while nothing is queued."""
+load back take one batch once per keep-alive interval, only while nothing is queued."""
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -64,24 +65,38 @@ def test_zero_turns_the_rule_off_and_bad_arguments_are_refused():
     assert KvbmConfig.from_env({"DYN_KVBM_MAX_STORE_BACKLOG_MS": "50"}).max_store_backlog_ms == 50.0
 
 
-def test_blocks_not_worth_loading_take_one_batch_while_nothing_is_queued():
-    b = StoreBacklog(0.5, batch_size=4)
-    assert b.room("G3", worth_loading=False) == 4  # unmeasured, nothing queued
-    b.started(1, "G3", 4)
+def test_blocks_not_worth_loading_take_one_batch_per_keep_alive_interval_while_nothing_is_queued():
+    now = [100.0]
+    b = StoreBacklog(0.5, batch_size=4, keep_alive_seconds=30.0, clock=lambda: now[0])
+    assert b.room("G3", worth_loading=False) == 4  # unmeasured, nothing queued, none such stored yet
+    b.started(1, "G3", 4, worth_loading=False)
     assert b.room("G3", worth_loading=False) == 0 and b.room("G3") is None
     b.finished(1, 0.01)  # 400 blocks/s
-    assert b.room("G3", worth_loading=False) == 4 and b.room("G3") == 200
-    unbounded = StoreBacklog(0.0, batch_size=4)  # no bound configured: none for these either
+    assert b.room("G3", worth_loading=False) == 0 and b.room("G3") == 200  # nothing queued, but too soon
+    now[0] += 29.9
+    assert b.room("G3", worth_loading=False) == 0
+    b.started(2, "G3", 8)  # a store worth loading neither waits for the interval nor restarts it
+    now[0] += 0.1
+    assert b.room("G3", worth_loading=False) == 0  # (queued)
+    b.finished(2, 0.02)
+    assert b.room("G3", worth_loading=False) == 4
+    never = StoreBacklog(0.5, batch_size=4)  # no keep-alive (the rule never probes): none such at all
+    assert never.room("G3", worth_loading=False) == 0 and never.room("G3") is None
+    unbounded = StoreBacklog(0.0, batch_size=4, keep_alive_seconds=30.0)  # no bound configured: none here either
     unbounded.started(1, "G3", 50)
     assert unbounded.room("G3", worth_loading=False) is None and not unbounded.bounds and b.bounds
+    with pytest.raises(ValueError, match="keep_alive_seconds"):
+        StoreBacklog(0.5, batch_size=4, keep_alive_seconds=-1.0)
 
 
-def test_leader_stores_blocks_the_cost_rule_would_not_load_one_batch_at_a_time():
+def test_leader_stores_blocks_the_cost_rule_would_not_load_one_batch_per_probe_interval():
     """Disk-only tier with the cost rule on: while it expects a load from the disk to be slower than recomputing
-    the request's whole prompt, a store takes one batch while nothing is queued and none while one is (the rest
-    counted as dropped); once loads pay off, stores take the backlog's room again."""
+    the request's whole prompt, a store takes one batch, then none while it is queued nor until the rule's probe
+    interval has passed since (the rest counted as dropped); once loads pay off, stores take the backlog's room
+    again."""
+    probe_s = 0.2
     config = KvbmConfig(disk_cache_override_num_blocks=256, max_transfer_batch_size=4, max_store_backlog_ms=100,
-                        disable_disk_offload_filter=True)
+                        disable_disk_offload_filter=True, cost_probe_secs=probe_s)
     leader = ConnectorLeader(kvbm_tiers(config, 4096), config, block_size=4, block_bytes=4096)
     cost = leader.cost
     assert cost is not None and "G3" in cost.tiers
@@ -98,12 +113,18 @@ def test_leader_stores_blocks_the_cost_rule_would_not_load_one_batch_at_a_time()
         cost.observe_prefill(4000, 0.01)
         cost.observe_prefill(8000, 0.02)
     assert not cost.pays_off("G3", 30)
+    started = time.monotonic()
     first = store("a", 30)
     assert sum(m.num_blocks for m in first) == 4
     assert store("b", 30) == []  # one batch queued: nothing more
     leader.apply(WorkerReport({m.move_id: MoveResult(m.move_id, {}, seconds=0.001) for m in first}))
-    assert sum(m.num_blocks for m in store("c", 30)) == 4
-    assert leader.backlog.total_dropped("G3") == 26 + 30 + 26
+    dropped = 26 + 30
+    if time.monotonic() - started < probe_s:
+        assert store("c", 30) == []  # nothing queued, but within the probe interval
+        dropped += 30
+    time.sleep(max(0.0, probe_s - (time.monotonic() - started)) + 0.01)
+    assert sum(m.num_blocks for m in store("c2", 30)) == 4
+    assert leader.backlog.total_dropped("G3") == dropped + 26
     for _ in range(40):  # the disk now reads at 10 GB/s
         cost.observe_load("G3", num_bytes=4096 * 1000, seconds=4096 * 1000 / 10e9 + cost.latency("G3"))
     assert cost.pays_off("G3", 30)

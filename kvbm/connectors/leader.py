@@ -206,7 +206,8 @@ class ConnectorLeader:
         self._store_tier = tiers[0].name  # where the engine's blocks are stored
         on_disk = tiers[0].medium is Medium.DISK
         self.backlog = StoreBacklog(config.max_store_backlog_ms / 1e3 if on_disk else 0.0,
-                                    config.max_transfer_batch_size)
+                                    config.max_transfer_batch_size,
+                                    keep_alive_seconds=cost.probe_seconds if cost is not None else 0.0)
         self._g4_loads: dict[int, int] = {}  # open loads of G4 hits: move id -> blocks (timed for the cost rule)
         if config.g4_etcd_endpoint:
             self.directory = HashDirectory(config.g4_etcd_endpoint, block_size=block_size,
@@ -558,7 +559,7 @@ class ConnectorLeader:
             blocks = [j for j in range(first, num_full_blocks) if track.block_ids[j] != null_block]
             block_hashes, block_ids = [hashes[j] for j in blocks], [track.block_ids[j] for j in blocks]
         tier = self._store_tier
-        room = None
+        room, worth = None, True
         if self.backlog.bounds:  # (stores into a disk are bounded; more tightly where the rule would not load them)
             worth = self.cost is None or tier not in self.cost.tiers or self.cost.pays_off(tier, num_full_blocks)
             room = self.backlog.room(tier, worth_loading=worth)
@@ -569,7 +570,7 @@ class ConnectorLeader:
             if self.metrics is not None:
                 self.metrics.record_store_dropped(tier, len(plan.over_limit))
         for move in plan.moves:
-            self.backlog.started(move.move_id, tier, move.num_blocks)
+            self.backlog.started(move.move_id, tier, move.num_blocks, worth_loading=worth)
         if plan.moves:
             plan.moves = [_retarget(move, self.groups[group].engine_tier) for move in plan.moves]
             for move in plan.moves:
