@@ -113,16 +113,17 @@ def test_leader_stores_blocks_the_cost_rule_would_not_load_one_batch_per_probe_i
         cost.observe_prefill(4000, 0.01)
         cost.observe_prefill(8000, 0.02)
     assert not cost.pays_off("G3", 30)
-    started = time.monotonic()
+    before = time.monotonic()
     first = store("a", 30)
+    after = time.monotonic()  # the batch's store was planned between these two
     assert sum(m.num_blocks for m in first) == 4
     assert store("b", 30) == []  # one batch queued: nothing more
     leader.apply(WorkerReport({m.move_id: MoveResult(m.move_id, {}, seconds=0.001) for m in first}))
     dropped = 26 + 30
-    if time.monotonic() - started < probe_s:
+    if time.monotonic() - before < probe_s:
         assert store("c", 30) == []  # nothing queued, but within the probe interval
         dropped += 30
-    time.sleep(max(0.0, probe_s - (time.monotonic() - started)) + 0.01)
+    time.sleep(max(0.0, probe_s - (time.monotonic() - after)) + 0.01)
     assert sum(m.num_blocks for m in store("c2", 30)) == 4
     assert leader.backlog.total_dropped("G3") == dropped + 26
     for _ in range(40):  # the disk now reads at 10 GB/s
