@@ -15,7 +15,10 @@ uses a group: a ratio that moves as the cost rule learns changes the layout betw
 
 The groups are enqueued in the caller's thread, before the forward. Enqueueing them from a thread of their own, so
 that the forward is queued meanwhile, was measured slower on an H100 (Llama-3.1-8B shape, 16k-token prefix: 73 ms
-TTFT against 48 ms): the enqueue's Python steps and the forward's launches then take turns on the GIL.
+TTFT against 48 ms): the enqueue's Python steps and the forward's launches then take turns on the GIL. Handing only
+the later groups' compiled enqueue (which holds no GIL) to a thread gained nothing either (H100, six alternating runs
+at 2k and 8k: hidden shares unchanged, the caller's `onboard_groups` still 358-447 us): most of the caller's time
+there is Python per group (checks, table lookups, events), not driver calls.
 """
 from __future__ import annotations
 
