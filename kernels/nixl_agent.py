@@ -118,6 +118,7 @@ class PoolDescriptor:
     digest: str
 
     def to_json(self) -> dict:
+        """The descriptor as a JSON-ready dict (what a reader of the pool is sent)."""
         out = {k: getattr(self, k) for k in ("agent", "pool", "mem_type", "device_id", "base", "block_stride",
                                              "block_bytes", "num_blocks", "dtype", "digest")}
         out["geometry"] = {f: getattr(self.geometry, f) for f in _GEOMETRY_FIELDS}
@@ -125,6 +126,7 @@ class PoolDescriptor:
 
     @classmethod
     def from_json(cls, d: dict) -> PoolDescriptor:
+        """The descriptor `to_json` wrote; ValueError naming what is missing or malformed."""
         try:
             fields = {k: d[k] for k in ("agent", "pool", "mem_type", "dtype", "digest")}
             ints = {k: int(d[k]) for k in ("device_id", "base", "block_stride", "block_bytes", "num_blocks")}

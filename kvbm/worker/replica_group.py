@@ -118,6 +118,7 @@ class DescriptorServer:
 
     @property
     def label(self) -> str:
+        """The served tier and its group, as log lines name them."""
         return f"{self.tier} of replica group {self.group.name}"
 
     def start(self) -> None:
