@@ -27,7 +27,7 @@ def ttft():
     sys.modules[name] = package
     spec.loader.exec_module(package)
     modules = {}
-    for sub in ("model", "engine", "bench", "call_times"):
+    for sub in ("model", "engine", "bench", "call_times", "shares"):
         sub_spec = importlib.util.spec_from_file_location(f"{name}.{sub}", PKG / f"{sub}.py")
         module = importlib.util.module_from_spec(sub_spec)
         sys.modules[f"{name}.{sub}"] = module
@@ -175,6 +175,8 @@ def test_smoke_run_writes_every_row_with_bytes_checked(tmp_path):
         turns = [b - w for b, w in zip(bulk["ttft_all_ms"], layerwise["ttft_all_ms"])]
         share = sorted(turns)[1] / bulk["load_ms"]  # the median of three turns
         assert f"hides {100 * share:.0f}% of the bulk load ({bulk['load_ms']:.1f} ms)" in layerwise["note"]
+        bound = 1 - layerwise["load_ms"] / bulk["load_ms"]
+        assert f"its {layerwise['load_ms']:.1f} ms before the forward leave {100 * bound:.0f}%" in layerwise["note"]
         assert modes["G3 hit, gds"]["ttft_ms"] is None and "unavailable" in modes["G3 hit, gds"]["note"]
         assert modes["recompute"]["computed_tokens"] == 3 * (prefix + 32)
         auto = modes["G3 hit, cost rule"]  # loaded or recomputed, as the rule decided (a CPU's timings)
@@ -210,6 +212,32 @@ def test_hidden_share_of_the_bulk_load(ttft):
     assert ttft["bench"].hidden_share(bulk, layerwise) == pytest.approx(0.8)
     assert ttft["bench"].hidden_share(bulk, row("m", "prefix", "G2 hit, layer-wise", 2048, 256)) is None
     assert ttft["bench"].hidden_share(dataclasses.replace(bulk, load_ms=0.0), bulk) is None
+
+
+def test_share_left_by_the_time_before_the_forward_and_saved_rows_split(ttft, tmp_path):
+    """`share_bound`: 1 - layer-wise load / bulk load; `shares` reads saved rows (keys it does not know ignored) and
+    lists only the prefixes with both rows."""
+    bench, row = ttft["bench"], ttft["bench"].Row
+    bulk = row("m", "prefix", "G2 hit, bulk onboard", 2048, 256, ttft_ms=40.0, load_ms=5.0, requests=3,
+               ttft_all_ms=[30.0, 50.0, 40.0])
+    layerwise = row("m", "prefix", "G2 hit, layer-wise", 2048, 256, ttft_ms=44.0, load_ms=1.5, requests=3,
+                    ttft_all_ms=[26.0, 46.0, 44.0])
+    assert bench.share_bound(bulk, layerwise) == pytest.approx(0.7)
+    assert bench.share_bound(dataclasses.replace(bulk, load_ms=None), layerwise) is None
+    assert bench.share_bound(bulk, dataclasses.replace(layerwise, load_ms=None)) is None
+    lone = row("m", "prefix", "G2 hit, bulk onboard", 8192, 256, ttft_ms=60.0, load_ms=20.0)
+    saved = tmp_path / "ttft.json"
+    saved.write_text(json.dumps({"rows": [{**dataclasses.asdict(bulk), "added_later": 1},
+                                          dataclasses.asdict(layerwise), dataclasses.asdict(lone)]}))
+    text = ttft["shares"].table([saved])
+    assert "| ttft.json | m | 2048 |  | 5.00 | 1.50 | 80% | 70% |" in text and "8192" not in text
+    g1 = row("m", "prefix", "G1 hit (prefix on GPU)", 2048, 256, ttft_ms=35.0, load_ms=0.2)
+    saved.write_text(json.dumps({"rows": [dataclasses.asdict(r) for r in (g1, bulk, layerwise)]}))
+    assert "| ttft.json | m | 2048 | 35.00 | 5.00 | 1.50 | 80% | 70% |" in ttft["shares"].table([saved])
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"results": []}))
+    with pytest.raises(ValueError, match="no 'rows' list"):
+        ttft["shares"].rows_of(other)
 
 
 def test_rows_run_in_turns_warm_ups_dropped_and_a_raising_row_dropped(ttft):

@@ -237,13 +237,28 @@ def hidden_share(bulk: Row, layerwise: Row) -> float | None:
     return statistics.median(turns) / bulk.load_ms
 
 
+def share_bound(bulk: Row, layerwise: Row) -> float | None:
+    """The share of the bulk onboard's load time a layer-wise row hides when its forward takes as long as the bulk
+    row's: ``1 - layer-wise load ms / bulk load ms``. Its own time before the forward (hashes, lookup, load plan,
+    the start of the loads: the steps the bulk load begins with) is never hidden; waits for layer groups then
+    lower the share further, a forward's drift between turns moves it either way. None without both load
+    times."""
+    if not bulk.load_ms or bulk.load_ms <= 0 or layerwise.load_ms is None:
+        return None
+    return 1.0 - layerwise.load_ms / bulk.load_ms
+
+
 def _note_hidden_share(rows: list[Row], model_name: str, prefix: int) -> None:
-    """Add the layer-wise row's `hidden_share` of this prefix to its note and the log, when the bulk row ran too."""
+    """Add the layer-wise row's `hidden_share` of this prefix (and its `share_bound`) to its note and the log, when
+    the bulk row ran too."""
     mine = {r.mode: r for r in rows if r.model == model_name and r.workload == "prefix" and r.prefix_tokens == prefix}
     bulk, layerwise = mine.get(G2), mine.get(G2_LAYERWISE)
     share = None if bulk is None or layerwise is None else hidden_share(bulk, layerwise)
     if share is not None:
         text = f"hides {100 * share:.0f}% of the bulk load ({bulk.load_ms:.1f} ms)"
+        bound = share_bound(bulk, layerwise)
+        if bound is not None:
+            text += f"; its {layerwise.load_ms:.1f} ms before the forward leave {100 * bound:.0f}% at equal forwards"
         layerwise.note = "; ".join(n for n in (layerwise.note, text) if n)
         log(f"{model_name} prefix {prefix}: {G2_LAYERWISE} {text}")
 
