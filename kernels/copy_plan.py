@@ -22,7 +22,7 @@ from kvbm.layouts.conversion import INT_VIEW
 
 
 T = TypeVar("T")
-#: Entries an `IdentityMemo` keeps before it starts afresh (entries also go when their objects die).
+#: Entries an `IdentityMemo` keeps by default before it starts afresh (entries also go when their objects die).
 MEMO_LIMIT = 64
 
 
@@ -33,9 +33,17 @@ class IdentityMemo(dict):
     they are the very objects asked about, so a new object that got a dead one's id never finds the old entry. A
     lookup costs a dict get and a weakref call per object (hashing a layout costs more than a small kernel launch).
     The values must not refer to the objects (or the entry would keep them alive).
+
+    ``limit``: entries kept before the memo starts afresh (None: no limit, for memos whose entries are as many as
+    the live objects they key, or whose values must live as long as those objects: tables that kernels queued
+    later still read).
     """
 
-    __slots__ = ("__weakref__",)
+    __slots__ = ("__weakref__", "limit")
+
+    def __init__(self, limit: int | None = MEMO_LIMIT) -> None:
+        super().__init__()
+        self.limit = limit
 
     def find(self, key: Hashable, a: Any, b: Any = None, c: Any = None, d: Any = None) -> Any:
         """The value kept under `key` for exactly the objects `a` (`b`, `c`, `d`), else None."""
@@ -47,7 +55,7 @@ class IdentityMemo(dict):
     def keep(self, key: Hashable, value: T, a: Any, b: Any = None, c: Any = None, d: Any = None) -> T:
         """Keep `value` under `key` (ids of the objects, typically) until one of the objects `a` (`b`, `c`, `d`)
         dies; returns `value`."""
-        if len(self) >= MEMO_LIMIT:
+        if self.limit is not None and len(self) >= self.limit:
             self.clear()
         forget = functools.partial(_forget, weakref.ref(self), key)
         self[key] = (value, *(_absent if obj is None else weakref.ref(obj, forget) for obj in (a, b, c, d)))

@@ -214,8 +214,12 @@ class _Lane:
         self.row[[L.READY, L.GATHERED, L.SECOND_LANDED, L.LANDED]] = handles[:4]
         self.row[[L.STAGING, L.SLOT_BYTES, L.RING_DEVICE, L.RING_SLOT_BYTES]] = (
             self.staging_address, self.slot_bytes, self.ids.dev_address, self.ids.slot_bytes)
-        self._caches = IdentityMemo()  # staging caches by host layout and slot
-        self._compiled_pairs = IdentityMemo()  # compiled enqueue tables by cache pair
+        # Staging caches by host layout and slot, and the compiled enqueue's tables by cache pair with the copy plans
+        # whose device tables the rows point to: one entry per live layout or pair (a model's layer-group views among
+        # them: 54 per host tier at 80 layers), and kept as long as those live. A memo that started afresh would drop
+        # plans whose tables kernels queued earlier, or other groups of the same load, still read.
+        self._caches = IdentityMemo(limit=None)
+        self._compiled_pairs = IdentityMemo(limit=None)
         self._stage_ids = [torch.empty(0, dtype=torch.int64, device=device)]  # all kept: pair rows hold addresses
 
     def stage_ids(self, n: int) -> DevicePointer:

@@ -122,7 +122,7 @@ class Transfers:
         self._shared: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._live: weakref.WeakSet[BlockTransfer] = weakref.WeakSet()
-        self._pairs = IdentityMemo()
+        self._pairs = IdentityMemo(limit=None)  # one entry per live cache pair (a model's layer-group views too)
         self._closed = False
 
     def submit(self, src: Any, dst: Any, src_ids: Any, dst_ids: Any, *, tags: Sequence[int] | None = None

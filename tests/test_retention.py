@@ -129,6 +129,29 @@ def test_identity_memo_finds_only_the_live_objects_it_was_kept_for():
     assert memo.find(id(b), b) is None
 
 
+def test_identity_memo_limit_and_a_memo_without_one():
+    """A memo starts afresh once it holds ``limit`` entries (`MEMO_LIMIT` by default); with no limit it keeps every
+    entry whose objects live (a lane's compiled tables: one per layer-group view, which kernels read later), and its
+    entries still go with their objects."""
+    from kvbm.kernels.copy_plan import MEMO_LIMIT
+
+    class Thing:
+        pass
+
+    things = [Thing() for _ in range(MEMO_LIMIT + 8)]
+    default, two, unlimited = IdentityMemo(), IdentityMemo(limit=2), IdentityMemo(limit=None)
+    for memo in (default, two, unlimited):
+        for k, t in enumerate(things):
+            memo.keep(id(t), k, t)
+    assert len(default) == 8 and default.find(id(things[-1]), things[-1]) == len(things) - 1
+    assert default.find(id(things[0]), things[0]) is None  # dropped when the memo started afresh
+    assert sorted(two.values(), key=lambda entry: entry[0])[0][0] == len(things) - 2 and len(two) == 2
+    assert len(unlimited) == len(things) and all(unlimited.find(id(t), t) == k for k, t in enumerate(things))
+    del things[:10]
+    gc.collect()
+    assert len(unlimited) == MEMO_LIMIT - 2
+
+
 # -- on a GPU ---------------------------------------------------------------------------------------------------------
 
 GPU_GEOM = KVGeometry(num_layers=8, num_kv=2, block_size=16, num_heads=8, head_dim=128, itemsize=2)  # 512 KiB blocks

@@ -391,6 +391,45 @@ def test_layer_groups_onboard_in_one_call_each_group_complete_on_its_event(prese
         assert all(torch.equal(x, y) for x, y in zip(bytes_of(gpu), bytes_of(reference)))
 
 
+def test_every_layer_group_of_a_deep_model_stays_kept_past_the_default_memo_limit(engine_factory):
+    """The layer groups of an 80-layer cache (`layer_group_ranges`: 54 views) and 20 views of a second GPU cache, more
+    pairs than `MEMO_LIMIT`, prepared in turn: the lane keeps every pair's tables (a memo that started afresh would
+    rebuild them in the loads, and free plans whose tables another group of the same load, or a kernel queued
+    earlier, still reads), and a load over one layout of groups is byte-exact."""
+    from kvbm.kernels.copy_plan import MEMO_LIMIT
+    from kvbm.kernels.host_memory import PinnedHostBuffer
+    from kvbm.layouts import select_layers
+    from kvbm.worker.layerwise import layer_group_ranges, layer_groups
+
+    g = KVGeometry(num_layers=80, num_kv=2, block_size=4, num_heads=1, head_dim=64, itemsize=2)
+    gpu, other = (allocate("vllm_flash_attn_nhd", g, 32, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    random_fill(gpu.tensors, 21)
+    ranges = layer_group_ranges(g.num_layers, 4)
+    with PinnedHostBuffer(16 * g.block_bytes) as buf:
+        host = host_cache(buf, g, STAGING_ORDER, blocks=16)
+        random_fill(host.tensors, 22)
+        engine = engine_factory(g, 2, blocks_per_slot=4)
+        views = {(a, b): (select_layers(host, a, b), select_layers(gpu, a, b)) for a, b in ranges}
+        extra = [(views[r][0], select_layers(other, *r)) for r in ranges[:20]]
+        assert len(views) + len(extra) > MEMO_LIMIT
+        for hv, gv in [*views.values(), *extra]:
+            engine.prepare("h2d", hv, gv)
+        if engine._enqueue is not None:
+            kept = engine.lanes["h2d"]._compiled_pairs
+            assert all(kept.find((id(gv), id(hv)), gv, gv.layout, hv, hv.layout) is not None
+                       for hv, gv in [*views.values(), *extra])
+        host_ids, gpu_ids = np.array([2, 9, 10, 11, 15], dtype=np.int64), np.array([30, 1, 17, 4, 22], dtype=np.int64)
+        poison_gpu_blocks(gpu, gpu_ids)
+        reference = type(gpu)([t.clone() for t in gpu.tensors], gpu.layout)
+        copy_blocks(host, reference, host_ids, gpu_ids, backend="torch")
+        groups = layer_groups(g.num_layers, 4, 6.0)
+        assert set(groups) <= set(ranges) and len(groups) > 1
+        handles = engine.onboard_groups([views[r] for r in groups], host_ids, gpu_ids)
+        for handle in handles:
+            handle.wait()
+        assert all(h.ok for h in handles) and all(torch.equal(x, y) for x, y in zip(bytes_of(gpu), bytes_of(reference)))
+
+
 def test_prepare_builds_a_pairs_tables_ahead_and_moves_nothing(engine_factory):
     """`prepare` of a layer group's host -> GPU views builds the compiled enqueue's tables of the pair (kept for the
     later onboards), writes no byte, and refuses a pair the engine cannot move; an onboard of those views

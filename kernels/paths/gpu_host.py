@@ -72,7 +72,8 @@ class GpuHostPath:
 
     def __init__(self, transfers: Transfers) -> None:
         self._transfers = transfers
-        self._pairs = IdentityMemo()  # (src, dst) -> (by the engine?, host unregistrations when checked)
+        # (src, dst) -> (by the engine?, host unregistrations when checked): one entry per live cache pair
+        self._pairs = IdentityMemo(limit=None)
         self._engines: dict[Any, TransferEngine] = {}  # (each submit takes its device's engine from here)
 
     def _engine(self, device: Any) -> TransferEngine:
