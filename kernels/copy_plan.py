@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, TypeVar
 
@@ -72,6 +73,41 @@ def _forget(memo_ref: weakref.ref, key: Hashable, dead: weakref.ref) -> None:
     memo = memo_ref()
     entry = None if memo is None else memo.get(key)
     if entry is not None and any(ref is dead for ref in entry[1:]):
+        del memo[key]
+
+
+class IdentitySequenceMemo(dict):
+    """`IdentityMemo` for any number of objects: values kept per sequence of live objects (e.g. every cache of a
+    layer-wise load's groups), found by identity, each entry dropped when one of its objects dies. A lookup costs a
+    dict get and a weakref call per object."""
+
+    __slots__ = ("__weakref__",)
+
+    def find(self, objects: Sequence[Any]) -> Any:
+        """The value kept for exactly ``objects``, in order, else None."""
+        entry = self.get(tuple(map(id, objects)))
+        if entry is None:
+            return None
+        for ref, obj in zip(entry[1], objects):
+            if ref() is not obj:
+                return None
+        return entry[0]
+
+    def keep(self, objects: Sequence[Any], value: T) -> T:
+        """Keep ``value`` for ``objects`` until one of them dies; returns ``value``."""
+        if len(self) >= MEMO_LIMIT:
+            self.clear()
+        key = tuple(map(id, objects))
+        forget = functools.partial(_forget_sequence, weakref.ref(self), key)
+        self[key] = (value, tuple(weakref.ref(obj, forget) for obj in objects))
+        return value
+
+
+def _forget_sequence(memo_ref: weakref.ref, key: Hashable, dead: weakref.ref) -> None:
+    """Weakref callback: drop the `IdentitySequenceMemo` entry under ``key`` if it still holds ``dead``."""
+    memo = memo_ref()
+    entry = None if memo is None else memo.get(key)
+    if entry is not None and any(ref is dead for ref in entry[1]):
         del memo[key]
 
 

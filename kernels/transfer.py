@@ -36,7 +36,7 @@ from kvbm.layouts.conversion import block_id_array, check_caches, check_transfer
 from . import host_memory, host_runs, id_check, staged_enqueue, stream_events as events
 from .batch_memcpy import ATTRS_INDEX_ADDRESS, attributes_address, memcpy_batch_unchecked
 from .copy_2d import DEVICE, HOST, memcpy_2d_async
-from .copy_plan import CopyPlan, IdentityMemo, build_plan, memo_on
+from .copy_plan import CopyPlan, IdentityMemo, IdentitySequenceMemo, build_plan, memo_on
 from .cuda_runtime import CudaUnavailableError, check, cuda_rt
 from .device_pointer import DevicePointer
 from .host_runs import Chunk, chunk_starts  # noqa: F401 (chunk_starts: re-exported)
@@ -314,6 +314,9 @@ class TransferEngine:
                       for direction in ("d2h", "h2d")}
         host_runs.warm_up()  # the compiled host-side passes compile (or load) on first use: not in a first transfer
         id_check.warm_up()
+        #: `onboard_groups`: per sequence of cache pairs (and their layouts), the pairs' tables concatenated and their
+        #: bytes per block, so that a load over groups seen before checks and looks up nothing per group
+        self._group_tables = IdentitySequenceMemo()
         try:
             self._enqueue = staged_enqueue.compiled()
         except CudaUnavailableError:  # a driver without an entry point it calls: staged transfers enqueue in Python
@@ -359,21 +362,36 @@ class TransferEngine:
         last scatter is queued (measured on H100 machines, six groups of 128 blocks: 208 us of host time for the
         whole start, where a submit per group took about 97 us each). Otherwise they go through `submit`.
         ``ids_checked`` as for `submit`."""
-        specs = [TransferSpec("h2d", host, gpu, host_ids, gpu_ids) for host, gpu in pairs]
-        if not specs:
+        if not pairs:
             return []
+        lane = self.lanes["h2d"]
+        caches = [c for host, gpu in pairs for c in (host, host.layout, gpu, gpu.layout)] if ids_checked else ()
+        kept = self._group_tables.find(caches) if ids_checked else None
+        if kept is not None:  # every pair checked and its tables built by an earlier call: only the ids are new
+            s, d = (np.ascontiguousarray(ids, dtype=np.int64) for ids in (host_ids, gpu_ids))
+            if s.size and self._compiled_enqueue_takes(s.size, {}):
+                return self._enqueue_groups(s, d, lane, *kept)
+        specs = [TransferSpec("h2d", host, gpu, host_ids, gpu_ids) for host, gpu in pairs]
         checked = [self._check(spec, ids_checked) for spec in specs]
         s, d = checked[0][:2]
-        lane = self.lanes["h2d"]
         tables = [self._compiled_pair(spec, s.size, lane) if path == "staged" else None
                   for spec, (_, _, path) in zip(specs, checked)]
         if s.size == 0 or any(t is None for t in tables):
             return self.submit(specs, ids_checked=True)
-        handles = [TransferHandle("staged", s.size, s.size * spec.src.geometry.block_bytes) for spec in specs]
-        done = [torch.cuda.Event() for _ in specs]
+        kept = (np.concatenate([t[0] for t in tables]), np.concatenate([t[1] for t in tables]),
+                tuple(host.geometry.block_bytes for host, _ in pairs))
+        if ids_checked:  # (the lane keeps the plans these rows point into while the caches live)
+            self._group_tables.keep(caches, kept)
+        return self._enqueue_groups(s, d, lane, *kept)
+
+    def _enqueue_groups(self, s: np.ndarray, d: np.ndarray, lane: _Lane, rows: np.ndarray, pair_rows: np.ndarray,
+                        block_bytes: tuple[int, ...]) -> list[TransferHandle]:
+        """`onboard_groups` of checked pairs and ids by one compiled call over the pairs' tables (``rows``,
+        ``pair_rows``: each pair's `_compiled_pair` tables, concatenated in order; ``block_bytes``: each pair's bytes
+        per block)."""
+        handles = [TransferHandle("staged", s.size, s.size * bb) for bb in block_bytes]
+        done = [torch.cuda.Event() for _ in block_bytes]
         marks = np.array([events.handle(e, lane.kernel_stream) for e in done], dtype=np.int64)
-        rows = np.concatenate([t[0] for t in tables])
-        pair_rows = np.concatenate([t[1] for t in tables])
         try:
             code, step = self._enqueue(False, d, s, events.current_stream(self.device.index), lane.row,
                                        lane.slot_done, lane.ids.event_handles, lane.ids.host_array, lane.state, rows,
@@ -491,14 +509,18 @@ class TransferEngine:
         """The tables of `_staged_compiled` when it can enqueue this staged transfer, else None (the Python path
         `_staged` then does): kernel gather, ids that fit an id-ring slot, no Triton launch hook set (a profiler's:
         only Triton's launcher calls it), and a cache pair `_Lane.compiled_pair` accepts."""
-        options = spec.options
-        if options and (not set(options) <= {"max_ctas", "gather"} or options.get("gather", "kernel") != "kernel"):
-            return None
-        if self._enqueue is None or n > ID_RING_SLOT_IDS or _triton_copy().launch_hooks_set():
+        if not self._compiled_enqueue_takes(n, spec.options):
             return None
         if spec.direction == "d2h":
             return lane.compiled_pair(spec.src, spec.dst, True)
         return lane.compiled_pair(spec.dst, spec.src, False)
+
+    def _compiled_enqueue_takes(self, n: int, options: Mapping[str, Any]) -> bool:
+        """Whether the compiled enqueue can take a staged transfer of ``n`` blocks with ``options`` (the conditions
+        of `_compiled_pair` that are not the cache pair's)."""
+        if options and (not set(options) <= {"max_ctas", "gather"} or options.get("gather", "kernel") != "kernel"):
+            return False
+        return self._enqueue is not None and n <= ID_RING_SLOT_IDS and not _triton_copy().launch_hooks_set()
 
     def _staged_compiled(self, spec: TransferSpec, s: np.ndarray, d: np.ndarray, lane: _Lane, caller: int,
                          tables: tuple[np.ndarray, np.ndarray], max_ctas: int | None = None,

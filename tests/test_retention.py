@@ -152,6 +152,26 @@ def test_identity_memo_limit_and_a_memo_without_one():
     assert len(unlimited) == MEMO_LIMIT - 2
 
 
+def test_identity_sequence_memo_finds_only_the_live_objects_in_their_order():
+    """`IdentitySequenceMemo`: a value per sequence of objects, found for exactly those objects in that order, dropped
+    when one of them dies (a new object that got its id never finds it)."""
+    from kvbm.kernels.copy_plan import IdentitySequenceMemo
+
+    class Thing:
+        pass
+
+    memo, things = IdentitySequenceMemo(), [Thing() for _ in range(4)]
+    memo.keep(things, "all four")
+    memo.keep(things[:2], "first two")
+    assert memo.find(things) == "all four" and memo.find(things[:2]) == "first two"
+    assert memo.find(things[::-1]) is None and memo.find(things[:3]) is None and memo.find([]) is None
+    memo[tuple(map(id, things[1:3]))] = memo[tuple(map(id, things[:2]))]  # kept for others under these ids
+    assert memo.find(things[1:3]) is None
+    del things[3]
+    gc.collect()
+    assert memo.find(things[:2]) == "first two" and len(memo) == 2  # "all four" went with its last object
+
+
 # -- on a GPU ---------------------------------------------------------------------------------------------------------
 
 GPU_GEOM = KVGeometry(num_layers=8, num_kv=2, block_size=16, num_heads=8, head_dim=128, itemsize=2)  # 512 KiB blocks

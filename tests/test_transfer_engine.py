@@ -389,6 +389,20 @@ def test_layer_groups_onboard_in_one_call_each_group_complete_on_its_event(prese
                                        reference.piece_view(layer, kv, torch.int16)[ids]), (layer, kv)
         torch.cuda.synchronize()
         assert all(torch.equal(x, y) for x, y in zip(bytes_of(gpu), bytes_of(reference)))
+        # the same groups again with ids the caller checked (as `Transfers` does): the engine keeps the groups' tables
+        # from the first such call and checks and looks up nothing per group in the next
+        for round_ in range(2):
+            host_ids = rng.choice(40, 12, replace=False).astype(np.int64)
+            gpu_ids = rng.choice(64, 12, replace=False).astype(np.int64)
+            poison_gpu_blocks(gpu, gpu_ids)
+            copy_blocks(host, reference, host_ids, gpu_ids, backend="torch")
+            handles = engine.onboard_groups(pairs, host_ids, gpu_ids, ids_checked=True)
+            assert [h.nbytes for h in handles] == [12 * p[0].geometry.block_bytes for p in pairs]
+            for handle in handles:
+                handle.wait()
+            assert all(torch.equal(x, y) for x, y in zip(bytes_of(gpu), bytes_of(reference))), round_
+        caches = [c for h, gv in pairs for c in (h, h.layout, gv, gv.layout)]
+        assert (engine._group_tables.find(caches) is not None) == (enqueue == "compiled")
 
 
 def test_every_layer_group_of_a_deep_model_stays_kept_past_the_default_memo_limit(engine_factory):
