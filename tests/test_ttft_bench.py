@@ -226,14 +226,16 @@ def test_share_left_by_the_time_before_the_forward_and_saved_rows_split(ttft, tm
     assert bench.share_bound(dataclasses.replace(bulk, load_ms=None), layerwise) is None
     assert bench.share_bound(bulk, dataclasses.replace(layerwise, load_ms=None)) is None
     lone = row("m", "prefix", "G2 hit, bulk onboard", 8192, 256, ttft_ms=60.0, load_ms=20.0)
-    saved = tmp_path / "ttft.json"
+    saved = tmp_path / "saved.json"
     saved.write_text(json.dumps({"rows": [{**dataclasses.asdict(bulk), "added_later": 1},
                                           dataclasses.asdict(layerwise), dataclasses.asdict(lone)]}))
     text = ttft["shares"].table([saved])
-    assert "| ttft.json | m | 2048 |  | 5.00 | 1.50 | 80% | 70% |" in text and "8192" not in text
+    assert "| saved.json | m | 2048 |  | 5.00 | 1.50 | 80% | 70% |" in text and "8192" not in text
     g1 = row("m", "prefix", "G1 hit (prefix on GPU)", 2048, 256, ttft_ms=35.0, load_ms=0.2)
-    saved.write_text(json.dumps({"rows": [dataclasses.asdict(r) for r in (g1, bulk, layerwise)]}))
-    assert "| ttft.json | m | 2048 | 35.00 | 5.00 | 1.50 | 80% | 70% |" in ttft["shares"].table([saved])
+    run = tmp_path / "run1" / "ttft.json"  # (the bench's own file name: named with its folder)
+    run.parent.mkdir()
+    run.write_text(json.dumps({"rows": [dataclasses.asdict(r) for r in (g1, bulk, layerwise)]}))
+    assert "| run1/ttft.json | m | 2048 | 35.00 | 5.00 | 1.50 | 80% | 70% |" in ttft["shares"].table([run])
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"results": []}))
     with pytest.raises(ValueError, match="no 'rows' list"):

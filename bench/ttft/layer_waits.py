@@ -39,7 +39,7 @@ def _timed_scatters() -> Iterator[list[tuple[Any, Any]]]:
     from kvbm.kernels import transfer
 
     pairs: list[tuple[Any, Any]] = []
-    real_copy, real_pair = transfer._triton_copy, transfer.TransferEngine._compiled_pair
+    real_copy, real_takes = transfer._triton_copy, transfer.TransferEngine._compiled_enqueue_takes
     launch = real_copy().launch
 
     def timed_launch(*args: Any, stream: Any, **kwargs: Any) -> None:
@@ -50,11 +50,11 @@ def _timed_scatters() -> Iterator[list[tuple[Any, Any]]]:
         pairs.append((before, after))
 
     transfer._triton_copy = lambda: SimpleNamespace(launch=timed_launch)
-    transfer.TransferEngine._compiled_pair = lambda self, *args: None
+    transfer.TransferEngine._compiled_enqueue_takes = lambda self, *args: False  # (the compiled enqueue's one gate)
     try:
         yield pairs
     finally:
-        transfer._triton_copy, transfer.TransferEngine._compiled_pair = real_copy, real_pair
+        transfer._triton_copy, transfer.TransferEngine._compiled_enqueue_takes = real_copy, real_takes
 
 
 def _layer_times(eng: Engine, side: KvbmSide, hashes: Sequence[int], busy_tokens: list[int]) -> list[float]:

@@ -53,9 +53,15 @@ def table(paths: Sequence[Path]) -> str:
              "forwards |", "|---|---|---|---|---|---|---|---|"]
     for path in paths:
         for model, prefix, g1, bulk, layerwise, share, bound in splits(rows_of(path)):
-            lines.append(f"| {path.name} | {model} | {prefix} | {ms(g1.ttft_ms if g1 else None)} | {ms(bulk.load_ms)} "
+            g1_ms = g1.ttft_ms if g1 else None
+            lines.append(f"| {_name(path)} | {model} | {prefix} | {ms(g1_ms)} | {ms(bulk.load_ms)} "
                          f"| {ms(layerwise.load_ms)} | {pct(share)} | {pct(bound)} |")
     return "\n".join(lines)
+
+
+def _name(path: Path) -> str:
+    """A result file's name, with its folder's where the name is the bench's own (``run/ttft.json``)."""
+    return f"{path.parent.name}/{path.name}" if path.name == "ttft.json" and path.parent.name else path.name
 
 
 def main(argv: Sequence[str] | None = None) -> int:
