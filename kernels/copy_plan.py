@@ -88,7 +88,7 @@ class IdentitySequenceMemo(dict):
         entry = self.get(tuple(map(id, objects)))
         if entry is None:
             return None
-        for ref, obj in zip(entry[1], objects):
+        for ref, obj in zip(entry[1:], objects):
             if ref() is not obj:
                 return None
         return entry[0]
@@ -98,17 +98,9 @@ class IdentitySequenceMemo(dict):
         if len(self) >= MEMO_LIMIT:
             self.clear()
         key = tuple(map(id, objects))
-        forget = functools.partial(_forget_sequence, weakref.ref(self), key)
-        self[key] = (value, tuple(weakref.ref(obj, forget) for obj in objects))
+        forget = functools.partial(_forget, weakref.ref(self), key)  # (entries laid out as `IdentityMemo`'s)
+        self[key] = (value, *(weakref.ref(obj, forget) for obj in objects))
         return value
-
-
-def _forget_sequence(memo_ref: weakref.ref, key: Hashable, dead: weakref.ref) -> None:
-    """Weakref callback: drop the `IdentitySequenceMemo` entry under ``key`` if it still holds ``dead``."""
-    memo = memo_ref()
-    entry = None if memo is None else memo.get(key)
-    if entry is not None and any(ref is dead for ref in entry[1]):
-        del memo[key]
 
 
 def memo_on(owner: Any, name: str) -> IdentityMemo:

@@ -366,8 +366,10 @@ class TransferEngine:
         if not pairs:
             return []
         lane = self.lanes["h2d"]
-        caches = [c for host, gpu in pairs for c in (host, host.layout, gpu, gpu.layout)] if ids_checked else ()
-        kept = self._group_tables.find(caches) if ids_checked else None
+        caches = kept = None
+        if ids_checked:
+            caches = [c for host, gpu in pairs for c in (host, host.layout, gpu, gpu.layout)]
+            kept = self._group_tables.find(caches)
         if kept is not None:  # every pair checked and its tables built by an earlier call: only the ids are new
             s, d = (np.ascontiguousarray(ids, dtype=np.int64) for ids in (host_ids, gpu_ids))
             if s.size and self._compiled_enqueue_takes(s.size, {}):
