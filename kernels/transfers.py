@@ -21,7 +21,7 @@ import numpy as np
 
 from . import id_check
 from .block_transfer import BlockTransfer
-from .copy_plan import IdentityMemo
+from .copy_plan import IdentityMemo, IdentitySequenceMemo
 from .medium import Medium, medium_of
 
 __all__ = ["Transfers", "TransferPath", "register_path", "registered_paths", "checked_ids"]
@@ -123,6 +123,7 @@ class Transfers:
         self._lock = threading.Lock()
         self._live: weakref.WeakSet[BlockTransfer] = weakref.WeakSet()
         self._pairs = IdentityMemo(limit=None)  # one entry per live cache pair (a model's layer-group views too)
+        self._group_checks = IdentitySequenceMemo()  # `_checked_groups` per sequence of pairs
         self._closed = False
 
     def submit(self, src: Any, dst: Any, src_ids: Any, dst_ids: Any, *, tags: Sequence[int] | None = None
@@ -149,23 +150,38 @@ class Transfers:
         one transfer each: the layer groups of a layer-wise load (`kvbm.layouts.select_layers` views of one source
         and one destination cache), each waited for on its own. Where the pairs share a path that moves such groups
         in one call (GPU <-> host), it gets them all. Bad input raises before anything moves."""
-        paths = [self._path_of(src, dst) for src, dst in pairs]
+        paths, counts, group_path = self._checked_groups(pairs)
         s, d = _id_array(src_ids, "src_ids"), _id_array(dst_ids, "dst_ids")
-        valid: set[tuple[int, int]] = set()  # block counts the ids were checked against (layer views share theirs)
-        for src, dst in pairs:
-            counts = (src.num_blocks, dst.num_blocks)
-            if counts not in valid and not id_check.ids_valid(s, d, *counts):
+        for src_blocks, dst_blocks in counts:  # (layer views share their cache's block counts: one check each)
+            if not id_check.ids_valid(s, d, src_blocks, dst_blocks):
+                src, dst = next(p for p in pairs if (p[0].num_blocks, p[1].num_blocks) == (src_blocks, dst_blocks))
                 checked_ids(src, dst, s, d)  # raises the precise error
-            valid.add(counts)
         if s.size == 0 or not paths:
             return [BlockTransfer.completed(0, path.name) for path in paths]
-        group_path = getattr(paths[0], "submit_groups", None)
-        if group_path is not None and all(path is paths[0] for path in paths):
+        if group_path is not None:
             transfers = group_path(pairs, s, d)
         else:
             transfers = [path.submit(src, dst, s, d) for path, (src, dst) in zip(paths, pairs)]
         self._live.update(transfers)
         return transfers
+
+    def _checked_groups(self, pairs: Sequence[tuple[Any, Any]]
+                        ) -> tuple[list[TransferPath], tuple[tuple[int, int], ...], Callable[..., Any] | None]:
+        """The path of each pair of ``pairs``, the distinct (source, destination) block counts the ids must fit and
+        the ``submit_groups`` of the one path they all share (None where they do not share one that has it), the
+        pairs' checks done; kept per sequence of pairs while its caches live (a layer-wise load submits the same
+        groups every step)."""
+        if self._closed:
+            raise ValueError("this Transfers object is closed")
+        caches = [cache for pair in pairs for cache in pair]
+        kept = self._group_checks.find(caches)
+        if kept is None:
+            paths = [self._path_of(src, dst) for src, dst in pairs]
+            counts = tuple(dict.fromkeys((src.num_blocks, dst.num_blocks) for src, dst in pairs))
+            shared = paths and all(path is paths[0] for path in paths)
+            group_path = getattr(paths[0], "submit_groups", None) if shared else None
+            kept = self._group_checks.keep(caches, (paths, counts, group_path))
+        return kept
 
     def prepare(self, src: Any, dst: Any) -> None:
         """Check ``src`` -> ``dst`` and build what their path needs to move blocks between them (on the GPU <-> host

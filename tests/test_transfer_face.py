@@ -2,6 +2,7 @@
 `BlockTransfer` handle that completes per block."""
 from __future__ import annotations
 
+import gc
 import threading
 from concurrent.futures import Future
 
@@ -175,6 +176,14 @@ def test_layer_groups_are_one_transfer_each_and_reach_a_path_in_one_call(monkeyp
         for transfer in moved:
             transfer.wait()
             assert transfer.ok and transfer.num_blocks == 3
+        with pytest.raises(IndexError):  # the pairs' checks are kept, the ids' are not
+            transfers.submit_groups(pairs, [1], [7])
+        assert calls == [3] and len(transfers._group_checks) == 2  # (these pairs; the empty sequence)
+        transfers.submit_groups(pairs[1:], [], [])
+        assert len(transfers._group_checks) == 3
+        del pairs, moved
+        gc.collect()
+        assert len(transfers._group_checks) == 1  # an entry goes with its caches
     after = pieces(dst)
     for (layer, kv), got in after.items():
         for s_id, d_id in ((8, 2), (0, 6), (5, 0)):

@@ -17,7 +17,7 @@ import torch
 from kvbm.layouts import copy_blocks
 
 from ..block_transfer import BlockTransfer, Steps
-from ..copy_plan import IdentityMemo
+from ..copy_plan import IdentityMemo, IdentitySequenceMemo
 from ..host_memory import cache_is_pinned, unregistrations
 from ..medium import Medium, medium_of
 from ..transfer import TransferEngine, TransferSpec
@@ -74,6 +74,8 @@ class GpuHostPath:
         self._transfers = transfers
         # (src, dst) -> (by the engine?, host unregistrations when checked): one entry per live cache pair
         self._pairs = IdentityMemo(limit=None)
+        # caches of a sequence of pairs -> (all onboards the engine moves into one GPU?, unregistrations when checked)
+        self._group_onboards = IdentitySequenceMemo()
         self._engines: dict[Any, TransferEngine] = {}  # (each submit takes its device's engine from here)
 
     def _engine(self, device: Any) -> TransferEngine:
@@ -100,12 +102,23 @@ class GpuHostPath:
         """``submit`` of the same ids for each (src, dst) pair, in order: onboards of engine-moved host caches into
         one GPU's caches (a layer-wise load's layer groups) in one call (`TransferEngine.onboard_groups`), any other
         pairs one by one."""
-        src, dst = pairs[0]
-        if medium_of(src) is Medium.HOST and medium_of(dst) is Medium.GPU and \
-                all(medium_of(g) is Medium.GPU and g.device == dst.device and self._by_engine(h, g) for h, g in pairs):
-            handles = self._engine(dst.device).onboard_groups(pairs, src_ids, dst_ids, ids_checked=True)
+        if self._onboards_by_engine(pairs):
+            handles = self._engine(pairs[0][1].device).onboard_groups(pairs, src_ids, dst_ids, ids_checked=True)
             return [_block_transfer(handle) for handle in handles]
         return [self.submit(src, dst, src_ids, dst_ids) for src, dst in pairs]
+
+    def _onboards_by_engine(self, pairs: Sequence[tuple[Any, Any]]) -> bool:
+        """Whether every pair is a host cache the engine moves into a cache of the first pair's GPU (raises as
+        `_by_engine` for a host side not in pinned memory); kept per sequence of pairs until a host buffer is
+        closed."""
+        caches = [cache for pair in pairs for cache in pair]
+        kept = self._group_onboards.find(caches)
+        if kept is None or kept[1] != unregistrations():
+            device = pairs[0][1].device
+            onboards = medium_of(pairs[0][0]) is Medium.HOST and all(
+                medium_of(g) is Medium.GPU and g.device == device and self._by_engine(h, g) for h, g in pairs)
+            kept = self._group_onboards.keep(caches, (onboards, unregistrations()))
+        return kept[0]
 
     def prepare(self, src: Any, dst: Any) -> None:
         """Build the transfer engine's plans and kernels for ``src`` -> ``dst`` now where the engine moves them
