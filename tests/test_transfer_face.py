@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import threading
 from concurrent.futures import Future
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -276,3 +277,52 @@ def test_random_layouts_round_trip_through_a_host_tier():
             assert transfers.submit(g1, tier, ids, slots).ok
             assert transfers.submit(tier, back, slots, dst).ok
             assert [block_bytes(back, int(b)) for b in dst] == [block_bytes(g1, int(b)) for b in ids]
+
+
+def test_the_gpu_path_keeps_its_group_onboard_check_until_a_host_buffer_closes(monkeypatch):
+    """`GpuHostPath.submit_groups` gives a sequence of host -> GPU layer-group pairs to the engine's
+    ``onboard_groups`` in one call where the engine moves every pair into one GPU, and keeps that finding per
+    sequence of pairs: the host sides' pinning is checked once, again after a host buffer is closed, and a host side
+    no longer pinned is refused. Offloads, and pairs over two GPUs, go pair by pair."""
+    import kvbm.kernels.paths.gpu_host as gpu_host
+    from kvbm.layouts import select_layers
+
+    class GpuStandIn:  # (only its medium and device are asked for before the engine is called)
+        medium = Medium.GPU
+
+        def __init__(self, index: int) -> None:
+            self.device = torch.device("cuda", index)
+
+    geometry = KVGeometry(num_layers=4, num_kv=2, block_size=4, num_heads=2, head_dim=8, itemsize=2)
+    host = allocate("kvbm_staging", geometry, num_blocks=6, dtype=torch.bfloat16)
+    views = [select_layers(host, 0, 1), select_layers(host, 1, 4)]
+    gpus = [GpuStandIn(0), GpuStandIn(0), GpuStandIn(1)]
+    pairs = [(views[0], gpus[0]), (views[1], gpus[1])]
+    pinned, closed, checks, onboards, singles = [True], [0], [], [], []
+    monkeypatch.setattr(gpu_host, "cache_is_pinned", lambda cache: checks.append(cache) or pinned[0])
+    monkeypatch.setattr(gpu_host, "unregistrations", lambda: closed[0])
+
+    class EngineStandIn:
+        def onboard_groups(self, pairs, src_ids, dst_ids, *, ids_checked):
+            onboards.append((len(pairs), ids_checked))
+            return [SimpleNamespace(num_blocks=src_ids.size, path="staged", error=None, event=None) for _ in pairs]
+
+    path = gpu_host.GpuHostPath(Transfers())
+    monkeypatch.setattr(path, "_engine", lambda device: EngineStandIn())
+    monkeypatch.setattr(path, "submit", lambda src, dst, s, d: singles.append((src, dst)) or "single")
+    ids = np.array([4, 1], dtype=np.int64)
+    moved = path.submit_groups(pairs, ids, ids)
+    assert onboards == [(2, True)] and len(moved) == 2 and all(t.num_blocks == 2 for t in moved)
+    assert len(checks) == 2  # one pinning check per pair
+    path.submit_groups(pairs, ids, ids)
+    assert len(onboards) == 2 and len(checks) == 2  # kept for the sequence
+    closed[0] += 1
+    path.submit_groups(pairs, ids, ids)
+    assert len(onboards) == 3 and len(checks) == 4  # a host buffer closed: checked again
+    assert path.submit_groups([(views[0], gpus[0]), (views[1], gpus[2])], ids, ids) == ["single", "single"]
+    assert path.submit_groups([(gpus[0], views[0]), (gpus[1], views[1])], ids, ids) == ["single", "single"]
+    assert len(onboards) == 3 and len(singles) == 4
+    pinned[0], closed[0] = False, closed[0] + 1
+    with pytest.raises(ValueError, match="pinned memory"):
+        path.submit_groups(pairs, ids, ids)
+    assert len(onboards) == 3
