@@ -37,7 +37,7 @@ class RuleDecision:
     prefill_rate: float  #: tokens/s
     latency: float  #: the tier's fixed seconds per load
     found_blocks: int  #: stored blocks the lookup found (before the rule)
-    unstored_blocks: int = 0  #: blocks the side's stores left out while the request ran (the store rule's drops)
+    unstored_blocks: int  #: blocks the side's stores left out while the request ran (the store rule's drops)
 
     def break_even(self, block_bytes: int) -> float:
         """Bytes/s above which the rule loads the blocks found (infinite if their recompute cannot pay the
@@ -83,7 +83,7 @@ class CostRule:
         enabled = policy.enabled
         probe = enabled and not self.measured
         policy.decisions.clear()
-        unstored = self._backlog.total_dropped(self.tier)
+        dropped_before = self._backlog.total_dropped(self.tier)
         policy.enabled = enabled and not probe
         try:
             result = request()
@@ -93,7 +93,7 @@ class CostRule:
         dropped = sum(sum(d.dropped) for d in policy.decisions)
         outcome = "load" if result.loaded_tokens else "recompute" if dropped else "none"
         self.measured = self.measured or bool(result.loaded_tokens)
-        unstored = self._backlog.total_dropped(self.tier) - unstored
+        unstored = self._backlog.total_dropped(self.tier) - dropped_before
         return result, RuleDecision(outcome, probe and outcome == "load", bandwidth, rate, latency, found, unstored)
 
 
