@@ -1,5 +1,6 @@
 """The TTFT benchmark (bench/ttft): the model runner's paged attention against dense causal attention, its prefill
-split at any point against one whole prefill, the G1 pool and the byte check, and the --smoke run end to end."""
+split at any point against one whole prefill, its CUDA-graph prefill against the eager one, the G1 pool and the
+byte check, and the --smoke run end to end."""
 from __future__ import annotations
 
 import dataclasses
@@ -27,7 +28,7 @@ def ttft():
     sys.modules[name] = package
     spec.loader.exec_module(package)
     modules = {}
-    for sub in ("model", "engine", "bench", "call_times", "shares"):
+    for sub in ("model", "graphs", "engine", "bench", "call_times", "shares"):
         sub_spec = importlib.util.spec_from_file_location(f"{name}.{sub}", PKG / f"{sub}.py")
         module = importlib.util.module_from_spec(sub_spec)
         sys.modules[f"{name}.{sub}"] = module
@@ -84,6 +85,52 @@ def test_prefill_split_at_any_point_matches_one_prefill(ttft, shape_name):
         caches = m.allocate_kv_caches(shape, 12, torch.float32, "cpu")
         model.prefill(tokens[:split], caches, table, 0)
         assert rel_err(model.prefill(tokens[split:], caches, table, split), whole) < 1e-5
+
+
+def test_padded_size_is_the_smallest_captured_size_that_holds_the_tokens(ttft):
+    g = ttft["graphs"]
+    assert [g.padded_size((64, 16, 256), n) for n in (1, 16, 17, 64, 65, 256)] == [16, 16, 64, 64, 256, 256]
+    assert g.padded_size((64, 16, 256), 257) is None and g.padded_size((), 1) is None
+    with pytest.raises(ValueError, match="CUDA model"):
+        g.GraphedPrefill(ttft["model"].DecoderModel(ttft["model"].SHAPES["tiny"], "cpu", torch.float32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (this machine has none)")
+@pytest.mark.parametrize("shape_name", ["tiny", "qwen3-0.6b"])
+def test_graphed_prefill_matches_the_eager_prefill(ttft, shape_name):
+    """Graphs of two sizes replayed for token counts that fill them or leave padding (one after another, so padded
+    rows hold a previous prefill's values), and a count past the largest size (eager): the same logits as the eager
+    prefill, the same K/V in the same slots, every other slot untouched, the layer hooks called in the same order."""
+    m, g = ttft["model"], ttft["graphs"]
+    shape = m.SHAPES[shape_name]
+    if shape_name != "tiny":
+        shape = m.ModelShape(**{**shape.__dict__, "num_layers": 3, "hidden": 512, "intermediate": 1024,
+                                "vocab": 500})
+    model = m.DecoderModel(shape, "cuda", torch.bfloat16, seed=5)
+    graphed = g.GraphedPrefill(model, sizes=(16, 64))
+    gen = torch.Generator().manual_seed(7)
+    for new, cached in ((16, 0), (40, 0), (23, 37), (64, 16), (9, 100), (70, 5)):
+        num_blocks = 16
+        table = torch.randperm(num_blocks, generator=gen).cuda()
+        tokens = torch.randint(0, shape.vocab, (new,), generator=gen).cuda()
+        poison = [torch.randn(2, num_blocks, m.BLOCK_SIZE, shape.num_kv_heads, shape.head_dim, generator=gen)
+                  .to("cuda", torch.bfloat16) for _ in range(shape.num_layers)]
+        runs = []
+        for runner in (model, graphed):
+            caches, calls = [c.clone() for c in poison], []
+            logits = runner.prefill(tokens, caches, table, cached, lambda i: calls.append(("wait", i)),
+                                    lambda i: calls.append(("save", i)))
+            runs.append((logits, caches, calls))
+        (eager_logits, eager_caches, eager_calls), (logits, caches, calls) = runs
+        assert calls == eager_calls == [(hook, i) for i in range(shape.num_layers) for hook in ("wait", "save")]
+        assert torch.isfinite(logits).all() and rel_err(logits, eager_logits) < 3e-2, (new, cached)
+        pos = torch.arange(cached, cached + new, device="cuda")
+        written = torch.zeros(2, num_blocks, m.BLOCK_SIZE, dtype=torch.bool, device="cuda")
+        written[:, table[pos // m.BLOCK_SIZE], pos % m.BLOCK_SIZE] = True
+        for got, want, before in zip(caches, eager_caches, poison):
+            assert torch.equal(got[~written], before[~written])  # no other slot touched
+            assert rel_err(got[written].float(), want[written].float()) < 3e-2
+            assert not torch.equal(got[written], before[written])
 
 
 def test_g1_pool_prefix_cache_and_eviction_order(ttft):

@@ -36,6 +36,7 @@ from kvbm.tools.workload import ChatWorkload
 
 from .cost_rule import CostRule, RuleDecision, rule_note
 from .engine import Engine, G1Pool, KvbmSide, Reference, RequestResult, sync
+from .graphs import GRAPH_SIZES, GraphedPrefill
 from .layer_stores import measure_layer_stores
 from .layer_waits import measure_layer_waits
 from .model import BLOCK_SIZE, SHAPES, DecoderModel, ModelShape, allocate_kv_caches
@@ -187,6 +188,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                          "group (at most the longest prefix; 0 skips)")
     ap.add_argument("--layer-wait-busy", type=int, default=2048, help="tokens of the prefill run beside it")
     ap.add_argument("--device", default=None, help="cuda or cpu (default cuda when available)")
+    ap.add_argument("--eager", action="store_true",
+                    help="run every forward eagerly: no CUDA graphs between attentions (on a GPU, prefills of up to "
+                         f"{GRAPH_SIZES[-1]} tokens replay them by default)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny model (2 layers), prefixes 64,128, small QA, on the CPU unless --device is given")
     args = ap.parse_args(argv)
@@ -380,6 +384,13 @@ def build(args: argparse.Namespace, name: str, device: torch.device, dtype: torc
     sync(device)
     log(f"{shape.name}: {model.num_parameters() / 1e9:.2f} B parameters ({dtype}) on {device} in "
         f"{time.perf_counter() - t:.1f} s")
+    runner: DecoderModel | GraphedPrefill = model
+    if device.type == "cuda" and not args.eager:
+        t = time.perf_counter()
+        runner = GraphedPrefill(model)
+        sync(device)
+        log(f"{shape.name}: CUDA graphs between attentions for {', '.join(map(str, runner.sizes))} tokens "
+            f"captured in {time.perf_counter() - t:.1f} s")
     prefix_blocks = 2 * (max(args.prefixes) + args.new_tokens) // BLOCK_SIZE + 8 if "prefix" in args.workloads else 0
     qa = qa_workload(args, shape.vocab)
     qa_blocks = qa_g1_blocks(args, qa) if "qa" in args.workloads else 0
@@ -387,7 +398,7 @@ def build(args: argparse.Namespace, name: str, device: torch.device, dtype: torc
     with torch.inference_mode(False):  # normal tensors: kvbm's threads may write them outside inference mode
         caches = allocate_kv_caches(shape, num_g1, dtype, device)
     block_bytes = shape.block_bytes_per_element * caches[0].element_size()
-    engine = Engine(model, caches, G1Pool(range(num_g1)))
+    engine = Engine(runner, caches, G1Pool(range(num_g1)))
     tier_blocks = max(max(args.prefixes) // BLOCK_SIZE if "prefix" in args.workloads else 0,
                       qa_unique_blocks(qa) if "qa" in args.workloads else 0) * 11 // 10 + 128
     log(f"{shape.name}: G1 {num_g1} blocks of {block_bytes / 2**20:.2f} MiB ({num_g1 * block_bytes / 1e9:.1f} GB); "
@@ -899,6 +910,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "commit": checkout_commit(Path(__file__).resolve().parents[2]),
         "command": " ".join([os.path.basename(sys.executable), "-m", "bench.ttft", *argv]),
         "new_tokens": args.new_tokens, "reps": args.reps, "warmup": args.warmup,
+        "cuda_graph_tokens": list(GRAPH_SIZES) if device.type == "cuda" and not args.eager else None,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
     log(f"results go to {out}/; {meta['gpu'] or 'CPU'}, torch {meta['torch']}, triton {triton_version}")

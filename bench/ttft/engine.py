@@ -1,4 +1,5 @@
-"""A one-request-at-a-time engine around `DecoderModel`: G1 blocks with a prefix cache, and kvbm called in vLLM's order.
+"""A one-request-at-a-time engine around `DecoderModel` (or its `GraphedPrefill`): G1 blocks with a prefix cache,
+and kvbm called in vLLM's order.
 
 Per request (`Engine.run_request`): hash the prompt's full blocks; match the G1 prefix cache; look the rest up in
 kvbm (`ConnectorLeader.lookup`); allocate G1 blocks; plan the load into them (`plan_load`, `take_step`); start it
@@ -32,6 +33,7 @@ from kvbm.hashing import sequence_hashes
 from kvbm.layouts.vllm_tensors import describe_vllm_kv_caches
 from kvbm.tiers import DISK_TIER, kvbm_tiers
 
+from .graphs import GraphedPrefill
 from .model import BLOCK_SIZE, DecoderModel
 
 __all__ = ["Engine", "G1Pool", "KvbmSide", "Reference", "RequestResult", "sync"]
@@ -252,7 +254,7 @@ class RequestResult:
 class Engine:
     """The model, its G1 caches and pool, and the kvbm sides it offloads to (see the module docstring)."""
 
-    def __init__(self, model: DecoderModel, kv_caches: list[torch.Tensor], pool: G1Pool) -> None:
+    def __init__(self, model: DecoderModel | GraphedPrefill, kv_caches: list[torch.Tensor], pool: G1Pool) -> None:
         self.model = model
         self.caches = kv_caches
         self.pool = pool

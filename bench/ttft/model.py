@@ -191,29 +191,45 @@ class DecoderModel:
         ``num_cached`` positions' K/V must be there by each layer's attention (``before_attention(layer)`` is called
         just before it, as vLLM calls a connector's ``wait_for_layer_load``; ``after_attention(layer)`` once the
         layer's K/V is written, as vLLM calls ``save_kv_layer``). Returns the last token's logits (fp32)."""
-        s = self.shape
         num_new = tokens.shape[0]
         cos, sin = self.rope_tables(num_cached, num_new)
         mask = causal_mask(num_new, num_cached, self.device) if num_cached else None
-        q_out, kv_out = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         x = self.embed[tokens]
-        for index, (layer, cache) in enumerate(zip(self.layers, kv_caches)):
-            h = _rms_norm(x, layer["ln1"], s.eps)
-            q, k, v = (h @ layer["qkv"].T).split((q_out, kv_out, kv_out), dim=-1)
-            q = q.view(num_new, s.num_heads, s.head_dim)
-            k = k.view(num_new, s.num_kv_heads, s.head_dim)
-            v = v.view(num_new, s.num_kv_heads, s.head_dim)
-            if s.qk_norm:
-                q, k = _rms_norm(q, layer["q_norm"], s.eps), _rms_norm(k, layer["k_norm"], s.eps)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        for index, cache in enumerate(kv_caches):
+            q, k, v = self.layer_in(index, x, cos, sin)
             if before_attention is not None:
                 before_attention(index)
             attn = paged_attention(q, k, v, cache, block_table, num_cached, mask)
             if after_attention is not None:
                 after_attention(index)
-            x = x + attn.reshape(num_new, q_out) @ layer["o"].T
-            h = _rms_norm(x, layer["ln2"], s.eps)
-            gate, up = (h @ layer["gate_up"].T).chunk(2, dim=-1)
-            x = x + (F.silu(gate) * up) @ layer["down"].T
-        last = _rms_norm(x[-1:], self.final_norm, s.eps)
-        return (last @ self.lm_head.T)[0].float()
+            x = self.layer_out(index, x, attn)
+        return self.logits(x[-1:])
+
+    def layer_in(self, index: int, x: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer ``index`` up to its attention: ``q`` ``[T, heads, D]``, ``k`` and ``v`` ``[T, kv_heads, D]`` of the
+        hidden states ``x`` ``[T, hidden]`` (normed, projected, q/k-normed where the shape says, rotated)."""
+        s, layer = self.shape, self.layers[index]
+        num_new = x.shape[0]
+        q_out, kv_out = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        h = _rms_norm(x, layer["ln1"], s.eps)
+        q, k, v = (h @ layer["qkv"].T).split((q_out, kv_out, kv_out), dim=-1)
+        q = q.reshape(num_new, s.num_heads, s.head_dim)
+        k = k.reshape(num_new, s.num_kv_heads, s.head_dim)
+        v = v.reshape(num_new, s.num_kv_heads, s.head_dim)
+        if s.qk_norm:
+            q, k = _rms_norm(q, layer["q_norm"], s.eps), _rms_norm(k, layer["k_norm"], s.eps)
+        return _rope(q, cos, sin), _rope(k, cos, sin), v
+
+    def layer_out(self, index: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Layer ``index`` after its attention: the hidden states after the output projection and the MLP, each
+        added to the residual ``x``; ``attn`` ``[T, heads, D]``."""
+        s, layer = self.shape, self.layers[index]
+        x = x + attn.reshape(x.shape[0], s.num_heads * s.head_dim) @ layer["o"].T
+        h = _rms_norm(x, layer["ln2"], s.eps)
+        gate, up = (h @ layer["gate_up"].T).chunk(2, dim=-1)
+        return x + (F.silu(gate) * up) @ layer["down"].T
+
+    def logits(self, x_last: torch.Tensor) -> torch.Tensor:
+        """The logits (fp32) of one token's final hidden states ``x_last`` ``[1, hidden]``."""
+        return (_rms_norm(x_last, self.final_norm, self.shape.eps) @ self.lm_head.T)[0].float()
