@@ -336,6 +336,7 @@ class Setup:
     sides: dict[str, KvbmSide]
     unavailable: dict[str, str]
     block_bytes: int
+    forward: str  #: how the forwards run (`_runner`)
     calibration: Calibration | None = None
     layer_waits: dict[str, Any] | None = None
     rule: CostRule | None = None  #: the cost rule on the G3_AUTO side (kept across parts, as it learns)
@@ -384,13 +385,8 @@ def build(args: argparse.Namespace, name: str, device: torch.device, dtype: torc
     sync(device)
     log(f"{shape.name}: {model.num_parameters() / 1e9:.2f} B parameters ({dtype}) on {device} in "
         f"{time.perf_counter() - t:.1f} s")
-    runner: DecoderModel | GraphedPrefill = model
-    if device.type == "cuda" and not args.eager:
-        t = time.perf_counter()
-        runner = GraphedPrefill(model)
-        sync(device)
-        log(f"{shape.name}: CUDA graphs between attentions for {', '.join(map(str, runner.sizes))} tokens "
-            f"captured in {time.perf_counter() - t:.1f} s")
+    runner, forward = _runner(args, model)
+    log(f"{shape.name}: forwards {forward}")
     prefix_blocks = 2 * (max(args.prefixes) + args.new_tokens) // BLOCK_SIZE + 8 if "prefix" in args.workloads else 0
     qa = qa_workload(args, shape.vocab)
     qa_blocks = qa_g1_blocks(args, qa) if "qa" in args.workloads else 0
@@ -431,7 +427,26 @@ def build(args: argparse.Namespace, name: str, device: torch.device, dtype: torc
         log(f"{shape.name}: {mode} ready ({side.tier}, {tier_blocks} blocks) in {time.perf_counter() - t:.1f} s")
     rule = CostRule(sides[G3_AUTO]) if G3_AUTO in sides else None  # attached after the probe: nothing learned yet
     engine.sides = list(sides.values())  # from now on each side's rule learns from every step the engine runs
-    return Setup(shape, engine, caches, sides, unavailable, block_bytes, rule=rule)
+    return Setup(shape, engine, caches, sides, unavailable, block_bytes, forward, rule=rule)
+
+
+def _runner(args: argparse.Namespace, model: DecoderModel) -> tuple[DecoderModel | GraphedPrefill, str]:
+    """What runs the forwards, and how it runs them in words: on a GPU, unless ``--eager``, the model with CUDA
+    graphs between attentions (`GraphedPrefill`); the model itself (eager) without a GPU, with ``--eager``, or where
+    the capture fails (the reason is in the words)."""
+    if model.device.type != "cuda":
+        return model, "eager (no GPU)"
+    if args.eager:
+        return model, "eager (--eager)"
+    t = time.perf_counter()
+    try:
+        runner = GraphedPrefill(model)
+        sync(model.device)
+    except Exception as exc:  # noqa: BLE001 - the bench goes on with eager forwards, and says so
+        return model, f"eager: CUDA graphs not captured ({type(exc).__name__}: {exc})"
+    return runner, (f"CUDA graphs between attentions for up to {runner.sizes[-1]} tokens "
+                    f"({', '.join(map(str, runner.sizes))}; captured in {time.perf_counter() - t:.1f} s), "
+                    f"longer prefills eager")
 
 
 def _bytes_word(ok: bool | None) -> str:
@@ -785,7 +800,8 @@ def run_model(args: argparse.Namespace, name: str, device: torch.device, dtype: 
             t = time.perf_counter()
             rows += run_qa(args, setup)
             part_times[f"{setup.shape.name} qa"] = time.perf_counter() - t
-        notes = {"unavailable": dict(setup.unavailable), "estimates_s": est, "layer_waits": setup.layer_waits,
+        notes = {"forward": setup.forward, "unavailable": dict(setup.unavailable), "estimates_s": est,
+                 "layer_waits": setup.layer_waits,
                  "layer_stores": setup.layer_stores,
                  "block_bytes": setup.block_bytes, "shape": asdict(setup.shape)}
     finally:
@@ -800,9 +816,11 @@ def run_model(args: argparse.Namespace, name: str, device: torch.device, dtype: 
 # -- output ----------------------------------------------------------------------------------------------------
 
 
-def layer_wait_lines(notes: dict[str, Any]) -> str:
-    """The layer-wise onboard's per-layer delay beside a prefill, per model, as text under the table."""
-    lines = []
+def note_lines(notes: dict[str, Any]) -> str:
+    """Per model, as text under the table: how its forwards ran, the layer-wise onboard's per-layer delay beside a
+    prefill and the layer-wise stores' times."""
+    lines = [f"- {model}, forwards: {model_notes['forward']}" for model, model_notes in notes.items()
+             if isinstance(model_notes, dict) and "forward" in model_notes]
     for model, model_notes in notes.items():
         w = model_notes.get("layer_waits") if isinstance(model_notes, dict) else None
         if w and "max_delay_us" in w:
@@ -910,7 +928,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "commit": checkout_commit(Path(__file__).resolve().parents[2]),
         "command": " ".join([os.path.basename(sys.executable), "-m", "bench.ttft", *argv]),
         "new_tokens": args.new_tokens, "reps": args.reps, "warmup": args.warmup,
-        "cuda_graph_tokens": list(GRAPH_SIZES) if device.type == "cuda" and not args.eager else None,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
     log(f"results go to {out}/; {meta['gpu'] or 'CPU'}, torch {meta['torch']}, triton {triton_version}")
@@ -935,7 +952,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes["gds"] = GDS_NOTE
     result["total_s"] = time.perf_counter() - _T0
     save()
-    md = table(result["rows"]) + layer_wait_lines(notes)
+    md = table(result["rows"]) + note_lines(notes)
     (out / "ttft.md").write_text(f"# TTFT\n\n```\n{json.dumps(meta, indent=1)}\n```\n\n{md}\n")
     why_not = plot(result, out / "ttft.png")
     log("part times: " + ", ".join(f"{k} {v:.1f} s" for k, v in part_times.items()))

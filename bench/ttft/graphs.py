@@ -26,6 +26,13 @@ from . import model as decoder
 GRAPH_SIZES = (16, 32, 64, 128, 256, 384, 512)
 
 
+class _Uncaptured:
+    """A piece run as it is where its graph would be replayed (`GraphedPrefill` with ``capture`` False)."""
+
+    def __init__(self, run: Callable[[], None]) -> None:
+        self.replay = run
+
+
 def padded_size(sizes: Sequence[int], num_tokens: int) -> int | None:
     """The smallest of ``sizes`` that holds ``num_tokens`` tokens, None when none does."""
     return min((size for size in sizes if size >= num_tokens), default=None)
@@ -34,9 +41,10 @@ def padded_size(sizes: Sequence[int], num_tokens: int) -> int | None:
 class GraphedPrefill:
     """`DecoderModel.prefill` with CUDA graphs between attentions (see the module docstring)."""
 
-    def __init__(self, model: decoder.DecoderModel, sizes: Sequence[int] = GRAPH_SIZES) -> None:
-        """Capture ``model``'s graphs for every size of ``sizes`` (a few seconds for the Llama-3.1-8B shape)."""
-        if model.device.type != "cuda":
+    def __init__(self, model: decoder.DecoderModel, sizes: Sequence[int] = GRAPH_SIZES, capture: bool = True) -> None:
+        """Capture ``model``'s graphs for every size of ``sizes``; ``capture`` False runs the same pieces over the
+        same padded buffers without capturing them (on any device: what the CPU tests check)."""
+        if capture and model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA model, this one is on {model.device}")
         if not sizes or min(sizes) < 1:
             raise ValueError(f"graph sizes must be positive token counts, got {list(sizes)}")
@@ -55,7 +63,9 @@ class GraphedPrefill:
         self._q = buffer(largest, s.num_heads, s.head_dim)
         self._k, self._v = buffer(largest, s.num_kv_heads, s.head_dim), buffer(largest, s.num_kv_heads, s.head_dim)
         self._attn = buffer(largest, s.num_heads, s.head_dim)
-        self._graphs = {size: self._capture(size) for size in self.sizes}
+        self.captured = capture
+        self._graphs = {size: self._capture(size) if capture else [_Uncaptured(run) for run in self._pieces(size)]
+                        for size in self.sizes}
 
     def padded_size(self, num_tokens: int) -> int | None:
         """The captured size a prefill of ``num_tokens`` replays, None when it runs eagerly."""
