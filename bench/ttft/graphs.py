@@ -118,7 +118,9 @@ class GraphedPrefill:
 
     def _capture(self, size: int) -> list[torch.cuda.CUDAGraph]:
         """Warm ``size``'s pieces up on a side stream, then capture one graph each, all in one memory pool (they
-        are always replayed in the order captured, one at a time)."""
+        are always replayed in the order captured, one at a time), and replay them once (a graph's first launch
+        uploads it). Only this thread's CUDA calls are held to the capture's rules: kvbm's threads may query their
+        events meanwhile."""
         pieces = self._pieces(size)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -131,7 +133,9 @@ class GraphedPrefill:
         graphs = []
         for run in pieces:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 run()
             graphs.append(graph)
+        for graph in graphs:
+            graph.replay()
         return graphs
