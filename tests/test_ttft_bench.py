@@ -141,7 +141,7 @@ def test_graph_pieces_over_padded_buffers_match_the_eager_prefill(ttft, shape_na
 @pytest.mark.parametrize("shape_name", ["tiny", "qwen3-0.6b"])
 def test_graphed_prefill_matches_the_eager_prefill(ttft, shape_name):
     """The captured graphs replayed (bf16: padded matmuls may pick other kernels, hence the tolerance)."""
-    _graphed_against_eager(ttft, shape_name, "cuda", torch.bfloat16, capture=True, tol=3e-2)
+    _graphed_against_eager(ttft, shape_name, "cuda", torch.bfloat16, capture=True, tol=5e-2)
 
 
 def test_g1_pool_prefix_cache_and_eviction_order(ttft):
