@@ -122,6 +122,8 @@ def _graphed_against_eager(ttft, shape_name: str, device: str, dtype: torch.dtyp
         (eager_logits, eager_caches, eager_calls), (logits, caches, calls) = runs
         assert calls == eager_calls == [(hook, i) for i in range(shape.num_layers) for hook in ("wait", "save")]
         assert torch.isfinite(logits).all() and rel_err(logits, eager_logits) < tol, (new, cached)
+        if graphed.padded_size(new) is not None:  # the pieces ran: their last hidden states give these logits
+            assert torch.equal(model.logits(graphed._x[new - 1:new]), logits)
         pos = torch.arange(cached, cached + new, device=device)
         written = torch.zeros(2, num_blocks, m.BLOCK_SIZE, dtype=torch.bool, device=device)
         written[:, table[pos // m.BLOCK_SIZE], pos % m.BLOCK_SIZE] = True
