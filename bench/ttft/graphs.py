@@ -11,8 +11,8 @@ spend.
 smallest captured size of at least ``n`` and replays that size's graphs: one before the first attention (embedding
 and layer 0 up to its attention), one between each two attentions (layer i's output projection and MLP, layer
 i + 1 up to its attention) and one after the last. Attention reads and writes only the ``n`` real rows; the padded
-rows carry stale but finite values through the row-wise work and are never read. Longer prefills run eagerly, as
-vLLM runs steps longer than its largest captured size.
+rows carry stale but finite values through the row-wise work and are never read. Longer prefills run eagerly
+(vLLM runs steps longer than its largest captured size without graphs too).
 """
 from __future__ import annotations
 
