@@ -28,7 +28,7 @@ def ttft():
     sys.modules[name] = package
     spec.loader.exec_module(package)
     modules = {}
-    for sub in ("model", "graphs", "engine", "bench", "call_times", "shares"):
+    for sub in ("model", "graphs", "modes", "report", "engine", "bench", "call_times", "shares"):
         sub_spec = importlib.util.spec_from_file_location(f"{name}.{sub}", PKG / f"{sub}.py")
         module = importlib.util.module_from_spec(sub_spec)
         sys.modules[f"{name}.{sub}"] = module
@@ -327,7 +327,7 @@ def test_rows_run_in_turns_warm_ups_dropped_and_a_raising_row_dropped(ttft):
 
 
 def test_a_kvbm_mode_that_raises_is_reported_and_dropped(ttft, tmp_path, monkeypatch):
-    b = ttft["bench"]
+    b, modes = ttft["bench"], ttft["modes"]
     for key in [k for k in os.environ if k.startswith("DYN_KVBM_")]:
         monkeypatch.delenv(key)
     args = b.parse_args(["--smoke", "--workloads", "prefix", "--reps", "1", "--warmup", "0",
@@ -335,18 +335,18 @@ def test_a_kvbm_mode_that_raises_is_reported_and_dropped(ttft, tmp_path, monkeyp
     with torch.inference_mode():
         setup = b.build(args, "tiny", torch.device("cpu"), torch.float32)
         try:
-            g3 = setup.sides[b.G3_POSIX]
+            g3 = setup.sides[modes.G3_POSIX]
 
             def broken(loads, layer_ratio=0.0):
                 raise OSError("disk gone")
             monkeypatch.setattr(g3.worker, "start_loads", broken)
             rows = {r.mode: r for r in b.run_prefix(args, setup, 64, {})}
-            assert rows[b.G3_POSIX].bytes_ok is False and "disk gone" in rows[b.G3_POSIX].note
-            assert rows[b.G2].bytes_ok is True and rows[b.G2].loaded_tokens == 64
-            assert b.G3_POSIX not in setup.sides
+            assert rows[modes.G3_POSIX].bytes_ok is False and "disk gone" in rows[modes.G3_POSIX].note
+            assert rows[modes.G2].bytes_ok is True and rows[modes.G2].loaded_tokens == 64
+            assert modes.G3_POSIX not in setup.sides
             rows = {r.mode: r for r in b.run_prefix(args, setup, 128, {})}  # the run goes on without the mode
-            assert rows[b.G3_POSIX].ttft_ms is None and "disk gone" in rows[b.G3_POSIX].note
-            assert rows[b.G2].bytes_ok is True and rows[b.G2].loaded_tokens == 128
+            assert rows[modes.G3_POSIX].ttft_ms is None and "disk gone" in rows[modes.G3_POSIX].note
+            assert rows[modes.G2].bytes_ok is True and rows[modes.G2].loaded_tokens == 128
         finally:
             for side in setup.sides.values():
                 side.close()
@@ -374,7 +374,7 @@ def test_qa_rows_report_the_wait_for_g1_blocks_that_stores_still_read(ttft, tmp_
     """Writes into G3 held for 50 ms each keep the stored requests' G1 blocks (a CPU engine's blocks are written
     straight from G1): in the QA workload, whose G1 holds a quarter of its working set, later requests wait for
     them, and the G3 row says how long; the recompute row, with no store, never waits."""
-    b = ttft["bench"]
+    b, modes = ttft["bench"], ttft["modes"]
     for key in [k for k in os.environ if k.startswith("DYN_KVBM_")]:
         monkeypatch.delenv(key)
     args = b.parse_args(["--smoke", "--workloads", "qa", "--modes", "recompute,g3-posix", "--disk-dir",
@@ -382,7 +382,7 @@ def test_qa_rows_report_the_wait_for_g1_blocks_that_stores_still_read(ttft, tmp_
     with torch.inference_mode():
         setup = b.build(args, "tiny", torch.device("cpu"), torch.float32)
         try:
-            disk = setup.sides[b.G3_POSIX].worker.store.cache("G3")
+            disk = setup.sides[modes.G3_POSIX].worker.store.cache("G3")
             write = disk.write_slots
 
             def slow_write(*a, **kw):
@@ -393,7 +393,7 @@ def test_qa_rows_report_the_wait_for_g1_blocks_that_stores_still_read(ttft, tmp_
         finally:
             for side in setup.sides.values():
                 side.close()
-    recompute, g3 = rows[b.RECOMPUTE], rows[b.G3_POSIX]
+    recompute, g3 = rows[modes.RECOMPUTE], rows[modes.G3_POSIX]
     assert recompute.block_wait_ms == 0 and "waited" not in recompute.note
     assert g3.block_wait_ms >= 5  # at least one request waited for a whole held write (6 requests)
     assert f"waited {g3.block_wait_ms:.1f} ms a request for G1 blocks stores still read" in g3.note
@@ -404,7 +404,7 @@ def test_qa_passes_run_the_modes_in_turn_each_from_cold_tiers(ttft, tmp_path, mo
     """``--qa-passes 2``: recompute's requests, then G2's, then recompute's again and G2's again, each pass under a
     salt of its own (its tier cold: the second G2 pass loads as much as the first, every block checked); a row is
     over both passes' requests, its mean their mean, and lists each pass's mean."""
-    b = ttft["bench"]
+    b, modes = ttft["bench"], ttft["modes"]
     for key in [k for k in os.environ if k.startswith("DYN_KVBM_")]:
         monkeypatch.delenv(key)
     with pytest.raises(SystemExit):
@@ -431,25 +431,25 @@ def test_qa_passes_run_the_modes_in_turn_each_from_cold_tiers(ttft, tmp_path, mo
     assert all(calls[i][:2] == calls[i - i % per_pass][:2] for i in range(len(calls)))
     loaded = [sum(n for _, _, n in calls[k * per_pass:(k + 1) * per_pass]) for k in range(4)]
     assert loaded[0] == loaded[2] == 0 and loaded[1] == loaded[3] > 0
-    for mode in (b.RECOMPUTE, b.G2):
+    for mode in (modes.RECOMPUTE, modes.G2):
         row = rows[mode]
         assert row.requests == 2 * per_pass and len(row.pass_means_ms) == 2
         assert row.ttft_ms == pytest.approx(sum(row.ttft_all_ms) / len(row.ttft_all_ms), abs=1e-2)
         assert row.pass_means_ms == pytest.approx([sum(row.ttft_all_ms[:per_pass]) / per_pass,
                                                    sum(row.ttft_all_ms[per_pass:]) / per_pass], abs=1e-2)
         assert "pass means " + " / ".join(f"{m:.1f}" for m in row.pass_means_ms) in row.note
-    assert rows[b.G2].loaded_tokens == loaded[1] + loaded[3] and rows[b.G2].bytes_ok is True
-    assert rows[b.G2].checked_blocks == rows[b.G2].loaded_tokens // 16
+    assert rows[modes.G2].loaded_tokens == loaded[1] + loaded[3] and rows[modes.G2].bytes_ok is True
+    assert rows[modes.G2].checked_blocks == rows[modes.G2].loaded_tokens // 16
 
 
 def test_cost_rule_recomputes_from_a_slow_disk(ttft, tmp_path, monkeypatch):
     """A disk taking a second per read (8 blocks of 32 KiB: 0.26 MB/s) loses to recomputing 128 tokens even on a
     busy CPU: after the probe (one untimed load with the rule off) the rule recomputes, and the row's TTFT is about
     recompute's."""
-    b = ttft["bench"]
+    b, modes = ttft["bench"], ttft["modes"]
 
     def slow_disk(setup):
-        disk = setup.sides[b.G3_AUTO].worker.store.cache("G3").file
+        disk = setup.sides[modes.G3_AUTO].worker.store.cache("G3").file
         read = disk.read_slots
 
         def slow_read(*args, **kwargs):
@@ -493,7 +493,7 @@ def test_qa_through_a_rule_that_never_loads_stores_nothing_and_says_so(ttft, tmp
     """A rule that has measured a disk at 1 kB/s would recompute every reload, so the store rule, keeping no batch
     alive for probes, leaves every QA request's blocks unstored: no request finds any, and the row counts the blocks
     left out rather than reporting a rule that never decided."""
-    b = ttft["bench"]
+    b, modes = ttft["bench"], ttft["modes"]
     for key in [k for k in os.environ if k.startswith("DYN_KVBM_")]:
         monkeypatch.delenv(key)
     args = b.parse_args(["--smoke", "--workloads", "qa", "--modes", "g3-auto", "--disk-dir", str(tmp_path)])
@@ -503,7 +503,7 @@ def test_qa_through_a_rule_that_never_loads_stores_nothing_and_says_so(ttft, tmp
             for _ in range(50):
                 setup.rule.policy.observe_load("G3", num_bytes=1000, seconds=1.0)
             setup.rule.measured = True  # no probe: the rule decides from the first request
-            backlog = setup.sides[b.G3_AUTO].leader.backlog
+            backlog = setup.sides[modes.G3_AUTO].leader.backlog
             backlog.keep_alive_seconds = 0.0  # as for a rule that never probes
             before = backlog.total_dropped("G3")
             row, = b.run_qa(args, setup)
@@ -522,7 +522,7 @@ def test_every_side_learns_from_every_step_the_engine_runs(ttft, tmp_path, monke
     """As a served connector times every step of its engine: a recompute request (no kvbm side) and a request
     through the G2 side are both steps the G3 side's rule learns from, once the sides are the engine's; a side the
     engine no longer serves (dropped after a failure) learns nothing more."""
-    b = ttft["bench"]
+    b, modes = ttft["bench"], ttft["modes"]
     for key in [k for k in os.environ if k.startswith("DYN_KVBM_")]:
         monkeypatch.delenv(key)
     args = b.parse_args(["--smoke", "--workloads", "prefix", "--modes", "g2,g3-auto", "--disk-dir", str(tmp_path)])
@@ -538,11 +538,11 @@ def test_every_side_learns_from_every_step_the_engine_runs(ttft, tmp_path, monke
                                     (seen.setdefault(mode, []).append(tokens), observe(tokens, seconds)))
             setup.engine.evict_all()
             setup.engine.run_request(list(range(40)))  # recompute: no side takes part
-            setup.engine.run_request(list(range(100, 150)), [setup.sides[b.G2]])
-            assert seen == {b.G2: [40, 50], b.G3_AUTO: [40, 50]}
-            setup.engine.abandon(setup.sides[b.G3_AUTO])
+            setup.engine.run_request(list(range(100, 150)), [setup.sides[modes.G2]])
+            assert seen == {modes.G2: [40, 50], modes.G3_AUTO: [40, 50]}
+            setup.engine.abandon(setup.sides[modes.G3_AUTO])
             setup.engine.run_request(list(range(200, 230)))
-            assert seen == {b.G2: [40, 50, 30], b.G3_AUTO: [40, 50]}
+            assert seen == {modes.G2: [40, 50, 30], modes.G3_AUTO: [40, 50]}
         finally:
             for side in setup.sides.values():
                 side.close()
@@ -552,13 +552,13 @@ def test_plot_rings_the_cost_rules_recomputes(ttft, tmp_path, monkeypatch):
     """The plot draws every mode's line and the cost rule's decisions (a ring where it recomputed, the QA counts)."""
     pytest.importorskip("matplotlib", reason="the plot needs matplotlib (the bench extra)")
     import matplotlib.axes
-    b = ttft["bench"]
+    b, modes = ttft["bench"], ttft["modes"]
     rows = []
     for prefix, ms in ((64, 3.0), (128, 5.0)):
-        rows.append(b.Row("tiny", "prefix", b.RECOMPUTE, prefix, 32, ttft_ms=ms))
-        rows.append(b.Row("tiny", "prefix", b.G3_AUTO, prefix, 32, ttft_ms=ms + 0.1,
+        rows.append(b.Row("tiny", "prefix", modes.RECOMPUTE, prefix, 32, ttft_ms=ms))
+        rows.append(b.Row("tiny", "prefix", modes.G3_AUTO, prefix, 32, ttft_ms=ms + 0.1,
                           rule={"loads": 0, "recomputes": 3} if prefix == 64 else {"loads": 3, "recomputes": 0}))
-    rows.append(b.Row("tiny", "QA", b.G3_AUTO, ttft_ms=4.0, rule={"loads": 2, "recomputes": 1}))
+    rows.append(b.Row("tiny", "QA", modes.G3_AUTO, ttft_ms=4.0, rule={"loads": 2, "recomputes": 1}))
     result = {"rows": [dataclasses.asdict(r) for r in rows], "meta": {"new_tokens": 32}}
     rings, notes = [], []
     scatter, annotate = matplotlib.axes.Axes.scatter, matplotlib.axes.Axes.annotate
@@ -566,7 +566,7 @@ def test_plot_rings_the_cost_rules_recomputes(ttft, tmp_path, monkeypatch):
                         lambda self, *a, **k: rings.append((a, k["label"])) or scatter(self, *a, **k))
     monkeypatch.setattr(matplotlib.axes.Axes, "annotate",
                         lambda self, text, *a, **k: notes.append(text) or annotate(self, text, *a, **k))
-    assert b.plot(result, tmp_path / "ttft.png") is None
+    assert ttft["report"].plot(result, tmp_path / "ttft.png") is None
     assert (tmp_path / "ttft.png").stat().st_size > 0
     assert rings == [(((64,), (3.1,)), "G3 hit, cost rule: rule recomputed")]
     assert notes == ["load 2\nrecompute 1"]

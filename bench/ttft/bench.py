@@ -40,21 +40,11 @@ from .graphs import GRAPH_SIZES, GraphedPrefill
 from .layer_stores import measure_layer_stores
 from .layer_waits import measure_layer_waits
 from .model import BLOCK_SIZE, SHAPES, DecoderModel, ModelShape, allocate_kv_caches
+from .modes import G1_HIT, G2, G2_LAYERWISE, G3_AUTO, G3_GDS, KVBM_MODES, LOWER_BOUND, MODES, RECOMPUTE, side_mode
+from .report import note_lines, plot, table
 
-__all__ = ["MODES", "Row", "main", "run_model"]
+__all__ = ["Row", "main", "run_model"]
 
-RECOMPUTE, G1_HIT, G2, G2_LAYERWISE, G3_POSIX, G3_AUTO, G3_GDS, LOWER_BOUND = (
-    "recompute", "G1 hit (prefix on GPU)", "G2 hit, bulk onboard", "G2 hit, layer-wise", "G3 hit, posix",
-    "G3 hit, cost rule", "G3 hit, gds", "lower bound (PCIe + compute)")
-#: --modes names -> row mode
-MODES = {"recompute": RECOMPUTE, "g2": G2, "g2-layerwise": G2_LAYERWISE, "g3-posix": G3_POSIX, "g3-auto": G3_AUTO,
-         "g3-gds": G3_GDS}
-KVBM_MODES = (G2, G2_LAYERWISE, G3_POSIX, G3_AUTO, G3_GDS)
-
-
-def side_mode(mode: str) -> str:
-    """The kvbm side a mode loads from: layer-wise G2 hits use the G2 side."""
-    return G2 if mode == G2_LAYERWISE else mode
 #: assumed rates for the estimates printed before the run (bytes/s)
 EST_HOST_RATE, EST_DISK_RATE = 20e9, 2e9
 GDS_NOTE = "on these machines cuFile cannot register files, so GDS is expected to be unavailable"
@@ -814,97 +804,6 @@ def run_model(args: argparse.Namespace, name: str, device: torch.device, dtype: 
 
 
 # -- output ----------------------------------------------------------------------------------------------------
-
-
-def note_lines(notes: dict[str, Any]) -> str:
-    """Per model, as text under the table: how its forwards ran, the layer-wise onboard's per-layer delay beside a
-    prefill and the layer-wise stores' times."""
-    lines = [f"- {model}, forwards: {model_notes['forward']}" for model, model_notes in notes.items()
-             if isinstance(model_notes, dict) and "forward" in model_notes]
-    for model, model_notes in notes.items():
-        w = model_notes.get("layer_waits") if isinstance(model_notes, dict) else None
-        if w and "max_delay_us" in w:
-            lines.append(f"- {model}, layer-wise onboard of {w['prefix_tokens']} tokens beside a "
-                         f"{w['busy_prefill_tokens']}-token prefill: layer groups finish at most "
-                         f"{w['max_delay_us']:.0f} us "
-                         f"(median {w['median_delay_us']:.0f} us) later than alone ({w['per_group_alone_us']:.0f} us "
-                         f"per layer group alone); {w['scatter_kernels']} scatter kernels, each from its bytes "
-                         f"landing to its end at most {w['max_scatter_wait_us']:.0f} us (median "
-                         f"{w['median_scatter_wait_us']:.0f} us) longer than alone")
-        elif w:
-            lines.append(f"- {model}, layer waits: {w.get('note')}")
-        stores = model_notes.get("layer_stores") if isinstance(model_notes, dict) else None
-        if stores:
-            blocks = next(iter(stores.values()))["blocks"]
-            lines.append(f"- {model}, stores of a {blocks * BLOCK_SIZE}-token prefill into G2: " + "; ".join(
-                f"started {mode}: TTFT {v['ttft_ms']:.1f} ms, done {v['tail_ms']:.1f} ms after the first token"
-                for mode, v in stores.items()))
-    return "\n\n" + "\n".join(lines) if lines else ""
-
-
-def table(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown table of the rows."""
-    head = ("| model | workload | prefix | new | mode | TTFT ms | load ms | forward ms | requests | G1 / loaded / "
-            "computed tokens | bytes | note |")
-    lines = [head, "|" + "---|" * 12]
-    for r in rows:
-        def ms(v: float | None) -> str:
-            return "" if v is None else f"{v:.1f}"
-        ok = {None: "", True: "ok", False: "WRONG"}[r["bytes_ok"]]
-        tokens = f"{r['g1_hit_tokens']} / {r['loaded_tokens']} / {r['computed_tokens']}" if r["requests"] else ""
-        lines.append(f"| {r['model']} | {r['workload']} | {r['prefix_tokens'] or ''} | {r['new_tokens'] or ''} | "
-                     f"{r['mode']} | {ms(r['ttft_ms'])} | {ms(r['load_ms'])} | {ms(r['forward_ms'])} | "
-                     f"{r['requests'] or ''} | {tokens} | {ok} | {r['note']} |")
-    return "\n".join(lines)
-
-
-def plot(result: dict[str, Any], path: Path) -> str | None:
-    """TTFT against prefix length per mode (one panel per model; where the cost rule recomputed, its point is
-    ringed), and the QA mean TTFT (the cost rule's bar says how it decided); why not drawn, or None."""
-    try:
-        import matplotlib
-    except ImportError:
-        return "matplotlib is not installed"
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in result["rows"] if r["ttft_ms"] is not None]
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    if not models:
-        return "no timed rows"
-    fig, axes = plt.subplots(2, len(models), figsize=(5.5 * len(models), 8), squeeze=False)
-    for j, model in enumerate(models):
-        ax = axes[0][j]
-        prefix_rows = [r for r in rows if r["model"] == model and r["workload"] == "prefix"]
-        for mode in dict.fromkeys(r["mode"] for r in prefix_rows):
-            pts = sorted((r["prefix_tokens"], r["ttft_ms"]) for r in prefix_rows if r["mode"] == mode)
-            line, = ax.plot(*zip(*pts), marker="o", label=mode, linestyle="--" if mode == LOWER_BOUND else "-")
-            recomputed = [(r["prefix_tokens"], r["ttft_ms"]) for r in prefix_rows
-                          if r["mode"] == mode and (r.get("rule") or {}).get("recomputes")]
-            if recomputed:  # the cost rule's points where it chose to recompute: ringed
-                ax.scatter(*zip(*recomputed), s=110, facecolors="none", edgecolors=line.get_color(),
-                           label=f"{mode}: rule recomputed")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("cached prefix tokens")
-        ax.set_ylabel("TTFT ms (median)")
-        ax.set_title(f"{model}: prefix + {result['meta']['new_tokens']} new tokens", fontsize=9)
-        ax.legend(fontsize=7)
-        ax = axes[1][j]
-        qa_rows = [r for r in rows if r["model"] == model and r["workload"] != "prefix"]
-        bars = ax.bar([r["mode"] for r in qa_rows], [r["ttft_ms"] for r in qa_rows], color="tab:blue")
-        for bar, r in zip(bars, qa_rows):
-            if r.get("rule"):  # how the cost rule decided the requests that found G3 blocks
-                ax.annotate(f"load {r['rule']['loads']}\nrecompute {r['rule']['recomputes']}",
-                            (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                            fontsize=6)
-        ax.set_ylabel("mean TTFT ms")
-        ax.set_title(f"{model}: multi-round QA" if qa_rows else f"{model}: no QA run", fontsize=9)
-        ax.tick_params(axis="x", labelsize=7, rotation=15)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

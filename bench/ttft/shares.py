@@ -13,7 +13,8 @@ import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .bench import G1_HIT, G2, G2_LAYERWISE, Row, hidden_share, share_bound
+from .bench import Row, hidden_share, share_bound
+from .modes import G1_HIT, G2, G2_LAYERWISE
 
 _ROW_FIELDS = {f.name for f in dataclasses.fields(Row)}
 
