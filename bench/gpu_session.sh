@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine without network: install kvbm from this checkout into a private folder (no dependencies: the
 # machine's torch, triton, numba, cuda-bindings, xxhash and prometheus_client are used), then run the parts named.
-# Usage: OUT=dir bash bench/gpu_session.sh PART...   parts: tests, manager, transfers, pieces, g3, ttft, offloading
+# Usage: OUT=dir bash bench/gpu_session.sh PART...   parts: tests, manager, transfers, pieces, g3, ttft, ttft-ab,
+# offloading
 # (offloading: bench.offloading_bench, with vLLM's Python from bench/runs/vllm_lite when bench/vllm_bundle.py wrote it)
 # Each part writes its log (and results) under $OUT; a part that fails is reported and the next one runs.
 set -uo pipefail
@@ -53,6 +54,11 @@ for part in "$@"; do
         g3) mkdir -p /tmp/kvbm_g3 && run_part g3 timeout 300 python3 -m bench.g3_bench --dir /tmp/kvbm_g3 --gib 1 \
             --out "$OUT/g3" ;;
         ttft) run_part ttft timeout 500 python3 -m bench.ttft --out "$OUT/ttft" ;;
+        ttft-ab) for forward in graphs eager; do  # the G2 rows at 2k and 8k with CUDA graphs, then eager, one machine
+                run_part "ttft_$forward" timeout 240 python3 -m bench.ttft --workloads prefix --prefixes 2048,8192 \
+                    --modes g2,g2-layerwise --reps 9 --layer-wait-prefix 0 --layer-store-tokens 0 \
+                    $([ "$forward" = eager ] && echo --eager) --out "$OUT/ttft_$forward"
+            done ;;
         offloading) if [ -f "$REPO/bench/runs/vllm_lite/env.sh" ]; then source "$REPO/bench/runs/vllm_lite/env.sh"; fi
             run_part offloading timeout 500 python3 -m bench.offloading_bench --out "$OUT/offloading" ;;
         *) echo "unknown part $part" ;;
