@@ -803,7 +803,7 @@ def run_model(args: argparse.Namespace, name: str, device: torch.device, dtype: 
     return rows, notes
 
 
-# -- the run -------------------------------------------------------------------------------------------------
+# -- the run ---------------------------------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
