@@ -63,7 +63,6 @@ class GraphedPrefill:
         self._q = buffer(largest, s.num_heads, s.head_dim)
         self._k, self._v = buffer(largest, s.num_kv_heads, s.head_dim), buffer(largest, s.num_kv_heads, s.head_dim)
         self._attn = buffer(largest, s.num_heads, s.head_dim)
-        self.captured = capture
         self._graphs = {size: self._capture(size) if capture else [_Uncaptured(run) for run in self._pieces(size)]
                         for size in self.sizes}
 

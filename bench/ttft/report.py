@@ -13,10 +13,13 @@ from .modes import LOWER_BOUND
 def note_lines(notes: dict[str, Any]) -> str:
     """Per model, as text under the table: how its forwards ran, the layer-wise onboard's per-layer delay beside a
     prefill and the layer-wise stores' times."""
-    lines = [f"- {model}, forwards: {model_notes['forward']}" for model, model_notes in notes.items()
-             if isinstance(model_notes, dict) and "forward" in model_notes]
+    lines = []
     for model, model_notes in notes.items():
-        w = model_notes.get("layer_waits") if isinstance(model_notes, dict) else None
+        if not isinstance(model_notes, dict):  # (the run's notes that are not a model's)
+            continue
+        if "forward" in model_notes:
+            lines.append(f"- {model}, forwards: {model_notes['forward']}")
+        w = model_notes.get("layer_waits")
         if w and "max_delay_us" in w:
             lines.append(f"- {model}, layer-wise onboard of {w['prefix_tokens']} tokens beside a "
                          f"{w['busy_prefill_tokens']}-token prefill: layer groups finish at most "
@@ -27,7 +30,7 @@ def note_lines(notes: dict[str, Any]) -> str:
                          f"{w['median_scatter_wait_us']:.0f} us) longer than alone")
         elif w:
             lines.append(f"- {model}, layer waits: {w.get('note')}")
-        stores = model_notes.get("layer_stores") if isinstance(model_notes, dict) else None
+        stores = model_notes.get("layer_stores")
         if stores:
             blocks = next(iter(stores.values()))["blocks"]
             lines.append(f"- {model}, stores of a {blocks * BLOCK_SIZE}-token prefill into G2: " + "; ".join(
