@@ -91,8 +91,12 @@ def test_padded_size_is_the_smallest_captured_size_that_holds_the_tokens(ttft):
     g = ttft["graphs"]
     assert [g.padded_size((64, 16, 256), n) for n in (1, 16, 17, 64, 65, 256)] == [16, 16, 64, 64, 256, 256]
     assert g.padded_size((64, 16, 256), 257) is None and g.padded_size((), 1) is None
+    model = ttft["model"].DecoderModel(ttft["model"].SHAPES["tiny"], "cpu", torch.float32)
     with pytest.raises(ValueError, match="CUDA model"):
-        g.GraphedPrefill(ttft["model"].DecoderModel(ttft["model"].SHAPES["tiny"], "cpu", torch.float32))
+        g.GraphedPrefill(model)
+    for sizes in ((), (0, 16)):
+        with pytest.raises(ValueError, match="positive token counts"):
+            g.GraphedPrefill(model, sizes=sizes, capture=False)
 
 
 def _graphed_against_eager(ttft, shape_name: str, device: str, dtype: torch.dtype, capture: bool, tol: float) -> None:
