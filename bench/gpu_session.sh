@@ -30,7 +30,8 @@ T="$REPO/tests"
 GPU_TESTS="$T/test_transfer_engine.py $T/test_retention.py $T/test_kernels.py $T/test_transfer_plan.py
  $T/test_staged_enqueue.py $T/test_staged_schedule.py $T/test_batch_memcpy.py $T/test_host_memory.py
  $T/test_id_check.py $T/test_disk_paths.py $T/test_disk_cache.py $T/test_disk_file.py $T/test_gds.py
- $T/test_transfer_face.py $T/test_layer_view.py $T/test_ttft_bench.py::test_graphed_prefill_matches_the_eager_prefill"
+ $T/test_transfer_face.py $T/test_layer_view.py $T/test_ttft_bench.py::test_graphed_prefill_matches_the_eager_prefill
+ $T/test_ttft_bench.py::test_paged_attention_runs_flash_with_grouped_kv_heads"
 MANAGER_TESTS="$T/test_manager.py $T/test_manager_faults.py $T/test_toy_tier.py $T/test_manager_soak.py"
 
 run_part() {

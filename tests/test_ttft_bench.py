@@ -43,28 +43,42 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize("cached,new,heads,kv_heads", [(0, 40, 4, 4), (37, 11, 4, 2), (64, 16, 8, 2), (5, 1, 4, 1),
-                                                       (100, 60, 6, 3)])
-def test_paged_attention_matches_dense_causal(ttft, cached, new, heads, kv_heads):
-    m = ttft["model"]
+def _paged_against_dense(m, cached: int, new: int, heads: int, kv_heads: int, d: int, device: str,
+                         dtype: torch.dtype, tol: float) -> None:
+    """Paged attention after a prefill of ``cached`` tokens against dense causal attention over all tokens, and
+    every token's K/V in its slot."""
     g = torch.Generator().manual_seed(cached * 1000 + new)
-    total, d = cached + new, 32
-    q = torch.randn(total, heads, d, generator=g)
-    k = torch.randn(total, kv_heads, d, generator=g)
-    v = torch.randn(total, kv_heads, d, generator=g)
+    total = cached + new
+    q, k, v = (torch.randn(total, n, d, generator=g).to(device, dtype) for n in (heads, kv_heads, kv_heads))
     num_blocks = -(-total // m.BLOCK_SIZE) + 3
-    cache = torch.full((2, num_blocks, m.BLOCK_SIZE, kv_heads, d), float("nan"))
-    table = torch.randperm(num_blocks, generator=g)  # blocks in no particular order
+    cache = torch.full((2, num_blocks, m.BLOCK_SIZE, kv_heads, d), float("nan"), device=device, dtype=dtype)
+    table = torch.randperm(num_blocks, generator=g).to(device)  # blocks in no particular order
     if cached:
         m.paged_attention(q[:cached], k[:cached], v[:cached], cache, table, 0)
     out = m.paged_attention(q[cached:], k[cached:], v[cached:], cache, table, cached)
-    ref = m.dense_causal_attention(q.double(), k.double(), v.double())[cached:].float()
+    ref = m.dense_causal_attention(q.double(), k.double(), v.double())[cached:]
     assert out.shape == (new, heads, d)
-    assert rel_err(out, ref) < 1e-5
+    assert rel_err(out.double(), ref) < tol
     # every token's K and V sit, bit for bit, in slot (table[pos // 16], pos % 16)
-    pos = torch.arange(total)
+    pos = torch.arange(total, device=device)
     assert torch.equal(cache[0, table[pos // m.BLOCK_SIZE], pos % m.BLOCK_SIZE], k)
     assert torch.equal(cache[1, table[pos // m.BLOCK_SIZE], pos % m.BLOCK_SIZE], v)
+
+
+@pytest.mark.parametrize("cached,new,heads,kv_heads", [(0, 40, 4, 4), (37, 11, 4, 2), (64, 16, 8, 2), (5, 1, 4, 1),
+                                                       (100, 60, 6, 3)])
+def test_paged_attention_matches_dense_causal(ttft, cached, new, heads, kv_heads):
+    _paged_against_dense(ttft["model"], cached, new, heads, kv_heads, 32, "cpu", torch.float32, 1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention runs on a GPU only (this machine has none)")
+@pytest.mark.parametrize("cached,new,heads,kv_heads", [(0, 300, 16, 8), (1000, 77, 32, 8), (2048, 256, 32, 8)])
+def test_paged_attention_runs_flash_with_grouped_kv_heads(ttft, cached, new, heads, kv_heads):
+    """On the GPU grouped-query attention, causal and offset by a cached prefix, runs FlashAttention: with every
+    other SDPA backend disabled a fallback that copies K/V per head or materializes the mask would raise."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        _paged_against_dense(ttft["model"], cached, new, heads, kv_heads, 128, "cuda", torch.bfloat16, 2e-2)
 
 
 @pytest.mark.parametrize("shape_name", ["tiny", "qwen3-0.6b"])

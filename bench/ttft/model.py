@@ -3,8 +3,9 @@
 Per layer the cache is one tensor ``[2, num_blocks, BLOCK_SIZE, kv_heads, head_dim]`` (K blocks, then V blocks).
 `DecoderModel.prefill` runs new tokens after ``num_cached`` tokens whose K/V already sit in the request's blocks:
 it writes the new tokens' K/V into their slots, gathers the request's blocks and attends causally (the mask
-offset by the cached prefix). RMSNorm, RoPE, SwiGLU MLP, grouped-query attention (K/V heads repeated); Qwen3
-shapes add the per-head q/k RMSNorm. Weights are random but seeded, never zero. Only torch is imported, so the
+offset by the cached prefix). RMSNorm, RoPE, SwiGLU MLP, grouped-query attention (SDPA reads each K/V head for
+its group of query heads, as FlashAttention does, without copying it per head); Qwen3 shapes add the per-head q/k
+RMSNorm. Weights are random but seeded, never zero. Only torch is imported, so the
 tests load this file on its own.
 """
 from __future__ import annotations
@@ -107,14 +108,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     table = block_table[:-(-total // BLOCK_SIZE)]
     keys = kv_cache[0, table].flatten(0, 1)[:total].transpose(0, 1)  # [kv_heads, total, D]
     values = kv_cache[1, table].flatten(0, 1)[:total].transpose(0, 1)
-    keys, values = _expand_kv(keys, num_heads), _expand_kv(values, num_heads)
     query = q.transpose(0, 1)
+    grouped = num_heads != keys.shape[0]
     if num_cached == 0:
-        out = F.scaled_dot_product_attention(query[None], keys[None], values[None], is_causal=True)
+        out = F.scaled_dot_product_attention(query[None], keys[None], values[None], is_causal=True,
+                                             enable_gqa=grouped)
     else:
         if mask is None:
             mask = causal_mask(num_new, num_cached, q.device)
-        out = F.scaled_dot_product_attention(query[None], keys[None], values[None], attn_mask=mask)
+        out = F.scaled_dot_product_attention(query[None], keys[None], values[None], attn_mask=mask,
+                                             enable_gqa=grouped)
     return out[0].transpose(0, 1)
 
 
