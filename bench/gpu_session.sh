@@ -2,7 +2,7 @@
 # On a GPU machine without network: install kvbm from this checkout into a private folder (no dependencies: the
 # machine's torch, triton, numba, cuda-bindings, xxhash and prometheus_client are used), then run the parts named.
 # Usage: OUT=dir bash bench/gpu_session.sh PART...   parts: tests, manager, transfers, pieces, g3, ttft, ttft-ab,
-# offloading
+# ttft-later, offloading
 # (offloading: bench.offloading_bench, with vLLM's Python from bench/runs/vllm_lite when bench/vllm_bundle.py wrote it)
 # Each part writes its log (and results) under $OUT; a part that fails is reported and the next one runs.
 set -uo pipefail
@@ -59,6 +59,13 @@ for part in "$@"; do
                 run_part "ttft_$forward" timeout 240 python3 -m bench.ttft --workloads prefix --prefixes 2048,8192 \
                     --modes g2,g2-layerwise --reps 9 --layer-wait-prefix 0 --layer-store-tokens 0 \
                     $([ "$forward" = eager ] && echo --eager) --out "$OUT/ttft_$forward"
+            done ;;
+        ttft-later) for run in 1 2 3 4; do  # the G2 rows with the later layer groups enqueued in the forward (odd
+                later=$((run % 2))                # runs) or before it (even runs), alternating on one machine
+                run_part "ttft_later${later}_$run" env DYN_KVBM_ONBOARD_LATER_GROUPS_IN_FORWARD=$later timeout 150 \
+                    python3 -m bench.ttft --models llama-3.1-8b --workloads prefix --prefixes 2048,8192 \
+                    --modes g2,g2-layerwise --reps 9 --layer-wait-prefix 0 --layer-store-tokens 0 \
+                    --out "$OUT/ttft_later${later}_$run"
             done ;;
         offloading) if [ -f "$REPO/bench/runs/vllm_lite/env.sh" ]; then source "$REPO/bench/runs/vllm_lite/env.sh"; fi
             run_part offloading timeout 500 python3 -m bench.offloading_bench --out "$OUT/offloading" ;;

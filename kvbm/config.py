@@ -19,6 +19,8 @@ layers at a time (1, 2, 4, ... layers, up to ``ONBOARD_LAYERS_PER_GROUP``), each
 its own group; where the cost rule's estimates say the step's forward outlasts the load, groups keep doubling past
 that size (`kvbm.worker.layerwise.layer_groups`), unless ``DISABLE_COST_LAYER_GROUPS``;
 ``DISABLE_LAYERWISE_ONBOARD`` loads every hit before the request is scheduled instead (as hits from G3 always are).
+``ONBOARD_LATER_GROUPS_IN_FORWARD`` (off by default) enqueues only the first group before the forward and the others
+at its first layer wait, where their host time overlaps a GPU-bound forward's first layer.
 
 Stores: ``LAYERWISE_STORE`` (on by default) starts a step's stores into host memory per group of layers as the
 forward saves them (`kvbm.worker.layerwise_stores`); off, they start after the forward. ``MAX_STORE_BACKLOG_MS``
@@ -150,6 +152,7 @@ class KvbmConfig:
     disable_cost_layer_groups: bool = False
     layerwise_store: bool = True
     onboard_layers_per_group: int = 4
+    onboard_later_groups_in_forward: bool = False
     pd_pin_timeout_secs: float = 120.0
     pd_load_timeout_secs: float = 30.0
     g4_etcd_endpoint: str = ""
@@ -309,7 +312,8 @@ def _parse_choice(name: str, text: str) -> str:
 
 _BOOL_FIELDS = frozenset(
     {"disable_disk_offload_filter", "disk_zerofill_fallback", "disk_disable_o_direct", "metrics",
-     "disable_cost_aware_hits", "disable_layerwise_onboard", "disable_cost_layer_groups", "layerwise_store"}
+     "disable_cost_aware_hits", "disable_layerwise_onboard", "disable_cost_layer_groups", "layerwise_store",
+     "onboard_later_groups_in_forward"}
 )
 
 # Cold-start values of the cost-aware hit rule (`kvbm.policies.cost`), chosen for an 8B model (Llama-3-8B:

@@ -198,11 +198,13 @@ def test_a_layerwise_load_of_several_moves_reports_each_moves_own_blocks() -> No
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: the stream ordering of layer-wise loads")
+@pytest.mark.parametrize("later", [False, True], ids=["groups-ahead", "later-groups-in-forward"])
 @pytest.mark.parametrize("host_runs", [False, True])
-def test_layerwise_load_into_a_gpu_cache_orders_each_layer_on_the_stream(host_runs: bool) -> None:
+def test_layerwise_load_into_a_gpu_cache_orders_each_layer_on_the_stream(host_runs: bool, later: bool) -> None:
     """A layer-wise G2 -> G1 load on the GPU: each layer's reads, queued on the current stream after
     ``wait_for_layer``, see that layer's loaded bytes (fresh blocks poisoned first); no host wait is needed. With
-    runs of consecutive G2 blocks the layer groups move by 2-D copies, else by batched pieces."""
+    runs of consecutive G2 blocks the layer groups move by 2-D copies, else by batched pieces; with ``later`` the
+    groups after the first are enqueued by the first wait."""
     from kvbm.config import KvbmConfig
     from kvbm.connectors.messages import RequestLoad
     from kvbm.connectors.worker import ConnectorWorker
@@ -213,7 +215,8 @@ def test_layerwise_load_into_a_gpu_cache_orders_each_layer_on_the_stream(host_ru
     g = KVGeometry(num_layers=6, num_kv=2, block_size=16, num_heads=8, head_dim=128, itemsize=2)
     gen = torch.Generator().manual_seed(3)
     g1 = allocate("vllm_flash_attn_nhd", g, 96, dtype=torch.bfloat16, device="cuda")
-    worker = ConnectorWorker(g1, [TierSpec("G2", Medium.HOST, 64)], KvbmConfig(onboard_layers_per_group=1))
+    config = KvbmConfig(onboard_layers_per_group=1, onboard_later_groups_in_forward=later)
+    worker = ConnectorWorker(g1, [TierSpec("G2", Medium.HOST, 64)], config)
     try:
         g2 = worker.store.cache("G2")
         fill_random(g2, gen)

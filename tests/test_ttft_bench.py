@@ -238,7 +238,7 @@ def test_smoke_run_writes_every_row_with_bytes_checked(tmp_path):
     meta = result["meta"]
     for key in ("date", "gpu", "torch", "triton", "commit", "command"):
         assert key in meta
-    assert "--smoke" in meta["command"]
+    assert "--smoke" in meta["command"] and meta["kvbm_env"] == {}
     rows = result["rows"]
     for prefix in (64, 128):
         modes = {r["mode"]: r for r in rows if r["workload"] == "prefix" and r["prefix_tokens"] == prefix}
@@ -588,6 +588,27 @@ def test_plot_rings_the_cost_rules_recomputes(ttft, tmp_path, monkeypatch):
     assert (tmp_path / "ttft.png").stat().st_size > 0
     assert rings == [(((64,), (3.1,)), "G3 hit, cost rule: rule recomputed")]
     assert notes == ["load 2\nrecompute 1"]
+
+
+def test_layerwise_rows_with_later_groups_enqueued_in_the_forward(ttft, tmp_path, monkeypatch):
+    """``DYN_KVBM_ONBOARD_LATER_GROUPS_IN_FORWARD=1``: the layer-wise hits of a CPU run (4 layers, so four layer
+    groups) load every block right, and the results name the setting."""
+    for key in [k for k in os.environ if k.startswith("DYN_KVBM_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("DYN_KVBM_ONBOARD_LATER_GROUPS_IN_FORWARD", "1")
+    monkeypatch.setenv("DYN_KVBM_ONBOARD_LAYERS_PER_GROUP", "1")
+    monkeypatch.setenv("DYN_KVBM_DISABLE_COST_LAYER_GROUPS", "1")
+    code = ttft["bench"].main(["--smoke", "--models", "tiny", "--layers", "4", "--workloads", "prefix",
+                               "--modes", "g2-layerwise", "--prefixes", "64", "--reps", "2", "--warmup", "0",
+                               "--layer-wait-prefix", "0", "--layer-store-tokens", "0", "--device", "cpu",
+                               "--out", str(tmp_path)])
+    assert code == 0
+    result = json.loads((tmp_path / "ttft.json").read_text())
+    assert result["meta"]["kvbm_env"] == {"DYN_KVBM_DISABLE_COST_LAYER_GROUPS": "1",
+                                          "DYN_KVBM_ONBOARD_LATER_GROUPS_IN_FORWARD": "1",
+                                          "DYN_KVBM_ONBOARD_LAYERS_PER_GROUP": "1"}
+    (row,) = [r for r in result["rows"] if r["mode"] == "G2 hit, layer-wise"]
+    assert row["bytes_ok"] is True and row["bad_blocks"] == 0 and row["checked_blocks"] == 2 * 64 // 16
 
 
 def test_call_times_names_the_groups_and_times_each_call_of_a_layerwise_hit(ttft, tmp_path, monkeypatch):

@@ -23,6 +23,8 @@ from kvbm.worker.layerwise import layer_groups
 LAYERS = 4
 MODEL = H.TinyModelSpec(num_layers=LAYERS)
 PER_LAYER = {"DYN_KVBM_ONBOARD_LAYERS_PER_GROUP": 1, "DYN_KVBM_DISABLE_COST_LAYER_GROUPS": 1}
+#: the loads' later layer groups enqueued at the forward's first layer wait instead of with the first group
+LATER = {"DYN_KVBM_ONBOARD_LATER_GROUPS_IN_FORWARD": 1}
 
 
 class HeldLayers:
@@ -32,6 +34,7 @@ class HeldLayers:
 
     def __init__(self, worker: Any, fail_group: int | None = None) -> None:
         self.ran: list[int] = []
+        self.log: list[tuple[str, int]] = []  # ("queued" / "ran", the group's first layer), in order
         self.failed = Counter()
         store = worker.store
         submit = store._submit
@@ -42,6 +45,7 @@ class HeldLayers:
             group = next((start for (_, _, start, _stop), view in views.items() if view is src), None)
             if move.kind is not MoveKind.LOAD or group is None:
                 return submit(move, src, dst, ids)
+            held.log.append(("queued", group))
 
             outcome: dict[str, Any] = {}
 
@@ -52,6 +56,7 @@ class HeldLayers:
                 def synchronize(self) -> None:
                     if not outcome:
                         held.ran.append(group)
+                        held.log.append(("ran", group))
                         if group == fail_group:
                             held.failed["blocks"] += move.num_blocks
                             outcome["failed"] = {i: "injected layer failure" for i in range(move.num_blocks)}
@@ -90,12 +95,14 @@ def watch_layer_waits(h: H.VllmHarness, held: HeldLayers) -> Counter:
     return seen
 
 
+@pytest.mark.parametrize("later", [False, True], ids=["groups-ahead", "later-groups-in-forward"])
 @pytest.mark.parametrize("runner", ["v1", "v2"])
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync-sched", "async-sched"])
-def test_each_layer_is_loaded_before_its_attention_and_no_sooner(runner: str, async_scheduling: bool) -> None:
+def test_each_layer_is_loaded_before_its_attention_and_no_sooner(runner: str, async_scheduling: bool,
+                                                                 later: bool) -> None:
     workload = chat(num_users=6, num_rounds=3)
     with kvbm_harness(runner=runner, num_gpu_blocks=32, model=MODEL, async_scheduling=async_scheduling,
-                      extra=PER_LAYER) as h:
+                      extra={**PER_LAYER, **(LATER if later else {})}) as h:
         held = HeldLayers(worker_of(h))
         seen = watch_layer_waits(h, held)
         counts = run_counting(h, workload)
@@ -107,18 +114,61 @@ def test_each_layer_is_loaded_before_its_attention_and_no_sooner(runner: str, as
         assert_clean(h)
 
 
+@pytest.mark.parametrize("later", [False, True], ids=["groups-ahead", "later-groups-in-forward"])
 @pytest.mark.parametrize("runner", ["v1", "v2"])
-def test_a_failed_layer_fails_its_blocks_for_recompute(runner: str) -> None:
+def test_a_failed_layer_fails_its_blocks_for_recompute(runner: str, later: bool) -> None:
     """Layer 2's group fails: the request's loaded blocks are reported, vLLM recomputes them, no wrong byte is read
     (the harness raises on any unreported mismatch). Synchronous scheduling: with async scheduling the step after a
     failed synchronous load was already scheduled on the discarded token, which only the real runner can replay."""
     workload = chat(num_users=6, num_rounds=3)
-    with kvbm_harness(runner=runner, num_gpu_blocks=32, model=MODEL, async_scheduling=False, extra=PER_LAYER) as h:
+    with kvbm_harness(runner=runner, num_gpu_blocks=32, model=MODEL, async_scheduling=False,
+                      extra={**PER_LAYER, **(LATER if later else {})}) as h:
         held = HeldLayers(worker_of(h), fail_group=2)
         counts = run_counting(h, workload)
         assert workload.done and all(len(h.outputs[t.request_id]) == t.max_tokens for t in workload.completed)
         assert counts["layerwise_jobs"] > 0 and held.failed["blocks"] > 0
         assert counts["load_errors"] == held.failed["blocks"]
+        assert_clean(h)
+
+
+@pytest.mark.parametrize("later", [False, True], ids=["groups-ahead", "later-groups-in-forward"])
+def test_later_groups_are_enqueued_at_the_forwards_first_layer_wait(later: bool) -> None:
+    """``DYN_KVBM_ONBOARD_LATER_GROUPS_IN_FORWARD``: ``start_load_kv`` enqueues a layer-wise load's first group
+    only, the forward's first ``wait_for_layer_load`` (layer 0's) the other groups, before it waits for layer 0's
+    (on the GPU that wait orders the stream they would otherwise queue behind); off, ``start_load_kv`` enqueues
+    every group. Every byte attention reads is checked either way."""
+    workload = chat(num_users=6, num_rounds=3)
+    with kvbm_harness(num_gpu_blocks=32, model=MODEL, extra={**PER_LAYER, **(LATER if later else {})}) as h:
+        held = HeldLayers(worker_of(h))
+        seen = watch_layer_waits(h, held)
+        connector = h.worker.connector
+        layers, start, wait = connector._layers, connector.start_load_kv, connector.wait_for_layer_load
+        by_start: list[list[tuple[str, int]]] = []  # what each start_load_kv that enqueued any load did
+        by_wait: list[tuple[int, list[tuple[str, int]]]] = []  # (layer, what it did) of each wait that enqueued
+
+        def recording_start(*args: Any, **kwargs: Any) -> None:
+            before = len(held.log)
+            start(*args, **kwargs)
+            if len(held.log) > before:
+                by_start.append(held.log[before:])
+
+        def recording_wait(layer_name: str) -> None:
+            before = len(held.log)
+            wait(layer_name)
+            if any(event == "queued" for event, _ in held.log[before:]):
+                by_wait.append((layers[layer_name], held.log[before:]))
+
+        connector.start_load_kv, connector.wait_for_layer_load = recording_start, recording_wait
+        counts = run_counting(h, workload)
+        assert workload.done and counts["layerwise_jobs"] > 0 and counts["verified"] > 0
+        assert counts["load_errors"] == 0 and seen["waits_that_loaded"] >= LAYERS
+        assert by_start
+        if later:
+            assert all(log == [("queued", 0)] for log in by_start)
+            first_wait = (0, [("queued", g) for g in range(1, LAYERS)] + [("ran", 0)])
+            assert by_wait == [first_wait] * len(by_start)
+        else:
+            assert all(log == [("queued", g) for g in range(LAYERS)] for log in by_start) and not by_wait
         assert_clean(h)
 
 

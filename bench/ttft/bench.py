@@ -828,6 +828,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": " ".join([os.path.basename(sys.executable), "-m", "bench.ttft", *argv]),
         "new_tokens": args.new_tokens, "reps": args.reps, "warmup": args.warmup,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "kvbm_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("DYN_KVBM_")},
     }
     log(f"results go to {out}/; {meta['gpu'] or 'CPU'}, torch {meta['torch']}, triton {triton_version}")
     rows: list[Row] = []

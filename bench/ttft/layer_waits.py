@@ -72,6 +72,8 @@ def _layer_times(eng: Engine, side: KvbmSide, hashes: Sequence[int], busy_tokens
     start.record(stream)
     watcher.wait_event(start)
     side.worker.start_loads(plan.loads, plan.layer_ratio)
+    with torch.cuda.stream(watcher):  # every group enqueued now (with DYN_KVBM_ONBOARD_LATER_GROUPS_IN_FORWARD too)
+        side.worker.wait_for_layer(0)
     marks = []
     for group in side.worker.layer_transfers:  # (queued before the prefill: its host time must not delay them)
         for transfer in group:

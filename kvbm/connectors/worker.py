@@ -114,7 +114,8 @@ class ConnectorWorker:
         self._load_errors: set[int] = set()
         self._failed_loads: dict[str, list[str]] = {}
         self._report: dict[int, MoveResult] = {}
-        self._layers = LayerwiseLoads(self.store, engine_cache, config.onboard_layers_per_group)
+        self._layers = LayerwiseLoads(self.store, engine_cache, config.onboard_layers_per_group,
+                                      later_groups_in_forward=config.onboard_later_groups_in_forward)
         self._layerwise_onboard, self._cost_layer_groups = (not config.disable_layerwise_onboard,
                                                            not config.disable_cost_layer_groups)
         self._gpu_cache = engine_cache.device.type == "cuda"  # (layer groups are built ahead only for a GPU cache)

@@ -13,12 +13,20 @@ The transfer plans and kernels of every group a load can use (`layer_group_range
 are built at start-up (`warm_up`, which the worker's `prepare_transfers` runs), not in the step that first
 uses a group: a ratio that moves as the cost rule learns changes the layout between steps.
 
-The groups are enqueued in the caller's thread, before the forward. Enqueueing them from a thread of their own, so
-that the forward is queued meanwhile, was measured slower on an H100 (Llama-3.1-8B shape, 16k-token prefix: 73 ms
-TTFT against 48 ms): the enqueue's Python steps and the forward's launches then take turns on the GIL. Handing only
-the later groups' compiled enqueue (which holds no GIL) to a thread gained nothing either (H100, six alternating runs
-at 2k and 8k: hidden shares unchanged, the caller's `onboard_groups` still 358-447 us): most of the caller's time
-there is Python per group (checks, table lookups, events), not driver calls.
+The groups are enqueued in the caller's thread, before the forward; with ``later_groups_in_forward``
+(``DYN_KVBM_ONBOARD_LATER_GROUPS_IN_FORWARD``) only the first group is, and the later ones at the forward's first
+`wait_for_layer`: where the forward is bound by the GPU (replayed CUDA graphs, long prefills) their host time then
+runs while the GPU computes the first layer and the first group crosses PCIe, instead of before the forward. Each
+group is ordered after the work queued on the caller's stream when it is enqueued, so the later groups are
+enqueued before the first wait orders that stream after the first group. Off by default; `bench/gpu_session.sh
+ttft-later` times the TTFT bench's layer-wise rows with it and without it.
+
+Enqueueing the groups from a thread of their own, so that the forward is queued meanwhile, was measured slower on an
+H100 (Llama-3.1-8B shape, 16k-token prefix: 73 ms TTFT against 48 ms): the enqueue's Python steps and the forward's
+launches then take turns on the GIL. Handing only the later groups' compiled enqueue (which holds no GIL) to a thread
+gained nothing either (H100, six alternating runs at 2k and 8k: hidden shares unchanged, the caller's
+`onboard_groups` still 358-447 us): most of the caller's time there is Python per group (checks, table lookups,
+events), not driver calls.
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ from kvbm.kernels import stream_events
 from kvbm.kernels.block_transfer import BlockTransfer
 from kvbm.kernels.medium import Medium, medium_of
 from kvbm.leader.plans import ENGINE_TIER, Move
-from kvbm.worker.store import BlockStore
+from kvbm.worker.store import BlockStore, LayeredMoves
 
 __all__ = ["LayerwiseLoads", "layer_group_ranges", "layer_groups"]
 
@@ -98,16 +106,20 @@ def _power_of_two_below(n: int) -> int:
 class LayerwiseLoads:
     """The layer-wise loads of the current step (see the module docstring)."""
 
-    def __init__(self, store: BlockStore, engine_cache: Any, layers_per_group: int) -> None:
+    def __init__(self, store: BlockStore, engine_cache: Any, layers_per_group: int, *,
+                 later_groups_in_forward: bool = False) -> None:
         self.store = store
         self.engine_cache = engine_cache
         self.num_layers = engine_cache.geometry.num_layers
         self.layers_per_group = layers_per_group
+        #: whether `start` enqueues the first group only, and the first `wait_for_layer` the others
+        self.later_groups_in_forward = later_groups_in_forward
         layer_groups(self.num_layers, layers_per_group)  # (checks the values at start-up)
         #: [start, stop) of each layer group of the current step's loads.
         self.groups: list[tuple[int, int]] = []
         self._group_of: list[int] = []
         self._waits: list[list[BlockTransfer]] = []
+        self._later: LayeredMoves | None = None  # the host moves whose groups after the first are not enqueued yet
         self._ordered: set[tuple[int, int | None]] = set()  # (group, raw stream) ordered after the group's transfers
         device = engine_cache.device
         self._gpu = device.type == "cuda"
@@ -130,14 +142,15 @@ class LayerwiseLoads:
 
     @property
     def transfers(self) -> tuple[tuple[BlockTransfer, ...], ...]:
-        """This step's transfers per layer group (empty once finished)."""
+        """This step's transfers per layer group enqueued so far (empty once finished)."""
         return tuple(tuple(group) for group in self._waits)
 
     def start(self, moves: Sequence[Move], compute_ratio: float = 0.0) -> None:
         """Start this step's layer-wise moves (all at once: the moves of one pair of tiers join into one transfer per
         group), in groups sized by ``compute_ratio`` (the forward's expected time over the transfer's, 0 when not
-        known; see `layer_groups`). A move from another medium than host memory (a block that left G2 since the
-        lookup) is waited for whole before the first layer."""
+        known; see `layer_groups`); with `later_groups_in_forward` only the first group now. A move from another
+        medium than host memory (a block that left G2 since the lookup) is waited for whole before the first
+        layer."""
         if self._waits:
             raise RuntimeError("the layer-wise loads of the previous step were not finished")
         self.groups = layer_groups(self.num_layers, self.layers_per_group, compute_ratio)
@@ -149,13 +162,30 @@ class LayerwiseLoads:
         self._waits = [[] for _ in self.groups]
         if other:
             self._waits[0].extend(*self.store.execute_by_layers(other, [(0, self.num_layers)]))
-        for k, transfers in enumerate(self.store.execute_by_layers(host, self.groups)):
+        if not host:
+            return
+        layered = self.store.layered(host)
+        now = self.groups[:1] if self.later_groups_in_forward else self.groups
+        for k, transfers in enumerate(layered.submit_groups(now)):
             self._waits[k].extend(transfers)
+        if len(now) < len(self.groups):
+            self._later = layered
+        else:
+            layered.track()
+
+    def _enqueue_later_groups(self) -> None:
+        """Enqueue the groups after the first that `start` left (ordered after the caller's stream's work so far)."""
+        if self._later is None:
+            return
+        layered, self._later = self._later, None
+        for k, transfers in enumerate(layered.submit_groups(self.groups[1:]), start=1):
+            self._waits[k].extend(transfers)
+        layered.track()
 
     def wait_for_layer(self, layer: int) -> None:
         """Order the engine's later work on ``layer`` after its group's transfers: on the GPU the current stream waits
         on the device (once per group and stream: the group's later layers follow on that stream anyway), on the
-        CPU the call blocks until they are done.
+        CPU the call blocks until they are done. The first call enqueues the groups `start` left, first.
 
         On the GPU this runs once per layer of every forward, so it takes the current stream's raw handle and
         orders it without polling the transfers (`BlockTransfer.order_raw_stream`)."""
@@ -163,6 +193,7 @@ class LayerwiseLoads:
             return
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer} is not one of the engine cache's {self.num_layers} layers")
+        self._enqueue_later_groups()
         k = self._group_of[layer]
         raw_stream = stream_events.current_stream(self._device_index) if self._gpu else None
         key = (k, raw_stream)
@@ -176,10 +207,12 @@ class LayerwiseLoads:
         self._ordered.add(key)
 
     def finish(self) -> bool:
-        """Block until this step's transfers are done; whether there were any."""
+        """Block until this step's transfers are done (enqueueing the groups not enqueued yet); whether there were
+        any."""
         if not self._waits:
             return False
         try:
+            self._enqueue_later_groups()
             for group in self._waits:
                 for transfer in group:
                     transfer.wait()
