@@ -2,7 +2,8 @@
 # On a GPU machine without network: install kvbm from this checkout into a private folder (no dependencies: the
 # machine's torch, triton, numba, cuda-bindings, xxhash and prometheus_client are used), then run the parts named.
 # Usage: OUT=dir bash bench/gpu_session.sh PART...   parts: tests, manager, transfers, pieces, g3, ttft, ttft-ab,
-# ttft-later, offloading
+# ttft-later, offloading, pack (last: everything under $OUT into one $OUT/session.tgz, for a device call that brings
+# back few files)
 # (offloading: bench.offloading_bench, with vLLM's Python from bench/runs/vllm_lite when bench/vllm_bundle.py wrote it)
 # Each part writes its log (and results) under $OUT; a part that fails is reported and the next one runs.
 set -uo pipefail
@@ -69,6 +70,8 @@ for part in "$@"; do
             done ;;
         offloading) if [ -f "$REPO/bench/runs/vllm_lite/env.sh" ]; then source "$REPO/bench/runs/vllm_lite/env.sh"; fi
             run_part offloading timeout 500 python3 -m bench.offloading_bench --out "$OUT/offloading" ;;
+        pack) tar czf /tmp/kvbm_session.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete \
+                && mv /tmp/kvbm_session.tgz "$OUT/session.tgz" && echo "[gpu-session] everything in $OUT/session.tgz" ;;
         *) echo "unknown part $part" ;;
     esac
 done
