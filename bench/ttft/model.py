@@ -5,8 +5,7 @@ Per layer the cache is one tensor ``[2, num_blocks, BLOCK_SIZE, kv_heads, head_d
 it writes the new tokens' K/V into their slots, gathers the request's blocks and attends causally (the mask
 offset by the cached prefix). RMSNorm, RoPE, SwiGLU MLP, grouped-query attention (SDPA reads each K/V head for
 its group of query heads, as FlashAttention does, without copying it per head); Qwen3 shapes add the per-head q/k
-RMSNorm. Weights are random but seeded, never zero. Only torch is imported, so the
-tests load this file on its own.
+RMSNorm. Weights are random but seeded, never zero. Only torch is imported, so the tests load this file on its own.
 """
 from __future__ import annotations
 
